@@ -1,0 +1,246 @@
+"""
+Robot-side connection to rrto_server: one helper for every remote call.
+
+Reliability follows the zguide's Lazy Pirate pattern, adapted to a DEALER
+socket: every call polls with a timeout, and a call that times out closes its
+socket (``LINGER=0``) so a late reply can never be mistaken for a later
+answer.  After a failure the client is marked unavailable and a background
+thread probes the server with ``hello`` requests, doubling its back-off up to
+a cap (Paranoid Pirate); calls made meanwhile fail at once with
+:class:`ServerUnavailable` instead of waiting, so the caller can run locally
+without stalling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Sequence
+
+import torch
+import zmq
+
+from rrto_server import codecs
+from rrto_server import protocol as wire
+from rrto_server.protocol import ErrorCode, Kind
+
+log = logging.getLogger('rrto_ros.client')
+
+
+class OffloadError(Exception):
+    """Base class of the errors a remote call raises."""
+
+
+class ServerUnavailable(OffloadError):
+    """No server answered within the timeout (or the link is known to be down)."""
+
+
+class RemoteError(OffloadError):
+    """The server answered with an error reply."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f'{code}: {message}')
+        self.code = code
+        self.message = message
+
+
+class RrtoClient:
+    """A DEALER connection to one server endpoint with timeouts and background reconnects."""
+
+    def __init__(self, endpoint: str, *, connect_timeout_ms: float = 1000.0,
+                 call_timeout_ms: float = 1000.0, backoff_s: tuple[float, float] = (0.1, 2.0),
+                 context: zmq.Context | None = None, name: str = 'rrto'):
+        self.endpoint = endpoint
+        self.connect_timeout_ms = connect_timeout_ms
+        self.call_timeout_ms = call_timeout_ms
+        self.backoff_s = backoff_s
+        self.name = name
+        self._ctx = context or zmq.Context.instance()
+        self._sock: zmq.Socket | None = None
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._available = threading.Event()
+        self._available.set()
+        self._closed = threading.Event()
+        self._prober: threading.Thread | None = None
+        self.server_info: dict = {}
+        self.counters = {'round_trips': 0, 'bytes_sent': 0, 'bytes_received': 0,
+                         'timeouts': 0, 'reconnects': 0, 'errors': 0}
+
+    # ------------------------------------------------------------------ state
+    @property
+    def available(self) -> bool:
+        """Return False while the server is known to be unreachable (a probe is running)."""
+        return self._available.is_set()
+
+    def wait_available(self, timeout_s: float) -> bool:
+        return self._available.wait(timeout_s)
+
+    def close(self) -> None:
+        self._closed.set()
+        with self._lock:
+            self._drop_socket()
+        if self._prober is not None:
+            self._prober.join(timeout=5)
+
+    def _new_socket(self) -> zmq.Socket:
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
+        sock.connect(self.endpoint)
+        return sock
+
+    def _drop_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _mark_down(self, reason: str) -> None:
+        self._drop_socket()
+        if self._available.is_set():
+            log.warning('%s: server %s unavailable (%s); probing in the background',
+                        self.name, self.endpoint, reason)
+        self._available.clear()
+        if not self._closed.is_set() and (self._prober is None or not self._prober.is_alive()):
+            self._prober = threading.Thread(
+                target=self._probe, name=f'{self.name}-probe', daemon=True)
+            self._prober.start()
+
+    def _probe(self) -> None:
+        delay = self.backoff_s[0]
+        while not self._closed.is_set():
+            sock = self._new_socket()
+            try:
+                frames = wire.encode({'kind': Kind.HELLO.value, 'id': 0})
+                if sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
+                    sock.send_multipart(frames, copy=False)
+                    if sock.poll(self.connect_timeout_ms, zmq.POLLIN):
+                        reply = wire.decode_header(sock.recv_multipart()[0])
+                        if reply['kind'] == Kind.OK:
+                            self.counters['reconnects'] += 1
+                            self.server_info = reply
+                            log.info('%s: server %s is back', self.name, self.endpoint)
+                            self._available.set()
+                            return
+            except (zmq.ZMQError, wire.ProtocolError) as exc:
+                log.debug('probe failed: %s', exc)
+            finally:
+                sock.close(linger=0)
+            self._closed.wait(delay)
+            delay = min(delay * 2, self.backoff_s[1])
+
+    # ------------------------------------------------------------------ the one call helper
+    def call(self, kind: Kind, fields: dict | None = None, tensors: Sequence[torch.Tensor] = (),
+             timeout_ms: float | None = None, codec: str = codecs.RAW,
+             ) -> tuple[dict, list[torch.Tensor]]:
+        """
+        Send one request and wait for its reply.
+
+        Raises :class:`ServerUnavailable` if the server is known to be down, cannot
+        be reached within the connect timeout, or does not answer within
+        ``timeout_ms``; raises :class:`RemoteError` for an error reply.
+        """
+        if not self._available.is_set():
+            raise ServerUnavailable(f'server {self.endpoint} is unreachable (reconnecting)')
+        timeout_ms = self.call_timeout_ms if timeout_ms is None else timeout_ms
+        with self._lock:
+            if self._closed.is_set():
+                raise ServerUnavailable('client is closed')
+            if self._sock is None:
+                self._sock = self._new_socket()
+            request_id = next(self._ids)
+            header = {'kind': kind.value, 'id': request_id}
+            header.update(fields or {})
+            frames = wire.encode(header, tensors, codec)
+            started = time.monotonic()
+            if not self._sock.poll(min(timeout_ms, self.connect_timeout_ms), zmq.POLLOUT):
+                self._mark_down('no connection')
+                raise ServerUnavailable(f'cannot connect to {self.endpoint}')
+            try:
+                self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                self._mark_down('send would block')
+                raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
+            self.counters['bytes_sent'] += wire.message_size(frames)
+            reply = self._await(request_id, started + timeout_ms / 1e3)
+        reply_header = wire.decode_header(reply[0])
+        self.counters['round_trips'] += 1
+        self.counters['bytes_received'] += wire.message_size(reply)
+        if reply_header['kind'] == Kind.ERROR:
+            self.counters['errors'] += 1
+            raise RemoteError(reply_header.get('code', ErrorCode.INTERNAL.value),
+                              reply_header.get('message', ''))
+        return reply_header, wire.decode_tensors(reply_header, reply[1:])
+
+    def _await(self, request_id: int, deadline: float) -> list:
+        while True:
+            remaining_ms = (deadline - time.monotonic()) * 1e3
+            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
+                self.counters['timeouts'] += 1
+                self._mark_down('reply timed out')
+                raise ServerUnavailable(f'no reply from {self.endpoint} in time')
+            frames = self._sock.recv_multipart(copy=False)
+            try:
+                reply_id = wire.decode_header(frames[0]).get('id')
+            except wire.ProtocolError:
+                continue
+            if reply_id == request_id:
+                return frames
+            log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)
+
+    # ------------------------------------------------------------------ requests
+    def hello(self, timeout_ms: float | None = None) -> dict:
+        header, _ = self.call(Kind.HELLO, timeout_ms=timeout_ms or self.connect_timeout_ms)
+        self.server_info = header
+        return header
+
+    def upload(self, blobs: dict[str, tuple[str, bytes]], timeout_ms: float = 30000.0) -> int:
+        """Upload the blobs ``{digest: (kind, data)}`` that the server lacks; return how many."""
+        if not blobs:
+            return 0
+        header, _ = self.call(Kind.MISSING, {'digests': list(blobs)}, timeout_ms=timeout_ms)
+        chunk = int(self.server_info.get('chunk_bytes', wire.UPLOAD_CHUNK_BYTES))
+        for digest in header['missing']:
+            kind, data = blobs[digest]
+            upload_id = uuid.uuid4().hex
+            view = memoryview(data)
+            for offset in range(0, len(view), chunk):
+                piece = torch.frombuffer(bytearray(view[offset:offset + chunk]), dtype=torch.uint8)
+                self.call(Kind.PUT,
+                          {'digest': digest,
+                           'blob_kind': kind,
+                           'upload': upload_id,
+                           'offset': offset,
+                           'total': len(view)},
+                          [piece],
+                          timeout_ms=timeout_ms)
+        return len(header['missing'])
+
+    def record(self, model: str, signature: Sequence[wire.TensorSpec], options: dict,
+               timeout_ms: float = 120000.0) -> dict:
+        fields = {
+            'model': model,
+            'signature': [
+                s.to_json() for s in signature],
+            'options': options}
+        header, _ = self.call(Kind.RECORD, fields, timeout_ms=timeout_ms)
+        return header
+
+    def infer(self, replay: str, tensors: Sequence[torch.Tensor], timeout_ms: float | None = None,
+              codec: str = codecs.RAW, **keys: Any) -> tuple[list[torch.Tensor], dict]:
+        fields = {'replay': replay}
+        fields.update({k: v for k, v in keys.items() if v is not None})
+        header, outputs = self.call(Kind.INFER, fields, tensors,
+                                    timeout_ms=timeout_ms, codec=codec)
+        return outputs, header
+
+    def stats(self, timeout_ms: float | None = None) -> dict:
+        header, _ = self.call(Kind.STATS, timeout_ms=timeout_ms)
+        return header['stats']

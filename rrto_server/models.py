@@ -1,0 +1,84 @@
+"""Models the server can run: stored blobs parsed once and kept warm on a device."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+
+import torch
+
+from rrto_server.program import Program, unpack_weights
+from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_server.store import BlobStore
+
+
+class LoadedModel:
+    """One stored model: a parsed program (with its weights) or an ONNX file."""
+
+    def __init__(self, digest: str, kind: str, blob: bytearray, store: BlobStore):
+        self.digest = digest
+        self.kind = kind
+        self.program: Program | None = None
+        self.onnx_bytes: bytes | None = None
+        self._store = store
+        self._weights_cpu: dict[str, torch.Tensor] | None = None
+        self._on_device: dict[str, dict[str, torch.Tensor]] = {}
+        if kind == 'program':
+            self.program = Program.parse(blob)
+            self.label = self.program.label
+        elif kind == 'onnx':
+            self.onnx_bytes = bytes(blob)
+            self.label = 'onnx'
+        else:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                f'blob {digest[:12]} is a {kind} blob, not a model')
+
+    def weights(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """Return the program's weights on ``device`` (loaded once per device)."""
+        key = str(device)
+        if key not in self._on_device:
+            if self._weights_cpu is None:
+                digest = self.program.weights_digest
+                self._weights_cpu = unpack_weights(self._store.read(digest)) if digest else {}
+            self._on_device[key] = {k: v.to(device) for k, v in self._weights_cpu.items()}
+        return self._on_device[key]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size()
+                   for weights in self._on_device.values() for t in weights.values())
+
+
+class ModelRegistry:
+    """Parse stored models on first use; keep at most ``max_models`` loaded (LRU)."""
+
+    def __init__(self, store: BlobStore, max_models: int = 16):
+        self.store = store
+        self.max_models = max_models
+        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, digest: str) -> LoadedModel:
+        with self._lock:
+            if digest in self._loaded:
+                self._loaded.move_to_end(digest)
+                return self._loaded[digest]
+        kind = self.store.kind(digest)
+        if kind is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                f'model {digest[:12]} is not in the store; upload it')
+        model = LoadedModel(digest, kind, self.store.read(digest), self.store)
+        if model.program is not None and model.program.weights_digest:
+            if not self.store.has(model.program.weights_digest):
+                raise ProtocolError(
+                    ErrorCode.UNKNOWN_MODEL,
+                    f'weights {model.program.weights_digest[:12]} are not in the store')
+        with self._lock:
+            self._loaded[digest] = model
+            while len(self._loaded) > self.max_models:
+                self._loaded.popitem(last=False)
+        return model
+
+    def loaded(self) -> list[LoadedModel]:
+        with self._lock:
+            return list(self._loaded.values())

@@ -1,0 +1,100 @@
+"""
+Naive per-operator remote execution: the baseline record/replay improves on.
+
+This is how transparent CUDA API remoting (Cricket and similar) behaves: each
+operator is one request and one reply, and intermediate tensors stay on the
+server as device memory does under remoting.  A client session holds named
+remote tensors; an ``op`` request runs one allowlisted operator on them (or on
+the model's parameters) and stores the result under a new name.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from rrto_server import ops
+from rrto_server.models import ModelRegistry
+from rrto_server.program import decode_arg
+from rrto_server.protocol import ErrorCode, ProtocolError
+
+MAX_SESSION_VALUES = 100_000
+
+
+class NaiveSessions:
+    """Per-client tables of remote tensors, expired after ``ttl_s`` idle seconds."""
+
+    def __init__(self, registry: ModelRegistry, device: torch.device, ttl_s: float = 60.0):
+        self.registry = registry
+        self.device = device
+        self.ttl_s = ttl_s
+        self._sessions: dict[str, tuple[float, dict]] = {}
+        self._lock = threading.Lock()
+        self.ops_run = 0
+
+    def _values(self, session: str) -> dict:
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, (seen, _) in self._sessions.items() if now - seen > self.ttl_s]:
+                del self._sessions[key]
+            _, values = self._sessions.get(session, (now, {}))
+            self._sessions[session] = (now, values)
+            return values
+
+    def release(self, session: str) -> None:
+        with self._lock:
+            self._sessions.pop(session, None)
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def run(self, session: str, header: dict, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run one operator request; return the fetched tensors (on the CPU)."""
+        values = self._values(session)
+        names = header.get('inputs', [])
+        if not isinstance(names, list) or len(names) != len(tensors):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'inputs' must name each attached tensor")
+        for name, tensor in zip(names, tensors):
+            values[str(name)] = tensor.to(self.device)
+        model = self.registry.get(header.get('model'))
+        if model.program is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, 'naive mode needs an rrto-program model')
+        params, weights = model.program.params, model.weights(self.device)
+
+        def lookup(name: str):
+            if name in values:
+                return values[name]
+            if name in params:
+                return weights[params[name]]
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f'no remote value {name!r} in this session')
+
+        op = header.get('op')
+        if op is not None:
+            fn = ops.resolve(op)
+            args = decode_arg(list(header.get('args', [])), lookup, self.device)
+            kwargs = {k: decode_arg(v, lookup, self.device)
+                      for k, v in dict(header.get('kwargs', {})).items()}
+            if ops.creates_tensors(fn) and kwargs.get('device') is None:
+                kwargs['device'] = self.device
+            try:
+                with torch.inference_mode():
+                    result = fn(*args, **kwargs)
+            except (RuntimeError, TypeError, ValueError, IndexError) as exc:
+                raise ProtocolError(ErrorCode.EXEC_FAILED, f'{op} failed: {exc}') from None
+            if len(values) >= MAX_SESSION_VALUES:
+                raise ProtocolError(ErrorCode.TOO_LARGE, 'session holds too many remote values')
+            values[str(header.get('out'))] = result
+            self.ops_run += 1
+        fetched = []
+        for name in header.get('fetch', []):
+            value = lookup(str(name))
+            if not isinstance(value, torch.Tensor):
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    f'remote value {name!r} is not a tensor')
+            fetched.append(value.to('cpu'))
+        if header.get('end'):
+            self.release(session)
+        return fetched

@@ -1,0 +1,446 @@
+"""
+Record once per (model, input signature, options); replay for every request after.
+
+A :class:`Replay` is a model prepared for one exact input signature:
+
+* CUDA, mode ``replay``: every segment is captured as a ``torch.cuda.CUDAGraph``
+  (warm-up on a side stream, then capture with static buffers, one memory pool
+  per replay), exactly as ``torch/cuda/graphs.py`` prescribes.  Serving a
+  request copies inputs into the static input buffers and replays.
+* CPU, mode ``replay``: every segment is a frozen TorchScript trace of the
+  recorded ATen graph (or, with ``cpu_backend='fx'``, the graph module itself,
+  bit-identical to eager execution).
+* mode ``eager``: the graph modules run op by op on the device, the
+  "offload without replay" baseline.
+* ONNX models: an onnxruntime session (CUDA provider with CUDA graphs and
+  IOBinding where usable, else CPU), one segment.
+
+A replay is cut into segments (see :mod:`rrto_server.segments`).  An
+:class:`Execution` is one inference stepping through them; the scheduler may
+run another execution between two steps.  When a second execution of the
+same CUDA-graph replay starts while the first is suspended, the first one's
+live tensors are saved out of the static buffers and restored when it resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from rrto_server import segments as segmentation
+from rrto_server.models import LoadedModel
+from rrto_server.protocol import (ErrorCode, ProtocolError, Signature, TensorSpec,
+                                  signature_key, torch_dtype)
+
+log = logging.getLogger('rrto_server.replay')
+
+PRECISIONS = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+MODES = ('replay', 'eager')
+WARMUP_ITERS = 3
+
+
+@dataclass(frozen=True)
+class RecordOptions:
+    """What a client may choose per recording."""
+
+    precision: str = 'fp32'
+    mode: str = 'replay'
+    segments: str = segmentation.WHOLE
+
+    @classmethod
+    def from_json(cls, obj: Any) -> 'RecordOptions':
+        obj = obj or {}
+        if not isinstance(obj, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, 'options must be an object')
+        opts = cls(**{k: obj[k] for k in ('precision', 'mode', 'segments') if k in obj})
+        if opts.precision not in PRECISIONS:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'precision must be one of {list(PRECISIONS)}')
+        if opts.mode not in MODES:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f'mode must be one of {MODES}')
+        segmentation.parse_granularity(opts.segments)
+        return opts
+
+    def to_json(self) -> dict:
+        return {'precision': self.precision, 'mode': self.mode, 'segments': self.segments}
+
+    @property
+    def key(self) -> str:
+        return f'{self.precision}/{self.mode}/{self.segments}'
+
+
+def replay_key(digest: str, signature: Signature, options: RecordOptions) -> str:
+    """Return the id a client uses to run a replay."""
+    return f'{digest}|{signature_key(signature)}|{options.key}'
+
+
+class Execution:
+    """One inference in progress: which segment runs next and the values it needs."""
+
+    def __init__(self, replay: 'Replay', inputs: Sequence[torch.Tensor]):
+        self.replay = replay
+        self.next_segment = 0
+        self.env: dict[str, Any] = {}
+        self.saved: dict[str, torch.Tensor] | None = None
+        self.outputs: list[torch.Tensor] | None = None
+        self.compute_s = 0.0
+        self.preemptions = 0
+        replay.runner.begin(self, inputs)
+
+    @property
+    def done(self) -> bool:
+        return self.outputs is not None
+
+    def step(self) -> bool:
+        """Run the next segment; return True once the outputs are ready (on the CPU)."""
+        if self.done:
+            return True
+        start = time.perf_counter()
+        runner = self.replay.runner
+        runner.run_segment(self, self.next_segment)
+        self.next_segment += 1
+        if self.next_segment == runner.num_segments:
+            self.outputs = runner.finish(self)
+        self.compute_s += time.perf_counter() - start
+        return self.done
+
+    def run(self) -> list[torch.Tensor]:
+        while not self.step():
+            pass
+        return self.outputs
+
+
+class _EnvRunner:
+    """Segments as callables over a per-execution value map (CPU and eager modes)."""
+
+    def __init__(self, modules, live, input_names, output_names, device, autocast_dtype,
+                 out_dtypes):
+        self.modules = modules
+        self.live = live
+        self.input_names = input_names
+        self.output_names = output_names
+        self.device = device
+        self.autocast_dtype = autocast_dtype
+        self.out_dtypes = out_dtypes
+        self.num_segments = len(modules)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+
+    def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
+        ex.env = {n: t.to(self.device, non_blocking=False)
+                  for n, t in zip(self.input_names, inputs)}
+
+    def run_segment(self, ex: Execution, k: int) -> None:
+        ins, outs = self.live[k]
+        with torch.inference_mode(), self._autocast():
+            results = self.modules[k](*[ex.env[n] for n in ins])
+        ex.env.update(zip(outs, results))
+
+    def finish(self, ex: Execution) -> list[torch.Tensor]:
+        return [_to_host(ex.env[n], dt) for n, dt in zip(self.output_names, self.out_dtypes)]
+
+    def release(self, ex: Execution) -> None:
+        ex.env = {}
+
+
+def _to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    if tensor.device.type == 'cpu':
+        return tensor.to(dtype).contiguous()
+    return tensor.to('cpu', dtype=dtype).contiguous()
+
+
+class _FrozenRunner(_EnvRunner):
+    """CPU replay: each segment a frozen TorchScript trace of its ATen graph."""
+
+    def __init__(self, *args, example: Sequence[torch.Tensor]):
+        super().__init__(*args)
+        env = dict(zip(self.input_names, example))
+        frozen = []
+        with torch.inference_mode(False), torch.no_grad():
+            for module, (ins, outs) in zip(self.modules, self.live):
+                values = [env[n] for n in ins]
+                traced = torch.jit.trace(module, tuple(values), check_trace=False, strict=False)
+                frozen.append(torch.jit.freeze(traced.eval()))
+                env.update(zip(outs, module(*values)))
+        self.modules = frozen
+
+
+class _CudaGraphRunner(_EnvRunner):
+    """CUDA replay: one captured graph per segment over static buffers shared by all segments."""
+
+    def __init__(self, *args, signature: Signature):
+        super().__init__(*args)
+        self.static: dict[str, torch.Tensor] = {
+            name: torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype), device=self.device)
+            for name, spec in zip(self.input_names, signature)}
+        self.owner: Execution | None = None
+        self._lock = threading.Lock()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side), torch.inference_mode(), self._autocast():
+            for _ in range(WARMUP_ITERS):
+                env = dict(self.static)
+                for module, (ins, outs) in zip(self.modules, self.live):
+                    env.update(zip(outs, module(*[env[n] for n in ins])))
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
+        pool = torch.cuda.graph_pool_handle()
+        self.graphs = []
+        for module, (ins, outs) in zip(self.modules, self.live):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool, stream=side,
+                                  capture_error_mode='thread_local'):
+                with torch.inference_mode(), self._autocast():
+                    results = module(*[self.static[n] for n in ins])
+            self.static.update(zip(outs, results))
+            self.graphs.append(graph)
+        torch.cuda.synchronize(self.device)
+        # names each segment still needs from earlier ones, for saving a suspended execution
+        self.needed_from = []
+        for k in range(self.num_segments + 1):
+            needed = set(n for n in self.output_names if n is not None)
+            for ins, _ in self.live[k:]:
+                needed.update(ins)
+            self.needed_from.append(needed)
+
+    def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
+        ex.env = dict(zip(self.input_names, inputs))  # host tensors until the first step
+
+    def _acquire(self, ex: Execution) -> None:
+        if self.owner is ex:
+            return
+        owner = self.owner
+        if owner is not None and not owner.done and owner.saved is None:
+            owner.saved = {n: self.static[n].clone() for n in self.needed_from[owner.next_segment]
+                           if n in self.static}
+            owner.preemptions += 1
+        if ex.next_segment == 0:
+            for name, tensor in ex.env.items():
+                self.static[name].copy_(tensor, non_blocking=False)
+        elif ex.saved is not None:
+            for name, tensor in ex.saved.items():
+                self.static[name].copy_(tensor)
+            ex.saved = None
+        self.owner = ex
+
+    def run_segment(self, ex: Execution, k: int) -> None:
+        with self._lock:
+            self._acquire(ex)
+            self.graphs[k].replay()
+
+    def finish(self, ex: Execution) -> list[torch.Tensor]:
+        with self._lock:
+            outputs = [_to_host(self.static[n], dt)
+                       for n, dt in zip(self.output_names, self.out_dtypes)]
+            self.owner = None
+        ex.env = {}
+        return outputs
+
+
+class _OnnxRunner:
+    """ONNX model through onnxruntime; a single segment."""
+
+    num_segments = 1
+
+    def __init__(self, model: LoadedModel, signature: Signature, device: torch.device,
+                 providers: list):
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            model.onnx_bytes,
+            sess_options=options,
+            providers=providers)
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.device = device
+        _check_onnx_signature(self.session, signature)
+        self.on_cuda = 'CUDAExecutionProvider' in self.session.get_providers()
+
+    def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
+        ex.env = dict(zip(self.input_names, inputs))
+
+    def run_segment(self, ex: Execution, k: int) -> None:
+        feeds = {n: t.numpy() for n, t in ex.env.items()}
+        ex.env = {'outputs': self.session.run(self.output_names, feeds)}
+
+    def finish(self, ex: Execution) -> list[torch.Tensor]:
+        outputs = [torch.from_numpy(a) for a in ex.env.pop('outputs')]
+        return outputs
+
+
+_ONNX_TYPES = {
+    'tensor(float)': 'float32',
+    'tensor(float16)': 'float16',
+    'tensor(double)': 'float64',
+    'tensor(uint8)': 'uint8',
+    'tensor(int8)': 'int8',
+    'tensor(int16)': 'int16',
+    'tensor(int32)': 'int32',
+    'tensor(int64)': 'int64',
+    'tensor(bool)': 'bool'}
+
+
+def _check_onnx_signature(session, signature: Signature) -> None:
+    declared = session.get_inputs()
+    if len(declared) != len(signature):
+        raise ProtocolError(ErrorCode.SIGNATURE,
+                            f'model takes {len(declared)} inputs, request has {len(signature)}')
+    for arg, spec in zip(declared, signature):
+        want = _ONNX_TYPES.get(arg.type)
+        dims = arg.shape
+        fixed_ok = len(dims) == len(spec.shape) and all(
+            not isinstance(d, int) or d == s for d, s in zip(dims, spec.shape))
+        if want != spec.dtype or not fixed_ok:
+            raise ProtocolError(ErrorCode.SIGNATURE,
+                                f'input {arg.name!r} expects {want}{list(dims)}, got {spec}')
+
+
+def onnx_providers(device: torch.device) -> list:
+    """Choose onnxruntime providers that will really work here (no failing CUDA probe)."""
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    if device.type == 'cuda' and 'CUDAExecutionProvider' in available:
+        return [('CUDAExecutionProvider',
+                 {'device_id': device.index or 0}),
+                'CPUExecutionProvider']
+    return ['CPUExecutionProvider']
+
+
+class Replay:
+    """A model recorded for one input signature and one set of options."""
+
+    def __init__(self, model: LoadedModel, signature: Signature, options: RecordOptions,
+                 device: torch.device, cpu_backend: str = 'fx'):
+        self.model = model
+        self.signature = tuple(signature)
+        self.options = options
+        self.device = device
+        self.key = replay_key(model.digest, self.signature, options)
+        self.runs = 0
+        started = time.perf_counter()
+        before = torch.cuda.memory_allocated(device) if device.type == 'cuda' else 0
+        try:
+            self.runner = self._record(cpu_backend)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            log.exception('recording %s failed', self.key)
+            raise ProtocolError(ErrorCode.RECORD_FAILED,
+                                f'recording failed: {type(exc).__name__}: {exc}')
+        self.nbytes = (
+            torch.cuda.memory_allocated(device) -
+            before) if device.type == 'cuda' else 0
+        self.record_ms = (time.perf_counter() - started) * 1e3
+        self.backend = type(self.runner).__name__.strip('_').replace('Runner', '').lower()
+
+    @property
+    def num_segments(self) -> int:
+        return self.runner.num_segments
+
+    def _record(self, cpu_backend: str):
+        opts, device = self.options, self.device
+        autocast_dtype = PRECISIONS[opts.precision]
+        if autocast_dtype is torch.float16 and device.type != 'cuda':
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                'fp16 needs a CUDA server; use fp32 or bf16')
+        if self.model.kind == 'onnx':
+            if opts.precision != 'fp32' or opts.segments != segmentation.WHOLE:
+                raise ProtocolError(
+                    ErrorCode.BAD_REQUEST,
+                    'ONNX models record with fp32, whole segments')
+            return _OnnxRunner(self.model, self.signature, device, onnx_providers(device))
+        program = self.model.program
+        if self.signature != program.signature:
+            raise ProtocolError(
+                ErrorCode.SIGNATURE,
+                f'model {self.model.digest[:12]} was exported for '
+                f'{signature_key(program.signature)}, '
+                f'request has {signature_key(self.signature)}; export it for this signature')
+        weights = self.model.weights(device)
+        cuts = segmentation.bounds(program, opts.segments)
+        live = program.live_ranges(cuts)
+        edges = [0] + cuts + [len(program.nodes)]
+        modules = [program.module(weights, device, a, b, ins, outs)
+                   for (a, b), (ins, outs) in zip(zip(edges, edges[1:]), live)]
+        out_dtypes = _output_dtypes(program)
+        args = (modules, live, program.input_names, program.output_names, device, autocast_dtype,
+                out_dtypes)
+        if opts.mode == 'eager':
+            return _EnvRunner(*args)
+        if device.type == 'cuda':
+            return _CudaGraphRunner(*args, signature=self.signature)
+        if cpu_backend == 'frozen' and autocast_dtype is None:
+            example = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
+            return _FrozenRunner(*args, example=example)
+        return _EnvRunner(*args)
+
+    def start(self, inputs: Sequence[torch.Tensor]) -> Execution:
+        """Begin one inference; inputs must match the recorded signature exactly."""
+        got = tuple(TensorSpec.of(t) for t in inputs)
+        if got != self.signature:
+            raise ProtocolError(
+                ErrorCode.SIGNATURE,
+                f'replay expects {signature_key(self.signature)}, got {signature_key(got)}')
+        self.runs += 1
+        return Execution(self, inputs)
+
+
+def _output_dtypes(program) -> list[torch.dtype]:
+    specs = {n.name: n.out for n in program.nodes}
+    specs.update({name: spec for name, spec in program.inputs})
+    dtypes = []
+    for name in program.output_names:
+        spec = specs.get(name)
+        if spec is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f'program output {name!r} is not a tensor')
+        dtypes.append(torch_dtype(spec.dtype))
+    return dtypes
+
+
+class ReplayCache:
+    """Recorded replays, least recently used evicted beyond a count or a byte budget."""
+
+    def __init__(self, max_replays: int = 32, max_bytes: int = 8 << 30):
+        self.max_replays = max_replays
+        self.max_bytes = max_bytes
+        self._replays: OrderedDict[str, Replay] = OrderedDict()
+        self._lock = threading.Lock()
+        self.evictions = 0
+
+    def get(self, key: str) -> Replay | None:
+        with self._lock:
+            replay = self._replays.get(key)
+            if replay is not None:
+                self._replays.move_to_end(key)
+            return replay
+
+    def add(self, replay: Replay) -> None:
+        with self._lock:
+            self._replays[replay.key] = replay
+            self._replays.move_to_end(replay.key)
+            while len(self._replays) > 1 and (
+                    len(self._replays) > self.max_replays or self.nbytes > self.max_bytes):
+                self._replays.popitem(last=False)
+                self.evictions += 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(r.nbytes for r in self._replays.values())
+
+    def __len__(self) -> int:
+        return len(self._replays)
+
+    def items(self) -> list[Replay]:
+        with self._lock:
+            return list(self._replays.values())

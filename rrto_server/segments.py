@@ -1,0 +1,78 @@
+"""
+Where a recorded program may be cut into segments (preemption points).
+
+A replay runs segment by segment; between two segments the scheduler may run
+a more urgent request first.  Granularity is chosen per record request:
+
+* ``whole``    one segment (no preemption inside an inference)
+* ``ops:N``    a cut after every N operators
+* ``block:D``  a cut where the module path truncated to depth D changes
+               (``block:2`` cuts ResNet's ``layers.3`` from ``layers.4``)
+
+A cut is legal only where every value crossing it is a tensor of known shape
+(static buffers carry it); a proposed cut that would split a tuple from its
+``getitem`` users moves forward to the next legal place.
+"""
+
+from __future__ import annotations
+
+from rrto_server.program import Program
+from rrto_server.protocol import ErrorCode, ProtocolError
+
+WHOLE = 'whole'
+
+
+def parse_granularity(spec: object) -> tuple[str, int]:
+    """Validate a granularity string; return (kind, number)."""
+    if spec == WHOLE or spec is None:
+        return WHOLE, 0
+    if isinstance(spec, str) and ':' in spec:
+        kind, _, number = spec.partition(':')
+        if kind in ('ops', 'block') and number.isdigit() and int(number) > 0:
+            return kind, int(number)
+    raise ProtocolError(ErrorCode.BAD_REQUEST,
+                        f"segments must be 'whole', 'ops:N' or 'block:D', got {spec!r}")
+
+
+def _legal_cuts(program: Program) -> list[bool]:
+    """legal[i] is True when a cut before node i keeps every crossing value a tensor."""
+    nodes = program.nodes
+    producer = {n.name: i for i, n in enumerate(nodes)}
+    tensor_values = {name for name, _ in program.inputs} | {n.name for n in nodes if n.out}
+    # last_use[name] = index of the last node using it (len(nodes) for program outputs)
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for ref in node.refs:
+            last_use[ref] = i
+    for name in program.output_names:
+        if name is not None:
+            last_use[name] = len(nodes)
+    legal = [True] * (len(nodes) + 1)
+    for name, last in last_use.items():
+        if name in program.params or name in tensor_values:
+            continue
+        for i in range(producer.get(name, -1) + 1, last + 1):
+            legal[i] = False
+    return legal
+
+
+def bounds(program: Program, spec: object) -> list[int]:
+    """Return the node indices where segments start (excluding 0), for a granularity."""
+    kind, number = parse_granularity(spec)
+    if kind == WHOLE or not program.nodes:
+        return []
+    legal = _legal_cuts(program)
+    wanted: list[int] = []
+    if kind == 'ops':
+        wanted = list(range(number, len(program.nodes), number))
+    else:
+        def block(i: int) -> str:
+            return '.'.join(program.nodes[i].scope.split('.')[:number])
+        wanted = [i for i in range(1, len(program.nodes)) if block(i) != block(i - 1)]
+    cuts: list[int] = []
+    for cut in wanted:
+        while cut < len(program.nodes) and not legal[cut]:
+            cut += 1
+        if 0 < cut < len(program.nodes) and (not cuts or cut > cuts[-1]):
+            cuts.append(cut)
+    return cuts

@@ -1,0 +1,81 @@
+"""Fixtures: an in-process server per test, server processes, zmq contexts."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rrto_testing import ServerProcess  # noqa: E402
+
+from rrto_server.server import Server, ServerConfig  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def zmq_ctx():
+    ctx = zmq.Context()
+    yield ctx
+    ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def make_server(tmp_path):
+    """Factory for in-process servers on random loopback ports; all closed after the test."""
+    servers = []
+
+    def make(**options) -> Server:
+        options.setdefault('bind', 'tcp://127.0.0.1:0')
+        options.setdefault('store', str(tmp_path / f'store{len(servers)}'))
+        options.setdefault('device', 'cpu')
+        server = Server(ServerConfig(**options))
+        server.start()
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
+def server(make_server):
+    return make_server()
+
+
+@pytest.fixture
+def server_process(tmp_path):
+    """Factory for ``python -m rrto_server`` child processes, stopped after the test."""
+    procs = []
+
+    def make(store: Path | None = None, port: int | None = None, *args: str) -> ServerProcess:
+        proc = ServerProcess(store or tmp_path / 'store', port, *args)
+        procs.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def offloaded():
+    """Factory for OffloadedModel instances that are closed after the test."""
+    from rrto_ros import offload
+    models = []
+
+    def make(model, server, **options):
+        om = offload(model, server=server, **options)
+        models.append(om)
+        return om
+
+    yield make
+    for om in models:
+        om.close()

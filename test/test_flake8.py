@@ -1,0 +1,17 @@
+"""Code style as a test: flake8 through ament_flake8 (99 columns), as ros2/examples does."""
+
+from pathlib import Path
+
+import pytest
+from ament_flake8.main import main_with_errors
+
+ROOT = Path(__file__).resolve().parents[1]
+PATHS = ['rrto_ros', 'rrto_server', 'launch', 'test', 'bench', 'setup.py']
+
+
+@pytest.mark.flake8
+@pytest.mark.linter
+def test_flake8():
+    paths = [str(ROOT / p) for p in PATHS if (ROOT / p).exists()]
+    rc, errors = main_with_errors(argv=paths)
+    assert rc == 0, f'Found {len(errors)} code style errors / warnings:\n' + '\n'.join(errors)

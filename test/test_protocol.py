@@ -1,0 +1,109 @@
+"""The wire contract: framing round trips and every malformed-message error."""
+
+import json
+
+import pytest
+import torch
+
+from rrto_server import codecs, treespec
+from rrto_server import protocol as wire
+from rrto_server.protocol import ErrorCode, ProtocolError
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
+          torch.int16, torch.int32, torch.int64, torch.bool]
+
+
+def _roundtrip(tensors, codec=codecs.RAW):
+    frames = wire.encode({'kind': 'infer', 'id': 7}, tensors, codec)
+    header = wire.decode_header(frames[0])
+    return header, wire.decode_tensors(header, frames[1:])
+
+
+@pytest.mark.parametrize('dtype', DTYPES)
+def test_every_dtype_round_trips_bit_exactly(dtype):
+    source = (torch.randn(2, 3, 5) * 100).to(dtype)
+    header, (decoded,) = _roundtrip([source])
+    assert header['kind'] == wire.Kind.INFER and header['id'] == 7
+    assert decoded.dtype == dtype and decoded.shape == source.shape
+    assert torch.equal(decoded, source)
+
+
+def test_non_contiguous_and_empty_tensors_round_trip():
+    source = torch.arange(24, dtype=torch.float32).reshape(4, 6).t()
+    empty = torch.zeros(0, 3)
+    _, (a, b) = _roundtrip([source, empty])
+    assert torch.equal(a, source) and b.shape == (0, 3)
+
+
+def test_raw_frames_are_not_copied():
+    tensor = torch.arange(1000, dtype=torch.float32)
+    frame = wire.tensor_frame(tensor)
+    assert frame.obj is not None and len(frame) == 4000
+    tensor[0] = 42.0
+    assert torch.frombuffer(frame, dtype=torch.float32)[0] == 42.0
+
+
+@pytest.mark.parametrize('codec', [codecs.LZ4, codecs.ZSTD])
+def test_lossless_codecs_round_trip(codec):
+    image = torch.randint(0, 8, (1, 120, 160, 3), dtype=torch.uint8)
+    header, (decoded,) = _roundtrip([image], codec)
+    assert header['tensors'][0]['codec'] == codec
+    assert torch.equal(decoded, image)
+
+
+def _header_frame(obj) -> bytes:
+    return json.dumps(obj).encode()
+
+
+@pytest.mark.parametrize('frame, code, words', [
+    (b'\xff\xfe not json', ErrorCode.BAD_REQUEST, 'not JSON'),
+    (_header_frame([1, 2]), ErrorCode.BAD_REQUEST, 'JSON object'),
+    (_header_frame({'v': 99, 'kind': 'hello'}), ErrorCode.VERSION, 'version'),
+    (_header_frame({'v': 1, 'kind': 'launch_missiles'}), ErrorCode.BAD_REQUEST, 'unknown message'),
+    (_header_frame({'v': 1, 'kind': 'infer', 'tensors': 'x'}), ErrorCode.BAD_REQUEST, 'tensors'),
+    (b'{' + b' ' * wire.MAX_HEADER_BYTES + b'}', ErrorCode.TOO_LARGE, 'header'),
+])
+def test_bad_headers_name_the_problem(frame, code, words):
+    with pytest.raises(ProtocolError) as err:
+        wire.decode_header(frame)
+    assert err.value.code == code and words in err.value.message
+
+
+@pytest.mark.parametrize('descriptor, payload, words', [
+    ({'dtype': 'float32', 'shape': [4]}, b'\0' * 15, 'needs 16 bytes'),
+    ({'dtype': 'complex64', 'shape': [1]}, b'\0' * 8, 'unsupported dtype'),
+    ({'dtype': 'float32', 'shape': [-1]}, b'', 'negative'),
+    ({'dtype': 'float32', 'shape': 'big'}, b'', 'shape'),
+    ({'dtype': 'uint8', 'shape': [1] * 9}, b'\0', 'at most'),
+    ({'dtype': 'uint8', 'shape': [4], 'codec': 'lz4'}, b'garbage', 'does not decode'),
+    ({'dtype': 'uint8', 'shape': [4], 'codec': 'rot13'}, b'abcd', 'unknown codec'),
+])
+def test_bad_tensor_frames_name_the_problem(descriptor, payload, words):
+    header = {'v': 1, 'kind': 'infer', 'tensors': [descriptor]}
+    with pytest.raises(ProtocolError) as err:
+        wire.decode_tensors(header, [payload])
+    assert words in err.value.message
+
+
+def test_frame_count_must_match_descriptors():
+    header = {'v': 1, 'kind': 'infer', 'tensors': [{'dtype': 'uint8', 'shape': [1]}]}
+    with pytest.raises(ProtocolError, match='2 frames follow'):
+        wire.decode_tensors(header, [b'a', b'b'])
+
+
+def test_treespec_round_trips_nested_structures():
+    a, b, c = torch.zeros(1), torch.ones(2), torch.full((3,), 2.0)
+    obj = {'boxes': (a, [b, None]), 'score': c, 'n': 3}
+    leaves, spec = treespec.flatten(obj)
+    assert leaves == [a, b, c]
+    rebuilt = treespec.unflatten(leaves, json.loads(json.dumps(spec)))
+    assert rebuilt['boxes'][0] is a and rebuilt['boxes'][1][1] is None and rebuilt['n'] == 3
+    assert treespec.count_leaves(spec) == 3
+    with pytest.raises(ValueError):
+        treespec.unflatten([a], spec)
+
+
+def test_signature_key_names_dtypes_and_shapes():
+    sig = wire.signature_of([torch.zeros(1, 224, 224, 3, dtype=torch.uint8), torch.zeros(2)])
+    assert wire.signature_key(sig) == 'uint8[1,224,224,3];float32[2]'
+    assert wire.signature_from_json([s.to_json() for s in sig]) == sig

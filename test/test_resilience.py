@@ -1,0 +1,121 @@
+"""The robot keeps working when the server dies, and offloads again when it returns."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from rrto_ros import OffloadResult, ServerUnavailable
+from rrto_ros.client import RrtoClient
+from rrto_ros.zoo import keypoint_net, resnet18
+from rrto_server.protocol import Kind
+
+TIMEOUT_MS = 400
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    pytest.fail(f'timed out waiting for {what}')
+
+
+@pytest.mark.slow
+def test_server_killed_mid_run_then_restarted(server_process, offloaded, tmp_path):
+    proc = server_process(tmp_path / 'store')
+    model = keypoint_net()
+    x = torch.randn(1, 3, 96, 96)
+    expected = model(x)
+    om = offloaded(model, proc.endpoint, timeout_ms=TIMEOUT_MS, connect_timeout_ms=300)
+    assert om.warmup(x)
+    local_ms = min(_timed(lambda: model(x)) for _ in range(3))
+
+    killer = threading.Timer(0.5, proc.kill)
+    killer.start()
+    results = []
+    t_end = time.monotonic() + 2.0
+    while time.monotonic() < t_end:
+        start = time.perf_counter()
+        out = om(x)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        results.append(om.last.result)
+        torch.testing.assert_close(out['heatmaps'], expected['heatmaps'], rtol=1e-5, atol=0)
+        # no call waits longer than its timeout plus a local run (and some scheduling slack)
+        assert elapsed_ms < TIMEOUT_MS + 4 * local_ms + 250, elapsed_ms
+    killer.join()
+    assert OffloadResult.OFFLOADED in results and OffloadResult.LOCAL_FALLBACK in results
+    assert results[-1] == OffloadResult.LOCAL_FALLBACK
+    assert om.stats()['fallbacks'] >= 1
+
+    uploads_before = om.stats()['uploads']
+    proc.start()  # same port, same store: the model is there, the replay is not
+    _wait_for(lambda: (om(x), om.last.result)[1] ==
+              OffloadResult.OFFLOADED, 30, 'offloading to resume')
+    torch.testing.assert_close(om(x)['offsets'], expected['offsets'], rtol=1e-5, atol=0)
+    stats = om.stats()
+    assert stats['uploads'] == uploads_before, 'the store survived: nothing is re-uploaded'
+    assert stats['records'] == 2 and stats['reconnects'] >= 1
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+def test_model_uploaded_once_across_client_and_server_restarts(
+        server_process, offloaded, tmp_path):
+    store = tmp_path / 'store'
+    proc = server_process(store)
+    model = resnet18()
+    x = torch.randn(1, 3, 64, 64)
+    first = offloaded(model, proc.endpoint, timeout_ms=30000)
+    assert first.warmup(x) and first.stats()['uploads'] == 2
+    first.close()
+
+    second = offloaded(resnet18(), proc.endpoint, timeout_ms=30000)  # a client restart
+    assert second.warmup(x) and second.stats()['uploads'] == 0
+    second.close()
+
+    proc.stop()
+    proc.start()  # a server restart over the same store
+    third = offloaded(resnet18(), proc.endpoint, timeout_ms=30000)
+    assert third.warmup(x)
+    assert third.stats()['uploads'] == 0 and third.stats()['records'] == 1
+    third(x)
+    assert third.last.result == OffloadResult.OFFLOADED
+
+
+def test_no_server_means_local_results_without_waiting(offloaded):
+    model = keypoint_net()
+    x = torch.randn(1, 3, 64, 64)
+    om = offloaded(model, 'tcp://127.0.0.1:9', timeout_ms=200, connect_timeout_ms=200)
+    assert not om.warmup(x, timeout_s=1.0)
+    start = time.perf_counter()
+    for _ in range(5):
+        out = om(x)
+        assert om.last.result == OffloadResult.LOCAL
+    assert (time.perf_counter() - start) < 2.0
+    torch.testing.assert_close(out['score'], model(x)['score'], rtol=0, atol=0)
+    assert 'unreachable' in om.last.reason
+
+
+def test_a_silent_server_times_out_and_the_client_marks_it_down(zmq_ctx):
+    import zmq
+    silent = zmq_ctx.socket(zmq.ROUTER)
+    port = silent.bind_to_random_port('tcp://127.0.0.1')
+    client = RrtoClient(f'tcp://127.0.0.1:{port}', call_timeout_ms=150, connect_timeout_ms=500)
+    try:
+        start = time.perf_counter()
+        with pytest.raises(ServerUnavailable):
+            client.call(Kind.HELLO)
+        assert 0.1 < time.perf_counter() - start < 1.0
+        assert not client.available and client.counters['timeouts'] == 1
+        with pytest.raises(ServerUnavailable, match='reconnecting'):
+            client.call(Kind.HELLO)  # fails at once while the probe runs
+    finally:
+        client.close()
+        silent.close(linger=0)
