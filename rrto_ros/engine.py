@@ -52,6 +52,7 @@ class CallRecord:
     plan: str
     total_ms: float = 0.0
     network_ms: float = 0.0
+    server_ms: float = 0.0              # request receipt to reply, on the server
     server_queue_ms: float = 0.0
     server_compute_ms: float = 0.0
     robot_compute_ms: float = 0.0
@@ -243,7 +244,7 @@ class OffloadedModel:
         server_ms = reply.get('server_ms', 0.0)
         record = CallRecord(
             OffloadResult.OFFLOADED, plan, total_ms=total_ms,
-            network_ms=max(0.0, remote_ms - server_ms),
+            network_ms=max(0.0, remote_ms - server_ms), server_ms=server_ms,
             server_queue_ms=timing.get('queue_ms', 0.0),
             server_compute_ms=timing.get('compute_ms', 0.0),
             robot_compute_ms=max(0.0, total_ms - remote_ms),

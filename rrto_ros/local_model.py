@@ -113,7 +113,9 @@ EXPORT_GUARD = _ExportGuard()
 
 
 def _program_artifact(ep, in_spec, out_spec, label: str) -> Artifact:
-    program_json, weights = program_format.from_exported(ep, in_spec, out_spec, label)
+    # _Flat holds the user's model as attribute 'model': module paths start with 'model.'
+    program_json, weights = program_format.from_exported(ep, in_spec, out_spec, label,
+                                                         scope_prefix='model.')
     digest = program_format.sha256(program_json)
     blobs = {digest: ('program', program_json)}
     if weights:

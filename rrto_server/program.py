@@ -319,16 +319,18 @@ def _out_meta(node: fx.Node) -> dict | None:
     return None
 
 
-def _scope(node: fx.Node) -> str:
+def _scope(node: fx.Node, prefix: str) -> str:
     stack = node.meta.get('nn_module_stack') or {}
     if not stack:
         return ''
     path = list(stack.values())[-1][0]
-    return path if isinstance(path, str) else ''
+    if not isinstance(path, str):
+        return ''
+    return path[len(prefix):] if prefix and path.startswith(prefix) else path
 
 
 def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: Any,
-                  label: str = 'model') -> tuple[bytes, bytes]:
+                  label: str = 'model', scope_prefix: str = '') -> tuple[bytes, bytes]:
     """
     Serialise an exported program taking/returning flat tensors.
 
@@ -353,7 +355,7 @@ def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: An
             weights[spec.target] = source[spec.target]
         else:
             raise ValueError(f'input {name!r} of kind {spec.kind} cannot be offloaded')
-    return write(ep.graph, inputs, params, weights, in_spec, out_spec, label)
+    return write(ep.graph, inputs, params, weights, in_spec, out_spec, label, scope_prefix)
 
 
 def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
@@ -372,7 +374,7 @@ def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
 
 def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
           weights: dict[str, torch.Tensor], in_spec: Any, out_spec: Any,
-          label: str = 'model') -> tuple[bytes, bytes]:
+          label: str = 'model', scope_prefix: str = '') -> tuple[bytes, bytes]:
     """Serialise an ATen-level fx graph whose placeholders are ``inputs`` and ``params``."""
     weights_blob = pack_weights(weights) if weights else b''
     placeholders = {n.name: n for n in graph.nodes if n.op == 'placeholder'}
@@ -383,7 +385,7 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
             op = ops.name_of(node.target)
             nodes.append({'name': node.name, 'op': op, 'args': encode_arg(list(node.args)),
                           'kwargs': {k: encode_arg(v) for k, v in node.kwargs.items()},
-                          'out': _out_meta(node), 'scope': _scope(node)})
+                          'out': _out_meta(node), 'scope': _scope(node, scope_prefix)})
         elif node.op == 'output':
             outputs = encode_arg(list(node.args[0]))
         elif node.op != 'placeholder':

@@ -35,6 +35,10 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 UPLOAD_CHUNK_BYTES = 8 << 20
 MAX_TENSORS = 256
 MAX_RANK = 8
+# Frames below this size are copied into ZeroMQ messages instead of sent zero-copy: pyzmq's
+# zero-copy bookkeeping (a tracker and a GIL-taking free callback) costs more than a memcpy
+# of a camera frame.  Set on every socket as ``socket.copy_threshold``.
+COPY_THRESHOLD = int(__import__('os').environ.get('RRTO_COPY_THRESHOLD', 1 << 20))
 
 
 class Kind(str, enum.Enum):

@@ -7,9 +7,10 @@ A :class:`Replay` is a model prepared for one exact input signature:
   (warm-up on a side stream, then capture with static buffers, one memory pool
   per replay), exactly as ``torch/cuda/graphs.py`` prescribes.  Serving a
   request copies inputs into the static input buffers and replays.
-* CPU, mode ``replay``: every segment is a frozen TorchScript trace of the
-  recorded ATen graph (or, with ``cpu_backend='fx'``, the graph module itself,
-  bit-identical to eager execution).
+* CPU, mode ``replay``: every segment is the recorded ATen graph as an fx
+  module, bit-identical to local eager execution (``cpu_backend='fx'``, the
+  default), or a frozen TorchScript trace of it (``cpu_backend='frozen'``:
+  batch norm folded into convolutions, results differ ~1e-4 relative).
 * mode ``eager``: the graph modules run op by op on the device, the
   "offload without replay" baseline.
 * ONNX models: an onnxruntime session (CUDA provider with CUDA graphs and
@@ -24,6 +25,7 @@ live tensors are saved out of the static buffers and restored when it resumes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -40,7 +42,8 @@ from rrto_server.protocol import (ErrorCode, ProtocolError, Signature, TensorSpe
 
 log = logging.getLogger('rrto_server.replay')
 
-PRECISIONS = {'fp32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
+# precision -> autocast dtype; 'fp32' is strict fp32 (TF32 off), 'tf32' lets CUDA use TF32
+PRECISIONS = {'fp32': None, 'tf32': None, 'fp16': torch.float16, 'bf16': torch.bfloat16}
 MODES = ('replay', 'eager')
 WARMUP_ITERS = 3
 
@@ -58,7 +61,10 @@ class RecordOptions:
         obj = obj or {}
         if not isinstance(obj, dict):
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'options must be an object')
-        opts = cls(**{k: obj[k] for k in ('precision', 'mode', 'segments') if k in obj})
+        unknown = set(obj) - {'precision', 'mode', 'segments'}
+        if unknown:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, f'unknown record options {sorted(unknown)}')
+        opts = cls(**obj)
         if opts.precision not in PRECISIONS:
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f'precision must be one of {list(PRECISIONS)}')
@@ -119,21 +125,37 @@ class Execution:
 class _EnvRunner:
     """Segments as callables over a per-execution value map (CPU and eager modes)."""
 
-    def __init__(self, modules, live, input_names, output_names, device, autocast_dtype,
-                 out_dtypes):
+    backend = 'fx'
+
+    def __init__(self, modules, live, input_names, output_names, device, precision, out_dtypes):
         self.modules = modules
         self.live = live
         self.input_names = input_names
         self.output_names = output_names
         self.device = device
-        self.autocast_dtype = autocast_dtype
+        self.precision = precision
         self.out_dtypes = out_dtypes
         self.num_segments = len(modules)
 
-    def _autocast(self):
-        if self.autocast_dtype is None:
-            return torch.autocast(self.device.type, enabled=False)
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype, cache_enabled=False)
+    @contextlib.contextmanager
+    def _precision(self):
+        """Apply the recorded precision: autocast dtype, and TF32 only when asked for."""
+        dtype = PRECISIONS[self.precision]
+        autocast = (torch.autocast(self.device.type, enabled=False) if dtype is None else
+                    torch.autocast(self.device.type, dtype=dtype, cache_enabled=False))
+        if self.device.type != 'cuda':
+            with autocast:
+                yield
+            return
+        tf32 = self.precision == 'tf32'
+        matmul = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
+                                            allow_tf32=tf32), autocast:
+                yield
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
 
     def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
         ex.env = {n: t.to(self.device, non_blocking=False)
@@ -141,7 +163,7 @@ class _EnvRunner:
 
     def run_segment(self, ex: Execution, k: int) -> None:
         ins, outs = self.live[k]
-        with torch.inference_mode(), self._autocast():
+        with torch.inference_mode(), self._precision():
             results = self.modules[k](*[ex.env[n] for n in ins])
         ex.env.update(zip(outs, results))
 
@@ -161,6 +183,8 @@ def _to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 class _FrozenRunner(_EnvRunner):
     """CPU replay: each segment a frozen TorchScript trace of its ATen graph."""
 
+    backend = 'frozen'
+
     def __init__(self, *args, example: Sequence[torch.Tensor]):
         super().__init__(*args)
         env = dict(zip(self.input_names, example))
@@ -177,6 +201,8 @@ class _FrozenRunner(_EnvRunner):
 class _CudaGraphRunner(_EnvRunner):
     """CUDA replay: one captured graph per segment over static buffers shared by all segments."""
 
+    backend = 'cudagraph'
+
     def __init__(self, *args, signature: Signature):
         super().__init__(*args)
         self.static: dict[str, torch.Tensor] = {
@@ -186,7 +212,7 @@ class _CudaGraphRunner(_EnvRunner):
         self._lock = threading.Lock()
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side), torch.inference_mode(), self._autocast():
+        with torch.cuda.stream(side), torch.inference_mode(), self._precision():
             for _ in range(WARMUP_ITERS):
                 env = dict(self.static)
                 for module, (ins, outs) in zip(self.modules, self.live):
@@ -199,7 +225,7 @@ class _CudaGraphRunner(_EnvRunner):
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool, stream=side,
                                   capture_error_mode='thread_local'):
-                with torch.inference_mode(), self._autocast():
+                with torch.inference_mode(), self._precision():
                     results = module(*[self.static[n] for n in ins])
             self.static.update(zip(outs, results))
             self.graphs.append(graph)
@@ -233,12 +259,12 @@ class _CudaGraphRunner(_EnvRunner):
         self.owner = ex
 
     def run_segment(self, ex: Execution, k: int) -> None:
-        with self._lock:
+        with self._lock, torch.inference_mode():
             self._acquire(ex)
             self.graphs[k].replay()
 
     def finish(self, ex: Execution) -> list[torch.Tensor]:
-        with self._lock:
+        with self._lock, torch.inference_mode():
             outputs = [_to_host(self.static[n], dt)
                        for n, dt in zip(self.output_names, self.out_dtypes)]
             self.owner = None
@@ -250,6 +276,7 @@ class _OnnxRunner:
     """ONNX model through onnxruntime; a single segment."""
 
     num_segments = 1
+    backend = 'onnxruntime'
 
     def __init__(self, model: LoadedModel, signature: Signature, device: torch.device,
                  providers: list):
@@ -341,7 +368,7 @@ class Replay:
             torch.cuda.memory_allocated(device) -
             before) if device.type == 'cuda' else 0
         self.record_ms = (time.perf_counter() - started) * 1e3
-        self.backend = type(self.runner).__name__.strip('_').replace('Runner', '').lower()
+        self.backend = self.runner.backend
 
     @property
     def num_segments(self) -> int:
@@ -349,11 +376,9 @@ class Replay:
 
     def _record(self, cpu_backend: str):
         opts, device = self.options, self.device
-        autocast_dtype = PRECISIONS[opts.precision]
-        if autocast_dtype is torch.float16 and device.type != 'cuda':
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                'fp16 needs a CUDA server; use fp32 or bf16')
+        if opts.precision in ('fp16', 'tf32') and device.type != 'cuda':
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'{opts.precision} needs a CUDA server; use fp32 or bf16')
         if self.model.kind == 'onnx':
             if opts.precision != 'fp32' or opts.segments != segmentation.WHOLE:
                 raise ProtocolError(
@@ -374,13 +399,13 @@ class Replay:
         modules = [program.module(weights, device, a, b, ins, outs)
                    for (a, b), (ins, outs) in zip(zip(edges, edges[1:]), live)]
         out_dtypes = _output_dtypes(program)
-        args = (modules, live, program.input_names, program.output_names, device, autocast_dtype,
+        args = (modules, live, program.input_names, program.output_names, device, opts.precision,
                 out_dtypes)
         if opts.mode == 'eager':
             return _EnvRunner(*args)
         if device.type == 'cuda':
             return _CudaGraphRunner(*args, signature=self.signature)
-        if cpu_backend == 'frozen' and autocast_dtype is None:
+        if cpu_backend == 'frozen' and opts.precision == 'fp32':
             example = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
             return _FrozenRunner(*args, example=example)
         return _EnvRunner(*args)

@@ -95,6 +95,7 @@ class Server:
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.copy_threshold = wire.COPY_THRESHOLD
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes * HARD_LIMIT_FACTOR)
         self.router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -163,6 +164,7 @@ class Server:
         sock = getattr(self._pushers, 'sock', None)
         if sock is None:
             sock = self._ctx.socket(zmq.PUSH)
+            sock.copy_threshold = wire.COPY_THRESHOLD
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(self._outbox_addr)
             self._pushers.sock = sock

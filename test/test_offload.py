@@ -72,7 +72,7 @@ def test_eager_mode_serves_without_recording_a_graph(server, offloaded):
     assert om.warmup(x)
     _assert_same(om(x), model(x))
     assert om.last.round_trips == 1
-    assert server.snapshot()['replays'][0]['backend'] == 'env'
+    assert server.snapshot()['replays'][0]['backend'] == 'fx'
 
 
 def test_frozen_cpu_backend_agrees_within_stated_tolerance(make_server, offloaded):

@@ -1,0 +1,115 @@
+"""
+Server compute on a GPU: eager vs CUDA-graph replay, and the server's own overhead.
+
+For each zoo architecture at batch 1 on a 224x224x3 uint8 camera frame (with
+on-server normalisation), fp32 (strict, TF32 off) and fp16 autocast:
+
+* ``eager_ms``: one inference run op by op (the "offload without replay" server),
+  copy-in and copy-out included;
+* ``replay_ms``: the same inference as a recorded CUDA graph (the bare replay:
+  copy into the static input, ``graph.replay()``, copy the outputs out);
+* ``server_ms``: a real server on loopback, request receipt to reply, median;
+* ``server_overhead_ms``: median of (server_ms - replay compute) per request,
+  i.e. what the server adds beyond the bare replay (target <= 0.1 ms).
+
+Usage: ``python -m bench.gpu_replay --out docs/results/gpu_h100.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from bench.machine import describe
+from rrto_ros import offload
+from rrto_ros.local_model import TorchModule
+from rrto_ros.preprocess import WithImageInput
+from rrto_ros.zoo import ARCHITECTURES
+from rrto_server import treespec
+from rrto_server.models import ModelRegistry
+from rrto_server.protocol import signature_of
+from rrto_server.replay import RecordOptions, Replay
+from rrto_server.server import Server, ServerConfig
+from rrto_server.store import BlobStore
+
+
+def _median_ms(fn, iters: int, warmup: int = 20) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _replay(loaded, frame, precision: str, mode: str, device: torch.device) -> Replay:
+    options = RecordOptions(precision=precision, mode=mode)
+    return Replay(loaded, signature_of([frame]), options, device)
+
+
+def measure(arch: str, precision: str, store: str, iters: int) -> dict:
+    device = torch.device('cuda')
+    model = WithImageInput(ARCHITECTURES[arch]()).eval()
+    frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    flat, spec = treespec.flatten(((frame,), {}))
+    artifact = TorchModule(model).artifact(flat, spec)
+    blobs = BlobStore(store)
+    for digest, (kind, data) in artifact.blobs.items():
+        blobs.put(digest, kind, data)
+    loaded = ModelRegistry(blobs).get(artifact.model)
+    eager = _replay(loaded, frame, precision, 'eager', device)
+    replay = _replay(loaded, frame, precision, 'replay', device)
+    row = {'arch': arch, 'precision': precision, 'batch': 1, 'input': 'uint8[1,224,224,3]',
+           'eager_ms': _median_ms(lambda: eager.start([frame]).run(), iters),
+           'replay_ms': _median_ms(lambda: replay.start([frame]).run(), iters),
+           'record_ms': replay.record_ms}
+    server = Server(ServerConfig(bind='tcp://127.0.0.1:0', store=store, device='cuda'))
+    server.start()
+    try:
+        with offload(model, server=server.endpoint, timeout_ms=10000, precision=precision) as om:
+            assert om.warmup(frame)
+            server_ms, overhead, totals = [], [], []
+            for i in range(iters + 20):
+                om(frame)
+                if i >= 20:
+                    server_ms.append(om.last.server_ms)
+                    overhead.append(om.last.server_ms - om.last.server_compute_ms)
+                    totals.append(om.last.total_ms)
+        row.update(server_ms=statistics.median(server_ms),
+                   server_overhead_ms=statistics.median(overhead),
+                   client_total_ms=statistics.median(totals))
+    finally:
+        server.close()
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='docs/results/gpu_h100.json')
+    parser.add_argument('--iters', type=int, default=200)
+    parser.add_argument('--store', default='/tmp/rrto-gpu-bench-store')
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error('needs a CUDA device')
+    rows = []
+    for arch in sorted(ARCHITECTURES):
+        for precision in ('fp32', 'fp16'):
+            row = measure(arch, precision, args.store, args.iters)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    report = describe(command='python -m bench.gpu_replay ' + ' '.join(argv or []))
+    report['results'] = rows
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

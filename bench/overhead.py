@@ -1,0 +1,109 @@
+"""
+Loopback overhead of one offloaded call beyond the server's own compute (CPU server).
+
+A ``python -m rrto_server`` process on 127.0.0.1 (CPU device) serves a model
+taking a 224x224x3 uint8 camera frame (normalisation on the server).  The
+robot side calls it ``--calls`` times after recording.  Per call:
+
+* ``overhead_ms = client total - server compute`` (what offloading adds: framing,
+  two loopback transfers of the frame and the outputs, the server's queueing
+  and thread hand-offs); target: median <= 0.3 ms;
+* ``server_overhead_ms = server receipt-to-reply - server compute``.
+
+Usage: ``python -m bench.overhead --out docs/results/overhead_cpu.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+from bench.machine import describe
+from rrto_ros import OffloadResult, offload
+from rrto_ros.preprocess import WithImageInput
+from rrto_ros.zoo import ARCHITECTURES
+
+
+class Tiny(torch.nn.Module):
+    """A 3x3 convolution and a global pool: near-zero compute, same 150 KB input."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=4)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+MODELS = {'tiny': Tiny, **ARCHITECTURES}
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def measure(name: str, endpoint: str, calls: int) -> dict:
+    torch.manual_seed(0)
+    model = WithImageInput(MODELS[name]().eval()).eval()
+    frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with offload(model, server=endpoint, timeout_ms=10000) as om:
+        assert om.warmup(frame), 'server did not record the model'
+        records = []
+        for i in range(calls + 10):
+            om(frame)
+            if i >= 10:
+                assert om.last.result == OffloadResult.OFFLOADED
+                records.append(om.last)
+    overhead = [r.total_ms - r.server_compute_ms for r in records]
+    server_overhead = [r.server_ms - r.server_compute_ms for r in records]
+    return {
+        'model': name, 'input': 'uint8[1,224,224,3]', 'calls': calls,
+        'bytes_sent': records[-1].bytes_sent, 'bytes_received': records[-1].bytes_received,
+        'total_ms_median': statistics.median(r.total_ms for r in records),
+        'server_compute_ms_median': statistics.median(r.server_compute_ms for r in records),
+        'overhead_ms_median': statistics.median(overhead),
+        'overhead_ms_p90': _percentile(overhead, 90),
+        'server_overhead_ms_median': statistics.median(server_overhead),
+        'network_ms_median': statistics.median(r.network_ms for r in records),
+        'round_trips_per_call': statistics.mean(r.round_trips for r in records),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--out', default='docs/results/overhead_cpu.json')
+    parser.add_argument('--calls', type=int, default=300)
+    parser.add_argument('--models', nargs='+', default=['tiny', 'resnet18'],
+                        choices=sorted(MODELS))
+    parser.add_argument('--port', type=int, default=5577)
+    args = parser.parse_args(argv)
+    endpoint = f'tcp://127.0.0.1:{args.port}'
+    with tempfile.TemporaryDirectory() as store:
+        server = subprocess.Popen([sys.executable, '-m', 'rrto_server', '--bind', endpoint,
+                                   '--store', store, '--device', 'cpu', '--log-level', 'WARNING'])
+        try:
+            rows = []
+            for name in args.models:
+                row = measure(name, endpoint, args.calls)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+        finally:
+            server.terminate()
+            server.wait(10)
+    report = describe(command='python -m bench.overhead ' + ' '.join(argv or sys.argv[1:]))
+    report['results'] = rows
+    with open(args.out, 'w') as f:
+        json.dump(report, f, indent=2)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
