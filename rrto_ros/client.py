@@ -148,10 +148,21 @@ class RrtoClient:
         be reached within the connect timeout, or does not answer within
         ``timeout_ms``; raises :class:`RemoteError` for an error reply.
         """
+        return self.start(kind, fields, tensors, timeout_ms, codec).result()
+
+    def start(self, kind: Kind, fields: dict | None = None, tensors: Sequence[torch.Tensor] = (),
+              timeout_ms: float | None = None, codec: str = codecs.RAW) -> 'PendingReply':
+        """
+        Send one request now and return a handle whose ``result()`` waits for the reply.
+
+        The client serves one request at a time: until ``result()`` or ``cancel()``
+        is called, other calls wait.  Use it to compute while the server works.
+        """
         if not self._available.is_set():
             raise ServerUnavailable(f'server {self.endpoint} is unreachable (reconnecting)')
         timeout_ms = self.call_timeout_ms if timeout_ms is None else timeout_ms
-        with self._lock:
+        self._lock.acquire()
+        try:
             if self._closed.is_set():
                 raise ServerUnavailable('client is closed')
             if self._sock is None:
@@ -161,16 +172,29 @@ class RrtoClient:
             header.update(fields or {})
             frames = wire.encode(header, tensors, codec)
             started = time.monotonic()
-            if not self._sock.poll(min(timeout_ms, self.connect_timeout_ms), zmq.POLLOUT):
-                self._mark_down('no connection')
-                raise ServerUnavailable(f'cannot connect to {self.endpoint}')
-            try:
-                self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-            except zmq.Again:
-                self._mark_down('send would block')
-                raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
+            self._send(frames, min(timeout_ms, self.connect_timeout_ms))
             self.counters['bytes_sent'] += wire.message_size(frames)
-            reply = self._await(request_id, started + timeout_ms / 1e3)
+        except BaseException:
+            self._lock.release()
+            raise
+        return PendingReply(self, request_id, started + timeout_ms / 1e3)
+
+    def _send(self, frames: list, connect_ms: float) -> None:
+        try:
+            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            return
+        except zmq.Again:
+            pass  # no connection yet (IMMEDIATE): wait for one, once
+        if not self._sock.poll(connect_ms, zmq.POLLOUT):
+            self._mark_down('no connection')
+            raise ServerUnavailable(f'cannot connect to {self.endpoint}')
+        try:
+            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            self._mark_down('send would block')
+            raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
+
+    def _finish(self, reply: list) -> tuple[dict, list[torch.Tensor]]:
         reply_header = wire.decode_header(reply[0])
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
@@ -245,3 +269,32 @@ class RrtoClient:
     def stats(self, timeout_ms: float | None = None) -> dict:
         header, _ = self.call(Kind.STATS, timeout_ms=timeout_ms)
         return header['stats']
+
+
+class PendingReply:
+    """A request in flight; :meth:`result` waits for its reply, :meth:`cancel` abandons it."""
+
+    def __init__(self, client: RrtoClient, request_id: int, deadline: float):
+        self._client = client
+        self._id = request_id
+        self._deadline = deadline
+        self._open = True
+
+    def _release(self) -> None:
+        if self._open:
+            self._open = False
+            self._client._lock.release()
+
+    def result(self) -> tuple[dict, list[torch.Tensor]]:
+        """Wait for the reply; raise ServerUnavailable on timeout, RemoteError on an error."""
+        if not self._open:
+            raise RuntimeError('this reply was already taken or cancelled')
+        try:
+            reply = self._client._await(self._id, self._deadline)
+        finally:
+            self._release()
+        return self._client._finish(reply)
+
+    def cancel(self) -> None:
+        """Stop waiting; a late reply is recognised by its id and dropped."""
+        self._release()

@@ -286,7 +286,8 @@ class Program:
             kwargs = {k: decode_arg(v, lookup, device) for k, v in node.kwargs.items()}
             if ops.creates_tensors(node.fn) and kwargs.get('device') is None:
                 kwargs['device'] = device
-            env[node.name] = graph.call_function(node.fn, tuple(args), kwargs)
+            env[node.name] = graph.create_node('call_function', node.fn, tuple(args), kwargs,
+                                               name=_ident(node.name))
         graph.output(tuple(decode_arg(o, lookup, device) for o in outputs))
         return fx.GraphModule(root, graph, class_name=_ident(self.label))
 

@@ -52,6 +52,7 @@ class Kind(str, enum.Enum):
     OP = 'op'              # naive mode: run one operator, keep results remote
     RELEASE = 'release'    # naive mode: drop a session's remote tensors
     STATS = 'stats'        # server and per-model counters
+    PROFILE = 'profile'    # per-operator compute times of a stored program on the server
     OK = 'ok'
     ERROR = 'error'
 

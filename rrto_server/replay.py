@@ -364,15 +364,20 @@ class Replay:
             log.exception('recording %s failed', self.key)
             raise ProtocolError(ErrorCode.RECORD_FAILED,
                                 f'recording failed: {type(exc).__name__}: {exc}')
-        self.nbytes = (
-            torch.cuda.memory_allocated(device) -
-            before) if device.type == 'cuda' else 0
+        if self.runner.backend != 'cudagraph':
+            self._warm_up()  # first-run allocations happen here, not in a request
+        self.nbytes = torch.cuda.memory_allocated(device) - before if device.type == 'cuda' else 0
         self.record_ms = (time.perf_counter() - started) * 1e3
         self.backend = self.runner.backend
 
     @property
     def num_segments(self) -> int:
         return self.runner.num_segments
+
+    def _warm_up(self) -> None:
+        inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
+        for _ in range(WARMUP_ITERS if self.device.type == 'cuda' else 1):
+            Execution(self, inputs).run()
 
     def _record(self, cpu_backend: str):
         opts, device = self.options, self.device

@@ -29,6 +29,7 @@ import zmq
 from rrto_server import protocol as wire
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
+from rrto_server.profiler import profile_module
 from rrto_server.protocol import ErrorCode, ProtocolError
 from rrto_server.replay import RecordOptions, Replay, ReplayCache, replay_key
 from rrto_server.scheduler import Job, Scheduler
@@ -315,6 +316,14 @@ class Server:
             f'{bytes(request.envelope[0].buffer).hex()}:{request.header.get("session")}')
         self._ok(request)
 
+    def _on_profile(self, request: _Request, frames: list) -> None:
+        header = request.header
+        digest = check_digest(header.get('model'))
+        repeats = header.get('repeats', 5)
+        if not isinstance(repeats, int) or not 1 <= repeats <= 100:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "'repeats' must be an integer in 1..100")
+        self.scheduler.submit(_ProfileJob(self, request, digest, repeats))
+
     def _on_stats(self, request: _Request, frames: list) -> None:
         self._ok(request, stats=self.snapshot())
 
@@ -400,6 +409,36 @@ class _InferJob(Job):
     def fail(self, error: ProtocolError) -> None:
         self.server.stats.count(self.execution.replay.model.digest, 'errors')
         self.server._error(self.request, error)
+
+
+class _ProfileJob(Job):
+    def __init__(self, server: Server, request: _Request, digest: str, repeats: int):
+        super().__init__(**_job_keys(request.header))
+        self.server, self.request, self.digest, self.repeats = server, request, digest, repeats
+        self.profile: dict = {}
+
+    def step(self) -> bool:
+        model = self.server.registry.get(self.digest)
+        if model.program is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, 'only rrto-program models can be profiled')
+        program, device = model.program, self.server.device
+        module = program.module(model.weights(device), device)
+        inputs = [_example(spec, device) for spec in program.signature]
+        self.profile = profile_module(module, inputs, device, self.repeats)
+        return True
+
+    def complete(self) -> None:
+        self.server._ok(self.request, profile=self.profile, device=str(self.server.device))
+
+    def fail(self, error: ProtocolError) -> None:
+        self.server._error(self.request, error)
+
+
+def _example(spec, device: torch.device) -> torch.Tensor:
+    dtype = wire.torch_dtype(spec.dtype)
+    if dtype.is_floating_point:
+        return torch.randn(spec.shape, device=device).to(dtype)
+    return torch.zeros(spec.shape, dtype=dtype, device=device)
 
 
 class _OpJob(Job):

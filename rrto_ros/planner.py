@@ -1,0 +1,252 @@
+"""
+Bandwidth-aware plans: a cost model with compute/transfer overlap, and differential evolution.
+
+:class:`CostModel` predicts the latency (and the robot's energy) of any
+:class:`~rrto_ros.split.Plan` on a :class:`Link` from measured per-operator
+profiles of both sides: a band of rows costs its share of each operator's
+time, transfers cost RTT plus bytes over bandwidth, and in a hybrid plan the
+robot's band overlaps the server's round trip.  :func:`optimise` searches
+cut points and split ratios with ``scipy.optimize.differential_evolution``,
+seeded with local-only, full offload and every single layer split
+(Neurosurgeon), and returns the best of the search and those baselines, so
+it can never return a plan worse than them under its own model.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from rrto_ros.graph import GraphAnalysis, Interval
+from rrto_ros.split import Plan, hybrid_targets
+
+_ITEMSIZE = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'float64': 8, 'uint8': 1, 'int8': 1,
+             'int16': 2, 'int32': 4, 'int64': 8, 'bool': 1}
+
+
+@dataclass(frozen=True)
+class Link:
+    """A robot-server link: bandwidth (Mbit/s, both directions unless uplink given) and RTT."""
+
+    bandwidth_mbps: float
+    rtt_ms: float
+    uplink_mbps: float | None = None
+
+    @property
+    def up(self) -> float:
+        return self.uplink_mbps or self.bandwidth_mbps
+
+    def transfer_ms(self, nbytes: float, mbps: float) -> float:
+        return nbytes * 8e-3 / mbps
+
+
+@dataclass(frozen=True)
+class Power:
+    """Robot power coefficients for energy per inference."""
+
+    compute_w: float = 7.5          # CPU busy with inference
+    radio_w_per_mbps: float = 0.02  # radio power per Mbit/s of traffic: J per Mbit sent/received
+    idle_w: float = 2.0             # baseline while waiting
+
+
+@dataclass
+class Estimate:
+    """A plan's predicted cost on a link."""
+
+    latency_ms: float
+    energy_j: float
+    robot_compute_ms: float
+    server_compute_ms: float
+    bytes_up: float
+    bytes_down: float
+
+
+@dataclass
+class Profiles:
+    """Measured per-operator milliseconds on each side, and the fixed cost of one round trip."""
+
+    robot_ms: dict[str, float]
+    server_ms: dict[str, float]
+    call_overhead_ms: float = 0.5
+    robot_threads: int = 0
+    server_device: str = ''
+
+
+class CostModel:
+    """Latency and energy of plans for one program, from per-operator profiles."""
+
+    def __init__(self, analysis: GraphAnalysis, profiles: Profiles, power: Power = Power()):
+        self.analysis = analysis
+        self.profiles = profiles
+        self.power = power
+        program = analysis.program
+        self.nodes = program.nodes
+        self.nbytes = {name: _nbytes(spec.dtype, spec.shape) for name, spec in program.inputs}
+        self.nbytes.update({n.name: _nbytes(n.out.dtype, n.out.shape)
+                            for n in program.nodes if n.out is not None})
+        self.out_bytes = sum(self.nbytes.get(name, 0) for name in program.output_names)
+        self.in_bytes = sum(self.nbytes[name] for name, _ in program.inputs)
+        self.cuts = analysis.cut_candidates()
+        self._bands: dict[tuple, tuple[float, float]] = {}
+        self._prefix: dict[int, tuple[float, float]] = {}
+
+    # ------------------------------------------------------------------ compute pieces
+    def _time(self, side: dict[str, float], nodes) -> float:
+        return sum(side.get(n.name, 0.0) for n in nodes)
+
+    def _band(self, cut: int, targets: dict[str, Interval], side: dict[str, float]
+              ) -> tuple[float, float]:
+        """Return (compute ms, input bytes) of computing ``targets`` from the program inputs."""
+        key = (cut, id(side), tuple(sorted(targets.items())))
+        if key not in self._bands:
+            live = {v: iv for v, iv in targets.items() if iv[1] > iv[0]}
+            need = self.analysis.required(cut, live) if live else {}
+            ms = 0.0
+            for node in self.nodes[:cut]:
+                info = self.analysis.info[node.name]
+                if info.kind == 'const':
+                    ms += side.get(node.name, 0.0)
+                elif node.name in need:
+                    a, b = need[node.name]
+                    share = (b - a) / max(1, self.analysis.height(node.name))
+                    ms += side.get(node.name, 0.0) * share
+            in_bytes = sum(self.nbytes[name] * (need[name][1] - need[name][0])
+                           / max(1, self.analysis.height(name))
+                           for name, _ in self.analysis.program.inputs if name in need)
+            self._bands[key] = (ms, in_bytes)
+        return self._bands[key]
+
+    def _crossing_bytes(self, targets: dict[str, Interval]) -> float:
+        return sum(self.nbytes[v] * (b - a) / max(1, self.analysis.height(v))
+                   for v, (a, b) in targets.items())
+
+    # ------------------------------------------------------------------ estimates
+    def estimate(self, plan: Plan, link: Link) -> Estimate:
+        robot, server = self.profiles.robot_ms, self.profiles.server_ms
+        rtt, over = link.rtt_ms, self.profiles.call_overhead_ms
+        if plan.kind == 'local':
+            r = self._time(robot, self.nodes)
+            return self._finish(r, r, 0.0, 0.0, 0.0)
+        if plan.kind == 'offload':
+            s = self._time(server, self.nodes)
+            t = (rtt + link.transfer_ms(self.in_bytes, link.up) + s + over
+                 + link.transfer_ms(self.out_bytes, link.bandwidth_mbps))
+            return self._finish(t, 0.0, s, self.in_bytes, self.out_bytes)
+        crossing = self.analysis.crossing(plan.cut)
+        suffix = self.nodes[plan.cut:]
+        if plan.kind == 'split':
+            r = self._time(robot, self.nodes[:plan.cut])
+            s = self._time(server, suffix)
+            up = self._crossing_bytes({v: (0, self.analysis.height(v)) for v in crossing})
+            t = (r + rtt + link.transfer_ms(up, link.up) + s + over
+                 + link.transfer_ms(self.out_bytes, link.bandwidth_mbps))
+            return self._finish(t, r, s, up, self.out_bytes)
+        robot_t, server_t = hybrid_targets(self.analysis, plan.cut, plan.ratio)
+        r_band, _ = self._band(plan.cut, robot_t, robot)
+        s_band, up = self._band(plan.cut, server_t, server)
+        down = self._crossing_bytes(server_t)
+        r_suffix = self._time(robot, suffix)
+        remote = 0.0
+        if up or down or s_band:
+            remote = (rtt + link.transfer_ms(up, link.up) + s_band + over
+                      + link.transfer_ms(down, link.bandwidth_mbps))
+        t = max(r_band, remote) + r_suffix
+        return self._finish(t, r_band + r_suffix, s_band, up, down)
+
+    def _finish(self, latency: float, robot_ms: float, server_ms: float, up: float,
+                down: float) -> Estimate:
+        p = self.power
+        energy = (p.compute_w * robot_ms / 1e3 + p.radio_w_per_mbps * (up + down) * 8e-6
+                  + p.idle_w * latency / 1e3)
+        return Estimate(latency, energy, robot_ms, server_ms, up, down)
+
+    # ------------------------------------------------------------------ baselines
+    def baselines(self, link: Link) -> dict[str, tuple[Plan, Estimate]]:
+        """Return local-only, full offload and the best single layer split on ``link``."""
+        local, offload = Plan('local'), Plan('offload')
+        splits = [Plan('split', c) for c in self.cuts]
+        best_split = min(splits + [local, offload],
+                         key=lambda p: self.estimate(p, link).latency_ms)
+        return {name: (plan, self.estimate(plan, link))
+                for name, plan in (('local', local), ('offload', offload),
+                                   ('best_split', best_split))}
+
+
+def _nbytes(dtype: str, shape) -> float:
+    return float(math.prod(shape)) * _ITEMSIZE.get(dtype, 4)
+
+
+@dataclass
+class Solution:
+    """The chosen plan at one link, with its prediction, the baselines and the solve time."""
+
+    link: Link
+    plan: Plan
+    estimate: Estimate
+    baselines: dict[str, tuple[Plan, Estimate]]
+    solve_s: float
+    evaluations: int = 0
+    trace: list = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            'bandwidth_mbps': self.link.bandwidth_mbps, 'rtt_ms': self.link.rtt_ms,
+            'plan': self.plan.to_json(), 'plan_name': self.plan.name,
+            'predicted': asdict(self.estimate),
+            'baselines': {k: {'plan': p.to_json(), 'predicted': asdict(e)}
+                          for k, (p, e) in self.baselines.items()},
+            'solve_s': self.solve_s, 'evaluations': self.evaluations,
+        }
+
+
+def _decode(model: CostModel, x: np.ndarray) -> Plan:
+    cut = model.cuts[min(len(model.cuts) - 1, int(x[0]))]
+    if x[2] >= 0.5:
+        return Plan('split', cut)
+    ratio = float(x[1])
+    ratio = 0.0 if ratio < 0.01 else 1.0 if ratio > 0.99 else ratio
+    return Plan('hybrid', cut, ratio)
+
+
+def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: int = 40,
+             popsize: int = 12, seed: int = 0) -> Solution:
+    """Search split points and ratios by differential evolution; never worse than baselines."""
+    from scipy.optimize import differential_evolution
+
+    if objective not in ('latency', 'energy'):
+        raise ValueError("objective must be 'latency' or 'energy'")
+    started = time.perf_counter()
+    baselines = model.baselines(link)
+
+    def cost(plan: Plan) -> float:
+        est = model.estimate(plan, link)
+        return est.latency_ms if objective == 'latency' else est.energy_j
+
+    evaluations = 0
+
+    def f(x: np.ndarray) -> float:
+        nonlocal evaluations
+        evaluations += 1
+        return cost(_decode(model, x))
+
+    candidates = [p for p, _ in baselines.values()]
+    if model.cuts:
+        n = len(model.cuts)
+        seeds = [[n - 0.5, 1.0, 0.0], [n - 0.5, 0.0, 0.0], [n - 0.5, 0.5, 0.0]]
+        best = baselines['best_split'][0]
+        if best.kind == 'split':
+            seeds.append([model.cuts.index(best.cut) + 0.5, 1.0, 1.0])
+        rng = np.random.default_rng(seed)
+        size = max(popsize * 3, len(seeds) + 5)
+        extra = size - len(seeds)
+        init = np.vstack([np.array(seeds), np.column_stack(
+            [rng.uniform(0, n, extra), rng.uniform(0, 1, extra), rng.uniform(0, 1, extra)])])
+        result = differential_evolution(f, [(0, n - 1e-9), (0, 1), (0, 1)], init=init,
+                                        maxiter=maxiter, seed=seed, tol=1e-7, polish=False)
+        candidates.append(_decode(model, result.x))
+    plan = min(candidates, key=cost)
+    return Solution(link, plan, model.estimate(plan, link), baselines,
+                    time.perf_counter() - started, evaluations)
