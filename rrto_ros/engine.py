@@ -8,6 +8,11 @@ lacks, record); until that is done, and whenever the server is unreachable,
 slow or failing, calls run locally and say so in their :class:`CallRecord`.
 After recording, one call is one request and one reply carrying only the
 input and output tensors.
+
+With a plan table (:mod:`rrto_ros.plan_table`) each call runs under the plan
+chosen for the current link estimate (:meth:`OffloadedModel.set_link`):
+local, full offload, a layer split, or a hybrid row split in which robot and
+server compute at the same time.  Plans change only between calls.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
 from rrto_ros.client import RemoteError, RrtoClient, ServerUnavailable
+from rrto_ros.graph import GraphAnalysis
+from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import Artifact, LocalModel, load_local_model
 from rrto_ros.naive import run_naive
+from rrto_ros.plan_table import PlanSelector, PlanTable
+from rrto_ros.split import Plan, as_program
 from rrto_server import codecs, treespec
-from rrto_server.protocol import ErrorCode, signature_key, signature_of
+from rrto_server.program import unpack_weights
+from rrto_server.protocol import ErrorCode, Kind, signature_key, signature_of
 
 log = logging.getLogger('rrto_ros.engine')
 
@@ -34,12 +45,13 @@ MODES = ('replay', 'eager', 'naive', 'local')
 _REPREPARE = {ErrorCode.NOT_RECORDED.value, ErrorCode.UNKNOWN_MODEL.value}
 _GIVE_UP = {ErrorCode.SIGNATURE.value, ErrorCode.BAD_REQUEST.value, ErrorCode.RECORD_FAILED.value,
             ErrorCode.UPLOAD_DISABLED.value, ErrorCode.VERSION.value, ErrorCode.TOO_LARGE.value}
+OFFLOAD = Plan('offload')
 
 
 class OffloadResult(str, enum.Enum):
     """How one call was served."""
 
-    OFFLOADED = 'offloaded'            # the server computed it
+    OFFLOADED = 'offloaded'            # the server took part (offload, split or hybrid plan)
     LOCAL = 'local'                    # ran on the robot by plan, or while the server prepares
     LOCAL_FALLBACK = 'local_fallback'  # the server failed or was too slow; ran on the robot
 
@@ -59,6 +71,7 @@ class CallRecord:
     round_trips: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
+    bandwidth_mbps: float = 0.0         # the link estimate the plan was chosen for (0: none)
     reason: str = ''
     signature: str = ''
     stamp: float = field(default_factory=time.time)
@@ -76,33 +89,27 @@ class CallRecord:
 class _Target:
     """Server-side state for one input signature."""
 
-    def __init__(self):
+    def __init__(self, example: tuple):
         self.state = 'new'          # new -> preparing -> ready | failed
+        self.example = example
         self.artifact: Artifact | None = None
         self.replay: str | None = None
         self.error = ''
         self.ready = threading.Event()
+        self.selector: PlanSelector | None = None
+        self.plans: dict[str, tuple[PlanRuntime, str]] = {}  # plan name -> (runtime, replay)
 
 
 class OffloadedModel:
     """A model whose calls run on rrto_server when possible (see module docstring)."""
 
-    def __init__(
-            self,
-            model: Any,
-            server: str = 'tcp://127.0.0.1:5555',
-            timeout_ms: float = 200.0,
-            *,
-            mode: str = 'replay',
-            precision: str = 'fp32',
-            segments: str = 'whole',
-            codec: str = codecs.RAW,
-            priority: int = 0,
-            deadline_ms: float | None = None,
-            task: str = '',
-            connect_timeout_ms: float = 1000.0,
-            upload_timeout_ms: float = 60000.0,
-            record_timeout_ms: float = 120000.0):
+    def __init__(self, model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float = 200.0,
+                 *, mode: str = 'replay', precision: str = 'fp32', segments: str = 'whole',
+                 codec: str = codecs.RAW, priority: int = 0, deadline_ms: float | None = None,
+                 task: str = '', connect_timeout_ms: float = 1000.0,
+                 upload_timeout_ms: float = 60000.0, record_timeout_ms: float = 120000.0,
+                 plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
+                 link: tuple[float, float] | None = None):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if timeout_ms <= 0:
@@ -114,12 +121,13 @@ class OffloadedModel:
         self.options = {'precision': precision, 'mode': 'eager' if mode == 'eager' else 'replay',
                         'segments': segments}
         self.codec = codec
-        self.keys = {
-            'priority': priority,
-            'deadline_ms': deadline_ms,
-            'task': task or self.local.label}
+        self.keys = {'priority': priority, 'deadline_ms': deadline_ms,
+                     'task': task or self.local.label}
         self.upload_timeout_ms = upload_timeout_ms
         self.record_timeout_ms = record_timeout_ms
+        self.switch_after = switch_after
+        self.table = _load_table(plan_table)
+        self.link = link
         name = self.keys['task']
         self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
                                call_timeout_ms=timeout_ms, name=f'{name}-data')
@@ -129,14 +137,12 @@ class OffloadedModel:
         self._targets_lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._closed = threading.Event()
-        self._preparer = threading.Thread(
-            target=self._prepare_loop,
-            name=f'{name}-prepare',
-            daemon=True)
+        self._preparer = threading.Thread(target=self._prepare_loop, name=f'{name}-prepare',
+                                          daemon=True)
         self._preparer.start()
         self._call_lock = threading.Lock()
         self.counters = {'calls': 0, 'offloaded': 0, 'local': 0, 'fallbacks': 0, 'uploads': 0,
-                         'records': 0, 'prepare_errors': 0}
+                         'records': 0, 'prepare_errors': 0, 'plan_switches': 0}
         self.last: CallRecord | None = None
         self.listeners: list[Callable[[CallRecord], None]] = []
 
@@ -150,7 +156,7 @@ class OffloadedModel:
         return outputs
 
     def warmup(self, *args: Any, timeout_s: float = 120.0, **kwargs: Any) -> bool:
-        """Prepare the server for these inputs' signature; return True once ready."""
+        """Prepare the server for these inputs' signature (and plans); return True once ready."""
         flat, in_spec = treespec.flatten((args, kwargs))
         target = self._target(flat, in_spec)
         target.ready.wait(timeout_s)
@@ -159,22 +165,36 @@ class OffloadedModel:
     def stats(self) -> dict:
         """Return counters: calls, round_trips, uploads, records, fallbacks, bytes_sent, ..."""
         data = dict(self.counters)
-        for key in (
-            'round_trips',
-            'bytes_sent',
-            'bytes_received',
-            'timeouts',
-            'reconnects',
-                'errors'):
+        for key in ('round_trips', 'bytes_sent', 'bytes_received', 'timeouts', 'reconnects',
+                    'errors'):
             data[key] = self.data.counters[key] + self.control.counters[key]
         data['infer_round_trips'] = self.data.counters['round_trips']
         return data
 
     def set_timeout(self, timeout_ms: float) -> None:
+        """Change the per-call timeout (takes effect from the next call)."""
         if timeout_ms <= 0:
             raise ValueError('timeout_ms must be positive')
         self.timeout_ms = float(timeout_ms)
         self.data.call_timeout_ms = float(timeout_ms)
+
+    def set_link(self, bandwidth_mbps: float, rtt_ms: float) -> None:
+        """Tell the model the current link estimate; the next call's plan follows it."""
+        if bandwidth_mbps <= 0 or rtt_ms < 0:
+            raise ValueError('bandwidth must be positive and RTT non-negative')
+        self.link = (float(bandwidth_mbps), float(rtt_ms))
+
+    def set_plan_table(self, table: str | Path | PlanTable | None) -> None:
+        """Use another plan table (or none: plain offload); prepared in the background."""
+        loaded = _load_table(table)
+        with self._targets_lock:
+            self.table = loaded
+            for target in self._targets.values():
+                target.selector, target.plans = None, {}
+                if target.state == 'ready':
+                    target.state = 'preparing'
+                    target.ready.clear()
+                    self._jobs.put(target)
 
     def close(self) -> None:
         self._closed.set()
@@ -192,90 +212,74 @@ class OffloadedModel:
     # ------------------------------------------------------------------ one call
     def _call(self, args: tuple, kwargs: dict) -> tuple[Any, CallRecord]:
         start = time.perf_counter()
-        flat, in_spec = treespec.flatten((args, kwargs))
-        plan = self.mode if self.mode != 'local' else 'local'
         self.counters['calls'] += 1
         if self.mode == 'local':
-            return self._run_local(
-                args,
-                kwargs,
-                start,
-                OffloadResult.LOCAL,
-                'local',
-                'plan is local')
+            return self._run_local(args, kwargs, start, OffloadResult.LOCAL, 'local',
+                                   'mode is local')
+        flat, in_spec = treespec.flatten((args, kwargs))
         target = self._target(flat, in_spec)
         if target.state != 'ready':
             reason = target.error or 'server is preparing this input signature'
-            return self._run_local(args, kwargs, start, OffloadResult.LOCAL, plan, reason)
+            return self._run_local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason)
+        plan = self._choose(target)
+        if plan.kind == 'local':
+            return self._run_local(args, kwargs, start, OffloadResult.LOCAL, 'local',
+                                   f'plan table chose local at {self._bandwidth():g} Mbit/s')
         if not self.data.available:
-            return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan,
+            return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
                                    'server unreachable; reconnecting')
         before = dict(self.data.counters)
-        remote_start = time.perf_counter()
+        remote = _Remote(self, target.replay)
         try:
             if self.mode == 'naive':
-                outputs, reply = run_naive(self.data, target.artifact, flat, self.timeout_ms), {}
+                remote.start_ms = time.perf_counter()
+                outputs = run_naive(self.data, target.artifact, flat, self.timeout_ms)
+                remote.done_ms = time.perf_counter()
+            elif plan.kind == 'offload':
+                outputs = remote([_cpu(t) for t in flat]).result()
             else:
-                outputs, reply = self.data.infer(target.replay, [_cpu(t) for t in flat],
-                                                 timeout_ms=self.timeout_ms, codec=self.codec,
-                                                 **self.keys)
+                runtime, replay = target.plans[plan.name]
+                remote.replay = replay
+                outputs = runtime.run([_cpu(t) for t in flat], remote)
         except ServerUnavailable as exc:
-            return self._run_local(
-                args,
-                kwargs,
-                start,
-                OffloadResult.LOCAL_FALLBACK,
-                plan,
-                str(exc))
+            return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
+                                   str(exc))
         except RemoteError as exc:
             self._on_remote_error(target, exc)
-            return self._run_local(
-                args,
-                kwargs,
-                start,
-                OffloadResult.LOCAL_FALLBACK,
-                plan,
-                str(exc))
-        remote_ms = (time.perf_counter() - remote_start) * 1e3
+            return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
+                                   str(exc))
         result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
         self.counters['offloaded'] += 1
-        timing = reply.get('timing', {})
-        total_ms = (time.perf_counter() - start) * 1e3
-        server_ms = reply.get('server_ms', 0.0)
-        record = CallRecord(
-            OffloadResult.OFFLOADED, plan, total_ms=total_ms,
-            network_ms=max(0.0, remote_ms - server_ms), server_ms=server_ms,
-            server_queue_ms=timing.get('queue_ms', 0.0),
-            server_compute_ms=timing.get('compute_ms', 0.0),
-            robot_compute_ms=max(0.0, total_ms - remote_ms),
-            round_trips=self.data.counters['round_trips'] - before['round_trips'],
-            bytes_sent=self.data.counters['bytes_sent'] - before['bytes_sent'],
-            bytes_received=self.data.counters['bytes_received'] - before['bytes_received'],
-            signature=signature_key(target.artifact.signature))
-        return result, record
+        return result, remote.record(plan.name, start, before, target, self._bandwidth())
 
-    def _run_local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult, plan: str,
-                   reason: str) -> tuple[Any, CallRecord]:
+    def _run_local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult,
+                   plan: str, reason: str) -> tuple[Any, CallRecord]:
         local_start = time.perf_counter()
         outputs = self.local.run(args, kwargs)
         now = time.perf_counter()
         self.counters['fallbacks' if result == OffloadResult.LOCAL_FALLBACK else 'local'] += 1
-        record = CallRecord(
-            result,
-            plan if result == OffloadResult.LOCAL_FALLBACK else 'local',
-            total_ms=(
-                now - start) * 1e3,
-            robot_compute_ms=(
-                now - local_start) * 1e3,
-            network_ms=(
-                local_start - start) * 1e3,
-            reason=reason)
+        record = CallRecord(result, plan, total_ms=(now - start) * 1e3,
+                            robot_compute_ms=(now - local_start) * 1e3,
+                            bandwidth_mbps=self._bandwidth(), reason=reason)
         return outputs, record
+
+    def _bandwidth(self) -> float:
+        return self.link[0] if self.link else 0.0
+
+    def _choose(self, target: _Target) -> Plan:
+        if target.selector is None or self.link is None or self.mode == 'naive':
+            return OFFLOAD
+        before = target.selector.switches
+        plan = target.selector.choose(*self.link)
+        self.counters['plan_switches'] += target.selector.switches - before
+        if plan.kind in ('split', 'hybrid') and plan.name not in target.plans:
+            return OFFLOAD  # that plan could not be prepared; offload is always there
+        return plan
 
     def _on_remote_error(self, target: _Target, exc: RemoteError) -> None:
         if exc.code in _REPREPARE:
             with self._targets_lock:
-                target.state, target.replay = 'preparing', None
+                target.state, target.replay, target.plans = 'preparing', None, {}
                 target.ready.clear()
             self._jobs.put(target)
         elif exc.code in _GIVE_UP:
@@ -288,8 +292,8 @@ class OffloadedModel:
         with self._targets_lock:
             target = self._targets.get(key)
             if target is None:
-                target = self._targets[key] = _Target()
-                target.example = ([t.detach().cpu().clone() for t in flat], in_spec)
+                example = ([t.detach().cpu().clone() for t in flat], in_spec)
+                target = self._targets[key] = _Target(example)
             if target.state == 'new' and self.mode != 'local':
                 target.state = 'preparing'
                 self._jobs.put(target)
@@ -325,14 +329,104 @@ class OffloadedModel:
             target.artifact = self.local.artifact(flat, in_spec)
         artifact = target.artifact
         self.control.hello()
-        self.counters['uploads'] += self.control.upload(
-            artifact.blobs, timeout_ms=self.upload_timeout_ms)
+        self.counters['uploads'] += self.control.upload(artifact.blobs,
+                                                        timeout_ms=self.upload_timeout_ms)
         if self.mode == 'naive':
             return
-        reply = self.control.record(artifact.model, artifact.signature, self.options,
+        target.replay = self._record(artifact.model, artifact.signature)
+        table = self.table
+        if table is not None and not target.plans:
+            self._prepare_plans(target, table)
+
+    def _record(self, model: str, signature) -> str:
+        reply = self.control.record(model, signature, self.options,
                                     timeout_ms=self.record_timeout_ms)
         self.counters['records'] += int(bool(reply.get('recorded')))
-        target.replay = reply['replay']
+        return reply['replay']
+
+    def _prepare_plans(self, target: _Target, table: PlanTable) -> None:
+        artifact = target.artifact
+        key = signature_key(artifact.signature)
+        if table.model != artifact.model:
+            log.error('plan table for %s (%s) was solved for another model or signature '
+                      '(table %s, model %s): ignoring it, offloading whole inferences',
+                      self.local.label, key, table.model[:12], artifact.model[:12])
+            return
+        program = as_program(artifact.program)
+        weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights']
+        weights = unpack_weights(bytearray(weights_blob[0])) if weights_blob else {}
+        analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
+        for plan in table.plans():
+            if plan.kind not in ('split', 'hybrid'):
+                continue
+            try:
+                runtime = PlanRuntime(program, analysis, weights, plan, self.local.label)
+                if runtime.server_blob is not None:
+                    self.counters['uploads'] += self.control.upload(
+                        {runtime.server_digest: ('program', runtime.server_blob)},
+                        timeout_ms=self.upload_timeout_ms)
+                    replay = self._record(runtime.server_digest,
+                                          as_program(runtime.server_doc).signature)
+                else:
+                    replay = ''
+                target.plans[plan.name] = (runtime, replay)
+            except (RemoteError, ValueError) as exc:
+                log.error('plan %s of %s cannot run: %s; it will be replaced by full offload',
+                          plan.name, self.local.label, exc)
+        target.selector = PlanSelector(table, self.switch_after)
+
+
+class _Remote:
+    """The server half of one call: sends, waits, and turns the reply into a CallRecord."""
+
+    def __init__(self, model: OffloadedModel, replay: str | None):
+        self.model = model
+        self.replay = replay
+        self.reply: dict = {}
+        self.start_ms = self.done_ms = 0.0
+        self._pending = None
+
+    def __call__(self, tensors: list[torch.Tensor]) -> '_Remote':
+        m = self.model
+        fields = {'replay': self.replay}
+        fields.update({k: v for k, v in m.keys.items() if v is not None})
+        self.start_ms = time.perf_counter()
+        self._pending = m.data.start(Kind.INFER, fields, tensors, timeout_ms=m.timeout_ms,
+                                     codec=m.codec)
+        return self
+
+    def result(self) -> list[torch.Tensor]:
+        self.reply, outputs = self._pending.result()
+        self.done_ms = time.perf_counter()
+        return outputs
+
+    def cancel(self) -> None:
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def record(self, plan: str, start: float, before: dict, target: _Target,
+               bandwidth: float) -> CallRecord:
+        counters = self.model.data.counters
+        total_ms = (time.perf_counter() - start) * 1e3
+        remote_ms = (self.done_ms - self.start_ms) * 1e3
+        timing = self.reply.get('timing', {})
+        server_ms = self.reply.get('server_ms', 0.0)
+        return CallRecord(
+            OffloadResult.OFFLOADED, plan, total_ms=total_ms,
+            network_ms=max(0.0, remote_ms - server_ms), server_ms=server_ms,
+            server_queue_ms=timing.get('queue_ms', 0.0),
+            server_compute_ms=timing.get('compute_ms', 0.0),
+            robot_compute_ms=max(0.0, total_ms - remote_ms),
+            round_trips=counters['round_trips'] - before['round_trips'],
+            bytes_sent=counters['bytes_sent'] - before['bytes_sent'],
+            bytes_received=counters['bytes_received'] - before['bytes_received'],
+            bandwidth_mbps=bandwidth, signature=signature_key(target.artifact.signature))
+
+
+def _load_table(table: str | Path | PlanTable | None) -> PlanTable | None:
+    if table is None or table == '':
+        return None
+    return table if isinstance(table, PlanTable) else PlanTable.load(table)
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
@@ -354,6 +448,7 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     ``model`` is an ``nn.Module``, a ``.pt2``/TorchScript/ONNX file, or
     ``python:module:factory``.  ``options`` are those of :class:`OffloadedModel`
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
-    ``deadline_ms``, ``task``, ``connect_timeout_ms``, ...).
+    ``deadline_ms``, ``task``, ``connect_timeout_ms``, ``plan_table``,
+    ``switch_after``, ``link``, ...).
     """
     return OffloadedModel(model, server, timeout_ms, **options)

@@ -26,6 +26,9 @@ class Pending(Protocol):
     def result(self) -> list[torch.Tensor]:
         """Return the server's output tensors (raise on failure or timeout)."""
 
+    def cancel(self) -> None:
+        """Abandon the request (the robot's part failed)."""
+
 
 Remote = Callable[[list[torch.Tensor]], Pending]
 
@@ -36,6 +39,9 @@ class _Done:
 
     def result(self) -> list[torch.Tensor]:
         return self.outputs
+
+    def cancel(self) -> None:
+        pass
 
 
 def in_process(module: torch.nn.Module) -> Remote:
@@ -105,7 +111,12 @@ class PlanRuntime:
             if self.plan.kind == 'split':
                 return list(remote(self.robot.run(flat)).result())
             pending = remote(self.server_inputs(flat)) if self.server_doc else None
-            robot = dict(zip(self.robot_order, self.robot.run(flat))) if self.robot else {}
+            try:
+                robot = dict(zip(self.robot_order, self.robot.run(flat))) if self.robot else {}
+            except BaseException:
+                if pending is not None:
+                    pending.cancel()
+                raise
             server = dict(zip(self.server_order, pending.result())) if pending else {}
             merged = []
             for value in self.crossing:

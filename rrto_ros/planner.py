@@ -206,8 +206,10 @@ def _decode(model: CostModel, x: np.ndarray) -> Plan:
     cut = model.cuts[min(len(model.cuts) - 1, int(x[0]))]
     if x[2] >= 0.5:
         return Plan('split', cut)
-    ratio = float(x[1])
-    ratio = 0.0 if ratio < 0.01 else 1.0 if ratio > 0.99 else ratio
+    ratio = round(float(x[1]), 2)
+    robot, _ = hybrid_targets(model.analysis, cut, ratio)
+    if all(b == model.analysis.height(v) for v, (_, b) in robot.items()):
+        return Plan('local')  # the robot computes every row: that is local execution
     return Plan('hybrid', cut, ratio)
 
 
@@ -250,3 +252,31 @@ def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: 
     plan = min(candidates, key=cost)
     return Solution(link, plan, model.estimate(plan, link), baselines,
                     time.perf_counter() - started, evaluations)
+
+
+def consolidate(model: CostModel, solutions: list[Solution], tolerance: float = 0.02
+                ) -> list[Solution]:
+    """
+    Reuse plans across grid points: fewer distinct plans to upload and record.
+
+    At every point, the plan used is the one (among all plans chosen anywhere in
+    the table, most popular first) predicted within ``tolerance`` of that
+    point's optimum; the optimum itself if none is.
+    """
+    counts: dict[str, int] = {}
+    plans: dict[str, Plan] = {}
+    for s in solutions:
+        counts[s.plan.name] = counts.get(s.plan.name, 0) + 1
+        plans[s.plan.name] = s.plan
+    ranked = sorted(plans.values(), key=lambda p: -counts[p.name])
+    result = []
+    for s in solutions:
+        best = s.estimate.latency_ms
+        for plan in ranked:
+            est = model.estimate(plan, s.link)
+            if est.latency_ms <= best * (1 + tolerance):
+                result.append(Solution(s.link, plan, est, s.baselines, s.solve_s, s.evaluations))
+                break
+        else:
+            result.append(s)
+    return result

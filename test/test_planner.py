@@ -1,0 +1,158 @@
+"""Cost model, differential evolution, plan tables, and plans executed through a real server."""
+
+import json
+
+import pytest
+import torch
+
+from rrto_ros import OffloadResult
+from rrto_ros.graph import GraphAnalysis
+from rrto_ros.local_model import TorchModule
+from rrto_ros.plan_cli import main as plan_main
+from rrto_ros.plan_table import PlanSelector, PlanTable
+from rrto_ros.planner import CostModel, Link, Profiles, optimise
+from rrto_ros.preprocess import WithImageInput
+from rrto_ros.split import Plan, as_program
+from rrto_ros.zoo import keypoint_net
+from rrto_server import treespec
+from rrto_server.program import unpack_weights
+
+SHAPE = (1, 64, 48, 3)
+
+
+@pytest.fixture(scope='module')
+def prepared():
+    model = WithImageInput(keypoint_net()).eval()
+    x = torch.randint(0, 256, SHAPE, dtype=torch.uint8)
+    flat, spec = treespec.flatten(((x,), {}))
+    artifact = TorchModule(model).artifact(flat, spec)
+    program = as_program(artifact.program)
+    weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]
+    weights = unpack_weights(bytearray(weights_blob))
+    analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
+    return model, x, artifact, analysis
+
+
+def _cost(analysis, robot_ms=1.0, server_ms=0.25):
+    nodes = [n.name for n in analysis.program.nodes]
+    profiles = Profiles({n: robot_ms for n in nodes}, {n: server_ms for n in nodes},
+                        call_overhead_ms=0.3)
+    return CostModel(analysis, profiles)
+
+
+def test_extreme_links_pick_the_obvious_plans(prepared):
+    cost = _cost(prepared[3])
+    assert optimise(cost, Link(0.1, 50)).plan == Plan('local')
+    assert optimise(cost, Link(100000, 0.01)).plan.kind in ('offload', 'hybrid')
+    assert optimise(cost, Link(100000, 0.01)).estimate.latency_ms < cost.estimate(
+        Plan('local'), Link(1, 1)).latency_ms / 2
+
+
+@pytest.mark.parametrize('bandwidth', [1, 5, 20, 50, 100, 300, 1000])
+@pytest.mark.parametrize('rtt', [1, 10, 40])
+def test_differential_evolution_never_loses_to_the_baselines(prepared, bandwidth, rtt):
+    cost = _cost(prepared[3], robot_ms=0.8, server_ms=0.2)
+    solution = optimise(cost, Link(bandwidth, rtt), maxiter=15, popsize=6)
+    for _, estimate in solution.baselines.values():
+        assert solution.estimate.latency_ms <= estimate.latency_ms + 1e-9
+    assert solution.evaluations > 0 and solution.solve_s > 0
+
+
+def test_hybrid_overlaps_robot_compute_with_the_round_trip(prepared):
+    cost = _cost(prepared[3], robot_ms=1.0, server_ms=1.0)
+    cut = cost.cuts[-1]
+    link = Link(1e6, 0.0)
+    half = cost.estimate(Plan('hybrid', cut, 0.5), link)
+    local = cost.estimate(Plan('local'), link)
+    # equal speeds, free link: half the rows each (plus halo) beats doing all the rows alone
+    assert half.latency_ms < 0.8 * local.latency_ms
+    assert half.robot_compute_ms < local.robot_compute_ms
+    assert half.bytes_up > 0 and half.bytes_down > 0
+
+
+def test_energy_counts_compute_radio_and_idle(prepared):
+    cost = _cost(prepared[3])
+    link = Link(10, 10)
+    local, offload = cost.estimate(Plan('local'), link), cost.estimate(Plan('offload'), link)
+    assert local.bytes_up == 0 and offload.robot_compute_ms == 0
+    assert local.energy_j == pytest.approx(cost.power.compute_w * local.latency_ms / 1e3
+                                           + cost.power.idle_w * local.latency_ms / 1e3)
+    assert offload.energy_j > cost.power.idle_w * offload.latency_ms / 1e3
+
+
+def _table(artifact, analysis, entries):
+    return PlanTable(artifact.model, 'kp', 'sig', entries, {}, {})
+
+
+def test_plan_table_lookup_and_hysteresis(prepared, tmp_path):
+    _, _, artifact, analysis = prepared
+    cut = analysis.cut_candidates()[-1]
+    slow = Plan('hybrid', cut, 0.75).to_json()
+    entries = [{'bandwidth_mbps': 5, 'rtt_ms': 10, 'plan': Plan('local').to_json()},
+               {'bandwidth_mbps': 20, 'rtt_ms': 10, 'plan': slow},
+               {'bandwidth_mbps': 100, 'rtt_ms': 10, 'plan': Plan('offload').to_json()}]
+    path = tmp_path / 'plans.json'
+    _table(artifact, analysis, entries).save(path)
+    table = PlanTable.load(path)
+    assert table.lookup(4, 12)[0] == Plan('local')
+    assert table.lookup(25, 3)[0] == Plan.from_json(slow)
+    assert table.lookup(1000, 10)[0] == Plan('offload')
+    selector = PlanSelector(table, switch_after=3)
+    assert selector.choose(5, 10) == Plan('local')
+    assert [selector.choose(100, 10).kind for _ in range(3)] == ['local', 'local', 'offload']
+    assert selector.choose(5, 10).kind == 'offload' and selector.switches == 1
+    for bad in ({'format': 'other'}, {'format': 'rrto-plan-table', 'version': 9}):
+        path.write_text(json.dumps(bad))
+        with pytest.raises(ValueError, match=str(path)):
+            PlanTable.load(path)
+
+
+def test_plans_run_through_the_server_and_switch_between_calls(prepared, server, offloaded):
+    model, x, artifact, analysis = prepared
+    cut = analysis.cut_candidates()[-1]
+    mid = analysis.cut_candidates()[len(analysis.cut_candidates()) // 2]
+    entries = [{'bandwidth_mbps': 5, 'rtt_ms': 5, 'plan': Plan('hybrid', cut, 0.6).to_json()},
+               {'bandwidth_mbps': 50, 'rtt_ms': 5, 'plan': Plan('split', mid).to_json()},
+               {'bandwidth_mbps': 500, 'rtt_ms': 5, 'plan': Plan('offload').to_json()}]
+    om = offloaded(model, server.endpoint, timeout_ms=30000, switch_after=2, link=(5, 5),
+                   plan_table=_table(artifact, analysis, entries))
+    assert om.warmup(x)
+    with torch.inference_mode():
+        expected = model(x)
+    seen = []
+    for bandwidth in [5, 5, 500, 500, 500, 50, 50, 50, 5, 5]:
+        om.set_link(bandwidth, 5)
+        before = om.stats()['infer_round_trips']
+        out = om(x)
+        assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
+        assert om.stats()['infer_round_trips'] - before == 1
+        seen.append(om.last.plan)
+        for key in expected:
+            torch.testing.assert_close(out[key], expected[key], rtol=1e-5,
+                                       atol=1e-5 * float(expected[key].abs().max()))
+    hybrid, split = Plan('hybrid', cut, 0.6).name, Plan('split', mid).name
+    assert seen == [hybrid, hybrid, hybrid, 'offload', 'offload', 'offload', split, split,
+                    split, hybrid]
+    assert om.stats()['plan_switches'] == 3
+
+
+def test_a_table_for_another_model_is_ignored(prepared, server, offloaded):
+    model, x, artifact, analysis = prepared
+    entries = [{'bandwidth_mbps': 5, 'rtt_ms': 5, 'plan': Plan('local').to_json()}]
+    table = PlanTable('0' * 64, 'other', 'sig', entries, {}, {})
+    om = offloaded(model, server.endpoint, timeout_ms=30000, plan_table=table, link=(5, 5))
+    assert om.warmup(x)
+    om(x)
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.plan == 'offload'
+
+
+def test_plan_cli_solves_and_writes_a_loadable_table(tmp_path, capsys):
+    out = tmp_path / 'kp.json'
+    rc = plan_main(['--model', 'python:rrto_ros.zoo:keypoint_net', '--image-input',
+                    '--input-shape', ','.join(map(str, SHAPE)), '--server-speedup', '4',
+                    '--bandwidths', '5,300', '--rtts', '2', '--repeats', '1', '--out', str(out)])
+    assert rc == 0
+    table = PlanTable.load(out)
+    assert len(table.entries) == 2 and table.solve_s > 0
+    assert table.profiles['robot_ms'] and 'estimated' in table.profiles['server']
+    assert 'solve time' in capsys.readouterr().out
