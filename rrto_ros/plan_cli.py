@@ -1,4 +1,4 @@
-"""
+r"""
 ``rrto-plan``: profile a model on the robot and the server, and solve its plan table.
 
 Example::
