@@ -26,6 +26,7 @@ setup(
     entry_points={
         'console_scripts': [
             'rrto_server = rrto_server.__main__:main',
+            'rrto-plan = rrto_ros.plan_cli:main',
         ],
     },
 )
