@@ -60,6 +60,8 @@ class CallRecord:
     bytes_received: int = 0
     reason: str = ''
     signature: str = ''
+    deadline_missed: bool = False   # later than deadline_ms end to end, or dropped by the server
+    preemptions: int = 0            # times the server suspended it for more urgent work
     stamp: float = field(default_factory=time.time)
 
     @property
@@ -99,6 +101,7 @@ class OffloadedModel:
             priority: int = 0,
             deadline_ms: float | None = None,
             task: str = '',
+            late: str | None = None,
             connect_timeout_ms: float = 1000.0,
             upload_timeout_ms: float = 60000.0,
             record_timeout_ms: float = 120000.0):
@@ -106,6 +109,8 @@ class OffloadedModel:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if timeout_ms <= 0:
             raise ValueError('timeout_ms must be positive')
+        if late not in (None, 'drop', 'run'):
+            raise ValueError(f"late must be 'drop', 'run' or None, got {late!r}")
         self.local: LocalModel = load_local_model(model)
         self.server = server
         self.timeout_ms = float(timeout_ms)
@@ -116,7 +121,8 @@ class OffloadedModel:
         self.keys = {
             'priority': priority,
             'deadline_ms': deadline_ms,
-            'task': task or self.local.label}
+            'task': task or self.local.label,
+            'late': late}
         self.upload_timeout_ms = upload_timeout_ms
         self.record_timeout_ms = record_timeout_ms
         name = self.keys['task']
@@ -143,6 +149,9 @@ class OffloadedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:
             outputs, record = self._call(args, kwargs)
+        deadline_ms = self.keys['deadline_ms']
+        if deadline_ms is not None and record.total_ms > deadline_ms:
+            record.deadline_missed = True
         self.last = record
         for listener in self.listeners:
             listener(record)
@@ -228,13 +237,15 @@ class OffloadedModel:
                 str(exc))
         except RemoteError as exc:
             self._on_remote_error(target, exc)
-            return self._run_local(
+            outputs, record = self._run_local(
                 args,
                 kwargs,
                 start,
                 OffloadResult.LOCAL_FALLBACK,
                 plan,
                 str(exc))
+            record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
+            return outputs, record
         remote_ms = (time.perf_counter() - remote_start) * 1e3
         result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
         self.counters['offloaded'] += 1
@@ -250,7 +261,11 @@ class OffloadedModel:
             round_trips=self.data.counters['round_trips'] - before['round_trips'],
             bytes_sent=self.data.counters['bytes_sent'] - before['bytes_sent'],
             bytes_received=self.data.counters['bytes_received'] - before['bytes_received'],
-            signature=signature_key(target.artifact.signature))
+            signature=signature_key(target.artifact.signature),
+            deadline_missed=bool(timing.get('deadline_missed', False)),
+            preemptions=int(timing.get('preemptions', 0)))
+        if record.deadline_missed:
+            record.reason = 'deadline missed on the server (late policy run)'
         return result, record
 
     def _run_local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult, plan: str,
@@ -353,6 +368,10 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     ``model`` is an ``nn.Module``, a ``.pt2``/TorchScript/ONNX file, or
     ``python:module:factory``.  ``options`` are those of :class:`OffloadedModel`
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
-    ``deadline_ms``, ``task``, ``connect_timeout_ms``, ...).
+    ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ...).
+    ``deadline_ms`` is the call's budget: the server drops a request it cannot
+    start in time (``late='drop'``, answered at once, then computed locally)
+    or runs it late (``late='run'``); either way ``last.deadline_missed``
+    says so.
     """
     return OffloadedModel(model, server, timeout_ms, **options)
