@@ -101,3 +101,26 @@ def exchange(sock: zmq.Socket, frames: list, timeout_ms: int = 5000) -> dict:
     sock.send_multipart(frames)
     assert sock.poll(timeout_ms), 'server did not reply'
     return wire.decode_header(sock.recv_multipart()[0])
+
+
+def assert_packing_invariant(trace: list[dict], theta: float) -> int:
+    """
+    Check a scheduler trace: steps that overlapped in time fit together under ``theta``.
+
+    Return the number of overlapping pairs (steps that really ran side by side).
+    """
+    pairs = 0
+    by_lane: dict[int, list[dict]] = {}
+    for entry in trace:
+        by_lane.setdefault(entry['lane'], []).append(entry)
+    lanes = sorted(by_lane)
+    for i, lane in enumerate(lanes):
+        for other in lanes[i + 1:]:
+            for a in by_lane[lane]:
+                for b in by_lane[other]:
+                    if a['start_ms'] < b['end_ms'] and b['start_ms'] < a['end_ms']:
+                        pairs += 1
+                        assert a['util'] is not None and b['util'] is not None, (a, b)
+                        assert a['util'] + b['util'] <= theta + 1e-9, (a, b)
+                        assert a['job'] != b['job'], (a, b)
+    return pairs
