@@ -82,9 +82,12 @@ def segment_times(replay, inputs: list[torch.Tensor], runs: int = RUNS) -> list[
 
 
 def _run_back_to_back(replay, executions) -> None:
+    # one stream: freeing each execution's tensors right away is ordered after its kernels
     for execution in executions:
         while not execution.step():
             pass
+        execution.release()
+        execution.outputs = None
 
 
 def _cpu_utilisation(replay, inputs: list[torch.Tensor], solo_s: float) -> float:

@@ -125,7 +125,9 @@ class Execution:
         """Return the outputs on the CPU in the program's dtypes (call from a CPU worker)."""
         if self.outputs is None:
             raise RuntimeError('execution has not finished')
-        return self.replay.runner.to_host(self.outputs)
+        host = self.replay.runner.to_host(self.outputs)
+        self.env = {}
+        return host
 
     def release(self) -> None:
         """Drop this execution's device state (it is abandoned or has failed)."""
@@ -167,9 +169,9 @@ class _EnvRunner:
         ex.env.update(zip(outs, results))
 
     def collect(self, ex: Execution) -> list[torch.Tensor]:
-        outputs = [ex.env[n] for n in self.output_names]
-        ex.env = {}
-        return outputs
+        # ex.env stays alive until host_outputs/release: the lane has not yet waited for
+        # the last segment, and freeing a tensor another stream still reads is a race
+        return [ex.env[n] for n in self.output_names]
 
     def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         return to_host(outputs, self.out_dtypes)
@@ -304,7 +306,6 @@ class _CudaGraphRunner(_EnvRunner):
         with self._lock:
             outputs = [self.static[n].clone() for n in self.output_names]
             self.owner = None
-        ex.env = {}
         return outputs
 
     def release(self, ex: Execution) -> None:
