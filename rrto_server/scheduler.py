@@ -81,7 +81,7 @@ class Job:
         self.steps_done = 0
         self.preemptions = 0
         self.packed_steps = 0
-        self.contended = False              # arrived while a less urgent job held a lane
+        self.contended = False              # arrived as the most urgent, a less urgent one running
 
     def urgency(self) -> tuple:
         """Return the sort key of the priority policies: priority desc, deadline asc, arrival."""
@@ -213,9 +213,13 @@ class Scheduler:
             else:
                 job.seq = next(self._seq)
                 job.ready_at = self.clock()
+                # a preemption case: a less urgent job holds a lane and nothing queued or
+                # running is more urgent than this one (so its wait is the preemption delay)
                 urgency = job.urgency()
-                job.contended = any(lane.job is not None and lane.job.urgency() > urgency
-                                    for lane in self.lanes)
+                running = [lane.job.urgency() for lane in self.lanes if lane.job is not None]
+                job.contended = (any(u > urgency for u in running)
+                                 and not any(u < urgency for u in running)
+                                 and not any(j.urgency() < urgency for j in self._ready))
                 bisect.insort(self._ready, job, key=self._key)
                 dropped = self._purge(job.ready_at)
                 self._cond.notify_all()

@@ -9,8 +9,9 @@ percentiles:
 * ``latency_ms``  server arrival to reply (the server's share of the round trip)
 * ``queue_ms``    server arrival to the start of the first segment
 * ``preempt_ms``  ready for the device to the start of the first segment, for
-  requests that arrived while a lane was running a less urgent job (the
-  preemption latency; see :mod:`rrto_server.scheduler`)
+  requests that arrived while a lane was running a less urgent job and
+  nothing more urgent was queued or running (the preemption latency; see
+  :mod:`rrto_server.scheduler`)
 
 A request *missed its deadline* when it was dropped as expired, abandoned, or
 answered after its deadline (``late``).
