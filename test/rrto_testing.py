@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import zmq
 
 from rrto_server import protocol as wire
+from rrto_server import treespec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -124,3 +126,46 @@ def assert_packing_invariant(trace: list[dict], theta: float) -> int:
                         assert a['util'] + b['util'] <= theta + 1e-9, (a, b)
                         assert a['job'] != b['job'], (a, b)
     return pairs
+
+
+def prepare(endpoint: str, model, x: torch.Tensor, **options) -> str:
+    """Upload and record ``model`` for ``x``'s signature; return the replay id."""
+    from rrto_ros.client import RrtoClient
+    from rrto_ros.local_model import TorchModule
+    client = RrtoClient(endpoint, call_timeout_ms=120000)
+    try:
+        flat, spec = treespec.flatten(((x,), {}))
+        artifact = TorchModule(model).artifact(flat, spec)
+        client.hello()
+        client.upload(artifact.blobs)
+        return client.record(artifact.model, artifact.signature, options)['replay']
+    finally:
+        client.close()
+
+
+def infer_frames(request_id, replay: str, x: torch.Tensor, **fields) -> list:
+    """Return the frames of an INFER request with extra header ``fields``."""
+    header = {'kind': 'infer', 'id': request_id, 'replay': replay}
+    header.update(fields)
+    return wire.encode(header, [x])
+
+
+def receive(sock, timeout_ms: int = 30000) -> tuple[dict, list]:
+    """Return the next reply's header and tensors (fail the test on silence)."""
+    assert sock.poll(timeout_ms), 'no reply'
+    frames = sock.recv_multipart()
+    header = wire.decode_header(frames[0])
+    return header, wire.decode_tensors(header, frames[1:])
+
+
+def leaves(outputs) -> list:
+    """Return the tensors of a nested output structure, in order."""
+    return treespec.flatten(outputs)[0]
+
+
+def wait_running(server, task: str, timeout: float = 30.0) -> None:
+    """Wait until an in-process server's scheduler runs a step of ``task``."""
+    deadline = time.monotonic() + timeout
+    while not any(r['task'] == task for r in server.scheduler.running()):
+        assert time.monotonic() < deadline, f'{task} never started'
+        time.sleep(0.0005)

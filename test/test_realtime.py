@@ -7,55 +7,17 @@ import time
 import pytest
 import torch
 import zmq
-from rrto_testing import assert_packing_invariant, exchange, raw_socket
+from rrto_testing import (assert_packing_invariant, exchange, infer_frames, leaves, prepare,
+                          raw_socket, receive, wait_running)
 
 from rrto_ros import OffloadResult
 from rrto_ros.client import RrtoClient
-from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net, mobilenet, resnet18
 from rrto_server import protocol as wire
-from rrto_server import treespec
 from rrto_server.__main__ import parse_args
 from rrto_server.server import Server, ServerConfig
 
 BLOCKER_INPUT = (4, 3, 224, 224)     # one whole-segment resnet18 inference: ~0.1-0.5 s on CPU
-
-
-def prepare(endpoint: str, model, x: torch.Tensor, **options) -> str:
-    """Upload and record ``model`` for ``x``'s signature; return the replay id."""
-    client = RrtoClient(endpoint, call_timeout_ms=120000)
-    try:
-        flat, spec = treespec.flatten(((x,), {}))
-        artifact = TorchModule(model).artifact(flat, spec)
-        client.hello()
-        client.upload(artifact.blobs)
-        return client.record(artifact.model, artifact.signature, options)['replay']
-    finally:
-        client.close()
-
-
-def infer_frames(request_id, replay: str, x: torch.Tensor, **fields) -> list:
-    header = {'kind': 'infer', 'id': request_id, 'replay': replay}
-    header.update(fields)
-    return wire.encode(header, [x])
-
-
-def receive(sock, timeout_ms: int = 30000) -> tuple[dict, list]:
-    assert sock.poll(timeout_ms), 'no reply'
-    frames = sock.recv_multipart()
-    header = wire.decode_header(frames[0])
-    return header, wire.decode_tensors(header, frames[1:])
-
-
-def leaves(outputs) -> list:
-    return treespec.flatten(outputs)[0]
-
-
-def wait_running(server, task: str, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not any(r['task'] == task for r in server.scheduler.running()):
-        assert time.monotonic() < deadline, f'{task} never started'
-        time.sleep(0.0005)
 
 
 @pytest.fixture
