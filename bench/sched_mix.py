@@ -85,7 +85,7 @@ PRESETS = {
     'gpu': [
         TaskSpec('detect', 'keypoint_net', (1, 3, 480, 640), 2, 30.0, 5.0, 'whole', 2),
         TaskSpec('classify', 'mobilenet', (8, 3, 224, 224), 1, 10.0, 15.0, 'block:3'),
-        TaskSpec('mapping', 'resnet18', (128, 3, 224, 224), 0, 0.0, None, 'block:3', 2),
+        TaskSpec('mapping', 'resnet18', (64, 3, 224, 224), 0, 0.0, None, 'block:3', 2),
     ],
     # for the test suite: seconds, not minutes
     'tiny': [

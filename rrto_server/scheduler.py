@@ -385,6 +385,9 @@ class Scheduler:
                                    (end - self.epoch) * 1e3,
                                    None if math.isinf(job.utilisation) else job.utilisation))
             lane.job, lane.last = None, job
+            if not done and self._stop:     # closed mid-job: nobody will resume it
+                done = True
+                error = ProtocolError(ErrorCode.OVERLOADED, 'server is shutting down')
             if done:
                 job.finished = end
                 job.outcome = 'failed' if error else 'completed'

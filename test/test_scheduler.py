@@ -288,3 +288,16 @@ def test_invalid_configuration_is_refused():
         Scheduler('edf')
     with pytest.raises(ValueError, match='theta'):
         Scheduler(PREEMPTIVE, theta=-1)
+
+
+def test_close_during_a_multi_step_job_fails_it_once(make_scheduler):
+    events: list = []
+    scheduler = make_scheduler(PREEMPTIVE)
+    job = Stepper(events, 'long', steps=3, free=False)
+    scheduler.submit(job)
+    _wait(job.in_step.is_set)
+    threading.Timer(0.05, job.allow).start()
+    scheduler.close()
+    assert job.answered.wait(5)
+    (error,) = job.answers
+    assert error.code == ErrorCode.OVERLOADED and job.released
