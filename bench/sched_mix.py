@@ -227,7 +227,7 @@ def _client(spec: dict, endpoint: str, replay: str, duration: float, seed: int, 
     client = RrtoClient(endpoint, call_timeout_ms=timeout_ms, name=task.name)
     keys = {'priority': task.priority, 'task': task.name, 'late': task.late}
     for _ in range(3):                                   # warm the path, not measured
-        client.infer(replay, [x], **keys)
+        client.infer(replay, [x], timeout_ms=120000, **keys)
     results.put(('ready', task.name))
     go.wait()
     start_at = start_at.value

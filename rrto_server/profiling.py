@@ -125,8 +125,8 @@ def _probe_buffer(device: torch.device, stream) -> tuple[torch.Tensor, float]:
     """Return a probe buffer whose ``add_`` takes about PROBE_TARGET_S, and that time."""
     elems = PROBE_MIN_ELEMS
     while True:
-        buf = torch.zeros(elems, device=device)
         with torch.cuda.stream(stream):
+            buf = torch.zeros(elems, device=device)     # allocated on the probe's stream
             buf.add_(1.0)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record(stream)

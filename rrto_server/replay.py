@@ -164,6 +164,10 @@ class _EnvRunner:
 
     def run_segment(self, ex: Execution, k: int) -> None:
         ins, outs = self.live[k]
+        if k == 0 and self.device.type == 'cuda':
+            stream = torch.cuda.current_stream(self.device)
+            for name in self.input_names:           # staged on a CPU worker's copy stream
+                ex.env[name].record_stream(stream)
         with torch.inference_mode(), self._autocast():
             results = self.modules[k](*[ex.env[n] for n in ins])
         ex.env.update(zip(outs, results))
