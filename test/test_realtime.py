@@ -265,3 +265,32 @@ def test_scheduler_options_from_the_command_line(tmp_path):
     with pytest.raises(ValueError, match='late policy'):
         Server(ServerConfig(store=str(tmp_path), bind='tcp://127.0.0.1:0',
                             task_late={'slam': 'later'}), zmq.Context.instance())
+
+
+def test_cpu_phases_run_on_cpu_workers_and_only_segments_on_the_lane(server, monkeypatch):
+    from rrto_server import protocol
+    from rrto_server.replay import Execution
+    seen = collections.defaultdict(set)
+
+    def spy(name, fn):
+        def wrapper(*args, **kwargs):
+            thread = threading.current_thread().name
+            for prefix, role in (('rrto-io', 'io'), ('rrto-cpu', 'cpu'), ('rrto-gpu', 'lane')):
+                if thread.startswith(prefix):       # server threads only, not this client
+                    seen[name].add(role)
+            return fn(*args, **kwargs)
+        return wrapper
+
+    x = torch.randn(1, 3, 32, 32)
+    replay = prepare(server.endpoint, keypoint_net(), x, segments='ops:5')
+    monkeypatch.setattr(protocol, 'decode_tensors', spy('decode', protocol.decode_tensors))
+    monkeypatch.setattr(Execution, 'step', spy('segment', Execution.step))
+    monkeypatch.setattr(Execution, 'host_outputs', spy('copy-back', Execution.host_outputs))
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        for codec in ('raw', 'lz4'):
+            outputs, _ = client.infer(replay, [x], codec=codec)
+            assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+    finally:
+        client.close()
+    assert seen == {'decode': {'cpu'}, 'segment': {'lane'}, 'copy-back': {'cpu'}}
