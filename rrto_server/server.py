@@ -28,16 +28,16 @@ import torch
 import zmq
 
 from rrto_server import protocol as wire
+from rrto_server.cpu_workers import CpuWorkers
+from rrto_server.jobs import InferJob, OpJob, RecordJob, job_keys
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.protocol import ErrorCode, ProtocolError
-from rrto_server.cpu_workers import CpuWorkers
-from rrto_server.jobs import InferJob, OpJob, RecordJob, job_keys
 from rrto_server.replay import RecordOptions, Replay, ReplayCache, replay_key
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE, Scheduler
 from rrto_server.stats import ServerStats
-from rrto_server.taskstats import TaskStats
 from rrto_server.store import BlobStore, check_digest
+from rrto_server.taskstats import TaskStats
 
 log = logging.getLogger('rrto_server')
 
