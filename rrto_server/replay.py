@@ -214,7 +214,11 @@ def to_host(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> l
     """Copy finished device outputs to the CPU in ``dtypes`` (off the device lanes)."""
     if not tensors or all(t.device.type == 'cpu' for t in tensors):
         return [t.to(dt).contiguous() for t, dt in zip(tensors, dtypes)]
-    stream = _copy_stream(tensors[0].device)
+    device = tensors[0].device
+    stream = _copy_stream(device)
+    # on a lane the producer was already waited for; a direct caller (Execution.run, tests,
+    # profiling) produced them on its current stream, which the copy must follow
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         host = [t.to('cpu', dtype=dt).contiguous() for t, dt in zip(tensors, dtypes)]
     stream.synchronize()
