@@ -26,7 +26,7 @@ def test_lanes_are_a_high_and_a_low_priority_stream(gpu_server):
 
 
 def test_preempted_cuda_graph_replay_equals_the_unpreempted_one(gpu_server):
-    x_low, x_high = torch.randn(8, 3, 224, 224), torch.randn(8, 3, 224, 224)
+    x_low, x_high = torch.randn(32, 3, 224, 224), torch.randn(32, 3, 224, 224)
     replay = prepare(gpu_server.endpoint, resnet18(), x_low, segments='ops:3')
     client = RrtoClient(gpu_server.endpoint, call_timeout_ms=60000)
     try:
