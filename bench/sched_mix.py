@@ -343,8 +343,8 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
     policy, theta = POLICIES[label]
     if theta is None:
         theta = args.theta
-    server = ServerProcess(store, args.device, policy, theta,
-                           ['--cpu-workers', str(args.cpu_workers)])
+    workers = args.cpu_workers or (4 if args.device.startswith('cuda') else 2)
+    server = ServerProcess(store, args.device, policy, theta, ['--cpu-workers', str(workers)])
     try:
         server.wait_ready()
         replays = {spec.name: prepare(server.endpoint, spec, artifacts[spec.name])
@@ -399,7 +399,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--theta', type=float, default=1.0,
                         help='packing threshold of the preemptive+pack run')
     parser.add_argument('--clients', choices=('processes', 'threads'), default='processes')
-    parser.add_argument('--cpu-workers', type=int, default=2)
+    parser.add_argument('--cpu-workers', type=int,
+                        help='server CPU workers (default: 4 on CUDA, 2 on CPU)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
     parser.add_argument('--out', help='write the results as JSON here')
