@@ -74,6 +74,8 @@ class CallRecord:
     bandwidth_mbps: float = 0.0         # the link estimate the plan was chosen for (0: none)
     reason: str = ''
     signature: str = ''
+    deadline_missed: bool = False   # later than deadline_ms end to end, or dropped by the server
+    preemptions: int = 0            # times the server suspended it for more urgent work
     stamp: float = field(default_factory=time.time)
 
     @property
@@ -106,7 +108,7 @@ class OffloadedModel:
     def __init__(self, model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float = 200.0,
                  *, mode: str = 'replay', precision: str = 'fp32', segments: str = 'whole',
                  codec: str = codecs.RAW, priority: int = 0, deadline_ms: float | None = None,
-                 task: str = '', connect_timeout_ms: float = 1000.0,
+                 task: str = '', late: str | None = None, connect_timeout_ms: float = 1000.0,
                  upload_timeout_ms: float = 60000.0, record_timeout_ms: float = 120000.0,
                  plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
                  link: tuple[float, float] | None = None):
@@ -114,6 +116,8 @@ class OffloadedModel:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if timeout_ms <= 0:
             raise ValueError('timeout_ms must be positive')
+        if late not in (None, 'drop', 'run'):
+            raise ValueError(f"late must be 'drop', 'run' or None, got {late!r}")
         self.local: LocalModel = load_local_model(model)
         self.server = server
         self.timeout_ms = float(timeout_ms)
@@ -122,7 +126,7 @@ class OffloadedModel:
                         'segments': segments}
         self.codec = codec
         self.keys = {'priority': priority, 'deadline_ms': deadline_ms,
-                     'task': task or self.local.label}
+                     'task': task or self.local.label, 'late': late}
         self.upload_timeout_ms = upload_timeout_ms
         self.record_timeout_ms = record_timeout_ms
         self.switch_after = switch_after
@@ -150,6 +154,9 @@ class OffloadedModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:
             outputs, record = self._call(args, kwargs)
+        deadline_ms = self.keys['deadline_ms']
+        if deadline_ms is not None and record.total_ms > deadline_ms:
+            record.deadline_missed = True
         self.last = record
         for listener in self.listeners:
             listener(record)
@@ -246,8 +253,10 @@ class OffloadedModel:
                                    str(exc))
         except RemoteError as exc:
             self._on_remote_error(target, exc)
-            return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
-                                   str(exc))
+            outputs, record = self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
+                                              plan.name, str(exc))
+            record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
+            return outputs, record
         result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
         self.counters['offloaded'] += 1
         return result, remote.record(plan.name, start, before, target, self._bandwidth())
@@ -411,6 +420,7 @@ class _Remote:
         remote_ms = (self.done_ms - self.start_ms) * 1e3
         timing = self.reply.get('timing', {})
         server_ms = self.reply.get('server_ms', 0.0)
+        missed = bool(timing.get('deadline_missed', False))
         return CallRecord(
             OffloadResult.OFFLOADED, plan, total_ms=total_ms,
             network_ms=max(0.0, remote_ms - server_ms), server_ms=server_ms,
@@ -420,7 +430,9 @@ class _Remote:
             round_trips=counters['round_trips'] - before['round_trips'],
             bytes_sent=counters['bytes_sent'] - before['bytes_sent'],
             bytes_received=counters['bytes_received'] - before['bytes_received'],
-            bandwidth_mbps=bandwidth, signature=signature_key(target.artifact.signature))
+            bandwidth_mbps=bandwidth, signature=signature_key(target.artifact.signature),
+            deadline_missed=missed, preemptions=int(timing.get('preemptions', 0)),
+            reason='deadline missed on the server (late policy run)' if missed else '')
 
 
 def _load_table(table: str | Path | PlanTable | None) -> PlanTable | None:
@@ -448,7 +460,10 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     ``model`` is an ``nn.Module``, a ``.pt2``/TorchScript/ONNX file, or
     ``python:module:factory``.  ``options`` are those of :class:`OffloadedModel`
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
-    ``deadline_ms``, ``task``, ``connect_timeout_ms``, ``plan_table``,
-    ``switch_after``, ``link``, ...).
+    ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ``plan_table``,
+    ``switch_after``, ``link``, ...).  ``deadline_ms`` is the call's budget: the
+    server drops a request it cannot start in time (``late='drop'``, answered at
+    once, then computed locally) or runs it late (``late='run'``); either way
+    ``last.deadline_missed`` says so.
     """
     return OffloadedModel(model, server, timeout_ms, **options)

@@ -35,7 +35,7 @@ from rrto_ros.planner import CostModel, Link, Power, Profiles, consolidate, opti
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import as_program
 from rrto_server import treespec
-from rrto_server.profiler import profile_module
+from rrto_server.profiling import operator_times
 from rrto_server.program import unpack_weights
 from rrto_server.protocol import Kind, signature_key
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = unpack_weights(bytearray(blobs[0])) if blobs else {}
     analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
     cpu = torch.device('cpu')
-    robot = profile_module(program.module(weights, cpu), [x], cpu, args.repeats)
+    robot = operator_times(program.module(weights, cpu), [x], cpu, args.repeats)
     if args.server:
         server, overhead, device = server_profile(args.server, model, x, artifact, args.repeats)
         source = f'measured on {args.server} ({device})'

@@ -8,7 +8,10 @@ import signal
 import sys
 
 from rrto_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
+
+GIL_SWITCH_S = 0.0005
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -37,13 +40,42 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default='fx',
         help='CPU replay: the recorded fx graph (bit-exact with local eager), or a frozen '
              'TorchScript trace (folds batch norm; differs ~1e-4 relative)')
+    sched = parser.add_argument_group('GPU scheduler (docs/scheduler.md)')
+    sched.add_argument('--sched-policy', choices=POLICIES, default=PREEMPTIVE,
+                       help='fifo, priority (no preemption) or preemptive (re-pick after '
+                            'every segment; default)')
+    sched.add_argument('--pack-theta', type=float, default=None,
+                       help='packing threshold: a lower-priority segment runs beside a '
+                            'higher-priority one while their utilisations sum to at most this; '
+                            '0 turns packing off (default: 1.0 on CUDA, off on CPU)')
+    sched.add_argument('--profile-util', choices=('auto', 'on', 'off'), default='auto',
+                       help='profile each replay\'s utilisation when recording (auto: when '
+                            'packing is on)')
+    sched.add_argument('--late-policy', choices=LATE_POLICIES, default=DROP,
+                       help='requests whose deadline passed before they start: drop (answer '
+                            'deadline_missed at once) or run late; a request\'s own "late" '
+                            'field wins (default: %(default)s)')
+    sched.add_argument('--task-late', action='append', default=[], metavar='TASK=POLICY',
+                       help='late policy for one task, e.g. --task-late slam=run (repeatable)')
+    sched.add_argument('--cpu-workers', type=int, default=2,
+                       help='threads for decoding, staging and encoding (default: %(default)s)')
+    sched.add_argument('--sched-trace', type=int, default=0, metavar='N',
+                       help='keep the last N device steps in the stats (default: off)')
     parser.add_argument('--log-level', default='INFO')
     args = parser.parse_args(argv)
-    for name in ('max_replays',):
+    for name in ('max_replays', 'cpu_workers'):
         if getattr(args, name) < 1:
             parser.error(f'--{name.replace("_", "-")} must be at least 1')
     if args.max_message_mb <= 0 or args.max_replay_mb <= 0:
         parser.error('sizes must be positive')
+    if args.pack_theta is not None and not 0 <= args.pack_theta <= 2:
+        parser.error('--pack-theta must be between 0 (off) and 2')
+    task_late = {}
+    for item in args.task_late:
+        task, _, late = item.rpartition('=')
+        if not task or late not in LATE_POLICIES:
+            parser.error(f'--task-late expects TASK=drop or TASK=run, got {item!r}')
+        task_late[task] = late
     logging.basicConfig(level=args.log_level.upper(),
                         format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     return ServerConfig(
@@ -56,12 +88,21 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         max_replays=args.max_replays,
         max_replay_bytes=int(
             args.max_replay_mb * 2**20),
-        cpu_backend=args.cpu_backend)
+        cpu_backend=args.cpu_backend,
+        sched_policy=args.sched_policy,
+        pack_theta=args.pack_theta,
+        profile_util={'auto': None, 'on': True, 'off': False}[args.profile_util],
+        late_policy=args.late_policy,
+        task_late=task_late,
+        cpu_workers=args.cpu_workers,
+        sched_trace=args.sched_trace)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the server until SIGINT or SIGTERM."""
     config = parse_args(argv)
+    # lane threads must get the GIL back quickly after a step (default interval: 5 ms)
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         server = Server(config)
     except (ValueError, OSError) as exc:

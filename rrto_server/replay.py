@@ -21,6 +21,13 @@ A replay is cut into segments (see :mod:`rrto_server.segments`).  An
 run another execution between two steps.  When a second execution of the
 same CUDA-graph replay starts while the first is suspended, the first one's
 live tensors are saved out of the static buffers and restored when it resumes.
+
+An execution's work is split between CPU workers and the device lane that
+runs it: :meth:`Replay.start` (decode already done) stages the inputs on the
+device from a CPU worker, :meth:`Execution.step` only launches and runs
+segments (the last one leaves the outputs on the device), and
+:meth:`Execution.host_outputs` copies them back from a CPU worker again, so a
+request in its CPU phase never holds a device lane.
 """
 
 from __future__ import annotations
@@ -103,8 +110,12 @@ class Execution:
     def done(self) -> bool:
         return self.outputs is not None
 
+    @property
+    def num_segments(self) -> int:
+        return self.replay.runner.num_segments
+
     def step(self) -> bool:
-        """Run the next segment; return True once the outputs are ready (on the CPU)."""
+        """Run the next segment; return True once the outputs are ready (on the device)."""
         if self.done:
             return True
         start = time.perf_counter()
@@ -112,14 +123,27 @@ class Execution:
         runner.run_segment(self, self.next_segment)
         self.next_segment += 1
         if self.next_segment == runner.num_segments:
-            self.outputs = runner.finish(self)
+            self.outputs = runner.collect(self)
         self.compute_s += time.perf_counter() - start
         return self.done
 
+    def host_outputs(self) -> list[torch.Tensor]:
+        """Return the outputs on the CPU in the program's dtypes (call from a CPU worker)."""
+        if self.outputs is None:
+            raise RuntimeError('execution has not finished')
+        host = self.replay.runner.to_host(self.outputs)
+        self.env = {}
+        return host
+
+    def release(self) -> None:
+        """Drop this execution's device state (it is abandoned or has failed)."""
+        self.replay.runner.release(self)
+
     def run(self) -> list[torch.Tensor]:
+        """Run every remaining segment now; return the outputs on the CPU."""
         while not self.step():
             pass
-        return self.outputs
+        return self.host_outputs()
 
 
 class _EnvRunner:
@@ -158,26 +182,69 @@ class _EnvRunner:
             torch.backends.cuda.matmul.allow_tf32 = matmul
 
     def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
-        ex.env = {n: t.to(self.device, non_blocking=False)
-                  for n, t in zip(self.input_names, inputs)}
+        ex.env = dict(zip(self.input_names, stage(inputs, self.device)))
 
     def run_segment(self, ex: Execution, k: int) -> None:
         ins, outs = self.live[k]
+        if k == 0 and self.device.type == 'cuda':
+            stream = torch.cuda.current_stream(self.device)
+            for name in self.input_names:           # staged on a CPU worker's copy stream
+                ex.env[name].record_stream(stream)
         with torch.inference_mode(), self._precision():
             results = self.modules[k](*[ex.env[n] for n in ins])
         ex.env.update(zip(outs, results))
 
-    def finish(self, ex: Execution) -> list[torch.Tensor]:
-        return [_to_host(ex.env[n], dt) for n, dt in zip(self.output_names, self.out_dtypes)]
+    def collect(self, ex: Execution) -> list[torch.Tensor]:
+        # ex.env stays alive until host_outputs/release: the lane has not yet waited for
+        # the last segment, and freeing a tensor another stream still reads is a race
+        return [ex.env[n] for n in self.output_names]
+
+    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return to_host(outputs, self.out_dtypes)
 
     def release(self, ex: Execution) -> None:
         ex.env = {}
+        ex.saved = None
 
 
-def _to_host(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    if tensor.device.type == 'cpu':
-        return tensor.to(dtype).contiguous()
-    return tensor.to('cpu', dtype=dtype).contiguous()
+_COPY_STREAMS = threading.local()
+
+
+def _copy_stream(device: torch.device):
+    """Return this thread's CUDA stream for host<->device copies (CPU workers use it)."""
+    streams = getattr(_COPY_STREAMS, 'streams', None)
+    if streams is None:
+        streams = _COPY_STREAMS.streams = {}
+    key = str(device)
+    if key not in streams:
+        streams[key] = torch.cuda.Stream(device)
+    return streams[key]
+
+
+def stage(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """Copy host tensors to ``device`` on this thread's copy stream and wait for them."""
+    if device.type != 'cuda':
+        return [t.to(device) for t in tensors]
+    stream = _copy_stream(device)
+    with torch.cuda.stream(stream):
+        staged = [t.to(device, non_blocking=False) for t in tensors]
+    stream.synchronize()
+    return staged
+
+
+def to_host(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> list[torch.Tensor]:
+    """Copy finished device outputs to the CPU in ``dtypes`` (off the device lanes)."""
+    if not tensors or all(t.device.type == 'cpu' for t in tensors):
+        return [t.to(dt).contiguous() for t, dt in zip(tensors, dtypes)]
+    device = tensors[0].device
+    stream = _copy_stream(device)
+    # on a lane the producer was already waited for; a direct caller (Execution.run, tests,
+    # profiling) produced them on its current stream, which the copy must follow
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):
+        host = [t.to('cpu', dtype=dt).contiguous() for t, dt in zip(tensors, dtypes)]
+    stream.synchronize()
+    return host
 
 
 class _FrozenRunner(_EnvRunner):
@@ -239,9 +306,12 @@ class _CudaGraphRunner(_EnvRunner):
             self.needed_from.append(needed)
 
     def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
-        ex.env = dict(zip(self.input_names, inputs))  # host tensors until the first step
+        # staged on the device by a CPU worker; copied into the static buffers at step 0
+        ex.env = dict(zip(self.input_names, stage(inputs, self.device)))
 
     def _acquire(self, ex: Execution) -> None:
+        # the caller runs on the lane's stream; every earlier segment has completed (the
+        # scheduler waits for each one), so static buffers hold the owner's finished values
         if self.owner is ex:
             return
         owner = self.owner
@@ -249,12 +319,15 @@ class _CudaGraphRunner(_EnvRunner):
             owner.saved = {n: self.static[n].clone() for n in self.needed_from[owner.next_segment]
                            if n in self.static}
             owner.preemptions += 1
+        stream = torch.cuda.current_stream(self.device)
         if ex.next_segment == 0:
             for name, tensor in ex.env.items():
-                self.static[name].copy_(tensor, non_blocking=False)
+                self.static[name].copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)
         elif ex.saved is not None:
             for name, tensor in ex.saved.items():
-                self.static[name].copy_(tensor)
+                self.static[name].copy_(tensor, non_blocking=True)
+                tensor.record_stream(stream)  # saved on another lane's stream, maybe
             ex.saved = None
         self.owner = ex
 
@@ -263,13 +336,17 @@ class _CudaGraphRunner(_EnvRunner):
             self._acquire(ex)
             self.graphs[k].replay()
 
-    def finish(self, ex: Execution) -> list[torch.Tensor]:
+    def collect(self, ex: Execution) -> list[torch.Tensor]:
         with self._lock, torch.inference_mode():
-            outputs = [_to_host(self.static[n], dt)
-                       for n, dt in zip(self.output_names, self.out_dtypes)]
+            outputs = [self.static[n].clone() for n in self.output_names]
             self.owner = None
-        ex.env = {}
         return outputs
+
+    def release(self, ex: Execution) -> None:
+        with self._lock:
+            if self.owner is ex:
+                self.owner = None
+        super().release(ex)
 
 
 class _OnnxRunner:
@@ -300,9 +377,14 @@ class _OnnxRunner:
         feeds = {n: t.numpy() for n, t in ex.env.items()}
         ex.env = {'outputs': self.session.run(self.output_names, feeds)}
 
-    def finish(self, ex: Execution) -> list[torch.Tensor]:
-        outputs = [torch.from_numpy(a) for a in ex.env.pop('outputs')]
-        return outputs
+    def collect(self, ex: Execution) -> list[torch.Tensor]:
+        return [torch.from_numpy(a) for a in ex.env.pop('outputs')]
+
+    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return list(outputs)
+
+    def release(self, ex: Execution) -> None:
+        ex.env = {}
 
 
 _ONNX_TYPES = {
@@ -369,6 +451,9 @@ class Replay:
         self.nbytes = torch.cuda.memory_allocated(device) - before if device.type == 'cuda' else 0
         self.record_ms = (time.perf_counter() - started) * 1e3
         self.backend = self.runner.backend
+        # measured by rrto_server.profiling when recorded (see docs/scheduler.md)
+        self.utilisation: float | None = None
+        self.segment_ms: list[float] = []
 
     @property
     def num_segments(self) -> int:
@@ -378,6 +463,11 @@ class Replay:
         inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
         for _ in range(WARMUP_ITERS if self.device.type == 'cuda' else 1):
             Execution(self, inputs).run()
+
+    @property
+    def shares_buffers(self) -> bool:
+        """Return True when all executions share one set of device buffers (CUDA graphs)."""
+        return isinstance(self.runner, _CudaGraphRunner)
 
     def _record(self, cpu_backend: str):
         opts, device = self.options, self.device

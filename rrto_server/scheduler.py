@@ -1,42 +1,113 @@
 """
-Order the server's device work by priority, then earliest deadline.
+Order the server's device work: priorities, deadlines, preemption, packing.
 
-Every unit of device work is a :class:`Job`.  A job advances in steps (one
-replay segment, one recording, one naive operator); after each step the
-worker picks the most urgent ready job again, so a high-priority arrival
-overtakes a running low-priority inference at the next segment boundary.
+Every unit of device work is a :class:`Job` that advances in steps (one replay
+segment, one recording, one naive operator).  Steps run on device *lanes*:
+lane 0 on a high-priority CUDA stream and, when packing is on (``theta > 0``),
+lane 1 on a low-priority stream; on a CPU server a lane is a thread.  A lane
+thread picks a job, runs one step, waits until the device has finished it,
+and picks again.
+
+Policies (one code path, chosen by server configuration):
+
+``fifo``
+    arrival order; a started job runs to its end.
+``priority``
+    priority (higher first), then earliest deadline; a started job runs to
+    its end (priority without preemption).
+``preemptive``
+    priority, then earliest deadline, chosen again after every segment: a
+    more urgent arrival starts at the next segment boundary and the
+    suspended job resumes later from its saved intermediate tensors.
+
+Packing (RT-mDL's rule): lane 1 runs a step of a job less urgent than lane 0's
+job only while their profiled utilisations sum to at most ``theta``, and only
+if the pair would also fit with any more urgent job that is about to take
+lane 0.  No lane ever starts a step whose pair with the other lane's running
+step exceeds ``theta`` (lane 0 waits for lane 1's step instead), so the rule
+holds at every instant.  Jobs that share device buffers (executions of one
+CUDA-graph replay) never run side by side.
+
+Deadlines: a ``late='drop'`` job whose deadline passes before it starts is
+answered with ``deadline_missed`` as soon as the deadline passes (a reaper
+thread wakes for the earliest one, even while every lane is busy), and a
+started one whose deadline passes while it waits between two segments is
+abandoned the same way; a ``late='run'`` job runs anyway and is flagged late.
 """
 
 from __future__ import annotations
 
-import heapq
+import bisect
+import collections
+import contextlib
 import itertools
 import logging
 import math
 import threading
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_server.taskstats import summarise
 
 log = logging.getLogger('rrto_server.scheduler')
 
+FIFO, PRIORITY, PREEMPTIVE = 'fifo', 'priority', 'preemptive'
+POLICIES = (FIFO, PRIORITY, PREEMPTIVE)
+DROP, RUN = 'drop', 'run'
+LATE_POLICIES = (DROP, RUN)
+EXCLUSIVE = math.inf   # utilisation of a job that must run alone (unprofiled, recordings)
+
 
 class Job:
-    """A unit of device work; subclasses implement :meth:`step`."""
+    """A unit of device work; subclasses implement :meth:`step`, :meth:`complete`, :meth:`fail`."""
 
-    def __init__(self, priority: int = 0, deadline: float = math.inf, task: str = ''):
+    def __init__(self, priority: int = 0, deadline: float = math.inf, task: str = '',
+                 late: str = DROP, received: float | None = None,
+                 utilisation: float = EXCLUSIVE, resource: object = None):
         self.priority = int(priority)
         self.deadline = float(deadline)
         self.task = task
-        self.arrived = time.monotonic()
-        self.started: float | None = None
-        self.finished: float | None = None
-        self.compute_s = 0.0
+        self.late = late
+        self.received = time.perf_counter() if received is None else received
+        self.utilisation = utilisation
+        self.resource = resource            # jobs with the same resource never co-run
         self.seq = 0
+        self.ready_at: float | None = None  # handed to the scheduler
+        self.started: float | None = None   # first step began
+        self.finished: float | None = None
+        self.outcome: str | None = None     # completed | expired | abandoned | failed
+        self.compute_s = 0.0
+        self.steps_done = 0
+        self.preemptions = 0
+        self.packed_steps = 0
+        self.contended = False              # arrived as the most urgent, a less urgent one running
 
-    def sort_key(self) -> tuple:
+    def urgency(self) -> tuple:
+        """Return the sort key of the priority policies: priority desc, deadline asc, arrival."""
         return (-self.priority, self.deadline, self.seq)
+
+    @property
+    def late_finish(self) -> bool:
+        """Return True when the job completed after its deadline."""
+        return self.finished is not None and self.finished > self.deadline
+
+    @property
+    def queue_s(self) -> float | None:
+        """Return server arrival to first step, or None if it never started."""
+        return None if self.started is None else self.started - self.received
+
+    @property
+    def preempt_s(self) -> float | None:
+        """Return ready-for-device to first step when the job arrived under contention."""
+        if self.started is None or not self.contended or self.ready_at is None:
+            return None
+        return self.started - self.ready_at
+
+    @property
+    def total_steps(self) -> int | None:
+        """Return the number of steps the job needs, when known."""
+        return None
 
     def step(self) -> bool:
         """Advance by one unit; return True when the job is finished."""
@@ -48,85 +119,296 @@ class Job:
     def fail(self, error: ProtocolError) -> None:
         """Deliver an error instead of a result (called at most once)."""
 
-    @property
-    def queue_ms(self) -> float:
-        return ((self.started or time.monotonic()) - self.arrived) * 1e3
+    def release(self) -> None:
+        """Drop device state of a job that will not finish (abandoned, failed, shut down)."""
+
+
+class Lane:
+    """
+    Where steps run: a CUDA stream of a given priority, or a plain thread on the CPU.
+
+    :meth:`run` returns only when the device has finished the step, so the
+    scheduler never has more than one step per lane in flight: that is what
+    bounds the preemption latency by one segment.
+    """
+
+    def __init__(self, index: int, device=None, stream_priority: int = 0):
+        self.index = index
+        self.stream = None
+        if device is not None and getattr(device, 'type', None) == 'cuda':
+            import torch
+            self.stream = torch.cuda.Stream(device, priority=stream_priority)
+        self.job: Job | None = None
+        self.since = 0.0
+        self.last: Job | None = None
+
+    def run(self, job: Job, to_end: bool) -> bool:
+        """Run one step of ``job`` (all remaining steps if ``to_end``); return True if done."""
+        if self.stream is None:
+            context = contextlib.nullcontext()
+        else:
+            import torch
+            context = torch.cuda.stream(self.stream)
+        try:
+            with context:
+                while True:
+                    done = job.step()
+                    job.steps_done += 1
+                    if done or not to_end:
+                        return done
+        finally:
+            if self.stream is not None:
+                self.stream.synchronize()
+
+
+def make_lanes(device, count: int) -> list[Lane]:
+    """Return lane 0 (highest stream priority) and, if ``count`` is 2, lane 1 (lowest)."""
+    if count not in (1, 2):
+        raise ValueError('a scheduler has one or two lanes')
+    return [Lane(0, device, stream_priority=-100), Lane(1, device, stream_priority=0)][:count]
 
 
 class Scheduler:
-    """One worker thread serving jobs in (priority desc, deadline asc, arrival) order."""
+    """Lane threads serving jobs under one policy (see the module docstring)."""
 
-    def __init__(self, name: str = 'rrto-gpu', on_idle: Callable[[], None] | None = None):
-        self._heap: list[tuple[tuple, Job]] = []
-        self._cond = threading.Condition()
-        self._seq = itertools.count()
+    def __init__(self, policy: str = PREEMPTIVE, theta: float = 0.0, device=None,
+                 lanes: Sequence[Lane] | None = None, trace: int = 0,
+                 clock: Callable[[], float] = time.perf_counter, name: str = 'rrto-gpu'):
+        if policy not in POLICIES:
+            raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}')
+        if not theta >= 0:
+            raise ValueError('theta must be >= 0 (0 turns packing off)')
+        self.policy = policy
+        self.theta = float(theta)
+        self.lanes = list(lanes) if lanes is not None else make_lanes(device,
+                                                                      2 if theta > 0 else 1)
+        self.clock = clock
+        self.epoch = clock()
+        self._key = (lambda job: (job.seq,)) if policy == FIFO else Job.urgency
+        self._ready: list[Job] = []
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)      # lanes wait here
+        self._reaper_wake = threading.Condition(self._lock)
+        self._seq = itertools.count(1)
         self._stop = False
-        self._on_idle = on_idle
-        self.steps = 0
-        self.switches = 0
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
+        self.counters = collections.Counter(steps=0, preemptions=0, packed_steps=0, completed=0,
+                                            expired=0, abandoned=0, failed=0)
+        self._preempt_ms: collections.deque = collections.deque(maxlen=4096)
+        self.trace: collections.deque | None = collections.deque(maxlen=trace) if trace else None
+        self._threads = [threading.Thread(target=self._lane_loop, args=(lane,),
+                                          name=f'{name}-lane{lane.index}', daemon=True)
+                         for lane in self.lanes]
+        self._threads.append(threading.Thread(target=self._reaper_loop, name=f'{name}-reaper',
+                                              daemon=True))
+        for thread in self._threads:
+            thread.start()
 
+    # ------------------------------------------------------------------ public
     def submit(self, job: Job) -> None:
+        """Queue a job; it is answered exactly once (result, error, or deadline_missed)."""
         with self._cond:
-            job.seq = next(self._seq)
-            heapq.heappush(self._heap, (job.sort_key(), job))
-            self._cond.notify()
+            if self._stop:
+                dropped = [(job, 'failed', ProtocolError(ErrorCode.OVERLOADED,
+                                                         'server is shutting down'))]
+            else:
+                job.seq = next(self._seq)
+                job.ready_at = self.clock()
+                # a preemption case: a less urgent job holds a lane and nothing queued or
+                # running is more urgent than this one (so its wait is the preemption delay)
+                urgency = job.urgency()
+                running = [lane.job.urgency() for lane in self.lanes if lane.job is not None]
+                job.contended = (any(u > urgency for u in running)
+                                 and not any(u < urgency for u in running)
+                                 and not any(j.urgency() < urgency for j in self._ready))
+                bisect.insort(self._ready, job, key=self._key)
+                dropped = self._purge(job.ready_at)
+                self._cond.notify_all()
+                self._reaper_wake.notify()
+        self._deliver(dropped)
 
     def pending(self) -> int:
         with self._cond:
-            return len(self._heap)
+            return len(self._ready)
+
+    def running(self) -> list[dict]:
+        """Return what each busy lane is running now (for tests, benchmarks and stats)."""
+        with self._cond:
+            return [{'lane': lane.index, 'task': lane.job.task, 'priority': lane.job.priority,
+                     'steps_done': lane.job.steps_done} for lane in self.lanes if lane.job]
+
+    def snapshot(self) -> dict:
+        """Return policy, counters, preemption latency and (if enabled) the trace, JSON-ready."""
+        with self._cond:
+            data = {'policy': self.policy, 'theta': self.theta, 'lanes': len(self.lanes),
+                    'pending': len(self._ready), **self.counters,
+                    'preempt_ms': summarise(self._preempt_ms)}
+            if self.trace is not None:
+                data['trace'] = [dict(zip(('lane', 'task', 'job', 'start_ms', 'end_ms', 'util'),
+                                          entry)) for entry in self.trace]
+        return data
 
     def close(self, timeout: float = 5.0) -> None:
+        """Stop the lanes after their current step; fail every job still queued."""
         with self._cond:
             self._stop = True
             self._cond.notify_all()
-        self._thread.join(timeout)
-        for _, job in self._heap:
-            job.fail(ProtocolError(ErrorCode.OVERLOADED, 'server is shutting down'))
-        self._heap.clear()
-
-    def _next(self) -> Job | None:
+            self._reaper_wake.notify()
+        for thread in self._threads:
+            thread.join(timeout)
         with self._cond:
-            while not self._heap and not self._stop:
-                self._cond.wait()
-            if self._stop:
-                return None
-            return heapq.heappop(self._heap)[1]
+            pending, self._ready = self._ready, []
+        self._deliver([(job, 'failed', ProtocolError(ErrorCode.OVERLOADED,
+                                                     'server is shutting down'))
+                       for job in pending])
 
-    def _run(self) -> None:
-        last: Job | None = None
-        while True:
-            job = self._next()
-            if job is None:
-                return
-            if last is not None and job is not last and not _finished(last):
-                self.switches += 1
-            last = job
+    # ------------------------------------------------------------------ choosing (under lock)
+    def _fits(self, a: Job, b: Job) -> bool:
+        if a.resource is not None and a.resource == b.resource:
+            return False
+        return a.utilisation + b.utilisation <= self.theta + 1e-9
+
+    def _pick(self, lane: Lane) -> Job | None:
+        if not self._ready:
+            return None
+        if lane.index == 0:
+            head = self._ready[0]
+            others = [other.job for other in self.lanes[1:] if other.job is not None]
+            # never skip the most urgent job: wait for the other lane's step instead
+            return head if all(self._fits(head, other) for other in others) else None
+        primary = self.lanes[0].job
+        if primary is None:
+            return None         # an idle lane 0 takes the head itself
+        key = self._key(primary)
+        urgent = [job for job in self._ready if self._key(job) < key]
+        for job in self._ready:
+            if self._key(job) < key:
+                continue        # more urgent than lane 0's job: it takes lane 0 next
+            if self._fits(job, primary) and all(self._fits(job, u) for u in urgent):
+                return job
+        return None
+
+    def _purge(self, now: float) -> list[tuple[Job, str, ProtocolError]]:
+        dropped = []
+        for job in [j for j in self._ready if j.late == DROP and now > j.deadline]:
+            self._ready.remove(job)
+            job.finished = now
+            late_ms = (now - job.deadline) * 1e3
             if job.started is None:
-                job.started = time.monotonic()
-            t0 = time.perf_counter()
-            try:
-                done = job.step()
-            except ProtocolError as exc:
-                job.finished = time.monotonic()
-                job.fail(exc)
-                continue
-            except Exception as exc:  # a bug in one job must not stop the worker
-                log.exception('job failed')
-                job.finished = time.monotonic()
-                job.fail(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
-                continue
-            finally:
-                job.compute_s += time.perf_counter() - t0
-                self.steps += 1
-            if done:
-                job.finished = time.monotonic()
-                job.complete()
+                job.outcome = 'expired'
+                message = (f'task {job.task!r}: deadline passed {late_ms:.1f} ms before the '
+                           f'request could start (waited {(now - job.received) * 1e3:.1f} ms; '
+                           f"late policy 'drop')")
             else:
-                with self._cond:
-                    heapq.heappush(self._heap, (job.sort_key(), job))
+                job.outcome = 'abandoned'
+                total = job.total_steps
+                message = (f'task {job.task!r}: deadline passed after {job.steps_done}'
+                           f'{"" if total is None else f" of {total}"} segments; abandoned '
+                           f"{late_ms:.1f} ms late (late policy 'drop')")
+            self.counters[job.outcome] += 1
+            dropped.append((job, job.outcome, ProtocolError(ErrorCode.DEADLINE, message)))
+        return dropped
 
+    def _wait_for_work(self, lane: Lane) -> tuple[Job | None, list]:
+        while not self._stop:
+            now = self.clock()
+            dropped = self._purge(now)
+            if dropped:
+                self._cond.notify_all()
+                return None, dropped
+            job = self._pick(lane)
+            if job is not None:
+                self._ready.remove(job)
+                last = lane.last
+                if (last is not None and last is not job and last.finished is None
+                        and last in self._ready):
+                    last.preemptions += 1
+                    self.counters['preemptions'] += 1
+                lane.job, lane.since = job, self.clock()
+                if job.started is None:
+                    job.started = lane.since
+                    if job.preempt_s is not None:
+                        self._preempt_ms.append(job.preempt_s * 1e3)
+                return job, []
+            self._cond.wait()
+        return None, []
 
-def _finished(job: Job) -> bool:
-    return job.finished is not None
+    def _reaper_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._stop:
+                    return
+                now = self.clock()
+                dropped = self._purge(now)
+                if not dropped:
+                    # queued jobs, and running ones that may come back unfinished; a running
+                    # job already past its deadline is purged by its lane at the next pick
+                    deadlines = [j.deadline for j in self._ready if j.late == DROP]
+                    deadlines += [lane.job.deadline for lane in self.lanes if lane.job
+                                  and lane.job.late == DROP and lane.job.deadline > now]
+                    earliest = min(deadlines, default=math.inf)
+                    self._reaper_wake.wait(None if math.isinf(earliest)
+                                           else max(0.0, earliest - now) + 1e-4)
+                    continue
+                self._cond.notify_all()
+            self._deliver(dropped)
+
+    # ------------------------------------------------------------------ lanes
+    def _lane_loop(self, lane: Lane) -> None:
+        to_end = self.policy != PREEMPTIVE
+        while True:
+            with self._cond:
+                job, dropped = self._wait_for_work(lane)
+                if job is None and not dropped:
+                    return
+            self._deliver(dropped)
+            if job is not None:
+                self._run_step(lane, job, to_end)
+
+    def _run_step(self, lane: Lane, job: Job, to_end: bool) -> None:
+        error = None
+        try:
+            done = lane.run(job, to_end)
+        except ProtocolError as exc:
+            done, error = True, exc
+        except Exception as exc:  # a bug in one job must not stop the lane
+            log.exception('job of task %r failed', job.task)
+            done, error = True, ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}')
+        end = self.clock()
+        with self._cond:
+            job.compute_s += end - lane.since
+            self.counters['steps'] += 1
+            if lane.index > 0:
+                self.counters['packed_steps'] += 1
+                job.packed_steps += 1
+            if self.trace is not None:
+                self.trace.append((lane.index, job.task, job.seq, (lane.since - self.epoch) * 1e3,
+                                   (end - self.epoch) * 1e3,
+                                   None if math.isinf(job.utilisation) else job.utilisation))
+            lane.job, lane.last = None, job
+            if not done and self._stop:     # closed mid-job: nobody will resume it
+                done = True
+                error = ProtocolError(ErrorCode.OVERLOADED, 'server is shutting down')
+            if done:
+                job.finished = end
+                job.outcome = 'failed' if error else 'completed'
+                self.counters[job.outcome] += 1
+            else:
+                bisect.insort(self._ready, job, key=self._key)
+            self._cond.notify_all()
+        if error is not None:
+            self._deliver([(job, 'failed', error)])
+        elif done:
+            try:
+                job.complete()
+            except Exception:  # answering one job must not stop the lane
+                log.exception('completing job of task %r raised', job.task)
+
+    @staticmethod
+    def _deliver(dropped: list[tuple[Job, str, ProtocolError]]) -> None:
+        for job, outcome, error in dropped:
+            job.outcome = outcome
+            try:
+                job.release()
+                job.fail(error)
+            except Exception:  # answering one job must not stop the caller
+                log.exception('failing job of task %r raised', job.task)

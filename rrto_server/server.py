@@ -3,10 +3,12 @@ The ZeroMQ ROUTER loop: receive, validate, dispatch, reply.
 
 One I/O thread owns the ROUTER socket.  Cheap requests (hello, missing,
 stats) are answered inline; uploads go to a control thread (disk I/O);
-recordings, inferences and naive operators go to the device
-:class:`~rrto_server.scheduler.Scheduler`.  Worker threads hand their replies
-back to the I/O thread through an inproc PUSH/PULL pair, because a ZeroMQ
-socket must only ever be used by one thread.
+recordings and naive operators go to the device
+:class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
+workers (decode, staging), then to the scheduler, then back to the CPU
+workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Worker threads
+hand their replies back to the I/O thread through an inproc PUSH/PULL pair,
+because a ZeroMQ socket must only ever be used by one thread.
 
 Every request gets exactly one reply: a result or an error naming the
 problem.  A bad request never stops the loop.
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import logging
-import math
 import threading
 import time
 import uuid
@@ -27,14 +28,16 @@ import torch
 import zmq
 
 from rrto_server import protocol as wire
+from rrto_server.cpu_workers import CpuWorkers
+from rrto_server.jobs import InferJob, OpJob, ProfileJob, RecordJob, job_keys
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
-from rrto_server.profiler import profile_module
 from rrto_server.protocol import ErrorCode, ProtocolError
 from rrto_server.replay import RecordOptions, Replay, ReplayCache, replay_key
-from rrto_server.scheduler import Job, Scheduler
+from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE, Scheduler
 from rrto_server.stats import ServerStats
 from rrto_server.store import BlobStore, check_digest
+from rrto_server.taskstats import TaskStats
 
 log = logging.getLogger('rrto_server')
 
@@ -55,7 +58,31 @@ class ServerConfig:
     max_models: int = 16
     cpu_backend: str = 'fx'
     naive_ttl_s: float = 60.0
+    sched_policy: str = PREEMPTIVE        # fifo | priority | preemptive
+    pack_theta: float | None = None       # packing threshold; None: 1.0 on CUDA, off on CPU
+    profile_util: bool | None = None      # profile utilisation; None: when packing is on
+    late_policy: str = DROP               # default for requests that do not say (drop | run)
+    task_late: dict = field(default_factory=dict)   # per-task late policy
+    cpu_workers: int = 2
+    sched_trace: int = 0                  # keep the last N device steps (stats 'trace')
     extra: dict = field(default_factory=dict)
+
+    def resolved_theta(self, device: torch.device) -> float:
+        if self.pack_theta is None:
+            return 1.0 if device.type == 'cuda' else 0.0
+        return float(self.pack_theta)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first invalid scheduling option."""
+        if self.sched_policy not in POLICIES:
+            raise ValueError(f'sched_policy must be one of {POLICIES}')
+        if self.pack_theta is not None and not 0 <= self.pack_theta <= 2:
+            raise ValueError('pack_theta must be between 0 (off) and 2')
+        for task, late in {'(default)': self.late_policy, **self.task_late}.items():
+            if late not in LATE_POLICIES:
+                raise ValueError(f'late policy of task {task!r} must be one of {LATE_POLICIES}')
+        if self.cpu_workers < 1:
+            raise ValueError('cpu_workers must be at least 1')
 
     def resolved_device(self) -> torch.device:
         if self.device == 'auto':
@@ -86,6 +113,7 @@ class Server:
     """An rrto_server instance; ``serve_forever`` runs its loop in the calling thread."""
 
     def __init__(self, config: ServerConfig, context: zmq.Context | None = None):
+        config.check()
         self.config = config
         self.device = config.resolved_device()
         self.store = BlobStore(config.store)
@@ -93,6 +121,7 @@ class Server:
         self.replays = ReplayCache(config.max_replays, config.max_replay_bytes)
         self.naive = NaiveSessions(self.registry, self.device, config.naive_ttl_s)
         self.stats = ServerStats()
+        self.tasks = TaskStats()
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.router = self._ctx.socket(zmq.ROUTER)
@@ -113,9 +142,16 @@ class Server:
         self._records_in_flight: dict[str, list[_Request]] = {}
         self._records_lock = threading.Lock()
         self.control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='rrto-control')
-        self.scheduler = Scheduler()
-        log.info('rrto_server listening on %s (device %s, store %s, uploads %s)', self.endpoint,
-                 self.device, self.store.root, 'on' if config.allow_upload else 'off')
+        theta = config.resolved_theta(self.device)
+        self.profile_utilisation = (theta > 0 if config.profile_util is None
+                                    else config.profile_util)
+        self.cpu = CpuWorkers(config.cpu_workers)
+        self.scheduler = Scheduler(config.sched_policy, theta, self.device,
+                                   trace=config.sched_trace)
+        log.info('rrto_server listening on %s (device %s, store %s, uploads %s, scheduler %s, '
+                 'packing %s)', self.endpoint, self.device, self.store.root,
+                 'on' if config.allow_upload else 'off', config.sched_policy,
+                 f'theta={theta:g}' if theta > 0 else 'off')
 
     # ------------------------------------------------------------------ loop
     def serve_forever(self) -> None:
@@ -150,6 +186,7 @@ class Server:
         """Stop serving and release sockets, threads and the device."""
         self.stop()
         self.scheduler.close()
+        self.cpu.close()
         self.control.shutdown(wait=True, cancel_futures=True)
         time.sleep(0.15)
         with self._pusher_lock:
@@ -292,24 +329,31 @@ class Server:
             waiting.append(request)
             if len(waiting) > 1:
                 return  # the same recording is already queued; answer all when it ends
-        self.scheduler.submit(_RecordJob(self, key, digest, signature, options, header))
+        try:
+            job = RecordJob(self, key, digest, signature, options, header, request.received)
+        except ProtocolError as exc:
+            self._finish_record(key, None, exc)
+            return
+        self.scheduler.submit(job)
 
     def _on_infer(self, request: _Request, frames: list) -> None:
+        # the I/O thread only validates and routes; decoding happens on a CPU worker
         header = request.header
+        keys = job_keys(header, request.received, self.config.task_late,
+                        self.config.late_policy)
         replay = self.replays.get(header.get('replay'))
         if replay is None:
             raise ProtocolError(
                 ErrorCode.NOT_RECORDED,
                 f'replay {str(header.get("replay"))[:40]!r} is not recorded here; record it')
-        tensors = wire.decode_tensors(header, frames)
-        execution = replay.start(tensors)
-        self.stats.count(replay.model.digest, 'infers')
-        self.scheduler.submit(_InferJob(self, request, execution, **_job_keys(header)))
+        job = InferJob(self, request, replay, frames, **keys)
+        self.tasks.arrived(job.task, job.priority)
+        self.cpu.submit(job.urgency(), job.prepare)
 
     def _on_op(self, request: _Request, frames: list) -> None:
         tensors = wire.decode_tensors(request.header, frames)
         session = f'{bytes(request.envelope[0].buffer).hex()}:{request.header.get("session")}'
-        self.scheduler.submit(_OpJob(self, request, session, tensors))
+        self.scheduler.submit(OpJob(self, request, session, tensors))
 
     def _on_release(self, request: _Request, frames: list) -> None:
         self.naive.release(
@@ -322,7 +366,7 @@ class Server:
         repeats = header.get('repeats', 5)
         if not isinstance(repeats, int) or not 1 <= repeats <= 100:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'repeats' must be an integer in 1..100")
-        self.scheduler.submit(_ProfileJob(self, request, digest, repeats))
+        self.scheduler.submit(ProfileJob(self, request, digest, repeats))
 
     def _on_stats(self, request: _Request, frames: list) -> None:
         self._ok(request, stats=self.snapshot())
@@ -336,8 +380,9 @@ class Server:
                            for r in self.replays.items()]
         data['replay_bytes'] = self.replays.nbytes
         data['evictions'] = self.replays.evictions
-        data['scheduler'] = {'pending': self.scheduler.pending(), 'steps': self.scheduler.steps,
-                             'switches': self.scheduler.switches}
+        data['scheduler'] = self.scheduler.snapshot()
+        data['scheduler']['cpu_pending'] = self.cpu.pending()
+        data['tasks'] = self.tasks.snapshot()
         data['naive_sessions'] = len(self.naive)
         data['device'] = str(self.device)
         return data
@@ -356,105 +401,5 @@ class Server:
 def _replay_info(replay: Replay, recorded: bool) -> dict:
     return {'replay': replay.key, 'recorded': recorded, 'record_ms': replay.record_ms,
             'segments': replay.num_segments, 'backend': replay.backend, 'nbytes': replay.nbytes,
-            'label': replay.model.label}
-
-
-def _job_keys(header: dict) -> dict:
-    priority = header.get('priority', 0)
-    deadline_ms = header.get('deadline_ms')
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'priority' must be an integer")
-    if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or deadline_ms <= 0):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'deadline_ms' must be a positive number")
-    deadline = time.monotonic() + deadline_ms / 1e3 if deadline_ms else math.inf
-    return {'priority': priority, 'deadline': deadline, 'task': str(header.get('task', ''))}
-
-
-class _RecordJob(Job):
-    def __init__(self, server: Server, key: str, digest: str, signature, options, header: dict):
-        super().__init__(**_job_keys(header))
-        self.server, self.key, self.digest = server, key, digest
-        self.signature, self.options = signature, options
-        self.replay: Replay | None = None
-
-    def step(self) -> bool:
-        model = self.server.registry.get(self.digest)
-        self.replay = Replay(model, self.signature, self.options, self.server.device,
-                             self.server.config.cpu_backend)
-        self.server.replays.add(self.replay)
-        self.server.stats.count(self.digest, 'records')
-        return True
-
-    def complete(self) -> None:
-        self.server._finish_record(self.key, self.replay, None)
-
-    def fail(self, error: ProtocolError) -> None:
-        self.server._finish_record(self.key, None, error)
-
-
-class _InferJob(Job):
-    def __init__(self, server: Server, request: _Request, execution, **keys):
-        super().__init__(**keys)
-        self.server, self.request, self.execution = server, request, execution
-
-    def step(self) -> bool:
-        return self.execution.step()
-
-    def complete(self) -> None:
-        timing = {'queue_ms': self.queue_ms, 'compute_ms': self.compute_s * 1e3,
-                  'segments': self.execution.replay.num_segments,
-                  'preemptions': self.execution.preemptions}
-        self.server._ok(self.request, self.execution.outputs, timing=timing)
-
-    def fail(self, error: ProtocolError) -> None:
-        self.server.stats.count(self.execution.replay.model.digest, 'errors')
-        self.server._error(self.request, error)
-
-
-class _ProfileJob(Job):
-    def __init__(self, server: Server, request: _Request, digest: str, repeats: int):
-        super().__init__(**_job_keys(request.header))
-        self.server, self.request, self.digest, self.repeats = server, request, digest, repeats
-        self.profile: dict = {}
-
-    def step(self) -> bool:
-        model = self.server.registry.get(self.digest)
-        if model.program is None:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, 'only rrto-program models can be profiled')
-        program, device = model.program, self.server.device
-        module = program.module(model.weights(device), device)
-        inputs = [_example(spec, device) for spec in program.signature]
-        self.profile = profile_module(module, inputs, device, self.repeats)
-        return True
-
-    def complete(self) -> None:
-        self.server._ok(self.request, profile=self.profile, device=str(self.server.device))
-
-    def fail(self, error: ProtocolError) -> None:
-        self.server._error(self.request, error)
-
-
-def _example(spec, device: torch.device) -> torch.Tensor:
-    dtype = wire.torch_dtype(spec.dtype)
-    if dtype.is_floating_point:
-        return torch.randn(spec.shape, device=device).to(dtype)
-    return torch.zeros(spec.shape, dtype=dtype, device=device)
-
-
-class _OpJob(Job):
-    def __init__(self, server: Server, request: _Request, session: str, tensors):
-        super().__init__(**_job_keys(request.header))
-        self.server, self.request, self.session, self.tensors = server, request, session, tensors
-        self.fetched: list = []
-
-    def step(self) -> bool:
-        self.fetched = self.server.naive.run(self.session, self.request.header, self.tensors)
-        self.server.stats.count(str(self.request.header.get('model')), 'ops')
-        return True
-
-    def complete(self) -> None:
-        self.server._ok(self.request, self.fetched, timing={'queue_ms': self.queue_ms,
-                                                            'compute_ms': self.compute_s * 1e3})
-
-    def fail(self, error: ProtocolError) -> None:
-        self.server._error(self.request, error)
+            'label': replay.model.label, 'utilisation': replay.utilisation,
+            'segment_ms': [round(ms, 4) for ms in replay.segment_ms]}

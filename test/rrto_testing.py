@@ -9,9 +9,11 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 import zmq
 
 from rrto_server import protocol as wire
+from rrto_server import treespec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,3 +103,69 @@ def exchange(sock: zmq.Socket, frames: list, timeout_ms: int = 5000) -> dict:
     sock.send_multipart(frames)
     assert sock.poll(timeout_ms), 'server did not reply'
     return wire.decode_header(sock.recv_multipart()[0])
+
+
+def assert_packing_invariant(trace: list[dict], theta: float) -> int:
+    """
+    Check a scheduler trace: steps that overlapped in time fit together under ``theta``.
+
+    Return the number of overlapping pairs (steps that really ran side by side).
+    """
+    pairs = 0
+    by_lane: dict[int, list[dict]] = {}
+    for entry in trace:
+        by_lane.setdefault(entry['lane'], []).append(entry)
+    lanes = sorted(by_lane)
+    for i, lane in enumerate(lanes):
+        for other in lanes[i + 1:]:
+            for a in by_lane[lane]:
+                for b in by_lane[other]:
+                    if a['start_ms'] < b['end_ms'] and b['start_ms'] < a['end_ms']:
+                        pairs += 1
+                        assert a['util'] is not None and b['util'] is not None, (a, b)
+                        assert a['util'] + b['util'] <= theta + 1e-9, (a, b)
+                        assert a['job'] != b['job'], (a, b)
+    return pairs
+
+
+def prepare(endpoint: str, model, x: torch.Tensor, **options) -> str:
+    """Upload and record ``model`` for ``x``'s signature; return the replay id."""
+    from rrto_ros.client import RrtoClient
+    from rrto_ros.local_model import TorchModule
+    client = RrtoClient(endpoint, call_timeout_ms=120000)
+    try:
+        flat, spec = treespec.flatten(((x,), {}))
+        artifact = TorchModule(model).artifact(flat, spec)
+        client.hello()
+        client.upload(artifact.blobs)
+        return client.record(artifact.model, artifact.signature, options)['replay']
+    finally:
+        client.close()
+
+
+def infer_frames(request_id, replay: str, x: torch.Tensor, **fields) -> list:
+    """Return the frames of an INFER request with extra header ``fields``."""
+    header = {'kind': 'infer', 'id': request_id, 'replay': replay}
+    header.update(fields)
+    return wire.encode(header, [x])
+
+
+def receive(sock, timeout_ms: int = 30000) -> tuple[dict, list]:
+    """Return the next reply's header and tensors (fail the test on silence)."""
+    assert sock.poll(timeout_ms), 'no reply'
+    frames = sock.recv_multipart()
+    header = wire.decode_header(frames[0])
+    return header, wire.decode_tensors(header, frames[1:])
+
+
+def leaves(outputs) -> list:
+    """Return the tensors of a nested output structure, in order."""
+    return treespec.flatten(outputs)[0]
+
+
+def wait_running(server, task: str, timeout: float = 30.0) -> None:
+    """Wait until an in-process server's scheduler runs a step of ``task``."""
+    deadline = time.monotonic() + timeout
+    while not any(r['task'] == task for r in server.scheduler.running()):
+        assert time.monotonic() < deadline, f'{task} never started'
+        time.sleep(0.0005)

@@ -1,0 +1,455 @@
+"""
+Mixed real-time workload against rrto_server under each scheduler policy.
+
+Several perception tasks share one server: by default a high-priority 30 Hz
+small network from two clients (two robots), a medium-priority 10 Hz network,
+and a low-priority large network running best effort (back to back).  The
+same workload runs once per policy, each time against a fresh server process
+started with that policy (same code, different ``--sched-policy`` /
+``--pack-theta``), so the comparison is FIFO vs priority without preemption vs
+the preemptive scheduler (optionally with packing).
+
+A periodic client releases frame k at ``start + phase + k * period``; the
+frame's deadline is fixed at release.  A release is *missed* when its reply is
+late, when the server drops it (``deadline_missed``), or when the client is
+still busy with an earlier frame until past the deadline (skipped).  Reported
+per task: p50/p99 latency (client send to reply), deadline miss rate,
+throughput; per policy: the server's preemption latency distribution.
+
+Examples::
+
+    python -m bench.sched_mix --preset cpu --duration 20           # this machine
+    python -m bench.sched_mix --preset gpu --device cuda --duration 30 \\
+        --policies fifo priority preemptive preemptive+pack --out sched_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import queue
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+POLICIES = {
+    'fifo': ('fifo', 0.0),
+    'priority': ('priority', 0.0),
+    'preemptive': ('preemptive', 0.0),
+    'preemptive+pack': ('preemptive', None),      # theta from --theta
+}
+
+
+@dataclass
+class TaskSpec:
+    """One perception task: which network, how often, how urgent."""
+
+    name: str
+    arch: str                      # a rrto_ros.zoo architecture
+    shape: tuple                   # input shape, batch first
+    priority: int
+    rate_hz: float                 # 0: best effort, back to back
+    deadline_ms: float | None      # relative to each release
+    segments: str = 'whole'
+    clients: int = 1
+    precision: str = 'fp32'
+    late: str = 'drop'
+
+    @classmethod
+    def from_dict(cls, data: dict) -> 'TaskSpec':
+        data = dict(data)
+        data['shape'] = tuple(data['shape'])
+        return cls(**data)
+
+
+PRESETS = {
+    # 2 shared CPU cores: ~5 ms, ~8 ms and ~35 ms per inference uncontended
+    'cpu': [
+        TaskSpec('detect', 'keypoint_net', (1, 3, 96, 128), 2, 30.0, 33.0, 'whole', 2),
+        TaskSpec('classify', 'mobilenet', (1, 3, 128, 128), 1, 10.0, 100.0, 'ops:10'),
+        TaskSpec('mapping', 'resnet18', (1, 3, 224, 224), 0, 0.0, None, 'block:3'),
+    ],
+    # one H100: the best-effort network is a large batch cut into per-block segments
+    'gpu': [
+        TaskSpec('detect', 'keypoint_net', (1, 3, 480, 640), 2, 30.0, 5.0, 'whole', 2),
+        TaskSpec('classify', 'mobilenet', (8, 3, 224, 224), 1, 10.0, 15.0, 'block:3'),
+        TaskSpec('mapping', 'resnet18', (64, 3, 224, 224), 0, 0.0, None, 'block:3', 2),
+    ],
+    # for the test suite: seconds, not minutes
+    'tiny': [
+        TaskSpec('detect', 'keypoint_net', (1, 3, 32, 32), 2, 50.0, 40.0, 'whole', 2),
+        TaskSpec('mapping', 'resnet18', (1, 3, 64, 64), 0, 0.0, None, 'ops:5'),
+    ],
+}
+
+
+# ---------------------------------------------------------------------------- server
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(('127.0.0.1', 0))
+        return sock.getsockname()[1]
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
+    return env
+
+
+class ServerProcess:
+    """``python -m rrto_server`` with one scheduler configuration."""
+
+    def __init__(self, store: Path, device: str, policy: str, theta: float | None,
+                 extra: list[str] | None = None):
+        self.endpoint = f'tcp://127.0.0.1:{_free_port()}'
+        cmd = [sys.executable, '-m', 'rrto_server', '--bind', self.endpoint, '--store',
+               str(store), '--device', device, '--sched-policy', policy, '--log-level',
+               'WARNING']
+        if theta is not None:
+            cmd += ['--pack-theta', str(theta)]
+        self.cmd = cmd + list(extra or [])
+        self.log = open(Path(store).parent / f'server-{policy}.log', 'ab')
+        self.proc = subprocess.Popen(self.cmd, env=_child_env(), stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        import zmq
+        from rrto_server import protocol as wire
+        deadline = time.monotonic() + timeout_s
+        ctx = zmq.Context.instance()
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f'server exited with {self.proc.returncode}: {self.cmd}')
+            sock = ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self.endpoint)
+            try:
+                sock.send_multipart(wire.encode({'kind': 'hello', 'id': 0}))
+                if sock.poll(300):
+                    return
+            finally:
+                sock.close(linger=0)
+        raise RuntimeError('server did not answer in time')
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(15)
+        self.log.close()
+
+
+def export(spec: TaskSpec):
+    """Export one task's network for its input signature (once per benchmark)."""
+    import torch
+    from rrto_ros.local_model import TorchModule
+    from rrto_ros.zoo import ARCHITECTURES
+    from rrto_server import treespec
+
+    flat, in_spec = treespec.flatten(((torch.zeros(spec.shape),), {}))
+    return TorchModule(ARCHITECTURES[spec.arch]()).artifact(flat, in_spec)
+
+
+def prepare(endpoint: str, spec: TaskSpec, artifact) -> str:
+    """Upload (once per store) and record one task's network; return the replay id."""
+    from rrto_ros.client import RrtoClient
+
+    client = RrtoClient(endpoint, call_timeout_ms=600000)
+    try:
+        client.hello()
+        client.upload(artifact.blobs)
+        options = {'precision': spec.precision, 'mode': 'replay', 'segments': spec.segments}
+        return client.record(artifact.model, artifact.signature, options)['replay']
+    finally:
+        client.close()
+
+
+def server_stats(endpoint: str) -> dict:
+    from rrto_ros.client import RrtoClient
+    client = RrtoClient(endpoint, call_timeout_ms=10000)
+    try:
+        return client.stats()
+    finally:
+        client.close()
+
+
+# ---------------------------------------------------------------------------- clients
+@dataclass
+class Release:
+    """What happened to one frame of a task."""
+
+    release: float
+    outcome: str                    # ok | late | dropped | skipped | error | timeout
+    send: float = math.nan
+    end: float = math.nan
+    server: dict = field(default_factory=dict)
+
+
+def client_main(spec: dict, endpoint: str, replay: str, duration: float, seed: int, results,
+                go, start_at) -> None:
+    """
+    Run one client of a task; put ``('releases', name, [...])`` on ``results``.
+
+    After warming up it reports ``('ready', name)`` and waits for ``go``; the
+    parent then publishes the common start time in ``start_at.value``.  Any
+    failure is reported as ``('failed', message)``.
+    """
+    try:
+        _client(spec, endpoint, replay, duration, seed, results, go, start_at)
+    except Exception as exc:  # noqa: B902 - report anything to the parent, which raises
+        results.put(('failed', f"{spec['name']}: {type(exc).__name__}: {exc}"))
+
+
+def _client(spec: dict, endpoint: str, replay: str, duration: float, seed: int, results, go,
+            start_at) -> None:
+    import torch
+    from rrto_ros.client import RemoteError, RrtoClient, ServerUnavailable
+
+    task = TaskSpec.from_dict(spec)
+    rng = random.Random(seed)
+    x = torch.randn(task.shape, generator=torch.Generator().manual_seed(seed))
+    timeout_ms = 60000.0 if task.deadline_ms is None else max(2000.0, 20 * task.deadline_ms)
+    client = RrtoClient(endpoint, call_timeout_ms=timeout_ms, name=task.name)
+    keys = {'priority': task.priority, 'task': task.name, 'late': task.late}
+    for _ in range(3):                                   # warm the path, not measured
+        client.infer(replay, [x], timeout_ms=120000, **keys)
+    results.put(('ready', task.name))
+    go.wait()
+    start_at = start_at.value
+    stop_at = start_at + duration
+    releases: list[Release] = []
+    period = 1.0 / task.rate_hz if task.rate_hz else 0.0
+    phase = rng.uniform(0, period) if period else 0.0
+    k = 0
+    time.sleep(max(0.0, start_at - time.monotonic()))
+    while True:
+        now = time.monotonic()
+        release = start_at + phase + k * period if period else now
+        if release >= stop_at:
+            break
+        if period and now < release:
+            time.sleep(release - now)
+        k += 1
+        fields = dict(keys)
+        if task.deadline_ms is not None:
+            budget_ms = task.deadline_ms - (time.monotonic() - release) * 1e3
+            if budget_ms <= 0:
+                releases.append(Release(release, 'skipped'))
+                continue
+            fields['deadline_ms'] = budget_ms
+        send = time.monotonic()
+        try:
+            _, reply = client.infer(replay, [x], **fields)
+            end = time.monotonic()
+            late = task.deadline_ms is not None and (end - release) * 1e3 > task.deadline_ms
+            releases.append(Release(release, 'late' if late else 'ok', send, end,
+                                    reply.get('timing', {})))
+        except RemoteError as exc:
+            outcome = 'dropped' if exc.code == 'deadline_missed' else 'error'
+            releases.append(Release(release, outcome, send, time.monotonic(),
+                                    {'message': exc.message}))
+        except ServerUnavailable:
+            releases.append(Release(release, 'timeout', send, time.monotonic()))
+            client.wait_available(5.0)
+    client.close()
+    results.put(('releases', task.name, [asdict(r) for r in releases]))
+
+
+def run_clients(specs: list[TaskSpec], endpoint: str, replays: dict, duration: float,
+                mode: str, seed: int = 0) -> dict[str, list[dict]]:
+    """Run every task's clients (processes or threads) for ``duration`` seconds."""
+    ctx = multiprocessing.get_context('spawn')
+    go, start_at = ctx.Event(), ctx.Value('d', 0.0)
+    if mode == 'processes':
+        results, worker = ctx.Queue(), ctx.Process
+    else:
+        results, worker = queue.Queue(), threading.Thread
+    workers = [worker(target=client_main,
+                      args=(asdict(spec), endpoint, replays[spec.name], duration,
+                            seed + 101 * i + c, results, go, start_at))
+               for i, spec in enumerate(specs) for c in range(spec.clients)]
+    for w in workers:
+        w.start()
+    try:
+        for _ in workers:
+            message = results.get(timeout=600)
+            if message[0] != 'ready':
+                raise RuntimeError(f'client failed: {message[-1]}')
+        start_at.value = time.monotonic() + 0.5      # CLOCK_MONOTONIC is system wide on Linux
+    finally:
+        go.set()
+    collected: dict[str, list[dict]] = {spec.name: [] for spec in specs}
+    for _ in workers:
+        message = results.get(timeout=duration + 600)
+        if message[0] != 'releases':
+            raise RuntimeError(f'client failed: {message[-1]}')
+        collected[message[1]].extend(message[2])
+    for w in workers:
+        w.join(30)
+    return collected
+
+
+# ---------------------------------------------------------------------------- report
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    pos = (len(ordered) - 1) * q / 100
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
+                   server_task: dict) -> dict:
+    """Return the per-task figures of one run."""
+    counts = {o: sum(1 for r in releases if r['outcome'] == o)
+              for o in ('ok', 'late', 'dropped', 'skipped', 'error', 'timeout')}
+    answered = [r for r in releases if r['outcome'] in ('ok', 'late')]
+    latency = [(r['end'] - r['send']) * 1e3 for r in answered]
+    response = [(r['end'] - r['release']) * 1e3 for r in answered]
+    missed = counts['late'] + counts['dropped'] + counts['skipped']
+    periodic = spec.deadline_ms is not None
+    return {
+        'priority': spec.priority, 'rate_hz': spec.rate_hz, 'deadline_ms': spec.deadline_ms,
+        'releases': len(releases), **counts,
+        'miss_rate': missed / len(releases) if periodic and releases else None,
+        'throughput_hz': len(answered) / duration,
+        'latency_ms': {'p50': _percentile(latency, 50), 'p99': _percentile(latency, 99),
+                       'max': max(latency, default=math.nan)},
+        'response_ms_p99': _percentile(response, 99),
+        'preemptions': sum(r['server'].get('preemptions', 0) for r in answered),
+        'server': {k: server_task.get(k) for k in ('preempt_ms', 'queue_ms', 'latency_ms',
+                                                   'expired', 'abandoned', 'late')},
+    }
+
+
+def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, args) -> dict:
+    policy, theta = POLICIES[label]
+    if theta is None:
+        theta = args.theta
+    workers = args.cpu_workers or (4 if args.device.startswith('cuda') else 2)
+    server = ServerProcess(store, args.device, policy, theta, ['--cpu-workers', str(workers)])
+    try:
+        server.wait_ready()
+        replays = {spec.name: prepare(server.endpoint, spec, artifacts[spec.name])
+                   for spec in specs}
+        releases = run_clients(specs, server.endpoint, replays, args.duration, args.clients,
+                               args.seed)
+        stats = server_stats(server.endpoint)
+    finally:
+        server.stop()
+    tasks = {spec.name: summarise_task(spec, releases[spec.name], args.duration,
+                                       stats['tasks'].get(spec.name, {})) for spec in specs}
+    scheduler = {k: stats['scheduler'].get(k) for k in (
+        'policy', 'theta', 'lanes', 'steps', 'preemptions', 'packed_steps', 'expired',
+        'abandoned', 'preempt_ms')}
+    replays_info = {r['label']: {'segments': r['segments'], 'utilisation': r['utilisation'],
+                                 'max_segment_ms': max(r['segment_ms'], default=None)}
+                    for r in stats['replays']}
+    return {'tasks': tasks, 'scheduler': scheduler, 'replays': replays_info,
+            'server_command': ' '.join(server.cmd)}
+
+
+def table(results: dict) -> str:
+    """Return a markdown table of per-task figures, one row per (policy, task)."""
+    rows = ['| policy | task | prio | releases | p50 ms | p99 ms | miss rate | thr Hz | '
+            'preempt p50/p99/max ms |', '|---' * 9 + '|']
+    for label, run in results['runs'].items():
+        for name, t in run['tasks'].items():
+            pre = t['server'].get('preempt_ms') or {}
+            pre_txt = (f"{pre['p50']:.3f}/{pre['p99']:.3f}/{pre['max']:.3f} (n={pre['n']})"
+                       if pre.get('n') else '-')
+            miss = '-' if t['miss_rate'] is None else f"{100 * t['miss_rate']:.1f}%"
+            rows.append(f"| {label} | {name} | {t['priority']} | {t['releases']} | "
+                        f"{_ms(t['latency_ms']['p50'])} | {_ms(t['latency_ms']['p99'])} | "
+                        f"{miss} | {t['throughput_hz']:.1f} | {pre_txt} |")
+    return '\n'.join(rows)
+
+
+def _ms(value) -> str:
+    return '-' if value is None else f'{value:.2f}'
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog='bench.sched_mix', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--preset', choices=sorted(PRESETS), default='cpu')
+    parser.add_argument('--tasks', help='JSON file: a list of TaskSpec objects (replaces the '
+                                        'preset)')
+    parser.add_argument('--device', default='cpu', help="server device: 'cpu' or 'cuda'")
+    parser.add_argument('--duration', type=float, default=20.0, help='seconds per policy')
+    parser.add_argument('--policies', nargs='+', default=['fifo', 'priority', 'preemptive'],
+                        choices=sorted(POLICIES))
+    parser.add_argument('--theta', type=float, default=1.0,
+                        help='packing threshold of the preemptive+pack run')
+    parser.add_argument('--clients', choices=('processes', 'threads'), default='processes')
+    parser.add_argument('--cpu-workers', type=int,
+                        help='server CPU workers (default: 4 on CUDA, 2 on CPU)')
+    parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
+    parser.add_argument('--out', help='write the results as JSON here')
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; print a table and return (and optionally save) the results."""
+    args = parse_args(argv)
+    specs = PRESETS[args.preset]
+    if args.tasks:
+        specs = [TaskSpec.from_dict(d) for d in json.loads(Path(args.tasks).read_text())]
+    with tempfile.TemporaryDirectory(prefix='rrto-sched-') as tmp:
+        store = Path(args.store) if args.store else Path(tmp) / 'store'
+        store.mkdir(parents=True, exist_ok=True)
+        results = {'meta': {
+            'command': ' '.join(['python -m bench.sched_mix'] + (argv or sys.argv[1:])),
+            'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'host': platform.node(),
+            'cpus': os.cpu_count(), 'device': args.device, 'duration_s': args.duration,
+            'clients': args.clients, 'tasks': [asdict(s) for s in specs]},
+            'runs': {}}
+        artifacts = {spec.name: export(spec) for spec in specs}
+        for label in args.policies:
+            results['runs'][label] = run_policy(label, specs, artifacts, store, args)
+    results['meta']['gpu'] = _gpu_name(args.device)
+    results = _clean(results)
+    print(table(results))
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def _gpu_name(device: str) -> str | None:
+    if not device.startswith('cuda'):
+        return None
+    import torch
+    return torch.cuda.get_device_name(torch.device(device)) if torch.cuda.is_available() else None
+
+
+def _clean(value):
+    """Return ``value`` with NaN replaced by None (strict JSON)."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    return value
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,45 @@
+"""The scheduler benchmarks run end to end (scaled down) and account for every frame."""
+
+import json
+
+import pytest
+
+from bench import preempt_latency, sched_mix
+
+OUTCOMES = ('ok', 'late', 'dropped', 'skipped', 'error', 'timeout')
+
+
+@pytest.mark.slow
+def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_path):
+    out = tmp_path / 'sched.json'
+    results = sched_mix.main(['--preset', 'tiny', '--duration', '1.5', '--clients', 'threads',
+                              '--policies', 'fifo', 'preemptive', '--out', str(out)])
+    assert json.loads(out.read_text()) == results
+    json.dumps(results, allow_nan=False)
+    for label, run in results['runs'].items():
+        assert run['scheduler']['policy'] == label
+        for name, task in run['tasks'].items():
+            assert task['releases'] > 0
+            assert sum(task[o] for o in OUTCOMES) == task['releases']
+            assert task['error'] == task['timeout'] == 0, (label, name, task)
+            assert task['throughput_hz'] > 0
+        detect = run['tasks']['detect']
+        assert 0.0 <= detect['miss_rate'] <= 1.0
+        assert run['tasks']['mapping']['miss_rate'] is None     # best effort: no deadline
+    assert results['runs']['fifo']['scheduler']['preemptions'] == 0
+    assert results['runs']['preemptive']['scheduler']['preemptions'] > 0
+    assert '| preemptive | detect |' in sched_mix.table(results)
+
+
+@pytest.mark.slow
+def test_preemption_latency_benchmark_reports_a_distribution(tmp_path):
+    out = tmp_path / 'preempt.json'
+    results = preempt_latency.main(['--arch', 'resnet18', '--granularity', 'ops:5',
+                                    '--batch', '1', '--duration', '1.5', '--clients',
+                                    'threads', '--out', str(out)])
+    (row,) = results['rows']
+    assert row['segments'] > 1 and row['max_segment_ms'] > 0
+    assert row['preempt_ms']['n'] > 0
+    assert row['preempt_ms']['p50'] <= row['preempt_ms']['p99'] <= row['preempt_ms']['max']
+    assert row['low_inferences'] > 0
+    assert json.loads(out.read_text()) == results
