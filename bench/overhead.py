@@ -84,11 +84,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--models', nargs='+', default=['tiny', 'resnet18'],
                         choices=sorted(MODELS))
     parser.add_argument('--port', type=int, default=5577)
+    parser.add_argument('--server-args', default='',
+                        help='extra rrto_server options, e.g. "--inline-max-ms 0"')
     args = parser.parse_args(argv)
     endpoint = f'tcp://127.0.0.1:{args.port}'
     with tempfile.TemporaryDirectory() as store:
         server = subprocess.Popen([sys.executable, '-m', 'rrto_server', '--bind', endpoint,
-                                   '--store', store, '--device', 'cpu', '--log-level', 'WARNING'])
+                                   '--store', store, '--device', 'cpu', '--log-level', 'WARNING',
+                                   *args.server_args.split()])
         try:
             rows = []
             for name in args.models:

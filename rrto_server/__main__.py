@@ -59,6 +59,10 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                        help='late policy for one task, e.g. --task-late slam=run (repeatable)')
     sched.add_argument('--cpu-workers', type=int, default=2,
                        help='threads for decoding, staging and encoding (default: %(default)s)')
+    sched.add_argument('--inline-max-ms', type=float, default=5.0, metavar='MS',
+                       help='when the device is idle, serve raw-frame requests of replays whose '
+                            'segments take at most MS on the I/O thread, skipping two thread '
+                            'hand-offs (0: never; default: %(default)s)')
     sched.add_argument('--sched-trace', type=int, default=0, metavar='N',
                        help='keep the last N device steps in the stats (default: off)')
     parser.add_argument('--log-level', default='INFO')
@@ -95,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         late_policy=args.late_policy,
         task_late=task_late,
         cpu_workers=args.cpu_workers,
+        inline_max_ms=args.inline_max_ms,
         sched_trace=args.sched_trace)
 
 

@@ -78,14 +78,18 @@ class InferJob(Job):
                          resource=replay.key if replay.shares_buffers else None)
         self.server, self.request, self.replay, self.frames = server, request, replay, frames
         self.execution = None
+        self.inline = False     # served start to end on the I/O thread (see Server._on_infer)
 
     @property
     def total_steps(self) -> int:
         return self.replay.num_segments
 
     # ---------------------------------------------------------------- phase 1 (CPU worker)
-    def prepare(self) -> None:
-        """Decode and stage the inputs, then queue the job on the device scheduler."""
+    def prepare(self, submit: bool = True) -> bool:
+        """Decode and stage the inputs, then queue the job (unless not ``submit``).
+
+        Returns False when the request was answered with an error instead.
+        """
         now = time.perf_counter()
         if self.late == DROP and now > self.deadline:
             self.outcome = 'expired'
@@ -93,7 +97,7 @@ class InferJob(Job):
                 ErrorCode.DEADLINE,
                 f'task {self.task!r}: deadline passed {(now - self.deadline) * 1e3:.1f} ms '
                 f"before the request could start (still decoding; late policy 'drop')"))
-            return
+            return False
         try:
             tensors = wire.decode_tensors(self.request.header, self.frames)
             self.frames = None
@@ -101,14 +105,16 @@ class InferJob(Job):
         except ProtocolError as exc:
             self.outcome = 'failed'
             self._reply_error(exc)
-            return
+            return False
         except Exception as exc:  # e.g. out of device memory while staging: answer, go on
             log.exception('preparing an inference failed')
             self.outcome = 'failed'
             self._reply_error(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
-            return
+            return False
         self.server.stats.count(self.replay.model.digest, 'infers')
-        self.server.scheduler.submit(self)
+        if submit:
+            self.server.scheduler.submit(self)
+        return True
 
     # ---------------------------------------------------------------- phase 2 (device lane)
     def step(self) -> bool:
@@ -119,10 +125,16 @@ class InferJob(Job):
             self.execution.release()
 
     def complete(self) -> None:
-        self.server.cpu.submit(self.urgency(), self._reply)
+        if self.inline and self.server.on_io_thread():
+            self._reply()       # the device was idle and still is ours: no hand-off
+        else:
+            self.server.cpu.submit(self.urgency(), self._reply)
 
     def fail(self, error: ProtocolError) -> None:
-        self.server.cpu.submit(self.urgency(), lambda: self._reply_error(error))
+        if self.inline and self.server.on_io_thread():
+            self._reply_error(error)
+        else:
+            self.server.cpu.submit(self.urgency(), lambda: self._reply_error(error))
 
     # ---------------------------------------------------------------- phase 3 (CPU worker)
     def timing(self) -> dict:

@@ -64,6 +64,7 @@ class ServerConfig:
     late_policy: str = DROP               # default for requests that do not say (drop | run)
     task_late: dict = field(default_factory=dict)   # per-task late policy
     cpu_workers: int = 2
+    inline_max_ms: float = 5.0            # serve on the I/O thread when idle, segments <= this
     sched_trace: int = 0                  # keep the last N device steps (stats 'trace')
     extra: dict = field(default_factory=dict)
 
@@ -348,7 +349,25 @@ class Server:
                 f'replay {str(header.get("replay"))[:40]!r} is not recorded here; record it')
         job = InferJob(self, request, replay, frames, **keys)
         self.tasks.arrived(job.task, job.priority)
+        if self._inline_ok(replay, header) and self.scheduler.pending() == 0:
+            # fast path: an idle device, raw frames and short segments are served on this
+            # thread end to end (decode is zero-copy, the step is short)
+            job.inline = True
+            if job.prepare(submit=False) and not self.scheduler.run_inline(job):
+                job.inline = False
+                self.scheduler.submit(job)
+            return
         self.cpu.submit(job.urgency(), job.prepare)
+
+    def _inline_ok(self, replay: Replay, header: dict) -> bool:
+        if not replay.segment_ms or max(replay.segment_ms) > self.config.inline_max_ms:
+            return False
+        return all(d.get('codec', 'raw') == 'raw' for d in header.get('tensors', ())
+                   if isinstance(d, dict))
+
+    def on_io_thread(self) -> bool:
+        """Return True when called from the thread that serves the socket."""
+        return threading.get_ident() == self._io_thread
 
     def _on_op(self, request: _Request, frames: list) -> None:
         tensors = wire.decode_tensors(request.header, frames)

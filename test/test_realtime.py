@@ -267,10 +267,9 @@ def test_scheduler_options_from_the_command_line(tmp_path):
                             task_late={'slam': 'later'}), zmq.Context.instance())
 
 
-def test_cpu_phases_run_on_cpu_workers_and_only_segments_on_the_lane(server, monkeypatch):
+def _spy_threads(monkeypatch, seen):
     from rrto_server import protocol
     from rrto_server.replay import Execution
-    seen = collections.defaultdict(set)
 
     def spy(name, fn):
         def wrapper(*args, **kwargs):
@@ -281,11 +280,35 @@ def test_cpu_phases_run_on_cpu_workers_and_only_segments_on_the_lane(server, mon
             return fn(*args, **kwargs)
         return wrapper
 
-    x = torch.randn(1, 3, 32, 32)
-    replay = prepare(server.endpoint, keypoint_net(), x, segments='ops:5')
     monkeypatch.setattr(protocol, 'decode_tensors', spy('decode', protocol.decode_tensors))
     monkeypatch.setattr(Execution, 'step', spy('segment', Execution.step))
     monkeypatch.setattr(Execution, 'host_outputs', spy('copy-back', Execution.host_outputs))
+
+
+def test_an_idle_device_serves_short_raw_requests_on_the_io_thread(make_server, monkeypatch):
+    server = make_server(inline_max_ms=1000.0)
+    seen = collections.defaultdict(set)
+    x = torch.randn(1, 3, 32, 32)
+    replay = prepare(server.endpoint, keypoint_net(), x)
+    _spy_threads(monkeypatch, seen)
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        outputs, _ = client.infer(replay, [x])
+        assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+        assert seen == {'decode': {'io'}, 'segment': {'io'}, 'copy-back': {'io'}}
+        seen.clear()
+        client.infer(replay, [x], codec='lz4')  # a codec means real CPU work: a CPU worker
+        assert seen['decode'] == {'cpu'}
+    finally:
+        client.close()
+
+
+def test_cpu_phases_run_on_cpu_workers_and_only_segments_on_the_lane(make_server, monkeypatch):
+    server = make_server(inline_max_ms=0.0)  # the fast path off: every phase on its own thread
+    seen = collections.defaultdict(set)
+    x = torch.randn(1, 3, 32, 32)
+    replay = prepare(server.endpoint, keypoint_net(), x, segments='ops:5')
+    _spy_threads(monkeypatch, seen)
     client = RrtoClient(server.endpoint, call_timeout_ms=30000)
     try:
         for codec in ('raw', 'lz4'):
