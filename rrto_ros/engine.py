@@ -23,6 +23,8 @@ from typing import Any, Callable
 import torch
 
 from rrto_ros.client import RemoteError, RrtoClient, ServerUnavailable
+from rrto_ros.codec_choice import CANDIDATES as AUTO_CODECS
+from rrto_ros.codec_choice import check_codec, CodecChooser
 from rrto_ros.local_model import Artifact, LocalModel, load_local_model
 from rrto_ros.naive import run_naive
 from rrto_server import codecs, treespec
@@ -60,6 +62,7 @@ class CallRecord:
     bytes_received: int = 0
     reason: str = ''
     signature: str = ''
+    codec: str = ''
     stamp: float = field(default_factory=time.time)
 
     @property
@@ -112,7 +115,10 @@ class OffloadedModel:
         self.mode = mode
         self.options = {'precision': precision, 'mode': 'eager' if mode == 'eager' else 'replay',
                         'segments': segments}
-        self.codec = codec
+        self.codec = codecs.RAW
+        self._chooser: CodecChooser | None = None
+        self._bandwidth_mbps: float | None = None
+        self.set_codec(codec)
         self.keys = {
             'priority': priority,
             'deadline_ms': deadline_ms,
@@ -175,6 +181,28 @@ class OffloadedModel:
         self.timeout_ms = float(timeout_ms)
         self.data.call_timeout_ms = float(timeout_ms)
 
+    def set_codec(self, codec: str) -> None:
+        """
+        Send inputs with ``codec`` from the next call on.
+
+        ``raw``, ``lz4``, ``zstd``, ``jpeg``/``jpeg:Q`` (lossy, uint8 HWC images
+        only), or ``auto`` / ``auto_lossy`` to choose per call by the link
+        estimate (see :mod:`rrto_ros.codec_choice`).
+        """
+        check_codec(codec)
+        self.codec = codec
+        self._chooser = CodecChooser(codec) if codec in AUTO_CODECS else None
+        if self._chooser is not None:
+            self._chooser.set_bandwidth(self._bandwidth_mbps)
+
+    def set_bandwidth(self, mbps: float | None) -> None:
+        """Tell ``codec='auto'`` the link bandwidth estimate (None: use observed goodput)."""
+        if mbps is not None and not mbps > 0:
+            raise ValueError('bandwidth must be positive (or None)')
+        self._bandwidth_mbps = mbps
+        if self._chooser is not None:
+            self._chooser.set_bandwidth(mbps)
+
     def close(self) -> None:
         self._closed.set()
         self._jobs.put(None)
@@ -211,12 +239,16 @@ class OffloadedModel:
                                    'server unreachable; reconnecting')
         before = dict(self.data.counters)
         remote_start = time.perf_counter()
+        codec = codecs.RAW
         try:
             if self.mode == 'naive':
                 outputs, reply = run_naive(self.data, target.artifact, flat, self.timeout_ms), {}
             else:
-                outputs, reply = self.data.infer(target.replay, [_cpu(t) for t in flat],
-                                                 timeout_ms=self.timeout_ms, codec=self.codec,
+                inputs = [_cpu(t) for t in flat]
+                chooser = self._chooser
+                codec = chooser.choose(inputs) if chooser is not None else self.codec
+                outputs, reply = self.data.infer(target.replay, inputs,
+                                                 timeout_ms=self.timeout_ms, codec=codec,
                                                  **self.keys)
         except ServerUnavailable as exc:
             return self._run_local(
@@ -250,7 +282,9 @@ class OffloadedModel:
             round_trips=self.data.counters['round_trips'] - before['round_trips'],
             bytes_sent=self.data.counters['bytes_sent'] - before['bytes_sent'],
             bytes_received=self.data.counters['bytes_received'] - before['bytes_received'],
-            signature=signature_key(target.artifact.signature))
+            signature=signature_key(target.artifact.signature), codec=codec)
+        if self._chooser is not None:
+            self._chooser.observe(record.bytes_sent + record.bytes_received, record.network_ms)
         return result, record
 
     def _run_local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult, plan: str,
