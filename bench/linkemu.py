@@ -169,6 +169,16 @@ PRESETS = {
 }
 
 
+def mean_mbps(direction: Direction, seconds: float) -> float | None:
+    """Return the mean rate over the first ``seconds`` after the link was set (None: unlimited)."""
+    if direction.rate is None:
+        return None
+    schedule = schedule_of(direction.rate)
+    offset = float(direction.rate.get('offset_s', 0.0))
+    seconds = max(seconds, 1e-3)
+    return (schedule.capacity(offset + seconds) - schedule.capacity(offset)) * 8 / seconds / 1e6
+
+
 # ---------------------------------------------------------------------- shaping
 class Shaper:
     """
