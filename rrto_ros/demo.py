@@ -26,7 +26,7 @@ from rrto_ros.zoo import ARCHITECTURES
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Return the q-th percentile (0-100) of ``values`` by nearest rank."""
+    """Return the nearest-rank q-th percentile of ``values`` (q in 0..100)."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     records, mismatches = [], 0
     try:
         with offload(model, server=endpoint, timeout_ms=args.timeout_ms) as om:
-            print(f'rrto demo: {args.model} on {endpoint}, {args.rate:g} Hz for {args.duration:g} s')
+            print(f'rrto demo: {args.model} on {endpoint}, '
+                  f'{args.rate:g} Hz for {args.duration:g} s')
             om.warmup(frames[0], timeout_s=120)
             period, start = 1.0 / args.rate, time.monotonic()
             tick = start

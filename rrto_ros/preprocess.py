@@ -29,7 +29,8 @@ class WithImageInput(torch.nn.Module):
         self.bgr_input = bool(bgr_input)
         channels = len(mean)
         self.register_buffer('scale', 1.0 / (255.0 * torch.tensor(std).view(1, channels, 1, 1)))
-        self.register_buffer('shift', (torch.tensor(mean) / torch.tensor(std)).view(1, channels, 1, 1))
+        self.register_buffer('shift',
+                             (torch.tensor(mean) / torch.tensor(std)).view(1, channels, 1, 1))
 
     def forward(self, image: torch.Tensor):
         x = image.permute(0, 3, 1, 2).float()
