@@ -93,7 +93,10 @@ class RrtoClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
+        # ZeroMQ counts a heartbeat as answered only once a whole message part has
+        # arrived: on a slow link a large output tensor takes longer than that, so the
+        # timeout must cover a call's deadline or the reply is dropped mid-transfer
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(max(2000, self.call_timeout_ms)))
         sock.connect(self.endpoint)
         return sock
 
