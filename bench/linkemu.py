@@ -1,4 +1,4 @@
-"""
+r"""
 Userspace emulator of the robot-server link: a shaping TCP proxy on loopback.
 
 The robot connects to the emulator instead of the server; every byte is
@@ -33,11 +33,11 @@ Library::
 
 Command line (``--control``: JSON commands on stdin, used by the benchmarks)::
 
-    python -m bench.linkemu --upstream 127.0.0.1:5555 --listen 127.0.0.1:6000 \\
+    python -m bench.linkemu --upstream 127.0.0.1:5555 --listen 127.0.0.1:6000 \
         --preset wifi_congested
     python -m bench.linkemu --upstream 127.0.0.1:5555 --rate 20 --rtt-ms 10 --jitter-ms 2
     python -m bench.linkemu --upstream 127.0.0.1:5555 --steps 100:3,5:3,50:3 --rtt-ms 4
-    python -m bench.linkemu --upstream 127.0.0.1:5555 --rtt-ms 40 \\
+    python -m bench.linkemu --upstream 127.0.0.1:5555 --rtt-ms 40 \
         --trace cellular_mahimahi/Verizon-LTE-short.up \\
         --down-trace cellular_mahimahi/Verizon-LTE-short.down
 """

@@ -23,7 +23,7 @@ from rrto_server import treespec
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Return the q-th percentile (0-100) by nearest rank (the max for q=99 and n<100)."""
+    """Return the nearest-rank ``q``-th percentile, q in 0..100 (for q=99 and n<100: the max)."""
     ordered = sorted(values)
     return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
 

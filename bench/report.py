@@ -11,9 +11,10 @@ puts the physical floor of that point::
 with the link's configured RTT, the mean rate the link offered while the
 point ran, the bytes that point put on the wire per inference, and the
 server compute of the recorded replay of that architecture on the same
-server (the fastest the server computes it), so ``measured / floor`` is what
-the mode costs beyond physics.  The generated part of ``benchmarks.md`` lies
-between two marker lines; text outside them is kept.
+server (the lowest per-point median: the fastest the server computes it), so
+``measured / floor`` is what the mode costs beyond physics.  The generated
+part of ``benchmarks.md`` lies between two marker lines; text outside them is
+kept.
 
     python -m bench.report [--results FILE] [--gpu FILE] [--docs DIR]
 """
@@ -51,12 +52,12 @@ def transfer_ms(nbytes: float, mbps: float | None) -> float:
 
 
 def replay_compute(points: list[dict]) -> dict[str, float]:
-    """Return, per architecture, the median server compute of its recorded replay."""
+    """Return, per architecture, the lowest per-point median server compute of its replay."""
     by_arch: dict[str, list[float]] = {}
     for p in points:
         if p['mode'] == 'replay' and p['input'] == 'uint8' and p['server_compute_ms']:
             by_arch.setdefault(p['arch'], []).append(p['server_compute_ms'])
-    return {arch: statistics.median(values) for arch, values in by_arch.items()}
+    return {arch: min(values) for arch, values in by_arch.items()}
 
 
 def floor_ms(point: dict, compute_ms: float | None) -> float | None:
@@ -197,11 +198,11 @@ def codecs_section(meta: dict, points: list[dict]) -> list[str]:
             for q in ([base] if base else []) + _select(chosen, link=link):
                 saved = (1 - q['bytes_sent'] / base['bytes_sent']) * 100 if base else None
                 faster = base['median_ms'] - q['median_ms'] if base else None
-                chosen = ', '.join(f'{c} {n}' for c, n in q['codecs'].items())
+                per_call = ', '.join(f'{c} {n}' for c, n in q['codecs'].items())
                 rows.append([q['link'], q['codec'], q['n'], _f(q['median_ms']), _f(q['p99_ms']),
                              _f(q['bytes_sent'] / 1e3), _f(saved), _f(faster),
                              _f(q['robot_cpu_ms']), f'{q["rel_l2_max"]:.2g}',
-                             _f(q['agreement'], 3), chosen])
+                             _f(q['agreement'], 3), per_call])
         lines += [f'#### {arch}', '']
         lines += _table(['link', 'codec', 'n', 'median ms', 'p99 ms', 'KB up', 'bytes saved %',
                          'ms saved', 'robot CPU ms', 'rel L2 error', 'agreement',

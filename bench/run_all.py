@@ -180,15 +180,17 @@ class Bench:
             for link in p.mode_links:
                 tracing = 'trace' in (link.up.rate or {})
                 for mode, runner in runners.items():
-                    budget = p.trace_budget if tracing else (
-                        p.naive_budget if mode == 'naive' else p.budget)
+                    if mode == 'naive':    # a naive call over a slow link takes seconds
+                        budget = p.naive_budget
+                    else:
+                        budget = p.trace_budget if tracing else p.budget
                     self._point('modes', arch, mode, runner, references, budget, link)
             replay = runners['replay']
             for link in p.codec_links:
                 for codec in p.codecs:
                     replay.set_codec(codec)
-                    self._point('codecs', arch, 'replay', replay, references, p.budget, link,
-                                codec)
+                    self._point('codecs', arch, 'replay', replay, references, p.codec_budget,
+                                link, codec)
             if p.steps is not None and arch in p.steps_archs:
                 seconds = sum(s for _, s in p.steps.up.rate['steps'])
                 for codec in p.steps_codecs:
