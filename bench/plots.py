@@ -17,7 +17,7 @@ COLOURS = {'local': 'tab:gray', 'naive': 'tab:red', 'eager': 'tab:orange',
 
 def _footer(fig, meta: dict) -> None:
     fig.text(0.01, 0.005, f'{meta["command"].strip()} | {meta["machine"]["description"]} | '
-             f'{meta["date"]} | server on CPU', fontsize=7, color='dimgray')
+             f'{meta["date"]} | server on {meta["server_device"]}', fontsize=7, color='dimgray')
 
 
 def _archs(points: list[dict]) -> list[str]:

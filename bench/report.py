@@ -122,7 +122,8 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
 
 def _provenance(meta: dict) -> str:
     return (f'Measured by `{meta["command"].strip()}` on {meta["machine"]["description"]}, '
-            f'{meta["date"]} (commit {meta["git"]}, torch {meta["torch"]}, server on CPU).')
+            f'{meta["date"]} (commit {meta["git"]}, torch {meta["torch"]}, '
+            f'server on {meta["server_device"]}).')
 
 
 def _link_label(p: dict) -> str:
@@ -146,8 +147,8 @@ def _link_rows(points: list[dict]) -> list[list]:
             if spec is None:
                 return 'unlimited'
             if 'trace' in spec:
-                return f'trace `{spec["trace"]}` from {spec.get("offset_s", 0):g} s ' \
-                       f'(mean {_f(measured)} while measured)'
+                return f'trace `{Path(spec["trace"]).name}` from {spec.get("offset_s", 0):g} s' \
+                       f' (mean {_f(measured)} while measured)'
             if 'steps' in spec:
                 return ' -> '.join(f'{m:g}' for m, _ in spec['steps']) + ' (steps)'
             return f'{spec["mbps"]:g}'
@@ -162,7 +163,7 @@ def modes_section(meta: dict, points: list[dict]) -> list[str]:
     lines = ['### Modes over every link', '', _provenance(meta), '',
              f'Inputs: {size} uint8 camera frames, normalised on the server, sent raw. '
              '`floor` = RTT + bytes/bandwidth + server compute of the recorded replay; '
-             'robot CPU = CPU time of the robot process per inference (all threads).', '',
+             'robot CPU = mean CPU time of the robot process per inference (all threads).', '',
              '![latency vs bandwidth](bench_latency_vs_bandwidth.png)', '',
              '![round trips per inference](bench_round_trips.png)', '']
     for arch in dict.fromkeys(p['arch'] for p in points):
@@ -175,7 +176,7 @@ def modes_section(meta: dict, points: list[dict]) -> list[str]:
                          _f(p['vs_floor'], 2), p['fallbacks']])
         lines += [f'#### {arch}', '']
         lines += _table(['link', 'mode', 'n', 'median ms', 'p99 ms', 'round trips', 'KB up',
-                         'KB down', 'robot CPU ms', 'server compute ms', 'floor ms',
+                         'KB down', 'robot CPU ms (mean)', 'server compute ms', 'floor ms',
                          'measured/floor', 'fallbacks'], rows)
     return lines
 
@@ -260,13 +261,14 @@ def steps_section(meta: dict, points: list[dict]) -> list[str]:
 
 def gpu_section(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path) -> list[str]:
     lines = ['### With a GPU server (H100)', '']
+    device = meta['server_device']
     if gpu is None:
         shown = gpu_path.relative_to(REPO) if gpu_path.is_relative_to(REPO) else gpu_path
         return lines + [f'**No GPU results yet**: `{shown}` is absent, so every number above '
-                        'uses the CPU server of the machine that ran the benchmark.  Run the '
-                        'GPU benchmark on an H100 and rerun `python -m bench.report` to add '
-                        'the table of server compute and the latency a robot would see with '
-                        'that server.', '']
+                        f'comes from the server on `{device}` of the machine that ran the '
+                        'benchmark.  Run the GPU benchmark on an H100, commit its JSON there and '
+                        'rerun `python -m bench.report` to add the table of server compute and '
+                        'the latency a robot would see with that server.', '']
     lines += [f'Server compute measured by `{gpu["command"]}` on {gpu["machine"]}, '
               f'{gpu["date"]} (torch {gpu.get("torch", "?")}); per inference, ms.', '']
     rows = [[r['arch'], r['precision'], r['batch'], _f(r['eager_ms'], 2), _f(r['replay_ms'], 2),
@@ -276,11 +278,11 @@ def gpu_section(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path
                      'server overhead ms'], rows)
     entries = {(r['arch'], r['precision']): r for r in gpu['results'] if r['batch'] == 1}
     precisions = list(dict.fromkeys(prec for _, prec in entries))
-    lines += ['What a robot would see with this GPU server, per link (batch 1): the measured '
-              'median with the CPU server, the prediction with the H100 (the measured time '
-              'outside the server, plus the H100 server time) and the H100 floor '
-              '(RTT + bytes/bandwidth + H100 replay compute).  Predictions, not measurements: '
-              'the CPU rows are measured by ' + _provenance(meta)[len('Measured by '):], '']
+    lines += ['What a robot would see with this GPU server, per link (batch 1): the median '
+              f'measured with the server on `{device}`, the prediction with the H100 (the '
+              'measured time outside the server plus the H100 server time) and the H100 floor '
+              '(RTT + bytes/bandwidth + H100 replay compute).  Predictions, not measurements; '
+              'the measured column: ' + _provenance(meta), '']
     rows = []
     for p in points:
         if p['section'] != 'modes' or p['mode'] not in ('replay', 'eager') or not p['link']:
@@ -289,14 +291,11 @@ def gpu_section(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path
         for prec in precisions:
             entry = entries.get((p['arch'], prec))
             server = gpu_server_ms(entry, p['mode']) if entry else None
-            predicted = p['non_server_ms'] + server if server is not None \
-                and p['non_server_ms'] is not None else None
-            floor = (rtt_ms(p) + transfer_ms(p['bytes_sent'], p.get('up_mbps'))
-                     + transfer_ms(p['bytes_received'], p.get('down_mbps'))
-                     + entry['replay_ms']) if entry else None
-            cells += [_f(predicted), _f(floor)]
+            predicted = None if server is None or p['non_server_ms'] is None \
+                else p['non_server_ms'] + server
+            cells += [_f(predicted), _f(floor_ms(p, entry['replay_ms']) if entry else None)]
         rows.append(cells)
-    header = ['arch', 'link', 'mode', 'measured, CPU server ms']
+    header = ['arch', 'link', 'mode', f'measured, server on {device} ms']
     for prec in precisions:
         header += [f'H100 {prec} predicted ms', f'H100 {prec} floor ms']
     return lines + _table(header, rows)
@@ -308,8 +307,9 @@ def render(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path) -> 
              'Regenerate with `make bench` (= `python -m bench.run_all`, '
              f'{meta["duration_s"]:.0f} s for this run); tables and plots alone with '
              '`python -m bench.report`.  '
-             f'Robot, link emulator (`bench/linkemu.py`) and server ran as three processes on '
-             f'one machine; the server computed on its CPU.  Frames: {meta["frames"]}.', '']
+             'Robot, link emulator (`bench/linkemu.py`) and server ran as three processes on '
+             f'one machine; the server computed on `{meta["server_device"]}`.  '
+             f'Frames: {meta["frames"]}.', '']
     if loaded > 0.5 * meta['machine']['cores']:
         lines += [f'**Caution**: the machine was loaded while this ran (1-minute load average '
                   f'{meta["load_before"][0]:.1f} before, {meta["load_after"][0]:.1f} after, '

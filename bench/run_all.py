@@ -2,8 +2,9 @@
 ``make bench``: run the benchmark matrix on this machine and regenerate the report.
 
 Three processes, as on a real robot: this one is the robot (its CPU time is
-the robot's), ``python -m rrto_server`` on loopback is the server (CPU here),
-and ``python -m bench.linkemu`` between them is the link.  Results go to
+the robot's), ``python -m rrto_server`` on loopback is the server (on the CPU
+unless ``--server-device cuda``), and ``python -m bench.linkemu`` between
+them is the link.  Results go to
 ``docs/results/bench_cpu.json``; :mod:`bench.report` then writes the plots
 and the tables in ``docs/benchmarks.md`` (folding in the GPU results if
 ``docs/results/gpu_h100.json`` exists).
@@ -45,16 +46,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class ServerProcess:
-    """``python -m rrto_server`` on a free loopback port, CPU only, with a throwaway store."""
+    """``python -m rrto_server`` on a free loopback port with a throwaway store."""
 
-    def __init__(self, store: str):
+    def __init__(self, store: str, device: str = 'cpu'):
         with socket.socket() as sock:
             sock.bind(('127.0.0.1', 0))
             self.port = sock.getsockname()[1]
         self.endpoint = f'tcp://127.0.0.1:{self.port}'
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'rrto_server', '--bind', self.endpoint, '--store', store,
-             '--device', 'cpu', '--log-level', 'WARNING'], env=_child_env())
+             '--device', device, '--log-level', 'WARNING'], env=_child_env())
         client = RrtoClient(self.endpoint, connect_timeout_ms=500, name='bench-probe')
         quiet = logging.getLogger('rrto_ros.client')
         level = quiet.level
@@ -228,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--archs', help='comma-separated subset of ' + ','.join(matrix.ARCHS))
     parser.add_argument('--results', default=str(REPO / 'docs' / 'results' / 'bench_cpu.json'))
     parser.add_argument('--docs', default=str(REPO / 'docs'), help='where plots and tables go')
+    parser.add_argument('--server-device', default='cpu',
+                        help="the server's --device (default cpu; 'cuda' on a GPU host)")
     parser.add_argument('--no-report', action='store_true')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format='%(message)s')
@@ -245,12 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         'machine': machine(), 'git': _git_commit(), 'profile': profile.name,
         'torch': torch.__version__, 'python': platform.python_version(),
-        'torch_threads': torch.get_num_threads(), 'server_device': 'cpu',
+        'torch_threads': torch.get_num_threads(), 'server_device': args.server_device,
         'traces_dir': str(traces.traces_dir()) if traces.traces_dir().is_dir() else None,
         'load_before': os.getloadavg(),
     }
     with tempfile.TemporaryDirectory(prefix='rrto-bench-') as store:
-        server = ServerProcess(store)
+        server = ServerProcess(store, args.server_device)
         try:
             with EmulatorProcess(('127.0.0.1', server.port), env=_child_env()) as emulator:
                 bench = Bench(profile, emulator, f'tcp://127.0.0.1:{emulator.port}')
