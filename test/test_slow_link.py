@@ -16,9 +16,12 @@ class BigOutput(torch.nn.Module):
 def test_reply_slower_than_the_heartbeat_timeout_arrives(server, offloaded):
     host, port = server.endpoint.rsplit('//', 1)[1].split(':')
     with LinkEmulator((host, int(port))) as emu:
-        om = offloaded(BigOutput(), f'tcp://127.0.0.1:{emu.port}', timeout_ms=15000)
+        om = offloaded(BigOutput(), f'tcp://127.0.0.1:{emu.port}', timeout_ms=1000)
         x = torch.randn(1, 1, 28, 28)
         assert om.warmup(x)
+        om(x)
+        assert om.last.result == OffloadResult.OFFLOADED
+        om.set_timeout(15000)   # raised on a connected socket: its heartbeat must follow
         # 196 KB at 0.6 Mbit/s: one output frame takes 2.6 s, longer than ZeroMQ's 2 s heartbeat
         emu.set_link(LinkConfig('slow_down', down=Direction(rate={'mbps': 0.6})))
         out = om(x)
