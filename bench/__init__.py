@@ -1,1 +1,1 @@
-"""Benchmarks: workloads, baselines and reports (results in docs/)."""
+"""Benchmarks: the link emulator, the mode matrix, scheduler workloads and their reports."""

@@ -1,4 +1,4 @@
-"""
+r"""
 Preemption latency: how long an urgent request waits for a running inference.
 
 For each zoo architecture (the *preempted* network, recorded with each given

@@ -1,4 +1,4 @@
-"""
+r"""
 Mixed real-time workload against rrto_server under each scheduler policy.
 
 Several perception tasks share one server: by default a high-priority 30 Hz

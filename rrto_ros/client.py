@@ -60,6 +60,7 @@ class RrtoClient:
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._heartbeat_ms = 0
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
         self._available = threading.Event()
@@ -86,7 +87,7 @@ class RrtoClient:
         if self._prober is not None:
             self._prober.join(timeout=5)
 
-    def _new_socket(self) -> zmq.Socket:
+    def _new_socket(self, heartbeat_timeout_ms: int = 2000) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.copy_threshold = wire.COPY_THRESHOLD
         sock.setsockopt(zmq.LINGER, 0)
@@ -94,7 +95,7 @@ class RrtoClient:
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 2000)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
         sock.connect(self.endpoint)
         return sock
 
@@ -165,8 +166,15 @@ class RrtoClient:
         try:
             if self._closed.is_set():
                 raise ServerUnavailable('client is closed')
+            # ZeroMQ counts a heartbeat as answered only once a whole message part has
+            # arrived; on a slow link a large output tensor takes longer than 2 s, so the
+            # heartbeat timeout must cover the call's deadline or the reply is dropped
+            heartbeat_ms = int(max(2000, self.call_timeout_ms, timeout_ms))
+            if self._sock is not None and self._heartbeat_ms < heartbeat_ms:
+                self._drop_socket()   # the timeout grew: reconnect with a longer heartbeat
             if self._sock is None:
-                self._sock = self._new_socket()
+                self._sock = self._new_socket(heartbeat_ms)
+                self._heartbeat_ms = heartbeat_ms
             request_id = next(self._ids)
             header = {'kind': kind.value, 'id': request_id}
             header.update(fields or {})

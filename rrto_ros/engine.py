@@ -29,6 +29,8 @@ from typing import Any, Callable
 import torch
 
 from rrto_ros.client import RemoteError, RrtoClient, ServerUnavailable
+from rrto_ros.codec_choice import CANDIDATES as AUTO_CODECS
+from rrto_ros.codec_choice import check_codec, CodecChooser
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import Artifact, LocalModel, load_local_model
@@ -72,6 +74,7 @@ class CallRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     bandwidth_mbps: float = 0.0         # the link estimate the plan was chosen for (0: none)
+    codec: str = ''                     # input codec of the request ('' when nothing was sent)
     reason: str = ''
     signature: str = ''
     deadline_missed: bool = False   # later than deadline_ms end to end, or dropped by the server
@@ -124,14 +127,19 @@ class OffloadedModel:
         self.mode = mode
         self.options = {'precision': precision, 'mode': 'eager' if mode == 'eager' else 'replay',
                         'segments': segments}
-        self.codec = codec
+        self.codec = codecs.RAW
+        self._chooser: CodecChooser | None = None
+        self.link: tuple[float, float] | None = None
+        self.set_codec(codec)
         self.keys = {'priority': priority, 'deadline_ms': deadline_ms,
                      'task': task or self.local.label, 'late': late}
         self.upload_timeout_ms = upload_timeout_ms
         self.record_timeout_ms = record_timeout_ms
         self.switch_after = switch_after
         self.table = _load_table(plan_table)
-        self.link = link
+        self.link = None
+        if link is not None:
+            self.set_link(*link)
         name = self.keys['task']
         self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
                                call_timeout_ms=timeout_ms, name=f'{name}-data')
@@ -186,10 +194,26 @@ class OffloadedModel:
         self.data.call_timeout_ms = float(timeout_ms)
 
     def set_link(self, bandwidth_mbps: float, rtt_ms: float) -> None:
-        """Tell the model the current link estimate; the next call's plan follows it."""
-        if bandwidth_mbps <= 0 or rtt_ms < 0:
+        """Tell the model the current link estimate; the next call's plan and codec follow it."""
+        if not bandwidth_mbps > 0 or not rtt_ms >= 0:
             raise ValueError('bandwidth must be positive and RTT non-negative')
         self.link = (float(bandwidth_mbps), float(rtt_ms))
+        if self._chooser is not None:
+            self._chooser.set_bandwidth(self.link[0])
+
+    def set_codec(self, codec: str) -> None:
+        """
+        Send inputs with ``codec`` from the next call on.
+
+        ``raw``, ``lz4``, ``zstd``, ``jpeg``/``jpeg:Q`` (lossy, uint8 HWC images
+        only), or ``auto`` / ``auto_lossy`` to choose per call by the link
+        estimate (see :mod:`rrto_ros.codec_choice`).
+        """
+        check_codec(codec)
+        self.codec = codec
+        self._chooser = CodecChooser(codec) if codec in AUTO_CODECS else None
+        if self._chooser is not None and self.link is not None:
+            self._chooser.set_bandwidth(self.link[0])
 
     def set_plan_table(self, table: str | Path | PlanTable | None) -> None:
         """Use another plan table (or none: plain offload); prepared in the background."""
@@ -393,15 +417,17 @@ class _Remote:
         self.replay = replay
         self.reply: dict = {}
         self.start_ms = self.done_ms = 0.0
+        self.codec = ''
         self._pending = None
 
     def __call__(self, tensors: list[torch.Tensor]) -> '_Remote':
         m = self.model
         fields = {'replay': self.replay}
         fields.update({k: v for k, v in m.keys.items() if v is not None})
+        self.codec = m._chooser.choose(tensors) if m._chooser is not None else m.codec
         self.start_ms = time.perf_counter()
         self._pending = m.data.start(Kind.INFER, fields, tensors, timeout_ms=m.timeout_ms,
-                                     codec=m.codec)
+                                     codec=self.codec)
         return self
 
     def result(self) -> list[torch.Tensor]:
@@ -421,7 +447,7 @@ class _Remote:
         timing = self.reply.get('timing', {})
         server_ms = self.reply.get('server_ms', 0.0)
         missed = bool(timing.get('deadline_missed', False))
-        return CallRecord(
+        record = CallRecord(
             OffloadResult.OFFLOADED, plan, total_ms=total_ms,
             network_ms=max(0.0, remote_ms - server_ms), server_ms=server_ms,
             server_queue_ms=timing.get('queue_ms', 0.0),
@@ -432,7 +458,12 @@ class _Remote:
             bytes_received=counters['bytes_received'] - before['bytes_received'],
             bandwidth_mbps=bandwidth, signature=signature_key(target.artifact.signature),
             deadline_missed=missed, preemptions=int(timing.get('preemptions', 0)),
-            reason='deadline missed on the server (late policy run)' if missed else '')
+            reason='deadline missed on the server (late policy run)' if missed else '',
+            codec=self.codec)
+        chooser = self.model._chooser
+        if chooser is not None and self.codec:
+            chooser.observe(record.bytes_sent + record.bytes_received, record.network_ms)
+        return record
 
 
 def _load_table(table: str | Path | PlanTable | None) -> PlanTable | None:

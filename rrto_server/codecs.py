@@ -1,22 +1,50 @@
 """
-Per-tensor frame codecs: raw bytes, or lossless lz4 / zstd compression.
+Per-tensor frame codecs: raw bytes, lossless lz4 / zstd, or lossy JPEG for images.
 
 A codec only changes how one tensor's bytes travel; the descriptor in the
 header still names the tensor's true dtype and shape, so the receiver knows
 exactly how many bytes decoding must produce and rejects anything else.
+
+``jpeg`` (or ``jpeg:Q`` with quality ``Q`` in 1..100, default 90) applies only
+to uint8 images in HWC layout (``[..., H, W, C]`` with ``C`` 1 or 3): each of
+the leading ``N`` frames becomes one baseline JPEG (Pillow, libjpeg-turbo), and
+the wire frame is ``uint32 N``, ``N x uint32 length``, then the ``N`` JPEG
+streams (little endian).  Any other tensor travels raw.  An encoder never
+sends more bytes than raw: when compression does not shrink a tensor, the
+tensor travels raw and its descriptor says so.
 """
 
 from __future__ import annotations
 
+import io
 import math
+import struct
 
+import numpy as np
 import torch
 
 RAW = 'raw'
 LZ4 = 'lz4'
 ZSTD = 'zstd'
+JPEG = 'jpeg'
 LOSSLESS = (RAW, LZ4, ZSTD)
+CODECS = LOSSLESS + (JPEG,)
+JPEG_QUALITY = 90
 MAX_DECODED_BYTES = 256 << 20
+MAX_JPEG_SIDE = 16384
+
+
+def parse(codec: str) -> tuple[str, int]:
+    """Split ``'jpeg:75'`` into ``('jpeg', 75)``; raise ValueError for unknown codecs."""
+    name, _, option = str(codec).partition(':')
+    if name not in CODECS or (option and name != JPEG):
+        raise ValueError(f'unknown codec {codec!r}; choose one of {CODECS} or jpeg:QUALITY')
+    quality = JPEG_QUALITY
+    if option:
+        if not option.isdigit() or not 1 <= int(option) <= 100:
+            raise ValueError(f'JPEG quality in {codec!r} must be an integer in 1..100')
+        quality = int(option)
+    return name, quality
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
@@ -24,18 +52,90 @@ def _raw_bytes(tensor: torch.Tensor) -> memoryview:
     return tensor_frame(tensor)
 
 
+def jpeg_eligible(tensor: torch.Tensor) -> bool:
+    """Return True if ``tensor`` is a uint8 HWC image (batch) that JPEG can carry."""
+    shape = tuple(tensor.shape)
+    return (tensor.dtype == torch.uint8 and len(shape) >= 3 and shape[-1] in (1, 3)
+            and 0 < shape[-3] <= MAX_JPEG_SIDE and 0 < shape[-2] <= MAX_JPEG_SIDE)
+
+
+def _jpeg_encode(tensor: torch.Tensor, quality: int) -> bytes:
+    from PIL import Image
+    height, width, channels = tensor.shape[-3:]
+    frames = tensor.detach().cpu().contiguous().reshape(-1, height, width, channels).numpy()
+    streams = []
+    for frame in frames:
+        image = Image.fromarray(frame[..., 0] if channels == 1 else frame,
+                                'L' if channels == 1 else 'RGB')
+        out = io.BytesIO()
+        image.save(out, 'JPEG', quality=quality)
+        streams.append(out.getvalue())
+    table = struct.pack(f'<{len(streams) + 1}I', len(streams), *map(len, streams))
+    return table + b''.join(streams)
+
+
 def encode(codec: str, tensor: torch.Tensor) -> tuple[str, bytes | None]:
     """Encode one tensor; return the codec used and the frame (None means raw bytes)."""
-    if codec == RAW or tensor.numel() == 0:
+    name, quality = parse(codec)
+    if name == RAW or tensor.numel() == 0:
         return RAW, None
-    raw = _raw_bytes(tensor)
-    if codec == LZ4:
-        import lz4.block
-        return LZ4, lz4.block.compress(raw, store_size=False)
-    if codec == ZSTD:
-        import zstandard
-        return ZSTD, zstandard.ZstdCompressor(level=1).compress(raw)
-    raise ValueError(f'unknown codec {codec!r}; choose one of {LOSSLESS}')
+    if name == JPEG:
+        if not jpeg_eligible(tensor):
+            return RAW, None
+        frame = _jpeg_encode(tensor, quality)
+    else:
+        raw = _raw_bytes(tensor)
+        if name == LZ4:
+            import lz4.block
+            frame = lz4.block.compress(raw, store_size=False)
+        else:
+            import zstandard
+            frame = zstandard.ZstdCompressor(level=1).compress(raw)
+    if len(frame) >= tensor.numel() * tensor.element_size():
+        return RAW, None
+    return name, frame
+
+
+def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int) -> bytes:
+    from PIL import Image
+    from rrto_server.protocol import ErrorCode, ProtocolError
+
+    def bad(why: str) -> ProtocolError:
+        return ProtocolError(ErrorCode.BAD_REQUEST, f'tensor {index} is not a JPEG frame: {why}')
+
+    if len(shape) < 3 or shape[-1] not in (1, 3) or min(shape[-3:-1]) < 1 \
+            or max(shape[-3:-1]) > MAX_JPEG_SIDE:
+        raise bad(f'shape {list(shape)} is not [..., H, W, 1 or 3] uint8')
+    height, width, channels = shape[-3:]
+    count = math.prod(shape[:-3])
+    if len(buf) < 4 or struct.unpack_from('<I', buf)[0] != count:
+        raise bad(f'its table does not announce {count} images')
+    table_bytes = 4 * (count + 1)
+    if len(buf) < table_bytes:
+        raise bad('its length table is truncated')
+    lengths = struct.unpack_from(f'<{count}I', buf, 4)
+    if table_bytes + sum(lengths) != len(buf):
+        raise bad(f'lengths add up to {table_bytes + sum(lengths)} bytes, frame has {len(buf)}')
+    mode = 'L' if channels == 1 else 'RGB'
+    out = np.empty((count, height, width, channels), dtype=np.uint8)
+    offset = table_bytes
+    for i, length in enumerate(lengths):
+        stream = io.BytesIO(buf[offset:offset + length])
+        offset += length
+        try:
+            image = Image.open(stream, formats=['JPEG'])
+            # the header alone tells the size: check it before decoding any pixel
+            if image.size != (width, height) or image.mode != mode:
+                raise bad(f'image {i} is {image.mode} {image.size[0]}x{image.size[1]}, '
+                          f'expected {mode} {width}x{height}')
+            image.load()
+            pixels = np.asarray(image, dtype=np.uint8)
+        except ProtocolError:
+            raise
+        except Exception as exc:  # Pillow raises several error types for broken streams
+            raise bad(f'image {i} does not decode: {exc}') from None
+        out[i] = pixels.reshape(height, width, channels)
+    return out.tobytes()
 
 
 def decode(codec: str, buf: memoryview, dtype: str, shape: tuple[int, ...], index: int):
@@ -53,6 +153,11 @@ def decode(codec: str, buf: memoryview, dtype: str, shape: tuple[int, ...], inde
         elif codec == ZSTD:
             import zstandard
             data = zstandard.ZstdDecompressor().decompress(buf, max_output_size=nbytes)
+        elif codec == JPEG:
+            if dtype != 'uint8':
+                raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                    f'tensor {index}: jpeg carries uint8 only, not {dtype}')
+            data = _jpeg_decode(buf, shape, index)
         else:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST,

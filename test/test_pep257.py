@@ -11,5 +11,5 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.linter
 @pytest.mark.pep257
 def test_pep257():
-    rc = main(argv=[str(ROOT / 'rrto_ros'), str(ROOT / 'rrto_server')])
+    rc = main(argv=[str(ROOT / 'rrto_ros'), str(ROOT / 'rrto_server'), str(ROOT / 'bench')])
     assert rc == 0, 'Found code style errors / warnings'

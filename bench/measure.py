@@ -1,0 +1,106 @@
+"""
+Measure one benchmark point: run a runner on frames for a time budget, summarise.
+
+Latency is each call's wall time as the robot sees it (``CallRecord.total_ms``);
+robot CPU time is the robot process's CPU time (``time.process_time``, all
+its threads, the ZeroMQ I/O thread included) across each call; round trips
+and bytes come from the client's counters; server compute from the server's
+reply.  Outputs are compared with local inference on the same frame.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+from rrto_ros import OffloadResult
+from rrto_server import treespec
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Return the nearest-rank ``q``-th percentile, q in 0..100 (for q=99 and n<100: the max)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
+
+
+def output_error(output: Any, reference: Any) -> tuple[float, float | None]:
+    """
+    Return (relative L2 error over all outputs, agreement of the first output's argmax).
+
+    Agreement is top-1 equality for ``[N, C]`` outputs and, for ``[N, C, H, W]``
+    maps, the fraction of channels whose peak location is the same.
+    """
+    out, ref = treespec.flatten(output)[0], treespec.flatten(reference)[0]
+    diff = sum(float((o.float() - r.float()).pow(2).sum()) for o, r in zip(out, ref))
+    norm = sum(float(r.float().pow(2).sum()) for r in ref)
+    rel = (diff / norm) ** 0.5 if norm > 0 else float(diff > 0)
+    first_out, first_ref = out[0], ref[0]
+    agreement = None
+    if first_ref.dim() == 2 and first_ref.shape[1] > 1:
+        agreement = float((first_out.argmax(1) == first_ref.argmax(1)).float().mean())
+    elif first_ref.dim() == 4:
+        agreement = float((first_out.flatten(2).argmax(2) == first_ref.flatten(2).argmax(2))
+                          .float().mean())
+    return rel, agreement
+
+
+def run_point(runner: Callable, frames: Sequence[torch.Tensor], references: Sequence[Any],
+              budget_s: float, min_calls: int, max_calls: int, warmup_calls: int = 1,
+              transform: Callable | None = None, timeline: bool = False) -> dict:
+    """Call ``runner`` on the frames in turn for ``budget_s`` (within the call bounds)."""
+    prepare = transform or (lambda frame: frame)
+    for i in range(warmup_calls):
+        runner(prepare(frames[i % len(frames)]))
+    calls, errors = [], []
+    start = time.monotonic()
+    while len(calls) < max_calls and (len(calls) < min_calls
+                                      or time.monotonic() - start < budget_s):
+        index = len(calls) % len(frames)
+        began = time.monotonic()
+        cpu = time.process_time()
+        output = runner(prepare(frames[index]))
+        cpu_ms = (time.process_time() - cpu) * 1e3
+        record = runner.last
+        calls.append((began - start, record, cpu_ms))
+        errors.append(output_error(output, references[index]))
+    summary = summarise([r for _, r, _ in calls], [c for _, _, c in calls], errors)
+    summary['duration_s'] = time.monotonic() - start
+    if timeline:
+        summary['timeline'] = [{'t_s': round(t, 4), 'total_ms': round(r.total_ms, 3),
+                                'codec': r.codec, 'bytes_sent': r.bytes_sent,
+                                'result': r.result.value} for t, r, _ in calls]
+    return summary
+
+
+def summarise(records: list, cpu_ms: list[float], errors: list[tuple]) -> dict:
+    """Reduce per-call records to the numbers a benchmark point reports."""
+    totals = [r.total_ms for r in records]
+    offloaded = [r for r in records if r.result == OffloadResult.OFFLOADED]
+    server = [r.total_ms - r.network_ms - r.robot_compute_ms for r in offloaded]
+    agreements = [a for _, a in errors if a is not None]
+    return {
+        'n': len(records),
+        'offloaded': len(offloaded),
+        'fallbacks': sum(r.result == OffloadResult.LOCAL_FALLBACK for r in records),
+        'median_ms': statistics.median(totals),
+        'p99_ms': percentile(totals, 99),
+        'mean_ms': statistics.fmean(totals),
+        'min_ms': min(totals),
+        'round_trips': statistics.fmean(r.round_trips for r in records),
+        'bytes_sent': statistics.fmean(r.bytes_sent for r in records),
+        'bytes_received': statistics.fmean(r.bytes_received for r in records),
+        'robot_cpu_ms': statistics.fmean(cpu_ms),
+        'server_compute_ms': statistics.median(r.server_compute_ms for r in offloaded)
+        if any(r.server_compute_ms > 0 for r in offloaded) else None,   # naive: not reported
+        'server_ms': statistics.median(server) if server else None,
+        'non_server_ms': statistics.median(r.total_ms - s for r, s in zip(offloaded, server))
+        if offloaded else None,
+        'codecs': dict(collections.Counter(r.codec for r in offloaded)),
+        'rel_l2_max': max(e for e, _ in errors),
+        'agreement': statistics.fmean(agreements) if agreements else None,
+    }

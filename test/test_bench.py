@@ -1,0 +1,93 @@
+"""The benchmark runner and its report: a seconds-long smoke run of every section."""
+
+import json
+
+import pytest
+
+from bench import report, run_all
+from bench.linkemu import grid_link
+from bench.measure import output_error, percentile
+
+
+@pytest.fixture(scope='module')
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp('bench')
+    results = out / 'results' / 'bench.json'
+    assert run_all.main(['--profile', 'smoke', '--results', str(results), '--docs', str(out),
+                         '--no-report']) == 0
+    return out, results, json.loads(results.read_text())
+
+
+def _point(points, **match):
+    found = [p for p in points if all(p[k] == v for k, v in match.items())]
+    assert len(found) == 1, match
+    return found[0]
+
+
+def test_smoke_run_measures_every_mode_and_section(smoke):
+    _, _, data = smoke
+    points, meta = data['points'], data['meta']
+    assert {p['section'] for p in points} == {'modes', 'codecs', 'input', 'steps'}
+    assert {p['mode'] for p in points if p['section'] == 'modes'} == {
+        'local', 'naive', 'eager', 'replay'}
+    local = _point(points, section='modes', mode='local')
+    naive = _point(points, section='modes', mode='naive')
+    replay = _point(points, section='modes', mode='replay')
+    assert local['round_trips'] == 0 and local['link'] is None
+    assert replay['round_trips'] == 1 and naive['round_trips'] > 10
+    assert replay['offloaded'] == replay['n'] and replay['fallbacks'] == 0
+    assert replay['bytes_sent'] >= 64 * 64 * 3 and replay['up_mbps'] == pytest.approx(50)
+    for p in points:    # lossless paths answer exactly as local inference
+        if p['codec'] != 'jpeg' and p['input'] == 'uint8':
+            assert p['rel_l2_max'] == 0, p
+    jpeg = _point(points, section='codecs', codec='jpeg')
+    assert 0 < jpeg['rel_l2_max'] < 1 and jpeg['bytes_sent'] < replay['bytes_sent'] / 2
+    steps = _point(points, section='steps')
+    assert len(steps['timeline']) == steps['n'] > 1
+    assert meta['frame_shape'] == [64, 64, 3] and meta['command'].startswith('python -m bench')
+
+
+def test_report_writes_tables_plots_and_folds_in_gpu_results(smoke, tmp_path):
+    out, results, _ = smoke
+    docs = tmp_path / 'docs'
+    docs.mkdir()
+    (docs / 'benchmarks.md').write_text('# Benchmarks\n\nHand-written overhead section.\n')
+    gpu = tmp_path / 'gpu.json'
+    assert report.main(['--results', str(results), '--docs', str(docs), '--gpu', str(gpu)]) == 0
+    text = (docs / 'benchmarks.md').read_text()
+    assert 'Hand-written overhead section.' in text and 'No GPU results yet' in text
+    assert text.count(report.BEGIN) == 1 and 'measured/floor' in text
+    for name in ('bench_latency_vs_bandwidth.png', 'bench_round_trips.png',
+                 'bench_codecs.png', 'bench_steps.png'):
+        assert (docs / name).stat().st_size > 1000
+    gpu.write_text(json.dumps({
+        'machine': 'NVIDIA H100', 'date': '2026-01-01', 'command': 'python -m bench.gpu',
+        'torch': '2.13.0', 'results': [
+            {'arch': 'keypoint_net', 'precision': 'fp32', 'batch': 1, 'eager_ms': 3.0,
+             'replay_ms': 0.5, 'server_ms': 0.9, 'server_overhead_ms': 0.4}]}))
+    assert report.main(['--results', str(results), '--docs', str(docs), '--gpu', str(gpu)]) == 0
+    text = (docs / 'benchmarks.md').read_text()
+    assert 'No GPU results yet' not in text and 'H100 fp32 predicted ms' in text
+    assert text.count(report.BEGIN) == 1 and 'Hand-written overhead section.' in text
+
+
+def test_floor_is_rtt_plus_transfer_plus_compute():
+    link = grid_link(8, rtt_ms=10).to_json()    # 8 Mbit/s: 1 ms per kB
+    point = {'link': 'grid', 'link_config': link, 'bytes_sent': 150_000,
+             'bytes_received': 4_000, 'up_mbps': 8.0, 'down_mbps': 8.0}
+    assert report.floor_ms(point, 20.0) == pytest.approx(10 + 150 + 4 + 20)
+    assert report.floor_ms(dict(point, link=None), 20.0) is None
+    points = report.annotate([dict(point, arch='a', mode='replay', input='uint8',
+                                   server_compute_ms=20.0, median_ms=368.0)])
+    assert points[0]['vs_floor'] == pytest.approx(2.0)
+
+
+def test_percentile_and_output_error():
+    assert percentile([5, 1, 3, 2, 4], 50) == 3 and percentile(list(range(10)), 99) == 9
+    import torch
+    ref = {'a': torch.tensor([[0.0, 2.0, 1.0]]), 'b': torch.ones(1, 2, 3, 3)}
+    same = output_error(ref, ref)
+    assert same == (0.0, 1.0)
+    moved = {'a': torch.tensor([[3.0, 2.0, 1.0]]), 'b': torch.ones(1, 2, 3, 3)}
+    rel, agreement = output_error(moved, ref)
+    assert rel == pytest.approx(3 / (5 + 18) ** 0.5) and agreement == 0.0

@@ -1,0 +1,222 @@
+"""The link emulator delivers the configured bandwidth, delay, jitter, stalls and traces."""
+
+import socket
+import statistics
+import threading
+import time
+
+import pytest
+
+from bench import traces
+from bench.linkemu import (Direction, EmulatorProcess, LinkConfig, LinkEmulator, PRESETS,
+                           Shaper, grid_link, steps_link, symmetric)
+
+TOLERANCE = 0.10
+
+
+# ---------------------------------------------------------------------- virtual time
+def test_token_bucket_paces_a_constant_rate_and_grants_one_burst_after_idle():
+    shaper = Shaper(Direction(rate={'mbps': 8}, burst_ms=0), start=0.0)   # 1e6 bytes/s
+    departures = [shaper.depart(0.0, 10_000) for _ in range(10)]
+    assert departures == pytest.approx([0.01 * (i + 1) for i in range(10)])
+    assert shaper.depart(1.1, 2000) == pytest.approx(1.1)     # the bucket filled while idle
+    assert shaper.depart(1.1, 2000) == pytest.approx(1.1 + 1000 / 1e6)  # burst is 3000 bytes
+
+
+def test_outages_stall_and_steps_change_the_rate():
+    schedule = {'steps': [[8, 1.0], [0, 1.0], [16, 10.0]]}
+    shaper = Shaper(Direction(rate=schedule, burst_ms=0), start=5.0)
+    assert shaper.depart(5.0, 1_500_000) == pytest.approx(5.0 + 2.25)   # 1 MB, outage, 0.5 MB
+    assert shaper.depart(9.0, 400_000) == pytest.approx(9.0 + (400_000 - 3000) / 2e6)
+
+
+def test_schedule_capacity_and_time_for_are_inverse():
+    schedule = traces.steps([(10, 0.5), (0, 0.25), (3, 1.0)])
+    for t in (0.1, 0.5, 0.6, 0.75, 1.3, 1.75, 4.2, 17.0):
+        assert schedule.capacity(schedule.time_for(schedule.capacity(t))) == pytest.approx(
+            schedule.capacity(t))
+    assert schedule.time_for(schedule.capacity(0.6)) == pytest.approx(0.5)  # outage: earliest
+    assert schedule.mean_mbps == pytest.approx((10 * 0.5 + 3) / 1.75)
+    assert traces.steps([(5, 1)], loop=False).capacity(100.0) == pytest.approx(5e6 / 8 * 100)
+
+
+def test_jitter_stays_in_bounds_and_loss_adds_stalls():
+    shaper = Shaper(Direction(delay_ms=10, jitter_ms=2), start=0.0)
+    draws = [shaper.extra_delay_s(100) for _ in range(2000)]
+    assert 0.008 <= min(draws) < 0.0085 and 0.0115 < max(draws) <= 0.012
+    assert statistics.mean(draws) == pytest.approx(0.010, abs=2e-4)
+    lossy = Shaper(Direction(delay_ms=1, loss=0.01, stall_ms=200), start=0.0)
+    events = sum(lossy.extra_delay_s(14480) > 0.1 for _ in range(4000))   # 10 packets each
+    assert lossy.losses == events
+    assert events / 4000 == pytest.approx(1 - 0.99 ** 10, rel=0.2)
+
+
+def test_link_configs_round_trip_and_reject_nonsense():
+    for link in list(PRESETS.values()) + [grid_link(50), steps_link([(100, 2), (5, 2)])]:
+        assert LinkConfig.from_json(link.to_json()) == link
+    assert PRESETS['wifi_congested'].rtt_ms == 10 and PRESETS['outdoor_weak'].up.mbps == 5
+    for bad in ({'loss': 2}, {'delay_ms': -1}, {'rate': {'mbps': 0}}, {'rate': {'bogus': 1}}):
+        with pytest.raises(ValueError):
+            Direction(**bad)
+
+
+# ---------------------------------------------------------------------- measured traces
+README_MEANS = [   # file, mean Mbit/s from the traces' README summary
+    ('wifi_industrial_robot_uplink/perama_site_ax_20mhz_5ghz_run2_tcp_single_UL_loc3.json',
+     11.83),
+    ('cellular_mahimahi/Verizon-LTE-short.up', 5.95),
+    ('cellular_mahimahi/ATT-LTE-driving-2016.down', 4.56),
+    ('3g_norway_hsdpa/norway_bus_1', 2.95),
+    ('5g_5gophers/walking-trace.csv', 332.89),
+]
+
+
+@pytest.mark.skipif(not traces.traces_dir().is_dir(), reason='traces folder not present')
+@pytest.mark.parametrize('path, mean', README_MEANS)
+def test_traces_load_with_the_means_their_readme_states(path, mean):
+    schedule = traces.load(path)
+    assert schedule.mean_mbps == pytest.approx(mean, rel=0.02)
+    assert all(rate >= 0 for _, rate in schedule.series())
+
+
+# ---------------------------------------------------------------------- live proxy
+class _Echo:
+    """A loopback server that echoes every byte; closed after the test."""
+
+    def __init__(self):
+        self.sock = socket.create_server(('127.0.0.1', 0))
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _echo(conn):
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+
+@pytest.fixture
+def echo():
+    server = _Echo()
+    yield server.address
+    server.sock.close()
+
+
+def _connect(emu):
+    sock = socket.create_connection(('127.0.0.1', emu.port), timeout=10)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def _transfer_s(sock, nbytes):
+    """Send ``nbytes`` and return the seconds until all of them have come back."""
+    payload = bytes(nbytes)
+    start = time.monotonic()
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    got = 0
+    while got < nbytes:
+        got += len(sock.recv(1 << 20))
+    elapsed = time.monotonic() - start
+    sender.join()
+    return elapsed
+
+
+def _rtt_ms(sock, count=9):
+    samples = []
+    for _ in range(count):
+        start = time.monotonic()
+        sock.sendall(b'x' * 64)
+        got = 0
+        while got < 64:
+            got += len(sock.recv(64))
+        samples.append((time.monotonic() - start) * 1e3)
+    return samples
+
+
+def _spread(samples):
+    """Return the interquartile range."""
+    q = statistics.quantiles(samples, n=4)
+    return q[2] - q[0]
+
+
+def test_configured_bandwidth_is_delivered_within_10_percent_each_way(echo):
+    nbytes = 2_000_000
+    uplink = LinkConfig('up40', up=Direction(rate={'mbps': 40}))
+    downlink = LinkConfig('down20', down=Direction(rate={'mbps': 20}))
+    with LinkEmulator(echo, uplink) as emu, _connect(emu) as sock:
+        up_s = _transfer_s(sock, nbytes)
+        emu.set_link(downlink)
+        down_s = _transfer_s(sock, nbytes)
+        stats = emu.stats()
+    assert nbytes * 8 / up_s / 1e6 == pytest.approx(40, rel=TOLERANCE)
+    assert nbytes * 8 / down_s / 1e6 == pytest.approx(20, rel=TOLERANCE)
+    assert stats['down_bytes'] == nbytes and stats['link'] == 'down20'
+
+
+def test_configured_delay_and_jitter_are_delivered_within_10_percent(echo):
+    with LinkEmulator(echo, symmetric('rtt40', None, rtt_ms=40)) as emu, _connect(emu) as sock:
+        plain = _rtt_ms(sock)
+        emu.set_link(symmetric('rtt40j', None, rtt_ms=40, jitter_ms=8))
+        jittery = _rtt_ms(sock, count=15)
+    assert statistics.median(plain) == pytest.approx(40, rel=TOLERANCE)
+    assert statistics.median(jittery) == pytest.approx(40, rel=0.25)
+    assert _spread(plain) < 2 < 4 < _spread(jittery)    # a loaded machine adds rare outliers
+    assert min(plain) >= 40 and min(jittery) >= 40 - 16
+
+
+def test_loss_stalls_the_stream_by_the_retransmission_timeout(echo):
+    link = LinkConfig('lossy', up=Direction(delay_ms=5, loss=1.0, stall_ms=100),
+                      down=Direction(delay_ms=5))
+    with LinkEmulator(echo, link) as emu, _connect(emu) as sock:
+        samples = _rtt_ms(sock, count=3)
+        assert emu.stats()['up_losses'] == 3
+    assert statistics.median(samples) == pytest.approx(110, rel=TOLERANCE)
+
+
+def test_rate_steps_take_effect_on_schedule(echo):
+    # 40 Mbit/s for 0.25 s (1.25 MB), then 8 Mbit/s: 1.75 MB take 0.25 s + 0.5 s
+    link = LinkConfig('steps', up=Direction(rate={'steps': [[40, 0.25], [8, 10]]}))
+    with LinkEmulator(echo, link) as emu, _connect(emu) as sock:
+        elapsed = _transfer_s(sock, 1_750_000)
+    assert elapsed == pytest.approx(0.75, rel=TOLERANCE)
+
+
+def test_emulator_process_is_controlled_over_stdin(echo):
+    with EmulatorProcess(echo, symmetric('rtt20', None, rtt_ms=20)) as emu:
+        with socket.create_connection(('127.0.0.1', emu.port), timeout=10) as sock:
+            assert statistics.median(_rtt_ms(sock, 7)) == pytest.approx(20, rel=0.25)
+            emu.set_link(PRESETS['unlimited'])
+            assert statistics.median(_rtt_ms(sock, 7)) < 10
+        assert emu.stats()['up_bytes'] == 7 * 64
+        with pytest.raises(RuntimeError, match='unknown command'):
+            emu.command('dance')
+
+
+def test_command_line_builds_links_and_rejects_bad_ones():
+    import argparse
+
+    from bench import linkemu
+
+    def link(*argv):
+        defaults = dict(link_json=None, preset=None, rate=None, down_rate=None, steps=None,
+                        trace=None, down_trace=None, offset_s=0.0, rtt_ms=0.0, jitter_ms=0.0,
+                        loss=0.0, stall_ms=200.0)
+        defaults.update(dict(zip(argv[::2], argv[1::2])))
+        return linkemu._link_from_args(argparse.Namespace(**defaults))
+
+    steps = link('steps', '100:3,5:3', 'rtt_ms', 4.0)
+    assert steps.up.rate == {'steps': [[100.0, 3.0], [5.0, 3.0]]} and steps.down.delay_ms == 2
+    assert link('rate', 20.0, 'down_rate', 5.0).down.mbps == pytest.approx(5)
+    assert link('preset', 'outdoor_weak') == PRESETS['outdoor_weak']
+    with pytest.raises(SystemExit) as stop:
+        linkemu.main(['--upstream', '127.0.0.1:1', '--rate', '0'])
+    assert stop.value.code == 2
