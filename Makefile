@@ -23,7 +23,7 @@ build: $(STAMP)
 
 demo: build
 	source $(BIN)/activate && source install/setup.bash && \
-	    python -m rrto_ros.demo --duration $(DEMO_SECONDS)
+	    python -m rrto_ros.bringup --duration $(DEMO_SECONDS)
 
 test: build
 	source $(BIN)/activate && source install/setup.bash && \

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import collections
 import enum
+import functools
 import math
+import threading
 import time
 from dataclasses import dataclass
 
@@ -90,6 +92,14 @@ class LinkEstimate:
     age_s: float
 
 
+def _locked(method):
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return wrapper
+
+
 class LinkEstimator:
     """Fuse active and passive samples into a smoothed, hysteresis-filtered estimate."""
 
@@ -120,8 +130,10 @@ class LinkEstimator:
         self.failures = 0
         self.last_good = math.nan
         self.last_passive = -math.inf
+        self._lock = threading.RLock()   # probes and passive samples come from two threads
 
     # ------------------------------------------------------------------ samples
+    @_locked
     def add_rtt(self, rtt_ms: float, now: float | None = None) -> None:
         """Add one measured round trip (an active probe without payload)."""
         now = time.monotonic() if now is None else now
@@ -136,6 +148,7 @@ class LinkEstimator:
         self._good(now)
         self.active_samples += 1
 
+    @_locked
     def add_transfer(self, direction: str, nbytes: int, network_ms: float,
                      now: float | None = None) -> None:
         """Add one active bandwidth probe: ``nbytes`` moved one way in ``network_ms``."""
@@ -144,6 +157,7 @@ class LinkEstimator:
         self._good(now)
         self.active_samples += 1
 
+    @_locked
     def add_passive(self, bytes_sent: int, bytes_received: int, network_ms: float,
                     now: float | None = None) -> None:
         """Add one offloaded call's traffic; it counts for its larger direction."""
@@ -163,6 +177,7 @@ class LinkEstimator:
         self.passive_samples += 1
         self.last_passive = now
 
+    @_locked
     def add_failure(self, now: float | None = None) -> None:
         """Count a probe that got no answer in time."""
         self.failures += 1
@@ -183,6 +198,7 @@ class LinkEstimator:
         self.published[direction].update(self.bps[direction])
 
     # ------------------------------------------------------------------ queries
+    @_locked
     def base_rtt_ms(self, now: float | None = None) -> float:
         """Return the minimum RTT seen in the last ``rtt_window_s`` (NaN if none)."""
         now = time.monotonic() if now is None else now
@@ -190,10 +206,12 @@ class LinkEstimator:
             self._rtts.popleft()
         return min((r for _, r in self._rtts), default=math.nan)
 
+    @_locked
     def passive_age(self, now: float | None = None) -> float:
         """Return seconds since the last passive sample (inf if none)."""
         return (time.monotonic() if now is None else now) - self.last_passive
 
+    @_locked
     def estimate(self, now: float | None = None) -> LinkEstimate:
         """Return the published estimate and the link's health."""
         now = time.monotonic() if now is None else now
