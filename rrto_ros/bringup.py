@@ -51,7 +51,7 @@ def default_config() -> Path:
 
 
 def percentile(values: list[float], q: float) -> float:
-    """Return the ``q``-th percentile (0 to 100) by nearest rank."""
+    """Return the nearest-rank ``q``-th percentile of ``values``, ``q`` in 0..100."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
