@@ -104,9 +104,11 @@ class BandwidthMonitor(Node):
         estimate = self.estimator.estimate()
         self._publish(estimate)
         if estimate.health != self._last_health:
-            log = (self.get_logger().warning if estimate.health in
-                   (LinkHealth.DOWN, LinkHealth.DEGRADED) else self.get_logger().info)
-            log(f'link to {self.server} is {estimate.health.value}: {estimate.reason}')
+            text = f'link to {self.server} is {estimate.health.value}: {estimate.reason}'
+            if estimate.health in (LinkHealth.DOWN, LinkHealth.DEGRADED):
+                self.get_logger().warning(text)
+            else:
+                self.get_logger().info(text)
             self._last_health = estimate.health
 
     def _publish(self, e: LinkEstimate) -> None:
