@@ -230,3 +230,13 @@ def test_latency_values_round_trip_with_types():
     assert values['total_ms'] == 12.346 and values['stamp'] == '5.000000007'
     assert math.isnan(values['bandwidth_mbps']) and values['frames_dropped'] == 3
     assert values['round_trips'] == 0 and values['task'] == 'detect'
+
+
+def test_readme_documents_every_parameter_and_latency_key():
+    readme = (ROOT / 'README.md').read_text()
+    for name, module in NODES.items():
+        section = readme.split(f'#### `{name}`', 1)[1].split('####', 1)[0]
+        for param in module.PARAMS:
+            assert f'`{param.name}`' in section, (name, param.name)
+    for key in KEYS:
+        assert f'`{key}`' in readme, key

@@ -12,7 +12,7 @@ def _probe(sock, payload=(), **fields):
     header.update(fields)
     sock.send_multipart(wire.encode(header, list(payload)))
     assert sock.poll(5000), 'server did not reply'
-    frames = sock.recv_multipart()
+    frames = [bytearray(f) for f in sock.recv_multipart()]   # writable, as zmq frames are
     reply = wire.decode_header(frames[0])
     return reply, frames[1:]
 
