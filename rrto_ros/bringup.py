@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     offload_overrides = overrides + ([Parameter('model', value=args.model)] if args.model else [])
 
     server = None
+    store = tempfile.TemporaryDirectory(prefix='rrto-demo-store-')
     if not args.no_server:
-        server = _start_server(endpoint, tempfile.mkdtemp(prefix='rrto-demo-store-'))
+        server = _start_server(endpoint, store.name)
     rclpy.init(args=['--ros-args', '--params-file', str(args.config)])
     nodes, executor, offload, live = [], None, None, None
     try:
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         if server is not None:
             server.terminate()
             server.wait(10)
+        store.cleanup()
     if stats is None:
         return 1
     print(summary(records, stats, dropped), flush=True)

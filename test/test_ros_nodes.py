@@ -1,10 +1,13 @@
 """The nodes as separate processes on a private ROS domain: what a ROS user sees."""
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from sensor_msgs.msg import Image
 from std_msgs.msg import Float32MultiArray
@@ -188,3 +191,25 @@ def test_invalid_parameters_fail_at_start_naming_the_parameter(ros_nodes, module
     assert proc.wait(60) == 2
     out = proc.output()
     assert f"parameter '{name}'" in out and 'Traceback' not in out, out
+
+
+def test_bringup_composes_the_nodes_and_prints_the_summary(tmp_path, domain_id):
+    from launch_testing_helpers import REPO
+    from ros_testing import ros_env
+    from rrto_testing import free_port
+    config = yaml.safe_load((REPO / 'config' / 'offload.yaml').read_text())
+    config['offload_node']['ros__parameters'].update(
+        model=MODEL, resize_height=64, resize_width=64, timeout_ms=3000.0)
+    config['camera_sim']['ros__parameters'].update(width=96, height=72, rate_hz=8.0)
+    path = tmp_path / 'offload.yaml'
+    path.write_text(yaml.safe_dump(config))
+    run = subprocess.run(
+        [sys.executable, '-m', 'rrto_ros.bringup', '--config', str(path), '--duration', '15',
+         '--summary-period', '1.0', '--server', f'tcp://127.0.0.1:{free_port()}'],
+        env=ros_env(domain_id), capture_output=True, text=True, timeout=180)
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    assert 'keypoint_net' in out and ' offloaded, ' in out, out
+    for line in ('calls ', 'round trips ', 'latency ms (/rrto/latency total): p50',
+                 'offloaded call ms (median)'):
+        assert line in run.stdout, out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 
 import rclpy
@@ -94,7 +95,8 @@ class OffloadNode(Node):
         self.slot = LatestSlot()
         self.link = {'uplink_mbps': math.nan, 'rtt_ms': math.nan}
         self.counts = {'rejected': 0, 'errors': 0}
-        self._period = {'fallbacks': 0, 'errors': 0, 'rejected': 0}
+        self._period = {'fallbacks': 0, 'errors': 0, 'rejected': 0}   # since last /diagnostics
+        self._count_lock = threading.Lock()   # the worker counts, the diagnostics timer reads
         self._last_reason = ''
         self._names: list[str] = []
         self._spec = None
@@ -163,8 +165,7 @@ class OffloadNode(Node):
         except Exception as exc:  # noqa: B902 - one bad frame must not stop the node
             if not self.context.ok():
                 return   # shutting down: publishers are gone
-            self.counts['errors'] += 1
-            self._period['errors'] += 1
+            self._count('errors')
             self.get_logger().error(f'inference failed: {type(exc).__name__}: {exc}',
                                     throttle_duration_sec=5.0)
         if self.slot:
@@ -176,8 +177,7 @@ class OffloadNode(Node):
             frame = self.converter(msg.height, msg.width, msg.encoding, msg.step, msg.data,
                                    bool(msg.is_bigendian))
         except ValueError as exc:
-            self.counts['rejected'] += 1
-            self._period['rejected'] += 1
+            self._count('rejected')
             self.get_logger().error(f'frame rejected: {exc}', throttle_duration_sec=5.0)
             return
         preprocess_ms = (time.perf_counter() - start) * 1e3
@@ -189,7 +189,7 @@ class OffloadNode(Node):
         age_ms = ((self.get_clock().now().nanoseconds - stamp_ns) / 1e6 if stamp_ns
                   else math.nan)
         if record.fallback:
-            self._period['fallbacks'] += 1
+            self._count('fallbacks')
         if record.reason:
             self._last_reason = record.reason
         values = latency.record_values(
@@ -200,6 +200,12 @@ class OffloadNode(Node):
         self._latency_pub.publish(m.status(
             self.task, m.WARN if record.fallback else m.OK, latency.summary_line(record),
             values, hardware_id=self.params['server']))
+
+    def _count(self, what: str) -> None:
+        with self._count_lock:
+            self._period[what] += 1
+            if what in self.counts:
+                self.counts[what] += 1
 
     def _publish_outputs(self, outputs) -> None:
         leaves, spec = treespec.flatten(outputs)
@@ -216,7 +222,8 @@ class OffloadNode(Node):
 
     def _publish_diagnostics(self) -> None:
         stats = self.engine.stats()
-        period, self._period = self._period, {k: 0 for k in self._period}
+        with self._count_lock:
+            period, self._period = self._period, {k: 0 for k in self._period}
         available = self.engine.data.available
         if period['errors']:
             level, message = m.ERROR, f'{period["errors"]} inferences failed'
