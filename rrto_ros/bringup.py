@@ -24,18 +24,19 @@ from pathlib import Path
 
 import rclpy
 import yaml
+import zmq
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
-from rrto_ros.client import OffloadError, RrtoClient
 from rrto_ros.latency import parse_values
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.bandwidth_monitor import BandwidthMonitor
 from rrto_ros.nodes.camera_sim import CameraSim
 from rrto_ros.nodes.offload_node import OffloadNode
 from rrto_ros.nodes.params import ParameterError
+from rrto_server import protocol as wire
 
 
 def default_config() -> Path:
@@ -125,21 +126,30 @@ def summary(records: list[dict], stats: dict, dropped: int) -> str:
     return '\n'.join(lines)
 
 
+def _answers(endpoint: str, timeout_ms: int) -> bool:
+    """Return True if an rrto_server answers ``hello`` on ``endpoint`` within the timeout."""
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(endpoint)
+    try:
+        sock.send_multipart(wire.encode({'kind': 'hello', 'id': 1}))
+        return bool(sock.poll(timeout_ms))
+    finally:
+        sock.close(linger=0)
+
+
 def _start_server(endpoint: str, store: str) -> subprocess.Popen:
+    if _answers(endpoint, 300):
+        raise RuntimeError(f'a server already answers on {endpoint}: pass --no-server to use it, '
+                           'or --server tcp://127.0.0.1:PORT for another port')
     proc = subprocess.Popen([sys.executable, '-m', 'rrto_server', '--bind', endpoint,
                              '--store', store, '--log-level', 'WARNING'])
-    client = RrtoClient(endpoint, connect_timeout_ms=500, name='bringup')
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and proc.poll() is None:
-            try:
-                client.hello(timeout_ms=500)
-                return proc
-            except OffloadError:
-                client.wait_available(1.0)
-    finally:
-        client.close()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _answers(endpoint, 500):
+            return proc
     proc.terminate()
+    proc.wait(10)
     raise RuntimeError(f'rrto_server did not start on {endpoint}')
 
 
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--duration', type=float, default=20.0, help='seconds to run')
     parser.add_argument('--server', default='', help='override offload_node.server')
     parser.add_argument('--model', default='', help='override offload_node.model')
+    parser.add_argument('--timeout-ms', type=float, default=0.0,
+                        help='override offload_node.timeout_ms (0: keep the config value)')
     parser.add_argument('--no-server', action='store_true',
                         help='use a server that is already running instead of starting one')
     parser.add_argument('--summary-period', type=float, default=2.0,
@@ -162,11 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     endpoint = args.server or params['offload_node']['ros__parameters']['server']
     overrides = [Parameter('server', value=endpoint)]
     offload_overrides = overrides + ([Parameter('model', value=args.model)] if args.model else [])
+    if args.timeout_ms:
+        offload_overrides.append(Parameter('timeout_ms', value=args.timeout_ms))
 
     server = None
     store = tempfile.TemporaryDirectory(prefix='rrto-demo-store-')
     if not args.no_server:
-        server = _start_server(endpoint, store.name)
+        try:
+            server = _start_server(endpoint, store.name)
+        except RuntimeError as exc:
+            print(f'rrto bring-up: {exc}', file=sys.stderr)
+            store.cleanup()
+            return 2
     rclpy.init(args=['--ros-args', '--params-file', str(args.config)])
     nodes, executor, offload, live = [], None, None, None
     try:
