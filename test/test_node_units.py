@@ -240,3 +240,14 @@ def test_readme_documents_every_parameter_and_latency_key():
             assert f'`{param.name}`' in section, (name, param.name)
     for key in KEYS:
         assert f'`{key}`' in readme, key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_server_node_serves_on_cuda(make_node, tmp_path):
+    from rrto_testing import free_port, hello
+    endpoint = f'tcp://127.0.0.1:{free_port()}'
+    node = make_node(server_node.ServerNode, bind=endpoint, store=str(tmp_path / 'store'),
+                     device='cuda')
+    assert node.server.device.type == 'cuda'
+    assert hello(endpoint)['device'].startswith('cuda')

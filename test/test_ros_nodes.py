@@ -35,7 +35,7 @@ def _logs(*procs):
 
 def test_camera_sim_to_offload_node_outputs_and_latency_records(
         server_process, ros_nodes, listener):
-    server = server_process()
+    server = server_process(None, None, '--device', 'cpu')
     camera = ros_nodes('camera_sim', width=96, height=72, rate_hz=8.0, encoding='bgr8',
                        topic='/cam/image')
     offload = ros_nodes('offload_node', server=server.endpoint, model=MODEL,
@@ -136,7 +136,7 @@ class _Camera:
 
 def test_server_killed_shows_fallback_and_recovers_with_outputs_equal_to_local(
         server_process, ros_nodes, listener, tmp_path):
-    server = server_process(tmp_path / 'store')
+    server = server_process(tmp_path / 'store', None, '--device', 'cpu')  # compared at 1e-5
     offload = ros_nodes('offload_node', server=server.endpoint, model=MODEL,
                         input_topic='/test/image', resize_height=0, resize_width=0,
                         timeout_ms=1500.0, connect_timeout_ms=300.0)
@@ -213,3 +213,18 @@ def test_bringup_composes_the_nodes_and_prints_the_summary(tmp_path, domain_id):
     for line in ('calls ', 'round trips ', 'latency ms (/rrto/latency total): p50',
                  'offloaded call ms (median)'):
         assert line in run.stdout, out
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_offload_node_on_a_cuda_server_in_fp16(server_process, ros_nodes, listener, tmp_path):
+    server = server_process(tmp_path / 'store', None, '--device', 'cuda')
+    offload = ros_nodes('offload_node', server=server.endpoint, input_topic='/cam/image',
+                        precision='fp16', timeout_ms=500.0)
+    camera = ros_nodes('camera_sim', topic='/cam/image', rate_hz=15.0)
+    latency = listener.subscribe(DiagnosticStatus, '/rrto/latency', m.LATENCY_QOS)
+    done = listener.wait_for(
+        lambda: [r for r in _records(latency) if r['result'] == 'offloaded'][10:],
+        180, 'offloaded ResNet-18 inferences on the GPU', _logs(camera, offload))
+    assert all(r['round_trips'] == 1 and r['task'] == 'resnet18' for r in done)
+    assert 224 * 224 * 3 < done[-1]['bytes_sent'] < 224 * 224 * 3 * 2
