@@ -94,8 +94,7 @@ class LatencySummary(Node):
         if offloaded:
             line += ' | network {:.1f} + server {:.1f} + robot {:.1f} ms'.format(
                 statistics.median(r['network_ms'] for r in offloaded),
-                statistics.median(r['server_queue_ms'] + r['server_compute_ms']
-                                  for r in offloaded),
+                statistics.median(r['server_ms'] for r in offloaded),
                 statistics.median(r['robot_compute_ms'] for r in offloaded))
         if self.link:
             line += ' | link {} rtt {:.2f} ms up {:.0f} Mbit/s'.format(

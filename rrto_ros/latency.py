@@ -19,14 +19,15 @@ from rrto_ros.engine import CallRecord, OffloadResult
 KEYS = {
     'total_ms': float,           # the offload call: queue on the robot excluded
     'network_ms': float,         # round trip minus server time (0 when run locally)
+    'server_ms': float,          # request received to reply sent, on the server
     'server_queue_ms': float,    # waiting for the server's device
     'server_compute_ms': float,  # the server's device work
     'robot_compute_ms': float,   # robot-side work inside the call (local inference included)
     'preprocess_ms': float,      # Image -> tensor on the robot, before the call
     'age_ms': float,             # input image stamp -> outputs published (end to end)
-    'plan': str,                 # replay | eager | naive | local
-    'bandwidth_mbps': float,     # uplink estimate from /rrto/bandwidth (nan if none)
-    'rtt_ms': float,             # round-trip estimate from /rrto/bandwidth (nan if none)
+    'plan': str,                 # offload | local | a split/hybrid plan of the plan table
+    'bandwidth_mbps': float,     # link estimate the plan was chosen for (nan if none yet)
+    'rtt_ms': float,             # round-trip estimate from /rrto/bandwidth (nan if none yet)
     'task': str,
     'fallback': bool,            # the server failed or was late: ran locally instead
     'result': str,               # offloaded | local | local_fallback
@@ -49,11 +50,13 @@ def _text(value) -> str:
 
 
 def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
-                  preprocess_ms: float, age_ms: float, bandwidth_mbps: float = math.nan,
-                  rtt_ms: float = math.nan, frames_dropped: int = 0) -> list[tuple[str, str]]:
+                  preprocess_ms: float, age_ms: float, rtt_ms: float = math.nan,
+                  frames_dropped: int = 0) -> list[tuple[str, str]]:
     """Return the record's ``(key, value)`` pairs in :data:`KEYS` order."""
+    bandwidth_mbps = record.bandwidth_mbps if record.bandwidth_mbps > 0 else math.nan
     values = {
         'total_ms': record.total_ms, 'network_ms': record.network_ms,
+        'server_ms': record.server_ms,
         'server_queue_ms': record.server_queue_ms,
         'server_compute_ms': record.server_compute_ms,
         'robot_compute_ms': record.robot_compute_ms, 'preprocess_ms': float(preprocess_ms),

@@ -220,7 +220,7 @@ def test_dimensions_are_labelled_with_strides():
 
 
 def test_latency_values_round_trip_with_types():
-    record = CallRecord(OffloadResult.LOCAL_FALLBACK, 'replay', total_ms=12.3456,
+    record = CallRecord(OffloadResult.LOCAL_FALLBACK, 'offload', total_ms=12.3456,
                         network_ms=10.0, robot_compute_ms=2.3456, reason='no reply in time')
     pairs = record_values(record, task='detect', server='tcp://h:1', stamp=stamp_text(5, 7),
                           preprocess_ms=0.5, age_ms=20.0, frames_dropped=3)
@@ -230,6 +230,9 @@ def test_latency_values_round_trip_with_types():
     assert values['total_ms'] == 12.346 and values['stamp'] == '5.000000007'
     assert math.isnan(values['bandwidth_mbps']) and values['frames_dropped'] == 3
     assert values['round_trips'] == 0 and values['task'] == 'detect'
+    record.bandwidth_mbps = 42.0
+    assert parse_values(record_values(record, task='t', server='s', stamp='0.000000000',
+                                      preprocess_ms=0, age_ms=0))['bandwidth_mbps'] == 42.0
 
 
 def test_readme_documents_every_parameter_and_latency_key():

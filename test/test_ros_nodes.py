@@ -63,7 +63,10 @@ def test_camera_sim_to_offload_node_outputs_and_latency_records(
         parts = (r['network_ms'], r['server_queue_ms'], r['server_compute_ms'],
                  r['robot_compute_ms'])
         assert all(p >= 0 for p in parts) and sum(parts) <= r['total_ms'] + 0.01, r
-        assert r['round_trips'] == 1 and r['fallback'] is False and r['plan'] == 'replay'
+        assert r['round_trips'] == 1 and r['fallback'] is False and r['plan'] == 'offload'
+        assert r['server_queue_ms'] + r['server_compute_ms'] <= r['server_ms'] + 0.01
+        total = r['network_ms'] + r['server_ms'] + r['robot_compute_ms']
+        assert total == pytest.approx(r['total_ms'], abs=0.01), r
         assert r['task'] == 'keypoint_net' and r['server'] == server.endpoint
         assert r['age_ms'] >= r['total_ms'] > 0 and r['preprocess_ms'] > 0
         # the 64x64x3 frame travels as uint8, not as a float tensor

@@ -155,6 +155,9 @@ class OffloadNode(Node):
                 self.link[key] = float(values.get(key, 'nan'))
             except ValueError:
                 self.link[key] = math.nan
+        up, rtt = self.link['uplink_mbps'], self.link['rtt_ms']
+        if values.get('health') != 'down' and up > 0 and rtt >= 0 and math.isfinite(up + rtt):
+            self.engine.set_link(up, rtt)   # a plan table, if any, follows from the next call
 
     def _infer(self) -> None:
         taken, msg = self.slot.take()
@@ -195,8 +198,7 @@ class OffloadNode(Node):
         values = latency.record_values(
             record, task=self.task, server=self.params['server'],
             stamp=latency.stamp_text(stamp.sec, stamp.nanosec), preprocess_ms=preprocess_ms,
-            age_ms=age_ms, bandwidth_mbps=self.link['uplink_mbps'], rtt_ms=self.link['rtt_ms'],
-            frames_dropped=self.slot.dropped)
+            age_ms=age_ms, rtt_ms=self.link['rtt_ms'], frames_dropped=self.slot.dropped)
         self._latency_pub.publish(m.status(
             self.task, m.WARN if record.fallback else m.OK, latency.summary_line(record),
             values, hardware_id=self.params['server']))
