@@ -32,6 +32,8 @@ KEYS = {
     'fallback': bool,            # the server failed or was late: ran locally instead
     'result': str,               # offloaded | local | local_fallback
     'reason': str,               # why it ran locally ('' when offloaded)
+    'deadline_missed': bool,     # later than deadline_ms, or dropped by the server for it
+    'preemptions': int,          # times the server suspended it for more urgent work
     'stamp': str,                # input image header stamp, sec.nanosec
     'round_trips': int,          # network round trips of this call (1 when offloaded)
     'bytes_sent': int,
@@ -62,7 +64,9 @@ def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
         'robot_compute_ms': record.robot_compute_ms, 'preprocess_ms': float(preprocess_ms),
         'age_ms': float(age_ms), 'plan': record.plan, 'bandwidth_mbps': float(bandwidth_mbps),
         'rtt_ms': float(rtt_ms), 'task': task, 'fallback': record.fallback,
-        'result': record.result.value, 'reason': record.reason, 'stamp': stamp,
+        'result': record.result.value, 'reason': record.reason,
+        'deadline_missed': record.deadline_missed, 'preemptions': record.preemptions,
+        'stamp': stamp,
         'round_trips': record.round_trips, 'bytes_sent': record.bytes_sent,
         'bytes_received': record.bytes_received, 'server': server,
         'frames_dropped': int(frames_dropped)}

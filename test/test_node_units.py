@@ -101,6 +101,7 @@ def test_endpoint_check():
     ({'resize_height': 32, 'resize_width': 0}, 'resize_width'),
     ({'model': str(ROOT / 'nope.onnx')}, 'model'),
     ({'priority': 1000}, 'priority'),
+    ({'late': 'never'}, 'late'),
 ])
 def test_offload_node_rejects_bad_values_naming_the_parameter(make_node, overrides, name):
     with pytest.raises(ParameterError, match=f"parameter '{name}'"):
@@ -171,8 +172,12 @@ def test_server_node_serves_and_publishes_its_counters(make_node, context, tmp_p
     from rrto_testing import free_port, hello
     endpoint = f'tcp://127.0.0.1:{free_port()}'
     node = make_node(server_node.ServerNode, bind=endpoint, store=str(tmp_path / 'store'),
-                     device='cpu', diagnostics_period_s=0.2)
+                     device='cpu', diagnostics_period_s=0.2, sched_policy='fifo',
+                     late_policy='run', cpu_workers=3)
     assert hello(endpoint)['kind'] == 'ok'
+    config = node.server.config
+    assert (config.sched_policy, config.late_policy, config.cpu_workers, config.pack_theta) == (
+        'fifo', 'run', 3, None)
     got = []
     sub = rclpy.create_node('units_diag', context=context)
     sub.create_subscription(DiagnosticArray, '/diagnostics', got.append, m.DIAGNOSTICS_QOS)

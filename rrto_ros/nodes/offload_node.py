@@ -53,6 +53,8 @@ PARAMS = [
     Param('task', '', "task name the server schedules by ('' = the model's name)"),
     Param('priority', 0, 'server scheduling priority (higher first)', range=(-100, 100)),
     Param('deadline_ms', 0.0, 'server deadline per inference (0 = none)', range=(0.0, 60000.0)),
+    Param('late', 'server', "past its deadline: 'drop' (run locally), 'run' late, or 'server' "
+          "(the server's --late-policy)", choices=('server', 'drop', 'run')),
     Param('resize_height', 224, 'resize frames on the robot to this height (0 = keep)',
           range=(0, 8192)),
     Param('resize_width', 224, 'resize frames on the robot to this width (0 = keep)',
@@ -90,6 +92,7 @@ class OffloadNode(Node):
         self.engine = offload(self._model(), server=p['server'], timeout_ms=p['timeout_ms'],
                               mode=p['mode'], precision=p['precision'], priority=p['priority'],
                               deadline_ms=p['deadline_ms'] or None, task=p['task'],
+                              late=None if p['late'] == 'server' else p['late'],
                               connect_timeout_ms=p['connect_timeout_ms'])
         self.task = self.engine.keys['task']
         self.slot = LatestSlot()

@@ -22,6 +22,7 @@ from rrto_ros.nodes import log_bridge
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
 from rrto_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
 
 PARAMS = [
@@ -39,6 +40,13 @@ PARAMS = [
     Param('max_replay_mb', 8192.0, 'device memory for recorded replays, MiB',
           range=(1.0, 1e7)),
     Param('cpu_backend', 'fx', 'CPU replay backend', choices=('fx', 'frozen')),
+    Param('sched_policy', PREEMPTIVE, 'device scheduling policy', choices=POLICIES),
+    Param('pack_theta', -1.0, 'packing threshold for the low-priority CUDA stream, 0 = off, '
+          '-1 = auto (1.0 on CUDA, off on CPU)', range=(-1.0, 2.0)),
+    Param('late_policy', DROP, "requests past their deadline: 'drop' or 'run' late",
+          choices=LATE_POLICIES),
+    Param('cpu_workers', 2, 'threads for decoding, staging, copy-back and encoding',
+          range=(1, 64)),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics', range=(0.1, 60.0)),
 ]
 
@@ -81,11 +89,14 @@ class ServerNode(Node):
             bind=p['bind'], store=os.path.expanduser(p['store']), device=p['device'],
             allow_upload=p['allow_upload'], max_message_bytes=int(p['max_message_mb'] * 2**20),
             max_replays=p['max_replays'], max_replay_bytes=int(p['max_replay_mb'] * 2**20),
-            cpu_backend=p['cpu_backend'])
+            cpu_backend=p['cpu_backend'], sched_policy=p['sched_policy'],
+            pack_theta=None if p['pack_theta'] < 0 else p['pack_theta'],
+            late_policy=p['late_policy'], cpu_workers=p['cpu_workers'])
         try:
             server = Server(config)
-        except ValueError as exc:
-            raise fail('device', str(exc)) from None
+        except ValueError as exc:   # ServerConfig.check() names the option it rejects
+            name = next((p.name for p in PARAMS if p.name in str(exc)), 'device')
+            raise fail(name, str(exc)) from None
         except zmq.ZMQError as exc:
             raise fail('bind', f'cannot bind {p["bind"]}: {exc}') from None
         except OSError as exc:
