@@ -86,7 +86,8 @@ class InferJob(Job):
 
     # ---------------------------------------------------------------- phase 1 (CPU worker)
     def prepare(self, submit: bool = True) -> bool:
-        """Decode and stage the inputs, then queue the job (unless not ``submit``).
+        """
+        Decode and stage the inputs, then queue the job (unless not ``submit``).
 
         Returns False when the request was answered with an error instead.
         """
