@@ -27,6 +27,10 @@ setup(
         'console_scripts': [
             'rrto_server = rrto_server.__main__:main',
             'rrto-plan = rrto_ros.plan_cli:main',
+            'offload_node = rrto_ros.nodes.offload_node:main',
+            'bandwidth_monitor = rrto_ros.nodes.bandwidth_monitor:main',
+            'server_node = rrto_ros.nodes.server_node:main',
+            'camera_sim = rrto_ros.nodes.camera_sim:main',
         ],
     },
 )

@@ -345,10 +345,11 @@ class OffloadedModel:
                 target.state, target.error = 'ready', ''
             except ServerUnavailable as exc:
                 target.error = f'server unreachable: {exc}'
-                if self._closed.is_set():
-                    return
-                self.control.wait_available(timeout_s=3600)
-                self._jobs.put(target)  # try again once the server answers
+                # try again once the server answers; close() must not wait for that
+                while not self.control.wait_available(timeout_s=0.2):
+                    if self._closed.is_set():
+                        return
+                self._jobs.put(target)
                 continue
             except Exception as exc:  # noqa: B902 - any failure here means: run locally
                 self.counters['prepare_errors'] += 1

@@ -39,6 +39,7 @@ MAX_RANK = 8
 # zero-copy bookkeeping (a tracker and a GIL-taking free callback) costs more than a memcpy
 # of a camera frame.  Set on every socket as ``socket.copy_threshold``.
 COPY_THRESHOLD = int(__import__('os').environ.get('RRTO_COPY_THRESHOLD', 1 << 20))
+MAX_PROBE_BYTES = 16 << 20
 
 
 class Kind(str, enum.Enum):
@@ -53,6 +54,7 @@ class Kind(str, enum.Enum):
     RELEASE = 'release'    # naive mode: drop a session's remote tensors
     STATS = 'stats'        # server and per-model counters
     PROFILE = 'profile'    # per-operator compute times of a stored program on the server
+    PROBE = 'probe'        # link measurement: optional uint8 payload up, ``reply_bytes`` down
     OK = 'ok'
     ERROR = 'error'
 

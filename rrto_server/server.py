@@ -1,7 +1,7 @@
 """
 The ZeroMQ ROUTER loop: receive, validate, dispatch, reply.
 
-One I/O thread owns the ROUTER socket.  Cheap requests (hello, missing,
+One I/O thread owns the ROUTER socket.  Cheap requests (hello, missing, probe,
 stats) are answered inline; uploads go to a control thread (disk I/O);
 recordings and naive operators go to the device
 :class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
@@ -386,6 +386,24 @@ class Server:
         if not isinstance(repeats, int) or not 1 <= repeats <= 100:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'repeats' must be an integer in 1..100")
         self.scheduler.submit(ProfileJob(self, request, digest, repeats))
+
+    def _on_probe(self, request: _Request, frames: list) -> None:
+        # answered inline by the I/O thread: a probe measures the link, never the device queue
+        reply_bytes = request.header.get('reply_bytes', 0)
+        if not isinstance(reply_bytes, int) or isinstance(reply_bytes, bool) or reply_bytes < 0:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                "'reply_bytes' must be a non-negative integer")
+        if reply_bytes > min(wire.MAX_PROBE_BYTES, self.config.max_message_bytes):
+            raise ProtocolError(
+                ErrorCode.TOO_LARGE,
+                f'probe reply of {reply_bytes} bytes exceeds '
+                f'{min(wire.MAX_PROBE_BYTES, self.config.max_message_bytes)}')
+        payload = wire.decode_tensors(request.header, frames)
+        if len(payload) > 1 or any(t.dtype != torch.uint8 or t.dim() != 1 for t in payload):
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                'a probe carries at most one 1-D uint8 payload')
+        tensors = [torch.zeros(reply_bytes, dtype=torch.uint8)] if reply_bytes else []
+        self._ok(request, tensors, received_bytes=request.size)
 
     def _on_stats(self, request: _Request, frames: list) -> None:
         self._ok(request, stats=self.snapshot())

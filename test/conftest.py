@@ -79,3 +79,35 @@ def offloaded():
     yield make
     for om in models:
         om.close()
+
+
+@pytest.fixture
+def domain_id():
+    """A ROS domain id of this test alone (see ros_testing)."""
+    from ros_testing import new_domain_id
+    return new_domain_id()
+
+
+@pytest.fixture
+def ros_nodes(tmp_path, domain_id):
+    """Factory for node processes on this test's domain; all stopped after the test."""
+    from ros_testing import NodeProcess
+    procs = []
+
+    def make(module: str, **params) -> NodeProcess:
+        proc = NodeProcess(module, params, domain_id, tmp_path)
+        procs.append(proc)
+        return proc.start()
+
+    yield make
+    for proc in procs:
+        proc.stop()
+
+
+@pytest.fixture
+def listener(domain_id):
+    """An rclpy listener on this test's domain, in its own context."""
+    from ros_testing import Listener
+    lis = Listener(domain_id)
+    yield lis
+    lis.close()

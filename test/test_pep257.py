@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import pytest
-from ament_pep257.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -11,5 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.linter
 @pytest.mark.pep257
 def test_pep257():
+    # skipped, not failed, where the linter is absent (a ROS CLI venv running launch tests);
+    # imported here because a module-level skip would stop launch_testing's collection
+    main = pytest.importorskip('ament_pep257.main').main
     rc = main(argv=[str(ROOT / 'rrto_ros'), str(ROOT / 'rrto_server'), str(ROOT / 'bench')])
     assert rc == 0, 'Found code style errors / warnings'

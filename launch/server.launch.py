@@ -1,0 +1,40 @@
+"""
+Run rrto_server on a GPU machine as a ROS node: ``ros2 launch rrto_ros server.launch.py``.
+
+``server_node`` serves on ``bind`` (default: every interface, port 5555) with
+the parameters in ``config`` (default: the package's ``config/server.yaml``)
+and publishes its counters on ``/diagnostics``.  ``bind``, ``device`` and
+``store`` override the config file only when given.  Without ROS on the GPU
+machine, ``python -m rrto_server --bind tcp://0.0.0.0:5555`` serves the same.
+"""
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
+from launch_ros.actions import Node
+from launch_ros.substitutions import FindPackageShare
+
+
+def _server(context):
+    overrides = {name: LaunchConfiguration(name).perform(context)
+                 for name in ('bind', 'device', 'store')}
+    overrides = {k: v for k, v in overrides.items() if v}
+    return [Node(package='rrto_ros', executable='server_node', name='server_node',
+                 parameters=[LaunchConfiguration('config')] + ([overrides] if overrides else []),
+                 output='screen')]
+
+
+def generate_launch_description():
+    share = FindPackageShare('rrto_ros')
+    return LaunchDescription([
+        DeclareLaunchArgument('bind', default_value='tcp://0.0.0.0:5555',
+                              description='ZeroMQ endpoint to serve on'),
+        DeclareLaunchArgument('device', default_value='',
+                              description="auto | cpu | cuda | cuda:N ('' = from config)"),
+        DeclareLaunchArgument('store', default_value='',
+                              description="model store directory ('' = from config)"),
+        DeclareLaunchArgument(
+            'config', default_value=PathJoinSubstitution([share, 'config', 'server.yaml']),
+            description='server_node parameters'),
+        OpaqueFunction(function=_server),
+    ])

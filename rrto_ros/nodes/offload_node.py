@@ -1,0 +1,290 @@
+"""
+``offload_node``: camera frames in, model outputs and ``/rrto/latency`` out.
+
+Subscribes to ``sensor_msgs/Image`` (sensor-data QoS), keeps only the newest
+frame while an inference runs (older ones are counted as dropped), converts it
+to a uint8 NHWC tensor without cv_bridge, and runs it through the offload
+engine; normalisation is part of the offloaded model, so frames cross the link
+as uint8.  Each output tensor is published as ``std_msgs/Float32MultiArray`` on
+``<output_prefix>/<name>``; each inference's timing as
+``diagnostic_msgs/DiagnosticStatus`` on ``/rrto/latency``; node health on
+``/diagnostics``.  The blocking call runs in its own callback group under a
+MultiThreadedExecutor, so frames, the bandwidth estimate and parameter
+changes are handled while it waits.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+
+import rclpy
+from diagnostic_msgs.msg import DiagnosticStatus
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+
+from rrto_ros import latency
+from rrto_ros.engine import MODES, offload
+from rrto_ros.image import CHANNEL_ORDERS, ImageConverter
+from rrto_ros.latest import LatestSlot
+from rrto_ros.local_model import TorchModule, load_local_model
+from rrto_ros.nodes import log_bridge
+from rrto_ros.nodes import messages as m
+from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
+from rrto_ros.outputs import output_names
+from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
+from rrto_server import treespec
+
+PARAMS = [
+    Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint', check=check_endpoint),
+    Param('model', 'python:rrto_ros.zoo:resnet18',
+          "python:package.module:factory, or a .pt2 / TorchScript / .onnx file"),
+    Param('input_topic', '/camera/image_raw', 'sensor_msgs/Image topic to run the model on'),
+    Param('output_prefix', '~/output', 'outputs go to <output_prefix>/<output name>'),
+    Param('mode', 'replay', 'replay | eager | naive | local', choices=MODES),
+    Param('precision', 'fp32', 'server-side precision', choices=('fp32', 'fp16', 'bf16')),
+    Param('timeout_ms', 200.0, 'a call slower than this runs locally (changeable at run time)',
+          runtime=True, range=(1.0, 60000.0)),
+    Param('connect_timeout_ms', 1000.0, 'connection timeout', range=(1.0, 60000.0)),
+    Param('task', '', "task name the server schedules by ('' = the model's name)"),
+    Param('priority', 0, 'server scheduling priority (higher first)', range=(-100, 100)),
+    Param('deadline_ms', 0.0, 'server deadline per inference (0 = none)', range=(0.0, 60000.0)),
+    Param('late', 'server', "past its deadline: 'drop' (run locally), 'run' late, or 'server' "
+          "(the server's --late-policy)", choices=('server', 'drop', 'run')),
+    Param('resize_height', 224, 'resize frames on the robot to this height (0 = keep)',
+          range=(0, 8192)),
+    Param('resize_width', 224, 'resize frames on the robot to this width (0 = keep)',
+          range=(0, 8192)),
+    Param('channel_order', 'rgb', 'channel order the network expects', choices=CHANNEL_ORDERS),
+    Param('normalize', True, 'divide by input_scale and normalise with mean/std on the server'),
+    Param('mean', list(IMAGENET_MEAN), 'per-channel mean (after dividing by input_scale)'),
+    Param('std', list(IMAGENET_STD), 'per-channel std (after dividing by input_scale)',
+          check=lambda v: None if all(s > 0 for s in v) else 'every std must be > 0'),
+    Param('input_scale', 255.0, 'pixel value that maps to 1.0 (255 for 8-bit images)',
+          range=(1e-9, 1e9)),
+    Param('diagnostics_period_s', 1.0, 'period of /diagnostics', range=(0.1, 60.0)),
+]
+
+
+class OffloadNode(Node):
+    """Run a model on every newest camera frame, offloaded when the server can take it."""
+
+    def __init__(self, **kwargs):
+        super().__init__('offload_node', **kwargs)
+        log_bridge.install()
+        try:
+            self._setup()
+        except ParameterError:
+            super().destroy_node()
+            raise
+
+    def _setup(self) -> None:
+        self.params = p = Parameters(self, PARAMS, self._on_param_change)
+        resize = (p['resize_height'], p['resize_width'])
+        if (0 in resize) and resize != (0, 0):
+            raise fail('resize_height' if resize[0] == 0 else 'resize_width',
+                       'set both resize_height and resize_width, or neither')
+        self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
+        self.engine = offload(self._model(), server=p['server'], timeout_ms=p['timeout_ms'],
+                              mode=p['mode'], precision=p['precision'], priority=p['priority'],
+                              deadline_ms=p['deadline_ms'] or None, task=p['task'],
+                              late=None if p['late'] == 'server' else p['late'],
+                              connect_timeout_ms=p['connect_timeout_ms'])
+        self.task = self.engine.keys['task']
+        self.slot = LatestSlot()
+        self.link = {'uplink_mbps': math.nan, 'rtt_ms': math.nan}
+        self.counts = {'rejected': 0, 'errors': 0}
+        self._period = {'fallbacks': 0, 'errors': 0, 'rejected': 0}   # since last /diagnostics
+        self._count_lock = threading.Lock()   # the worker counts, the diagnostics timer reads
+        self._last_reason = ''
+        self._names: list[str] = []
+        self._spec = None
+        self._outputs: dict = {}
+        self._prefix = p['output_prefix'].rstrip('/')
+        infer_group = MutuallyExclusiveCallbackGroup()
+        self._work = self.create_guard_condition(self._infer, callback_group=infer_group)
+        self._latency_pub = self.create_publisher(DiagnosticStatus, m.LATENCY_TOPIC,
+                                                  m.LATENCY_QOS)
+        self._diag_pub = self.create_publisher(m.DiagnosticArray, m.DIAGNOSTICS_TOPIC,
+                                               m.DIAGNOSTICS_QOS)
+        self.create_subscription(Image, p['input_topic'], self._on_image, m.IMAGE_QOS)
+        self.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, self._on_bandwidth,
+                                 m.STATUS_QOS)
+        self.create_timer(p['diagnostics_period_s'], self._publish_diagnostics)
+        self.get_logger().info(
+            f'offloading {self.engine.local.label} to {p["server"]} ({p["mode"]}, '
+            f'timeout {p["timeout_ms"]:g} ms) for frames on {p["input_topic"]}')
+
+    def _model(self):
+        p = self.params
+        try:
+            local = load_local_model(p['model'])
+        except Exception as exc:  # noqa: B902 - any load failure is a bad 'model' value
+            raise fail('model', f'cannot load {p["model"]!r}: {exc}') from None
+        if not p['normalize']:
+            return local
+        channels = 1 if p['channel_order'] == 'mono' else 3
+        for name in ('mean', 'std'):
+            if len(p[name]) != channels:
+                raise fail(name, f'needs {channels} values for channel_order '
+                                 f'{p["channel_order"]!r}, got {len(p[name])}')
+        module = getattr(local, 'module', None)
+        if not isinstance(local, TorchModule) or module is None:
+            raise fail('normalize', f'{p["model"]!r} is not a torch model; set normalize:=false '
+                                    'and give it NHWC frames as they come')
+        wrapped = WithImageInput(module, p['mean'], p['std'], value_scale=p['input_scale'])
+        return TorchModule(wrapped, label=local.label)
+
+    # ------------------------------------------------------------------ callbacks
+    def _on_param_change(self, name: str, value) -> None:
+        if name == 'timeout_ms':
+            self.engine.set_timeout(value)
+            self.get_logger().info(f'timeout_ms is now {value:g}')
+
+    def _on_image(self, msg: Image) -> None:
+        self.slot.put(msg)
+        self._work.trigger()
+
+    def _on_bandwidth(self, msg: DiagnosticStatus) -> None:
+        if msg.hardware_id != self.params['server']:
+            return   # a monitor of another server
+        values = dict(m.values_of(msg))
+        for key in self.link:
+            try:
+                self.link[key] = float(values.get(key, 'nan'))
+            except ValueError:
+                self.link[key] = math.nan
+        up, rtt = self.link['uplink_mbps'], self.link['rtt_ms']
+        if values.get('health') != 'down' and up > 0 and rtt >= 0 and math.isfinite(up + rtt):
+            self.engine.set_link(up, rtt)   # a plan table, if any, follows from the next call
+
+    def _infer(self) -> None:
+        taken, msg = self.slot.take()
+        if not taken:
+            return
+        try:
+            self._run(msg)
+        except Exception as exc:  # noqa: B902 - one bad frame must not stop the node
+            if not self.context.ok():
+                return   # shutting down: publishers are gone
+            self._count('errors')
+            self.get_logger().error(f'inference failed: {type(exc).__name__}: {exc}',
+                                    throttle_duration_sec=5.0)
+        if self.slot:
+            self._work.trigger()   # a newer frame arrived meanwhile
+
+    def _run(self, msg: Image) -> None:
+        start = time.perf_counter()
+        try:
+            frame = self.converter(msg.height, msg.width, msg.encoding, msg.step, msg.data,
+                                   bool(msg.is_bigendian))
+        except ValueError as exc:
+            self._count('rejected')
+            self.get_logger().error(f'frame rejected: {exc}', throttle_duration_sec=5.0)
+            return
+        preprocess_ms = (time.perf_counter() - start) * 1e3
+        outputs = self.engine(frame)
+        record = self.engine.last
+        self._publish_outputs(outputs)
+        stamp = msg.header.stamp
+        stamp_ns = stamp.sec * 10**9 + stamp.nanosec
+        age_ms = ((self.get_clock().now().nanoseconds - stamp_ns) / 1e6 if stamp_ns
+                  else math.nan)
+        if record.fallback:
+            self._count('fallbacks')
+        if record.reason:
+            self._last_reason = record.reason
+        values = latency.record_values(
+            record, task=self.task, server=self.params['server'],
+            stamp=latency.stamp_text(stamp.sec, stamp.nanosec), preprocess_ms=preprocess_ms,
+            age_ms=age_ms, rtt_ms=self.link['rtt_ms'], frames_dropped=self.slot.dropped)
+        self._latency_pub.publish(m.status(
+            self.task, m.WARN if record.fallback else m.OK, latency.summary_line(record),
+            values, hardware_id=self.params['server']))
+
+    def _count(self, what: str) -> None:
+        with self._count_lock:
+            self._period[what] += 1
+            if what in self.counts:
+                self.counts[what] += 1
+
+    def _publish_outputs(self, outputs) -> None:
+        leaves, spec = treespec.flatten(outputs)
+        if spec != self._spec:
+            self._spec, self._names = spec, output_names(spec)
+            for name in self._names:
+                if name not in self._outputs:
+                    self._outputs[name] = self.create_publisher(
+                        m.Float32MultiArray, f'{self._prefix}/{name}', m.OUTPUT_QOS)
+            self.get_logger().info('publishing outputs on ' + ', '.join(
+                self._outputs[n].topic_name for n in self._names))
+        for name, leaf in zip(self._names, leaves):
+            self._outputs[name].publish(m.float_array(leaf))
+
+    def _publish_diagnostics(self) -> None:
+        stats = self.engine.stats()
+        with self._count_lock:
+            period, self._period = self._period, {k: 0 for k in self._period}
+        available = self.engine.data.available
+        if period['errors']:
+            level, message = m.ERROR, f'{period["errors"]} inferences failed'
+        elif not available:
+            level, message = m.WARN, 'server unreachable: running locally'
+        elif period['fallbacks'] or period['rejected']:
+            level, message = m.WARN, (f'{period["fallbacks"]} fallbacks, '
+                                      f'{period["rejected"]} frames rejected')
+        else:
+            level, message = m.OK, 'ok'
+        values = [('server', self.params['server']), ('model', self.params['model']),
+                  ('task', self.task), ('mode', self.params['mode']),
+                  ('timeout_ms', self.engine.timeout_ms), ('server_available', available),
+                  ('frames_received', self.slot.received), ('frames_dropped', self.slot.dropped),
+                  ('frames_rejected', self.counts['rejected']),
+                  ('errors', self.counts['errors']), ('last_reason', self._last_reason)]
+        values += sorted(stats.items())
+        name = f'{self.get_name()}: {self.task}'
+        self._diag_pub.publish(m.diagnostic_array(
+            self.get_clock().now().to_msg(),
+            [m.status(name, level, message, values, hardware_id=self.params['server'])]))
+
+    def destroy_node(self) -> None:
+        """Close the engine's sockets and threads, then the node."""
+        engine = getattr(self, 'engine', None)
+        if engine is not None:
+            engine.close()
+        super().destroy_node()
+
+
+def main(args=None) -> int:
+    """Run the node until Ctrl-C or shutdown; exit 2 on invalid parameters."""
+    rclpy.init(args=args)
+    node = executor = None
+    try:
+        node = OffloadNode()
+        executor = MultiThreadedExecutor(num_threads=3)
+        executor.add_node(node)
+        executor.spin()
+    except ParameterError as exc:
+        rclpy.logging.get_logger('offload_node').fatal(str(exc))
+        return 2
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception:
+        if rclpy.ok():
+            raise
+        # a callback that was publishing when Ctrl-C shut rclpy down: part of shutting down
+    finally:
+        if executor is not None:
+            executor.shutdown(timeout_sec=5.0)   # let an inference in flight finish first
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

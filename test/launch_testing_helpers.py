@@ -1,0 +1,41 @@
+"""What the launch tests share: private domain, free port, small configs in a temp dir."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import yaml
+from ros_testing import new_domain_id
+from rrto_testing import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LaunchSetup:
+    """A domain id, a server endpoint, and the package's YAML made small and local."""
+
+    def __init__(self):
+        self.domain_id = new_domain_id()
+        os.environ['ROS_DOMAIN_ID'] = str(self.domain_id)   # launched processes inherit it
+        os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
+        self.endpoint = f'tcp://127.0.0.1:{free_port()}'
+        self.dir = Path(tempfile.mkdtemp(prefix='rrto-launch-test-'))
+        self.offload_config = self._write('offload.yaml', {
+            'offload_node': {'model': 'python:rrto_ros.zoo:keypoint_net', 'resize_height': 64,
+                             'resize_width': 64, 'timeout_ms': 1000.0,
+                             'connect_timeout_ms': 300.0},
+            'camera_sim': {'width': 96, 'height': 72, 'rate_hz': 8.0},
+            'bandwidth_monitor': {'probe_rate_hz': 4.0}})
+        self.server_config = self._write('server.yaml', {
+            'server_node': {'store': str(self.dir / 'store'), 'device': 'cpu',
+                            'diagnostics_period_s': 0.5}})
+
+    def _write(self, name: str, changes: dict) -> str:
+        doc = yaml.safe_load((REPO / 'config' / name).read_text())
+        for node, values in changes.items():
+            doc[node]['ros__parameters'].update(values)
+        path = self.dir / name
+        path.write_text(yaml.safe_dump(doc))
+        return str(path)

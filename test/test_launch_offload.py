@@ -1,0 +1,92 @@
+"""
+launch_testing: ``offload.launch.py`` alone shows offloaded inference on /rrto/latency.
+
+Needs the package installed (``colcon build``, ``source install/setup.bash``)
+and launch_testing; skipped where launch_testing is not importable.
+"""
+
+import sys
+import unittest
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+launch_testing = pytest.importorskip('launch_testing')
+
+import launch  # noqa: E402
+import launch_testing.actions  # noqa: E402
+import launch_testing.asserts  # noqa: E402
+import launch_testing.markers  # noqa: E402
+from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
+from launch.actions import IncludeLaunchDescription  # noqa: E402
+from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
+from launch.substitutions import PathJoinSubstitution  # noqa: E402
+from launch_ros.substitutions import FindPackageShare  # noqa: E402
+from launch_testing_helpers import LaunchSetup  # noqa: E402
+from ros_testing import Listener  # noqa: E402
+from std_msgs.msg import Float32MultiArray  # noqa: E402
+
+from rrto_ros.latency import parse_values  # noqa: E402
+from rrto_ros.nodes import messages as m  # noqa: E402
+
+
+@pytest.mark.launch_test
+@launch_testing.ready_to_test_action_timeout(60)
+@launch_testing.markers.keep_alive
+def generate_test_description():
+    setup = LaunchSetup()
+    offload = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(
+            PathJoinSubstitution([FindPackageShare('rrto_ros'), 'launch', 'offload.launch.py'])),
+        launch_arguments={'server': setup.endpoint, 'config': setup.offload_config,
+                          'server_config': setup.server_config}.items())
+    return (launch.LaunchDescription([offload, launch_testing.actions.ReadyToTest()]),
+            {'setup': setup})
+
+
+class TestOffloadLaunch(unittest.TestCase):
+
+    def test_every_node_starts(self, proc_output, setup):
+        proc_output.assertWaitFor(f'rrto_server listening on {setup.endpoint}',
+                                  process='server_node', timeout=60)
+        proc_output.assertWaitFor('publishing 96x72 rgb8 frames', process='camera_sim',
+                                  timeout=60)
+        proc_output.assertWaitFor('offloading keypoint_net', process='offload_node',
+                                  timeout=60)
+        proc_output.assertWaitFor('measuring the link', process='bandwidth_monitor',
+                                  timeout=60)
+
+    def test_latency_outputs_bandwidth_and_diagnostics(self, setup):
+        listener = Listener(setup.domain_id)
+        try:
+            latency = listener.subscribe(DiagnosticStatus, '/rrto/latency', m.LATENCY_QOS)
+            heatmaps = listener.subscribe(Float32MultiArray, '/offload_node/output/heatmaps',
+                                          m.OUTPUT_QOS)
+            link = listener.subscribe(DiagnosticStatus, '/rrto/bandwidth', m.STATUS_QOS)
+            diagnostics = listener.subscribe(DiagnosticArray, '/diagnostics',
+                                             m.DIAGNOSTICS_QOS)
+            record = listener.wait_for(
+                lambda: next((r for r in map(parse_values, map(m.values_of, latency))
+                              if r['result'] == 'offloaded'), None),
+                120, 'an offloaded inference on /rrto/latency')
+            self.assertEqual(record['round_trips'], 1)
+            self.assertEqual(record['server'], setup.endpoint)
+            listener.wait_for(lambda: heatmaps, 10, 'outputs')
+            self.assertEqual([d.size for d in heatmaps[-1].layout.dim], [1, 17, 16, 16])
+            health = listener.wait_for(
+                lambda: link and dict(m.values_of(link[-1]))['health'], 20, 'link health')
+            self.assertEqual(health, 'ok')
+            listener.wait_for(
+                lambda: {s.name for a in diagnostics for s in a.status} >= {
+                    'server_node: rrto_server', 'offload_node: keypoint_net'},
+                20, 'server and offload node on /diagnostics')
+        finally:
+            listener.close()
+
+
+@launch_testing.post_shutdown_test()
+class TestOffloadLaunchShutdown(unittest.TestCase):
+
+    def test_every_node_exits_cleanly(self, proc_info):
+        launch_testing.asserts.assertExitCodes(proc_info)

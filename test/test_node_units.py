@@ -1,0 +1,261 @@
+"""Nodes in-process (parameters, newest-frame policy, server stats) and their ROS-free parts."""
+
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rclpy
+import torch
+import yaml
+from diagnostic_msgs.msg import DiagnosticArray
+from rclpy.executors import MultiThreadedExecutor
+from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
+from sensor_msgs.msg import Image
+
+from rrto_ros.engine import CallRecord, OffloadResult
+from rrto_ros.image import array_to_image
+from rrto_ros.latency import KEYS, parse_values, record_values, stamp_text
+from rrto_ros.latest import LatestSlot
+from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_node
+from rrto_ros.nodes import messages as m
+from rrto_ros.nodes.params import ParameterError, check_endpoint
+from rrto_ros.outputs import dimensions, output_names
+from rrto_server import treespec
+
+ROOT = Path(__file__).resolve().parents[1]
+NODES = {'offload_node': offload_node, 'bandwidth_monitor': bandwidth_monitor,
+         'camera_sim': camera_sim, 'server_node': server_node}
+KEYPOINT = 'python:rrto_ros.zoo:keypoint_net'
+
+
+@pytest.fixture
+def context(domain_id):
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, domain_id=domain_id, signal_handler_options=SignalHandlerOptions.NO)
+    yield ctx
+    ctx.try_shutdown()
+
+
+@pytest.fixture
+def make_node(context):
+    nodes = []
+
+    def make(cls, **overrides):
+        node = cls(context=context, parameter_overrides=[
+            Parameter(k, value=v) for k, v in overrides.items()])
+        nodes.append(node)
+        return node
+
+    yield make
+    for node in nodes:
+        node.destroy_node()
+
+
+# ---------------------------------------------------------------------- config and descriptors
+@pytest.mark.parametrize('config, names', [('offload.yaml', ['offload_node', 'bandwidth_monitor',
+                                                             'camera_sim']),
+                                           ('server.yaml', ['server_node'])])
+def test_shipped_yaml_mirrors_every_declared_default(config, names):
+    doc = yaml.safe_load((ROOT / 'config' / config).read_text())
+    assert sorted(doc) == sorted(names)
+    for name in names:
+        values = doc[name]['ros__parameters']
+        defaults = {p.name: p.default for p in NODES[name].PARAMS}
+        assert values == defaults, name
+        for key, value in values.items():   # ROS types: 200.0 is not 200
+            assert type(value) is type(defaults[key]), (name, key)
+
+
+@pytest.mark.parametrize('module', NODES.values(), ids=NODES)
+def test_every_parameter_has_a_descriptor_and_only_runtime_ones_are_writable(module):
+    for param in module.PARAMS:
+        desc = param.descriptor()
+        assert desc.description and desc.name == param.name and desc.type != 0
+        assert desc.read_only is (not param.runtime)
+        if param.range is not None:
+            assert desc.floating_point_range or desc.integer_range
+    endpoints = [p for p in module.PARAMS if p.name in ('server', 'bind')]
+    assert all(p.descriptor().read_only for p in endpoints)
+
+
+def test_endpoint_check():
+    for good in ['tcp://127.0.0.1:5555', 'tcp://gpu-host:6000', 'tcp://*:5555',
+                 'tcp://[::1]:5555', 'ipc:///tmp/rrto']:
+        assert check_endpoint(good) is None, good
+    for bad in ['127.0.0.1:5555', 'tcp://host', 'tcp://host:99999', 'http://h:1', '']:
+        assert check_endpoint(bad), bad
+
+
+@pytest.mark.parametrize('overrides, name', [
+    ({'timeout_ms': 0.0}, 'timeout_ms'),
+    ({'mode': 'fast'}, 'mode'),
+    ({'precision': 'int4'}, 'precision'),
+    ({'channel_order': 'rgba'}, 'channel_order'),
+    ({'server': 'localhost'}, 'server'),
+    ({'mean': [0.5]}, 'mean'),
+    ({'std': [1.0, 0.0, 1.0]}, 'std'),
+    ({'resize_height': 32, 'resize_width': 0}, 'resize_width'),
+    ({'model': str(ROOT / 'nope.onnx')}, 'model'),
+    ({'priority': 1000}, 'priority'),
+    ({'late': 'never'}, 'late'),
+])
+def test_offload_node_rejects_bad_values_naming_the_parameter(make_node, overrides, name):
+    with pytest.raises(ParameterError, match=f"parameter '{name}'"):
+        make_node(offload_node.OffloadNode, **overrides)
+
+
+def test_timeout_changes_at_run_time_and_read_only_parameters_do_not(make_node):
+    node = make_node(offload_node.OffloadNode, model=KEYPOINT)
+    assert node.set_parameters([Parameter('timeout_ms', value=75.0)])[0].successful
+    assert node.engine.timeout_ms == 75.0 and node.engine.data.call_timeout_ms == 75.0
+    bad = node.set_parameters([Parameter('timeout_ms', value=-1.0)])[0]
+    assert not bad.successful and 'timeout_ms' in bad.reason
+    assert node.engine.timeout_ms == 75.0
+    for name, value in [('server', 'tcp://other:5555'), ('mode', 'local')]:
+        result = node.set_parameters([Parameter(name, value=value)])[0]
+        assert not result.successful and 'read-only' in result.reason
+
+
+# ---------------------------------------------------------------------- newest frame only
+def _image(sec: int) -> Image:
+    msg = Image(**array_to_image(np.zeros((64, 64, 3), np.uint8), 'rgb8'))
+    msg.header.stamp.sec = sec
+    return msg
+
+
+def test_frames_arriving_during_an_inference_keep_only_the_newest(make_node, context):
+    node = make_node(offload_node.OffloadNode, model=KEYPOINT, mode='local',
+                     resize_height=0, resize_width=0, input_topic='/units/image')
+    seen = []
+    sub_node = rclpy.create_node('units_listener', context=context)
+    sub_node.create_subscription(m.DiagnosticStatus, '/rrto/latency',
+                                 lambda msg: seen.append(parse_values(m.values_of(msg))),
+                                 m.LATENCY_QOS)
+    for sec in range(1, 6):          # five frames while nothing runs: four are replaced
+        node._on_image(_image(sec))
+    assert node.slot.dropped == 4 and node.slot.received == 5
+    executor = MultiThreadedExecutor(num_threads=3, context=context)
+    executor.add_node(node)
+    executor.add_node(sub_node)
+    stop = threading.Event()
+    thread = threading.Thread(target=lambda: [executor.spin_once(0.05)
+                                              for _ in iter(stop.is_set, True)])
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join()
+        executor.shutdown(timeout_sec=1)
+        sub_node.destroy_node()
+    assert [r['stamp'] for r in seen] == [stamp_text(5, 0)], 'only the newest frame ran'
+    assert seen[0]['frames_dropped'] == 4 and seen[0]['result'] == 'local'
+
+
+def test_latest_slot_is_bounded_and_counts_replacements():
+    slot = LatestSlot()
+    assert slot.take() == (False, None) and not slot
+    assert slot.put(1) is False and slot.put(2) is True and slot.put(3) is True
+    assert slot and slot.take() == (True, 3) and slot.take() == (False, None)
+    assert (slot.received, slot.dropped) == (3, 2)
+
+
+# ---------------------------------------------------------------------- server_node
+def test_server_node_serves_and_publishes_its_counters(make_node, context, tmp_path):
+    from rrto_testing import free_port, hello
+    endpoint = f'tcp://127.0.0.1:{free_port()}'
+    node = make_node(server_node.ServerNode, bind=endpoint, store=str(tmp_path / 'store'),
+                     device='cpu', diagnostics_period_s=0.2, sched_policy='fifo',
+                     late_policy='run', cpu_workers=3)
+    assert hello(endpoint)['kind'] == 'ok'
+    config = node.server.config
+    assert (config.sched_policy, config.late_policy, config.cpu_workers, config.pack_theta) == (
+        'fifo', 'run', 3, None)
+    got = []
+    sub = rclpy.create_node('units_diag', context=context)
+    sub.create_subscription(DiagnosticArray, '/diagnostics', got.append, m.DIAGNOSTICS_QOS)
+    executor = MultiThreadedExecutor(num_threads=2, context=context)
+    executor.add_node(node)
+    executor.add_node(sub)
+    deadline = time.monotonic() + 20
+    while not got and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.1)
+    executor.shutdown(timeout_sec=1)
+    sub.destroy_node()
+    (status,) = got[-1].status
+    values = dict(m.values_of(status))
+    assert status.name == 'server_node: rrto_server' and status.hardware_id == endpoint
+    assert int(values['requests/hello']) >= 1 and values['device'] == 'cpu'
+    assert 'scheduler/pending' in values and 'bytes_in' in values
+
+
+def test_server_node_names_a_busy_endpoint(make_node, server):
+    with pytest.raises(ParameterError, match="parameter 'bind'"):
+        make_node(server_node.ServerNode, bind=server.endpoint, device='cpu')
+
+
+# ---------------------------------------------------------------------- ROS-free parts
+def test_output_names_follow_the_output_structure():
+    def names(obj):
+        return output_names(treespec.flatten(obj)[1])
+
+    x = torch.zeros(1)
+    assert names(x) == ['output']
+    assert names((x, x)) == ['output0', 'output1']
+    expected = ['boxes', 'class_scores', 'output_3d']
+    assert names({'boxes': x, 'class-scores': x, '3d': x}) == expected
+    assert names({'head': (x, {'a b': x})}) == ['head/output0', 'head/output1/a_b']
+    assert names({'a': x, 'a!': x}) == ['a', 'a_2']
+
+
+def test_dimensions_are_labelled_with_strides():
+    assert dimensions((1, 17, 16, 16)) == [('batch', 1, 4352), ('channel', 17, 4352),
+                                           ('height', 16, 256), ('width', 16, 16)]
+    assert dimensions((2, 10)) == [('batch', 2, 20), ('feature', 10, 10)]
+    assert dimensions(()) == [('index', 1, 1)]
+    labels = [d[0] for d in dimensions((1, 2, 3, 4, 5))]
+    assert labels == ['batch', 'dim1', 'dim2', 'dim3', 'dim4']
+
+
+def test_latency_values_round_trip_with_types():
+    record = CallRecord(OffloadResult.LOCAL_FALLBACK, 'offload', total_ms=12.3456,
+                        network_ms=10.0, robot_compute_ms=2.3456, reason='no reply in time')
+    pairs = record_values(record, task='detect', server='tcp://h:1', stamp=stamp_text(5, 7),
+                          preprocess_ms=0.5, age_ms=20.0, frames_dropped=3)
+    assert [k for k, _ in pairs] == list(KEYS)
+    values = parse_values(pairs)
+    assert values['fallback'] is True and values['result'] == 'local_fallback'
+    assert values['total_ms'] == 12.346 and values['stamp'] == '5.000000007'
+    assert math.isnan(values['bandwidth_mbps']) and values['frames_dropped'] == 3
+    assert values['round_trips'] == 0 and values['task'] == 'detect'
+    record.bandwidth_mbps = 42.0
+    assert parse_values(record_values(record, task='t', server='s', stamp='0.000000000',
+                                      preprocess_ms=0, age_ms=0))['bandwidth_mbps'] == 42.0
+
+
+def test_readme_documents_every_parameter_and_latency_key():
+    readme = (ROOT / 'README.md').read_text()
+    for name, module in NODES.items():
+        section = readme.split(f'#### `{name}`', 1)[1].split('####', 1)[0]
+        for param in module.PARAMS:
+            assert f'`{param.name}`' in section, (name, param.name)
+    for key in KEYS:
+        assert f'`{key}`' in readme, key
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_server_node_serves_on_cuda(make_node, tmp_path):
+    from rrto_testing import free_port, hello
+    endpoint = f'tcp://127.0.0.1:{free_port()}'
+    node = make_node(server_node.ServerNode, bind=endpoint, store=str(tmp_path / 'store'),
+                     device='cuda')
+    assert node.server.device.type == 'cuda'
+    assert hello(endpoint)['device'].startswith('cuda')
