@@ -102,6 +102,9 @@ def test_endpoint_check():
     ({'model': str(ROOT / 'nope.onnx')}, 'model'),
     ({'priority': 1000}, 'priority'),
     ({'late': 'never'}, 'late'),
+    ({'plan_table': str(ROOT / 'no-such-table.json')}, 'plan_table'),
+    ({'plan_table': str(ROOT / 'package.xml')}, 'plan_table'),
+    ({'switch_after': 0}, 'switch_after'),
 ])
 def test_offload_node_rejects_bad_values_naming_the_parameter(make_node, overrides, name):
     with pytest.raises(ParameterError, match=f"parameter '{name}'"):
@@ -118,6 +121,22 @@ def test_timeout_changes_at_run_time_and_read_only_parameters_do_not(make_node):
     for name, value in [('server', 'tcp://other:5555'), ('mode', 'local')]:
         result = node.set_parameters([Parameter(name, value=value)])[0]
         assert not result.successful and 'read-only' in result.reason
+
+
+def test_plan_table_changes_at_run_time_and_bad_tables_are_refused(make_node, tmp_path):
+    from rrto_ros.plan_table import PlanTable
+    node = make_node(offload_node.OffloadNode, model=KEYPOINT)
+    assert node.engine.table is None
+    table = tmp_path / 'plans.json'
+    PlanTable('0' * 64, 'kp', 'sig', [{'bandwidth_mbps': 5.0, 'rtt_ms': 5.0,
+                                       'plan': {'kind': 'local'}}], {}, {}).save(table)
+    assert node.set_parameters([Parameter('plan_table', value=str(table))])[0].successful
+    assert node.engine.table is not None and node.engine.table.label == 'kp'
+    bad = node.set_parameters([Parameter('plan_table', value=str(tmp_path / 'missing.json'))])[0]
+    assert not bad.successful and 'plan_table' in bad.reason and 'missing.json' in bad.reason
+    assert node.engine.table is not None
+    assert node.set_parameters([Parameter('plan_table', value='')])[0].successful
+    assert node.engine.table is None
 
 
 # ---------------------------------------------------------------------- newest frame only

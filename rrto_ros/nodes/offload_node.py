@@ -16,6 +16,7 @@ changes are handled while it waits.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import threading
 import time
@@ -36,6 +37,7 @@ from rrto_ros.nodes import log_bridge
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
 from rrto_ros.outputs import output_names
+from rrto_ros.plan_table import PlanTable
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
 from rrto_server import treespec
 
@@ -66,8 +68,36 @@ PARAMS = [
           check=lambda v: None if all(s > 0 for s in v) else 'every std must be > 0'),
     Param('input_scale', 255.0, 'pixel value that maps to 1.0 (255 for 8-bit images)',
           range=(1e-9, 1e9)),
+    Param('plan_table', '', "hybrid plan table from rrto-plan ('' = whole-model offload); a "
+          'relative path is looked up in the working directory, then in the package share '
+          '(changeable at run time)', runtime=True, check=lambda v: table_problem(v)),
+    Param('switch_after', 2, 'switch plans after this many inferences agree on the new one',
+          range=(1, 100)),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics', range=(0.1, 60.0)),
 ]
+
+
+def resolve_table(value: str) -> str:
+    """Return the plan table file a parameter value names (working directory, then share)."""
+    if not value or os.path.isabs(value) or os.path.exists(value):
+        return value
+    try:
+        from ament_index_python.packages import get_package_share_directory
+        shared = os.path.join(get_package_share_directory('rrto_ros'), value)
+    except (ImportError, LookupError, KeyError, ValueError):
+        return value
+    return shared if os.path.exists(shared) else value
+
+
+def table_problem(value: str) -> str | None:
+    """Return why ``value`` names no readable plan table ('' is fine: no table)."""
+    if not value:
+        return None
+    try:
+        PlanTable.load(resolve_table(value))
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 class OffloadNode(Node):
@@ -93,7 +123,9 @@ class OffloadNode(Node):
                               mode=p['mode'], precision=p['precision'], priority=p['priority'],
                               deadline_ms=p['deadline_ms'] or None, task=p['task'],
                               late=None if p['late'] == 'server' else p['late'],
-                              connect_timeout_ms=p['connect_timeout_ms'])
+                              connect_timeout_ms=p['connect_timeout_ms'],
+                              plan_table=resolve_table(p['plan_table']) or None,
+                              switch_after=p['switch_after'])
         self.task = self.engine.keys['task']
         self.slot = LatestSlot()
         self.link = {'uplink_mbps': math.nan, 'rtt_ms': math.nan}
@@ -144,6 +176,10 @@ class OffloadNode(Node):
         if name == 'timeout_ms':
             self.engine.set_timeout(value)
             self.get_logger().info(f'timeout_ms is now {value:g}')
+        elif name == 'plan_table':
+            self.engine.set_plan_table(resolve_table(value) or None)
+            self.get_logger().info(f'plan table is now {value or "(none: whole-model offload)"}; '
+                                   'its plans are prepared in the background')
 
     def _on_image(self, msg: Image) -> None:
         self.slot.put(msg)
@@ -241,6 +277,7 @@ class OffloadNode(Node):
             level, message = m.OK, 'ok'
         values = [('server', self.params['server']), ('model', self.params['model']),
                   ('task', self.task), ('mode', self.params['mode']),
+                  ('plan_table', self.params['plan_table']),
                   ('timeout_ms', self.engine.timeout_ms), ('server_available', available),
                   ('frames_received', self.slot.received), ('frames_dropped', self.slot.dropped),
                   ('frames_rejected', self.counts['rejected']),
