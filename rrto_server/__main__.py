@@ -7,6 +7,8 @@ import logging
 import signal
 import sys
 
+import zmq
+
 from rrto_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
@@ -40,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         default='fx',
         help='CPU replay: the recorded fx graph (bit-exact with local eager), or a frozen '
              'TorchScript trace (folds batch norm; differs ~1e-4 relative)')
+    parser.add_argument('--threads', type=int, default=0,
+                        help='torch intra-op threads of this process (0: torch default)')
     sched = parser.add_argument_group('GPU scheduler (docs/scheduler.md)')
     sched.add_argument('--sched-policy', choices=POLICIES, default=PREEMPTIVE,
                        help='fifo, priority (no preemption) or preemptive (re-pick after '
@@ -100,6 +104,7 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         task_late=task_late,
         cpu_workers=args.cpu_workers,
         inline_max_ms=args.inline_max_ms,
+        threads=args.threads,
         sched_trace=args.sched_trace)
 
 
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.setswitchinterval(GIL_SWITCH_S)
     try:
         server = Server(config)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, zmq.ZMQError) as exc:
         print(f'rrto_server: {exc}', file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

@@ -65,6 +65,7 @@ class ServerConfig:
     task_late: dict = field(default_factory=dict)   # per-task late policy
     cpu_workers: int = 2
     inline_max_ms: float = 5.0            # serve on the I/O thread when idle, segments <= this
+    threads: int = 0                      # torch intra-op threads, process-wide (0: default)
     sched_trace: int = 0                  # keep the last N device steps (stats 'trace')
     extra: dict = field(default_factory=dict)
 
@@ -84,6 +85,8 @@ class ServerConfig:
                 raise ValueError(f'late policy of task {task!r} must be one of {LATE_POLICIES}')
         if self.cpu_workers < 1:
             raise ValueError('cpu_workers must be at least 1')
+        if self.threads < 0:
+            raise ValueError('threads must be >= 0 (0: torch default)')
 
     def resolved_device(self) -> torch.device:
         if self.device == 'auto':
@@ -116,6 +119,8 @@ class Server:
     def __init__(self, config: ServerConfig, context: zmq.Context | None = None):
         config.check()
         self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
         self.device = config.resolved_device()
         self.store = BlobStore(config.store)
         self.registry = ModelRegistry(self.store, config.max_models)

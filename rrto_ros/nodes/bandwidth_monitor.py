@@ -96,6 +96,8 @@ class BandwidthMonitor(Node):
         record = latency.parse_values(m.values_of(msg))
         if record.get('result') != 'offloaded' or record.get('round_trips') != 1:
             return   # only single-round-trip calls say what one transfer costs
+        if str(record.get('plan', 'offload')).startswith('hybrid'):
+            return   # the robot computed while the reply was in flight: not a transfer time
         self.estimator.add_passive(record['bytes_sent'], record['bytes_received'],
                                    record['network_ms'])
 
