@@ -72,7 +72,7 @@ def run_point(runner: Callable, frames: Sequence[torch.Tensor], references: Sequ
     summary['duration_s'] = time.monotonic() - start
     if timeline:
         summary['timeline'] = [{'t_s': round(t, 4), 'total_ms': round(r.total_ms, 3),
-                                'codec': r.codec, 'bytes_sent': r.bytes_sent,
+                                'codec': r.codec, 'bytes_sent': r.bytes_sent, 'plan': r.plan,
                                 'result': r.result.value} for t, r, _ in calls]
     return summary
 

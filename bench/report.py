@@ -328,12 +328,12 @@ def render(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path) -> 
     return '\n'.join(lines + [END]) + '\n'
 
 
-def write_markdown(path: Path, generated: str) -> None:
+def write_markdown(path: Path, generated: str, begin: str = BEGIN, end: str = END) -> None:
     """Replace the generated part of ``path`` (between the markers), keeping the rest."""
     text = path.read_text() if path.exists() else INTRO + '\n'
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        tail = rest.split(END, 1)[1].lstrip('\n')
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        tail = rest.split(end, 1)[1].lstrip('\n')
         text = head + generated + (('\n' + tail) if tail else '')
     else:
         text = text.rstrip('\n') + '\n\n' + generated

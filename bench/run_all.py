@@ -48,14 +48,14 @@ REPO = Path(__file__).resolve().parents[1]
 class ServerProcess:
     """``python -m rrto_server`` on a free loopback port with a throwaway store."""
 
-    def __init__(self, store: str, device: str = 'cpu'):
+    def __init__(self, store: str, device: str = 'cpu', extra: tuple[str, ...] = ()):
         with socket.socket() as sock:
             sock.bind(('127.0.0.1', 0))
             self.port = sock.getsockname()[1]
         self.endpoint = f'tcp://127.0.0.1:{self.port}'
         self.proc = subprocess.Popen(
             [sys.executable, '-m', 'rrto_server', '--bind', self.endpoint, '--store', store,
-             '--device', device, '--log-level', 'WARNING'], env=_child_env())
+             '--device', device, '--log-level', 'WARNING', *extra], env=_child_env())
         client = RrtoClient(self.endpoint, connect_timeout_ms=500, name='bench-probe')
         quiet = logging.getLogger('rrto_ros.client')
         level = quiet.level

@@ -93,12 +93,27 @@ def example_input(shape: tuple[int, ...], image: bool) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
-def server_profile(endpoint: str, model: torch.nn.Module, x: torch.Tensor, artifact,
+def robot_profile(program, weights: dict, model: TorchModule, x: torch.Tensor,
+                  repeats: int) -> dict[str, float]:
+    """Return per-operator ms on this machine, scaled to the measured local call time."""
+    cpu = torch.device('cpu')
+    per_op = operator_times(program.module(weights, cpu), [x], cpu, repeats)
+    times = []
+    for _ in range(repeats + 1):
+        start = time.perf_counter()
+        model.run((x,), {})
+        times.append((time.perf_counter() - start) * 1e3)
+    scale = statistics.median(times[1:]) / max(1e-9, sum(per_op.values()))
+    return {k: v * scale for k, v in per_op.items()}
+
+
+def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor,
                    repeats: int) -> tuple[dict[str, float], float, str]:
     """Return per-operator ms (scaled to the replay), per-call overhead ms and the device."""
     with OffloadedModel(model, endpoint, timeout_ms=30000) as om:
         if not om.warmup(x):
             raise RuntimeError(f'server {endpoint} could not record the model')
+        digest = next(iter(om._targets.values())).artifact.model
         records = []
         for _ in range(max(10, repeats * 4)):
             om(x)
@@ -108,7 +123,7 @@ def server_profile(endpoint: str, model: torch.nn.Module, x: torch.Tensor, artif
         raise RuntimeError('no call was offloaded while profiling the server')
     client = RrtoClient(endpoint, call_timeout_ms=120000)
     try:
-        reply, _ = client.call(Kind.PROFILE, {'model': artifact.model, 'repeats': repeats})
+        reply, _ = client.call(Kind.PROFILE, {'model': digest, 'repeats': repeats})
     finally:
         client.close()
     per_op = reply['profile']
@@ -134,15 +149,15 @@ def main(argv: list[str] | None = None) -> int:
         model = WithImageInput(model).eval()
     x = example_input(args.input_shape, args.image_input)
     flat, spec = treespec.flatten(((x,), {}))
-    artifact = TorchModule(model, label=local.label).artifact(flat, spec)
+    model = TorchModule(model, label=local.label)   # the label is part of the program digest
+    artifact = model.artifact(flat, spec)
     program = as_program(artifact.program)
     blobs = [d for kind, d in artifact.blobs.values() if kind == 'weights']
     weights = unpack_weights(bytearray(blobs[0])) if blobs else {}
     analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
-    cpu = torch.device('cpu')
-    robot = operator_times(program.module(weights, cpu), [x], cpu, args.repeats)
+    robot = robot_profile(program, weights, model, x, args.repeats)
     if args.server:
-        server, overhead, device = server_profile(args.server, model, x, artifact, args.repeats)
+        server, overhead, device = server_profile(args.server, model, x, args.repeats)
         source = f'measured on {args.server} ({device})'
     else:
         server = {k: v / args.server_speedup for k, v in robot.items()}

@@ -214,8 +214,14 @@ def _decode(model: CostModel, x: np.ndarray) -> Plan:
 
 
 def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: int = 40,
-             popsize: int = 12, seed: int = 0) -> Solution:
-    """Search split points and ratios by differential evolution; never worse than baselines."""
+             popsize: int = 12, seed: int = 0, min_gain: float = 0.05) -> Solution:
+    """
+    Search split points and ratios by differential evolution; never worse than baselines.
+
+    A hybrid plan is chosen only if predicted ``min_gain`` (relative) better than
+    the best baseline: it runs more pieces (bands, merge) than the model prices,
+    so a marginal predicted gain is not worth the risk.
+    """
     from scipy.optimize import differential_evolution
 
     if objective not in ('latency', 'energy'):
@@ -248,7 +254,9 @@ def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: 
             [rng.uniform(0, n, extra), rng.uniform(0, 1, extra), rng.uniform(0, 1, extra)])])
         result = differential_evolution(f, [(0, n - 1e-9), (0, 1), (0, 1)], init=init,
                                         maxiter=maxiter, seed=seed, tol=1e-7, polish=False)
-        candidates.append(_decode(model, result.x))
+        found = _decode(model, result.x)
+        if cost(found) <= (1 - min_gain) * min(cost(p) for p in candidates):
+            candidates.append(found)
     plan = min(candidates, key=cost)
     return Solution(link, plan, model.estimate(plan, link), baselines,
                     time.perf_counter() - started, evaluations)
