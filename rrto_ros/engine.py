@@ -39,7 +39,7 @@ from rrto_ros.plan_table import PlanSelector, PlanTable
 from rrto_ros.split import Plan, as_program
 from rrto_server import codecs, treespec
 from rrto_server.program import unpack_weights
-from rrto_server.protocol import ErrorCode, Kind, signature_key, signature_of
+from rrto_server.protocol import ErrorCode, Kind, signature_key
 
 log = logging.getLogger('rrto_ros.engine')
 
@@ -321,7 +321,7 @@ class OffloadedModel:
 
     # ------------------------------------------------------------------ preparation
     def _target(self, flat: list, in_spec: Any) -> _Target:
-        key = signature_key(signature_of(flat)) + repr(in_spec)
+        key = (tuple((t.dtype, t.shape) for t in flat), repr(in_spec))
         with self._targets_lock:
             target = self._targets.get(key)
             if target is None:

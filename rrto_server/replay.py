@@ -161,9 +161,14 @@ class _EnvRunner:
         self.out_dtypes = out_dtypes
         self.num_segments = len(modules)
 
-    @contextlib.contextmanager
     def _precision(self):
         """Apply the recorded precision: autocast dtype, and TF32 only when asked for."""
+        if self.precision == 'fp32' and self.device.type != 'cuda':
+            return contextlib.nullcontext()   # nothing to switch: skip two context managers
+        return self._precision_context()
+
+    @contextlib.contextmanager
+    def _precision_context(self):
         dtype = PRECISIONS[self.precision]
         autocast = (torch.autocast(self.device.type, enabled=False) if dtype is None else
                     torch.autocast(self.device.type, dtype=dtype, cache_enabled=False))

@@ -25,9 +25,24 @@ def test_lanes_are_a_high_and_a_low_priority_stream(gpu_server):
     assert lanes[0].stream.priority < lanes[1].stream.priority    # lower number: more urgent
 
 
+class Deep(torch.nn.Module):
+    """Much compute for a small input: a request arrives well before an inference ends."""
+
+    def __init__(self, depth: int = 80, width: int = 256):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, width, 3, padding=1)
+        self.body = torch.nn.Sequential(*[torch.nn.Sequential(
+            torch.nn.Conv2d(width, width, 3, padding=1), torch.nn.ReLU()) for _ in range(depth)])
+
+    def forward(self, x):
+        return self.body(self.stem(x)).mean(dim=(2, 3))
+
+
 def test_preempted_cuda_graph_replay_equals_the_unpreempted_one(gpu_server):
-    x_low, x_high = torch.randn(32, 3, 224, 224), torch.randn(32, 3, 224, 224)
-    replay = prepare(gpu_server.endpoint, resnet18(), x_low, segments='ops:3')
+    torch.manual_seed(0)
+    model = Deep().eval()
+    x_low, x_high = torch.randn(1, 3, 96, 96), torch.randn(1, 3, 96, 96)
+    replay = prepare(gpu_server.endpoint, model, x_low, segments='ops:2')
     client = RrtoClient(gpu_server.endpoint, call_timeout_ms=60000)
     try:
         reference_low, _ = client.infer(replay, [x_low], task='alone')
@@ -43,10 +58,11 @@ def test_preempted_cuda_graph_replay_equals_the_unpreempted_one(gpu_server):
         finally:
             rrto.close()
 
+    rrto = RrtoClient(gpu_server.endpoint, call_timeout_ms=60000)
+    rrto.hello()   # connected before the low-priority inference starts
     thread = threading.Thread(target=low)
     thread.start()
     wait_running(gpu_server, 'low')
-    rrto = RrtoClient(gpu_server.endpoint, call_timeout_ms=60000)
     try:
         out_high, reply_high = rrto.infer(replay, [x_high], priority=5, task='high')
     finally:
@@ -56,9 +72,10 @@ def test_preempted_cuda_graph_replay_equals_the_unpreempted_one(gpu_server):
     assert all(torch.equal(a, b) for a, b in zip(out_low, reference_low))
     assert all(torch.equal(a, b) for a, b in zip(out_high, reference_high))
     assert reply_low['timing']['preemptions'] >= 1
-    # and the replay computes the network (TF32 convolutions: a loose tolerance)
-    eager = resnet18()(x_low)
-    torch.testing.assert_close(out_low[0], eager, rtol=0.05, atol=0.05 * eager.abs().max())
+    # and the replay computes the network (strict fp32 on the GPU against the CPU)
+    with torch.inference_mode():
+        eager = model(x_low)
+    torch.testing.assert_close(out_low[0], eager, rtol=1e-3, atol=1e-3 * float(eager.abs().max()))
 
 
 def test_profiled_utilisations_drive_packing_within_theta(gpu_server):
