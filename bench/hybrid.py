@@ -51,7 +51,7 @@ from bench.cpulimit import CpuLimit
 from bench.frames import camera_frames
 from bench.linkemu import PRESETS, EmulatorProcess, grid_link, steps_link
 from bench.machine import describe
-from bench.measure import output_error, run_point
+from bench.measure import output_error, run_interleaved
 from bench.run_all import ServerProcess, _child_env
 from rrto_ros import OffloadResult, offload
 from rrto_ros.bandwidth import LinkEstimator, LinkMonitor
@@ -160,14 +160,14 @@ class HybridBench:
                 link = Link(bandwidth, self.args.rtt_ms)
                 self.emulator.set_link(grid_link(bandwidth, self.args.rtt_ms))
                 row = {'bandwidth_mbps': bandwidth, 'rtt_ms': self.args.rtt_ms}
+                for runner in runners.values():
+                    runner.set_link(bandwidth, self.args.rtt_ms)
+                points = run_interleaved(runners, self.frames, references,
+                                         self.args.seconds * len(MODES), self.args.min_calls,
+                                         self.args.max_calls)
                 for name in MODES:
-                    runner = runners[name]
-                    if hasattr(runner, 'set_link'):
-                        runner.set_link(bandwidth, self.args.rtt_ms)
-                    point = run_point(runner, self.frames, references, self.args.seconds,
-                                      self.args.min_calls, self.args.max_calls, warmup_calls=2,
-                                      timeline=True)
-                    plans = collections.Counter(c['plan'] for c in point.pop('timeline'))
+                    point = points[name]
+                    plans = collections.Counter(point['plans'])
                     plan_name = plans.most_common(1)[0][0] if plans else name
                     plan = _plan_of(plan_name)
                     point['plan'] = plan_name
@@ -300,7 +300,9 @@ def render(meta: dict, archs: list[dict]) -> str:
              f'to {meta["robot_cpu_share"]:g} of a core (a robot CPU ~'
              f'{1 / meta["robot_cpu_share"]:.0f}x slower than the server), server '
              f'{meta["server_threads"]} thread(s) uncapped, on this CPU; link emulator at '
-             f'{meta["rtt_ms"]:g} ms RTT.  Medians of {meta["seconds"]:g} s per point.  Energy '
+             f'{meta["rtt_ms"]:g} ms RTT.  The four modes are measured in turn, one call each '
+             f'per round, over {meta["seconds"] * len(MODES):g} s per point (drift hits all '
+             'alike); medians.  Energy '
              f'per inference: {meta["power"]["compute_w"]:g} W x robot CPU time + '
              f'{meta["power"]["radio_w_per_mbps"]:g} J/Mbit on the radio + '
              f'{meta["power"]["idle_w"]:g} W x latency.', '']

@@ -77,6 +77,39 @@ def run_point(runner: Callable, frames: Sequence[torch.Tensor], references: Sequ
     return summary
 
 
+def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: Sequence[Any],
+                    budget_s: float, min_calls: int, max_calls: int,
+                    warmup_calls: int = 2) -> dict[str, dict]:
+    """
+    Measure several runners in turn, one call each per round, over the same time window.
+
+    Slow drift of the machine (load, frequency, throttling) then affects every
+    runner alike, so their medians can be compared point by point.  Each
+    summary has a ``plans`` count of the plans its calls used.
+    """
+    for runner in runners.values():
+        for i in range(warmup_calls):
+            runner(frames[i % len(frames)])
+    calls = {name: [] for name in runners}
+    start = time.monotonic()
+    rounds = 0
+    while rounds < max_calls and (rounds < min_calls or time.monotonic() - start < budget_s):
+        index = rounds % len(frames)
+        for name, runner in runners.items():
+            cpu = time.process_time()
+            output = runner(frames[index])
+            cpu_ms = (time.process_time() - cpu) * 1e3
+            calls[name].append((runner.last, cpu_ms, output_error(output, references[index])))
+        rounds += 1
+    result = {}
+    for name, entries in calls.items():
+        summary = summarise([r for r, _, _ in entries], [c for _, c, _ in entries],
+                            [e for _, _, e in entries])
+        summary['plans'] = dict(collections.Counter(r.plan for r, _, _ in entries))
+        result[name] = summary
+    return result
+
+
 def summarise(records: list, cpu_ms: list[float], errors: list[tuple]) -> dict:
     """Reduce per-call records to the numbers a benchmark point reports."""
     totals = [r.total_ms for r in records]

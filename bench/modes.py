@@ -8,12 +8,14 @@ and ``close()``, which is exactly the :class:`rrto_ros.OffloadedModel`
 interface.  Runners of modes with ``uses_link`` talk to the server through
 the link emulator; ``codecs`` says whether ``set_codec`` applies.
 
-Adding a mode (the hybrid issue adds ``hybrid``) is one entry::
+Adding a mode is one entry::
 
-    MODES['hybrid'] = Mode('hybrid', 'robot/server split per plan', uses_link=True,
-                           make=lambda model, endpoint, timeout_ms: HybridModel(...))
+    MODES['name'] = Mode('name', 'what it does', uses_link=True,
+                         make=lambda model, endpoint, timeout_ms: offload(...))
 
-and the matrix, the report and the plots pick it up.
+and the matrix, the report and the plots pick it up.  Hybrid plans and the
+best single split need plan tables solved from profiles on a capped robot
+CPU; :mod:`bench.hybrid` measures them against local-only and full offload.
 """
 
 from __future__ import annotations

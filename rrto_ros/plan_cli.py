@@ -99,11 +99,11 @@ def robot_profile(program, weights: dict, model: TorchModule, x: torch.Tensor,
     cpu = torch.device('cpu')
     per_op = operator_times(program.module(weights, cpu), [x], cpu, repeats)
     times = []
-    for _ in range(repeats + 1):
+    for _ in range(2 * repeats + 2):
         start = time.perf_counter()
         model.run((x,), {})
         times.append((time.perf_counter() - start) * 1e3)
-    scale = statistics.median(times[1:]) / max(1e-9, sum(per_op.values()))
+    scale = statistics.median(times[2:]) / max(1e-9, sum(per_op.values()))
     return {k: v * scale for k, v in per_op.items()}
 
 
