@@ -58,9 +58,9 @@ from rrto_ros.bandwidth import LinkEstimator, LinkMonitor
 from rrto_ros.client import RrtoClient
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.local_model import TorchModule
-from rrto_ros.plan_cli import robot_profile, server_profile
+from rrto_ros.plan_cli import dispatch_ms, measure_plans, robot_profile, server_profile
 from rrto_ros.plan_table import PlanTable
-from rrto_ros.planner import CostModel, Link, Power, Profiles, consolidate, optimise
+from rrto_ros.planner import CostModel, Link, Power, Profiles, consolidate, optimise, refine
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import Plan, as_program
 from rrto_ros.zoo import ARCHITECTURES
@@ -117,12 +117,15 @@ class HybridBench:
         robot = robot_profile(program, weights, model, frame, repeats=5)
         self.emulator.set_link(PRESETS['unlimited'])
         server, overhead, device = server_profile(self.endpoint, model, frame, 5)
-        profiles = Profiles(robot, server, overhead)
+        profiles = Profiles(robot, server, overhead, dispatch_ms())
         cost = CostModel(analysis, profiles, self.power)
         links = [Link(bw, self.args.rtt_ms) for bw in self.args.grid]
         solutions = [optimise(cost, link) for link in links]
         hybrid = consolidate(cost, solutions)
+        measured = measure_plans(program, analysis, weights, frame, [s.plan for s in hybrid], 5)
+        hybrid = refine(cost, hybrid, measured)
         raw = {'robot_ms': robot, 'server_ms': server, 'call_overhead_ms': overhead,
+               'robot_op_ms': profiles.robot_op_ms, 'measured_plans_ms': measured,
                'server': f'measured on {self.endpoint} ({device}) through the emulator'}
         key = signature_key(artifact.signature)
         tables = {

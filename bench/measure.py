@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import math
+import random
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -84,18 +85,23 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     Measure several runners in turn, one call each per round, over the same time window.
 
     Slow drift of the machine (load, frequency, throttling) then affects every
-    runner alike, so their medians can be compared point by point.  Each
+    runner alike, so their medians can be compared point by point; the order
+    within a round is shuffled so no runner always follows a long network wait.  Each
     summary has a ``plans`` count of the plans its calls used.
     """
     for runner in runners.values():
         for i in range(warmup_calls):
             runner(frames[i % len(frames)])
     calls = {name: [] for name in runners}
+    order = list(runners)
+    shuffle = random.Random(0).shuffle   # a fresh order every round: no position bias
     start = time.monotonic()
     rounds = 0
     while rounds < max_calls and (rounds < min_calls or time.monotonic() - start < budget_s):
         index = rounds % len(frames)
-        for name, runner in runners.items():
+        shuffle(order)
+        for name in order:
+            runner = runners[name]
             cpu = time.process_time()
             output = runner(frames[index])
             cpu_ms = (time.process_time() - cpu) * 1e3

@@ -13,6 +13,8 @@ code with the server half executed in-process.
 from __future__ import annotations
 
 import json
+import statistics
+import time
 from typing import Callable, Protocol, Sequence
 
 import torch
@@ -123,6 +125,27 @@ class PlanRuntime:
                 parts = [p for p in (robot.get(value), server.get(value)) if p is not None]
                 merged.append(parts[0] if len(parts) == 1 else torch.cat(parts, self.axis[value]))
             return list(self.suffix(*merged))
+
+    def robot_ms(self, flat: Sequence[torch.Tensor], weights: dict, repeats: int = 5) -> float:
+        """
+        Measure the robot's side of one inference under this plan (median ms).
+
+        The server's tensors are computed once beforehand and handed back at once,
+        so only the robot's slicing, band, merge and rest of the network are timed.
+        """
+        outputs: list = []
+        if self.server_doc is not None:
+            module = as_program(self.server_doc).module(weights, torch.device('cpu'))
+            inputs = (self.robot.run(flat) if self.plan.kind == 'split'
+                      else self.server_inputs(flat))
+            with torch.inference_mode():
+                outputs = list(module(*inputs))
+        times = []
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            self.run(flat, lambda tensors: _Done(outputs))
+            times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times[1:])
 
 
 class _Part:

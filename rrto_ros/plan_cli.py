@@ -31,7 +31,8 @@ from rrto_ros.engine import OffloadedModel, OffloadResult
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.local_model import TorchModule, load_local_model
 from rrto_ros.plan_table import PlanTable
-from rrto_ros.planner import CostModel, Link, Power, Profiles, consolidate, optimise
+from rrto_ros.hybrid import PlanRuntime
+from rrto_ros.planner import CostModel, Link, Power, Profiles, consolidate, optimise, refine
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import as_program
 from rrto_server import treespec
@@ -93,6 +94,24 @@ def example_input(shape: tuple[int, ...], image: bool) -> torch.Tensor:
     return torch.randn(shape, generator=generator)
 
 
+def dispatch_ms(repeats: int = 5, ops: int = 64) -> float:
+    """Return the fixed cost of one operator in a graph module here (a tiny tensor's relu)."""
+    graph = torch.fx.Graph()
+    value = graph.placeholder('x')
+    for _ in range(ops):
+        value = graph.call_function(torch.ops.aten.relu.default, (value,))
+    graph.output(value)
+    module = torch.fx.GraphModule(torch.nn.Module(), graph)
+    x = torch.zeros(1)
+    times = []
+    with torch.inference_mode():
+        for _ in range(repeats + 2):
+            start = time.perf_counter()
+            module(x)
+            times.append((time.perf_counter() - start) * 1e3 / ops)
+    return statistics.median(times[2:])
+
+
 def robot_profile(program, weights: dict, model: TorchModule, x: torch.Tensor,
                   repeats: int) -> dict[str, float]:
     """Return per-operator ms on this machine, scaled to the measured local call time."""
@@ -105,6 +124,17 @@ def robot_profile(program, weights: dict, model: TorchModule, x: torch.Tensor,
         times.append((time.perf_counter() - start) * 1e3)
     scale = statistics.median(times[2:]) / max(1e-9, sum(per_op.values()))
     return {k: v * scale for k, v in per_op.items()}
+
+
+def measure_plans(program, analysis, weights: dict, x: torch.Tensor, plans,
+                  repeats: int) -> dict[str, float]:
+    """Time the robot's side of every split or hybrid plan here (plan name -> median ms)."""
+    measured = {}
+    for plan in plans:
+        if plan.kind in ('split', 'hybrid') and plan.name not in measured:
+            runtime = PlanRuntime(program, analysis, weights, plan)
+            measured[plan.name] = runtime.robot_ms([x], weights, repeats)
+    return measured
 
 
 def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor,
@@ -162,14 +192,17 @@ def main(argv: list[str] | None = None) -> int:
     else:
         server = {k: v / args.server_speedup for k, v in robot.items()}
         overhead, source = 0.5, f'estimated: robot time / {args.server_speedup:g}'
-    profiles = Profiles(robot, server, overhead, torch.get_num_threads(), source)
+    profiles = Profiles(robot, server, overhead, dispatch_ms(), torch.get_num_threads(), source)
     power = Power(args.compute_w, args.radio_w_per_mbps, args.idle_w)
     cost = CostModel(analysis, profiles, power)
     solutions = [optimise(cost, Link(bandwidth, rtt), objective=args.objective)
                  for rtt in args.rtts for bandwidth in args.bandwidths]
     solve_s = sum(s.solve_s for s in solutions)
+    solutions = consolidate(cost, solutions)
+    measured = measure_plans(program, analysis, weights, x, [s.plan for s in solutions],
+                             args.repeats)
     entries = []
-    for solution in consolidate(cost, solutions):
+    for solution in refine(cost, solutions, measured):
         bandwidth, rtt = solution.link.bandwidth_mbps, solution.link.rtt_ms
         entries.append(solution.to_json())
         base = {k: e.latency_ms for k, (_, e) in solution.baselines.items()}
@@ -179,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
               f'solved in {solution.solve_s * 1e3:.0f} ms')
     table = PlanTable(artifact.model, local.label, signature_key(artifact.signature), entries,
                       {'robot_ms': robot, 'server_ms': server, 'call_overhead_ms': overhead,
+                       'robot_op_ms': profiles.robot_op_ms, 'measured_plans_ms': measured,
                        'robot_threads': profiles.robot_threads, 'server': source},
                       {'compute_w': power.compute_w, 'radio_w_per_mbps': power.radio_w_per_mbps,
                        'idle_w': power.idle_w}, solve_s,

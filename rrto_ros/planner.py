@@ -71,6 +71,7 @@ class Profiles:
     robot_ms: dict[str, float]
     server_ms: dict[str, float]
     call_overhead_ms: float = 0.5
+    robot_op_ms: float = 0.0        # fixed cost of one operator on the robot (Python dispatch)
     robot_threads: int = 0
     server_device: str = ''
 
@@ -90,6 +91,7 @@ class CostModel:
         self.out_bytes = sum(self.nbytes.get(name, 0) for name in program.output_names)
         self.in_bytes = sum(self.nbytes[name] for name, _ in program.inputs)
         self.cuts = analysis.cut_candidates()
+        self.measured_robot_ms: dict[str, float] = {}   # plan name -> robot side, measured
         self._bands: dict[tuple, tuple[float, float]] = {}
         self._prefix: dict[int, tuple[float, float]] = {}
 
@@ -97,9 +99,14 @@ class CostModel:
     def _time(self, side: dict[str, float], nodes) -> float:
         return sum(side.get(n.name, 0.0) for n in nodes)
 
-    def _band(self, cut: int, targets: dict[str, Interval], side: dict[str, float]
-              ) -> tuple[float, float]:
-        """Return (compute ms, input bytes) of computing ``targets`` from the program inputs."""
+    def _band(self, cut: int, targets: dict[str, Interval], side: dict[str, float],
+              fixed: float = 0.0) -> tuple[float, float]:
+        """
+        Return (compute ms, input bytes) of computing ``targets`` from the program inputs.
+
+        A band of rows costs its share of each operator's time, but never less than
+        ``fixed`` per operator, plus ``fixed`` for the row slice in front of it.
+        """
         key = (cut, id(side), tuple(sorted(targets.items())))
         if key not in self._bands:
             live = {v: iv for v, iv in targets.items() if iv[1] > iv[0]}
@@ -112,7 +119,8 @@ class CostModel:
                 elif node.name in need:
                     a, b = need[node.name]
                     share = (b - a) / max(1, self.analysis.height(node.name))
-                    ms += side.get(node.name, 0.0) * share
+                    full = side.get(node.name, 0.0)
+                    ms += fixed + max(0.0, full - fixed) * share + fixed
             in_bytes = sum(self.nbytes[name] * (need[name][1] - need[name][0])
                            / max(1, self.analysis.height(name))
                            for name, _ in self.analysis.program.inputs if name in need)
@@ -138,21 +146,27 @@ class CostModel:
         crossing = self.analysis.crossing(plan.cut)
         suffix = self.nodes[plan.cut:]
         if plan.kind == 'split':
-            r = self._time(robot, self.nodes[:plan.cut])
+            r = self.measured_robot_ms.get(plan.name, self._time(robot, self.nodes[:plan.cut]))
             s = self._time(server, suffix)
             up = self._crossing_bytes({v: (0, self.analysis.height(v)) for v in crossing})
             t = (r + rtt + link.transfer_ms(up, link.up) + s + over
                  + link.transfer_ms(self.out_bytes, link.bandwidth_mbps))
             return self._finish(t, r, s, up, self.out_bytes)
         robot_t, server_t = hybrid_targets(self.analysis, plan.cut, plan.ratio)
-        r_band, _ = self._band(plan.cut, robot_t, robot)
+        fixed = self.profiles.robot_op_ms
+        r_band, _ = self._band(plan.cut, robot_t, robot, fixed)
         s_band, up = self._band(plan.cut, server_t, server)
         down = self._crossing_bytes(server_t)
-        r_suffix = self._time(robot, suffix)
+        # the rest runs as a graph module on the robot, after one merge per crossing value
+        r_suffix = self._time(robot, suffix) + fixed * (len(suffix) + len(crossing))
         remote = 0.0
         if up or down or s_band:
             remote = (rtt + link.transfer_ms(up, link.up) + s_band + over
                       + link.transfer_ms(down, link.bandwidth_mbps))
+        measured = self.measured_robot_ms.get(plan.name)
+        if measured is not None:   # the robot's band and rest, timed on the robot: keep the split
+            share = r_band / max(1e-9, r_band + r_suffix)
+            r_band, r_suffix = measured * share, measured * (1 - share)
         t = max(r_band, remote) + r_suffix
         return self._finish(t, r_band + r_suffix, s_band, up, down)
 
@@ -260,6 +274,31 @@ def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: 
     plan = min(candidates, key=cost)
     return Solution(link, plan, model.estimate(plan, link), baselines,
                     time.perf_counter() - started, evaluations)
+
+
+def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[str, float],
+           min_gain: float = 0.05) -> list[Solution]:
+    """
+    Re-decide every grid point with the robot side of candidate plans measured, not modelled.
+
+    ``measured_robot_ms`` maps plan names to the robot's measured time under the
+    plan (:meth:`rrto_ros.hybrid.PlanRuntime.robot_ms`).  A split or hybrid plan
+    stays only where, with that measurement, it still beats the best baseline by
+    ``min_gain``; elsewhere the best baseline is used.
+    """
+    model.measured_robot_ms.update(measured_robot_ms)
+    plans = {s.plan.name: s.plan for s in solutions if s.plan.kind in ('split', 'hybrid')}
+    refined = []
+    for s in solutions:
+        baselines = model.baselines(s.link)
+        best_plan, best = min(baselines.values(), key=lambda pe: pe[1].latency_ms)
+        threshold = (1 - min_gain) * best.latency_ms
+        for plan in plans.values():
+            estimate = model.estimate(plan, s.link)
+            if estimate.latency_ms <= min(threshold, best.latency_ms):
+                best_plan, best = plan, estimate
+        refined.append(Solution(s.link, best_plan, best, baselines, s.solve_s, s.evaluations))
+    return refined
 
 
 def consolidate(model: CostModel, solutions: list[Solution], tolerance: float = 0.02

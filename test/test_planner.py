@@ -156,3 +156,27 @@ def test_plan_cli_solves_and_writes_a_loadable_table(tmp_path, capsys):
     assert len(table.entries) == 2 and table.solve_s > 0
     assert table.profiles['robot_ms'] and 'estimated' in table.profiles['server']
     assert 'solve time' in capsys.readouterr().out
+
+
+def test_refine_keeps_a_plan_only_if_its_measured_robot_side_still_wins(prepared):
+    from rrto_ros.planner import refine
+    cost = _cost(prepared[3], robot_ms=1.0, server_ms=1.0)
+    link = Link(1e6, 0.0)   # equal speeds, free link: splitting the rows pays
+    solution = optimise(cost, link)
+    assert solution.plan.kind == 'hybrid'
+    kept = refine(cost, [solution], {solution.plan.name: solution.estimate.robot_compute_ms})
+    assert kept[0].plan == solution.plan
+    slow = refine(cost, [solution], {solution.plan.name: 1e6})   # measured: far too slow
+    best = min(e.latency_ms for _, e in cost.baselines(link).values())
+    assert slow[0].plan.kind in ('local', 'offload', 'split')
+    assert slow[0].estimate.latency_ms == best
+
+
+def test_robot_side_of_a_plan_is_measured(prepared):
+    from rrto_ros.hybrid import PlanRuntime
+    _, x, artifact, analysis = prepared
+    weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]
+    weights = unpack_weights(bytearray(weights_blob))
+    cut = analysis.cut_candidates()[-1]
+    runtime = PlanRuntime(analysis.program, analysis, weights, Plan('hybrid', cut, 0.5))
+    assert 0 < runtime.robot_ms([x], weights, repeats=2) < 10_000
