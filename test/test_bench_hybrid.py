@@ -34,11 +34,18 @@ def test_hybrid_smoke_run_measures_every_mode_and_the_step_link(tmp_path):
 
 
 def test_verdict_compares_with_the_best_baseline():
-    row = {'local': {'median_ms': 100.0}, 'offload': {'median_ms': 150.0},
-           'best_split': {'median_ms': 90.0}, 'hybrid': {'median_ms': 72.0}}
+    row = {'local': {'median_ms': 100.0, 'plan': 'local'},
+           'offload': {'median_ms': 150.0, 'plan': 'offload'},
+           'best_split': {'median_ms': 90.0, 'plan': 'split@3'},
+           'hybrid': {'median_ms': 72.0, 'plan': 'hybrid@9:0.50'}}
     v = hybrid.verdict(row)
     assert v['best'] == 'best_split' and abs(v['gain'] - 0.2) < 1e-9
-    assert v['crossover'] and v['within_3pct']
+    assert v['crossover'] and v['within_3pct'] and v['noise'] is None
+    row['hybrid'] = {'median_ms': 95.0, 'plan': 'split@3'}   # the same plan: the gap is noise
+    v = hybrid.verdict(row)
+    assert v['gain'] == 0.0 and abs(v['noise'] + 95 / 90 - 1) < 1e-9 and v['within_3pct']
+    row['hybrid'] = {'median_ms': 95.0, 'plan': 'hybrid@9:0.50'}
+    assert not hybrid.verdict(row)['within_3pct']
 
 
 def test_step_summary_counts_inferences_until_the_tables_plan(tmp_path):
