@@ -278,3 +278,14 @@ def test_server_node_serves_on_cuda(make_node, tmp_path):
                      device='cuda')
     assert node.server.device.type == 'cuda'
     assert hello(endpoint)['device'].startswith('cuda')
+
+
+def test_the_shipped_plan_table_matches_the_model_the_node_builds(make_node):
+    table_path = ROOT / 'config' / 'plans' / 'keypoint_net_224.json'
+    node = make_node(offload_node.OffloadNode, model='python:rrto_ros.zoo:keypoint_net',
+                     plan_table=str(table_path))
+    frame = torch.zeros(1, 224, 224, 3, dtype=torch.uint8)
+    flat, spec = treespec.flatten(((frame,), {}))
+    # the table names the exact program the node uploads, so the engine will use its plans
+    assert node.engine.local.artifact(flat, spec).model == node.engine.table.model
+    assert {p.kind for p in node.engine.table.plans()} >= {'local', 'hybrid'}
