@@ -10,7 +10,9 @@ shows latency on ``/rrto/latency``.  For a real robot and a GPU server::
     ros2 launch rrto_ros offload.launch.py server:=tcp://gpu-host:5555 \\
         start_local_server:=false camera_sim:=false config:=/path/to/my_offload.yaml
 
-``server`` and ``model`` override the config file only when given.  With a
+``server``, ``model`` and ``plan_table`` override the config file only when
+given; ``model:=python:rrto_ros.zoo:keypoint_net
+plan_table:=config/plans/keypoint_net_224.json`` runs the shipped hybrid plans.  With a
 local server, ``server`` is also the endpoint that server binds.
 """
 
@@ -27,8 +29,10 @@ def _nodes(context):
     server_config = LaunchConfiguration('server_config').perform(context)
     server = LaunchConfiguration('server').perform(context)
     model = LaunchConfiguration('model').perform(context)
+    plan_table = LaunchConfiguration('plan_table').perform(context)
     link = {'server': server} if server else {}
-    offload = dict(link, **({'model': model} if model else {}))
+    offload = dict(link, **({'model': model} if model else {}),
+                   **({'plan_table': plan_table} if plan_table else {}))
     return [
         Node(package='rrto_ros', executable='server_node', name='server_node',
              parameters=[server_config] + ([{'bind': server}] if server else []),
@@ -53,6 +57,10 @@ def generate_launch_description():
         DeclareLaunchArgument(
             'model', default_value='',
             description="python:package.module:factory or a model file ('' = from config)"),
+        DeclareLaunchArgument(
+            'plan_table', default_value='',
+            description='hybrid plan table from rrto-plan, e.g. '
+                        "config/plans/keypoint_net_224.json (share-relative works; '' = config)"),
         DeclareLaunchArgument(
             'config', default_value=PathJoinSubstitution([share, 'config', 'offload.yaml']),
             description='parameters of offload_node, bandwidth_monitor and camera_sim'),
