@@ -272,6 +272,7 @@ class OffloadedModel:
                 runtime, replay = target.plans[plan.name]
                 remote.replay = replay
                 outputs = runtime.run([_cpu(t) for t in flat], remote)
+                remote.robot_ms = runtime.last_robot_ms
         except ServerUnavailable as exc:
             return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
                                    str(exc))
@@ -419,6 +420,7 @@ class _Remote:
         self.reply: dict = {}
         self.start_ms = self.done_ms = 0.0
         self.codec = ''
+        self.robot_ms: float | None = None   # measured robot compute, when it overlaps the remote
         self._pending = None
 
     def __call__(self, tensors: list[torch.Tensor]) -> '_Remote':
@@ -448,12 +450,19 @@ class _Remote:
         timing = self.reply.get('timing', {})
         server_ms = self.reply.get('server_ms', 0.0)
         missed = bool(timing.get('deadline_missed', False))
+        if self.robot_ms is not None:
+            # split/hybrid: robot and server computed at once; the rest is the network's
+            robot_ms = self.robot_ms
+            network_ms = max(0.0, total_ms - robot_ms - server_ms)
+        else:
+            robot_ms = max(0.0, total_ms - remote_ms)
+            network_ms = max(0.0, remote_ms - server_ms)
         record = CallRecord(
             OffloadResult.OFFLOADED, plan, total_ms=total_ms,
-            network_ms=max(0.0, remote_ms - server_ms), server_ms=server_ms,
+            network_ms=network_ms, server_ms=server_ms,
             server_queue_ms=timing.get('queue_ms', 0.0),
             server_compute_ms=timing.get('compute_ms', 0.0),
-            robot_compute_ms=max(0.0, total_ms - remote_ms),
+            robot_compute_ms=robot_ms,
             round_trips=counters['round_trips'] - before['round_trips'],
             bytes_sent=counters['bytes_sent'] - before['bytes_sent'],
             bytes_received=counters['bytes_received'] - before['bytes_received'],

@@ -95,6 +95,7 @@ class PlanRuntime:
         self.server_blob = json.dumps(self.server_doc, sort_keys=True,
                                       separators=(',', ':')).encode() if self.server_doc else None
         self.server_digest = sha256(self.server_blob) if self.server_blob else None
+        self.last_robot_ms = 0.0   # the robot's own compute in the last run (ms)
 
     def _part(self, built: tuple[dict, dict], weights: dict) -> '_Part':
         doc, rows = built
@@ -110,8 +111,11 @@ class PlanRuntime:
     def run(self, flat: Sequence[torch.Tensor], remote: Remote) -> list[torch.Tensor]:
         """Run one inference; return the model's flat outputs."""
         with torch.inference_mode():
+            start = time.perf_counter()
             if self.plan.kind == 'split':
-                return list(remote(self.robot.run(flat)).result())
+                crossing = self.robot.run(flat)
+                self.last_robot_ms = (time.perf_counter() - start) * 1e3
+                return list(remote(crossing).result())
             pending = remote(self.server_inputs(flat)) if self.server_doc else None
             try:
                 robot = dict(zip(self.robot_order, self.robot.run(flat))) if self.robot else {}
@@ -119,12 +123,16 @@ class PlanRuntime:
                 if pending is not None:
                     pending.cancel()
                 raise
+            robot_ms = (time.perf_counter() - start) * 1e3
             server = dict(zip(self.server_order, pending.result())) if pending else {}
+            start = time.perf_counter()
             merged = []
             for value in self.crossing:
                 parts = [p for p in (robot.get(value), server.get(value)) if p is not None]
                 merged.append(parts[0] if len(parts) == 1 else torch.cat(parts, self.axis[value]))
-            return list(self.suffix(*merged))
+            outputs = list(self.suffix(*merged))
+            self.last_robot_ms = robot_ms + (time.perf_counter() - start) * 1e3
+            return outputs
 
     def robot_ms(self, flat: Sequence[torch.Tensor], weights: dict, repeats: int = 5) -> float:
         """
