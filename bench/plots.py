@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 
-matplotlib.use('Agg')
-import matplotlib.pyplot as plt  # noqa: E402
+def _pyplot():
+    """Import pyplot headless, on first use (tests that only render tables need no matplotlib)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    return plt
+
 
 COLOURS = {'local': 'tab:gray', 'naive': 'tab:red', 'eager': 'tab:orange',
            'replay': 'tab:blue', 'hybrid': 'tab:green', 'raw': 'tab:blue', 'lz4': 'tab:purple',
@@ -31,6 +35,7 @@ def _grid(points: list[dict], **match) -> list[dict]:
 
 
 def latency_vs_bandwidth(meta: dict, points: list[dict], path: Path) -> bool:
+    plt = _pyplot()
     archs = _archs(points)
     fig, axes = plt.subplots(1, len(archs), figsize=(5 * len(archs), 4.2), squeeze=False)
     for ax, arch in zip(axes[0], archs):
@@ -61,6 +66,7 @@ def latency_vs_bandwidth(meta: dict, points: list[dict], path: Path) -> bool:
 
 
 def round_trips(meta: dict, points: list[dict], path: Path) -> bool:
+    plt = _pyplot()
     archs = _archs(points)
     modes = list(dict.fromkeys(p['mode'] for p in points if p['section'] == 'modes'))
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -86,6 +92,7 @@ def round_trips(meta: dict, points: list[dict], path: Path) -> bool:
 
 
 def codecs(meta: dict, points: list[dict], path: Path) -> bool:
+    plt = _pyplot()
     chosen = [p for p in points if p['section'] == 'codecs']
     if not chosen:
         return False
@@ -112,6 +119,7 @@ def codecs(meta: dict, points: list[dict], path: Path) -> bool:
 
 
 def steps(meta: dict, points: list[dict], path: Path) -> bool:
+    plt = _pyplot()
     chosen = [p for p in points if p['section'] == 'steps']
     if not chosen:
         return False
