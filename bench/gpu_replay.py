@@ -27,7 +27,7 @@ import time
 import torch
 
 from bench.machine import describe
-from bench.run_all import ServerProcess
+from rrto_server.process import ServerProcess
 from rrto_ros import offload
 from rrto_ros.local_model import TorchModule
 from rrto_ros.preprocess import WithImageInput
@@ -71,7 +71,7 @@ def measure(arch: str, precision: str, store: str, iters: int) -> dict:
            'eager_ms': _median_ms(lambda: eager.start([frame]).run(), iters),
            'replay_ms': _median_ms(lambda: replay.start([frame]).run(), iters),
            'record_ms': replay.record_ms}
-    server = ServerProcess(store, 'cuda')   # its own process, as deployed: no shared GIL
+    server = ServerProcess(store, None, device='cuda').start()   # no shared GIL, as deployed
     try:
         with offload(model, server=server.endpoint, timeout_ms=10000, precision=precision) as om:
             assert om.warmup(frame)
@@ -89,7 +89,7 @@ def measure(arch: str, precision: str, store: str, iters: int) -> dict:
                    client_overhead_ms=statistics.median(r.total_ms - r.server_ms
                                                         for r in records))
     finally:
-        server.close()
+        server.stop()
     return row
 
 

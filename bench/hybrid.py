@@ -52,7 +52,7 @@ from bench.frames import camera_frames
 from bench.linkemu import PRESETS, EmulatorProcess, grid_link, steps_link
 from bench.machine import describe
 from bench.measure import output_error, run_interleaved
-from bench.run_all import ServerProcess, _child_env
+from rrto_server.process import ServerProcess, child_env
 from rrto_ros import OffloadResult, offload
 from rrto_ros.bandwidth import LinkEstimator, LinkMonitor
 from rrto_ros.client import RrtoClient
@@ -424,9 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                 cores=os.cpu_count(), load=os.getloadavg()[0])
     results = []
     with tempfile.TemporaryDirectory(prefix='rrto-hybrid-') as store:
-        server = ServerProcess(store, 'cpu', ('--threads', str(args.server_threads)))
+        server = ServerProcess(store, None, '--threads', str(args.server_threads)).start()
         try:
-            with EmulatorProcess(('127.0.0.1', server.port), env=_child_env()) as emulator:
+            with EmulatorProcess(('127.0.0.1', server.port), env=child_env()) as emulator:
                 # server and emulator run at full speed; only this (the robot) is capped
                 cap = CpuLimit(args.robot_cpu_share) if args.robot_cpu_share < 1 else None
                 with cap or contextlib.nullcontext():
@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
                     for arch in archs:
                         results.append(bench.run_arch(arch))
         finally:
-            server.close()
+            server.stop()
     meta['load'] = max(meta['load'], os.getloadavg()[0])
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 
 import torch
 
 from bench.machine import describe
+from rrto_server.process import ServerProcess
 from rrto_ros import OffloadResult, offload
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     endpoint = f'tcp://127.0.0.1:{args.port}'
     with tempfile.TemporaryDirectory() as store:
-        server = subprocess.Popen([sys.executable, '-m', 'rrto_server', '--bind', endpoint,
-                                   '--store', store, '--device', 'cpu', '--log-level', 'WARNING',
-                                   *args.server_args.split()])
+        server = ServerProcess(store, args.port, *args.server_args.split()).start()
         try:
             rows = []
             for name in args.models:
@@ -99,8 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:
-            server.terminate()
-            server.wait(10)
+            server.stop()
     report = describe(command='python -m bench.overhead ' + ' '.join(argv or sys.argv[1:]))
     report['results'] = rows
     with open(args.out, 'w') as f:

@@ -30,7 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.sched_mix import (TaskSpec, ServerProcess, _clean, _gpu_name, _percentile, export,
+from bench.sched_mix import (TaskSpec, start_server, _clean, _gpu_name, _percentile, export,
                              prepare, run_clients, server_stats)
 
 SHAPES = {
@@ -119,10 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix='rrto-preempt-') as tmp:
         store = Path(tmp) / 'store'
         store.mkdir()
-        server = ServerProcess(store, args.device, 'preemptive', 0.0)
+        server = start_server(store, args.device, 'preemptive', 0.0)
         artifacts: dict = {}
         try:
-            server.wait_ready()
             for arch in args.arch:
                 shape = shapes[arch]
                 if args.batch:
@@ -136,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
         'command': ' '.join(['python -m bench.preempt_latency'] + (argv or sys.argv[1:])),
         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'), 'host': platform.node(),
         'cpus': os.cpu_count(), 'device': args.device, 'gpu': _gpu_name(args.device),
-        'server_command': ' '.join(server.cmd), 'target_ms': TARGET_MS},
+        'server_command': ' '.join(server.command), 'target_ms': TARGET_MS},
         'rows': rows})
     print(table(results['rows']))
     if args.out:

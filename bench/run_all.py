@@ -23,7 +23,6 @@ import logging
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
@@ -37,59 +36,12 @@ from bench.frames import camera_frames
 from bench.linkemu import PRESETS, EmulatorProcess, LinkConfig, mean_mbps
 from bench.measure import run_point
 from bench.modes import MODES
-from rrto_ros.client import OffloadError, RrtoClient
+from rrto_server.process import ServerProcess, child_env
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
 
 log = logging.getLogger('bench')
 REPO = Path(__file__).resolve().parents[1]
-
-
-class ServerProcess:
-    """``python -m rrto_server`` on a free loopback port with a throwaway store."""
-
-    def __init__(self, store: str, device: str = 'cpu', extra: tuple[str, ...] = ()):
-        with socket.socket() as sock:
-            sock.bind(('127.0.0.1', 0))
-            self.port = sock.getsockname()[1]
-        self.endpoint = f'tcp://127.0.0.1:{self.port}'
-        self.proc = subprocess.Popen(
-            [sys.executable, '-m', 'rrto_server', '--bind', self.endpoint, '--store', store,
-             '--device', device, '--log-level', 'WARNING', *extra], env=_child_env())
-        client = RrtoClient(self.endpoint, connect_timeout_ms=500, name='bench-probe')
-        quiet = logging.getLogger('rrto_ros.client')
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)   # 'unavailable' is expected while the server starts
-        try:
-            deadline = time.monotonic() + 60
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f'rrto_server exited with {self.proc.returncode}')
-                try:
-                    client.hello(timeout_ms=500)
-                    break
-                except OffloadError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError('rrto_server did not answer within 60 s') from None
-                    client.wait_available(1.0)
-        finally:
-            client.close()
-            quiet.setLevel(level)
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
-    return env
 
 
 def machine() -> dict:
@@ -253,16 +205,16 @@ def main(argv: list[str] | None = None) -> int:
         'load_before': os.getloadavg(),
     }
     with tempfile.TemporaryDirectory(prefix='rrto-bench-') as store:
-        server = ServerProcess(store, args.server_device)
+        server = ServerProcess(store, None, device=args.server_device).start()
         try:
-            with EmulatorProcess(('127.0.0.1', server.port), env=_child_env()) as emulator:
+            with EmulatorProcess(('127.0.0.1', server.port), env=child_env()) as emulator:
                 bench = Bench(profile, emulator, f'tcp://127.0.0.1:{emulator.port}')
                 meta['frames'] = bench.frames_source
                 meta['frame_shape'] = list(bench.frames.shape[2:])
                 for arch in profile.archs:
                     bench.run_arch(arch)
         finally:
-            server.close()
+            server.stop()
     meta['load_after'] = os.getloadavg()
     meta['duration_s'] = round(time.monotonic() - started, 1)
     results = Path(args.results)

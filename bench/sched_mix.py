@@ -33,14 +33,14 @@ import os
 import platform
 import queue
 import random
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from rrto_server.process import ServerProcess
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,62 +96,13 @@ PRESETS = {
 
 
 # ---------------------------------------------------------------------------- server
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def _child_env() -> dict:
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
-    return env
-
-
-class ServerProcess:
-    """``python -m rrto_server`` with one scheduler configuration."""
-
-    def __init__(self, store: Path, device: str, policy: str, theta: float | None,
-                 extra: list[str] | None = None):
-        self.endpoint = f'tcp://127.0.0.1:{_free_port()}'
-        cmd = [sys.executable, '-m', 'rrto_server', '--bind', self.endpoint, '--store',
-               str(store), '--device', device, '--sched-policy', policy, '--log-level',
-               'WARNING']
-        if theta is not None:
-            cmd += ['--pack-theta', str(theta)]
-        self.cmd = cmd + list(extra or [])
-        self.log = open(Path(store).parent / f'server-{policy}.log', 'ab')
-        self.proc = subprocess.Popen(self.cmd, env=_child_env(), stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-
-    def wait_ready(self, timeout_s: float = 120.0) -> None:
-        import zmq
-        from rrto_server import protocol as wire
-        deadline = time.monotonic() + timeout_s
-        ctx = zmq.Context.instance()
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f'server exited with {self.proc.returncode}: {self.cmd}')
-            sock = ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self.endpoint)
-            try:
-                sock.send_multipart(wire.encode({'kind': 'hello', 'id': 0}))
-                if sock.poll(300):
-                    return
-            finally:
-                sock.close(linger=0)
-        raise RuntimeError('server did not answer in time')
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(15)
-        self.log.close()
+def start_server(store: Path, device: str, policy: str, theta: float | None,
+                 extra: list[str] | None = None) -> ServerProcess:
+    """Start ``python -m rrto_server`` with one scheduler configuration (log beside the store)."""
+    args = ['--sched-policy', policy] + (['--pack-theta', str(theta)] if theta is not None else [])
+    server = ServerProcess(store, None, *args, *(extra or []), device=device,
+                           log=Path(store).parent / f'server-{policy}.log')
+    return server.start(timeout_s=120.0)
 
 
 def export(spec: TaskSpec):
@@ -344,9 +295,8 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
     if theta is None:
         theta = args.theta
     workers = args.cpu_workers or (4 if args.device.startswith('cuda') else 2)
-    server = ServerProcess(store, args.device, policy, theta, ['--cpu-workers', str(workers)])
+    server = start_server(store, args.device, policy, theta, ['--cpu-workers', str(workers)])
     try:
-        server.wait_ready()
         replays = {spec.name: prepare(server.endpoint, spec, artifacts[spec.name])
                    for spec in specs}
         releases = run_clients(specs, server.endpoint, replays, args.duration, args.clients,
@@ -363,7 +313,7 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
                                  'max_segment_ms': max(r['segment_ms'], default=None)}
                     for r in stats['replays']}
     return {'tasks': tasks, 'scheduler': scheduler, 'replays': replays_info,
-            'server_command': ' '.join(server.cmd)}
+            'server_command': ' '.join(server.command)}
 
 
 def table(results: dict) -> str:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -24,7 +23,6 @@ from pathlib import Path
 
 import rclpy
 import yaml
-import zmq
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
@@ -36,7 +34,7 @@ from rrto_ros.nodes.bandwidth_monitor import BandwidthMonitor
 from rrto_ros.nodes.camera_sim import CameraSim
 from rrto_ros.nodes.offload_node import OffloadNode
 from rrto_ros.nodes.params import ParameterError
-from rrto_server import protocol as wire
+from rrto_server.process import ServerProcess, hello
 
 
 def default_config() -> Path:
@@ -125,31 +123,12 @@ def summary(records: list[dict], stats: dict, dropped: int) -> str:
     return '\n'.join(lines)
 
 
-def _answers(endpoint: str, timeout_ms: int) -> bool:
-    """Return True if an rrto_server answers ``hello`` on ``endpoint`` within the timeout."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send_multipart(wire.encode({'kind': 'hello', 'id': 1}))
-        return bool(sock.poll(timeout_ms))
-    finally:
-        sock.close(linger=0)
-
-
-def _start_server(endpoint: str, store: str) -> subprocess.Popen:
-    if _answers(endpoint, 300):
+def _start_server(endpoint: str, store: str) -> ServerProcess:
+    if hello(endpoint, 300) is not None:
         raise RuntimeError(f'a server already answers on {endpoint}: pass --no-server to use it, '
                            'or --server tcp://127.0.0.1:PORT for another port')
-    proc = subprocess.Popen([sys.executable, '-m', 'rrto_server', '--bind', endpoint,
-                             '--store', store, '--log-level', 'WARNING'])
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if _answers(endpoint, 500):
-            return proc
-    proc.terminate()
-    proc.wait(10)
-    raise RuntimeError(f'rrto_server did not start on {endpoint}')
+    return ServerProcess(store, bind=endpoint, device='auto',
+                         log=Path(store) / 'server.log').start()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,8 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             node.destroy_node()
         rclpy.try_shutdown()
         if server is not None:
-            server.terminate()
-            server.wait(10)
+            server.stop()
         store.cleanup()
     if stats is None:
         return 1

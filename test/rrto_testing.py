@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,67 +10,9 @@ import zmq
 
 from rrto_server import protocol as wire
 from rrto_server import treespec
+from rrto_server.process import ServerProcess, child_env, free_port, hello  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def child_env(**extra: str) -> dict:
-    """Return an environment in which child processes import this checkout first."""
-    env = dict(os.environ)
-    env['PYTHONPATH'] = os.pathsep.join([str(REPO)] + [p for p in [env.get('PYTHONPATH')] if p])
-    env['PYTHONUNBUFFERED'] = '1'
-    env.update(extra)
-    return env
-
-
-class ServerProcess:
-    """``python -m rrto_server`` in a child process that a test can kill and restart."""
-
-    def __init__(self, store: Path, port: int | None = None, *extra_args: str):
-        self.store = Path(store)
-        self.port = port or free_port()
-        self.endpoint = f'tcp://127.0.0.1:{self.port}'
-        self.extra_args = list(extra_args)
-        self.proc: subprocess.Popen | None = None
-        self.log = self.store.parent / f'server-{self.port}.log'
-
-    def start(self, timeout_s: float = 30.0) -> 'ServerProcess':
-        cmd = [sys.executable, '-m', 'rrto_server', '--bind', self.endpoint,
-               '--store', str(self.store), '--log-level', 'WARNING', *self.extra_args]
-        log = open(self.log, 'ab')
-        self.proc = subprocess.Popen(cmd, env=child_env(), stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f'server exited with {self.proc.returncode}: {self.log.read_text()}')
-            if hello(self.endpoint, timeout_ms=200) is not None:
-                return self
-        raise RuntimeError(f'server did not answer within {timeout_s}s: {self.log.read_text()}')
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-
-    def stop(self) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        return self.proc.returncode
 
 
 def raw_socket(ctx: zmq.Context, endpoint: str, kind: int = zmq.DEALER) -> zmq.Socket:
@@ -83,19 +21,6 @@ def raw_socket(ctx: zmq.Context, endpoint: str, kind: int = zmq.DEALER) -> zmq.S
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(endpoint)
     return sock
-
-
-def hello(endpoint: str, timeout_ms: int = 1000) -> dict | None:
-    """Return the server's hello reply header, or None if none came in time."""
-    ctx = zmq.Context.instance()
-    sock = raw_socket(ctx, endpoint)
-    try:
-        sock.send_multipart(wire.encode({'kind': 'hello', 'id': 1}))
-        if sock.poll(timeout_ms):
-            return wire.decode_header(sock.recv_multipart()[0])
-        return None
-    finally:
-        sock.close(linger=0)
 
 
 def exchange(sock: zmq.Socket, frames: list, timeout_ms: int = 5000) -> dict:

@@ -123,3 +123,14 @@ def test_a_silent_server_times_out_and_the_client_marks_it_down(zmq_ctx):
     finally:
         client.close()
         silent.close(linger=0)
+
+
+def test_a_server_that_cannot_start_says_why(server_process, tmp_path):
+    from rrto_server.process import ServerProcess
+    running = server_process(tmp_path / 'store')
+    second = ServerProcess(tmp_path / 'other', running.port, log=tmp_path / 'second.log')
+    with pytest.raises(RuntimeError, match='already answers'):
+        second.start(timeout_s=30)
+    assert second.proc is None
+    running.kill()   # a port whose server died can be reused at once
+    assert ServerProcess(tmp_path / 'store', running.port).start().stop() == 0

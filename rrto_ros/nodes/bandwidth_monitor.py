@@ -16,16 +16,14 @@ from __future__ import annotations
 import math
 import sys
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 
 from rrto_ros import latency
 from rrto_ros.bandwidth import LinkEstimate, LinkEstimator, LinkHealth, LinkMonitor
 from rrto_ros.client import RrtoClient
-from rrto_ros.nodes import log_bridge
+from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint
 
@@ -56,6 +54,8 @@ PARAMS = [
 
 class BandwidthMonitor(Node):
     """Probe one server's link; publish the estimate and its health."""
+
+    NODE_NAME = 'bandwidth_monitor'
 
     def __init__(self, **kwargs):
         super().__init__('bandwidth_monitor', **kwargs)
@@ -145,29 +145,7 @@ def _num(value: float) -> str:
 
 def main(args=None) -> int:
     """Run the monitor until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    rclpy.init(args=args)
-    node = executor = None
-    try:
-        node = BandwidthMonitor()
-        executor = MultiThreadedExecutor(num_threads=2)
-        executor.add_node(node)
-        executor.spin()
-    except ParameterError as exc:
-        rclpy.logging.get_logger('bandwidth_monitor').fatal(str(exc))
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise
-        # a callback that was publishing when Ctrl-C shut rclpy down: part of shutting down
-    finally:
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin.run(BandwidthMonitor, args, threads=2)
 
 
 if __name__ == '__main__':

@@ -12,13 +12,11 @@ import array
 import sys
 
 import numpy as np
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 
 from rrto_ros.image import ENCODINGS, array_to_image
-from rrto_ros.nodes import log_bridge
+from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters
 
@@ -36,6 +34,8 @@ PARAMS = [
 
 class CameraSim(Node):
     """Publish synthetic camera frames."""
+
+    NODE_NAME = 'camera_sim'
 
     def __init__(self, **kwargs):
         super().__init__('camera_sim', **kwargs)
@@ -78,25 +78,7 @@ class CameraSim(Node):
 
 def main(args=None) -> int:
     """Publish until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = CameraSim()
-        rclpy.spin(node)
-    except ParameterError as exc:
-        rclpy.logging.get_logger('camera_sim').fatal(str(exc))
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise
-        # a callback that was publishing when Ctrl-C shut rclpy down: part of shutting down
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin.run(CameraSim, args, threads=1)
 
 
 if __name__ == '__main__':

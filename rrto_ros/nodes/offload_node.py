@@ -21,10 +21,8 @@ import sys
 import threading
 import time
 
-import rclpy
 from diagnostic_msgs.msg import DiagnosticStatus
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 
@@ -33,7 +31,7 @@ from rrto_ros.engine import MODES, offload
 from rrto_ros.image import CHANNEL_ORDERS, ImageConverter
 from rrto_ros.latest import LatestSlot
 from rrto_ros.local_model import TorchModule, load_local_model
-from rrto_ros.nodes import log_bridge
+from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
 from rrto_ros.outputs import output_names
@@ -102,6 +100,8 @@ def table_problem(value: str) -> str | None:
 
 class OffloadNode(Node):
     """Run a model on every newest camera frame, offloaded when the server can take it."""
+
+    NODE_NAME = 'offload_node'
 
     def __init__(self, **kwargs):
         super().__init__('offload_node', **kwargs)
@@ -298,29 +298,7 @@ class OffloadNode(Node):
 
 def main(args=None) -> int:
     """Run the node until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    rclpy.init(args=args)
-    node = executor = None
-    try:
-        node = OffloadNode()
-        executor = MultiThreadedExecutor(num_threads=3)
-        executor.add_node(node)
-        executor.spin()
-    except ParameterError as exc:
-        rclpy.logging.get_logger('offload_node').fatal(str(exc))
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise
-        # a callback that was publishing when Ctrl-C shut rclpy down: part of shutting down
-    finally:
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)   # let an inference in flight finish first
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin.run(OffloadNode, args, threads=3)
 
 
 if __name__ == '__main__':

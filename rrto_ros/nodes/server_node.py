@@ -12,13 +12,11 @@ from __future__ import annotations
 import os
 import sys
 
-import rclpy
 import zmq
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 
-from rrto_ros.nodes import log_bridge
+from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
 from rrto_server.protocol import DEFAULT_MAX_MESSAGE_BYTES
@@ -67,6 +65,8 @@ def stats_values(snapshot: dict, prefix: str = '') -> list[tuple[str, str]]:
 
 class ServerNode(Node):
     """Serve offloaded inference from this process and report on /diagnostics."""
+
+    NODE_NAME = 'server_node'
 
     def __init__(self, **kwargs):
         super().__init__('server_node', **kwargs)
@@ -129,27 +129,7 @@ class ServerNode(Node):
 
 def main(args=None) -> int:
     """Serve until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    rclpy.init(args=args)
-    node = None
-    try:
-        node = ServerNode()
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        executor.spin()
-    except ParameterError as exc:
-        rclpy.logging.get_logger('server_node').fatal(str(exc))
-        return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception:
-        if rclpy.ok():
-            raise
-        # a callback that was publishing when Ctrl-C shut rclpy down: part of shutting down
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+    return spin.run(ServerNode, args, threads=1)
 
 
 if __name__ == '__main__':
