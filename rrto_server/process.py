@@ -109,7 +109,7 @@ class ServerProcess:
             self.proc.wait(10)
 
     def stop(self) -> int | None:
-        """Ask the server to stop (SIGTERM), kill it after 10 s; return its exit code."""
+        """Terminate the server (SIGTERM), kill it after 10 s; return its exit code."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:

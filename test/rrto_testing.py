@@ -94,3 +94,23 @@ def wait_running(server, task: str, timeout: float = 30.0) -> None:
     while not any(r['task'] == task for r in server.scheduler.running()):
         assert time.monotonic() < deadline, f'{task} never started'
         time.sleep(0.0005)
+
+
+def assert_same_as_local(actual, expected) -> None:
+    """Check offloaded fp32 outputs (tensors, dicts, tuples) against local ones.
+
+    rtol 1e-5, with an absolute floor at 1e-5 of each tensor's largest magnitude: two
+    processes may sum a convolution in a different order, and near-zero elements then
+    differ in their last bits only.
+    """
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and actual.keys() == expected.keys()
+        for key in expected:
+            assert_same_as_local(actual[key], expected[key])
+    elif isinstance(expected, (tuple, list)):
+        assert type(actual) is type(expected) and len(actual) == len(expected)
+        for a, e in zip(actual, expected):
+            assert_same_as_local(a, e)
+    else:
+        floor = 1e-5 * float(expected.abs().max()) if expected.numel() else 0.0
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=floor)

@@ -6,25 +6,10 @@ import torch
 from rrto_ros import OffloadResult
 from rrto_ros.naive import operator_count
 from rrto_ros.zoo import ARCHITECTURES
+from rrto_testing import assert_same_as_local
 
-SIZES = {
-    'resnet18': (
-        1, 3, 224, 224), 'mobilenet': (
-            1, 3, 160, 160), 'keypoint_net': (
-                1, 3, 96, 128)}
-
-
-def _assert_same(actual, expected):
-    if isinstance(expected, dict):
-        assert actual.keys() == expected.keys()
-        for key in expected:
-            _assert_same(actual[key], expected[key])
-    elif isinstance(expected, (tuple, list)):
-        assert type(actual) is type(expected) and len(actual) == len(expected)
-        for a, e in zip(actual, expected):
-            _assert_same(a, e)
-    else:
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=0)
+SIZES = {'resnet18': (1, 3, 224, 224), 'mobilenet': (1, 3, 160, 160),
+         'keypoint_net': (1, 3, 96, 128)}
 
 
 @pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
@@ -38,7 +23,7 @@ def test_offloaded_equals_local_with_one_round_trip_per_call(arch, server, offlo
         out = om(x)
         assert om.last.result == OffloadResult.OFFLOADED
         assert om.last.round_trips == 1
-        _assert_same(out, model(x))
+        assert_same_as_local(out, model(x))
     after, server_after = om.stats(), server.snapshot()
     assert after['calls'] - before['calls'] == 3
     assert after['round_trips'] - before['round_trips'] == 3
@@ -61,7 +46,7 @@ def test_naive_mode_costs_one_round_trip_per_operator(server, offloaded):
     assert om.last.result == OffloadResult.OFFLOADED
     assert om.stats()['round_trips'] - before['round_trips'] == operators
     assert operators == len(target.artifact.program['nodes']) > 60
-    torch.testing.assert_close(out, model(x), rtol=1e-5, atol=0)
+    assert_same_as_local(out, model(x))
     assert server.snapshot()['naive_sessions'] == 0
 
 
@@ -70,7 +55,7 @@ def test_eager_mode_serves_without_recording_a_graph(server, offloaded):
     om = offloaded(model, server.endpoint, timeout_ms=30000, mode='eager')
     x = torch.randn(1, 3, 64, 64)
     assert om.warmup(x)
-    _assert_same(om(x), model(x))
+    assert_same_as_local(om(x), model(x))
     assert om.last.round_trips == 1
     assert server.snapshot()['replays'][0]['backend'] == 'fx'
 
@@ -90,8 +75,8 @@ def test_new_signature_records_a_new_replay_and_reuses_weights(server, offloaded
     om = offloaded(model, server.endpoint, timeout_ms=30000)
     small, large = torch.randn(1, 3, 64, 64), torch.randn(2, 3, 96, 96)
     assert om.warmup(small) and om.warmup(large)
-    _assert_same(om(small), model(small))
-    _assert_same(om(large), model(large))
+    assert_same_as_local(om(small), model(small))
+    assert_same_as_local(om(large), model(large))
     stats = om.stats()
     assert stats['records'] == 2
     assert stats['uploads'] == 3  # two graphs, one weights blob
@@ -108,7 +93,7 @@ def test_structures_and_keyword_arguments_are_preserved(server, offloaded):
     assert om.warmup(image, mask=mask)
     out = om(image, mask=mask)
     assert om.last.result == OffloadResult.OFFLOADED
-    _assert_same(out, TwoInputs()(image, mask=mask))
+    assert_same_as_local(out, TwoInputs()(image, mask=mask))
 
 
 def test_calls_before_recording_finishes_run_locally(server, offloaded):

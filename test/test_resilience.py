@@ -10,6 +10,7 @@ from rrto_ros import OffloadResult, ServerUnavailable
 from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, resnet18
 from rrto_server.protocol import Kind
+from rrto_testing import assert_same_as_local
 
 TIMEOUT_MS = 1000
 
@@ -46,7 +47,7 @@ def test_server_killed_mid_run_then_restarted(server_process, offloaded, tmp_pat
         out = om(x)
         elapsed_ms = (time.perf_counter() - start) * 1e3
         results.append(om.last.result)
-        torch.testing.assert_close(out['heatmaps'], expected['heatmaps'], rtol=1e-5, atol=0)
+        assert_same_as_local(out['heatmaps'], expected['heatmaps'])
         # no call waits longer than its timeout plus a local run (and some scheduling slack)
         assert elapsed_ms < TIMEOUT_MS + 4 * local_ms + 250, elapsed_ms
     killer.join()
@@ -58,7 +59,7 @@ def test_server_killed_mid_run_then_restarted(server_process, offloaded, tmp_pat
     proc.start()  # same port, same store: the model is there, the replay is not
     _wait_for(lambda: (om(x), om.last.result)[1] ==
               OffloadResult.OFFLOADED, 30, 'offloading to resume')
-    torch.testing.assert_close(om(x)['offsets'], expected['offsets'], rtol=1e-5, atol=0)
+    assert_same_as_local(om(x)['offsets'], expected['offsets'])
     stats = om.stats()
     assert stats['uploads'] == uploads_before, 'the store survived: nothing is re-uploaded'
     assert stats['records'] == 2 and stats['reconnects'] >= 1
