@@ -15,8 +15,8 @@ step tests 240 $py -m pytest -q -p no:cacheprovider test/test_gpu.py test/test_r
 step gpu_replay 150 $py -m bench.gpu_replay --iters 200 --out "$out/gpu_h100.json"
 step preempt_latency 120 $py -m bench.preempt_latency --device cuda --duration 6 \
     --granularity whole block:3 ops:8 --out "$out/preempt_h100.json"
-step sched_mix 200 $py -m bench.sched_mix --preset gpu --device cuda --duration 20 \
-    --policies fifo priority preemptive preemptive+pack --theta 1.0 --out "$out/sched_h100.json"
+step sched_mix 300 $py -m bench.sched_mix --preset gpu --device cuda --duration 20 \
+    --policies fifo priority preemptive preemptive+pack --theta 1.0 --solo --out "$out/sched_h100.json"
 step overhead_cpu 120 $py -m bench.overhead --calls 500 --models tiny resnet18 \
     --out "$out/overhead_h100host_cpu.json"
 echo "== done"

@@ -81,11 +81,15 @@ PRESETS = {
         TaskSpec('classify', 'mobilenet', (1, 3, 128, 128), 1, 10.0, 100.0, 'ops:10'),
         TaskSpec('mapping', 'resnet18', (1, 3, 224, 224), 0, 0.0, None, 'block:3'),
     ],
-    # one H100: the best-effort network is a large batch cut into per-block segments
+    # one H100: deadlines a task meets alone (~3 ms detect, ~5 ms classify end to end) but
+    # not behind a whole best-effort batch (~7 ms of GPU plus its 19 MB input), which is
+    # cut into per-block segments.  (A first preset with 480x640 detect frames and a 5 ms
+    # deadline measured 100% misses under every policy: the frames' transfer alone is
+    # longer than the deadline, which says nothing about scheduling.)
     'gpu': [
-        TaskSpec('detect', 'keypoint_net', (1, 3, 480, 640), 2, 30.0, 5.0, 'whole', 2),
+        TaskSpec('detect', 'keypoint_net', (1, 3, 224, 224), 2, 30.0, 8.0, 'whole', 2),
         TaskSpec('classify', 'mobilenet', (8, 3, 224, 224), 1, 10.0, 15.0, 'block:3'),
-        TaskSpec('mapping', 'resnet18', (64, 3, 224, 224), 0, 0.0, None, 'block:3', 2),
+        TaskSpec('mapping', 'resnet18', (32, 3, 224, 224), 0, 0.0, None, 'block:3'),
     ],
     # for the test suite: seconds, not minutes
     'tiny': [
@@ -320,7 +324,8 @@ def table(results: dict) -> str:
     """Return a markdown table of per-task figures, one row per (policy, task)."""
     rows = ['| policy | task | prio | releases | p50 ms | p99 ms | miss rate | thr Hz | '
             'preempt p50/p99/max ms |', '|---' * 9 + '|']
-    for label, run in results['runs'].items():
+    runs = [('solo', run) for run in results.get('solo', {}).values()]
+    for label, run in runs + list(results['runs'].items()):
         for name, t in run['tasks'].items():
             pre = t['server'].get('preempt_ms') or {}
             pre_txt = (f"{pre['p50']:.3f}/{pre['p99']:.3f}/{pre['max']:.3f} (n={pre['n']})"
@@ -351,6 +356,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--clients', choices=('processes', 'threads'), default='processes')
     parser.add_argument('--cpu-workers', type=int,
                         help='server CPU workers (default: 4 on CUDA, 2 on CPU)')
+    parser.add_argument('--solo', action='store_true',
+                        help='first run each periodic task alone (fifo) for its uncontended '
+                             'latency and miss rate (rows labelled solo)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
     parser.add_argument('--out', help='write the results as JSON here')
@@ -373,6 +381,9 @@ def main(argv: list[str] | None = None) -> dict:
             'clients': args.clients, 'tasks': [asdict(s) for s in specs]},
             'runs': {}}
         artifacts = {spec.name: export(spec) for spec in specs}
+        if args.solo:
+            results['solo'] = {spec.name: run_policy('fifo', [spec], artifacts, store, args)
+                               for spec in specs if spec.rate_hz > 0}
         for label in args.policies:
             results['runs'][label] = run_policy(label, specs, artifacts, store, args)
     results['meta']['gpu'] = _gpu_name(args.device)

@@ -13,7 +13,7 @@ OUTCOMES = ('ok', 'late', 'dropped', 'skipped', 'error', 'timeout')
 def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_path):
     out = tmp_path / 'sched.json'
     results = sched_mix.main(['--preset', 'tiny', '--duration', '1.5', '--clients', 'threads',
-                              '--policies', 'fifo', 'preemptive', '--out', str(out)])
+                              '--policies', 'fifo', 'preemptive', '--solo', '--out', str(out)])
     assert json.loads(out.read_text()) == results
     json.dumps(results, allow_nan=False)
     for label, run in results['runs'].items():
@@ -29,6 +29,10 @@ def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_pat
     assert results['runs']['fifo']['scheduler']['preemptions'] == 0
     assert results['runs']['preemptive']['scheduler']['preemptions'] > 0
     assert '| preemptive | detect |' in sched_mix.table(results)
+    solo = results['solo']
+    assert list(solo) == ['detect'], 'only periodic tasks run alone'
+    assert list(solo['detect']['tasks']) == ['detect'] and '| solo | detect |' in \
+        sched_mix.table(results)
 
 
 @pytest.mark.slow
