@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(arch, precision, args.store, args.iters)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    report = describe(command='python -m bench.gpu_replay ' + ' '.join(argv or []))
+    report = describe(command='python -m bench.gpu_replay ' + ' '.join(argv or sys.argv[1:]))
     report['results'] = rows
     with open(args.out, 'w') as f:
         json.dump(report, f, indent=2)

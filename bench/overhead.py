@@ -8,7 +8,10 @@ robot side calls it ``--calls`` times after recording.  Per call:
 * ``overhead_ms = client total - server compute`` (what offloading adds: framing,
   two loopback transfers of the frame and the outputs, the server's queueing
   and thread hand-offs); target: median <= 0.3 ms;
-* ``server_overhead_ms = server receipt-to-reply - server compute``.
+* ``server_overhead_ms = server receipt-to-reply - server compute``;
+* ``zmq_echo_ms``: the floor under all of that, a bare pyzmq DEALER/ROUTER round
+  trip between two processes carrying the same bytes up and down (no framing,
+  no torch), so ``overhead_ms - zmq_echo_ms`` is what rrto_ros itself adds.
 
 Usage: ``python -m bench.overhead --out docs/results/overhead_cpu.json``
 """
@@ -18,13 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import subprocess
 import sys
 import tempfile
+import time
 
 import torch
 
 from bench.machine import describe
-from rrto_server.process import ServerProcess
+from rrto_server.process import ServerProcess, child_env, free_port
 from rrto_ros import OffloadResult, offload
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
@@ -76,6 +81,44 @@ def measure(name: str, endpoint: str, calls: int) -> dict:
     }
 
 
+def echo_server(endpoint: str) -> None:
+    """Answer every request with as many bytes as its last frame asks for (the floor)."""
+    import zmq
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        size = int(frames[-1].bytes)
+        sock.send_multipart([frames[0], b'{"kind":"ok"}', bytes(size)], copy=False)
+
+
+def zmq_echo_ms(endpoint: str, sent: int, received: int, calls: int) -> float:
+    """Median bare pyzmq round trip carrying ``sent`` bytes up and ``received`` down."""
+    import zmq
+    port = int(endpoint.rsplit(':', 1)[1])
+    proc = subprocess.Popen([sys.executable, '-m', 'bench.overhead', '--echo-server', endpoint],
+                            env=child_env())
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(f'tcp://127.0.0.1:{port}')
+        payload = bytes(sent)
+        times = []
+        for i in range(calls + 10):
+            start = time.perf_counter()
+            sock.send_multipart([b'{"kind":"infer"}', payload, str(received).encode()])
+            if not sock.poll(10000):
+                raise RuntimeError('echo server did not answer')
+            sock.recv_multipart(copy=False)
+            if i >= 10:
+                times.append((time.perf_counter() - start) * 1e3)
+        return statistics.median(times)
+    finally:
+        sock.close(0)
+        proc.kill()
+        proc.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--port', type=int, default=5577)
     parser.add_argument('--server-args', default='',
                         help='extra rrto_server options, e.g. "--inline-max-ms 0"')
+    parser.add_argument('--echo-server', metavar='ENDPOINT', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.echo_server:
+        echo_server(args.echo_server)
     endpoint = f'tcp://127.0.0.1:{args.port}'
     with tempfile.TemporaryDirectory() as store:
         server = ServerProcess(store, args.port, *args.server_args.split()).start()
@@ -94,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for name in args.models:
                 row = measure(name, endpoint, args.calls)
+                echo_endpoint = f'tcp://127.0.0.1:{free_port()}'
+                row['zmq_echo_ms_median'] = zmq_echo_ms(
+                    echo_endpoint, row['bytes_sent'], row['bytes_received'], args.calls)
+                row['overhead_beyond_echo_ms'] = row['overhead_ms_median'] - \
+                    row['zmq_echo_ms_median']
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:

@@ -7,6 +7,7 @@ import pytest
 from bench import report, run_all
 from bench.linkemu import grid_link
 from bench.measure import output_error, percentile
+from rrto_testing import free_port
 
 
 @pytest.fixture(scope='module')
@@ -91,3 +92,18 @@ def test_percentile_and_output_error():
     moved = {'a': torch.tensor([[3.0, 2.0, 1.0]]), 'b': torch.ones(1, 2, 3, 3)}
     rel, agreement = output_error(moved, ref)
     assert rel == pytest.approx(3 / (5 + 18) ** 0.5) and agreement == 0.0
+
+
+@pytest.mark.slow
+def test_overhead_benchmark_reports_overhead_and_its_zmq_floor(tmp_path):
+    from bench import overhead
+    out = tmp_path / 'overhead.json'
+    assert overhead.main(['--calls', '20', '--models', 'tiny', '--port', str(free_port()),
+                          '--out', str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report['command'].startswith('python -m bench.overhead') and report['date']
+    row, = report['results']
+    assert row['round_trips_per_call'] == 1 and row['bytes_sent'] > 224 * 224 * 3
+    assert 0 < row['zmq_echo_ms_median'] < row['total_ms_median']
+    assert row['overhead_beyond_echo_ms'] == pytest.approx(
+        row['overhead_ms_median'] - row['zmq_echo_ms_median'])
