@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 
 import torch
 
-from bench.machine import describe
+from bench.machine import write_results
 from rrto_server.process import ServerProcess
 from rrto_ros import offload
 from rrto_ros.local_model import TorchModule
@@ -109,10 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             row = measure(arch, precision, args.store, args.iters)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    report = describe(command='python -m bench.gpu_replay ' + ' '.join(argv or sys.argv[1:]))
-    report['results'] = rows
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=2)
+    write_results(args.out, 'python -m bench.gpu_replay', argv, rows)
     return 0
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
+import sys
 
 import torch
 
@@ -32,3 +34,11 @@ def describe(command: str) -> dict:
         'python': platform.python_version(),
         'gpu': gpu,
     }
+
+
+def write_results(path: str, command: str, argv: list[str] | None, rows: list[dict]) -> None:
+    """Write ``rows`` with :func:`describe`'s fields; ``command`` gets the arguments given."""
+    report = describe(command=' '.join([command] + (sys.argv[1:] if argv is None else argv)))
+    report['results'] = rows
+    with open(path, 'w') as f:
+        json.dump(report, f, indent=2)

@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from bench.machine import describe
+from bench.machine import write_results
 from rrto_server.process import ServerProcess, child_env, free_port
 from rrto_ros import OffloadResult, offload
 from rrto_ros.preprocess import WithImageInput
@@ -149,10 +149,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
         finally:
             server.stop()
-    report = describe(command='python -m bench.overhead ' + ' '.join(argv or sys.argv[1:]))
-    report['results'] = rows
-    with open(args.out, 'w') as f:
-        json.dump(report, f, indent=2)
+    write_results(args.out, 'python -m bench.overhead', argv, rows)
     return 0
 
 

@@ -24,6 +24,15 @@ def _footer(fig, meta: dict) -> None:
              f'{meta["date"]} | server on {meta["server_device"]}', fontsize=7, color='dimgray')
 
 
+def _save(fig, meta: dict, path: Path, bottom: float) -> bool:
+    """Add the footer, leave ``bottom`` of the figure for it, write ``path``, close."""
+    _footer(fig, meta)
+    fig.tight_layout(rect=(0, bottom, 1, 1))
+    fig.savefig(path, dpi=90)
+    _pyplot().close(fig)
+    return True
+
+
 def _archs(points: list[dict]) -> list[str]:
     return list(dict.fromkeys(p['arch'] for p in points))
 
@@ -58,11 +67,7 @@ def latency_vs_bandwidth(meta: dict, points: list[dict], path: Path) -> bool:
                ylabel='median latency per inference, ms', title=arch)
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=7)
-    _footer(fig, meta)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, meta, path, bottom=0.03)
 
 
 def round_trips(meta: dict, points: list[dict], path: Path) -> bool:
@@ -84,11 +89,7 @@ def round_trips(meta: dict, points: list[dict], path: Path) -> bool:
     ax.set(yscale='log', ylabel='round trips per inference', xticks=range(len(archs)),
            xticklabels=archs, title='Round trips per inference (local: none)')
     ax.legend(fontsize=8)
-    _footer(fig, meta)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, meta, path, bottom=0.04)
 
 
 def codecs(meta: dict, points: list[dict], path: Path) -> bool:
@@ -111,11 +112,7 @@ def codecs(meta: dict, points: list[dict], path: Path) -> bool:
                ylabel='median latency, ms (record/replay)', title=f'{arch}: input codecs')
         ax.grid(True, which='both', alpha=0.3)
         ax.legend(fontsize=7)
-    _footer(fig, meta)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, meta, path, bottom=0.03)
 
 
 def steps(meta: dict, points: list[dict], path: Path) -> bool:
@@ -140,11 +137,7 @@ def steps(meta: dict, points: list[dict], path: Path) -> bool:
            ylabel='latency per inference, ms', title='Record/replay across bandwidth steps')
     ax.legend(fontsize=8, loc='upper left')
     rate.legend(fontsize=8, loc='upper right')
-    _footer(fig, meta)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return True
+    return _save(fig, meta, path, bottom=0.04)
 
 
 PLOTS = {'bench_latency_vs_bandwidth.png': latency_vs_bandwidth,

@@ -39,3 +39,20 @@ class LaunchSetup:
         path = self.dir / name
         path.write_text(yaml.safe_dump(doc))
         return str(path)
+
+
+def package_launch(file_name: str, arguments: dict):
+    """Return the description that includes ``share/rrto_ros/launch/<file_name>``, then
+    marks the test ready (what ``generate_test_description`` returns first)."""
+    import launch
+    import launch_testing.actions
+    from launch.actions import IncludeLaunchDescription
+    from launch.launch_description_sources import PythonLaunchDescriptionSource
+    from launch.substitutions import PathJoinSubstitution
+    from launch_ros.substitutions import FindPackageShare
+
+    include = IncludeLaunchDescription(
+        PythonLaunchDescriptionSource(
+            PathJoinSubstitution([FindPackageShare('rrto_ros'), 'launch', file_name])),
+        launch_arguments=arguments.items())
+    return launch.LaunchDescription([include, launch_testing.actions.ReadyToTest()])

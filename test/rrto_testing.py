@@ -114,3 +114,37 @@ def assert_same_as_local(actual, expected) -> None:
     else:
         floor = 1e-5 * float(expected.abs().max()) if expected.numel() else 0.0
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=floor)
+
+
+def call_concurrently(endpoint: str, calls: dict, seconds: float) -> list[str]:
+    """Run one client thread per label, each inferring its replay back to back.
+
+    ``calls`` maps a label (also the task name) to ``(replay, x, priority,
+    expected)``; ``expected`` None means the label's first reply.  Returns the
+    labels of every reply that differed from the expected outputs.
+    """
+    import threading
+
+    from rrto_ros.client import RrtoClient
+    stop = time.monotonic() + seconds
+    failures = []
+
+    def client(label: str) -> None:
+        replay, x, priority, expected = calls[label]
+        rrto = RrtoClient(endpoint, call_timeout_ms=60000, name=label)
+        try:
+            if expected is None:
+                expected, _ = rrto.infer(replay, [x], task=label)
+            while time.monotonic() < stop:
+                outputs, _ = rrto.infer(replay, [x], priority=priority, task=label)
+                if not all(torch.equal(a, b) for a, b in zip(outputs, expected)):
+                    failures.append(label)
+        finally:
+            rrto.close()
+
+    threads = [threading.Thread(target=client, args=(label,)) for label in calls]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(seconds + 120)
+    return failures

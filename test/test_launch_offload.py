@@ -14,16 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 launch_testing = pytest.importorskip('launch_testing')
 
-import launch  # noqa: E402
-import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import launch_testing.markers  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus  # noqa: E402
-from launch.actions import IncludeLaunchDescription  # noqa: E402
-from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
-from launch.substitutions import PathJoinSubstitution  # noqa: E402
-from launch_ros.substitutions import FindPackageShare  # noqa: E402
-from launch_testing_helpers import LaunchSetup  # noqa: E402
+from launch_testing_helpers import LaunchSetup, package_launch  # noqa: E402
 from ros_testing import Listener  # noqa: E402
 from std_msgs.msg import Float32MultiArray  # noqa: E402
 
@@ -36,13 +30,9 @@ from rrto_ros.nodes import messages as m  # noqa: E402
 @launch_testing.markers.keep_alive
 def generate_test_description():
     setup = LaunchSetup()
-    offload = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(
-            PathJoinSubstitution([FindPackageShare('rrto_ros'), 'launch', 'offload.launch.py'])),
-        launch_arguments={'server': setup.endpoint, 'config': setup.offload_config,
-                          'server_config': setup.server_config}.items())
-    return (launch.LaunchDescription([offload, launch_testing.actions.ReadyToTest()]),
-            {'setup': setup})
+    return (package_launch('offload.launch.py', {
+        'server': setup.endpoint, 'config': setup.offload_config,
+        'server_config': setup.server_config}), {'setup': setup})
 
 
 class TestOffloadLaunch(unittest.TestCase):

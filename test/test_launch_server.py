@@ -14,16 +14,10 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 launch_testing = pytest.importorskip('launch_testing')
 
-import launch  # noqa: E402
-import launch_testing.actions  # noqa: E402
 import launch_testing.asserts  # noqa: E402
 import launch_testing.markers  # noqa: E402
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
-from launch.actions import IncludeLaunchDescription  # noqa: E402
-from launch.launch_description_sources import PythonLaunchDescriptionSource  # noqa: E402
-from launch.substitutions import PathJoinSubstitution  # noqa: E402
-from launch_ros.substitutions import FindPackageShare  # noqa: E402
-from launch_testing_helpers import LaunchSetup  # noqa: E402
+from launch_testing_helpers import LaunchSetup, package_launch  # noqa: E402
 from ros_testing import Listener  # noqa: E402
 from rrto_testing import hello  # noqa: E402
 
@@ -35,12 +29,8 @@ from rrto_ros.nodes import messages as m  # noqa: E402
 @launch_testing.markers.keep_alive
 def generate_test_description():
     setup = LaunchSetup()
-    server = IncludeLaunchDescription(
-        PythonLaunchDescriptionSource(
-            PathJoinSubstitution([FindPackageShare('rrto_ros'), 'launch', 'server.launch.py'])),
-        launch_arguments={'bind': setup.endpoint, 'config': setup.server_config}.items())
-    return (launch.LaunchDescription([server, launch_testing.actions.ReadyToTest()]),
-            {'setup': setup})
+    return (package_launch('server.launch.py', {
+        'bind': setup.endpoint, 'config': setup.server_config}), {'setup': setup})
 
 
 class TestServerLaunch(unittest.TestCase):

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 import zmq
-from rrto_testing import (assert_packing_invariant, exchange, infer_frames, leaves, prepare,
-                          raw_socket, receive, wait_running)
+from rrto_testing import (assert_packing_invariant, call_concurrently, exchange, infer_frames,
+                          leaves, prepare, raw_socket, receive, wait_running)
 
 from rrto_ros import OffloadResult
 from rrto_ros.client import RrtoClient
@@ -166,27 +166,11 @@ def test_packing_rule_holds_for_real_inferences_on_two_cpu_lanes(make_server):
                for label, (model, shape, seg, _, _) in specs.items()}
     for replay in server.replays.items():
         replay.utilisation = specs[replay.model.label][4]   # as if profiled
-    stop = time.monotonic() + 1.5
-    failures = []
-
-    def client(label: str) -> None:
-        model, shape, _, priority, _ = specs[label]
+    calls = {}
+    for label, (model, shape, _, priority, _) in specs.items():
         x = torch.randn(shape)
-        expected = leaves(model(x))
-        rrto = RrtoClient(server.endpoint, call_timeout_ms=60000, name=label)
-        try:
-            while time.monotonic() < stop:
-                outputs, _ = rrto.infer(replays[label], [x], priority=priority, task=label)
-                if not all(torch.equal(a, b) for a, b in zip(outputs, expected)):
-                    failures.append(label)
-        finally:
-            rrto.close()
-
-    threads = [threading.Thread(target=client, args=(label,)) for label in specs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+        calls[label] = (replays[label], x, priority, leaves(model(x)))
+    failures = call_concurrently(server.endpoint, calls, 1.5)
     assert not failures
     snapshot = server.snapshot()['scheduler']
     assert snapshot['lanes'] == 2 and snapshot['packed_steps'] > 0

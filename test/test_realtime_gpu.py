@@ -1,11 +1,10 @@
 """The scheduler on a CUDA device: streams, graph save/restore under preemption, packing."""
 
 import threading
-import time
 
 import pytest
 import torch
-from rrto_testing import assert_packing_invariant, prepare, wait_running
+from rrto_testing import assert_packing_invariant, call_concurrently, prepare, wait_running
 
 from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, mobilenet, resnet18
@@ -87,27 +86,9 @@ def test_profiled_utilisations_drive_packing_within_theta(gpu_server):
     for info in gpu_server.snapshot()['replays']:
         assert 0.0 <= info['utilisation'] <= 1.0, info
         assert len(info['segment_ms']) == info['segments']
-    stop = time.monotonic() + 3.0
-    failures = []
-
-    def client(label: str) -> None:
-        model, shape, _, priority = specs[label]
-        x = torch.randn(shape)
-        rrto = RrtoClient(gpu_server.endpoint, call_timeout_ms=60000, name=label)
-        try:
-            expected, _ = rrto.infer(replays[label], [x], task=label)
-            while time.monotonic() < stop:
-                outputs, _ = rrto.infer(replays[label], [x], priority=priority, task=label)
-                if not all(torch.equal(a, b) for a, b in zip(outputs, expected)):
-                    failures.append(label)
-        finally:
-            rrto.close()
-
-    threads = [threading.Thread(target=client, args=(label,)) for label in specs]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(120)
+    calls = {label: (replays[label], torch.randn(shape), priority, None)
+             for label, (_, shape, _, priority) in specs.items()}
+    failures = call_concurrently(gpu_server.endpoint, calls, 3.0)
     assert not failures
     snapshot = gpu_server.snapshot()['scheduler']
     assert_packing_invariant(snapshot['trace'], snapshot['theta'])
