@@ -107,3 +107,20 @@ def test_overhead_benchmark_reports_overhead_and_its_zmq_floor(tmp_path):
     assert 0 < row['zmq_echo_ms_median'] < row['total_ms_median']
     assert row['overhead_beyond_echo_ms'] == pytest.approx(
         row['overhead_ms_median'] - row['zmq_echo_ms_median'])
+
+
+@pytest.mark.slow
+def test_server_phases_times_each_phase_of_the_request_path(tmp_path):
+    from bench import server_phases
+    out = tmp_path / 'phases.json'
+    assert server_phases.main(['--device', 'cpu', '--calls', '5', '--archs', 'keypoint_net',
+                               '--out', str(out)]) == 0
+    row, = json.loads(out.read_text())['results']
+    assert row['server_compute_ms'] <= row['server_ms'] <= row['total_ms']
+    phases = row['phases']
+    for label in ('decode_tensors', 'replay.start (staging)', 'lane.run (replay + sync)',
+                  'host_outputs (copy-back)', 'send (encode + send)'):
+        assert phases[label]['n'] >= 5 and phases[label]['median_ms'] > 0, label
+    from rrto_server import protocol
+    assert protocol.decode_tensors.__module__ == 'rrto_server.protocol' and \
+        not hasattr(protocol.decode_tensors, '__wrapped__'), 'the timers are removed afterwards'

@@ -1,0 +1,141 @@
+"""
+Where a server's time per inference goes: each phase of the request path, timed.
+
+An in-process :class:`~rrto_server.server.Server` (the same code as ``python -m
+rrto_server``) has the functions of its request path wrapped with timers; a
+client in a separate process offloads each architecture (224x224x3 uint8
+frames, normalisation on the server) ``--calls`` times after recording.  Per
+phase: calls and median/p90 ms.  ``server_ms`` (receipt to reply) ends where
+``send`` begins, so encoding and sending the reply count in the client's
+overhead, not in ``server_ms``.
+
+Usage: ``python -m bench.server_phases --device cuda --calls 400``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+PHASES = [   # (module, owner, function, label), in request order
+    ('rrto_server.server', 'Server', '_on_message', 'on_message (everything on receipt)'),
+    ('rrto_server.protocol', None, 'decode_header', 'decode_header'),
+    ('rrto_server.protocol', None, 'decode_tensors', 'decode_tensors'),
+    ('rrto_server.replay', 'Replay', 'start', 'replay.start (staging)'),
+    ('rrto_server.scheduler', 'Scheduler', 'run_inline', 'run_inline'),
+    ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),
+    ('rrto_server.replay', 'Execution', 'host_outputs', 'host_outputs (copy-back)'),
+    ('rrto_server.server', 'Server', '_send', 'send (encode + send)'),
+]
+
+
+def client(endpoint: str, arch: str, calls: int) -> None:
+    """Offload ``arch`` and print the call records' medians as JSON (child process)."""
+    from rrto_ros import offload
+    from rrto_ros.preprocess import WithImageInput
+    from rrto_ros.zoo import ARCHITECTURES
+    model = WithImageInput(ARCHITECTURES[arch]()).eval()
+    frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    with offload(model, server=endpoint, timeout_ms=20000) as om:
+        assert om.warmup(frame), 'server did not record the model'
+        records = []
+        for i in range(calls + 20):
+            om(frame)
+            if i >= 20:
+                records.append(om.last)
+    print(json.dumps({key: statistics.median(getattr(r, key) for r in records)
+                      for key in ('total_ms', 'server_ms', 'server_compute_ms')}), flush=True)
+
+
+@contextlib.contextmanager
+def instrumented():
+    """Wrap every phase with a timer while in the block; yield label -> durations (ms)."""
+    import importlib
+    times: dict[str, list[float]] = collections.defaultdict(list)
+    originals = []
+    for module_name, owner_name, name, label in PHASES:
+        module = importlib.import_module(module_name)
+        owner = getattr(module, owner_name) if owner_name else module
+        original = getattr(owner, name)
+        originals.append((owner, name, original))
+
+        def timed(*args, _original=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                times[_label].append((time.perf_counter() - start) * 1e3)
+        setattr(owner, name, functools.wraps(original)(timed))
+    try:
+        yield times
+    finally:
+        for owner, name, original in originals:
+            setattr(owner, name, original)
+
+
+def measure(arch: str, device: str, calls: int, times: dict) -> dict:
+    """Serve one architecture from a fresh in-process server; return its phase table."""
+    from rrto_server.server import Server, ServerConfig
+    with tempfile.TemporaryDirectory() as store:
+        server = Server(ServerConfig(bind='tcp://127.0.0.1:0', store=store, device=device))
+        server.start()
+        try:
+            times.clear()
+            done = subprocess.run([sys.executable, '-m', 'bench.server_phases', '--client',
+                                   server.endpoint, arch, str(calls)],
+                                  capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                raise RuntimeError(f'client failed: {done.stderr[-2000:]}')
+            row = {'arch': arch, 'calls': calls, **json.loads(done.stdout.splitlines()[-1])}
+        finally:
+            server.close()
+    row['phases'] = {}
+    for _, _, _, label in PHASES:
+        values = sorted(times.get(label, [])[-calls:])
+        if values:
+            row['phases'][label] = {'n': len(values), 'median_ms': statistics.median(values),
+                                    'p90_ms': values[int(0.9 * (len(values) - 1))]}
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='bench.server_phases', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--archs', nargs='+', default=['keypoint_net', 'mobilenet'])
+    parser.add_argument('--calls', type=int, default=400)
+    parser.add_argument('--out', help='write the results as JSON here')
+    parser.add_argument('--client', nargs=3, metavar=('ENDPOINT', 'ARCH', 'CALLS'),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.client:
+        client(args.client[0], args.client[1], int(args.client[2]))
+        return 0
+    from bench.machine import write_results
+    rows = []
+    for arch in args.archs:
+        with instrumented() as times:
+            row = measure(arch, args.device, args.calls, times)
+        print(f"{arch}: total {row['total_ms']:.3f} ms, server {row['server_ms']:.3f} ms, "
+              f"compute {row['server_compute_ms']:.3f} ms")
+        for label, p in row['phases'].items():
+            print(f"  {label:38s} n={p['n']:4d}  median {p['median_ms']:.4f} ms  "
+                  f"p90 {p['p90_ms']:.4f} ms")
+        rows.append(row)
+    if args.out:
+        write_results(args.out, 'python -m bench.server_phases', argv, rows)
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())
