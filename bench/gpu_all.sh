@@ -19,4 +19,6 @@ step sched_mix 300 $py -m bench.sched_mix --preset gpu --device cuda --duration 
     --policies fifo priority preemptive preemptive+pack --theta 1.0 --solo --out "$out/sched_h100.json"
 step overhead_cpu 120 $py -m bench.overhead --calls 500 --models tiny resnet18 \
     --out "$out/overhead_h100host_cpu.json"
+step server_phases 200 $py -m bench.server_phases --device cuda --calls 400 \
+    --archs keypoint_net mobilenet resnet18 --out "$out/server_phases_h100.json"
 echo "== done"
