@@ -226,12 +226,40 @@ def _copy_stream(device: torch.device):
     return streams[key]
 
 
+PINNED_PER_THREAD = 8   # page-locked bounce buffers each thread keeps (LRU by shape/dtype)
+
+
+def _pinned(shape, dtype: torch.dtype) -> torch.Tensor:
+    """
+    Return this thread's page-locked buffer for (shape, dtype), allocated once.
+
+    Copies from the device into pageable host memory are staged by the driver
+    and slower (0.52 -> 0.40 ms for keypoint_net's 0.7 MB of outputs on an H100
+    host, copy included); allocating page-locked memory per call costs more than
+    it saves, so each thread (the I/O thread, every CPU worker) keeps a few.  A
+    thread uses its buffer for one copy at a time and waits for that copy.
+    """
+    cache = getattr(_COPY_STREAMS, 'pinned', None)
+    if cache is None:
+        cache = _COPY_STREAMS.pinned = OrderedDict()
+    key = (tuple(shape), dtype)
+    buf = cache.get(key)
+    if buf is None:
+        buf = cache[key] = torch.empty(key[0], dtype=dtype, pin_memory=True)
+        while len(cache) > PINNED_PER_THREAD:
+            cache.popitem(last=False)
+    cache.move_to_end(key)
+    return buf
+
+
 def stage(tensors: Sequence[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """Copy host tensors to ``device`` on this thread's copy stream and wait for them."""
     if device.type != 'cuda':
         return [t.to(device) for t in tensors]
     stream = _copy_stream(device)
     with torch.cuda.stream(stream):
+        # straight from the request's (pageable) frames: through a page-locked bounce
+        # buffer this measured 0.04 ms slower for a 150 KB frame on an H100 host
         staged = [t.to(device, non_blocking=False) for t in tensors]
     stream.synchronize()
     return staged
@@ -246,9 +274,13 @@ def to_host(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> l
     # on a lane the producer was already waited for; a direct caller (Execution.run, tests,
     # profiling) produced them on its current stream, which the copy must follow
     stream.wait_stream(torch.cuda.current_stream(device))
+    host = []
     with torch.cuda.stream(stream):
-        host = [t.to('cpu', dtype=dt).contiguous() for t, dt in zip(tensors, dtypes)]
-    stream.synchronize()
+        for t, dt in zip(tensors, dtypes):
+            bounce = _pinned(t.shape, dt)
+            bounce.copy_(t, non_blocking=True)
+            stream.synchronize()
+            host.append(bounce.clone())     # the reply owns its memory; the buffer is reused
     return host
 
 

@@ -81,3 +81,37 @@ def test_replay_memory_is_bounded(make_server, offloaded):
     om(torch.randn(1, 3, 64, 64))  # evicted: recorded again in the background, answered locally
     assert om.last.result == OffloadResult.LOCAL_FALLBACK
     assert om.warmup(torch.randn(1, 3, 64, 64))
+
+
+def test_copies_to_the_host_reuse_page_locked_buffers_per_thread():
+    import threading
+
+    from rrto_server import replay as rp
+    device = torch.device('cuda')
+    out = torch.randn(2, 17, 56, 56, device=device).permute(0, 2, 3, 1)   # not contiguous
+    errors = []
+
+    def worker(seed: int) -> None:
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(50):
+            frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8, generator=gen)
+            staged, = rp.stage([frame], device)
+            host = rp.to_host([out, staged], [torch.float16, torch.uint8])   # two buffers
+            if not (torch.equal(host[0], out.half().cpu()) and torch.equal(host[1], frame)):
+                errors.append(seed)
+        cache = rp._COPY_STREAMS.pinned
+        buffers = list(cache.values())
+        if not all(b.is_pinned() for b in buffers) or len(cache) != 2:   # fp16 and uint8
+            errors.append(('cache', seed, len(cache)))
+
+    threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    staged, = rp.stage([torch.arange(6.0)], device)
+    first = rp.to_host([staged], [torch.float32])[0]
+    second = rp.to_host([staged * 2], [torch.float32])[0]
+    assert not first.is_pinned(), 'replies own their memory: the bounce buffer is reused'
+    assert torch.equal(first, torch.arange(6.0)) and torch.equal(second, 2 * torch.arange(6.0))
