@@ -202,8 +202,7 @@ class RrtoClient:
             self._mark_down('send would block')
             raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
 
-    def _finish(self, reply: list) -> tuple[dict, list[torch.Tensor]]:
-        reply_header = wire.decode_header(reply[0])
+    def _finish(self, reply_header: dict, reply: list) -> tuple[dict, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
         if reply_header['kind'] == Kind.ERROR:
@@ -212,7 +211,7 @@ class RrtoClient:
                               reply_header.get('message', ''))
         return reply_header, wire.decode_tensors(reply_header, reply[1:])
 
-    def _await(self, request_id: int, deadline: float) -> list:
+    def _await(self, request_id: int, deadline: float) -> tuple[dict, list]:
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
             if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
@@ -221,11 +220,12 @@ class RrtoClient:
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)
             try:
-                reply_id = wire.decode_header(frames[0]).get('id')
+                reply_header = wire.decode_header(frames[0])
             except wire.ProtocolError:
                 continue
+            reply_id = reply_header.get('id')
             if reply_id == request_id:
-                return frames
+                return reply_header, frames
             log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)
 
     # ------------------------------------------------------------------ requests
@@ -298,10 +298,10 @@ class PendingReply:
         if not self._open:
             raise RuntimeError('this reply was already taken or cancelled')
         try:
-            reply = self._client._await(self._id, self._deadline)
+            reply_header, reply = self._client._await(self._id, self._deadline)
         finally:
             self._release()
-        return self._client._finish(reply)
+        return self._client._finish(reply_header, reply)
 
     def cancel(self) -> None:
         """Stop waiting; a late reply is recognised by its id and dropped."""
