@@ -95,13 +95,12 @@ def echo_server(endpoint: str) -> None:
 def zmq_echo_ms(endpoint: str, sent: int, received: int, calls: int) -> float:
     """Median bare pyzmq round trip carrying ``sent`` bytes up and ``received`` down."""
     import zmq
-    port = int(endpoint.rsplit(':', 1)[1])
     proc = subprocess.Popen([sys.executable, '-m', 'bench.overhead', '--echo-server', endpoint],
                             env=child_env())
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     try:
-        sock.connect(f'tcp://127.0.0.1:{port}')
+        sock.connect(endpoint)
         payload = bytes(sent)
         times = []
         for i in range(calls + 10):

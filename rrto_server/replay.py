@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict
@@ -212,41 +213,45 @@ class _EnvRunner:
         ex.saved = None
 
 
-_COPY_STREAMS = threading.local()
+_PER_THREAD = threading.local()
 
 
 def _copy_stream(device: torch.device):
     """Return this thread's CUDA stream for host<->device copies (CPU workers use it)."""
-    streams = getattr(_COPY_STREAMS, 'streams', None)
+    streams = getattr(_PER_THREAD, 'streams', None)
     if streams is None:
-        streams = _COPY_STREAMS.streams = {}
+        streams = _PER_THREAD.streams = {}
     key = str(device)
     if key not in streams:
         streams[key] = torch.cuda.Stream(device)
     return streams[key]
 
 
-PINNED_PER_THREAD = 8   # page-locked bounce buffers each thread keeps (LRU by shape/dtype)
+PINNED_BYTES_PER_THREAD = 64 << 20   # page-locked bounce buffers each thread may keep
 
 
-def _pinned(shape, dtype: torch.dtype) -> torch.Tensor:
+def _pinned(shape, dtype: torch.dtype) -> torch.Tensor | None:
     """
-    Return this thread's page-locked buffer for (shape, dtype), allocated once.
+    Return this thread's page-locked buffer for (shape, dtype), or None if too large.
 
     Copies from the device into pageable host memory are staged by the driver
-    and slower (0.52 -> 0.40 ms for keypoint_net's 0.7 MB of outputs on an H100
-    host, copy included); allocating page-locked memory per call costs more than
-    it saves, so each thread (the I/O thread, every CPU worker) keeps a few.  A
-    thread uses its buffer for one copy at a time and waits for that copy.
+    and slower (0.51-0.61 -> 0.42 ms for keypoint_net's 0.7 MB of outputs on an
+    H100 host, copy included); allocating page-locked memory per call costs more
+    than it saves, so each thread (the I/O thread, every CPU worker) keeps
+    buffers up to ``PINNED_BYTES_PER_THREAD``, least recently used first out.  A
+    thread uses a buffer for one copy at a time and waits for that copy.
     """
-    cache = getattr(_COPY_STREAMS, 'pinned', None)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > PINNED_BYTES_PER_THREAD:
+        return None
+    cache = getattr(_PER_THREAD, 'pinned', None)
     if cache is None:
-        cache = _COPY_STREAMS.pinned = OrderedDict()
+        cache = _PER_THREAD.pinned = OrderedDict()
     key = (tuple(shape), dtype)
     buf = cache.get(key)
     if buf is None:
         buf = cache[key] = torch.empty(key[0], dtype=dtype, pin_memory=True)
-        while len(cache) > PINNED_PER_THREAD:
+        while sum(b.nbytes for b in cache.values()) > PINNED_BYTES_PER_THREAD:
             cache.popitem(last=False)
     cache.move_to_end(key)
     return buf
@@ -278,6 +283,9 @@ def to_host(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> l
     with torch.cuda.stream(stream):
         for t, dt in zip(tensors, dtypes):
             bounce = _pinned(t.shape, dt)
+            if bounce is None:
+                host.append(t.to('cpu', dtype=dt).contiguous())
+                continue
             bounce.copy_(t, non_blocking=True)
             stream.synchronize()
             host.append(bounce.clone())     # the reply owns its memory; the buffer is reused

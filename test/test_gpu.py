@@ -99,7 +99,7 @@ def test_copies_to_the_host_reuse_page_locked_buffers_per_thread():
             host = rp.to_host([out, staged], [torch.float16, torch.uint8])   # two buffers
             if not (torch.equal(host[0], out.half().cpu()) and torch.equal(host[1], frame)):
                 errors.append(seed)
-        cache = rp._COPY_STREAMS.pinned
+        cache = rp._PER_THREAD.pinned
         buffers = list(cache.values())
         if not all(b.is_pinned() for b in buffers) or len(cache) != 2:   # fp16 and uint8
             errors.append(('cache', seed, len(cache)))
@@ -114,4 +114,7 @@ def test_copies_to_the_host_reuse_page_locked_buffers_per_thread():
     first = rp.to_host([staged], [torch.float32])[0]
     second = rp.to_host([staged * 2], [torch.float32])[0]
     assert not first.is_pinned(), 'replies own their memory: the bounce buffer is reused'
+    big = torch.zeros(rp.PINNED_BYTES_PER_THREAD // 4 + 1, device=device)
+    assert torch.equal(rp.to_host([big], [torch.float32])[0], big.cpu()), 'too large: direct'
+    assert sum(b.nbytes for b in rp._PER_THREAD.pinned.values()) <= rp.PINNED_BYTES_PER_THREAD
     assert torch.equal(first, torch.arange(6.0)) and torch.equal(second, 2 * torch.arange(6.0))
