@@ -27,8 +27,8 @@ import time
 import torch
 
 from bench.machine import write_results
+from bench.measure import offloaded_calls
 from rrto_server.process import ServerProcess
-from rrto_ros import offload
 from rrto_ros.local_model import TorchModule
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
@@ -73,13 +73,7 @@ def measure(arch: str, precision: str, store: str, iters: int) -> dict:
            'record_ms': replay.record_ms}
     server = ServerProcess(store, None, device='cuda').start()   # no shared GIL, as deployed
     try:
-        with offload(model, server=server.endpoint, timeout_ms=10000, precision=precision) as om:
-            assert om.warmup(frame)
-            records = []
-            for i in range(iters + 20):
-                om(frame)
-                if i >= 20:
-                    records.append(om.last)
+        records = offloaded_calls(model, frame, server.endpoint, iters, precision=precision)
         server_ms = statistics.median(r.server_ms for r in records)
         row.update(server_ms=server_ms,
                    # what the server adds to the bare replay (copy in, replay, copy out)

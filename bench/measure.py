@@ -143,3 +143,24 @@ def summarise(records: list, cpu_ms: list[float], errors: list[tuple]) -> dict:
         'rel_l2_max': max(e for e, _ in errors),
         'agreement': statistics.fmean(agreements) if agreements else None,
     }
+
+
+def offloaded_calls(model: torch.nn.Module, frame: torch.Tensor, endpoint: str, calls: int,
+                    warm: int = 20, **options) -> list:
+    """
+    Offload ``model``, record it for ``frame``, and return the call records of ``calls`` calls.
+
+    ``warm`` untimed calls come first; every returned call was offloaded (one that
+    was not fails the benchmark, as its timing would be a local run's).
+    """
+    from rrto_ros import offload
+    with offload(model, server=endpoint, timeout_ms=options.pop('timeout_ms', 20000),
+                 **options) as om:
+        assert om.warmup(frame), 'server did not record the model'
+        records = []
+        for i in range(calls + warm):
+            om(frame)
+            assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
+            if i >= warm:
+                records.append(om.last)
+    return records

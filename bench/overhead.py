@@ -29,8 +29,8 @@ import time
 import torch
 
 from bench.machine import write_results
+from bench.measure import offloaded_calls
 from rrto_server.process import ServerProcess, child_env, free_port
-from rrto_ros import OffloadResult, offload
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
 
@@ -58,14 +58,7 @@ def measure(name: str, endpoint: str, calls: int) -> dict:
     torch.manual_seed(0)
     model = WithImageInput(MODELS[name]().eval()).eval()
     frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
-    with offload(model, server=endpoint, timeout_ms=10000) as om:
-        assert om.warmup(frame), 'server did not record the model'
-        records = []
-        for i in range(calls + 10):
-            om(frame)
-            if i >= 10:
-                assert om.last.result == OffloadResult.OFFLOADED
-                records.append(om.last)
+    records = offloaded_calls(model, frame, endpoint, calls, warm=10)
     overhead = [r.total_ms - r.server_compute_ms for r in records]
     server_overhead = [r.server_ms - r.server_compute_ms for r in records]
     return {

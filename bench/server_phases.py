@@ -41,18 +41,12 @@ PHASES = [   # (module, owner, function, label), in request order
 
 def client(endpoint: str, arch: str, calls: int) -> None:
     """Offload ``arch`` and print the call records' medians as JSON (child process)."""
-    from rrto_ros import offload
+    from bench.measure import offloaded_calls
     from rrto_ros.preprocess import WithImageInput
     from rrto_ros.zoo import ARCHITECTURES
     model = WithImageInput(ARCHITECTURES[arch]()).eval()
     frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
-    with offload(model, server=endpoint, timeout_ms=20000) as om:
-        assert om.warmup(frame), 'server did not record the model'
-        records = []
-        for i in range(calls + 20):
-            om(frame)
-            if i >= 20:
-                records.append(om.last)
+    records = offloaded_calls(model, frame, endpoint, calls)
     print(json.dumps({key: statistics.median(getattr(r, key) for r in records)
                       for key in ('total_ms', 'server_ms', 'server_compute_ms')}), flush=True)
 
