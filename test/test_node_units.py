@@ -111,6 +111,18 @@ def test_offload_node_rejects_bad_values_naming_the_parameter(make_node, overrid
         make_node(offload_node.OffloadNode, **overrides)
 
 
+@pytest.mark.parametrize('node_class, overrides, name', [
+    (camera_sim.CameraSim, {'encoding': 'yuv422'}, 'encoding'),
+    (camera_sim.CameraSim, {'width': 0}, 'width'),
+    (bandwidth_monitor.BandwidthMonitor, {'server': 'gpu-host'}, 'server'),
+    (bandwidth_monitor.BandwidthMonitor, {'probe_rate_hz': 0.0}, 'probe_rate_hz'),
+])
+def test_other_nodes_reject_bad_values_naming_the_parameter(make_node, node_class, overrides,
+                                                            name):
+    with pytest.raises(ParameterError, match=f"parameter '{name}'"):
+        make_node(node_class, **overrides)
+
+
 def test_timeout_changes_at_run_time_and_read_only_parameters_do_not(make_node):
     node = make_node(offload_node.OffloadNode, model=KEYPOINT)
     assert node.set_parameters([Parameter('timeout_ms', value=75.0)])[0].successful

@@ -25,7 +25,7 @@ from rrto_ros.bandwidth import LinkEstimate, LinkEstimator, LinkHealth, LinkMoni
 from rrto_ros.client import RrtoClient
 from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
-from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint
+from rrto_ros.nodes.params import Param, check_endpoint, declare
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint to measure',
@@ -60,11 +60,7 @@ class BandwidthMonitor(Node):
     def __init__(self, **kwargs):
         super().__init__('bandwidth_monitor', **kwargs)
         log_bridge.install()
-        try:
-            self.params = p = Parameters(self, PARAMS)
-        except ParameterError:
-            super().destroy_node()
-            raise
+        self.params = p = declare(self, PARAMS)
         self.server = p['server']
         self.estimator = LinkEstimator(
             hysteresis=p['hysteresis'], hold=p['hold'], rtt_warn_ms=p['rtt_warn_ms'],

@@ -18,7 +18,7 @@ from sensor_msgs.msg import Image
 from rrto_ros.image import ENCODINGS, array_to_image
 from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
-from rrto_ros.nodes.params import Param, ParameterError, Parameters
+from rrto_ros.nodes.params import Param, declare
 
 PARAMS = [
     Param('topic', '/camera/image_raw', 'topic to publish on'),
@@ -40,11 +40,7 @@ class CameraSim(Node):
     def __init__(self, **kwargs):
         super().__init__('camera_sim', **kwargs)
         log_bridge.install()
-        try:
-            self.params = p = Parameters(self, PARAMS)
-        except ParameterError:
-            super().destroy_node()
-            raise
+        self.params = p = declare(self, PARAMS)
         self._frames = [self._frame(i) for i in range(p['frames'])]
         self.published = 0
         self._pub = self.create_publisher(Image, p['topic'], m.IMAGE_QOS)

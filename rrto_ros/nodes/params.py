@@ -111,6 +111,20 @@ class Parameters:
         return SetParametersResult(successful=True)
 
 
+def declare(node: Node, params: Sequence[Param], **options) -> Parameters:
+    """
+    Declare ``params`` in a node's constructor; on a bad value destroy the node and raise.
+
+    The node is destroyed as a plain :class:`Node`: its own ``destroy_node`` would
+    touch what its constructor never made.
+    """
+    try:
+        return Parameters(node, params, **options)
+    except ParameterError:
+        Node.destroy_node(node)
+        raise
+
+
 def fail(name: str, reason: str) -> ParameterError:
     """Return a ParameterError for a value that passed its own checks but cannot be used."""
     return ParameterError(f"parameter '{name}': {reason}")
