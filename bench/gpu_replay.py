@@ -32,9 +32,9 @@ from rrto_server.process import ServerProcess
 from rrto_ros.local_model import TorchModule
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
-from rrto_server import treespec
+from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
-from rrto_server.protocol import signature_of
+from rrto_wire.protocol import signature_of
 from rrto_server.replay import RecordOptions, Replay
 from rrto_server.store import BlobStore
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from rrto_ros import OffloadResult
-from rrto_server import treespec
+from rrto_wire import treespec
 
 
 def percentile(values: Sequence[float], q: float) -> float:

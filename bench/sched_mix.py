@@ -114,7 +114,7 @@ def export(spec: TaskSpec):
     import torch
     from rrto_ros.local_model import TorchModule
     from rrto_ros.zoo import ARCHITECTURES
-    from rrto_server import treespec
+    from rrto_wire import treespec
 
     flat, in_spec = treespec.flatten(((torch.zeros(spec.shape),), {}))
     return TorchModule(ARCHITECTURES[spec.arch]()).artifact(flat, in_spec)

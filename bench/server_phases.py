@@ -29,8 +29,8 @@ import torch
 
 PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.server', 'Server', '_on_message', 'on_message (everything on receipt)'),
-    ('rrto_server.protocol', None, 'decode_header', 'decode_header'),
-    ('rrto_server.protocol', None, 'decode_tensors', 'decode_tensors'),
+    ('rrto_wire.protocol', None, 'decode_header', 'decode_header'),
+    ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
     ('rrto_server.replay', 'Replay', 'start', 'replay.start (staging)'),
     ('rrto_server.scheduler', 'Scheduler', 'run_inline', 'run_inline'),
     ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),

@@ -23,9 +23,9 @@ from typing import Any, Sequence
 import torch
 import zmq
 
-from rrto_server import codecs
-from rrto_server import protocol as wire
-from rrto_server.protocol import ErrorCode, Kind
+from rrto_wire import codecs
+from rrto_wire import protocol as wire
+from rrto_wire.protocol import ErrorCode, Kind
 
 log = logging.getLogger('rrto_ros.client')
 

@@ -28,7 +28,7 @@ from typing import Sequence
 
 import torch
 
-from rrto_server import codecs, protocol
+from rrto_wire import codecs, protocol
 
 AUTO = 'auto'
 AUTO_LOSSY = 'auto_lossy'

@@ -37,9 +37,9 @@ from rrto_ros.local_model import Artifact, LocalModel, load_local_model
 from rrto_ros.naive import run_naive
 from rrto_ros.plan_table import PlanSelector, PlanTable
 from rrto_ros.split import Plan, as_program
-from rrto_server import codecs, treespec
-from rrto_server.program import unpack_weights
-from rrto_server.protocol import ErrorCode, Kind, signature_key
+from rrto_wire import codecs, treespec
+from rrto_wire.program import unpack_weights
+from rrto_wire.protocol import ErrorCode, Kind, signature_key
 
 log = logging.getLogger('rrto_ros.engine')
 

@@ -10,7 +10,7 @@ of where the row axis went.  Everything else (linear, global pooling,
 flatten, reshape, softmax, attention, and any operator not listed here) is
 *global*: unknown is global, never guessed local.
 
-The analysis runs on an :class:`rrto_server.program.Program`, the ATen graph
+The analysis runs on an :class:`rrto_wire.program.Program`, the ATen graph
 the robot uploads, so the band programs built from it (:mod:`rrto_ros.split`)
 are programs of the same format.
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
-from rrto_server.program import Program, ProgramNode
+from rrto_wire.program import Program, ProgramNode
 
 Interval = tuple[int, int]  # rows [start, stop)
 

@@ -21,7 +21,7 @@ import torch
 
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.split import Plan, as_program, band_program, hybrid_targets, suffix_program
-from rrto_server.program import Program, sha256
+from rrto_wire.program import Program, sha256
 
 
 class Pending(Protocol):

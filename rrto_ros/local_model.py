@@ -6,7 +6,7 @@ The model as the robot holds it: run it locally, or describe it for the server.
 (``.onnx``) or ``python:package.module:factory`` (a callable returning an
 ``nn.Module``).  The robot trusts its own files and loads them with their
 native loaders; what goes to the server is always a safe format
-(:mod:`rrto_server.program` or ONNX bytes), built per input signature.
+(:mod:`rrto_wire.program` or ONNX bytes), built per input signature.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ from typing import Any, Sequence
 
 import torch
 
-from rrto_server import program as program_format
-from rrto_server import treespec
-from rrto_server.protocol import Signature, signature_of
+from rrto_wire import program as program_format
+from rrto_wire import treespec
+from rrto_wire.protocol import Signature, signature_of
 
 
 @dataclass

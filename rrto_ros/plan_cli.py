@@ -35,10 +35,10 @@ from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.planner import CostModel, Link, Power, Profiles, consolidate, optimise, refine
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import as_program
-from rrto_server import treespec
-from rrto_server.profiling import operator_times
-from rrto_server.program import unpack_weights
-from rrto_server.protocol import Kind, signature_key
+from rrto_wire import treespec
+from rrto_wire.op_timing import operator_times
+from rrto_wire.program import unpack_weights
+from rrto_wire.protocol import Kind, signature_key
 
 
 def _floats(text: str) -> list[float]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from rrto_ros.graph import GraphAnalysis, Interval
-from rrto_server.program import PROGRAM_FORMAT, PROGRAM_VERSION, Program
+from rrto_wire.program import PROGRAM_FORMAT, PROGRAM_VERSION, Program
 
 KINDS = ('local', 'offload', 'split', 'hybrid')
 

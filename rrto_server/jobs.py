@@ -24,8 +24,9 @@ import time
 from typing import TYPE_CHECKING
 
 from rrto_server import profiling
-from rrto_server import protocol as wire
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire.op_timing import operator_times
+from rrto_wire import protocol as wire
+from rrto_wire.protocol import ErrorCode, ProtocolError
 from rrto_server.replay import Replay
 from rrto_server.scheduler import DROP, EXCLUSIVE, LATE_POLICIES, Job
 
@@ -242,7 +243,7 @@ class ProfileJob(Job):
         program, device = model.program, self.server.device
         module = program.module(model.weights(device), device)
         inputs = profiling.example_tensors(program.signature)
-        self.profile = profiling.operator_times(module, inputs, device, self.repeats)
+        self.profile = operator_times(module, inputs, device, self.repeats)
         return True
 
     def complete(self) -> None:

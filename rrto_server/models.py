@@ -7,8 +7,8 @@ from collections import OrderedDict
 
 import torch
 
-from rrto_server.program import Program, unpack_weights
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire.program import Program, unpack_weights
+from rrto_wire.protocol import ErrorCode, ProtocolError
 from rrto_server.store import BlobStore
 
 

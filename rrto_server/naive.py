@@ -15,10 +15,10 @@ import time
 
 import torch
 
-from rrto_server import ops
+from rrto_wire import ops
 from rrto_server.models import ModelRegistry
-from rrto_server.program import decode_arg
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire.program import decode_arg
+from rrto_wire.protocol import ErrorCode, ProtocolError
 
 MAX_SESSION_VALUES = 100_000
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import zmq
 
-from rrto_server import protocol as wire
+from rrto_wire import protocol as wire
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 

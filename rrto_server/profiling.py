@@ -25,10 +25,8 @@ Measure, at record time, what the scheduler needs to know about a replay.
 Profiling runs inside the record job, which holds every lane, so nothing
 else disturbs it.
 
-``operator_times``
-    per-operator durations of a program (each operator timed on its own,
-    device synchronised around it), for the hybrid planner; the server
-    answers ``profile`` requests with them.
+Per-operator durations for the hybrid planner (the server's ``profile``
+requests) are :func:`rrto_wire.op_timing.operator_times`, shared with the robot.
 """
 
 from __future__ import annotations
@@ -38,13 +36,10 @@ import math
 import statistics
 import threading
 import time
-from collections import defaultdict
-from typing import Sequence
 
 import torch
-import torch.fx as fx
 
-from rrto_server.protocol import torch_dtype
+from rrto_wire.protocol import torch_dtype
 
 log = logging.getLogger('rrto_server.profiling')
 
@@ -205,40 +200,3 @@ def profile(replay, utilisation: bool = True) -> None:
         replay.utilisation = _cuda_utilisation(replay, inputs, solo_s)
     else:
         replay.utilisation = _cpu_utilisation(replay, inputs, solo_s)
-
-
-class _TimingInterpreter(fx.Interpreter):
-    def __init__(self, module: fx.GraphModule, device: torch.device):
-        super().__init__(module)
-        self.device = device
-        self.times: dict[str, list[float]] = defaultdict(list)
-
-    def run_node(self, node: fx.Node):
-        if node.op != 'call_function':
-            return super().run_node(node)
-        _sync(self.device)
-        start = time.perf_counter()
-        result = super().run_node(node)
-        _sync(self.device)
-        self.times[node.name].append((time.perf_counter() - start) * 1e3)
-        return result
-
-
-def operator_times(module: fx.GraphModule, inputs: Sequence[torch.Tensor], device: torch.device,
-                   repeats: int = 5, warmup: int = 2) -> dict[str, float]:
-    """
-    Return the median milliseconds of every operator node of ``module`` on ``inputs``.
-
-    On a GPU a recorded CUDA graph runs the same kernels without per-operator
-    launch gaps, so planners scale these times to the measured replay time.
-    """
-    if repeats < 1:
-        raise ValueError('repeats must be at least 1')
-    inputs = [t.to(device) for t in inputs]
-    interpreter = _TimingInterpreter(module, device)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            module(*inputs)
-        for _ in range(repeats):
-            interpreter.run(*inputs)
-    return {name: statistics.median(values) for name, values in interpreter.times.items()}

@@ -45,8 +45,8 @@ import torch
 
 from rrto_server import segments as segmentation
 from rrto_server.models import LoadedModel
-from rrto_server.protocol import (ErrorCode, ProtocolError, Signature, TensorSpec,
-                                  signature_key, torch_dtype)
+from rrto_wire.protocol import (ErrorCode, ProtocolError, Signature, TensorSpec,
+                                signature_key, torch_dtype)
 
 log = logging.getLogger('rrto_server.replay')
 

@@ -16,8 +16,8 @@ A cut is legal only where every value crossing it is a tensor of known shape
 
 from __future__ import annotations
 
-from rrto_server.program import Program
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire.program import Program
+from rrto_wire.protocol import ErrorCode, ProtocolError
 
 WHOLE = 'whole'
 

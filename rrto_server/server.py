@@ -27,12 +27,12 @@ from typing import Any
 import torch
 import zmq
 
-from rrto_server import protocol as wire
+from rrto_wire import protocol as wire
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server.jobs import InferJob, OpJob, ProfileJob, RecordJob, job_keys
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire.protocol import ErrorCode, ProtocolError
 from rrto_server.replay import RecordOptions, Replay, ReplayCache, replay_key
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE, Scheduler
 from rrto_server.stats import ServerStats

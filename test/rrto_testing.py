@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 import zmq
 
-from rrto_server import protocol as wire
-from rrto_server import treespec
+from rrto_wire import protocol as wire
+from rrto_wire import treespec
 from rrto_server.process import ServerProcess, child_env, free_port, hello  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]

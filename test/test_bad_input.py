@@ -10,7 +10,7 @@ from rrto_testing import assert_same_as_local, exchange, raw_socket
 
 from rrto_ros import OffloadResult
 from rrto_ros.zoo import keypoint_net
-from rrto_server import protocol as wire
+from rrto_wire import protocol as wire
 
 
 @pytest.fixture

@@ -121,6 +121,6 @@ def test_server_phases_times_each_phase_of_the_request_path(tmp_path):
     for label in ('decode_tensors', 'replay.start (staging)', 'lane.run (replay + sync)',
                   'host_outputs (copy-back)', 'send (encode + send)'):
         assert phases[label]['n'] >= 5 and phases[label]['median_ms'] > 0, label
-    from rrto_server import protocol
-    assert protocol.decode_tensors.__module__ == 'rrto_server.protocol' and \
+    from rrto_wire import protocol
+    assert protocol.decode_tensors.__module__ == 'rrto_wire.protocol' and \
         not hasattr(protocol.decode_tensors, '__wrapped__'), 'the timers are removed afterwards'

@@ -12,9 +12,9 @@ from rrto_ros import OffloadResult
 from rrto_ros.codec_choice import CodecChooser, CodecCost, check_codec
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import keypoint_net
-from rrto_server import codecs
-from rrto_server import protocol as wire
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire import codecs
+from rrto_wire import protocol as wire
+from rrto_wire.protocol import ErrorCode, ProtocolError
 
 
 def smooth_image(batch=1, height=48, width=64, channels=3, seed=0, noise=1.0) -> torch.Tensor:

@@ -24,7 +24,7 @@ from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_n
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import ParameterError, check_endpoint
 from rrto_ros.outputs import dimensions, output_names
-from rrto_server import treespec
+from rrto_wire import treespec
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {'offload_node': offload_node, 'bandwidth_monitor': bandwidth_monitor,

@@ -14,8 +14,8 @@ from rrto_ros.planner import CostModel, Link, Profiles, optimise
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import Plan, as_program
 from rrto_ros.zoo import keypoint_net
-from rrto_server import treespec
-from rrto_server.program import unpack_weights
+from rrto_wire import treespec
+from rrto_wire.program import unpack_weights
 
 SHAPE = (1, 64, 48, 3)
 

@@ -9,7 +9,7 @@ import torch
 from rrto_ros import OffloadResult
 from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import ARCHITECTURES, keypoint_net, resnet18
-from rrto_server import treespec
+from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
 from rrto_server.replay import RecordOptions, Replay
 from rrto_server.store import BlobStore

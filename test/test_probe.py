@@ -4,7 +4,7 @@ import pytest
 import torch
 from rrto_testing import exchange, raw_socket
 
-from rrto_server import protocol as wire
+from rrto_wire import protocol as wire
 
 
 def _probe(sock, payload=(), **fields):

@@ -11,9 +11,9 @@ from rrto_testing import child_env
 
 from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net
-from rrto_server import program as fmt
-from rrto_server import treespec
-from rrto_server.protocol import ProtocolError
+from rrto_wire import program as fmt
+from rrto_wire import treespec
+from rrto_wire.protocol import ProtocolError
 
 
 class Tiny(torch.nn.Module):
@@ -83,7 +83,7 @@ _EXPORT_SCRIPT = '''
 import hashlib, torch
 from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net
-from rrto_server import treespec
+from rrto_wire import treespec
 flat, spec = treespec.flatten(((torch.zeros(1, 3, 64, 64),), {}))
 art = TorchModule(keypoint_net()).artifact(flat, spec)
 print(art.model, *sorted(art.blobs))

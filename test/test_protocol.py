@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from rrto_server import codecs, treespec
-from rrto_server import protocol as wire
-from rrto_server.protocol import ErrorCode, ProtocolError
+from rrto_wire import codecs, treespec
+from rrto_wire import protocol as wire
+from rrto_wire.protocol import ErrorCode, ProtocolError
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
           torch.int16, torch.int32, torch.int64, torch.bool]

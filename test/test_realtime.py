@@ -13,7 +13,7 @@ from rrto_testing import (assert_packing_invariant, call_concurrently, exchange,
 from rrto_ros import OffloadResult
 from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, mobilenet, resnet18
-from rrto_server import protocol as wire
+from rrto_wire import protocol as wire
 from rrto_server.__main__ import parse_args
 from rrto_server.server import Server, ServerConfig
 
@@ -252,7 +252,7 @@ def test_scheduler_options_from_the_command_line(tmp_path):
 
 
 def _spy_threads(monkeypatch, seen):
-    from rrto_server import protocol
+    from rrto_wire import protocol
     from rrto_server.replay import Execution
 
     def spy(name, fn):

@@ -5,9 +5,9 @@ import torch
 
 from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net, resnet18
-from rrto_server import treespec
+from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
-from rrto_server.protocol import ErrorCode, ProtocolError, signature_of
+from rrto_wire.protocol import ErrorCode, ProtocolError, signature_of
 from rrto_server.replay import RecordOptions, Replay, ReplayCache
 from rrto_server.store import BlobStore
 

@@ -9,8 +9,8 @@ from rrto_ros.local_model import TorchModule
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import Plan, as_program, band_program, robot_rows
 from rrto_ros.zoo import ARCHITECTURES
-from rrto_server import treespec
-from rrto_server.program import Program, unpack_weights
+from rrto_wire import treespec
+from rrto_wire.program import Program, unpack_weights
 
 CPU = torch.device('cpu')
 

@@ -37,7 +37,7 @@ from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpo
 from rrto_ros.outputs import output_names
 from rrto_ros.plan_table import PlanTable
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
-from rrto_server import treespec
+from rrto_wire import treespec
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint', check=check_endpoint),

@@ -5,7 +5,7 @@ Why not upload a torch.export archive: ``torch.export.load`` unpickles parts of
 the archive, and symbolic shapes in its JSON go through ``sympy`` parsing.
 A server must never do either with bytes from the network.  This format is
 loaded by parsing JSON and resolving operator names through
-:mod:`rrto_server.ops`; weights are raw little-endian tensor bytes behind a JSON
+:mod:`rrto_wire.ops`; weights are raw little-endian tensor bytes behind a JSON
 index.  Both blobs are content-addressed: the program names its weights blob by
 SHA-256, so a model re-exported for a new input signature re-uploads only the
 small graph.
@@ -35,9 +35,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from rrto_server import ops, treespec
-from rrto_server.protocol import (ErrorCode, ProtocolError, TensorSpec, dtype_name,
-                                  tensor_from_buffer)
+from rrto_wire import ops, treespec
+from rrto_wire.protocol import (ErrorCode, ProtocolError, TensorSpec, dtype_name,
+                                tensor_from_buffer)
 
 PROGRAM_FORMAT = 'rrto-program'
 PROGRAM_VERSION = 1

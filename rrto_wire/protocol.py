@@ -27,7 +27,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from rrto_server import codecs
+from rrto_wire import codecs
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20

@@ -48,7 +48,7 @@ def parse(codec: str) -> tuple[str, int]:
 
 
 def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    from rrto_server.protocol import tensor_frame
+    from rrto_wire.protocol import tensor_frame
     return tensor_frame(tensor)
 
 
@@ -98,7 +98,7 @@ def encode(codec: str, tensor: torch.Tensor) -> tuple[str, bytes | None]:
 
 def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int) -> bytes:
     from PIL import Image
-    from rrto_server.protocol import ErrorCode, ProtocolError
+    from rrto_wire.protocol import ErrorCode, ProtocolError
 
     def bad(why: str) -> ProtocolError:
         return ProtocolError(ErrorCode.BAD_REQUEST, f'tensor {index} is not a JPEG frame: {why}')
@@ -140,7 +140,7 @@ def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int) -> bytes:
 
 def decode(codec: str, buf: memoryview, dtype: str, shape: tuple[int, ...], index: int):
     """Decode one frame into a tensor of ``dtype``/``shape`` or raise ProtocolError."""
-    from rrto_server.protocol import ErrorCode, ProtocolError, TensorSpec, tensor_from_buffer
+    from rrto_wire.protocol import ErrorCode, ProtocolError, TensorSpec, tensor_from_buffer
 
     spec = TensorSpec(dtype, shape)
     nbytes = spec.nbytes
