@@ -34,8 +34,9 @@ from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
 from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
-from rrto_wire.protocol import signature_of
-from rrto_server.replay import RecordOptions, Replay
+from rrto_wire.tensors import signature_of
+from rrto_server.replay import Replay
+from rrto_wire.messages import RecordOptions
 from rrto_server.store import BlobStore
 
 

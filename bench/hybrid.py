@@ -66,7 +66,7 @@ from rrto_ros.split import Plan, as_program
 from rrto_ros.zoo import ARCHITECTURES
 from rrto_wire import treespec
 from rrto_wire.program import unpack_weights
-from rrto_wire.protocol import signature_key
+from rrto_wire.tensors import signature_key
 
 log = logging.getLogger('bench.hybrid')
 REPO = Path(__file__).resolve().parents[1]

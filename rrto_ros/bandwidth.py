@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from rrto_ros.client import OffloadError, RemoteError, RrtoClient
-from rrto_wire.protocol import Kind
+from rrto_wire.messages import Kind
 
 
 class LinkHealth(str, enum.Enum):

@@ -20,14 +20,20 @@ import time
 import uuid
 from typing import Any, Sequence
 
+import msgspec
 import torch
 import zmq
 
-from rrto_wire import codecs
+from rrto_wire import codecs, messages
 from rrto_wire import protocol as wire
-from rrto_wire.protocol import ErrorCode, Kind
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.limits import COPY_THRESHOLD, UPLOAD_CHUNK_BYTES
+from rrto_wire.messages import Kind
+from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_ros.client')
+
+MAX_REPLY_BYTES = 1 << 30     # decoded size of one reply's tensors
 
 
 class OffloadError(Exception):
@@ -89,7 +95,7 @@ class RrtoClient:
 
     def _new_socket(self, heartbeat_timeout_ms: int = 2000) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
-        sock.copy_threshold = wire.COPY_THRESHOLD
+        sock.copy_threshold = COPY_THRESHOLD
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
@@ -124,14 +130,14 @@ class RrtoClient:
                 if sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
                     sock.send_multipart(frames, copy=False)
                     if sock.poll(self.connect_timeout_ms, zmq.POLLIN):
-                        reply = wire.decode_header(sock.recv_multipart()[0])
-                        if reply['kind'] == Kind.OK:
+                        reply = messages.decode_reply(sock.recv_multipart()[0], Kind.HELLO)
+                        if isinstance(reply, messages.HelloOk):
                             self.counters['reconnects'] += 1
-                            self.server_info = reply
+                            self.server_info = msgspec.to_builtins(reply)
                             log.info('%s: server %s is back', self.name, self.endpoint)
                             self._available.set()
                             return
-            except (zmq.ZMQError, wire.ProtocolError) as exc:
+            except (zmq.ZMQError, ProtocolError) as exc:
                 log.debug('probe failed: %s', exc)
             finally:
                 sock.close(linger=0)
@@ -179,13 +185,23 @@ class RrtoClient:
             header = {'kind': kind.value, 'id': request_id}
             header.update(fields or {})
             frames = wire.encode(header, tensors, codec)
+            self._check_size(frames)
             started = time.monotonic()
             self._send(frames, min(timeout_ms, self.connect_timeout_ms))
             self.counters['bytes_sent'] += wire.message_size(frames)
         except BaseException:
             self._lock.release()
             raise
-        return PendingReply(self, request_id, started + timeout_ms / 1e3)
+        return PendingReply(self, request_id, kind, started + timeout_ms / 1e3)
+
+    def _check_size(self, frames: list) -> None:
+        # a part over the server's limit makes libzmq drop the connection: refuse it here
+        limit = self.server_info.get('max_message_bytes')
+        size = wire.message_size(frames)
+        if limit is not None and size > limit:
+            self.counters['errors'] += 1
+            raise RemoteError(ErrorCode.TOO_LARGE.value,
+                              f'message of {size} bytes exceeds the server limit {limit}')
 
     def _send(self, frames: list, connect_ms: float) -> None:
         try:
@@ -202,16 +218,21 @@ class RrtoClient:
             self._mark_down('send would block')
             raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
 
-    def _finish(self, reply_header: dict, reply: list) -> tuple[dict, list[torch.Tensor]]:
+    def _finish(self, reply_header: messages.Ok | messages.Error,
+                reply: list) -> tuple[dict, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
-        if reply_header['kind'] == Kind.ERROR:
+        if isinstance(reply_header, messages.Error):
             self.counters['errors'] += 1
-            raise RemoteError(reply_header.get('code', ErrorCode.INTERNAL.value),
-                              reply_header.get('message', ''))
-        return reply_header, wire.decode_tensors(reply_header, reply[1:])
+            raise RemoteError(reply_header.code, reply_header.message)
+        try:
+            tensors = wire.decode_tensors(reply_header.tensors, reply[1:], MAX_REPLY_BYTES)
+        except ProtocolError as exc:
+            self.counters['errors'] += 1
+            raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
+        return msgspec.to_builtins(reply_header), tensors
 
-    def _await(self, request_id: int, deadline: float) -> tuple[dict, list]:
+    def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[messages.Ok, list]:
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
             if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
@@ -220,10 +241,13 @@ class RrtoClient:
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)
             try:
-                reply_header = wire.decode_header(frames[0])
-            except wire.ProtocolError:
-                continue
-            reply_id = reply_header.get('id')
+                reply_header = messages.decode_reply(frames[0], kind)
+            except ProtocolError as exc:
+                if exc.request_id != request_id:
+                    continue          # garbage or a stale reply to an earlier request
+                self.counters['errors'] += 1
+                raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
+            reply_id = reply_header.id
             if reply_id == request_id:
                 return reply_header, frames
             log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)
@@ -239,7 +263,7 @@ class RrtoClient:
         if not blobs:
             return 0
         header, _ = self.call(Kind.MISSING, {'digests': list(blobs)}, timeout_ms=timeout_ms)
-        chunk = int(self.server_info.get('chunk_bytes', wire.UPLOAD_CHUNK_BYTES))
+        chunk = int(self.server_info.get('chunk_bytes', UPLOAD_CHUNK_BYTES))
         for digest in header['missing']:
             kind, data = blobs[digest]
             upload_id = uuid.uuid4().hex
@@ -256,7 +280,7 @@ class RrtoClient:
                           timeout_ms=timeout_ms)
         return len(header['missing'])
 
-    def record(self, model: str, signature: Sequence[wire.TensorSpec], options: dict,
+    def record(self, model: str, signature: Sequence[TensorSpec], options: dict,
                timeout_ms: float = 120000.0) -> dict:
         fields = {
             'model': model,
@@ -282,9 +306,10 @@ class RrtoClient:
 class PendingReply:
     """A request in flight; :meth:`result` waits for its reply, :meth:`cancel` abandons it."""
 
-    def __init__(self, client: RrtoClient, request_id: int, deadline: float):
+    def __init__(self, client: RrtoClient, request_id: int, kind: Kind, deadline: float):
         self._client = client
         self._id = request_id
+        self._kind = kind
         self._deadline = deadline
         self._open = True
 
@@ -298,7 +323,7 @@ class PendingReply:
         if not self._open:
             raise RuntimeError('this reply was already taken or cancelled')
         try:
-            reply_header, reply = self._client._await(self._id, self._deadline)
+            reply_header, reply = self._client._await(self._id, self._kind, self._deadline)
         finally:
             self._release()
         return self._client._finish(reply_header, reply)

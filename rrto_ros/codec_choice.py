@@ -28,7 +28,8 @@ from typing import Sequence
 
 import torch
 
-from rrto_wire import codecs, protocol
+from rrto_wire import codecs
+from rrto_wire.tensors import TensorSpec, signature_key, signature_of
 
 AUTO = 'auto'
 AUTO_LOSSY = 'auto_lossy'
@@ -96,7 +97,7 @@ class CodecChooser:
 
     def choose(self, tensors: Sequence[torch.Tensor]) -> str:
         """Return the codec for a call with these inputs (probing the candidates when due)."""
-        key = protocol.signature_key(protocol.signature_of(tensors))
+        key = signature_key(signature_of(tensors))
         calls = self._calls.get(key, 0)
         self._calls[key] = calls + 1
         if key not in self.costs or calls % self.probe_every == 0:
@@ -117,8 +118,7 @@ def probe(codec: str, tensors: Sequence[torch.Tensor]) -> CodecCost:
             nbytes += tensor.numel() * tensor.element_size()
         else:
             nbytes += len(frame)
-            spec = protocol.TensorSpec.of(tensor)
-            codecs.decode(used, memoryview(frame), spec.dtype, spec.shape, index)
+            codecs.decode(used, memoryview(frame), TensorSpec.of(tensor), index)
         decode_s += time.perf_counter() - encoded
         encode_s += encoded - start
     return CodecCost(nbytes, encode_s * 1e3, decode_s * 1e3)

@@ -39,7 +39,9 @@ from rrto_ros.plan_table import PlanSelector, PlanTable
 from rrto_ros.split import Plan, as_program
 from rrto_wire import codecs, treespec
 from rrto_wire.program import unpack_weights
-from rrto_wire.protocol import ErrorCode, Kind, signature_key
+from rrto_wire.errors import ErrorCode
+from rrto_wire.messages import Kind
+from rrto_wire.tensors import signature_key
 
 log = logging.getLogger('rrto_ros.engine')
 

@@ -23,7 +23,7 @@ import torch
 
 from rrto_wire import program as program_format
 from rrto_wire import treespec
-from rrto_wire.protocol import Signature, signature_of
+from rrto_wire.tensors import Signature, signature_of
 
 
 @dataclass

@@ -16,7 +16,7 @@ import torch
 
 from rrto_ros.client import RrtoClient, ServerUnavailable
 from rrto_ros.local_model import Artifact
-from rrto_wire.protocol import Kind
+from rrto_wire.messages import Kind
 
 
 def operator_count(artifact: Artifact) -> int:

@@ -38,7 +38,8 @@ from rrto_ros.split import as_program
 from rrto_wire import treespec
 from rrto_wire.op_timing import operator_times
 from rrto_wire.program import unpack_weights
-from rrto_wire.protocol import Kind, signature_key
+from rrto_wire.messages import Kind
+from rrto_wire.tensors import signature_key
 
 
 def _floats(text: str) -> list[float]:

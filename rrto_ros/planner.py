@@ -22,9 +22,7 @@ import numpy as np
 
 from rrto_ros.graph import GraphAnalysis, Interval
 from rrto_ros.split import Plan, hybrid_targets
-
-_ITEMSIZE = {'float32': 4, 'float16': 2, 'bfloat16': 2, 'float64': 8, 'uint8': 1, 'int8': 1,
-             'int16': 2, 'int32': 4, 'int64': 8, 'bool': 1}
+from rrto_wire.dtypes import DTYPES
 
 
 @dataclass(frozen=True)
@@ -190,7 +188,7 @@ class CostModel:
 
 
 def _nbytes(dtype: str, shape) -> float:
-    return float(math.prod(shape)) * _ITEMSIZE.get(dtype, 4)
+    return float(math.prod(shape)) * (DTYPES[dtype].itemsize if dtype in DTYPES else 4)
 
 
 @dataclass

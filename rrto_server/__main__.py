@@ -9,7 +9,7 @@ import sys
 
 import zmq
 
-from rrto_wire.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
 

@@ -20,64 +20,108 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
 
 from rrto_server import profiling
-from rrto_wire.op_timing import operator_times
-from rrto_wire import protocol as wire
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_server.cpu_workers import CpuWorkers
+from rrto_server.models import ModelRegistry
+from rrto_server.naive import NaiveSessions
 from rrto_server.replay import Replay
-from rrto_server.scheduler import DROP, EXCLUSIVE, LATE_POLICIES, Job
-
-if TYPE_CHECKING:
-    from rrto_server.server import Server, _Request
+from rrto_server.replay_cache import ReplayCache
+from rrto_server.requests import Request
+from rrto_server.scheduler import DROP, EXCLUSIVE, Job, Scheduler
+from rrto_server.stats import ServerStats
+from rrto_server.taskstats import TaskStats
+from rrto_wire import protocol as wire
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.messages import Scheduled
+from rrto_wire.op_timing import operator_times
 
 log = logging.getLogger('rrto_server.jobs')
 
-MAX_TASK_NAME = 128
+
+@dataclass
+class Services:
+    """What jobs work with: the server's collaborators, never the server itself."""
+
+    device: torch.device
+    stats: ServerStats
+    tasks: TaskStats
+    registry: ModelRegistry
+    replays: ReplayCache
+    naive: NaiveSessions
+    scheduler: Scheduler
+    cpu: CpuWorkers
+    on_io_thread: Callable[[], bool]
+    cpu_backend: str
+    profile_utilisation: bool
+    max_decoded_bytes: int
 
 
-def job_keys(header: dict, received: float, task_late: dict | None = None,
+def job_keys(header: Scheduled, received: float, task_late: dict | None = None,
              late_default: str = DROP) -> dict:
     """
-    Validate a request's scheduling fields and return the Job keyword arguments.
+    Return the Job keyword arguments of a request's (already validated) scheduling fields.
 
-    ``priority`` is any integer (higher runs first); ``deadline_ms`` is relative
+    ``priority`` is an integer (higher runs first); ``deadline_ms`` is relative
     to the server's arrival time; ``late`` ('drop' or 'run') overrides the
     server's per-task setting, which overrides the server default.
     """
-    priority = header.get('priority', 0)
-    deadline_ms = header.get('deadline_ms')
-    task = header.get('task', '')
-    late = header.get('late')
-    if not isinstance(priority, int) or isinstance(priority, bool):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'priority' must be an integer")
-    if deadline_ms is not None and (not isinstance(deadline_ms, (int, float))
-                                    or isinstance(deadline_ms, bool)
-                                    or not 0 < deadline_ms < math.inf):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, "'deadline_ms' must be a positive number")
-    if not isinstance(task, str) or len(task) > MAX_TASK_NAME:
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f"'task' must be a string of at most {MAX_TASK_NAME} characters")
-    if late is not None and late not in LATE_POLICIES:
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f"'late' must be one of {LATE_POLICIES}")
+    late = header.late
     if late is None:
-        late = (task_late or {}).get(task, late_default)
-    deadline = received + deadline_ms / 1e3 if deadline_ms else math.inf
-    return {'priority': priority, 'deadline': deadline, 'task': task, 'late': late,
-            'received': received}
+        late = (task_late or {}).get(header.task, late_default)
+    deadline = received + header.deadline_ms / 1e3 if header.deadline_ms else math.inf
+    return {'priority': header.priority, 'deadline': deadline, 'task': header.task,
+            'late': late, 'received': received}
+
+
+class Recordings:
+    """Record requests waiting for the same recording; all are answered when it ends."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._waiting: dict[str, list[Request]] = {}
+
+    def join(self, key: str, request: Request) -> bool:
+        """Add ``request`` to the waiters of ``key``; return True if it is the first."""
+        with self._lock:
+            waiting = self._waiting.setdefault(key, [])
+            waiting.append(request)
+            return len(waiting) == 1
+
+    def finish(self, key: str, replay: Replay | None, error: ProtocolError | None) -> None:
+        """Answer every request waiting for ``key`` with the replay or the error."""
+        with self._lock:
+            waiting = self._waiting.pop(key, [])
+        for request in waiting:
+            if error is not None:
+                request.error(error)
+            else:
+                request.ok(**replay_info(replay, recorded=True))
+
+
+def replay_info(replay: Replay, recorded: bool) -> dict[str, Any]:
+    """Return the fields of a record reply (and of a replay in ``stats``)."""
+    return {'replay': replay.key, 'recorded': recorded, 'record_ms': replay.record_ms,
+            'segments': replay.num_segments, 'backend': replay.backend, 'nbytes': replay.nbytes,
+            'label': replay.model.label, 'utilisation': replay.utilisation,
+            'segment_ms': [round(ms, 4) for ms in replay.segment_ms]}
 
 
 class InferJob(Job):
     """One INFER request through its CPU, device and CPU phases."""
 
-    def __init__(self, server: 'Server', request: '_Request', replay: Replay, frames: list,
+    def __init__(self, services: Services, request: Request, replay: Replay, frames: list,
                  **keys):
         utilisation = EXCLUSIVE if replay.utilisation is None else replay.utilisation
         super().__init__(**keys, utilisation=utilisation,
                          resource=replay.key if replay.shares_buffers else None)
-        self.server, self.request, self.replay, self.frames = server, request, replay, frames
+        self.services, self.request, self.replay, self.frames = services, request, replay, frames
         self.execution = None
         self.inline = False     # served start to end on the I/O thread (see Server._on_infer)
 
@@ -101,7 +145,8 @@ class InferJob(Job):
                 f"before the request could start (still decoding; late policy 'drop')"))
             return False
         try:
-            tensors = wire.decode_tensors(self.request.header, self.frames)
+            tensors = wire.decode_tensors(self.request.header.tensors, self.frames,
+                                          self.services.max_decoded_bytes)
             self.frames = None
             self.execution = self.replay.start(tensors)
         except ProtocolError as exc:
@@ -113,9 +158,9 @@ class InferJob(Job):
             self.outcome = 'failed'
             self._reply_error(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
             return False
-        self.server.stats.count(self.replay.model.digest, 'infers')
+        self.services.stats.count(self.replay.model.digest, 'infers')
         if submit:
-            self.server.scheduler.submit(self)
+            self.services.scheduler.submit(self)
         return True
 
     # ---------------------------------------------------------------- phase 2 (device lane)
@@ -127,16 +172,16 @@ class InferJob(Job):
             self.execution.release()
 
     def complete(self) -> None:
-        if self.inline and self.server.on_io_thread():
+        if self.inline and self.services.on_io_thread():
             self._reply()       # the device was idle and still is ours: no hand-off
         else:
-            self.server.cpu.submit(self.urgency(), self._reply)
+            self.services.cpu.submit(self.urgency(), self._reply)
 
     def fail(self, error: ProtocolError) -> None:
-        if self.inline and self.server.on_io_thread():
+        if self.inline and self.services.on_io_thread():
             self._reply_error(error)
         else:
-            self.server.cpu.submit(self.urgency(), lambda: self._reply_error(error))
+            self.services.cpu.submit(self.urgency(), lambda: self._reply_error(error))
 
     # ---------------------------------------------------------------- phase 3 (CPU worker)
     def timing(self) -> dict:
@@ -156,16 +201,16 @@ class InferJob(Job):
             return
         self.execution.outputs = None
         self._count()
-        self.server._ok(self.request, outputs, timing=self.timing())
+        self.request.ok(outputs, timing=self.timing())
 
     def _reply_error(self, error: ProtocolError) -> None:
-        self.server.stats.count(self.replay.model.digest, 'errors')
+        self.services.stats.count(self.replay.model.digest, 'errors')
         self._count()
-        self.server._error(self.request, error)
+        self.request.error(error)
 
     def _count(self) -> None:
         outcome = self.outcome or 'failed'
-        self.server.tasks.ended(
+        self.services.tasks.ended(
             self.task, outcome, time.perf_counter() - self.received,
             late=outcome == 'completed' and self.late_finish, queue_s=self.queue_s,
             preempt_s=self.preempt_s, preemptions=self.preemptions)
@@ -174,80 +219,85 @@ class InferJob(Job):
 class RecordJob(Job):
     """Record a replay (and profile it) while holding every lane."""
 
-    def __init__(self, server: 'Server', key: str, digest: str, signature, options,
-                 header: dict, received: float):
-        keys = job_keys(header, received)
+    def __init__(self, services: Services, recordings: Recordings, key: str,
+                 request: Request):
+        header = request.header
+        keys = job_keys(header, request.received)
         keys.update(late='run', deadline=math.inf, task=keys['task'] or '(record)')
         super().__init__(**keys, utilisation=EXCLUSIVE)
-        self.server, self.key, self.digest = server, key, digest
-        self.signature, self.options = signature, options
+        self.services, self.recordings, self.key = services, recordings, key
+        self.digest, self.signature, self.options = header.model, header.signature, \
+            header.options
         self.replay: Replay | None = None
 
     def step(self) -> bool:
-        model = self.server.registry.get(self.digest)
-        replay = Replay(model, self.signature, self.options, self.server.device,
-                        self.server.config.cpu_backend)
+        services = self.services
+        model = services.registry.get(self.digest)
+        replay = Replay(model, self.signature, self.options, services.device,
+                        services.cpu_backend)
         try:
-            profiling.profile(replay, utilisation=self.server.profile_utilisation)
+            profiling.profile(replay, utilisation=services.profile_utilisation)
         except Exception:  # an unprofiled replay still serves; it just never packs
             log.exception('profiling %s failed', self.key)
         self.replay = replay
-        self.server.replays.add(replay)
-        self.server.stats.count(self.digest, 'records')
+        services.replays.add(replay)
+        services.stats.count(self.digest, 'records')
         return True
 
     def complete(self) -> None:
-        self.server._finish_record(self.key, self.replay, None)
+        self.recordings.finish(self.key, self.replay, None)
 
     def fail(self, error: ProtocolError) -> None:
-        self.server._finish_record(self.key, None, error)
+        self.recordings.finish(self.key, None, error)
 
 
 class OpJob(Job):
     """One naive-mode operator (the baseline); runs alone."""
 
-    def __init__(self, server: 'Server', request: '_Request', session: str, tensors):
+    def __init__(self, services: Services, request: Request, session: str, tensors):
         keys = job_keys(request.header, request.received)
         keys.update(late='run', task=keys['task'] or '(naive)')
         super().__init__(**keys, utilisation=EXCLUSIVE)
-        self.server, self.request, self.session, self.tensors = server, request, session, tensors
+        self.services, self.request, self.session, self.tensors = \
+            services, request, session, tensors
         self.fetched: list = []
 
     def step(self) -> bool:
-        self.fetched = self.server.naive.run(self.session, self.request.header, self.tensors)
-        self.server.stats.count(str(self.request.header.get('model')), 'ops')
+        self.fetched = self.services.naive.run(self.session, self.request.header, self.tensors)
+        self.services.stats.count(self.request.header.model, 'ops')
         return True
 
     def complete(self) -> None:
-        self.server._ok(self.request, self.fetched, timing={
+        self.request.ok(self.fetched, timing={
             'queue_ms': (self.queue_s or 0.0) * 1e3, 'compute_ms': self.compute_s * 1e3})
 
     def fail(self, error: ProtocolError) -> None:
-        self.server._error(self.request, error)
+        self.request.error(error)
 
 
 class ProfileJob(Job):
     """Time every operator of a stored program on the server's device (for the planner)."""
 
-    def __init__(self, server: 'Server', request: '_Request', digest: str, repeats: int):
+    def __init__(self, services: Services, request: Request):
         keys = job_keys(request.header, request.received)
         keys.update(late='run', task=keys['task'] or '(profile)')
         super().__init__(**keys, utilisation=EXCLUSIVE)
-        self.server, self.request, self.digest, self.repeats = server, request, digest, repeats
+        self.services, self.request = services, request
+        self.digest, self.repeats = request.header.model, request.header.repeats
         self.profile: dict = {}
 
     def step(self) -> bool:
-        model = self.server.registry.get(self.digest)
+        model = self.services.registry.get(self.digest)
         if model.program is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'only rrto-program models can be profiled')
-        program, device = model.program, self.server.device
+        program, device = model.program, self.services.device
         module = program.module(model.weights(device), device)
         inputs = profiling.example_tensors(program.signature)
         self.profile = operator_times(module, inputs, device, self.repeats)
         return True
 
     def complete(self) -> None:
-        self.server._ok(self.request, profile=self.profile, device=str(self.server.device))
+        self.request.ok(profile=self.profile, device=str(self.services.device))
 
     def fail(self, error: ProtocolError) -> None:
-        self.server._error(self.request, error)
+        self.request.error(error)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 
 import torch
 
-from rrto_wire.program import Program, unpack_weights
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_server.lru import LRU
 from rrto_server.store import BlobStore
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.program import Program, unpack_weights
 
 
 class LoadedModel:
@@ -55,14 +54,12 @@ class ModelRegistry:
     def __init__(self, store: BlobStore, max_models: int = 16):
         self.store = store
         self.max_models = max_models
-        self._loaded: OrderedDict[str, LoadedModel] = OrderedDict()
-        self._lock = threading.Lock()
+        self._loaded: LRU[str, LoadedModel] = LRU(max_items=max_models)
 
     def get(self, digest: str) -> LoadedModel:
-        with self._lock:
-            if digest in self._loaded:
-                self._loaded.move_to_end(digest)
-                return self._loaded[digest]
+        model = self._loaded.get(digest)
+        if model is not None:
+            return model
         kind = self.store.kind(digest)
         if kind is None:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
@@ -73,12 +70,8 @@ class ModelRegistry:
                 raise ProtocolError(
                     ErrorCode.UNKNOWN_MODEL,
                     f'weights {model.program.weights_digest[:12]} are not in the store')
-        with self._lock:
-            self._loaded[digest] = model
-            while len(self._loaded) > self.max_models:
-                self._loaded.popitem(last=False)
+        self._loaded.put(digest, model)
         return model
 
     def loaded(self) -> list[LoadedModel]:
-        with self._lock:
-            return list(self._loaded.values())
+        return self._loaded.values()

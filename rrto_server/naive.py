@@ -18,7 +18,8 @@ import torch
 from rrto_wire import ops
 from rrto_server.models import ModelRegistry
 from rrto_wire.program import decode_arg
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire import messages
+from rrto_wire.errors import ErrorCode, ProtocolError
 
 MAX_SESSION_VALUES = 100_000
 
@@ -50,15 +51,16 @@ class NaiveSessions:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def run(self, session: str, header: dict, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, session: str, header: messages.Op,
+            tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         """Run one operator request; return the fetched tensors (on the CPU)."""
         values = self._values(session)
-        names = header.get('inputs', [])
-        if not isinstance(names, list) or len(names) != len(tensors):
+        names = header.inputs
+        if len(names) != len(tensors):
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'inputs' must name each attached tensor")
         for name, tensor in zip(names, tensors):
-            values[str(name)] = tensor.to(self.device)
-        model = self.registry.get(header.get('model'))
+            values[name] = tensor.to(self.device)
+        model = self.registry.get(header.model)
         if model.program is None:
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'naive mode needs an rrto-program model')
         params, weights = model.program.params, model.weights(self.device)
@@ -70,12 +72,11 @@ class NaiveSessions:
                 return weights[params[name]]
             raise ProtocolError(ErrorCode.BAD_REQUEST, f'no remote value {name!r} in this session')
 
-        op = header.get('op')
+        op = header.op
         if op is not None:
             fn = ops.resolve(op)
-            args = decode_arg(list(header.get('args', [])), lookup, self.device)
-            kwargs = {k: decode_arg(v, lookup, self.device)
-                      for k, v in dict(header.get('kwargs', {})).items()}
+            args = decode_arg(header.args, lookup, self.device)
+            kwargs = {k: decode_arg(v, lookup, self.device) for k, v in header.kwargs.items()}
             if ops.creates_tensors(fn) and kwargs.get('device') is None:
                 kwargs['device'] = self.device
             try:
@@ -85,16 +86,16 @@ class NaiveSessions:
                 raise ProtocolError(ErrorCode.EXEC_FAILED, f'{op} failed: {exc}') from None
             if len(values) >= MAX_SESSION_VALUES:
                 raise ProtocolError(ErrorCode.TOO_LARGE, 'session holds too many remote values')
-            values[str(header.get('out'))] = result
+            values[str(header.out)] = result
             self.ops_run += 1
         fetched = []
-        for name in header.get('fetch', []):
-            value = lookup(str(name))
+        for name in header.fetch:
+            value = lookup(name)
             if not isinstance(value, torch.Tensor):
                 raise ProtocolError(
                     ErrorCode.BAD_REQUEST,
                     f'remote value {name!r} is not a tensor')
             fetched.append(value.to('cpu'))
-        if header.get('end'):
+        if header.end:
             self.release(session)
         return fetched

@@ -20,8 +20,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import msgspec
 import zmq
 
+from rrto_wire import messages
 from rrto_wire import protocol as wire
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +44,8 @@ def hello(endpoint: str, timeout_ms: float = 1000) -> dict | None:
     try:
         sock.send_multipart(wire.encode({'kind': 'hello', 'id': 1}))
         if sock.poll(timeout_ms):
-            return wire.decode_header(sock.recv_multipart()[0])
+            reply = messages.decode_reply(sock.recv_multipart()[0], messages.Kind.HELLO)
+            return msgspec.to_builtins(reply)
         return None
     finally:
         sock.close(linger=0)

@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from rrto_wire.protocol import torch_dtype
+from rrto_wire.dtypes import torch_dtype
 
 log = logging.getLogger('rrto_server.profiling')
 

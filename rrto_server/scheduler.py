@@ -47,7 +47,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_server.taskstats import summarise
 
 log = logging.getLogger('rrto_server.scheduler')

@@ -17,7 +17,7 @@ A cut is legal only where every value crossing it is a tensor of known shape
 from __future__ import annotations
 
 from rrto_wire.program import Program
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
 
 WHOLE = 'whole'
 

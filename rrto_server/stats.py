@@ -21,12 +21,18 @@ class ServerStats:
         self.errors: collections.Counter = collections.Counter()
         self.bytes_in = 0
         self.bytes_out = 0
+        self.dropped_replies: collections.Counter = collections.Counter()
         self.models: dict[str, dict] = collections.defaultdict(_model_counters)
 
-    def request(self, header: dict, size: int) -> None:
+    def request(self, kind: str, size: int) -> None:
         with self._lock:
-            self.requests[getattr(header.get('kind'), 'value', str(header.get('kind')))] += 1
+            self.requests[kind] += 1
             self.bytes_in += size
+
+    def dropped(self, reason: str) -> None:
+        """Count a reply that was never sent (``slow_peer``: its queue was full)."""
+        with self._lock:
+            self.dropped_replies[reason] += 1
 
     def reply(self, header: dict, size: int) -> None:
         with self._lock:
@@ -44,4 +50,6 @@ class ServerStats:
         with self._lock:
             return {'requests': dict(self.requests), 'replies': dict(self.replies),
                     'errors': dict(self.errors), 'bytes_in': self.bytes_in,
-                    'bytes_out': self.bytes_out, 'models': copy.deepcopy(dict(self.models))}
+                    'bytes_out': self.bytes_out,
+                    'dropped_replies': dict(self.dropped_replies),
+                    'models': copy.deepcopy(dict(self.models))}

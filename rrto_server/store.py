@@ -21,7 +21,7 @@ import threading
 import time
 from pathlib import Path
 
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
 
 KINDS = ('program', 'weights', 'onnx')
 DEFAULT_MAX_BLOB_BYTES = 4 << 30

@@ -12,6 +12,14 @@ the wire frame is ``uint32 N``, ``N x uint32 length``, then the ``N`` JPEG
 streams (little endian).  Any other tensor travels raw.  An encoder never
 sends more bytes than raw: when compression does not shrink a tensor, the
 tensor travels raw and its descriptor says so.
+
+Decoding never produces more bytes than the descriptor declares, and the
+declared size is checked against the caller's budget before any byte is
+decompressed: zstd is read as a stream into a buffer of exactly the declared
+size, lz4 blocks decompress into at most that size, and a JPEG stream's
+header must announce the declared size before any pixel is decoded.  This
+module depends on :mod:`rrto_wire.tensors` only; message framing
+(:mod:`rrto_wire.protocol`) builds on it, never the other way round.
 """
 
 from __future__ import annotations
@@ -19,9 +27,14 @@ from __future__ import annotations
 import io
 import math
 import struct
+from typing import Literal
 
 import numpy as np
 import torch
+
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.limits import MAX_DECODED_BYTES, MAX_JPEG_SIDE
+from rrto_wire.tensors import TensorSpec, tensor_frame, tensor_from_buffer
 
 RAW = 'raw'
 LZ4 = 'lz4'
@@ -29,9 +42,8 @@ ZSTD = 'zstd'
 JPEG = 'jpeg'
 LOSSLESS = (RAW, LZ4, ZSTD)
 CODECS = LOSSLESS + (JPEG,)
+CodecName = Literal['raw', 'lz4', 'zstd', 'jpeg']
 JPEG_QUALITY = 90
-MAX_DECODED_BYTES = 256 << 20
-MAX_JPEG_SIDE = 16384
 
 
 def parse(codec: str) -> tuple[str, int]:
@@ -45,11 +57,6 @@ def parse(codec: str) -> tuple[str, int]:
             raise ValueError(f'JPEG quality in {codec!r} must be an integer in 1..100')
         quality = int(option)
     return name, quality
-
-
-def _raw_bytes(tensor: torch.Tensor) -> memoryview:
-    from rrto_wire.protocol import tensor_frame
-    return tensor_frame(tensor)
 
 
 def jpeg_eligible(tensor: torch.Tensor) -> bool:
@@ -84,7 +91,7 @@ def encode(codec: str, tensor: torch.Tensor) -> tuple[str, bytes | None]:
             return RAW, None
         frame = _jpeg_encode(tensor, quality)
     else:
-        raw = _raw_bytes(tensor)
+        raw = tensor_frame(tensor)
         if name == LZ4:
             import lz4.block
             frame = lz4.block.compress(raw, store_size=False)
@@ -96,9 +103,8 @@ def encode(codec: str, tensor: torch.Tensor) -> tuple[str, bytes | None]:
     return name, frame
 
 
-def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int) -> bytes:
+def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int, out: bytearray) -> int:
     from PIL import Image
-    from rrto_wire.protocol import ErrorCode, ProtocolError
 
     def bad(why: str) -> ProtocolError:
         return ProtocolError(ErrorCode.BAD_REQUEST, f'tensor {index} is not a JPEG frame: {why}')
@@ -117,7 +123,7 @@ def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int) -> bytes:
     if table_bytes + sum(lengths) != len(buf):
         raise bad(f'lengths add up to {table_bytes + sum(lengths)} bytes, frame has {len(buf)}')
     mode = 'L' if channels == 1 else 'RGB'
-    out = np.empty((count, height, width, channels), dtype=np.uint8)
+    pixels_out = np.frombuffer(out, dtype=np.uint8).reshape(count, height, width, channels)
     offset = table_bytes
     for i, length in enumerate(lengths):
         stream = io.BytesIO(buf[offset:offset + length])
@@ -134,44 +140,60 @@ def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int) -> bytes:
             raise
         except Exception as exc:  # Pillow raises several error types for broken streams
             raise bad(f'image {i} does not decode: {exc}') from None
-        out[i] = pixels.reshape(height, width, channels)
-    return out.tobytes()
+        pixels_out[i] = pixels.reshape(height, width, channels)
+    return len(out)
 
 
-def decode(codec: str, buf: memoryview, dtype: str, shape: tuple[int, ...], index: int):
-    """Decode one frame into a tensor of ``dtype``/``shape`` or raise ProtocolError."""
-    from rrto_wire.protocol import ErrorCode, ProtocolError, TensorSpec, tensor_from_buffer
+def _zstd_decode(buf: memoryview, out: bytearray) -> int:
+    import zstandard
+    # a stream, never ZstdDecompressor.decompress: that one allocates whatever size the
+    # frame header claims before checking it against max_output_size
+    reader = zstandard.ZstdDecompressor().stream_reader(buf, read_across_frames=False)
+    got = reader.readinto(out) if out else 0
+    return got + len(reader.read(1))    # one byte more than declared means "too long"
 
-    spec = TensorSpec(dtype, shape)
+
+def decode(codec: str, buf: memoryview, spec: TensorSpec, index: int,
+           max_bytes: int = MAX_DECODED_BYTES) -> torch.Tensor:
+    """
+    Decode one frame into a tensor of ``spec`` or raise ProtocolError.
+
+    ``spec.nbytes`` is checked against ``max_bytes`` first; then exactly that
+    many bytes are allocated and never more are decoded.
+    """
     nbytes = spec.nbytes
-    if nbytes > MAX_DECODED_BYTES:
-        raise ProtocolError(ErrorCode.TOO_LARGE, f'tensor {index} decodes to {nbytes} bytes')
+    if nbytes > max_bytes:
+        raise ProtocolError(ErrorCode.TOO_LARGE,
+                            f'tensor {index} ({spec}) decodes to {nbytes} bytes, '
+                            f'more than {max_bytes}')
+    out = bytearray(nbytes)
     try:
         if codec == LZ4:
             import lz4.block
-            data = lz4.block.decompress(buf, uncompressed_size=nbytes)
+            data = lz4.block.decompress(buf, uncompressed_size=nbytes) if nbytes else b''
+            got = len(data)
+            out[:got] = data
         elif codec == ZSTD:
-            import zstandard
-            data = zstandard.ZstdDecompressor().decompress(buf, max_output_size=nbytes)
+            got = _zstd_decode(buf, out)
         elif codec == JPEG:
-            if dtype != 'uint8':
+            if spec.dtype != 'uint8':
                 raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                    f'tensor {index}: jpeg carries uint8 only, not {dtype}')
-            data = _jpeg_decode(buf, shape, index)
+                                    f'tensor {index}: jpeg carries uint8 only, not {spec.dtype}')
+            got = _jpeg_decode(buf, spec.shape, index, out)
         else:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                f'tensor {index} has unknown codec {codec!r}')
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'tensor {index} has unknown codec {codec!r}')
     except ProtocolError:
         raise
     except Exception as exc:  # the libraries raise their own error types
         raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f'tensor {index} does not decode as {codec}: {exc}')
-    if len(data) != nbytes:
+                            f'tensor {index} does not decode as {codec}: {exc}') from None
+    if got != nbytes:
         raise ProtocolError(
             ErrorCode.BAD_REQUEST,
-            f'tensor {index} decodes to {len(data)} bytes, {spec} needs {nbytes}')
-    return tensor_from_buffer(memoryview(bytearray(data)), spec)
+            f'tensor {index} decodes to {"more than " if got > nbytes else ""}'
+            f'{min(got, nbytes)} bytes, {spec} needs {nbytes}')
+    return tensor_from_buffer(memoryview(out), spec)
 
 
 def ratio(tensor: torch.Tensor, codec: str) -> float:

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
 
 _PY_OPS: dict[str, Callable] = {
     f'operator.{name}': getattr(operator, name)

@@ -36,8 +36,9 @@ import torch
 import torch.fx as fx
 
 from rrto_wire import ops, treespec
-from rrto_wire.protocol import (ErrorCode, ProtocolError, TensorSpec, dtype_name,
-                                tensor_from_buffer)
+from rrto_wire.dtypes import dtype_name
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.tensors import TensorSpec, tensor_from_buffer
 
 PROGRAM_FORMAT = 'rrto-program'
 PROGRAM_VERSION = 1

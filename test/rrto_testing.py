@@ -5,11 +5,13 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import msgspec
 import torch
 import zmq
 
+from rrto_wire import messages, treespec
 from rrto_wire import protocol as wire
-from rrto_wire import treespec
+from rrto_wire.errors import ProtocolError
 from rrto_server.process import ServerProcess, child_env, free_port, hello  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
@@ -23,11 +25,20 @@ def raw_socket(ctx: zmq.Context, endpoint: str, kind: int = zmq.DEALER) -> zmq.S
     return sock
 
 
+def reply_header(frame, kind: str | None = 'infer') -> dict:
+    """Decode a reply to a ``kind`` request strictly, as the client does, into plain data."""
+    return msgspec.to_builtins(messages.decode_reply(frame, kind and messages.Kind(kind)))
+
+
 def exchange(sock: zmq.Socket, frames: list, timeout_ms: int = 5000) -> dict:
     """Send raw frames and return the decoded reply header (fail the test on silence)."""
+    try:
+        kind = messages.decode_request(frames[0]).__struct_config__.tag
+    except (ProtocolError, IndexError):
+        kind = None               # a malformed request: only an error reply is valid
     sock.send_multipart(frames)
     assert sock.poll(timeout_ms), 'server did not reply'
-    return wire.decode_header(sock.recv_multipart()[0])
+    return reply_header(sock.recv_multipart()[0], kind)
 
 
 def assert_packing_invariant(trace: list[dict], theta: float) -> int:
@@ -75,12 +86,16 @@ def infer_frames(request_id, replay: str, x: torch.Tensor, **fields) -> list:
     return wire.encode(header, [x])
 
 
+def reply_and_tensors(frames: list, kind: str = 'infer') -> tuple[dict, list]:
+    """Decode a received reply to a ``kind`` request: its header as plain data, its tensors."""
+    header = messages.decode_reply(frames[0], messages.Kind(kind))
+    return msgspec.to_builtins(header), wire.decode_tensors(header.tensors, frames[1:], 1 << 30)
+
+
 def receive(sock, timeout_ms: int = 30000) -> tuple[dict, list]:
     """Return the next reply's header and tensors (fail the test on silence)."""
     assert sock.poll(timeout_ms), 'no reply'
-    frames = sock.recv_multipart()
-    header = wire.decode_header(frames[0])
-    return header, wire.decode_tensors(header, frames[1:])
+    return reply_and_tensors(sock.recv_multipart())
 
 
 def leaves(outputs) -> list:

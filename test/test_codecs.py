@@ -2,6 +2,7 @@
 
 import struct
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -12,9 +13,10 @@ from rrto_ros import OffloadResult
 from rrto_ros.codec_choice import CodecChooser, CodecCost, check_codec
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import keypoint_net
-from rrto_wire import codecs
+from rrto_wire import codecs, messages
 from rrto_wire import protocol as wire
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.tensors import TensorSpec
 
 
 def smooth_image(batch=1, height=48, width=64, channels=3, seed=0, noise=1.0) -> torch.Tensor:
@@ -29,9 +31,10 @@ def smooth_image(batch=1, height=48, width=64, channels=3, seed=0, noise=1.0) ->
 
 
 def _roundtrip(tensors, codec):
-    frames = wire.encode({'kind': 'infer', 'id': 1}, tensors, codec)
-    header = wire.decode_header(frames[0])
-    return header, frames, wire.decode_tensors(header, frames[1:])
+    frames = wire.encode({'kind': 'infer', 'id': 1, 'replay': 'r'}, tensors, codec)
+    header = messages.decode_request(frames[0])
+    tensors = wire.decode_tensors(header.tensors, frames[1:], 1 << 30)
+    return msgspec.to_builtins(header), frames, tensors
 
 
 @pytest.mark.parametrize('shape', [(1, 48, 64, 3), (2, 48, 64, 3), (48, 64, 1), (3, 2, 40, 48, 3)])
@@ -90,14 +93,15 @@ def test_malformed_jpeg_frames_raise_protocol_errors_before_decoding():
     ]
     for payload, words in cases:
         with pytest.raises(ProtocolError) as err:
-            codecs.decode('jpeg', memoryview(payload), *spec, 0)
+            codecs.decode('jpeg', memoryview(payload), TensorSpec(*spec), 0)
         assert err.value.code == ErrorCode.BAD_REQUEST and words in err.value.message, payload[:8]
     with pytest.raises(ProtocolError, match='uint8 only'):
-        codecs.decode('jpeg', memoryview(frame), 'float32', (1, 48, 64, 3), 0)
+        codecs.decode('jpeg', memoryview(frame), TensorSpec('float32', (1, 48, 64, 3)), 0)
     with pytest.raises(ProtocolError, match='not \\[..., H, W'):
-        codecs.decode('jpeg', memoryview(frame), 'uint8', (1, 48, 64, 4), 0)
+        codecs.decode('jpeg', memoryview(frame), TensorSpec('uint8', (1, 48, 64, 4)), 0)
     with pytest.raises(ProtocolError) as err:
-        codecs.decode('jpeg', memoryview(frame), 'uint8', (1 << 20, 1 << 10, 1 << 10, 3), 0)
+        codecs.decode('jpeg', memoryview(frame),
+                      TensorSpec('uint8', (1 << 20, 1 << 10, 1 << 10, 3)), 0)
     assert err.value.code == ErrorCode.TOO_LARGE
 
 

@@ -86,7 +86,7 @@ def test_replay_memory_is_bounded(make_server, offloaded):
 def test_copies_to_the_host_reuse_page_locked_buffers_per_thread():
     import threading
 
-    from rrto_server import replay as rp
+    from rrto_server import transfers as rp
     device = torch.device('cuda')
     out = torch.randn(2, 17, 56, 56, device=device).permute(0, 2, 3, 1)   # not contiguous
     errors = []
@@ -99,10 +99,9 @@ def test_copies_to_the_host_reuse_page_locked_buffers_per_thread():
             host = rp.to_host([out, staged], [torch.float16, torch.uint8])   # two buffers
             if not (torch.equal(host[0], out.half().cpu()) and torch.equal(host[1], frame)):
                 errors.append(seed)
-        cache = rp._PER_THREAD.pinned
-        buffers = list(cache.values())
-        if not all(b.is_pinned() for b in buffers) or len(cache) != 2:   # fp16 and uint8
-            errors.append(('cache', seed, len(cache)))
+        buffers = rp.pinned_buffers()
+        if not all(b.is_pinned() for b in buffers) or len(buffers) != 2:   # fp16 and uint8
+            errors.append(('cache', seed, len(buffers)))
 
     threads = [threading.Thread(target=worker, args=(seed,)) for seed in range(3)]
     for thread in threads:
@@ -116,5 +115,5 @@ def test_copies_to_the_host_reuse_page_locked_buffers_per_thread():
     assert not first.is_pinned(), 'replies own their memory: the bounce buffer is reused'
     big = torch.zeros(rp.PINNED_BYTES_PER_THREAD // 4 + 1, device=device)
     assert torch.equal(rp.to_host([big], [torch.float32])[0], big.cpu()), 'too large: direct'
-    assert sum(b.nbytes for b in rp._PER_THREAD.pinned.values()) <= rp.PINNED_BYTES_PER_THREAD
+    assert sum(b.nbytes for b in rp.pinned_buffers()) <= rp.PINNED_BYTES_PER_THREAD
     assert torch.equal(first, torch.arange(6.0)) and torch.equal(second, 2 * torch.arange(6.0))

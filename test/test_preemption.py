@@ -11,7 +11,8 @@ from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import ARCHITECTURES, keypoint_net, resnet18
 from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
-from rrto_server.replay import RecordOptions, Replay
+from rrto_server.replay import Replay
+from rrto_wire.messages import RecordOptions
 from rrto_server.store import BlobStore
 
 SIZES = {'resnet18': (1, 3, 96, 96), 'mobilenet': (1, 3, 96, 96), 'keypoint_net': (1, 3, 64, 96)}

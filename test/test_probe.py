@@ -2,9 +2,11 @@
 
 import pytest
 import torch
-from rrto_testing import exchange, raw_socket
+from rrto_testing import exchange, raw_socket, reply_header
 
+from rrto_wire import messages
 from rrto_wire import protocol as wire
+from rrto_wire.limits import MAX_PROBE_BYTES
 
 
 def _probe(sock, payload=(), **fields):
@@ -13,8 +15,7 @@ def _probe(sock, payload=(), **fields):
     sock.send_multipart(wire.encode(header, list(payload)))
     assert sock.poll(5000), 'server did not reply'
     frames = [bytearray(f) for f in sock.recv_multipart()]   # writable, as zmq frames are
-    reply = wire.decode_header(frames[0])
-    return reply, frames[1:]
+    return reply_header(frames[0], 'probe'), frames[1:]
 
 
 def test_probe_carries_payloads_of_the_requested_sizes(server, zmq_ctx):
@@ -25,7 +26,8 @@ def test_probe_carries_payloads_of_the_requested_sizes(server, zmq_ctx):
     reply, frames = _probe(sock, [up], reply_bytes=50_000)
     assert reply['kind'] == 'ok' and reply['received_bytes'] > 100_000
     assert [len(f) for f in frames] == [50_000]
-    (down,) = wire.decode_tensors(reply, frames)
+    (down,) = wire.decode_tensors(
+        [messages.Frame(**d) for d in reply['tensors']], frames, 1 << 20)
     assert down.dtype == torch.uint8 and down.shape == (50_000,)
     assert server.snapshot()['requests']['probe'] == 2
 
@@ -35,7 +37,7 @@ def test_probe_carries_payloads_of_the_requested_sizes(server, zmq_ctx):
     ({'reply_bytes': 'lots'}, [], 'bad_request'),
     ({'reply_bytes': True}, [], 'bad_request'),
     ({'reply_bytes': 1.5}, [], 'bad_request'),
-    ({'reply_bytes': wire.MAX_PROBE_BYTES + 1}, [], 'too_large'),
+    ({'reply_bytes': MAX_PROBE_BYTES + 1}, [], 'too_large'),
     ({}, [torch.zeros(4, dtype=torch.float32)], 'bad_request'),
     ({}, [torch.zeros(2, 2, dtype=torch.uint8)], 'bad_request'),
     ({}, [torch.zeros(4, dtype=torch.uint8)] * 2, 'bad_request'),

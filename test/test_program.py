@@ -13,7 +13,7 @@ from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net
 from rrto_wire import program as fmt
 from rrto_wire import treespec
-from rrto_wire.protocol import ProtocolError
+from rrto_wire.errors import ProtocolError
 
 
 class Tiny(torch.nn.Module):

@@ -2,28 +2,31 @@
 
 import json
 
+import msgspec
 import pytest
 import torch
 
-from rrto_wire import codecs, treespec
+from rrto_wire import codecs, messages, treespec
 from rrto_wire import protocol as wire
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.limits import MAX_HEADER_BYTES
+from rrto_wire.tensors import TensorSpec, signature_key, signature_of, tensor_frame
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.uint8, torch.int8,
           torch.int16, torch.int32, torch.int64, torch.bool]
 
 
 def _roundtrip(tensors, codec=codecs.RAW):
-    frames = wire.encode({'kind': 'infer', 'id': 7}, tensors, codec)
-    header = wire.decode_header(frames[0])
-    return header, wire.decode_tensors(header, frames[1:])
+    frames = wire.encode({'kind': 'infer', 'id': 7, 'replay': 'r'}, tensors, codec)
+    header = messages.decode_request(frames[0])
+    return msgspec.to_builtins(header), wire.decode_tensors(header.tensors, frames[1:], 1 << 30)
 
 
 @pytest.mark.parametrize('dtype', DTYPES)
 def test_every_dtype_round_trips_bit_exactly(dtype):
     source = (torch.randn(2, 3, 5) * 100).to(dtype)
     header, (decoded,) = _roundtrip([source])
-    assert header['kind'] == wire.Kind.INFER and header['id'] == 7
+    assert header['kind'] == messages.Kind.INFER and header['id'] == 7
     assert decoded.dtype == dtype and decoded.shape == source.shape
     assert torch.equal(decoded, source)
 
@@ -37,7 +40,7 @@ def test_non_contiguous_and_empty_tensors_round_trip():
 
 def test_raw_frames_are_not_copied():
     tensor = torch.arange(1000, dtype=torch.float32)
-    frame = wire.tensor_frame(tensor)
+    frame = tensor_frame(tensor)
     assert frame.obj is not None and len(frame) == 4000
     tensor[0] = 42.0
     assert torch.frombuffer(frame, dtype=torch.float32)[0] == 42.0
@@ -59,36 +62,43 @@ def _header_frame(obj) -> bytes:
     (b'\xff\xfe not json', ErrorCode.BAD_REQUEST, 'not JSON'),
     (_header_frame([1, 2]), ErrorCode.BAD_REQUEST, 'JSON object'),
     (_header_frame({'v': 99, 'kind': 'hello'}), ErrorCode.VERSION, 'version'),
-    (_header_frame({'v': 1, 'kind': 'launch_missiles'}), ErrorCode.BAD_REQUEST, 'unknown message'),
-    (_header_frame({'v': 1, 'kind': 'infer', 'tensors': 'x'}), ErrorCode.BAD_REQUEST, 'tensors'),
-    (b'{' + b' ' * wire.MAX_HEADER_BYTES + b'}', ErrorCode.TOO_LARGE, 'header'),
+    (_header_frame({'v': 2, 'kind': 'launch_missiles'}), ErrorCode.BAD_REQUEST, 'unknown message'),
+    (_header_frame({'v': 2, 'kind': 'ok'}), ErrorCode.BAD_REQUEST, 'reply kind'),
+    (_header_frame({'v': 2, 'kind': 'hello', 'tensors': 'x'}), ErrorCode.BAD_REQUEST, 'tensors'),
+    (b'{' + b' ' * MAX_HEADER_BYTES + b'}', ErrorCode.TOO_LARGE, 'header'),
 ])
 def test_bad_headers_name_the_problem(frame, code, words):
     with pytest.raises(ProtocolError) as err:
-        wire.decode_header(frame)
+        messages.decode_request(frame)
     assert err.value.code == code and words in err.value.message
+
+
+def _infer_header(descriptor) -> bytes:
+    return _header_frame({'v': 2, 'kind': 'infer', 'replay': 'r', 'tensors': [descriptor]})
 
 
 @pytest.mark.parametrize('descriptor, payload, words', [
     ({'dtype': 'float32', 'shape': [4]}, b'\0' * 15, 'needs 16 bytes'),
-    ({'dtype': 'complex64', 'shape': [1]}, b'\0' * 8, 'unsupported dtype'),
-    ({'dtype': 'float32', 'shape': [-1]}, b'', 'negative'),
+    ({'dtype': 'complex64', 'shape': [1]}, b'\0' * 8, '$.tensors[0].dtype'),
+    ({'dtype': 'float32', 'shape': [-1]}, b'', '>= 0'),
     ({'dtype': 'float32', 'shape': 'big'}, b'', 'shape'),
-    ({'dtype': 'uint8', 'shape': [1] * 9}, b'\0', 'at most'),
+    ({'dtype': 'uint8', 'shape': [1] * 9}, b'\0', 'length <= 8'),
     ({'dtype': 'uint8', 'shape': [4], 'codec': 'lz4'}, b'garbage', 'does not decode'),
-    ({'dtype': 'uint8', 'shape': [4], 'codec': 'rot13'}, b'abcd', 'unknown codec'),
+    ({'dtype': 'uint8', 'shape': [4], 'codec': 'rot13'}, b'abcd', '$.tensors[0].codec'),
+    ({'dtype': 'uint8', 'shape': [4], 'stride': [1]}, b'abcd', 'unknown field'),
 ])
 def test_bad_tensor_frames_name_the_problem(descriptor, payload, words):
-    header = {'v': 1, 'kind': 'infer', 'tensors': [descriptor]}
     with pytest.raises(ProtocolError) as err:
-        wire.decode_tensors(header, [payload])
-    assert words in err.value.message
+        header = messages.decode_request(_infer_header(descriptor))
+        wire.decode_tensors(header.tensors, [payload], 1 << 20)
+    assert err.value.code == ErrorCode.BAD_REQUEST
+    assert words in err.value.message, err.value.message
 
 
 def test_frame_count_must_match_descriptors():
-    header = {'v': 1, 'kind': 'infer', 'tensors': [{'dtype': 'uint8', 'shape': [1]}]}
+    header = messages.decode_request(_infer_header({'dtype': 'uint8', 'shape': [1]}))
     with pytest.raises(ProtocolError, match='2 frames follow'):
-        wire.decode_tensors(header, [b'a', b'b'])
+        wire.decode_tensors(header.tensors, [b'a', b'b'], 1 << 20)
 
 
 def test_treespec_round_trips_nested_structures():
@@ -104,6 +114,6 @@ def test_treespec_round_trips_nested_structures():
 
 
 def test_signature_key_names_dtypes_and_shapes():
-    sig = wire.signature_of([torch.zeros(1, 224, 224, 3, dtype=torch.uint8), torch.zeros(2)])
-    assert wire.signature_key(sig) == 'uint8[1,224,224,3];float32[2]'
-    assert wire.signature_from_json([s.to_json() for s in sig]) == sig
+    sig = signature_of([torch.zeros(1, 224, 224, 3, dtype=torch.uint8), torch.zeros(2)])
+    assert signature_key(sig) == 'uint8[1,224,224,3];float32[2]'
+    assert tuple(TensorSpec.from_json(s.to_json()) for s in sig) == sig

@@ -8,12 +8,12 @@ import pytest
 import torch
 import zmq
 from rrto_testing import (assert_packing_invariant, call_concurrently, exchange, infer_frames,
-                          leaves, prepare, raw_socket, receive, wait_running)
+                          leaves, prepare, raw_socket, receive, reply_and_tensors,
+                          reply_header, wait_running)
 
 from rrto_ros import OffloadResult
 from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, mobilenet, resnet18
-from rrto_wire import protocol as wire
 from rrto_server.__main__ import parse_args
 from rrto_server.server import Server, ServerConfig
 
@@ -117,10 +117,10 @@ def test_every_request_is_answered_exactly_once_under_concurrent_clients(server,
         while len(replies) < per_client and time.monotonic() < deadline:
             if sock.poll(100):
                 frames = sock.recv_multipart()
-                header = wire.decode_header(frames[0])
-                replies[header['id']].append((header, wire.decode_tensors(header, frames[1:])))
+                header, outputs = reply_and_tensors(frames)
+                replies[header['id']].append((header, outputs))
         while sock.poll(300):                       # nothing may come after the last answer
-            replies[wire.decode_header(sock.recv_multipart()[0])['id']].append(None)
+            replies[reply_header(sock.recv_multipart()[0])['id']].append(None)
         sock.close(linger=0)
         results[c] = (sent, replies)
 
@@ -218,12 +218,12 @@ def test_offloaded_model_missing_its_deadline_still_answers(server, offloaded, b
 
 
 @pytest.mark.parametrize('fields, words', [
-    ({'late': 'maybe'}, "'late'"),
-    ({'deadline_ms': -3}, "'deadline_ms'"),
-    ({'deadline_ms': True}, "'deadline_ms'"),
-    ({'priority': True}, "'priority'"),
-    ({'task': 7}, "'task'"),
-    ({'task': 'x' * 500}, "'task'"),
+    ({'late': 'maybe'}, '$.late'),
+    ({'deadline_ms': -3}, '$.deadline_ms'),
+    ({'deadline_ms': True}, '$.deadline_ms'),
+    ({'priority': True}, '$.priority'),
+    ({'task': 7}, '$.task'),
+    ({'task': 'x' * 500}, '$.task'),
 ])
 def test_bad_scheduling_fields_get_an_error_reply(server, zmq_ctx, fields, words):
     x = torch.randn(1, 3, 32, 32)
@@ -253,7 +253,7 @@ def test_scheduler_options_from_the_command_line(tmp_path):
 
 def _spy_threads(monkeypatch, seen):
     from rrto_wire import protocol
-    from rrto_server.replay import Execution
+    from rrto_server.runner import Execution
 
     def spy(name, fn):
         def wrapper(*args, **kwargs):

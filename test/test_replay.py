@@ -7,8 +7,14 @@ from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net, resnet18
 from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
-from rrto_wire.protocol import ErrorCode, ProtocolError, signature_of
-from rrto_server.replay import RecordOptions, Replay, ReplayCache
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.tensors import signature_of
+from rrto_server.replay import Replay
+from rrto_server.replay_cache import ReplayCache
+from rrto_server.replay_key import check_options
+from rrto_wire import messages
+from rrto_wire import protocol as wire
+from rrto_wire.messages import RecordOptions
 from rrto_server.store import BlobStore
 
 DEVICES = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
@@ -98,5 +104,8 @@ def test_replay_cache_keeps_the_most_recently_used(tmp_path):
 def test_bad_options_are_refused():
     for options in ({'precision': 'fp8'}, {'mode': 'magic'}, {'segments': 'ops:0'},
                     {'segments': 'layers'}, 'fast', {'unknown': 1}):
-        with pytest.raises(ProtocolError):
-            RecordOptions.from_json(options)
+        header = wire.encode({'kind': 'record', 'id': 1, 'model': 'ab' * 32, 'signature': [],
+                              'options': options})[0]
+        with pytest.raises(ProtocolError) as err:
+            check_options(messages.decode_request(header).options)
+        assert err.value.code == ErrorCode.BAD_REQUEST

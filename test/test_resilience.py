@@ -9,7 +9,7 @@ import torch
 from rrto_ros import OffloadResult, ServerUnavailable
 from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, resnet18
-from rrto_wire.protocol import Kind
+from rrto_wire.messages import Kind
 from rrto_testing import assert_same_as_local
 
 TIMEOUT_MS = 1000

@@ -7,7 +7,7 @@ import time
 import pytest
 from rrto_testing import assert_packing_invariant
 
-from rrto_wire.protocol import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_server.scheduler import FIFO, PREEMPTIVE, PRIORITY, Job, Scheduler, make_lanes
 
 

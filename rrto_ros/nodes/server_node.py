@@ -19,7 +19,7 @@ from rclpy.node import Node
 from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
-from rrto_wire.protocol import DEFAULT_MAX_MESSAGE_BYTES
+from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
 

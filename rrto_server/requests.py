@@ -1,0 +1,217 @@
+"""
+One request on the server, answered exactly once by construction.
+
+The I/O thread wraps every received message in a :class:`Request` before it
+decodes anything.  A request owns its reply path: :meth:`Request.ok` and
+:meth:`Request.error` send through the server's :class:`ReplySender`, and the
+first answer closes the request in the :class:`OpenRequests` registry.  A
+second answer is a bug: it is logged and counted, never sent (Triton
+python_backend's contract).  A request that is dropped without an answer stays
+in the registry, where ``stats`` (``open_requests``) and the tests see it.
+
+:class:`ReplySender` is the only code that writes to the ROUTER socket.  From
+the I/O thread it sends directly; other threads hand frames to the I/O thread
+through an inproc PUSH/PULL pair (a ZeroMQ socket belongs to one thread).
+Replies to a peer whose send queue is full (``SNDHWM`` messages) or who is
+gone are dropped and counted: the peer is the slow one, not the server.
+Large replies (zero-copy frames, at least ``COPY_THRESHOLD`` bytes) are also
+tracked until libzmq has released them; a peer may have at most
+``peer_bytes`` of them in flight, beyond that its replies are dropped too.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Sequence
+
+import torch
+import zmq
+
+from rrto_wire import protocol as wire
+from rrto_wire.errors import ErrorCode, ProtocolError, clip
+from rrto_wire.limits import COPY_THRESHOLD
+from rrto_server.stats import ServerStats
+
+log = logging.getLogger('rrto_server.requests')
+
+
+class OpenRequests:
+    """Every request not yet answered; closing one is the exactly-once gate."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: dict[int, 'Request'] = {}
+        self.double_answers = 0
+
+    def open(self, request: 'Request') -> None:
+        with self._lock:
+            self._open[id(request)] = request
+
+    def close(self, request: 'Request') -> bool:
+        """Return True the first time ``request`` is closed, False ever after."""
+        with self._lock:
+            if self._open.pop(id(request), None) is not None:
+                return True
+            self.double_answers += 1
+        return False
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._open)
+
+    def kinds(self) -> list[str]:
+        """Return the kinds of the requests still open (for stats and tests)."""
+        with self._lock:
+            return [r.kind for r in self._open.values()]
+
+
+class ReplySender:
+    """Write reply frames to the ROUTER from any thread; count what a peer never gets."""
+
+    def __init__(self, ctx: zmq.Context, router: zmq.Socket, stats: ServerStats,
+                 peer_bytes: int):
+        self.peer_bytes = peer_bytes
+        self._held: dict[bytes, list] = collections.defaultdict(list)
+        self._ctx = ctx
+        self._router = router
+        self._stats = stats
+        self._addr = f'inproc://rrto-outbox-{uuid.uuid4().hex}'
+        self.outbox = ctx.socket(zmq.PULL)
+        self.outbox.bind(self._addr)
+        self._local = threading.local()
+        self._sockets: list[zmq.Socket] = []
+        self._lock = threading.Lock()
+        self.io_thread: int | None = None
+
+    def on_io_thread(self) -> bool:
+        """Return True when called from the thread that serves the socket."""
+        return threading.get_ident() == self.io_thread
+
+    def send(self, frames: list, nbytes: int) -> None:
+        """Send one reply's frames (envelope first) now or through the I/O thread."""
+        track = nbytes >= COPY_THRESHOLD      # zero-copy frames: held until libzmq is done
+        if track:
+            # received envelope frames cannot be sent tracked: send copies of them
+            frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else f for f in frames]
+            peer = frames[0]
+            if not self._budget(peer, nbytes):
+                self._stats.dropped('slow_peer')
+                return
+        if threading.get_ident() == self.io_thread:
+            tracker = self._route(frames, track)
+        else:
+            tracker = self._pusher().send_multipart(frames, copy=False, track=track)
+        if tracker is not None and track:
+            with self._lock:
+                self._held[peer].append((tracker, nbytes))
+
+    def _budget(self, peer: bytes, nbytes: int) -> bool:
+        """Return True if ``peer`` may have ``nbytes`` more of large replies in flight."""
+        with self._lock:
+            held = [(t, n) for t, n in self._held.get(peer, ()) if not t.done]
+            if held:
+                self._held[peer] = held
+            else:
+                self._held.pop(peer, None)
+            if len(self._held) > 1024:     # forget peers whose replies are all gone
+                for key in [k for k, v in self._held.items() if all(t.done for t, _ in v)]:
+                    del self._held[key]
+            return sum(n for _, n in held) + nbytes <= self.peer_bytes or not held
+
+    def flush(self) -> None:
+        """Route every reply other threads have handed over (call on the I/O thread)."""
+        while True:
+            try:
+                frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            self._route(frames, False)
+
+    def _route(self, frames: list, track: bool):
+        try:
+            return self._router.send_multipart(frames, zmq.NOBLOCK, copy=False, track=track)
+        except zmq.Again:
+            self._stats.dropped('slow_peer')         # its queue is full: it does not read
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                raise
+            self._stats.dropped('peer_gone')
+        return None
+
+    def _pusher(self) -> zmq.Socket:
+        sock = getattr(self._local, 'sock', None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.copy_threshold = COPY_THRESHOLD
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._addr)
+            self._local.sock = sock
+            with self._lock:
+                self._sockets.append(sock)
+        return sock
+
+    def close(self) -> None:
+        """Close the hand-over sockets (after every thread that replies has stopped)."""
+        with self._lock:
+            for sock in self._sockets:
+                sock.close(linger=0)
+            self._sockets.clear()
+        self.outbox.close(linger=0)
+
+
+class Request:
+    """One received message: its envelope, decoded header and single reply."""
+
+    __slots__ = ('envelope', 'header', 'kind', 'received', 'size', '_sender', '_registry',
+                 '_stats')
+
+    def __init__(self, envelope: list, received: float, size: int, sender: ReplySender,
+                 registry: OpenRequests, stats: ServerStats):
+        self.envelope = envelope
+        self.header: Any = None          # a rrto_wire.messages request once decoded
+        self.kind = '?'                  # its kind, once decoded
+        self.received = received
+        self.size = size
+        self._sender = sender
+        self._registry = registry
+        self._stats = stats
+        registry.open(self)
+
+    @property
+    def id(self) -> Any:
+        return getattr(self.header, 'id', None)
+
+    @property
+    def peer(self) -> bytes:
+        """Return the ZeroMQ routing id of the sender."""
+        return bytes(self.envelope[0].buffer)
+
+    def ok(self, tensors: Sequence[torch.Tensor] = (), **fields: Any) -> None:
+        """Answer with success, the given fields and tensors."""
+        self._answer(wire.ok_header(self.id, **fields), tensors)
+
+    def error(self, error: ProtocolError, request_id: Any = None) -> None:
+        """Answer with an error reply (logged with the network's text clipped)."""
+        log.info('error reply to %s: %s (%s)', self.kind, clip(error.message), error.code.value)
+        rid = self.id if request_id is None else request_id
+        self._answer(wire.error_header(rid, error.code, error.message), ())
+
+    def fail(self, exc: BaseException) -> None:
+        """Answer an unexpected exception as ``internal`` (a server bug, logged in full)."""
+        log.error('internal error serving a %s request', self.kind, exc_info=exc)
+        self.error(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
+
+    def _answer(self, header: dict, tensors: Sequence[torch.Tensor]) -> None:
+        if not self._registry.close(self):
+            log.error('second answer to a %s request (id %s) dropped',
+                      self.kind, clip(repr(self.id), 40))
+            return
+        header['server_ms'] = (time.perf_counter() - self.received) * 1e3
+        body = wire.encode(header, tensors)
+        nbytes = wire.message_size(body)
+        self._stats.reply(header, nbytes)
+        self._sender.send(self.envelope + body, nbytes)

@@ -1,0 +1,90 @@
+"""
+The interface every replay backend implements, and one inference stepping through it.
+
+A runner holds a model prepared for one input signature.  An
+:class:`Execution` is one inference: :meth:`Runner.begin` stages its inputs
+(from a CPU worker), :meth:`Runner.run_segment` runs one segment (on a device
+lane), :meth:`Runner.collect` names the outputs once the last segment ran,
+:meth:`Runner.to_host` copies them back (from a CPU worker again) and
+:meth:`Runner.release` drops an abandoned execution's state.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol, Sequence
+
+import torch
+
+if TYPE_CHECKING:
+    from rrto_server.replay import Replay
+
+
+class Runner(Protocol):
+    """A replay backend (fx/eager, frozen TorchScript, CUDA graphs, onnxruntime)."""
+
+    backend: str
+    num_segments: int
+
+    def begin(self, ex: 'Execution', inputs: Sequence[torch.Tensor]) -> None:
+        """Stage ``inputs`` for ``ex`` (CPU worker)."""
+
+    def run_segment(self, ex: 'Execution', k: int) -> None:
+        """Run segment ``k`` of ``ex`` (device lane)."""
+
+    def collect(self, ex: 'Execution') -> list[torch.Tensor]:
+        """Return the outputs of ``ex`` after its last segment (still on the device)."""
+
+    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Copy outputs to the CPU in the program's dtypes (CPU worker)."""
+
+    def release(self, ex: 'Execution') -> None:
+        """Drop the device state of an abandoned or failed ``ex``."""
+
+
+class Execution:
+    """One inference in progress: which segment runs next and the values it needs."""
+
+    def __init__(self, replay: 'Replay', inputs: Sequence[torch.Tensor]):
+        self.replay = replay
+        self.next_segment = 0
+        self.env: dict[str, Any] = {}
+        self.saved: dict[str, torch.Tensor] | None = None
+        self.outputs: list[torch.Tensor] | None = None
+        replay.runner.begin(self, inputs)
+
+    @property
+    def done(self) -> bool:
+        return self.outputs is not None
+
+    @property
+    def num_segments(self) -> int:
+        return self.replay.runner.num_segments
+
+    def step(self) -> bool:
+        """Run the next segment; return True once the outputs are ready (on the device)."""
+        if self.done:
+            return True
+        runner = self.replay.runner
+        runner.run_segment(self, self.next_segment)
+        self.next_segment += 1
+        if self.next_segment == runner.num_segments:
+            self.outputs = runner.collect(self)
+        return self.done
+
+    def host_outputs(self) -> list[torch.Tensor]:
+        """Return the outputs on the CPU in the program's dtypes (call from a CPU worker)."""
+        if self.outputs is None:
+            raise RuntimeError('execution has not finished')
+        host = self.replay.runner.to_host(self.outputs)
+        self.env = {}
+        return host
+
+    def release(self) -> None:
+        """Drop this execution's device state (it is abandoned or has failed)."""
+        self.replay.runner.release(self)
+
+    def run(self) -> list[torch.Tensor]:
+        """Run every remaining segment now; return the outputs on the CPU."""
+        while not self.step():
+            pass
+        return self.host_outputs()

@@ -1,0 +1,132 @@
+"""
+Runners over a per-execution value map: fx modules (CPU replay, eager) and frozen TorchScript.
+
+On CUDA, TF32 is a process-wide switch; :class:`Tf32Gate` lets segments that
+want the same setting run together and makes a segment that wants the other
+setting wait until they have launched, so two lanes never race on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Sequence
+
+import torch
+
+from rrto_server.replay_key import PRECISIONS
+from rrto_server.runner import Execution
+from rrto_server.transfers import stage, to_host
+
+
+class Tf32Gate:
+    """The process-wide TF32 flags, shared by segments that agree on them."""
+
+    def __init__(self):
+        self._cond = threading.Condition()
+        self._tf32: bool | None = None
+        self._active = 0
+
+    @contextlib.contextmanager
+    def hold(self, tf32: bool):
+        """Run the block with TF32 ``tf32``; wait while segments wanting the other run."""
+        with self._cond:
+            while self._active and self._tf32 != tf32:
+                self._cond.wait()
+            if self._tf32 != tf32:
+                torch.backends.cuda.matmul.allow_tf32 = tf32
+                torch.backends.cudnn.allow_tf32 = tf32
+                self._tf32 = tf32
+            self._active += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._active -= 1
+                if not self._active:
+                    self._cond.notify_all()
+
+    @property
+    def active(self) -> int:
+        """Return how many blocks hold the gate now."""
+        return self._active
+
+
+TF32 = Tf32Gate()
+
+
+class FxRunner:
+    """Segments as callables over a per-execution value map (CPU and eager modes)."""
+
+    backend = 'fx'
+
+    def __init__(self, modules, live, input_names, output_names, device, precision, out_dtypes):
+        self.modules = modules
+        self.live = live
+        self.input_names = input_names
+        self.output_names = output_names
+        self.device = device
+        self.precision = precision
+        self.out_dtypes = out_dtypes
+        self.num_segments = len(modules)
+
+    def precision_context(self):
+        """Apply the recorded precision: autocast dtype, and TF32 only when asked for."""
+        if self.precision == 'fp32' and self.device.type != 'cuda':
+            return contextlib.nullcontext()   # nothing to switch: skip two context managers
+        return self._precision_context()
+
+    @contextlib.contextmanager
+    def _precision_context(self):
+        dtype = PRECISIONS[self.precision]
+        autocast = (torch.autocast(self.device.type, enabled=False) if dtype is None else
+                    torch.autocast(self.device.type, dtype=dtype, cache_enabled=False))
+        if self.device.type != 'cuda':
+            with autocast:
+                yield
+            return
+        with TF32.hold(self.precision == 'tf32'), autocast:
+            yield
+
+    def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
+        ex.env = dict(zip(self.input_names, stage(inputs, self.device)))
+
+    def run_segment(self, ex: Execution, k: int) -> None:
+        ins, outs = self.live[k]
+        if k == 0 and self.device.type == 'cuda':
+            stream = torch.cuda.current_stream(self.device)
+            for name in self.input_names:           # staged on a CPU worker's copy stream
+                ex.env[name].record_stream(stream)
+        with torch.inference_mode(), self.precision_context():
+            results = self.modules[k](*[ex.env[n] for n in ins])
+        ex.env.update(zip(outs, results))
+
+    def collect(self, ex: Execution) -> list[torch.Tensor]:
+        # ex.env stays alive until host_outputs/release: the lane has not yet waited for
+        # the last segment, and freeing a tensor another stream still reads is a race
+        return [ex.env[n] for n in self.output_names]
+
+    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return to_host(outputs, self.out_dtypes)
+
+    def release(self, ex: Execution) -> None:
+        ex.env = {}
+        ex.saved = None
+
+
+class FrozenRunner(FxRunner):
+    """CPU replay: each segment a frozen TorchScript trace of its ATen graph."""
+
+    backend = 'frozen'
+
+    def __init__(self, *args, example: Sequence[torch.Tensor]):
+        super().__init__(*args)
+        env = dict(zip(self.input_names, example))
+        frozen = []
+        with torch.inference_mode(False), torch.no_grad():
+            for module, (ins, outs) in zip(self.modules, self.live):
+                values = [env[n] for n in ins]
+                traced = torch.jit.trace(module, tuple(values), check_trace=False, strict=False)
+                frozen.append(torch.jit.freeze(traced.eval()))
+                env.update(zip(outs, module(*values)))
+        self.modules = frozen

@@ -1,0 +1,57 @@
+"""
+Error codes of the wire contract and the one exception that carries them.
+
+Every malformed or unservable request raises :class:`ProtocolError` with an
+:class:`ErrorCode`; the server turns it into exactly one ``error`` reply and
+keeps serving.  Text that came from the network passes through :func:`clip`
+before it goes into a reply or a log line.
+"""
+
+from __future__ import annotations
+
+import enum
+
+MAX_ECHO_CHARS = 120
+
+
+class ErrorCode(str, enum.Enum):
+    """Reasons an error reply gives; clients branch on these, never on text."""
+
+    BAD_REQUEST = 'bad_request'
+    VERSION = 'version_mismatch'
+    TOO_LARGE = 'too_large'
+    UNKNOWN_MODEL = 'unknown_model'
+    NOT_RECORDED = 'not_recorded'
+    SIGNATURE = 'signature_mismatch'
+    UPLOAD_DISABLED = 'upload_disabled'
+    DIGEST = 'digest_mismatch'
+    RECORD_FAILED = 'record_failed'
+    EXEC_FAILED = 'exec_failed'
+    DEADLINE = 'deadline_missed'
+    OVERLOADED = 'overloaded'
+    BAD_REPLY = 'bad_reply'
+    INTERNAL = 'internal'
+
+
+class ProtocolError(Exception):
+    """
+    A request that cannot be served, with the code its error reply carries.
+
+    ``request_id`` is the id read from a header that failed to decode, if any.
+    """
+
+    request_id = None
+
+    def __init__(self, code: ErrorCode, message: str):
+        message = clip(message, 4 * MAX_ECHO_CHARS)
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def clip(text: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """Return ``str(text)`` cut to ``limit`` characters, saying how much was cut."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f'{text[:limit]}...({len(text) - limit} more characters)'

@@ -1,0 +1,97 @@
+"""
+Tensor specs and the bytes of one tensor frame.
+
+A :class:`TensorSpec` (dtype and shape) is both the wire form of a tensor's
+description and the unit of an input :data:`Signature`.  Shapes are bounded
+by the schema (rank, each dimension), so a declared size can be computed and
+checked before anything is allocated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Iterable, Sequence
+
+import msgspec
+import torch
+
+from rrto_wire import dtypes
+from rrto_wire.dtypes import DTypeName
+from rrto_wire.errors import ErrorCode, ProtocolError, clip
+from rrto_wire.limits import MAX_DIM, MAX_RANK
+
+Dim = Annotated[int, msgspec.Meta(ge=0, le=MAX_DIM)]
+Shape = Annotated[tuple[Dim, ...], msgspec.Meta(max_length=MAX_RANK)]
+
+
+class TensorSpec(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Shape and dtype of one tensor; a tuple of these is an input signature."""
+
+    dtype: DTypeName
+    shape: Shape
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> 'TensorSpec':
+        """Return the spec of a tensor (ProtocolError if its dtype has no wire name)."""
+        return cls(dtypes.dtype_name(tensor.dtype), tuple(int(s) for s in tensor.shape))
+
+    @property
+    def nbytes(self) -> int:
+        """Return the size of the tensor's raw bytes."""
+        return math.prod(self.shape) * dtypes.itemsize(self.dtype)
+
+    @classmethod
+    def from_json(cls, obj: Any) -> 'TensorSpec':
+        """Build a spec from JSON data with ``dtype`` and ``shape`` (other keys ignored)."""
+        if not isinstance(obj, dict):
+            raise ProtocolError(ErrorCode.BAD_REQUEST, 'tensor spec must be an object')
+        try:
+            return msgspec.convert({'dtype': obj.get('dtype'), 'shape': obj.get('shape')}, cls)
+        except msgspec.ValidationError as exc:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'bad tensor spec: {clip(exc)}') from None
+
+    def to_json(self) -> dict:
+        """Return the spec as plain JSON data."""
+        return {'dtype': self.dtype, 'shape': list(self.shape)}
+
+    def __str__(self) -> str:
+        """Return e.g. ``uint8[1,224,224,3]``."""
+        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
+
+
+Signature = tuple[TensorSpec, ...]
+
+
+def signature_of(tensors: Iterable[torch.Tensor]) -> Signature:
+    """Return the input signature (dtypes and shapes) of a flat tensor list."""
+    return tuple(TensorSpec.of(t) for t in tensors)
+
+
+def signature_key(signature: Sequence[TensorSpec]) -> str:
+    """Return a short canonical string for a signature, e.g. ``uint8[1,224,224,3]``."""
+    return ';'.join(str(spec) for spec in signature)
+
+
+def tensor_frame(tensor: torch.Tensor) -> memoryview:
+    """Return a zero-copy buffer over a CPU tensor's bytes (copies only if not contiguous)."""
+    tensor = tensor.detach()
+    if tensor.device.type != 'cpu':
+        tensor = tensor.cpu()
+    tensor = tensor.contiguous()
+    if tensor.numel() == 0:
+        return memoryview(b'')
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy().reshape(-1)).cast('B')
+
+
+def tensor_from_buffer(buf: memoryview, spec: TensorSpec) -> torch.Tensor:
+    """View a buffer of exactly ``spec.nbytes`` bytes as a tensor without copying."""
+    entry = dtypes.DTYPES[spec.dtype]
+    if spec.nbytes == 0:
+        return torch.empty(spec.shape, dtype=entry.torch)
+    tensor = torch.frombuffer(buf, dtype=entry.view)
+    if entry.view != entry.torch:
+        tensor = tensor.view(entry.torch)
+    return tensor.reshape(spec.shape)
