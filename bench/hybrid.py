@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import shlex
+import statistics
 import sys
 import tempfile
 import threading
@@ -145,7 +146,7 @@ class HybridBench:
         with torch.inference_mode():
             references = [model.module(frame) for frame in self.frames]
         self.emulator.set_link(PRESETS['unlimited'])
-        links = [Link(bw, rtt) for rtt in self.args.rtts for bw in self.args.grid]
+        links = [Link(bw, rtt) for rtt in self.args.rtts for bw in sorted(self.args.grid)[::-1]]
         solved = solve(model, self.frames[0], links, self.endpoint, repeats=3,
                        rounds=self.args.calibration_rounds)
         cost, table = solved.cost, solved.table
@@ -158,6 +159,8 @@ class HybridBench:
                   'distinct_plans': [p.name for p in table.plans()],
                   'cut_candidates': len(cost.cuts), 'nodes': len(cost.nodes)}
         self.results.append(result)
+        result['correction'] = self.correction(model, table, references)
+        self.save()
         runners = self._runners(model, tables)
         try:
             for link in links:
@@ -183,7 +186,6 @@ class HybridBench:
                                 f"{n} {row[n]['median_ms']:.1f}" for n in MODES)
                             + f"  [{row['hybrid']['plan']}, predicted "
                               f"{row['hybrid']['predicted_ms']:.1f}]")
-            result['correction'] = self.correction(model, table, result['rows'], references)
             if self.args.steps_model == spec:
                 result['steps'] = self.step_trace(runners['hybrid'], table, references)
         finally:
@@ -191,24 +193,31 @@ class HybridBench:
                 runner.close()
         return result
 
-    def correction(self, model, table: PlanTable, rows: list[dict], references) -> dict | None:
-        """Make the table wrong at one grid point, run with correction on, count inferences."""
-        def spread(row):
-            times = sorted(row[n]['median_ms'] for n in BASELINES)
-            return times[-1] / times[0]
+    def correction(self, model, table: PlanTable, references) -> dict | None:
+        """
+        Make the table wrong at one grid point, run with correction on, count inferences.
 
-        wrong = [r for r in rows if spread(r) >= 1.2]
+        The point is the cheapest one where the model predicts its slowest baseline
+        at least 1.2x its fastest; the injected table names that slowest baseline
+        while keeping the entry's predicted latency, as a table the model got
+        wrong would.
+        """
+        def predicted(entry, name):
+            return entry['baselines'][name]['predicted']['latency_ms']
+
+        wrong = [e for e in table.entries
+                 if max(predicted(e, n) for n in BASELINES)
+                 >= 1.2 * min(predicted(e, n) for n in BASELINES)]
         if not wrong:
             return None
-        row = min(wrong, key=lambda r: max(r[n]['median_ms'] for n in BASELINES))
-        worst = max(BASELINES, key=lambda n: row[n]['median_ms'])
-        wrong_plan = row[worst]['plan']
-        link = (row['bandwidth_mbps'], row['rtt_ms'])
-        _, entry = table.lookup(*link)
-        injected = dict(entry, plan=_plan_of(wrong_plan).to_json(), plan_name=wrong_plan)
+        entry = min(wrong, key=lambda e: max(predicted(e, n) for n in BASELINES))
+        worst = max(BASELINES, key=lambda n: predicted(entry, n))
+        wrong_plan = entry['baselines'][worst]['plan']
+        injected = dict(entry, plan=wrong_plan, plan_name=Plan.from_json(wrong_plan).name)
         bad = PlanTable(table.program, table.label, table.inputs, [injected], {}, {})
+        link = (entry['bandwidth_mbps'], entry['rtt_ms'])
         self.emulator.set_link(grid_link(*link))
-        used = []
+        used, times = [], []
         with offload(model, server=self.endpoint, timeout_ms=self.args.timeout_ms,
                      plan_table=bad, link=link, switch_after=2, task='bench-hybrid') as runner:
             if not runner.warmup(self.frames[0], timeout_s=300):
@@ -216,11 +225,14 @@ class HybridBench:
             for i in range(self.args.correction_calls):
                 runner(self.frames[i % len(self.frames)])
                 used.append(runner.last.plan)
-        last = max((i for i, p in enumerate(used) if p == wrong_plan), default=-1)
-        return {'bandwidth_mbps': link[0], 'rtt_ms': link[1], 'wrong_plan': wrong_plan,
-                'wrong_ms': row[worst]['median_ms'],
-                'best': row['verdict']['best'], 'best_ms': row['verdict']['best_ms'],
-                'plans_used': used, 'calls_until_dropped': last + 1}
+                times.append(round(runner.last.total_ms, 2))
+        name = injected['plan_name']
+        last = max((i for i, p in enumerate(used) if p == name), default=-1)
+        tail = times[last + 1:]
+        return {'bandwidth_mbps': link[0], 'rtt_ms': link[1], 'wrong_plan': name,
+                'wrong_ms': _median([t for t, p in zip(times, used) if p == name]),
+                'after_ms': _median(tail), 'plans_used': used, 'total_ms': times,
+                'calls_until_dropped': last + 1}
 
     def step_trace(self, runner, table: PlanTable, references) -> dict:
         """Run through the step link twice: told the true rate, then with a live monitor."""
@@ -384,7 +396,7 @@ def render(meta: dict, models: list[dict]) -> str:
         header = (['RTT ms', 'Mbit/s'] + [f'{m} ms' for m in MODES]
                   + ['plan', 'best split plan', 'vs best baseline', 'predicted ms', 'error'])
         rows = []
-        for row in result['rows']:
+        for row in sorted(result['rows'], key=lambda r: (r['rtt_ms'], r['bandwidth_mbps'])):
             v = row['verdict']
             rows.append([f'{row["rtt_ms"]:g}', f'{row["bandwidth_mbps"]:g}']
                         + [f'{row[m]["median_ms"]:.1f}' for m in MODES]
@@ -405,10 +417,10 @@ def render(meta: dict, models: list[dict]) -> str:
         c = result.get('correction')
         if c:
             lines += [f'Run-time correction: at {c["bandwidth_mbps"]:g} Mbit/s, '
-                      f'{c["rtt_ms"]:g} ms a table naming `{c["wrong_plan"]}` '
-                      f'({c["wrong_ms"]:.1f} ms measured; best baseline {c["best"]} '
-                      f'{c["best_ms"]:.1f} ms) stopped using it after '
-                      f'{c["calls_until_dropped"]} inferences (target: 20).  Plans used: '
+                      f'{c["rtt_ms"]:g} ms a table naming `{c["wrong_plan"]}` (median '
+                      f'{_ms(c["wrong_ms"])} ms while used) stopped using it after '
+                      f'{c["calls_until_dropped"]} inferences (target: 20); median '
+                      f'{_ms(c["after_ms"])} ms after.  Plans used: '
                       + ', '.join(f'{k} x{n}' for k, n in
                                   collections.Counter(c['plans_used']).items()) + '.', '']
         if result.get('steps'):
@@ -429,6 +441,14 @@ def _steps_lines(steps: dict, how: str) -> list[str]:
             + [f'Failed inferences: {steps["failed"]}; local fallbacks: {steps["fallbacks"]}; '
                f'largest relative output error against local inference: '
                f'{steps["max_rel_error"]:.1e}.', ''])
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _ms(value: float | None) -> str:
+    return '-' if value is None else f'{value:.1f}'
 
 
 def _floats(text: str) -> list[float]:
