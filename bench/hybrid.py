@@ -518,9 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             with EmulatorProcess(('127.0.0.1', server.port), env=child_env()) as emulator:
                 # server and emulator run at full speed; only this (the robot) is capped
                 cap = CpuLimit(args.robot_cpu_share) if args.robot_cpu_share < 1 else None
-                with cap or contextlib.nullcontext():
-                    if cap is not None:
-                        meta['cap'] = f'cgroup quota {args.robot_cpu_share:g} of a core'
+                with _capped(cap, meta):
                     bench = HybridBench(args, emulator, f'tcp://127.0.0.1:{emulator.port}',
                                         lambda: _write(args, meta, results))
                     results = bench.results
@@ -528,9 +526,6 @@ def main(argv: list[str] | None = None) -> int:
                     for spec in specs:
                         bench.run_model(spec)
                         _write(args, meta, results)
-        except CpuLimitError as exc:
-            print(f'bench.hybrid: {exc}', file=sys.stderr)
-            return 2
         finally:
             server.stop()
     meta['load'] = max(meta['load'], os.getloadavg()[0])
@@ -541,6 +536,26 @@ def main(argv: list[str] | None = None) -> int:
         report.write_markdown(Path(args.docs), render(meta, results), BEGIN, END)
         print(f'wrote {args.out} and the hybrid section of {args.docs}')
     return 0
+
+
+@contextlib.contextmanager
+def _capped(cap: CpuLimit | None, meta: dict):
+    """Run the block under ``cap``; where it cannot be applied, uncapped and say so."""
+    if cap is None:
+        yield
+        return
+    try:
+        cap.__enter__()
+    except CpuLimitError as exc:
+        meta['cap'], meta['robot_cpu_share'] = f'cap refused: {exc}; robot uncapped', 1.0
+        log.warning('bench.hybrid: %s', meta['cap'])
+        yield
+        return
+    meta['cap'] = f'cgroup quota {cap.share:g} of a core'
+    try:
+        yield
+    finally:
+        cap.__exit__(None, None, None)
 
 
 def _write(args, meta: dict, results: list) -> None:
