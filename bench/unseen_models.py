@@ -3,7 +3,7 @@ Two networks outside the zoo, added to test the planner on what it was not tuned
 
 * :func:`unet`: a 4-level U-Net-style segmenter (two 3x3 conv-BN-ReLU per
   level, max pooling down, nearest upsampling up, skip connections by channel
-  concatenation, a 1x1 classifier per pixel);
+  concatenation, a 1x1 classifier per pixel; frame sides divisible by 16);
 * :func:`tiny_yolo`: a Tiny-YOLOv2-style detector head (3x3 conv-BN-leaky
   ReLU with 2x2 max pooling, widths 16..512, a stride-1 pooling, a 1x1
   prediction of 5 anchors x (5 + 20 classes) per cell).

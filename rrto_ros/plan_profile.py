@@ -18,6 +18,7 @@ Everything here runs on the robot (or on a machine capped like it):
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from typing import Sequence
@@ -194,7 +195,8 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
     Time every plan end to end through an OffloadedModel at the current link (median ms).
 
     ``table`` must be solved for ``model``; its grid is replaced by one point
-    per plan, chosen in turn, one call each per round (drift hits all alike).
+    per plan, chosen in turn, one call each per round in a shuffled order (drift
+    and what ran just before hit all alike).
     """
     entries = [{'bandwidth_mbps': float(2 ** i), 'rtt_ms': 0.0, 'plan': plan.to_json()}
                for i, plan in enumerate(plans)]
@@ -204,8 +206,11 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
                         plan_feedback=False, link=(1.0, 0.0)) as om:
         if not om.warmup(x, timeout_s=600):
             raise RuntimeError(f'server {endpoint} could not prepare the plans')
+        order = list(enumerate(plans))
+        shuffle = random.Random(0).shuffle   # a fresh order every round: no position bias
         for i in range(rounds + 1):
-            for index, plan in enumerate(plans):
+            shuffle(order)
+            for index, plan in order:
                 om.set_link(float(2 ** index), 0.0)
                 om(x)
                 if i and om.last.plan == plan.name and not om.last.fallback:

@@ -57,7 +57,8 @@ def test_verdict_compares_with_the_best_baseline_and_the_noise_floor():
     assert abs(v['noise'] - 10 / 150) < 1e-9 and v['within']
     same = _row(local=100.0, offload=150.0, offload_twin=150.0, best_split=90.0, hybrid=95.0,
                 plans={'hybrid': 'split@3'})
-    assert hybrid.verdict(same)['same_plan'] and hybrid.verdict(same)['within']
+    v = hybrid.verdict(same)
+    assert v['same_plan'] and v['within'] and abs(v['noise'] - 95 / 90 + 1) < 1e-9
 
 
 def test_step_summary_counts_inferences_until_the_tables_plan(tmp_path):
