@@ -190,9 +190,9 @@ def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor, digest: s
 
 
 def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: torch.Tensor,
-                       plans: Sequence[Plan], rounds: int) -> dict[str, float]:
+                       plans: Sequence[Plan], rounds: int) -> dict[str, list[float]]:
     """
-    Time every plan end to end through an OffloadedModel at the current link (median ms).
+    Time every plan end to end through an OffloadedModel at the current link (ms per call).
 
     ``table`` must be solved for ``model``; its grid is replaced by one point
     per plan, chosen in turn, one call each per round in a shuffled order (drift
@@ -215,4 +215,4 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
                 om(x)
                 if i and om.last.plan == plan.name and not om.last.fallback:
                     times[plan.name].append(om.last.total_ms)
-    return {name: statistics.median(ts) for name, ts in times.items() if ts}
+    return {name: ts for name, ts in times.items() if ts}

@@ -11,8 +11,9 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    plans across points (:func:`~rrto_ros.planner.consolidate`);
 3. with a server: time every candidate plan and every baseline end to end at
    the calibration link (the link while solving: fast, or the benchmark's
-   emulator set to unlimited), record the model's error on each, correct each
-   plan by it, and take the decision margin from those errors (their 75th
+   emulator set to unlimited), record the model's error on each, correct a
+   plan where its prediction lies outside the middle half of its
+   measurements, and take the decision margin from those errors (their 75th
    percentile, within ``MARGIN_BOUNDS``); without one, the robot side of the
    candidates is timed and the margin stays at its default;
 4. re-decide every grid point (:func:`~rrto_ros.planner.refine`).
@@ -108,9 +109,10 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
     measured: dict[str, float] = {}
     margin = DEFAULT_MARGIN
     if endpoint is not None:
-        measured = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
+        samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
         errors = {name: cost.calibrate(_plan(plans, name), UNLIMITED, ms)
-                  for name, ms in measured.items()}
+                  for name, ms in samples.items()}
+        measured = {name: statistics.median(ms) for name, ms in samples.items()}
         margin = margin_from(errors.values())
         robot_side: dict[str, float] = {}
     else:

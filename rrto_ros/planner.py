@@ -162,11 +162,19 @@ class CostModel:
         est.latency_ms = max(0.0, est.latency_ms + self.corrections.get(plan.name, 0.0))
         return est
 
-    def calibrate(self, plan: Plan, link: Link, measured_ms: float) -> float:
-        """Correct ``plan`` by its end-to-end measurement on ``link``; return the model error."""
+    def calibrate(self, plan: Plan, link: Link, measured_ms: list[float]) -> float:
+        """
+        Correct ``plan`` by its end-to-end measurements on ``link``; return the model error.
+
+        The error is relative to the median.  The prediction is moved to the median
+        only where it lies outside the middle half of the measurements: a gap the
+        measurements' own spread explains is noise, and correcting by it adds noise.
+        """
         predicted = self._estimate(plan, link).latency_ms
-        self.corrections[plan.name] = measured_ms - predicted
-        return (predicted - measured_ms) / measured_ms
+        low, median, high = np.percentile(measured_ms, [25, 50, 75])
+        if not low <= predicted <= high:
+            self.corrections[plan.name] = float(median) - predicted
+        return (predicted - float(median)) / float(median)
 
     def _estimate(self, plan: Plan, link: Link) -> Estimate:
         robot, server = self.profiles.robot_ms, self.profiles.server_ms

@@ -202,10 +202,15 @@ def test_calibration_corrects_a_plan_and_reports_its_error(prepared):
     cost = _cost(prepared[3])
     link = Link(1e6, 0.0)
     predicted = cost.estimate(Plan('offload'), link).latency_ms
-    error = cost.calibrate(Plan('offload'), link, predicted * 1.25)
+    error = cost.calibrate(Plan('offload'), link, [predicted * f for f in (1.2, 1.25, 1.3)])
     assert error == pytest.approx(1 / 1.25 - 1)
     assert cost.estimate(Plan('offload'), link).latency_ms == pytest.approx(predicted * 1.25)
     assert cost.estimate(Plan('offload'), Link(10, 5)).latency_ms > predicted * 1.25
+    # a gap within the spread of the measurements is noise: reported, not corrected
+    local = cost.estimate(Plan('local'), link).latency_ms
+    error = cost.calibrate(Plan('local'), link, [local * f for f in (0.6, 0.9, 1.2, 1.5)])
+    assert error == pytest.approx(1 / 1.05 - 1)
+    assert cost.estimate(Plan('local'), link).latency_ms == pytest.approx(local)
 
 
 class SlowLocal(TorchModule):
