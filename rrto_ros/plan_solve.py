@@ -8,7 +8,7 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    its wall/CPU ratio and compute/transfer contention
    (:mod:`rrto_ros.plan_profile`);
 2. search every grid point (:func:`~rrto_ros.planner.optimise`) and reuse
-   plans across points (:func:`~rrto_ros.planner.consolidate`);
+   plans across points (:func:`consolidate`);
 3. with a server: time every candidate plan and every baseline end to end at
    the calibration link (the link while solving: fast, or the benchmark's
    emulator set to unlimited), record the model's error on each, correct a
@@ -16,7 +16,7 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    measurements, and take the decision margin from those errors (their 75th
    percentile, within ``MARGIN_BOUNDS``); without one, the robot side of the
    candidates is timed and the margin stays at its default;
-4. re-decide every grid point (:func:`~rrto_ros.planner.refine`).
+4. re-decide every grid point (:func:`refine`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from rrto_ros import plan_profile as measure
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.local_model import TorchModule
 from rrto_ros.plan_table import PlanTable, program_key
-from rrto_ros.planner import (CostModel, Link, Power, Profiles, Solution, consolidate,
-                              optimise, refine)
+from rrto_ros.planner import CostModel, Link, Power, Profiles, Solution, optimise
 from rrto_ros.split import Plan, as_program
 from rrto_wire import treespec
 from rrto_wire.program import unpack_weights
@@ -160,3 +159,56 @@ def _distinct(plans: list[Plan]) -> list[Plan]:
 
 def _plan(plans: list[Plan], name: str) -> Plan:
     return next(p for p in plans if p.name == name)
+
+
+def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[str, float],
+           margin: float = 0.05) -> list[Solution]:
+    """
+    Re-decide every grid point with the robot side of candidate plans measured, not modelled.
+
+    ``measured_robot_ms`` maps plan names to the robot's measured time under the
+    plan (:meth:`rrto_ros.hybrid.PlanRuntime.robot_ms`).  A split or hybrid plan
+    stays only where, with that measurement, it still beats the best baseline by
+    ``margin``; elsewhere the best baseline is used.
+    """
+    model.measured_robot_ms.update(measured_robot_ms)
+    plans = {s.plan.name: s.plan for s in solutions if s.plan.kind in ('split', 'hybrid')}
+    refined = []
+    for s in solutions:
+        baselines = model.baselines(s.link)
+        best_plan, best = min(baselines.values(), key=lambda pe: (pe[1].latency_ms, pe[0].name))
+        threshold = (1 - margin) * best.latency_ms
+        for plan in plans.values():
+            estimate = model.estimate(plan, s.link)
+            if estimate.latency_ms <= min(threshold, best.latency_ms):
+                best_plan, best = plan, estimate
+        refined.append(Solution(s.link, best_plan, best, baselines, s.solve_s, s.evaluations))
+    return refined
+
+
+def consolidate(model: CostModel, solutions: list[Solution], tolerance: float = 0.02
+                ) -> list[Solution]:
+    """
+    Reuse plans across grid points: fewer distinct plans to upload and record.
+
+    At every point, the plan used is the one (among all plans chosen anywhere in
+    the table, most popular first) predicted within ``tolerance`` of that
+    point's optimum; the optimum itself if none is.
+    """
+    counts: dict[str, int] = {}
+    plans: dict[str, Plan] = {}
+    for s in solutions:
+        counts[s.plan.name] = counts.get(s.plan.name, 0) + 1
+        plans[s.plan.name] = s.plan
+    ranked = sorted(plans.values(), key=lambda p: -counts[p.name])
+    result = []
+    for s in solutions:
+        best = s.estimate.latency_ms
+        for plan in ranked:
+            est = model.estimate(plan, s.link)
+            if est.latency_ms <= best * (1 + tolerance):
+                result.append(Solution(s.link, plan, est, s.baselines, s.solve_s, s.evaluations))
+                break
+        else:
+            result.append(s)
+    return result

@@ -255,7 +255,7 @@ def test_without_feedback_the_table_is_followed(prepared, server, offloaded):
 
 
 def test_refine_keeps_a_plan_only_if_its_measured_robot_side_still_wins(prepared):
-    from rrto_ros.planner import refine
+    from rrto_ros.plan_solve import refine
     cost = _cost(prepared[3], robot_ms=1.0, server_ms=1.0)
     link = Link(1e6, 0.0)   # equal speeds, free link: splitting the rows pays
     solution = optimise(cost, link)
