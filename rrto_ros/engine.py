@@ -12,7 +12,9 @@ input and output tensors.
 With a plan table (:mod:`rrto_ros.plan_table`) each call runs under the plan
 chosen for the current link estimate (:meth:`OffloadedModel.set_link`):
 local, full offload, a layer split, or a hybrid row split in which robot and
-server compute at the same time.  Plans change only between calls.
+server compute at the same time.  Plans change only between calls, and a
+plan that measures worse than a baseline is replaced
+(:mod:`rrto_ros.plan_feedback`; ``plan_feedback=False`` turns that off).
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ from rrto_ros.graph import GraphAnalysis
 from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import Artifact, LocalModel, load_local_model
 from rrto_ros.naive import run_naive
-from rrto_ros.plan_table import PlanSelector, PlanTable
+from rrto_ros.plan_feedback import PlanFeedback
+from rrto_ros.plan_table import bind_table, PlanSelector, PlanTable, program_key
 from rrto_ros.split import Plan, as_program
 from rrto_wire import codecs, treespec
 from rrto_wire.program import unpack_weights
@@ -116,7 +119,7 @@ class OffloadedModel:
                  task: str = '', late: str | None = None, connect_timeout_ms: float = 1000.0,
                  upload_timeout_ms: float = 60000.0, record_timeout_ms: float = 120000.0,
                  plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
-                 link: tuple[float, float] | None = None):
+                 link: tuple[float, float] | None = None, plan_feedback: bool = True):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if timeout_ms <= 0:
@@ -138,7 +141,8 @@ class OffloadedModel:
         self.upload_timeout_ms = upload_timeout_ms
         self.record_timeout_ms = record_timeout_ms
         self.switch_after = switch_after
-        self.table = _load_table(plan_table)
+        self.plan_feedback = plan_feedback
+        self.table = bind_table(_load_table(plan_table), self.local)
         self.link = None
         if link is not None:
             self.set_link(*link)
@@ -155,6 +159,7 @@ class OffloadedModel:
                                           daemon=True)
         self._preparer.start()
         self._call_lock = threading.Lock()
+        self._selector: PlanSelector | None = None   # the selector that chose this call's plan
         self.counters = {'calls': 0, 'offloaded': 0, 'local': 0, 'fallbacks': 0, 'uploads': 0,
                          'records': 0, 'prepare_errors': 0, 'plan_switches': 0}
         self.last: CallRecord | None = None
@@ -163,7 +168,10 @@ class OffloadedModel:
     # ------------------------------------------------------------------ public API
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:
+            self._selector = None
             outputs, record = self._call(args, kwargs)
+            if self._selector is not None:
+                self._selector.observe(record.plan, record.total_ms)
         deadline_ms = self.keys['deadline_ms']
         if deadline_ms is not None and record.total_ms > deadline_ms:
             record.deadline_missed = True
@@ -218,8 +226,13 @@ class OffloadedModel:
             self._chooser.set_bandwidth(self.link[0])
 
     def set_plan_table(self, table: str | Path | PlanTable | None) -> None:
-        """Use another plan table (or none: plain offload); prepared in the background."""
-        loaded = _load_table(table)
+        """
+        Use another plan table (or none: plain offload); prepared in the background.
+
+        Raises :class:`~rrto_ros.plan_table.PlanTableMismatch` if the table was
+        solved for another program or input signature.
+        """
+        loaded = bind_table(_load_table(table), self.local)
         with self._targets_lock:
             self.table = loaded
             for target in self._targets.values():
@@ -306,6 +319,7 @@ class OffloadedModel:
         if target.selector is None or self.link is None or self.mode == 'naive':
             return OFFLOAD
         before = target.selector.switches
+        self._selector = target.selector
         plan = target.selector.choose(*self.link)
         self.counters['plan_switches'] += target.selector.switches - before
         if plan.kind in ('split', 'hybrid') and plan.name not in target.plans:
@@ -383,11 +397,9 @@ class OffloadedModel:
 
     def _prepare_plans(self, target: _Target, table: PlanTable) -> None:
         artifact = target.artifact
-        key = signature_key(artifact.signature)
-        if table.model != artifact.model:
-            log.error('plan table for %s (%s) was solved for another model or signature '
-                      '(table %s, model %s): ignoring it, offloading whole inferences',
-                      self.local.label, key, table.model[:12], artifact.model[:12])
+        if program_key(artifact) != table.program:   # another input signature than the table's
+            log.info('plan table of %s is for %s, not %s: whole inferences offload',
+                     self.local.label, table.signature, signature_key(artifact.signature))
             return
         program = as_program(artifact.program)
         weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights']
@@ -410,7 +422,8 @@ class OffloadedModel:
             except (RemoteError, ValueError) as exc:
                 log.error('plan %s of %s cannot run: %s; it will be replaced by full offload',
                           plan.name, self.local.label, exc)
-        target.selector = PlanSelector(table, self.switch_after)
+        target.selector = PlanSelector(table, self.switch_after,
+                                       PlanFeedback() if self.plan_feedback else None)
 
 
 class _Remote:
@@ -504,8 +517,8 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     ``python:module:factory``.  ``options`` are those of :class:`OffloadedModel`
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
     ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ``plan_table``,
-    ``switch_after``, ``link``, ...).  ``deadline_ms`` is the call's budget: the
-    server drops a request it cannot start in time (``late='drop'``, answered at
+    ``switch_after``, ``link``, ``plan_feedback``, ...).  ``deadline_ms`` is the call's
+    budget: the server drops a request it cannot start in time (``late='drop'``, answered at
     once, then computed locally) or runs it late (``late='run'``); either way
     ``last.deadline_missed`` says so.
     """

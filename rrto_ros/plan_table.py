@@ -1,40 +1,73 @@
 """
 Plan tables: the best plan per (bandwidth, RTT) grid point, precomputed and saved as JSON.
 
-A table is solved once per model and input signature (``rrto-plan``) and
-loaded by the offload node.  At run time :class:`PlanSelector` looks up the
-plan for the current link estimate and switches only after the table has
-asked for the same new plan on ``switch_after`` consecutive inferences, so a
-noisy estimate does not flap between plans; a switch always happens between
-two inferences.
+A table is solved once per exported program and input signature
+(``rrto-plan``) and is valid only for them: :func:`bind_table` exports the
+model for the table's input signature and raises :class:`PlanTableMismatch`
+when the program differs (a wrapper, another network, other weights, another
+frame size).  The program is compared without its label, so wrapping the
+same network under another name keeps its table.
+
+At run time :class:`PlanSelector` looks up the plan for the current link
+estimate, lets :class:`~rrto_ros.plan_feedback.PlanFeedback` replace a plan
+that measures worse than a baseline, and switches only after the same new
+plan was asked for on ``switch_after`` consecutive inferences, so a noisy
+estimate does not flap between plans; a switch always happens between two
+inferences.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+import torch
+
+from rrto_ros.plan_feedback import PlanFeedback
 from rrto_ros.split import Plan
+from rrto_wire import treespec
+from rrto_wire.program import sha256
+from rrto_wire.dtypes import torch_dtype
+from rrto_wire.tensors import signature_key, TensorSpec
 
 TABLE_FORMAT = 'rrto-plan-table'
-TABLE_VERSION = 1
+TABLE_VERSION = 2
+
+
+class PlanTableMismatch(ValueError):
+    """A plan table was solved for another program or input signature than the model's."""
+
+
+def program_key(artifact: Any) -> str:
+    """Return the digest of an artifact's program without its label (the model file's digest)."""
+    if artifact.program is None:
+        return artifact.model
+    doc = {k: v for k, v in artifact.program.items() if k != 'label'}
+    return sha256(json.dumps(doc, sort_keys=True, separators=(',', ':')).encode())
 
 
 @dataclass
 class PlanTable:
-    """A solved grid of plans for one model program (identified by its digest)."""
+    """A solved grid of plans for one program (label-free digest) and input signature."""
 
-    model: str
+    program: str
     label: str
-    signature: str
+    inputs: list[dict]
     entries: list[dict]
     profiles: dict
     power: dict
     solve_s: float = 0.0
     created: str = ''
     machine: str = ''
+    margin: float = 0.05
+    calibration: dict = field(default_factory=dict)
+
+    @property
+    def signature(self) -> str:
+        return signature_key([TensorSpec.from_json(spec) for spec in self.inputs])
 
     def lookup(self, bandwidth_mbps: float, rtt_ms: float) -> tuple[Plan, dict]:
         """Return the plan of the grid point nearest to the link (log bandwidth, then RTT)."""
@@ -53,17 +86,26 @@ class PlanTable:
         return Plan.from_json(entry['plan']), entry
 
     def plans(self) -> list[Plan]:
-        """Return the distinct plans the table can choose."""
+        """Return the distinct plans the table can choose, its baselines included."""
         seen: dict[str, Plan] = {}
         for entry in self.entries:
             plan = Plan.from_json(entry['plan'])
             seen.setdefault(plan.name, plan)
+            for plan, _ in baselines(entry):
+                seen.setdefault(plan.name, plan)
         return list(seen.values())
 
+    def example(self) -> tuple[list[torch.Tensor], Any]:
+        """Return zero inputs of the table's signature, flat, with their treespec."""
+        tensors = tuple(torch.zeros(spec['shape'], dtype=torch_dtype(spec['dtype']))
+                        for spec in self.inputs)
+        return treespec.flatten((tensors, {}))
+
     def to_json(self) -> dict:
-        return {'format': TABLE_FORMAT, 'version': TABLE_VERSION, 'model': self.model,
-                'label': self.label, 'signature': self.signature, 'created': self.created,
-                'machine': self.machine, 'solve_s': self.solve_s, 'power': self.power,
+        return {'format': TABLE_FORMAT, 'version': TABLE_VERSION, 'program': self.program,
+                'label': self.label, 'inputs': self.inputs, 'signature': self.signature,
+                'created': self.created, 'machine': self.machine, 'solve_s': self.solve_s,
+                'margin': self.margin, 'calibration': self.calibration, 'power': self.power,
                 'profiles': self.profiles, 'grid': self.entries}
 
     def save(self, path: str | Path) -> None:
@@ -80,35 +122,80 @@ class PlanTable:
         if not isinstance(doc, dict) or doc.get('format') != TABLE_FORMAT:
             raise ValueError(f'{path} is not an {TABLE_FORMAT} file')
         if doc.get('version') != TABLE_VERSION:
-            raise ValueError(f'{path}: plan table version {doc.get("version")!r} not supported')
+            raise ValueError(f'{path}: plan table version {doc.get("version")!r} not supported '
+                             f'(this is version {TABLE_VERSION}: solve it again with rrto-plan)')
         try:
-            table = cls(doc['model'], doc.get('label', ''), doc['signature'], list(doc['grid']),
-                        doc.get('profiles', {}), doc.get('power', {}), doc.get('solve_s', 0.0),
-                        doc.get('created', ''), doc.get('machine', ''))
-            table.plans()  # parses (and so validates) every plan
-        except (KeyError, TypeError, ValueError) as exc:
+            table = cls(doc['program'], doc.get('label', ''), list(doc['inputs']),
+                        list(doc['grid']), doc.get('profiles', {}), doc.get('power', {}),
+                        doc.get('solve_s', 0.0), doc.get('created', ''), doc.get('machine', ''),
+                        float(doc.get('margin', 0.05)), doc.get('calibration', {}))
+            table.signature  # parses (and so validates) the input specs
+            table.plans()    # and every plan
+        except Exception as exc:  # noqa: B902 - any parse failure is a malformed table
             raise ValueError(f'{path}: malformed plan table ({exc})') from None
         if not table.entries:
             raise ValueError(f'{path}: plan table has no grid entries')
         return table
 
 
+def baselines(entry: dict) -> list[tuple[Plan, float | None]]:
+    """Return a grid entry's baseline plans with their predicted ms (local and offload if none)."""
+    given = entry.get('baselines')
+    if not given:
+        return [(Plan('local'), None), (Plan('offload'), None)]
+    found: dict[str, tuple[Plan, float | None]] = {}
+    for item in given.values():
+        plan = Plan.from_json(item['plan'])
+        found.setdefault(plan.name, (plan, item.get('predicted', {}).get('latency_ms')))
+    return list(found.values())
+
+
+def bind_table(table: PlanTable | None, model: Any) -> PlanTable | None:
+    """
+    Check that ``table`` was solved for ``model`` (a LocalModel); return it, or raise.
+
+    The model is exported for the table's input signature and its program,
+    without the label, must be the one the table was solved for.
+    """
+    if table is None:
+        return None
+    flat, spec = table.example()
+    artifact = model.artifact(flat, spec)
+    key = program_key(artifact)
+    if key != table.program:
+        raise PlanTableMismatch(
+            f'plan table {table.label!r} ({table.signature}) was solved for program '
+            f'{table.program[:12]}, but {model.label!r} exports program {key[:12]} for that '
+            'input: solve a table for this model (rrto-plan) or pass plan_table=None')
+    return table
+
+
 class PlanSelector:
     """Choose a table's plan for each inference, switching only after agreement."""
 
-    def __init__(self, table: PlanTable, switch_after: int = 2):
+    def __init__(self, table: PlanTable, switch_after: int = 2,
+                 feedback: PlanFeedback | None = None):
         if switch_after < 1:
             raise ValueError('switch_after must be at least 1')
         self.table = table
         self.switch_after = switch_after
+        self.feedback = feedback
         self.current: Plan | None = None
         self._candidate: Plan | None = None
         self._votes = 0
+        self._bin: tuple[float, float] | None = None
         self.switches = 0
 
     def choose(self, bandwidth_mbps: float, rtt_ms: float) -> Plan:
         """Return the plan for the next inference given the current link estimate."""
-        wanted, _ = self.table.lookup(bandwidth_mbps, rtt_ms)
+        wanted, entry = self.table.lookup(bandwidth_mbps, rtt_ms)
+        self._bin = (entry['rtt_ms'], entry['bandwidth_mbps'])
+        if self.feedback is not None:
+            predicted = entry.get('predicted', {}).get('latency_ms')
+            wanted, explore = self.feedback.choose(self._bin, wanted, predicted,
+                                                   baselines(entry))
+            if explore:   # one call under a baseline: no switch, no vote
+                return wanted
         if self.current is None:
             self.current = wanted
             return wanted
@@ -123,3 +210,8 @@ class PlanSelector:
             self.current, self._candidate, self._votes = wanted, None, 0
             self.switches += 1
         return self.current
+
+    def observe(self, plan: str, total_ms: float) -> None:
+        """Record the measured latency of the call just made under ``plan`` (its name)."""
+        if self.feedback is not None and self._bin is not None:
+            self.feedback.observe(self._bin, plan, total_ms)

@@ -1,15 +1,24 @@
 """
-Bandwidth-aware plans: a cost model with compute/transfer overlap, and differential evolution.
+Bandwidth-aware plans: a cost model for a contended robot CPU, and differential evolution.
 
 :class:`CostModel` predicts the latency (and the robot's energy) of any
 :class:`~rrto_ros.split.Plan` on a :class:`Link` from measured per-operator
 profiles of both sides: a band of rows costs its share of each operator's
-time, transfers cost RTT plus bytes over bandwidth, and in a hybrid plan the
-robot's band overlaps the server's round trip.  :func:`optimise` searches
-cut points and split ratios with ``scipy.optimize.differential_evolution``,
-seeded with local-only, full offload and every single layer split
-(Neurosurgeon), and returns the best of the search and those baselines, so
-it can never return a plan worse than them under its own model.
+time, transfers cost RTT plus bytes over bandwidth.  Sending and receiving
+also cost the robot's CPU (serialisation, copies, the socket's I/O thread:
+``Profiles.up_ms_per_mb``/``down_ms_per_mb``, measured on the robot), and on
+a weak robot that CPU is the one computing: in a hybrid plan the robot's
+band overlaps the server's round trip, but is slowed by ``contention`` times
+the transfer's CPU cost (1: one core shared, 0: the transfer runs on a core
+of its own; measured, see :mod:`rrto_ros.plan_profile`).  Plans measured end
+to end get a per-plan correction (:meth:`CostModel.calibrate`).
+
+:func:`optimise` searches cut points and split ratios (in steps of
+``RATIO_STEP``) with ``scipy.optimize.differential_evolution`` (seeded, ties
+broken by plan name, so the same profiles give the same plan), seeded with
+local-only, full offload and every single layer split (Neurosurgeon), and
+returns the best of the search and those baselines, so it can never return a
+plan worse than them under its own model.
 """
 
 from __future__ import annotations
@@ -62,16 +71,22 @@ class Estimate:
     bytes_down: float
 
 
+RATIO_STEP = 0.05
+
+
 @dataclass
 class Profiles:
-    """Measured per-operator milliseconds on each side, and the fixed cost of one round trip."""
+    """Measured per-operator milliseconds on each side, and the robot's cost of a round trip."""
 
     robot_ms: dict[str, float]
     server_ms: dict[str, float]
-    call_overhead_ms: float = 0.5
+    call_overhead_ms: float = 0.5   # one round trip beyond server compute and byte costs
     robot_op_ms: float = 0.0        # fixed cost of one operator on the robot (Python dispatch)
     robot_threads: int = 0
     server_device: str = ''
+    up_ms_per_mb: float = 0.0       # robot wall ms per MB sent (serialise, copy, socket)
+    down_ms_per_mb: float = 0.0     # robot wall ms per MB received
+    contention: float = 1.0         # share of the transfer's robot CPU that slows its compute
 
 
 class CostModel:
@@ -90,8 +105,8 @@ class CostModel:
         self.in_bytes = sum(self.nbytes[name] for name, _ in program.inputs)
         self.cuts = analysis.cut_candidates()
         self.measured_robot_ms: dict[str, float] = {}   # plan name -> robot side, measured
+        self.corrections: dict[str, float] = {}         # plan name -> measured - predicted ms
         self._bands: dict[tuple, tuple[float, float]] = {}
-        self._prefix: dict[int, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ compute pieces
     def _time(self, side: dict[str, float], nodes) -> float:
@@ -130,26 +145,56 @@ class CostModel:
                    for v, (a, b) in targets.items())
 
     # ------------------------------------------------------------------ estimates
+    def io_ms(self, up: float, down: float) -> tuple[float, float]:
+        """Return the robot's wall ms to send ``up`` and receive ``down`` bytes."""
+        p = self.profiles
+        return up * 1e-6 * p.up_ms_per_mb, down * 1e-6 * p.down_ms_per_mb
+
+    def _remote(self, link: Link, up: float, down: float, server_ms: float) -> float:
+        """Return ms from sending ``up`` bytes to holding ``down`` bytes of reply (robot idle)."""
+        send, recv = self.io_ms(up, down)
+        return (link.rtt_ms + self.profiles.call_overhead_ms + send + recv + server_ms
+                + link.transfer_ms(up, link.up) + link.transfer_ms(down, link.bandwidth_mbps))
+
     def estimate(self, plan: Plan, link: Link) -> Estimate:
+        """Predict ``plan`` on ``link`` (with its measured correction, if any)."""
+        est = self._estimate(plan, link)
+        est.latency_ms = max(0.0, est.latency_ms + self.corrections.get(plan.name, 0.0))
+        return est
+
+    def calibrate(self, plan: Plan, link: Link, measured_ms: list[float]) -> float:
+        """
+        Correct ``plan`` by its end-to-end measurements on ``link``; return the model error.
+
+        The error is relative to the median.  The prediction is moved to the median
+        only where it lies outside the middle half of the measurements: a gap the
+        measurements' own spread explains is noise, and correcting by it adds noise.
+        """
+        predicted = self._estimate(plan, link).latency_ms
+        low, median, high = np.percentile(measured_ms, [25, 50, 75])
+        if not low <= predicted <= high:
+            self.corrections[plan.name] = float(median) - predicted
+        return (predicted - float(median)) / float(median)
+
+    def _estimate(self, plan: Plan, link: Link) -> Estimate:
         robot, server = self.profiles.robot_ms, self.profiles.server_ms
-        rtt, over = link.rtt_ms, self.profiles.call_overhead_ms
         if plan.kind == 'local':
             r = self._time(robot, self.nodes)
             return self._finish(r, r, 0.0, 0.0, 0.0)
         if plan.kind == 'offload':
             s = self._time(server, self.nodes)
-            t = (rtt + link.transfer_ms(self.in_bytes, link.up) + s + over
-                 + link.transfer_ms(self.out_bytes, link.bandwidth_mbps))
-            return self._finish(t, 0.0, s, self.in_bytes, self.out_bytes)
+            t = self._remote(link, self.in_bytes, self.out_bytes, s)
+            return self._finish(t, sum(self.io_ms(self.in_bytes, self.out_bytes)), s,
+                                self.in_bytes, self.out_bytes)
         crossing = self.analysis.crossing(plan.cut)
         suffix = self.nodes[plan.cut:]
         if plan.kind == 'split':
             r = self.measured_robot_ms.get(plan.name, self._time(robot, self.nodes[:plan.cut]))
             s = self._time(server, suffix)
             up = self._crossing_bytes({v: (0, self.analysis.height(v)) for v in crossing})
-            t = (r + rtt + link.transfer_ms(up, link.up) + s + over
-                 + link.transfer_ms(self.out_bytes, link.bandwidth_mbps))
-            return self._finish(t, r, s, up, self.out_bytes)
+            t = r + self._remote(link, up, self.out_bytes, s)
+            return self._finish(t, r + sum(self.io_ms(up, self.out_bytes)), s, up,
+                                self.out_bytes)
         robot_t, server_t = hybrid_targets(self.analysis, plan.cut, plan.ratio)
         fixed = self.profiles.robot_op_ms
         r_band, _ = self._band(plan.cut, robot_t, robot, fixed)
@@ -157,16 +202,17 @@ class CostModel:
         down = self._crossing_bytes(server_t)
         # the rest runs as a graph module on the robot, after one merge per crossing value
         r_suffix = self._time(robot, suffix) + fixed * (len(suffix) + len(crossing))
-        remote = 0.0
-        if up or down or s_band:
-            remote = (rtt + link.transfer_ms(up, link.up) + s_band + over
-                      + link.transfer_ms(down, link.bandwidth_mbps))
         measured = self.measured_robot_ms.get(plan.name)
         if measured is not None:   # the robot's band and rest, timed on the robot: keep the split
             share = r_band / max(1e-9, r_band + r_suffix)
             r_band, r_suffix = measured * share, measured * (1 - share)
-        t = max(r_band, remote) + r_suffix
-        return self._finish(t, r_band + r_suffix, s_band, up, down)
+        if not (up or down or s_band):
+            return self._finish(r_band + r_suffix, r_band + r_suffix, 0.0, 0.0, 0.0)
+        # the robot's CPU sends the server's rows and takes its reply while computing its band
+        send, recv = self.io_ms(up, down)
+        busy = r_band + self.profiles.contention * (send + recv)
+        t = max(busy, self._remote(link, up, down, s_band)) + r_suffix
+        return self._finish(t, r_band + r_suffix + send + recv, s_band, up, down)
 
     def _finish(self, latency: float, robot_ms: float, server_ms: float, up: float,
                 down: float) -> Estimate:
@@ -181,7 +227,7 @@ class CostModel:
         local, offload = Plan('local'), Plan('offload')
         splits = [Plan('split', c) for c in self.cuts]
         best_split = min(splits + [local, offload],
-                         key=lambda p: self.estimate(p, link).latency_ms)
+                         key=lambda p: (self.estimate(p, link).latency_ms, p.name))
         return {name: (plan, self.estimate(plan, link))
                 for name, plan in (('local', local), ('offload', offload),
                                    ('best_split', best_split))}
@@ -218,7 +264,7 @@ def _decode(model: CostModel, x: np.ndarray) -> Plan:
     cut = model.cuts[min(len(model.cuts) - 1, int(x[0]))]
     if x[2] >= 0.5:
         return Plan('split', cut)
-    ratio = round(float(x[1]), 2)
+    ratio = round(round(float(x[1]) / RATIO_STEP) * RATIO_STEP, 4)
     robot, _ = hybrid_targets(model.analysis, cut, ratio)
     if all(b == model.analysis.height(v) for v, (_, b) in robot.items()):
         return Plan('local')  # the robot computes every row: that is local execution
@@ -226,13 +272,13 @@ def _decode(model: CostModel, x: np.ndarray) -> Plan:
 
 
 def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: int = 40,
-             popsize: int = 12, seed: int = 0, min_gain: float = 0.05) -> Solution:
+             popsize: int = 12, seed: int = 0, margin: float = 0.05) -> Solution:
     """
     Search split points and ratios by differential evolution; never worse than baselines.
 
-    A hybrid plan is chosen only if predicted ``min_gain`` (relative) better than
-    the best baseline: it runs more pieces (bands, merge) than the model prices,
-    so a marginal predicted gain is not worth the risk.
+    A searched plan is chosen only if predicted ``margin`` (relative) better than
+    the best baseline; the margin is the model's measured prediction error
+    (:func:`rrto_ros.plan_solve.solve`), so a gain within it is not trusted.
     """
     from scipy.optimize import differential_evolution
 
@@ -267,61 +313,8 @@ def optimise(model: CostModel, link: Link, objective: str = 'latency', maxiter: 
         result = differential_evolution(f, [(0, n - 1e-9), (0, 1), (0, 1)], init=init,
                                         maxiter=maxiter, seed=seed, tol=1e-7, polish=False)
         found = _decode(model, result.x)
-        if cost(found) <= (1 - min_gain) * min(cost(p) for p in candidates):
+        if cost(found) <= (1 - margin) * min(cost(p) for p in candidates):
             candidates.append(found)
-    plan = min(candidates, key=cost)
+    plan = min(candidates, key=lambda p: (cost(p), p.name))
     return Solution(link, plan, model.estimate(plan, link), baselines,
                     time.perf_counter() - started, evaluations)
-
-
-def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[str, float],
-           min_gain: float = 0.05) -> list[Solution]:
-    """
-    Re-decide every grid point with the robot side of candidate plans measured, not modelled.
-
-    ``measured_robot_ms`` maps plan names to the robot's measured time under the
-    plan (:meth:`rrto_ros.hybrid.PlanRuntime.robot_ms`).  A split or hybrid plan
-    stays only where, with that measurement, it still beats the best baseline by
-    ``min_gain``; elsewhere the best baseline is used.
-    """
-    model.measured_robot_ms.update(measured_robot_ms)
-    plans = {s.plan.name: s.plan for s in solutions if s.plan.kind in ('split', 'hybrid')}
-    refined = []
-    for s in solutions:
-        baselines = model.baselines(s.link)
-        best_plan, best = min(baselines.values(), key=lambda pe: pe[1].latency_ms)
-        threshold = (1 - min_gain) * best.latency_ms
-        for plan in plans.values():
-            estimate = model.estimate(plan, s.link)
-            if estimate.latency_ms <= min(threshold, best.latency_ms):
-                best_plan, best = plan, estimate
-        refined.append(Solution(s.link, best_plan, best, baselines, s.solve_s, s.evaluations))
-    return refined
-
-
-def consolidate(model: CostModel, solutions: list[Solution], tolerance: float = 0.02
-                ) -> list[Solution]:
-    """
-    Reuse plans across grid points: fewer distinct plans to upload and record.
-
-    At every point, the plan used is the one (among all plans chosen anywhere in
-    the table, most popular first) predicted within ``tolerance`` of that
-    point's optimum; the optimum itself if none is.
-    """
-    counts: dict[str, int] = {}
-    plans: dict[str, Plan] = {}
-    for s in solutions:
-        counts[s.plan.name] = counts.get(s.plan.name, 0) + 1
-        plans[s.plan.name] = s.plan
-    ranked = sorted(plans.values(), key=lambda p: -counts[p.name])
-    result = []
-    for s in solutions:
-        best = s.estimate.latency_ms
-        for plan in ranked:
-            est = model.estimate(plan, s.link)
-            if est.latency_ms <= best * (1 + tolerance):
-                result.append(Solution(s.link, plan, est, s.baselines, s.solve_s, s.evaluations))
-                break
-        else:
-            result.append(s)
-    return result

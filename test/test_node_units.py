@@ -24,6 +24,7 @@ from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_n
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import ParameterError, check_endpoint
 from rrto_ros.outputs import dimensions, output_names
+from rrto_ros.plan_table import program_key
 from rrto_wire import treespec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,11 +140,18 @@ def test_plan_table_changes_at_run_time_and_bad_tables_are_refused(make_node, tm
     from rrto_ros.plan_table import PlanTable
     node = make_node(offload_node.OffloadNode, model=KEYPOINT)
     assert node.engine.table is None
-    table = tmp_path / 'plans.json'
-    PlanTable('0' * 64, 'kp', 'sig', [{'bandwidth_mbps': 5.0, 'rtt_ms': 5.0,
-                                       'plan': {'kind': 'local'}}], {}, {}).save(table)
+    table, other = tmp_path / 'plans.json', tmp_path / 'other.json'
+    flat, spec = treespec.flatten(((torch.zeros(1, 32, 32, 3, dtype=torch.uint8),), {}))
+    artifact = node.engine.local.artifact(flat, spec)
+    inputs = [s.to_json() for s in artifact.signature]
+    entries = [{'bandwidth_mbps': 5.0, 'rtt_ms': 5.0, 'plan': {'kind': 'local'}}]
+    PlanTable(program_key(artifact), 'kp', inputs, entries, {}, {}).save(table)
     assert node.set_parameters([Parameter('plan_table', value=str(table))])[0].successful
     assert node.engine.table is not None and node.engine.table.label == 'kp'
+    PlanTable('0' * 64, 'kp', inputs, entries, {}, {}).save(other)   # another program
+    bad = node.set_parameters([Parameter('plan_table', value=str(other))])[0]
+    assert not bad.successful and 'plan_table' in bad.reason and 'solved for' in bad.reason
+    assert node.engine.table.program == program_key(artifact)
     bad = node.set_parameters([Parameter('plan_table', value=str(tmp_path / 'missing.json'))])[0]
     assert not bad.successful and 'plan_table' in bad.reason and 'missing.json' in bad.reason
     assert node.engine.table is not None
@@ -299,5 +307,5 @@ def test_the_shipped_plan_table_matches_the_model_the_node_builds(make_node):
     frame = torch.zeros(1, 224, 224, 3, dtype=torch.uint8)
     flat, spec = treespec.flatten(((frame,), {}))
     # the table names the exact program the node uploads, so the engine will use its plans
-    assert node.engine.local.artifact(flat, spec).model == node.engine.table.model
+    assert program_key(node.engine.local.artifact(flat, spec)) == node.engine.table.program
     assert {p.kind for p in node.engine.table.plans()} >= {'local', 'hybrid'}

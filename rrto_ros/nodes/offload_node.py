@@ -35,7 +35,7 @@ from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
 from rrto_ros.outputs import output_names
-from rrto_ros.plan_table import PlanTable
+from rrto_ros.plan_table import PlanTable, PlanTableMismatch
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
 from rrto_wire import treespec
 
@@ -119,13 +119,17 @@ class OffloadNode(Node):
             raise fail('resize_height' if resize[0] == 0 else 'resize_width',
                        'set both resize_height and resize_width, or neither')
         self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
-        self.engine = offload(self._model(), server=p['server'], timeout_ms=p['timeout_ms'],
-                              mode=p['mode'], precision=p['precision'], priority=p['priority'],
-                              deadline_ms=p['deadline_ms'] or None, task=p['task'],
-                              late=None if p['late'] == 'server' else p['late'],
-                              connect_timeout_ms=p['connect_timeout_ms'],
-                              plan_table=resolve_table(p['plan_table']) or None,
-                              switch_after=p['switch_after'])
+        try:
+            self.engine = offload(
+                self._model(), server=p['server'], timeout_ms=p['timeout_ms'], mode=p['mode'],
+                precision=p['precision'], priority=p['priority'],
+                deadline_ms=p['deadline_ms'] or None, task=p['task'],
+                late=None if p['late'] == 'server' else p['late'],
+                connect_timeout_ms=p['connect_timeout_ms'],
+                plan_table=resolve_table(p['plan_table']) or None,
+                switch_after=p['switch_after'])
+        except PlanTableMismatch as exc:
+            raise fail('plan_table', str(exc)) from None
         self.task = self.engine.keys['task']
         self.slot = LatestSlot()
         self.link = {'uplink_mbps': math.nan, 'rtt_ms': math.nan}

@@ -105,9 +105,13 @@ class Parameters:
         if self._started:
             for param in parameters:
                 if param.name in self._params:
+                    try:   # the node may refuse a value only it can check (a plan table's model)
+                        if self._on_change is not None:
+                            self._on_change(param.name, param.value)
+                    except ValueError as exc:
+                        return SetParametersResult(successful=False,
+                                                   reason=f"parameter '{param.name}': {exc}")
                     self.values[param.name] = param.value
-                    if self._on_change is not None:
-                        self._on_change(param.name, param.value)
         return SetParametersResult(successful=True)
 
 

@@ -1,0 +1,214 @@
+"""
+Solve a plan table: profile, calibrate on measurements, search, decide with a measured margin.
+
+:func:`solve` is the whole pipeline ``rrto-plan`` and ``bench.hybrid`` share:
+
+1. export the model for the example input; profile every operator on the
+   robot and (given a server) on the server; measure the robot's byte costs,
+   its wall/CPU ratio and compute/transfer contention
+   (:mod:`rrto_ros.plan_profile`);
+2. search every grid point (:func:`~rrto_ros.planner.optimise`) and reuse
+   plans across points (:func:`consolidate`);
+3. with a server: time every candidate plan and every baseline end to end at
+   the calibration link (the link while solving: fast, or the benchmark's
+   emulator set to unlimited), record the model's error on each, correct a
+   plan where its prediction lies outside the middle half of its
+   measurements, and take the decision margin from those errors (their 75th
+   percentile, within ``MARGIN_BOUNDS``); without one, the robot side of the
+   candidates is timed and the margin stays at its default;
+4. re-decide every grid point (:func:`refine`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import statistics
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rrto_ros import plan_profile as measure
+from rrto_ros.graph import GraphAnalysis
+from rrto_ros.local_model import TorchModule
+from rrto_ros.plan_table import PlanTable, program_key
+from rrto_ros.planner import CostModel, Link, Power, Profiles, Solution, optimise
+from rrto_ros.split import Plan, as_program
+from rrto_wire import treespec
+from rrto_wire.program import unpack_weights
+
+MARGIN_BOUNDS = (0.02, 0.15)
+DEFAULT_MARGIN = 0.05
+UNLIMITED = Link(1e6, 0.0)
+
+
+@dataclass
+class Solved:
+    """A solved table and what went into it."""
+
+    table: PlanTable
+    cost: CostModel
+    solutions: list[Solution]           # per grid point, as searched (baselines inside)
+    errors: dict[str, float] = field(default_factory=dict)   # plan -> (predicted-measured)/m
+    measured_ms: dict[str, float] = field(default_factory=dict)
+
+
+def prepare(model: TorchModule, x: torch.Tensor) -> tuple:
+    """Return (artifact, program, weights, analysis) of ``model`` for input ``x``."""
+    flat, spec = treespec.flatten(((x,), {}))
+    artifact = model.artifact(flat, spec)
+    program = as_program(artifact.program)
+    blobs = [d for kind, d in artifact.blobs.values() if kind == 'weights']
+    weights = unpack_weights(bytearray(blobs[0])) if blobs else {}
+    return artifact, program, weights, GraphAnalysis(
+        program, {k: v.shape for k, v in weights.items()})
+
+
+def profile(model: TorchModule, x: torch.Tensor, prepared: tuple, endpoint: str | None,
+            repeats: int, server_speedup: float = 8.0) -> tuple[Profiles, dict]:
+    """Measure everything the cost model needs; return the profiles and a JSON summary."""
+    artifact, program, weights, _ = prepared
+    robot = measure.robot_profile(program, weights, model, x, repeats)
+    threads = torch.get_num_threads()
+    if endpoint is None:
+        server = {k: v / server_speedup for k, v in robot.items()}
+        profiles = Profiles(robot, server, 0.5, measure.dispatch_ms(), threads,
+                            f'estimated: robot time / {server_speedup:g}')
+        return profiles, {'server': profiles.server_device}
+    server, overhead, device = measure.server_profile(endpoint, model, x, artifact.model,
+                                                      repeats)
+    slowdown = measure.cpu_slowdown(model, x)
+    up, down = measure.io_costs(endpoint, slowdown, repeats)
+    share = measure.contention(endpoint, model, x, up)
+    cost = CostModel(prepared[3], Profiles(robot, server, 0.0, 0.0, 0, '', up, down))
+    in_io, out_io = cost.io_ms(cost.in_bytes, cost.out_bytes)
+    fixed = max(0.0, overhead - in_io - out_io)
+    profiles = Profiles(robot, server, fixed, measure.dispatch_ms(), threads,
+                        f'measured on {endpoint} ({device})', up, down, share)
+    return profiles, {'server': profiles.server_device, 'cpu_slowdown': slowdown,
+                      'offload_overhead_ms': overhead}
+
+
+def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str | None = None,
+          repeats: int = 5, server_speedup: float = 8.0, objective: str = 'latency',
+          power: Power = Power(), rounds: int = 5) -> Solved:
+    """Profile, calibrate, search and decide (see the module docstring)."""
+    prepared = prepare(model, x)
+    artifact, program, weights, analysis = prepared
+    profiles, summary = profile(model, x, prepared, endpoint, repeats, server_speedup)
+    cost = CostModel(analysis, profiles, power)
+    solutions = [optimise(cost, link, objective=objective, margin=0.0) for link in links]
+    candidates = consolidate(cost, solutions)
+    table = PlanTable(program_key(artifact), model.label,
+                      [spec.to_json() for spec in artifact.signature], [], {}, vars(power))
+    plans = _distinct([s.plan for s in candidates]
+                      + [p for s in solutions for p, _ in s.baselines.values()])
+    errors: dict[str, float] = {}
+    measured: dict[str, float] = {}
+    margin = DEFAULT_MARGIN
+    if endpoint is not None:
+        samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
+        errors = {name: cost.calibrate(_plan(plans, name), UNLIMITED, ms)
+                  for name, ms in samples.items()}
+        measured = {name: statistics.median(ms) for name, ms in samples.items()}
+        margin = margin_from(errors.values())
+        robot_side: dict[str, float] = {}
+    else:
+        robot_side = measure.measure_plans(program, analysis, weights, x, plans, repeats)
+    decided = refine(cost, candidates, robot_side, margin)
+    table.entries = [s.to_json() for s in decided]
+    table.solve_s = sum(s.solve_s for s in solutions)
+    table.margin = margin
+    table.created = datetime.datetime.now().isoformat(timespec='seconds')
+    table.machine = f'{platform.node()} {platform.machine()}'
+    table.profiles = {'robot_ms': profiles.robot_ms, 'server_ms': profiles.server_ms,
+                      'call_overhead_ms': profiles.call_overhead_ms,
+                      'robot_op_ms': profiles.robot_op_ms, 'robot_threads': profiles.robot_threads,
+                      'up_ms_per_mb': profiles.up_ms_per_mb,
+                      'down_ms_per_mb': profiles.down_ms_per_mb,
+                      'contention': profiles.contention, **summary}
+    table.calibration = {'link': {'bandwidth_mbps': UNLIMITED.bandwidth_mbps,
+                                  'rtt_ms': UNLIMITED.rtt_ms},
+                         'measured_ms': measured, 'errors': errors,
+                         'measured_robot_ms': robot_side, 'corrections_ms': cost.corrections}
+    return Solved(table, cost, solutions, errors, measured)
+
+
+def margin_from(errors) -> float:
+    """Return the decision margin: the 75th percentile of |relative error|, within bounds."""
+    values = [abs(e) for e in errors]
+    if not values:
+        return DEFAULT_MARGIN
+    low, high = MARGIN_BOUNDS
+    return float(min(high, max(low, np.percentile(values, 75))))
+
+
+def median_error(errors) -> float | None:
+    """Return the median |relative error| (None: nothing measured)."""
+    values = [abs(e) for e in errors]
+    return statistics.median(values) if values else None
+
+
+def _distinct(plans: list[Plan]) -> list[Plan]:
+    seen: dict[str, Plan] = {}
+    for plan in plans:
+        seen.setdefault(plan.name, plan)
+    return sorted(seen.values(), key=lambda p: p.name)
+
+
+def _plan(plans: list[Plan], name: str) -> Plan:
+    return next(p for p in plans if p.name == name)
+
+
+def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[str, float],
+           margin: float = 0.05) -> list[Solution]:
+    """
+    Re-decide every grid point with the robot side of candidate plans measured, not modelled.
+
+    ``measured_robot_ms`` maps plan names to the robot's measured time under the
+    plan (:meth:`rrto_ros.hybrid.PlanRuntime.robot_ms`).  A split or hybrid plan
+    stays only where, with that measurement, it still beats the best baseline by
+    ``margin``; elsewhere the best baseline is used.
+    """
+    model.measured_robot_ms.update(measured_robot_ms)
+    plans = {s.plan.name: s.plan for s in solutions if s.plan.kind in ('split', 'hybrid')}
+    refined = []
+    for s in solutions:
+        baselines = model.baselines(s.link)
+        best_plan, best = min(baselines.values(), key=lambda pe: (pe[1].latency_ms, pe[0].name))
+        threshold = (1 - margin) * best.latency_ms
+        for plan in plans.values():
+            estimate = model.estimate(plan, s.link)
+            if estimate.latency_ms <= min(threshold, best.latency_ms):
+                best_plan, best = plan, estimate
+        refined.append(Solution(s.link, best_plan, best, baselines, s.solve_s, s.evaluations))
+    return refined
+
+
+def consolidate(model: CostModel, solutions: list[Solution], tolerance: float = 0.02
+                ) -> list[Solution]:
+    """
+    Reuse plans across grid points: fewer distinct plans to upload and record.
+
+    At every point, the plan used is the one (among all plans chosen anywhere in
+    the table, most popular first) predicted within ``tolerance`` of that
+    point's optimum; the optimum itself if none is.
+    """
+    counts: dict[str, int] = {}
+    plans: dict[str, Plan] = {}
+    for s in solutions:
+        counts[s.plan.name] = counts.get(s.plan.name, 0) + 1
+        plans[s.plan.name] = s.plan
+    ranked = sorted(plans.values(), key=lambda p: -counts[p.name])
+    result = []
+    for s in solutions:
+        best = s.estimate.latency_ms
+        for plan in ranked:
+            est = model.estimate(plan, s.link)
+            if est.latency_ms <= best * (1 + tolerance):
+                result.append(Solution(s.link, plan, est, s.baselines, s.solve_s, s.evaluations))
+                break
+        else:
+            result.append(s)
+    return result

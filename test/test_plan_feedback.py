@@ -1,0 +1,61 @@
+"""Run-time correction of plan tables: measured latency per plan and link bin."""
+
+import pytest
+
+from rrto_ros.plan_feedback import PlanFeedback
+from rrto_ros.split import Plan
+
+BIN = (4.0, 50.0)
+LOCAL, OFFLOAD, HYBRID = Plan('local'), Plan('offload'), Plan('hybrid', 9, 0.5)
+BASELINES = [(LOCAL, 100.0), (OFFLOAD, 110.0)]
+
+
+def _run(feedback, latency, calls, wanted=HYBRID, predicted=80.0, baselines=BASELINES):
+    used = []
+    for _ in range(calls):
+        plan, _ = feedback.choose(BIN, wanted, predicted, baselines)
+        feedback.observe(BIN, plan.name, latency[plan.name])
+        used.append(plan.name)
+    return used
+
+
+def test_a_plan_measuring_worse_than_a_baseline_is_replaced():
+    feedback = PlanFeedback()
+    used = _run(feedback, {'hybrid@9:0.50': 130.0, 'local': 100.0, 'offload': 90.0}, 40)
+    last_hybrid = max(i for i, p in enumerate(used) if p == 'hybrid@9:0.50')
+    assert last_hybrid < 20
+    assert set(used[20:]) == {'offload'}   # the best measured baseline, not just any
+    assert feedback.explorations <= 2 * feedback.min_samples
+
+
+def test_a_plan_that_measures_well_is_kept_and_exploration_stops():
+    feedback = PlanFeedback()
+    used = _run(feedback, {'hybrid@9:0.50': 70.0, 'local': 100.0, 'offload': 110.0}, 60)
+    assert used[-30:] == ['hybrid@9:0.50'] * 30
+    assert feedback.explorations == 2 * feedback.min_samples
+
+
+def test_implausible_baselines_are_not_explored():
+    feedback = PlanFeedback()
+    baselines = [(LOCAL, 1000.0), (OFFLOAD, 110.0)]
+    used = _run(feedback, {'hybrid@9:0.50': 70.0, 'local': 1000.0, 'offload': 110.0}, 30,
+                baselines=baselines)
+    assert 'local' not in used and used.count('offload') == feedback.min_samples
+
+
+def test_within_tolerance_no_switch_and_demoted_plans_are_retried_after_a_refresh():
+    feedback = PlanFeedback(refresh_every=30)
+    used = _run(feedback, {'hybrid@9:0.50': 101.0, 'local': 100.0, 'offload': 150.0}, 29)
+    assert used[-5:] == ['hybrid@9:0.50'] * 5        # 1 % worse: within noise, kept
+    feedback = PlanFeedback(refresh_every=30)
+    latency = {'hybrid@9:0.50': 130.0, 'local': 100.0, 'offload': 150.0}
+    used = _run(feedback, latency, 29)
+    assert used[-5:] == ['local'] * 5
+    latency['hybrid@9:0.50'] = 60.0   # conditions changed: the demoted plan is tried again
+    used = _run(feedback, latency, 20)
+    assert used[-5:] == ['hybrid@9:0.50'] * 5
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError):
+        PlanFeedback(min_samples=4, window=3)
