@@ -156,15 +156,22 @@ class Echo:
     """The robot's side of the echo floor: one DEALER socket to an echo server process."""
 
     def __init__(self):
-        import zmq
         from rrto_server.process import child_env, free_port
-        self.endpoint = f'tcp://127.0.0.1:{free_port()}'
+        self.port = free_port()
         self.proc = subprocess.Popen([sys.executable, '-m', 'bench.gpu_floor', '--echo-server',
-                                      self.endpoint], env=child_env())
+                                      f'tcp://127.0.0.1:{self.port}'], env=child_env())
+        self.sock = None
+        self.connect(self.port)
+        self.payloads: dict[int, bytes] = {}
+
+    def connect(self, port: int) -> None:
+        """Talk to the echo server through ``port`` (its own, or a link emulator's)."""
+        import zmq
+        if self.sock is not None:
+            self.sock.close(0)
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(self.endpoint)
-        self.payloads: dict[int, bytes] = {}
+        self.sock.connect(f'tcp://127.0.0.1:{port}')
 
     def round_trip(self, sent: int, received: int) -> float:
         """Return the ms of one round trip of ``sent`` bytes up and ``received`` down."""
