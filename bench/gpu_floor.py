@@ -122,9 +122,10 @@ def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.de
     """Median ms of the project's Replay (staging, replay, copy-back) in this process."""
     from rrto_ros.local_model import TorchModule
     from rrto_server.models import ModelRegistry
-    from rrto_server.replay import RecordOptions, Replay
+    from rrto_server.replay import Replay
     from rrto_server.store import BlobStore
-    from rrto_wire.protocol import signature_of
+    from rrto_wire.messages import RecordOptions
+    from rrto_wire.tensors import signature_of
     flat, spec = treespec.flatten(((frame,), {}))
     artifact = TorchModule(model).artifact(flat, spec)
     with tempfile.TemporaryDirectory() as store:
