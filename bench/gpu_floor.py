@@ -16,7 +16,7 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
 * ``wall``: the robot's call as it sees it (``rrto_ros.offload``, raw codec)
   against a ``python -m rrto_server`` process on loopback, with the reply's
   ``server_ms`` (receipt to reply), ``queue_ms`` (on an idle server) and
-  ``compute_ms``.
+  ``compute_ms``; ``rel_error`` compares one offloaded output with the local one.
 
 Echo and offloaded calls alternate, one each per round, so drift hits both
 alike.  Derived per model: ``server_beyond_bare_ms = server p50 - graph_io``
@@ -255,6 +255,12 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     with offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
         if not om.warmup(frame):
             raise RuntimeError(f'{name}: the server did not record the model')
+        # offloaded output equals local output: the timings below are of right answers
+        with torch.inference_mode():
+            local = treespec.flatten(model(frame))[0]
+        remote = treespec.flatten(om(frame))[0]
+        row['rel_error'] = max(float((r.float() - x.float()).norm() / x.float().norm())
+                               for r, x in zip(remote, local))
         for i in range(calls + 20):
             start = time.perf_counter()
             om(frame)
@@ -295,7 +301,7 @@ def print_row(row: dict) -> None:
           f"{row['wall_ms']:.3f} (p99 {row['wall_p99_ms']:.3f}) server {row['server_ms']:.3f} "
           f"queue {row['queue_ms']:.3f} compute {row['compute_ms']:.3f} | server-bare "
           f"{row['server_beyond_bare_ms']:.3f} wall-bare-echo {row['wall_beyond_echo_ms']:.3f}"
-          f"{extra}", flush=True)
+          f" rel_err {row['rel_error']:.1e}{extra}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
