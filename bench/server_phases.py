@@ -31,10 +31,10 @@ PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.server', 'Server', 'on_message', 'on_message (everything on receipt)'),
     ('rrto_wire.messages', None, 'decode_request', 'decode_request'),
     ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
-    ('rrto_server.replay', 'Replay', 'start', 'replay.start (staging)'),
+    ('rrto_server.replay', 'Replay', 'start', 'replay.start (stages large inputs)'),
     ('rrto_server.scheduler', 'Scheduler', 'run_inline', 'run_inline'),
     ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),
-    ('rrto_server.runner', 'Execution', 'host_outputs', 'host_outputs (copy-back)'),
+    ('rrto_server.runner', 'Execution', 'host_outputs', 'host_outputs (large copy-back)'),
     ('rrto_server.requests', 'Request', 'ok', 'ok (encode + send)'),
 ]
 
