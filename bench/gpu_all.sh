@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything rrto_ros measures on a GPU host, in one go (results feed docs/benchmarks.md).
 #   bench/gpu_all.sh OUT_DIR
+# PY_SPY=/path/to/py-spy adds native-frame samples of the server to gpu_floor.
 # Needs: python3 with torch (CUDA), pyzmq, numpy, scipy, lz4, zstandard on the path; run from
 # the repository root.  Each step is bounded in time; a failing step does not stop the others.
 set -u
@@ -21,4 +22,8 @@ step overhead_cpu 120 $py -m bench.overhead --calls 500 --models tiny resnet18 \
     --out "$out/overhead_h100host_cpu.json"
 step server_phases 200 $py -m bench.server_phases --device cuda --calls 400 \
     --archs keypoint_net mobilenet resnet18 --out "$out/server_phases_h100.json"
+# the request path against its floors (issue 11): per model side by side, then end to end
+step gpu_floor 300 $py -m bench.gpu_floor --device cuda --calls 300 \
+    ${PY_SPY:+--py-spy "$PY_SPY"} --out "$out/gpu_floor_h200.json"
+step gpu_e2e 200 $py -m bench.gpu_e2e --device cuda --calls 40 --out "$out/gpu_e2e_h200.json"
 echo "== done"

@@ -3,8 +3,8 @@ Where a server's time per inference goes: each phase of the request path, timed.
 
 An in-process :class:`~rrto_server.server.Server` (the same code as ``python -m
 rrto_server``) has the functions of its request path wrapped with timers; a
-client in a separate process offloads each architecture (224x224x3 uint8
-frames, normalisation on the server) ``--calls`` times after recording.  Per
+client in a separate process offloads each model of ``bench.gpu_models``
+(uint8 camera frames, normalisation on the server) ``--calls`` times after recording.  Per
 phase: calls and median/p90 ms.  ``server_ms`` (receipt to reply) ends where
 ``send`` begins, so encoding and sending the reply count in the client's
 overhead, not in ``server_ms``.
@@ -31,21 +31,19 @@ PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.server', 'Server', 'on_message', 'on_message (everything on receipt)'),
     ('rrto_wire.messages', None, 'decode_request', 'decode_request'),
     ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
-    ('rrto_server.replay', 'Replay', 'start', 'replay.start (staging)'),
+    ('rrto_server.replay', 'Replay', 'start', 'replay.start (stages large inputs)'),
     ('rrto_server.scheduler', 'Scheduler', 'run_inline', 'run_inline'),
     ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),
-    ('rrto_server.runner', 'Execution', 'host_outputs', 'host_outputs (copy-back)'),
+    ('rrto_server.runner', 'Execution', 'host_outputs', 'host_outputs (large copy-back)'),
     ('rrto_server.requests', 'Request', 'ok', 'ok (encode + send)'),
 ]
 
 
 def client(endpoint: str, arch: str, calls: int) -> None:
     """Offload ``arch`` and print the call records' medians as JSON (child process)."""
+    from bench import gpu_models
     from bench.measure import offloaded_calls
-    from rrto_ros.preprocess import WithImageInput
-    from rrto_ros.zoo import ARCHITECTURES
-    model = WithImageInput(ARCHITECTURES[arch]()).eval()
-    frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
+    model, frame = gpu_models.build(arch)
     records = offloaded_calls(model, frame, endpoint, calls)
     print(json.dumps({key: statistics.median(getattr(r, key) for r in records)
                       for key in ('total_ms', 'server_ms', 'server_compute_ms')}), flush=True)

@@ -8,7 +8,8 @@ An inference passes through three phases on three kinds of thread:
    signature and stage the inputs on the device; then hand it to the
    scheduler.
 2. Device lane (:meth:`InferJob.step`): one replay segment per step.
-3. CPU worker (:meth:`InferJob._reply`): copy the outputs back, encode and
+3. CPU worker (:meth:`InferJob._reply`): copy the outputs back (unless the lane
+   already did, see :mod:`rrto_server.runner_cudagraph`), encode and
    send the reply.
 
 The I/O thread only validates the header, looks the replay up and queues
@@ -192,16 +193,19 @@ class InferJob(Job):
                 'deadline_missed': self.late_finish or self.outcome in ('expired', 'abandoned')}
 
     def _reply(self) -> None:
+        execution = self.execution
         try:
-            outputs = self.execution.host_outputs()
+            outputs = execution.host_outputs()
         except Exception as exc:  # a failed copy-back is this request's error, nobody else's
             log.exception('copying outputs back failed')
+            execution.release_buffers()
             self.outcome = 'failed'
             self._reply_error(ProtocolError(ErrorCode.EXEC_FAILED, f'{type(exc).__name__}: {exc}'))
             return
-        self.execution.outputs = None
+        execution.outputs = None
         self._count()
-        self.request.ok(outputs, timing=self.timing())
+        # sent from page-locked buffers: they go back to the replay once ZeroMQ is done
+        self.request.ok(outputs, on_sent=execution.release_buffers, timing=self.timing())
 
     def _reply_error(self, error: ProtocolError) -> None:
         self.services.stats.count(self.replay.model.digest, 'errors')

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import zmq
@@ -91,23 +91,39 @@ class ReplySender:
         """Return True when called from the thread that serves the socket."""
         return threading.get_ident() == self.io_thread
 
-    def send(self, frames: list, nbytes: int) -> None:
-        """Send one reply's frames (envelope first) now or through the I/O thread."""
-        track = nbytes >= COPY_THRESHOLD      # zero-copy frames: held until libzmq is done
-        if track:
-            # received envelope frames cannot be sent tracked: send copies of them
-            frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else f for f in frames]
-            peer = frames[0]
-            if not self._budget(peer, nbytes):
-                self._stats.dropped('slow_peer')
-                return
+    def send(self, frames: list, nbytes: int) -> zmq.MessageTracker | None:
+        """
+        Send one reply's frames (envelope first) now or through the I/O thread.
+
+        Returns a tracker that is done once libzmq has released every zero-copy
+        frame, or None when the reply had none: frames below ``COPY_THRESHOLD``
+        are copied while they are sent, so their memory is free on return.
+        """
+        if nbytes < COPY_THRESHOLD:
+            if threading.get_ident() == self.io_thread:
+                self._route(frames)
+            else:
+                self._pusher().send_multipart(frames, copy=False)
+            return None
+        # zero-copy frames, each tracked, held until libzmq is done (received envelope
+        # frames cannot be sent tracked: send copies of them)
+        frames = [bytes(f.buffer) if isinstance(f, zmq.Frame) else
+                  zmq.Frame(f, copy=False, track=True) if len(f) >= COPY_THRESHOLD else f
+                  for f in frames]
+        trackers = [f.tracker for f in frames if isinstance(f, zmq.Frame)]
+        tracker = zmq.MessageTracker(*trackers)
+        peer = frames[0]
+        if not self._budget(peer, nbytes):
+            self._stats.dropped('slow_peer')
+            return tracker                     # done once the frames are dropped here
         if threading.get_ident() == self.io_thread:
-            tracker = self._route(frames, track)
+            self._route(frames)
         else:
-            tracker = self._pusher().send_multipart(frames, copy=False, track=track)
-        if tracker is not None and track:
+            self._pusher().send_multipart(frames, copy=False)
+        if trackers:
             with self._lock:
                 self._held[peer].append((tracker, nbytes))
+        return tracker
 
     def _budget(self, peer: bytes, nbytes: int) -> bool:
         """Return True if ``peer`` may have ``nbytes`` more of large replies in flight."""
@@ -129,18 +145,17 @@ class ReplySender:
                 frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            self._route(frames, False)
+            self._route(frames)
 
-    def _route(self, frames: list, track: bool):
+    def _route(self, frames: list) -> None:
         try:
-            return self._router.send_multipart(frames, zmq.NOBLOCK, copy=False, track=track)
+            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._stats.dropped('slow_peer')         # its queue is full: it does not read
         except zmq.ZMQError as exc:
             if exc.errno != zmq.EHOSTUNREACH:
                 raise
             self._stats.dropped('peer_gone')
-        return None
 
     def _pusher(self) -> zmq.Socket:
         sock = getattr(self._local, 'sock', None)
@@ -190,9 +205,17 @@ class Request:
         """Return the ZeroMQ routing id of the sender."""
         return bytes(self.envelope[0].buffer)
 
-    def ok(self, tensors: Sequence[torch.Tensor] = (), **fields: Any) -> None:
-        """Answer with success, the given fields and tensors."""
-        self._answer(wire.ok_header(self.id, **fields), tensors)
+    def ok(self, tensors: Sequence[torch.Tensor] = (),
+           on_sent: Callable[[zmq.MessageTracker | None], None] | None = None,
+           **fields: Any) -> None:
+        """
+        Answer with success, the given fields and tensors.
+
+        ``on_sent(tracker)`` is called once the reply is handed to ZeroMQ (or
+        dropped): the tensors' memory may be reused once ``tracker`` is done, or
+        at once when it is None.
+        """
+        self._answer(wire.ok_header(self.id, **fields), tensors, on_sent)
 
     def error(self, error: ProtocolError, request_id: Any = None) -> None:
         """Answer with an error reply (logged with the network's text clipped)."""
@@ -205,13 +228,18 @@ class Request:
         log.error('internal error serving a %s request', self.kind, exc_info=exc)
         self.error(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
 
-    def _answer(self, header: dict, tensors: Sequence[torch.Tensor]) -> None:
-        if not self._registry.close(self):
-            log.error('second answer to a %s request (id %s) dropped',
-                      self.kind, clip(repr(self.id), 40))
-            return
-        header['server_ms'] = (time.perf_counter() - self.received) * 1e3
-        body = wire.encode(header, tensors)
-        nbytes = wire.message_size(body)
-        self._stats.reply(header, nbytes)
-        self._sender.send(self.envelope + body, nbytes)
+    def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None) -> None:
+        tracker = None
+        try:
+            if not self._registry.close(self):
+                log.error('second answer to a %s request (id %s) dropped',
+                          self.kind, clip(repr(self.id), 40))
+                return
+            header['server_ms'] = (time.perf_counter() - self.received) * 1e3
+            body = wire.encode(header, tensors)
+            nbytes = wire.message_size(body)
+            self._stats.reply(header, nbytes)
+            tracker = self._sender.send(self.envelope + body, nbytes)
+        finally:
+            if on_sent is not None:
+                on_sent(tracker)

@@ -5,8 +5,9 @@ A runner holds a model prepared for one input signature.  An
 :class:`Execution` is one inference: :meth:`Runner.begin` stages its inputs
 (from a CPU worker), :meth:`Runner.run_segment` runs one segment (on a device
 lane), :meth:`Runner.collect` names the outputs once the last segment ran,
-:meth:`Runner.to_host` copies them back (from a CPU worker again) and
-:meth:`Runner.release` drops an abandoned execution's state.
+:meth:`Runner.to_host` copies them back (from a CPU worker again, unless the
+lane already did) and :meth:`Runner.release` drops an abandoned execution's
+state.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol, Sequence
 import torch
 
 if TYPE_CHECKING:
+    from rrto_server.host_buffers import BufferSet
     from rrto_server.replay import Replay
 
 
@@ -34,8 +36,8 @@ class Runner(Protocol):
     def collect(self, ex: 'Execution') -> list[torch.Tensor]:
         """Return the outputs of ``ex`` after its last segment (still on the device)."""
 
-    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        """Copy outputs to the CPU in the program's dtypes (CPU worker)."""
+    def to_host(self, ex: 'Execution') -> list[torch.Tensor]:
+        """Return the outputs of ``ex`` on the CPU in the program's dtypes (CPU worker)."""
 
     def release(self, ex: 'Execution') -> None:
         """Drop the device state of an abandoned or failed ``ex``."""
@@ -50,6 +52,8 @@ class Execution:
         self.env: dict[str, Any] = {}
         self.saved: dict[str, torch.Tensor] | None = None
         self.outputs: list[torch.Tensor] | None = None
+        self.buffers: BufferSet | None = None     # page-locked outputs, held until sent
+        self.copied: Any = None                    # CUDA event: outputs are in the buffers
         replay.runner.begin(self, inputs)
 
     @property
@@ -72,19 +76,35 @@ class Execution:
         return self.done
 
     def host_outputs(self) -> list[torch.Tensor]:
-        """Return the outputs on the CPU in the program's dtypes (call from a CPU worker)."""
+        """
+        Return the outputs on the CPU in the program's dtypes (call from a CPU worker).
+
+        They may live in this execution's page-locked :attr:`buffers`: send them,
+        then :meth:`release_buffers` (with the send's tracker, if any).
+        """
         if self.outputs is None:
             raise RuntimeError('execution has not finished')
-        host = self.replay.runner.to_host(self.outputs)
+        host = self.replay.runner.to_host(self)
         self.env = {}
         return host
+
+    def release_buffers(self, tracker=None) -> None:
+        """Hand the page-locked outputs back; reused once ``tracker`` (if any) is done."""
+        buffers, self.buffers = self.buffers, None
+        if buffers is not None:
+            buffers.release(() if tracker is None else (tracker,))
 
     def release(self) -> None:
         """Drop this execution's device state (it is abandoned or has failed)."""
         self.replay.runner.release(self)
+        self.release_buffers()
 
     def run(self) -> list[torch.Tensor]:
-        """Run every remaining segment now; return the outputs on the CPU."""
+        """Run every remaining segment now; return the outputs on the CPU, owned by the caller."""
         while not self.step():
             pass
-        return self.host_outputs()
+        host = self.host_outputs()
+        if self.buffers is not None:
+            host = [t.clone() for t in host]
+            self.release_buffers()
+        return host

@@ -106,8 +106,8 @@ class FxRunner:
         # the last segment, and freeing a tensor another stream still reads is a race
         return [ex.env[n] for n in self.output_names]
 
-    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return to_host(outputs, self.out_dtypes)
+    def to_host(self, ex: Execution) -> list[torch.Tensor]:
+        return to_host(ex.outputs, self.out_dtypes)
 
     def release(self, ex: Execution) -> None:
         ex.env = {}

@@ -51,8 +51,8 @@ class OnnxRunner:
     def collect(self, ex: Execution) -> list[torch.Tensor]:
         return [torch.from_numpy(a) for a in ex.env.pop('outputs')]
 
-    def to_host(self, outputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        return list(outputs)
+    def to_host(self, ex: Execution) -> list[torch.Tensor]:
+        return list(ex.outputs)
 
     def release(self, ex: Execution) -> None:
         ex.env = {}

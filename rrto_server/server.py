@@ -57,6 +57,9 @@ log = logging.getLogger('rrto_server')
 
 SNDBUF_BYTES = 4 << 20      # kernel send buffer per connection (explicit: no autotuning)
 BATCH = 64                  # messages received per poll wake-up before replies are flushed
+# an idle device serves a request on the I/O thread only if its inputs are at most this big
+# (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
+INLINE_MAX_INPUT_BYTES = 4 << 20
 
 
 @dataclass
@@ -328,6 +331,10 @@ class Server:
 
     def _inline_ok(self, replay: Replay, header: messages.Infer) -> bool:
         if not replay.segment_ms or max(replay.segment_ms) > self.config.inline_max_ms:
+            return False
+        # a bulk batch is staged by a CPU worker: on this thread it would hold up the receipt
+        # of every request behind it, urgent ones included
+        if wire.decoded_size(header.tensors) > INLINE_MAX_INPUT_BYTES:
             return False
         return all(d.codec == 'raw' for d in header.tensors)
 

@@ -101,3 +101,14 @@ def to_host(tensors: Sequence[torch.Tensor], dtypes: Sequence[torch.dtype]) -> l
             stream.synchronize()
             host.append(bounce.clone())     # the reply owns its memory; the buffer is reused
     return host
+
+
+def copy_to_host(tensors: Sequence[torch.Tensor], destinations: Sequence[torch.Tensor]) -> None:
+    """Copy device tensors into page-locked host ``destinations`` on this thread's copy stream."""
+    device = tensors[0].device
+    stream = copy_stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))   # as to_host: follow the producer
+    with torch.cuda.stream(stream):
+        for tensor, host in zip(tensors, destinations):
+            host.copy_(tensor, non_blocking=True)
+    stream.synchronize()

@@ -1,0 +1,350 @@
+"""
+The request path against its physical floor, per model, side by side in one run.
+
+For each model (``bench.gpu_models``: the zoo, plus torchvision's on a host
+that has it), batch 1, a uint8 camera frame, strict fp32:
+
+* ``graph_ms``: the bare CUDA-graph replay of the model (pure torch, input
+  already on the device), replay + synchronise;
+* ``graph_io_ms``: the same plus the copy from a page-locked host frame and
+  the copy of the outputs into page-locked host buffers: the least a GPU
+  server can spend per request (the "bare replay" of the floors below);
+* ``replay_ms``: the project's own :class:`~rrto_server.replay.Replay`
+  (``start(...).run()``: staging, replay, copy-back), in this process;
+* ``echo``: a bare pyzmq DEALER/ROUTER round trip to another process carrying
+  the request's and the reply's bytes;
+* ``wall``: the robot's call as it sees it (``rrto_ros.offload``, raw codec)
+  against a ``python -m rrto_server`` process on loopback, with the reply's
+  ``server_ms`` (receipt to reply), ``queue_ms`` (on an idle server) and
+  ``compute_ms``; ``rel_error`` compares one offloaded output with the local one.
+
+Echo and offloaded calls alternate, one each per round, so drift hits both
+alike.  Derived per model: ``server_beyond_bare_ms = server p50 - graph_io``
+(goal <= 0.10), ``wall_beyond_echo_ms = wall p50 - graph_io - echo p50``
+(goal <= 0.15), ``wall_p99_over_p50`` (goal <= 1.5) and, for outputs of 1 MB
+or more, ``output_speed_vs_echo = echo p50 / (wall p50 - graph_io)`` (goal
+>= 0.8).  With ``--py-spy BINARY`` the server is also sampled (native frames,
+per thread) for a few seconds of calls per model, after the timed calls.
+
+Usage: ``python -m bench.gpu_floor --device cuda --out docs/results/gpu_floor_h200.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+from bench import gpu_models
+from bench.measure import percentile
+from rrto_wire import treespec
+
+ECHO_HEADER = b'{"kind":"ok"}'
+
+
+def _timed(fn, iters: int, warmup: int = 20) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+@contextlib.contextmanager
+def _strict_fp32():
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False,
+                                        allow_tf32=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def bare(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
+         iters: int) -> dict:
+    """Time the bare graph replay (and with page-locked copies); eager on a CPU device."""
+    if device.type != 'cuda':
+        with torch.inference_mode():
+            times = _timed(lambda: model(frame), iters, warmup=3)
+        p50 = statistics.median(times)
+        return {'graph_ms': p50, 'graph_io_ms': p50, 'graph_io_p99_ms': percentile(times, 99)}
+    model = model.to(device)
+    host_in = torch.empty_like(frame).pin_memory()
+    host_in.copy_(frame)
+    static_in = host_in.to(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.inference_mode(), _strict_fp32():
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                model(static_in)
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = treespec.flatten(model(static_in))[0]
+    host_out = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in static_out]
+    stream = torch.cuda.current_stream(device)
+
+    def replay():
+        graph.replay()
+        stream.synchronize()
+
+    def replay_io():
+        static_in.copy_(host_in, non_blocking=True)
+        graph.replay()
+        for host, out in zip(host_out, static_out):
+            host.copy_(out, non_blocking=True)
+        stream.synchronize()
+
+    graph_times = _timed(replay, iters)
+    io_times = _timed(replay_io, iters)
+    model.cpu()
+    return {'graph_ms': statistics.median(graph_times),
+            'graph_io_ms': statistics.median(io_times),
+            'graph_io_p99_ms': percentile(io_times, 99),
+            'output_bytes': sum(t.nbytes for t in host_out)}
+
+
+def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
+                   iters: int) -> float:
+    """Median ms of the project's Replay (staging, replay, copy-back) in this process."""
+    from rrto_ros.local_model import TorchModule
+    from rrto_server.models import ModelRegistry
+    from rrto_server.replay import Replay
+    from rrto_server.store import BlobStore
+    from rrto_wire.messages import RecordOptions
+    from rrto_wire.tensors import signature_of
+    flat, spec = treespec.flatten(((frame,), {}))
+    artifact = TorchModule(model).artifact(flat, spec)
+    with tempfile.TemporaryDirectory() as store:
+        blobs = BlobStore(store)
+        for digest, (kind, data) in artifact.blobs.items():
+            blobs.put(digest, kind, data)
+        loaded = ModelRegistry(blobs).get(artifact.model)
+        replay = Replay(loaded, signature_of([frame]), RecordOptions(), device)
+        times = _timed(lambda: replay.start([frame]).run(), iters, warmup=5)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------------- the echo floor
+def echo_server(endpoint: str) -> None:
+    """Answer every request with as many bytes as its last frame asks for (child process)."""
+    import zmq
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.bind(endpoint)
+    replies: dict[int, bytes] = {}
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        size = int(frames[-1].bytes)
+        if size not in replies:
+            replies[size] = b'\1' * size
+        sock.send_multipart([frames[0], ECHO_HEADER, replies[size]], copy=False)
+
+
+class Echo:
+    """The robot's side of the echo floor: one DEALER socket to an echo server process."""
+
+    def __init__(self):
+        from rrto_server.process import child_env, free_port
+        self.port = free_port()
+        self.proc = subprocess.Popen([sys.executable, '-m', 'bench.gpu_floor', '--echo-server',
+                                      f'tcp://127.0.0.1:{self.port}'], env=child_env())
+        self.sock = None
+        self.connect(self.port)
+        self.payloads: dict[int, bytes] = {}
+
+    def connect(self, port: int) -> None:
+        """Talk to the echo server through ``port`` (its own, or a link emulator's)."""
+        import zmq
+        if self.sock is not None:
+            self.sock.close(0)
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(f'tcp://127.0.0.1:{port}')
+
+    def round_trip(self, sent: int, received: int) -> float:
+        """Return the ms of one round trip of ``sent`` bytes up and ``received`` down."""
+        if sent not in self.payloads:
+            self.payloads[sent] = b'\2' * max(0, sent - 64)
+        start = time.perf_counter()
+        self.sock.send_multipart([b'{"kind":"infer","id":1}', self.payloads[sent],
+                                  str(received).encode()])
+        if not self.sock.poll(30000):
+            raise RuntimeError('echo server did not answer')
+        self.sock.recv_multipart(copy=False)
+        return (time.perf_counter() - start) * 1e3
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.proc.kill()
+        self.proc.wait()
+
+
+# ---------------------------------------------------------------------- py-spy
+def summarise_raw(path: str, top: int = 20) -> dict:
+    """Reduce py-spy's raw (collapsed) stacks to per-thread shares and top frames."""
+    threads: collections.Counter = collections.Counter()
+    leaves: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    inclusive: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    total = 0
+    with open(path) as f:
+        for line in f:
+            stack, _, count = line.rstrip('\n').rpartition(' ')
+            if not stack or not count.isdigit():
+                continue
+            frames = stack.split(';')
+            thread = next((fr for fr in frames if fr.startswith('thread')), 'thread ?')
+            frames = [fr for fr in frames if not fr.startswith(('thread', 'process'))]
+            n = int(count)
+            total += n
+            threads[thread] += n
+            if frames:
+                leaves[thread][frames[-1]] += n
+            for frame in set(frames):   # Python frames of the request path, not bootstraps
+                if '.py:' in frame and 'threading.py' not in frame:
+                    inclusive[thread][frame] += n
+    return {'samples': total,
+            'threads': {t: {'share': n / total if total else 0.0,
+                            'self': [[fr, c] for fr, c in leaves[t].most_common(top)],
+                            'inclusive': [[fr, c] for fr, c in inclusive[t].most_common(top)]}
+                        for t, n in threads.most_common()}}
+
+
+def sample_server(py_spy: str, pid: int, seconds: float, call) -> dict:
+    """Run ``call`` in a loop while py-spy samples the server; return the summary or an error."""
+    with tempfile.NamedTemporaryFile(suffix='.txt', delete=False) as out:
+        path = out.name
+    proc = subprocess.Popen([py_spy, 'record', '--pid', str(pid), '--native', '--threads',
+                             '--rate', '1000', '--format', 'raw',
+                             '--duration', str(int(seconds)), '--output', path],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    calls = 0
+    while proc.poll() is None:
+        call()
+        calls += 1
+    log = proc.stdout.read()[-600:]
+    if proc.returncode != 0:
+        return {'error': f'py-spy exited {proc.returncode}: {log}'}
+    summary = summarise_raw(path)
+    summary['calls'] = calls
+    return summary
+
+
+# ---------------------------------------------------------------------- one model
+def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: int,
+            py_spy: str | None, server_pid: int | None) -> dict:
+    """Measure one model: bare replay, then echo and offloaded calls alternating."""
+    from rrto_ros import OffloadResult, offload
+    model, frame = gpu_models.build(name)
+    row = {'model': name, 'input': f'uint8{list(frame.shape)}', 'input_bytes': frame.nbytes}
+    row.update(bare(model, frame, device, iters=max(100, calls)))
+    row['replay_ms'] = project_replay(model, frame, device, iters=max(50, calls // 2))
+    walls, echoes, server, queue, compute = [], [], [], [], []
+    with offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
+        if not om.warmup(frame):
+            raise RuntimeError(f'{name}: the server did not record the model')
+        # offloaded output equals local output: the timings below are of right answers
+        with torch.inference_mode():
+            local = treespec.flatten(model(frame))[0]
+        remote = treespec.flatten(om(frame))[0]
+        row['rel_error'] = max(float((r.float() - x.float()).norm() / x.float().norm())
+                               for r, x in zip(remote, local))
+        for i in range(calls + 20):
+            start = time.perf_counter()
+            om(frame)
+            wall = (time.perf_counter() - start) * 1e3
+            record = om.last
+            if record.result != OffloadResult.OFFLOADED:
+                raise RuntimeError(f'{name}: call not offloaded: {record.reason}')
+            echo_ms = echo.round_trip(record.bytes_sent, record.bytes_received)
+            if i >= 20:
+                walls.append(wall)
+                echoes.append(echo_ms)
+                server.append(record.server_ms)
+                queue.append(record.server_queue_ms)
+                compute.append(record.server_compute_ms)
+        row.update(bytes_sent=record.bytes_sent, bytes_received=record.bytes_received)
+        if py_spy and server_pid:
+            row['py_spy'] = sample_server(py_spy, server_pid, 3, lambda: om(frame))
+    bare_ms = row['graph_io_ms']
+    row.update(
+        calls=calls,
+        echo_ms=statistics.median(echoes), echo_p99_ms=percentile(echoes, 99),
+        wall_ms=statistics.median(walls), wall_p99_ms=percentile(walls, 99),
+        server_ms=statistics.median(server), server_p99_ms=percentile(server, 99),
+        queue_ms=statistics.median(queue), compute_ms=statistics.median(compute))
+    row['server_beyond_bare_ms'] = row['server_ms'] - bare_ms
+    row['wall_beyond_echo_ms'] = row['wall_ms'] - bare_ms - row['echo_ms']
+    row['wall_p99_over_p50'] = row['wall_p99_ms'] / row['wall_ms']
+    if row['bytes_received'] >= 1 << 20:
+        row['output_speed_vs_echo'] = row['echo_ms'] / max(1e-9, row['wall_ms'] - bare_ms)
+    return row
+
+
+def print_row(row: dict) -> None:
+    extra = (f", output speed {row['output_speed_vs_echo']:.2f} x echo"
+             if 'output_speed_vs_echo' in row else '')
+    print(f"{row['model']:26s} graph {row['graph_ms']:.3f} graph+io {row['graph_io_ms']:.3f} "
+          f"replay {row['replay_ms']:.3f} | echo {row['echo_ms']:.3f} | wall "
+          f"{row['wall_ms']:.3f} (p99 {row['wall_p99_ms']:.3f}) server {row['server_ms']:.3f} "
+          f"queue {row['queue_ms']:.3f} compute {row['compute_ms']:.3f} | server-bare "
+          f"{row['server_beyond_bare_ms']:.3f} wall-bare-echo {row['wall_beyond_echo_ms']:.3f}"
+          f" rel_err {row['rel_error']:.1e}{extra}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='bench.gpu_floor', description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--models', nargs='+', help='default: every model available here')
+    parser.add_argument('--calls', type=int, default=300)
+    parser.add_argument('--server-args', default='', help='extra rrto_server options')
+    parser.add_argument('--py-spy', metavar='BINARY', help='sample the server with py-spy')
+    parser.add_argument('--out', help='write the results as JSON here')
+    parser.add_argument('--echo-server', metavar='ENDPOINT', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.echo_server:
+        echo_server(args.echo_server)
+        return 0
+    from bench.machine import write_results
+    from rrto_server.process import ServerProcess
+    device = torch.device(args.device)
+    torch.set_num_threads(min(torch.get_num_threads(), 4))
+    rows = []
+    echo = Echo()
+    with tempfile.TemporaryDirectory() as store:
+        server = ServerProcess(store, None, *args.server_args.split(),
+                               device=args.device).start()
+        try:
+            for name in args.models or gpu_models.available():
+                try:
+                    row = measure(name, server.endpoint, echo, device, args.calls, args.py_spy,
+                                  server.proc.pid)
+                except Exception as exc:   # one model failing must not lose the others
+                    print(f'{name}: FAILED {type(exc).__name__}: {exc}', flush=True)
+                    rows.append({'model': name, 'error': f'{type(exc).__name__}: {exc}'})
+                    continue
+                print_row(row)
+                rows.append(row)
+                if args.out:   # after every model: a run cut short keeps what it measured
+                    write_results(args.out, 'python -m bench.gpu_floor', argv, rows)
+        finally:
+            server.stop()
+            echo.close()
+    return 0
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,180 @@
+"""
+CUDA-graph replays with their copies in the graph: staging, copy-back, buffers in flight.
+
+A replay whose inputs fit the staging cap copies them from page-locked host
+buffers inside its first captured graph; its outputs are copied back into
+page-locked buffer sets that a reply keeps until ZeroMQ has sent it.  These
+tests check that no request ever sees another's data through those shared
+buffers (consecutive, suspended and concurrent requests, replies in flight)
+and that inputs or outputs over the caps still come back right.  Skipped
+without CUDA.
+"""
+
+import threading
+
+import pytest
+import torch
+
+from rrto_ros import OffloadResult
+from rrto_ros.local_model import TorchModule
+from rrto_ros.zoo import keypoint_net
+from rrto_server import host_buffers, runner_cudagraph
+from rrto_server.models import ModelRegistry
+from rrto_server.replay import Replay
+from rrto_server.store import BlobStore
+from rrto_wire import treespec
+from rrto_wire.messages import RecordOptions
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+
+SIZE = (1, 3, 64, 96)
+
+
+class Tracker:
+    def __init__(self, done=False):
+        self.done = done
+
+
+class Upsample(torch.nn.Module):
+    """A small network with a 4 MiB output (zero-copy frames, a tracked reply)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), scale_factor=4.0)
+
+
+def make_replay(tmp_path, model, example, segments='whole') -> Replay:
+    store = BlobStore(tmp_path / 'store')
+    flat, spec = treespec.flatten(((example,), {}))
+    artifact = TorchModule(model).artifact(flat, spec)
+    for digest, (kind, data) in artifact.blobs.items():
+        store.put(digest, kind, data)
+    loaded = ModelRegistry(store).get(artifact.model)
+    return Replay(loaded, artifact.signature, RecordOptions(segments=segments),
+                  torch.device('cuda'))
+
+
+def reference(model, x):
+    return treespec.flatten(model(x))[0]
+
+
+def close(actual, expected):
+    return all(torch.allclose(a, e, rtol=1e-4, atol=1e-5) for a, e in zip(actual, expected))
+
+
+def test_inputs_are_staged_inside_the_graph_and_never_mixed(tmp_path):
+    model = keypoint_net()
+    xs = [torch.randn(*SIZE) for _ in range(3)]
+    replay = make_replay(tmp_path, model, xs[0])
+    assert replay.runner.staging is not None
+    first = [replay.start([x]).run() for x in xs]
+    again = [replay.start([x]).run() for x in reversed(xs)][::-1]
+    for x, a, b in zip(xs, first, again):
+        assert all(torch.equal(p, q) for p, q in zip(a, b))
+        assert close(a, reference(model, x))
+
+
+def test_a_suspended_execution_keeps_its_inputs_when_another_is_staged(tmp_path):
+    model = keypoint_net()
+    x, y = torch.randn(*SIZE), torch.randn(*SIZE)
+    replay = make_replay(tmp_path, model, x, segments='ops:5')
+    assert replay.num_segments > 3 and replay.runner.staging is not None
+    unpreempted = replay.start([x]).run()
+    suspended = replay.start([x])
+    suspended.step()                      # its inputs went in through the staging buffers
+    between = replay.start([y]).run()     # which now hold y
+    while not suspended.step():
+        pass
+    resumed = suspended.host_outputs()
+    assert all(torch.equal(a, b) for a, b in zip(resumed, unpreempted))
+    assert close(between, reference(model, y))
+    suspended.release_buffers()
+
+
+def test_replies_in_flight_keep_their_page_locked_outputs(tmp_path):
+    model = keypoint_net()
+    x, y = torch.randn(*SIZE), torch.randn(*SIZE)
+    replay = make_replay(tmp_path, model, x)
+    first = replay.start([x])
+    first.step()
+    out_x = first.host_outputs()                  # a reply being sent from these buffers
+    assert all(t.is_pinned() for t in out_x)
+    kept = [t.clone() for t in out_x]
+    second = replay.start([y])
+    second.step()
+    out_y = second.host_outputs()
+    assert out_x[0].data_ptr() != out_y[0].data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(out_x, kept)), 'overwritten while in flight'
+    tracker = Tracker()
+    first.release_buffers(tracker)                # a zero-copy frame libzmq still holds
+    second.release_buffers()
+    third = replay.start([x])
+    third.step()
+    assert third.host_outputs()[0].data_ptr() == out_y[0].data_ptr()
+    assert all(torch.equal(a, b) for a, b in zip(out_x, kept))
+    third.release_buffers()
+    tracker.done = True
+    fourth = replay.start([y])
+    fourth.step()
+    fourth.host_outputs()
+    fifth = replay.start([y])
+    fifth.step()
+    assert {fourth.host_outputs()[0].data_ptr(), fifth.host_outputs()[0].data_ptr()} == \
+        {out_x[0].data_ptr(), out_y[0].data_ptr()}
+
+
+def test_inputs_and_outputs_over_the_caps_take_the_plain_path(tmp_path, monkeypatch):
+    monkeypatch.setattr(runner_cudagraph, 'STAGED_INPUT_BYTES', 1024)
+    monkeypatch.setattr(host_buffers, 'MAX_BYTES', 1024)
+    model = keypoint_net()
+    x, y = torch.randn(*SIZE), torch.randn(*SIZE)
+    replay = make_replay(tmp_path, model, x, segments='ops:5')
+    assert replay.runner.staging is None and not replay.runner.output_buffers.enabled
+    suspended = replay.start([x])
+    suspended.step()
+    between = replay.start([y]).run()
+    while not suspended.step():
+        pass
+    out = suspended.host_outputs()
+    assert not out[0].is_pinned()
+    assert close(out, reference(model, x)) and close(between, reference(model, y))
+
+
+def test_large_outputs_are_copied_back_off_the_lane_into_tracked_buffers(tmp_path):
+    model = Upsample().eval()
+    x = torch.randn(1, 3, 64, 64)
+    replay = make_replay(tmp_path, model, x)
+    assert replay.runner.output_buffers.nbytes >= 4 << 20
+    assert not replay.runner.copies_on_lane
+    out = replay.start([x]).run()
+    assert close(out, reference(model, x))
+
+
+def test_concurrent_clients_of_one_replay_get_their_own_outputs(make_server, offloaded):
+    """Many replies in flight at once, small (copied) and large (zero-copy, tracked) ones."""
+    server = make_server(device='cuda')
+    errors = []
+    for model, shape in ((keypoint_net(), SIZE), (Upsample().eval(), (1, 3, 64, 64))):
+        clients = [offloaded(model, server.endpoint, timeout_ms=30000) for _ in range(4)]
+        assert all(c.warmup(torch.randn(*shape)) for c in clients)
+
+        def work(client, seed):
+            gen = torch.Generator().manual_seed(seed)
+            for _ in range(25):
+                x = torch.randn(*shape, generator=gen)
+                out = client(x)
+                if client.last.result != OffloadResult.OFFLOADED or \
+                        not close(treespec.flatten(out)[0], reference(model, x)):
+                    errors.append((type(model).__name__, seed))
+
+        threads = [threading.Thread(target=work, args=(c, i)) for i, c in enumerate(clients)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    assert not errors
