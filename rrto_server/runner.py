@@ -51,6 +51,7 @@ class Execution:
         self.next_segment = 0
         self.env: dict[str, Any] = {}
         self.saved: dict[str, torch.Tensor] | None = None
+        self.saves = 0      # times its live values left shared buffers for another execution
         self.outputs: list[torch.Tensor] | None = None
         self.buffers: BufferSet | None = None     # page-locked outputs, held until sent
         self.copied: Any = None                    # CUDA event: outputs are in the buffers

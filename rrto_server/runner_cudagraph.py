@@ -111,6 +111,7 @@ class CudaGraphRunner(FxRunner):
         if owner is not None and not owner.done and owner.saved is None:
             owner.saved = {n: self.static[n].clone() for n in self.needed_from[owner.next_segment]
                            if n in self.static}
+            owner.saves += 1
         stream = torch.cuda.current_stream(self.device)
         if ex.next_segment == 0 and self.staging is not None:
             self._staged.synchronize()       # a direct caller may not have waited for it
