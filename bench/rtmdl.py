@@ -228,6 +228,15 @@ def storage(lab: Lab, ladders: dict) -> dict:
             'store_weight_bytes': sum(on_disk.values())}
 
 
+GUARD = 1.25       # a large task's period is at least this many solo chains (one client each)
+
+
+def _period(big: dict, pre: float, post: float, share: float) -> float:
+    gpu = sum(big['segment_ms'])
+    chain = pre + post + big['decode_ms'] + big['overhead_ms'] + gpu
+    return round(max(8.0, 5 * chain) if not share else max(gpu / share, GUARD * chain), 1)
+
+
 def design(lab: Lab, ladders: dict, profiles: dict, tiny: bool) -> dict:
     """
     Return the task-set document: measured variants, and periods from the device times.
@@ -235,7 +244,7 @@ def design(lab: Lab, ladders: dict, profiles: dict, tiny: bool) -> dict:
     Fast tasks: period and deadline 5x the largest variant's solo chain (at least 8 ms).
     Large tasks: period = deadline = the largest variant's device time / its share
     (0.45 and 0.55: the two large tasks alone load the device to 100 % with their
-    largest variants), but at least 1.5x that variant's solo chain.
+    largest variants), but at least :data:`GUARD` x that variant's solo chain.
     """
     tasks = []
     for name, arch, batch, bound, weight, pre, post, share in lab.tasks:
@@ -247,10 +256,7 @@ def design(lab: Lab, ladders: dict, profiles: dict, tiny: bool) -> dict:
             variants.append({'name': row['name'], 'accuracy': row['accuracy'],
                              'file': row['file'], 'shards': shards,
                              'profiles': profiles[name][row['name']]})
-        big = variants[0]['profiles']['block:3']           # the full network
-        gpu = sum(big['segment_ms'])
-        chain = pre + post + big['decode_ms'] + big['overhead_ms'] + gpu
-        period = round(max(8.0, 5 * chain) if not share else max(gpu / share, 1.5 * chain), 1)
+        period = _period(variants[0]['profiles']['block:3'], pre, post, share)  # full network
         tasks.append({'name': name, 'period_ms': period, 'deadline_ms': period,
                       'miss_bound': bound, 'weight': weight, 'pre_ms': pre, 'post_ms': post,
                       'variants': variants, 'arch': arch, 'batch': batch})
@@ -318,6 +324,9 @@ def parse_args(argv=None):
     parser.add_argument('--generations', type=int, default=40)
     parser.add_argument('--jobs', type=int, default=1, help='processes simulating samples')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--offline', metavar='DIR',
+                        help="re-plan and simulate from DIR's measured tasks.json and "
+                             'calibration.json (no server)')
     parser.add_argument('--reuse', action='store_true',
                         help='take ladders.json and tasks.json (and the variants) from --out')
     args = parser.parse_args(argv)
@@ -332,6 +341,8 @@ def main(argv=None) -> dict:
     """Run every step; write results.json, tasks.json and strategy.json under --out."""
     from rrto_ros import variant_train
     args = parse_args(argv)
+    if args.offline:
+        return offline(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tasks = TINY_TASKS if args.tiny else TASKS
@@ -375,11 +386,11 @@ def main(argv=None) -> dict:
     found = rtsearch.search(ts, proxy, args.pop, args.generations, args.seed)
     strategy = rtsearch.to_strategy(ts, found['choices'], found['theta'])
     strategy.save(out / 'strategy.json')
-    configs = {
+    configs = {      # the comparison that matters first, should the run be cut short
         'a_largest_rm': rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 1.0),
-        'b_smallest_rm': rtsearch.rate_monotonic(ts, rtsearch.smallest, 'block:3', 1.0),
+        'd_search': (found['choices'], found['theta']),
         'c_rtplan': rtsearch.with_rtplan(ts, 'block:3', 1.0),
-        'd_search': (found['choices'], found['theta'])}
+        'b_smallest_rm': rtsearch.rate_monotonic(ts, rtsearch.smallest, 'block:3', 1.0)}
     runs = {}
     for i, (label, (choices, theta)) in enumerate(configs.items()):
         runs[label] = run_config(lab, ts, choices, theta, args.duration, args.seed + 100 + i)
@@ -410,14 +421,114 @@ def main(argv=None) -> dict:
     return results
 
 
+def _pct(value) -> str:
+    return '-' if value is None else f'{100 * value:.2f}%'
+
+
+def offline(args) -> dict:
+    """
+    Re-plan from a GPU run's measured files (``--offline DIR``): no server, no device.
+
+    Reads ``tasks.json`` (measured profiles, accuracies, shards) and ``calibration.json``
+    (measured runs) from DIR, re-derives the periods with :func:`_period`, trains and
+    calibrates the proxy, searches, and *simulates* (a)-(d) for ``--duration`` seconds
+    each.  The proxy's error is taken leave-one-out on the measured runs.
+    """
+    src, out = Path(args.offline), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    measured_doc = json.loads((src / 'tasks.json').read_text())
+    measured_ts = rttasks.parse(measured_doc)
+    doc = json.loads(json.dumps(measured_doc))
+    table_rows = {t[0]: t for t in TASKS}
+    for task in doc['tasks']:
+        _, _, _, _, _, pre, post, share = table_rows[task['name']]
+        task['period_ms'] = task['deadline_ms'] = _period(
+            task['variants'][0]['profiles']['block:3'], pre, post, share)
+    (out / 'tasks.json').write_text(json.dumps(doc, indent=1))
+    ts = rttasks.parse(doc)
+    runs = [(*rtsearch.from_strategy(measured_ts, r['strategy']), r['miss'])
+            for r in json.loads((src / 'calibration.json').read_text())]
+    t0 = time.perf_counter()
+    sim = rtproxy.Proxy(seed=args.seed)
+    sim.simulate_samples(ts, args.samples, args.horizon_ms, args.seed, jobs=args.jobs)
+    proxy_s = time.perf_counter() - t0
+    loo = []
+    for i, (choices, theta, miss) in enumerate(runs):
+        held = _copy_proxy(sim, args.seed)
+        for j, (c, th, m) in enumerate(runs):
+            if j != i:
+                held.add(measured_ts, c, th, m, 20.0)
+        loo.append(rtproxy.error(held.fit(), measured_ts, [(choices, theta, miss)]))
+    proxy = _copy_proxy(sim, args.seed)
+    for choices, theta, miss in runs:
+        proxy.add(measured_ts, choices, theta, miss, 20.0)
+    proxy.fit()
+    found = rtsearch.search(ts, proxy, args.pop, args.generations, args.seed)
+    rtsearch.to_strategy(ts, found['choices'], found['theta']).save(out / 'strategy.json')
+    configs = {
+        'a_largest_rm': rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 1.0),
+        'b_smallest_rm': rtsearch.rate_monotonic(ts, rtsearch.smallest, 'block:3', 1.0),
+        'c_rtplan': rtsearch.with_rtplan(ts, 'block:3', 1.0),
+        'd_search': (found['choices'], found['theta'])}
+    results = {'meta': {'command': ' '.join(['python -m bench.rtmdl'] + sys.argv[1:]),
+                        'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
+                        'host': platform.node(), 'measured_in': str(src)},
+               'tasks': {t.name: {'period_ms': t.period_ms, 'deadline_ms': t.deadline_ms,
+                                  'miss_bound': t.miss_bound} for t in ts.tasks},
+               'storage': _shard_storage(ts),
+               'search': {k: found[k] for k in ('theta', 'search_s', 'verify_s', 'evaluations',
+                                                'proofs', 'front', 'predicted', 'simulated')},
+               'proxy': {'train_s': proxy_s, 'samples': args.samples,
+                         'leave_one_out_on_measured': loo,
+                         'mae_leave_one_out': statistics.mean(e['mae'] for e in loo)},
+               'runs': {}}
+    for label, (choices, theta) in configs.items():
+        sim_run = simulate(ts, choices, theta, args.duration * 1e3, args.seed)
+        releases = sum(v['releases'] for v in sim_run.values())
+        results['runs'][label] = {
+            'theta': theta, 'simulated': True,
+            'tasks': {t.name: {'variant': choices[t.name].variant.name,
+                               'priority': choices[t.name].priority,
+                               'segments': choices[t.name].granularity,
+                               'miss_rate': sim_run[t.name]['miss_rate'],
+                               'bound': t.miss_bound} for t in ts.tasks},
+            'miss_rate': sum(v['misses'] for v in sim_run.values()) / max(1, releases),
+            'predicted': proxy.predict(ts, choices, theta),
+            'accuracy': rtsearch.weighted_accuracy(ts, choices),
+            'storage_mb': rtsearch.storage_mb(ts, choices)}
+    a = results['runs']['a_largest_rm']
+    results['miss_reduction_vs_a'] = {k: (1 - r['miss_rate'] / a['miss_rate'])
+                                      if a['miss_rate'] else None
+                                      for k, r in results['runs'].items()}
+    results['accuracy_cost_vs_a'] = {k: a['accuracy'] - r['accuracy']
+                                     for k, r in results['runs'].items()}
+    (out / 'results.json').write_text(json.dumps(results, indent=1, default=str))
+    print(table(results))
+    return results
+
+
+def _copy_proxy(source: rtproxy.Proxy, seed: int) -> rtproxy.Proxy:
+    copy = rtproxy.Proxy(seed=seed)
+    copy.x, copy.y, copy.w = list(source.x), list(source.y), list(source.w)
+    return copy
+
+
+def _shard_storage(ts) -> dict:
+    """Return the weight bytes of every distinct variant stored whole and as shared shards."""
+    distinct = {v.name: v for t in ts.tasks for v in t.variants}
+    return {'variants': len(distinct),
+            'separate_bytes': sum(v.storage_bytes for v in distinct.values()),
+            'shared_bytes': ts.storage_bytes(list(distinct.values()))}
+
+
 def table(results: dict) -> str:
     """Return the per-task miss rates and weighted accuracy of each configuration (markdown)."""
     names = list(results['tasks'])
     rows = ['| config | theta | ' + ' | '.join(f'{n} miss (bound)' for n in names)
             + ' | all miss | accuracy | storage MB |', '|---' * (len(names) + 5) + '|']
     for label, run in results['runs'].items():
-        cells = [f"{100 * run['tasks'][n]['miss_rate']:.2f}% ({100 * run['tasks'][n]['bound']:g}%)"
-                 f" {run['tasks'][n]['variant']}" for n in names]
+        cells = [f"{_pct(run['tasks'][n]['miss_rate'])} ({100 * run['tasks'][n]['bound']:g}%) "
+                 f"{run['tasks'][n]['variant']}" for n in names]
         rows.append(f"| {label} | {run['theta']:g} | " + ' | '.join(cells)
                     + f" | {100 * run['miss_rate']:.2f}% | {100 * run['accuracy']:.2f}% | "
                     f"{run['storage_mb']:.1f} |")

@@ -46,7 +46,7 @@ def digits(size: int, seed: int = 0, held_out: float = 0.2) -> dict[str, torch.T
 
 
 def logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Return class logits (KeypointNet: the peak of each class's heatmap, as a logit)."""
+    """Return the class scores of ``model`` for ``x`` (KeypointNet: each heatmap's peak)."""
     out = model(x)
     if isinstance(out, dict):
         return torch.logit(out['heatmaps'].amax(dim=(2, 3)), eps=1e-6)
@@ -137,7 +137,8 @@ def train_ladder(arch: str, size: int, out_dir: str | Path, steps: int, finetune
         if spec.drop:
             model = variants.make(variants.VariantSpec(arch, 1.0, spec.drop),
                                   trained[parent].cpu())
-            model = tune(model, finetune_steps, 1e-3, _norms_and_heads(model, arch), offset=2)
+            model = tune(model, 2 * finetune_steps, 3e-3, _norms_and_heads(model, arch),
+                         offset=2)
         else:
             model = trained[parent]
         acc = accuracy(variants.zoomed(model.to(device), zoom), data['x_val'], data['y_val'])

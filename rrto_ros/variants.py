@@ -64,8 +64,7 @@ class Group:
 
 
 class Zoomed(nn.Module):
-    """A network that first upsamples its input by ``zoom`` (bilinear): small frames on the
-    wire, the network at ``zoom`` times their resolution."""
+    """A network behind a bilinear ``zoom`` x upsampling: small frames, a large network."""
 
     def __init__(self, net: nn.Module, zoom: int):
         super().__init__()

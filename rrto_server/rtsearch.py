@@ -149,9 +149,8 @@ def _granularity(task, wanted: str) -> str:
 
 
 def largest(task):
-    """Return the task's most accurate variant (ties: the most device time)."""
-    return max(task.variants, key=lambda v: (v.accuracy, max(p.gpu_ms
-                                                             for p in v.profiles.values())))
+    """Return the task's largest variant: the most weight bytes (the full network)."""
+    return max(task.variants, key=lambda v: (v.storage_bytes, v.name))
 
 
 def smallest(task):

@@ -28,7 +28,7 @@ def _doc():
                   'profiles': {'whole': _profile([1.0]), 'block:3': _profile([0.25] * 4)}}]},
             {'name': 'scene', 'period_ms': 40, 'deadline_ms': 40, 'miss_bound': 0.05,
              'variants': [
-                 {'name': 'r-big', 'accuracy': 0.98, 'shards': {'s': 30_000_000, 'h1': 10},
+                 {'name': 'r-big', 'accuracy': 0.98, 'shards': {'s': 30_000_000, 'h1': 20},
                   'profiles': {'whole': _profile([36.0], 0.9),
                                'block:3': _profile([1.8] * 20, 0.9)}},
                  {'name': 'r-small', 'accuracy': 0.97, 'shards': {'s': 30_000_000, 'h2': 10},
@@ -60,8 +60,8 @@ def test_bad_task_sets_are_refused_naming_the_field(path, value, words):
 
 def test_storage_counts_shared_shards_once(ts):
     scene = ts.tasks[1]
-    assert ts.storage_bytes(list(scene.variants)) == 30_000_020
-    assert sum(v.storage_bytes for v in scene.variants) == 60_000_020
+    assert ts.storage_bytes(list(scene.variants)) == 30_000_030
+    assert sum(v.storage_bytes for v in scene.variants) == 60_000_030
 
 
 def test_preemption_at_segments_saves_the_urgent_task_and_the_big_variant_overloads(ts):
