@@ -19,7 +19,12 @@ RT-mDL end to end on the real server: variants, profiles, proxy, search, measure
    work).  The proxy's error is taken on these held-out runs.
 
     python -m bench.rtmdl --device cuda --duration 30 --out /tmp/rtmdl
-    python -m bench.rtmdl --tiny --out /tmp/rtmdl          # CPU, seconds (the tests)
+    python -m bench.rtmdl --tiny --out /tmp/rtmdl          # CPU smoke run (minutes here)
+    python -m bench.rtmdl --offline DIR --out /tmp/replan    # re-plan DIR's measured files
+
+On the GPU host, pymoo and its dependencies must be importable: carry wheels of
+pymoo, autograd, cma, alive-progress, about-time, graphemeu, Deprecated, wrapt,
+moocore, cffi, pycparser and platformdirs.
 """
 
 from __future__ import annotations
@@ -234,14 +239,14 @@ GUARD = 1.25       # a large task's period is at least this many solo chains (on
 def _period(big: dict, pre: float, post: float, share: float) -> float:
     gpu = sum(big['segment_ms'])
     chain = pre + post + big['decode_ms'] + big['overhead_ms'] + gpu
-    return round(max(8.0, 5 * chain) if not share else max(gpu / share, GUARD * chain), 1)
+    return round(max(8.0, 2 * chain) if not share else max(gpu / share, GUARD * chain), 1)
 
 
 def design(lab: Lab, ladders: dict, profiles: dict, tiny: bool) -> dict:
     """
     Return the task-set document: measured variants, and periods from the device times.
 
-    Fast tasks: period and deadline 5x the largest variant's solo chain (at least 8 ms).
+    Fast tasks: period and deadline twice the full network's solo chain (at least 8 ms).
     Large tasks: period = deadline = the largest variant's device time / its share
     (0.45 and 0.55: the two large tasks alone load the device to 100 % with their
     largest variants), but at least :data:`GUARD` x that variant's solo chain.

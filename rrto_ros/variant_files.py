@@ -24,6 +24,7 @@ from rrto_ros.local_model import EXPORT_GUARD, Artifact, TorchModule
 from rrto_wire import program as program_format
 from rrto_wire import treespec
 from rrto_wire.program import pack_weights, sha256, shard_weights
+from rrto_wire.tensors import TensorSpec
 
 SUFFIX = '.variant.pt'
 
@@ -59,7 +60,7 @@ class ShardedModule(TorchModule):
         blobs = {digest: ('program', program_json)}
         blobs.update({sha256(blob): ('weights', blob) for blob in shards})
         doc = json.loads(program_json)
-        signature = tuple(program_format.TensorSpec.from_json(i) for i in doc['inputs'])
+        signature = tuple(TensorSpec.from_json(i) for i in doc['inputs'])
         return Artifact(digest, signature, out_spec, blobs, doc)
 
 
