@@ -22,14 +22,14 @@ def test_shards_group_tensors_by_module_and_round_trip():
                'a.bn.bias': torch.zeros(4), 'fc.weight': torch.randn(2, 4)}
     shards = program.shard_weights(tensors)
     assert [prefix for prefix, _ in shards] == ['a.bn.', 'a.conv.', 'fc.']
-    back = program.unpack_shards([(blob, prefix) for prefix, blob in shards])
+    back = program.unpack_shards([(bytearray(blob), prefix) for prefix, blob in shards])
     assert set(back) == set(tensors)
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     # a layer at another path is the same blob: stored once
     moved = program.shard_weights({'b.conv.weight': tensors['a.conv.weight']})
     assert moved[0][1] == dict(shards)['a.conv.']
     with pytest.raises(program.ProtocolError, match='two shards'):
-        program.unpack_shards([(dict(shards)['fc.'], 'fc.')] * 2)
+        program.unpack_shards([(bytearray(dict(shards)['fc.']), 'fc.')] * 2)
 
 
 @pytest.mark.parametrize('weights,words', [
