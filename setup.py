@@ -28,6 +28,7 @@ setup(
         'console_scripts': [
             'rrto_server = rrto_server.__main__:main',
             'rrto-plan = rrto_ros.plan_cli:main',
+            'rrto-plan-tasks = rrto_server.rtsearch:main',
             'offload_node = rrto_ros.nodes.offload_node:main',
             'bandwidth_monitor = rrto_ros.nodes.bandwidth_monitor:main',
             'server_node = rrto_ros.nodes.server_node:main',

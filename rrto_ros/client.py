@@ -27,7 +27,7 @@ import zmq
 from rrto_wire import codecs, messages
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.limits import COPY_THRESHOLD, UPLOAD_CHUNK_BYTES
+from rrto_wire.limits import COPY_THRESHOLD, MAX_DIGESTS, UPLOAD_CHUNK_BYTES
 from rrto_wire.messages import Kind
 from rrto_wire.tensors import TensorSpec
 
@@ -260,11 +260,13 @@ class RrtoClient:
 
     def upload(self, blobs: dict[str, tuple[str, bytes]], timeout_ms: float = 30000.0) -> int:
         """Upload the blobs ``{digest: (kind, data)}`` that the server lacks; return how many."""
-        if not blobs:
-            return 0
-        header, _ = self.call(Kind.MISSING, {'digests': list(blobs)}, timeout_ms=timeout_ms)
+        digests, missing = list(blobs), []
+        for start in range(0, len(digests), MAX_DIGESTS):   # the server's limit per request
+            header, _ = self.call(Kind.MISSING, {'digests': digests[start:start + MAX_DIGESTS]},
+                                  timeout_ms=timeout_ms)
+            missing += header['missing']
         chunk = int(self.server_info.get('chunk_bytes', UPLOAD_CHUNK_BYTES))
-        for digest in header['missing']:
+        for digest in missing:
             kind, data = blobs[digest]
             upload_id = uuid.uuid4().hex
             view = memoryview(data)
@@ -278,7 +280,7 @@ class RrtoClient:
                            'total': len(view)},
                           [piece],
                           timeout_ms=timeout_ms)
-        return len(header['missing'])
+        return len(missing)
 
     def record(self, model: str, signature: Sequence[TensorSpec], options: dict,
                timeout_ms: float = 120000.0) -> dict:

@@ -40,6 +40,7 @@ KEYS = {
     'bytes_received': int,
     'server': str,               # the server endpoint
     'frames_dropped': int,       # frames replaced by newer ones before inference, so far
+    'variant': str,              # model variant from the node's strategy file ('' if none)
 }
 
 
@@ -53,7 +54,7 @@ def _text(value) -> str:
 
 def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
                   preprocess_ms: float, age_ms: float, rtt_ms: float = math.nan,
-                  frames_dropped: int = 0) -> list[tuple[str, str]]:
+                  frames_dropped: int = 0, variant: str = '') -> list[tuple[str, str]]:
     """Return the record's ``(key, value)`` pairs in :data:`KEYS` order."""
     bandwidth_mbps = record.bandwidth_mbps if record.bandwidth_mbps > 0 else math.nan
     values = {
@@ -69,7 +70,7 @@ def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
         'stamp': stamp,
         'round_trips': record.round_trips, 'bytes_sent': record.bytes_sent,
         'bytes_received': record.bytes_received, 'server': server,
-        'frames_dropped': int(frames_dropped)}
+        'frames_dropped': int(frames_dropped), 'variant': variant}
     return [(key, _text(values[key])) for key in KEYS]
 
 

@@ -9,6 +9,7 @@ import sys
 
 import zmq
 
+from rrto_wire import strategy as strategy_file
 from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
@@ -52,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                        help='packing threshold: a lower-priority segment runs beside a '
                             'higher-priority one while their utilisations sum to at most this; '
                             '0 turns packing off (default: 1.0 on CUDA, off on CPU)')
+    sched.add_argument('--strategy', metavar='FILE',
+                       help='strategy file from rrto-plan-tasks: its theta is the packing '
+                            'threshold unless --pack-theta is given')
     sched.add_argument('--profile-util', choices=('auto', 'on', 'off'), default='auto',
                        help='profile each replay\'s utilisation when recording (auto: when '
                             'packing is on)')
@@ -78,6 +82,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         parser.error('sizes must be positive')
     if args.pack_theta is not None and not 0 <= args.pack_theta <= 2:
         parser.error('--pack-theta must be between 0 (off) and 2')
+    if args.strategy and args.pack_theta is None:
+        try:
+            args.pack_theta = strategy_file.load(args.strategy).theta
+        except ValueError as exc:
+            parser.error(str(exc))
     task_late = {}
     for item in args.task_late:
         task, _, late = item.rpartition('=')

@@ -8,7 +8,7 @@ import torch
 from rrto_server.lru import LRU
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.program import Program, unpack_weights
+from rrto_wire.program import Program, unpack_shards
 
 
 class LoadedModel:
@@ -37,8 +37,9 @@ class LoadedModel:
         key = str(device)
         if key not in self._on_device:
             if self._weights_cpu is None:
-                digest = self.program.weights_digest
-                self._weights_cpu = unpack_weights(self._store.read(digest)) if digest else {}
+                shards = self.program.weight_shards
+                self._weights_cpu = unpack_shards([(self._store.read(digest), prefix)
+                                                   for digest, prefix in shards])
             self._on_device[key] = {k: v.to(device) for k, v in self._weights_cpu.items()}
         return self._on_device[key]
 
@@ -65,11 +66,10 @@ class ModelRegistry:
             raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
                                 f'model {digest[:12]} is not in the store; upload it')
         model = LoadedModel(digest, kind, self.store.read(digest), self.store)
-        if model.program is not None and model.program.weights_digest:
-            if not self.store.has(model.program.weights_digest):
-                raise ProtocolError(
-                    ErrorCode.UNKNOWN_MODEL,
-                    f'weights {model.program.weights_digest[:12]} are not in the store')
+        for weights, _ in model.program.weight_shards if model.program is not None else []:
+            if not self.store.has(weights):
+                raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                    f'weights {weights[:12]} are not in the store')
         self._loaded.put(digest, model)
         return model
 

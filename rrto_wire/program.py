@@ -13,6 +13,7 @@ small graph.
 Program JSON::
 
     {"format": "rrto-program", "version": 1, "label": str, "weights": sha256 | null,
+     (version 2: "weights": [{"blob": sha256, "prefix": str}, ...], see below)
      "inputs": [{"name", "dtype", "shape"}], "in_spec": treespec, "out_spec": treespec,
      "params": {placeholder_name: weights_key},
      "nodes": [{"name", "op", "args", "kwargs", "out": {"dtype", "shape"} | null, "scope"}],
@@ -21,6 +22,14 @@ Program JSON::
 Arguments are JSON values; ``{"n": name}`` refers to an input, a parameter or an
 earlier node; ``{"dtype"|"device"|"memory_format"|"layout"|"f": ...}`` tag
 torch enums and non-finite floats.
+
+Version 2 shards the weights per layer (:func:`shard_weights`): one blob per
+module, holding its tensors under their local names (``weight``, ``bias``,
+``running_mean``...), named in the program with the module's path as
+``prefix``.  A layer that several programs share (the unchanged layers of
+model variants) is then one blob in the content-addressed store, whatever
+path it has in each.  Version 1 programs (one blob) are read as before; a
+server that knows only version 1 refuses version 2 by its version number.
 """
 
 from __future__ import annotations
@@ -42,6 +51,8 @@ from rrto_wire.tensors import TensorSpec, tensor_from_buffer
 
 PROGRAM_FORMAT = 'rrto-program'
 PROGRAM_VERSION = 1
+SHARDED_VERSION = 2             # "weights" is a list of per-layer shards
+MAX_SHARDS = 4096
 WEIGHTS_MAGIC = b'RRTOWTS1'
 _ALIGN = 64
 _ENUM_TAGS = {'dtype': torch.dtype, 'memory_format': torch.memory_format, 'layout': torch.layout}
@@ -97,6 +108,45 @@ def unpack_weights(blob: bytes | bytearray | memoryview) -> dict[str, torch.Tens
         if entry['nbytes'] != spec.nbytes or start + spec.nbytes > len(view):
             raise _bad(f'weight {entry.get("key")!r} does not fit the blob')
         tensors[entry['key']] = tensor_from_buffer(view[start:start + spec.nbytes], spec)
+    return tensors
+
+
+def shard_weights(tensors: dict[str, torch.Tensor]) -> list[tuple[str, bytes]]:
+    """Return ``(prefix, blob)`` per module: tensors grouped by their key's module path."""
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        prefix, _, local = key.rpartition('.')
+        modules.setdefault(prefix + '.' if prefix else '', {})[local] = tensor
+    return [(prefix, pack_weights(modules[prefix])) for prefix in sorted(modules)]
+
+
+def _shards(value: Any) -> list[tuple[str, str]]:
+    """Validate a version-2 ``weights`` field; return ``(digest, prefix)`` pairs."""
+    if not isinstance(value, list) or len(value) > MAX_SHARDS:
+        raise _bad(f'weights must be a list of at most {MAX_SHARDS} shards')
+    shards = []
+    for item in value:
+        if not isinstance(item, dict) or set(item) != {'blob', 'prefix'}:
+            raise _bad('a weights shard is {"blob": sha256, "prefix": str}')
+        blob, prefix = item['blob'], item['prefix']
+        if not (isinstance(blob, str) and len(blob) == 64
+                and all(c in '0123456789abcdef' for c in blob)):
+            raise _bad(f'shard blob {blob!r} is not a sha256 digest')
+        if not isinstance(prefix, str) or len(prefix) > 1024:
+            raise _bad('shard prefix must be a string of at most 1024 characters')
+        shards.append((blob, prefix))
+    return shards
+
+
+def unpack_shards(blobs: Sequence[tuple[bytes | bytearray | memoryview, str]]
+                  ) -> dict[str, torch.Tensor]:
+    """Parse ``(blob, prefix)`` shards into one dict of tensors named ``prefix + key``."""
+    tensors: dict[str, torch.Tensor] = {}
+    for blob, prefix in blobs:
+        for key, tensor in unpack_weights(blob).items():
+            if prefix + key in tensors:
+                raise _bad(f'weight {prefix + key!r} is in two shards')
+            tensors[prefix + key] = tensor
     return tensors
 
 
@@ -183,11 +233,17 @@ class Program:
     def __init__(self, doc: dict):
         if not isinstance(doc, dict) or doc.get('format') != PROGRAM_FORMAT:
             raise _bad(f"not an {PROGRAM_FORMAT} document")
-        if doc.get('version') != PROGRAM_VERSION:
-            raise _bad(f'program version {doc.get("version")!r} not supported')
+        version = doc.get('version')
+        if version not in (PROGRAM_VERSION, SHARDED_VERSION):
+            raise _bad(f'program version {version!r} not supported')
         try:
             self.label = str(doc.get('label', 'model'))
-            self.weights_digest = doc.get('weights')
+            if version == SHARDED_VERSION:
+                self.weights_digest = None
+                self.weight_shards = _shards(doc.get('weights'))
+            else:
+                self.weights_digest = doc.get('weights')
+                self.weight_shards = [(self.weights_digest, '')] if self.weights_digest else []
             self.inputs = [(i['name'], TensorSpec.from_json(i)) for i in doc['inputs']]
             self.in_spec = doc['in_spec']
             self.out_spec = doc['out_spec']
@@ -332,13 +388,15 @@ def _scope(node: fx.Node, prefix: str) -> str:
 
 
 def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: Any,
-                  label: str = 'model', scope_prefix: str = '') -> tuple[bytes, bytes]:
+                  label: str = 'model', scope_prefix: str = '', sharded: bool = False
+                  ) -> tuple[bytes, bytes | list[bytes]]:
     """
     Serialise an exported program taking/returning flat tensors.
 
-    Returns ``(program_json, weights_blob)``.  Raises ValueError for programs
-    that mutate buffers (a model left in training mode) or use operators the
-    server would refuse.
+    Returns ``(program_json, weights_blob)``, or with ``sharded`` a version-2
+    program and its list of per-layer weight blobs.  Raises ValueError for
+    programs that mutate buffers (a model left in training mode) or use
+    operators the server would refuse.
     """
     from torch.export.graph_signature import InputKind, OutputKind
 
@@ -357,7 +415,8 @@ def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: An
             weights[spec.target] = source[spec.target]
         else:
             raise ValueError(f'input {name!r} of kind {spec.kind} cannot be offloaded')
-    return write(ep.graph, inputs, params, weights, in_spec, out_spec, label, scope_prefix)
+    return write(ep.graph, inputs, params, weights, in_spec, out_spec, label, scope_prefix,
+                 sharded)
 
 
 def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
@@ -376,9 +435,16 @@ def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
 
 def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
           weights: dict[str, torch.Tensor], in_spec: Any, out_spec: Any,
-          label: str = 'model', scope_prefix: str = '') -> tuple[bytes, bytes]:
+          label: str = 'model', scope_prefix: str = '', sharded: bool = False
+          ) -> tuple[bytes, bytes | list[bytes]]:
     """Serialise an ATen-level fx graph whose placeholders are ``inputs`` and ``params``."""
-    weights_blob = pack_weights(weights) if weights else b''
+    if sharded:
+        shards = shard_weights(weights)
+        weights_field = [{'blob': sha256(blob), 'prefix': prefix} for prefix, blob in shards]
+        weights_blob = [blob for _, blob in shards]
+    else:
+        weights_blob = pack_weights(weights) if weights else b''
+        weights_field = sha256(weights_blob) if weights else None
     placeholders = {n.name: n for n in graph.nodes if n.op == 'placeholder'}
     nodes, outputs = [], []
     for node in graph.nodes:
@@ -393,8 +459,8 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
         elif node.op != 'placeholder':
             raise ValueError(f'graph node {node.name} ({node.op}) cannot be offloaded')
     doc = {
-        'format': PROGRAM_FORMAT, 'version': PROGRAM_VERSION, 'label': label,
-        'weights': sha256(weights_blob) if weights else None,
+        'format': PROGRAM_FORMAT, 'version': SHARDED_VERSION if sharded else PROGRAM_VERSION,
+        'label': label, 'weights': weights_field,
         'inputs': [dict(name=n, **_out_meta(placeholders[n])) for n in inputs],
         'in_spec': in_spec, 'out_spec': out_spec, 'params': dict(params),
         'nodes': nodes, 'outputs': outputs,

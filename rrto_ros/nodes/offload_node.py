@@ -26,7 +26,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.node import Node
 from sensor_msgs.msg import Image
 
-from rrto_ros import latency
+from rrto_ros import latency, variant_files
 from rrto_ros.engine import MODES, offload
 from rrto_ros.image import CHANNEL_ORDERS, ImageConverter
 from rrto_ros.latest import LatestSlot
@@ -37,6 +37,7 @@ from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpo
 from rrto_ros.outputs import output_names
 from rrto_ros.plan_table import PlanTable, PlanTableMismatch
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
+from rrto_wire import strategy as strategy_file
 from rrto_wire import treespec
 
 PARAMS = [
@@ -69,6 +70,9 @@ PARAMS = [
     Param('plan_table', '', "hybrid plan table from rrto-plan ('' = whole-model offload); a "
           'relative path is looked up in the working directory, then in the package share '
           '(changeable at run time)', runtime=True, check=lambda v: table_problem(v)),
+    Param('strategy', '', "strategy file from rrto-plan-tasks ('' = none): its entry for "
+          "'task' sets the variant (model), priority, segments and deadline_ms",
+          check=lambda v: strategy_problem(v)),
     Param('switch_after', 2, 'switch plans after this many inferences agree on the new one',
           range=(1, 100)),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics', range=(0.1, 60.0)),
@@ -98,6 +102,17 @@ def table_problem(value: str) -> str | None:
     return None
 
 
+def strategy_problem(value: str) -> str | None:
+    """Return why ``value`` names no readable strategy file ('' is fine: none)."""
+    if not value:
+        return None
+    try:
+        strategy_file.load(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 class OffloadNode(Node):
     """Run a model on every newest camera frame, offloaded when the server can take it."""
 
@@ -119,12 +134,16 @@ class OffloadNode(Node):
             raise fail('resize_height' if resize[0] == 0 else 'resize_width',
                        'set both resize_height and resize_width, or neither')
         self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
+        plan = self._strategy()
+        self.variant = plan.variant if plan else ''
         try:
             self.engine = offload(
-                self._model(), server=p['server'], timeout_ms=p['timeout_ms'], mode=p['mode'],
-                precision=p['precision'], priority=p['priority'],
-                deadline_ms=p['deadline_ms'] or None, task=p['task'],
-                late=None if p['late'] == 'server' else p['late'],
+                self._model(plan), server=p['server'], timeout_ms=p['timeout_ms'],
+                mode=p['mode'], precision=p['precision'],
+                priority=plan.priority if plan else p['priority'],
+                segments=plan.segments if plan else 'whole',
+                deadline_ms=(plan.deadline_ms if plan else p['deadline_ms']) or None,
+                task=p['task'], late=None if p['late'] == 'server' else p['late'],
                 connect_timeout_ms=p['connect_timeout_ms'],
                 plan_table=resolve_table(p['plan_table']) or None,
                 switch_after=p['switch_after'])
@@ -155,10 +174,21 @@ class OffloadNode(Node):
             f'offloading {self.engine.local.label} to {p["server"]} ({p["mode"]}, '
             f'timeout {p["timeout_ms"]:g} ms) for frames on {p["input_topic"]}')
 
-    def _model(self):
+    def _strategy(self) -> strategy_file.TaskStrategy | None:
+        p = self.params
+        if not p['strategy']:
+            return None
+        tasks = strategy_file.load(p['strategy']).tasks
+        if p['task'] not in tasks:
+            raise fail('task', f'strategy {p["strategy"]} has no task {p["task"]!r} '
+                               f'(it has {sorted(tasks)})')
+        return tasks[p['task']]
+
+    def _model(self, plan: strategy_file.TaskStrategy | None):
         p = self.params
         try:
-            local = load_local_model(p['model'])
+            local = (variant_files.load_module(plan.model) if plan and plan.model
+                     else load_local_model(p['model']))
         except Exception as exc:  # noqa: B902 - any load failure is a bad 'model' value
             raise fail('model', f'cannot load {p["model"]!r}: {exc}') from None
         if not p['normalize']:
@@ -173,7 +203,9 @@ class OffloadNode(Node):
             raise fail('normalize', f'{p["model"]!r} is not a torch model; set normalize:=false '
                                     'and give it NHWC frames as they come')
         wrapped = WithImageInput(module, p['mean'], p['std'], value_scale=p['input_scale'])
-        return TorchModule(wrapped, label=local.label)
+        kind = (variant_files.ShardedModule if isinstance(local, variant_files.ShardedModule)
+                else TorchModule)
+        return kind(wrapped, label=local.label)
 
     # ------------------------------------------------------------------ callbacks
     def _on_param_change(self, name: str, value) -> None:
@@ -241,7 +273,8 @@ class OffloadNode(Node):
         values = latency.record_values(
             record, task=self.task, server=self.params['server'],
             stamp=latency.stamp_text(stamp.sec, stamp.nanosec), preprocess_ms=preprocess_ms,
-            age_ms=age_ms, rtt_ms=self.link['rtt_ms'], frames_dropped=self.slot.dropped)
+            age_ms=age_ms, rtt_ms=self.link['rtt_ms'], frames_dropped=self.slot.dropped,
+            variant=self.variant)
         self._latency_pub.publish(m.status(
             self.task, m.WARN if record.fallback else m.OK, latency.summary_line(record),
             values, hardware_id=self.params['server']))
