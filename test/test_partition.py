@@ -139,3 +139,19 @@ def test_whole_model_architectures_still_offload_whole(arch, server, offloaded):
     assert om.last.result == OffloadResult.OFFLOADED and om.last.plan == 'offload'
     assert om.last.round_trips == 1 and om.last.remote_subgraphs == 0
     assert_same_as_local(out, _local(model, x))
+
+
+def test_detection_outputs_have_a_layout_labelled_by_the_detection_count():
+    from rrto_ros.outputs import dimensions, output_names
+    _, spec = treespec.flatten(_local(detector(), _frame(0)))
+    names = output_names(spec)
+    assert names == ['output0/boxes', 'output0/scores', 'output0/labels']
+    assert dimensions((7, 4), names[0]) == [('detection', 7, 28), ('coordinate', 4, 4)]
+    assert dimensions((0,), names[1]) == [('detection', 0, 0)]
+    assert dimensions((3, 17, 3), 'output0/keypoints')[0] == ('detection', 3, 153)
+    # a dense map called 'boxes' (keypoint_net's) keeps the usual layout
+    assert [d[0] for d in dimensions((1, 4, 24, 32), 'boxes')][:2] == ['batch', 'channel']
+    messages = pytest.importorskip('rrto_ros.nodes.messages')
+    msg = messages.float_array(torch.zeros(0, 4), names[0])
+    assert [d.label for d in msg.layout.dim] == ['detection', 'coordinate']
+    assert msg.layout.dim[0].size == 0 and len(msg.data) == 0
