@@ -155,3 +155,17 @@ def test_detection_outputs_have_a_layout_labelled_by_the_detection_count():
     msg = messages.float_array(torch.zeros(0, 4), names[0])
     assert [d.label for d in msg.layout.dim] == ['detection', 'coordinate']
     assert msg.layout.dim[0].size == 0 and len(msg.data) == 0
+
+
+class _ToDevice(torch.nn.Module):
+    def forward(self, x):
+        return x.to(x.device, torch.float64) * 2   # aten.to.device: the device is positional
+
+
+def test_program_with_a_positional_device_runs_on_the_server(server, offloaded):
+    # torchvision's detectors convert anchors and boxes this way inside their subgraphs
+    x = torch.randn(3, 5)
+    om = offloaded(_ToDevice(), server.endpoint, timeout_ms=30000)
+    assert om.warmup(x), om.stats()
+    assert torch.equal(om(x), x.double() * 2)
+    assert om.last.result == OffloadResult.OFFLOADED
