@@ -155,6 +155,7 @@ class Partition:
         self.label = outer.local.label
         self.model_flops = 0
         self.subgraphs: list[Subgraph] = []
+        self.last_call: list[tuple[int, bool]] = []   # (subgraph index, ran remotely)
         self._remotes: dict[tuple, Any] = {}
         self._own = {id(t): t for t in _tensors_of(self.local.module)}
         self._lock = threading.Lock()
@@ -244,16 +245,26 @@ class Partition:
         finally:
             self._local.calls = None
         total_ms = (time.perf_counter() - start) * 1e3
+        self.last_call = [(s.index, r is not None and r.result.value == 'offloaded')
+                          for s, r, _ in calls]
         return outputs, _fields(calls, total_ms, bandwidth_mbps)
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> dict:
-        """Return the partition: each subgraph's FLOPs, bytes and place, and the server's share."""
-        subgraphs = [s.describe() for s in self.subgraphs]
-        remote = sum(s['flops'] for s in subgraphs if s['remote'])
-        return {'model_flops': self.model_flops, 'remote_flops': remote,
-                'remote_share': remote / self.model_flops if self.model_flops else 0.0,
-                'subgraphs': subgraphs}
+        """
+        Return the partition: every captured subgraph, and where the last call ran each.
+
+        ``last_call`` lists the subgraph indices the last call ran, in order,
+        ``remote`` those the server ran; ``remote_flops`` and ``remote_share``
+        are the server's part of the model's FLOPs in that call.
+        """
+        last = self.last_call
+        remote = [i for i, offloaded in last if offloaded]
+        flops = sum(self.subgraphs[i].flops for i in remote)
+        return {'model_flops': self.model_flops, 'remote_flops': flops,
+                'remote_share': flops / self.model_flops if self.model_flops else 0.0,
+                'last_call': [i for i, _ in last], 'remote': remote,
+                'subgraphs': [s.describe() for s in self.subgraphs]}
 
     def stats(self) -> dict:
         """Return the inner models' counters summed, and the number of (remote) subgraphs."""

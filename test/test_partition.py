@@ -52,13 +52,16 @@ def test_detector_offloads_two_subgraphs_with_its_flops_in_two_round_trips(serve
 
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
+    om(x)
     plan = om.partition.describe()
     assert plan['model_flops'] == counter.get_total_flops()
     remote = [s for s in plan['subgraphs'] if s['remote']]
-    assert len(remote) == 2 and plan['remote_share'] >= 0.9, plan
+    assert len(remote) == 2 and [s['index'] for s in remote] == plan['remote']
+    assert plan['remote_share'] >= 0.9 and plan['remote_flops'] <= plan['model_flops'], plan
     # the graphs between the breaks (thresholds, index arithmetic, IoU) stay on the robot
     local = [s for s in plan['subgraphs'] if not s['remote']]
     assert local and all('FLOPs' in s['reason'] for s in local)
+    assert len(plan['last_call']) == len(plan['subgraphs'])
 
     before, server_before = om.stats(), server.snapshot()['requests'].get('infer', 0)
     for _ in range(2):
