@@ -42,6 +42,10 @@ MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs,
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
 _DYNAMO = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': False,
            'recompile_limit': RECOMPILE_LIMIT}
+if hasattr(torch._dynamo.config, 'nested_graph_breaks'):
+    # a break inside a nested call ends the graph there, not at the outermost call: a
+    # detector's backbone and heads stay one graph (one round trip), not one per call level
+    _DYNAMO['nested_graph_breaks'] = True
 _COUNTERS = ('round_trips', 'infer_round_trips', 'bytes_sent', 'bytes_received', 'timeouts',
              'reconnects', 'errors', 'uploads', 'records', 'prepare_errors')
 
