@@ -106,8 +106,8 @@ def _median(records: list, key: str) -> float:
 class Turn:
     """Prepare in parallel, time one at a time: a barrier over ready files, then a file lock."""
 
-    def __init__(self, directory: str | None, peers: int, wait_s: float, threads: int):
-        self.directory, self.peers, self.threads = directory, peers, threads
+    def __init__(self, directory: str | None, peers: int, wait_s: float):
+        self.directory, self.peers = directory, peers
         self.until = time.monotonic() + wait_s
         self._lock = None
 
@@ -124,8 +124,6 @@ class Turn:
         if self.directory is not None:
             self._lock = open(Path(self.directory, 'timing.lock'), 'w')
             fcntl.flock(self._lock, fcntl.LOCK_EX)
-        if self.threads:
-            torch.set_num_threads(self.threads)
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -197,10 +195,11 @@ def fan_out(args: argparse.Namespace) -> None:
     """
     Run one child per detector and two for the whole models at once; merge their results.
 
-    Detector children prepare at once, then time one at a time with every
-    core; the whole-model children (correctness only) run at nice 19 beside
-    them.  Children still running after ``--budget-s`` are killed; what they
-    wrote stays.
+    Detector children prepare at once, then time one at a time; every child
+    keeps one torch thread count (all cores) throughout, since dynamo guards
+    on it (a change recompiles every graph); the whole-model children
+    (correctness only) run at nice 19 beside them.  Children still running
+    after ``--budget-s`` are killed; what they wrote stays.
     """
     whole = list(WHOLE)
     groups = [('detectors', [d]) for d in DETECTORS]
@@ -215,7 +214,7 @@ def fan_out(args: argparse.Namespace) -> None:
                        *models, '--device', args.device, '--size', str(args.size),
                        '--iters', str(args.iters), '--out', str(Path(sync, f'{i}.json')),
                        '--sync', sync, '--peers', str(len(DETECTORS)),
-                       '--threads', str(max(1, cores // 4)), '--timing-threads', str(cores),
+                       '--threads', str(cores),
                        '--budget-s', str(args.budget_s - 45)]
             nice = (lambda: os.nice(19)) if part == 'whole' else None
             children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
@@ -256,8 +255,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--threads', type=int, default=0, help='robot torch threads (0: default)')
     parser.add_argument('--budget-s', type=float, default=1e9,
                         help='start no model after this many seconds')
-    parser.add_argument('--timing-threads', type=int, default=0,
-                        help='robot torch threads while timing (0: as --threads)')
     parser.add_argument('--sync', help='directory shared by sibling processes (--part all)')
     parser.add_argument('--peers', type=int, default=1)
     parser.add_argument('--out', help='result file (one part)')
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
-    turn = Turn(args.sync, args.peers, max(0.0, args.budget_s - 30), args.timing_threads)
+    turn = Turn(args.sync, args.peers, max(0.0, args.budget_s - 30))
     names = args.models or (DETECTORS if args.part == 'detectors' else list(WHOLE))
     started = time.monotonic()
     rows: list[dict] = []

@@ -40,6 +40,7 @@ from rrto_ros.local_model import EXPORT_GUARD, TorchModule
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
+PREPARE_CALLS = 3           # calls at most while preparing, until one captures no new graph
 _DYNAMO = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': False,
            'recompile_limit': RECOMPILE_LIMIT}
 if hasattr(torch._dynamo.config, 'nested_graph_breaks'):
@@ -174,9 +175,16 @@ class Partition:
                     FlopCounterMode(display=False) as counter:
                 self.local.module(*args, **kwargs)
             self.model_flops = int(counter.get_total_flops())
-        self.run(args, kwargs)
-        return all(s.remote.warmup(*s.example, timeout_s=timeout_s)
-                   for s in self.subgraphs if s.remote is not None)
+        # a call can change what the next one's guards see (torchvision's anchor generator
+        # stores tensors made in inference mode): call until no new graph is captured
+        for _ in range(PREPARE_CALLS):
+            captured = len(self.subgraphs)
+            self.run(args, kwargs)
+            if self.last_call and len(self.subgraphs) == captured:
+                break
+        ready = [s.remote.warmup(*s.example, timeout_s=timeout_s)
+                 for s in self.subgraphs if s.remote is not None]
+        return all(ready)
 
     def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
         weights = {i: t for i, t in enumerate(example) if self._own.get(id(t)) is t}
