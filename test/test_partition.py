@@ -9,7 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from rrto_ros import OffloadResult
 from rrto_ros.local_model import TorchModule
 from rrto_ros.partition import is_data_dependent
-from rrto_ros.zoo import ARCHITECTURES, detector
+from rrto_ros.zoo import ARCHITECTURES, Detector, detector
 from rrto_wire import treespec
 from rrto_testing import assert_same_as_local
 
@@ -103,6 +103,31 @@ def test_subgraph_that_cannot_be_recorded_runs_locally_while_the_rest_offloads(
     assert om.last.round_trips == 1 and om.last.remote_subgraphs == 1
     assert 'cannot offload' in om.last.reason and 'too' in om.last.reason, om.last.reason
     assert om.stats()['prepare_errors'] == 1
+
+
+class _CachingDetector(Detector):
+    """Keeps tensors made during the call, as torchvision's anchor generator does."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = [torch.zeros(())]
+
+    def forward(self, images):
+        self.cache = [c.to(images.dtype) for c in self.cache]
+        return super().forward(images + self.cache[0])
+
+
+def test_first_call_after_warmup_is_offloaded_when_the_model_keeps_state(server, offloaded):
+    model = _CachingDetector().eval()
+    model.load_state_dict(detector().state_dict())   # the zoo detector's weights
+    x = _frame(0)
+    expected = _local(model, x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    captured = om.stats()['subgraphs']
+    _assert_same_detections(om(x), expected)
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2, om.last
+    assert om.stats()['subgraphs'] == captured   # nothing compiled during the call
 
 
 @pytest.mark.slow
