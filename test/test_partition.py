@@ -81,6 +81,15 @@ def test_detector_offloads_two_subgraphs_with_its_flops_in_two_round_trips(serve
     # the record options reach each subgraph's replay: recorded in segments
     assert all(r['segments'] > 1 for r in server.snapshot()['replays'])
 
+    # the link estimate, codec and timeout reach every subgraph's model
+    om.set_link(50.0, 5.0)
+    om.set_codec('lz4')
+    om.set_timeout(20000)
+    _assert_same_detections(om(x), expected)
+    assert om.last.codec == 'lz4' and om.last.bandwidth_mbps == 50.0
+    inner = [s.remote for s in om.partition.subgraphs if s.remote is not None]
+    assert all(m.link == (50.0, 5.0) and m.timeout_ms == 20000 for m in inner)
+
     # another frame: other detections, the same as local whatever ran where
     other = _frame(1)
     _assert_same_detections(om(other), _local(model, other))
