@@ -148,8 +148,10 @@ class Partition:
     ``outer`` is the model's :class:`~rrto_ros.engine.OffloadedModel`; each
     remote subgraph gets an inner one of the same type with the outer's
     options (server, timeouts, mode, precision, segments, codec, priority,
-    deadline, task, plan table), kept up to date with the outer's link,
-    codec, timeout and plan table before every call.
+    deadline, task), kept up to date with the outer's link, codec and timeout
+    before every call.  Plan tables are bound to one program
+    (:func:`rrto_ros.plan_table.bind_table`), so a whole model's table does not
+    apply to its subgraphs: they are offloaded whole.
     """
 
     def __init__(self, outer: Any):
@@ -224,7 +226,7 @@ class Partition:
             deadline_ms=outer.keys['deadline_ms'], task=outer.keys['task'],
             late=outer.keys['late'], connect_timeout_ms=outer.data.connect_timeout_ms,
             upload_timeout_ms=outer.upload_timeout_ms, record_timeout_ms=outer.record_timeout_ms,
-            plan_table=outer.table, switch_after=outer.switch_after, link=outer.link)
+            switch_after=outer.switch_after, link=outer.link, plan_feedback=outer.plan_feedback)
 
     def _sync(self, remote: Any) -> None:
         outer = self.outer
@@ -234,8 +236,6 @@ class Partition:
             remote.set_codec(outer.codec)
         if remote.timeout_ms != outer.timeout_ms:
             remote.set_timeout(outer.timeout_ms)
-        if remote.table is not outer.table:
-            remote.set_plan_table(outer.table)
 
     # ------------------------------------------------------------------ calls
     def trace(self, subgraph: Subgraph, record: Any, local_ms: float) -> None:
