@@ -37,6 +37,7 @@ from rrto_ros.graph import GraphAnalysis
 from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import Artifact, LocalModel, load_local_model
 from rrto_ros.naive import run_naive
+from rrto_ros.partition import is_data_dependent, Partition
 from rrto_ros.plan_feedback import PlanFeedback
 from rrto_ros.plan_table import bind_table, PlanSelector, PlanTable, program_key
 from rrto_ros.split import Plan, as_program
@@ -84,6 +85,8 @@ class CallRecord:
     signature: str = ''
     deadline_missed: bool = False   # later than deadline_ms end to end, or dropped by the server
     preemptions: int = 0            # times the server suspended it for more urgent work
+    remote_subgraphs: int = 0       # partitioned model: subgraphs the server ran in this call
+    local_subgraphs: int = 0        # partitioned model: captured subgraphs the robot ran
     stamp: float = field(default_factory=time.time)
 
     @property
@@ -108,6 +111,7 @@ class _Target:
         self.ready = threading.Event()
         self.selector: PlanSelector | None = None
         self.plans: dict[str, tuple[PlanRuntime, str]] = {}  # plan name -> (runtime, replay)
+        self.partition: Partition | None = None   # set when the model cannot be exported whole
 
 
 class OffloadedModel:
@@ -163,6 +167,7 @@ class OffloadedModel:
         self.counters = {'calls': 0, 'offloaded': 0, 'local': 0, 'fallbacks': 0, 'uploads': 0,
                          'records': 0, 'prepare_errors': 0, 'plan_switches': 0}
         self.last: CallRecord | None = None
+        self.partition: Partition | None = None   # shared by the signatures that need it
         self.listeners: list[Callable[[CallRecord], None]] = []
 
     # ------------------------------------------------------------------ public API
@@ -194,6 +199,8 @@ class OffloadedModel:
                     'errors'):
             data[key] = self.data.counters[key] + self.control.counters[key]
         data['infer_round_trips'] = self.data.counters['round_trips']
+        for key, value in (self.partition.stats() if self.partition else {}).items():
+            data[key] = data.get(key, 0) + value
         return data
 
     def set_timeout(self, timeout_ms: float) -> None:
@@ -246,6 +253,8 @@ class OffloadedModel:
         self._closed.set()
         self._jobs.put(None)
         self._preparer.join(timeout=5)
+        if self.partition is not None:
+            self.partition.close()
         self.data.close()
         self.control.close()
 
@@ -267,6 +276,8 @@ class OffloadedModel:
         if target.state != 'ready':
             reason = target.error or 'server is preparing this input signature'
             return self._run_local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason)
+        if target.partition is not None:
+            return self._run_partitioned(target.partition, args, kwargs)
         plan = self._choose(target)
         if plan.kind == 'local':
             return self._run_local(args, kwargs, start, OffloadResult.LOCAL, 'local',
@@ -311,6 +322,13 @@ class OffloadedModel:
                             robot_compute_ms=(now - local_start) * 1e3,
                             bandwidth_mbps=self._bandwidth(), reason=reason)
         return outputs, record
+
+    def _run_partitioned(self, partition: Partition, args: tuple,
+                         kwargs: dict) -> tuple[Any, CallRecord]:
+        outputs, fields = partition.run(args, kwargs, self._bandwidth())
+        result = OffloadResult(fields.pop('result'))
+        self.counters['fallbacks' if result == OffloadResult.LOCAL_FALLBACK else result.value] += 1
+        return outputs, CallRecord(result, **fields)
 
     def _bandwidth(self) -> float:
         return self.link[0] if self.link else 0.0
@@ -375,9 +393,17 @@ class OffloadedModel:
             target.ready.set()
 
     def _prepare(self, target: _Target) -> None:
+        if target.partition is not None:
+            return
         if target.artifact is None:
             flat, in_spec = target.example
-            target.artifact = self.local.artifact(flat, in_spec)
+            try:
+                target.artifact = self.local.artifact(flat, in_spec)
+            except Exception as exc:  # noqa: B902 - data-dependent: partitioned, else re-raised
+                if not is_data_dependent(exc):
+                    raise
+                self._prepare_partition(target)
+                return
         artifact = target.artifact
         self.control.hello()
         self.counters['uploads'] += self.control.upload(artifact.blobs,
@@ -388,6 +414,14 @@ class OffloadedModel:
         table = self.table
         if table is not None and not target.plans:
             self._prepare_plans(target, table)
+
+    def _prepare_partition(self, target: _Target) -> None:
+        log.info('%s cannot be exported whole (data-dependent operators): partitioning it',
+                 self.local.label)
+        self.partition = self.partition or Partition(self)
+        args, kwargs = treespec.unflatten(list(target.example[0]), target.example[1])
+        self.partition.prepare(args, kwargs, self.record_timeout_ms / 1e3)
+        target.partition = self.partition
 
     def _record(self, model: str, signature) -> str:
         reply = self.control.record(model, signature, self.options,

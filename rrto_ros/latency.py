@@ -36,6 +36,8 @@ KEYS = {
     'preemptions': int,          # times the server suspended it for more urgent work
     'stamp': str,                # input image header stamp, sec.nanosec
     'round_trips': int,          # network round trips of this call (1 when offloaded)
+    'remote_subgraphs': int,     # partitioned model: subgraphs the server ran in this call
+    'local_subgraphs': int,      # partitioned model: captured subgraphs the robot ran
     'bytes_sent': int,
     'bytes_received': int,
     'server': str,               # the server endpoint
@@ -68,7 +70,8 @@ def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
         'result': record.result.value, 'reason': record.reason,
         'deadline_missed': record.deadline_missed, 'preemptions': record.preemptions,
         'stamp': stamp,
-        'round_trips': record.round_trips, 'bytes_sent': record.bytes_sent,
+        'round_trips': record.round_trips, 'remote_subgraphs': record.remote_subgraphs,
+        'local_subgraphs': record.local_subgraphs, 'bytes_sent': record.bytes_sent,
         'bytes_received': record.bytes_received, 'server': server,
         'frames_dropped': int(frames_dropped), 'variant': variant}
     return [(key, _text(values[key])) for key in KEYS]

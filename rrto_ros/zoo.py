@@ -6,6 +6,12 @@ Built-in perception models, defined here so nothing depends on torchvision.
 * :func:`keypoint_net`: a small pose/detection network with a dict of outputs
   (keypoint heatmaps, offsets, box regression, objectness), using upsampling
   and channel concatenation like real keypoint heads.
+* :func:`detector`: a two-stage object detector ending, like SSD, RetinaNet or
+  Faster R-CNN, in data-dependent post-processing written in torch (score
+  threshold by boolean mask, top-k of a data-dependent size, class-wise NMS),
+  with a box-refinement head on the surviving boxes; returns one dict of
+  variable-length ``boxes``, ``scores``, ``labels`` per image.  It cannot be
+  exported whole; :mod:`rrto_ros.partition` offloads its tensor programs.
 
 Weights are random but deterministic (seeded), and batch-norm statistics are
 randomised so outputs are not trivially zero; the models exist to measure
@@ -151,6 +157,116 @@ class KeypointNet(nn.Module):
                 'score': torch.sigmoid(F.adaptive_max_pool2d(self.objectness(p2), 1)).flatten(1)}
 
 
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Return the IoU matrix of two sets of ``x1, y1, x2, y2`` boxes."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    low = torch.maximum(a[:, None, :2], b[None, :, :2])
+    high = torch.minimum(a[:, None, 2:], b[None, :, 2:])
+    inter = (high - low).clamp(min=0).prod(dim=2)
+    return inter / (area_a[:, None] + area_b[None, :] - inter)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
+                iou_threshold: float) -> torch.Tensor:
+    """Return the indices kept by greedy per-class NMS, highest score first."""
+    if boxes.numel() == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    # one class never suppresses another: move each class's boxes apart
+    shifted = boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]
+    order = scores.argsort(descending=True, stable=True)
+    overlap = box_iou(shifted[order], shifted[order]) > iou_threshold
+    suppressed = torch.zeros(len(order), dtype=torch.bool)
+    keep = []
+    for i in range(len(order)):
+        if not suppressed[i]:
+            keep.append(i)
+            suppressed |= overlap[i]
+    return order[torch.tensor(keep, dtype=torch.int64)]
+
+
+class Detector(nn.Module):
+    """
+    SSD-style dense head at strides 8 and 16, then a refinement head on the NMS survivors.
+
+    Stage 1 (backbone and dense head) and stage 2 (box features sampled from
+    the stride-8 map, a two-layer MLP) are static tensor programs; between and
+    after them, thresholds, top-k and NMS depend on the data.
+    """
+
+    def __init__(self, classes: int = 8, width: int = 32, score_thresh: float = 0.3,
+                 pre_nms: int = 200, iou_threshold: float = 0.5, max_detections: int = 50):
+        super().__init__()
+        w = width
+        self.backbone = nn.Sequential(_conv_bn(3, w, 3, 2), _conv_bn(w, 2 * w, 3, 2),
+                                      _conv_bn(2 * w, 2 * w, 3), _conv_bn(2 * w, 4 * w, 3, 2),
+                                      _conv_bn(4 * w, 4 * w, 3))
+        self.down = _conv_bn(4 * w, 4 * w, 3, 2)
+        self.sizes, self.classes = (16.0, 32.0), classes
+        self.cls = nn.ModuleList(nn.Conv2d(4 * w, 3 * classes, 3, padding=1) for _ in range(2))
+        self.reg = nn.ModuleList(nn.Conv2d(4 * w, 3 * 4, 3, padding=1) for _ in range(2))
+        self.refine = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 49, 256), nn.ReLU(),
+                                    nn.Linear(256, classes + 4))
+        self.score_thresh, self.pre_nms = score_thresh, pre_nms
+        self.iou_threshold, self.max_detections = iou_threshold, max_detections
+
+    def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        p3 = self.backbone(images)
+        levels = [p3, self.down(p3)]
+        logits, deltas, anchors = [], [], []
+        for level, feature in enumerate(levels):
+            n, _, h, w = feature.shape
+            scores = self.cls[level](feature).permute(0, 2, 3, 1)
+            logits.append(scores.reshape(n, -1, self.classes))
+            deltas.append(self.reg[level](feature).permute(0, 2, 3, 1).reshape(n, -1, 4))
+            anchors.append(_anchors(h, w, images.shape[-1] / w, self.sizes[level]))
+        boxes = _decode(torch.cat(deltas, 1), torch.cat(anchors), images.shape[-2:])
+        scores = torch.sigmoid(torch.cat(logits, 1))
+        return [self._detect(p3[i:i + 1], boxes[i], scores[i], images.shape[-1] / p3.shape[-1])
+                for i in range(len(images))]
+
+    def _detect(self, feature, boxes, scores, stride: float) -> dict[str, torch.Tensor]:
+        flat = scores.flatten()
+        candidates = torch.nonzero(flat > self.score_thresh).squeeze(1)
+        top = flat[candidates].topk(min(self.pre_nms, len(candidates)))
+        index = candidates[top.indices]
+        boxes, labels = boxes[index // self.classes], index % self.classes
+        keep = batched_nms(boxes, top.values, labels, self.iou_threshold)[:self.max_detections]
+        boxes, labels = boxes[keep], labels[keep]
+        refined = self.refine(_box_features(feature, boxes / stride))
+        scores = torch.sigmoid(refined.gather(1, labels[:, None]).squeeze(1))
+        boxes = boxes + refined[:, self.classes:] * 4.0
+        final = scores > self.score_thresh
+        return {'boxes': boxes[final], 'scores': scores[final], 'labels': labels[final]}
+
+
+def _anchors(h: int, w: int, stride: float, size: float) -> torch.Tensor:
+    ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing='ij')
+    centres = (torch.stack([xs, ys], -1).reshape(-1, 1, 2).float() + 0.5) * stride
+    half = torch.tensor([[1.0, 1.0], [1.4, 0.7], [0.7, 1.4]]) * size / 2
+    return torch.cat([centres - half, centres + half], -1).reshape(-1, 4)
+
+
+def _decode(deltas: torch.Tensor, anchors: torch.Tensor, size) -> torch.Tensor:
+    wh = anchors[:, 2:] - anchors[:, :2]
+    centre = anchors[:, :2] + wh / 2 + deltas[..., :2] * wh * 0.1
+    half = wh * torch.exp(deltas[..., 2:].clamp(max=4.0) * 0.2) / 2
+    limit = torch.tensor([size[1], size[0]], dtype=deltas.dtype)
+    return torch.cat([(centre - half).clamp(min=0), torch.minimum(centre + half, limit)], -1)
+
+
+def _box_features(feature: torch.Tensor, boxes: torch.Tensor, size: int = 7) -> torch.Tensor:
+    """Sample a ``size`` x ``size`` grid of features inside each box (RoIAlign-like)."""
+    _, _, h, w = feature.shape
+    steps = (torch.arange(size, dtype=feature.dtype) + 0.5) / size
+    xs = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * steps
+    ys = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * steps
+    grid = torch.stack([xs[:, None, :].expand(-1, size, -1),
+                        ys[:, :, None].expand(-1, -1, size)], -1)
+    grid = grid / torch.tensor([w, h], dtype=feature.dtype) * 2 - 1
+    return F.grid_sample(feature.expand(len(boxes), -1, -1, -1), grid, align_corners=False)
+
+
 def _initialise(model: nn.Module, seed: int) -> nn.Module:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -183,4 +299,12 @@ def keypoint_net(keypoints: int = 17, width: int = 32, seed: int = 0) -> Keypoin
     return _initialise(KeypointNet(keypoints, width), seed)
 
 
+def detector(classes: int = 8, width: int = 32, seed: int = 0) -> Detector:
+    """Return the two-stage detector in eval mode with deterministic random weights."""
+    return _initialise(Detector(classes, width), seed)
+
+
+# models that export whole (one remote program per input signature)
 ARCHITECTURES = {'resnet18': resnet18, 'mobilenet': mobilenet, 'keypoint_net': keypoint_net}
+# models with data-dependent post-processing (partitioned: see rrto_ros.partition)
+DETECTORS = {'detector': detector}

@@ -341,7 +341,8 @@ class Program:
         for node in self.nodes[start:stop]:
             args = decode_arg(node.args, lookup, device)
             kwargs = {k: decode_arg(v, lookup, device) for k, v in node.kwargs.items()}
-            if ops.creates_tensors(node.fn) and kwargs.get('device') is None:
+            if (ops.creates_tensors(node.fn) and kwargs.get('device') is None
+                    and not _device_positional(node.fn, args)):
                 kwargs['device'] = device
             env[node.name] = graph.create_node('call_function', node.fn, tuple(args), kwargs,
                                                name=_ident(node.name))
@@ -361,6 +362,12 @@ class Program:
             live_out = [n.name for n in self.nodes[a:b] if n.name in later]
             result.append((live_in, live_out))
         return result
+
+
+def _device_positional(fn: Callable, args: list) -> bool:
+    """Return True if ``args`` give ``fn``'s device argument (``aten.to.device``)."""
+    names = [a.name for a in fn._schema.arguments]
+    return names.index('device') < len(args)
 
 
 def _ident(name: str) -> str:

@@ -55,12 +55,12 @@ def values_of(msg: DiagnosticStatus) -> list[tuple[str, str]]:
     return [(kv.key, kv.value) for kv in msg.values]
 
 
-def float_array(tensor: torch.Tensor) -> Float32MultiArray:
-    """Return one output tensor as a Float32MultiArray with labelled dimensions."""
+def float_array(tensor: torch.Tensor, name: str = '') -> Float32MultiArray:
+    """Return output ``name`` as a Float32MultiArray with labelled dimensions (see outputs)."""
     data = tensor.detach().to('cpu', torch.float32).contiguous()
     msg = Float32MultiArray()
     msg.layout.dim = [MultiArrayDimension(label=label, size=size, stride=stride)
-                      for label, size, stride in dimensions(tuple(data.shape))]
+                      for label, size, stride in dimensions(tuple(data.shape), name)]
     msg.layout.data_offset = 0
     msg.data = array.array('f', data.numpy().tobytes())
     return msg

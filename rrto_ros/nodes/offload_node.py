@@ -296,7 +296,7 @@ class OffloadNode(Node):
             self.get_logger().info('publishing outputs on ' + ', '.join(
                 self._outputs[n].topic_name for n in self._names))
         for name, leaf in zip(self._names, leaves):
-            self._outputs[name].publish(m.float_array(leaf))
+            self._outputs[name].publish(m.float_array(leaf, name))
 
     def _publish_diagnostics(self) -> None:
         stats = self.engine.stats()

@@ -1,0 +1,338 @@
+"""
+Offload a model that cannot be exported whole: tensor programs remote, data-dependent code local.
+
+Detectors end in code whose shapes depend on the data (score thresholds by
+boolean mask, top-k of a data-dependent size, NMS); ``torch.export`` cannot
+trace it.  :class:`Partition` lets PyTorch find the cut: ``torch.compile``
+with our backend and static shapes, and with data-dependent operators kept
+out of graphs (``capture_scalar_outputs`` and
+``capture_dynamic_output_shape_ops`` off), hands us each graph it captures
+while the operators that break the graphs, and the Python around them, stay
+in Python on the robot.
+
+Each captured graph becomes a :class:`Subgraph`.  Its first call runs locally
+and counts its FLOPs (``FlopCounterMode``) and the bytes it would move; a
+subgraph holding at least :data:`MIN_SHARE` of the model's FLOPs and
+:data:`MIN_FLOPS_PER_BYTE` per byte moved is offloaded through its own inner
+offloaded model (the engine's usual machinery: it is exported, uploaded
+once, recorded per input signature, replayed, timed out, fallen back and
+reconnected exactly like a whole model, with the outer model's options).
+Smaller ones (a few elementwise operators between two breaks) stay local
+rather than cost a round trip.  One call of the partitioned model costs one
+round trip per offloaded subgraph; each subgraph's output equals its local
+output, so the whole output does too.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch._dynamo
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
+from torch.utils.flop_counter import FlopCounterMode
+
+from rrto_ros.local_model import EXPORT_GUARD, TorchModule
+
+MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
+MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
+RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
+PREPARE_CALLS = 3           # calls at most while preparing, until one captures no new graph
+_DYNAMO = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': False,
+           'recompile_limit': RECOMPILE_LIMIT}
+if hasattr(torch._dynamo.config, 'nested_graph_breaks'):
+    # a break inside a nested call ends the graph there, not at the outermost call: a
+    # detector's backbone and heads stay one graph (one round trip), not one per call level
+    _DYNAMO['nested_graph_breaks'] = True
+_COUNTERS = ('round_trips', 'infer_round_trips', 'bytes_sent', 'bytes_received', 'timeouts',
+             'reconnects', 'errors', 'uploads', 'records', 'prepare_errors')
+
+
+def is_data_dependent(exc: BaseException) -> bool:
+    """Return True if an export failed on an operator whose output depends on the data."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (GuardOnDataDependentSymNode,
+                            torch._subclasses.fake_tensor.DynamicOutputShapeException,
+                            torch._subclasses.fake_tensor.DataDependentOutputException)):
+            return True
+        if 'data-dependent' in str(exc):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+class SubgraphModule(torch.nn.Module):
+    """A captured graph with its weights held as buffers; called with its data inputs only."""
+
+    def __init__(self, graph: torch.fx.GraphModule, arity: int,
+                 weights: dict[int, torch.Tensor]):
+        super().__init__()
+        self.graph = graph
+        self.arity = arity
+        self.slots = sorted(weights)
+        for k, position in enumerate(self.slots):
+            self.register_buffer(f'w{k}', weights[position].detach())
+
+    def forward(self, *inputs: torch.Tensor) -> tuple:
+        it = iter(inputs)
+        weights = dict(zip(self.slots, self.buffers()))
+        args = [weights[i] if i in weights else next(it) for i in range(self.arity)]
+        return tuple(self.graph(*args))
+
+
+@dataclass
+class Subgraph:
+    """One captured graph: the callable dynamo runs in its place."""
+
+    index: int
+    graph: torch.fx.GraphModule
+    weights: dict[int, torch.Tensor]       # argument position -> the module's own tensor
+    owner: 'Partition'
+    flops: int = -1                        # -1 until its first call
+    io_bytes: int = 0
+    remote: Any = None                     # the inner offloaded model, when worth a round trip
+    reason: str = ''                       # why it stays local
+    example: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __call__(self, *args: torch.Tensor) -> Any:
+        start = time.perf_counter()
+        data = [a for i, a in enumerate(args) if i not in self.weights]
+        if self.flops < 0:
+            outputs = self._first_call(args, data)
+        elif self.remote is not None and self._weights_unchanged(args):
+            with self.lock:
+                outputs = self.remote(*data)
+                self.owner.trace(self, self.remote.last, 0.0)
+            return _inference(outputs)
+        else:
+            outputs = self.graph(*args)
+        self.owner.trace(self, None, (time.perf_counter() - start) * 1e3)
+        return outputs
+
+    def _first_call(self, args: tuple, data: list) -> Any:
+        # outside inference mode: the counter's module hooks look for the weights' autograd
+        with torch.inference_mode(False), torch.no_grad(), \
+                FlopCounterMode(display=False) as counter:
+            outputs = self.graph(*args)
+        outputs = _inference(outputs)
+        self.flops = int(counter.get_total_flops())
+        tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
+        self.io_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        self.reason = self.owner.stays_local(self, data)
+        if not self.reason:
+            self.example = [t.detach().clone() for t in data]
+            self.remote = self.owner.remote_for(self, len(args))
+        return outputs
+
+    def _weights_unchanged(self, args: tuple) -> bool:
+        return all(args[i] is t for i, t in self.weights.items())
+
+    def describe(self) -> dict:
+        """Return what this subgraph is and where it runs."""
+        ops = sum(1 for n in self.graph.graph.nodes if n.op not in ('placeholder', 'output'))
+        return {'index': self.index, 'operators': ops, 'flops': max(self.flops, 0),
+                'io_bytes': self.io_bytes, 'remote': self.remote is not None,
+                'reason': self.reason}
+
+
+class Partition:
+    """
+    One model run as compiled Python whose captured graphs may run on the server.
+
+    ``outer`` is the model's :class:`~rrto_ros.engine.OffloadedModel`; each
+    remote subgraph gets an inner one of the same type with the outer's
+    options (server, timeouts, mode, precision, segments, codec, priority,
+    deadline, task), kept up to date with the outer's link, codec and timeout
+    before every call.  Plan tables are bound to one program
+    (:func:`rrto_ros.plan_table.bind_table`), so a whole model's table does not
+    apply to its subgraphs: they are offloaded whole.
+    """
+
+    def __init__(self, outer: Any):
+        if not isinstance(outer.local, TorchModule):
+            raise TypeError(f'only nn.Module models can be partitioned, not {outer.local.label}')
+        self.outer = outer
+        self.local = outer.local
+        self.label = outer.local.label
+        self.model_flops = 0
+        self.subgraphs: list[Subgraph] = []
+        self.last_call: list[tuple[int, bool]] = []   # (subgraph index, ran remotely)
+        self._remotes: dict[tuple, Any] = {}
+        self._own = {id(t): t for t in _tensors_of(self.local.module)}
+        self._lock = threading.Lock()
+        self._local = threading.local()
+        self.compiled = torch.compile(self.local.module, backend=self._capture, dynamic=False)
+
+    # ------------------------------------------------------------------ preparation
+    def prepare(self, args: tuple, kwargs: dict, timeout_s: float) -> bool:
+        """Count the model's FLOPs, capture its graphs, record the remote ones; True if all are."""
+        if not self.model_flops:
+            with EXPORT_GUARD.shared(), torch.inference_mode(), \
+                    FlopCounterMode(display=False) as counter:
+                self.local.module(*args, **kwargs)
+            self.model_flops = int(counter.get_total_flops())
+        # a call can change what the next one's guards see (torchvision's anchor generator
+        # stores tensors made in inference mode): call until no new graph is captured
+        for _ in range(PREPARE_CALLS):
+            captured = len(self.subgraphs)
+            self.run(args, kwargs)
+            if self.last_call and len(self.subgraphs) == captured:
+                break
+        ready = [s.remote.warmup(*s.example, timeout_s=timeout_s)
+                 for s in self.subgraphs if s.remote is not None]
+        return all(ready)
+
+    def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
+        weights = {i: t for i, t in enumerate(example) if self._own.get(id(t)) is t}
+        with self._lock:
+            subgraph = Subgraph(len(self.subgraphs), graph, weights, self)
+            self.subgraphs.append(subgraph)
+        return subgraph
+
+    def stays_local(self, subgraph: Subgraph, data: list) -> str:
+        """Return why ``subgraph`` should run on the robot ('' if it is worth a round trip)."""
+        if not all(isinstance(t, torch.Tensor) for t in data):
+            return 'takes non-tensor inputs'
+        if subgraph.flops < MIN_SHARE * self.model_flops:
+            return (f'{subgraph.flops} FLOPs: under {MIN_SHARE:.0%} of the model\'s '
+                    f'{self.model_flops}')
+        if subgraph.flops < MIN_FLOPS_PER_BYTE * subgraph.io_bytes:
+            return (f'{subgraph.flops} FLOPs for {subgraph.io_bytes} bytes moved: under '
+                    f'{MIN_FLOPS_PER_BYTE:g} FLOPs per byte')
+        return ''
+
+    def remote_for(self, subgraph: Subgraph, arity: int) -> Any:
+        """Return the inner offloaded model of a subgraph (shared by graphs of the same code)."""
+        key = (subgraph.graph.code, tuple((i, id(t)) for i, t in subgraph.weights.items()))
+        with self._lock:
+            if key not in self._remotes:
+                module = SubgraphModule(subgraph.graph, arity, subgraph.weights)
+                label = f'{self.label}.subgraph{subgraph.index}'
+                self._remotes[key] = self._make_remote(TorchModule(module, label=label))
+            return self._remotes[key]
+
+    def _make_remote(self, local: TorchModule) -> Any:
+        outer = self.outer
+        return type(outer)(
+            local, outer.server, outer.timeout_ms, mode=outer.mode,
+            precision=outer.options['precision'], segments=outer.options['segments'],
+            codec=outer.codec, priority=outer.keys['priority'],
+            deadline_ms=outer.keys['deadline_ms'], task=outer.keys['task'],
+            late=outer.keys['late'], connect_timeout_ms=outer.data.connect_timeout_ms,
+            upload_timeout_ms=outer.upload_timeout_ms, record_timeout_ms=outer.record_timeout_ms,
+            switch_after=outer.switch_after, link=outer.link, plan_feedback=outer.plan_feedback)
+
+    def _sync(self, remote: Any) -> None:
+        outer = self.outer
+        if outer.link is not None and remote.link != outer.link:
+            remote.set_link(*outer.link)
+        if remote.codec != outer.codec:
+            remote.set_codec(outer.codec)
+        if remote.timeout_ms != outer.timeout_ms:
+            remote.set_timeout(outer.timeout_ms)
+
+    # ------------------------------------------------------------------ calls
+    def trace(self, subgraph: Subgraph, record: Any, local_ms: float) -> None:
+        """Note one subgraph call of the current call (``record``: the inner model's)."""
+        calls = getattr(self._local, 'calls', None)
+        if calls is not None:
+            calls.append((subgraph, record, local_ms))
+
+    def run(self, args: tuple, kwargs: dict, bandwidth_mbps: float = 0.0) -> tuple[Any, dict]:
+        """Run one call; return its outputs and the fields of its call record."""
+        for remote in list(self._remotes.values()):
+            self._sync(remote)
+        self._local.calls = calls = []
+        start = time.perf_counter()
+        try:
+            with EXPORT_GUARD.shared(), torch.inference_mode(), torch._dynamo.config.patch(
+                    **_DYNAMO):
+                outputs = self.compiled(*args, **kwargs)
+        finally:
+            self._local.calls = None
+        total_ms = (time.perf_counter() - start) * 1e3
+        self.last_call = [(s.index, r is not None and r.result.value == 'offloaded')
+                          for s, r, _ in calls]
+        return outputs, _fields(calls, total_ms, bandwidth_mbps)
+
+    # ------------------------------------------------------------------ reporting
+    def describe(self) -> dict:
+        """
+        Return the partition: every captured subgraph, and where the last call ran each.
+
+        ``last_call`` lists the subgraph indices the last call ran, in order,
+        ``remote`` those the server ran; ``remote_flops`` and ``remote_share``
+        are the server's part of the model's FLOPs in that call.
+        """
+        last = self.last_call
+        remote = [i for i, offloaded in last if offloaded]
+        flops = sum(self.subgraphs[i].flops for i in remote)
+        return {'model_flops': self.model_flops, 'remote_flops': flops,
+                'remote_share': flops / self.model_flops if self.model_flops else 0.0,
+                'last_call': [i for i, _ in last], 'remote': remote,
+                'subgraphs': [s.describe() for s in self.subgraphs]}
+
+    def stats(self) -> dict:
+        """Return the inner models' counters summed, and the number of (remote) subgraphs."""
+        data = {'subgraphs': len(self.subgraphs),
+                'remote_subgraphs': sum(s.remote is not None for s in self.subgraphs)}
+        for remote in list(self._remotes.values()):
+            stats = remote.stats()
+            for key in _COUNTERS:
+                data[key] = data.get(key, 0) + stats.get(key, 0)
+        return data
+
+    def close(self) -> None:
+        for remote in list(self._remotes.values()):
+            remote.close()
+
+
+def _fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
+    """Sum one call's subgraph calls into the fields of a CallRecord."""
+    records = [r for _, r, _ in calls if r is not None]
+    remote = [r for r in records if r.result.value == 'offloaded']
+    fallbacks = [r for r in records if r.result.value == 'local_fallback']
+    waiting = [f'subgraph {s.index}: {r.reason}' for s, r, _ in calls
+               if r is not None and r.result.value != 'offloaded']
+    if fallbacks:
+        result = 'local_fallback'
+    elif remote:
+        result = 'offloaded'
+    else:
+        result = 'local'
+        waiting = waiting or ['no subgraph is worth a round trip']
+    remote_ms = sum(r.network_ms + r.server_ms for r in remote)
+    return {
+        'result': result, 'plan': 'partitioned', 'total_ms': total_ms,
+        'network_ms': sum(r.network_ms for r in remote),
+        'server_ms': sum(r.server_ms for r in remote),
+        'server_queue_ms': sum(r.server_queue_ms for r in remote),
+        'server_compute_ms': sum(r.server_compute_ms for r in remote),
+        'robot_compute_ms': max(0.0, total_ms - remote_ms),
+        'round_trips': sum(r.round_trips for r in records),
+        'bytes_sent': sum(r.bytes_sent for r in records),
+        'bytes_received': sum(r.bytes_received for r in records),
+        'bandwidth_mbps': bandwidth_mbps, 'codec': remote[0].codec if remote else '',
+        'reason': '; '.join(waiting), 'preemptions': sum(r.preemptions for r in remote),
+        'deadline_missed': any(r.deadline_missed for r in records),
+        'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote)}
+
+
+def _inference(outputs: Any) -> tuple:
+    """Return outputs as inference tensors, as local ones are (dynamo guards on dispatch keys)."""
+    return tuple(o.clone() if isinstance(o, torch.Tensor) and not o.is_inference() else o
+                 for o in outputs)
+
+
+def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Return every tensor a module holds: parameters, buffers and plain tensor attributes."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    for sub in module.modules():
+        tensors += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
+    return tensors

@@ -1,0 +1,208 @@
+"""A model that cannot be exported whole offloads its tensor programs; the rest runs locally."""
+
+import time
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from rrto_ros import OffloadResult
+from rrto_ros.local_model import TorchModule
+from rrto_ros.partition import is_data_dependent
+from rrto_ros.zoo import ARCHITECTURES, Detector, detector
+from rrto_wire import treespec
+from rrto_testing import assert_same_as_local
+
+SHAPE = (1, 3, 128, 160)
+STAGE2_WEIGHT_BYTES = 4 * (4 * 32 * 49 * 256)   # the refinement head's first layer
+
+
+def _frame(seed: int) -> torch.Tensor:
+    return torch.randn(*SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _local(model, x):
+    with torch.inference_mode():
+        return model(x)
+
+
+def _assert_same_detections(actual, expected):
+    assert len(actual) == len(expected)
+    for got, want in zip(actual, expected):
+        assert got.keys() == want.keys()
+        for key in want:   # same boxes, scores and labels, in the same order
+            assert torch.equal(got[key], want[key]), key
+
+
+def test_data_dependent_export_failure_is_recognised():
+    flat, spec = treespec.flatten(((_frame(0),), {}))
+    with pytest.raises(Exception) as failure:
+        TorchModule(detector()).artifact(flat, spec)
+    assert is_data_dependent(failure.value)
+    assert not is_data_dependent(ValueError('operator foo cannot be offloaded'))
+
+
+def test_detector_offloads_two_subgraphs_with_its_flops_in_two_round_trips(server, offloaded):
+    model = detector()
+    x = _frame(0)
+    expected = _local(model, x)
+    assert 0 < len(expected[0]['boxes']) < 200
+    om = offloaded(model, server.endpoint, timeout_ms=30000, segments='ops:8')
+    assert om.warmup(x, timeout_s=300)
+
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+        model(x)
+    om(x)
+    plan = om.partition.describe()
+    assert plan['model_flops'] == counter.get_total_flops()
+    remote = [s for s in plan['subgraphs'] if s['remote']]
+    assert len(remote) == 2 and [s['index'] for s in remote] == plan['remote']
+    assert plan['remote_share'] >= 0.9 and plan['remote_flops'] <= plan['model_flops'], plan
+    # the graphs between the breaks (thresholds, index arithmetic, IoU) stay on the robot
+    local = [s for s in plan['subgraphs'] if not s['remote']]
+    assert local and all('FLOPs' in s['reason'] for s in local)
+    assert len(plan['last_call']) == len(plan['subgraphs'])
+
+    before, server_before = om.stats(), server.snapshot()['requests'].get('infer', 0)
+    for _ in range(2):
+        out = om(x)
+        _assert_same_detections(out, expected)
+        record = om.last
+        assert record.result == OffloadResult.OFFLOADED, record.reason
+        assert record.plan == 'partitioned' and record.round_trips == 2
+        assert record.remote_subgraphs == 2 and record.local_subgraphs == len(local)
+        assert 0 < record.robot_compute_ms < record.total_ms
+        assert record.server_ms > 0 and record.bytes_sent > x.numel() * 4
+    after = om.stats()
+    assert after['infer_round_trips'] - before['infer_round_trips'] == 4
+    assert server.snapshot()['requests']['infer'] - server_before == 4
+    assert after['offloaded'] - before['offloaded'] == 2
+    assert after['remote_subgraphs'] == 2 and after['records'] >= 2
+    # the record options reach each subgraph's replay: recorded in segments
+    assert all(r['segments'] > 1 for r in server.snapshot()['replays'])
+
+    # the link estimate, codec and timeout reach every subgraph's model
+    om.set_link(50.0, 5.0)
+    om.set_codec('lz4')
+    om.set_timeout(20000)
+    _assert_same_detections(om(x), expected)
+    assert om.last.codec == 'lz4' and om.last.bandwidth_mbps == 50.0
+    inner = [s.remote for s in om.partition.subgraphs if s.remote is not None]
+    assert all(m.link == (50.0, 5.0) and m.timeout_ms == 20000 for m in inner)
+
+    # another frame: other detections, the same as local whatever ran where
+    other = _frame(1)
+    _assert_same_detections(om(other), _local(model, other))
+
+
+def test_subgraph_that_cannot_be_recorded_runs_locally_while_the_rest_offloads(
+        make_server, offloaded):
+    # the refinement head's weights exceed the server's message limit: it refuses them
+    server = make_server(max_message_bytes=STAGE2_WEIGHT_BYTES // 2)
+    model = detector()
+    x = _frame(0)
+    expected = _local(model, x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    places = [s for s in om.partition.describe()['subgraphs'] if s['flops']]
+    assert len(places) == 2
+    out = om(x)
+    _assert_same_detections(out, expected)
+    assert om.last.result == OffloadResult.OFFLOADED
+    assert om.last.round_trips == 1 and om.last.remote_subgraphs == 1
+    assert 'cannot offload' in om.last.reason and 'too' in om.last.reason, om.last.reason
+    assert om.stats()['prepare_errors'] == 1
+
+
+class _CachingDetector(Detector):
+    """Keeps tensors made during the call, as torchvision's anchor generator does."""
+
+    def __init__(self):
+        super().__init__()
+        self.cache = [torch.zeros(())]
+
+    def forward(self, images):
+        self.cache = [c.to(images.dtype) for c in self.cache]
+        return super().forward(images + self.cache[0])
+
+
+def test_first_call_after_warmup_is_offloaded_when_the_model_keeps_state(server, offloaded):
+    model = _CachingDetector().eval()
+    model.load_state_dict(detector().state_dict())   # the zoo detector's weights
+    x = _frame(0)
+    expected = _local(model, x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    captured = om.stats()['subgraphs']
+    _assert_same_detections(om(x), expected)
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2, om.last
+    assert om.stats()['subgraphs'] == captured   # nothing compiled during the call
+
+
+@pytest.mark.slow
+def test_server_loss_falls_back_per_subgraph_and_offloads_again(make_server, offloaded, tmp_path):
+    server = make_server(store=str(tmp_path / 'store'))
+    endpoint = server.endpoint
+    model = detector()
+    x = _frame(0)
+    expected = _local(model, x)
+    om = offloaded(model, endpoint, timeout_ms=2000, connect_timeout_ms=300)
+    assert om.warmup(x, timeout_s=300)
+    _assert_same_detections(om(x), expected)
+    assert om.last.round_trips == 2
+
+    server.close()
+    _assert_same_detections(om(x), expected)
+    assert om.last.result == OffloadResult.LOCAL_FALLBACK and om.last.remote_subgraphs == 0
+    assert om.stats()['fallbacks'] == 1
+
+    make_server(bind=endpoint, store=str(tmp_path / 'store'))
+    deadline = time.monotonic() + 120
+    while not (om.last.result == OffloadResult.OFFLOADED and om.last.remote_subgraphs == 2):
+        assert time.monotonic() < deadline, om.last
+        _assert_same_detections(om(x), expected)
+        time.sleep(0.2)
+    assert om.last.round_trips == 2
+
+
+@pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
+def test_whole_model_architectures_still_offload_whole(arch, server, offloaded):
+    model = ARCHITECTURES[arch]()
+    x = torch.randn(1, 3, 64, 64)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x)
+    out = om(x)
+    assert om.partition is None
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.plan == 'offload'
+    assert om.last.round_trips == 1 and om.last.remote_subgraphs == 0
+    assert_same_as_local(out, _local(model, x))
+
+
+def test_detection_outputs_have_a_layout_labelled_by_the_detection_count():
+    from rrto_ros.outputs import dimensions, output_names
+    _, spec = treespec.flatten(_local(detector(), _frame(0)))
+    names = output_names(spec)
+    assert names == ['output0/boxes', 'output0/scores', 'output0/labels']
+    assert dimensions((7, 4), names[0]) == [('detection', 7, 28), ('coordinate', 4, 4)]
+    assert dimensions((0,), names[1]) == [('detection', 0, 0)]
+    assert dimensions((3, 17, 3), 'output0/keypoints')[0] == ('detection', 3, 153)
+    # a dense map called 'boxes' (keypoint_net's) keeps the usual layout
+    assert [d[0] for d in dimensions((1, 4, 24, 32), 'boxes')][:2] == ['batch', 'channel']
+    messages = pytest.importorskip('rrto_ros.nodes.messages')
+    msg = messages.float_array(torch.zeros(0, 4), names[0])
+    assert [d.label for d in msg.layout.dim] == ['detection', 'coordinate']
+    assert msg.layout.dim[0].size == 0 and len(msg.data) == 0
+
+
+class _ToDevice(torch.nn.Module):
+    def forward(self, x):
+        return x.to(x.device, torch.float64) * 2   # aten.to.device: the device is positional
+
+
+def test_program_with_a_positional_device_runs_on_the_server(server, offloaded):
+    # torchvision's detectors convert anchors and boxes this way inside their subgraphs
+    x = torch.randn(3, 5)
+    om = offloaded(_ToDevice(), server.endpoint, timeout_ms=30000)
+    assert om.warmup(x), om.stats()
+    assert torch.equal(om(x), x.double() * 2)
+    assert om.last.result == OffloadResult.OFFLOADED
