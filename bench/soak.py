@@ -47,11 +47,11 @@ from rrto_ros.client import RrtoClient
 from rrto_ros.engine import offload
 from rrto_ros.local_model import TorchModule
 from rrto_server import keys
-from rrto_server.replay import RecordOptions, replay_key
+from rrto_server.replay_key import replay_key
 from rrto_server.auth import Grant
 from rrto_wire import treespec
 from rrto_wire.curve import ClientKeys
-from rrto_wire.messages import Kind
+from rrto_wire.messages import Kind, RecordOptions
 
 PRIORITIES = (0, 5, 10)
 FEATURES = 4096

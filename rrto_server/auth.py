@@ -21,9 +21,9 @@ connections that were already open (``unauthorized``).
 
 Roles, each including the one before: ``infer`` runs models already in the
 store (record, infer, probe, its own stats); ``upload`` also adds models;
-``admin`` sees every model's stats and may evict.  A grant also caps the
-priority a key's requests run at and bounds its stored bytes and in-flight
-requests.
+``admin`` sees every model's stats.  A request kind not listed needs
+``admin``.  A grant also caps the priority a key's requests run at and bounds
+its stored bytes and in-flight requests.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ CLIENTS = 'clients'
 # the least role each request kind needs
 KIND_ROLES = {'hello': 'infer', 'missing': 'infer', 'put': 'upload', 'record': 'infer',
               'infer': 'infer', 'op': 'infer', 'release': 'infer', 'stats': 'infer',
-              'profile': 'infer', 'probe': 'infer', 'evict': 'admin'}
+              'profile': 'infer', 'probe': 'infer'}
 
 
 @dataclass(frozen=True)

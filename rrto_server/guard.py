@@ -40,8 +40,8 @@ class Guard:
                     f'{bind} is reachable from other hosts: pass a key directory (CURVE, see '
                     "'rrto-keys') or, on a network you trust completely, the insecure flag")
             log.warning('*** INSECURE: %s accepts unauthenticated, unencrypted requests from '
-                        'any host that reaches it; every peer may upload, run and evict '
-                        'models. Use a key directory outside a closed lab. ***', bind)
+                        'any host that reaches it; every peer may upload and run models and '
+                        'read all stats. Use a key directory outside a closed lab. ***', bind)
         self.policy = Policy()
         self.admission = Admission(capacity)
         self.backlog = 0      # messages received, not yet dispatched (set by the I/O thread)

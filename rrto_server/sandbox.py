@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import signal
@@ -156,6 +157,12 @@ class Sandbox:
         self._lock = threading.Lock()
         self._busy: dict[str, threading.Lock] = {}
         self.trials = 0
+        self._ctx = multiprocessing.get_context('forkserver')
+        self._ctx.set_forkserver_preload(['rrto_server.sandbox'])
+        # the forkserver imports torch once (tens of seconds on a loaded machine): start it
+        # now, beside the server's own start-up, rather than on the first upload's record
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True,
+                         name='rrto-sandbox-start').start()
 
     def check(self, digest: str, kind: str) -> Verdict:
         """Return the model's verdict (a trial on first use); raise if it is refused."""
@@ -184,12 +191,10 @@ class Sandbox:
         return verdict
 
     def _try(self, digest: str, kind: str) -> Verdict:
-        ctx = multiprocessing.get_context('forkserver')
-        ctx.set_forkserver_preload(['rrto_server.sandbox'])
-        receiver, sender = ctx.Pipe(duplex=False)
-        child = ctx.Process(target=_trial, name=f'rrto-sandbox-{digest[:8]}', daemon=True,
-                            args=(str(self.root), digest, kind, self.max_bytes, self.max_s,
-                                  sender))
+        receiver, sender = self._ctx.Pipe(duplex=False)
+        child = self._ctx.Process(target=_trial, name=f'rrto-sandbox-{digest[:8]}',
+                                  daemon=True, args=(str(self.root), digest, kind,
+                                                     self.max_bytes, self.max_s, sender))
         started = time.monotonic()
         self.trials += 1
         child.start()

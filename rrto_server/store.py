@@ -266,13 +266,6 @@ class BlobStore:
         (self.blobs / f'{digest}.json').unlink(missing_ok=True)
         (self.blobs / digest).unlink(missing_ok=True)
 
-    def evict(self, digest: str) -> bool:
-        """Delete one blob (an admin request); return False if it was not stored."""
-        with self._lock:
-            present = self.has(digest)
-            self._remove(digest)
-        return present
-
     def _add_owner(self, digest: str, owner: str | None) -> None:
         if owner is None:
             return
