@@ -9,9 +9,13 @@ algebra, resampling, shape and pointwise operators; both the export IR and
 its core-ATen decomposition), and a few Python operators on sizes and tuples.
 Everything else is refused, in particular:
 
-* operators that take indices from tensor data (``index``, ``gather``,
-  ``embedding``, ``scatter``...): on CUDA an index out of range is a
-  device-side assert that kills the server's CUDA context;
+* operators that take indices from tensor data (``embedding``, ``scatter``,
+  ``index_put``...): on CUDA an index out of range is a device-side assert
+  that kills the server's CUDA context.  ``aten.index.Tensor`` (``x[idx]``)
+  and ``aten.gather.default`` (detection heads use both) run with their
+  integer indices clamped into range first: equal results wherever the robot's
+  own run succeeds, and no kernel ever sees an index out of range (a check
+  would need a device sync, which a CUDA graph cannot replay);
 * sparse and quantized constructors, ``as_strided``, ``set_``, storage and file
   operators: they trust their arguments (a sparse constructor that skips index
   validation writes out of bounds; see ``docs/security.md``);
@@ -34,7 +38,7 @@ import torch
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 _INPLACE_OK = (
-    'abs add clamp clamp_min clamp_max copy div elu exp fill gelu hardsigmoid hardswish '
+    'abs add clamp clamp_min clamp_max copy detach div elu exp fill gelu hardsigmoid hardswish '
     'hardtanh leaky_relu log mul neg pow reciprocal relu relu6 rsqrt sigmoid silu sqrt sub '
     'tanh zero')
 # packet names (``torch.ops.aten.<name>``); every non-``out`` overload of each is allowed
@@ -56,7 +60,8 @@ ALLOWED_ATEN = frozenset((
     'adaptive_max_pool2d upsample_nearest1d upsample_nearest2d upsample_bilinear2d '
     'upsample_bicubic2d upsample_linear1d _upsample_nearest_exact2d '
     '_upsample_bilinear2d_aa pad constant_pad_nd reflection_pad2d replication_pad2d '
-    'pixel_shuffle pixel_unshuffle channel_shuffle '
+    'pixel_shuffle pixel_unshuffle channel_shuffle grid_sampler grid_sampler_2d '
+    'affine_grid_generator '
     # reductions
     'sum mean amax amin max min argmax argmin var std var_mean prod norm topk sort cumsum '
     'logsumexp all any '
@@ -69,6 +74,44 @@ ALLOWED_ATEN = frozenset((
     'zeros zeros_like ones ones_like full full_like new_zeros new_ones new_full scalar_tensor '
     'arange linspace meshgrid fill zero'
 ).split()) | frozenset(f'{name}_' for name in _INPLACE_OK.split())
+
+
+def _index_clamped(tensor: torch.Tensor, indices: list) -> torch.Tensor:
+    """``aten.index.Tensor`` with integer indices clamped into their dimension's range."""
+    fixed, dim = [], 0
+    for index in indices:
+        if index is None:
+            dim += 1
+        elif index.dtype in (torch.bool, torch.uint8):      # a mask covers index.dim() dims
+            dim += index.dim()
+        else:
+            size = tensor.shape[dim] if dim < tensor.dim() else 0
+            if size == 0:
+                raise IndexError(f'index into dimension {dim} of size 0')
+            index = index.clamp(-size, size - 1)
+            dim += 1
+        fixed.append(index)
+    return torch.ops.aten.index.Tensor(tensor, fixed)
+
+
+_index_clamped._schema = torch.ops.aten.index.Tensor._schema     # its arguments' names
+
+
+def _gather_clamped(tensor: torch.Tensor, dim: int, index: torch.Tensor, *,
+                    sparse_grad: bool = False) -> torch.Tensor:
+    """``aten.gather.default`` with its index clamped into ``[0, size)`` of ``dim``."""
+    size = tensor.shape[dim] if tensor.dim() else 1
+    if size == 0:
+        raise IndexError(f'gather from dimension {dim} of size 0')
+    return torch.ops.aten.gather.default(tensor, dim, index.clamp(0, size - 1),
+                                         sparse_grad=sparse_grad)
+
+
+_gather_clamped._schema = torch.ops.aten.gather.default._schema
+
+
+# data-dependent indexing operators, run with their indices clamped (see module docstring)
+_CLAMPED = {'aten.index.Tensor': _index_clamped, 'aten.gather.default': _gather_clamped}
 
 
 def _getitem(container: Any, index: Any) -> Any:
@@ -106,6 +149,8 @@ def resolve(name: Any) -> Callable:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f'unknown operator {name[:80]!r}') from None
     if not isinstance(overload, torch._ops.OpOverload):
         raise ProtocolError(ErrorCode.BAD_REQUEST, f'{name[:80]!r} is not an operator overload')
+    if name in _CLAMPED:
+        return _CLAMPED[name]
     if parts[1] not in ALLOWED_ATEN or _writes_out_argument(overload):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             f'operator {name[:80]!r} is not allowed on this server')

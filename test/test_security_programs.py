@@ -27,7 +27,7 @@ def test_the_sparse_segfault_program_is_refused_before_it_runs():
 
 @pytest.mark.parametrize('op', [
     'aten._sparse_coo_tensor_with_dims_and_tensors.default', 'aten.sparse_coo_tensor.size',
-    'aten.to_dense.default', 'aten.index.Tensor', 'aten.gather.default',
+    'aten.to_dense.default', 'aten.index_select.default', 'aten.scatter.value',
     'aten.embedding.default', 'aten.index_put_.default', 'aten.as_strided.default',
     'aten.set_.source_Tensor', 'aten.empty.memory_format', 'aten.empty_like.default',
     'aten.from_file.default', 'aten.add.out', 'aten.relu.out', 'aten.nonzero.default',
@@ -157,3 +157,27 @@ def test_keyword_names_cannot_inject_code_into_the_generated_module(tmp_path):
                                          out=('float32', (4,)))], ['y'])
     (y,) = Program.parse(ok).module({}, torch.device('cpu'))(torch.ones(4))
     assert torch.equal(y, torch.full((4,), 3.0))
+
+
+def test_data_dependent_indexing_never_reaches_a_kernel_out_of_range():
+    blob = exploits.program([
+        exploits.node('i', 'aten.full.default', [3], 1 << 40, dtype={'dtype': 'int64'}),
+        exploits.node('y', 'aten.index.Tensor', {'n': 'x'}, [{'n': 'i'}],
+                      out=('float32', (3,)))], ['y'])
+    module = Program.parse(blob).module({}, torch.device('cpu'))
+    x = torch.arange(4.0)
+    (y,) = module(x)
+    assert torch.equal(y, torch.full((3,), 3.0))          # clamped, never out of bounds
+    ok = exploits.program([
+        exploits.node('i', 'aten.full.default', [2], 2, dtype={'dtype': 'int64'}),
+        exploits.node('y', 'aten.index.Tensor', {'n': 'x'}, [None, {'n': 'i'}],
+                      out=('float32', (2, 2)))], ['y'], inputs=(('x', 'float32', (2, 4)),))
+    x = torch.arange(8.0).reshape(2, 4)
+    (y,) = Program.parse(ok).module({}, torch.device('cpu'))(x)
+    assert torch.equal(y, x[:, torch.tensor([2, 2])])     # in range: exactly as locally
+    g = exploits.program([
+        exploits.node('i', 'aten.full.default', [4], -7, dtype={'dtype': 'int64'}),
+        exploits.node('y', 'aten.gather.default', {'n': 'x'}, 0, {'n': 'i'},
+                      out=('float32', (4,)))], ['y'])
+    (y,) = Program.parse(g).module({}, torch.device('cpu'))(torch.arange(4.0) + 1)
+    assert torch.equal(y, torch.ones(4))
