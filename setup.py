@@ -29,6 +29,7 @@ setup(
             'rrto_server = rrto_server.__main__:main',
             'rrto-plan = rrto_ros.plan_cli:main',
             'rrto-plan-tasks = rrto_server.rtsearch:main',
+            'rrto-keys = rrto_server.keys:main',
             'offload_node = rrto_ros.nodes.offload_node:main',
             'bandwidth_monitor = rrto_ros.nodes.bandwidth_monitor:main',
             'server_node = rrto_ros.nodes.server_node:main',

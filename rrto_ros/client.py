@@ -25,6 +25,7 @@ import torch
 import zmq
 
 from rrto_wire import codecs, messages
+from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import COPY_THRESHOLD, MAX_DIGESTS, UPLOAD_CHUNK_BYTES
@@ -58,8 +59,10 @@ class RrtoClient:
 
     def __init__(self, endpoint: str, *, connect_timeout_ms: float = 1000.0,
                  call_timeout_ms: float = 1000.0, backoff_s: tuple[float, float] = (0.1, 2.0),
-                 context: zmq.Context | None = None, name: str = 'rrto'):
+                 context: zmq.Context | None = None, name: str = 'rrto',
+                 keys: ClientKeys | None = None):
         self.endpoint = endpoint
+        self.keys = keys
         self.connect_timeout_ms = connect_timeout_ms
         self.call_timeout_ms = call_timeout_ms
         self.backoff_s = backoff_s
@@ -102,6 +105,8 @@ class RrtoClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
+        if self.keys is not None:
+            self.keys.apply(sock)
         sock.connect(self.endpoint)
         return sock
 

@@ -42,6 +42,7 @@ from rrto_ros.plan_feedback import PlanFeedback
 from rrto_ros.plan_table import bind_table, PlanSelector, PlanTable, program_key
 from rrto_ros.split import Plan, as_program
 from rrto_wire import codecs, treespec
+from rrto_wire.curve import ClientKeys
 from rrto_wire.program import unpack_weights
 from rrto_wire.errors import ErrorCode
 from rrto_wire.messages import Kind
@@ -50,9 +51,12 @@ from rrto_wire.tensors import signature_key
 log = logging.getLogger('rrto_ros.engine')
 
 MODES = ('replay', 'eager', 'naive', 'local')
-_REPREPARE = {ErrorCode.NOT_RECORDED.value, ErrorCode.UNKNOWN_MODEL.value}
+_REPREPARE = {ErrorCode.NOT_RECORDED.value, ErrorCode.UNKNOWN_MODEL.value,
+              ErrorCode.BLOB_CORRUPT.value}      # a quarantined blob: upload it again
 _GIVE_UP = {ErrorCode.SIGNATURE.value, ErrorCode.BAD_REQUEST.value, ErrorCode.RECORD_FAILED.value,
-            ErrorCode.UPLOAD_DISABLED.value, ErrorCode.VERSION.value, ErrorCode.TOO_LARGE.value}
+            ErrorCode.UPLOAD_DISABLED.value, ErrorCode.VERSION.value, ErrorCode.TOO_LARGE.value,
+            ErrorCode.UNSAFE_PROGRAM.value, ErrorCode.FORBIDDEN.value,
+            ErrorCode.UNAUTHORIZED.value}
 OFFLOAD = Plan('offload')
 
 
@@ -123,7 +127,8 @@ class OffloadedModel:
                  task: str = '', late: str | None = None, connect_timeout_ms: float = 1000.0,
                  upload_timeout_ms: float = 60000.0, record_timeout_ms: float = 120000.0,
                  plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
-                 link: tuple[float, float] | None = None, plan_feedback: bool = True):
+                 link: tuple[float, float] | None = None, plan_feedback: bool = True,
+                 server_key: str | None = None, client_key: str | None = None):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if timeout_ms <= 0:
@@ -151,10 +156,12 @@ class OffloadedModel:
         if link is not None:
             self.set_link(*link)
         name = self.keys['task']
+        curve = ClientKeys.load(server_key, client_key) if client_key or server_key else None
         self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
-                               call_timeout_ms=timeout_ms, name=f'{name}-data')
+                               call_timeout_ms=timeout_ms, name=f'{name}-data', keys=curve)
         self.control = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
-                                  call_timeout_ms=record_timeout_ms, name=f'{name}-control')
+                                  call_timeout_ms=record_timeout_ms, name=f'{name}-control',
+                                  keys=curve)
         self._targets: dict[str, _Target] = {}
         self._targets_lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
@@ -410,7 +417,15 @@ class OffloadedModel:
                                                         timeout_ms=self.upload_timeout_ms)
         if self.mode == 'naive':
             return
-        target.replay = self._record(artifact.model, artifact.signature)
+        try:
+            target.replay = self._record(artifact.model, artifact.signature)
+        except RemoteError as exc:
+            if exc.code != ErrorCode.BLOB_CORRUPT.value:
+                raise
+            # the server found a stored blob damaged and quarantined it: upload it again, once
+            self.counters['uploads'] += self.control.upload(artifact.blobs,
+                                                            timeout_ms=self.upload_timeout_ms)
+            target.replay = self._record(artifact.model, artifact.signature)
         table = self.table
         if table is not None and not target.plans:
             self._prepare_plans(target, table)
@@ -551,9 +566,12 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     ``python:module:factory``.  ``options`` are those of :class:`OffloadedModel`
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
     ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ``plan_table``,
-    ``switch_after``, ``link``, ``plan_feedback``, ...).  ``deadline_ms`` is the call's
-    budget: the server drops a request it cannot start in time (``late='drop'``, answered at
-    once, then computed locally) or runs it late (``late='run'``); either way
-    ``last.deadline_missed`` says so.
+    ``switch_after``, ``link``, ``plan_feedback``, ``server_key``, ``client_key``,
+    ...).  ``server_key`` (the server's public ``.key`` file) and ``client_key``
+    (this robot's ``.key_secret``) make every connection CURVE-authenticated and
+    encrypted; the client then talks only to the server holding that key.
+    ``deadline_ms`` is the call's budget: the server drops a request it cannot
+    start in time (``late='drop'``, answered at once, then computed locally) or
+    runs it late (``late='run'``); either way ``last.deadline_missed`` says so.
     """
     return OffloadedModel(model, server, timeout_ms, **options)

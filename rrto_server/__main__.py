@@ -73,6 +73,22 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
                             'hand-offs (0: never; default: %(default)s)')
     sched.add_argument('--sched-trace', type=int, default=0, metavar='N',
                        help='keep the last N device steps in the stats (default: off)')
+    trust = parser.add_argument_group('trust (docs/security.md)')
+    trust.add_argument('--keys', metavar='DIR',
+                       help="CURVE key directory made by rrto-keys; required unless the bind "
+                            "address is loopback or --insecure is given")
+    trust.add_argument('--insecure', action='store_true',
+                       help='serve plain TCP on a non-loopback address (anyone may connect)')
+    trust.add_argument('--allow-naive', action='store_true',
+                       help='serve per-operator (naive) requests, the baseline mode')
+    trust.add_argument('--max-store-mb', type=float, default=32768,
+                       help='store quota; least recently used unpinned blobs are evicted')
+    trust.add_argument('--program-max-mb', type=float, default=1024,
+                       help='memory one call of a model may need (sandbox trial)')
+    trust.add_argument('--program-max-s', type=float, default=10.0,
+                       help='CPU seconds one call of a model may take (sandbox trial)')
+    trust.add_argument('--admission-capacity', type=int, default=64,
+                       help='inference requests in flight before low priorities are shed')
     parser.add_argument('--log-level', default='INFO')
     args = parser.parse_args(argv)
     for name in ('max_replays', 'cpu_workers'):
@@ -114,7 +130,11 @@ def parse_args(argv: list[str] | None = None) -> ServerConfig:
         cpu_workers=args.cpu_workers,
         inline_max_ms=args.inline_max_ms,
         threads=args.threads,
-        sched_trace=args.sched_trace)
+        sched_trace=args.sched_trace,
+        keys=args.keys, insecure=args.insecure, allow_naive=args.allow_naive,
+        max_store_bytes=int(args.max_store_mb * 2**20),
+        program_max_bytes=int(args.program_max_mb * 2**20), program_max_s=args.program_max_s,
+        admission_capacity=args.admission_capacity)
 
 
 def main(argv: list[str] | None = None) -> int:

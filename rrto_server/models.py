@@ -1,4 +1,10 @@
-"""Models the server can run: stored blobs parsed once and kept warm on a device."""
+"""
+Models the server can run: stored blobs parsed once and kept warm on a device.
+
+No model is parsed for use before :class:`~rrto_server.sandbox.Sandbox` has
+run it once in a throwaway process (:meth:`ModelRegistry.vet`); the models the
+registry holds are the store's pinned blobs (never evicted by its quota).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from rrto_server.lru import LRU
+from rrto_server.sandbox import Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program, unpack_shards
@@ -14,9 +21,11 @@ from rrto_wire.program import Program, unpack_shards
 class LoadedModel:
     """One stored model: a parsed program (with its weights) or an ONNX file."""
 
-    def __init__(self, digest: str, kind: str, blob: bytearray, store: BlobStore):
+    def __init__(self, digest: str, kind: str, blob: bytearray, store: BlobStore,
+                 verdict: Verdict | None = None):
         self.digest = digest
         self.kind = kind
+        self.verdict = verdict
         self.program: Program | None = None
         self.onnx_bytes: bytes | None = None
         self._store = store
@@ -48,30 +57,73 @@ class LoadedModel:
         return sum(t.numel() * t.element_size()
                    for weights in self._on_device.values() for t in weights.values())
 
+    @property
+    def call_bytes(self) -> int:
+        """Return the memory one call needed beyond the weights in the sandbox trial."""
+        return self.verdict.peak_bytes if self.verdict is not None else 0
+
+    @property
+    def blobs(self) -> set[str]:
+        """Return the digests of the stored blobs this model is made of."""
+        shards = self.program.weight_shards if self.program is not None else []
+        return {self.digest} | {digest for digest, _ in shards}
+
 
 class ModelRegistry:
-    """Parse stored models on first use; keep at most ``max_models`` loaded (LRU)."""
+    """
+    Parse stored models on first use; keep at most ``max_models`` loaded (LRU).
 
-    def __init__(self, store: BlobStore, max_models: int = 16):
+    ``sandbox`` None trusts every stored model (tests of the runtime only: a
+    server always has one).
+    """
+
+    def __init__(self, store: BlobStore, max_models: int = 16, sandbox: Sandbox | None = None):
         self.store = store
         self.max_models = max_models
+        self.sandbox = sandbox
         self._loaded: LRU[str, LoadedModel] = LRU(max_items=max_models)
+        store.pinned = self.pinned
+
+    def _kind(self, digest: str) -> str:
+        kind = self.store.kind(digest)
+        if kind is None:
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                f'model {digest[:12]} is not in the store; upload it')
+        if kind not in ('program', 'onnx'):
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                f'blob {digest[:12]} is a {kind} blob, not a model')
+        return kind
+
+    def vet(self, digest: str) -> Verdict | None:
+        """
+        Check a stored model before first use (blocks for a trial run; call off the I/O thread).
+
+        Raises ``unknown_model``/``blob_corrupt`` when its blobs are absent or damaged,
+        ``unsafe_program`` when the sandbox refuses it.
+        """
+        kind = self._kind(digest)
+        blob = self.store.read(digest)            # verified against its digest
+        if kind == 'program':
+            for weights, _ in Program.parse(blob).weight_shards:
+                if not self.store.has(weights):
+                    raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                        f'weights {weights[:12]} are not in the store')
+                self.store.read(weights)
+        return self.sandbox.check(digest, kind) if self.sandbox is not None else None
 
     def get(self, digest: str) -> LoadedModel:
         model = self._loaded.get(digest)
         if model is not None:
             return model
-        kind = self.store.kind(digest)
-        if kind is None:
-            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
-                                f'model {digest[:12]} is not in the store; upload it')
-        model = LoadedModel(digest, kind, self.store.read(digest), self.store)
-        for weights, _ in model.program.weight_shards if model.program is not None else []:
-            if not self.store.has(weights):
-                raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
-                                    f'weights {weights[:12]} are not in the store')
+        verdict = self.vet(digest)
+        model = LoadedModel(digest, self._kind(digest), self.store.read(digest), self.store,
+                            verdict)
         self._loaded.put(digest, model)
         return model
 
     def loaded(self) -> list[LoadedModel]:
         return self._loaded.values()
+
+    def pinned(self) -> set[str]:
+        """Return the blobs of the loaded models (the store never evicts these)."""
+        return set().union(*(model.blobs for model in self.loaded()))

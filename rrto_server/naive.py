@@ -6,6 +6,11 @@ operator is one request and one reply, and intermediate tensors stay on the
 server as device memory does under remoting.  A client session holds named
 remote tensors; an ``op`` request runs one allowlisted operator on them (or on
 the model's parameters) and stores the result under a new name.
+
+A session works on its own copies of the parameters it names, never on the
+stored weights that replays of the same model (maybe another client's) use:
+an in-place operator in one session cannot change anyone else's results.
+The server offers this mode only when started with it enabled.
 """
 
 from __future__ import annotations
@@ -68,15 +73,17 @@ class NaiveSessions:
         def lookup(name: str):
             if name in values:
                 return values[name]
-            if name in params:
-                return weights[params[name]]
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f'no remote value {name!r} in this session')
+            if name in params:              # the session's copy, made on first use
+                return values.setdefault(('param', name), weights[params[name]].clone())
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'no remote value {name[:80]!r} in this session')
 
         op = header.op
         if op is not None:
             fn = ops.resolve(op)
+            kwargs = {k: decode_arg(v, lookup, self.device)
+                      for k, v in ops.check_call(fn, header.args, header.kwargs).items()}
             args = decode_arg(header.args, lookup, self.device)
-            kwargs = {k: decode_arg(v, lookup, self.device) for k, v in header.kwargs.items()}
             if ops.creates_tensors(fn) and kwargs.get('device') is None:
                 kwargs['device'] = self.device
             try:

@@ -69,7 +69,9 @@ class Replay:
                                 f'recording failed: {type(exc).__name__}: {exc}')
         if self.runner.backend != 'cudagraph':
             self._warm_up()  # first-run allocations happen here, not in a request
-        self.nbytes = torch.cuda.memory_allocated(device) - before if device.type == 'cuda' else 0
+        # on the CPU: the weights plus what one call needed in the sandbox trial
+        self.nbytes = (torch.cuda.memory_allocated(device) - before if device.type == 'cuda'
+                       else model.nbytes + model.call_bytes)
         self.record_ms = (time.perf_counter() - started) * 1e3
         self.backend = self.runner.backend
         # measured by rrto_server.profiling when recorded (see docs/scheduler.md)

@@ -181,8 +181,8 @@ class ReplySender:
 class Request:
     """One received message: its envelope, decoded header and single reply."""
 
-    __slots__ = ('envelope', 'header', 'kind', 'received', 'size', '_sender', '_registry',
-                 '_stats')
+    __slots__ = ('envelope', 'header', 'kind', 'received', 'size', 'client', 'answered',
+                 '_sender', '_registry', '_stats')
 
     def __init__(self, envelope: list, received: float, size: int, sender: ReplySender,
                  registry: OpenRequests, stats: ServerStats):
@@ -191,6 +191,8 @@ class Request:
         self.kind = '?'                  # its kind, once decoded
         self.received = received
         self.size = size
+        self.client: Any = None          # the authenticated sender (rrto_server.auth.Peer)
+        self.answered: Callable[[], None] | None = None   # called once, with the answer
         self._sender = sender
         self._registry = registry
         self._stats = stats
@@ -235,6 +237,8 @@ class Request:
                 log.error('second answer to a %s request (id %s) dropped',
                           self.kind, clip(repr(self.id), 40))
                 return
+            if self.answered is not None:
+                self.answered()
             header['server_ms'] = (time.perf_counter() - self.received) * 1e3
             body = wire.encode(header, tensors)
             nbytes = wire.message_size(body)

@@ -36,17 +36,19 @@ import torch
 import zmq
 
 from rrto_server.cpu_workers import CpuWorkers
+from rrto_server.guard import Guard
 from rrto_server.jobs import (InferJob, OpJob, ProfileJob, RecordJob, Recordings, Services,
                               job_keys, replay_info)
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
+from rrto_server.sandbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_S, Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.replay_key import check_options, replay_key
 from rrto_server.requests import OpenRequests, ReplySender, Request
 from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE, Scheduler
 from rrto_server.stats import ServerStats
-from rrto_server.store import BlobStore
+from rrto_server.store import DEFAULT_MAX_STORE_BYTES, BlobStore
 from rrto_server.taskstats import TaskStats
 from rrto_wire import limits, messages
 from rrto_wire import protocol as wire
@@ -87,6 +89,13 @@ class ServerConfig:
     inline_max_ms: float = 5.0            # serve on the I/O thread when idle, segments <= this
     threads: int = 0                      # torch intra-op threads, process-wide (0: default)
     sched_trace: int = 0                  # keep the last N device steps (stats 'trace')
+    keys: str | None = None               # CURVE key directory (see rrto_server.auth)
+    insecure: bool = False                # plain TCP on a non-loopback bind
+    allow_naive: bool = False             # serve per-operator (naive) requests
+    max_store_bytes: int = DEFAULT_MAX_STORE_BYTES
+    program_max_bytes: int = DEFAULT_MAX_BYTES   # sandbox budgets per call
+    program_max_s: float = DEFAULT_MAX_S
+    admission_capacity: int = 64          # load before priorities are shed (admission)
 
     def resolved_theta(self, device: torch.device) -> float:
         if self.pack_theta is None:
@@ -127,8 +136,10 @@ class Server:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = config.resolved_device()
-        self.store = BlobStore(config.store)
-        self.registry = ModelRegistry(self.store, config.max_models)
+        self.store = BlobStore(config.store, max_store_bytes=config.max_store_bytes)
+        self.registry = ModelRegistry(
+            self.store, config.max_models,
+            Sandbox(self.store.root, config.program_max_bytes, config.program_max_s))
         self.replays = ReplayCache(config.max_replays, config.max_replay_bytes)
         self.naive = NaiveSessions(self.registry, self.device, config.naive_ttl_s)
         self.stats = ServerStats()
@@ -136,6 +147,8 @@ class Server:
         self.open_requests = OpenRequests()
         self._ctx = context or zmq.Context()
         self._own_ctx = context is None
+        self.guard = Guard(self._ctx, config.bind, config.keys, config.insecure,
+                           config.admission_capacity)
         self.router = self._router(config)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.replies = ReplySender(self._ctx, self.router, self.stats,
@@ -176,6 +189,7 @@ class Server:
         router.setsockopt(zmq.SNDBUF, SNDBUF_BYTES)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a full queue raises: count, not block
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        self.guard.secure(router)
         router.bind(config.bind)
         return router
 
@@ -193,11 +207,14 @@ class Server:
                 if self.replies.outbox in events:
                     self.replies.flush()
                 if self.router in events:
+                    batch = []
                     for _ in range(BATCH):
                         try:
-                            frames = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
+                            batch.append(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
                         except zmq.Again:
                             break
+                    for index, frames in enumerate(batch):
+                        self.guard.backlog = len(batch) - 1 - index    # admission's measure
                         self.on_message(frames)
             self.replies.flush()
         finally:
@@ -224,6 +241,7 @@ class Server:
             self._loop_done.wait()
         self.replies.close()
         self.router.close(linger=0)
+        self.guard.close()
         if self._own_ctx:
             self._ctx.term()
 
@@ -244,6 +262,11 @@ class Server:
             request.header = header = messages.decode_request(body[0])
             request.kind = header.__struct_config__.tag
             self.stats.request(request.kind, size)
+            request.client = self.guard.peer(frames[0])
+            priority, request.answered = self.guard.admit(
+                request.client, request.kind, getattr(header, 'priority', None))
+            if priority is not None:
+                header.priority = priority
             if size > self.config.max_message_bytes:
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE,
@@ -278,8 +301,10 @@ class Server:
 
         def write() -> None:
             try:
+                owner = request.client.name if self.guard.authenticating else None
                 complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
-                                                header.offset, header.total, chunk)
+                                                header.offset, header.total, chunk, owner,
+                                                request.client.grant.store_bytes)
                 if complete:
                     self.stats.count(header.digest, 'uploads')
                 request.ok(complete=complete)
@@ -302,7 +327,15 @@ class Server:
             return
         if not self.recordings.join(key, request):
             return  # the same recording is already queued; all are answered when it ends
-        self.scheduler.submit(RecordJob(self.services, self.recordings, key, request))
+
+        def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
+            try:
+                self.registry.vet(header.model)
+            except ProtocolError as exc:
+                self.recordings.finish(key, None, exc)
+                return
+            self.scheduler.submit(RecordJob(self.services, self.recordings, key, request))
+        self.control.submit(vet_then_record)
 
     def _on_infer(self, request: Request, frames: list) -> None:
         # the I/O thread only validates and routes; decoding happens on a CPU worker
@@ -346,6 +379,9 @@ class Server:
         return f'{request.peer.hex()}:{request.header.session}'
 
     def _on_op(self, request: Request, frames: list) -> None:
+        if not self.config.allow_naive:
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                'per-operator (naive) mode is off on this server')
         tensors = wire.decode_tensors(request.header.tensors, frames,
                                       self.config.max_message_bytes)
         self.scheduler.submit(OpJob(self.services, request, self._session(request), tensors))
@@ -372,15 +408,20 @@ class Server:
         request.ok(tensors, received_bytes=request.size)
 
     def _on_stats(self, request: Request, frames: list) -> None:
-        request.ok(stats=self.snapshot())
+        request.ok(stats=self.snapshot(lambda digest: self.guard.sees(
+            request.client, self.store.owners(digest))))
 
-    def snapshot(self) -> dict:
-        """Return the server's counters as plain JSON data."""
+    def snapshot(self, visible: Callable[[str], bool] = lambda digest: True) -> dict:
+        """Return the server's counters as plain JSON data (models ``visible`` only)."""
         data = self.stats.snapshot()
         for model in self.registry.loaded():
             data['models'].setdefault(model.digest, {}).setdefault('label', model.label)
+        data['models'] = {d: m for d, m in data['models'].items() if visible(d)}
         data['replays'] = [dict(replay_info(r, recorded=False), runs=r.runs)
-                           for r in self.replays.items()]
+                           for r in self.replays.items() if visible(r.model.digest)]
+        data['guard'] = self.guard.snapshot()
+        data['store'] = {'bytes': self.store.nbytes, 'evictions': self.store.evictions,
+                         'quarantined': self.store.quarantined}
         data['replay_bytes'] = self.replays.nbytes
         data['evictions'] = self.replays.evictions
         data['scheduler'] = self.scheduler.snapshot()

@@ -29,6 +29,10 @@ class ErrorCode(str, enum.Enum):
     EXEC_FAILED = 'exec_failed'
     DEADLINE = 'deadline_missed'
     OVERLOADED = 'overloaded'
+    UNAUTHORIZED = 'unauthorized'       # no valid key (or a revoked one)
+    FORBIDDEN = 'forbidden'             # the key's role or quota does not allow this request
+    UNSAFE_PROGRAM = 'unsafe_program'   # refused by the operator rules or the sandbox
+    BLOB_CORRUPT = 'blob_corrupt'       # a stored blob failed its digest check: upload it again
     BAD_REPLY = 'bad_reply'
     INTERNAL = 'internal'
 

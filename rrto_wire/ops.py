@@ -2,11 +2,30 @@
 Which operators a received graph may name, and how names map to callables.
 
 A program or a naive-mode request names operators as strings.  The server
-resolves them only through this allowlist: ATen operator overloads
-(``aten.<op>.<overload>``) except those that touch files or raw storage, and a
-few Python operators that export graphs use (``operator.getitem`` and integer
-arithmetic on sizes).  Nothing else can be called, so a request can never run
-arbitrary Python.
+resolves them only through a positive allowlist: the ATen operators that
+exported inference graphs of classification, detection and segmentation
+networks use (convolutions, normalisation, activations, pooling, linear
+algebra, resampling, shape and pointwise operators; both the export IR and
+its core-ATen decomposition), and a few Python operators on sizes and tuples.
+Everything else is refused, in particular:
+
+* operators that take indices from tensor data (``embedding``, ``scatter``,
+  ``index_put``...): on CUDA an index out of range is a device-side assert
+  that kills the server's CUDA context.  ``aten.index.Tensor`` (``x[idx]``)
+  and ``aten.gather.default`` (detection heads use both) run with their
+  integer indices clamped into range first: equal results wherever the robot's
+  own run succeeds, and no kernel ever sees an index out of range (a check
+  would need a device sync, which a CUDA graph cannot replay);
+* sparse and quantized constructors, ``as_strided``, ``set_``, storage and file
+  operators: they trust their arguments (a sparse constructor that skips index
+  validation writes out of bounds; see ``docs/security.md``);
+* uninitialised allocations (``empty*``): they would hand a client memory that
+  another client's tensors just freed;
+* ``out=`` overloads: they write into an argument by design.
+
+In-place overloads (``relu_``, ``add_``) stay allowed here;
+:meth:`rrto_wire.program.Program` refuses any node that writes into an input,
+a weight, or a view of either (see :func:`writes` and :func:`aliases`).
 """
 
 from __future__ import annotations
@@ -18,38 +37,129 @@ import torch
 
 from rrto_wire.errors import ErrorCode, ProtocolError
 
+_INPLACE_OK = (
+    'abs add clamp clamp_min clamp_max copy detach div elu exp fill gelu hardsigmoid hardswish '
+    'hardtanh leaky_relu log mul neg pow reciprocal relu relu6 rsqrt sigmoid silu sqrt sub '
+    'tanh zero')
+# packet names (``torch.ops.aten.<name>``); every non-``out`` overload of each is allowed
+ALLOWED_ATEN = frozenset((
+    # convolution, normalisation, linear algebra
+    'conv1d conv2d conv3d conv_transpose1d conv_transpose2d convolution _convolution '
+    'batch_norm _native_batch_norm_legit_no_training native_batch_norm layer_norm '
+    'native_layer_norm group_norm native_group_norm instance_norm linear addmm mm bmm matmul '
+    'baddbmm einsum t '
+    # activations and pointwise arithmetic
+    'relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu elu leaky_relu tanh mish '
+    'softplus prelu _prelu_kernel softmax _softmax log_softmax _log_softmax abs neg exp log '
+    'log2 sqrt rsqrt reciprocal pow add sub rsub mul div floor ceil round trunc sign erf clamp '
+    'clamp_min clamp_max minimum maximum where eq ne lt le gt ge logical_and logical_or '
+    'logical_not bitwise_not '
+    # pooling, resampling, padding
+    'max_pool1d max_pool2d max_pool2d_with_indices max_pool3d avg_pool1d avg_pool2d '
+    'avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d _adaptive_avg_pool2d '
+    'adaptive_max_pool2d upsample_nearest1d upsample_nearest2d upsample_bilinear2d '
+    'upsample_bicubic2d upsample_linear1d _upsample_nearest_exact2d '
+    '_upsample_bilinear2d_aa pad constant_pad_nd reflection_pad2d replication_pad2d '
+    'pixel_shuffle pixel_unshuffle channel_shuffle grid_sampler grid_sampler_2d '
+    'affine_grid_generator '
+    # reductions
+    'sum mean amax amin max min argmax argmin var std var_mean prod norm topk sort cumsum '
+    'logsumexp all any '
+    # shape and layout (views are checked by the alias rules, not refused)
+    'view reshape _unsafe_view flatten unflatten permute transpose squeeze unsqueeze expand '
+    'expand_as repeat cat concat stack split split_with_sizes chunk unbind slice select '
+    'narrow contiguous clone alias detach lift_fresh_copy flip roll _to_copy to type_as '
+    '_assert_tensor_metadata dropout native_dropout copy '
+    # constants and ranges (initialised, sizes fixed in the program)
+    'zeros zeros_like ones ones_like full full_like new_zeros new_ones new_full scalar_tensor '
+    'arange linspace meshgrid fill zero'
+).split()) | frozenset(f'{name}_' for name in _INPLACE_OK.split())
+
+
+def _index_clamped(tensor: torch.Tensor, indices: list) -> torch.Tensor:
+    """``aten.index.Tensor`` with integer indices clamped into their dimension's range."""
+    fixed, dim = [], 0
+    for index in indices:
+        if index is None:
+            dim += 1
+        elif index.dtype in (torch.bool, torch.uint8):      # a mask covers index.dim() dims
+            dim += index.dim()
+        else:
+            size = tensor.shape[dim] if dim < tensor.dim() else 0
+            if size == 0:
+                raise IndexError(f'index into dimension {dim} of size 0')
+            index = index.clamp(-size, size - 1)
+            dim += 1
+        fixed.append(index)
+    return torch.ops.aten.index.Tensor(tensor, fixed)
+
+
+_index_clamped._schema = torch.ops.aten.index.Tensor._schema     # its arguments' names
+
+
+def _gather_clamped(tensor: torch.Tensor, dim: int, index: torch.Tensor, *,
+                    sparse_grad: bool = False) -> torch.Tensor:
+    """``aten.gather.default`` with its index clamped into ``[0, size)`` of ``dim``."""
+    size = tensor.shape[dim] if tensor.dim() else 1
+    if size == 0:
+        raise IndexError(f'gather from dimension {dim} of size 0')
+    return torch.ops.aten.gather.default(tensor, dim, index.clamp(0, size - 1),
+                                         sparse_grad=sparse_grad)
+
+
+_gather_clamped._schema = torch.ops.aten.gather.default._schema
+
+
+# data-dependent indexing operators, run with their indices clamped (see module docstring)
+_CLAMPED = {'aten.index.Tensor': _index_clamped, 'aten.gather.default': _gather_clamped}
+
+
+def _getitem(container: Any, index: Any) -> Any:
+    """``operator.getitem`` for what export graphs use it for: picking from a tuple or list."""
+    if not isinstance(container, (tuple, list)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            'operator.getitem only indexes tuples and lists')
+    return container[index]
+
+
 _PY_OPS: dict[str, Callable] = {
     f'operator.{name}': getattr(operator, name)
-    for name in ('getitem', 'add', 'sub', 'mul', 'floordiv', 'truediv', 'mod', 'neg', 'pow',
+    for name in ('add', 'sub', 'mul', 'floordiv', 'truediv', 'mod', 'neg', 'pow',
                  'eq', 'ne', 'lt', 'le', 'gt', 'ge')
 }
 _NAME_OF_PY_OP = {fn: name for name, fn in _PY_OPS.items()}
-
-# ATen operators that read or write files, print, or alias raw storage.
-_DENIED_ATEN = frozenset({'from_file', '_print', 'set_', 'save', 'record_stream'})
+_PY_OPS['operator.getitem'] = _getitem
+_NAME_OF_PY_OP[operator.getitem] = 'operator.getitem'
 
 
 def resolve(name: Any) -> Callable:
     """Return the callable for an allowed operator name, else raise ProtocolError."""
     if not isinstance(name, str):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f'operator name must be a string, got {name!r}')
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'operator name must be a string, got {type(name).__name__}')
     if name in _PY_OPS:
         return _PY_OPS[name]
     parts = name.split('.')
     if len(parts) != 3 or parts[0] != 'aten' or not all(parts):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f'operator {name!r} is not an allowed ATen operator')
-    if parts[1] in _DENIED_ATEN:
-        raise ProtocolError(ErrorCode.BAD_REQUEST,
-                            f'operator {name!r} is not allowed on this server')
+                            f'operator {name[:80]!r} is not an allowed ATen operator')
     try:
-        packet = getattr(torch.ops.aten, parts[1])
-        overload = getattr(packet, parts[2])
+        overload = getattr(getattr(torch.ops.aten, parts[1]), parts[2])
     except (AttributeError, RuntimeError):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f'unknown operator {name!r}') from None
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f'unknown operator {name[:80]!r}') from None
     if not isinstance(overload, torch._ops.OpOverload):
-        raise ProtocolError(ErrorCode.BAD_REQUEST, f'{name!r} is not an operator overload')
+        raise ProtocolError(ErrorCode.BAD_REQUEST, f'{name[:80]!r} is not an operator overload')
+    if name in _CLAMPED:
+        return _CLAMPED[name]
+    if parts[1] not in ALLOWED_ATEN or _writes_out_argument(overload):
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'operator {name[:80]!r} is not allowed on this server')
     return overload
+
+
+def _writes_out_argument(overload: torch._ops.OpOverload) -> bool:
+    return any(arg.kwarg_only and arg.alias_info is not None and arg.alias_info.is_write
+               for arg in overload._schema.arguments)
 
 
 def name_of(target: Any) -> str:
@@ -72,3 +182,55 @@ def creates_tensors(fn: Callable) -> bool:
     """Return True for factory operators whose schema takes a ``device`` argument."""
     schema = getattr(fn, '_schema', None)
     return schema is not None and any(arg.name == 'device' for arg in schema.arguments)
+
+
+def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
+    """
+    Return ``kwargs`` if ``fn`` may be called with these arguments, else raise.
+
+    Keyword names end up as Python source in the fx module the server generates
+    (``op(x, name=value)``), so a name that is not one of the operator's own
+    argument names would be code injection; Python operators take no keywords
+    and exactly their number of positional arguments (fx writes them as ``a + b``).
+    """
+    if not isinstance(kwargs, dict) or not isinstance(args, list):
+        raise ProtocolError(ErrorCode.BAD_REQUEST, 'arguments must be a list and an object')
+    schema = getattr(fn, '_schema', None)
+    allowed = {arg.name for arg in schema.arguments} if schema is not None else set()
+    unknown = [key for key in kwargs if key not in allowed]
+    if unknown:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'{str(unknown[0])[:40]!r} is not a keyword argument of this operator')
+    if schema is None and len(args) != (1 if fn is operator.neg else 2):
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'this Python operator takes {1 if fn is operator.neg else 2} '
+                            f'arguments, got {len(args)}')
+    return kwargs
+
+
+def _bound(fn: Callable, args: list, kwargs: dict):
+    """Yield (schema argument, value) for each argument a call passes."""
+    for index, arg in enumerate(fn._schema.arguments):
+        if index < len(args):
+            yield arg, args[index]
+        elif arg.name in kwargs:
+            yield arg, kwargs[arg.name]
+
+
+def writes(fn: Callable, args: list, kwargs: dict) -> list:
+    """Return the argument values ``fn`` writes into (its schema's ``Tensor(a!)`` arguments)."""
+    if not isinstance(fn, torch._ops.OpOverload):
+        return []
+    return [value for arg, value in _bound(fn, args, kwargs)
+            if arg.alias_info is not None and arg.alias_info.is_write]
+
+
+def aliases(fn: Callable, args: list, kwargs: dict) -> list:
+    """Return the argument values ``fn``'s result may view (alias) rather than copy."""
+    if fn is _getitem:
+        return args[:1]
+    if not isinstance(fn, torch._ops.OpOverload):
+        return []
+    if not any(ret.alias_info is not None for ret in fn._schema.returns):
+        return []
+    return [value for arg, value in _bound(fn, args, kwargs) if arg.alias_info is not None]

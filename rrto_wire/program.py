@@ -45,7 +45,7 @@ import torch
 import torch.fx as fx
 
 from rrto_wire import ops, treespec
-from rrto_wire.dtypes import dtype_name
+from rrto_wire.dtypes import dtype_name, torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.tensors import TensorSpec, tensor_from_buffer
 
@@ -56,6 +56,11 @@ MAX_SHARDS = 4096
 WEIGHTS_MAGIC = b'RRTOWTS1'
 _ALIGN = 64
 _ENUM_TAGS = {'dtype': torch.dtype, 'memory_format': torch.memory_format, 'layout': torch.layout}
+# the enum values a program may name besides wire dtypes: dense (strided) layouts only (a
+# sparse layout reaches constructors that trust their indices)
+_ENUM_NAMES = {'layout': frozenset({'strided'}),
+               'memory_format': frozenset({'contiguous_format', 'channels_last',
+                                           'preserve_format'})}
 
 
 def sha256(data: bytes | memoryview) -> str:
@@ -200,11 +205,15 @@ def decode_arg(obj: Any, lookup: Callable[[str], Any], device: torch.device) -> 
         return float(value)
     if tag == 'device':
         return device
-    if tag in _ENUM_TAGS:
-        enum_value = getattr(torch, str(value), None)
-        if not isinstance(enum_value, _ENUM_TAGS[tag]):
-            raise _bad(f'unknown {tag} {value!r}')
-        return enum_value
+    if tag == 'dtype':
+        try:
+            return torch_dtype(value)
+        except ProtocolError:
+            raise _bad(f'unknown dtype {str(value)[:40]!r}') from None
+    if tag in _ENUM_NAMES:
+        if value not in _ENUM_NAMES[tag]:
+            raise _bad(f'unknown {tag} {str(value)[:40]!r} (allowed: {sorted(_ENUM_NAMES[tag])})')
+        return getattr(torch, value)
     raise _bad(f'unknown argument tag {tag!r}')
 
 
@@ -255,13 +264,16 @@ class Program:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _bad(f'{type(exc).__name__}: {exc}') from None
         self._check_references()
+        self._check_writes()
 
     @staticmethod
     def _parse_node(node: dict) -> ProgramNode:
         out = node.get('out')
+        fn = ops.resolve(node['op'])
         return ProgramNode(
-            name=str(node['name']), op=node['op'], fn=ops.resolve(node['op']),
-            args=list(node.get('args', [])), kwargs=dict(node.get('kwargs', {})),
+            name=str(node['name']), op=node['op'], fn=fn,
+            args=node.get('args', []),
+            kwargs=ops.check_call(fn, node.get('args', []), node.get('kwargs', {})),
             out=TensorSpec.from_json(out) if out is not None else None,
             scope=str(node.get('scope', '')))
 
@@ -285,6 +297,26 @@ class Program:
             raise _bad('out_spec is not a tree spec') from None
         if leaves != len(self.outputs):
             raise _bad('out_spec does not match the number of outputs')
+
+    def _check_writes(self) -> None:
+        """
+        Refuse nodes that write into shared state: an input, a weight or a view of one.
+
+        Weights are shared by every request (and, on one server, every client), so an
+        in-place operator on one would change later results while they are still
+        reported as offloaded.  Views are followed through the schemas' alias
+        annotations: ``view(w)`` aliases ``w``, and so does anything viewing it.
+        """
+        shared = {name for name, _ in self.inputs} | set(self.params)
+        for node in self.nodes:
+            written = set(refs_in(ops.writes(node.fn, node.args, node.kwargs)))
+            if written & shared:
+                raise ProtocolError(
+                    ErrorCode.UNSAFE_PROGRAM,
+                    f'invalid program: node {node.name[:80]!r} ({node.op}) writes into '
+                    f'{sorted(written & shared)[0][:80]!r}, an input or weight (or a view of one)')
+            if set(refs_in(ops.aliases(node.fn, node.args, node.kwargs))) & shared:
+                shared.add(node.name)
 
     @classmethod
     def parse(cls, blob: bytes | memoryview) -> 'Program':

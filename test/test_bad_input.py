@@ -139,7 +139,6 @@ def test_blob_digests_are_checked_before_anything_is_stored(server, zmq_ctx):
                                   'offset': 0,
                                   'total': len(data)},
                                  [chunk]))
-    assert reply['complete'] is True
-    record = wire.encode({'kind': 'record', 'id': 2, 'model': digest, 'signature': []})
-    reply = exchange(sock, record)
     assert reply['code'] == 'bad_request' and 'invalid program' in reply['message']
+    record = wire.encode({'kind': 'record', 'id': 2, 'model': digest, 'signature': []})
+    assert exchange(sock, record)['code'] == 'unknown_model'   # refused blobs are not stored

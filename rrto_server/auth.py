@@ -1,0 +1,248 @@
+"""
+Who may talk to the server, and what each key may do.
+
+Transport: every server socket is a ZeroMQ CURVE server whose handshakes go
+through pyzmq's ZAP authenticator (``zmq.auth.thread.ThreadAuthenticator``)
+configured with the allow-listed client public keys.  Authentication is on
+whenever the server binds anything but loopback (or ipc/inproc); plain TCP on
+another address needs the explicit ``insecure`` flag and logs a warning.
+
+Key directory (``rrto-keys`` creates it, see :mod:`rrto_server.keys`)::
+
+    server.key / server.key_secret   the server's key pair (robots get server.key)
+    clients/NAME.key                 an allow-listed client public key
+    clients/NAME.json                its grant: {"role", "max_priority",
+                                     "store_bytes", "max_in_flight"}
+
+Revoking a key is deleting ``clients/NAME.key``: a watcher thread re-reads the
+folder within ``WATCH_INTERVAL_S``, re-configures the authenticator (new
+handshakes fail) and :meth:`KeyRing.peer` refuses the key's requests on
+connections that were already open (``unauthorized``).
+
+Roles, each including the one before: ``infer`` runs models already in the
+store (record, infer, probe, its own stats); ``upload`` also adds models;
+``admin`` sees every model's stats.  A request kind not listed needs
+``admin``.  A grant also caps the priority a key's requests run at and bounds
+its stored bytes and in-flight requests.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
+from rrto_wire.errors import ErrorCode, ProtocolError
+
+log = logging.getLogger('rrto_server.auth')
+
+ROLES = ('infer', 'upload', 'admin')
+WATCH_INTERVAL_S = 1.0
+SERVER_KEY = 'server'
+CLIENTS = 'clients'
+# the least role each request kind needs
+KIND_ROLES = {'hello': 'infer', 'missing': 'infer', 'put': 'upload', 'record': 'infer',
+              'infer': 'infer', 'op': 'infer', 'release': 'infer', 'stats': 'infer',
+              'profile': 'infer', 'probe': 'infer'}
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What one key may do."""
+
+    role: str = 'infer'
+    max_priority: int = 10
+    store_bytes: int = 1 << 30
+    max_in_flight: int = 16
+
+    @classmethod
+    def from_json(cls, obj: object) -> 'Grant':
+        if not isinstance(obj, dict) or set(obj) - set(cls.__dataclass_fields__):
+            raise ValueError(f'a grant is an object with keys {sorted(cls.__dataclass_fields__)}')
+        grant = cls(**obj)
+        if grant.role not in ROLES:
+            raise ValueError(f'role must be one of {ROLES}')
+        for name in ('max_priority', 'store_bytes', 'max_in_flight'):
+            if type(getattr(grant, name)) is not int or getattr(grant, name) < 0:
+                raise ValueError(f'{name} must be a non-negative integer')
+        return grant
+
+    def allows(self, role: str) -> bool:
+        return ROLES.index(self.role) >= ROLES.index(role)
+
+
+@dataclass(frozen=True)
+class Peer:
+    """An authenticated client: its key's file name (never the key itself) and its grant."""
+
+    name: str
+    grant: Grant
+    user_id: str = field(default='', repr=False)
+
+
+# a server without CURVE (loopback, or started insecure) serves everyone as this peer
+ANONYMOUS = Peer('anonymous', Grant('admin', max_priority=2 ** 62, store_bytes=2 ** 62,
+                                    max_in_flight=2 ** 31))
+
+
+def needs_curve(endpoint: str) -> bool:
+    """Return True unless ``endpoint`` is reachable from this host only."""
+    parts = urlsplit(endpoint)
+    if parts.scheme in ('ipc', 'inproc'):
+        return False
+    host = (parts.hostname or '').strip('[]')
+    if host == 'localhost':
+        return False
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return True             # an interface name or '*': every address of the host
+
+
+class KeyRing:
+    """The allow-listed client keys of a key directory, re-read when it changes."""
+
+    def __init__(self, keys_dir: str | os.PathLike):
+        self.dir = Path(keys_dir)
+        self.clients = self.dir / CLIENTS
+        self.clients.mkdir(parents=True, exist_ok=True)
+        public, secret = zmq.auth.load_certificate(self.dir / f'{SERVER_KEY}.key_secret')
+        if secret is None:
+            raise ValueError(f'{self.dir / SERVER_KEY}.key_secret holds no secret key')
+        self.server_public, self._server_secret = public, secret
+        self._peers: dict[str, Peer] = {}
+        self._seen: object = None
+        self._lock = threading.Lock()
+        self.reload()
+
+    def _state(self) -> object:
+        return sorted((p.name, p.stat().st_mtime_ns) for p in self.clients.iterdir())
+
+    def reload(self) -> bool:
+        """Re-read the folder if it changed; return True when it did."""
+        state = self._state()
+        if state == self._seen:
+            return False
+        peers = {}
+        for key_file in sorted(self.clients.glob('*.key')):
+            try:
+                public, _ = zmq.auth.load_certificate(key_file)
+                grant_file = key_file.with_suffix('.json')
+                grant = (Grant.from_json(json.loads(grant_file.read_text()))
+                         if grant_file.exists() else Grant())
+            except (OSError, ValueError, TypeError) as exc:
+                log.error('ignoring client key %s: %s', key_file.name, exc)
+                continue
+            user_id = public.decode('ascii')
+            peers[user_id] = Peer(key_file.stem, grant, user_id)
+        with self._lock:
+            self._peers, self._seen = peers, state
+        log.info('client keys: %d allowed (%s)', len(peers),
+                 ', '.join(sorted(p.name for p in peers.values())) or 'none')
+        return True
+
+    def peer(self, user_id: str | None) -> Peer:
+        """Return the peer a message's ``User-Id`` names; raise ``unauthorized`` if revoked."""
+        with self._lock:
+            peer = self._peers.get(user_id or '')
+        if peer is None:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED,
+                                'this key is not (or no longer) allowed on this server')
+        return peer
+
+    def secure(self, sock: zmq.Socket) -> None:
+        """Make ``sock`` a CURVE server with this key pair (call before ``bind``)."""
+        sock.curve_secretkey = self._server_secret
+        sock.curve_publickey = self.server_public
+        sock.curve_server = True
+
+    def __len__(self) -> int:
+        return len(self._peers)
+
+
+class CurveGate:
+    """A running ZAP authenticator fed by a :class:`KeyRing`, and the thread that watches it."""
+
+    def __init__(self, context: zmq.Context, keyring: KeyRing):
+        self.keyring = keyring
+        self.auth = ThreadAuthenticator(context, log=logging.getLogger('rrto_server.zap'))
+        logging.getLogger('rrto_server.zap').setLevel(logging.WARNING)   # it logs client keys
+        self.auth.start()
+        self._configure()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name='rrto-keys', daemon=True)
+        self._watcher.start()
+
+    def _configure(self) -> None:
+        self.auth.configure_curve(domain='*', location=str(self.keyring.clients))
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_INTERVAL_S):
+            try:
+                if self.keyring.reload():
+                    self._configure()
+            except OSError as exc:
+                log.error('reading client keys failed: %s', exc)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._watcher.join(timeout=5)
+        self.auth.stop()
+
+
+class Policy:
+    """Per-request checks: role, priority ceiling, in-flight quota."""
+
+    def __init__(self):
+        self._in_flight: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.clamped = 0
+
+    def authorize(self, peer: Peer, kind: str, priority: int | None = None) -> int | None:
+        """
+        Raise ``forbidden`` unless ``peer``'s role allows ``kind``; return the priority to use.
+
+        A ``priority`` above the key's ceiling is lowered to the ceiling (a robot
+        asking too much is still served, at its ceiling).
+        """
+        role = KIND_ROLES.get(kind, 'admin')
+        if not peer.grant.allows(role):
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"key {peer.name!r} has role '{peer.grant.role}'; "
+                                f"'{kind}' needs '{role}'")
+        if priority is not None and priority > peer.grant.max_priority:
+            self.clamped += 1
+            return peer.grant.max_priority
+        return priority
+
+    def begin(self, peer: Peer) -> None:
+        """Count one more request of ``peer`` in flight; raise ``overloaded`` past its quota."""
+        with self._lock:
+            count = self._in_flight.get(peer.name, 0)
+            if count >= peer.grant.max_in_flight:
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f'key {peer.name!r} already has {count} requests in flight (its quota)')
+            self._in_flight[peer.name] = count + 1
+
+    def end(self, peer: Peer) -> None:
+        """Count one request of ``peer`` answered."""
+        with self._lock:
+            count = self._in_flight.get(peer.name, 0) - 1
+            if count > 0:
+                self._in_flight[peer.name] = count
+            else:
+                self._in_flight.pop(peer.name, None)
+
+    def in_flight(self, peer: Peer) -> int:
+        with self._lock:
+            return self._in_flight.get(peer.name, 0)

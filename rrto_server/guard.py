@@ -1,0 +1,108 @@
+"""
+The server's trust boundary in one object: who sent a request, may they, is there room.
+
+:class:`Guard` is what the server calls; the policy lives in
+:mod:`rrto_server.auth` (keys, roles, quotas) and :mod:`rrto_server.admission`
+(shedding under overload).  Per message the server asks :meth:`Guard.peer`
+for the sender (from the CURVE ``User-Id`` of its first frame) and
+:meth:`Guard.admit` for permission, and calls the returned ``done`` exactly
+once when the request is answered.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import zmq
+
+from rrto_server.admission import Admission
+from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy, needs_curve
+
+log = logging.getLogger('rrto_server.guard')
+
+ADMITTED_KINDS = frozenset({'infer'})     # the kinds admission control sheds
+
+
+class Guard:
+    """Authentication (CURVE), authorization (roles, ceilings, quotas) and admission."""
+
+    def __init__(self, ctx: zmq.Context, bind: str, keys_dir: str | None = None,
+                 insecure: bool = False, capacity: int = 64):
+        self.keyring: KeyRing | None = None
+        self._gate: CurveGate | None = None
+        if keys_dir:
+            self.keyring = KeyRing(keys_dir)
+            self._gate = CurveGate(ctx, self.keyring)
+        elif needs_curve(bind):
+            if not insecure:
+                raise ValueError(
+                    f'{bind} is reachable from other hosts: pass a key directory (CURVE, see '
+                    "'rrto-keys') or, on a network you trust completely, the insecure flag")
+            log.warning('*** INSECURE: %s accepts unauthenticated, unencrypted requests from '
+                        'any host that reaches it; every peer may upload and run models and '
+                        'read all stats. Use a key directory outside a closed lab. ***', bind)
+        self.policy = Policy()
+        self.admission = Admission(capacity)
+        self.backlog = 0      # messages received, not yet dispatched (set by the I/O thread)
+
+    @property
+    def authenticating(self) -> bool:
+        return self.keyring is not None
+
+    def secure(self, sock: zmq.Socket) -> None:
+        """Make a server socket require CURVE (call before ``bind``); no-op when open."""
+        if self.keyring is not None:
+            self.keyring.secure(sock)
+
+    def peer(self, frame: zmq.Frame) -> Peer:
+        """Return the sender of the message ``frame`` belongs to; raise if its key is revoked."""
+        if self.keyring is None:
+            return ANONYMOUS
+        try:
+            user_id = frame.get('User-Id')
+        except zmq.ZMQError:
+            user_id = None
+        return self.keyring.peer(user_id)
+
+    def admit(self, peer: Peer, kind: str,
+              priority: int | None = None) -> tuple[int | None, Callable[[], None]]:
+        """
+        Check one request; return (the priority it runs at, ``done``).
+
+        Raises ``forbidden`` (role), ``overloaded`` (the key's in-flight quota, or
+        admission control shedding its priority).  ``done`` must be called once,
+        when the request has been answered.
+        """
+        priority = self.policy.authorize(peer, kind, priority)
+        self.policy.begin(peer)
+        shed = kind in ADMITTED_KINDS
+        if shed:
+            try:
+                self.admission.admit(priority or 0, self.backlog)
+            except Exception:
+                self.policy.end(peer)
+                raise
+        answered = []
+
+        def done() -> None:
+            if answered:
+                return
+            answered.append(True)
+            self.policy.end(peer)
+            if shed:
+                self.admission.done()
+        return priority, done
+
+    def sees(self, peer: Peer, owners: list[str]) -> bool:
+        """Return True if ``peer`` may see a model uploaded by ``owners`` (stats)."""
+        return peer.grant.allows('admin') or peer.name in owners
+
+    def snapshot(self) -> dict:
+        return {'authenticating': self.authenticating,
+                'keys': len(self.keyring) if self.keyring is not None else 0,
+                'priority_clamped': self.policy.clamped, 'admission': self.admission.snapshot()}
+
+    def close(self) -> None:
+        if self._gate is not None:
+            self._gate.close()

@@ -1,0 +1,237 @@
+"""
+Run an untrusted model once in a throwaway child process before the server does.
+
+The way browsers isolate renderers: a program that passed the operator rules
+(:mod:`rrto_wire.ops`) may still crash native code or allocate without bound,
+so its first run happens in a child forked from a ``forkserver`` (torch
+already imported, no server threads or sockets inherited) under
+``RLIMIT_AS`` (memory) and ``RLIMIT_CPU`` (time) limits, on the CPU with one
+thread.  A child that dies (SIGSEGV, SIGXCPU, SIGKILL), runs out of memory,
+needs more than ``max_bytes`` beyond its weights, or more than ``max_s`` for
+one call, gets the model refused with ``unsafe_program``; the server itself
+never ran a byte of it.  Verdicts are remembered per model digest (and for
+ONNX per input signature) in memory and under ``<store>/verdicts/``, so each
+model is tried once per limit setting, also across restarts.
+
+The peak memory the trial measured is the model's per-call footprint; the
+replay cache counts it for CPU replays (see :attr:`Verdict.peak_bytes`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import resource
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rrto_wire.program import Program, unpack_shards
+from rrto_wire.dtypes import torch_dtype
+from rrto_wire.errors import ErrorCode, ProtocolError
+
+log = logging.getLogger('rrto_server.sandbox')
+
+DEFAULT_MAX_BYTES = 1 << 30        # memory one call may need beyond the weights
+DEFAULT_MAX_S = 10.0               # CPU seconds one call may take (one thread)
+SLACK_BYTES = 512 << 20            # address space for the allocator, stacks, libraries
+LOAD_TIMEOUT_S = 120.0             # a loaded machine may take this long to fork and read
+
+_ONNX_TYPES = {'tensor(float)': 'float32', 'tensor(float16)': 'float16',
+               'tensor(double)': 'float64', 'tensor(uint8)': 'uint8', 'tensor(int8)': 'int8',
+               'tensor(int32)': 'int32', 'tensor(int64)': 'int64', 'tensor(bool)': 'bool'}
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The outcome of one trial: safe, unsafe (refuse), or failed (the model is broken)."""
+
+    outcome: str            # 'safe' | 'unsafe' | 'failed'
+    reason: str
+    peak_bytes: int
+    call_s: float
+    max_bytes: int
+    max_s: float
+
+    def raise_if_refused(self, digest: str) -> None:
+        if self.outcome == 'unsafe':
+            raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                                f'model {digest[:12]} refused by the sandbox: {self.reason}')
+        if self.outcome == 'failed':
+            raise ProtocolError(ErrorCode.RECORD_FAILED,
+                                f'model {digest[:12]} failed its trial run: {self.reason}')
+
+
+def _read(root: Path, digest: str) -> bytearray:
+    data = bytearray((root / 'blobs' / digest).read_bytes())
+    if hashlib.sha256(data).hexdigest() != digest:
+        raise ValueError(f'blob {digest[:12]} changed on disk')
+    return data
+
+
+def _rss_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _vm_bytes() -> int:
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _onnx_call(data: bytearray):
+    import numpy as np
+    import onnxruntime as ort
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    session = ort.InferenceSession(bytes(data), sess_options=options,
+                                   providers=['CPUExecutionProvider'])
+    feeds = {}
+    for arg in session.get_inputs():
+        dtype = torch_dtype(_ONNX_TYPES.get(arg.type, 'unsupported'))
+        shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
+        feeds[arg.name] = np.zeros(shape, dtype=torch.zeros((), dtype=dtype).numpy().dtype)
+    return lambda: session.run(None, feeds)
+
+
+def _program_call(root: Path, data: bytearray):
+    program = Program.parse(data)
+    weights = unpack_shards([(_read(root, digest), prefix)
+                             for digest, prefix in program.weight_shards])
+    module = program.module(weights, torch.device('cpu'))
+    inputs = [torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype)) for spec in program.signature]
+
+    def call():
+        with torch.inference_mode():
+            return module(*inputs)
+    return call
+
+
+def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, conn) -> None:
+    """Child: load the model, then run it once under memory and CPU limits; report."""
+    torch.set_num_threads(1)
+    try:
+        data = _read(Path(root), digest)
+        call = _onnx_call(data) if kind == 'onnx' else _program_call(Path(root), data)
+        limit = _vm_bytes() + max_bytes + SLACK_BYTES
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        used = time.process_time()
+        cpu = math.ceil(used + max_s) + 1
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+        rss = _rss_bytes()
+        start = time.process_time()
+        call()
+        call_s = time.process_time() - start
+        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss)
+        conn.send({'outcome': 'ran', 'peak_bytes': peak, 'call_s': call_s})
+    except MemoryError:
+        conn.send({'outcome': 'unsafe', 'reason': 'ran out of its memory budget'})
+    except Exception as exc:  # the model's own error: report it, the parent decides
+        message = f'{type(exc).__name__}: {exc}'[:300]
+        memory = "can't allocate memory" in message or 'out of memory' in message
+        conn.send({'outcome': 'unsafe' if memory else 'failed',
+                   'reason': 'ran out of its memory budget' if memory else message})
+
+
+class Sandbox:
+    """Trial runs of stored models in a child process, with verdicts remembered."""
+
+    def __init__(self, store_root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES,
+                 max_s: float = DEFAULT_MAX_S):
+        self.root = Path(store_root)
+        self.folder = self.root / 'verdicts'
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = max_bytes
+        self.max_s = max_s
+        self._verdicts: dict[str, Verdict] = {}
+        self._lock = threading.Lock()
+        self._busy: dict[str, threading.Lock] = {}
+        self.trials = 0
+        self._ctx = multiprocessing.get_context('forkserver')
+        self._ctx.set_forkserver_preload(['rrto_server.sandbox'])
+        # the forkserver imports torch once (tens of seconds on a loaded machine): start it
+        # now, beside the server's own start-up, rather than on the first upload's record
+        threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True,
+                         name='rrto-sandbox-start').start()
+
+    def check(self, digest: str, kind: str) -> Verdict:
+        """Return the model's verdict (a trial on first use); raise if it is refused."""
+        with self._lock:
+            busy = self._busy.setdefault(digest, threading.Lock())
+        with busy:                       # one trial per model, however many ask at once
+            verdict = self._known(digest)
+            if verdict is None:
+                verdict = self._try(digest, kind)
+                with self._lock:
+                    self._verdicts[digest] = verdict
+                (self.folder / f'{digest}.json').write_text(json.dumps(asdict(verdict)))
+        verdict.raise_if_refused(digest)
+        return verdict
+
+    def _known(self, digest: str) -> Verdict | None:
+        with self._lock:
+            verdict = self._verdicts.get(digest)
+        if verdict is None:
+            try:
+                verdict = Verdict(**json.loads((self.folder / f'{digest}.json').read_text()))
+            except (OSError, ValueError, TypeError):
+                return None
+        if (verdict.max_bytes, verdict.max_s) != (self.max_bytes, self.max_s):
+            return None                  # limits changed since: try again
+        return verdict
+
+    def _try(self, digest: str, kind: str) -> Verdict:
+        receiver, sender = self._ctx.Pipe(duplex=False)
+        child = self._ctx.Process(target=_trial, name=f'rrto-sandbox-{digest[:8]}',
+                                  daemon=True, args=(str(self.root), digest, kind,
+                                                     self.max_bytes, self.max_s, sender))
+        started = time.monotonic()
+        self.trials += 1
+        child.start()
+        sender.close()
+        report = None
+        if receiver.poll(LOAD_TIMEOUT_S + 3 * self.max_s):
+            try:
+                report = receiver.recv()
+            except EOFError:
+                pass
+        child.join(5)
+        if child.exitcode is None:
+            child.kill()
+            child.join()
+        receiver.close()
+        verdict = self._judge(report, child.exitcode)
+        log.info('sandbox trial of %s: %s (%s) in %.1f s', digest[:12], verdict.outcome,
+                 verdict.reason, time.monotonic() - started)
+        return verdict
+
+    def _judge(self, report: dict | None, exitcode: int | None) -> Verdict:
+        limits = {'max_bytes': self.max_bytes, 'max_s': self.max_s}
+        if report is None:
+            if exitcode is not None and exitcode < 0:
+                name = signal.Signals(-exitcode).name
+                reason = ('exceeded its CPU time budget' if name == 'SIGXCPU'
+                          else f'the trial process died with {name}')
+            else:
+                reason = f'the trial process ended without a report (exit {exitcode})'
+            return Verdict('unsafe', reason, 0, 0.0, **limits)
+        if report['outcome'] != 'ran':
+            return Verdict(report['outcome'], report['reason'], 0, 0.0, **limits)
+        peak, call_s = int(report['peak_bytes']), float(report['call_s'])
+        if peak > self.max_bytes:
+            return Verdict('unsafe', f'one call needs {peak >> 20} MiB, budget '
+                           f'{self.max_bytes >> 20} MiB', peak, call_s, **limits)
+        if call_s > self.max_s:
+            return Verdict('unsafe', f'one call takes {call_s:.1f} s of CPU, budget '
+                           f'{self.max_s:g} s', peak, call_s, **limits)
+        return Verdict('safe', 'ran within its budgets', peak, call_s, **limits)

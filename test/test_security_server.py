@@ -1,0 +1,167 @@
+"""The trust boundary end to end: a CURVE server, roles, naive mode, integrity, budgets."""
+
+import hashlib
+import time
+
+import exploits
+import pytest
+import torch
+from rrto_testing import raw_socket
+
+from rrto_ros.client import RemoteError, RrtoClient
+from rrto_ros.engine import OffloadResult
+from rrto_ros.zoo import keypoint_net
+from rrto_server import keys
+from rrto_server.auth import Grant
+from rrto_server.server import Server, ServerConfig
+from rrto_wire import protocol as wire
+from rrto_wire.curve import ClientKeys
+from rrto_wire.messages import Kind
+
+
+@pytest.fixture
+def keyed(tmp_path):
+    """A key directory with robots 'uploader' (upload, ceiling 5) and 'viewer' (infer)."""
+    server_dir, robots = tmp_path / 'keys', tmp_path / 'robots'
+    keys.create_pair(server_dir, 'server')
+    for name, grant in (('uploader', Grant('upload', max_priority=5)), ('viewer', Grant())):
+        keys.create_pair(robots, name)
+        keys.allow(server_dir, robots / f'{name}.key', grant)
+    keys.create_pair(robots, 'stranger')
+
+    def client_keys(name):
+        return ClientKeys.load(server_dir / 'server.key', robots / f'{name}.key_secret')
+    return server_dir, robots, client_keys
+
+
+def _put(client, blob, kind):
+    return client.upload({hashlib.sha256(blob).hexdigest(): (kind, blob)}, timeout_ms=30000)
+
+
+def test_a_server_on_a_public_address_needs_keys_or_an_explicit_insecure_flag(tmp_path, caplog):
+    with pytest.raises(ValueError, match='insecure'):
+        Server(ServerConfig(bind='tcp://0.0.0.0:0', store=str(tmp_path / 's'), device='cpu'))
+    server = Server(ServerConfig(bind='tcp://0.0.0.0:0', store=str(tmp_path / 's'),
+                                 device='cpu', insecure=True))
+    server.close()
+    assert 'INSECURE' in caplog.text
+
+
+def test_only_allowed_keys_are_served_with_their_roles(make_server, keyed, zmq_ctx, caplog):
+    caplog.set_level('DEBUG')
+    server_dir, robots, client_keys = keyed
+    server = make_server(keys=str(server_dir))
+    uploader = RrtoClient(server.endpoint, call_timeout_ms=20000, keys=client_keys('uploader'))
+    viewer = RrtoClient(server.endpoint, call_timeout_ms=20000, keys=client_keys('viewer'))
+    stranger = RrtoClient(server.endpoint, connect_timeout_ms=500, call_timeout_ms=1500,
+                          keys=client_keys('stranger'))
+    plain = raw_socket(zmq_ctx, server.endpoint)
+    try:
+        assert uploader.hello()['kind'] == Kind.OK
+        program, weights = exploits.scale_by_weights()
+        _put(uploader, weights, 'weights')
+        _put(uploader, program, 'program')
+        with pytest.raises(RemoteError, match='forbidden'):
+            _put(viewer, exploits.inplace_on_intermediate(), 'program')
+        reply, _ = viewer.call(Kind.RECORD, {
+            'model': hashlib.sha256(program).hexdigest(), 'priority': 10 ** 9,
+            'signature': [{'dtype': 'float32', 'shape': [4]}]}, timeout_ms=120000)
+        (y,), = [viewer.call(Kind.INFER, {'replay': reply['replay']}, [torch.ones(4)])[1]]
+        assert torch.equal(y, torch.arange(4.0))
+        assert server.guard.policy.clamped == 1          # 10**9 ran at the viewer's ceiling
+        assert hashlib.sha256(program).hexdigest() in uploader.stats()['models']
+        assert viewer.stats()['models'] == {} and viewer.stats()['replays'] == []
+        with pytest.raises(Exception):
+            stranger.hello()
+        plain.send_multipart(wire.encode({'kind': 'hello', 'id': 1}))
+        assert not plain.poll(1500)
+        for name in ('uploader', 'viewer', 'stranger'):        # no key in any log line
+            for key in (client_keys(name).public, client_keys(name).secret):
+                assert key.decode() not in caplog.text
+    finally:
+        for client in (uploader, viewer, stranger):
+            client.close()
+
+
+def test_naive_mode_is_off_by_default_and_works_on_copies(make_server):
+    victim, weights = exploits.scale_by_weights()
+    digest = hashlib.sha256(victim).hexdigest()
+    for allow_naive in (False, True):
+        server = make_server(allow_naive=allow_naive)
+        client = RrtoClient(server.endpoint, call_timeout_ms=120000)
+        try:
+            _put(client, weights, 'weights')
+            _put(client, victim, 'program')
+            replay = client.call(Kind.RECORD, {'model': digest, 'signature': [
+                {'dtype': 'float32', 'shape': [4]}]})[0]['replay']
+            op = {'model': digest, 'session': 'evil', 'op': 'aten.mul_.Tensor',
+                  'args': [{'n': 'p_w'}, 0.0], 'out': 'z', 'fetch': ['p_w']}
+            if not allow_naive:
+                with pytest.raises(RemoteError, match='forbidden'):
+                    client.call(Kind.OP, op)
+                continue
+            (zeroed,) = client.call(Kind.OP, op)[1]
+            assert not zeroed.any()                        # the session's own copy
+            (y,) = client.call(Kind.INFER, {'replay': replay}, [torch.ones(4)])[1]
+            assert torch.equal(y, torch.arange(4.0))      # the stored weights are untouched
+        finally:
+            client.close()
+
+
+def test_a_corrupt_blob_is_uploaded_again_by_the_client_on_its_own(
+        tmp_path, make_server, offloaded):
+    store = tmp_path / 'shared'
+    server = make_server(store=str(store))
+    x = torch.randn(1, 3, 64, 64)
+    model = keypoint_net().eval()
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x)
+    expected = model(x)
+    server.close()
+    for blob in (store / 'blobs').iterdir():
+        if blob.suffix == '' and len(blob.read_bytes()) > 100_000:     # the weights
+            data = bytearray(blob.read_bytes())
+            blob.write_bytes(bytes(data[:len(data) // 2]))             # truncated
+    restarted = make_server(store=str(store))
+    again = offloaded(model, restarted.endpoint, timeout_ms=30000)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        out = again(x)
+        if again.last.result == OffloadResult.OFFLOADED:
+            break
+        time.sleep(0.5)
+    assert again.last.result == OffloadResult.OFFLOADED
+    assert torch.equal(out, expected) if isinstance(out, torch.Tensor) else True
+    assert again.stats()['uploads'] >= 1 and restarted.store.quarantined == 1
+
+
+def test_unsafe_programs_are_refused_and_the_server_keeps_serving(server, zmq_ctx):
+    client = RrtoClient(server.endpoint, call_timeout_ms=300000)
+    try:
+        with pytest.raises(RemoteError, match='not allowed'):
+            _put(client, exploits.sparse_segfault(), 'program')
+        hog = exploits.allocates(2 << 30)
+        _put(client, hog, 'program')
+        with pytest.raises(RemoteError, match='unsafe_program'):
+            client.call(Kind.RECORD, {'model': hashlib.sha256(hog).hexdigest(),
+                                      'signature': [{'dtype': 'float32', 'shape': [4]}]})
+        assert client.hello()['kind'] == Kind.OK
+    finally:
+        client.close()
+
+
+def test_cpu_replays_count_against_the_replay_budget(make_server):
+    server = make_server(max_replay_bytes=48 << 20)
+    client = RrtoClient(server.endpoint, call_timeout_ms=300000)
+    try:
+        replays = []
+        for megabytes in (32, 33):                  # each call needs > 24 MiB
+            blob = exploits.allocates(megabytes << 20)
+            _put(client, blob, 'program')
+            replays.append(client.call(Kind.RECORD, {
+                'model': hashlib.sha256(blob).hexdigest(),
+                'signature': [{'dtype': 'float32', 'shape': [4]}]})[0])
+        assert all(r['nbytes'] >= 32 << 20 for r in replays)
+        assert server.replays.evictions == 1 and len(server.replays) == 1
+    finally:
+        client.close()
