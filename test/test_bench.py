@@ -118,8 +118,9 @@ def test_server_phases_times_each_phase_of_the_request_path(tmp_path):
     row, = json.loads(out.read_text())['results']
     assert row['server_compute_ms'] <= row['server_ms'] <= row['total_ms']
     phases = row['phases']
-    for label in ('decode_tensors', 'replay.start (staging)', 'lane.run (replay + sync)',
-                  'host_outputs (copy-back)', 'send (encode + send)'):
+    for label in ('decode_tensors', 'replay.start (stages large inputs)',
+                  'lane.run (replay + sync)', 'host_outputs (large copy-back)',
+                  'ok (encode + send)'):
         assert phases[label]['n'] >= 5 and phases[label]['median_ms'] > 0, label
     from rrto_wire import protocol
     assert protocol.decode_tensors.__module__ == 'rrto_wire.protocol' and \
