@@ -43,9 +43,7 @@ from rrto_ros.plan_table import bind_table, PlanSelector, PlanTable, program_key
 from rrto_ros.split import Plan, as_program
 from rrto_wire import codecs, treespec
 from rrto_wire.curve import ClientKeys
-from rrto_wire.program import unpack_weights
 from rrto_wire.errors import ErrorCode
-from rrto_wire.messages import Kind
 from rrto_wire.tensors import signature_key
 
 log = logging.getLogger('rrto_ros.engine')
@@ -451,8 +449,7 @@ class OffloadedModel:
                      self.local.label, table.signature, signature_key(artifact.signature))
             return
         program = as_program(artifact.program)
-        weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights']
-        weights = unpack_weights(bytearray(weights_blob[0])) if weights_blob else {}
+        weights = artifact.weights()
         analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
         for plan in table.plans():
             if plan.kind not in ('split', 'hybrid'):
@@ -489,12 +486,10 @@ class _Remote:
 
     def __call__(self, tensors: list[torch.Tensor]) -> '_Remote':
         m = self.model
-        fields = {'replay': self.replay}
-        fields.update({k: v for k, v in m.keys.items() if v is not None})
         self.codec = m._chooser.choose(tensors) if m._chooser is not None else m.codec
         self.start_ms = time.perf_counter()
-        self._pending = m.data.start(Kind.INFER, fields, tensors, timeout_ms=m.timeout_ms,
-                                     codec=self.codec)
+        self._pending = m.data.start_infer(self.replay, tensors, timeout_ms=m.timeout_ms,
+                                           codec=self.codec, **m.keys)
         return self
 
     def result(self) -> list[torch.Tensor]:

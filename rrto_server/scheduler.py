@@ -48,7 +48,7 @@ import time
 from typing import Callable, Sequence
 
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_server.taskstats import summarise
+from rrto_wire.summary import summarise
 
 log = logging.getLogger('rrto_server.scheduler')
 
