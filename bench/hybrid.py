@@ -52,7 +52,8 @@ import torch
 from bench import report
 from bench.cpulimit import CpuLimit, CpuLimitError
 from bench.frames import camera_frames
-from bench.linkemu import PRESETS, EmulatorProcess, grid_link, steps_link
+from bench.link_config import PRESETS, grid_link, steps_link
+from bench.link_process import EmulatorProcess
 from bench.machine import describe
 from bench.measure import output_error, run_interleaved
 from rrto_server.process import ServerProcess, child_env

@@ -6,7 +6,7 @@ import math
 import pytest
 
 from bench import report, run_all
-from bench.linkemu import grid_link
+from bench.link_config import grid_link
 from bench.measure import output_error
 from rrto_wire.summary import percentile, summarise
 from rrto_testing import free_port
