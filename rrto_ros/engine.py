@@ -110,7 +110,8 @@ class _Target:
         self.artifact: Artifact | None = None
         self.replay: str | None = None
         self.error = ''
-        self.ready = threading.Event()
+        self.ready = threading.Event()      # set when ready or failed
+        self.attempted = threading.Event()  # set after each preparation attempt
         self.selector: PlanSelector | None = None
         self.plans: dict[str, tuple[PlanRuntime, str]] = {}  # plan name -> (runtime, replay)
         self.partition: Partition | None = None   # set when the model cannot be exported whole
@@ -191,10 +192,16 @@ class OffloadedModel:
         return outputs
 
     def warmup(self, *args: Any, timeout_s: float = 120.0, **kwargs: Any) -> bool:
-        """Prepare the server for these inputs' signature (and plans); return True once ready."""
+        """
+        Prepare the server for these inputs' signature (and plans); return True once ready.
+
+        Returns False after ``timeout_s``, when preparation failed, or as soon as
+        an attempt found the server unreachable (preparation resumes in the
+        background when it answers again).
+        """
         flat, in_spec = treespec.flatten((args, kwargs))
         target = self._target(flat, in_spec)
-        target.ready.wait(timeout_s)
+        target.attempted.wait(timeout_s)
         return target.state == 'ready'
 
     def stats(self) -> dict:
@@ -252,6 +259,7 @@ class OffloadedModel:
                 if target.state == 'ready':
                     target.state = 'preparing'
                     target.ready.clear()
+                    target.attempted.clear()
                     self._jobs.put(target)
 
     def close(self) -> None:
@@ -354,6 +362,7 @@ class OffloadedModel:
             with self._targets_lock:
                 target.state, target.replay, target.plans = 'preparing', None, {}
                 target.ready.clear()
+            target.attempted.clear()
             self._jobs.put(target)
         elif exc.code in _GIVE_UP:
             log.error('server rejected %s: %s; running locally from now on', self.local.label, exc)
@@ -369,6 +378,7 @@ class OffloadedModel:
                 target = self._targets[key] = _Target(example)
             if target.state == 'new' and self.mode != 'local':
                 target.state = 'preparing'
+                target.attempted.clear()
                 self._jobs.put(target)
         return target
 
@@ -385,10 +395,12 @@ class OffloadedModel:
                 target.state, target.error = 'ready', ''
             except ServerUnavailable as exc:
                 target.error = f'server unreachable: {exc}'
+                target.attempted.set()
                 # try again once the server answers; close() must not wait for that
                 while not self.control.wait_available(timeout_s=0.2):
                     if self._closed.is_set():
                         return
+                target.attempted.clear()
                 self._jobs.put(target)
                 continue
             except Exception as exc:  # noqa: B902 - any failure here means: run locally
@@ -396,6 +408,7 @@ class OffloadedModel:
                 log.error('cannot offload %s: %s; it runs locally', self.local.label, exc)
                 target.state, target.error = 'failed', f'cannot offload: {exc}'
             target.ready.set()
+            target.attempted.set()
 
     def _prepare(self, target: _Target) -> None:
         if target.partition is not None:
