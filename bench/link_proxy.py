@@ -157,7 +157,7 @@ class _Connection:
         for pipe in self.pipes:
             with pipe.cond:
                 pipe.cond.notify_all()
-        self.emulator._forget(self)
+        self.emulator.forget(self)
 
 
 class LinkEmulator:
@@ -243,7 +243,8 @@ class LinkEmulator:
                 self._connections.add(conn)
             conn.start()
 
-    def _forget(self, conn: _Connection) -> None:
+    def forget(self, conn: _Connection) -> None:
+        """Drop a closed connection from those ``close`` closes (the connection calls it)."""
         with self._conn_lock:
             self._connections.discard(conn)
 
