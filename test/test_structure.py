@@ -171,3 +171,38 @@ def test_no_test_or_tool_touches_a_private_attribute():
 ])
 def test_the_private_scan_sees_what_it_should(source, expected):
     assert private_accesses(source) == expected
+
+
+def layout_paths(readme: str) -> list[str]:
+    """Return the paths of the README's Layout table (``dir/a.py``, ``b.py`` -> dir/b.py)."""
+    table = readme.split('## Layout', 1)[1].split('\n## ', 1)[0]
+    paths = []
+    for line in table.splitlines():
+        if not line.startswith('| `'):
+            continue
+        directory = ''
+        for name in re.findall(r'`([^`]+)`', line.split(' | ')[0]):
+            if '/' in name.rstrip('/'):
+                directory = name.rsplit('/', 1)[0] + '/'
+                paths.append(name)
+            else:
+                paths.append(name if name.endswith('/') else directory + name)
+    return paths
+
+
+def test_the_readme_layout_names_every_module_and_only_paths_that_exist():
+    paths = layout_paths((ROOT / 'README.md').read_text())
+    assert [p for p in paths if not (ROOT / p).exists()] == []
+    listed = set(paths)
+    modules = [str(p.relative_to(ROOT)) for p in _modules().values()]
+    modules += [str(p.relative_to(ROOT)) for p in ROOT.glob('bench/*.py')
+                if p.name != '__init__.py']
+    unlisted = [m for m in modules
+                if m not in listed and not any(m.startswith(d) for d in listed
+                                               if d.endswith('/'))]
+    assert unlisted == []
+
+
+def test_the_layout_parser_expands_short_names():
+    readme = '## Layout\n| path | owns |\n|---|---|\n| `a/b.py`, `c.py` | x |\n| `d/` | y |\n'
+    assert layout_paths(readme) == ['a/b.py', 'a/c.py', 'd/']
