@@ -16,7 +16,7 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
 
-from rrto_ros.engine import CallRecord, OffloadResult
+from rrto_ros.records import CallRecord, OffloadResult
 from rrto_ros.image import array_to_image
 from rrto_ros.latency import KEYS, parse_values, record_values, stamp_text
 from rrto_ros.latest import LatestSlot

@@ -8,6 +8,7 @@ import torch
 
 from rrto_ros import OffloadResult, ServerUnavailable
 from rrto_ros.client import RrtoClient
+from rrto_ros.preparer import PrepState
 from rrto_ros.zoo import keypoint_net, resnet18
 from rrto_wire.messages import Kind
 from rrto_testing import assert_same_as_local
@@ -96,6 +97,9 @@ def test_no_server_means_local_results_without_waiting(offloaded):
     om = offloaded(model, 'tcp://127.0.0.1:9', timeout_ms=200, connect_timeout_ms=200)
     # warmup returns once an attempt found the server unreachable (not after its timeout)
     assert not om.warmup(x, timeout_s=120)
+    [prepared] = om.prepared()
+    assert prepared.state == PrepState.PREPARING and 'unreachable' in prepared.error
+    assert prepared.artifact is None     # no server: the robot did not spend CPU on an export
     for _ in range(5):
         out = om(x)
         assert om.last.result == OffloadResult.LOCAL
