@@ -114,7 +114,7 @@ def _f(value, digits: int = 1) -> str:
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
-    """Return a Markdown table (first two columns left-aligned, the rest right-aligned)."""
+    """Return Markdown lines: the header, then rows; columns after the second right-aligned."""
     lines = ['| ' + ' | '.join(header) + ' |',
              '|' + '|'.join('---' if i < 2 else '---:' for i in range(len(header))) + '|']
     lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
