@@ -18,9 +18,14 @@ MAX_LINES = 400
 LONG_MODULES: dict[str, str] = {
     'rrto_wire/program.py': '402 lines; two other owners (operator resolution, weight '
                             'sharding) change it this session: split once both have landed',
+    'rrto_server/server.py': '435 lines; its ServerConfig (62 lines) moves to rrto_server/'
+                             'options.py with the one declaration of every server option '
+                             '(issue 14, r-ros): remove this entry then',
 }
-# private names of other libraries that tests/tools must use (none today); ``obj._name`` only
-ALLOWED_PRIVATE: set[str] = set()
+# private names of other libraries that tests/tools must use; ``obj._name`` only
+ALLOWED_PRIVATE = {
+    '_schema',   # torch OpOverload._schema: torch has no public way to read an operator's schema
+}
 
 
 def _modules() -> dict[str, Path]:
