@@ -52,7 +52,8 @@ import torch
 from bench import report
 from bench.cpulimit import CpuLimit, CpuLimitError
 from bench.frames import camera_frames
-from bench.linkemu import PRESETS, EmulatorProcess, grid_link, steps_link
+from bench.link_config import PRESETS, grid_link, steps_link
+from bench.link_process import EmulatorProcess
 from bench.machine import describe
 from bench.measure import output_error, run_interleaved
 from rrto_server.process import ServerProcess, child_env
@@ -412,7 +413,7 @@ def render(meta: dict, models: list[dict]) -> str:
                             + (' (crossover)' if v['crossover'] else '')
                             + ('' if v['within'] else ' **over limit**')),
                            f'{row["hybrid"]["predicted_ms"]:.1f}', f'{v["error"] * 100:+.1f} %'])
-        lines += report._table(header, rows)
+        lines += report.table(header, rows)
         gain = s['crossover_gain']
         lines += [f'Worst against the best baseline: {s["worst"] * 100:+.1f} %; every point '
                   f'within max(3 %, noise): {"yes" if s["all_within"] else "NO"}.  Best gain in '
@@ -442,8 +443,8 @@ def _steps_lines(steps: dict, how: str) -> list[str]:
              '-' if lv['calls_to_switch'] is None else lv['calls_to_switch'],
              ', '.join(f'{k} x{v}' for k, v in lv['plans'].items())] for lv in steps['levels']]
     return ([f'Step link 100 -> 5 -> 50 Mbit/s, the engine {how} (switch_after=1):', '']
-            + report._table(['level Mbit/s', 'inferences', "table's plan", 'inferences until it',
-                             'plans used'], rows)
+            + report.table(['level Mbit/s', 'inferences', "table's plan", 'inferences until it',
+                            'plans used'], rows)
             + [f'Failed inferences: {steps["failed"]}; local fallbacks: {steps["fallbacks"]}; '
                f'largest relative output error against local inference: '
                f'{steps["max_rel_error"]:.1e}.', ''])

@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bench import traces
-from bench.linkemu import LinkConfig, PRESETS, grid_link, steps_link, trace_link
+from bench.link_config import PRESETS, LinkConfig, grid_link, steps_link, trace_link
 
 ARCHS = ('resnet18', 'mobilenet', 'keypoint_net')
 GRID_MBPS = (5, 10, 20, 50, 100, 300)

@@ -11,7 +11,6 @@ reply.  Outputs are compared with local inference on the same frame.
 from __future__ import annotations
 
 import collections
-import math
 import random
 import statistics
 import time
@@ -21,12 +20,7 @@ import torch
 
 from rrto_ros import OffloadResult
 from rrto_wire import treespec
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Return the nearest-rank ``q``-th percentile, q in 0..100 (for q=99 and n<100: the max)."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
+from rrto_wire.summary import percentile
 
 
 def output_error(output: Any, reference: Any) -> tuple[float, float | None]:

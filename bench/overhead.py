@@ -33,6 +33,7 @@ from bench.measure import offloaded_calls
 from rrto_server.process import ServerProcess, child_env, free_port
 from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
+from rrto_wire.summary import percentile
 
 
 class Tiny(torch.nn.Module):
@@ -49,11 +50,6 @@ class Tiny(torch.nn.Module):
 MODELS = {'tiny': Tiny, **ARCHITECTURES}
 
 
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
 def measure(name: str, endpoint: str, calls: int) -> dict:
     torch.manual_seed(0)
     model = WithImageInput(MODELS[name]().eval()).eval()
@@ -67,7 +63,7 @@ def measure(name: str, endpoint: str, calls: int) -> dict:
         'total_ms_median': statistics.median(r.total_ms for r in records),
         'server_compute_ms_median': statistics.median(r.server_compute_ms for r in records),
         'overhead_ms_median': statistics.median(overhead),
-        'overhead_ms_p90': _percentile(overhead, 90),
+        'overhead_ms_p90': percentile(overhead, 90),
         'server_overhead_ms_median': statistics.median(server_overhead),
         'network_ms_median': statistics.median(r.network_ms for r in records),
         'round_trips_per_call': statistics.mean(r.round_trips for r in records),

@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.sched_mix import (TaskSpec, start_server, _clean, _gpu_name, _percentile, export,
+from bench.sched_mix import (TaskSpec, start_server, _clean, _gpu_name, export,
                              prepare, run_clients, server_stats)
+from rrto_wire.summary import percentile
 
 SHAPES = {
     'cpu': {'resnet18': (1, 3, 224, 224), 'mobilenet': (1, 3, 160, 160),
@@ -73,7 +74,7 @@ def measure(endpoint: str, arch: str, shape: tuple, granularity: str, args,
             'solo_ms': sum(info['segment_ms']), 'preempt_ms': preempt,
             'within_one_segment': within,
             'meets_target': bool(preempt.get('n')) and preempt['p99'] <= TARGET_MS,
-            'low_latency_ms_p50': _percentile(low_latency, 50),
+            'low_latency_ms_p50': percentile(low_latency, 50),
             'low_inferences': len(low_latency)}
 
 

@@ -113,7 +113,8 @@ def _f(value, digits: int = 1) -> str:
     return f'{value:.{digits}f}'
 
 
-def _table(header: list[str], rows: list[list]) -> list[str]:
+def table(header: list[str], rows: list[list]) -> list[str]:
+    """Return Markdown lines: the header, then rows; columns after the second right-aligned."""
     lines = ['| ' + ' | '.join(header) + ' |',
              '|' + '|'.join('---' if i < 2 else '---:' for i in range(len(header))) + '|']
     lines += ['| ' + ' | '.join(str(c) for c in row) + ' |' for row in rows]
@@ -175,9 +176,9 @@ def modes_section(meta: dict, points: list[dict]) -> list[str]:
                          _f(p['server_compute_ms']), _f(p['floor_ms']),
                          _f(p['vs_floor'], 2), p['fallbacks']])
         lines += [f'#### {arch}', '']
-        lines += _table(['link', 'mode', 'n', 'median ms', 'p99 ms', 'round trips', 'KB up',
-                         'KB down', 'robot CPU ms (mean)', 'server compute ms', 'floor ms',
-                         'measured/floor', 'fallbacks'], rows)
+        lines += table(['link', 'mode', 'n', 'median ms', 'p99 ms', 'round trips', 'KB up',
+                        'KB down', 'robot CPU ms (mean)', 'server compute ms', 'floor ms',
+                        'measured/floor', 'fallbacks'], rows)
     return lines
 
 
@@ -205,9 +206,9 @@ def codecs_section(meta: dict, points: list[dict]) -> list[str]:
                              _f(q['robot_cpu_ms']), f'{q["rel_l2_max"]:.2g}',
                              _f(q['agreement'], 3), per_call])
         lines += [f'#### {arch}', '']
-        lines += _table(['link', 'codec', 'n', 'median ms', 'p99 ms', 'KB up', 'bytes saved %',
-                         'ms saved', 'robot CPU ms', 'rel L2 error', 'agreement',
-                         'codec per call'], rows)
+        lines += table(['link', 'codec', 'n', 'median ms', 'p99 ms', 'KB up', 'bytes saved %',
+                        'ms saved', 'robot CPU ms', 'rel L2 error', 'agreement',
+                        'codec per call'], rows)
     return lines
 
 
@@ -225,8 +226,8 @@ def input_section(meta: dict, points: list[dict]) -> list[str]:
         for q in ([base] if base else []) + [p]:
             rows.append([q['arch'], q['link'], q['input'], _f(q['median_ms']), _f(q['p99_ms']),
                          _f(q['bytes_sent'] / 1e3), _f(q['robot_cpu_ms']), _f(q['floor_ms'])])
-    return lines + _table(['arch', 'link', 'input', 'median ms', 'p99 ms', 'KB up',
-                           'robot CPU ms', 'floor ms'], rows)
+    return lines + table(['arch', 'link', 'input', 'median ms', 'p99 ms', 'KB up',
+                          'robot CPU ms', 'floor ms'], rows)
 
 
 def steps_section(meta: dict, points: list[dict]) -> list[str]:
@@ -255,8 +256,8 @@ def steps_section(meta: dict, points: list[dict]) -> list[str]:
                          _f(max(c['total_ms'] for c in calls)),
                          _f(statistics.fmean(c['bytes_sent'] for c in calls) / 1e3),
                          ', '.join(f'{k} {v}' for k, v in codecs.items())])
-    return lines + _table(['arch', 'codec', 'Mbit/s', 'calls', 'median ms', 'max ms', 'KB up',
-                           'codec per call'], rows)
+    return lines + table(['arch', 'codec', 'Mbit/s', 'calls', 'median ms', 'max ms', 'KB up',
+                          'codec per call'], rows)
 
 
 def gpu_section(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path) -> list[str]:
@@ -274,8 +275,8 @@ def gpu_section(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path
     rows = [[r['arch'], r['precision'], r['batch'], _f(r['eager_ms'], 2), _f(r['replay_ms'], 2),
              _f(r.get('server_ms'), 2), _f(r.get('server_overhead_ms'), 2)]
             for r in gpu['results']]
-    lines += _table(['arch', 'precision', 'batch', 'eager ms', 'replay ms', 'server ms',
-                     'server overhead ms'], rows)
+    lines += table(['arch', 'precision', 'batch', 'eager ms', 'replay ms', 'server ms',
+                    'server overhead ms'], rows)
     entries = {(r['arch'], r['precision']): r for r in gpu['results'] if r['batch'] == 1}
     precisions = list(dict.fromkeys(prec for _, prec in entries))
     lines += ['What a robot would see with this GPU server, per link (batch 1): the median '
@@ -298,7 +299,7 @@ def gpu_section(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path
     header = ['arch', 'link', 'mode', f'measured, server on {device} ms']
     for prec in precisions:
         header += [f'H100 {prec} predicted ms', f'H100 {prec} floor ms']
-    return lines + _table(header, rows)
+    return lines + table(header, rows)
 
 
 def render(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path) -> str:
@@ -315,7 +316,7 @@ def render(meta: dict, points: list[dict], gpu: dict | None, gpu_path: Path) -> 
                   f'{meta["load_before"][0]:.1f} before, {meta["load_after"][0]:.1f} after, '
                   f'{meta["machine"]["cores"]} cores); rerun on a quiet machine before '
                   'quoting these numbers as final.', '']
-    lines += ['### Links', ''] + _table(
+    lines += ['### Links', ''] + table(
         ['link', 'up Mbit/s', 'down Mbit/s', 'RTT ms', 'jitter ms (each way)', 'loss/packet',
          'stall ms'], _link_rows(points))
     if not meta.get('traces_dir'):

@@ -33,7 +33,8 @@ import torch
 
 from bench import matrix, report, traces
 from bench.frames import camera_frames
-from bench.linkemu import PRESETS, EmulatorProcess, LinkConfig, mean_mbps
+from bench.link_config import PRESETS, LinkConfig, mean_mbps
+from bench.link_process import EmulatorProcess
 from bench.measure import run_point
 from bench.modes import MODES
 from rrto_server.process import ServerProcess, child_env

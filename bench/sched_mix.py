@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from rrto_server.process import ServerProcess
+from rrto_wire.summary import percentile
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -260,16 +261,6 @@ def run_clients(specs: list[TaskSpec], endpoint: str, replays: dict, duration: f
 
 
 # ---------------------------------------------------------------------------- report
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    low = int(pos)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
-
-
 def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
                    server_task: dict) -> dict:
     """Return the per-task figures of one run."""
@@ -285,9 +276,9 @@ def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
         'releases': len(releases), **counts,
         'miss_rate': missed / len(releases) if periodic and releases else None,
         'throughput_hz': len(answered) / duration,
-        'latency_ms': {'p50': _percentile(latency, 50), 'p99': _percentile(latency, 99),
+        'latency_ms': {'p50': percentile(latency, 50), 'p99': percentile(latency, 99),
                        'max': max(latency, default=math.nan)},
-        'response_ms_p99': _percentile(response, 99),
+        'response_ms_p99': percentile(response, 99),
         'preemptions': sum(r['server'].get('preemptions', 0) for r in answered),
         'server': {k: server_task.get(k) for k in ('preempt_ms', 'queue_ms', 'latency_ms',
                                                    'expired', 'abandoned', 'late')},

@@ -8,7 +8,8 @@ rrto_ros: run a robot's DNN inference on a GPU server as if it ran locally.
 """
 
 from rrto_ros.client import OffloadError, RemoteError, ServerUnavailable
-from rrto_ros.engine import CallRecord, OffloadedModel, OffloadResult, offload
+from rrto_ros.engine import OffloadedModel, offload
+from rrto_ros.records import CallRecord, OffloadResult
 
 __all__ = ['offload', 'OffloadedModel', 'OffloadResult', 'CallRecord', 'OffloadError',
            'RemoteError', 'ServerUnavailable']

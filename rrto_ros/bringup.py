@@ -34,7 +34,9 @@ from rrto_ros.nodes.bandwidth_monitor import BandwidthMonitor
 from rrto_ros.nodes.camera_sim import CameraSim
 from rrto_ros.nodes.offload_node import OffloadNode
 from rrto_ros.nodes.params import ParameterError
-from rrto_server.process import ServerProcess, hello
+from rrto_server.process import ServerProcess
+from rrto_wire.hello import hello
+from rrto_wire.summary import percentile
 
 
 def default_config() -> Path:
@@ -47,12 +49,6 @@ def default_config() -> Path:
     except (ImportError, LookupError, ValueError, OSError):
         pass
     return Path(__file__).resolve().parents[1] / 'config' / 'offload.yaml'
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Return the nearest-rank ``q``-th percentile of ``values``, ``q`` in 0..100."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))]
 
 
 class LatencySummary(Node):

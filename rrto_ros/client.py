@@ -24,10 +24,11 @@ import msgspec
 import torch
 import zmq
 
-from rrto_wire import codecs, messages
+from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.hello import ask_hello
 from rrto_wire.limits import COPY_THRESHOLD, MAX_DIGESTS, UPLOAD_CHUNK_BYTES
 from rrto_wire.messages import Kind
 from rrto_wire.tensors import TensorSpec
@@ -129,23 +130,17 @@ class RrtoClient:
     def _probe(self) -> None:
         delay = self.backoff_s[0]
         while not self._closed.is_set():
-            sock = self._new_socket()
+            sock = self._new_socket()   # set up like the data socket, CURVE keys included
             try:
-                frames = wire.encode({'kind': Kind.HELLO.value, 'id': 0})
-                if sock.poll(self.connect_timeout_ms, zmq.POLLOUT):
-                    sock.send_multipart(frames, copy=False)
-                    if sock.poll(self.connect_timeout_ms, zmq.POLLIN):
-                        reply = messages.decode_reply(sock.recv_multipart()[0], Kind.HELLO)
-                        if isinstance(reply, messages.HelloOk):
-                            self.counters['reconnects'] += 1
-                            self.server_info = msgspec.to_builtins(reply)
-                            log.info('%s: server %s is back', self.name, self.endpoint)
-                            self._available.set()
-                            return
-            except (zmq.ZMQError, ProtocolError) as exc:
-                log.debug('probe failed: %s', exc)
+                info = ask_hello(sock, self.connect_timeout_ms)
             finally:
                 sock.close(linger=0)
+            if info is not None:
+                self.counters['reconnects'] += 1
+                self.server_info = info
+                log.info('%s: server %s is back', self.name, self.endpoint)
+                self._available.set()
+                return
             self._closed.wait(delay)
             delay = min(delay * 2, self.backoff_s[1])
 
@@ -223,11 +218,11 @@ class RrtoClient:
             self._mark_down('send would block')
             raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
 
-    def _finish(self, reply_header: messages.Ok | messages.Error,
+    def _finish(self, reply_header: replies.Ok | replies.Error,
                 reply: list) -> tuple[dict, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
-        if isinstance(reply_header, messages.Error):
+        if isinstance(reply_header, replies.Error):
             self.counters['errors'] += 1
             raise RemoteError(reply_header.code, reply_header.message)
         try:
@@ -237,7 +232,7 @@ class RrtoClient:
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
         return msgspec.to_builtins(reply_header), tensors
 
-    def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[messages.Ok, list]:
+    def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[replies.Ok, list]:
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
             if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
@@ -246,7 +241,7 @@ class RrtoClient:
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)
             try:
-                reply_header = messages.decode_reply(frames[0], kind)
+                reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
                 if exc.request_id != request_id:
                     continue          # garbage or a stale reply to an earlier request
@@ -297,12 +292,18 @@ class RrtoClient:
         header, _ = self.call(Kind.RECORD, fields, timeout_ms=timeout_ms)
         return header
 
-    def infer(self, replay: str, tensors: Sequence[torch.Tensor], timeout_ms: float | None = None,
-              codec: str = codecs.RAW, **keys: Any) -> tuple[list[torch.Tensor], dict]:
+    def start_infer(self, replay: str, tensors: Sequence[torch.Tensor],
+                    timeout_ms: float | None = None, codec: str = codecs.RAW,
+                    **keys: Any) -> 'PendingReply':
+        """Send one INFER of a recorded replay (``keys``: task, priority, deadline...)."""
         fields = {'replay': replay}
         fields.update({k: v for k, v in keys.items() if v is not None})
-        header, outputs = self.call(Kind.INFER, fields, tensors,
-                                    timeout_ms=timeout_ms, codec=codec)
+        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec)
+
+    def infer(self, replay: str, tensors: Sequence[torch.Tensor], timeout_ms: float | None = None,
+              codec: str = codecs.RAW, **keys: Any) -> tuple[list[torch.Tensor], dict]:
+        """Run one INFER and wait: return (outputs, reply header)."""
+        header, outputs = self.start_infer(replay, tensors, timeout_ms, codec, **keys).result()
         return outputs, header
 
     def stats(self, timeout_ms: float | None = None) -> dict:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-from rrto_ros.engine import CallRecord, OffloadResult
+from rrto_ros.records import CallRecord, OffloadResult
 
 # key -> type, in the order the record lists them
 KEYS = {

@@ -36,6 +36,13 @@ class Artifact:
     blobs: dict[str, tuple[str, bytes]] = field(default_factory=dict)
     program: dict | None = None                 # the parsed program JSON (naive mode walks it)
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Return the program's parameters by name, unpacked from the weights blob."""
+        for kind, data in self.blobs.values():
+            if kind == 'weights':
+                return program_format.unpack_weights(bytearray(data))
+        return {}
+
 
 class LocalModel:
     """Base class: a model the robot can run itself and export for the server."""

@@ -26,7 +26,8 @@ from typing import Sequence
 import torch
 
 from rrto_ros.client import RrtoClient
-from rrto_ros.engine import OffloadedModel, OffloadResult
+from rrto_ros.engine import OffloadedModel
+from rrto_ros.records import OffloadResult
 from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import TorchModule
 from rrto_ros.plan_table import PlanTable

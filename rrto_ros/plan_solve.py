@@ -36,7 +36,6 @@ from rrto_ros.plan_table import PlanTable, program_key
 from rrto_ros.planner import CostModel, Link, Power, Profiles, Solution, optimise
 from rrto_ros.split import Plan, as_program
 from rrto_wire import treespec
-from rrto_wire.program import unpack_weights
 
 MARGIN_BOUNDS = (0.02, 0.15)
 DEFAULT_MARGIN = 0.05
@@ -59,8 +58,7 @@ def prepare(model: TorchModule, x: torch.Tensor) -> tuple:
     flat, spec = treespec.flatten(((x,), {}))
     artifact = model.artifact(flat, spec)
     program = as_program(artifact.program)
-    blobs = [d for kind, d in artifact.blobs.values() if kind == 'weights']
-    weights = unpack_weights(bytearray(blobs[0])) if blobs else {}
+    weights = artifact.weights()
     return artifact, program, weights, GraphAnalysis(
         program, {k: v.shape for k, v in weights.items()})
 

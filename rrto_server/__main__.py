@@ -11,7 +11,8 @@ import zmq
 
 from rrto_wire import strategy as strategy_file
 from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
-from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
+from rrto_server.lanes import DROP, LATE_POLICIES
+from rrto_server.scheduler import POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
 
 GIL_SWITCH_S = 0.0005

@@ -35,7 +35,8 @@ from rrto_server.naive import NaiveSessions
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.requests import Request
-from rrto_server.scheduler import DROP, EXCLUSIVE, Job, Scheduler
+from rrto_server.lanes import DROP, EXCLUSIVE, Job
+from rrto_server.scheduler import Scheduler
 from rrto_server.stats import ServerStats
 from rrto_server.taskstats import TaskStats
 from rrto_wire import protocol as wire

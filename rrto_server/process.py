@@ -20,11 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgspec
-import zmq
-
-from rrto_wire import messages
-from rrto_wire import protocol as wire
+from rrto_wire.hello import hello
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,21 +30,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
-
-
-def hello(endpoint: str, timeout_ms: float = 1000) -> dict | None:
-    """Return the server's hello reply header, or None if none came in time."""
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    try:
-        sock.send_multipart(wire.encode({'kind': 'hello', 'id': 1}))
-        if sock.poll(timeout_ms):
-            reply = messages.decode_reply(sock.recv_multipart()[0], messages.Kind.HELLO)
-            return msgspec.to_builtins(reply)
-        return None
-    finally:
-        sock.close(linger=0)
 
 
 def child_env(**extra: str) -> dict:

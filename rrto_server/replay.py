@@ -85,7 +85,7 @@ class Replay:
     def _warm_up(self) -> None:
         inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
         for _ in range(WARMUP_ITERS if self.device.type == 'cuda' else 1):
-            Execution(self, inputs).run()
+            Execution(self.runner, inputs).run()
 
     @property
     def shares_buffers(self) -> bool:
@@ -136,7 +136,7 @@ class Replay:
                 ErrorCode.SIGNATURE,
                 f'replay expects {signature_key(self.signature)}, got {signature_key(got)}')
         self.runs += 1
-        return Execution(self, inputs)
+        return Execution(self.runner, inputs)
 
 
 def _output_dtypes(program) -> list[torch.dtype]:

@@ -18,7 +18,6 @@ import torch
 
 if TYPE_CHECKING:
     from rrto_server.host_buffers import BufferSet
-    from rrto_server.replay import Replay
 
 
 class Runner(Protocol):
@@ -46,8 +45,8 @@ class Runner(Protocol):
 class Execution:
     """One inference in progress: which segment runs next and the values it needs."""
 
-    def __init__(self, replay: 'Replay', inputs: Sequence[torch.Tensor]):
-        self.replay = replay
+    def __init__(self, runner: Runner, inputs: Sequence[torch.Tensor]):
+        self.runner = runner
         self.next_segment = 0
         self.env: dict[str, Any] = {}
         self.saved: dict[str, torch.Tensor] | None = None
@@ -55,7 +54,7 @@ class Execution:
         self.outputs: list[torch.Tensor] | None = None
         self.buffers: BufferSet | None = None     # page-locked outputs, held until sent
         self.copied: Any = None                    # CUDA event: outputs are in the buffers
-        replay.runner.begin(self, inputs)
+        runner.begin(self, inputs)
 
     @property
     def done(self) -> bool:
@@ -63,13 +62,13 @@ class Execution:
 
     @property
     def num_segments(self) -> int:
-        return self.replay.runner.num_segments
+        return self.runner.num_segments
 
     def step(self) -> bool:
         """Run the next segment; return True once the outputs are ready (on the device)."""
         if self.done:
             return True
-        runner = self.replay.runner
+        runner = self.runner
         runner.run_segment(self, self.next_segment)
         self.next_segment += 1
         if self.next_segment == runner.num_segments:
@@ -85,7 +84,7 @@ class Execution:
         """
         if self.outputs is None:
             raise RuntimeError('execution has not finished')
-        host = self.replay.runner.to_host(self)
+        host = self.runner.to_host(self)
         self.env = {}
         return host
 
@@ -97,7 +96,7 @@ class Execution:
 
     def release(self) -> None:
         """Drop this execution's device state (it is abandoned or has failed)."""
-        self.replay.runner.release(self)
+        self.runner.release(self)
         self.release_buffers()
 
     def run(self) -> list[torch.Tensor]:

@@ -46,7 +46,8 @@ from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.replay_key import check_options, replay_key
 from rrto_server.requests import OpenRequests, ReplySender, Request
-from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE, Scheduler
+from rrto_server.lanes import DROP, LATE_POLICIES
+from rrto_server.scheduler import POLICIES, PREEMPTIVE, Scheduler
 from rrto_server.stats import ServerStats
 from rrto_server.store import DEFAULT_MAX_STORE_BYTES, BlobStore
 from rrto_server.taskstats import TaskStats

@@ -4,7 +4,7 @@ Per-task real-time counters: latency percentiles, deadline misses, preemptions.
 A *task* is what a request names in its ``task`` header field (a perception
 stream such as ``front_camera/detect``).  For every task the server counts
 requests and how each one ended, and keeps a window of recent samples for
-percentiles:
+percentiles (defined once, in :mod:`rrto_wire.summary`):
 
 * ``latency_ms``  server arrival to reply (the server's share of the round trip)
 * ``queue_ms``    server arrival to the start of the first segment
@@ -20,33 +20,13 @@ answered after its deadline (``late``).
 from __future__ import annotations
 
 import collections
-import math
 import threading
-from typing import Iterable
+
+from rrto_wire.summary import summarise
 
 MAX_TASKS = 256
 OVERFLOW_TASK = '(other)'
 OUTCOMES = ('completed', 'expired', 'abandoned', 'failed')
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Return the value below which q percent (0..100) of sorted values lie, interpolated."""
-    if not sorted_values:
-        return math.nan
-    pos = (len(sorted_values) - 1) * q / 100.0
-    low = int(math.floor(pos))
-    high = min(low + 1, len(sorted_values) - 1)
-    return sorted_values[low] + (sorted_values[high] - sorted_values[low]) * (pos - low)
-
-
-def summarise(samples: Iterable[float]) -> dict:
-    """Return n, mean, p50, p90, p99 and max of samples (milliseconds), JSON-ready."""
-    values = sorted(samples)
-    if not values:
-        return {'n': 0}
-    return {'n': len(values), 'mean': sum(values) / len(values),
-            'p50': percentile(values, 50), 'p90': percentile(values, 90),
-            'p99': percentile(values, 99), 'max': values[-1]}
 
 
 class _Task:

@@ -5,12 +5,12 @@ A header is one JSON object tagged by ``kind``.  Requests and replies are
 :class:`msgspec.Struct` types with ``forbid_unknown_fields``; types, ranges,
 string lengths, list lengths and shape dimensions are part of the schema, so a
 header that decodes is a header the server can use.  :func:`decode_request`
-and :func:`decode_reply` are the only places headers are decoded; every
+and :func:`rrto_wire.replies.decode_reply` are the only places headers are decoded; every
 failure is a :class:`~rrto_wire.errors.ProtocolError` with a client error code
 (``bad_request``, ``version_mismatch`` or ``too_large``), never anything else.
 
-Replies are decoded against the request kind they answer: ``ok`` carries that
-kind's fields, ``error`` a code and a message.
+This module holds the kinds and the requests; the replies (decoded against
+the request kind they answer) are in :mod:`rrto_wire.replies`.
 """
 
 from __future__ import annotations
@@ -187,111 +187,6 @@ class Probe(Message, tag='probe', kw_only=True):
 Request = Union[Hello, Missing, Put, Record, Infer, Op, Release, Stats, Profile, Probe]
 REQUEST_TYPES: dict[Kind, type] = {Kind(t.__struct_config__.tag): t for t in Request.__args__}
 
-# ------------------------------------------------------------------------------- replies
-
-
-class Error(Message, tag='error', kw_only=True):
-    """The error reply to any request."""
-
-    code: Annotated[str, msgspec.Meta(max_length=64)]
-    message: Annotated[str, msgspec.Meta(max_length=4096)] = ''
-    server_ms: float = 0.0
-
-
-class Ok(Message, tag='ok', kw_only=True):
-    """Fields of every success reply."""
-
-    server_ms: float = 0.0
-
-
-class HelloOk(Ok, tag='ok', kw_only=True):
-    """The server's identity and limits."""
-
-    server: str
-    protocol: int
-    device: str
-    upload: bool
-    max_message_bytes: int
-    chunk_bytes: int
-
-
-class MissingOk(Ok, tag='ok', kw_only=True):
-    """The digests the store lacks."""
-
-    missing: list[str]
-
-
-class PutOk(Ok, tag='ok', kw_only=True):
-    """Whether the blob is now complete and verified."""
-
-    complete: bool
-
-
-class RecordOk(Ok, tag='ok', kw_only=True):
-    """What was recorded (or found already recorded)."""
-
-    replay: str
-    recorded: bool
-    record_ms: float
-    segments: int
-    backend: str
-    nbytes: int
-    label: str | None
-    utilisation: float | None
-    segment_ms: list[float]
-
-
-class InferTiming(msgspec.Struct, forbid_unknown_fields=True):
-    """Where an inference spent its time on the server."""
-
-    queue_ms: float
-    compute_ms: float
-    segments: int = 1
-    preemptions: int = 0
-    packed_steps: int = 0
-    deadline_missed: bool = False
-
-
-class InferOk(Ok, tag='ok', kw_only=True):
-    """The outputs (as tensor frames) and their timing."""
-
-    timing: InferTiming
-
-
-class OpOk(Ok, tag='ok', kw_only=True):
-    """Fetched tensors (as frames) and timing."""
-
-    timing: InferTiming
-
-
-class ReleaseOk(Ok, tag='ok', kw_only=True):
-    """Session dropped."""
-
-
-class StatsOk(Ok, tag='ok', kw_only=True):
-    """Server counters (see ``Server.snapshot``)."""
-
-    stats: dict[str, Any]
-
-
-class ProfileOk(Ok, tag='ok', kw_only=True):
-    """Per-operator times of a program on the server's device."""
-
-    profile: dict[str, Any]
-    device: str
-
-
-class ProbeOk(Ok, tag='ok', kw_only=True):
-    """How many bytes the probe brought (and ``reply_bytes`` zeros as one frame)."""
-
-    received_bytes: int
-
-
-REPLY_TYPES: dict[Kind, type] = {
-    Kind.HELLO: HelloOk, Kind.MISSING: MissingOk, Kind.PUT: PutOk, Kind.RECORD: RecordOk,
-    Kind.INFER: InferOk, Kind.OP: OpOk, Kind.RELEASE: ReleaseOk, Kind.STATS: StatsOk,
-    Kind.PROFILE: ProfileOk, Kind.PROBE: ProbeOk}
-
 # ------------------------------------------------------------------------------- decoding
 
 
@@ -304,8 +199,6 @@ class _Peek(msgspec.Struct):
 
 
 _REQUESTS = msgspec.json.Decoder(Request)
-_REPLIES = {kind: msgspec.json.Decoder(Union[ok, Error]) for kind, ok in REPLY_TYPES.items()}
-_ERRORS = msgspec.json.Decoder(Error)
 _PEEK = msgspec.json.Decoder(_Peek)
 _ENCODER = msgspec.json.Encoder()
 
@@ -342,7 +235,8 @@ def _named(peek: _Peek, text: str, request: bool) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, f'bad header: {clip(text, 300)}')
 
 
-def _decode(decoder: msgspec.json.Decoder, frame: Any, request: bool):
+def decode_header(decoder: msgspec.json.Decoder, frame: Any, request: bool) -> Any:
+    """Decode one header frame with ``decoder``; raise ProtocolError naming any problem."""
     raw = _buffer(frame)
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE,
@@ -360,16 +254,7 @@ def _decode(decoder: msgspec.json.Decoder, frame: Any, request: bool):
 
 def decode_request(frame: Any) -> Request:
     """Decode and validate a request header; raise ProtocolError naming the problem."""
-    return _decode(_REQUESTS, frame, request=True)
-
-
-def decode_reply(frame: Any, kind: Kind | None) -> Ok | Error:
-    """
-    Decode the reply to a request of ``kind`` (None: only an error reply is valid).
-
-    Raises ProtocolError when the header is not a valid reply to that kind.
-    """
-    return _decode(_REPLIES[kind] if kind is not None else _ERRORS, frame, request=False)
+    return decode_header(_REQUESTS, frame, request=True)
 
 
 def encode_header(header: dict) -> bytes:

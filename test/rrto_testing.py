@@ -9,10 +9,11 @@ import msgspec
 import torch
 import zmq
 
-from rrto_wire import messages, treespec
+from rrto_wire import messages, replies, treespec
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ProtocolError
-from rrto_server.process import ServerProcess, child_env, free_port, hello  # noqa: F401
+from rrto_server.process import ServerProcess, child_env, free_port  # noqa: F401
+from rrto_wire.hello import hello  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,7 +28,7 @@ def raw_socket(ctx: zmq.Context, endpoint: str, kind: int = zmq.DEALER) -> zmq.S
 
 def reply_header(frame, kind: str | None = 'infer') -> dict:
     """Decode a reply to a ``kind`` request strictly, as the client does, into plain data."""
-    return msgspec.to_builtins(messages.decode_reply(frame, kind and messages.Kind(kind)))
+    return msgspec.to_builtins(replies.decode_reply(frame, kind and messages.Kind(kind)))
 
 
 def exchange(sock: zmq.Socket, frames: list, timeout_ms: int = 5000) -> dict:
@@ -88,7 +89,7 @@ def infer_frames(request_id, replay: str, x: torch.Tensor, **fields) -> list:
 
 def reply_and_tensors(frames: list, kind: str = 'infer') -> tuple[dict, list]:
     """Decode a received reply to a ``kind`` request: its header as plain data, its tensors."""
-    header = messages.decode_reply(frames[0], messages.Kind(kind))
+    header = replies.decode_reply(frames[0], messages.Kind(kind))
     return msgspec.to_builtins(header), wire.decode_tensors(header.tensors, frames[1:], 1 << 30)
 
 

@@ -19,7 +19,7 @@ def recorded(server, offloaded):
     om = offloaded(model, server.endpoint, timeout_ms=30000)
     x = torch.randn(1, 3, 64, 64)
     assert om.warmup(x)
-    replay = next(iter(om._targets.values())).replay
+    replay = om.prepared()[0].replay
     return model, om, x, replay
 
 

@@ -1,12 +1,14 @@
 """The benchmark runner and its report: a seconds-long smoke run of every section."""
 
 import json
+import math
 
 import pytest
 
 from bench import report, run_all
-from bench.linkemu import grid_link
-from bench.measure import output_error, percentile
+from bench.link_config import grid_link
+from bench.measure import output_error
+from rrto_wire.summary import percentile, summarise
 from rrto_testing import free_port
 
 
@@ -84,7 +86,13 @@ def test_floor_is_rtt_plus_transfer_plus_compute():
 
 
 def test_percentile_and_output_error():
-    assert percentile([5, 1, 3, 2, 4], 50) == 3 and percentile(list(range(10)), 99) == 9
+    # numpy's linear interpolation: rank (n - 1) * q / 100 between its neighbours
+    assert percentile([5, 1, 3, 2, 4], 50) == 3
+    assert percentile(list(range(10)), 99) == pytest.approx(8.91)
+    assert math.isnan(percentile([], 50)) and summarise([]) == {'n': 0}
+    assert summarise([4.0, 1.0, 2.0, 3.0]) == {'n': 4, 'mean': 2.5, 'p50': 2.5,
+                                               'p90': pytest.approx(3.7),
+                                               'p99': pytest.approx(3.97), 'max': 4.0}
     import torch
     ref = {'a': torch.tensor([[0.0, 2.0, 1.0]]), 'b': torch.ones(1, 2, 3, 3)}
     same = output_error(ref, ref)

@@ -116,7 +116,7 @@ def test_server_rejects_a_bad_jpeg_and_serves_jpeg_inputs(server, offloaded, zmq
     with torch.inference_mode():
         expected = model(image)
     assert torch.allclose(out['heatmaps'], expected['heatmaps'], atol=0.1)
-    replay = next(iter(om._targets.values())).replay
+    replay = om.prepared()[0].replay
     frames = wire.encode({'kind': 'infer', 'id': 9, 'replay': replay}, [image], 'jpeg')
     sock = raw_socket(zmq_ctx, server.endpoint, zmq.DEALER)
     reply = exchange(sock, frames[:1] + [_claim_size(bytes(frames[1]), 9000, 9000)])

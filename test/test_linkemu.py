@@ -8,8 +8,10 @@ import time
 import pytest
 
 from bench import traces
-from bench.linkemu import (Direction, EmulatorProcess, LinkConfig, LinkEmulator, PRESETS,
-                           Shaper, grid_link, steps_link, symmetric)
+from bench.link_config import PRESETS, Direction, LinkConfig, grid_link, steps_link, symmetric
+from bench.link_process import EmulatorProcess
+from bench.link_proxy import LinkEmulator
+from bench.link_shaper import Shaper
 
 TOLERANCE = 0.10
 
@@ -162,15 +164,35 @@ def test_configured_bandwidth_is_delivered_within_10_percent_each_way(echo):
     assert stats['down_bytes'] == nbytes and stats['link'] == 'down20'
 
 
-def test_configured_delay_and_jitter_are_delivered_within_10_percent(echo):
+def test_configured_delay_and_jitter_are_scheduled_exactly_and_never_delivered_early(echo):
+    """
+    The emulator's guarantees, separated from the machine's scheduler noise.
+
+    What the emulator decides (each piece's scheduled delay: one-way delay plus
+    a uniform draw in +-jitter) is exact and deterministic for a seed; what
+    the wall clock adds on top is thread wake-up lateness, which grows with
+    the machine's load.  So: the scheduled delays are asserted exactly, every
+    measured round trip is at least its two scheduled delays (the proxy never
+    delivers early), and the wall clock's excess over the schedule is bounded
+    only at the median, with a margin for a loaded 2-core machine.
+    """
     with LinkEmulator(echo, symmetric('rtt40', None, rtt_ms=40)) as emu, _connect(emu) as sock:
         plain = _rtt_ms(sock)
+        plain_up, plain_down = emu.scheduled_delays_ms('up'), emu.scheduled_delays_ms('down')
         emu.set_link(symmetric('rtt40j', None, rtt_ms=40, jitter_ms=8))
         jittery = _rtt_ms(sock, count=15)
-    assert statistics.median(plain) == pytest.approx(40, rel=TOLERANCE)
-    assert statistics.median(jittery) == pytest.approx(40, rel=0.25)
-    assert _spread(plain) < 2 < 4 < _spread(jittery)    # a loaded machine adds rare outliers
-    assert min(plain) >= 40 and min(jittery) >= 40 - 16
+        up, down = emu.scheduled_delays_ms('up'), emu.scheduled_delays_ms('down')
+    assert plain_up == plain_down == [pytest.approx(20, abs=1e-6)] * len(plain)
+    assert len(up) == len(down) == len(jittery)      # one 64-byte piece each way per round trip
+    draws = up + down
+    assert all(12 <= d <= 28 for d in draws)         # 20 +- 8
+    assert _spread(draws) > 4                       # uniform +-8: interquartile range 8
+    scheduled = [u + d for u, d in zip(plain_up, plain_down)] + [
+        u + d for u, d in zip(up, down)]
+    measured = plain + jittery
+    assert all(m >= s for m, s in zip(measured, scheduled))
+    excess = [m - s for m, s in zip(measured, scheduled)]
+    assert statistics.median(excess) < 10     # wake-up noise; a few 0.1 ms on a quiet machine
 
 
 def test_loss_stalls_the_stream_by_the_retransmission_timeout(echo):
@@ -211,7 +233,7 @@ def test_command_line_builds_links_and_rejects_bad_ones():
                         trace=None, down_trace=None, offset_s=0.0, rtt_ms=0.0, jitter_ms=0.0,
                         loss=0.0, stall_ms=200.0)
         defaults.update(dict(zip(argv[::2], argv[1::2])))
-        return linkemu._link_from_args(argparse.Namespace(**defaults))
+        return linkemu.link_from_args(argparse.Namespace(**defaults))
 
     steps = link('steps', '100:3,5:3', 'rtt_ms', 4.0)
     assert steps.up.rate == {'steps': [[100.0, 3.0], [5.0, 3.0]]} and steps.down.delay_ms == 2

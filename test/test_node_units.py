@@ -16,7 +16,7 @@ from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
 
-from rrto_ros.engine import CallRecord, OffloadResult
+from rrto_ros.records import CallRecord, OffloadResult
 from rrto_ros.image import array_to_image
 from rrto_ros.latency import KEYS, parse_values, record_values, stamp_text
 from rrto_ros.latest import LatestSlot
@@ -175,7 +175,7 @@ def test_frames_arriving_during_an_inference_keep_only_the_newest(make_node, con
                                  lambda msg: seen.append(parse_values(m.values_of(msg))),
                                  m.LATENCY_QOS)
     for sec in range(1, 6):          # five frames while nothing runs: four are replaced
-        node._on_image(_image(sec))
+        node.on_image(_image(sec))
     assert node.slot.dropped == 4 and node.slot.received == 5
     executor = MultiThreadedExecutor(num_threads=3, context=context)
     executor.add_node(node)

@@ -5,6 +5,7 @@ import torch
 
 from rrto_ros import OffloadResult
 from rrto_ros.naive import operator_count
+from rrto_ros.preparer import PrepState
 from rrto_ros.zoo import ARCHITECTURES
 from rrto_testing import assert_same_as_local
 
@@ -39,7 +40,7 @@ def test_naive_mode_costs_one_round_trip_per_operator(server, offloaded):
     om = offloaded(model, server.endpoint, timeout_ms=60000, mode='naive')
     x = torch.randn(1, 3, 64, 64)
     assert om.warmup(x)
-    target = next(iter(om._targets.values()))
+    target = om.prepared()[0]
     operators = operator_count(target.artifact)
     before = om.stats()
     out = om(x)
@@ -80,7 +81,12 @@ def test_new_signature_records_a_new_replay_and_reuses_weights(server, offloaded
     stats = om.stats()
     assert stats['records'] == 2
     assert stats['uploads'] == 3  # two graphs, one weights blob
-    assert len(server.snapshot()['replays']) == 2
+    replays = server.snapshot()['replays']
+    assert len(replays) == 2
+    prepared = {p.signature: p for p in om.prepared()}
+    assert set(prepared) == {'float32[1,3,64,64]', 'float32[2,3,96,96]'}
+    assert all(p.state == PrepState.READY and not p.error for p in prepared.values())
+    assert {p.replay for p in prepared.values()} == {r['replay'] for r in replays}
 
 
 def test_structures_and_keyword_arguments_are_preserved(server, offloaded):

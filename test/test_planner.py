@@ -16,7 +16,6 @@ from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import Plan, as_program
 from rrto_ros.zoo import keypoint_net
 from rrto_wire import treespec
-from rrto_wire.program import unpack_weights
 
 SHAPE = (1, 64, 48, 3)
 
@@ -28,8 +27,7 @@ def prepared():
     flat, spec = treespec.flatten(((x,), {}))
     artifact = TorchModule(model).artifact(flat, spec)
     program = as_program(artifact.program)
-    weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]
-    weights = unpack_weights(bytearray(weights_blob))
+    weights = artifact.weights()
     analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
     return model, x, artifact, analysis
 
@@ -271,8 +269,7 @@ def test_refine_keeps_a_plan_only_if_its_measured_robot_side_still_wins(prepared
 def test_robot_side_of_a_plan_is_measured(prepared):
     from rrto_ros.hybrid import PlanRuntime
     _, x, artifact, analysis = prepared
-    weights_blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]
-    weights = unpack_weights(bytearray(weights_blob))
+    weights = artifact.weights()
     cut = analysis.cut_candidates()[-1]
     runtime = PlanRuntime(analysis.program, analysis, weights, Plan('hybrid', cut, 0.5))
     assert 0 < runtime.robot_ms([x], weights, repeats=2) < 10_000

@@ -8,6 +8,7 @@ import torch
 
 from rrto_ros import OffloadResult, ServerUnavailable
 from rrto_ros.client import RrtoClient
+from rrto_ros.preparer import PrepState
 from rrto_ros.zoo import keypoint_net, resnet18
 from rrto_wire.messages import Kind
 from rrto_testing import assert_same_as_local
@@ -32,7 +33,6 @@ def test_server_killed_mid_run_then_restarted(server_process, offloaded, tmp_pat
     expected = model(x)
     om = offloaded(model, proc.endpoint, timeout_ms=TIMEOUT_MS, connect_timeout_ms=300)
     assert om.warmup(x)
-    local_ms = min(_timed(lambda: model(x)) for _ in range(3))
 
     results = []
     while results.count(OffloadResult.OFFLOADED) < 3:
@@ -41,18 +41,21 @@ def test_server_killed_mid_run_then_restarted(server_process, offloaded, tmp_pat
         assert len(results) < 50, om.last.reason
     killer = threading.Timer(0.02, proc.kill)  # lands while a call is in flight
     killer.start()
-    t_end = time.monotonic() + 2.0
-    while time.monotonic() < t_end:
+    give_up = time.monotonic() + 120
+    # run until the kill has landed and two calls in a row fell back (however loaded the
+    # machine, the loop ends on what happened, not on a wall-clock window)
+    while killer.is_alive() or results[-2:] != [OffloadResult.LOCAL_FALLBACK] * 2:
+        assert time.monotonic() < give_up, results
         start = time.perf_counter()
         out = om(x)
-        elapsed_ms = (time.perf_counter() - start) * 1e3
+        waited_ms = (time.perf_counter() - start) * 1e3 - om.last.robot_compute_ms
         results.append(om.last.result)
         assert_same_as_local(out['heatmaps'], expected['heatmaps'])
-        # no call waits longer than its timeout plus a local run (and some scheduling slack)
-        assert elapsed_ms < TIMEOUT_MS + 4 * local_ms + 250, elapsed_ms
+        # no call waits for the server longer than its timeout (plus wake-up slack): the
+        # local run it falls back to is measured in the record and not counted here
+        assert waited_ms < TIMEOUT_MS + 500, (waited_ms, om.last)
     killer.join()
-    assert OffloadResult.OFFLOADED in results and OffloadResult.LOCAL_FALLBACK in results
-    assert results[-1] == OffloadResult.LOCAL_FALLBACK
+    assert OffloadResult.OFFLOADED in results
     assert om.stats()['fallbacks'] >= 1
 
     uploads_before = om.stats()['uploads']
@@ -63,12 +66,6 @@ def test_server_killed_mid_run_then_restarted(server_process, offloaded, tmp_pat
     stats = om.stats()
     assert stats['uploads'] == uploads_before, 'the store survived: nothing is re-uploaded'
     assert stats['records'] == 2 and stats['reconnects'] >= 1
-
-
-def _timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return (time.perf_counter() - start) * 1e3
 
 
 def test_model_uploaded_once_across_client_and_server_restarts(
@@ -98,12 +95,16 @@ def test_no_server_means_local_results_without_waiting(offloaded):
     model = keypoint_net()
     x = torch.randn(1, 3, 64, 64)
     om = offloaded(model, 'tcp://127.0.0.1:9', timeout_ms=200, connect_timeout_ms=200)
-    assert not om.warmup(x, timeout_s=1.0)
-    start = time.perf_counter()
+    # warmup returns once an attempt found the server unreachable (not after its timeout)
+    assert not om.warmup(x, timeout_s=120)
+    [prepared] = om.prepared()
+    assert prepared.state == PrepState.PREPARING and 'unreachable' in prepared.error
+    assert prepared.artifact is None     # no server: the robot did not spend CPU on an export
     for _ in range(5):
         out = om(x)
         assert om.last.result == OffloadResult.LOCAL
-    assert (time.perf_counter() - start) < 2.0
+        # no call waits on the network: beyond its local run, less than one call timeout
+        assert om.last.total_ms - om.last.robot_compute_ms < 200, om.last
     torch.testing.assert_close(out['score'], model(x)['score'], rtol=0, atol=0)
     assert 'unreachable' in om.last.reason
 

@@ -3,6 +3,7 @@
 import math
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -144,19 +145,25 @@ def test_server_killed_shows_fallback_and_recovers_with_outputs_equal_to_local(
     offload = ros_nodes('offload_node', server=server.endpoint, model=MODEL,
                         input_topic='/test/image', resize_height=0, resize_width=0,
                         timeout_ms=1500.0, connect_timeout_ms=300.0)
+    # 'ok' here means probes are answered; rtt/uplink thresholds judge a real link, not a
+    # loaded machine's loopback (they are tested in test_bandwidth)
     monitor = ros_nodes('bandwidth_monitor', server=server.endpoint, probe_rate_hz=5.0,
-                        probe_timeout_ms=300.0, down_after=2)
+                        probe_timeout_ms=300.0, down_after=2, rtt_warn_ms=300.0,
+                        min_uplink_mbps=0.0)
     logs = _logs(offload, monitor)
     camera = _Camera(listener)
     bandwidth = listener.subscribe(DiagnosticStatus, '/rrto/bandwidth', m.STATUS_QOS)
     diagnostics = listener.subscribe(DiagnosticArray, '/diagnostics', m.DIAGNOSTICS_QOS)
 
-    def until(result, limit=60):
-        for _ in range(limit):
+    def until(result, limit_s=120):
+        # frames until the node reports ``result``; bounded in time, not in frames: how many
+        # frames recovery takes (reconnect, re-record) depends on how loaded the machine is
+        deadline = time.monotonic() + limit_s
+        while time.monotonic() < deadline:
             record = camera.send(logs)
             if record['result'] == result:
                 return record
-        raise AssertionError(f'no {result} record in {limit} frames\n{logs()}')
+        raise AssertionError(f'no {result} record in {limit_s} s\n{logs()}')
 
     assert until('offloaded')['fallback'] is False
     # an encoding it cannot read is rejected with a logged error; the node keeps going
@@ -167,13 +174,13 @@ def test_server_killed_shows_fallback_and_recovers_with_outputs_equal_to_local(
                       10, 'the rejected frame counted on /diagnostics', logs)
 
     server.kill()
-    record = until('local_fallback', 20)
+    record = until('local_fallback')
     assert record['fallback'] is True and record['reason'] and record['round_trips'] == 0
     listener.wait_for(lambda: _records(bandwidth) and _records(bandwidth)[-1]['health'] == 'down',
                       20, 'the link reported down', logs)
 
     server.start()   # same port and store
-    record = until('offloaded', 100)
+    record = until('offloaded')
     assert record['round_trips'] == 1 and record['fallback'] is False
     listener.wait_for(lambda: _records(bandwidth)[-1]['health'] == 'ok', 20,
                       'the link reported ok again', logs)

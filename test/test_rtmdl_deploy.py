@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rrto_ros import latency
-from rrto_ros.engine import CallRecord, OffloadResult
+from rrto_ros.records import CallRecord, OffloadResult
 from rrto_wire import program
 from rrto_wire import strategy as strategy_file
 

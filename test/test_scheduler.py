@@ -8,7 +8,8 @@ import pytest
 from rrto_testing import assert_packing_invariant
 
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_server.scheduler import FIFO, PREEMPTIVE, PRIORITY, Job, Scheduler, make_lanes
+from rrto_server.lanes import Job, make_lanes
+from rrto_server.scheduler import FIFO, PREEMPTIVE, PRIORITY, Scheduler
 
 
 class Stepper(Job):

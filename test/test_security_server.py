@@ -9,7 +9,7 @@ import torch
 from rrto_testing import raw_socket
 
 from rrto_ros.client import RemoteError, RrtoClient
-from rrto_ros.engine import OffloadResult
+from rrto_ros.records import OffloadResult
 from rrto_ros.zoo import keypoint_net
 from rrto_server import keys
 from rrto_server.auth import Grant

@@ -2,7 +2,8 @@
 
 import torch
 
-from bench.linkemu import LinkConfig, LinkEmulator, Direction, PRESETS
+from bench.link_config import PRESETS, Direction, LinkConfig
+from bench.link_proxy import LinkEmulator
 from rrto_ros import OffloadResult
 
 

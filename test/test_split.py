@@ -10,7 +10,7 @@ from rrto_ros.preprocess import WithImageInput
 from rrto_ros.split import Plan, as_program, band_program, robot_rows
 from rrto_ros.zoo import ARCHITECTURES
 from rrto_wire import treespec
-from rrto_wire.program import Program, unpack_weights
+from rrto_wire.program import Program
 
 CPU = torch.device('cpu')
 
@@ -19,8 +19,7 @@ def _prepare(model, x):
     flat, spec = treespec.flatten(((x,), {}))
     artifact = TorchModule(model).artifact(flat, spec)
     program = Program.parse(artifact.blobs[artifact.model][1])
-    blobs = [data for kind, data in artifact.blobs.values() if kind == 'weights']
-    weights = unpack_weights(bytearray(blobs[0])) if blobs else {}
+    weights = artifact.weights()
     analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
     return program, weights, analysis, list(program.module(weights, CPU)(x))
 

@@ -17,7 +17,7 @@ import torch
 import zstandard
 from hypothesis import HealthCheck, given, settings
 
-from rrto_wire import codecs, messages
+from rrto_wire import codecs, messages, replies
 from rrto_wire import protocol as wire
 from rrto_wire.errors import MAX_ECHO_CHARS, ErrorCode, ProtocolError, clip
 from rrto_wire.limits import PROTOCOL_VERSION
@@ -104,12 +104,12 @@ def test_an_undecodable_header_still_names_its_request_id():
 
 def test_replies_are_decoded_against_the_request_kind():
     ok = wire.encode({'kind': 'ok', 'id': 1, 'complete': True})[0]
-    assert messages.decode_reply(ok, messages.Kind.PUT).complete is True
+    assert replies.decode_reply(ok, messages.Kind.PUT).complete is True
     with pytest.raises(ProtocolError):
-        messages.decode_reply(ok, messages.Kind.HELLO)        # a hello reply has other fields
+        replies.decode_reply(ok, messages.Kind.HELLO)        # a hello reply has other fields
     error = wire.encode({'kind': 'error', 'id': 1, 'code': 'bad_request', 'message': 'm'})[0]
-    assert isinstance(messages.decode_reply(error, messages.Kind.INFER), messages.Error)
-    assert isinstance(messages.decode_reply(error, None), messages.Error)
+    assert isinstance(replies.decode_reply(error, messages.Kind.INFER), replies.Error)
+    assert isinstance(replies.decode_reply(error, None), replies.Error)
 
 
 def test_network_strings_are_clipped():

@@ -166,7 +166,7 @@ class OffloadNode(Node):
                                                   m.LATENCY_QOS)
         self._diag_pub = self.create_publisher(m.DiagnosticArray, m.DIAGNOSTICS_TOPIC,
                                                m.DIAGNOSTICS_QOS)
-        self.create_subscription(Image, p['input_topic'], self._on_image, m.IMAGE_QOS)
+        self.create_subscription(Image, p['input_topic'], self.on_image, m.IMAGE_QOS)
         self.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, self._on_bandwidth,
                                  m.STATUS_QOS)
         self.create_timer(p['diagnostics_period_s'], self._publish_diagnostics)
@@ -217,7 +217,8 @@ class OffloadNode(Node):
             self.get_logger().info(f'plan table is now {value or "(none: whole-model offload)"}; '
                                    'its plans are prepared in the background')
 
-    def _on_image(self, msg: Image) -> None:
+    def on_image(self, msg: Image) -> None:
+        """Take one camera frame (the subscription callback): the newest waiting frame wins."""
         self.slot.put(msg)
         self._work.trigger()
 

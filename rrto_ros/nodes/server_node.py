@@ -20,7 +20,8 @@ from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
 from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
-from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
+from rrto_server.lanes import DROP, LATE_POLICIES
+from rrto_server.scheduler import POLICIES, PREEMPTIVE
 from rrto_server.server import Server, ServerConfig
 
 PARAMS = [

@@ -1,0 +1,265 @@
+"""
+The link emulator's proxy: a shaping TCP proxy on loopback (forwarding only).
+
+The robot connects to the emulator instead of the server; every byte is
+forwarded through two shaped directions, ``up`` (robot -> server) and
+``down``.  Each direction models, independently and configurably per run:
+
+* **bandwidth**: a token bucket filled at the direction's rate, which may vary
+  over time (a constant, synthetic steps, or a measured trace replayed from
+  ``bench.traces``); its depth is ``burst_ms`` of data at the current rate (at
+  least two packets), so a message sent after an idle period gains at most
+  that much.  A rate of zero is an outage: the stream stalls until it returns.
+* **one-way delay** (``delay_ms``, half the RTT) and **jitter**: each piece of
+  data arrives after ``delay_ms`` plus a uniform draw in ``+-jitter_ms``
+  (netem's default distribution), never before the piece sent ahead of it on
+  the same connection (TCP delivers in order).
+* **loss** as stalls: TCP never loses bytes, so a lost packet shows as its
+  connection stalling for a retransmission timeout (``stall_ms``, default
+  Linux's minimum RTO of 200 ms).  Each 1448-byte packet is lost with
+  probability ``loss``; the data behind it on that connection waits.
+
+The link is shared: all connections through one emulator draw on the same
+two buckets, as all of a robot's flows share one radio.  Departure times are
+computed from the rate schedule, not from when a thread woke up, and the
+forwarder reads ``READ_AHEAD_S`` ahead of the link, so scheduling lateness
+does not cost link capacity.
+"""
+
+from __future__ import annotations
+
+import collections
+import socket
+import threading
+import time
+from typing import Any
+
+from bench.link_config import PRESETS, LinkConfig
+from bench.link_shaper import Shaper
+
+PIECE_BYTES = 16384          # the forwarder's scheduling quantum
+READ_AHEAD_S = 0.02
+RECV_BYTES = 65536
+HISTORY = 10000              # scheduled delays kept per direction
+
+
+class _Pipe:
+    """One direction of one connection: a reader paced by the shaper, a timed writer."""
+
+    def __init__(self, conn: '_Connection', src: socket.socket, dst: socket.socket, which: str):
+        self.conn, self.src, self.dst, self.which = conn, src, dst, which
+        self.queue: collections.deque = collections.deque()
+        self.cond = threading.Condition()
+        self.last_delivery = 0.0
+        self.threads = [threading.Thread(target=self._read, daemon=True,
+                                         name=f'linkemu-{which}-read'),
+                        threading.Thread(target=self._write, daemon=True,
+                                         name=f'linkemu-{which}-write')]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def _push(self, arrived: float, due: float, data: bytes | None) -> None:
+        with self.cond:
+            due = max(due, self.last_delivery)
+            self.last_delivery = due
+            self.queue.append((due, data))
+            self.cond.notify()
+        if data is not None:
+            self.conn.emulator.note_delay(self.which, due - arrived)
+
+    def _read(self) -> None:
+        emu = self.conn.emulator
+        try:
+            while not self.conn.closed:
+                shaper = emu.shaper(self.which)
+                ahead = shaper.busy_until() - time.monotonic() - READ_AHEAD_S
+                if ahead > 0:
+                    time.sleep(min(ahead, 0.05))
+                    continue
+                data = self.src.recv(RECV_BYTES)
+                now = time.monotonic()
+                shaper = emu.shaper(self.which)   # the link may have changed during recv
+                if not data:
+                    self._push(now, now + shaper.direction.delay_ms / 1e3, None)
+                    return
+                for offset in range(0, len(data), PIECE_BYTES):
+                    piece = data[offset:offset + PIECE_BYTES]
+                    departed = shaper.depart(now, len(piece))
+                    self._push(now, departed + shaper.extra_delay_s(len(piece)), piece)
+        except OSError:
+            self.conn.close()
+
+    def _write(self) -> None:
+        try:
+            while True:
+                with self.cond:
+                    while not self.queue and not self.conn.closed:
+                        self.cond.wait(0.2)
+                    if self.conn.closed:
+                        return
+                    due = self.queue[0][0]
+                wait = due - time.monotonic()
+                if wait > 0:
+                    time.sleep(wait)
+                chunks, eof = [], False
+                with self.cond:
+                    now = time.monotonic()
+                    self.conn.emulator.note_lateness(self.which, now - due)
+                    while self.queue and self.queue[0][0] <= now + 1e-4:
+                        _, data = self.queue.popleft()
+                        if data is None:
+                            eof = True
+                            break
+                        chunks.append(data)
+                if chunks:
+                    self.dst.sendall(b''.join(chunks))
+                if eof:
+                    self.dst.shutdown(socket.SHUT_WR)
+                    self.conn.half_closed()
+                    return
+        except OSError:
+            self.conn.close()
+
+
+class _Connection:
+    def __init__(self, emulator: 'LinkEmulator', client: socket.socket, server: socket.socket):
+        self.emulator = emulator
+        self.sockets = (client, server)
+        self.closed = False
+        self._halves = 0
+        self._lock = threading.Lock()
+        self.pipes = [_Pipe(self, client, server, 'up'), _Pipe(self, server, client, 'down')]
+
+    def start(self) -> None:
+        for pipe in self.pipes:
+            pipe.start()
+
+    def half_closed(self) -> None:
+        with self._lock:
+            self._halves += 1
+            done = self._halves == 2
+        if done:
+            self.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+        for pipe in self.pipes:
+            with pipe.cond:
+                pipe.cond.notify_all()
+        self.emulator.forget(self)
+
+
+class LinkEmulator:
+    """A shaping TCP proxy from ``listen`` to ``upstream`` (see the module docstring)."""
+
+    def __init__(self, upstream: tuple[str, int], link: LinkConfig = PRESETS['unlimited'],
+                 listen: tuple[str, int] = ('127.0.0.1', 0), seed: int = 0):
+        self.upstream = upstream
+        self.seed = seed
+        self._shapers: dict[str, Shaper] = {}
+        self._conn_lock = threading.Lock()
+        self._connections: set[_Connection] = set()
+        self._closed = threading.Event()
+        self._delays: dict[str, collections.deque] = {}
+        self._lateness: dict[str, collections.deque] = {}
+        self.set_link(link)
+        self._listener = socket.create_server(listen, reuse_port=False)
+        self._listener.settimeout(0.2)
+        self.port = self._listener.getsockname()[1]
+        self._acceptor = threading.Thread(target=self._accept, daemon=True,
+                                          name='linkemu-accept')
+        self._acceptor.start()
+
+    def set_link(self, link: LinkConfig) -> None:
+        """Apply ``link`` from now on: its schedules start now; data in flight keeps its times."""
+        now = time.monotonic()
+        self.link = link
+        self._shapers = {'up': Shaper(link.up, now, self.seed),
+                         'down': Shaper(link.down, now, self.seed + 1)}
+        self._delays = {k: collections.deque(maxlen=HISTORY) for k in self._shapers}
+        self._lateness = {k: collections.deque(maxlen=HISTORY) for k in self._shapers}
+
+    def shaper(self, which: str) -> Shaper:
+        return self._shapers[which]
+
+    def note_delay(self, which: str, seconds: float) -> None:
+        """Record the delay one piece was scheduled for, arrival to due delivery (forwarder)."""
+        self._delays[which].append(seconds * 1e3)
+
+    def note_lateness(self, which: str, seconds: float) -> None:
+        """Record how late a write woke after its due time (forwarder; scheduler noise)."""
+        self._lateness[which].append(seconds * 1e3)
+
+    def scheduled_delays_ms(self, which: str) -> list[float]:
+        """
+        Return, in order, each data piece's scheduled delay in ``which`` since ``set_link``.
+
+        Arrival at the emulator to its due delivery time: bandwidth queueing,
+        one-way delay, jitter and loss stalls as the emulator decided them,
+        free of the noise of when threads actually woke (the last
+        ``HISTORY`` pieces).
+        """
+        return list(self._delays[which])
+
+    def write_lateness_ms(self, which: str) -> list[float]:
+        """Return how late each write in ``which`` woke after its due time (scheduler noise)."""
+        return list(self._lateness[which])
+
+    def stats(self) -> dict:
+        """Return bytes forwarded and loss stalls per direction since the last ``set_link``."""
+        return {'link': self.link.name, 'connections': len(self._connections),
+                **{f'{k}_bytes': s.bytes for k, s in self._shapers.items()},
+                **{f'{k}_losses': s.losses for k, s in self._shapers.items()}}
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                server = socket.create_connection(self.upstream, timeout=5)
+            except OSError:
+                client.close()
+                continue
+            for sock in (client, server):
+                sock.settimeout(None)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Connection(self, client, server)
+            with self._conn_lock:
+                self._connections.add(conn)
+            conn.start()
+
+    def forget(self, conn: _Connection) -> None:
+        """Drop a closed connection from those ``close`` closes (the connection calls it)."""
+        with self._conn_lock:
+            self._connections.discard(conn)
+
+    def close(self) -> None:
+        """Stop accepting and close every connection."""
+        self._closed.set()
+        self._listener.close()
+        self._acceptor.join(timeout=2)
+        with self._conn_lock:
+            connections = list(self._connections)
+        for conn in connections:
+            conn.close()
+
+    def __enter__(self) -> 'LinkEmulator':
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,231 @@
+"""
+One call of an offloaded model: choose how to serve it, serve it, record how.
+
+:meth:`CallPath.run` asks the :class:`~rrto_ros.preparer.Preparer` whether
+the call's input signature is ready, chooses the plan for the current link
+estimate (local, offload, split, hybrid), sends the request
+(:class:`RemoteCall`, the one INFER of a call) and falls back to the local
+model when the server is unreachable, too slow or answers with an error.
+An error that means the server lost the replay sends the signature back to
+the preparer; an error that will not go away marks it failed.  Every call
+returns its outputs and a :class:`~rrto_ros.records.CallRecord`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+
+from rrto_ros.client import RemoteError, ServerUnavailable
+from rrto_ros.naive import run_naive
+from rrto_ros.partition import Partition
+from rrto_ros.plan_table import PlanSelector
+from rrto_ros.preparer import PrepState, Target
+from rrto_ros.records import CallRecord, OffloadResult
+from rrto_ros.split import Plan
+from rrto_wire import treespec
+from rrto_wire.errors import ErrorCode
+from rrto_wire.tensors import signature_key
+
+log = logging.getLogger('rrto_ros.call_path')
+
+REPREPARE = {ErrorCode.NOT_RECORDED.value, ErrorCode.UNKNOWN_MODEL.value,
+             ErrorCode.BLOB_CORRUPT.value}      # a quarantined blob: upload it again
+GIVE_UP = {ErrorCode.SIGNATURE.value, ErrorCode.BAD_REQUEST.value, ErrorCode.RECORD_FAILED.value,
+           ErrorCode.UPLOAD_DISABLED.value, ErrorCode.VERSION.value, ErrorCode.TOO_LARGE.value,
+           ErrorCode.UNSAFE_PROGRAM.value, ErrorCode.FORBIDDEN.value,
+           ErrorCode.UNAUTHORIZED.value}
+OFFLOAD = Plan('offload')
+
+
+class CallPath:
+    """
+    Serve calls of one :class:`~rrto_ros.engine.OffloadedModel` (one at a time).
+
+    Reads the model's public state (``mode``, ``local``, ``data``, ``keys``,
+    ``timeout_ms``, ``codec``, ``chooser``, ``link``, ``preparer``) and adds
+    to its ``counters``.
+    """
+
+    def __init__(self, model: Any):
+        self.model = model
+        self.selector: PlanSelector | None = None   # the selector that chose this call's plan
+
+    def run(self, args: tuple, kwargs: dict) -> tuple[Any, CallRecord]:
+        """Serve one call; return its outputs and record (plan feedback observed)."""
+        self.selector = None
+        outputs, record = self._serve(args, kwargs)
+        if self.selector is not None:
+            self.selector.observe(record.plan, record.total_ms)
+        return outputs, record
+
+    def _serve(self, args: tuple, kwargs: dict) -> tuple[Any, CallRecord]:
+        m = self.model
+        start = time.perf_counter()
+        m.counters['calls'] += 1
+        if m.mode == 'local':
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', 'mode is local')
+        flat, in_spec = treespec.flatten((args, kwargs))
+        target = m.preparer.target(flat, in_spec)
+        if target.state != PrepState.READY:
+            reason = target.error or 'server is preparing this input signature'
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason)
+        if target.partition is not None:
+            return self._partitioned(target.partition, args, kwargs)
+        plan = self._choose(target)
+        if plan.kind == 'local':
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local',
+                               f'plan table chose local at {self._bandwidth():g} Mbit/s')
+        if not m.data.available:
+            return self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
+                               'server unreachable; reconnecting')
+        before = dict(m.data.counters)
+        remote = RemoteCall(m, target.replay)
+        try:
+            if m.mode == 'naive':
+                remote.start_ms = time.perf_counter()
+                outputs = run_naive(m.data, target.artifact, flat, m.timeout_ms)
+                remote.done_ms = time.perf_counter()
+            elif plan.kind == 'offload':
+                outputs = remote([_cpu(t) for t in flat]).result()
+            else:
+                runtime, replay = target.plans[plan.name]
+                remote.replay = replay
+                outputs = runtime.run([_cpu(t) for t in flat], remote)
+                remote.robot_ms = runtime.last_robot_ms
+        except ServerUnavailable as exc:
+            return self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
+                               str(exc))
+        except RemoteError as exc:
+            self._on_remote_error(target, exc)
+            outputs, record = self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
+                                          plan.name, str(exc))
+            record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
+            return outputs, record
+        result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
+        m.counters['offloaded'] += 1
+        return result, remote.record(plan.name, start, before, target, self._bandwidth())
+
+    def _local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult,
+               plan: str, reason: str) -> tuple[Any, CallRecord]:
+        local_start = time.perf_counter()
+        outputs = self.model.local.run(args, kwargs)
+        now = time.perf_counter()
+        self.model.counters['fallbacks' if result == OffloadResult.LOCAL_FALLBACK
+                            else 'local'] += 1
+        record = CallRecord(result, plan, total_ms=(now - start) * 1e3,
+                            robot_compute_ms=(now - local_start) * 1e3,
+                            bandwidth_mbps=self._bandwidth(), reason=reason)
+        return outputs, record
+
+    def _partitioned(self, partition: Partition, args: tuple,
+                     kwargs: dict) -> tuple[Any, CallRecord]:
+        outputs, fields = partition.run(args, kwargs, self._bandwidth())
+        result = OffloadResult(fields.pop('result'))
+        key = 'fallbacks' if result == OffloadResult.LOCAL_FALLBACK else result.value
+        self.model.counters[key] += 1
+        return outputs, CallRecord(result, **fields)
+
+    def _bandwidth(self) -> float:
+        return self.model.link[0] if self.model.link else 0.0
+
+    def _choose(self, target: Target) -> Plan:
+        m = self.model
+        if target.selector is None or m.link is None or m.mode == 'naive':
+            return OFFLOAD
+        before = target.selector.switches
+        self.selector = target.selector
+        plan = target.selector.choose(*m.link)
+        m.counters['plan_switches'] += target.selector.switches - before
+        if plan.kind in ('split', 'hybrid') and plan.name not in target.plans:
+            return OFFLOAD  # that plan could not be prepared; offload is always there
+        return plan
+
+    def _on_remote_error(self, target: Target, exc: RemoteError) -> None:
+        if exc.code in REPREPARE:
+            self.model.preparer.reprepare(target)
+        elif exc.code in GIVE_UP:
+            log.error('server rejected %s: %s; running locally from now on',
+                      self.model.local.label, exc)
+            self.model.preparer.give_up(target, str(exc))
+
+
+class RemoteCall:
+    """The server half of one call: sends, waits, and turns the reply into a CallRecord."""
+
+    def __init__(self, model: Any, replay: str | None):
+        self.model = model
+        self.replay = replay
+        self.reply: dict = {}
+        self.start_ms = self.done_ms = 0.0
+        self.codec = ''
+        self.robot_ms: float | None = None   # measured robot compute, when it overlaps the remote
+        self._pending = None
+
+    def __call__(self, tensors: list[torch.Tensor]) -> 'RemoteCall':
+        """Send the INFER of ``tensors`` (the codec chosen per call when ``codec='auto'``)."""
+        m = self.model
+        self.codec = m.chooser.choose(tensors) if m.chooser is not None else m.codec
+        self.start_ms = time.perf_counter()
+        self._pending = m.data.start_infer(self.replay, tensors, timeout_ms=m.timeout_ms,
+                                           codec=self.codec, **m.keys)
+        return self
+
+    def result(self) -> list[torch.Tensor]:
+        """Wait for the reply; return the output tensors."""
+        self.reply, outputs = self._pending.result()
+        self.done_ms = time.perf_counter()
+        return outputs
+
+    def cancel(self) -> None:
+        """Abandon the request in flight (its late reply is dropped)."""
+        if self._pending is not None:
+            self._pending.cancel()
+
+    def record(self, plan: str, start: float, before: dict, target: Target,
+               bandwidth: float) -> CallRecord:
+        """Return the call's record: the reply's server timing and the client's counters."""
+        counters = self.model.data.counters
+        total_ms = (time.perf_counter() - start) * 1e3
+        remote_ms = (self.done_ms - self.start_ms) * 1e3
+        timing = self.reply.get('timing', {})
+        server_ms = self.reply.get('server_ms', 0.0)
+        missed = bool(timing.get('deadline_missed', False))
+        if self.robot_ms is not None:
+            # split/hybrid: robot and server computed at once; the rest is the network's
+            robot_ms = self.robot_ms
+            network_ms = max(0.0, total_ms - robot_ms - server_ms)
+        else:
+            robot_ms = max(0.0, total_ms - remote_ms)
+            network_ms = max(0.0, remote_ms - server_ms)
+        record = CallRecord(
+            OffloadResult.OFFLOADED, plan, total_ms=total_ms,
+            network_ms=network_ms, server_ms=server_ms,
+            server_queue_ms=timing.get('queue_ms', 0.0),
+            server_compute_ms=timing.get('compute_ms', 0.0),
+            robot_compute_ms=robot_ms,
+            round_trips=counters['round_trips'] - before['round_trips'],
+            bytes_sent=counters['bytes_sent'] - before['bytes_sent'],
+            bytes_received=counters['bytes_received'] - before['bytes_received'],
+            bandwidth_mbps=bandwidth, signature=signature_key(target.artifact.signature),
+            deadline_missed=missed, preemptions=int(timing.get('preemptions', 0)),
+            reason='deadline missed on the server (late policy run)' if missed else '',
+            codec=self.codec)
+        chooser = self.model.chooser
+        if chooser is not None and self.codec:
+            chooser.observe(record.bytes_sent + record.bytes_received, record.network_ms)
+        return record
+
+
+def _cpu(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor if tensor.device.type == 'cpu' else tensor.cpu()
+
+
+def _to_device_of(outputs: list, flat: list) -> list:
+    device = next((t.device for t in flat if isinstance(t, torch.Tensor)), None)
+    if device is None or device.type == 'cpu':
+        return outputs
+    return [o.to(device) for o in outputs]
