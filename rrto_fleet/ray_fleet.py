@@ -4,7 +4,7 @@ The fleet on Ray: one replica actor per GPU, a named directory actor, restarts o
 :func:`start_fleet` places ``replicas`` :class:`ReplicaActor` actors (each
 ``num_gpus=1`` by default, spread over the nodes, restarted without limit
 when they or their node die) and one :class:`DirectoryActor` named
-``rrto-directory`` that serves robots over ZeroMQ (:mod:`rrto_fleet.front`)
+``rrto-directory`` on the caller's node that serves robots over ZeroMQ (:mod:`rrto_fleet.front`)
 and reaches the replicas through their actor handles (:class:`RayPort`).
 Every replica is started with the same server options, so a replica that
 comes back elsewhere serves the same store under the same settings.
@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from rrto_fleet.directory import Directory, Policy, ReplicaDown, WarmError
 from rrto_fleet.front import Front, POLL_S
@@ -125,7 +126,10 @@ def start_fleet(config: ServerConfig, replicas: int, directory_bind: str,
                                     scheduling_strategy='SPREAD').remote(config)
                for _ in range(replicas)]
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)
-    directory = DirectoryActor.options(name=DIRECTORY_NAME, namespace=NAMESPACE).remote(
+    # the directory stays on this node: robots are configured with its address
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    directory = DirectoryActor.options(name=DIRECTORY_NAME, namespace=NAMESPACE,
+                                       scheduling_strategy=here).remote(
         handles, directory_bind, policy or Policy(), poll_s)
     endpoint = ray.get(directory.address.remote(), timeout=timeout_s)
     return Fleet(directory, handles, endpoint)
