@@ -1,14 +1,15 @@
 """
 The fleet on Ray: one replica actor per GPU, a named directory actor, restarts on failure.
 
-:func:`start_fleet` places ``replicas`` :class:`ReplicaActor` actors (each
-``num_gpus=1`` by default, spread over the nodes, restarted without limit
-when they or their node die) and one :class:`DirectoryActor` named
-``rrto-directory`` on the caller's node that serves robots over ZeroMQ (:mod:`rrto_fleet.front`)
-and reaches the replicas through their actor handles (:class:`RayPort`).
-Every replica is started with the same server options, so a replica that
-comes back elsewhere serves the same store under the same settings.
-Requests never pass through Ray: robots send them to a replica's endpoint.
+:func:`start_fleet` places ``replicas`` :class:`ReplicaActor` actors (named
+``rrto-replica-N``, each ``num_gpus=1`` by default, spread over the nodes,
+restarted without limit when they or their node die) and one
+:class:`DirectoryActor` named ``rrto-directory`` on the caller's node that
+serves robots over ZeroMQ (:mod:`rrto_fleet.front`) and reaches the replicas
+by name (:class:`RayPort`).  Every replica is started with the same server
+options, so a replica that comes back elsewhere serves the same store under
+the same settings.  Requests never pass through Ray: robots send them to a
+replica's endpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rrto_fleet.replica import advertised, Replica, WARM_TIMEOUT_S
 from rrto_server.server import ServerConfig
 
 DIRECTORY_NAME = 'rrto-directory'
+REPLICA_NAME = 'rrto-replica'
 NAMESPACE = 'rrto'
 LOAD_TIMEOUT_S = 2.0
 PACKAGE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -85,8 +87,8 @@ class RayPort:
 class DirectoryActor:
     """The directory and its ZeroMQ front in one actor."""
 
-    def __init__(self, replicas: list, bind: str, policy: Policy, poll_s: float):
-        ports = {f'replica-{i}': RayPort(handle) for i, handle in enumerate(replicas)}
+    def __init__(self, replicas: list[str], bind: str, policy: Policy, poll_s: float):
+        ports = {name: RayPort(ray.get_actor(name, namespace=NAMESPACE)) for name in replicas}
         self.directory = Directory(ports, policy)
         self.front = Front(self.directory, bind, poll_s).start()
         self.endpoint = advertised(self.front.endpoint, ray.util.get_node_ip_address())
@@ -122,14 +124,15 @@ def start_fleet(config: ServerConfig, replicas: int, directory_bind: str,
                 poll_s: float = POLL_S, timeout_s: float = 120.0) -> Fleet:
     """Start replicas and the directory on the connected Ray cluster; return once they answer."""
     config = dataclasses.replace(config, store=os.path.abspath(config.store))
-    handles = [ReplicaActor.options(num_gpus=gpus_per_replica, num_cpus=0,
-                                    scheduling_strategy='SPREAD').remote(config)
-               for _ in range(replicas)]
+    names = [f'{REPLICA_NAME}-{i}' for i in range(replicas)]
+    handles = [ReplicaActor.options(name=name, namespace=NAMESPACE, num_gpus=gpus_per_replica,
+                                    num_cpus=0, scheduling_strategy='SPREAD').remote(config)
+               for name in names]
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     # the directory stays on this node: robots are configured with its address
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     directory = DirectoryActor.options(name=DIRECTORY_NAME, namespace=NAMESPACE,
                                        scheduling_strategy=here).remote(
-        handles, directory_bind, policy or Policy(), poll_s)
+        names, directory_bind, policy or Policy(), poll_s)
     endpoint = ray.get(directory.address.remote(), timeout=timeout_s)
     return Fleet(directory, handles, endpoint)

@@ -67,7 +67,7 @@ def test_replica_killed_is_restarted_and_rerouted(tmp_path, offloaded):
 
         def restarted() -> bool:
             snap = _snapshot(fleet)
-            victim = snap['replicas']['replica-0']
+            victim = snap['replicas']['rrto-replica-0']
             return (victim['alive'] and victim['instance'] != infos[0]['instance']
                     and len(snap['models'][digest]['holders']) == 2)
 
