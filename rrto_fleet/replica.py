@@ -23,7 +23,9 @@ import zmq
 
 from rrto_fleet.directory import ReplicaDown, WarmError
 from rrto_server.server import Server, ServerConfig
+from rrto_wire import messages
 from rrto_wire import protocol as wire
+from rrto_wire.errors import ProtocolError
 
 WARM_TIMEOUT_S = 120.0
 
@@ -77,13 +79,14 @@ class Replica:
                                              'signature': signature, 'options': options}))
             if not sock.poll(timeout_s * 1e3):
                 raise WarmError('timeout', f'no record reply within {timeout_s:g} s')
-            header = wire.decode_header(sock.recv_multipart()[0])
+            reply = messages.decode_reply(sock.recv_multipart()[0], messages.Kind.RECORD)
+        except ProtocolError as exc:
+            raise WarmError('bad_reply', exc.message[:200]) from None
         finally:
             sock.close(linger=0)
-        if header['kind'] != wire.Kind.OK:
-            raise WarmError(str(header.get('code')), str(header.get('message', ''))[:200])
-        return {'replay': header['replay'], 'nbytes': header.get('nbytes', 0),
-                'record_ms': header.get('record_ms', 0.0)}
+        if isinstance(reply, messages.Error):
+            raise WarmError(reply.code, reply.message[:200])
+        return {'replay': reply.replay, 'nbytes': reply.nbytes, 'record_ms': reply.record_ms}
 
     def load(self) -> dict:
         """Return this instance's id, inferences served per model and the replays it holds."""

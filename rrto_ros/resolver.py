@@ -26,13 +26,18 @@ import threading
 import time
 from typing import Sequence
 
+import msgspec
 import torch
 import zmq
 
-from rrto_ros.client import PendingReply, RemoteError, RrtoClient, ServerUnavailable
-from rrto_wire import codecs, fleet
+from rrto_ros.client import (MAX_REPLY_BYTES, PendingReply, RemoteError, RrtoClient,
+                             ServerUnavailable)
+from rrto_wire import codecs, fleet, messages
 from rrto_wire import protocol as wire
-from rrto_wire.protocol import Kind
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.limits import COPY_THRESHOLD
+from rrto_wire.messages import Kind
+from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_ros.resolver')
 
@@ -273,7 +278,7 @@ class FleetClient:
         """Upload what the replicas' shared store lacks, through any replica."""
         return self._client(self._route('')[0]).upload(blobs, timeout_ms)
 
-    def record(self, model: str, signature: Sequence[wire.TensorSpec], options: dict,
+    def record(self, model: str, signature: Sequence[TensorSpec], options: dict,
                timeout_ms: float = 120000.0) -> dict:
         """Have the directory warm ``model`` on its replicas; return ``{'replay': id}``."""
         replay = self.resolver.warm(model, [s.to_json() for s in signature], options,
@@ -317,7 +322,7 @@ class _Hedge:
         sock = self._socks.get(endpoint)
         if sock is None:
             sock = self._socks[endpoint] = self._ctx.socket(zmq.DEALER)
-            sock.copy_threshold = wire.COPY_THRESHOLD
+            sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, HEDGE_QUEUE)
             sock.connect(endpoint)   # queued until connected: the other copy may answer first
@@ -343,7 +348,7 @@ class _Hedge:
         except BaseException:
             self._lock.release()
             raise
-        return _Hedged(self, sent, request_id, time.monotonic() + timeout_ms / 1e3)
+        return _Hedged(self, sent, request_id, kind, time.monotonic() + timeout_ms / 1e3)
 
     def close(self) -> None:
         with self._lock:
@@ -355,8 +360,10 @@ class _Hedge:
 class _Hedged:
     """The two copies of one hedged request; ``result()`` returns the first good reply."""
 
-    def __init__(self, hedge: _Hedge, endpoints: list[str], request_id: int, deadline: float):
+    def __init__(self, hedge: _Hedge, endpoints: list[str], request_id: int, kind: Kind,
+                 deadline: float):
         self._hedge = hedge
+        self._kind = kind
         self._endpoints = endpoints
         self._id = request_id
         self._deadline = deadline
@@ -375,16 +382,25 @@ class _Hedged:
                     break
                 for sock in ready:
                     frames = sock.recv_multipart(copy=False)
-                    header = wire.decode_header(frames[0])
-                    if header.get('id') != self._id:
-                        continue   # the slower copy of an earlier request
+                    try:
+                        reply = messages.decode_reply(frames[0], self._kind)
+                        if reply.id != self._id:
+                            continue   # the slower copy of an earlier request
+                        if isinstance(reply, messages.Ok):
+                            tensors = wire.decode_tensors(reply.tensors, frames[1:],
+                                                          MAX_REPLY_BYTES)
+                    except ProtocolError as exc:
+                        if exc.request_id != self._id:
+                            continue   # garbage, or a stale copy's
+                        reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
                     waiting -= 1
                     counters['round_trips'] += 1
                     counters['bytes_received'] += wire.message_size(frames)
-                    if header['kind'] == Kind.OK:
-                        return header, wire.decode_tensors(header, frames[1:])
+                    if isinstance(reply, messages.Ok):
+                        return msgspec.to_builtins(reply), tensors
                     counters['errors'] += 1
-                    error = RemoteError(header.get('code', 'internal'), header.get('message', ''))
+                    error = (reply if isinstance(reply, RemoteError)
+                             else RemoteError(reply.code, reply.message))
         finally:
             self._hedge._lock.release()
         if error is not None:
