@@ -259,6 +259,31 @@ def test_model_stays_under_steady_load_and_spreads_under_a_burst():
     assert run(20, 20) == [directory.resolve(model)[0].endpoint]  # calm again: back to one
 
 
+def test_offload_node_with_a_directory_offloads_through_the_fleet(local_fleet, domain_id):
+    import rclpy
+    from rclpy.parameter import Parameter
+    from rclpy.signals import SignalHandlerOptions
+    from rrto_ros.nodes.offload_node import OffloadNode
+    fleet = local_fleet(1)
+    context = rclpy.Context()
+    rclpy.init(context=context, domain_id=domain_id,
+               signal_handler_options=SignalHandlerOptions.NO)
+    overrides = {'directory': fleet.endpoint, 'server': 'tcp://127.0.0.1:9',  # nobody there
+                 'model': 'python:rrto_ros.zoo:keypoint_net', 'resize_height': 64,
+                 'resize_width': 64, 'timeout_ms': float(TIMEOUT_MS)}
+    node = OffloadNode(context=context, parameter_overrides=[
+        Parameter(k, value=v) for k, v in overrides.items()])
+    try:
+        frame = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+        assert node.engine.warmup(frame, timeout_s=120)
+        node.engine(frame)
+        assert node.engine.last.result == OffloadResult.OFFLOADED, node.engine.last.reason
+        assert len(fleet.holders(_only_model(fleet))) == 1
+    finally:
+        node.destroy_node()
+        context.try_shutdown()
+
+
 def test_single_server_and_robot_runtime_never_import_ray():
     code = ('import sys, rrto_server.__main__, rrto_server.server, rrto_ros.resolver, '
             'rrto_ros.engine, rrto_fleet.directory, rrto_fleet.front; '
