@@ -67,7 +67,7 @@ def overhead(directory: str, calls: int) -> dict:
 
 def robots(directory: str, count: int, duplicates: int, rate: float,
            duration: float) -> list[dict]:
-    """Warm ``count`` robots (the first ``duplicates`` duplicating), say so, run at the start."""
+    """Warm ``count`` robot models (the first ``duplicates`` duplicating), then run them."""
     from rrto_ros import offload
     model, x = tiny_net(), torch.randn(1, 64)
     models = [offload(model, timeout_ms=200, connect_timeout_ms=200, directory=directory,

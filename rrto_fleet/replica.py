@@ -99,6 +99,8 @@ class Replica:
                 'replay_bytes': self.server.replays.nbytes}
 
     def close(self) -> None:
-        """Stop serving and release the socket and the device."""
+        """Stop serving and release the socket and the device (once)."""
+        if self._closed:
+            return
         self._closed = True
         self.server.close()

@@ -6,12 +6,11 @@ ZeroMQ) which replicas hold a model warm, caches the answer, refreshes it in
 the background and forgets a replica as soon as a call to it fails.
 :class:`FleetClient` has the methods of :class:`~rrto_ros.client.RrtoClient`
 that :class:`~rrto_ros.engine.OffloadedModel` uses and routes each request to
-one replica's own RrtoClient: ``record`` first has the directory warm the model
-(the replicas record it; the request to the chosen replica is then a cache
-hit), inferences go to a replica holding the model, anything else to any
-replica (uploads land in the replicas' shared store).  With ``duplicate`` an
-inference is sent to two replicas and the first good reply wins
-(:class:`_Hedge`); the other is dropped by its id.
+one replica's own RrtoClient: ``record`` has the directory warm the model
+(its replicas record it, the reply names the replay), inferences go to a
+replica holding the model, anything else to any replica (uploads land in
+the replicas' shared store).  With ``duplicate`` an inference is sent to two
+replicas and the first good reply wins (:mod:`rrto_ros.hedge`).
 
 Each robot prefers the replicas in its own rotation of the sorted list (a
 random offset), so robots spread evenly over a model's holders.
@@ -26,16 +25,12 @@ import threading
 import time
 from typing import Sequence
 
-import msgspec
 import torch
 import zmq
 
-from rrto_ros.client import (MAX_REPLY_BYTES, PendingReply, RemoteError, RrtoClient,
-                             ServerUnavailable)
-from rrto_wire import codecs, fleet, messages
-from rrto_wire import protocol as wire
-from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.limits import COPY_THRESHOLD
+from rrto_ros.client import PendingReply, RemoteError, RrtoClient, ServerUnavailable
+from rrto_ros.hedge import COUNTERS, Hedge
+from rrto_wire import codecs, fleet
 from rrto_wire.messages import Kind
 from rrto_wire.tensors import TensorSpec
 
@@ -43,8 +38,7 @@ log = logging.getLogger('rrto_ros.resolver')
 
 REFRESH_S = 1.0
 DIRECTORY_TIMEOUT_MS = 1000.0
-HEDGE_QUEUE = 64          # requests queued for one replica before hedged copies skip it
-_COUNTERS = ('round_trips', 'bytes_sent', 'bytes_received', 'timeouts', 'reconnects', 'errors')
+AVAILABLE_POLL_S = 0.05
 
 
 class Resolver:
@@ -77,6 +71,10 @@ class Resolver:
 
     def wait_available(self, timeout_s: float) -> bool:
         return self._reachable.wait(timeout_s)
+
+    def cached(self, model: str) -> list[str] | None:
+        """Return the cached replicas of ``model`` without asking (None: never resolved)."""
+        return self._cache.get(model)
 
     def endpoints(self, model: str) -> list[str]:
         """Return the replicas holding ``model`` ('' = every replica), in this robot's order."""
@@ -193,7 +191,7 @@ class FleetClient:
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._clients: dict[str, RrtoClient] = {}
-        self._hedge = _Hedge(self._ctx) if duplicate else None
+        self._hedge = Hedge(self._ctx) if duplicate else None
         self.server_info: dict = {}
 
     @property
@@ -210,14 +208,28 @@ class FleetClient:
     def counters(self) -> dict:
         """Return each counter summed over the per-replica clients and the hedged calls."""
         sources = list(self._clients.values()) + ([self._hedge] if self._hedge else [])
-        return {key: sum(s.counters[key] for s in sources) for key in _COUNTERS}
+        return {key: sum(s.counters[key] for s in sources) for key in COUNTERS}
 
     @property
     def available(self) -> bool:
         return self.resolver.available or any(c.available for c in self._clients.values())
 
     def wait_available(self, timeout_s: float) -> bool:
-        return self.resolver.wait_available(timeout_s)
+        """Wait until the directory answers and some replica may (one up, or one not yet tried)."""
+        deadline = time.monotonic() + timeout_s
+        while not self._reachable():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            time.sleep(min(AVAILABLE_POLL_S, remaining))
+        return True
+
+    def _reachable(self) -> bool:
+        if not self.resolver.available:
+            return False
+        known = self.resolver.cached('') or list(self._clients)
+        return not known or any(e not in self._clients or self._clients[e].available
+                                for e in known)
 
     def close(self) -> None:
         for client in list(self._clients.values()):
@@ -306,110 +318,6 @@ class _Routed:
 
     def cancel(self) -> None:
         self._pending.cancel()
-
-
-class _Hedge:
-    """One inference sent to two replicas at once; the first good reply wins."""
-
-    def __init__(self, context: zmq.Context):
-        self._ctx = context
-        self._socks: dict[str, zmq.Socket] = {}
-        self._ids = itertools.count(1)
-        self._lock = threading.Lock()
-        self.counters = dict.fromkeys(_COUNTERS, 0)
-
-    def _sock(self, endpoint: str) -> zmq.Socket:
-        sock = self._socks.get(endpoint)
-        if sock is None:
-            sock = self._socks[endpoint] = self._ctx.socket(zmq.DEALER)
-            sock.copy_threshold = COPY_THRESHOLD
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.SNDHWM, HEDGE_QUEUE)
-            sock.connect(endpoint)   # queued until connected: the other copy may answer first
-        return sock
-
-    def _send(self, endpoint: str, frames: list) -> bool:
-        try:
-            self._sock(endpoint).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:
-            return False   # its queue is full (a replica that stopped reading): skip it
-        self.counters['bytes_sent'] += wire.message_size(frames)
-        return True
-
-    def start(self, endpoints: list[str], kind: Kind, fields: dict,
-              tensors: Sequence[torch.Tensor], timeout_ms: float, codec: str) -> '_Hedged':
-        self._lock.acquire()
-        try:
-            request_id = next(self._ids)
-            frames = wire.encode({'kind': kind.value, 'id': request_id, **fields}, tensors, codec)
-            sent = [e for e in endpoints if self._send(e, frames)]
-            if not sent:
-                raise ServerUnavailable(f'cannot send to {endpoints}')
-        except BaseException:
-            self._lock.release()
-            raise
-        return _Hedged(self, sent, request_id, kind, time.monotonic() + timeout_ms / 1e3)
-
-    def close(self) -> None:
-        with self._lock:
-            for sock in self._socks.values():
-                sock.close(linger=0)
-            self._socks.clear()
-
-
-class _Hedged:
-    """The two copies of one hedged request; ``result()`` returns the first good reply."""
-
-    def __init__(self, hedge: _Hedge, endpoints: list[str], request_id: int, kind: Kind,
-                 deadline: float):
-        self._hedge = hedge
-        self._kind = kind
-        self._endpoints = endpoints
-        self._id = request_id
-        self._deadline = deadline
-
-    def result(self) -> tuple[dict, list[torch.Tensor]]:
-        hedge, counters = self._hedge, self._hedge.counters
-        poller = zmq.Poller()
-        for endpoint in self._endpoints:
-            poller.register(hedge._sock(endpoint), zmq.POLLIN)
-        waiting, error = len(self._endpoints), None
-        try:
-            while waiting:
-                remaining_ms = (self._deadline - time.monotonic()) * 1e3
-                ready = dict(poller.poll(remaining_ms)) if remaining_ms > 0 else {}
-                if not ready:
-                    break
-                for sock in ready:
-                    frames = sock.recv_multipart(copy=False)
-                    try:
-                        reply = messages.decode_reply(frames[0], self._kind)
-                        if reply.id != self._id:
-                            continue   # the slower copy of an earlier request
-                        if isinstance(reply, messages.Ok):
-                            tensors = wire.decode_tensors(reply.tensors, frames[1:],
-                                                          MAX_REPLY_BYTES)
-                    except ProtocolError as exc:
-                        if exc.request_id != self._id:
-                            continue   # garbage, or a stale copy's
-                        reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
-                    waiting -= 1
-                    counters['round_trips'] += 1
-                    counters['bytes_received'] += wire.message_size(frames)
-                    if isinstance(reply, messages.Ok):
-                        return msgspec.to_builtins(reply), tensors
-                    counters['errors'] += 1
-                    error = (reply if isinstance(reply, RemoteError)
-                             else RemoteError(reply.code, reply.message))
-        finally:
-            self._hedge._lock.release()
-        if error is not None:
-            raise error
-        counters['timeouts'] += 1
-        raise ServerUnavailable(f'no reply from {self._endpoints} in time')
-
-    def cancel(self) -> None:
-        self._hedge._lock.release()
 
 
 def fleet_clients(directory: str, *, name: str, connect_timeout_ms: float,

@@ -51,8 +51,7 @@ class LocalFleet:
     def close(self) -> None:
         self.front.close()
         for replica in self.replicas:
-            if replica.endpoint:
-                replica.close()
+            replica.close()
 
 
 @pytest.fixture
@@ -155,6 +154,19 @@ def test_replica_death_reroutes_every_call_offloaded_or_local(local_fleet, offlo
     assert set(results) <= {OffloadResult.OFFLOADED, OffloadResult.LOCAL_FALLBACK}
     assert results[-1] == OffloadResult.OFFLOADED   # rerouted to the survivor
     assert fleet.holders(model_digest) == [r.endpoint for r in fleet.replicas if r is not victim]
+
+
+def test_a_robot_without_a_live_replica_waits_instead_of_retrying(local_fleet, offloaded):
+    fleet = local_fleet(1)
+    model, x = tiny_net(), torch.randn(1, 16)
+    om = offloaded(model, '', timeout_ms=300, connect_timeout_ms=200, directory=fleet.endpoint)
+    assert om.warmup(x)
+    fleet.replicas[0].close()
+    om(x)
+    assert om.last.result == OffloadResult.LOCAL_FALLBACK
+    started = time.monotonic()
+    assert not om.data.wait_available(0.5)      # the directory answers, no replica does
+    assert time.monotonic() - started >= 0.45
 
 
 def test_duplicate_requests_beat_a_stalled_replica(tmp_path, offloaded, zmq_ctx):
