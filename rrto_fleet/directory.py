@@ -89,6 +89,7 @@ class _Model:
     holders: dict = field(default_factory=dict)     # replica name -> {replay key: added at}
     minimum: int = 1
     changed: float = float('-inf')
+    failed: float = float('-inf')                   # last placement that failed
     lock: threading.Lock = field(default_factory=threading.Lock)   # one placement at a time
 
 
@@ -163,14 +164,16 @@ class Directory:
                 total = self._rate(model, holders)
                 now = self._clock()
                 settled = now - entry.changed >= policy.cooldown_s
-                grow = len(holders) < entry.minimum or (
-                    settled and holders and total / len(holders) > policy.scale_up)
+                retry = now - entry.failed >= policy.cooldown_s
+                short = len(holders) < entry.minimum and retry
+                grow = short or (settled and holders and total / len(holders) > policy.scale_up)
                 if grow:
                     name = self._candidate(entry)
                     if name is not None:
                         log.info('model %s: %.0f/s on %d replicas, adding %s', model[:12], total,
                                  len(holders), name)
-                        self._place(model, entry, name, list(entry.specs))
+                        if self._place(model, entry, name, list(entry.specs)) is not None:
+                            entry.failed = now    # retried after the cooldown, not every poll
                         entry.changed = now
                 elif (settled and len(holders) > entry.minimum
                       and total / (len(holders) - 1) < policy.scale_down):

@@ -271,6 +271,36 @@ def test_model_stays_under_steady_load_and_spreads_under_a_burst():
     assert run(20, 20) == [directory.resolve(model)[0].endpoint]  # calm again: back to one
 
 
+def test_a_failed_replacement_is_retried_after_the_cooldown_not_every_poll():
+    from rrto_fleet.directory import ReplicaDown
+    now = [0.0]
+    ports = {n: FakePort(n) for n in ('a', 'b')}
+    directory = Directory(ports, Policy(cooldown_s=2), clock=lambda: now[0])
+    directory.poll()
+    model = 'm' * 64
+    directory.warm(model, [], {})
+    holder = directory.resolve(model)[0].endpoint[6]
+    spare = ports['b' if holder == 'a' else 'a']
+
+    def dead():
+        raise ReplicaDown('gone')
+
+    def refuses(*args):
+        spare.warmed.append('refused')
+        raise WarmError('record_failed', 'out of memory')
+
+    ports[holder].load, spare.warm = dead, refuses
+    for _ in range(10):          # 1 s of polls: one attempt
+        now[0] += 0.1
+        directory.poll()
+        directory.scale()
+    assert spare.warmed.count('refused') == 1
+    now[0] += 2.0
+    directory.poll()
+    directory.scale()
+    assert spare.warmed.count('refused') == 2 and directory.resolve(model) == []
+
+
 def test_offload_node_with_a_directory_offloads_through_the_fleet(local_fleet, domain_id):
     import rclpy
     from rclpy.parameter import Parameter
