@@ -30,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
                         help='GPUs each replica reserves (default: %(default)s)')
     parser.add_argument('--directory', default='tcp://0.0.0.0:5600',
                         help='endpoint the directory binds for robots (default: %(default)s)')
+    parser.add_argument('--fleet-key', default=None, metavar='KEY_SECRET',
+                        help='with --keys: a client .key_secret allow-listed in that key '
+                             'directory, used by the replicas to record models')
     parser.add_argument('--scale-up', type=float, default=Policy.scale_up, metavar='PER_S',
                         help='inferences/s per replica above which a model gains a replica')
     parser.add_argument('--scale-down', type=float, default=Policy.scale_down, metavar='PER_S',
@@ -55,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     fleet = start_fleet(config, args.replicas, args.directory, args.gpus_per_replica,
-                        Policy(args.scale_up, args.scale_down))
+                        Policy(args.scale_up, args.scale_down), fleet_key=args.fleet_key)
     print(f'rrto_fleet: directory at {fleet.endpoint}, {args.replicas} replicas', flush=True)
     stop.wait()
     fleet.stop()

@@ -18,6 +18,7 @@ import uuid
 import zmq
 
 from rrto_fleet.directory import Directory, ReplicaDown, WarmError
+from rrto_server.auth import CurveGate, KeyRing
 from rrto_wire import fleet
 
 log = logging.getLogger('rrto_fleet.front')
@@ -30,13 +31,17 @@ class Front:
     """Serve a :class:`Directory` on ``bind`` and keep it current (see the module docstring)."""
 
     def __init__(self, directory: Directory, bind: str, poll_s: float = POLL_S,
-                 context: zmq.Context | None = None):
+                 keys: str | None = None):
         self.directory = directory
         self.poll_s = poll_s
-        self._ctx = context or zmq.Context.instance()
+        self._ctx = zmq.Context()     # its own: a CURVE gate (ZAP handler) per context
         self.router = self._ctx.socket(zmq.ROUTER)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, fleet.MAX_MESSAGE_BYTES)
+        # the replicas' key directory: robots allowed there may ask the directory
+        self._gate = CurveGate(self._ctx, KeyRing(keys)) if keys else None
+        if self._gate is not None:
+            self._gate.keyring.secure(self.router)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox_addr = f'inproc://rrto-directory-{uuid.uuid4().hex}'
@@ -69,6 +74,9 @@ class Front:
                 sock.close(linger=0)
         self._outbox.close(linger=0)
         self.router.close(linger=0)
+        if self._gate is not None:
+            self._gate.close()
+        self._ctx.term()
 
     # ------------------------------------------------------------------ threads
     def _tick(self) -> None:

@@ -25,6 +25,7 @@ from rrto_fleet.directory import Directory, Policy, ReplicaDown, WarmError
 from rrto_fleet.front import Front, POLL_S
 from rrto_fleet.replica import advertised, Replica, WARM_TIMEOUT_S
 from rrto_server.server import ServerConfig
+from rrto_wire.curve import ClientKeys
 
 DIRECTORY_NAME = 'rrto-directory'
 REPLICA_NAME = 'rrto-replica'
@@ -43,8 +44,10 @@ def runtime_env() -> dict:
 class ReplicaActor:
     """A :class:`~rrto_fleet.replica.Replica` in a Ray actor (threaded: load while warming)."""
 
-    def __init__(self, config: ServerConfig):
-        self.replica = Replica(config, ray.util.get_node_ip_address())
+    def __init__(self, config: ServerConfig, fleet_key: str | None = None):
+        keys = (ClientKeys.load(os.path.join(config.keys, 'server.key'), fleet_key)
+                if config.keys else None)
+        self.replica = Replica(config, ray.util.get_node_ip_address(), keys)
 
     def info(self) -> dict:
         return self.replica.info()
@@ -87,10 +90,11 @@ class RayPort:
 class DirectoryActor:
     """The directory and its ZeroMQ front in one actor."""
 
-    def __init__(self, replicas: list[str], bind: str, policy: Policy, poll_s: float):
+    def __init__(self, replicas: list[str], bind: str, policy: Policy, poll_s: float,
+                 keys: str | None = None):
         ports = {name: RayPort(ray.get_actor(name, namespace=NAMESPACE)) for name in replicas}
         self.directory = Directory(ports, policy)
-        self.front = Front(self.directory, bind, poll_s).start()
+        self.front = Front(self.directory, bind, poll_s, keys).start()
         self.endpoint = advertised(self.front.endpoint, ray.util.get_node_ip_address())
 
     def address(self) -> str:
@@ -121,18 +125,29 @@ class Fleet:
 
 def start_fleet(config: ServerConfig, replicas: int, directory_bind: str,
                 gpus_per_replica: float = 1.0, policy: Policy | None = None,
-                poll_s: float = POLL_S, timeout_s: float = 120.0) -> Fleet:
-    """Start replicas and the directory on the connected Ray cluster; return once they answer."""
+                poll_s: float = POLL_S, timeout_s: float = 120.0,
+                fleet_key: str | None = None) -> Fleet:
+    """
+    Start replicas and the directory on the connected Ray cluster; return once they answer.
+
+    With a CURVE key directory (``config.keys``) the directory's front requires the
+    same allow-listed keys as the replicas, and ``fleet_key`` (a client
+    ``.key_secret`` allow-listed there) is the key the replicas record with.
+    """
+    if config.keys and not fleet_key:
+        raise ValueError('a fleet with a key directory needs fleet_key: a client .key_secret '
+                         "allow-listed there (rrto-keys client, rrto-keys allow)")
     config = dataclasses.replace(config, store=os.path.abspath(config.store))
     names = [f'{REPLICA_NAME}-{i}' for i in range(replicas)]
     handles = [ReplicaActor.options(name=name, namespace=NAMESPACE, num_gpus=gpus_per_replica,
-                                    num_cpus=0, scheduling_strategy='SPREAD').remote(config)
+                                    num_cpus=0, scheduling_strategy='SPREAD').remote(
+                                        config, fleet_key)
                for name in names]
     ray.get([h.info.remote() for h in handles], timeout=timeout_s)
     # the directory stays on this node: robots are configured with its address
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     directory = DirectoryActor.options(name=DIRECTORY_NAME, namespace=NAMESPACE,
                                        scheduling_strategy=here).remote(
-        names, directory_bind, policy or Policy(), poll_s)
+        names, directory_bind, policy or Policy(), poll_s, config.keys)
     endpoint = ray.get(directory.address.remote(), timeout=timeout_s)
     return Fleet(directory, handles, endpoint)

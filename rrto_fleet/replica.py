@@ -24,6 +24,7 @@ import zmq
 from rrto_fleet.directory import ReplicaDown, WarmError
 from rrto_server.server import Server, ServerConfig
 from rrto_wire import messages
+from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ProtocolError
 
@@ -50,7 +51,8 @@ def advertised(endpoint: str, host: str) -> str:
 class Replica:
     """One server on its own endpoint (see the module docstring)."""
 
-    def __init__(self, config: ServerConfig, host: str = '127.0.0.1'):
+    def __init__(self, config: ServerConfig, host: str = '127.0.0.1',
+                 keys: ClientKeys | None = None):
         config = dataclasses.replace(config, bind=replica_bind(config.bind))
         self.server = Server(config)
         self.server.start()
@@ -58,6 +60,7 @@ class Replica:
         self.instance = uuid.uuid4().hex
         self.started = time.time()
         self._ids = itertools.count(1)
+        self._keys = keys      # CURVE: the fleet's client key, allowed by this server
         self._closed = False
 
     def info(self) -> dict:
@@ -72,6 +75,8 @@ class Replica:
             raise ReplicaDown(f'replica {self.endpoint} is closed')
         sock = zmq.Context.instance().socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        if self._keys is not None:
+            self._keys.apply(sock)
         sock.connect(self.server.endpoint.replace('tcp://0.0.0.0', 'tcp://127.0.0.1'))
         try:
             request_id = next(self._ids)

@@ -163,7 +163,7 @@ class OffloadedModel:
             self.data, self.control = fleet_clients(
                 directory, name=name, connect_timeout_ms=connect_timeout_ms,
                 call_timeout_ms=timeout_ms, record_timeout_ms=record_timeout_ms,
-                duplicate=duplicate)
+                duplicate=duplicate, keys=curve)
         else:
             self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
                                    call_timeout_ms=timeout_ms, name=f'{name}-data', keys=curve)

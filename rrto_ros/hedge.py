@@ -25,6 +25,7 @@ import zmq
 
 from rrto_ros.client import MAX_REPLY_BYTES, RemoteError, ServerUnavailable
 from rrto_wire import messages
+from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import COPY_THRESHOLD
@@ -37,8 +38,9 @@ COUNTERS = ('round_trips', 'bytes_sent', 'bytes_received', 'timeouts', 'reconnec
 class Hedge:
     """One inference sent to two replicas at once; the first good reply wins."""
 
-    def __init__(self, context: zmq.Context):
+    def __init__(self, context: zmq.Context, keys: ClientKeys | None = None):
         self._ctx = context
+        self._keys = keys
         self._socks: dict[str, zmq.Socket] = {}
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -51,6 +53,8 @@ class Hedge:
             sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, HEDGE_QUEUE)
+            if self._keys is not None:
+                self._keys.apply(sock)
             sock.connect(endpoint)   # queued until connected: the other copy may answer first
         return sock
 

@@ -31,6 +31,7 @@ import zmq
 from rrto_ros.client import PendingReply, RemoteError, RrtoClient, ServerUnavailable
 from rrto_ros.hedge import COUNTERS, Hedge
 from rrto_wire import codecs, fleet
+from rrto_wire.curve import ClientKeys
 from rrto_wire.messages import Kind
 from rrto_wire.tensors import TensorSpec
 
@@ -45,8 +46,10 @@ class Resolver:
     """The directory's answers, cached per model (see the module docstring)."""
 
     def __init__(self, directory: str, timeout_ms: float = DIRECTORY_TIMEOUT_MS,
-                 refresh_s: float = REFRESH_S, context: zmq.Context | None = None):
+                 refresh_s: float = REFRESH_S, context: zmq.Context | None = None,
+                 keys: ClientKeys | None = None):
         self.directory = directory
+        self.keys = keys
         self.timeout_ms = timeout_ms
         self.refresh_s = refresh_s
         self.seed = random.randrange(1 << 16)
@@ -126,6 +129,8 @@ class Resolver:
             if self._sock is None:
                 self._sock = self._ctx.socket(zmq.DEALER)
                 self._sock.setsockopt(zmq.LINGER, 0)
+                if self.keys is not None:
+                    self.keys.apply(self._sock)
                 self._sock.connect(self.directory)
             request_id = next(self._ids)
             request = fleet.Request(fleet.DIRECTORY_VERSION, kind, request_id, **fields)
@@ -191,7 +196,7 @@ class FleetClient:
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._clients: dict[str, RrtoClient] = {}
-        self._hedge = Hedge(self._ctx) if duplicate else None
+        self._hedge = Hedge(self._ctx, resolver.keys) if duplicate else None
         self.server_info: dict = {}
 
     @property
@@ -245,7 +250,7 @@ class FleetClient:
             client = self._clients[endpoint] = RrtoClient(
                 endpoint, connect_timeout_ms=self.connect_timeout_ms,
                 call_timeout_ms=self._call_timeout_ms, context=self._ctx,
-                name=f'{self.name}@{endpoint}')
+                name=f'{self.name}@{endpoint}', keys=self.resolver.keys)
         return client
 
     def _route(self, model: str) -> list[str]:
@@ -321,10 +326,15 @@ class _Routed:
 
 
 def fleet_clients(directory: str, *, name: str, connect_timeout_ms: float,
-                  call_timeout_ms: float, record_timeout_ms: float,
-                  duplicate: bool = False) -> tuple[FleetClient, FleetClient]:
-    """Return the data and control clients of one model in fleet mode (one shared resolver)."""
-    resolver = Resolver(directory, timeout_ms=connect_timeout_ms)
+                  call_timeout_ms: float, record_timeout_ms: float, duplicate: bool = False,
+                  keys: ClientKeys | None = None) -> tuple[FleetClient, FleetClient]:
+    """
+    Return the data and control clients of one model in fleet mode (one shared resolver).
+
+    ``keys`` (CURVE) authenticate the robot to the directory and to every replica:
+    they share the fleet's one server key pair and allow-list.
+    """
+    resolver = Resolver(directory, timeout_ms=connect_timeout_ms, keys=keys)
     replicas = 2 if duplicate else 1   # a duplicated request needs two warm replicas
     data = FleetClient(resolver, connect_timeout_ms=connect_timeout_ms,
                        call_timeout_ms=call_timeout_ms, duplicate=duplicate, replicas=replicas,

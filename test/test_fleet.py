@@ -326,6 +326,45 @@ def test_offload_node_with_a_directory_offloads_through_the_fleet(local_fleet, d
         context.try_shutdown()
 
 
+def test_keys_carry_over_to_the_directory_and_every_replica(tmp_path, offloaded):
+    import shutil
+    import zmq.auth
+    from rrto_wire.curve import ClientKeys
+    keys = tmp_path / 'keys'
+    (keys / 'clients').mkdir(parents=True)
+    zmq.auth.create_certificates(keys, 'server')
+    for name, role in (('robot', 'upload'), ('fleet', 'infer')):
+        (tmp_path / name).mkdir()
+        zmq.auth.create_certificates(tmp_path / name, name)
+        shutil.copy(tmp_path / name / f'{name}.key', keys / 'clients' / f'{name}.key')
+        (keys / 'clients' / f'{name}.json').write_text(json.dumps({'role': role}))
+    config = ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 'store'), device='cpu',
+                          keys=str(keys))
+    fleet_keys = ClientKeys.load(keys / 'server.key', tmp_path / 'fleet' / 'fleet.key_secret')
+    replicas = [Replica(config, keys=fleet_keys) for _ in range(2)]
+    directory = Directory({f'r{i}': r for i, r in enumerate(replicas)})
+    directory.poll()
+    front = Front(directory, 'tcp://127.0.0.1:*', keys=str(keys)).start()
+    try:
+        model, x = tiny_net(), torch.randn(1, 16)
+        om = offloaded(model, '', timeout_ms=TIMEOUT_MS, directory=front.endpoint,
+                       duplicate=True, server_key=str(keys / 'server.key'),
+                       client_key=str(tmp_path / 'robot' / 'robot.key_secret'))
+        assert om.warmup(x, timeout_s=120)
+        out = om(x)
+        assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
+        assert_same_as_local(out, model(x))
+        stranger = offloaded(model, '', timeout_ms=300, connect_timeout_ms=300,
+                             directory=front.endpoint)
+        assert not stranger.warmup(x, timeout_s=3)     # no key: the directory does not answer
+        stranger(x)
+        assert stranger.last.result != OffloadResult.OFFLOADED
+    finally:
+        front.close()
+        for replica in replicas:
+            replica.close()
+
+
 def test_single_server_and_robot_runtime_never_import_ray():
     code = ('import sys, rrto_server.__main__, rrto_server.server, rrto_ros.resolver, '
             'rrto_ros.engine, rrto_fleet.directory, rrto_fleet.front; '
