@@ -8,7 +8,7 @@ setup(
     name=package_name,
     version='0.1.0',
     packages=find_packages(include=['rrto_ros', 'rrto_ros.*', 'rrto_server', 'rrto_server.*',
-                                    'rrto_wire', 'rrto_wire.*']),
+                                    'rrto_wire', 'rrto_wire.*', 'rrto_fleet', 'rrto_fleet.*']),
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + package_name]),
         ('share/' + package_name, ['package.xml']),

@@ -10,8 +10,9 @@ shows latency on ``/rrto/latency``.  For a real robot and a GPU server::
     ros2 launch rrto_ros offload.launch.py server:=tcp://gpu-host:5555 \\
         start_local_server:=false camera_sim:=false config:=/path/to/my_offload.yaml
 
-``server``, ``model`` and ``plan_table`` override the config file only when
-given; ``model:=python:rrto_ros.zoo:keypoint_net
+``server``, ``directory`` (a fleet directory: ``python -m rrto_fleet``),
+``model`` and ``plan_table`` override the config file only when given;
+``model:=python:rrto_ros.zoo:keypoint_net
 plan_table:=config/plans/keypoint_net_224.json`` runs the shipped hybrid plans.  With a
 local server, ``server`` is also the endpoint that server binds.
 """
@@ -30,9 +31,11 @@ def _nodes(context):
     server = LaunchConfiguration('server').perform(context)
     model = LaunchConfiguration('model').perform(context)
     plan_table = LaunchConfiguration('plan_table').perform(context)
+    directory = LaunchConfiguration('directory').perform(context)
     link = {'server': server} if server else {}
     offload = dict(link, **({'model': model} if model else {}),
-                   **({'plan_table': plan_table} if plan_table else {}))
+                   **({'plan_table': plan_table} if plan_table else {}),
+                   **({'directory': directory} if directory else {}))
     return [
         Node(package='rrto_ros', executable='server_node', name='server_node',
              parameters=[server_config] + ([{'bind': server}] if server else []),
@@ -54,6 +57,9 @@ def generate_launch_description():
         DeclareLaunchArgument(
             'server', default_value='',
             description="rrto_server endpoint, e.g. tcp://gpu-host:5555 ('' = from config)"),
+        DeclareLaunchArgument(
+            'directory', default_value='',
+            description="fleet directory endpoint, e.g. tcp://gpu-head:5600 ('' = from config)"),
         DeclareLaunchArgument(
             'model', default_value='',
             description="python:package.module:factory or a model file ('' = from config)"),

@@ -37,6 +37,7 @@ from rrto_ros.partition import Partition
 from rrto_ros.plan_table import bind_table, PlanTable
 from rrto_ros.preparer import Prepared, Preparer
 from rrto_ros.records import CallRecord
+from rrto_ros.resolver import fleet_clients
 from rrto_wire import codecs, treespec
 from rrto_wire.curve import ClientKeys
 
@@ -53,7 +54,8 @@ class OffloadedModel:
                  upload_timeout_ms: float = 60000.0, record_timeout_ms: float = 120000.0,
                  plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
                  link: tuple[float, float] | None = None, plan_feedback: bool = True,
-                 server_key: str | None = None, client_key: str | None = None):
+                 server_key: str | None = None, client_key: str | None = None,
+                 directory: str = '', duplicate: bool = False):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if timeout_ms <= 0:
@@ -82,11 +84,17 @@ class OffloadedModel:
             self.set_link(*link)
         name = self.keys['task']
         curve = ClientKeys.load(server_key, client_key) if client_key or server_key else None
-        self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
-                               call_timeout_ms=timeout_ms, name=f'{name}-data', keys=curve)
-        self.control = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
-                                  call_timeout_ms=record_timeout_ms, name=f'{name}-control',
-                                  keys=curve)
+        if directory:   # fleet mode: replicas found through the directory (rrto_ros.resolver)
+            self.data, self.control = fleet_clients(
+                directory, name=name, connect_timeout_ms=connect_timeout_ms,
+                call_timeout_ms=timeout_ms, record_timeout_ms=record_timeout_ms,
+                duplicate=duplicate, keys=curve)
+        else:
+            self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
+                                   call_timeout_ms=timeout_ms, name=f'{name}-data', keys=curve)
+            self.control = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
+                                      call_timeout_ms=record_timeout_ms, name=f'{name}-control',
+                                      keys=curve)
         self._call_lock = threading.Lock()
         self.counters = {'calls': 0, 'offloaded': 0, 'local': 0, 'fallbacks': 0, 'uploads': 0,
                          'records': 0, 'prepare_errors': 0, 'plan_switches': 0}
@@ -215,11 +223,15 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
     ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ``plan_table``,
     ``switch_after``, ``link``, ``plan_feedback``, ``server_key``, ``client_key``,
-    ...).  ``server_key`` (the server's public ``.key`` file) and ``client_key``
-    (this robot's ``.key_secret``) make every connection CURVE-authenticated and
-    encrypted; the client then talks only to the server holding that key.
-    ``deadline_ms`` is the call's budget: the server drops a request it cannot
-    start in time (``late='drop'``, answered at once, then computed locally) or
-    runs it late (``late='run'``); either way ``last.deadline_missed`` says so.
+    ``directory``, ``duplicate``, ...).  ``server_key`` (the server's public
+    ``.key`` file) and ``client_key`` (this robot's ``.key_secret``) make every
+    connection CURVE-authenticated and encrypted; the client then talks only to
+    the server holding that key.  With ``directory='tcp://...'`` (fleet mode,
+    :mod:`rrto_ros.resolver`) ``server`` is unused: replicas are found through
+    the fleet directory, and ``duplicate=True`` sends each inference to two of
+    them.  ``deadline_ms`` is the call's budget: the server drops a request it
+    cannot start in time (``late='drop'``, answered at once, then computed
+    locally) or runs it late (``late='run'``); either way
+    ``last.deadline_missed`` says so.
     """
     return OffloadedModel(model, server, timeout_ms, **options)

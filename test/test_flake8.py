@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ['rrto_ros', 'rrto_server', 'rrto_wire', 'launch', 'test', 'bench', 'setup.py']
+PATHS = ['rrto_ros', 'rrto_server', 'rrto_wire', 'rrto_fleet', 'launch', 'test', 'bench',
+         'setup.py']
 
 
 @pytest.mark.flake8

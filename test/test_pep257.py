@@ -14,5 +14,5 @@ def test_pep257():
     # imported here because a module-level skip would stop launch_testing's collection
     main = pytest.importorskip('ament_pep257.main').main
     rc = main(argv=[str(ROOT / 'rrto_ros'), str(ROOT / 'rrto_server'), str(ROOT / 'rrto_wire'),
-                    str(ROOT / 'bench')])
+                    str(ROOT / 'rrto_fleet'), str(ROOT / 'bench')])
     assert rc == 0, 'Found code style errors / warnings'

@@ -42,6 +42,8 @@ from rrto_wire import treespec
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint', check=check_endpoint),
+    Param('directory', '', "fleet directory endpoint ('' = the one server at 'server')",
+          check=lambda v: check_endpoint(v) if v else None),
     Param('model', 'python:rrto_ros.zoo:resnet18',
           "python:package.module:factory, or a .pt2 / TorchScript / .onnx file"),
     Param('input_topic', '/camera/image_raw', 'sensor_msgs/Image topic to run the model on'),
@@ -146,7 +148,7 @@ class OffloadNode(Node):
                 task=p['task'], late=None if p['late'] == 'server' else p['late'],
                 connect_timeout_ms=p['connect_timeout_ms'],
                 plan_table=resolve_table(p['plan_table']) or None,
-                switch_after=p['switch_after'])
+                switch_after=p['switch_after'], directory=p['directory'])
         except PlanTableMismatch as exc:
             raise fail('plan_table', str(exc)) from None
         self.task = self.engine.keys['task']

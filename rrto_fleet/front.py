@@ -1,0 +1,146 @@
+"""
+The directory's ZeroMQ front: robots resolve and warm models over :mod:`rrto_wire.fleet`.
+
+One I/O thread owns the ROUTER socket and answers ``hello`` and ``resolve``
+inline; ``warm`` (a recording, seconds) runs on a small thread pool whose
+replies come back through an inproc PUSH/PULL pair, as in the server.  A
+second thread polls the replicas and scales models every ``poll_s``.  Every
+request gets exactly one reply; a malformed one an error naming the problem.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import threading
+import uuid
+
+import zmq
+
+from rrto_fleet.directory import Directory, ReplicaDown, WarmError
+from rrto_server.auth import CurveGate, KeyRing
+from rrto_wire import fleet
+
+log = logging.getLogger('rrto_fleet.front')
+
+POLL_S = 0.5
+WARM_WORKERS = 4
+
+
+class Front:
+    """Serve a :class:`Directory` on ``bind`` and keep it current (see the module docstring)."""
+
+    def __init__(self, directory: Directory, bind: str, poll_s: float = POLL_S,
+                 keys: str | None = None):
+        self.directory = directory
+        self.poll_s = poll_s
+        self._ctx = zmq.Context()     # its own: a CURVE gate (ZAP handler) per context
+        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.MAXMSGSIZE, fleet.MAX_MESSAGE_BYTES)
+        # the replicas' key directory: robots allowed there may ask the directory
+        self._gate = CurveGate(self._ctx, KeyRing(keys)) if keys else None
+        if self._gate is not None:
+            self._gate.keyring.secure(self.router)
+        self.router.bind(bind)
+        self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._outbox_addr = f'inproc://rrto-directory-{uuid.uuid4().hex}'
+        self._outbox = self._ctx.socket(zmq.PULL)
+        self._outbox.bind(self._outbox_addr)
+        self._local = threading.local()
+        self._pushers: list[zmq.Socket] = []
+        self._pushers_lock = threading.Lock()
+        self._workers = concurrent.futures.ThreadPoolExecutor(
+            WARM_WORKERS, thread_name_prefix='rrto-warm')
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> 'Front':
+        """Serve and poll in background threads; return self."""
+        for target, name in ((self._serve, 'rrto-directory'), (self._tick, 'rrto-poll')):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return self
+
+    def close(self) -> None:
+        """Stop both threads and release the sockets."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._workers.shutdown(wait=True, cancel_futures=True)
+        with self._pushers_lock:
+            for sock in self._pushers:
+                sock.close(linger=0)
+        self._outbox.close(linger=0)
+        self.router.close(linger=0)
+        if self._gate is not None:
+            self._gate.close()
+        self._ctx.term()
+
+    # ------------------------------------------------------------------ threads
+    def _tick(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.directory.poll()
+                self.directory.scale()
+            except Exception:  # noqa: B902 - keep the directory current whatever one round did
+                log.exception('directory poll failed')
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self._outbox, zmq.POLLIN)
+        while not self._stop.is_set():
+            events = dict(poller.poll(100))
+            if self._outbox in events:
+                while self._outbox.poll(0):
+                    self.router.send_multipart(self._outbox.recv_multipart())
+            if self.router in events:
+                while self.router.poll(0):
+                    self._on_message(self.router.recv_multipart())
+
+    def _on_message(self, frames: list[bytes]) -> None:
+        envelope, body = frames[:-1], frames[-1]
+        request_id = 0
+        try:
+            if len(frames) < 2:
+                raise fleet.DirectoryError('bad_request', 'empty message')
+            request = fleet.decode_request(body)
+            request_id = request.id
+            if request.kind == 'warm':
+                if not request.model:
+                    raise fleet.DirectoryError('bad_request', 'warm needs a model digest')
+                self._workers.submit(self._warm, envelope, request)
+                return
+            holders = [] if request.kind == 'hello' else self.directory.resolve(request.model)
+            reply = fleet.ok(request_id, holders)
+        except fleet.DirectoryError as exc:
+            reply = fleet.error(request_id, exc.code, exc.message)
+        self.router.send_multipart(envelope + [fleet.encode(reply)])
+
+    def _warm(self, envelope: list[bytes], request: fleet.Request) -> None:
+        signature = [{'dtype': s.dtype, 'shape': s.shape} for s in request.signature]
+        try:
+            holders, replay = self.directory.warm(request.model, signature, request.options,
+                                                  request.replicas)
+            reply = fleet.ok(request.id, holders, replay)
+        except WarmError as exc:
+            reply = fleet.error(request.id, exc.code, exc.message)
+        except ReplicaDown as exc:
+            reply = fleet.error(request.id, 'no_replica', str(exc))
+        except Exception as exc:  # noqa: B902 - the robot gets its one reply whatever happened
+            log.exception('warm failed')
+            reply = fleet.error(request.id, 'internal', f'{type(exc).__name__}')
+        self._pusher().send_multipart(envelope + [fleet.encode(reply)])
+
+    def _pusher(self) -> zmq.Socket:
+        sock = getattr(self._local, 'sock', None)
+        if sock is None:
+            sock = self._ctx.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(self._outbox_addr)
+            self._local.sock = sock
+            with self._pushers_lock:
+                self._pushers.append(sock)
+        return sock

@@ -1,0 +1,146 @@
+"""
+Duplicate requests: one inference sent to two replicas, the first good reply wins.
+
+:class:`Hedge` owns one DEALER socket per replica (not
+:class:`~rrto_ros.client.RrtoClient`'s: those serve one request at a time and
+block while a stalled replica holds theirs).  The same frames go to both
+replicas; :meth:`HedgedReply.result` polls both sockets and returns the first
+``ok`` reply with the request's id, waiting for the other copy only after an
+error reply.  The slower copy's reply arrives later and is dropped by its id.
+A socket queues its copy until connected (no ``IMMEDIATE``), so a replica
+that is still connecting or has stopped reading costs nothing while the
+other answers; a full queue (``HEDGE_QUEUE``) skips that replica.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from typing import Sequence
+
+import msgspec
+import torch
+import zmq
+
+from rrto_ros.client import MAX_REPLY_BYTES, RemoteError, ServerUnavailable
+from rrto_wire import replies
+from rrto_wire.curve import ClientKeys
+from rrto_wire import protocol as wire
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.limits import COPY_THRESHOLD
+from rrto_wire.messages import Kind
+
+HEDGE_QUEUE = 64          # requests queued for one replica before hedged copies skip it
+COUNTERS = ('round_trips', 'bytes_sent', 'bytes_received', 'timeouts', 'reconnects', 'errors')
+
+
+class Hedge:
+    """One inference sent to two replicas at once; the first good reply wins."""
+
+    def __init__(self, context: zmq.Context, keys: ClientKeys | None = None):
+        self._ctx = context
+        self._keys = keys
+        self._socks: dict[str, zmq.Socket] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.counters = dict.fromkeys(COUNTERS, 0)
+
+    def socket(self, endpoint: str) -> zmq.Socket:
+        sock = self._socks.get(endpoint)
+        if sock is None:
+            sock = self._socks[endpoint] = self._ctx.socket(zmq.DEALER)
+            sock.copy_threshold = COPY_THRESHOLD
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.SNDHWM, HEDGE_QUEUE)
+            if self._keys is not None:
+                self._keys.apply(sock)
+            sock.connect(endpoint)   # queued until connected: the other copy may answer first
+        return sock
+
+    def _send(self, endpoint: str, frames: list) -> bool:
+        try:
+            self.socket(endpoint).send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return False   # its queue is full (a replica that stopped reading): skip it
+        self.counters['bytes_sent'] += wire.message_size(frames)
+        return True
+
+    def start(self, endpoints: list[str], kind: Kind, fields: dict,
+              tensors: Sequence[torch.Tensor], timeout_ms: float, codec: str) -> 'HedgedReply':
+        self._lock.acquire()
+        try:
+            request_id = next(self._ids)
+            frames = wire.encode({'kind': kind.value, 'id': request_id, **fields}, tensors, codec)
+            sent = [e for e in endpoints if self._send(e, frames)]
+            if not sent:
+                raise ServerUnavailable(f'cannot send to {endpoints}')
+        except BaseException:
+            self._lock.release()
+            raise
+        return HedgedReply(self, sent, request_id, kind, time.monotonic() + timeout_ms / 1e3)
+
+    def release(self) -> None:
+        """End the request in flight (its reply taken or abandoned): the next may start."""
+        self._lock.release()
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._socks.values():
+                sock.close(linger=0)
+            self._socks.clear()
+
+
+class HedgedReply:
+    """The two copies of one hedged request; ``result()`` returns the first good reply."""
+
+    def __init__(self, hedge: Hedge, endpoints: list[str], request_id: int, kind: Kind,
+                 deadline: float):
+        self._hedge = hedge
+        self._kind = kind
+        self._endpoints = endpoints
+        self._id = request_id
+        self._deadline = deadline
+
+    def result(self) -> tuple[dict, list[torch.Tensor]]:
+        hedge, counters = self._hedge, self._hedge.counters
+        poller = zmq.Poller()
+        for endpoint in self._endpoints:
+            poller.register(hedge.socket(endpoint), zmq.POLLIN)
+        waiting, error = len(self._endpoints), None
+        try:
+            while waiting:
+                remaining_ms = (self._deadline - time.monotonic()) * 1e3
+                ready = dict(poller.poll(remaining_ms)) if remaining_ms > 0 else {}
+                if not ready:
+                    break
+                for sock in ready:
+                    frames = sock.recv_multipart(copy=False)
+                    try:
+                        reply = replies.decode_reply(frames[0], self._kind)
+                        if reply.id != self._id:
+                            continue   # the slower copy of an earlier request
+                        if isinstance(reply, replies.Ok):
+                            tensors = wire.decode_tensors(reply.tensors, frames[1:],
+                                                          MAX_REPLY_BYTES)
+                    except ProtocolError as exc:
+                        if exc.request_id != self._id:
+                            continue   # garbage, or a stale copy's
+                        reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
+                    waiting -= 1
+                    counters['round_trips'] += 1
+                    counters['bytes_received'] += wire.message_size(frames)
+                    if isinstance(reply, replies.Ok):
+                        return msgspec.to_builtins(reply), tensors
+                    counters['errors'] += 1
+                    error = (reply if isinstance(reply, RemoteError)
+                             else RemoteError(reply.code, reply.message))
+        finally:
+            self._hedge.release()
+        if error is not None:
+            raise error
+        counters['timeouts'] += 1
+        raise ServerUnavailable(f'no reply from {self._endpoints} in time')
+
+    def cancel(self) -> None:
+        self._hedge.release()
