@@ -58,6 +58,10 @@ _GIVE_UP = {ErrorCode.SIGNATURE.value, ErrorCode.BAD_REQUEST.value, ErrorCode.RE
             ErrorCode.UNSAFE_PROGRAM.value, ErrorCode.FORBIDDEN.value,
             ErrorCode.UNAUTHORIZED.value}
 OFFLOAD = Plan('offload')
+AUTO_TIMEOUT = 'auto'
+AUTO_FLOOR_MS = 200.0   # an 'auto' budget before the server has measured, and its least value
+AUTO_FACTOR = 4.0       # an 'auto' budget: this many times the server's measured inference
+AUTO_CEILING_MS = 10000.0   # ... but never more than this
 
 
 class OffloadResult(str, enum.Enum):
@@ -111,6 +115,7 @@ class _Target:
         self.example = example
         self.artifact: Artifact | None = None
         self.replay: str | None = None
+        self.server_ms = 0.0        # the server's own inference time, measured when recording
         self.error = ''
         self.ready = threading.Event()
         self.selector: PlanSelector | None = None
@@ -121,7 +126,8 @@ class _Target:
 class OffloadedModel:
     """A model whose calls run on rrto_server when possible (see module docstring)."""
 
-    def __init__(self, model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float = 200.0,
+    def __init__(self, model: Any, server: str = 'tcp://127.0.0.1:5555',
+                 timeout_ms: float | str = 200.0,
                  *, mode: str = 'replay', precision: str = 'fp32', segments: str = 'whole',
                  codec: str = codecs.RAW, priority: int = 0, deadline_ms: float | None = None,
                  task: str = '', late: str | None = None, connect_timeout_ms: float = 1000.0,
@@ -131,13 +137,12 @@ class OffloadedModel:
                  server_key: str | None = None, client_key: str | None = None):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        if timeout_ms <= 0:
-            raise ValueError('timeout_ms must be positive')
         if late not in (None, 'drop', 'run'):
             raise ValueError(f"late must be 'drop', 'run' or None, got {late!r}")
         self.local: LocalModel = load_local_model(model)
         self.server = server
-        self.timeout_ms = float(timeout_ms)
+        self.auto_timeout = False
+        self.timeout_ms = AUTO_FLOOR_MS
         self.mode = mode
         self.options = {'precision': precision, 'mode': 'eager' if mode == 'eager' else 'replay',
                         'segments': segments}
@@ -157,13 +162,14 @@ class OffloadedModel:
             self.set_link(*link)
         name = self.keys['task']
         curve = ClientKeys.load(server_key, client_key) if client_key or server_key else None
+        self._targets: dict[str, _Target] = {}
+        self._targets_lock = threading.Lock()
         self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
-                               call_timeout_ms=timeout_ms, name=f'{name}-data', keys=curve)
+                               call_timeout_ms=AUTO_FLOOR_MS, name=f'{name}-data', keys=curve)
+        self.set_timeout(timeout_ms)
         self.control = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
                                   call_timeout_ms=record_timeout_ms, name=f'{name}-control',
                                   keys=curve)
-        self._targets: dict[str, _Target] = {}
-        self._targets_lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
         self._closed = threading.Event()
         self._preparer = threading.Thread(target=self._prepare_loop, name=f'{name}-prepare',
@@ -210,10 +216,20 @@ class OffloadedModel:
             data[key] = data.get(key, 0) + value
         return data
 
-    def set_timeout(self, timeout_ms: float) -> None:
-        """Change the per-call timeout (takes effect from the next call)."""
-        if timeout_ms <= 0:
-            raise ValueError('timeout_ms must be positive')
+    def set_timeout(self, timeout_ms: float | str) -> None:
+        """
+        Change the per-call timeout (takes effect from the next call).
+
+        ``'auto'``: :data:`AUTO_FLOOR_MS`, or :data:`AUTO_FACTOR` times the
+        server's own inference time measured when it recorded, if that is longer
+        (at most :data:`AUTO_CEILING_MS`).
+        """
+        self.auto_timeout = timeout_ms == AUTO_TIMEOUT
+        if self.auto_timeout:
+            measured = max([0.0] + [t.server_ms for t in list(self._targets.values())])
+            timeout_ms = min(AUTO_CEILING_MS, max(AUTO_FLOOR_MS, AUTO_FACTOR * measured))
+        elif isinstance(timeout_ms, str) or not timeout_ms > 0:
+            raise ValueError(f"timeout_ms must be positive or 'auto', got {timeout_ms!r}")
         self.timeout_ms = float(timeout_ms)
         self.data.call_timeout_ms = float(timeout_ms)
 
@@ -307,12 +323,15 @@ class OffloadedModel:
                 outputs = runtime.run([_cpu(t) for t in flat], remote)
                 remote.robot_ms = runtime.last_robot_ms
         except ServerUnavailable as exc:
-            return self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
-                                   str(exc))
+            outputs, record = self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
+                                              plan.name, str(exc))
+            _add_traffic(record, self.data.counters, before)   # what went out before it failed
+            return outputs, record
         except RemoteError as exc:
             self._on_remote_error(target, exc)
             outputs, record = self._run_local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
                                               plan.name, str(exc))
+            _add_traffic(record, self.data.counters, before)
             record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
             return outputs, record
         result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
@@ -418,14 +437,21 @@ class OffloadedModel:
         if self.mode == 'naive':
             return
         try:
-            target.replay = self._record(artifact.model, artifact.signature)
+            reply = self._record(artifact.model, artifact.signature)
         except RemoteError as exc:
             if exc.code != ErrorCode.BLOB_CORRUPT.value:
                 raise
             # the server found a stored blob damaged and quarantined it: upload it again, once
             self.counters['uploads'] += self.control.upload(artifact.blobs,
                                                             timeout_ms=self.upload_timeout_ms)
-            target.replay = self._record(artifact.model, artifact.signature)
+            reply = self._record(artifact.model, artifact.signature)
+        target.replay, target.server_ms = reply['replay'], sum(reply.get('segment_ms') or [0.0])
+        if self.auto_timeout:
+            self.set_timeout(AUTO_TIMEOUT)
+        how = f'in {reply["record_ms"]:.0f} ms' if reply.get('recorded') else 'already stored'
+        log.info('%s: the server has recorded its replay (%s; one inference takes %.1f ms '
+                 'there); offloading with a %g ms timeout', self.local.label, how,
+                 target.server_ms, self.timeout_ms)
         table = self.table
         if table is not None and not target.plans:
             self._prepare_plans(target, table)
@@ -438,11 +464,11 @@ class OffloadedModel:
         self.partition.prepare(args, kwargs, self.record_timeout_ms / 1e3)
         target.partition = self.partition
 
-    def _record(self, model: str, signature) -> str:
+    def _record(self, model: str, signature) -> dict:
         reply = self.control.record(model, signature, self.options,
                                     timeout_ms=self.record_timeout_ms)
         self.counters['records'] += int(bool(reply.get('recorded')))
-        return reply['replay']
+        return reply
 
     def _prepare_plans(self, target: _Target, table: PlanTable) -> None:
         artifact = target.artifact
@@ -464,7 +490,7 @@ class OffloadedModel:
                         {runtime.server_digest: ('program', runtime.server_blob)},
                         timeout_ms=self.upload_timeout_ms)
                     replay = self._record(runtime.server_digest,
-                                          as_program(runtime.server_doc).signature)
+                                          as_program(runtime.server_doc).signature)['replay']
                 else:
                     replay = ''
                 target.plans[plan.name] = (runtime, replay)
@@ -514,30 +540,33 @@ class _Remote:
         timing = self.reply.get('timing', {})
         server_ms = self.reply.get('server_ms', 0.0)
         missed = bool(timing.get('deadline_missed', False))
-        if self.robot_ms is not None:
-            # split/hybrid: robot and server computed at once; the rest is the network's
-            robot_ms = self.robot_ms
-            network_ms = max(0.0, total_ms - robot_ms - server_ms)
-        else:
-            robot_ms = max(0.0, total_ms - remote_ms)
-            network_ms = max(0.0, remote_ms - server_ms)
+        # request sent -> reply taken, less the server's time: under a hybrid plan the robot
+        # computes in between, and a reply that came first waited for it (an upper bound)
+        network_ms = max(0.0, remote_ms - server_ms)
+        robot_ms = self.robot_ms if self.robot_ms is not None else max(0.0, total_ms - remote_ms)
         record = CallRecord(
             OffloadResult.OFFLOADED, plan, total_ms=total_ms,
             network_ms=network_ms, server_ms=server_ms,
             server_queue_ms=timing.get('queue_ms', 0.0),
             server_compute_ms=timing.get('compute_ms', 0.0),
-            robot_compute_ms=robot_ms,
-            round_trips=counters['round_trips'] - before['round_trips'],
-            bytes_sent=counters['bytes_sent'] - before['bytes_sent'],
-            bytes_received=counters['bytes_received'] - before['bytes_received'],
-            bandwidth_mbps=bandwidth, signature=signature_key(target.artifact.signature),
+            robot_compute_ms=robot_ms, bandwidth_mbps=bandwidth,
+            signature=signature_key(target.artifact.signature),
             deadline_missed=missed, preemptions=int(timing.get('preemptions', 0)),
             reason='deadline missed on the server (late policy run)' if missed else '',
             codec=self.codec)
+        _add_traffic(record, counters, before)
         chooser = self.model._chooser
         if chooser is not None and self.codec:
             chooser.observe(record.bytes_sent + record.bytes_received, record.network_ms)
         return record
+
+
+def _add_traffic(record: CallRecord, counters: dict, before: dict) -> None:
+    """Set a record's requests (answered or timed out) and bytes from the client's counters."""
+    record.round_trips = (counters['round_trips'] - before['round_trips']
+                          + counters['timeouts'] - before['timeouts'])
+    record.bytes_sent = counters['bytes_sent'] - before['bytes_sent']
+    record.bytes_received = counters['bytes_received'] - before['bytes_received']
 
 
 def _load_table(table: str | Path | PlanTable | None) -> PlanTable | None:
@@ -557,7 +586,7 @@ def _to_device_of(outputs: list, flat: list) -> list:
     return [o.to(device) for o in outputs]
 
 
-def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float = 200.0,
+def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float | str = 200.0,
             **options: Any) -> OffloadedModel:
     """
     Return a callable that runs ``model`` on rrto_server, with the same outputs as locally.
@@ -570,6 +599,8 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     ...).  ``server_key`` (the server's public ``.key`` file) and ``client_key``
     (this robot's ``.key_secret``) make every connection CURVE-authenticated and
     encrypted; the client then talks only to the server holding that key.
+    ``timeout_ms='auto'`` adapts the budget to what the server measured when it
+    recorded (see :meth:`OffloadedModel.set_timeout`).
     ``deadline_ms`` is the call's budget: the server drops a request it cannot
     start in time (``late='drop'``, answered at once, then computed locally) or
     runs it late (``late='run'``); either way ``last.deadline_missed`` says so.

@@ -64,13 +64,14 @@ class NodeProcess:
         self.log = Path(log_dir) / f'{module}-{time.monotonic_ns()}.log'
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> 'NodeProcess':
+    def start(self, process_group: int | None = None) -> 'NodeProcess':
+        """Start the node; ``process_group``: join that group (0: lead a new one)."""
         cmd = [sys.executable, '-m', f'rrto_ros.nodes.{self.module}', '--ros-args']
         for name, value in self.params.items():
             cmd += ['-p', param_arg(name, value)]
         with open(self.log, 'ab') as log:
             self.proc = subprocess.Popen(cmd, env=ros_env(self.domain_id), stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, process_group=process_group)
         return self
 
     def output(self) -> str:

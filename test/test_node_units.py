@@ -20,7 +20,7 @@ from rrto_ros.engine import CallRecord, OffloadResult
 from rrto_ros.image import array_to_image
 from rrto_ros.latency import KEYS, parse_values, record_values, stamp_text
 from rrto_ros.latest import LatestSlot
-from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_node
+from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_node, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import ParameterError, check_endpoint
 from rrto_ros.outputs import dimensions, output_names
@@ -46,9 +46,13 @@ def make_node(context):
     nodes = []
 
     def make(cls, **overrides):
+        """Build the node and, as its process would, configure and activate it."""
         node = cls(context=context, parameter_overrides=[
             Parameter(k, value=v) for k, v in overrides.items()])
         nodes.append(node)
+        failure = spin.start(node)
+        if failure:
+            raise ParameterError(failure)
         return node
 
     yield make
@@ -92,7 +96,8 @@ def test_endpoint_check():
 
 
 @pytest.mark.parametrize('overrides, name', [
-    ({'timeout_ms': 0.0}, 'timeout_ms'),
+    ({'timeout_ms': -1.0}, 'timeout_ms'),
+    ({'codec': 'gzip'}, 'codec'),
     ({'mode': 'fast'}, 'mode'),
     ({'precision': 'int4'}, 'precision'),
     ({'channel_order': 'rgba'}, 'channel_order'),

@@ -1,8 +1,11 @@
 """The nodes as separate processes on a private ROS domain: what a ROS user sees."""
 
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -180,6 +183,48 @@ def test_server_killed_shows_fallback_and_recovers_with_outputs_equal_to_local(
     assert 'yuv422' in offload.output()
     for proc in (offload, monitor):
         assert proc.stop() == 0, proc.output()
+
+
+# what a node must never print while it stops, however it is stopped
+UNCLEAN = ('Traceback', 'terminate called', 'was never retrieved', 'KeyboardInterrupt')
+
+
+def _send(procs, how: str) -> None:
+    group = procs[0].proc.pid   # every node joined the first one's process group
+    if how == 'sigterm':
+        for proc in procs:
+            proc.proc.send_signal(signal.SIGTERM)
+    elif how == 'sigint':
+        for proc in procs:
+            proc.proc.send_signal(signal.SIGINT)
+    else:   # a terminal's Ctrl-C reaches the whole group, then launch forwards another
+        os.killpg(group, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(group, signal.SIGINT)
+
+
+@pytest.mark.parametrize('how', ['sigint', 'double_sigint_to_the_group', 'sigterm'])
+def test_every_node_exits_0_without_a_traceback_however_it_is_stopped(
+        ros_nodes, listener, tmp_path, how):
+    from rrto_testing import free_port
+    endpoint = f'tcp://127.0.0.1:{free_port()}'
+    server = ros_nodes('server_node', start=False, bind=endpoint, device='cpu',
+                       store=str(tmp_path / 'store')).start(process_group=0)
+    group = server.proc.pid
+    camera = ros_nodes('camera_sim', start=False, width=64, height=64,
+                       rate_hz=10.0).start(group)
+    offload = ros_nodes('offload_node', start=False, server=endpoint, model=MODEL,
+                        resize_height=64, resize_width=64, timeout_ms=3000.0).start(group)
+    monitor = ros_nodes('bandwidth_monitor', start=False, server=endpoint,
+                        probe_rate_hz=10.0).start(group)
+    procs = [server, camera, offload, monitor]
+    latency = listener.subscribe(DiagnosticStatus, '/rrto/latency', m.LATENCY_QOS)
+    listener.wait_for(lambda: any(r['result'] == 'offloaded' for r in _records(latency)),
+                      300, 'an offloaded inference', _logs(*procs))
+    _send(procs, how)   # while inferences, probes and diagnostics are in flight
+    for proc in procs:
+        assert proc.wait(30) == 0, proc.output()
+        assert not any(word in proc.output() for word in UNCLEAN), proc.output()
 
 
 @pytest.mark.parametrize('module, params, name', [
