@@ -61,7 +61,7 @@ OFFLOAD = Plan('offload')
 AUTO_TIMEOUT = 'auto'
 AUTO_FLOOR_MS = 200.0   # an 'auto' budget before the server has measured, and its least value
 AUTO_FACTOR = 4.0       # an 'auto' budget: this many times the server's measured inference
-AUTO_CEILING_MS = 10000.0   # ... but never more than this
+AUTO_CEILING_MS = 2000.0    # ... but never more: a stopping node waits for a call in flight
 
 
 class OffloadResult(str, enum.Enum):

@@ -23,9 +23,9 @@ class LaunchSetup:
         self.endpoint = f'tcp://127.0.0.1:{free_port()}'
         self.dir = Path(tempfile.mkdtemp(prefix='rrto-launch-test-'))
         self.offload_config = self._write('offload.yaml', {
+            # timeout_ms stays the shipped default (auto): no tuning for a CPU server
             'offload_node': {'model': 'python:rrto_ros.zoo:keypoint_net', 'resize_height': 64,
-                             'resize_width': 64, 'timeout_ms': 1000.0,
-                             'connect_timeout_ms': 300.0},
+                             'resize_width': 64, 'connect_timeout_ms': 300.0},
             'camera_sim': {'width': 96, 'height': 72, 'rate_hz': 8.0},
             'bandwidth_monitor': {'probe_rate_hz': 4.0}})
         self.server_config = self._write('server.yaml', {

@@ -142,6 +142,31 @@ class Listener:
             time.sleep(0.05)
         raise AssertionError(f'timed out after {timeout_s:g} s waiting for {what}\n{logs()}')
 
+    def lifecycle(self, node: str, transition: str = '', timeout_s: float = 60.0) -> str:
+        """Make ``transition`` of lifecycle node ``node`` (if given); return its state's label."""
+        from lifecycle_msgs.srv import ChangeState, GetState
+        if transition:
+            reply = self._call(ChangeState, f'/{node}/change_state', timeout_s,
+                               transition=lambda r: setattr(r.transition, 'label', transition))
+            assert reply.success, f'{node}: transition {transition} failed'
+        return self._call(GetState, f'/{node}/get_state', timeout_s).current_state.label
+
+    def _call(self, srv_type, name: str, timeout_s: float, **fill):
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout_s), f'no service {name}'
+            request = srv_type.Request()
+            for setter in fill.values():
+                setter(request)
+            future = client.call_async(request)
+            deadline = time.monotonic() + timeout_s
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert future.done(), f'{name} did not answer within {timeout_s:g} s'
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)

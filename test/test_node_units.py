@@ -1,7 +1,6 @@
 """Nodes in-process (parameters, newest-frame policy, server stats) and their ROS-free parts."""
 
 import math
-import threading
 import time
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import rclpy
 import torch
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
@@ -172,33 +172,28 @@ def _image(sec: int) -> Image:
 
 
 def test_frames_arriving_during_an_inference_keep_only_the_newest(make_node, context):
-    node = make_node(offload_node.OffloadNode, model=KEYPOINT, mode='local',
+    node = make_node(offload_node.OffloadNode, model=KEYPOINT, mode='local', autostart=False,
                      resize_height=0, resize_width=0, input_topic='/units/image')
     seen = []
     sub_node = rclpy.create_node('units_listener', context=context)
     sub_node.create_subscription(m.DiagnosticStatus, '/rrto/latency',
                                  lambda msg: seen.append(parse_values(m.values_of(msg))),
                                  m.LATENCY_QOS)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     for sec in range(1, 6):          # five frames while nothing runs: four are replaced
         node._on_image(_image(sec))
     assert node.slot.dropped == 4 and node.slot.received == 5
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
-    executor.add_node(node)
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    executor = SingleThreadedExecutor(context=context)
     executor.add_node(sub_node)
-    stop = threading.Event()
-    thread = threading.Thread(target=lambda: [executor.spin_once(0.05)
-                                              for _ in iter(stop.is_set, True)])
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join()
-        executor.shutdown(timeout_sec=1)
-        sub_node.destroy_node()
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.05)
+    executor.shutdown(timeout_sec=1)
+    sub_node.destroy_node()
     assert [r['stamp'] for r in seen] == [stamp_text(5, 0)], 'only the newest frame ran'
     assert seen[0]['frames_dropped'] == 4 and seen[0]['result'] == 'local'
 

@@ -56,9 +56,9 @@ PARAMS = [
     Param('output_prefix', '~/output', 'outputs go to <output_prefix>/<output name>'),
     Param('mode', 'replay', 'replay | eager | naive | local', choices=MODES),
     Param('precision', 'fp32', 'server-side precision', choices=('fp32', 'fp16', 'bf16')),
-    Param('timeout_ms', 0.0, 'a call slower than this runs locally; 0 = auto: 200 ms, or 4x '
-          "the server's own inference time measured when it recorded if longer (changeable "
-          'at run time)', runtime=True, range=(0.0, 60000.0)),
+    Param('timeout_ms', 0.0, 'a call slower than this runs locally; 0 = auto: 4x the '
+          "server's own inference time measured when it recorded, within 200..2000 ms "
+          '(changeable at run time)', runtime=True, range=(0.0, 60000.0)),
     Param('connect_timeout_ms', 1000.0, 'connection timeout', range=(1.0, 60000.0)),
     Param('task', '', "task name the server schedules by ('' = the model's name)"),
     Param('priority', 0, 'server scheduling priority (higher first)', range=(-100, 100)),
