@@ -60,7 +60,7 @@ _GIVE_UP = {ErrorCode.SIGNATURE.value, ErrorCode.BAD_REQUEST.value, ErrorCode.RE
 OFFLOAD = Plan('offload')
 AUTO_TIMEOUT = 'auto'
 AUTO_FLOOR_MS = 200.0   # an 'auto' budget before the server has measured, and its least value
-AUTO_FACTOR = 4.0       # an 'auto' budget: this many times the server's measured inference
+AUTO_FACTOR = 10.0      # an 'auto' budget: this many times the server's measured inference
 AUTO_CEILING_MS = 2000.0    # ... but never more: a stopping node waits for a call in flight
 
 

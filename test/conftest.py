@@ -95,8 +95,8 @@ def ros_nodes(tmp_path, domain_id):
     from ros_testing import NodeProcess
     procs = []
 
-    def make(module: str, start: bool = True, **params) -> NodeProcess:
-        proc = NodeProcess(module, params, domain_id, tmp_path)
+    def make(module: str, start: bool = True, ros_args: tuple = (), **params) -> NodeProcess:
+        proc = NodeProcess(module, params, domain_id, tmp_path, ros_args)
         procs.append(proc)
         return proc.start() if start else proc
 

@@ -11,6 +11,9 @@ from ros_testing import new_domain_id
 from rrto_testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# launch escalates SIGINT to SIGTERM, then SIGKILL, after 5 s each by default; a node that
+# exits cleanly may need longer than that on a loaded 2-core machine (interpreter teardown)
+STOP_TIMEOUTS = {'sigterm_timeout': '30', 'sigkill_timeout': '30'}
 
 
 class LaunchSetup:
@@ -54,5 +57,5 @@ def package_launch(file_name: str, arguments: dict):
     include = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(
             PathJoinSubstitution([FindPackageShare('rrto_ros'), 'launch', file_name])),
-        launch_arguments=arguments.items())
+        launch_arguments={**STOP_TIMEOUTS, **arguments}.items())
     return launch.LaunchDescription([include, launch_testing.actions.ReadyToTest()])

@@ -57,16 +57,19 @@ def param_arg(name: str, value: Any) -> str:
 class NodeProcess:
     """One ``rrto_ros.nodes.<module>`` in a child process, its output in a log file."""
 
-    def __init__(self, module: str, params: dict, domain_id: int, log_dir: Path):
+    def __init__(self, module: str, params: dict, domain_id: int, log_dir: Path,
+                 ros_args: tuple = ()):
         self.module = module
         self.params = params
+        self.ros_args = list(ros_args)   # e.g. ('-r', '__node:=other_name')
         self.domain_id = domain_id
         self.log = Path(log_dir) / f'{module}-{time.monotonic_ns()}.log'
         self.proc: subprocess.Popen | None = None
 
     def start(self, process_group: int | None = None) -> 'NodeProcess':
         """Start the node; ``process_group``: join that group (0: lead a new one)."""
-        cmd = [sys.executable, '-m', f'rrto_ros.nodes.{self.module}', '--ros-args']
+        cmd = [sys.executable, '-m', f'rrto_ros.nodes.{self.module}', '--ros-args',
+               *self.ros_args]
         for name, value in self.params.items():
             cmd += ['-p', param_arg(name, value)]
         with open(self.log, 'ab') as log:

@@ -26,7 +26,7 @@ if shutil.which('ros2') is None:
     pytest.skip('needs the ros2 command (a ROS 2 install)', allow_module_level=True)
 
 from diagnostic_msgs.msg import DiagnosticStatus  # noqa: E402
-from launch_testing_helpers import LaunchSetup  # noqa: E402
+from launch_testing_helpers import LaunchSetup, STOP_TIMEOUTS  # noqa: E402
 from ros_testing import Listener  # noqa: E402
 
 from rrto_ros.latency import parse_values  # noqa: E402
@@ -42,7 +42,8 @@ def test_a_terminals_double_ctrl_c_stops_the_launch_and_every_node_cleanly(tmp_p
     with open(log, 'wb') as out:
         launch = subprocess.Popen(
             ['ros2', 'launch', 'rrto_ros', 'offload.launch.py', f'server:={setup.endpoint}',
-             f'config:={setup.offload_config}', f'server_config:={setup.server_config}'],
+             f'config:={setup.offload_config}', f'server_config:={setup.server_config}',
+             *(f'{name}:={value}' for name, value in STOP_TIMEOUTS.items())],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     listener = Listener(setup.domain_id)
     try:
@@ -53,7 +54,7 @@ def test_a_terminals_double_ctrl_c_stops_the_launch_and_every_node_cleanly(tmp_p
         os.killpg(launch.pid, signal.SIGINT)   # the terminal: launch and every node
         time.sleep(0.05)
         os.killpg(launch.pid, signal.SIGINT)   # a second Ctrl-C, while they stop
-        assert launch.wait(60) == 0, log.read_text(errors='replace')
+        assert launch.wait(120) == 0, log.read_text(errors='replace')
     finally:
         listener.close()
         if launch.poll() is None:

@@ -309,3 +309,82 @@ def test_the_shipped_plan_table_matches_the_model_the_node_builds(make_node):
     # the table names the exact program the node uploads, so the engine will use its plans
     assert program_key(node.engine.local.artifact(flat, spec)) == node.engine.table.program
     assert {p.kind for p in node.engine.table.plans()} >= {'local', 'hybrid'}
+
+
+# ---------------------------------------------------------------------- what a record says
+def _keypoint_artifact():
+    from rrto_ros.local_model import TorchModule
+    from rrto_ros.preprocess import WithImageInput
+    from rrto_ros.zoo import keypoint_net
+    model = WithImageInput(keypoint_net()).eval()
+    x = torch.randint(0, 256, (1, 64, 48, 3), dtype=torch.uint8)
+    return model, x, TorchModule(model).artifact(*treespec.flatten(((x,), {})))
+
+
+def test_a_late_reply_reports_the_request_it_sent_and_its_attempt(server, offloaded):
+    model, x, _ = _keypoint_artifact()
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x)
+    om(x)
+    sent = om.last.bytes_sent
+    assert om.last.result == OffloadResult.OFFLOADED and sent > x.numel()
+    om.set_timeout(0.01)   # no reply can come in 10 us: this call times out
+    om(x)
+    record = om.last
+    assert record.result == OffloadResult.LOCAL_FALLBACK and 'no reply' in record.reason
+    assert (record.round_trips, record.bytes_sent, record.bytes_received) == (1, sent, 0)
+
+
+def test_a_hybrid_record_times_the_network_from_its_timestamps(server, offloaded):
+    from rrto_ros.graph import GraphAnalysis
+    from rrto_ros.plan_table import PlanTable
+    from rrto_ros.split import Plan, as_program
+    from rrto_wire.program import unpack_weights
+    model, x, artifact = _keypoint_artifact()
+    program = as_program(artifact.program)
+    blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]
+    weights = unpack_weights(bytearray(blob))
+    analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
+    plan = Plan('hybrid', analysis.cut_candidates()[-1], 0.5)
+    table = PlanTable(artifact.model, 'kp', 'sig', [
+        {'bandwidth_mbps': 5, 'rtt_ms': 5, 'plan': plan.to_json()}], {}, {})
+    om = offloaded(model, server.endpoint, timeout_ms=30000, plan_table=table, link=(5, 5))
+    assert om.warmup(x)
+    for _ in range(3):
+        om(x)
+        record = om.last
+        assert record.plan == plan.name and record.result == OffloadResult.OFFLOADED
+        # request sent -> reply taken, less the server's time: never the clamped 0 of old
+        assert 0 < record.network_ms < record.total_ms
+        assert record.round_trips == 1 and record.bytes_sent > 0 and record.robot_compute_ms > 0
+
+
+def test_diagnostics_publish_every_task_and_a_failing_one_as_error(context):
+    from rclpy.lifecycle import LifecycleNode
+    from rrto_ros.nodes.diagnostics import Diagnostics, Health
+    node = LifecycleNode('diag_units', context=context)
+    diagnostics = Diagnostics(node, 10.0)
+    diagnostics.add('fine', lambda: Health(m.OK, 'ok', [('n', 1)], 'hw'))
+    diagnostics.add('broken', lambda: 1 / 0)
+    got = []
+    sub = rclpy.create_node('diag_listener', context=context)
+    sub.create_subscription(DiagnosticArray, '/diagnostics', got.append, m.DIAGNOSTICS_QOS)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(sub)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        diagnostics.force_update()   # inactive: the lifecycle publisher sends nothing
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            diagnostics.force_update()
+            executor.spin_once(timeout_sec=0.2)
+    finally:
+        executor.shutdown(timeout_sec=1)
+        diagnostics.destroy()
+        sub.destroy_node()
+        node.destroy_node()
+    fine, broken = got[0].status
+    assert (fine.name, fine.level, fine.hardware_id) == ('diag_units: fine', m.OK, 'hw')
+    assert dict(m.values_of(fine)) == {'n': '1'}
+    assert broken.level == m.ERROR and 'ZeroDivisionError' in broken.message

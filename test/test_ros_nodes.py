@@ -229,17 +229,21 @@ def test_every_node_exits_0_without_a_traceback_however_it_is_stopped(
 
 @pytest.mark.parametrize('module, params, name', [
     ('offload_node', {'timeout_ms': -5.0}, 'timeout_ms'),
-    ('offload_node', {'model': 'python:rrto_ros.zoo:no_such_model'}, 'model'),
+    ('offload_node', {'model': 'python:rrto_ros.zoo:no_such_model'}, 'model'),   # configure
+    ('offload_node', {'resize_width': 0}, 'resize_width'),                       # configure
     ('bandwidth_monitor', {'server': 'gpu-host:5555'}, 'server'),
     ('camera_sim', {'encoding': 'yuv422'}, 'encoding'),
     ('server_node', {'device': 'tpu'}, 'device'),
+    ('server_node', {'task_late': 'slam'}, 'task_late'),
 ])
-def test_invalid_parameters_fail_at_start_naming_the_parameter(ros_nodes, module, params,
-                                                               name):
-    proc = ros_nodes(module, **params)
-    assert proc.wait(60) == 2
+def test_invalid_parameters_fail_at_start_naming_the_parameter_and_the_real_node(
+        ros_nodes, module, params, name):
+    # the FATAL line carries the node's real name, after -r __node:=...
+    proc = ros_nodes(module, ros_args=('-r', '__node:=renamed'), **params)
+    assert proc.wait(120) == 2
     out = proc.output()
     assert f"parameter '{name}'" in out and 'Traceback' not in out, out
+    assert '[FATAL]' in out and '[renamed]' in out and f'[{module}]' not in out, out
 
 
 def test_bringup_composes_the_nodes_and_prints_the_summary(tmp_path, domain_id):

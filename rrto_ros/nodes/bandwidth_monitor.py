@@ -19,13 +19,14 @@ import sys
 import threading
 import time
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
+from diagnostic_msgs.msg import DiagnosticStatus
 
 from rrto_ros import latency
 from rrto_ros.bandwidth import LinkEstimate, LinkEstimator, LinkHealth, LinkMonitor
 from rrto_ros.client import RrtoClient
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes import spin
+from rrto_ros.nodes.diagnostics import Diagnostics, Health
 from rrto_ros.nodes.managed import ManagedNode
 from rrto_ros.nodes.params import check_endpoint, Param
 
@@ -63,7 +64,7 @@ class BandwidthMonitor(ManagedNode):
 
     def __init__(self, **kwargs):
         self.client = self.monitor = self.estimator = None
-        self._bandwidth_pub = self._diag_pub = self._subscription = self._prober = None
+        self._bandwidth_pub = self.diagnostics = self._subscription = self._prober = None
         self._stop = threading.Event()
         super().__init__(self.NODE_NAME, PARAMS, **kwargs)
         self.server = self.params['server']
@@ -75,10 +76,12 @@ class BandwidthMonitor(ManagedNode):
             min_uplink_mbps=p['min_uplink_mbps'], loss_warn=p['loss_warn'],
             down_after=p['down_after'], stale_s=p['stale_s'])
         self._last_health, self._logged_at = LinkHealth.UNKNOWN, -HEALTH_LOG_S
+        self._link = Health(m.STALE, 'no probe yet')
         self._bandwidth_pub = self.create_lifecycle_publisher(
             DiagnosticStatus, m.BANDWIDTH_TOPIC, m.STATUS_QOS)
-        self._diag_pub = self.create_lifecycle_publisher(DiagnosticArray, m.DIAGNOSTICS_TOPIC,
-                                                         m.DIAGNOSTICS_QOS)
+        # published with every probe (force_update), like the link estimate
+        self.diagnostics = Diagnostics(self, 1.0 / p['probe_rate_hz'])
+        self.diagnostics.add(f'link to {self.server}', self._health)
 
     def _activate(self) -> str:
         p = self.params
@@ -109,10 +112,10 @@ class BandwidthMonitor(ManagedNode):
             self.client = self.monitor = None
 
     def _cleanup(self) -> None:
-        for pub in (self._bandwidth_pub, self._diag_pub):
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
-        self._bandwidth_pub = self._diag_pub = self.estimator = None
+        if self._bandwidth_pub is not None:
+            self.destroy_lifecycle_publisher(self._bandwidth_pub)
+            self.diagnostics.destroy()
+        self._bandwidth_pub = self.diagnostics = self.estimator = None
 
     def _on_latency(self, msg: DiagnosticStatus) -> None:
         if msg.hardware_id != self.server:
@@ -165,10 +168,12 @@ class BandwidthMonitor(ManagedNode):
         level = m.HEALTH_LEVEL[e.health]
         link = m.status('rrto/link', level, message, values, hardware_id=self.server)
         self._bandwidth_pub.publish(link)
-        health = m.status(f'{self.get_name()}: link to {self.server}', level,
-                          e.reason if e.health != LinkHealth.OK else message, values,
-                          hardware_id=self.server)
-        self._diag_pub.publish(m.diagnostic_array(self.get_clock().now().to_msg(), [health]))
+        self._link = Health(level, e.reason if e.health != LinkHealth.OK else message, values,
+                            self.server)
+        self.diagnostics.force_update()
+
+    def _health(self) -> Health:
+        return self._link
 
 
 def _num(value: float) -> str:

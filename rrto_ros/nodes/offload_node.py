@@ -40,6 +40,7 @@ from rrto_ros.latest import LatestSlot
 from rrto_ros.local_model import TorchModule, load_local_model
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes import spin
+from rrto_ros.nodes.diagnostics import Diagnostics, Health
 from rrto_ros.nodes.managed import ManagedNode
 from rrto_ros.nodes.params import check_endpoint, fail, Param
 from rrto_ros.outputs import output_names
@@ -56,7 +57,7 @@ PARAMS = [
     Param('output_prefix', '~/output', 'outputs go to <output_prefix>/<output name>'),
     Param('mode', 'replay', 'replay | eager | naive | local', choices=MODES),
     Param('precision', 'fp32', 'server-side precision', choices=('fp32', 'fp16', 'bf16')),
-    Param('timeout_ms', 0.0, 'a call slower than this runs locally; 0 = auto: 4x the '
+    Param('timeout_ms', 0.0, 'a call slower than this runs locally; 0 = auto: 10x the '
           "server's own inference time measured when it recorded, within 200..2000 ms "
           '(changeable at run time)', runtime=True, range=(0.0, 60000.0)),
     Param('connect_timeout_ms', 1000.0, 'connection timeout', range=(1.0, 60000.0)),
@@ -146,9 +147,9 @@ class OffloadNode(ManagedNode):
     def __init__(self, **kwargs):
         self.engine = self.local = self.converter = self.plan = None
         self.variant = ''
-        self._latency_pub = self._diag_pub = None
+        self._latency_pub = self.diagnostics = None
         self._subscriptions: list = []
-        self._timer = self._worker = None
+        self._worker = None
         self._wake = threading.Event()    # a frame is waiting
         self._stop = threading.Event()    # the inference thread must end
         super().__init__(self.NODE_NAME, PARAMS, self._on_param_change, **kwargs)
@@ -175,8 +176,8 @@ class OffloadNode(ManagedNode):
         self.local = self._model(self.plan)
         self._latency_pub = self.create_lifecycle_publisher(DiagnosticStatus, m.LATENCY_TOPIC,
                                                             m.LATENCY_QOS)
-        self._diag_pub = self.create_lifecycle_publisher(m.DiagnosticArray, m.DIAGNOSTICS_TOPIC,
-                                                         m.DIAGNOSTICS_QOS)
+        self.diagnostics = Diagnostics(self, p['diagnostics_period_s'])
+        self.diagnostics.add(self.params['task'] or self.local.label, self._health)
 
     def _activate(self) -> str:
         p = self.params
@@ -205,7 +206,7 @@ class OffloadNode(ManagedNode):
             self.create_subscription(Image, p['input_topic'], self._on_image, m.IMAGE_QOS),
             self.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, self._on_bandwidth,
                                      m.STATUS_QOS)]
-        self._timer = self.create_timer(p['diagnostics_period_s'], self._publish_diagnostics)
+        self.diagnostics.start()
         self._stop.clear()
         self._worker = threading.Thread(target=self._infer_loop, name='offload_node-infer',
                                         daemon=True)
@@ -219,9 +220,8 @@ class OffloadNode(ManagedNode):
         for subscription in self._subscriptions:
             self.destroy_subscription(subscription)
         self._subscriptions = []
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
+        if self.diagnostics is not None:
+            self.diagnostics.stop()
         if self._worker is not None:
             self._stop.set()
             self._wake.set()
@@ -232,10 +232,10 @@ class OffloadNode(ManagedNode):
             self.engine = None
 
     def _cleanup(self) -> None:
-        for pub in (self._latency_pub, self._diag_pub):
-            if pub is not None:
-                self.destroy_lifecycle_publisher(pub)
-        self._latency_pub = self._diag_pub = self.local = self.converter = None
+        if self._latency_pub is not None:
+            self.destroy_lifecycle_publisher(self._latency_pub)
+            self.diagnostics.destroy()
+        self._latency_pub = self.diagnostics = self.local = self.converter = None
 
     def _strategy(self) -> strategy_file.TaskStrategy | None:
         p = self.params
@@ -370,10 +370,8 @@ class OffloadNode(ManagedNode):
         for name, leaf in zip(self._names, leaves):
             self._outputs[name].publish(m.float_array(leaf))
 
-    def _publish_diagnostics(self) -> None:
+    def _health(self) -> Health:
         engine = self.engine
-        if engine is None:
-            return   # deactivated while this call waited
         stats = engine.stats()
         with self._count_lock:
             period, self._period = self._period, {k: 0 for k in self._period}
@@ -395,10 +393,7 @@ class OffloadNode(ManagedNode):
                   ('frames_rejected', self.counts['rejected']),
                   ('errors', self.counts['errors']), ('last_reason', self._last_reason)]
         values += sorted(stats.items())
-        name = f'{self.get_name()}: {self.task}'
-        self._diag_pub.publish(m.diagnostic_array(
-            self.get_clock().now().to_msg(),
-            [m.status(name, level, message, values, hardware_id=self.params['server'])]))
+        return Health(level, message, values, self.params['server'])
 
 
 def main(args=None) -> int:

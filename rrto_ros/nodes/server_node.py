@@ -16,10 +16,10 @@ from __future__ import annotations
 import sys
 
 import zmq
-from diagnostic_msgs.msg import DiagnosticArray
 
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes import spin
+from rrto_ros.nodes.diagnostics import Diagnostics, Health
 from rrto_ros.nodes.managed import ManagedNode
 from rrto_ros.nodes.params import check_endpoint, fail, Param
 from rrto_server import options
@@ -54,7 +54,7 @@ class ServerNode(ManagedNode):
     def __init__(self, **kwargs):
         self.server: Server | None = None
         self.config: options.ServerConfig | None = None
-        self._diag_pub = self._timer = None
+        self.diagnostics: Diagnostics | None = None
         self._errors_seen = 0
         super().__init__(self.NODE_NAME, PARAMS, **kwargs)
 
@@ -69,8 +69,8 @@ class ServerNode(ManagedNode):
             raise fail(name, str(exc)) from None
         options.setup_process(config)
         self.config = config
-        self._diag_pub = self.create_lifecycle_publisher(DiagnosticArray, m.DIAGNOSTICS_TOPIC,
-                                                         m.DIAGNOSTICS_QOS)
+        self.diagnostics = Diagnostics(self, self.params['diagnostics_period_s'])
+        self.diagnostics.add('rrto_server', self._health)
 
     def _activate(self) -> str:
         bind = self.params['bind']
@@ -84,28 +84,24 @@ class ServerNode(ManagedNode):
             raise fail('device', str(exc)) from None
         self.server.start()
         self._errors_seen = 0
-        self._timer = self.create_timer(self.params['diagnostics_period_s'],
-                                        self._publish_diagnostics)
+        self.diagnostics.start()
         return f'serving on {self.server.endpoint}'
 
     def _deactivate(self) -> None:
-        if self._timer is not None:
-            self.destroy_timer(self._timer)
-            self._timer = None
+        if self.diagnostics is not None:
+            self.diagnostics.stop()
         if self.server is not None:
             self.server.close()
             self.server = None
 
     def _cleanup(self) -> None:
-        if self._diag_pub is not None:
-            self.destroy_lifecycle_publisher(self._diag_pub)
-            self._diag_pub = None
+        if self.diagnostics is not None:
+            self.diagnostics.destroy()
+            self.diagnostics = None
         self.config = None
 
-    def _publish_diagnostics(self) -> None:
+    def _health(self) -> Health:
         server = self.server
-        if server is None:
-            return
         snapshot = server.snapshot()
         errors = sum(snapshot['errors'].values())
         new_errors, self._errors_seen = errors - self._errors_seen, errors
@@ -114,11 +110,7 @@ class ServerNode(ManagedNode):
         else:
             level, message = m.OK, f'serving on {server.endpoint}'
         values = [('endpoint', server.endpoint), ('store', str(server.store.root))]
-        values += stats_values(snapshot)
-        self._diag_pub.publish(m.diagnostic_array(
-            self.get_clock().now().to_msg(),
-            [m.status(f'{self.get_name()}: rrto_server', level, message, values,
-                      hardware_id=server.endpoint)]))
+        return Health(level, message, values + stats_values(snapshot), server.endpoint)
 
 
 def main(args=None) -> int:
