@@ -257,9 +257,9 @@ def test_bringup_composes_the_nodes_and_prints_the_summary(tmp_path, domain_id):
     path = tmp_path / 'offload.yaml'
     path.write_text(yaml.safe_dump(config))
     run = subprocess.run(
-        [sys.executable, '-m', 'rrto_ros.bringup', '--config', str(path), '--duration', '15',
+        [sys.executable, '-m', 'rrto_ros.bringup', '--config', str(path), '--duration', '40',
          '--summary-period', '1.0', '--server', f'tcp://127.0.0.1:{free_port()}'],
-        env=ros_env(domain_id), capture_output=True, text=True, timeout=180)
+        env=ros_env(domain_id), capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert 'keypoint_net' in out and ' offloaded, ' in out, out
