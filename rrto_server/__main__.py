@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     config, log_level = _parse(argv)
     logging.basicConfig(level=log_level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     options.setup_process(config)
+    before = options.threads_now()
     try:
         server = Server(config)
     except (ValueError, OSError, zmq.ZMQError) as exc:
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         server.serve_forever()
     finally:
         server.close()
+        options.drain_threads(before)   # no thread may still be inside torch at exit
     return 0
 
 

@@ -13,8 +13,11 @@ process-wide setup both entry points run before serving.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +29,9 @@ from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 
 # lane threads must get the GIL back quickly after a step (Python's default interval: 5 ms)
 GIL_SWITCH_S = 0.0005
+# Server.close() waits 5 s per lane; a step may take longer on a loaded CPU, and a process that
+# exits while a thread is inside torch aborts ("terminate called without an active exception")
+DRAIN_S = 60.0
 PROFILE_UTIL = {'auto': None, 'on': True, 'off': False}
 
 
@@ -306,3 +312,20 @@ def setup_process(config: ServerConfig) -> None:
     sys.setswitchinterval(GIL_SWITCH_S)
     if config.threads:
         torch.set_num_threads(config.threads)
+
+
+def threads_now() -> set:
+    """Return the threads alive now (before creating a Server: see :func:`drain_threads`)."""
+    return set(threading.enumerate())
+
+
+def drain_threads(before: set, timeout_s: float = DRAIN_S) -> None:
+    """Wait for the server threads (``rrto-*``) started since ``before`` to end."""
+    deadline = time.monotonic() + timeout_s
+    started = [t for t in threads_now() - before if t.name.startswith('rrto-')]
+    for thread in started:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in started if t.is_alive()]
+    if left:
+        logging.getLogger('rrto_server').warning('threads still running after %g s: %s',
+                                                 timeout_s, ', '.join(left))

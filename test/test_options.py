@@ -77,3 +77,19 @@ def test_setup_process_sets_the_gil_switch_interval_and_torch_threads(monkeypatc
     monkeypatch.setattr(torch, 'set_num_threads', lambda n: seen.update(threads=n))
     options.setup_process(ServerConfig(threads=3))
     assert seen == {'switch': options.GIL_SWITCH_S, 'threads': 3}
+
+
+def test_drain_threads_waits_for_the_server_threads_that_outlive_close():
+    import threading
+    import time
+    before = options.threads_now()
+    never = threading.Event()
+    lane = threading.Thread(target=time.sleep, args=(0.5,), name='rrto-gpu-lane0', daemon=True)
+    other = threading.Thread(target=never.wait, args=(30,), name='zmq-gc', daemon=True)
+    lane.start()
+    other.start()
+    start = time.monotonic()
+    options.drain_threads(before, timeout_s=10)
+    assert not lane.is_alive() and other.is_alive()   # only the server's rrto-* threads
+    assert time.monotonic() - start < 5
+    never.set()

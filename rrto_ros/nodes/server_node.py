@@ -74,6 +74,7 @@ class ServerNode(ManagedNode):
 
     def _activate(self) -> str:
         bind = self.params['bind']
+        self._threads_before = options.threads_now()
         try:
             self.server = Server(self.config)
         except zmq.ZMQError as exc:
@@ -92,6 +93,7 @@ class ServerNode(ManagedNode):
             self.diagnostics.stop()
         if self.server is not None:
             self.server.close()
+            options.drain_threads(self._threads_before)   # a lane may outlive close()
             self.server = None
 
     def _cleanup(self) -> None:
