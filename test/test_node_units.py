@@ -389,3 +389,9 @@ def test_diagnostics_publish_every_task_and_a_failing_one_as_error(context):
     assert (fine.name, fine.level, fine.hardware_id) == ('diag_units: fine', m.OK, 'hw')
     assert dict(m.values_of(fine)) == {'n': '1'}
     assert broken.level == m.ERROR and 'ZeroDivisionError' in broken.message
+
+
+def test_offload_node_names_an_unreadable_curve_key(make_node, tmp_path):
+    with pytest.raises(ParameterError, match="parameter 'server_key': .*nope.key"):
+        make_node(offload_node.OffloadNode, model=KEYPOINT, server_key=str(tmp_path / 'nope.key'),
+                  client_key=str(tmp_path / 'me.key_secret'))

@@ -48,6 +48,7 @@ from rrto_ros.plan_table import PlanTable, PlanTableMismatch
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
 from rrto_wire import strategy as strategy_file
 from rrto_wire import treespec
+from rrto_wire.curve import ClientKeys
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint', check=check_endpoint),
@@ -61,6 +62,9 @@ PARAMS = [
           "server's own inference time measured when it recorded, within 200..2000 ms "
           '(changeable at run time)', runtime=True, range=(0.0, 60000.0)),
     Param('connect_timeout_ms', 1000.0, 'connection timeout', range=(1.0, 60000.0)),
+    Param('server_key', '', "the server's public CURVE .key file ('' = plain TCP; "
+          'docs/security.md)'),
+    Param('client_key', '', "this robot's CURVE .key_secret file ('' = plain TCP)"),
     Param('task', '', "task name the server schedules by ('' = the model's name)"),
     Param('priority', 0, 'server scheduling priority (higher first)', range=(-100, 100)),
     Param('deadline_ms', 0.0, 'server deadline per inference (0 = none)', range=(0.0, 60000.0)),
@@ -171,6 +175,13 @@ class OffloadNode(ManagedNode):
             raise fail('resize_height' if resize[0] == 0 else 'resize_width',
                        'set both resize_height and resize_width, or neither')
         self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
+        if p['server_key'] or p['client_key']:
+            try:
+                ClientKeys.load(p['server_key'], p['client_key'])
+            except ValueError as exc:   # a key file missing, malformed, or only one given
+                name = ('server_key' if not p['server_key'] or p['server_key'] in str(exc)
+                        else 'client_key')
+                raise fail(name, str(exc)) from None
         self.plan = self._strategy()
         self.variant = self.plan.variant if self.plan else ''
         self.local = self._model(self.plan)
@@ -192,10 +203,12 @@ class OffloadNode(ManagedNode):
                 task=p['task'], codec=p['codec'],
                 late=None if p['late'] == 'server' else p['late'],
                 connect_timeout_ms=p['connect_timeout_ms'],
+                server_key=p['server_key'] or None, client_key=p['client_key'] or None,
                 plan_table=resolve_table(p['plan_table']) or None,
                 switch_after=p['switch_after'])
         except PlanTableMismatch as exc:   # solved for another program or input signature
             raise fail('plan_table', str(exc)) from None
+
         self.engine, self.task = engine, engine.keys['task']
         if self.converter.resize is not None and p['mode'] != 'local':
             # prepare the server for the frames to come now, not on the first frame
