@@ -77,7 +77,8 @@ def instrumented():
 
 def measure(arch: str, device: str, calls: int, times: dict) -> dict:
     """Serve one architecture from a fresh in-process server; return its phase table."""
-    from rrto_server.server import Server, ServerConfig
+    from rrto_server.options import ServerConfig
+    from rrto_server.server import Server
     with tempfile.TemporaryDirectory() as store:
         server = Server(ServerConfig(bind='tcp://127.0.0.1:0', store=store, device=device))
         server.start()

@@ -1,27 +1,30 @@
 """
 Run rrto_server on a GPU machine as a ROS node: ``ros2 launch rrto_ros server.launch.py``.
 
-``server_node`` serves on ``bind`` (default: every interface, port 5555) with
-the parameters in ``config`` (default: the package's ``config/server.yaml``)
-and publishes its counters on ``/diagnostics``.  ``bind``, ``device`` and
-``store`` override the config file only when given.  Without ROS on the GPU
-machine, ``python -m rrto_server --bind tcp://0.0.0.0:5555`` serves the same.
+``server_node`` (a lifecycle node, configured and activated by the launch
+unless ``activate:=false``) serves on ``bind`` (default: every interface,
+port 5555) with the parameters in ``config`` (default: the package's
+``config/server.yaml``) and publishes its counters on ``/diagnostics``.
+``bind``, ``device`` and ``store`` override the config file only when given.
+Without ROS on the GPU machine, ``python -m rrto_server --bind
+tcp://0.0.0.0:5555`` serves the same.
 """
 
 from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration, PathJoinSubstitution
-from launch_ros.actions import Node
 from launch_ros.substitutions import FindPackageShare
+
+from rrto_ros.nodes.launching import managed_node
 
 
 def _server(context):
     overrides = {name: LaunchConfiguration(name).perform(context)
                  for name in ('bind', 'device', 'store')}
     overrides = {k: v for k, v in overrides.items() if v}
-    return [Node(package='rrto_ros', executable='server_node', name='server_node',
-                 parameters=[LaunchConfiguration('config')] + ([overrides] if overrides else []),
-                 output='screen')]
+    activate = LaunchConfiguration('activate').perform(context) == 'true'
+    return managed_node('server_node', [LaunchConfiguration('config')] +
+                        ([overrides] if overrides else []), activate)
 
 
 def generate_launch_description():
@@ -36,5 +39,8 @@ def generate_launch_description():
         DeclareLaunchArgument(
             'config', default_value=PathJoinSubstitution([share, 'config', 'server.yaml']),
             description='server_node parameters'),
+        DeclareLaunchArgument(
+            'activate', default_value='true', choices=['true', 'false'],
+            description='configure and activate server_node (false: leave it unconfigured)'),
         OpaqueFunction(function=_server),
     ])

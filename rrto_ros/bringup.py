@@ -4,8 +4,10 @@
 For machines without the ROS 2 CLI.  Starts ``python -m rrto_server`` on the
 endpoint the config names (a fresh store under /tmp), then runs
 ``camera_sim``, ``offload_node`` and ``bandwidth_monitor`` with the same YAML
-``ros2 launch rrto_ros offload.launch.py`` uses, in one rclpy
-MultiThreadedExecutor.  Prints a live latency summary from ``/rrto/latency``
+``ros2 launch rrto_ros offload.launch.py`` uses, in one rclpy executor,
+driving the lifecycle nodes through configure and activate as the launch
+does; SIGINT and SIGTERM end it as they end a node (:mod:`rrto_ros.nodes.spin`).
+Prints a live latency summary from ``/rrto/latency``
 every ``--summary-period`` seconds and, after ``--duration`` seconds (or
 Ctrl-C), the run's summary: calls, round trips, latency percentiles,
 fallbacks.  Exits non-zero if no inference was offloaded.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import signal
 import statistics
 import sys
 import tempfile
@@ -24,9 +27,10 @@ from pathlib import Path
 import rclpy
 import yaml
 from diagnostic_msgs.msg import DiagnosticStatus
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
+from rclpy.signals import SignalHandlerOptions
 
 from rrto_ros.latency import parse_values
 from rrto_ros.nodes import messages as m
@@ -34,6 +38,7 @@ from rrto_ros.nodes.bandwidth_monitor import BandwidthMonitor
 from rrto_ros.nodes.camera_sim import CameraSim
 from rrto_ros.nodes.offload_node import OffloadNode
 from rrto_ros.nodes.params import ParameterError
+from rrto_ros.nodes.spin import SPIN_PERIOD_S, start, STOP_SIGNALS, StopSignals
 from rrto_server.process import ServerProcess
 from rrto_wire.hello import hello
 from rrto_wire.summary import percentile
@@ -160,36 +165,42 @@ def main(argv: list[str] | None = None) -> int:
             print(f'rrto bring-up: {exc}', file=sys.stderr)
             store.cleanup()
             return 2
-    rclpy.init(args=['--ros-args', '--params-file', str(args.config)])
-    nodes, executor, offload, live = [], None, None, None
+    rclpy.init(args=['--ros-args', '--params-file', str(args.config)],
+               signal_handler_options=SignalHandlerOptions.NO)
+    stop = StopSignals()
+    nodes, executor, offload, live, stats = [], None, None, None, None
     try:
         camera = CameraSim()
         nodes.append(camera)
         offload = OffloadNode(parameter_overrides=offload_overrides)
         nodes.append(offload)
         nodes.append(BandwidthMonitor(parameter_overrides=overrides))
+        for node in nodes[1:]:
+            failure = start(node)
+            if failure:
+                raise ParameterError(failure)
         live = LatencySummary(args.summary_period)
         nodes.append(live)
         print(f'rrto bring-up: {offload.params["model"]} on {endpoint} for {args.duration:g} s '
               f'(config {args.config})', flush=True)
-        executor = MultiThreadedExecutor(num_threads=5)
+        executor = SingleThreadedExecutor()   # the blocking work runs on the nodes' own threads
         for node in nodes:
             executor.add_node(node)
         end = time.monotonic() + args.duration
-        while rclpy.ok() and time.monotonic() < end:
-            executor.spin_once(timeout_sec=0.1)
+        while rclpy.ok() and not stop.event.is_set() and time.monotonic() < end:
+            executor.spin_once(timeout_sec=SPIN_PERIOD_S)
     except ParameterError as exc:
         print(f'rrto bring-up: {exc}', file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, ExternalShutdownException):
+    except ExternalShutdownException:
         pass
     finally:
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)   # from here on, nothing may interrupt
         if executor is not None:
-            for node in nodes:
-                executor.remove_node(node)
-            time.sleep(0.5)   # let handlers already queued in the pool start before shutdown
             executor.shutdown(timeout_sec=5.0)
-        stats = offload.engine.stats() if offload is not None else None
+        if offload is not None and offload.engine is not None:
+            stats = offload.engine.stats()
         dropped = offload.slot.dropped if offload is not None else 0
         records = list(live.records) if live is not None else []
         for node in nodes:

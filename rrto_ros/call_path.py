@@ -97,12 +97,15 @@ class CallPath:
                 outputs = runtime.run([_cpu(t) for t in flat], remote)
                 remote.robot_ms = runtime.last_robot_ms
         except ServerUnavailable as exc:
-            return self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
-                               str(exc))
+            outputs, record = self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
+                                          plan.name, str(exc))
+            _add_traffic(record, m.data.counters, before)   # what went out before it failed
+            return outputs, record
         except RemoteError as exc:
             self._on_remote_error(target, exc)
             outputs, record = self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
                                           plan.name, str(exc))
+            _add_traffic(record, m.data.counters, before)
             record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
             return outputs, record
         result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
@@ -194,13 +197,10 @@ class RemoteCall:
         timing = self.reply.get('timing', {})
         server_ms = self.reply.get('server_ms', 0.0)
         missed = bool(timing.get('deadline_missed', False))
-        if self.robot_ms is not None:
-            # split/hybrid: robot and server computed at once; the rest is the network's
-            robot_ms = self.robot_ms
-            network_ms = max(0.0, total_ms - robot_ms - server_ms)
-        else:
-            robot_ms = max(0.0, total_ms - remote_ms)
-            network_ms = max(0.0, remote_ms - server_ms)
+        # request sent -> reply taken, less the server's time: under a hybrid plan the robot
+        # computes in between, and a reply that came first waited for it (an upper bound)
+        network_ms = max(0.0, remote_ms - server_ms)
+        robot_ms = self.robot_ms if self.robot_ms is not None else max(0.0, total_ms - remote_ms)
         record = CallRecord(
             OffloadResult.OFFLOADED, plan, total_ms=total_ms,
             network_ms=network_ms, server_ms=server_ms,
@@ -218,6 +218,14 @@ class RemoteCall:
         if chooser is not None and self.codec:
             chooser.observe(record.bytes_sent + record.bytes_received, record.network_ms)
         return record
+
+
+def _add_traffic(record: CallRecord, counters: dict, before: dict) -> None:
+    """Set a record's requests (answered or timed out) and bytes from the client's counters."""
+    record.round_trips = (counters['round_trips'] - before['round_trips']
+                          + counters['timeouts'] - before['timeouts'])
+    record.bytes_sent = counters['bytes_sent'] - before['bytes_sent']
+    record.bytes_received = counters['bytes_received'] - before['bytes_received']
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from rrto_wire.messages import Kind
 from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_ros.client')
+LATE_LOG_PERIOD_S = 10.0   # late replies are logged at most this often, with their count
 
 MAX_REPLY_BYTES = 1 << 30     # decoded size of one reply's tensors
 
@@ -77,6 +78,8 @@ class RrtoClient:
         self._available.set()
         self._closed = threading.Event()
         self._prober: threading.Thread | None = None
+        self._announced = False          # 'unavailable' was logged; 'is back' will be
+        self._late = [0, -LATE_LOG_PERIOD_S]   # late replies not logged yet, last log time
         self.server_info: dict = {}
         self.counters = {'round_trips': 0, 'bytes_sent': 0, 'bytes_received': 0,
                          'timeouts': 0, 'reconnects': 0, 'errors': 0}
@@ -118,9 +121,10 @@ class RrtoClient:
 
     def _mark_down(self, reason: str) -> None:
         self._drop_socket()
-        if self._available.is_set():
+        if self._available.is_set() and reason != 'reply timed out':
             log.warning('%s: server %s unavailable (%s); probing in the background',
                         self.name, self.endpoint, reason)
+            self._announced = True
         self._available.clear()
         if not self._closed.is_set() and (self._prober is None or not self._prober.is_alive()):
             self._prober = threading.Thread(
@@ -138,9 +142,15 @@ class RrtoClient:
             if info is not None:
                 self.counters['reconnects'] += 1
                 self.server_info = info
-                log.info('%s: server %s is back', self.name, self.endpoint)
+                if self._announced:
+                    log.info('%s: server %s is back', self.name, self.endpoint)
+                self._announced = False
                 self._available.set()
                 return
+            if not self._announced:   # a late reply, and now no answer at all
+                log.warning('%s: server %s unavailable (no answer to hello); probing in the '
+                            'background', self.name, self.endpoint)
+                self._announced = True
             self._closed.wait(delay)
             delay = min(delay * 2, self.backoff_s[1])
 
@@ -218,6 +228,16 @@ class RrtoClient:
             self._mark_down('send would block')
             raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
 
+    def _log_late(self) -> None:
+        """Log late replies (not an unavailable server) at most every LATE_LOG_PERIOD_S."""
+        self._late[0] += 1
+        now = time.monotonic()
+        if now - self._late[1] >= LATE_LOG_PERIOD_S:
+            log.warning('%s: %d repl%s from %s later than %g ms (slow server or link): dropped, '
+                        'those calls ran locally', self.name, self._late[0],
+                        'y' if self._late[0] == 1 else 'ies', self.endpoint, self.call_timeout_ms)
+            self._late = [0, now]
+
     def _finish(self, reply_header: replies.Ok | replies.Error,
                 reply: list) -> tuple[dict, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
@@ -237,6 +257,7 @@ class RrtoClient:
             remaining_ms = (deadline - time.monotonic()) * 1e3
             if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
                 self.counters['timeouts'] += 1
+                self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)

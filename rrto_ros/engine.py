@@ -42,12 +42,17 @@ from rrto_wire import codecs, treespec
 from rrto_wire.curve import ClientKeys
 
 MODES = ('replay', 'eager', 'naive', 'local')
+AUTO_TIMEOUT = 'auto'
+AUTO_FLOOR_MS = 200.0   # an 'auto' budget before the server has measured, and its least value
+AUTO_FACTOR = 10.0      # an 'auto' budget: this many times the server's measured inference
+AUTO_CEILING_MS = 2000.0    # ... but never more: a stopping node waits for a call in flight
 
 
 class OffloadedModel:
     """A model whose calls run on rrto_server when possible (see module docstring)."""
 
-    def __init__(self, model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float = 200.0,
+    def __init__(self, model: Any, server: str = 'tcp://127.0.0.1:5555',
+                 timeout_ms: float | str = 200.0,
                  *, mode: str = 'replay', precision: str = 'fp32', segments: str = 'whole',
                  codec: str = codecs.RAW, priority: int = 0, deadline_ms: float | None = None,
                  task: str = '', late: str | None = None, connect_timeout_ms: float = 1000.0,
@@ -58,13 +63,12 @@ class OffloadedModel:
                  directory: str = '', duplicate: bool = False):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
-        if timeout_ms <= 0:
-            raise ValueError('timeout_ms must be positive')
         if late not in (None, 'drop', 'run'):
             raise ValueError(f"late must be 'drop', 'run' or None, got {late!r}")
         self.local: LocalModel = load_local_model(model)
         self.server = server
-        self.timeout_ms = float(timeout_ms)
+        self.auto_timeout = False
+        self.timeout_ms = AUTO_FLOOR_MS
         self.mode = mode
         self.options = {'precision': precision, 'mode': 'eager' if mode == 'eager' else 'replay',
                         'segments': segments}
@@ -87,14 +91,17 @@ class OffloadedModel:
         if directory:   # fleet mode: replicas found through the directory (rrto_ros.resolver)
             self.data, self.control = fleet_clients(
                 directory, name=name, connect_timeout_ms=connect_timeout_ms,
-                call_timeout_ms=timeout_ms, record_timeout_ms=record_timeout_ms,
+                call_timeout_ms=AUTO_FLOOR_MS, record_timeout_ms=record_timeout_ms,
                 duplicate=duplicate, keys=curve)
         else:
             self.data = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
-                                   call_timeout_ms=timeout_ms, name=f'{name}-data', keys=curve)
+                                   call_timeout_ms=AUTO_FLOOR_MS, name=f'{name}-data',
+                                   keys=curve)
             self.control = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
                                       call_timeout_ms=record_timeout_ms, name=f'{name}-control',
                                       keys=curve)
+        self.server_ms = 0.0    # the server's own inference time, measured when it recorded
+        self.set_timeout(timeout_ms)
         self._call_lock = threading.Lock()
         self.counters = {'calls': 0, 'offloaded': 0, 'local': 0, 'fallbacks': 0, 'uploads': 0,
                          'records': 0, 'prepare_errors': 0, 'plan_switches': 0}
@@ -157,10 +164,19 @@ class OffloadedModel:
             data[key] = data.get(key, 0) + value
         return data
 
-    def set_timeout(self, timeout_ms: float) -> None:
-        """Change the per-call timeout (takes effect from the next call)."""
-        if timeout_ms <= 0:
-            raise ValueError('timeout_ms must be positive')
+    def set_timeout(self, timeout_ms: float | str) -> None:
+        """
+        Change the per-call timeout (takes effect from the next call).
+
+        ``'auto'``: :data:`AUTO_FLOOR_MS`, or :data:`AUTO_FACTOR` times the
+        server's own inference time measured when it recorded, if that is longer
+        (at most :data:`AUTO_CEILING_MS`).
+        """
+        self.auto_timeout = timeout_ms == AUTO_TIMEOUT
+        if self.auto_timeout:
+            timeout_ms = min(AUTO_CEILING_MS, max(AUTO_FLOOR_MS, AUTO_FACTOR * self.server_ms))
+        elif isinstance(timeout_ms, str) or not timeout_ms > 0:
+            raise ValueError(f"timeout_ms must be positive or 'auto', got {timeout_ms!r}")
         self.timeout_ms = float(timeout_ms)
         self.data.call_timeout_ms = float(timeout_ms)
 
@@ -205,6 +221,14 @@ class OffloadedModel:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _add_traffic(record: CallRecord, counters: dict, before: dict) -> None:
+    """Set a record's requests (answered or timed out) and bytes from the client's counters."""
+    record.round_trips = (counters['round_trips'] - before['round_trips']
+                          + counters['timeouts'] - before['timeouts'])
+    record.bytes_sent = counters['bytes_sent'] - before['bytes_sent']
+    record.bytes_received = counters['bytes_received'] - before['bytes_received']
 
 
 def _load_table(table: str | Path | PlanTable | None) -> PlanTable | None:

@@ -18,7 +18,7 @@ from rrto_ros.records import CallRecord, OffloadResult
 # key -> type, in the order the record lists them
 KEYS = {
     'total_ms': float,           # the offload call: queue on the robot excluded
-    'network_ms': float,         # round trip minus server time (0 when run locally)
+    'network_ms': float,         # request sent -> reply taken, minus server_ms (README)
     'server_ms': float,          # request received to reply sent, on the server
     'server_queue_ms': float,    # waiting for the server's device
     'server_compute_ms': float,  # the server's device work
@@ -35,10 +35,10 @@ KEYS = {
     'deadline_missed': bool,     # later than deadline_ms, or dropped by the server for it
     'preemptions': int,          # times the server suspended it for more urgent work
     'stamp': str,                # input image header stamp, sec.nanosec
-    'round_trips': int,          # network round trips of this call (1 when offloaded)
+    'round_trips': int,          # requests sent, answered or timed out (1 when offloaded)
     'remote_subgraphs': int,     # partitioned model: subgraphs the server ran in this call
     'local_subgraphs': int,      # partitioned model: captured subgraphs the robot ran
-    'bytes_sent': int,
+    'bytes_sent': int,           # a request whose reply timed out included
     'bytes_received': int,
     'server': str,               # the server endpoint
     'frames_dropped': int,       # frames replaced by newer ones before inference, so far

@@ -217,14 +217,22 @@ class Preparer:
         if m.mode == 'naive':
             return
         try:
-            target.replay = self._record(artifact.model, artifact.signature)
+            reply = self._record(artifact.model, artifact.signature)
         except RemoteError as exc:
             if exc.code != ErrorCode.BLOB_CORRUPT.value:
                 raise
             # the server found a stored blob damaged and quarantined it: upload it again, once
             m.counters['uploads'] += m.control.upload(artifact.blobs,
                                                       timeout_ms=m.upload_timeout_ms)
-            target.replay = self._record(artifact.model, artifact.signature)
+            reply = self._record(artifact.model, artifact.signature)
+        target.replay = reply['replay']
+        m.server_ms = max(m.server_ms, sum(reply.get('segment_ms') or [0.0]))
+        if m.auto_timeout:
+            m.set_timeout('auto')
+        how = f'in {reply["record_ms"]:.0f} ms' if reply.get('recorded') else 'already stored'
+        log.info('%s: the server has recorded its replay (%s; one inference takes %.1f ms '
+                 'there); offloading with a %g ms timeout', m.local.label, how,
+                 m.server_ms, m.timeout_ms)
         table = self.table
         if table is not None and not target.plans:
             self._prepare_plans(target, table)
@@ -238,11 +246,11 @@ class Preparer:
         self.partition.prepare(args, kwargs, m.record_timeout_ms / 1e3)
         target.partition = self.partition
 
-    def _record(self, model: str, signature) -> str:
+    def _record(self, model: str, signature) -> dict:
         m = self.model
         reply = m.control.record(model, signature, m.options, timeout_ms=m.record_timeout_ms)
         m.counters['records'] += int(bool(reply.get('recorded')))
-        return reply['replay']
+        return reply
 
     def _prepare_plans(self, target: Target, table: PlanTable) -> None:
         m = self.model
@@ -264,7 +272,7 @@ class Preparer:
                         {runtime.server_digest: ('program', runtime.server_blob)},
                         timeout_ms=m.upload_timeout_ms)
                     replay = self._record(runtime.server_digest,
-                                          as_program(runtime.server_doc).signature)
+                                          as_program(runtime.server_doc).signature)['replay']
                 else:
                     replay = ''
                 target.plans[plan.name] = (runtime, replay)

@@ -29,7 +29,6 @@ import concurrent.futures
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -41,15 +40,15 @@ from rrto_server.jobs import (InferJob, OpJob, ProfileJob, RecordJob, Recordings
                               job_keys, replay_info)
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
-from rrto_server.sandbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_S, Sandbox
+from rrto_server.options import ServerConfig
+from rrto_server.sandbox import Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.replay_key import check_options, replay_key
 from rrto_server.requests import OpenRequests, ReplySender, Request
-from rrto_server.lanes import DROP, LATE_POLICIES
-from rrto_server.scheduler import POLICIES, PREEMPTIVE, Scheduler
+from rrto_server.scheduler import Scheduler
 from rrto_server.stats import ServerStats
-from rrto_server.store import DEFAULT_MAX_STORE_BYTES, BlobStore
+from rrto_server.store import BlobStore
 from rrto_server.taskstats import TaskStats
 from rrto_wire import limits, messages
 from rrto_wire import protocol as wire
@@ -63,69 +62,6 @@ BATCH = 64                  # messages received per poll wake-up before replies 
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
 INLINE_MAX_INPUT_BYTES = 4 << 20
-
-
-@dataclass
-class ServerConfig:
-    """Everything ``python -m rrto_server`` can set."""
-
-    bind: str = 'tcp://127.0.0.1:5555'
-    store: str = 'rrto_store'
-    device: str = 'auto'
-    allow_upload: bool = True
-    max_message_bytes: int = limits.DEFAULT_MAX_MESSAGE_BYTES
-    max_queued_replies: int = 100         # per peer (ZMQ_SNDHWM); beyond: dropped, counted
-    max_peer_reply_bytes: int = 64 << 20  # large replies in flight per peer; beyond: dropped
-    max_replays: int = 32
-    max_replay_bytes: int = 8 << 30
-    max_models: int = 16
-    cpu_backend: str = 'fx'
-    naive_ttl_s: float = 60.0
-    sched_policy: str = PREEMPTIVE        # fifo | priority | preemptive
-    pack_theta: float | None = None       # packing threshold; None: 1.0 on CUDA, off on CPU
-    profile_util: bool | None = None      # profile utilisation; None: when packing is on
-    late_policy: str = DROP               # default for requests that do not say (drop | run)
-    task_late: dict = field(default_factory=dict)   # per-task late policy
-    cpu_workers: int = 2
-    inline_max_ms: float = 5.0            # serve on the I/O thread when idle, segments <= this
-    threads: int = 0                      # torch intra-op threads, process-wide (0: default)
-    sched_trace: int = 0                  # keep the last N device steps (stats 'trace')
-    keys: str | None = None               # CURVE key directory (see rrto_server.auth)
-    insecure: bool = False                # plain TCP on a non-loopback bind
-    allow_naive: bool = False             # serve per-operator (naive) requests
-    max_store_bytes: int = DEFAULT_MAX_STORE_BYTES
-    program_max_bytes: int = DEFAULT_MAX_BYTES   # sandbox budgets per call
-    program_max_s: float = DEFAULT_MAX_S
-    admission_capacity: int = 64          # load before priorities are shed (admission)
-
-    def resolved_theta(self, device: torch.device) -> float:
-        if self.pack_theta is None:
-            return 1.0 if device.type == 'cuda' else 0.0
-        return float(self.pack_theta)
-
-    def check(self) -> None:
-        """Raise ValueError naming the first invalid scheduling option."""
-        if self.sched_policy not in POLICIES:
-            raise ValueError(f'sched_policy must be one of {POLICIES}')
-        if self.pack_theta is not None and not 0 <= self.pack_theta <= 2:
-            raise ValueError('pack_theta must be between 0 (off) and 2')
-        for task, late in {'(default)': self.late_policy, **self.task_late}.items():
-            if late not in LATE_POLICIES:
-                raise ValueError(f'late policy of task {task!r} must be one of {LATE_POLICIES}')
-        if self.cpu_workers < 1:
-            raise ValueError('cpu_workers must be at least 1')
-        if self.threads < 0:
-            raise ValueError('threads must be >= 0 (0: torch default)')
-        if self.max_queued_replies < 1:
-            raise ValueError('max_queued_replies must be at least 1')
-
-    def resolved_device(self) -> torch.device:
-        if self.device == 'auto':
-            return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-        device = torch.device(self.device)
-        if device.type == 'cuda' and not torch.cuda.is_available():
-            raise ValueError(f'device {self.device!r} requested but CUDA is not available')
-        return device
 
 
 class Server:

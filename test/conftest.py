@@ -14,7 +14,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rrto_testing import ServerProcess  # noqa: E402
 
-from rrto_server.server import Server, ServerConfig  # noqa: E402
+from rrto_server.options import ServerConfig  # noqa: E402
+from rrto_server.server import Server  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -94,10 +95,10 @@ def ros_nodes(tmp_path, domain_id):
     from ros_testing import NodeProcess
     procs = []
 
-    def make(module: str, **params) -> NodeProcess:
-        proc = NodeProcess(module, params, domain_id, tmp_path)
+    def make(module: str, start: bool = True, ros_args: tuple = (), **params) -> NodeProcess:
+        proc = NodeProcess(module, params, domain_id, tmp_path, ros_args)
         procs.append(proc)
-        return proc.start()
+        return proc.start() if start else proc
 
     yield make
     for proc in procs:

@@ -11,6 +11,9 @@ from ros_testing import new_domain_id
 from rrto_testing import free_port
 
 REPO = Path(__file__).resolve().parents[1]
+# launch escalates SIGINT to SIGTERM, then SIGKILL, after 5 s each by default; a node that
+# exits cleanly may need longer than that on a loaded 2-core machine (interpreter teardown)
+STOP_TIMEOUTS = {'sigterm_timeout': '30', 'sigkill_timeout': '30'}
 
 
 class LaunchSetup:
@@ -23,9 +26,9 @@ class LaunchSetup:
         self.endpoint = f'tcp://127.0.0.1:{free_port()}'
         self.dir = Path(tempfile.mkdtemp(prefix='rrto-launch-test-'))
         self.offload_config = self._write('offload.yaml', {
+            # timeout_ms stays the shipped default (auto): no tuning for a CPU server
             'offload_node': {'model': 'python:rrto_ros.zoo:keypoint_net', 'resize_height': 64,
-                             'resize_width': 64, 'timeout_ms': 1000.0,
-                             'connect_timeout_ms': 300.0},
+                             'resize_width': 64, 'connect_timeout_ms': 300.0},
             'camera_sim': {'width': 96, 'height': 72, 'rate_hz': 8.0},
             'bandwidth_monitor': {'probe_rate_hz': 4.0}})
         self.server_config = self._write('server.yaml', {
@@ -54,5 +57,5 @@ def package_launch(file_name: str, arguments: dict):
     include = IncludeLaunchDescription(
         PythonLaunchDescriptionSource(
             PathJoinSubstitution([FindPackageShare('rrto_ros'), 'launch', file_name])),
-        launch_arguments=arguments.items())
+        launch_arguments={**STOP_TIMEOUTS, **arguments}.items())
     return launch.LaunchDescription([include, launch_testing.actions.ReadyToTest()])

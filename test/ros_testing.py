@@ -57,20 +57,24 @@ def param_arg(name: str, value: Any) -> str:
 class NodeProcess:
     """One ``rrto_ros.nodes.<module>`` in a child process, its output in a log file."""
 
-    def __init__(self, module: str, params: dict, domain_id: int, log_dir: Path):
+    def __init__(self, module: str, params: dict, domain_id: int, log_dir: Path,
+                 ros_args: tuple = ()):
         self.module = module
         self.params = params
+        self.ros_args = list(ros_args)   # e.g. ('-r', '__node:=other_name')
         self.domain_id = domain_id
         self.log = Path(log_dir) / f'{module}-{time.monotonic_ns()}.log'
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> 'NodeProcess':
-        cmd = [sys.executable, '-m', f'rrto_ros.nodes.{self.module}', '--ros-args']
+    def start(self, process_group: int | None = None) -> 'NodeProcess':
+        """Start the node; ``process_group``: join that group (0: lead a new one)."""
+        cmd = [sys.executable, '-m', f'rrto_ros.nodes.{self.module}', '--ros-args',
+               *self.ros_args]
         for name, value in self.params.items():
             cmd += ['-p', param_arg(name, value)]
         with open(self.log, 'ab') as log:
             self.proc = subprocess.Popen(cmd, env=ros_env(self.domain_id), stdout=log,
-                                         stderr=subprocess.STDOUT)
+                                         stderr=subprocess.STDOUT, process_group=process_group)
         return self
 
     def output(self) -> str:
@@ -140,6 +144,31 @@ class Listener:
                 return value
             time.sleep(0.05)
         raise AssertionError(f'timed out after {timeout_s:g} s waiting for {what}\n{logs()}')
+
+    def lifecycle(self, node: str, transition: str = '', timeout_s: float = 60.0) -> str:
+        """Make ``transition`` of lifecycle node ``node`` (if given); return its state's label."""
+        from lifecycle_msgs.srv import ChangeState, GetState
+        if transition:
+            reply = self._call(ChangeState, f'/{node}/change_state', timeout_s,
+                               transition=lambda r: setattr(r.transition, 'label', transition))
+            assert reply.success, f'{node}: transition {transition} failed'
+        return self._call(GetState, f'/{node}/get_state', timeout_s).current_state.label
+
+    def _call(self, srv_type, name: str, timeout_s: float, **fill):
+        client = self.node.create_client(srv_type, name)
+        try:
+            assert client.wait_for_service(timeout_sec=timeout_s), f'no service {name}'
+            request = srv_type.Request()
+            for setter in fill.values():
+                setter(request)
+            future = client.call_async(request)
+            deadline = time.monotonic() + timeout_s
+            while not future.done() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert future.done(), f'{name} did not answer within {timeout_s:g} s'
+            return future.result()
+        finally:
+            self.node.destroy_client(client)
 
     def close(self) -> None:
         self._stop.set()

@@ -1,8 +1,12 @@
 """
-launch_testing: ``server.launch.py`` serves on its ``bind`` endpoint and reports on /diagnostics.
+launch_testing: ``server.launch.py activate:=false`` leaves server_node to an integrator.
 
-Needs the package installed (``colcon build``, ``source install/setup.bash``)
-and launch_testing; skipped where launch_testing is not importable.
+The test walks it through the lifecycle as ``ros2 lifecycle set`` would:
+unconfigured (no socket) -> configure -> inactive (still no socket) ->
+activate (serves, publishes /diagnostics) -> deactivate (unbinds) ->
+activate again.  Needs the package installed (``colcon build``,
+``source install/setup.bash``) and launch_testing; skipped where
+launch_testing is not importable.
 """
 
 import sys
@@ -30,31 +34,35 @@ from rrto_ros.nodes import messages as m  # noqa: E402
 def generate_test_description():
     setup = LaunchSetup()
     return (package_launch('server.launch.py', {
-        'bind': setup.endpoint, 'config': setup.server_config}), {'setup': setup})
+        'bind': setup.endpoint, 'config': setup.server_config, 'activate': 'false'}),
+        {'setup': setup})
 
 
-class TestServerLaunch(unittest.TestCase):
+class TestServerLifecycle(unittest.TestCase):
 
-    def test_serves_on_the_bind_endpoint(self, proc_output, setup):
-        proc_output.assertWaitFor(f'rrto_server listening on {setup.endpoint}',
-                                  process='server_node', timeout=60)
-        reply = hello(setup.endpoint, timeout_ms=5000)
-        self.assertIsNotNone(reply)
-        self.assertEqual(reply['kind'], 'ok')
-        self.assertEqual(reply['device'], 'cpu')
-
-    def test_counters_on_diagnostics(self, setup):
+    def test_transitions_bind_and_unbind_and_publish_only_when_active(self, proc_output, setup):
         listener = Listener(setup.domain_id)
         try:
             diagnostics = listener.subscribe(DiagnosticArray, '/diagnostics',
                                              m.DIAGNOSTICS_QOS)
+            self.assertEqual(listener.lifecycle('server_node'), 'unconfigured')
+            self.assertIsNone(hello(setup.endpoint, timeout_ms=500))
+            self.assertEqual(listener.lifecycle('server_node', 'configure'), 'inactive')
+            self.assertIsNone(hello(setup.endpoint, timeout_ms=500))
+            self.assertEqual(listener.lifecycle('server_node', 'activate'), 'active')
+            proc_output.assertWaitFor(f'active: serving on {setup.endpoint}',
+                                      process='server_node', timeout=60)
+            reply = hello(setup.endpoint, timeout_ms=5000)
+            self.assertEqual((reply['kind'], reply['device']), ('ok', 'cpu'))
             status = listener.wait_for(
                 lambda: next((s for a in diagnostics for s in a.status
                               if s.name == 'server_node: rrto_server'), None),
                 60, 'server_node on /diagnostics')
-            values = dict(m.values_of(status))
-            self.assertEqual(values['endpoint'], setup.endpoint)
-            self.assertEqual(values['device'], 'cpu')
+            self.assertEqual(dict(m.values_of(status))['endpoint'], setup.endpoint)
+            self.assertEqual(listener.lifecycle('server_node', 'deactivate'), 'inactive')
+            self.assertIsNone(hello(setup.endpoint, timeout_ms=500))
+            self.assertEqual(listener.lifecycle('server_node', 'activate'), 'active')
+            self.assertEqual(hello(setup.endpoint, timeout_ms=5000)['kind'], 'ok')
         finally:
             listener.close()
 
@@ -62,5 +70,7 @@ class TestServerLaunch(unittest.TestCase):
 @launch_testing.post_shutdown_test()
 class TestServerLaunchShutdown(unittest.TestCase):
 
-    def test_server_exits_cleanly(self, proc_info):
+    def test_server_exits_cleanly(self, proc_info, proc_output):
         launch_testing.asserts.assertExitCodes(proc_info)
+        for word in ('Traceback', 'terminate called', 'never retrieved'):
+            self.assertNotIn(word, ''.join(o.text.decode() for o in proc_output))

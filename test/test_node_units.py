@@ -1,7 +1,6 @@
 """Nodes in-process (parameters, newest-frame policy, server stats) and their ROS-free parts."""
 
 import math
-import threading
 import time
 from pathlib import Path
 
@@ -11,7 +10,8 @@ import rclpy
 import torch
 import yaml
 from diagnostic_msgs.msg import DiagnosticArray
-from rclpy.executors import MultiThreadedExecutor
+from rclpy.executors import MultiThreadedExecutor, SingleThreadedExecutor
+from rclpy.lifecycle import TransitionCallbackReturn
 from rclpy.parameter import Parameter
 from rclpy.signals import SignalHandlerOptions
 from sensor_msgs.msg import Image
@@ -20,7 +20,7 @@ from rrto_ros.records import CallRecord, OffloadResult
 from rrto_ros.image import array_to_image
 from rrto_ros.latency import KEYS, parse_values, record_values, stamp_text
 from rrto_ros.latest import LatestSlot
-from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_node
+from rrto_ros.nodes import bandwidth_monitor, camera_sim, offload_node, server_node, spin
 from rrto_ros.nodes import messages as m
 from rrto_ros.nodes.params import ParameterError, check_endpoint
 from rrto_ros.outputs import dimensions, output_names
@@ -46,9 +46,13 @@ def make_node(context):
     nodes = []
 
     def make(cls, **overrides):
+        """Build the node and, as its process would, configure and activate it."""
         node = cls(context=context, parameter_overrides=[
             Parameter(k, value=v) for k, v in overrides.items()])
         nodes.append(node)
+        failure = spin.start(node)
+        if failure:
+            raise ParameterError(failure)
         return node
 
     yield make
@@ -92,7 +96,8 @@ def test_endpoint_check():
 
 
 @pytest.mark.parametrize('overrides, name', [
-    ({'timeout_ms': 0.0}, 'timeout_ms'),
+    ({'timeout_ms': -1.0}, 'timeout_ms'),
+    ({'codec': 'gzip'}, 'codec'),
     ({'mode': 'fast'}, 'mode'),
     ({'precision': 'int4'}, 'precision'),
     ({'channel_order': 'rgba'}, 'channel_order'),
@@ -167,33 +172,28 @@ def _image(sec: int) -> Image:
 
 
 def test_frames_arriving_during_an_inference_keep_only_the_newest(make_node, context):
-    node = make_node(offload_node.OffloadNode, model=KEYPOINT, mode='local',
+    node = make_node(offload_node.OffloadNode, model=KEYPOINT, mode='local', autostart=False,
                      resize_height=0, resize_width=0, input_topic='/units/image')
     seen = []
     sub_node = rclpy.create_node('units_listener', context=context)
     sub_node.create_subscription(m.DiagnosticStatus, '/rrto/latency',
                                  lambda msg: seen.append(parse_values(m.values_of(msg))),
                                  m.LATENCY_QOS)
+    assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
     for sec in range(1, 6):          # five frames while nothing runs: four are replaced
         node.on_image(_image(sec))
     assert node.slot.dropped == 4 and node.slot.received == 5
-    executor = MultiThreadedExecutor(num_threads=3, context=context)
-    executor.add_node(node)
+    assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+    executor = SingleThreadedExecutor(context=context)
     executor.add_node(sub_node)
-    stop = threading.Event()
-    thread = threading.Thread(target=lambda: [executor.spin_once(0.05)
-                                              for _ in iter(stop.is_set, True)])
-    thread.start()
-    try:
-        deadline = time.monotonic() + 30
-        while not seen and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        thread.join()
-        executor.shutdown(timeout_sec=1)
-        sub_node.destroy_node()
+    deadline = time.monotonic() + 30
+    while not seen and time.monotonic() < deadline:
+        executor.spin_once(timeout_sec=0.05)
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.05)
+    executor.shutdown(timeout_sec=1)
+    sub_node.destroy_node()
     assert [r['stamp'] for r in seen] == [stamp_text(5, 0)], 'only the newest frame ran'
     assert seen[0]['frames_dropped'] == 4 and seen[0]['result'] == 'local'
 
@@ -309,3 +309,89 @@ def test_the_shipped_plan_table_matches_the_model_the_node_builds(make_node):
     # the table names the exact program the node uploads, so the engine will use its plans
     assert program_key(node.engine.local.artifact(flat, spec)) == node.engine.table.program
     assert {p.kind for p in node.engine.table.plans()} >= {'local', 'hybrid'}
+
+
+# ---------------------------------------------------------------------- what a record says
+def _keypoint_artifact():
+    from rrto_ros.local_model import TorchModule
+    from rrto_ros.preprocess import WithImageInput
+    from rrto_ros.zoo import keypoint_net
+    model = WithImageInput(keypoint_net()).eval()
+    x = torch.randint(0, 256, (1, 64, 48, 3), dtype=torch.uint8)
+    return model, x, TorchModule(model).artifact(*treespec.flatten(((x,), {})))
+
+
+def test_a_late_reply_reports_the_request_it_sent_and_its_attempt(server, offloaded):
+    model, x, _ = _keypoint_artifact()
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x)
+    om(x)
+    sent = om.last.bytes_sent
+    assert om.last.result == OffloadResult.OFFLOADED and sent > x.numel()
+    om.set_timeout(0.01)   # no reply can come in 10 us: this call times out
+    om(x)
+    record = om.last
+    assert record.result == OffloadResult.LOCAL_FALLBACK and 'no reply' in record.reason
+    assert (record.round_trips, record.bytes_sent, record.bytes_received) == (1, sent, 0)
+
+
+def test_a_hybrid_record_times_the_network_from_its_timestamps(server, offloaded):
+    from rrto_ros.graph import GraphAnalysis
+    from rrto_ros.plan_table import PlanTable
+    from rrto_ros.split import Plan, as_program
+    from rrto_wire.program import unpack_weights
+    model, x, artifact = _keypoint_artifact()
+    program = as_program(artifact.program)
+    blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]
+    weights = unpack_weights(bytearray(blob))
+    analysis = GraphAnalysis(program, {k: v.shape for k, v in weights.items()})
+    plan = Plan('hybrid', analysis.cut_candidates()[-1], 0.5)
+    table = PlanTable(program_key(artifact), 'kp', [s.to_json() for s in artifact.signature],
+                      [{'bandwidth_mbps': 5, 'rtt_ms': 5, 'plan': plan.to_json()}], {}, {})
+    om = offloaded(model, server.endpoint, timeout_ms=30000, plan_table=table, link=(5, 5),
+                   plan_feedback=False)   # keep the hybrid plan even where it measures slow
+    assert om.warmup(x)
+    for _ in range(3):
+        om(x)
+        record = om.last
+        assert record.plan == plan.name and record.result == OffloadResult.OFFLOADED
+        # request sent -> reply taken, less the server's time: never the clamped 0 of old
+        assert 0 < record.network_ms < record.total_ms
+        assert record.round_trips == 1 and record.bytes_sent > 0 and record.robot_compute_ms > 0
+
+
+def test_diagnostics_publish_every_task_and_a_failing_one_as_error(context):
+    from rclpy.lifecycle import LifecycleNode
+    from rrto_ros.nodes.diagnostics import Diagnostics, Health
+    node = LifecycleNode('diag_units', context=context)
+    diagnostics = Diagnostics(node, 10.0)
+    diagnostics.add('fine', lambda: Health(m.OK, 'ok', [('n', 1)], 'hw'))
+    diagnostics.add('broken', lambda: 1 / 0)
+    got = []
+    sub = rclpy.create_node('diag_listener', context=context)
+    sub.create_subscription(DiagnosticArray, '/diagnostics', got.append, m.DIAGNOSTICS_QOS)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(sub)
+    try:
+        assert node.trigger_configure() == TransitionCallbackReturn.SUCCESS
+        diagnostics.force_update()   # inactive: the lifecycle publisher sends nothing
+        assert node.trigger_activate() == TransitionCallbackReturn.SUCCESS
+        deadline = time.monotonic() + 20
+        while not got and time.monotonic() < deadline:
+            diagnostics.force_update()
+            executor.spin_once(timeout_sec=0.2)
+    finally:
+        executor.shutdown(timeout_sec=1)
+        diagnostics.destroy()
+        sub.destroy_node()
+        node.destroy_node()
+    fine, broken = got[0].status
+    assert (fine.name, fine.level, fine.hardware_id) == ('diag_units: fine', m.OK, 'hw')
+    assert dict(m.values_of(fine)) == {'n': '1'}
+    assert broken.level == m.ERROR and 'ZeroDivisionError' in broken.message
+
+
+def test_offload_node_names_an_unreadable_curve_key(make_node, tmp_path):
+    with pytest.raises(ParameterError, match="parameter 'server_key': .*nope.key"):
+        make_node(offload_node.OffloadNode, model=KEYPOINT, server_key=str(tmp_path / 'nope.key'),
+                  client_key=str(tmp_path / 'me.key_secret'))

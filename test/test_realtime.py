@@ -15,7 +15,8 @@ from rrto_ros import OffloadResult
 from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, mobilenet, resnet18
 from rrto_server.__main__ import parse_args
-from rrto_server.server import Server, ServerConfig
+from rrto_server.options import ServerConfig
+from rrto_server.server import Server
 
 BLOCKER_INPUT = (4, 3, 224, 224)     # one whole-segment resnet18 inference: ~0.1-0.5 s on CPU
 
@@ -242,7 +243,7 @@ def test_scheduler_options_from_the_command_line(tmp_path):
     assert (config.sched_policy, config.pack_theta, config.task_late, config.late_policy,
             config.cpu_workers, config.profile_util, config.sched_trace) == \
         ('fifo', 0.7, {'slam': 'run'}, 'run', 3, True, 100)
-    for bad in (['--task-late', 'slam'], ['--task-late', 'slam=later'], ['--pack-theta', '-1'],
+    for bad in (['--task-late', 'slam'], ['--task-late', 'slam=later'], ['--pack-theta', '-0.5'],
                 ['--cpu-workers', '0'], ['--sched-policy', 'edf']):
         with pytest.raises(SystemExit):
             parse_args(bad)

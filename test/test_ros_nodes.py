@@ -1,6 +1,8 @@
 """The nodes as separate processes on a private ROS domain: what a ROS user sees."""
 
 import math
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -189,19 +191,65 @@ def test_server_killed_shows_fallback_and_recovers_with_outputs_equal_to_local(
         assert proc.stop() == 0, proc.output()
 
 
+# what a node must never print while it stops, however it is stopped
+UNCLEAN = ('Traceback', 'terminate called', 'was never retrieved', 'KeyboardInterrupt')
+
+
+def _send(procs, how: str) -> None:
+    group = procs[0].proc.pid   # every node joined the first one's process group
+    if how == 'sigterm':
+        for proc in procs:
+            proc.proc.send_signal(signal.SIGTERM)
+    elif how == 'sigint':
+        for proc in procs:
+            proc.proc.send_signal(signal.SIGINT)
+    else:   # a terminal's Ctrl-C reaches the whole group, then launch forwards another
+        os.killpg(group, signal.SIGINT)
+        time.sleep(0.05)
+        os.killpg(group, signal.SIGINT)
+
+
+@pytest.mark.parametrize('how', ['sigint', 'double_sigint_to_the_group', 'sigterm'])
+def test_every_node_exits_0_without_a_traceback_however_it_is_stopped(
+        ros_nodes, listener, tmp_path, how):
+    from rrto_testing import free_port
+    endpoint = f'tcp://127.0.0.1:{free_port()}'
+    server = ros_nodes('server_node', start=False, bind=endpoint, device='cpu',
+                       store=str(tmp_path / 'store')).start(process_group=0)
+    group = server.proc.pid
+    camera = ros_nodes('camera_sim', start=False, width=64, height=64,
+                       rate_hz=10.0).start(group)
+    offload = ros_nodes('offload_node', start=False, server=endpoint, model=MODEL,
+                        resize_height=64, resize_width=64, timeout_ms=3000.0).start(group)
+    monitor = ros_nodes('bandwidth_monitor', start=False, server=endpoint,
+                        probe_rate_hz=10.0).start(group)
+    procs = [server, camera, offload, monitor]
+    latency = listener.subscribe(DiagnosticStatus, '/rrto/latency', m.LATENCY_QOS)
+    listener.wait_for(lambda: any(r['result'] == 'offloaded' for r in _records(latency)),
+                      300, 'an offloaded inference', _logs(*procs))
+    _send(procs, how)   # while inferences, probes and diagnostics are in flight
+    for proc in procs:
+        assert proc.wait(30) == 0, proc.output()
+        assert not any(word in proc.output() for word in UNCLEAN), proc.output()
+
+
 @pytest.mark.parametrize('module, params, name', [
     ('offload_node', {'timeout_ms': -5.0}, 'timeout_ms'),
-    ('offload_node', {'model': 'python:rrto_ros.zoo:no_such_model'}, 'model'),
+    ('offload_node', {'model': 'python:rrto_ros.zoo:no_such_model'}, 'model'),   # configure
+    ('offload_node', {'resize_width': 0}, 'resize_width'),                       # configure
     ('bandwidth_monitor', {'server': 'gpu-host:5555'}, 'server'),
     ('camera_sim', {'encoding': 'yuv422'}, 'encoding'),
     ('server_node', {'device': 'tpu'}, 'device'),
+    ('server_node', {'task_late': 'slam'}, 'task_late'),
 ])
-def test_invalid_parameters_fail_at_start_naming_the_parameter(ros_nodes, module, params,
-                                                               name):
-    proc = ros_nodes(module, **params)
-    assert proc.wait(60) == 2
+def test_invalid_parameters_fail_at_start_naming_the_parameter_and_the_real_node(
+        ros_nodes, module, params, name):
+    # the FATAL line carries the node's real name, after -r __node:=...
+    proc = ros_nodes(module, ros_args=('-r', '__node:=renamed'), **params)
+    assert proc.wait(120) == 2
     out = proc.output()
     assert f"parameter '{name}'" in out and 'Traceback' not in out, out
+    assert '[FATAL]' in out and '[renamed]' in out and f'[{module}]' not in out, out
 
 
 def test_bringup_composes_the_nodes_and_prints_the_summary(tmp_path, domain_id):
@@ -215,9 +263,9 @@ def test_bringup_composes_the_nodes_and_prints_the_summary(tmp_path, domain_id):
     path = tmp_path / 'offload.yaml'
     path.write_text(yaml.safe_dump(config))
     run = subprocess.run(
-        [sys.executable, '-m', 'rrto_ros.bringup', '--config', str(path), '--duration', '15',
+        [sys.executable, '-m', 'rrto_ros.bringup', '--config', str(path), '--duration', '40',
          '--summary-period', '1.0', '--server', f'tcp://127.0.0.1:{free_port()}'],
-        env=ros_env(domain_id), capture_output=True, text=True, timeout=180)
+        env=ros_env(domain_id), capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
     assert 'keypoint_net' in out and ' offloaded, ' in out, out

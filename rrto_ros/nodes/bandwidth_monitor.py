@@ -8,24 +8,29 @@ offloaded calls to the same server (passive samples, free) arrived within
 ``passive_fresh_s``.  Publishes the smoothed, hysteresis-filtered estimate as
 ``diagnostic_msgs/DiagnosticStatus`` on ``/rrto/bandwidth`` (reliable,
 transient local: late joiners get the current estimate) and the link's
-health on ``/diagnostics``.
+health on ``/diagnostics``.  A lifecycle node: configure builds the estimator,
+activate connects and starts probing and publishing, deactivate stops.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+import threading
+import time
 
-from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
+from diagnostic_msgs.msg import DiagnosticStatus
 
 from rrto_ros import latency
 from rrto_ros.bandwidth import LinkEstimate, LinkEstimator, LinkHealth, LinkMonitor
 from rrto_ros.client import RrtoClient
-from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
-from rrto_ros.nodes.params import Param, check_endpoint, declare
+from rrto_ros.nodes import spin
+from rrto_ros.nodes.diagnostics import Diagnostics, Health
+from rrto_ros.nodes.managed import ManagedNode
+from rrto_ros.nodes.params import check_endpoint, Param
+
+HEALTH_LOG_S = 10.0   # least time between two logged health changes (DOWN: at once)
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint to measure',
@@ -52,20 +57,34 @@ PARAMS = [
 ]
 
 
-class BandwidthMonitor(Node):
+class BandwidthMonitor(ManagedNode):
     """Probe one server's link; publish the estimate and its health."""
 
     NODE_NAME = 'bandwidth_monitor'
 
     def __init__(self, **kwargs):
-        super().__init__('bandwidth_monitor', **kwargs)
-        log_bridge.install()
-        self.params = p = declare(self, PARAMS)
-        self.server = p['server']
+        self.client = self.monitor = self.estimator = None
+        self._bandwidth_pub = self.diagnostics = self._subscription = self._prober = None
+        self._stop = threading.Event()
+        super().__init__(self.NODE_NAME, PARAMS, **kwargs)
+        self.server = self.params['server']
+
+    def _configure(self) -> None:
+        p = self.params
         self.estimator = LinkEstimator(
             hysteresis=p['hysteresis'], hold=p['hold'], rtt_warn_ms=p['rtt_warn_ms'],
             min_uplink_mbps=p['min_uplink_mbps'], loss_warn=p['loss_warn'],
             down_after=p['down_after'], stale_s=p['stale_s'])
+        self._last_health, self._logged_at = LinkHealth.UNKNOWN, -HEALTH_LOG_S
+        self._link = Health(m.STALE, 'no probe yet')
+        self._bandwidth_pub = self.create_lifecycle_publisher(
+            DiagnosticStatus, m.BANDWIDTH_TOPIC, m.STATUS_QOS)
+        # published with every probe (force_update), like the link estimate
+        self.diagnostics = Diagnostics(self, 1.0 / p['probe_rate_hz'])
+        self.diagnostics.add(f'link to {self.server}', self._health)
+
+    def _activate(self) -> str:
+        p = self.params
         timeout = p['probe_timeout_ms']
         self.client = RrtoClient(self.server, connect_timeout_ms=timeout,
                                  call_timeout_ms=timeout, backoff_s=(0.1, 1.0),
@@ -73,18 +92,30 @@ class BandwidthMonitor(Node):
         self.monitor = LinkMonitor(self.client, self.estimator, payload_bytes=p['payload_bytes'],
                                    bandwidth_every=p['bandwidth_every'],
                                    passive_fresh_s=p['passive_fresh_s'], timeout_ms=timeout)
-        self._last_health = LinkHealth.UNKNOWN
-        self._bandwidth_pub = self.create_publisher(DiagnosticStatus, m.BANDWIDTH_TOPIC,
-                                                    m.STATUS_QOS)
-        self._diag_pub = self.create_publisher(DiagnosticArray, m.DIAGNOSTICS_TOPIC,
-                                               m.DIAGNOSTICS_QOS)
-        self.create_subscription(DiagnosticStatus, m.LATENCY_TOPIC, self._on_latency,
-                                 m.LATENCY_QOS)
-        # probes block up to their timeout: their own group, so samples keep arriving
-        self.create_timer(1.0 / p['probe_rate_hz'], self._probe,
-                          callback_group=MutuallyExclusiveCallbackGroup())
-        self.get_logger().info(f'measuring the link to {self.server} '
-                               f'at {p["probe_rate_hz"]:g} Hz')
+        self._subscription = self.create_subscription(
+            DiagnosticStatus, m.LATENCY_TOPIC, self._on_latency, m.LATENCY_QOS)
+        # probes block up to their timeout: their own thread, so samples keep arriving
+        self._stop.clear()
+        self._prober = threading.Thread(target=self._probe_loop, args=(1 / p['probe_rate_hz'],),
+                                        name='bandwidth_monitor-probe', daemon=True)
+        self._prober.start()
+        return f'measuring the link to {self.server} at {p["probe_rate_hz"]:g} Hz'
+
+    def _deactivate(self) -> None:
+        if self._prober is not None:
+            self.destroy_subscription(self._subscription)
+            self._stop.set()
+            self._prober.join()   # a probe in flight ends within its timeout
+            self._prober = self._subscription = None
+        if self.client is not None:
+            self.client.close()
+            self.client = self.monitor = None
+
+    def _cleanup(self) -> None:
+        if self._bandwidth_pub is not None:
+            self.destroy_lifecycle_publisher(self._bandwidth_pub)
+            self.diagnostics.destroy()
+        self._bandwidth_pub = self.diagnostics = self.estimator = None
 
     def _on_latency(self, msg: DiagnosticStatus) -> None:
         if msg.hardware_id != self.server:
@@ -97,17 +128,32 @@ class BandwidthMonitor(Node):
         self.estimator.add_passive(record['bytes_sent'], record['bytes_received'],
                                    record['network_ms'])
 
+    def _probe_loop(self, period_s: float) -> None:
+        due = time.monotonic()
+        while not self._stop.wait(max(0.0, due - time.monotonic())):
+            self._probe()
+            due = max(due + period_s, time.monotonic())   # late probes are not made up
+
     def _probe(self) -> None:
         self.monitor.tick()
         estimate = self.estimator.estimate()
         self._publish(estimate)
-        if estimate.health != self._last_health:
-            text = f'link to {self.server} is {estimate.health.value}: {estimate.reason}'
-            if estimate.health in (LinkHealth.DOWN, LinkHealth.DEGRADED):
-                self.get_logger().warning(text)
-            else:
-                self.get_logger().info(text)
-            self._last_health = estimate.health
+        self._log_health(estimate)
+
+    def _log_health(self, estimate: LinkEstimate) -> None:
+        """Log a change of health once; a link flapping around a threshold at most every 10 s."""
+        now = time.monotonic()
+        if estimate.health == self._last_health or (
+                estimate.health != LinkHealth.DOWN and now - self._logged_at < HEALTH_LOG_S):
+            return
+        why = f'rtt {estimate.rtt_ms:.2f} ms' if estimate.health == LinkHealth.OK else \
+            estimate.reason
+        text = f'link to {self.server} is {estimate.health.value}: {why}'
+        if estimate.health in (LinkHealth.DOWN, LinkHealth.DEGRADED):
+            self.get_logger().warning(text)
+        else:
+            self.get_logger().info(text)
+        self._last_health, self._logged_at = estimate.health, now
 
     def _publish(self, e: LinkEstimate) -> None:
         values = [('rtt_ms', _num(e.rtt_ms)), ('rtt_var_ms', _num(e.rtt_var_ms)),
@@ -122,17 +168,12 @@ class BandwidthMonitor(Node):
         level = m.HEALTH_LEVEL[e.health]
         link = m.status('rrto/link', level, message, values, hardware_id=self.server)
         self._bandwidth_pub.publish(link)
-        health = m.status(f'{self.get_name()}: link to {self.server}', level,
-                          e.reason if e.health != LinkHealth.OK else message, values,
-                          hardware_id=self.server)
-        self._diag_pub.publish(m.diagnostic_array(self.get_clock().now().to_msg(), [health]))
+        self._link = Health(level, e.reason if e.health != LinkHealth.OK else message, values,
+                            self.server)
+        self.diagnostics.force_update()
 
-    def destroy_node(self) -> None:
-        """Close the probe connection, then the node."""
-        client = getattr(self, 'client', None)
-        if client is not None:
-            client.close()
-        super().destroy_node()
+    def _health(self) -> Health:
+        return self._link
 
 
 def _num(value: float) -> str:
@@ -141,7 +182,7 @@ def _num(value: float) -> str:
 
 def main(args=None) -> int:
     """Run the monitor until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    return spin.run(BandwidthMonitor, args, threads=2)
+    return spin.run(BandwidthMonitor, args)
 
 
 if __name__ == '__main__':

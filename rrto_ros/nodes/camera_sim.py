@@ -74,7 +74,7 @@ class CameraSim(Node):
 
 def main(args=None) -> int:
     """Publish until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    return spin.run(CameraSim, args, threads=1)
+    return spin.run(CameraSim, args)
 
 
 if __name__ == '__main__':

@@ -8,9 +8,16 @@ engine; normalisation is part of the offloaded model, so frames cross the link
 as uint8.  Each output tensor is published as ``std_msgs/Float32MultiArray`` on
 ``<output_prefix>/<name>``; each inference's timing as
 ``diagnostic_msgs/DiagnosticStatus`` on ``/rrto/latency``; node health on
-``/diagnostics``.  The blocking call runs in its own callback group under a
-MultiThreadedExecutor, so frames, the bandwidth estimate and parameter
-changes are handled while it waits.
+``/diagnostics``.  The blocking call runs on the node's own inference thread,
+so frames, the bandwidth estimate, parameter changes and lifecycle
+transitions are handled while it waits, and nothing of the executor is in
+flight when the node stops.
+
+A lifecycle node: configure checks the parameters together and loads the
+model; activate connects to the server, starts preparing it for the frame
+size the node will send (so the first frame is offloaded as soon as the
+server has recorded) and subscribes; deactivate unsubscribes and closes the
+connection.
 """
 
 from __future__ import annotations
@@ -22,23 +29,26 @@ import threading
 import time
 
 from diagnostic_msgs.msg import DiagnosticStatus
-from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
-from rclpy.node import Node
+import torch
 from sensor_msgs.msg import Image
 
 from rrto_ros import latency, variant_files
-from rrto_ros.engine import MODES, offload
+from rrto_ros.codec_choice import check_codec
+from rrto_ros.engine import AUTO_TIMEOUT, MODES, offload
 from rrto_ros.image import CHANNEL_ORDERS, ImageConverter
 from rrto_ros.latest import LatestSlot
 from rrto_ros.local_model import TorchModule, load_local_model
-from rrto_ros.nodes import log_bridge, spin
 from rrto_ros.nodes import messages as m
-from rrto_ros.nodes.params import Param, ParameterError, Parameters, check_endpoint, fail
+from rrto_ros.nodes import spin
+from rrto_ros.nodes.diagnostics import Diagnostics, Health
+from rrto_ros.nodes.managed import ManagedNode
+from rrto_ros.nodes.params import check_endpoint, fail, Param
 from rrto_ros.outputs import output_names
 from rrto_ros.plan_table import PlanTable, PlanTableMismatch
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD, WithImageInput
 from rrto_wire import strategy as strategy_file
 from rrto_wire import treespec
+from rrto_wire.curve import ClientKeys
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint', check=check_endpoint),
@@ -50,12 +60,18 @@ PARAMS = [
     Param('output_prefix', '~/output', 'outputs go to <output_prefix>/<output name>'),
     Param('mode', 'replay', 'replay | eager | naive | local', choices=MODES),
     Param('precision', 'fp32', 'server-side precision', choices=('fp32', 'fp16', 'bf16')),
-    Param('timeout_ms', 200.0, 'a call slower than this runs locally (changeable at run time)',
-          runtime=True, range=(1.0, 60000.0)),
+    Param('timeout_ms', 0.0, 'a call slower than this runs locally; 0 = auto: 10x the '
+          "server's own inference time measured when it recorded, within 200..2000 ms "
+          '(changeable at run time)', runtime=True, range=(0.0, 60000.0)),
     Param('connect_timeout_ms', 1000.0, 'connection timeout', range=(1.0, 60000.0)),
+    Param('server_key', '', "the server's public CURVE .key file ('' = plain TCP; "
+          'docs/security.md)'),
+    Param('client_key', '', "this robot's CURVE .key_secret file ('' = plain TCP)"),
     Param('task', '', "task name the server schedules by ('' = the model's name)"),
     Param('priority', 0, 'server scheduling priority (higher first)', range=(-100, 100)),
     Param('deadline_ms', 0.0, 'server deadline per inference (0 = none)', range=(0.0, 60000.0)),
+    Param('codec', 'raw', 'input codec: raw, lz4, zstd, jpeg, jpeg:Q (lossy), auto or '
+          'auto_lossy (chosen per call by the link estimate)', check=lambda v: codec_problem(v)),
     Param('late', 'server', "past its deadline: 'drop' (run locally), 'run' late, or 'server' "
           "(the server's --late-policy)", choices=('server', 'drop', 'run')),
     Param('resize_height', 224, 'resize frames on the robot to this height (0 = keep)',
@@ -93,15 +109,18 @@ def resolve_table(value: str) -> str:
     return shared if os.path.exists(shared) else value
 
 
-def table_problem(value: str) -> str | None:
-    """Return why ``value`` names no readable plan table ('' is fine: no table)."""
-    if not value:
-        return None
+def codec_problem(value: str) -> str | None:
+    """Return why ``value`` is no codec the engine accepts."""
     try:
-        PlanTable.load(resolve_table(value))
+        check_codec(value)
     except ValueError as exc:
         return str(exc)
     return None
+
+
+def timeout_value(value: float) -> float | str:
+    """Return the engine's timeout for a ``timeout_ms`` parameter value (0: auto)."""
+    return AUTO_TIMEOUT if value == 0 else value
 
 
 def strategy_problem(value: str) -> str | None:
@@ -115,43 +134,31 @@ def strategy_problem(value: str) -> str | None:
     return None
 
 
-class OffloadNode(Node):
+def table_problem(value: str) -> str | None:
+    """Return why ``value`` names no readable plan table ('' is fine: no table)."""
+    if not value:
+        return None
+    try:
+        PlanTable.load(resolve_table(value))
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+class OffloadNode(ManagedNode):
     """Run a model on every newest camera frame, offloaded when the server can take it."""
 
     NODE_NAME = 'offload_node'
 
     def __init__(self, **kwargs):
-        super().__init__('offload_node', **kwargs)
-        log_bridge.install()
-        try:
-            self._setup()
-        except ParameterError:
-            super().destroy_node()
-            raise
-
-    def _setup(self) -> None:
-        self.params = p = Parameters(self, PARAMS, self._on_param_change)
-        resize = (p['resize_height'], p['resize_width'])
-        if (0 in resize) and resize != (0, 0):
-            raise fail('resize_height' if resize[0] == 0 else 'resize_width',
-                       'set both resize_height and resize_width, or neither')
-        self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
-        plan = self._strategy()
-        self.variant = plan.variant if plan else ''
-        try:
-            self.engine = offload(
-                self._model(plan), server=p['server'], timeout_ms=p['timeout_ms'],
-                mode=p['mode'], precision=p['precision'],
-                priority=plan.priority if plan else p['priority'],
-                segments=plan.segments if plan else 'whole',
-                deadline_ms=(plan.deadline_ms if plan else p['deadline_ms']) or None,
-                task=p['task'], late=None if p['late'] == 'server' else p['late'],
-                connect_timeout_ms=p['connect_timeout_ms'],
-                plan_table=resolve_table(p['plan_table']) or None,
-                switch_after=p['switch_after'], directory=p['directory'])
-        except PlanTableMismatch as exc:
-            raise fail('plan_table', str(exc)) from None
-        self.task = self.engine.keys['task']
+        self.engine = self.local = self.converter = self.plan = None
+        self.variant = ''
+        self._latency_pub = self.diagnostics = None
+        self._subscriptions: list = []
+        self._worker = None
+        self._wake = threading.Event()    # a frame is waiting
+        self._stop = threading.Event()    # the inference thread must end
+        super().__init__(self.NODE_NAME, PARAMS, self._on_param_change, **kwargs)
         self.slot = LatestSlot()
         self.link = {'uplink_mbps': math.nan, 'rtt_ms': math.nan}
         self.counts = {'rejected': 0, 'errors': 0}
@@ -161,20 +168,89 @@ class OffloadNode(Node):
         self._names: list[str] = []
         self._spec = None
         self._outputs: dict = {}
-        self._prefix = p['output_prefix'].rstrip('/')
-        infer_group = MutuallyExclusiveCallbackGroup()
-        self._work = self.create_guard_condition(self._infer, callback_group=infer_group)
-        self._latency_pub = self.create_publisher(DiagnosticStatus, m.LATENCY_TOPIC,
-                                                  m.LATENCY_QOS)
-        self._diag_pub = self.create_publisher(m.DiagnosticArray, m.DIAGNOSTICS_TOPIC,
-                                               m.DIAGNOSTICS_QOS)
-        self.create_subscription(Image, p['input_topic'], self.on_image, m.IMAGE_QOS)
-        self.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, self._on_bandwidth,
-                                 m.STATUS_QOS)
-        self.create_timer(p['diagnostics_period_s'], self._publish_diagnostics)
-        self.get_logger().info(
-            f'offloading {self.engine.local.label} to {p["server"]} ({p["mode"]}, '
-            f'timeout {p["timeout_ms"]:g} ms) for frames on {p["input_topic"]}')
+        self._prefix = self.params['output_prefix'].rstrip('/')
+
+    def _configure(self) -> None:
+        p = self.params
+        resize = (p['resize_height'], p['resize_width'])
+        if (0 in resize) and resize != (0, 0):
+            raise fail('resize_height' if resize[0] == 0 else 'resize_width',
+                       'set both resize_height and resize_width, or neither')
+        self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
+        if p['server_key'] or p['client_key']:
+            try:
+                ClientKeys.load(p['server_key'], p['client_key'])
+            except ValueError as exc:   # a key file missing, malformed, or only one given
+                name = ('server_key' if not p['server_key'] or p['server_key'] in str(exc)
+                        else 'client_key')
+                raise fail(name, str(exc)) from None
+        self.plan = self._strategy()
+        self.variant = self.plan.variant if self.plan else ''
+        self.local = self._model(self.plan)
+        self._latency_pub = self.create_lifecycle_publisher(DiagnosticStatus, m.LATENCY_TOPIC,
+                                                            m.LATENCY_QOS)
+        self.diagnostics = Diagnostics(self, p['diagnostics_period_s'])
+        self.diagnostics.add(self.params['task'] or self.local.label, self._health)
+
+    def _activate(self) -> str:
+        p = self.params
+        plan = self.plan
+        try:
+            engine = offload(
+                self.local, server=p['server'], timeout_ms=timeout_value(p['timeout_ms']),
+                mode=p['mode'], precision=p['precision'],
+                priority=plan.priority if plan else p['priority'],
+                segments=plan.segments if plan else 'whole',
+                deadline_ms=(plan.deadline_ms if plan else p['deadline_ms']) or None,
+                task=p['task'], codec=p['codec'],
+                late=None if p['late'] == 'server' else p['late'],
+                connect_timeout_ms=p['connect_timeout_ms'],
+                server_key=p['server_key'] or None, client_key=p['client_key'] or None,
+                plan_table=resolve_table(p['plan_table']) or None,
+                switch_after=p['switch_after'], directory=p['directory'])
+        except PlanTableMismatch as exc:   # solved for another program or input signature
+            raise fail('plan_table', str(exc)) from None
+
+        self.engine, self.task = engine, engine.keys['task']
+        if self.converter.resize is not None and p['mode'] != 'local':
+            # prepare the server for the frames to come now, not on the first frame
+            height, width = self.converter.resize
+            engine.warmup(torch.zeros(1, height, width, self.converter.channels,
+                                      dtype=torch.uint8), timeout_s=0.0)
+        self._subscriptions = [
+            self.create_subscription(Image, p['input_topic'], self._on_image, m.IMAGE_QOS),
+            self.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, self._on_bandwidth,
+                                     m.STATUS_QOS)]
+        self.diagnostics.start()
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._infer_loop, name='offload_node-infer',
+                                        daemon=True)
+        self._worker.start()
+        timeout = (f'{p["timeout_ms"]:g} ms' if p['timeout_ms'] else
+                   f'auto, {engine.timeout_ms:g} ms until the server has measured')
+        return (f'offloading {engine.local.label} to {p["server"]} ({p["mode"]}, '
+                f'timeout {timeout}) for frames on {p["input_topic"]}')
+
+    def _deactivate(self) -> None:
+        for subscription in self._subscriptions:
+            self.destroy_subscription(subscription)
+        self._subscriptions = []
+        if self.diagnostics is not None:
+            self.diagnostics.stop()
+        if self._worker is not None:
+            self._stop.set()
+            self._wake.set()
+            self._worker.join()   # the inference in flight ends within its timeout
+            self._worker = None
+        if self.engine is not None:
+            self.engine.close()
+            self.engine = None
+
+    def _cleanup(self) -> None:
+        if self._latency_pub is not None:
+            self.destroy_lifecycle_publisher(self._latency_pub)
+            self.diagnostics.destroy()
+        self._latency_pub = self.diagnostics = self.local = self.converter = None
 
     def _strategy(self) -> strategy_file.TaskStrategy | None:
         p = self.params
@@ -211,18 +287,22 @@ class OffloadNode(Node):
 
     # ------------------------------------------------------------------ callbacks
     def _on_param_change(self, name: str, value) -> None:
+        engine = self.engine
+        if engine is None:
+            return   # not active: activate reads the parameter
         if name == 'timeout_ms':
-            self.engine.set_timeout(value)
-            self.get_logger().info(f'timeout_ms is now {value:g}')
+            engine.set_timeout(timeout_value(value))
+            self.get_logger().info(f'timeout_ms is now {value:g}' if value else
+                                   f'timeout_ms is now auto ({engine.timeout_ms:g} ms)')
         elif name == 'plan_table':
-            self.engine.set_plan_table(resolve_table(value) or None)
+            engine.set_plan_table(resolve_table(value) or None)
             self.get_logger().info(f'plan table is now {value or "(none: whole-model offload)"}; '
                                    'its plans are prepared in the background')
 
     def on_image(self, msg: Image) -> None:
         """Take one camera frame (the subscription callback): the newest waiting frame wins."""
         self.slot.put(msg)
-        self._work.trigger()
+        self._wake.set()
 
     def _on_bandwidth(self, msg: DiagnosticStatus) -> None:
         if msg.hardware_id != self.params['server']:
@@ -234,23 +314,28 @@ class OffloadNode(Node):
             except ValueError:
                 self.link[key] = math.nan
         up, rtt = self.link['uplink_mbps'], self.link['rtt_ms']
-        if values.get('health') != 'down' and up > 0 and rtt >= 0 and math.isfinite(up + rtt):
-            self.engine.set_link(up, rtt)   # a plan table, if any, follows from the next call
+        engine = self.engine
+        if engine is not None and values.get('health') != 'down' and up > 0 and rtt >= 0 \
+                and math.isfinite(up + rtt):
+            engine.set_link(up, rtt)   # a plan table, if any, follows from the next call
 
-    def _infer(self) -> None:
-        taken, msg = self.slot.take()
-        if not taken:
-            return
-        try:
-            self._run(msg)
-        except Exception as exc:  # noqa: B902 - one bad frame must not stop the node
-            if not self.context.ok():
-                return   # shutting down: publishers are gone
-            self._count('errors')
-            self.get_logger().error(f'inference failed: {type(exc).__name__}: {exc}',
-                                    throttle_duration_sec=5.0)
-        if self.slot:
-            self._work.trigger()   # a newer frame arrived meanwhile
+    def _infer_loop(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            taken, msg = self.slot.take()
+            if not taken:
+                continue
+            try:
+                self._run(msg)
+            except Exception as exc:  # noqa: B902 - one bad frame must not stop the node
+                self._count('errors')
+                self.get_logger().error(f'inference failed: {type(exc).__name__}: {exc}',
+                                        throttle_duration_sec=5.0)
+            if self.slot:
+                self._wake.set()   # a newer frame arrived meanwhile
 
     def _run(self, msg: Image) -> None:
         start = time.perf_counter()
@@ -299,13 +384,14 @@ class OffloadNode(Node):
             self.get_logger().info('publishing outputs on ' + ', '.join(
                 self._outputs[n].topic_name for n in self._names))
         for name, leaf in zip(self._names, leaves):
-            self._outputs[name].publish(m.float_array(leaf, name))
+            self._outputs[name].publish(m.float_array(leaf))
 
-    def _publish_diagnostics(self) -> None:
-        stats = self.engine.stats()
+    def _health(self) -> Health:
+        engine = self.engine
+        stats = engine.stats()
         with self._count_lock:
             period, self._period = self._period, {k: 0 for k in self._period}
-        available = self.engine.data.available
+        available = engine.data.available
         if period['errors']:
             level, message = m.ERROR, f'{period["errors"]} inferences failed'
         elif not available:
@@ -318,27 +404,17 @@ class OffloadNode(Node):
         values = [('server', self.params['server']), ('model', self.params['model']),
                   ('task', self.task), ('mode', self.params['mode']),
                   ('plan_table', self.params['plan_table']),
-                  ('timeout_ms', self.engine.timeout_ms), ('server_available', available),
+                  ('timeout_ms', engine.timeout_ms), ('server_available', available),
                   ('frames_received', self.slot.received), ('frames_dropped', self.slot.dropped),
                   ('frames_rejected', self.counts['rejected']),
                   ('errors', self.counts['errors']), ('last_reason', self._last_reason)]
         values += sorted(stats.items())
-        name = f'{self.get_name()}: {self.task}'
-        self._diag_pub.publish(m.diagnostic_array(
-            self.get_clock().now().to_msg(),
-            [m.status(name, level, message, values, hardware_id=self.params['server'])]))
-
-    def destroy_node(self) -> None:
-        """Close the engine's sockets and threads, then the node."""
-        engine = getattr(self, 'engine', None)
-        if engine is not None:
-            engine.close()
-        super().destroy_node()
+        return Health(level, message, values, self.params['server'])
 
 
 def main(args=None) -> int:
     """Run the node until Ctrl-C or shutdown; exit 2 on invalid parameters."""
-    return spin.run(OffloadNode, args, threads=3)
+    return spin.run(OffloadNode, args)
 
 
 if __name__ == '__main__':

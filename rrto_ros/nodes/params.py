@@ -26,6 +26,8 @@ from rclpy.parameter import Parameter
 class ParameterError(Exception):
     """A parameter value the node cannot start with; the message names the parameter."""
 
+    logger = ''   # the refusing node's logger name (its real name, after any remapping)
+
 
 class _Invalid(Exception):
     """Raised by the set-parameters callback while declaring, to keep its reason intact."""
@@ -124,7 +126,8 @@ def declare(node: Node, params: Sequence[Param], **options) -> Parameters:
     """
     try:
         return Parameters(node, params, **options)
-    except ParameterError:
+    except ParameterError as exc:
+        exc.logger = node.get_logger().name
         Node.destroy_node(node)
         raise
 
