@@ -23,7 +23,8 @@ from typing import Any, Callable
 
 import torch
 
-from rrto_server.scheduler import DROP, LATE_POLICIES, POLICIES, PREEMPTIVE
+from rrto_server.lanes import DROP, LATE_POLICIES
+from rrto_server.scheduler import POLICIES, PREEMPTIVE
 from rrto_wire import strategy as strategy_file
 from rrto_wire.limits import DEFAULT_MAX_MESSAGE_BYTES
 

@@ -27,6 +27,7 @@ HOW = {
     'python -m bench.run_all': 'help',
     'python -m bench.report': 'help',
     'python -m bench.linkemu': 'help',
+    'python -m rrto_fleet': 'help',
     'ros2 ': SKIP_ROS, 'colcon ': SKIP_ROS, 'cp install/': SKIP_ROS,
     'cd ~/rrto_ws && rosdep': SKIP_ROS,
     'mkdir -p ~/rrto_ws/src': 'needs the network (git clone) and a ROS 2 workspace',
@@ -72,8 +73,13 @@ def test_a_python_command_exists_and_takes_every_flag_the_readme_passes(command)
     assert argv[0] == 'python'
     run = _run([sys.executable, *argv[1:3], '--help'])
     assert run.returncode == 0, run.stdout + run.stderr
-    for flag in (a.split('=', 1)[0] for a in argv[3:] if a.startswith('--')):
+    own, _, passed_on = ' '.join(argv[3:]).partition(' -- ')   # after '--': rrto_server's own
+    for flag in (a.split('=', 1)[0] for a in own.split() if a.startswith('--')):
         assert re.search(rf'{re.escape(flag)}\b', run.stdout), (flag, run.stdout)
+    if passed_on:
+        server = _run([sys.executable, '-m', 'rrto_server', '--help'])
+        for flag in (a.split('=', 1)[0] for a in passed_on.split() if a.startswith('--')):
+            assert re.search(rf'{re.escape(flag)}\b', server.stdout), (flag, server.stdout)
 
 
 @pytest.mark.parametrize('command', [c for c in readme_commands() if how(c) == 'make'])

@@ -64,12 +64,12 @@ def test_latency_record_names_the_variant():
 
 
 def test_offload_node_checks_its_strategy_parameter(tmp_path):
-    offload_node = pytest.importorskip('rrto_ros.nodes.offload_node')
+    offload_params = pytest.importorskip('rrto_ros.nodes.offload_params')
     good = strategy_file.Strategy(0.8, {'detect': strategy_file.TaskStrategy(
         'keypoint_net-w1-d0', 3, 'block:3', 15.0, 20.0)}).save(tmp_path / 's.json')
-    assert offload_node.strategy_problem('') is None
-    assert offload_node.strategy_problem(str(good)) is None
+    assert offload_params.strategy_problem('') is None
+    assert offload_params.strategy_problem(str(good)) is None
     bad = tmp_path / 'bad.json'
     bad.write_text(json.dumps({'format': 'rrto-strategy', 'version': 1, 'theta': 9}))
-    assert 'theta' in offload_node.strategy_problem(str(bad))
-    assert 'cannot read' in offload_node.strategy_problem(str(tmp_path / 'missing.json'))
+    assert 'theta' in offload_params.strategy_problem(str(bad))
+    assert 'cannot read' in offload_params.strategy_problem(str(tmp_path / 'missing.json'))
