@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         'load_before': os.getloadavg(),
     }
     with tempfile.TemporaryDirectory(prefix='rrto-bench-') as store:
-        server = ServerProcess(store, None, device=args.server_device).start()
+        server = ServerProcess(store, None, '--allow-naive',   # the naive baseline is measured
+                               device=args.server_device).start()
         try:
             with EmulatorProcess(('127.0.0.1', server.port), env=child_env()) as emulator:
                 bench = Bench(profile, emulator, f'tcp://127.0.0.1:{emulator.port}')

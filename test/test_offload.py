@@ -35,7 +35,8 @@ def test_offloaded_equals_local_with_one_round_trip_per_call(arch, server, offlo
     assert om.last.bytes_sent - inputs[0].numel() * 4 < 1024
 
 
-def test_naive_mode_costs_one_round_trip_per_operator(server, offloaded):
+def test_naive_mode_costs_one_round_trip_per_operator(make_server, offloaded):
+    server = make_server(allow_naive=True)      # off unless the server is started with it
     model = ARCHITECTURES['resnet18']()
     om = offloaded(model, server.endpoint, timeout_ms=60000, mode='naive')
     x = torch.randn(1, 3, 64, 64)
