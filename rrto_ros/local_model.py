@@ -56,7 +56,7 @@ class LocalModel:
         raise NotImplementedError
 
 
-class _Flat(torch.nn.Module):
+class FlatModule(torch.nn.Module):
     """Adapt a model to flat tensor inputs and outputs (the form a program takes)."""
 
     def __init__(self, model: torch.nn.Module, in_spec: Any):
@@ -152,7 +152,7 @@ class TorchModule(LocalModel):
         with EXPORT_GUARD.exclusive(), torch.no_grad():
             # export swaps a module's tensors for fake ones while tracing: trace a copy
             module = copy.deepcopy(self.module)
-            ep = torch.export.export(_Flat(module, in_spec).eval(), example, strict=False)
+            ep = torch.export.export(FlatModule(module, in_spec).eval(), example, strict=False)
         return _program_artifact(ep, in_spec, out_spec, self.label)
 
 
@@ -177,7 +177,8 @@ class TorchScriptFile(TorchModule):
             raise ValueError('TorchScript models are offloaded with positional tensor inputs only')
         with EXPORT_GUARD.exclusive(), torch.no_grad():
             ep = TS2EPConverter(self.module, tuple(args)).convert()
-            flat_ep = torch.export.export(_Flat(ep.module(), in_spec), tuple(flat), strict=False)
+            flat_ep = torch.export.export(FlatModule(ep.module(), in_spec), tuple(flat),
+                                          strict=False)
         local = self.run(tuple(args), {})
         _, out_spec = treespec.flatten(local)
         return _program_artifact(flat_ep, in_spec, out_spec, self.label)

@@ -20,27 +20,13 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from rrto_ros import variants
-from rrto_ros.local_model import EXPORT_GUARD, Artifact, TorchModule
+from rrto_ros.local_model import EXPORT_GUARD, Artifact, FlatModule, TorchModule
 from rrto_wire import program as program_format
 from rrto_wire import treespec
 from rrto_wire.program import pack_weights, sha256, shard_weights
 from rrto_wire.tensors import TensorSpec
 
 SUFFIX = '.variant.pt'
-
-
-class _FlatModel(torch.nn.Module):
-    """A model taking and returning flat tensor lists (the form a program has)."""
-
-    def __init__(self, model: torch.nn.Module, in_spec: Any):
-        super().__init__()
-        self.model = model
-        self.in_spec = in_spec
-
-    def forward(self, *flat: torch.Tensor):
-        args, kwargs = treespec.unflatten(list(flat), self.in_spec)
-        leaves, _ = treespec.flatten(self.model(*args, **kwargs))
-        return tuple(leaves)
 
 
 class ShardedModule(TorchModule):
@@ -53,7 +39,7 @@ class ShardedModule(TorchModule):
         _, out_spec = treespec.flatten(self.run(args, kwargs))
         with EXPORT_GUARD.exclusive(), torch.no_grad():
             module = copy.deepcopy(self.module)
-            ep = torch.export.export(_FlatModel(module, in_spec).eval(), example, strict=False)
+            ep = torch.export.export(FlatModule(module, in_spec).eval(), example, strict=False)
         program_json, shards = program_format.from_exported(
             ep, in_spec, out_spec, self.label, scope_prefix='model.', sharded=True)
         digest = sha256(program_json)
