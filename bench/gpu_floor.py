@@ -43,21 +43,10 @@ import time
 import torch
 
 from bench import gpu_models
-from bench.measure import percentile
+from bench.measure import percentile, timed_ms
 from rrto_wire import treespec
 
 ECHO_HEADER = b'{"kind":"ok"}'
-
-
-def _timed(fn, iters: int, warmup: int = 20) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
 
 
 @contextlib.contextmanager
@@ -77,7 +66,7 @@ def bare(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
     """Time the bare graph replay (and with page-locked copies); eager on a CPU device."""
     if device.type != 'cuda':
         with torch.inference_mode():
-            times = _timed(lambda: model(frame), iters, warmup=3)
+            times = timed_ms(lambda: model(frame), iters, warmup=3)
         p50 = statistics.median(times)
         return {'graph_ms': p50, 'graph_io_ms': p50, 'graph_io_p99_ms': percentile(times, 99)}
     model = model.to(device)
@@ -108,8 +97,8 @@ def bare(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
             host.copy_(out, non_blocking=True)
         stream.synchronize()
 
-    graph_times = _timed(replay, iters)
-    io_times = _timed(replay_io, iters)
+    graph_times = timed_ms(replay, iters)
+    io_times = timed_ms(replay_io, iters)
     model.cpu()
     return {'graph_ms': statistics.median(graph_times),
             'graph_io_ms': statistics.median(io_times),
@@ -134,7 +123,7 @@ def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.de
             blobs.put(digest, kind, data)
         loaded = ModelRegistry(blobs).get(artifact.model)
         replay = Replay(loaded, signature_of([frame]), RecordOptions(), device)
-        times = _timed(lambda: replay.start([frame]).run(), iters, warmup=5)
+        times = timed_ms(lambda: replay.start([frame]).run(), iters, warmup=5)
     return statistics.median(times)
 
 

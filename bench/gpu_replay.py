@@ -22,12 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
 from bench.machine import write_results
-from bench.measure import offloaded_calls
+from bench.measure import offloaded_calls, timed_ms
 from rrto_server.process import ServerProcess
 from rrto_ros.local_model import TorchModule
 from rrto_ros.preprocess import WithImageInput
@@ -41,14 +40,7 @@ from rrto_server.store import BlobStore
 
 
 def _median_ms(fn, iters: int, warmup: int = 20) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+    return statistics.median(timed_ms(fn, iters, warmup))
 
 
 def _replay(loaded, frame, precision: str, mode: str, device: torch.device) -> Replay:

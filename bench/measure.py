@@ -23,6 +23,18 @@ from rrto_wire import treespec
 from rrto_wire.summary import percentile
 
 
+def timed_ms(fn: Callable, iters: int, warmup: int = 20) -> list[float]:
+    """Call ``fn`` ``warmup`` times, then return the milliseconds of ``iters`` timed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def output_error(output: Any, reference: Any) -> tuple[float, float | None]:
     """
     Return (relative L2 error over all outputs, agreement of the first output's argmax).

@@ -17,23 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-
-def _initialise(model: nn.Module, seed: int) -> nn.Module:
-    """Give every layer seeded He-normal weights and non-trivial batch-norm statistics."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d):
-                module.weight.normal_(0.0, (2.0 / module.weight[0].numel()) ** 0.5,
-                                      generator=generator)
-                if module.bias is not None:
-                    module.bias.uniform_(-0.1, 0.1, generator=generator)
-            elif isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.5, 1.5, generator=generator)
-                module.bias.uniform_(-0.1, 0.1, generator=generator)
-                module.running_mean.uniform_(-0.1, 0.1, generator=generator)
-                module.running_var.uniform_(0.5, 1.5, generator=generator)
-    return model.eval()
+from rrto_ros.zoo import initialise
 
 
 def _conv(cin: int, cout: int, act: nn.Module) -> nn.Sequential:
@@ -92,9 +76,9 @@ class TinyYolo(nn.Module):
 
 def unet(classes: int = 8, width: int = 16, seed: int = 0) -> UNet:
     """Return the U-Net in eval mode with deterministic random weights."""
-    return _initialise(UNet(classes, width), seed)
+    return initialise(UNet(classes, width), seed)
 
 
 def tiny_yolo(anchors: int = 5, classes: int = 20, seed: int = 0) -> TinyYolo:
     """Return the Tiny-YOLOv2-style head in eval mode with deterministic random weights."""
-    return _initialise(TinyYolo(anchors, classes), seed)
+    return initialise(TinyYolo(anchors, classes), seed)

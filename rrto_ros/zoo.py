@@ -267,7 +267,8 @@ def _box_features(feature: torch.Tensor, boxes: torch.Tensor, size: int = 7) -> 
     return F.grid_sample(feature.expand(len(boxes), -1, -1, -1), grid, align_corners=False)
 
 
-def _initialise(model: nn.Module, seed: int) -> nn.Module:
+def initialise(model: nn.Module, seed: int) -> nn.Module:
+    """Give every layer seeded He-normal weights and non-trivial batch-norm statistics."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
@@ -286,22 +287,22 @@ def _initialise(model: nn.Module, seed: int) -> nn.Module:
 
 def resnet18(num_classes: int = 1000, seed: int = 0) -> ResNet18:
     """Return a ResNet-18 in eval mode with deterministic random weights."""
-    return _initialise(ResNet18(num_classes), seed)
+    return initialise(ResNet18(num_classes), seed)
 
 
 def mobilenet(num_classes: int = 1000, seed: int = 0) -> MobileNet:
     """Return a MobileNetV2-style network in eval mode with deterministic random weights."""
-    return _initialise(MobileNet(num_classes), seed)
+    return initialise(MobileNet(num_classes), seed)
 
 
 def keypoint_net(keypoints: int = 17, width: int = 32, seed: int = 0) -> KeypointNet:
     """Return the keypoint/detection network in eval mode with deterministic random weights."""
-    return _initialise(KeypointNet(keypoints, width), seed)
+    return initialise(KeypointNet(keypoints, width), seed)
 
 
 def detector(classes: int = 8, width: int = 32, seed: int = 0) -> Detector:
     """Return the two-stage detector in eval mode with deterministic random weights."""
-    return _initialise(Detector(classes, width), seed)
+    return initialise(Detector(classes, width), seed)
 
 
 # models that export whole (one remote program per input signature)
