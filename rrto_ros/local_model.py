@@ -145,7 +145,8 @@ class TorchModule(LocalModel):
         with EXPORT_GUARD.shared(), torch.inference_mode():
             return self.module(*args, **kwargs)
 
-    def artifact(self, flat: Sequence[torch.Tensor], in_spec: Any) -> Artifact:
+    def export(self, flat: Sequence[torch.Tensor], in_spec: Any) -> tuple[Any, Any]:
+        """Export for one input signature; return the ExportedProgram and the output spec."""
         example = tuple(t.detach() for t in flat)
         args, kwargs = treespec.unflatten(list(example), in_spec)
         _, out_spec = treespec.flatten(self.run(args, kwargs))
@@ -153,6 +154,10 @@ class TorchModule(LocalModel):
             # export swaps a module's tensors for fake ones while tracing: trace a copy
             module = copy.deepcopy(self.module)
             ep = torch.export.export(FlatModule(module, in_spec).eval(), example, strict=False)
+        return ep, out_spec
+
+    def artifact(self, flat: Sequence[torch.Tensor], in_spec: Any) -> Artifact:
+        ep, out_spec = self.export(flat, in_spec)
         return _program_artifact(ep, in_spec, out_spec, self.label)
 
 

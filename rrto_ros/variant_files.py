@@ -12,7 +12,6 @@ sharing.
 
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -20,9 +19,8 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from rrto_ros import variants
-from rrto_ros.local_model import EXPORT_GUARD, Artifact, FlatModule, TorchModule
+from rrto_ros.local_model import Artifact, TorchModule
 from rrto_wire import program as program_format
-from rrto_wire import treespec
 from rrto_wire.program import pack_weights, sha256, shard_weights
 from rrto_wire.tensors import TensorSpec
 
@@ -34,12 +32,7 @@ class ShardedModule(TorchModule):
 
     def artifact(self, flat: Sequence[torch.Tensor], in_spec: Any) -> Artifact:
         """Export for one input signature; the blobs are the program and its shards."""
-        example = tuple(t.detach() for t in flat)
-        args, kwargs = treespec.unflatten(list(example), in_spec)
-        _, out_spec = treespec.flatten(self.run(args, kwargs))
-        with EXPORT_GUARD.exclusive(), torch.no_grad():
-            module = copy.deepcopy(self.module)
-            ep = torch.export.export(FlatModule(module, in_spec).eval(), example, strict=False)
+        ep, out_spec = self.export(flat, in_spec)
         program_json, shards = program_format.from_exported(
             ep, in_spec, out_spec, self.label, scope_prefix='model.', sharded=True)
         digest = sha256(program_json)
