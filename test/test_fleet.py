@@ -307,6 +307,7 @@ def test_offload_node_with_a_directory_offloads_through_the_fleet(local_fleet, d
     import rclpy
     from rclpy.parameter import Parameter
     from rclpy.signals import SignalHandlerOptions
+    from rrto_ros.nodes import spin
     from rrto_ros.nodes.offload_node import OffloadNode
     fleet = local_fleet(1)
     context = rclpy.Context()
@@ -318,6 +319,7 @@ def test_offload_node_with_a_directory_offloads_through_the_fleet(local_fleet, d
     node = OffloadNode(context=context, parameter_overrides=[
         Parameter(k, value=v) for k, v in overrides.items()])
     try:
+        assert spin.start(node) == ''    # configure and activate, as its process would
         frame = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
         assert node.engine.warmup(frame, timeout_s=120)
         node.engine(frame)

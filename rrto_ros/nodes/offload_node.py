@@ -124,7 +124,7 @@ class OffloadNode(ManagedNode):
             engine.warmup(torch.zeros(1, height, width, self.converter.channels,
                                       dtype=torch.uint8), timeout_s=0.0)
         self._subscriptions = [
-            self.create_subscription(Image, p['input_topic'], self._on_image, m.IMAGE_QOS),
+            self.create_subscription(Image, p['input_topic'], self.on_image, m.IMAGE_QOS),
             self.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, self._on_bandwidth,
                                      m.STATUS_QOS)]
         self.diagnostics.start()
