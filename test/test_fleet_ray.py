@@ -20,6 +20,16 @@ FAST_HEALTH = {'health_check_period_ms': 500, 'health_check_failure_threshold': 
 RECOVERY_S = 90.0
 
 
+def _ready(om, x, timeout_s: float) -> bool:
+    """Wait until ``om`` is prepared: warmup ends at an attempt that found no replica yet."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if om.warmup(x, timeout_s=max(0.1, deadline - time.monotonic())):
+            return True
+        time.sleep(0.2)
+    return False
+
+
 def _config(tmp_path) -> ServerConfig:
     return ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 'store'), device='cpu',
                         cpu_workers=1, threads=1)
@@ -57,7 +67,7 @@ def test_replica_killed_is_restarted_and_rerouted(tmp_path, offloaded):
         expected = model(x)
         om = offloaded(model, '', timeout_ms=1000, connect_timeout_ms=300,
                        directory=fleet.endpoint, duplicate=True)
-        assert om.warmup(x, timeout_s=120)
+        assert _ready(om, x, 120)
         (digest,) = _snapshot(fleet)['models']
         assert len(_snapshot(fleet)['models'][digest]['holders']) == 2
         _serve_through(om, x, expected, lambda: True, 30)
@@ -77,7 +87,7 @@ def test_replica_killed_is_restarted_and_rerouted(tmp_path, offloaded):
               f'{results.count(OffloadResult.LOCAL_FALLBACK)} of {len(results)} calls local')
         # a single-sending robot resolves to the new endpoints too
         single = offloaded(model, '', timeout_ms=1000, directory=fleet.endpoint)
-        assert single.warmup(x, timeout_s=60)
+        assert _ready(single, x, 60)
         _serve_through(single, x, expected, lambda: True, 30)
         fleet.stop()
     finally:
@@ -100,7 +110,7 @@ def test_node_loss_on_a_two_node_cluster(tmp_path, offloaded):
         robots = [offloaded(model, '', timeout_ms=1000, connect_timeout_ms=300,
                             directory=fleet.endpoint, duplicate=dup) for dup in (True, False)]
         for om in robots:
-            assert om.warmup(x, timeout_s=120)
+            assert _ready(om, x, 120)
         (digest,) = _snapshot(fleet)['models']
         before = _snapshot(fleet)
         assert len(before['models'][digest]['holders']) == 2
