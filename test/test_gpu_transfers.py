@@ -16,14 +16,11 @@ import pytest
 import torch
 
 from rrto_ros import OffloadResult
-from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net
 from rrto_server import host_buffers, runner_cudagraph
-from rrto_server.models import ModelRegistry
 from rrto_server.replay import Replay
-from rrto_server.store import BlobStore
 from rrto_wire import treespec
-from rrto_wire.messages import RecordOptions
+from test_preemption import make_replay as preemption_replay
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
@@ -49,14 +46,7 @@ class Upsample(torch.nn.Module):
 
 
 def make_replay(tmp_path, model, example, segments='whole') -> Replay:
-    store = BlobStore(tmp_path / 'store')
-    flat, spec = treespec.flatten(((example,), {}))
-    artifact = TorchModule(model).artifact(flat, spec)
-    for digest, (kind, data) in artifact.blobs.items():
-        store.put(digest, kind, data)
-    loaded = ModelRegistry(store).get(artifact.model)
-    return Replay(loaded, artifact.signature, RecordOptions(segments=segments),
-                  torch.device('cuda'))
+    return preemption_replay(tmp_path, model, example, segments, 'cuda')
 
 
 def reference(model, x):
