@@ -25,6 +25,7 @@ output, so the whole output does too.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ if hasattr(torch._dynamo.config, 'nested_graph_breaks'):
     # a break inside a nested call ends the graph there, not at the outermost call: a
     # detector's backbone and heads stay one graph (one round trip), not one per call level
     _DYNAMO['nested_graph_breaks'] = True
+log = logging.getLogger('rrto_ros.partition')
 _COUNTERS = ('round_trips', 'infer_round_trips', 'bytes_sent', 'bytes_received', 'timeouts',
              'reconnects', 'errors', 'uploads', 'records', 'prepare_errors')
 
@@ -181,7 +183,7 @@ class Partition:
         # stores tensors made in inference mode): call until no new graph is captured
         for _ in range(PREPARE_CALLS):
             captured = len(self.subgraphs)
-            self.run(args, kwargs)
+            self._compiled_call(args, kwargs)   # a failure to compile here: cannot offload
             if self.last_call and len(self.subgraphs) == captured:
                 break
         ready = [s.remote.warmup(*s.example, timeout_s=timeout_s)
@@ -245,21 +247,43 @@ class Partition:
             calls.append((subgraph, record, local_ms))
 
     def run(self, args: tuple, kwargs: dict, bandwidth_mbps: float = 0.0) -> tuple[Any, dict]:
-        """Run one call; return its outputs and the fields of its call record."""
+        """
+        Run one call; return its outputs and the fields of its call record.
+
+        A call that dynamo fails to compile (a graph it cannot capture once the
+        shapes after a break changed) runs the model eagerly on the robot
+        instead, its record ``local`` with the failure as reason; the next
+        call compiles (and offloads) again.  An error the model itself raises
+        in that eager run reaches the caller, as it would without offloading.
+        """
         for remote in list(self._remotes.values()):
             self._sync(remote)
-        self._local.calls = calls = []
         start = time.perf_counter()
+        try:
+            outputs, calls = self._compiled_call(args, kwargs)
+        except Exception as exc:  # noqa: B902 - dynamo's errors have no common base
+            log.warning('%s: this call could not be compiled (%s); it runs locally',
+                        self.label, _first_line(exc))
+            with EXPORT_GUARD.shared(), torch.inference_mode():
+                outputs = self.local.module(*args, **kwargs)
+            self.last_call = []
+            total_ms = (time.perf_counter() - start) * 1e3
+            return outputs, _local_fields(total_ms, bandwidth_mbps,
+                                          f'cannot partition this call: {_first_line(exc)}')
+        total_ms = (time.perf_counter() - start) * 1e3
+        return outputs, _fields(calls, total_ms, bandwidth_mbps)
+
+    def _compiled_call(self, args: tuple, kwargs: dict) -> tuple[Any, list]:
+        self._local.calls = calls = []
         try:
             with EXPORT_GUARD.shared(), torch.inference_mode(), torch._dynamo.config.patch(
                     **_DYNAMO):
                 outputs = self.compiled(*args, **kwargs)
         finally:
             self._local.calls = None
-        total_ms = (time.perf_counter() - start) * 1e3
         self.last_call = [(s.index, r is not None and r.result.value == 'offloaded')
                           for s, r, _ in calls]
-        return outputs, _fields(calls, total_ms, bandwidth_mbps)
+        return outputs, calls
 
     # ------------------------------------------------------------------ reporting
     def describe(self) -> dict:
@@ -322,6 +346,18 @@ def _fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
         'reason': '; '.join(waiting), 'preemptions': sum(r.preemptions for r in remote),
         'deadline_missed': any(r.deadline_missed for r in records),
         'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote)}
+
+
+def _local_fields(total_ms: float, bandwidth_mbps: float, reason: str) -> dict:
+    """Return the fields of a CallRecord for a call the robot ran whole."""
+    fields = _fields([], total_ms, bandwidth_mbps)
+    fields['reason'] = reason
+    return fields
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {text[0] if text else ""}'[:300]
 
 
 def _inference(outputs: Any) -> tuple:

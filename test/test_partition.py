@@ -165,6 +165,30 @@ def test_server_loss_falls_back_per_subgraph_and_offloads_again(make_server, off
     assert om.last.round_trips == 2
 
 
+def test_call_that_dynamo_fails_to_recompile_runs_locally_and_the_next_offloads(
+        server, offloaded):
+    model = detector()
+    x, other = _frame(0), _frame(1)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    compiled = om.stats()['subgraphs']
+    # another frame keeps more or fewer boxes: the graphs after a break see new shapes and
+    # dynamo recompiles them inside the call; make that recompile fail
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        out = om(other)
+    _assert_same_detections(out, _local(model, other))
+    record = om.last
+    assert record.result == OffloadResult.LOCAL and record.round_trips == 0, record
+    assert 'cannot partition this call' in record.reason and 'Recompile' in record.reason
+    assert record.remote_subgraphs == 0 and record.robot_compute_ms == record.total_ms
+    assert om.stats()['subgraphs'] == compiled
+    # the next call offloads again, and so does the frame once it compiles
+    _assert_same_detections(om(x), _local(model, x))
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2, om.last
+    _assert_same_detections(om(other), _local(model, other))
+    assert om.stats()['subgraphs'] > compiled
+
+
 @pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
 def test_whole_model_architectures_still_offload_whole(arch, server, offloaded):
     model = ARCHITECTURES[arch]()
