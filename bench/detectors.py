@@ -18,8 +18,10 @@ so a run cut short keeps what it measured.
 
 ``--part all`` runs one child process (with its own server) per detector and
 two for the whole models at once, so that exporting and compiling overlap
-(see :func:`fan_out`), and writes ``detectors.json``, ``whole.json`` and
-``detectors.log`` into ``--out-dir``.
+(see :func:`fan_out`), and one that asks dynamo where and why it breaks each
+detector's graphs (``--part breaks``, :func:`graph_breaks`); it writes
+``detectors.json``, ``whole.json``, ``breaks.json`` and ``detectors.log``
+into ``--out-dir``.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ import torch
 
 from bench.machine import write_results
 from rrto_ros import offload
+from rrto_ros.partition import DYNAMO_CONFIG
 from rrto_server.process import ServerProcess
 from rrto_wire import treespec
 
@@ -174,6 +177,31 @@ def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
     return row
 
 
+def graph_breaks(name: str, size: int) -> dict:
+    """
+    Return where dynamo breaks a detector's graphs under the partition's settings, and why.
+
+    ``torch._dynamo.explain`` with :data:`rrto_ros.partition.DYNAMO_CONFIG`:
+    the number of graphs and breaks, and each distinct break reason (its
+    first line) with the user code it happened in and how often.
+    """
+    model = build(name, size)
+    image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    with torch.inference_mode(), torch._dynamo.config.patch(**DYNAMO_CONFIG):
+        explained = torch._dynamo.explain(model)([image])
+    reasons: dict[tuple, int] = {}
+    for cause in explained.break_reasons:
+        frames = [f'{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}'
+                  for f in cause.user_stack[-2:]]
+        key = (cause.reason.strip().splitlines()[0][:160], ' < '.join(reversed(frames)))
+        reasons[key] = reasons.get(key, 0) + 1
+    return {'model': name, 'input': [3, size, size], 'graphs': explained.graph_count,
+            'breaks': explained.graph_break_count,
+            'ops_per_graph': [len(ops) for ops in explained.ops_per_graph or []],
+            'reasons': [{'reason': r, 'where': w, 'count': n} for (r, w), n in reasons.items()]}
+
+
 def whole_row(name: str, endpoint: str) -> dict:
     """Offload one whole-model architecture: one round trip, not partitioned, equal to local."""
     model = build(name, 0)
@@ -203,7 +231,7 @@ def fan_out(args: argparse.Namespace) -> None:
     """
     whole = list(WHOLE)
     groups = [('detectors', [d]) for d in DETECTORS]
-    groups += [('whole', whole[:7]), ('whole', whole[7:])]
+    groups += [('whole', whole[:7]), ('whole', whole[7:]), ('breaks', DETECTORS)]
     cores = len(os.sched_getaffinity(0))
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as sync, \
@@ -216,7 +244,7 @@ def fan_out(args: argparse.Namespace) -> None:
                        '--sync', sync, '--peers', str(len(DETECTORS)),
                        '--threads', str(cores),
                        '--budget-s', str(args.budget_s - 45)]
-            nice = (lambda: os.nice(19)) if part == 'whole' else None
+            nice = (lambda: os.nice(19)) if part != 'detectors' else None
             children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              preexec_fn=nice))
         for child in children:
@@ -226,7 +254,7 @@ def fan_out(args: argparse.Namespace) -> None:
                 child.kill()
                 child.wait()
         _shorten(Path(args.out_dir, 'detectors.log'))
-        for part in ('detectors', 'whole'):
+        for part in ('detectors', 'whole', 'breaks'):
             rows = []
             for i, (kind, _) in enumerate(groups):
                 path = Path(sync, f'{i}.json')
@@ -246,8 +274,10 @@ def _shorten(log: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1])
-    parser.add_argument('--part', choices=('detectors', 'whole', 'all'), default='detectors',
-                        help='all: one child process per detector, two for the whole models')
+    parser.add_argument('--part', choices=('detectors', 'whole', 'breaks', 'all'),
+                        default='detectors',
+                        help='breaks: where dynamo breaks the detectors (no server); all: one '
+                        'child process per detector, two for the whole models, one for breaks')
     parser.add_argument('--models', nargs='*', help='default: all of the part')
     parser.add_argument('--device', default='cuda', help="the server's device")
     parser.add_argument('--size', type=int, default=320, help='detector input height and width')
@@ -266,7 +296,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     turn = Turn(args.sync, args.peers, max(0.0, args.budget_s - 30))
-    names = args.models or (DETECTORS if args.part == 'detectors' else list(WHOLE))
+    names = args.models or (list(WHOLE) if args.part == 'whole' else DETECTORS)
+    if args.part == 'breaks':
+        rows = [graph_breaks(name, args.size) for name in names]
+        write_results(args.out, 'python -m bench.detectors', argv, rows)
+        return
     started = time.monotonic()
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as store:

@@ -42,12 +42,12 @@ MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be w
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
 PREPARE_CALLS = 3           # calls at most while preparing, until one captures no new graph
-_DYNAMO = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': False,
-           'recompile_limit': RECOMPILE_LIMIT}
+DYNAMO_CONFIG = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': False,
+                 'recompile_limit': RECOMPILE_LIMIT}
 if hasattr(torch._dynamo.config, 'nested_graph_breaks'):
     # a break inside a nested call ends the graph there, not at the outermost call: a
     # detector's backbone and heads stay one graph (one round trip), not one per call level
-    _DYNAMO['nested_graph_breaks'] = True
+    DYNAMO_CONFIG['nested_graph_breaks'] = True
 log = logging.getLogger('rrto_ros.partition')
 _COUNTERS = ('round_trips', 'infer_round_trips', 'bytes_sent', 'bytes_received', 'timeouts',
              'reconnects', 'errors', 'uploads', 'records', 'prepare_errors')
@@ -277,7 +277,7 @@ class Partition:
         self._local.calls = calls = []
         try:
             with EXPORT_GUARD.shared(), torch.inference_mode(), torch._dynamo.config.patch(
-                    **_DYNAMO):
+                    **DYNAMO_CONFIG):
                 outputs = self.compiled(*args, **kwargs)
         finally:
             self._local.calls = None
