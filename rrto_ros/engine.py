@@ -34,6 +34,7 @@ from rrto_ros.codec_choice import CANDIDATES as AUTO_CODECS
 from rrto_ros.codec_choice import check_codec, CodecChooser
 from rrto_ros.local_model import LocalModel, load_local_model
 from rrto_ros.partition import Partition
+from rrto_ros.partition_plans import SubgraphPlans
 from rrto_ros.plan_table import bind_table, PlanTable
 from rrto_ros.preparer import Prepared, Preparer
 from rrto_ros.records import CallRecord
@@ -60,7 +61,7 @@ class OffloadedModel:
                  plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
                  link: tuple[float, float] | None = None, plan_feedback: bool = True,
                  server_key: str | None = None, client_key: str | None = None,
-                 directory: str = '', duplicate: bool = False):
+                 directory: str = '', duplicate: bool = False, subgraph_plans: Any = None):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
         if late not in (None, 'drop', 'run'):
@@ -83,6 +84,7 @@ class OffloadedModel:
         self.switch_after = switch_after
         self.plan_feedback = plan_feedback
         table = bind_table(_load_table(plan_table), self.local)
+        self.subgraph_plans = SubgraphPlans.load(subgraph_plans)   # partitioned models' tables
         self.link = None
         if link is not None:
             self.set_link(*link)
@@ -247,7 +249,9 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
     ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ``plan_table``,
     ``switch_after``, ``link``, ``plan_feedback``, ``server_key``, ``client_key``,
-    ``directory``, ``duplicate``, ...).  ``server_key`` (the server's public
+    ``directory``, ``duplicate``, ``subgraph_plans``, ...).  ``subgraph_plans``
+    gives a model that cannot be exported whole the plan tables of its remote
+    subgraphs (:mod:`rrto_ros.partition_plans`).  ``server_key`` (the server's public
     ``.key`` file) and ``client_key`` (this robot's ``.key_secret``) make every
     connection CURVE-authenticated and encrypted; the client then talks only to
     the server holding that key.  With ``directory='tcp://...'`` (fleet mode,

@@ -37,6 +37,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils.flop_counter import FlopCounterMode
 
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
+from rrto_ros.partition_records import call_fields, first_line, local_fields
 
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
@@ -138,9 +139,12 @@ class Subgraph:
     def describe(self) -> dict:
         """Return what this subgraph is and where it runs."""
         ops = sum(1 for n in self.graph.graph.nodes if n.op not in ('placeholder', 'output'))
+        remote = self.remote
+        table = remote.table if remote is not None else None
         return {'index': self.index, 'operators': ops, 'flops': max(self.flops, 0),
-                'io_bytes': self.io_bytes, 'remote': self.remote is not None,
-                'reason': self.reason}
+                'io_bytes': self.io_bytes, 'remote': remote is not None,
+                'reason': self.reason, 'plan_table': table.label if table else '',
+                'plan': remote.last.plan if remote is not None and remote.last else ''}
 
 
 class Partition:
@@ -151,9 +155,10 @@ class Partition:
     remote subgraph gets an inner one of the same type with the outer's
     options (server, timeouts, mode, precision, segments, codec, priority,
     deadline, task), kept up to date with the outer's link, codec and timeout
-    before every call.  Plan tables are bound to one program
-    (:func:`rrto_ros.plan_table.bind_table`), so a whole model's table does not
-    apply to its subgraphs: they are offloaded whole.
+    before every call.  Plan tables are bound to one program, so a whole
+    model's table cannot apply to its subgraphs: each takes the table of its
+    own program from the outer's ``subgraph_plans``
+    (:mod:`rrto_ros.partition_plans`), or offloads whole.
     """
 
     def __init__(self, outer: Any):
@@ -166,6 +171,7 @@ class Partition:
         self.subgraphs: list[Subgraph] = []
         self.last_call: list[tuple[int, bool]] = []   # (subgraph index, ran remotely)
         self._remotes: dict[tuple, Any] = {}
+        self.plans = outer.subgraph_plans     # plan tables of the subgraphs' programs
         self._own = {id(t): t for t in _tensors_of(self.local.module)}
         self._lock = threading.Lock()
         self._local = threading.local()
@@ -186,8 +192,12 @@ class Partition:
             self._compiled_call(args, kwargs)   # a failure to compile here: cannot offload
             if self.last_call and len(self.subgraphs) == captured:
                 break
-        ready = [s.remote.warmup(*s.example, timeout_s=timeout_s)
-                 for s in self.subgraphs if s.remote is not None]
+        remotes = [s for s in self.subgraphs if s.remote is not None]
+        ready = [s.remote.warmup(*s.example, timeout_s=timeout_s) for s in remotes]
+        if self.plans is not None:   # exported now: their plan tables' plans are prepared
+            for s in remotes:
+                self.plans.give(s.remote)
+            ready = [s.remote.warmup(*s.example, timeout_s=timeout_s) for s in remotes]
         return all(ready)
 
     def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
@@ -238,6 +248,8 @@ class Partition:
             remote.set_codec(outer.codec)
         if remote.timeout_ms != outer.timeout_ms:
             remote.set_timeout(outer.timeout_ms)
+        if self.plans is not None:
+            self.plans.give(remote)
 
     # ------------------------------------------------------------------ calls
     def trace(self, subgraph: Subgraph, record: Any, local_ms: float) -> None:
@@ -263,15 +275,15 @@ class Partition:
             outputs, calls = self._compiled_call(args, kwargs)
         except Exception as exc:  # noqa: B902 - dynamo's errors have no common base
             log.warning('%s: this call could not be compiled (%s); it runs locally',
-                        self.label, _first_line(exc))
+                        self.label, first_line(exc))
             with EXPORT_GUARD.shared(), torch.inference_mode():
                 outputs = self.local.module(*args, **kwargs)
             self.last_call = []
             total_ms = (time.perf_counter() - start) * 1e3
-            return outputs, _local_fields(total_ms, bandwidth_mbps,
-                                          f'cannot partition this call: {_first_line(exc)}')
+            return outputs, local_fields(total_ms, bandwidth_mbps,
+                                         f'cannot partition this call: {first_line(exc)}')
         total_ms = (time.perf_counter() - start) * 1e3
-        return outputs, _fields(calls, total_ms, bandwidth_mbps)
+        return outputs, call_fields(calls, total_ms, bandwidth_mbps)
 
     def _compiled_call(self, args: tuple, kwargs: dict) -> tuple[Any, list]:
         self._local.calls = calls = []
@@ -315,49 +327,6 @@ class Partition:
     def close(self) -> None:
         for remote in list(self._remotes.values()):
             remote.close()
-
-
-def _fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
-    """Sum one call's subgraph calls into the fields of a CallRecord."""
-    records = [r for _, r, _ in calls if r is not None]
-    remote = [r for r in records if r.result.value == 'offloaded']
-    fallbacks = [r for r in records if r.result.value == 'local_fallback']
-    waiting = [f'subgraph {s.index}: {r.reason}' for s, r, _ in calls
-               if r is not None and r.result.value != 'offloaded']
-    if fallbacks:
-        result = 'local_fallback'
-    elif remote:
-        result = 'offloaded'
-    else:
-        result = 'local'
-        waiting = waiting or ['no subgraph is worth a round trip']
-    remote_ms = sum(r.network_ms + r.server_ms for r in remote)
-    return {
-        'result': result, 'plan': 'partitioned', 'total_ms': total_ms,
-        'network_ms': sum(r.network_ms for r in remote),
-        'server_ms': sum(r.server_ms for r in remote),
-        'server_queue_ms': sum(r.server_queue_ms for r in remote),
-        'server_compute_ms': sum(r.server_compute_ms for r in remote),
-        'robot_compute_ms': max(0.0, total_ms - remote_ms),
-        'round_trips': sum(r.round_trips for r in records),
-        'bytes_sent': sum(r.bytes_sent for r in records),
-        'bytes_received': sum(r.bytes_received for r in records),
-        'bandwidth_mbps': bandwidth_mbps, 'codec': remote[0].codec if remote else '',
-        'reason': '; '.join(waiting), 'preemptions': sum(r.preemptions for r in remote),
-        'deadline_missed': any(r.deadline_missed for r in records),
-        'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote)}
-
-
-def _local_fields(total_ms: float, bandwidth_mbps: float, reason: str) -> dict:
-    """Return the fields of a CallRecord for a call the robot ran whole."""
-    fields = _fields([], total_ms, bandwidth_mbps)
-    fields['reason'] = reason
-    return fields
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f'{type(exc).__name__}: {text[0] if text else ""}'[:300]
 
 
 def _inference(outputs: Any) -> tuple:

@@ -20,7 +20,9 @@ Everything else is refused, in particular:
   operators: they trust their arguments (a sparse constructor that skips index
   validation writes out of bounds; see ``docs/security.md``);
 * uninitialised allocations (``empty*``): they would hand a client memory that
-  another client's tensors just freed;
+  another client's tensors just freed.  ``aten.empty.memory_format`` (in
+  torchvision's detector subgraphs) runs zero-filled instead: a program whose
+  result the robot computes never reads what it did not write;
 * ``out=`` overloads: they write into an argument by design.
 
 In-place overloads (``relu_``, ``add_``) stay allowed here;
@@ -40,23 +42,24 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 _INPLACE_OK = (
     'abs add clamp clamp_min clamp_max copy detach div elu exp fill gelu hardsigmoid hardswish '
     'hardtanh leaky_relu log mul neg pow reciprocal relu relu6 rsqrt sigmoid silu sqrt sub '
-    'tanh zero')
+    'tanh zero dropout masked_fill')
 # packet names (``torch.ops.aten.<name>``); every non-``out`` overload of each is allowed
 ALLOWED_ATEN = frozenset((
     # convolution, normalisation, linear algebra
     'conv1d conv2d conv3d conv_transpose1d conv_transpose2d convolution _convolution '
     'batch_norm _native_batch_norm_legit_no_training native_batch_norm layer_norm '
     'native_layer_norm group_norm native_group_norm instance_norm linear addmm mm bmm matmul '
-    'baddbmm einsum t '
+    'baddbmm einsum t scaled_dot_product_attention '
     # activations and pointwise arithmetic
     'relu relu6 hardtanh hardswish hardsigmoid sigmoid silu gelu elu leaky_relu tanh mish '
     'softplus prelu _prelu_kernel softmax _softmax log_softmax _log_softmax abs neg exp log '
     'log2 sqrt rsqrt reciprocal pow add sub rsub mul div floor ceil round trunc sign erf clamp '
     'clamp_min clamp_max minimum maximum where eq ne lt le gt ge logical_and logical_or '
-    'logical_not bitwise_not '
+    'logical_not bitwise_not masked_fill '
     # pooling, resampling, padding
     'max_pool1d max_pool2d max_pool2d_with_indices max_pool3d avg_pool1d avg_pool2d '
     'avg_pool3d adaptive_avg_pool1d adaptive_avg_pool2d _adaptive_avg_pool2d '
+    'adaptive_avg_pool3d _adaptive_avg_pool3d '
     'adaptive_max_pool2d upsample_nearest1d upsample_nearest2d upsample_bilinear2d '
     'upsample_bicubic2d upsample_linear1d _upsample_nearest_exact2d '
     '_upsample_bilinear2d_aa pad constant_pad_nd reflection_pad2d replication_pad2d '
@@ -110,8 +113,21 @@ def _gather_clamped(tensor: torch.Tensor, dim: int, index: torch.Tensor, *,
 _gather_clamped._schema = torch.ops.aten.gather.default._schema
 
 
-# data-dependent indexing operators, run with their indices clamped (see module docstring)
-_CLAMPED = {'aten.index.Tensor': _index_clamped, 'aten.gather.default': _gather_clamped}
+def _empty_zeroed(size: list, *, dtype: Any = None, layout: Any = None, device: Any = None,
+                  pin_memory: Any = None, memory_format: Any = None) -> torch.Tensor:
+    """``aten.empty.memory_format``, zero-filled: no client sees memory another one freed."""
+    zeros = torch.ops.aten.zeros.default(size, dtype=dtype, layout=layout, device=device,
+                                         pin_memory=pin_memory)
+    return zeros if memory_format is None else zeros.contiguous(memory_format=memory_format)
+
+
+_empty_zeroed._schema = torch.ops.aten.empty.memory_format._schema
+
+
+# operators run through a safe equivalent (see module docstring): data-dependent indexing
+# with its indices clamped, an uninitialised allocation zero-filled
+_CLAMPED = {'aten.index.Tensor': _index_clamped, 'aten.gather.default': _gather_clamped,
+            'aten.empty.memory_format': _empty_zeroed}
 
 
 def _getitem(container: Any, index: Any) -> Any:

@@ -7,8 +7,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from rrto_ros import OffloadResult
+from rrto_ros.graph import GraphAnalysis
 from rrto_ros.local_model import TorchModule
 from rrto_ros.partition import is_data_dependent
+from rrto_ros.plan_table import PlanTable, program_key
+from rrto_ros.split import as_program, Plan
 from rrto_ros.zoo import ARCHITECTURES, Detector, detector
 from rrto_wire import treespec
 from rrto_testing import assert_same_as_local
@@ -189,6 +192,49 @@ def test_call_that_dynamo_fails_to_recompile_runs_locally_and_the_next_offloads(
     assert om.stats()['subgraphs'] > compiled
 
 
+def _subgraph_table(artifact, label: str, plans: dict) -> PlanTable:
+    """A plan table for a subgraph's program: plan per bandwidth (Mbit/s, RTT 5 ms)."""
+    entries = [{'bandwidth_mbps': mbps, 'rtt_ms': 5, 'plan': plan.to_json()}
+               for mbps, plan in plans.items()]
+    inputs = [spec.to_json() for spec in artifact.signature]
+    return PlanTable(program_key(artifact), label, inputs, entries, {}, {})
+
+
+def test_remote_subgraph_runs_under_the_plan_table_of_its_program(server, offloaded):
+    model = detector()
+    x = _frame(0)
+    expected = _local(model, x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    backbone = next(s for s in om.partition.subgraphs if s.remote is not None)
+    artifact = backbone.remote.prepared()[0].artifact
+    weights = artifact.weights()
+    analysis = GraphAnalysis(as_program(artifact.program),
+                             {k: v.shape for k, v in weights.items()})
+    cuts = analysis.cut_candidates()
+    hybrid, split = Plan('hybrid', cuts[-1], 0.5), Plan('split', cuts[len(cuts) // 2])
+    plans = {5: hybrid, 50: split, 500: Plan('offload')}
+    table = _subgraph_table(artifact, 'backbone', plans)
+    wrong = PlanTable('0' * 64, 'other program', table.inputs, table.entries, {}, {})
+
+    om = offloaded(model, server.endpoint, timeout_ms=30000, subgraph_plans=[wrong, table],
+                   link=(5, 5), switch_after=1, plan_feedback=False)
+    assert om.warmup(x, timeout_s=300)
+    for bandwidth, plan in [(5, hybrid), (50, split), (500, Plan('offload')), (5, hybrid)]:
+        om.set_link(bandwidth, 5)
+        out = om(x)
+        assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2, om.last
+        places = om.partition.describe()['subgraphs']
+        assert places[backbone.index]['plan_table'] == 'backbone'
+        assert places[backbone.index]['plan'] == plan.name
+        assert [s['plan'] for s in places if s['remote'] and s['index'] != backbone.index] \
+            == ['offload']   # the other remote subgraph has no table: offloaded whole
+        for got, want in zip(out, expected):   # robot and server rows: equal within rounding
+            assert torch.equal(got['labels'], want['labels'])
+            torch.testing.assert_close(got['boxes'], want['boxes'], rtol=1e-4, atol=1e-3)
+            torch.testing.assert_close(got['scores'], want['scores'], rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
 def test_whole_model_architectures_still_offload_whole(arch, server, offloaded):
     model = ARCHITECTURES[arch]()
@@ -230,3 +276,34 @@ def test_program_with_a_positional_device_runs_on_the_server(server, offloaded):
     assert om.warmup(x), om.stats()
     assert torch.equal(om(x), x.double() * 2)
     assert om.last.result == OffloadResult.OFFLOADED
+
+
+class _TorchvisionOps(torch.nn.Module):
+    """Operators torchvision's models export to, beyond the zoo's."""
+
+    def forward(self, x):
+        fresh = torch.empty(x.shape[1:], dtype=x.dtype)   # aten.empty.memory_format
+        fresh.copy_(x[0])      # detector subgraphs: allocated, then written whole
+        pooled = torch.nn.functional.adaptive_avg_pool3d(x, 2)            # r3d_18
+        q = x.flatten(2)
+        attended = torch.nn.functional.scaled_dot_product_attention(q, q, q)   # vit_b_16
+        masked = attended.masked_fill(attended > 0.1, -1.0)               # swin_t
+        dropped = torch.nn.functional.dropout(masked, 0.2, False, True)   # mobilenet_v3
+        return fresh * 2, pooled, dropped
+
+
+def test_operators_of_torchvision_models_offload_and_empty_runs_zero_filled(server, offloaded):
+    # on the GPU host these alone kept five of the thirteen architectures and the R-CNN and
+    # RetinaNet backbones on the robot ("operator ... is not allowed on this server")
+    x = torch.randn(1, 2, 4, 6, 8)
+    model = _TorchvisionOps().eval()
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x), om.prepared()[0].error
+    out = om(x)
+    assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
+    assert_same_as_local(out, _local(model, x))
+    from rrto_wire.ops import resolve
+    zeros = resolve('aten.empty.memory_format')([3, 5], dtype=torch.float32, device='cpu')
+    assert torch.equal(zeros, torch.zeros(3, 5))
+    with pytest.raises(Exception, match='not allowed'):
+        resolve('aten.empty_like.default')

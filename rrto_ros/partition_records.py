@@ -1,0 +1,56 @@
+"""
+What one call of a partitioned model reports: its subgraph calls summed into a CallRecord.
+
+A call of a partitioned model (:mod:`rrto_ros.partition`) is a sequence of
+subgraph calls, each remote one served by its own inner offloaded model with
+its own :class:`~rrto_ros.records.CallRecord`.  :func:`call_fields` sums them:
+the server's and the network's times over the remote subgraphs, the round
+trips and bytes of all, and the robot's time as the rest of the call (its
+local subgraphs and the Python between the graphs).
+"""
+
+from __future__ import annotations
+
+
+def call_fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
+    """Sum one call's subgraph calls into the fields of a CallRecord."""
+    records = [r for _, r, _ in calls if r is not None]
+    remote = [r for r in records if r.result.value == 'offloaded']
+    fallbacks = [r for r in records if r.result.value == 'local_fallback']
+    waiting = [f'subgraph {s.index}: {r.reason}' for s, r, _ in calls
+               if r is not None and r.result.value != 'offloaded']
+    if fallbacks:
+        result = 'local_fallback'
+    elif remote:
+        result = 'offloaded'
+    else:
+        result = 'local'
+        waiting = waiting or ['no subgraph is worth a round trip']
+    remote_ms = sum(r.network_ms + r.server_ms for r in remote)
+    return {
+        'result': result, 'plan': 'partitioned', 'total_ms': total_ms,
+        'network_ms': sum(r.network_ms for r in remote),
+        'server_ms': sum(r.server_ms for r in remote),
+        'server_queue_ms': sum(r.server_queue_ms for r in remote),
+        'server_compute_ms': sum(r.server_compute_ms for r in remote),
+        'robot_compute_ms': max(0.0, total_ms - remote_ms),
+        'round_trips': sum(r.round_trips for r in records),
+        'bytes_sent': sum(r.bytes_sent for r in records),
+        'bytes_received': sum(r.bytes_received for r in records),
+        'bandwidth_mbps': bandwidth_mbps, 'codec': remote[0].codec if remote else '',
+        'reason': '; '.join(waiting), 'preemptions': sum(r.preemptions for r in remote),
+        'deadline_missed': any(r.deadline_missed for r in records),
+        'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote)}
+
+
+def local_fields(total_ms: float, bandwidth_mbps: float, reason: str) -> dict:
+    """Return the fields of a CallRecord for a call the robot ran whole."""
+    fields = call_fields([], total_ms, bandwidth_mbps)
+    fields['reason'] = reason
+    return fields
+
+
+def first_line(exc: BaseException) -> str:
+    """Return an exception's type and the first line of its message."""
+    text = str(exc).strip().splitlines()
+    return f'{type(exc).__name__}: {text[0] if text else ""}'[:300]
