@@ -29,7 +29,7 @@ def test_the_sparse_segfault_program_is_refused_before_it_runs():
     'aten._sparse_coo_tensor_with_dims_and_tensors.default', 'aten.sparse_coo_tensor.size',
     'aten.to_dense.default', 'aten.index_select.default', 'aten.scatter.value',
     'aten.embedding.default', 'aten.index_put_.default', 'aten.as_strided.default',
-    'aten.set_.source_Tensor', 'aten.empty.memory_format', 'aten.empty_like.default',
+    'aten.set_.source_Tensor', 'aten.empty_like.default', 'aten.empty_strided.default',
     'aten.from_file.default', 'aten.add.out', 'aten.relu.out', 'aten.nonzero.default',
     'aten._local_scalar_dense.default', 'aten.scatter.src'])
 def test_operators_that_trust_their_arguments_are_not_allowed(op):
