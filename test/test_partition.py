@@ -193,7 +193,7 @@ def test_call_that_dynamo_fails_to_recompile_runs_locally_and_the_next_offloads(
 
 
 def _subgraph_table(artifact, label: str, plans: dict) -> PlanTable:
-    """A plan table for a subgraph's program: plan per bandwidth (Mbit/s, RTT 5 ms)."""
+    """Return a plan table for a subgraph's program: a plan per bandwidth (RTT 5 ms)."""
     entries = [{'bandwidth_mbps': mbps, 'rtt_ms': 5, 'plan': plan.to_json()}
                for mbps, plan in plans.items()]
     inputs = [spec.to_json() for spec in artifact.signature]
