@@ -188,9 +188,10 @@ class InferJob(Job):
     # ---------------------------------------------------------------- phase 3 (CPU worker)
     def timing(self) -> dict:
         """Return the reply's ``timing`` field (milliseconds and counts)."""
+        prepare_s = 0.0 if self.ready_at is None else self.ready_at - self.received
         return {'queue_ms': (self.queue_s or 0.0) * 1e3, 'compute_ms': self.compute_s * 1e3,
-                'segments': self.replay.num_segments, 'preemptions': self.preemptions,
-                'packed_steps': self.packed_steps,
+                'prepare_ms': prepare_s * 1e3, 'segments': self.replay.num_segments,
+                'preemptions': self.preemptions, 'packed_steps': self.packed_steps,
                 'deadline_missed': self.late_finish or self.outcome in ('expired', 'abandoned')}
 
     def _reply(self) -> None:
