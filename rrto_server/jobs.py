@@ -167,6 +167,9 @@ class InferJob(Job):
 
     # ---------------------------------------------------------------- phase 2 (device lane)
     def step(self) -> bool:
+        # on the I/O thread (the idle fast path) the outputs are copied back in the step that
+        # finishes them, large ones too: nothing waits for the lane, one synchronisation less
+        self.execution.copy_on_lane = self.inline and self.services.on_io_thread()
         return self.execution.step()
 
     def release(self) -> None:
