@@ -401,18 +401,27 @@ def main(argv: list[str] | None = None) -> dict:
             'cpus': os.cpu_count(), 'device': args.device, 'duration_s': args.duration,
             'clients': args.clients, 'tasks': [asdict(s) for s in specs]},
             'runs': {}}
+        results['meta']['gpu'] = _gpu_name(args.device)
         artifacts = {spec.name: export(spec) for spec in specs}
         if args.solo:
-            results['solo'] = {spec.name: run_policy('fifo', [spec], artifacts, store, args)
-                               for spec in specs if spec.rate_hz > 0}
+            results['solo'] = {}
+            for spec in specs:
+                if spec.rate_hz > 0:
+                    results['solo'][spec.name] = run_policy('fifo', [spec], artifacts, store,
+                                                            args)
+                    _save(results, args.out)
         for label in args.policies:
             results['runs'][label] = run_policy(label, specs, artifacts, store, args)
-    results['meta']['gpu'] = _gpu_name(args.device)
+            _save(results, args.out)
     results = _clean(results)
     print(table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     return results
+
+
+def _save(results: dict, out: str | None) -> None:
+    """Write what was measured so far (a run cut short keeps its finished policies)."""
+    if out:
+        Path(out).write_text(json.dumps(_clean(results), indent=1))
 
 
 def _gpu_name(device: str) -> str | None:
