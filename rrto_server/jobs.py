@@ -12,9 +12,11 @@ An inference passes through three phases on three kinds of thread:
    already did, see :mod:`rrto_server.runner_cudagraph`), encode and
    send the reply.
 
-The I/O thread only validates the header, looks the replay up and queues
-phase 1.  Every request ends in exactly one reply, and in exactly one
-per-task outcome (:mod:`rrto_server.taskstats`).
+The I/O thread validates the header, looks the replay up and queues phase 1,
+or runs phase 1 itself for small raw frames that start as views (all three
+phases when the device is idle; see :mod:`rrto_server.server`).  Every
+request ends in exactly one reply, and in exactly one per-task outcome
+(:mod:`rrto_server.taskstats`).
 """
 
 from __future__ import annotations

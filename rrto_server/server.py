@@ -9,7 +9,9 @@ probe, stats) are answered inline; uploads go to a control thread (disk I/O);
 recordings and naive operators go to the device
 :class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
 workers (decode, staging), then to the scheduler, then back to the CPU
-workers (copy-back, encode; see :mod:`rrto_server.jobs`).
+workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Small raw-frame
+inferences skip the workers: on an idle device this thread serves them end
+to end, otherwise it decodes them (zero-copy views) and queues them itself.
 
 Limits on the socket itself (libzmq, before Python sees a byte):
 ``ZMQ_MAXMSGSIZE`` is the server's message limit, checked by libzmq per

@@ -1,6 +1,9 @@
 """
 Host <-> device copies of a replay's inputs and outputs, off the device lanes.
 
+(:func:`copy_bytes` is the host-side memcpy of a request's frame into a CUDA
+graph's page-locked staging buffer, which the graph then copies itself.)
+
 Each thread (the I/O thread, every CPU worker) has its own CUDA copy stream
 and its own page-locked bounce buffers, so a copy never waits for another
 thread's and a lane never waits for a copy.
