@@ -214,7 +214,8 @@ def _client(spec: dict, endpoint: str, replay: str, duration: float, seed: int, 
             end = time.monotonic()
             late = task.deadline_ms is not None and (end - release) * 1e3 > task.deadline_ms
             releases.append(Release(release, 'late' if late else 'ok', send, end,
-                                    reply.get('timing', {})))
+                                    dict(reply.get('timing', {}),
+                                         server_ms=reply.get('server_ms', 0.0))))
         except RemoteError as exc:
             outcome = 'dropped' if exc.code == 'deadline_missed' else 'error'
             releases.append(Release(release, outcome, send, time.monotonic(),
@@ -280,9 +281,36 @@ def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
                        'max': max(latency, default=math.nan)},
         'response_ms_p99': percentile(response, 99),
         'preemptions': sum(r['server'].get('preemptions', 0) for r in answered),
+        'stages_ms': stages(answered),
         'server': {k: server_task.get(k) for k in ('preempt_ms', 'queue_ms', 'latency_ms',
                                                    'expired', 'abandoned', 'late')},
     }
+
+
+def stages(answered: list[dict]) -> dict:
+    """
+    Return the medians of where answered requests spent their time, stage by stage.
+
+    ``prepare`` (server arrival to the device queue: header checks, waiting
+    for a CPU worker, decoding, staging), ``device_wait`` (queued for a lane,
+    preemptions before the first step included), ``compute`` (lane steps),
+    ``reply`` (after the last step until the reply is handed to ZeroMQ:
+    copy-back, waiting for a CPU worker, encoding) and ``wire`` (client send
+    to reply less the server's time: both transfers and the client's framing).
+    """
+    parts: dict[str, list[float]] = {k: [] for k in ('prepare', 'device_wait', 'compute',
+                                                     'reply', 'wire')}
+    for r in answered:
+        timing = r['server']
+        if 'server_ms' not in timing or 'queue_ms' not in timing:
+            continue
+        prepare = timing.get('prepare_ms', 0.0)
+        parts['prepare'].append(prepare)
+        parts['device_wait'].append(timing['queue_ms'] - prepare)
+        parts['compute'].append(timing['compute_ms'])
+        parts['reply'].append(timing['server_ms'] - timing['queue_ms'] - timing['compute_ms'])
+        parts['wire'].append((r['end'] - r['send']) * 1e3 - timing['server_ms'])
+    return {k: percentile(v, 50) for k, v in parts.items()}
 
 
 def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, args) -> dict:
@@ -314,7 +342,8 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
 def table(results: dict) -> str:
     """Return a markdown table of per-task figures, one row per (policy, task)."""
     rows = ['| policy | task | prio | releases | p50 ms | p99 ms | miss rate | thr Hz | '
-            'preempt p50/p99/max ms |', '|---' * 9 + '|']
+            'preempt p50/p99/max ms | p50 prepare/wait/compute/reply/wire ms |',
+            '|---' * 10 + '|']
     runs = [('solo', run) for run in results.get('solo', {}).values()]
     for label, run in runs + list(results['runs'].items()):
         for name, t in run['tasks'].items():
@@ -324,7 +353,8 @@ def table(results: dict) -> str:
             miss = '-' if t['miss_rate'] is None else f"{100 * t['miss_rate']:.1f}%"
             rows.append(f"| {label} | {name} | {t['priority']} | {t['releases']} | "
                         f"{_ms(t['latency_ms']['p50'])} | {_ms(t['latency_ms']['p99'])} | "
-                        f"{miss} | {t['throughput_hz']:.1f} | {pre_txt} |")
+                        f"{miss} | {t['throughput_hz']:.1f} | {pre_txt} | "
+                        f"{'/'.join(_ms(v) for v in t.get('stages_ms', {}).values())} |")
     return '\n'.join(rows)
 
 
@@ -371,18 +401,27 @@ def main(argv: list[str] | None = None) -> dict:
             'cpus': os.cpu_count(), 'device': args.device, 'duration_s': args.duration,
             'clients': args.clients, 'tasks': [asdict(s) for s in specs]},
             'runs': {}}
+        results['meta']['gpu'] = _gpu_name(args.device)
         artifacts = {spec.name: export(spec) for spec in specs}
         if args.solo:
-            results['solo'] = {spec.name: run_policy('fifo', [spec], artifacts, store, args)
-                               for spec in specs if spec.rate_hz > 0}
+            results['solo'] = {}
+            for spec in specs:
+                if spec.rate_hz > 0:
+                    results['solo'][spec.name] = run_policy('fifo', [spec], artifacts, store,
+                                                            args)
+                    _save(results, args.out)
         for label in args.policies:
             results['runs'][label] = run_policy(label, specs, artifacts, store, args)
-    results['meta']['gpu'] = _gpu_name(args.device)
+            _save(results, args.out)
     results = _clean(results)
     print(table(results))
-    if args.out:
-        Path(args.out).write_text(json.dumps(results, indent=1))
     return results
+
+
+def _save(results: dict, out: str | None) -> None:
+    """Write what was measured so far (a run cut short keeps its finished policies)."""
+    if out:
+        Path(out).write_text(json.dumps(_clean(results), indent=1))
 
 
 def _gpu_name(device: str) -> str | None:

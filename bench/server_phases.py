@@ -30,32 +30,62 @@ import torch
 PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.server', 'Server', 'on_message', 'on_message (everything on receipt)'),
     ('rrto_wire.messages', None, 'decode_request', 'decode_request'),
+    ('rrto_server.guard', 'Guard', 'admit', 'guard.admit'),
+    ('rrto_server.jobs', 'InferJob', 'prepare', 'prepare (decode + start)'),
     ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
     ('rrto_server.replay', 'Replay', 'start', 'replay.start (stages large inputs)'),
     ('rrto_server.scheduler', 'Scheduler', 'run_inline', 'run_inline'),
     ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),
+    ('rrto_server.runner_cudagraph', 'CudaGraphRunner', 'run_segment',
+     'run_segment (memcpy, replay launch, copy-back launch)'),
+    ('rrto_server.jobs', 'InferJob', 'complete', 'complete (copy-back wait, reply)'),
     ('rrto_server.runner', 'Execution', 'host_outputs', 'host_outputs (large copy-back)'),
     ('rrto_server.requests', 'Request', 'ok', 'ok (encode + send)'),
+    ('rrto_wire.protocol', None, 'encode', 'encode'),
+    ('rrto_server.requests', 'ReplySender', 'send', 'sender.send'),
+]
+CLIENT_PHASES = [   # the robot's side of one call (in the client process)
+    ('rrto_ros.call_path', 'CallPath', 'run', 'call (everything)'),
+    ('rrto_ros.client', 'RrtoClient', 'start', 'start (encode + send)'),
+    ('rrto_wire.protocol', None, 'encode', 'encode'),
+    ('rrto_ros.client', 'PendingReply', 'result', 'result (wait + decode)'),
+    ('rrto_wire.replies', None, 'decode_reply', 'decode_reply'),
+    ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
+    ('rrto_ros.call_path', 'RemoteCall', 'record', 'record'),
 ]
 
 
 def client(endpoint: str, arch: str, calls: int) -> None:
-    """Offload ``arch`` and print the call records' medians as JSON (child process)."""
+    """Offload ``arch`` and print the call records' medians and client phases as JSON."""
     from bench import gpu_models
     from bench.measure import offloaded_calls
     model, frame = gpu_models.build(arch)
-    records = offloaded_calls(model, frame, endpoint, calls)
-    print(json.dumps({key: statistics.median(getattr(r, key) for r in records)
-                      for key in ('total_ms', 'server_ms', 'server_compute_ms')}), flush=True)
+    with instrumented(CLIENT_PHASES) as times:
+        records = offloaded_calls(model, frame, endpoint, calls)
+    row = {key: statistics.median(getattr(r, key) for r in records)
+           for key in ('total_ms', 'server_ms', 'server_compute_ms', 'network_ms')}
+    row['client_phases'] = phase_table(times, CLIENT_PHASES, calls)
+    print(json.dumps(row), flush=True)
+
+
+def phase_table(times: dict, phases: list, calls: int) -> dict:
+    """Return label -> n, median and p90 ms over the last ``calls`` timings of each phase."""
+    table = {}
+    for _, _, _, label in phases:
+        values = sorted(times.get(label, [])[-calls:])
+        if values:
+            table[label] = {'n': len(values), 'median_ms': statistics.median(values),
+                            'p90_ms': values[int(0.9 * (len(values) - 1))]}
+    return table
 
 
 @contextlib.contextmanager
-def instrumented():
+def instrumented(phases: list):
     """Wrap every phase with a timer while in the block; yield label -> durations (ms)."""
     import importlib
     times: dict[str, list[float]] = collections.defaultdict(list)
     originals = []
-    for module_name, owner_name, name, label in PHASES:
+    for module_name, owner_name, name, label in phases:
         module = importlib.import_module(module_name)
         owner = getattr(module, owner_name) if owner_name else module
         original = getattr(owner, name)
@@ -92,12 +122,7 @@ def measure(arch: str, device: str, calls: int, times: dict) -> dict:
             row = {'arch': arch, 'calls': calls, **json.loads(done.stdout.splitlines()[-1])}
         finally:
             server.close()
-    row['phases'] = {}
-    for _, _, _, label in PHASES:
-        values = sorted(times.get(label, [])[-calls:])
-        if values:
-            row['phases'][label] = {'n': len(values), 'median_ms': statistics.median(values),
-                                    'p90_ms': values[int(0.9 * (len(values) - 1))]}
+    row['phases'] = phase_table(times, PHASES, calls)
     return row
 
 
@@ -117,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     from bench.machine import write_results
     rows = []
     for arch in args.archs:
-        with instrumented() as times:
+        with instrumented(PHASES) as times:
             row = measure(arch, args.device, args.calls, times)
         print(f"{arch}: total {row['total_ms']:.3f} ms, server {row['server_ms']:.3f} ms, "
               f"compute {row['server_compute_ms']:.3f} ms")
-        for label, p in row['phases'].items():
-            print(f"  {label:38s} n={p['n']:4d}  median {p['median_ms']:.4f} ms  "
-                  f"p90 {p['p90_ms']:.4f} ms")
+        for side in ('phases', 'client_phases'):
+            print(f'  {side}:')
+            for label, p in row[side].items():
+                print(f"    {label:54s} n={p['n']:4d}  median {p['median_ms']:.4f} ms  "
+                      f"p90 {p['p90_ms']:.4f} ms")
         rows.append(row)
     if args.out:
         write_results(args.out, 'python -m bench.server_phases', argv, rows)

@@ -12,9 +12,11 @@ An inference passes through three phases on three kinds of thread:
    already did, see :mod:`rrto_server.runner_cudagraph`), encode and
    send the reply.
 
-The I/O thread only validates the header, looks the replay up and queues
-phase 1.  Every request ends in exactly one reply, and in exactly one
-per-task outcome (:mod:`rrto_server.taskstats`).
+The I/O thread validates the header, looks the replay up and queues phase 1,
+or runs phase 1 itself for small raw frames that start as views (all three
+phases when the device is idle; see :mod:`rrto_server.server`).  Every
+request ends in exactly one reply, and in exactly one per-task outcome
+(:mod:`rrto_server.taskstats`).
 """
 
 from __future__ import annotations
@@ -167,6 +169,9 @@ class InferJob(Job):
 
     # ---------------------------------------------------------------- phase 2 (device lane)
     def step(self) -> bool:
+        # on the I/O thread (the idle fast path) the outputs are copied back in the step that
+        # finishes them, large ones too: nothing waits for the lane, one synchronisation less
+        self.execution.copy_on_lane = self.inline and self.services.on_io_thread()
         return self.execution.step()
 
     def release(self) -> None:
@@ -188,9 +193,10 @@ class InferJob(Job):
     # ---------------------------------------------------------------- phase 3 (CPU worker)
     def timing(self) -> dict:
         """Return the reply's ``timing`` field (milliseconds and counts)."""
+        prepare_s = 0.0 if self.ready_at is None else self.ready_at - self.received
         return {'queue_ms': (self.queue_s or 0.0) * 1e3, 'compute_ms': self.compute_s * 1e3,
-                'segments': self.replay.num_segments, 'preemptions': self.preemptions,
-                'packed_steps': self.packed_steps,
+                'prepare_ms': prepare_s * 1e3, 'segments': self.replay.num_segments,
+                'preemptions': self.preemptions, 'packed_steps': self.packed_steps,
                 'deadline_missed': self.late_finish or self.outcome in ('expired', 'abandoned')}
 
     def _reply(self) -> None:

@@ -10,8 +10,8 @@ order in which lanes take jobs is :mod:`rrto_server.scheduler`'s business.
 
 from __future__ import annotations
 
-import contextlib
 import math
+import threading
 import time
 
 from rrto_wire.errors import ProtocolError
@@ -19,6 +19,8 @@ from rrto_wire.errors import ProtocolError
 DROP, RUN = 'drop', 'run'
 LATE_POLICIES = (DROP, RUN)
 EXCLUSIVE = math.inf   # utilisation of a job that must run alone (unprofiled, recordings)
+
+_THREAD = threading.local()    # the lane stream each thread has made its current stream
 
 
 class Job:
@@ -106,21 +108,24 @@ class Lane:
 
     def run(self, job: Job, to_end: bool) -> bool:
         """Run one step of ``job`` (all remaining steps if ``to_end``); return True if done."""
-        if self.stream is None:
-            context = contextlib.nullcontext()
-        else:
+        stream = self.stream
+        if stream is not None and getattr(_THREAD, 'stream', None) is not stream:
+            # a lane's thread (and the I/O thread, which runs lane 0's steps when the device
+            # is idle) keeps the lane's stream current instead of entering and leaving a
+            # stream context every step; the server's other stream switches are contexts,
+            # which restore it
             import torch
-            context = torch.cuda.stream(self.stream)
+            torch.cuda.set_stream(stream)
+            _THREAD.stream = stream
         try:
-            with context:
-                while True:
-                    done = job.step()
-                    job.steps_done += 1
-                    if done or not to_end:
-                        return done
+            while True:
+                done = job.step()
+                job.steps_done += 1
+                if done or not to_end:
+                    return done
         finally:
-            if self.stream is not None:
-                self.stream.synchronize()
+            if stream is not None:
+                stream.synchronize()
 
 
 def make_lanes(device, count: int) -> list[Lane]:

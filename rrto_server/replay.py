@@ -92,6 +92,19 @@ class Replay:
         """Return True when all executions share one set of device buffers (CUDA graphs)."""
         return isinstance(self.runner, CudaGraphRunner)
 
+    @property
+    def copies_on_start(self) -> bool:
+        """
+        Return True when :meth:`start` copies the inputs to the device (and waits for them).
+
+        False on a CPU server and for a CUDA graph that copies its inputs inside
+        the graph (see :mod:`rrto_server.runner_cudagraph`): starting keeps views
+        of the request's frames, so any thread may do it.
+        """
+        if self.device.type != 'cuda':
+            return False
+        return not (isinstance(self.runner, CudaGraphRunner) and self.runner.staging is not None)
+
     def _record(self, cpu_backend: str) -> Runner:
         opts, device = self.options, self.device
         if opts.precision in ('fp16', 'tf32') and device.type != 'cuda':

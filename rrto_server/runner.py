@@ -54,6 +54,9 @@ class Execution:
         self.outputs: list[torch.Tensor] | None = None
         self.buffers: BufferSet | None = None     # page-locked outputs, held until sent
         self.copied: Any = None                    # CUDA event: outputs are in the buffers
+        # copy every output back in the last step, whatever its size (set for a step that
+        # runs on the I/O thread: nobody waits for that lane, and it saves a synchronisation)
+        self.copy_on_lane = False
         runner.begin(self, inputs)
 
     @property

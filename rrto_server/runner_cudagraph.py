@@ -15,8 +15,9 @@ CPU worker's copy stream instead, so a best-effort batch never holds a lane
 while it is copied).  Outputs go back into a page-locked
 :class:`~rrto_server.host_buffers.BufferSet` that the reply is sent from and
 that is reused only once ZeroMQ has sent it: on the lane, right after the
-last graph, when they total at most ``LANE_COPY_BYTES``, otherwise from a
-device copy on a CPU worker's copy stream.
+last graph, when they total at most ``LANE_COPY_BYTES`` or the step runs on
+the I/O thread (an idle device, see :attr:`Execution.copy_on_lane`),
+otherwise from a device copy on a CPU worker's copy stream.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from rrto_server import host_buffers
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import FxRunner
-from rrto_server.transfers import copy_to_host, stage
+from rrto_server.transfers import byte_view, copy_bytes, copy_to_host, stage
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.tensors import Signature
 
@@ -57,6 +58,7 @@ class CudaGraphRunner(FxRunner):
             self.staging = {name: torch.empty(spec.shape, dtype=torch_dtype(spec.dtype),
                                               pin_memory=True)
                             for name, spec in zip(self.input_names, signature)}
+            self._staging_bytes = {name: byte_view(host) for name, host in self.staging.items()}
         self._staged = torch.cuda.Event()   # the last replay of graph 0 has read the staging
         self.owner: Execution | None = None
         self._lock = threading.Lock()
@@ -112,16 +114,17 @@ class CudaGraphRunner(FxRunner):
             owner.saved = {n: self.static[n].clone() for n in self.needed_from[owner.next_segment]
                            if n in self.static}
             owner.saves += 1
-        stream = torch.cuda.current_stream(self.device)
         if ex.next_segment == 0 and self.staging is not None:
             self._staged.synchronize()       # a direct caller may not have waited for it
             for name, tensor in ex.env.items():
-                self.staging[name].copy_(tensor)
+                copy_bytes(self._staging_bytes[name], tensor)
         elif ex.next_segment == 0:
+            stream = torch.cuda.current_stream(self.device)
             for name, tensor in ex.env.items():
                 self.static[name].copy_(tensor, non_blocking=True)
                 tensor.record_stream(stream)
         elif ex.saved is not None:
+            stream = torch.cuda.current_stream(self.device)
             for name, tensor in ex.saved.items():
                 self.static[name].copy_(tensor, non_blocking=True)
                 tensor.record_stream(stream)  # saved on another lane's stream, maybe
@@ -134,7 +137,7 @@ class CudaGraphRunner(FxRunner):
             self.graphs[k].replay()
             if k == 0:
                 self._staged.record()
-            if k == self.num_segments - 1 and self.copies_on_lane:
+            if k == self.num_segments - 1 and (self.copies_on_lane or ex.copy_on_lane):
                 ex.buffers = self.output_buffers.acquire()
                 if ex.buffers is not None:
                     for host, name in zip(ex.buffers.tensors, self.output_names):

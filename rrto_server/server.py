@@ -9,7 +9,9 @@ probe, stats) are answered inline; uploads go to a control thread (disk I/O);
 recordings and naive operators go to the device
 :class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
 workers (decode, staging), then to the scheduler, then back to the CPU
-workers (copy-back, encode; see :mod:`rrto_server.jobs`).
+workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Small raw-frame
+inferences skip the workers: on an idle device this thread serves them end
+to end, otherwise it decodes them (zero-copy views) and queues them itself.
 
 Limits on the socket itself (libzmq, before Python sees a byte):
 ``ZMQ_MAXMSGSIZE`` is the server's message limit, checked by libzmq per
@@ -62,6 +64,9 @@ BATCH = 64                  # messages received per poll wake-up before replies 
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
 INLINE_MAX_INPUT_BYTES = 4 << 20
+# libzmq I/O threads of a server's own context: connections are spread over them, so one
+# peer's multi-megabyte batch does not hold up the bytes of another peer's urgent frame
+IO_THREADS = 4
 
 
 class Server:
@@ -82,7 +87,7 @@ class Server:
         self.stats = ServerStats()
         self.tasks = TaskStats()
         self.open_requests = OpenRequests()
-        self._ctx = context or zmq.Context()
+        self._ctx = context or zmq.Context(io_threads=IO_THREADS)
         self._own_ctx = context is None
         self.guard = Guard(self._ctx, config.bind, config.keys, config.insecure,
                            config.admission_capacity)
@@ -289,24 +294,29 @@ class Server:
                                 'bytes')
         job = InferJob(self.services, request, replay, frames, **keys)
         self.tasks.arrived(job.task, job.priority)
-        if self._inline_ok(replay, header) and self.scheduler.pending() == 0:
+        small = self._small_raw(header)
+        if small and self._inline_ok(replay) and self.scheduler.pending() == 0:
             # fast path: an idle device, raw frames and short segments are served on this
             # thread end to end (decode is zero-copy, the step is short)
             job.inline = True
             if job.prepare(submit=False) and not self.scheduler.run_inline(job):
                 job.inline = False
                 self.scheduler.submit(job)
-            return
-        self.cpu.submit(job.urgency(), job.prepare)
+        elif small and not replay.copies_on_start:
+            job.prepare()       # views of the frames: cheaper here than a hand-off to a worker
+        else:
+            self.cpu.submit(job.urgency(), job.prepare)
 
-    def _inline_ok(self, replay: Replay, header: messages.Infer) -> bool:
-        if not replay.segment_ms or max(replay.segment_ms) > self.config.inline_max_ms:
-            return False
-        # a bulk batch is staged by a CPU worker: on this thread it would hold up the receipt
-        # of every request behind it, urgent ones included
+    @staticmethod
+    def _small_raw(header: messages.Infer) -> bool:
+        # a bulk batch or a codec is decoded and staged by a CPU worker: on this thread it
+        # would hold up the receipt of every request behind it, urgent ones included
         if wire.decoded_size(header.tensors) > INLINE_MAX_INPUT_BYTES:
             return False
         return all(d.codec == 'raw' for d in header.tensors)
+
+    def _inline_ok(self, replay: Replay) -> bool:
+        return bool(replay.segment_ms) and max(replay.segment_ms) <= self.config.inline_max_ms
 
     def on_io_thread(self) -> bool:
         """Return True when called from the thread that serves the socket."""

@@ -24,19 +24,20 @@ from typing import Any, Sequence
 import torch
 
 from rrto_wire import codecs
+from rrto_wire.dtypes import dtype_name
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import MAX_TENSORS, PROTOCOL_VERSION
 from rrto_wire.messages import Frame, Kind, encode_header
-from rrto_wire.tensors import TensorSpec, tensor_frame, tensor_from_buffer
+from rrto_wire.tensors import tensor_frame, tensor_from_buffer
 
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
     """Build the frames of one message; ``header`` gains ``v`` and ``tensors``."""
     descriptors, frames = [], []
     for tensor in tensors:
-        spec = TensorSpec.of(tensor)
-        used, frame = codecs.encode(codec, tensor)
-        descriptors.append({'dtype': spec.dtype, 'shape': spec.shape, 'codec': used})
+        used, frame = (codecs.RAW, None) if codec == codecs.RAW else codecs.encode(codec, tensor)
+        descriptors.append({'dtype': dtype_name(tensor.dtype), 'shape': tuple(tensor.shape),
+                            'codec': used})
         frames.append(frame if used != codecs.RAW else tensor_frame(tensor))
     full = dict(header)
     full['v'] = PROTOCOL_VERSION

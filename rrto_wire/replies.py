@@ -68,8 +68,9 @@ class RecordOk(Ok, tag='ok', kw_only=True):
 class InferTiming(msgspec.Struct, forbid_unknown_fields=True):
     """Where an inference spent its time on the server."""
 
-    queue_ms: float
+    queue_ms: float                 # arrival to the first step (prepare_ms included)
     compute_ms: float
+    prepare_ms: float = 0.0         # arrival to the device queue: checks, decoding, staging
     segments: int = 1
     preemptions: int = 0
     packed_steps: int = 0

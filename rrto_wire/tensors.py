@@ -75,21 +75,22 @@ def signature_key(signature: Sequence[TensorSpec]) -> str:
 
 def tensor_frame(tensor: torch.Tensor) -> memoryview:
     """Return a zero-copy buffer over a CPU tensor's bytes (copies only if not contiguous)."""
-    tensor = tensor.detach()
-    if tensor.device.type != 'cpu':
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if not tensor.is_cpu:
         tensor = tensor.cpu()
     tensor = tensor.contiguous()
     if tensor.numel() == 0:
         return memoryview(b'')
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.view(torch.int16)
-    return memoryview(tensor.numpy().reshape(-1)).cast('B')
+    return memoryview(tensor.numpy()).cast('B')     # C-contiguous: any rank casts to bytes
 
 
 def tensor_from_buffer(buf: memoryview, spec: TensorSpec) -> torch.Tensor:
     """View a buffer of exactly ``spec.nbytes`` bytes as a tensor without copying."""
     entry = dtypes.DTYPES[spec.dtype]
-    if spec.nbytes == 0:
+    if len(buf) == 0:                       # exactly spec.nbytes long: no elements
         return torch.empty(spec.shape, dtype=entry.torch)
     tensor = torch.frombuffer(buf, dtype=entry.view)
     if entry.view != entry.torch:

@@ -23,6 +23,9 @@ def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_pat
             assert sum(task[o] for o in OUTCOMES) == task['releases']
             assert task['error'] == task['timeout'] == 0, (label, name, task)
             assert task['throughput_hz'] > 0
+            stages = task['stages_ms']      # where answered requests spent their time
+            assert set(stages) == {'prepare', 'device_wait', 'compute', 'reply', 'wire'}
+            assert stages['compute'] > 0 and stages['prepare'] > 0 and stages['wire'] > 0
         detect = run['tasks']['detect']
         assert 0.0 <= detect['miss_rate'] <= 1.0
         assert run['tasks']['mapping']['miss_rate'] is None     # best effort: no deadline

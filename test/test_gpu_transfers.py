@@ -168,3 +168,45 @@ def test_concurrent_clients_of_one_replay_get_their_own_outputs(make_server, off
         for thread in threads:
             thread.join(120)
     assert not errors
+
+
+def test_any_input_layout_is_staged_byte_for_byte(tmp_path):
+    model = keypoint_net()
+    x = torch.randn(1, 96, 64, 3).permute(0, 3, 2, 1)   # the right shape, not contiguous
+    assert x.shape == SIZE and not x.is_contiguous()
+    replay = make_replay(tmp_path, model, x.contiguous())
+    assert replay.runner.staging is not None
+    assert close(replay.start([x]).run(), reference(model, x))
+    on_device = torch.randn(*SIZE)                       # a direct caller's device tensor
+    assert close(replay.start([on_device.cuda()]).run(), reference(model, on_device))
+
+
+def test_a_step_on_the_io_thread_copies_large_outputs_back_itself(tmp_path):
+    model = Upsample().eval()
+    x, y = torch.randn(1, 3, 64, 64), torch.randn(1, 3, 64, 64)
+    replay = make_replay(tmp_path, model, x)
+    assert not replay.runner.copies_on_lane
+    inline = replay.start([x])
+    inline.copy_on_lane = True
+    assert inline.step()
+    assert inline.buffers is not None and inline.outputs is inline.buffers.tensors
+    queued = replay.start([y])           # a lane's step: its copy-back waits for a worker
+    assert queued.step() and queued.buffers is None
+    assert close(queued.host_outputs(), reference(model, y))
+    out = inline.host_outputs()
+    assert out[0].is_pinned() and close(out, reference(model, x))
+    inline.release_buffers()
+    queued.release_buffers()
+
+
+def test_an_io_thread_step_with_outputs_over_the_cap_copies_them_later(tmp_path, monkeypatch):
+    monkeypatch.setattr(host_buffers, 'MAX_BYTES', 1024)
+    model = Upsample().eval()
+    x = torch.randn(1, 3, 64, 64)
+    replay = make_replay(tmp_path, model, x)
+    assert not replay.runner.output_buffers.enabled
+    inline = replay.start([x])
+    inline.copy_on_lane = True
+    assert inline.step() and inline.buffers is None
+    out = inline.host_outputs()
+    assert not out[0].is_pinned() and close(out, reference(model, x))

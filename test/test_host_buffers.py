@@ -1,4 +1,4 @@
-"""Output buffer sets: reused across requests, never while a reply still needs them."""
+"""Host buffers: output sets reused, never while a reply needs them; staging copies of inputs."""
 
 import threading
 import time
@@ -180,3 +180,16 @@ def test_a_reply_tells_on_sent_when_its_memory_may_be_reused():
         dealer.close(0)
         router.close(0)
         ctx.term()
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16, torch.uint8, torch.bool,
+                                   torch.int64, torch.float16])
+def test_staging_copies_the_bytes_of_every_dtype_and_layout(dtype):
+    from rrto_server.transfers import byte_view, copy_bytes
+    source = (torch.randn(2, 5, 7) * 100).to(dtype)
+    for tensor in (source, source.transpose(0, 2), source[0, 0, 0]):
+        staging = torch.empty(tensor.shape, dtype=dtype)
+        view = byte_view(staging)
+        copy_bytes(view, tensor)
+        assert torch.equal(staging, tensor), (dtype, tensor.shape)
+        assert view.ctypes.data == staging.data_ptr(), 'a view, not a copy'

@@ -16,6 +16,7 @@ from rrto_ros.client import RrtoClient
 from rrto_ros.zoo import keypoint_net, mobilenet, resnet18
 from rrto_server.__main__ import parse_args
 from rrto_server.options import ServerConfig
+from rrto_server import server as server_module
 from rrto_server.server import Server
 
 BLOCKER_INPUT = (4, 3, 224, 224)     # one whole-segment resnet18 inference: ~0.1-0.5 s on CPU
@@ -297,6 +298,8 @@ def test_cpu_phases_run_on_cpu_workers_and_only_segments_on_the_lane(make_server
     seen = collections.defaultdict(set)
     x = torch.randn(1, 3, 32, 32)
     replay = prepare(server.endpoint, keypoint_net(), x, segments='ops:5')
+    # as bulk inputs (small raw frames are decoded by the I/O thread: test_request_path)
+    monkeypatch.setattr(server_module, 'INLINE_MAX_INPUT_BYTES', x.nbytes - 1)
     _spy_threads(monkeypatch, seen)
     client = RrtoClient(server.endpoint, call_timeout_ms=30000)
     try:

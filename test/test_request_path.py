@@ -48,3 +48,24 @@ def test_bulk_inputs_never_hold_the_io_thread_even_when_the_device_is_idle(make_
         assert all(torch.equal(a, b) for a, b in zip(again, expected))
     finally:
         client.close()
+
+
+def test_small_raw_requests_skip_the_worker_hop_when_they_cannot_run_inline(
+        make_server, monkeypatch):
+    server = make_server(inline_max_ms=0.0)             # no segment is short enough: queued
+    x = torch.randn(1, 3, 32, 32)
+    replay = prepare(server.endpoint, keypoint_net(), x)
+    seen = collections.defaultdict(set)
+    _spy(monkeypatch, seen)
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        outputs, _ = client.infer(replay, [x])
+        assert seen == {'decode': {'io'}, 'segment': {'lane'}}, 'views here, steps on a lane'
+        seen.clear()
+        flat = torch.full_like(x, 0.25)                 # compresses: travels as lz4
+        packed, _ = client.infer(replay, [flat], codec='lz4')
+        assert seen == {'decode': {'cpu'}, 'segment': {'lane'}}, 'a codec: decoded by a worker'
+        assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+        assert all(torch.equal(a, b) for a, b in zip(packed, leaves(keypoint_net()(flat))))
+    finally:
+        client.close()
