@@ -42,7 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.linkemu import LinkEmulator, grid_link, symmetric
+from bench.link_config import grid_link, symmetric
+from bench.link_proxy import LinkEmulator
 from rrto_ros.client import RrtoClient
 from rrto_ros.engine import offload
 from rrto_ros.local_model import TorchModule
@@ -155,8 +156,11 @@ class Soak:
         self.model = offload(Tiny(self.w, self.b).eval(), server=self.endpoint,
                              timeout_ms=5000, record_timeout_ms=120_000, **keys)
         x = torch.zeros(FEATURES)
-        if not self.model.warmup(x, timeout_s=300):
-            raise RuntimeError(f'the model did not prepare: {self.model.last}')
+        deadline = time.monotonic() + 300      # warmup gives up at once while the server starts
+        while not self.model.warmup(x, timeout_s=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'the model did not prepare: {self.model.prepared()}')
+            time.sleep(1.0)
         flat, spec = treespec.flatten(((x,), {}))
         artifact = TorchModule(Tiny(self.w, self.b).eval()).artifact(flat, spec)
         key = replay_key(artifact.model, artifact.signature, RecordOptions())
