@@ -118,7 +118,34 @@ def cipher_floor(kb: int, reply_kb: int, repeats: int = 400) -> dict:
         times.append(float(np.median(samples)))
     return {'library': Path(sodium._name).name, 'seal_open_request_ms': times[0],
             'seal_open_reply_ms': times[1], 'per_call_ms': sum(times),
-            'request_mb_per_s': 2 * kb * 1000 / (times[0] * 1e-3) / 1e6}
+            'request_mb_per_s': 2 * kb * 1000 / (times[0] * 1e-3) / 1e6,
+            'aes256gcm_request_ms': _aes_gcm_ms(sodium, kb * 1000, repeats)}
+
+
+def _aes_gcm_ms(sodium: ctypes.CDLL, size: int, repeats: int) -> float | None:
+    """Return the median ms to seal and open ``size`` bytes with AES-256-GCM (AES-NI), if any.
+
+    Not what CURVE can use: the reference for an AES-GCM transport (IPsec, kernel TLS).
+    """
+    if not sodium.crypto_aead_aes256gcm_is_available():
+        return None
+    key, nonce = ctypes.create_string_buffer(32), ctypes.create_string_buffer(12)
+    sodium.crypto_aead_aes256gcm_keygen(key)
+    plain = ctypes.create_string_buffer(bytes(size), size)
+    box, back = ctypes.create_string_buffer(size + 16), ctypes.create_string_buffer(size)
+    box_len, back_len = ctypes.c_ulonglong(), ctypes.c_ulonglong()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sodium.crypto_aead_aes256gcm_encrypt(box, ctypes.byref(box_len), plain,
+                                             ctypes.c_ulonglong(size), None,
+                                             ctypes.c_ulonglong(0), None, nonce, key)
+        if sodium.crypto_aead_aes256gcm_decrypt(back, ctypes.byref(back_len), None, box,
+                                                box_len, None, ctypes.c_ulonglong(0),
+                                                nonce, key) != 0:
+            raise RuntimeError('AES-256-GCM did not open its own box')
+        samples.append((time.perf_counter() - start) * 1e3)
+    return float(np.median(samples))
 
 
 def measure(calls: int, kb: int, reply_kb: int, emulate: bool) -> dict:
@@ -183,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     floor = results['cipher_floor']
     print(f"cipher floor   {floor['per_call_ms']:.3f} ms per call ({floor['library']}: seal + "
           f"open {args.kb} kB {floor['seal_open_request_ms']:.3f} ms, {args.reply_kb} kB "
-          f"{floor['seal_open_reply_ms']:.3f} ms; {floor['request_mb_per_s']:.0f} MB/s)")
+          f"{floor['seal_open_reply_ms']:.3f} ms; {floor['request_mb_per_s']:.0f} MB/s); "
+          f"AES-256-GCM {args.kb} kB {floor['aes256gcm_request_ms'] or float('nan'):.3f} ms")
     for where in ('loopback', 'link_emulator'):
         r = results[where]
         print(f"{where:14s} plain {r['plain']['median_ms']:.3f} ms  curve "

@@ -4,7 +4,8 @@ Fault-and-load soak: many robots at three priorities while faults are injected.
 One ``python -m rrto_server`` process (CURVE on, CPU) serves ``--clients``
 light robot processes (:mod:`bench.soak_client`, a third of them through the
 link emulator) at priorities 0, 5 and 10, each sending ``infer`` requests in
-a loop.  On a schedule spread over the run the soak injects:
+a loop.  On a schedule spread over each ``FAULT_PERIOD_S`` of the run (the
+whole run if shorter) the soak injects:
 
 * SIGSTOP of the server for 3 s, then SIGCONT;
 * a link outage (rate 0) of 3 s on the emulated robots;
@@ -56,6 +57,7 @@ from rrto_wire.messages import Kind, RecordOptions
 
 PRIORITIES = (0, 5, 10)
 FEATURES = 4096
+FAULT_PERIOD_S = 150.0       # every fault once per period (a 10-minute soak: four times)
 
 
 class Tiny(torch.nn.Module):
@@ -179,12 +181,15 @@ class Soak:
 
     def faults(self) -> None:
         total = self.args.minutes * 60
+        period = min(total, FAULT_PERIOD_S)      # a long soak goes through the plan again
         plan = [(0.15, self.sigstop), (0.3, self.outage), (0.45, self.kill_robots),
                 (0.6, self.corrupt_and_restart), (0.78, self.full_disk)]
-        for fraction, fault in plan:
-            if self.stop.wait(max(0.0, self.t0 + fraction * total - time.monotonic())):
-                return
-            fault()
+        for start in np.arange(0.0, total - period + 1e-6, period):
+            for fraction, fault in plan:
+                at = self.t0 + start + fraction * period
+                if self.stop.wait(max(0.0, at - time.monotonic())):
+                    return
+                fault()
 
     def sigstop(self) -> None:
         self._event('server SIGSTOP 3 s')
