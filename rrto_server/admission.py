@@ -32,6 +32,7 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 DEFAULT_CAPACITY = 64
 # (lowest priority of the band, fraction of the capacity the band may fill), highest first
 DEFAULT_BANDS = ((10, 1.0), (1, 0.8), (None, 0.6))
+_FIRST = float('inf')       # the sort key of requests admission control never sheds
 
 
 class Admission:
@@ -103,7 +104,9 @@ def dispatch_order(admission: Admission, batch: Sequence, urgency: Callable[[obj
     if len(batch) == 1:
         return [(batch[0], 0)]
     keyed = [(urgency(message), message) for message in batch]
-    keyed.sort(key=lambda pair: float('inf') if pair[0] is None else pair[0], reverse=True)
+    if all(p is None for p, _ in keyed):
+        return [(message, 0) for message in batch]
+    keyed.sort(key=lambda pair: _FIRST if pair[0] is None else pair[0], reverse=True)
     bands = [None if p is None else admission.band(p) for p, _ in keyed]
     behind: dict[int, int] = {}
     for band in bands:

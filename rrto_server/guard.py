@@ -67,9 +67,9 @@ class Guard:
         """Return the priority an inference request would be admitted at (else None)."""
         if len(frames) < 2:
             return None
-        header = frames[2] if len(frames) > 2 and len(frames[1].buffer) == 0 else frames[1]
+        header = frames[2] if len(frames) > 2 and len(frames[1]) == 0 else frames[1]
         try:
-            urgency = _URGENCY.decode(header.buffer)
+            urgency = _URGENCY.decode(header)       # a zmq.Frame is a buffer: no copy
             if urgency.kind not in ADMITTED_KINDS:
                 return None
             return min(urgency.priority, self.peer(frames[0]).grant.max_priority)
