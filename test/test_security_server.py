@@ -7,18 +7,19 @@ import time
 import exploits
 import pytest
 import torch
-from rrto_testing import raw_socket
+from rrto_testing import raw_socket, reply_header
 
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_ros.records import OffloadResult
 from rrto_ros.zoo import keypoint_net
 from rrto_server import keys
 from rrto_server.auth import Grant, Peer
+from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.server import Server, ServerConfig
 from rrto_wire import protocol as wire
 from rrto_wire.curve import ClientKeys
-from rrto_wire.messages import Kind
+from rrto_wire.messages import Kind, RecordOptions
 
 
 @pytest.fixture
@@ -270,3 +271,30 @@ def test_the_replay_byte_budget_is_taken_from_the_heaviest_key_first():
     assert cache.usage() == {'small': {'replays': 2, 'bytes': 140},
                              'big': {'replays': 1, 'bytes': 100}}
     assert cache.remove_model('m') == 3 and len(cache) == 0 and cache.nbytes == 0
+
+
+def test_a_burst_is_admitted_highest_priority_first_and_low_ones_are_shed(tmp_path, zmq_ctx):
+    server = Server(ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 's'),
+                                 device='cpu', admission_capacity=2))   # bands: 2, 1, 1
+    try:
+        program, weights = exploits.scale_by_weights()
+        server.store.put(hashlib.sha256(weights).hexdigest(), 'weights', weights)
+        server.store.put(hashlib.sha256(program).hexdigest(), 'program', program)
+        model = server.registry.get(hashlib.sha256(program).hexdigest())
+        replay = Replay(model, model.program.signature, RecordOptions(), torch.device('cpu'))
+        server.replays.add(replay)
+        sock = raw_socket(zmq_ctx, server.endpoint)
+        for index, priority in enumerate((10, 10, 0, 0, 0)):     # the urgent ones first
+            sock.send_multipart(wire.encode({'kind': 'infer', 'id': index, 'replay': replay.key,
+                                             'priority': priority}, [torch.ones(4)]))
+        time.sleep(2.0)                  # all five wait in the socket: one received batch
+        server.start()
+        codes = {}
+        for _ in range(5):
+            assert sock.poll(60000), 'a request was not answered'
+            header = reply_header(sock.recv_multipart()[0])
+            codes[header['id']] = header.get('code', 'ok')
+        assert codes[0] == codes[1] == 'ok'          # never shed for the low ones behind
+        assert [codes[i] for i in (2, 3, 4)].count('overloaded') >= 2
+    finally:
+        server.close()
