@@ -84,7 +84,7 @@ def _call(sock: zmq.Socket, payload: bytes) -> float:
     return (time.perf_counter() - start) * 1e3
 
 
-def _libsodium() -> ctypes.CDLL:
+def _libsodium() -> tuple[ctypes.CDLL, str]:
     """Return the libsodium libzmq uses (bundled with the pyzmq wheel, else the system's)."""
     bundled = sorted((Path(zmq.__file__).parent.parent / 'pyzmq.libs').glob('libsodium*'))
     name = str(bundled[0]) if bundled else ctypes.util.find_library('sodium')
@@ -93,12 +93,12 @@ def _libsodium() -> ctypes.CDLL:
     sodium = ctypes.CDLL(name)
     if sodium.sodium_init() < 0:
         raise RuntimeError('sodium_init failed')
-    return sodium
+    return sodium, Path(name).name
 
 
 def cipher_floor(kb: int, reply_kb: int, repeats: int = 400) -> dict:
     """Return the median ms to seal and open one call's frames with crypto_box (afternm)."""
-    sodium = _libsodium()
+    sodium, library = _libsodium()
     pk, sk, key = (ctypes.create_string_buffer(32) for _ in range(3))
     sodium.crypto_box_keypair(pk, sk)
     sodium.crypto_box_beforenm(key, pk, sk)
@@ -116,7 +116,7 @@ def cipher_floor(kb: int, reply_kb: int, repeats: int = 400) -> dict:
                 raise RuntimeError('crypto_box did not open its own box')
             samples.append((time.perf_counter() - start) * 1e3)
         times.append(float(np.median(samples)))
-    return {'library': Path(sodium._name).name, 'seal_open_request_ms': times[0],
+    return {'library': library, 'seal_open_request_ms': times[0],
             'seal_open_reply_ms': times[1], 'per_call_ms': sum(times),
             'request_mb_per_s': 2 * kb * 1000 / (times[0] * 1e-3) / 1e6,
             'aes256gcm_request_ms': _aes_gcm_ms(sodium, kb * 1000, repeats)}

@@ -10,7 +10,7 @@ An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import torch
 
@@ -19,9 +19,6 @@ from rrto_server.sandbox import Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program, unpack_shards
-
-if TYPE_CHECKING:
-    from rrto_server.replay_cache import ReplayCache
 
 log = logging.getLogger('rrto_server.models')
 
@@ -136,11 +133,12 @@ class ModelRegistry:
         """Return the blobs of the loaded models (the store never evicts these)."""
         return set().union(*(model.blobs for model in self.loaded()))
 
-    def evict(self, digest: str, replays: 'ReplayCache', blobs: bool = True) -> dict:
+    def evict(self, digest: str, drop_replays: Callable[[str], int], blobs: bool = True) -> dict:
         """
         Drop the model ``digest`` for every client; return what went (an ``evict`` reply).
 
-        Its replays go, its loaded copy goes, and with ``blobs`` its stored blobs
+        Its replays go (``drop_replays(digest)``: the server's
+        ``ReplayCache.remove_model``), its loaded copy goes, and with ``blobs`` its stored blobs
         (program and weights) are deleted, except blobs another stored or loaded
         model is made of (shared weights stay, listed as kept).  A recording of
         the model already running completes; one that starts later finds the
@@ -149,7 +147,7 @@ class ModelRegistry:
         """
         own = self._blobs_of(digest)
         stored = self.store.has(digest)
-        dropped = replays.remove_model(digest)
+        dropped = drop_replays(digest)
         unloaded = self._loaded.pop(digest) is not None
         deleted, kept = [], []
         if blobs:

@@ -351,7 +351,8 @@ class Server:
 
         def evict() -> None:
             try:
-                request.ok(**self.registry.evict(header.model, self.replays, header.store))
+                request.ok(**self.registry.evict(header.model, self.replays.remove_model,
+                                                 header.store))
             except ProtocolError as exc:
                 request.error(exc)
             except Exception as exc:
