@@ -4,7 +4,8 @@ Fault-and-load soak: many robots at three priorities while faults are injected.
 One ``python -m rrto_server`` process (CURVE on, CPU) serves ``--clients``
 light robot processes (:mod:`bench.soak_client`, a third of them through the
 link emulator) at priorities 0, 5 and 10, each sending ``infer`` requests in
-a loop.  On a schedule spread over the run the soak injects:
+a loop.  On a schedule spread over each ``FAULT_PERIOD_S`` of the run (the
+whole run if shorter) the soak injects:
 
 * SIGSTOP of the server for 3 s, then SIGCONT;
 * a link outage (rate 0) of 3 s on the emulated robots;
@@ -42,7 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.linkemu import LinkEmulator, grid_link, symmetric
+from bench.link_config import grid_link, symmetric
+from bench.link_proxy import LinkEmulator
 from rrto_ros.client import RrtoClient
 from rrto_ros.engine import offload
 from rrto_ros.local_model import TorchModule
@@ -55,6 +57,7 @@ from rrto_wire.messages import Kind, RecordOptions
 
 PRIORITIES = (0, 5, 10)
 FEATURES = 4096
+FAULT_PERIOD_S = 150.0       # every fault once per period (a 10-minute soak: four times)
 
 
 class Tiny(torch.nn.Module):
@@ -155,8 +158,11 @@ class Soak:
         self.model = offload(Tiny(self.w, self.b).eval(), server=self.endpoint,
                              timeout_ms=5000, record_timeout_ms=120_000, **keys)
         x = torch.zeros(FEATURES)
-        if not self.model.warmup(x, timeout_s=300):
-            raise RuntimeError(f'the model did not prepare: {self.model.last}')
+        deadline = time.monotonic() + 300      # warmup gives up at once while the server starts
+        while not self.model.warmup(x, timeout_s=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f'the model did not prepare: {self.model.prepared()}')
+            time.sleep(1.0)
         flat, spec = treespec.flatten(((x,), {}))
         artifact = TorchModule(Tiny(self.w, self.b).eval()).artifact(flat, spec)
         key = replay_key(artifact.model, artifact.signature, RecordOptions())
@@ -175,12 +181,15 @@ class Soak:
 
     def faults(self) -> None:
         total = self.args.minutes * 60
+        period = min(total, FAULT_PERIOD_S)      # a long soak goes through the plan again
         plan = [(0.15, self.sigstop), (0.3, self.outage), (0.45, self.kill_robots),
                 (0.6, self.corrupt_and_restart), (0.78, self.full_disk)]
-        for fraction, fault in plan:
-            if self.stop.wait(max(0.0, self.t0 + fraction * total - time.monotonic())):
-                return
-            fault()
+        for start in np.arange(0.0, total - period + 1e-6, period):
+            for fraction, fault in plan:
+                at = self.t0 + start + fraction * period
+                if self.stop.wait(max(0.0, at - time.monotonic())):
+                    return
+                fault()
 
     def sigstop(self) -> None:
         self._event('server SIGSTOP 3 s')

@@ -331,6 +331,11 @@ class RrtoClient:
         header, _ = self.call(Kind.STATS, timeout_ms=timeout_ms)
         return header['stats']
 
+    def evict(self, model: str, store: bool = True, timeout_ms: float | None = None) -> dict:
+        """Admin keys: drop a model's replays (and with ``store`` its blobs); return what went."""
+        header, _ = self.call(Kind.EVICT, {'model': model, 'store': store}, timeout_ms=timeout_ms)
+        return {k: header[k] for k in ('replays', 'unloaded', 'deleted', 'kept')}
+
 
 class PendingReply:
     """A request in flight; :meth:`result` waits for its reply, :meth:`cancel` abandons it."""

@@ -12,7 +12,8 @@ Key directory (``rrto-keys`` creates it, see :mod:`rrto_server.keys`)::
     server.key / server.key_secret   the server's key pair (robots get server.key)
     clients/NAME.key                 an allow-listed client public key
     clients/NAME.json                its grant: {"role", "max_priority",
-                                     "store_bytes", "max_in_flight"}
+                                     "store_bytes", "max_in_flight",
+                                     "max_replays", "replay_bytes"}
 
 Revoking a key is deleting ``clients/NAME.key``: a watcher thread re-reads the
 folder within ``WATCH_INTERVAL_S``, re-configures the authenticator (new
@@ -21,9 +22,10 @@ connections that were already open (``unauthorized``).
 
 Roles, each including the one before: ``infer`` runs models already in the
 store (record, infer, probe, its own stats); ``upload`` also adds models;
-``admin`` sees every model's stats.  A request kind not listed needs
-``admin``.  A grant also caps the priority a key's requests run at and bounds
-its stored bytes and in-flight requests.
+``admin`` sees every model's stats and may evict models.  A request kind not
+listed needs ``admin``.  A grant also caps the priority a key's requests run at
+and bounds its stored bytes, its in-flight requests and the replays it makes
+the server keep (:mod:`rrto_server.replay_cache`).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ CLIENTS = 'clients'
 # the least role each request kind needs
 KIND_ROLES = {'hello': 'infer', 'missing': 'infer', 'put': 'upload', 'record': 'infer',
               'infer': 'infer', 'op': 'infer', 'release': 'infer', 'stats': 'infer',
-              'profile': 'infer', 'probe': 'infer'}
+              'profile': 'infer', 'probe': 'infer', 'evict': 'admin'}
 
 
 @dataclass(frozen=True)
@@ -63,6 +65,8 @@ class Grant:
     max_priority: int = 10
     store_bytes: int = 1 << 30
     max_in_flight: int = 16
+    max_replays: int = 16
+    replay_bytes: int = 4 << 30
 
     @classmethod
     def from_json(cls, obj: object) -> 'Grant':
@@ -71,7 +75,8 @@ class Grant:
         grant = cls(**obj)
         if grant.role not in ROLES:
             raise ValueError(f'role must be one of {ROLES}')
-        for name in ('max_priority', 'store_bytes', 'max_in_flight'):
+        for name in ('max_priority', 'store_bytes', 'max_in_flight', 'max_replays',
+                     'replay_bytes'):
             if type(getattr(grant, name)) is not int or getattr(grant, name) < 0:
                 raise ValueError(f'{name} must be a non-negative integer')
         return grant
@@ -91,7 +96,8 @@ class Peer:
 
 # a server without CURVE (loopback, or started insecure) serves everyone as this peer
 ANONYMOUS = Peer('anonymous', Grant('admin', max_priority=2 ** 62, store_bytes=2 ** 62,
-                                    max_in_flight=2 ** 31))
+                                    max_in_flight=2 ** 31, max_replays=2 ** 31,
+                                    replay_bytes=2 ** 62))
 
 
 def needs_curve(endpoint: str) -> bool:

@@ -6,7 +6,8 @@ The server's trust boundary in one object: who sent a request, may they, is ther
 (shedding under overload).  Per message the server asks :meth:`Guard.peer`
 for the sender (from the CURVE ``User-Id`` of its first frame) and
 :meth:`Guard.admit` for permission, and calls the returned ``done`` exactly
-once when the request is answered.
+once when the request is answered.  Each batch of received messages is put in
+admission order first (:meth:`Guard.order`).
 """
 
 from __future__ import annotations
@@ -14,14 +15,26 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+import msgspec
 import zmq
 
-from rrto_server.admission import Admission
+from rrto_server.admission import Admission, dispatch_order
 from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy, needs_curve
+from rrto_wire.errors import ProtocolError
 
 log = logging.getLogger('rrto_server.guard')
 
 ADMITTED_KINDS = frozenset({'infer'})     # the kinds admission control sheds
+
+
+class _Urgency(msgspec.Struct):
+    """The two header fields that order a batch (the strict decode comes later)."""
+
+    kind: str = ''
+    priority: int = 0
+
+
+_URGENCY = msgspec.json.Decoder(_Urgency)
 
 
 class Guard:
@@ -45,6 +58,23 @@ class Guard:
         self.policy = Policy()
         self.admission = Admission(capacity)
         self.backlog = 0      # messages received, not yet dispatched (set by the I/O thread)
+
+    def order(self, batch: list[list]) -> list[tuple[list, int]]:
+        """Return received messages (frame lists) in dispatch order, each with its backlog."""
+        return dispatch_order(self.admission, batch, self._urgency)
+
+    def _urgency(self, frames: list) -> int | None:
+        """Return the priority an inference request would be admitted at (else None)."""
+        if len(frames) < 2:
+            return None
+        header = frames[2] if len(frames) > 2 and len(frames[1]) == 0 else frames[1]
+        try:
+            urgency = _URGENCY.decode(header)       # a zmq.Frame is a buffer: no copy
+            if urgency.kind not in ADMITTED_KINDS:
+                return None
+            return min(urgency.priority, self.peer(frames[0]).grant.max_priority)
+        except (msgspec.DecodeError, ProtocolError, RecursionError):
+            return None             # refused when it is decoded: it is cheap, goes first
 
     @property
     def authenticating(self) -> bool:
@@ -91,7 +121,7 @@ class Guard:
             answered.append(True)
             self.policy.end(peer)
             if shed:
-                self.admission.done()
+                self.admission.done(priority or 0)
         return priority, done
 
     def sees(self, peer: Peer, owners: list[str]) -> bool:

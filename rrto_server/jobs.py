@@ -98,6 +98,11 @@ class Recordings:
             waiting.append(request)
             return len(waiting) == 1
 
+    def clients(self, key: str) -> list:
+        """Return the senders of the requests waiting for ``key`` (the replay's owners)."""
+        with self._lock:
+            return [r.client for r in self._waiting.get(key, []) if r.client is not None]
+
     def finish(self, key: str, replay: Replay | None, error: ProtocolError | None) -> None:
         """Answer every request waiting for ``key`` with the replay or the error."""
         with self._lock:
@@ -251,7 +256,7 @@ class RecordJob(Job):
         except Exception:  # an unprofiled replay still serves; it just never packs
             log.exception('profiling %s failed', self.key)
         self.replay = replay
-        services.replays.add(replay)
+        services.replays.add(replay, self.recordings.clients(self.key))
         services.stats.count(self.digest, 'records')
         return True
 

@@ -5,7 +5,8 @@ Commands (see ``docs/security.md`` for a fleet how-to)::
 
     rrto-keys server KEYS_DIR              the server's key pair (KEYS_DIR/server.key[_secret])
     rrto-keys client OUT_DIR NAME          a robot's key pair (OUT_DIR/NAME.key[_secret])
-    rrto-keys allow KEYS_DIR PUBLIC_KEY [--role R --max-priority P --store-mb M --in-flight N]
+    rrto-keys allow KEYS_DIR PUBLIC_KEY [--role R --max-priority P --store-mb M --in-flight N
+                                         --replays K --replay-mb B]
                                            allow-list a robot's public key with a grant
     rrto-keys revoke KEYS_DIR NAME         remove it (effective within a second, no restart)
     rrto-keys list KEYS_DIR                names and grants (never keys)
@@ -97,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument('--max-priority', type=int, default=Grant.max_priority)
     p.add_argument('--store-mb', type=int, default=Grant.store_bytes >> 20)
     p.add_argument('--in-flight', type=int, default=Grant.max_in_flight)
+    p.add_argument('--replays', type=int, default=Grant.max_replays,
+                   help='replays the server keeps for this key')
+    p.add_argument('--replay-mb', type=int, default=Grant.replay_bytes >> 20,
+                   help='device memory of the replays the server keeps for this key')
     p = sub.add_parser('revoke', help="remove a robot's key")
     p.add_argument('keys_dir')
     p.add_argument('name', type=_name)
@@ -114,7 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == 'allow':
             grant = Grant.from_json({'role': args.role, 'max_priority': args.max_priority,
                                      'store_bytes': args.store_mb << 20,
-                                     'max_in_flight': args.in_flight})
+                                     'max_in_flight': args.in_flight,
+                                     'max_replays': args.replays,
+                                     'replay_bytes': args.replay_mb << 20})
             print(f'allowed {allow(args.keys_dir, args.public_key, grant, args.name)}')
         elif args.command == 'revoke':
             if not revoke(args.keys_dir, args.name):

@@ -52,6 +52,14 @@ class LRU(Generic[K, V]):
                 self.weight -= self._weight_of(evicted)
                 self.evictions += 1
 
+    def pop(self, key: K) -> V | None:
+        """Remove ``key``; return its value or None."""
+        with self._lock:
+            value = self._entries.pop(key, None)
+            if value is not None:
+                self.weight -= self._weight_of(value)
+            return value
+
     def values(self) -> list[V]:
         """Return the values, least recently used first."""
         with self._lock:

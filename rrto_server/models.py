@@ -4,10 +4,13 @@ Models the server can run: stored blobs parsed once and kept warm on a device.
 No model is parsed for use before :class:`~rrto_server.sandbox.Sandbox` has
 run it once in a throwaway process (:meth:`ModelRegistry.vet`); the models the
 registry holds are the store's pinned blobs (never evicted by its quota).
+An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
 
 import torch
 
@@ -16,6 +19,8 @@ from rrto_server.sandbox import Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program, unpack_shards
+
+log = logging.getLogger('rrto_server.models')
 
 
 class LoadedModel:
@@ -127,3 +132,57 @@ class ModelRegistry:
     def pinned(self) -> set[str]:
         """Return the blobs of the loaded models (the store never evicts these)."""
         return set().union(*(model.blobs for model in self.loaded()))
+
+    def evict(self, digest: str, drop_replays: Callable[[str], int], blobs: bool = True) -> dict:
+        """
+        Drop the model ``digest`` for every client; return what went (an ``evict`` reply).
+
+        Its replays go (``drop_replays(digest)``: the server's
+        ``ReplayCache.remove_model``), its loaded copy goes, and with ``blobs`` its stored blobs
+        (program and weights) are deleted, except blobs another stored or loaded
+        model is made of (shared weights stay, listed as kept).  A recording of
+        the model already running completes; one that starts later finds the
+        blobs gone (``unknown_model``) and the client uploads them again.
+        Raises ``unknown_model`` when the server holds nothing of ``digest``.
+        """
+        own = self._blobs_of(digest)
+        stored = self.store.has(digest)
+        dropped = drop_replays(digest)
+        unloaded = self._loaded.pop(digest) is not None
+        deleted, kept = [], []
+        if blobs:
+            shared = self._used_by_others(digest)
+            for blob in sorted(b for b in own if self.store.has(b)):
+                (kept if blob in shared else deleted).append(blob)
+            for blob in deleted:
+                self.store.remove(blob)
+        if not (dropped or unloaded or stored):
+            raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
+                                f'the server holds nothing of model {digest[:12]}')
+        log.info('evicted model %s: %d replays, %d blobs deleted, %d kept (shared)',
+                 digest[:12], dropped, len(deleted), len(kept))
+        return {'replays': dropped, 'unloaded': unloaded, 'deleted': deleted, 'kept': kept}
+
+    def _blobs_of(self, digest: str) -> set[str]:
+        """Return the blobs model ``digest`` is made of (just itself if it is no program)."""
+        model = self._loaded.get(digest)
+        if model is not None:
+            return model.blobs
+        return {digest} | self._shards(digest)
+
+    def _shards(self, digest: str) -> set[str]:
+        """Return the weights blobs a stored program names (none if it is not a program)."""
+        if self.store.kind(digest) != 'program':
+            return set()
+        try:
+            return {shard for shard, _ in Program.parse(self.store.read(digest)).weight_shards}
+        except ProtocolError:          # corrupt (now quarantined) or unreadable: names none
+            return set()
+
+    def _used_by_others(self, digest: str) -> set[str]:
+        """Return the blobs of every stored or loaded model but ``digest``."""
+        used = set().union(*(m.blobs for m in self.loaded() if m.digest != digest))
+        for other in self.store.digests():
+            if other != digest:
+                used |= self._shards(other)
+        return used

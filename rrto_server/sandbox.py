@@ -4,14 +4,25 @@ Run an untrusted model once in a throwaway child process before the server does.
 The way browsers isolate renderers: a program that passed the operator rules
 (:mod:`rrto_wire.ops`) may still crash native code or allocate without bound,
 so its first run happens in a child forked from a ``forkserver`` (torch
-already imported, no server threads or sockets inherited) under
-``RLIMIT_AS`` (memory) and ``RLIMIT_CPU`` (time) limits, on the CPU with one
-thread.  A child that dies (SIGSEGV, SIGXCPU, SIGKILL), runs out of memory,
-needs more than ``max_bytes`` beyond its weights, or more than ``max_s`` for
-one call, gets the model refused with ``unsafe_program``; the server itself
-never ran a byte of it.  Verdicts are remembered per model digest (and for
-ONNX per input signature) in memory and under ``<store>/verdicts/``, so each
-model is tried once per limit setting, also across restarts.
+already imported, no server threads or sockets inherited, CUDA never
+initialised there) with one CPU thread, on the server's device:
+
+* CPU: under ``RLIMIT_AS`` (memory) and ``RLIMIT_CPU`` (time) limits;
+* CUDA: the child initialises CUDA itself (a child forked from a process
+  that did cannot use it; the forkserver never does), caps its caching
+  allocator at its weights + ``max_bytes`` + slack
+  (``torch.cuda.set_per_process_memory_fraction``), keeps ``RLIMIT_CPU``, and
+  times the call by the wall clock through ``torch.cuda.synchronize``.  A
+  CUDA error (a device-side assert, an illegal address) would poison the
+  server's CUDA context, so it refuses the model.  ONNX models are tried on
+  the CPU (onnxruntime) on either device.
+
+A child that dies (SIGSEGV, SIGXCPU, SIGKILL), runs out of memory, raises a
+CUDA error, needs more than ``max_bytes`` beyond its weights, or more than
+``max_s`` for one call, gets the model refused with ``unsafe_program``; the
+server itself never ran a byte of it.  Verdicts are remembered per model
+digest and device in memory and under ``<store>/verdicts/``, so each model is
+tried once per limit setting and device, also across restarts.
 
 The peak memory the trial measured is the model's per-call footprint; the
 replay cache counts it for CPU replays (see :attr:`Verdict.peak_bytes`).
@@ -45,6 +56,9 @@ DEFAULT_MAX_BYTES = 1 << 30        # memory one call may need beyond the weights
 DEFAULT_MAX_S = 10.0               # CPU seconds one call may take (one thread)
 SLACK_BYTES = 512 << 20            # address space for the allocator, stacks, libraries
 LOAD_TIMEOUT_S = 120.0             # a loaded machine may take this long to fork and read
+# errors after which a CUDA context is unusable: in the server they would stop every model
+CUDA_FAULTS = ('device-side assert', 'illegal memory access', 'misaligned address',
+               'illegal instruction', 'unspecified launch failure', 'CUDA error')
 
 _ONNX_TYPES = {'tensor(float)': 'float32', 'tensor(float16)': 'float16',
                'tensor(double)': 'float64', 'tensor(uint8)': 'uint8', 'tensor(int8)': 'int8',
@@ -61,6 +75,7 @@ class Verdict:
     call_s: float
     max_bytes: int
     max_s: float
+    device: str = 'cpu'
 
     def raise_if_refused(self, digest: str) -> None:
         if self.outcome == 'unsafe':
@@ -104,51 +119,84 @@ def _onnx_call(data: bytearray):
     return lambda: session.run(None, feeds)
 
 
-def _program_call(root: Path, data: bytearray):
+def _program_call(root: Path, data: bytearray, device: torch.device):
     program = Program.parse(data)
     weights = unpack_shards([(_read(root, digest), prefix)
                              for digest, prefix in program.weight_shards])
-    module = program.module(weights, torch.device('cpu'))
-    inputs = [torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype)) for spec in program.signature]
+    module = program.module({k: v.to(device) for k, v in weights.items()}, device)
+    inputs = [torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype), device=device)
+              for spec in program.signature]
 
     def call():
         with torch.inference_mode():
-            return module(*inputs)
+            module(*inputs)
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
     return call
 
 
-def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, conn) -> None:
-    """Child: load the model, then run it once under memory and CPU limits; report."""
+def _cap_cuda(device: torch.device, max_bytes: int) -> int:
+    """Cap the child's CUDA allocations at what it holds + ``max_bytes`` + slack; return held."""
+    torch.cuda.synchronize(device)
+    held = torch.cuda.memory_allocated(device)
+    total = torch.cuda.get_device_properties(device).total_memory
+    torch.cuda.set_per_process_memory_fraction(
+        min(1.0, (held + max_bytes + SLACK_BYTES) / total), device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return held
+
+
+def refusal(message: str) -> str | None:
+    """Return why an error refuses the model (out of memory, a CUDA fault), or None."""
+    if "can't allocate memory" in message or 'out of memory' in message:
+        return 'ran out of its memory budget'
+    if any(fault in message for fault in CUDA_FAULTS):
+        return f'CUDA fault: {message[:200]}'
+    return None
+
+
+def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, device: str,
+           conn) -> None:
+    """Child: load the model, then run it once under memory and time limits; report."""
     torch.set_num_threads(1)
     try:
+        dev = torch.device(device if kind == 'program' else 'cpu')
+        if dev.type == 'cuda' and dev.index is None:
+            dev = torch.device('cuda', torch.cuda.current_device())   # the cap needs an index
         data = _read(Path(root), digest)
-        call = _onnx_call(data) if kind == 'onnx' else _program_call(Path(root), data)
-        limit = _vm_bytes() + max_bytes + SLACK_BYTES
-        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        used = time.process_time()
-        cpu = math.ceil(used + max_s) + 1
+        call = _onnx_call(data) if kind == 'onnx' else _program_call(Path(root), data, dev)
+        if dev.type == 'cuda':
+            held = _cap_cuda(dev, max_bytes)
+        else:
+            limit = _vm_bytes() + max_bytes + SLACK_BYTES
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        cpu = math.ceil(time.process_time() + max_s) + 1
         resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
         rss = _rss_bytes()
-        start = time.process_time()
+        start, wall = time.process_time(), time.perf_counter()
         call()
-        call_s = time.process_time() - start
-        peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss)
+        if dev.type == 'cuda':      # the device's time and memory, not the waiting host's
+            call_s = time.perf_counter() - wall
+            peak = max(0, torch.cuda.max_memory_allocated(dev) - held)
+        else:
+            call_s = time.process_time() - start
+            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss)
         conn.send({'outcome': 'ran', 'peak_bytes': peak, 'call_s': call_s})
     except MemoryError:
         conn.send({'outcome': 'unsafe', 'reason': 'ran out of its memory budget'})
     except Exception as exc:  # the model's own error: report it, the parent decides
         message = f'{type(exc).__name__}: {exc}'[:300]
-        memory = "can't allocate memory" in message or 'out of memory' in message
-        conn.send({'outcome': 'unsafe' if memory else 'failed',
-                   'reason': 'ran out of its memory budget' if memory else message})
+        refused = refusal(message)
+        conn.send({'outcome': 'unsafe' if refused else 'failed', 'reason': refused or message})
 
 
 class Sandbox:
     """Trial runs of stored models in a child process, with verdicts remembered."""
 
     def __init__(self, store_root: str | os.PathLike, max_bytes: int = DEFAULT_MAX_BYTES,
-                 max_s: float = DEFAULT_MAX_S):
+                 max_s: float = DEFAULT_MAX_S, device: torch.device | str = 'cpu'):
         self.root = Path(store_root)
+        self.device = str(torch.device(device))
         self.folder = self.root / 'verdicts'
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -186,15 +234,17 @@ class Sandbox:
                 verdict = Verdict(**json.loads((self.folder / f'{digest}.json').read_text()))
             except (OSError, ValueError, TypeError):
                 return None
-        if (verdict.max_bytes, verdict.max_s) != (self.max_bytes, self.max_s):
-            return None                  # limits changed since: try again
+        if (verdict.max_bytes, verdict.max_s, verdict.device) != \
+                (self.max_bytes, self.max_s, self.device):
+            return None                  # limits or device changed since: try again
         return verdict
 
     def _try(self, digest: str, kind: str) -> Verdict:
         receiver, sender = self._ctx.Pipe(duplex=False)
         child = self._ctx.Process(target=_trial, name=f'rrto-sandbox-{digest[:8]}',
                                   daemon=True, args=(str(self.root), digest, kind,
-                                                     self.max_bytes, self.max_s, sender))
+                                                     self.max_bytes, self.max_s, self.device,
+                                                     sender))
         started = time.monotonic()
         self.trials += 1
         child.start()
@@ -216,7 +266,7 @@ class Sandbox:
         return verdict
 
     def _judge(self, report: dict | None, exitcode: int | None) -> Verdict:
-        limits = {'max_bytes': self.max_bytes, 'max_s': self.max_s}
+        limits = {'max_bytes': self.max_bytes, 'max_s': self.max_s, 'device': self.device}
         if report is None:
             if exitcode is not None and exitcode < 0:
                 name = signal.Signals(-exitcode).name
@@ -232,6 +282,6 @@ class Sandbox:
             return Verdict('unsafe', f'one call needs {peak >> 20} MiB, budget '
                            f'{self.max_bytes >> 20} MiB', peak, call_s, **limits)
         if call_s > self.max_s:
-            return Verdict('unsafe', f'one call takes {call_s:.1f} s of CPU, budget '
+            return Verdict('unsafe', f'one call takes {call_s:.1f} s, budget '
                            f'{self.max_s:g} s', peak, call_s, **limits)
         return Verdict('safe', 'ran within its budgets', peak, call_s, **limits)

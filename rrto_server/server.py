@@ -5,8 +5,8 @@ One I/O thread owns the ROUTER socket.  Every message becomes a
 :class:`~rrto_server.requests.Request`, which answers exactly once; its header
 is decoded by :func:`rrto_wire.messages.decode_request` and dispatched through
 :attr:`Server.handlers` (kind -> handler).  Cheap requests (hello, missing,
-probe, stats) are answered inline; uploads go to a control thread (disk I/O);
-recordings and naive operators go to the device
+probe, stats) are answered inline; uploads and evictions go to a control thread
+(disk I/O); recordings and naive operators go to the device
 :class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
 workers (decode, staging), then to the scheduler, then back to the CPU
 workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Small raw-frame
@@ -81,7 +81,7 @@ class Server:
         self.store = BlobStore(config.store, max_store_bytes=config.max_store_bytes)
         self.registry = ModelRegistry(
             self.store, config.max_models,
-            Sandbox(self.store.root, config.program_max_bytes, config.program_max_s))
+            Sandbox(self.store.root, config.program_max_bytes, config.program_max_s, self.device))
         self.replays = ReplayCache(config.max_replays, config.max_replay_bytes)
         self.naive = NaiveSessions(self.registry, self.device, config.naive_ttl_s)
         self.stats = ServerStats()
@@ -116,7 +116,8 @@ class Server:
             Kind.HELLO: self._on_hello, Kind.MISSING: self._on_missing, Kind.PUT: self._on_put,
             Kind.RECORD: self._on_record, Kind.INFER: self._on_infer, Kind.OP: self._on_op,
             Kind.RELEASE: self._on_release, Kind.STATS: self._on_stats,
-            Kind.PROFILE: self._on_profile, Kind.PROBE: self._on_probe}
+            Kind.PROFILE: self._on_profile, Kind.PROBE: self._on_probe,
+            Kind.EVICT: self._on_evict}
         log.info('rrto_server listening on %s (device %s, store %s, uploads %s, scheduler %s, '
                  'packing %s)', self.endpoint, self.device, self.store.root,
                  'on' if config.allow_upload else 'off', config.sched_policy,
@@ -155,8 +156,8 @@ class Server:
                             batch.append(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
                         except zmq.Again:
                             break
-                    for index, frames in enumerate(batch):
-                        self.guard.backlog = len(batch) - 1 - index    # admission's measure
+                    for frames, backlog in self.guard.order(batch):   # highest first
+                        self.guard.backlog = backlog                   # admission's measure
                         self.on_message(frames)
             self.replies.flush()
         finally:
@@ -263,7 +264,7 @@ class Server:
         header = request.header
         check_options(header.options)
         key = replay_key(header.model, header.signature, header.options)
-        replay = self.replays.get(key)
+        replay = self.replays.claim(key, request.client)
         if replay is not None:
             request.ok(**replay_info(replay, recorded=False))
             return
@@ -353,6 +354,20 @@ class Server:
                                 'a probe carries at most one 1-D uint8 payload')
         tensors = [torch.zeros(reply_bytes, dtype=torch.uint8)] if reply_bytes else []
         request.ok(tensors, received_bytes=request.size)
+
+    def _on_evict(self, request: Request, frames: list) -> None:
+        # admin only (rrto_server.auth.KIND_ROLES); reads and deletes files: control thread
+        header = request.header
+
+        def evict() -> None:
+            try:
+                request.ok(**self.registry.evict(header.model, self.replays.remove_model,
+                                                 header.store))
+            except ProtocolError as exc:
+                request.error(exc)
+            except Exception as exc:
+                request.fail(exc)
+        self.control.submit(evict)
 
     def _on_stats(self, request: Request, frames: list) -> None:
         request.ok(stats=self.snapshot(lambda digest: self.guard.sees(

@@ -262,6 +262,11 @@ class BlobStore:
         except FileNotFoundError:
             return 0.0
 
+    def remove(self, digest: str) -> None:
+        """Delete a complete blob (an admin's eviction); absent blobs are ignored."""
+        with self._lock:
+            self._remove(check_digest(digest))
+
     def _remove(self, digest: str) -> None:
         (self.blobs / f'{digest}.json').unlink(missing_ok=True)
         (self.blobs / digest).unlink(missing_ok=True)

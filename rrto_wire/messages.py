@@ -41,6 +41,7 @@ class Kind(str, enum.Enum):
     STATS = 'stats'        # server and per-model counters
     PROFILE = 'profile'    # per-operator compute times of a stored program on the server
     PROBE = 'probe'        # link measurement: optional uint8 payload up, ``reply_bytes`` down
+    EVICT = 'evict'        # admin: drop a model's replays (and its stored blobs)
     OK = 'ok'
     ERROR = 'error'
 
@@ -184,7 +185,14 @@ class Probe(Message, tag='probe', kw_only=True):
     reply_bytes: Count = 0
 
 
-Request = Union[Hello, Missing, Put, Record, Infer, Op, Release, Stats, Profile, Probe]
+class Evict(Message, tag='evict', kw_only=True):
+    """Admin: drop every replay of ``model``, unload it, and (``store``) delete its blobs."""
+
+    model: Digest
+    store: bool = True
+
+
+Request = Union[Hello, Missing, Put, Record, Infer, Op, Release, Stats, Profile, Probe, Evict]
 REQUEST_TYPES: dict[Kind, type] = {Kind(t.__struct_config__.tag): t for t in Request.__args__}
 
 # ------------------------------------------------------------------------------- decoding

@@ -112,10 +112,19 @@ class ProbeOk(Ok, tag='ok', kw_only=True):
     received_bytes: int
 
 
+class EvictOk(Ok, tag='ok', kw_only=True):
+    """What an eviction dropped: replays, and blobs deleted or kept (used by another model)."""
+
+    replays: int
+    unloaded: bool
+    deleted: list[str]
+    kept: list[str]
+
+
 REPLY_TYPES: dict[Kind, type] = {
     Kind.HELLO: HelloOk, Kind.MISSING: MissingOk, Kind.PUT: PutOk, Kind.RECORD: RecordOk,
     Kind.INFER: InferOk, Kind.OP: OpOk, Kind.RELEASE: ReleaseOk, Kind.STATS: StatsOk,
-    Kind.PROFILE: ProfileOk, Kind.PROBE: ProbeOk}
+    Kind.PROFILE: ProfileOk, Kind.PROBE: ProbeOk, Kind.EVICT: EvictOk}
 
 _REPLIES = {kind: msgspec.json.Decoder(Union[ok, Error]) for kind, ok in REPLY_TYPES.items()}
 _ERRORS = msgspec.json.Decoder(Error)

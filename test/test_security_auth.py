@@ -1,5 +1,6 @@
 """Authentication and roles: CURVE with pyzmq's ZAP authenticator, revocation, grants."""
 
+import json
 import stat
 import time
 
@@ -9,6 +10,7 @@ import zmq
 from rrto_server import keys
 from rrto_server.admission import Admission
 from rrto_server.auth import ANONYMOUS, CurveGate, Grant, KeyRing, Peer, Policy, needs_curve
+from rrto_server.guard import Guard
 from rrto_wire.curve import ClientKeys
 from rrto_wire.errors import ErrorCode, ProtocolError
 
@@ -137,11 +139,49 @@ def test_admission_sheds_the_lowest_priority_first():
                 admitted[priority] += 1
             except ProtocolError as exc:
                 assert exc.code == ErrorCode.OVERLOADED
-    assert admission.in_flight == 10
     assert admitted[0] < admitted[5] < admitted[10]
-    for _ in range(10):
-        admission.done()
+    for priority, count in admitted.items():
+        for _ in range(count):
+            admission.done(priority)
+    assert admission.in_flight == 0
     admission.admit(0)
-    with pytest.raises(ProtocolError, match='waiting 9'):    # a backlog counts as load
-        admission.admit(5, backlog=9)
+    with pytest.raises(ProtocolError, match='waiting 8'):    # a backlog counts as load
+        admission.admit(5, backlog=8)
     admission.admit(10, backlog=8)
+
+
+def test_queued_low_priorities_never_make_the_top_band_shed():
+    admission = Admission(capacity=10)
+    for priority, admitted in ((0, 6), (5, 8), (10, 10)):    # 60 %, 80 %, 100 % of 10
+        for _ in range(admitted):
+            admission.admit(priority)
+        with pytest.raises(ProtocolError):
+            admission.admit(priority)
+    assert admission.in_flight == 24
+    admission.done(0)
+    with pytest.raises(ProtocolError):      # a low request answered frees no room above it
+        admission.admit(10)
+    admission.done(10)
+    admission.admit(10)
+
+
+def test_a_received_batch_is_admitted_highest_priority_first(zmq_ctx):
+    guard = Guard(zmq_ctx, 'tcp://127.0.0.1:0', capacity=10)
+
+    def message(kind, priority=None, envelope=False):
+        header = {'v': 2, 'kind': kind, 'id': f'{kind}{priority}'}
+        if priority is not None:
+            header['priority'] = priority
+        frames = [b'peer'] + ([b''] if envelope else []) + [json.dumps(header).encode(), b'x']
+        return [zmq.Frame(f) for f in frames]
+
+    batch = [message('infer', 0), message('infer', 5), message('hello'),
+             [zmq.Frame(b'peer'), zmq.Frame(b'{not json')],
+             message('infer', 10, envelope=True), message('infer'), message('infer', 10),
+             message('record', 10 ** 9)]
+    order = guard.order(batch)
+    names = [(json.loads(frames[-2].bytes)['id'] if len(frames) > 2 else 'junk', backlog)
+             for frames, backlog in order]
+    assert names == [('helloNone', 0), ('junk', 0), ('record1000000000', 0), ('infer10', 1),
+                     ('infer10', 0), ('infer5', 0), ('infer0', 1), ('inferNone', 0)]
+    assert guard.order(batch[:1]) == [(batch[0], 0)]

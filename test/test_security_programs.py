@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rrto_server.models import ModelRegistry
-from rrto_server.sandbox import Sandbox
+from rrto_server.sandbox import Sandbox, refusal
 from rrto_server.store import BlobStore
 from rrto_wire import ops
 from rrto_wire.program import Program, sha256, unpack_weights
@@ -125,6 +125,32 @@ def test_a_model_that_burns_cpu_is_killed_and_refused(tmp_path):
     with pytest.raises(ProtocolError, match='CPU time budget') as err:
         registry.get(sha256(blob))
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM
+
+
+def test_a_cuda_fault_refuses_the_model_where_an_ordinary_error_fails_it():
+    assert refusal('RuntimeError: CUDA error: device-side assert triggered').startswith(
+        'CUDA fault')
+    assert refusal('AcceleratorError: CUDA error: an illegal memory access was encountered')
+    assert refusal('OutOfMemoryError: CUDA out of memory.') == 'ran out of its memory budget'
+    assert refusal('RuntimeError: The size of tensor a (4) must match') is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='a trial on CUDA needs a GPU')
+def test_on_a_cuda_server_the_trial_runs_on_cuda_with_a_device_memory_budget(tmp_path):
+    program, weights = exploits.scale_by_weights()
+    hog, big = exploits.allocates(8 << 30), exploits.allocates(192 << 20)
+    store = _stored(tmp_path, ('weights', weights), ('program', program), ('program', hog),
+                    ('program', big))
+    torch.zeros(1, device='cuda')      # CUDA is live in the server: the child must not fork it
+    sandbox = Sandbox(store.root, max_bytes=64 << 20, device='cuda')
+    verdict = sandbox.check(sha256(program), 'program')
+    assert verdict.outcome == 'safe' and verdict.device == 'cuda'
+    for blob, words in ((hog, 'memory budget'), (big, 'needs 192 MiB')):
+        with pytest.raises(ProtocolError, match=words) as err:
+            sandbox.check(sha256(blob), 'program')
+        assert err.value.code == ErrorCode.UNSAFE_PROGRAM
+    assert Sandbox(store.root, max_bytes=64 << 20).check(sha256(program), 'program').device \
+        == 'cpu'                       # a verdict on one device is not reused on another
 
 
 def test_verdicts_are_remembered_per_digest_and_across_restarts(tmp_path):

@@ -76,6 +76,9 @@ STRICT_CASES = [
      ErrorCode.BAD_REQUEST, '$.repeats'),
     ('bad digest', _frame({'v': 2, 'kind': 'missing', 'digests': ['../../etc/passwd']}),
      ErrorCode.BAD_REQUEST, '$.digests'),
+    ('string as evict store', _frame({'v': 2, 'kind': 'evict', 'model': DIGEST,
+                                      'store': 'yes'}), ErrorCode.BAD_REQUEST, '$.store'),
+    ('evict without model', _frame({'v': 2, 'kind': 'evict'}), ErrorCode.BAD_REQUEST, 'model'),
 ]
 
 
@@ -190,7 +193,7 @@ JSON = st.recursive(
 FIELDS = ['v', 'kind', 'id', 'tensors', 'replay', 'priority', 'deadline_ms', 'task', 'late',
           'model', 'signature', 'options', 'digests', 'digest', 'blob_kind', 'upload', 'offset',
           'total', 'session', 'op', 'args', 'kwargs', 'inputs', 'fetch', 'end', 'repeats',
-          'reply_bytes']
+          'reply_bytes', 'store']
 KINDS = [k.value for k in messages.Kind] + ['', 'nope']
 DESCRIPTOR = st.fixed_dictionaries(
     {'dtype': st.sampled_from(['uint8', 'float32', 'bfloat16', 'bool', 'int64', 'complex64']),
