@@ -9,14 +9,19 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    (:mod:`rrto_ros.plan_profile`);
 2. search every grid point (:func:`~rrto_ros.planner.optimise`) and reuse
    plans across points (:func:`consolidate`);
-3. with a server: time every candidate plan and every baseline end to end at
+3. time the robot's side of every split and hybrid candidate
+   (:meth:`~rrto_ros.hybrid.PlanRuntime.robot_ms`: its band, slices, merge
+   and the rest of the network, as run): the model uses these instead of
+   the operator profile's shares, which miss the halo's and padding's real
+   cost;
+4. with a server: time every candidate plan and every baseline end to end at
    the calibration link (the link while solving: fast, or the benchmark's
    emulator set to unlimited), record the model's error on each, correct a
    plan where its prediction lies outside the middle half of its
    measurements, and take the decision margin from those errors (their 75th
-   percentile, within ``MARGIN_BOUNDS``); without one, the robot side of the
-   candidates is timed and the margin stays at its default;
-4. re-decide every grid point (:func:`refine`).
+   percentile, within ``MARGIN_BOUNDS``); without one the margin stays at
+   its default;
+5. re-decide every grid point (:func:`refine`).
 """
 
 from __future__ import annotations
@@ -105,15 +110,14 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
     errors: dict[str, float] = {}
     measured: dict[str, float] = {}
     margin = DEFAULT_MARGIN
+    robot_side = measure.measure_plans(program, analysis, weights, x, plans, repeats)
+    cost.measured_robot_ms.update(robot_side)
     if endpoint is not None:
         samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
         errors = {name: cost.calibrate(_plan(plans, name), UNLIMITED, ms)
                   for name, ms in samples.items()}
         measured = {name: statistics.median(ms) for name, ms in samples.items()}
         margin = margin_from(errors.values())
-        robot_side: dict[str, float] = {}
-    else:
-        robot_side = measure.measure_plans(program, analysis, weights, x, plans, repeats)
     decided = refine(cost, candidates, robot_side, margin)
     table.entries = [s.to_json() for s in decided]
     table.solve_s = sum(s.solve_s for s in solutions)
