@@ -398,9 +398,9 @@ def render(meta: dict, models: list[dict]) -> str:
     lines = [BEGIN, '', '## Hybrid-Parallel plans', '',
              f'Command `{meta["command"]}`, machine {meta["machine"]}, date {meta["date"]} '
              f'(torch {meta["torch"]}).  Robot {meta["robot_threads"]} torch thread(s) '
-             f'{_where(meta.get("robot_cpus"))}, {meta["cap"]}; server '
-             f'{meta["server_threads"]} thread(s) {_where(meta.get("server_cpus"))}, uncapped; '
-             f'link emulator {_where(meta.get("emulator_cpus"))}; frames '
+             f'{_cores_of(meta, "robot_cpus")}, {meta["cap"]}; server '
+             f'{meta["server_threads"]} thread(s) {_cores_of(meta, "server_cpus")}, uncapped; '
+             f'link emulator {_cores_of(meta, "emulator_cpus")}; frames '
              f'{meta["size"][0]}x{meta["size"][1]} uint8 ({meta["frames"]}).  Per point the '
              f'{len(MODES)} runners are measured in turn, one call each per round, '
              f'{meta["calls"]} rounds; medians.  `local twin` and `offload twin` repeat '
@@ -483,6 +483,15 @@ def _where(cores: list[int] | None) -> str:
     return f'pinned to core(s) {",".join(map(str, cores))}' if cores else 'unpinned'
 
 
+def _cores_of(meta: dict, key: str) -> str:
+    """Say where ``key`` ran: one process's cores, or per process when runs were combined."""
+    per_model = meta.get('per_model_cores')
+    if per_model:
+        return 'pinned per process (' + '; '.join(
+            f'{name} {",".join(map(str, cores[key]))}' for name, cores in per_model.items()) + ')'
+    return _where(meta.get(key))
+
+
 def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
@@ -524,9 +533,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="cores of the server process, e.g. '5,6'")
     parser.add_argument('--emulator-cpus', type=parse_cores, default=[],
                         help='cores of the link emulator process')
-    parser.add_argument('--robot-cpu-share', type=float, default=0.5,
+    parser.add_argument('--robot-cpu-share', type=float, default=1.0,
                         help='cap the robot process to this share of one core (cgroups, root): '
-                             'a robot CPU about 1/share times slower (1: no cap)')
+                             'a robot CPU about 1/share times slower (1: no cap; a quota '
+                             'makes robot latency wander, see docs/benchmarks.md)')
     parser.add_argument('--cap-period-ms', type=float, default=2.0,
                         help='CFS period of the cap: a throttled call waits up to '
                              '(1 - share) * period')

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import hybrid
 from rrto_ros.plan_table import PlanTable
 
@@ -119,3 +121,18 @@ def test_an_injected_plan_that_measures_no_worse_is_right_to_keep():
         'offload'] * 4, [60.0, 20.0] * 3 + [20.0] * 4)
     assert dropped['calls_until_dropped'] == 5 and dropped['really_wrong'] is True
     assert dropped['after_ms'] == 20.0
+
+
+def test_side_by_side_runs_get_cores_of_their_own():
+    from bench.hybrid_cores import assign, physical_cores
+    flat = assign(3, [(c,) for c in range(16)])
+    assert flat[0] == {'robot': [0], 'server': [1, 2], 'emulator': [9]}
+    assert flat[2] == {'robot': [6], 'server': [7, 8], 'emulator': [9]}
+    smt = assign(2, [(c, c + 8) for c in range(8)])   # siblings i and i + 8
+    assert smt[1] == {'robot': [2], 'server': [3, 11], 'emulator': [4, 12]}
+    used = [c for plan in flat for c in plan['robot'] + plan['server']]
+    assert len(used) == len(set(used))
+    with pytest.raises(ValueError, match='need 16 physical cores'):
+        assign(5, [(c,) for c in range(8)])
+    import os
+    assert physical_cores(sorted(os.sched_getaffinity(0)))
