@@ -416,10 +416,8 @@ def render(meta: dict, models: list[dict]) -> str:
         lines += [f'### {result["model"]} (`{result["spec"]}`)', '',
                   f'{result["nodes"]} operators, {result["cut_candidates"]} cut points; '
                   f'table solved in {result["solve_s"]:.2f} s, {len(result["distinct_plans"])} '
-                  f'distinct plans; decision margin {result["margin"] * 100:.1f} % (75th '
-                  f'percentile of the model\'s error on {len(cal["errors"])} plans timed end to '
-                  f'end before correction: median '
-                  f'{(median_error(cal["errors"].values()) or 0) * 100:.1f} %); robot byte cost '
+                  f'distinct plans; decision margin {result["margin"] * 100:.1f} % ('
+                  + _margin_basis(cal) + '); robot byte cost '
                   f'{result["profiles"]["up_ms_per_mb"]:.1f} ms/MB up, '
                   f'{result["profiles"]["down_ms_per_mb"]:.1f} ms/MB down, contention '
                   f'{result["profiles"]["contention"]:.2f}.', '']
@@ -477,6 +475,16 @@ def _steps_lines(steps: dict, how: str) -> list[str]:
             + [f'Failed inferences: {steps["failed"]}; local fallbacks: {steps["fallbacks"]}; '
                f'largest relative output error against local inference: '
                f'{steps["max_rel_error"]:.1e}.', ''])
+
+
+def _margin_basis(cal: dict) -> str:
+    """Say which errors the decision margin was taken from (older runs: before correction)."""
+    held = cal.get('held_out_errors')
+    errors = held or cal['errors']
+    what = ('the corrected model\'s error on held-out measurements of' if held
+            else 'the model\'s error before correction on')
+    return (f'75th percentile of {what} {len(errors)} plans timed end to end: median '
+            f'{(median_error(errors.values()) or 0) * 100:.1f} %')
 
 
 def _where(cores: list[int] | None) -> str:

@@ -316,3 +316,28 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     assert solved.table.calibration['measured_robot_ms'] == measured
     assert {n: solved.cost.measured_robot_ms[n] for n in names} == measured
     assert set(solved.errors) >= {'local', 'offload'}   # and still timed end to end
+
+
+def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_removes(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    model, x, _, analysis = prepared
+    cost = _cost(analysis)
+    link = Link(1e6, 0.0)
+    local, offload = Plan('local'), Plan('offload')
+    biased = {p.name: [cost.estimate(p, link).latency_ms * 1.3 * f
+                       for f in (0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for p in (local, offload)}
+    held = plan_solve.held_out_errors(cost, [local, offload], biased, link)
+    assert max(abs(e) for e in held.values()) < 0.02   # 30 % off, but consistently
+    noisy = {'local': [cost.estimate(local, link).latency_ms * f
+                       for f in (0.7, 1.3, 0.7, 1.3, 0.7, 1.3)]}
+    assert abs(plan_solve.held_out_errors(cost, [local], noisy, link)['local']) > 0.2
+    # the whole solve: end-to-end times far from the model, but consistent between rounds
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', lambda model, endpoint, table, x,
+                        plans, rounds: {p.name: [100.0 * (i + 1) * f for f in (
+                            0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for i, p in enumerate(plans)})
+    solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
+                              repeats=1, rounds=6)
+    assert plan_solve.margin_from(solved.errors.values()) > 0.05   # the biased errors
+    assert solved.table.margin == plan_solve.MARGIN_BOUNDS[0]
+    assert set(solved.table.calibration['held_out_errors']) == set(solved.errors)
