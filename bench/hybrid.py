@@ -292,7 +292,7 @@ class HybridBench:
 def correction_summary(name: str, link: tuple[float, float], used: list[str],
                        times: list[float]) -> dict:
     """
-    Summarise a run with an injected plan: calls until it was dropped, and was it wrong?
+    Summarise a run with an injected plan: calls until it was dropped, and whether it was wrong.
 
     The injected plan is the model's slowest baseline, but the model can be wrong
     about that too: ``really_wrong`` says whether it measured more than 3 % slower
