@@ -1,13 +1,22 @@
 """
-Emulate a weaker robot CPU: cap this process with a CPU quota (Linux cgroups, root).
+Emulate a weaker robot CPU: pin processes to cores of their own, cap the robot with a quota.
 
 On a test machine the robot and the server share one CPU model, but a real
-robot's onboard computer is several times slower than the server.  A CFS
-quota of ``share`` of one core every ``period_ms`` slows every robot-side
-computation by about ``1/share`` while the server and the link emulator,
-started before the cap, run at full speed.  Works with the cgroup v1 ``cpu``
-controller and with cgroup v2 (``cpu.max``); raises :class:`CpuLimitError`
-with the reason where neither is writable.
+robot's onboard computer is several times slower than the server.
+
+* :func:`pin_cores` gives a process (every thread it has, and every child it
+  starts afterwards) a fixed set of cores, so the robot, the server and the
+  link emulator never compete for one core and the robot's compute budget
+  does not depend on what else runs;
+* :class:`CpuLimit` caps the process to ``share`` of one core with a CFS quota
+  (Linux cgroups, root): every robot-side computation about ``1/share``
+  slower.  A quota is handed out per period, and a throttled process waits for
+  the next one: a call is late by up to ``(1 - share) * period``, so the
+  period is kept short (2 ms by default: at most 1 ms late at half a core;
+  the kernel's smallest quota, 1 ms, sets the period's floor at ``1 ms /
+  share``).  Works with the cgroup v1 ``cpu`` controller and with cgroup v2
+  (``cpu.max``); raises :class:`CpuLimitError` with the reason where neither is
+  writable.
 """
 
 from __future__ import annotations
@@ -19,24 +28,47 @@ V1 = Path('/sys/fs/cgroup/cpu')
 V2_ROOTS = (Path('/sys/fs/cgroup/unified'), Path('/sys/fs/cgroup'))
 
 
+MIN_QUOTA_US = 1000   # the kernel refuses smaller quotas
+
+
 class CpuLimitError(RuntimeError):
     """The quota cannot be applied here."""
+
+
+def parse_cores(text: str) -> list[int]:
+    """Return the cores of a list like ``0,2,4-6`` (empty text: none)."""
+    cores: list[int] = []
+    for part in (p.strip() for p in text.split(',')):
+        if not part:
+            continue
+        first, _, last = part.partition('-')
+        cores.extend(range(int(first), int(last or first) + 1))
+    return cores
+
+
+def pin_cores(cores: list[int]) -> None:
+    """Restrict every thread of this process (and the children it starts later) to ``cores``."""
+    for tid in os.listdir('/proc/self/task'):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:
+            pass   # that thread has ended
 
 
 class CpuLimit:
     """Context manager: run the block with this process capped to ``share`` of one core."""
 
-    def __init__(self, share: float, period_ms: float = 10.0):
+    def __init__(self, share: float, period_ms: float = 2.0):
         if not 0 < share <= 1:
             raise ValueError('share must be in (0, 1]')
         self.share = share
-        self.period_us = int(period_ms * 1000)
+        self.period_us = max(int(period_ms * 1000), int(-(-MIN_QUOTA_US // share)))
         self.group: Path | None = None
         self.parent: Path | None = None
 
     def __enter__(self) -> 'CpuLimit':
         name = f'rrto_robot_{os.getpid()}'
-        quota = max(1000, int(self.share * self.period_us))
+        quota = int(round(self.share * self.period_us))
         try:
             if (V1 / 'cpu.cfs_quota_us').exists():
                 self.parent, self.group = V1, V1 / name

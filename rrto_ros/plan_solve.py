@@ -9,14 +9,21 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    (:mod:`rrto_ros.plan_profile`);
 2. search every grid point (:func:`~rrto_ros.planner.optimise`) and reuse
    plans across points (:func:`consolidate`);
-3. with a server: time every candidate plan and every baseline end to end at
+3. time the robot's side of every split and hybrid candidate
+   (:meth:`~rrto_ros.hybrid.PlanRuntime.robot_ms`: its band, slices, merge
+   and the rest of the network, as run): the model uses these instead of
+   the operator profile's shares, which miss the halo's and padding's real
+   cost;
+4. with a server: time every candidate plan and every baseline end to end at
    the calibration link (the link while solving: fast, or the benchmark's
-   emulator set to unlimited), record the model's error on each, correct a
-   plan where its prediction lies outside the middle half of its
-   measurements, and take the decision margin from those errors (their 75th
-   percentile, within ``MARGIN_BOUNDS``); without one, the robot side of the
-   candidates is timed and the margin stays at its default;
-4. re-decide every grid point (:func:`refine`).
+   emulator set to unlimited), record the model's error on each, and correct
+   a plan where its prediction lies outside the middle half of its
+   measurements.  The decision margin is the 75th percentile (within
+   ``MARGIN_BOUNDS``) of the corrected model's error on measurements the
+   correction did not see (:func:`held_out_errors`): a bias the correction
+   removes does not widen it, the spread of the measurements does.  Without
+   a server the margin stays at its default;
+5. re-decide every grid point (:func:`refine`).
 """
 
 from __future__ import annotations
@@ -103,17 +110,18 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
     plans = _distinct([s.plan for s in candidates]
                       + [p for s in solutions for p, _ in s.baselines.values()])
     errors: dict[str, float] = {}
+    held_out: dict[str, float] = {}
     measured: dict[str, float] = {}
     margin = DEFAULT_MARGIN
+    robot_side = measure.measure_plans(program, analysis, weights, x, plans, repeats)
+    cost.measured_robot_ms.update(robot_side)
     if endpoint is not None:
         samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
+        held_out = held_out_errors(cost, plans, samples, UNLIMITED)
         errors = {name: cost.calibrate(_plan(plans, name), UNLIMITED, ms)
                   for name, ms in samples.items()}
         measured = {name: statistics.median(ms) for name, ms in samples.items()}
-        margin = margin_from(errors.values())
-        robot_side: dict[str, float] = {}
-    else:
-        robot_side = measure.measure_plans(program, analysis, weights, x, plans, repeats)
+        margin = margin_from((held_out or errors).values())
     decided = refine(cost, candidates, robot_side, margin)
     table.entries = [s.to_json() for s in decided]
     table.solve_s = sum(s.solve_s for s in solutions)
@@ -129,8 +137,30 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
     table.calibration = {'link': {'bandwidth_mbps': UNLIMITED.bandwidth_mbps,
                                   'rtt_ms': UNLIMITED.rtt_ms},
                          'measured_ms': measured, 'errors': errors,
+                         'held_out_errors': held_out,
                          'measured_robot_ms': robot_side, 'corrections_ms': cost.corrections}
     return Solved(table, cost, solutions, errors, measured)
+
+
+def held_out_errors(cost: CostModel, plans: list[Plan], samples: dict[str, list[float]],
+                    link: Link) -> dict[str, float]:
+    """
+    Return each plan's relative error once corrected, on samples its correction did not see.
+
+    A plan is calibrated on its even-numbered samples (rounds are shuffled, so
+    both halves span the same time) and judged against the median of its
+    odd-numbered ones; plans with fewer than two samples are left out.  The
+    caller calibrates on all samples afterwards.
+    """
+    errors = {}
+    for name, ms in samples.items():
+        if len(ms) < 2:
+            continue
+        plan = _plan(plans, name)
+        cost.calibrate(plan, link, ms[0::2])
+        held = statistics.median(ms[1::2])
+        errors[name] = (cost.estimate(plan, link).latency_ms - held) / held
+    return errors
 
 
 def margin_from(errors) -> float:

@@ -11,7 +11,10 @@ a weak robot that CPU is the one computing: in a hybrid plan the robot's
 band overlaps the server's round trip, but is slowed by ``contention`` times
 the transfer's CPU cost (1: one core shared, 0: the transfer runs on a core
 of its own; measured, see :mod:`rrto_ros.plan_profile`).  Plans measured end
-to end get a per-plan correction (:meth:`CostModel.calibrate`).
+to end get a per-plan correction (:meth:`CostModel.calibrate`); in a hybrid
+plan it corrects the side that bound the measurement (the robot's band or the
+server's round trip), so a link where the other side binds keeps the model's
+own prediction.
 
 :func:`optimise` searches cut points and split ratios (in steps of
 ``RATIO_STEP``) with ``scipy.optimize.differential_evolution`` (seeded, ties
@@ -69,6 +72,8 @@ class Estimate:
     server_compute_ms: float
     bytes_up: float
     bytes_down: float
+    busy_ms: float = 0.0     # hybrid: the robot's band, with the transfer's CPU cost on it
+    remote_ms: float = 0.0   # hybrid: the server's round trip for its band
 
 
 RATIO_STEP = 0.05
@@ -106,6 +111,7 @@ class CostModel:
         self.cuts = analysis.cut_candidates()
         self.measured_robot_ms: dict[str, float] = {}   # plan name -> robot side, measured
         self.corrections: dict[str, float] = {}         # plan name -> measured - predicted ms
+        self.correction_sides: dict[str, str] = {}      # hybrid plan -> 'robot' or 'remote'
         self._bands: dict[tuple, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------ compute pieces
@@ -158,8 +164,11 @@ class CostModel:
 
     def estimate(self, plan: Plan, link: Link) -> Estimate:
         """Predict ``plan`` on ``link`` (with its measured correction, if any)."""
+        correction = self.corrections.get(plan.name, 0.0)
+        if plan.kind == 'hybrid':
+            return self._estimate(plan, link, correction)
         est = self._estimate(plan, link)
-        est.latency_ms = max(0.0, est.latency_ms + self.corrections.get(plan.name, 0.0))
+        est.latency_ms = max(0.0, est.latency_ms + correction)
         return est
 
     def calibrate(self, plan: Plan, link: Link, measured_ms: list[float]) -> float:
@@ -169,14 +178,25 @@ class CostModel:
         The error is relative to the median.  The prediction is moved to the median
         only where it lies outside the middle half of the measurements: a gap the
         measurements' own spread explains is noise, and correcting by it adds noise.
+        A hybrid plan's correction goes to the side that is the longer one on
+        ``link`` (robot band or server round trip), not to every link's total.
         """
+        self.corrections.pop(plan.name, None)
         predicted = self._estimate(plan, link).latency_ms
         low, median, high = np.percentile(measured_ms, [25, 50, 75])
         if not low <= predicted <= high:
             self.corrections[plan.name] = float(median) - predicted
+            if plan.kind == 'hybrid':
+                busy, remote = self._hybrid_sides(plan, link)
+                self.correction_sides[plan.name] = 'robot' if busy >= remote else 'remote'
         return (predicted - float(median)) / float(median)
 
-    def _estimate(self, plan: Plan, link: Link) -> Estimate:
+    def _hybrid_sides(self, plan: Plan, link: Link) -> tuple[float, float]:
+        """Return a hybrid plan's (robot busy, server round trip) ms on ``link``, uncorrected."""
+        est = self._estimate(plan, link)
+        return est.busy_ms, est.remote_ms
+
+    def _estimate(self, plan: Plan, link: Link, correction: float = 0.0) -> Estimate:
         robot, server = self.profiles.robot_ms, self.profiles.server_ms
         if plan.kind == 'local':
             r = self._time(robot, self.nodes)
@@ -207,12 +227,20 @@ class CostModel:
             share = r_band / max(1e-9, r_band + r_suffix)
             r_band, r_suffix = measured * share, measured * (1 - share)
         if not (up or down or s_band):
-            return self._finish(r_band + r_suffix, r_band + r_suffix, 0.0, 0.0, 0.0)
+            return self._finish(max(0.0, r_band + r_suffix + correction), r_band + r_suffix,
+                                0.0, 0.0, 0.0)
         # the robot's CPU sends the server's rows and takes its reply while computing its band
         send, recv = self.io_ms(up, down)
         busy = r_band + self.profiles.contention * (send + recv)
-        t = max(busy, self._remote(link, up, down, s_band)) + r_suffix
-        return self._finish(t, r_band + r_suffix + send + recv, s_band, up, down)
+        remote = self._remote(link, up, down, s_band)
+        if self.correction_sides.get(plan.name) == 'remote':
+            remote = max(0.0, remote + correction)
+        else:
+            busy = max(0.0, busy + correction)
+        t = max(busy, remote) + r_suffix
+        est = self._finish(t, r_band + r_suffix + send + recv, s_band, up, down)
+        est.busy_ms, est.remote_ms = busy, remote
+        return est
 
     def _finish(self, latency: float, robot_ms: float, server_ms: float, up: float,
                 down: float) -> Estimate:

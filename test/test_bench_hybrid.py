@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from bench import hybrid
 from rrto_ros.plan_table import PlanTable
 
@@ -38,27 +40,39 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
 
 
 def _row(**medians):
-    plans = {'local': 'local', 'offload': 'offload', 'offload_twin': 'offload',
-             'best_split': 'split@3', 'hybrid': 'hybrid@9:0.50'}
+    plans = {'local': 'local', 'local_twin': 'local', 'offload': 'offload',
+             'offload_twin': 'offload', 'best_split': 'split@3', 'hybrid': 'hybrid@9:0.50'}
     plans.update(medians.pop('plans', {}))
+    medians.setdefault('local_twin', medians['local'])
+    medians.setdefault('offload_twin', medians['offload'])
     return {name: {'median_ms': ms, 'plan': plans[name], 'predicted_ms': ms}
             for name, ms in medians.items()}
 
 
 def test_verdict_compares_with_the_best_baseline_and_the_noise_floor():
-    row = _row(local=100.0, offload=150.0, offload_twin=150.0, best_split=90.0, hybrid=72.0)
+    row = _row(local=100.0, offload=150.0, best_split=90.0, hybrid=72.0)
     v = hybrid.verdict(row)
     assert v['best'] == 'best_split' and abs(v['gain'] - 0.2) < 1e-9
-    assert v['crossover'] and v['within'] and not v['same_plan']
+    assert v['crossover'] and v['within'] and not v['same_plan'] and v['noise'] == 0
     row['hybrid']['median_ms'] = 95.0   # 5.6 % slower, noise 0: over the 3 % limit
     assert not hybrid.verdict(row)['within']
-    row['offload_twin']['median_ms'] = 160.0   # two identical runners 6.7 % apart
+    row['offload_twin']['median_ms'] = 160.0   # two identical offload runners 6.7 % apart
     v = hybrid.verdict(row)
     assert abs(v['noise'] - 10 / 150) < 1e-9 and v['within']
-    same = _row(local=100.0, offload=150.0, offload_twin=150.0, best_split=90.0, hybrid=95.0,
+    row['local_twin']['median_ms'] = 108.0     # the robot-bound twins disagree more: 8 %
+    assert abs(hybrid.verdict(row)['noise'] - 0.08) < 1e-9
+
+
+def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():
+    same = _row(local=100.0, offload=150.0, best_split=90.0, hybrid=95.0,
                 plans={'hybrid': 'split@3'})
     v = hybrid.verdict(same)
-    assert v['same_plan'] and v['within'] and abs(v['noise'] - 95 / 90 + 1) < 1e-9
+    assert v['same_plan'] and not v['within']   # 5.6 % apart, identical runners agree
+    same['local_twin']['median_ms'] = 106.0     # the floor is 6 %: now within it
+    assert hybrid.verdict(same)['within']
+    # runners that happen to share a plan are not twins: they do not set the floor
+    assert hybrid.verdict(_row(local=100.0, offload=150.0, best_split=50.0, hybrid=95.0,
+                               plans={'best_split': 'local'}))['noise'] == 0
 
 
 def test_step_summary_counts_inferences_until_the_tables_plan(tmp_path):
@@ -73,3 +87,52 @@ def test_step_summary_counts_inferences_until_the_tables_plan(tmp_path):
     first, second = summary['levels']
     assert first['calls_to_switch'] == 1 and second['calls_to_switch'] == 1
     assert summary['failed'] == 0
+
+
+def test_cores_are_parsed_and_pinned_for_every_thread():
+    import os
+    import threading
+    from bench.cpulimit import CpuLimit, parse_cores, pin_cores
+    assert parse_cores('0,2,4-6') == [0, 2, 4, 5, 6] and parse_cores('') == []
+    before = os.sched_getaffinity(0)
+    core = min(before)
+    started, done = threading.Event(), threading.Event()
+    thread = threading.Thread(target=lambda: (started.set(), done.wait(10)))
+    thread.start()
+    started.wait(10)
+    try:
+        pin_cores([core])
+        assert os.sched_getaffinity(thread.native_id) == {core} == os.sched_getaffinity(0)
+    finally:
+        done.set()
+        thread.join()
+        pin_cores(sorted(before))
+    # the kernel's smallest quota is 1 ms: a small share lengthens the period, not the share
+    assert CpuLimit(0.25).period_us == 4000 and CpuLimit(0.5).period_us == 2000
+
+
+def test_an_injected_plan_that_measures_no_worse_is_right_to_keep():
+    used = ['offload', 'offload', 'local', 'offload', 'offload', 'local', 'offload', 'local']
+    times = [20.0, 21.0, 34.0, 20.5, 22.0, 25.5, 21.0, 24.0]
+    kept = hybrid.correction_summary('offload', (300, 4), used, times)
+    assert kept['calls_until_dropped'] == 7 and kept['really_wrong'] is False
+    assert kept['best_other_ms'] == 25.5
+    dropped = hybrid.correction_summary('local', (300, 4), ['local', 'offload'] * 3 + [
+        'offload'] * 4, [60.0, 20.0] * 3 + [20.0] * 4)
+    assert dropped['calls_until_dropped'] == 5 and dropped['really_wrong'] is True
+    assert dropped['after_ms'] == 20.0
+
+
+def test_side_by_side_runs_get_cores_of_their_own():
+    from bench.hybrid_cores import assign, physical_cores
+    flat = assign(3, [(c,) for c in range(16)])
+    assert flat[0] == {'robot': [0], 'server': [1, 2], 'emulator': [9]}
+    assert flat[2] == {'robot': [6], 'server': [7, 8], 'emulator': [9]}
+    smt = assign(2, [(c, c + 8) for c in range(8)])   # siblings i and i + 8
+    assert smt[1] == {'robot': [2], 'server': [3, 11], 'emulator': [4, 12]}
+    used = [c for plan in flat for c in plan['robot'] + plan['server']]
+    assert len(used) == len(set(used))
+    with pytest.raises(ValueError, match='need 16 physical cores'):
+        assign(5, [(c,) for c in range(8)])
+    import os
+    assert physical_cores(sorted(os.sched_getaffinity(0)))

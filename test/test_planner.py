@@ -273,3 +273,71 @@ def test_robot_side_of_a_plan_is_measured(prepared):
     cut = analysis.cut_candidates()[-1]
     runtime = PlanRuntime(analysis.program, analysis, weights, Plan('hybrid', cut, 0.5))
     assert 0 < runtime.robot_ms([x], weights, repeats=2) < 10_000
+
+
+def test_a_hybrid_correction_moves_only_the_side_that_bound_the_measurement(prepared):
+    cost, fresh = _cost(prepared[3], 1.0, 0.05), _cost(prepared[3], 1.0, 0.05)
+    plan = Plan('hybrid', cost.cuts[-1], 0.5)
+    fast, slow = Link(1e6, 0.0), Link(1.0, 20.0)
+    predicted = cost.estimate(plan, fast)
+    assert predicted.busy_ms > predicted.remote_ms   # a free link: the robot's band binds
+    error = cost.calibrate(plan, fast, [predicted.latency_ms + d for d in (19.0, 20.0, 21.0)])
+    assert error < 0 and cost.correction_sides[plan.name] == 'robot'
+    assert cost.estimate(plan, fast).latency_ms == pytest.approx(predicted.latency_ms + 20.0)
+    # on a slow link the robot waits for the server anyway: its band's error costs nothing
+    waiting = fresh.estimate(plan, slow)
+    assert waiting.remote_ms > waiting.busy_ms + 20.0
+    assert cost.estimate(plan, slow).latency_ms == pytest.approx(waiting.latency_ms)
+    # a gap on the server's side (the round trip binds) moves the round trip
+    cost.calibrate(plan, slow, [waiting.latency_ms + d for d in (9.0, 10.0, 11.0)])
+    assert cost.correction_sides[plan.name] == 'remote'
+    assert cost.estimate(plan, slow).latency_ms == pytest.approx(waiting.latency_ms + 10.0)
+
+
+def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    model, x, _, _ = prepared
+    timed = []
+    original = plan_profile.measure_plans
+
+    def measure_plans(program, analysis, weights, x, plans, repeats):
+        measured = original(program, analysis, weights, x, plans, repeats)
+        timed.append((list(plans), measured))
+        return measured
+
+    monkeypatch.setattr(plan_profile, 'measure_plans', measure_plans)
+    links = [Link(b, 4.0) for b in (2, 20, 100, 1000)]
+    solved = plan_solve.solve(TorchModule(model), x, links, server.endpoint, repeats=1,
+                              rounds=1)
+    ((plans, measured),) = timed
+    names = {p.name for p in plans if p.kind in ('split', 'hybrid')}
+    assert set(measured) == names
+    assert solved.table.calibration['measured_robot_ms'] == measured
+    assert {n: solved.cost.measured_robot_ms[n] for n in names} == measured
+    assert set(solved.errors) >= {'local', 'offload'}   # and still timed end to end
+
+
+def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_removes(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    model, x, _, analysis = prepared
+    cost = _cost(analysis)
+    link = Link(1e6, 0.0)
+    local, offload = Plan('local'), Plan('offload')
+    biased = {p.name: [cost.estimate(p, link).latency_ms * 1.3 * f
+                       for f in (0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for p in (local, offload)}
+    held = plan_solve.held_out_errors(cost, [local, offload], biased, link)
+    assert max(abs(e) for e in held.values()) < 0.02   # 30 % off, but consistently
+    noisy = {'local': [cost.estimate(local, link).latency_ms * f
+                       for f in (0.7, 1.3, 0.7, 1.3, 0.7, 1.3)]}
+    assert abs(plan_solve.held_out_errors(cost, [local], noisy, link)['local']) > 0.2
+    # the whole solve: end-to-end times far from the model, but consistent between rounds
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', lambda model, endpoint, table, x,
+                        plans, rounds: {p.name: [100.0 * (i + 1) * f for f in (
+                            0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for i, p in enumerate(plans)})
+    solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
+                              repeats=1, rounds=6)
+    assert plan_solve.margin_from(solved.errors.values()) > 0.05   # the biased errors
+    assert solved.table.margin == plan_solve.MARGIN_BOUNDS[0]
+    assert set(solved.table.calibration['held_out_errors']) == set(solved.errors)

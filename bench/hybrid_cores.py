@@ -1,0 +1,73 @@
+r"""
+Run several ``bench.hybrid`` processes side by side, each on cores of its own.
+
+On a many-core host every model gets a robot core (one hardware thread of a
+physical core whose siblings stay idle), a server (every thread of one
+physical core with SMT, else two cores) and all link emulators share one more
+physical core; each process writes ``OUT/<model>.json`` and ``OUT/<model>.log``.
+Arguments after ``OUT`` go to every ``bench.hybrid`` process.
+
+    python -m bench.hybrid_cores resnet18,python:bench.unseen_models:unet /tmp/out \
+        --size 128x160 --grid 5,20,50,100,300 --rtts 4,30 --calls 5
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.cpulimit import parse_cores
+
+
+def physical_cores(cpus: list[int]) -> list[tuple[int, ...]]:
+    """Return the usable hardware threads of each physical core among ``cpus``."""
+    cores = set()
+    for cpu in cpus:
+        path = Path(f'/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list')
+        siblings = parse_cores(path.read_text().strip()) if path.exists() else [cpu]
+        cores.add(tuple(c for c in siblings if c in cpus))
+    return sorted(cores)
+
+
+def assign(models: int, cores: list[tuple[int, ...]]) -> list[dict[str, list[int]]]:
+    """Return per model its robot, server and emulator cores (raises if too few cores)."""
+    smt = len(cores[0]) > 1
+    per_model = 2 if smt else 3
+    if len(cores) < per_model * models + 1:
+        raise ValueError(f'{models} models need {per_model * models + 1} physical cores, '
+                         f'{len(cores)} available')
+    emulator = list(cores[per_model * models])
+    plans = []
+    for k in range(models):
+        first = cores[per_model * k]
+        server = (list(cores[per_model * k + 1]) if smt
+                  else [cores[per_model * k + 1][0], cores[per_model * k + 2][0]])
+        plans.append({'robot': [first[0]], 'server': server, 'emulator': emulator})
+    return plans
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) < 2:
+        print(__doc__)
+        return 2
+    models, out, extra = argv[0].split(','), Path(argv[1]), argv[2:]
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for model, cores in zip(models, assign(len(models), physical_cores(
+            sorted(os.sched_getaffinity(0))))):
+        name = model.split(':')[-1]
+        print(name, cores, flush=True)
+        cmd = [sys.executable, '-m', 'bench.hybrid', '--models', model,
+               '--out', str(out / f'{name}.json')] + [
+            arg for key in ('robot', 'server', 'emulator')
+            for arg in (f'--{key}-cpus', ','.join(map(str, cores[key])))] + extra
+        with open(out / f'{name}.log', 'w') as log:
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    return max(proc.wait() for proc in procs)
+
+
+if __name__ == '__main__':
+    sys.exit(main())
