@@ -14,11 +14,20 @@ lifecycle manager).  For a real robot and a GPU server::
         start_local_server:=false camera_sim:=false config:=/path/to/my_offload.yaml
 
 ``server``, ``directory`` (a fleet directory: ``python -m rrto_fleet``),
-``model``, ``plan_table``, ``timeout_ms``, ``precision``,
+``model``, ``plan_table``, ``timeout_ms``, ``fallback``, ``precision``,
 ``priority``, ``deadline_ms`` and ``codec`` override the config file only
 when given; ``model:=python:rrto_ros.zoo:keypoint_net
 plan_table:=config/plans/keypoint_net_224.json`` runs the shipped hybrid plans.
-With a local server, ``server`` is also the endpoint that server binds.
+With a local server, ``server`` is also the endpoint that server binds, and
+``fallback`` defaults to ``skip``: that server shares this machine's cores, so
+computing a frame on the robot while it works would only slow both (frames
+it cannot serve yet publish a ``skipped`` record and no outputs).
+
+A server that requires CURVE (``docs/security.md``): ``server_key:=`` (its
+public ``.key``) and ``client_key:=`` (this robot's ``.key_secret``) go to
+``offload_node`` and ``bandwidth_monitor``; ``server_keys:=`` (a key
+directory from ``rrto-keys``) to the local ``server_node``.  Paths only: key
+material is never passed on a command line nor logged.
 """
 
 from launch import LaunchDescription
@@ -32,8 +41,10 @@ from rrto_ros.nodes.launching import managed_node
 
 # offload_node parameters a launch argument may override, and their ROS types
 OVERRIDES = {'model': str, 'plan_table': str, 'directory': str, 'timeout_ms': float,
-             'precision': str,
-             'priority': int, 'deadline_ms': float, 'codec': str}
+             'fallback': str, 'precision': str, 'priority': int, 'deadline_ms': float,
+             'codec': str, 'server_key': str, 'client_key': str}
+# bandwidth_monitor parameters a launch argument may override (it probes the same server)
+LINK_OVERRIDES = ('server', 'server_key', 'client_key')
 
 
 def _given(context, name: str) -> str:
@@ -44,12 +55,18 @@ def _nodes(context):
     config = _given(context, 'config')
     server = _given(context, 'server')
     activate = _given(context, 'activate') == 'true'
-    link = {'server': server} if server else {}
-    offload = dict(link, **{name: kind(_given(context, name)) for name, kind in OVERRIDES.items()
-                            if _given(context, name)})
+    local_server = _given(context, 'start_local_server') == 'true'
+    offload = {name: kind(_given(context, name)) for name, kind in
+               dict(OVERRIDES, server=str).items() if _given(context, name)}
+    if local_server:
+        offload.setdefault('fallback', 'skip')   # robot and server share these cores
+    link = {name: offload[name] for name in LINK_OVERRIDES if name in offload}
+    server_params = dict({'bind': server} if server else {},
+                         **({'keys': _given(context, 'server_keys')}
+                            if _given(context, 'server_keys') else {}))
     return [
         *managed_node('server_node', [_given(context, 'server_config')] +
-                      ([{'bind': server}] if server else []), activate,
+                      ([server_params] if server_params else []), activate,
                       condition=IfCondition(LaunchConfiguration('start_local_server'))),
         Node(package='rrto_ros', executable='camera_sim', name='camera_sim',
              parameters=[config], condition=IfCondition(LaunchConfiguration('camera_sim')),
@@ -67,7 +84,13 @@ def generate_launch_description():
         'model': "python:package.module:factory or a model file ('' = from config)",
         'plan_table': 'hybrid plan table from rrto-plan, e.g. '
                       "config/plans/keypoint_net_224.json (share-relative works; '' = config)",
-        'timeout_ms': "slower calls run locally, e.g. 500.0; 0 = auto ('' = from config)",
+        'timeout_ms': "slower calls fall back, e.g. 500.0; 0 = auto ('' = from config)",
+        'fallback': "local | skip: frames the server cannot serve ('' = skip with the local "
+                    'server, else from config)',
+        'server_key': "the server's public CURVE .key file ('' = from config)",
+        'client_key': "this robot's CURVE .key_secret file ('' = from config)",
+        'server_keys': "the local server's CURVE key directory from rrto-keys ('' = from "
+                       'server_config)',
         'precision': "fp32 | fp16 | bf16 on the server ('' = from config)",
         'priority': "-100..100, higher first on the server ('' = from config)",
         'deadline_ms': "server deadline per inference, 0 = none ('' = from config)",

@@ -5,7 +5,9 @@ Run rrto_server on a GPU machine as a ROS node: ``ros2 launch rrto_ros server.la
 unless ``activate:=false``) serves on ``bind`` (default: every interface,
 port 5555) with the parameters in ``config`` (default: the package's
 ``config/server.yaml``) and publishes its counters on ``/diagnostics``.
-``bind``, ``device`` and ``store`` override the config file only when given.
+``bind``, ``device``, ``store`` and ``keys`` (the CURVE key directory from
+``rrto-keys``: required when ``bind`` is not loopback, see
+``docs/security.md``) override the config file only when given.
 Without ROS on the GPU machine, ``python -m rrto_server --bind
 tcp://0.0.0.0:5555`` serves the same.
 """
@@ -20,7 +22,7 @@ from rrto_ros.nodes.launching import managed_node
 
 def _server(context):
     overrides = {name: LaunchConfiguration(name).perform(context)
-                 for name in ('bind', 'device', 'store')}
+                 for name in ('bind', 'device', 'store', 'keys')}
     overrides = {k: v for k, v in overrides.items() if v}
     activate = LaunchConfiguration('activate').perform(context) == 'true'
     return managed_node('server_node', [LaunchConfiguration('config')] +
@@ -36,6 +38,9 @@ def generate_launch_description():
                               description="auto | cpu | cuda | cuda:N ('' = from config)"),
         DeclareLaunchArgument('store', default_value='',
                               description="model store directory ('' = from config)"),
+        DeclareLaunchArgument('keys', default_value='',
+                              description="CURVE key directory from rrto-keys ('' = from "
+                                          'config)'),
         DeclareLaunchArgument(
             'config', default_value=PathJoinSubstitution([share, 'config', 'server.yaml']),
             description='server_node parameters'),

@@ -5,7 +5,9 @@ One call of an offloaded model: choose how to serve it, serve it, record how.
 the call's input signature is ready, chooses the plan for the current link
 estimate (local, offload, split, hybrid), sends the request
 (:class:`RemoteCall`, the one INFER of a call) and falls back to the local
-model when the server is unreachable, too slow or answers with an error.
+model when the server is unreachable, too slow, still preparing or answers
+with an error (with the engine's ``fallback='skip'``: returns no outputs and
+computes nothing instead).
 An error that means the server lost the replay sends the signature back to
 the preparer; an error that will not go away marks it failed.  Every call
 returns its outputs and a :class:`~rrto_ros.records.CallRecord`.
@@ -15,13 +17,12 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import torch
 
 from rrto_ros.client import RemoteError, ServerUnavailable
 from rrto_ros.naive import run_naive
-from rrto_ros.partition import Partition
 from rrto_ros.plan_table import PlanSelector
 from rrto_ros.preparer import PrepState, Target
 from rrto_ros.records import CallRecord, OffloadResult
@@ -29,6 +30,9 @@ from rrto_ros.split import Plan
 from rrto_wire import treespec
 from rrto_wire.errors import ErrorCode
 from rrto_wire.tensors import signature_key
+
+if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a model needs it
+    from rrto_ros.partition import Partition
 
 log = logging.getLogger('rrto_ros.call_path')
 
@@ -67,18 +71,21 @@ class CallPath:
         start = time.perf_counter()
         m.counters['calls'] += 1
         if m.mode == 'local':
-            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', 'mode is local')
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', 'mode is local',
+                               transient=False)
         flat, in_spec = treespec.flatten((args, kwargs))
         target = m.preparer.target(flat, in_spec)
         if target.state != PrepState.READY:
             reason = target.error or 'server is preparing this input signature'
-            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason)
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason,
+                               transient=target.state != PrepState.FAILED)
         if target.partition is not None:
             return self._partitioned(target.partition, args, kwargs)
         plan = self._choose(target)
         if plan.kind == 'local':
             return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local',
-                               f'plan table chose local at {self._bandwidth():g} Mbit/s')
+                               f'plan table chose local at {self._bandwidth():g} Mbit/s',
+                               transient=False)
         if not m.data.available:
             return self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
                                'server unreachable; reconnecting')
@@ -113,7 +120,14 @@ class CallPath:
         return result, remote.record(plan.name, start, before, target, self._bandwidth())
 
     def _local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult,
-               plan: str, reason: str) -> tuple[Any, CallRecord]:
+               plan: str, reason: str, transient: bool = True) -> tuple[Any, CallRecord]:
+        if self.model.fallback == 'skip' and transient:
+            # the server cannot serve it for now: no robot compute, no outputs (the engine's
+            # fallback); a local plan, mode or a model the server refused still runs here
+            self.model.counters['skipped'] += 1
+            return None, CallRecord(OffloadResult.SKIPPED, plan,
+                                    total_ms=(time.perf_counter() - start) * 1e3,
+                                    bandwidth_mbps=self._bandwidth(), reason=reason)
         local_start = time.perf_counter()
         outputs = self.model.local.run(args, kwargs)
         now = time.perf_counter()

@@ -24,29 +24,40 @@ the public API.
 
 from __future__ import annotations
 
+import logging
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 from rrto_ros.client import RrtoClient
 from rrto_ros.call_path import CallPath
 from rrto_ros.codec_choice import CANDIDATES as AUTO_CODECS
 from rrto_ros.codec_choice import check_codec, CodecChooser
+from rrto_ros.export_cache import ExportCache
 from rrto_ros.local_model import LocalModel, load_local_model
-from rrto_ros.partition import Partition
 from rrto_ros.partition_plans import SubgraphPlans
 from rrto_ros.plan_table import bind_table, PlanTable
 from rrto_ros.preparer import Prepared, Preparer
-from rrto_ros.records import CallRecord
+from rrto_ros.records import CallRecord, OffloadResult
 from rrto_ros.resolver import fleet_clients
 from rrto_wire import codecs, treespec
 from rrto_wire.curve import ClientKeys
 
+if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a model needs it
+    from rrto_ros.partition import Partition
+
+log = logging.getLogger('rrto_ros.engine')
+
 MODES = ('replay', 'eager', 'naive', 'local')
+FALLBACKS = ('local', 'skip')
 AUTO_TIMEOUT = 'auto'
-AUTO_FLOOR_MS = 200.0   # an 'auto' budget before the server has measured, and its least value
-AUTO_FACTOR = 10.0      # an 'auto' budget: this many times the server's measured inference
-AUTO_CEILING_MS = 2000.0    # ... but never more: a stopping node waits for a call in flight
+# an 'auto' budget: AUTO_FACTOR times the server's recent inference time, never less than
+# AUTO_FLOOR_MS (also the budget before the server has measured) nor more than
+# AUTO_CEILING_MS (a stopping node waits for a call in flight; launch escalates after 5 s)
+AUTO_FLOOR_MS = 200.0
+AUTO_FACTOR = 3.0
+AUTO_CEILING_MS = 4000.0
+AUTO_SMOOTHING = 0.2    # weight of the newest reply in the server-time estimate
 
 
 class OffloadedModel:
@@ -61,9 +72,13 @@ class OffloadedModel:
                  plan_table: str | Path | PlanTable | None = None, switch_after: int = 2,
                  link: tuple[float, float] | None = None, plan_feedback: bool = True,
                  server_key: str | None = None, client_key: str | None = None,
-                 directory: str = '', duplicate: bool = False, subgraph_plans: Any = None):
+                 directory: str = '', duplicate: bool = False, subgraph_plans: Any = None,
+                 export_cache: str | Path | None = None, fallback: str = 'local'):
         if mode not in MODES:
             raise ValueError(f'mode must be one of {MODES}, got {mode!r}')
+        if fallback not in FALLBACKS:
+            raise ValueError(f'fallback must be one of {FALLBACKS}, got {fallback!r}')
+        self.fallback = fallback
         if late not in (None, 'drop', 'run'):
             raise ValueError(f"late must be 'drop', 'run' or None, got {late!r}")
         self.local: LocalModel = load_local_model(model)
@@ -83,6 +98,7 @@ class OffloadedModel:
         self.record_timeout_ms = record_timeout_ms
         self.switch_after = switch_after
         self.plan_feedback = plan_feedback
+        self.exports = ExportCache(export_cache) if export_cache else None
         table = bind_table(_load_table(plan_table), self.local)
         self.subgraph_plans = SubgraphPlans.load(subgraph_plans)   # partitioned models' tables
         self.link = None
@@ -102,20 +118,24 @@ class OffloadedModel:
             self.control = RrtoClient(server, connect_timeout_ms=connect_timeout_ms,
                                       call_timeout_ms=record_timeout_ms, name=f'{name}-control',
                                       keys=curve)
-        self.server_ms = 0.0    # the server's own inference time, measured when it recorded
+        self.server_ms = 0.0    # the server's inference time: when it recorded, then replies
         self.set_timeout(timeout_ms)
         self._call_lock = threading.Lock()
         self.counters = {'calls': 0, 'offloaded': 0, 'local': 0, 'fallbacks': 0, 'uploads': 0,
-                         'records': 0, 'prepare_errors': 0, 'plan_switches': 0}
+                         'records': 0, 'prepare_errors': 0, 'plan_switches': 0, 'exports': 0,
+                         'cached_exports': 0, 'skipped': 0}
         self.last: CallRecord | None = None
         self.listeners: list[Callable[[CallRecord], None]] = []
-        self.preparer = Preparer(self, table, lambda: Partition(self), name)
+        self.preparer = Preparer(self, table, self._partition, name)
         self.calls = CallPath(self)
 
     # ------------------------------------------------------------------ public API
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with self._call_lock:
+            timeouts = self.data.counters['timeouts']
             outputs, record = self.calls.run(args, kwargs)
+            if self.auto_timeout:
+                self.follow_server(record, self.data.counters['timeouts'] > timeouts)
         deadline_ms = self.keys['deadline_ms']
         if deadline_ms is not None and record.total_ms > deadline_ms:
             record.deadline_missed = True
@@ -150,6 +170,10 @@ class OffloadedModel:
         """Return the plan table in use (None: whole inferences offload)."""
         return self.preparer.table
 
+    def _partition(self) -> Partition:
+        from rrto_ros.partition import Partition   # torch's tracer, only for models that need it
+        return Partition(self)
+
     @property
     def partition(self) -> Partition | None:
         """Return the partition of a model that cannot be exported whole (else None)."""
@@ -170,9 +194,13 @@ class OffloadedModel:
         """
         Change the per-call timeout (takes effect from the next call).
 
-        ``'auto'``: :data:`AUTO_FLOOR_MS`, or :data:`AUTO_FACTOR` times the
-        server's own inference time measured when it recorded, if that is longer
-        (at most :data:`AUTO_CEILING_MS`).
+        ``'auto'``: :data:`AUTO_FACTOR` times the server's recent inference
+        time, within :data:`AUTO_FLOOR_MS` .. :data:`AUTO_CEILING_MS`.  The
+        server measures it when it records; from then on each reply's
+        ``server_ms`` plus ``network_ms`` moves the estimate (:data:`AUTO_SMOOTHING`), and a reply
+        later than the budget doubles it: a server slower than it measured (a
+        loaded CPU server) gets a longer budget instead of a stream of
+        abandoned requests.
         """
         self.auto_timeout = timeout_ms == AUTO_TIMEOUT
         if self.auto_timeout:
@@ -181,6 +209,27 @@ class OffloadedModel:
             raise ValueError(f"timeout_ms must be positive or 'auto', got {timeout_ms!r}")
         self.timeout_ms = float(timeout_ms)
         self.data.call_timeout_ms = float(timeout_ms)
+
+    def follow_server(self, record: CallRecord, timed_out: bool) -> None:
+        """
+        Learn from one call's record (each call does this under ``timeout_ms='auto'``).
+
+        An offloaded call moves the server-time estimate by its server and
+        network time; a call whose reply was later than the budget (``timed_out``)
+        doubles it.  The auto budget follows (:meth:`set_timeout`).
+        """
+        if record.result == OffloadResult.OFFLOADED and record.server_ms > 0:
+            waited = record.server_ms + record.network_ms   # what the budget has to cover
+            self.server_ms += AUTO_SMOOTHING * (waited - self.server_ms)
+        elif timed_out:
+            self.server_ms = max(2 * self.server_ms, self.timeout_ms / AUTO_FACTOR * 2)
+        else:
+            return
+        before = self.timeout_ms
+        self.set_timeout(AUTO_TIMEOUT)
+        if timed_out and self.timeout_ms > before:
+            log.info('%s: a reply came later than %g ms; the auto timeout is now %g ms',
+                     self.local.label, before, self.timeout_ms)
 
     def set_link(self, bandwidth_mbps: float, rtt_ms: float) -> None:
         """Tell the model the current link estimate; the next call's plan and codec follow it."""
@@ -249,9 +298,11 @@ def offload(model: Any, server: str = 'tcp://127.0.0.1:5555', timeout_ms: float 
     (``mode``, ``precision``, ``segments``, ``codec``, ``priority``,
     ``deadline_ms``, ``task``, ``late``, ``connect_timeout_ms``, ``plan_table``,
     ``switch_after``, ``link``, ``plan_feedback``, ``server_key``, ``client_key``,
-    ``directory``, ``duplicate``, ``subgraph_plans``, ...).  ``subgraph_plans``
-    gives a model that cannot be exported whole the plan tables of its remote
-    subgraphs (:mod:`rrto_ros.partition_plans`).  ``server_key`` (the server's public
+    ``directory``, ``duplicate``, ``subgraph_plans``, ``export_cache``, ...).
+    ``subgraph_plans`` gives a model that cannot be exported whole the plan tables
+    of its remote subgraphs (:mod:`rrto_ros.partition_plans`).  ``export_cache``
+    (a directory) keeps the robot's exports on disk, so a restart skips
+    ``torch.export`` (:mod:`rrto_ros.export_cache`).  ``server_key`` (the server's public
     ``.key`` file) and ``client_key`` (this robot's ``.key_secret``) make every
     connection CURVE-authenticated and encrypted; the client then talks only to
     the server holding that key.  With ``directory='tcp://...'`` (fleet mode,

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,8 @@ class ImageConverter:
 
     def __call__(self, height: int, width: int, encoding: str, step: int, data: Any,
                  is_bigendian: bool = False) -> torch.Tensor:
+        import torch   # here: camera_sim uses this module and starts without torch
+        import torch.nn.functional as F
         pixels = image_to_array(height, width, encoding, step, data, is_bigendian)
         pixels = reorder(pixels, encoding_of(encoding).order, self.channel_order)
         pixels = np.ascontiguousarray(pixels)

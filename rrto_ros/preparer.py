@@ -24,20 +24,23 @@ import enum
 import logging
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TYPE_CHECKING
 
 from rrto_ros.client import RemoteError, ServerUnavailable
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import Artifact
-from rrto_ros.partition import Partition, is_data_dependent
 from rrto_ros.plan_feedback import PlanFeedback
 from rrto_ros.plan_table import PlanSelector, PlanTable, program_key
 from rrto_ros.split import as_program
 from rrto_wire import treespec
 from rrto_wire.errors import ErrorCode
 from rrto_wire.tensors import signature_key, signature_of
+
+if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a model needs it
+    from rrto_ros.partition import Partition
 
 log = logging.getLogger('rrto_ros.preparer')
 
@@ -203,10 +206,10 @@ class Preparer:
             return
         m.control.hello()    # an unreachable server is found before an export costs CPU
         if target.artifact is None:
-            flat, in_spec = target.example
             try:
-                target.artifact = m.local.artifact(flat, in_spec)
+                target.artifact = self._export(target)
             except Exception as exc:  # noqa: B902 - data-dependent: partitioned, else re-raised
+                from rrto_ros.partition import is_data_dependent
                 if not is_data_dependent(exc):
                     raise
                 self._prepare_partition(target)
@@ -236,6 +239,20 @@ class Preparer:
         table = self.table
         if table is not None and not target.plans:
             self._prepare_plans(target, table)
+
+    def _export(self, target: Target):
+        m = self.model
+        flat, in_spec = target.example
+        started = time.perf_counter()
+        if m.exports is None:
+            artifact, cached = m.local.artifact(flat, in_spec), False
+        else:
+            artifact, cached = m.exports.artifact(m.local, flat, in_spec)
+        m.counters['cached_exports' if cached else 'exports'] += 1
+        log.info('%s: %s for %s in %.0f ms', m.local.label,
+                 'export read from the cache' if cached else 'exported', target.signature,
+                 (time.perf_counter() - started) * 1e3)
+        return artifact
 
     def _prepare_partition(self, target: Target) -> None:
         m = self.model

@@ -18,6 +18,8 @@ class OffloadResult(str, enum.Enum):
     OFFLOADED = 'offloaded'            # the server took part (offload, split or hybrid plan)
     LOCAL = 'local'                    # ran on the robot by plan, or while the server prepares
     LOCAL_FALLBACK = 'local_fallback'  # the server failed or was too slow; ran on the robot
+    SKIPPED = 'skipped'                # the server could not serve it; fallback='skip': no
+    #                                    outputs, no robot compute
 
 
 @dataclass
@@ -47,7 +49,8 @@ class CallRecord:
 
     @property
     def fallback(self) -> bool:
-        return self.result == OffloadResult.LOCAL_FALLBACK
+        """Return True when the server did not serve the call (run locally, or skipped)."""
+        return self.result in (OffloadResult.LOCAL_FALLBACK, OffloadResult.SKIPPED)
 
     def to_dict(self) -> dict:
         data = asdict(self)

@@ -28,7 +28,8 @@ class LaunchSetup:
         self.offload_config = self._write('offload.yaml', {
             # timeout_ms stays the shipped default (auto): no tuning for a CPU server
             'offload_node': {'model': 'python:rrto_ros.zoo:keypoint_net', 'resize_height': 64,
-                             'resize_width': 64, 'connect_timeout_ms': 300.0},
+                             'resize_width': 64, 'connect_timeout_ms': 300.0,
+                             'export_cache': str(self.dir / 'exports')},
             'camera_sim': {'width': 96, 'height': 72, 'rate_hz': 8.0},
             'bandwidth_monitor': {'probe_rate_hz': 4.0}})
         self.server_config = self._write('server.yaml', {

@@ -1,7 +1,8 @@
 """
 launch_testing: ``offload.launch.py`` alone activates its lifecycle nodes and offloads steadily.
 
-With the shipped ``timeout_ms`` (auto) and a local CPU server, no tuning.
+With the shipped ``timeout_ms`` (auto) and a local CPU server, no tuning; the
+robot computes nothing beside that server (the launch's ``fallback:=skip``).
 Needs the package installed (``colcon build``, ``source install/setup.bash``)
 and launch_testing; skipped where launch_testing is not importable.
 """
@@ -71,6 +72,11 @@ class TestOffloadLaunch(unittest.TestCase):
                 120, 'an offloaded inference on /rrto/latency')
             self.assertEqual(record['round_trips'], 1)
             self.assertEqual(record['server'], setup.endpoint)
+            # with its own server the launch skips what that server cannot serve yet
+            # (fallback:=skip): the robot computed nothing beside it
+            before = [r['result'] for r in map(parse_values, map(m.values_of, latency))]
+            before = before[:before.index('offloaded')]
+            self.assertFalse({'local', 'local_fallback'} & set(before), before)
             # steady: once offloading, most of the next 12 records are offloaded (margin for
             # a loaded 2-core machine, where server and robot share the cores)
             first = len(latency)

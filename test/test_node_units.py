@@ -395,3 +395,107 @@ def test_offload_node_names_an_unreadable_curve_key(make_node, tmp_path):
     with pytest.raises(ParameterError, match="parameter 'server_key': .*nope.key"):
         make_node(offload_node.OffloadNode, model=KEYPOINT, server_key=str(tmp_path / 'nope.key'),
                   client_key=str(tmp_path / 'me.key_secret'))
+
+
+# ---------------------------------------------------------------------- defaults under load
+def test_fallback_skip_computes_nothing_while_the_server_cannot_serve(offloaded):
+    from rrto_testing import free_port
+    x = torch.zeros(1, 3, 8, 8)
+    net = torch.nn.Conv2d(3, 2, 3)
+    om = offloaded(net, f'tcp://127.0.0.1:{free_port()}', timeout_ms=100, fallback='skip',
+                   connect_timeout_ms=100)
+    om.local.run = None   # any local computation fails the test
+    assert om(x) is None
+    record = om.last
+    assert record.result == OffloadResult.SKIPPED and record.fallback
+    assert record.robot_compute_ms == 0 and record.reason
+    assert om.stats()['skipped'] == 1 and om.stats()['local'] == om.stats()['fallbacks'] == 0
+    with pytest.raises(ValueError, match='fallback'):
+        offloaded(net, 'tcp://127.0.0.1:1', fallback='never')
+
+
+def test_fallback_skip_still_runs_what_only_the_robot_can_run(offloaded):
+    x = torch.zeros(1, 3, 8, 8)
+    net = torch.nn.Conv2d(3, 2, 3)
+    om = offloaded(net, 'tcp://127.0.0.1:1', mode='local', fallback='skip')
+    torch.testing.assert_close(om(x), net(x))
+    assert om.last.result == OffloadResult.LOCAL
+
+
+def test_the_auto_timeout_follows_the_server_and_a_late_reply_doubles_it(offloaded):
+    from rrto_ros import engine
+    om = offloaded(torch.nn.Conv2d(3, 2, 3), 'tcp://127.0.0.1:1', timeout_ms='auto')
+    assert om.timeout_ms == engine.AUTO_FLOOR_MS
+    late = CallRecord(OffloadResult.SKIPPED, 'offload')
+    om.follow_server(late, timed_out=True)
+    assert om.timeout_ms == 2 * engine.AUTO_FLOOR_MS == om.data.call_timeout_ms
+    for _ in range(5):
+        om.follow_server(late, timed_out=True)
+    assert om.timeout_ms == engine.AUTO_CEILING_MS
+    fast = CallRecord(OffloadResult.OFFLOADED, 'offload', server_ms=90.0, network_ms=10.0)
+    for _ in range(60):
+        om.follow_server(fast, timed_out=False)
+    assert om.timeout_ms == pytest.approx(engine.AUTO_FACTOR * 100.0, rel=0.01)
+    om.set_timeout(500.0)   # a fixed budget does not move
+    om(torch.zeros(1, 3, 8, 8))
+    assert om.timeout_ms == 500.0
+
+
+def _keyring(tmp_path):
+    from rrto_server import keys
+    server_dir, robots = tmp_path / 'server', tmp_path / 'robots'
+    assert keys.main(['server', str(server_dir)]) == 0
+    assert keys.main(['client', str(robots), 'robot']) == 0
+    assert keys.main(['allow', str(server_dir), str(robots / 'robot.key')]) == 0
+    return server_dir, robots
+
+
+def _link_messages(context, node, until, timeout_s=60.0):
+    from diagnostic_msgs.msg import DiagnosticStatus
+    got = []
+    sub = rclpy.create_node('link_listener', context=context)
+    sub.create_subscription(DiagnosticStatus, m.BANDWIDTH_TOPIC, got.append, m.STATUS_QOS)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(sub)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not any(until(msg) for msg in got) and time.monotonic() < deadline:
+            executor.spin_once(timeout_sec=0.2)
+    finally:
+        executor.shutdown(timeout_sec=1)
+        sub.destroy_node()
+    return got
+
+
+def test_bandwidth_monitor_probes_a_curve_server_with_its_keys(make_node, make_server, context,
+                                                               tmp_path):
+    server_dir, robots = _keyring(tmp_path)
+    server = make_server(keys=str(server_dir))
+    node = make_node(bandwidth_monitor.BandwidthMonitor, server=server.endpoint,
+                     server_key=str(server_dir / 'server.key'),
+                     client_key=str(robots / 'robot.key_secret'), probe_rate_hz=10.0)
+    got = _link_messages(context, node, lambda msg: msg.message.startswith('ok'))
+    assert any(msg.message.startswith('ok') for msg in got), [g.message for g in got[-3:]]
+    secrets = [line.split('"')[1] for path in (robots / 'robot.key_secret',
+                                               server_dir / 'server.key_secret')
+               for line in path.read_text().splitlines() if 'secret-key' in line]
+    assert secrets and not any(s in str(msg) for msg in got for s in secrets)
+
+
+def test_bandwidth_monitor_without_keys_says_why_a_curve_server_is_down(make_node, make_server,
+                                                                        context, tmp_path):
+    server_dir, _ = _keyring(tmp_path)
+    server = make_server(keys=str(server_dir))
+    node = make_node(bandwidth_monitor.BandwidthMonitor, server=server.endpoint,
+                     probe_rate_hz=10.0, probe_timeout_ms=200.0)
+    got = _link_messages(context, node, lambda msg: msg.message.startswith('down'))
+    down = [msg.message for msg in got if msg.message.startswith('down')]
+    assert down and 'no server_key/client_key given' in down[-1], [g.message for g in got[-3:]]
+
+
+def test_bandwidth_monitor_names_an_unreadable_curve_key(make_node, tmp_path):
+    with pytest.raises(ParameterError, match="parameter 'server_key': .*package.xml"):
+        make_node(bandwidth_monitor.BandwidthMonitor, server_key=str(ROOT / 'package.xml'),
+                  client_key=str(tmp_path / 'me.key_secret'))
+    with pytest.raises(ParameterError, match="parameter 'server_key': "):
+        make_node(bandwidth_monitor.BandwidthMonitor, client_key=str(tmp_path / 'me.key_secret'))

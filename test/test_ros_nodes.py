@@ -233,6 +233,24 @@ def test_every_node_exits_0_without_a_traceback_however_it_is_stopped(
         assert not any(word in proc.output() for word in UNCLEAN), proc.output()
 
 
+@pytest.mark.parametrize('entry', ['offload_node', 'server_node', 'bandwidth_monitor',
+                                   'camera_sim'])
+def test_a_node_stopped_while_it_still_imports_exits_0_quietly(domain_id, tmp_path, entry):
+    from ros_testing import ros_env
+    # what ros2 run / ros2 launch start: the console entry point (setup.py)
+    code = f'import sys; from rrto_ros.nodes.entry import {entry}; sys.exit({entry}())'
+    log = tmp_path / 'out.log'
+    with open(log, 'wb') as out:
+        proc = subprocess.Popen([sys.executable, '-c', code], env=ros_env(domain_id),
+                                stdout=out, stderr=subprocess.STDOUT)
+    time.sleep(0.3)   # the entry point is in place, the node's imports are not done
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)   # and the terminal's second Ctrl-C
+    assert proc.wait(120) == 0, log.read_text()
+    assert not any(word in log.read_text() for word in UNCLEAN), log.read_text()
+
+
 @pytest.mark.parametrize('module, params, name', [
     ('offload_node', {'timeout_ms': -5.0}, 'timeout_ms'),
     ('offload_node', {'model': 'python:rrto_ros.zoo:no_such_model'}, 'model'),   # configure

@@ -8,7 +8,10 @@ offloaded calls to the same server (passive samples, free) arrived within
 ``passive_fresh_s``.  Publishes the smoothed, hysteresis-filtered estimate as
 ``diagnostic_msgs/DiagnosticStatus`` on ``/rrto/bandwidth`` (reliable,
 transient local: late joiners get the current estimate) and the link's
-health on ``/diagnostics``.  A lifecycle node: configure builds the estimator,
+health on ``/diagnostics``.  Against a server that authenticates, give it the
+same ``server_key`` and ``client_key`` as ``offload_node`` (CURVE: the probes
+are encrypted, and the monitor talks only to the server holding that key).
+A lifecycle node: configure checks the keys and builds the estimator,
 activate connects and starts probing and publishing, deactivate stops.
 """
 
@@ -28,13 +31,17 @@ from rrto_ros.nodes import messages as m
 from rrto_ros.nodes import spin
 from rrto_ros.nodes.diagnostics import Diagnostics, Health
 from rrto_ros.nodes.managed import ManagedNode
-from rrto_ros.nodes.params import check_endpoint, Param
+from rrto_ros.nodes.params import check_endpoint, client_keys, KEY_PARAMS, Param
+
+HEALTH_LEVEL = {LinkHealth.OK: m.OK, LinkHealth.DEGRADED: m.WARN, LinkHealth.DOWN: m.ERROR,
+                LinkHealth.UNKNOWN: m.STALE}
 
 HEALTH_LOG_S = 10.0   # least time between two logged health changes (DOWN: at once)
 
 PARAMS = [
     Param('server', 'tcp://127.0.0.1:5555', 'rrto_server endpoint to measure',
           check=check_endpoint),
+    *KEY_PARAMS,
     Param('probe_rate_hz', 2.0, 'RTT probes per second', range=(0.01, 100.0)),
     Param('probe_timeout_ms', 500.0, 'a probe without answer by then counts as lost',
           range=(1.0, 60000.0)),
@@ -63,7 +70,7 @@ class BandwidthMonitor(ManagedNode):
     NODE_NAME = 'bandwidth_monitor'
 
     def __init__(self, **kwargs):
-        self.client = self.monitor = self.estimator = None
+        self.client = self.monitor = self.estimator = self.keys = None
         self._bandwidth_pub = self.diagnostics = self._subscription = self._prober = None
         self._stop = threading.Event()
         super().__init__(self.NODE_NAME, PARAMS, **kwargs)
@@ -71,6 +78,7 @@ class BandwidthMonitor(ManagedNode):
 
     def _configure(self) -> None:
         p = self.params
+        self.keys = client_keys(p['server_key'], p['client_key'])
         self.estimator = LinkEstimator(
             hysteresis=p['hysteresis'], hold=p['hold'], rtt_warn_ms=p['rtt_warn_ms'],
             min_uplink_mbps=p['min_uplink_mbps'], loss_warn=p['loss_warn'],
@@ -88,7 +96,7 @@ class BandwidthMonitor(ManagedNode):
         timeout = p['probe_timeout_ms']
         self.client = RrtoClient(self.server, connect_timeout_ms=timeout,
                                  call_timeout_ms=timeout, backoff_s=(0.1, 1.0),
-                                 name='bandwidth-monitor')
+                                 name='bandwidth-monitor', keys=self.keys)
         self.monitor = LinkMonitor(self.client, self.estimator, payload_bytes=p['payload_bytes'],
                                    bandwidth_every=p['bandwidth_every'],
                                    passive_fresh_s=p['passive_fresh_s'], timeout_ms=timeout)
@@ -99,7 +107,8 @@ class BandwidthMonitor(ManagedNode):
         self._prober = threading.Thread(target=self._probe_loop, args=(1 / p['probe_rate_hz'],),
                                         name='bandwidth_monitor-probe', daemon=True)
         self._prober.start()
-        return f'measuring the link to {self.server} at {p["probe_rate_hz"]:g} Hz'
+        secure = ', CURVE' if self.keys is not None else ''
+        return f'measuring the link to {self.server} at {p["probe_rate_hz"]:g} Hz{secure}'
 
     def _deactivate(self) -> None:
         if self._prober is not None:
@@ -115,7 +124,7 @@ class BandwidthMonitor(ManagedNode):
         if self._bandwidth_pub is not None:
             self.destroy_lifecycle_publisher(self._bandwidth_pub)
             self.diagnostics.destroy()
-        self._bandwidth_pub = self.diagnostics = self.estimator = None
+        self._bandwidth_pub = self.diagnostics = self.estimator = self.keys = None
 
     def _on_latency(self, msg: DiagnosticStatus) -> None:
         if msg.hardware_id != self.server:
@@ -149,11 +158,19 @@ class BandwidthMonitor(ManagedNode):
         why = f'rtt {estimate.rtt_ms:.2f} ms' if estimate.health == LinkHealth.OK else \
             estimate.reason
         text = f'link to {self.server} is {estimate.health.value}: {why}'
+        if estimate.health == LinkHealth.DOWN:
+            text += self._down_hint()
         if estimate.health in (LinkHealth.DOWN, LinkHealth.DEGRADED):
             self.get_logger().warning(text)
         else:
             self.get_logger().info(text)
         self._last_health, self._logged_at = estimate.health, now
+
+    def _down_hint(self) -> str:
+        if self.keys is not None:
+            return ''
+        return ('; no server_key/client_key given: a server that requires CURVE answers no '
+                'plain-TCP probe')
 
     def _publish(self, e: LinkEstimate) -> None:
         values = [('rtt_ms', _num(e.rtt_ms)), ('rtt_var_ms', _num(e.rtt_var_ms)),
@@ -164,8 +181,8 @@ class BandwidthMonitor(ManagedNode):
                   ('age_s', _num(e.age_s)), ('last_error', self.monitor.last_error)]
         message = (f'{e.health.value}: rtt {e.rtt_ms:.2f} ms, up {e.uplink_mbps:.1f} Mbit/s, '
                    f'down {e.downlink_mbps:.1f} Mbit/s' if e.health != LinkHealth.DOWN
-                   else f'down: {e.reason}')
-        level = m.HEALTH_LEVEL[e.health]
+                   else f'down: {e.reason}{self._down_hint()}')
+        level = HEALTH_LEVEL[e.health]
         link = m.status('rrto/link', level, message, values, hardware_id=self.server)
         self._bandwidth_pub.publish(link)
         self._link = Health(level, e.reason if e.health != LinkHealth.OK else message, values,

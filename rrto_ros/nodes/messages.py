@@ -1,17 +1,19 @@
-"""Build the standard messages the nodes publish; QoS profiles stated once per stream."""
+"""
+Build the standard messages the nodes publish; QoS profiles stated once per stream.
+
+Imports no torch: ``camera_sim`` uses it and starts without torch.
+"""
 
 from __future__ import annotations
 
 import array
 from typing import Iterable
 
-import torch
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rclpy.qos import (DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy,
                        qos_profile_sensor_data)
 from std_msgs.msg import Float32MultiArray, MultiArrayDimension
 
-from rrto_ros.bandwidth import LinkHealth
 from rrto_ros.outputs import dimensions
 
 LATENCY_TOPIC = '/rrto/latency'
@@ -31,8 +33,6 @@ DIAGNOSTICS_QOS = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE,
 
 OK, WARN, ERROR, STALE = (DiagnosticStatus.OK, DiagnosticStatus.WARN, DiagnosticStatus.ERROR,
                           DiagnosticStatus.STALE)
-HEALTH_LEVEL = {LinkHealth.OK: OK, LinkHealth.DEGRADED: WARN, LinkHealth.DOWN: ERROR,
-                LinkHealth.UNKNOWN: STALE}
 
 
 def status(name: str, level: bytes, message: str, values: Iterable[tuple[str, object]],
@@ -55,9 +55,9 @@ def values_of(msg: DiagnosticStatus) -> list[tuple[str, str]]:
     return [(kv.key, kv.value) for kv in msg.values]
 
 
-def float_array(tensor: torch.Tensor, name: str = '') -> Float32MultiArray:
-    """Return output ``name`` as a Float32MultiArray with labelled dimensions (see outputs)."""
-    data = tensor.detach().to('cpu', torch.float32).contiguous()
+def float_array(tensor, name: str = '') -> Float32MultiArray:
+    """Return output ``name`` (a tensor) as a Float32MultiArray with labelled dimensions."""
+    data = tensor.detach().cpu().float().contiguous()
     msg = Float32MultiArray()
     msg.layout.dim = [MultiArrayDimension(label=label, size=size, stride=stride)
                       for label, size, stride in dimensions(tuple(data.shape), name)]

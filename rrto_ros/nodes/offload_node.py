@@ -40,13 +40,12 @@ from rrto_ros.nodes import messages as m
 from rrto_ros.nodes import spin
 from rrto_ros.nodes.diagnostics import Diagnostics, Health
 from rrto_ros.nodes.managed import ManagedNode
-from rrto_ros.nodes.params import fail
+from rrto_ros.nodes.params import client_keys, fail
 from rrto_ros.outputs import output_names
 from rrto_ros.plan_table import PlanTableMismatch
 from rrto_ros.preprocess import WithImageInput
 from rrto_wire import strategy as strategy_file
 from rrto_wire import treespec
-from rrto_wire.curve import ClientKeys
 
 from rrto_ros.nodes.offload_params import PARAMS, resolve_table, timeout_value
 
@@ -83,13 +82,7 @@ class OffloadNode(ManagedNode):
             raise fail('resize_height' if resize[0] == 0 else 'resize_width',
                        'set both resize_height and resize_width, or neither')
         self.converter = ImageConverter(p['channel_order'], resize if resize[0] else None)
-        if p['server_key'] or p['client_key']:
-            try:
-                ClientKeys.load(p['server_key'], p['client_key'])
-            except ValueError as exc:   # a key file missing, malformed, or only one given
-                name = ('server_key' if not p['server_key'] or p['server_key'] in str(exc)
-                        else 'client_key')
-                raise fail(name, str(exc)) from None
+        client_keys(p['server_key'], p['client_key'])   # checked here, loaded by the engine
         self.plan = self._strategy()
         self.variant = self.plan.variant if self.plan else ''
         self.local = self._model(self.plan)
@@ -113,7 +106,8 @@ class OffloadNode(ManagedNode):
                 connect_timeout_ms=p['connect_timeout_ms'],
                 server_key=p['server_key'] or None, client_key=p['client_key'] or None,
                 plan_table=resolve_table(p['plan_table']) or None,
-                switch_after=p['switch_after'], directory=p['directory'])
+                switch_after=p['switch_after'], directory=p['directory'],
+                export_cache=p['export_cache'] or None, fallback=p['fallback'])
         except PlanTableMismatch as exc:   # solved for another program or input signature
             raise fail('plan_table', str(exc)) from None
 
@@ -255,7 +249,8 @@ class OffloadNode(ManagedNode):
         preprocess_ms = (time.perf_counter() - start) * 1e3
         outputs = self.engine(frame)
         record = self.engine.last
-        self._publish_outputs(outputs)
+        if outputs is not None:   # None: skipped (fallback 'skip'), nothing to publish
+            self._publish_outputs(outputs)
         stamp = msg.header.stamp
         stamp_ns = stamp.sec * 10**9 + stamp.nanosec
         age_ms = ((self.get_clock().now().nanoseconds - stamp_ns) / 1e6 if stamp_ns

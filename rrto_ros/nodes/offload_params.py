@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 
 from rrto_ros.codec_choice import check_codec
-from rrto_ros.engine import AUTO_TIMEOUT, MODES
+from rrto_ros.engine import AUTO_TIMEOUT, FALLBACKS, MODES
+from rrto_ros.export_cache import DEFAULT_DIR as DEFAULT_EXPORT_CACHE
 from rrto_ros.image import CHANNEL_ORDERS
-from rrto_ros.nodes.params import check_endpoint, Param
+from rrto_ros.nodes.params import check_endpoint, KEY_PARAMS, Param
 from rrto_ros.plan_table import PlanTable
 from rrto_ros.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from rrto_wire import strategy as strategy_file
@@ -28,13 +29,15 @@ PARAMS = [
     Param('output_prefix', '~/output', 'outputs go to <output_prefix>/<output name>'),
     Param('mode', 'replay', 'replay | eager | naive | local', choices=MODES),
     Param('precision', 'fp32', 'server-side precision', choices=('fp32', 'fp16', 'bf16')),
-    Param('timeout_ms', 0.0, 'a call slower than this runs locally; 0 = auto: 10x the '
-          "server's own inference time measured when it recorded, within 200..2000 ms "
-          '(changeable at run time)', runtime=True, range=(0.0, 60000.0)),
+    Param('timeout_ms', 0.0, "a call slower than this falls back (see 'fallback'); 0 = auto: "
+          "3x the server's recent inference time (measured when it recorded, then from its "
+          'replies; doubled by a late reply), within 200..4000 ms (changeable at run time)',
+          runtime=True, range=(0.0, 60000.0)),
+    Param('fallback', 'local', "a frame the server cannot serve (preparing, unreachable, late, "
+          "error): 'local' runs it on the robot, 'skip' publishes no outputs for it and "
+          'computes nothing (for a server that shares the robot\'s CPU)', choices=FALLBACKS),
     Param('connect_timeout_ms', 1000.0, 'connection timeout', range=(1.0, 60000.0)),
-    Param('server_key', '', "the server's public CURVE .key file ('' = plain TCP; "
-          'docs/security.md)'),
-    Param('client_key', '', "this robot's CURVE .key_secret file ('' = plain TCP)"),
+    *KEY_PARAMS,
     Param('task', '', "task name the server schedules by ('' = the model's name)"),
     Param('priority', 0, 'server scheduling priority (higher first)', range=(-100, 100)),
     Param('deadline_ms', 0.0, 'server deadline per inference (0 = none)', range=(0.0, 60000.0)),
@@ -61,6 +64,8 @@ PARAMS = [
           check=lambda v: strategy_problem(v)),
     Param('switch_after', 2, 'switch plans after this many inferences agree on the new one',
           range=(1, 100)),
+    Param('export_cache', DEFAULT_EXPORT_CACHE, "directory keeping the robot's exports, so a "
+          "restart skips torch.export ('' = export on every start; ~ is expanded)"),
     Param('diagnostics_period_s', 1.0, 'period of /diagnostics', range=(0.1, 60.0)),
 ]
 

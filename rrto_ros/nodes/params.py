@@ -22,6 +22,8 @@ from rclpy.exceptions import ParameterException
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 
+from rrto_wire.curve import ClientKeys
+
 
 class ParameterError(Exception):
     """A parameter value the node cannot start with; the message names the parameter."""
@@ -135,6 +137,29 @@ def declare(node: Node, params: Sequence[Param], **options) -> Parameters:
 def fail(name: str, reason: str) -> ParameterError:
     """Return a ParameterError for a value that passed its own checks but cannot be used."""
     return ParameterError(f"parameter '{name}': {reason}")
+
+
+KEY_PARAMS = [
+    Param('server_key', '', "the server's public CURVE .key file ('' = plain TCP; "
+          'docs/security.md)'),
+    Param('client_key', '', "this robot's CURVE .key_secret file ('' = plain TCP)"),
+]
+
+
+def client_keys(server_key: str, client_key: str) -> ClientKeys | None:
+    """
+    Return the CURVE keys the ``server_key``/``client_key`` parameters name (None: plain TCP).
+
+    Raises :class:`ParameterError` naming the parameter, never the key, when a
+    file is missing or malformed or only one of the two is given.
+    """
+    if not server_key and not client_key:
+        return None
+    try:
+        return ClientKeys.load(server_key, client_key)
+    except ValueError as exc:   # a key file missing, malformed, or only one given
+        name = 'server_key' if not server_key or server_key in str(exc) else 'client_key'
+        raise fail(name, str(exc)) from None
 
 
 _ENDPOINT = re.compile(r'^(tcp://(\[[0-9a-fA-F:.]+\]|[^:/\s]+):\d{1,5}|ipc://\S+|inproc://\S+)$')

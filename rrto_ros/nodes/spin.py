@@ -22,10 +22,10 @@ from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.signals import SignalHandlerOptions
 
+from rrto_ros.nodes.entry import STOP_SIGNALS, stopped_early
 from rrto_ros.nodes.params import ParameterError
 
 SPIN_PERIOD_S = 0.1   # how soon a signal is noticed (Python runs handlers between waits)
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 class StopSignals:
@@ -35,6 +35,8 @@ class StopSignals:
         self.event = threading.Event()
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._on_signal)
+        if stopped_early():   # stopped while the node was still importing (entry point)
+            self._on_signal(signal.SIGINT, None)
 
     def _on_signal(self, signum, frame) -> None:
         for sig in STOP_SIGNALS:
