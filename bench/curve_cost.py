@@ -123,7 +123,8 @@ def cipher_floor(kb: int, reply_kb: int, repeats: int = 400) -> dict:
 
 
 def _aes_gcm_ms(sodium: ctypes.CDLL, size: int, repeats: int) -> float | None:
-    """Return the median ms to seal and open ``size`` bytes with AES-256-GCM (AES-NI), if any.
+    """
+    Return the median ms to seal and open ``size`` bytes with AES-256-GCM (AES-NI), if any.
 
     Not what CURVE can use: the reference for an AES-GCM transport (IPsec, kernel TLS).
     """

@@ -22,7 +22,7 @@ LONG_MODULES: dict[str, str] = {
 # private names of other libraries that tests/tools must use; ``obj._name`` only
 ALLOWED_PRIVATE = {
     '_schema',   # torch OpOverload._schema: torch has no public way to read an operator's schema
-    '_dynamo',   # torch._dynamo.explain and config.patch: no torch.compiler equivalent in torch 2.13
+    '_dynamo',   # torch._dynamo.explain, config.patch: no torch.compiler equivalent (2.13)
 }
 
 
