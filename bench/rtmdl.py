@@ -27,7 +27,7 @@ RT-mDL end to end on the real server: variants, profiles, proxy, search, measure
 
     python -m bench.rtmdl --device cuda --out /tmp/rtmdl --results $OUT
     python -m bench.rtmdl --tiny --out /tmp/rtmdl          # CPU smoke run (minutes here)
-    python -m bench.rtmdl --offline DIR --out /tmp/replan    # re-plan DIR's measured files
+    python -m bench.rtmdl --offline DIR --out /tmp/o     # model and proxy error on DIR's runs
 
 On the GPU host, pymoo and its dependencies must be importable: carry wheels of
 pymoo, autograd, cma, alive-progress, about-time, graphemeu, Deprecated, wrapt,
@@ -370,8 +370,8 @@ def parse_args(argv=None):
     parser.add_argument('--jobs', type=int, default=1, help='processes simulating samples')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--offline', metavar='DIR',
-                        help="re-plan and simulate from DIR's measured tasks.json and "
-                             'calibration.json (no server)')
+                        help="the server model's and the proxy's error on DIR's measured runs, "
+                             'held out (no server)')
     parser.add_argument('--reuse', action='store_true',
                         help='take ladders.json and tasks.json (and the variants) from --out')
     args = parser.parse_args(argv)
@@ -504,7 +504,7 @@ def _pct(value) -> str:
 
 def offline(args) -> dict:
     """
-    Judge and re-plan from a GPU run's measured files (``--offline DIR``): no server.
+    Judge the server model and the proxy on a GPU run's measured files: no server.
 
     Reads DIR's ``tasks.json`` (profiles and the server model the run's search
     used) and every measured run in ``calibration.json``, ``confirmations.json``

@@ -167,6 +167,10 @@ def test_the_interpreter_is_shared_so_fine_segments_cost_under_load(ts):
     assert loaded['detect']['response_ms_p99'] > solo['detect']['response_ms_p99'] + 0.5
     noisy = simulate(dataclasses.replace(ts, noise_ms=1.0), choices, 0.0, 4000)
     assert noisy['detect']['response_ms_p99'] > solo['detect']['response_ms_p99'] + 1.0
+    # the response-time proof counts the interpreter time of every other task, and the noise
+    assert rtsearch.proven(ts, choices, 0.0)
+    assert not rtsearch.proven(dataclasses.replace(ts, step_host_ms=0.3), choices, 0.0)
+    assert not rtsearch.proven(dataclasses.replace(ts, noise_ms=1.0), choices, 0.0)
 
 
 def test_a_task_with_theta_zero_is_never_packed(ts):
