@@ -230,3 +230,25 @@ def test_search_keeps_its_margin_below_every_bound(ts):
     assert thetas <= set(ts.thetas) and found['theta'] == max(thetas)
     with pytest.raises(ValueError, match='margin'):
         rtsearch.search(ts, proxy, pop=12, generations=3, verify_ms=2000, margin=1.5)
+
+
+def test_the_bench_judges_model_and_proxy_on_a_runs_measured_files(ts, tmp_path):
+    from bench import rtmdl
+    strategies = [rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 0.0),
+                  rtsearch.rate_monotonic(ts, rtsearch.smallest, 'whole', 0.0)]
+    truth = {'step_host_ms': 0.1, 'request_host_ms': 0.4, 'noise_ms': 0.0,
+             'pack_slowdown': 0.5}
+    runs = _measured_runs(ts, truth, strategies, horizon=1500)
+    (tmp_path / 'tasks.json').write_text(json.dumps(_doc()))
+    (tmp_path / 'runs.json').write_text(json.dumps({f'r{i}': {
+        'strategy': rtsearch.to_strategy(ts, c, th).to_json(), 'tasks': measured}
+        for i, (c, th, measured) in enumerate(runs)}))
+    rtsearch.to_strategy(ts, *strategies[1]).save(tmp_path / 'strategy.json')
+    results = rtmdl.main(['--offline', str(tmp_path), '--out', str(tmp_path / 'out'),
+                          '--samples', '20', '--pop', '8', '--generations', '2',
+                          '--horizon-ms', '1000', '--fit-horizon-ms', '1000', '--margin', '0'])
+    assert results['runs'] == 2 and results['model']['n'] == 2 * len(ts.tasks)
+    assert isinstance(results['proxy']['same_pick'], bool) and results['proxy']['n'] == 4
+    assert len(results['held_out']['rows']) == 4 and 'margin' in results['held_out']
+    assert results['fit_to_all']['loss'] <= results['fit_to_all']['loss_before']
+    assert json.loads((tmp_path / 'out' / 'results.json').read_text())['runs'] == 2
