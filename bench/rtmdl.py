@@ -10,17 +10,24 @@ RT-mDL end to end on the real server: variants, profiles, proxy, search, measure
    store's own blobs.
 3. Write the task set (periods set from the measured device times so that
    the largest variants overload the device, see :func:`design`).
-4. Measure a few random strategies (calibration runs), train the proxy on
-   the simulator and calibrate it, and search (NSGA-II).
-5. Measure (a) largest variants, rate-monotonic; (b) smallest variants;
-   (c) today's ``rtplan``; (d) the search; each against a fresh server, with
+4. Measure a few random strategies (calibration runs) and fit the
+   simulator's server model to them (:mod:`rrto_server.rtcalib`, starting
+   from :data:`PRIOR`); train the proxy on the fitted simulator, calibrate it
+   with the same runs, and search (NSGA-II) keeping every predicted miss
+   rate within ``(1 - --margin)`` times its bound.
+5. Confirm the pick on the server (``--confirm-s``); if it misses a bound,
+   measure the next confirmed alternative instead.
+6. Measure (a) largest variants, rate-monotonic; (b) smallest variants;
+   (c) today's ``rtplan``; (d) the search; each against a fresh server started
+   with the strategy file (``--strategy``: per-task thresholds), with
    periodic clients (one process per task: pre-processing, the call,
    post-processing, as bench/sched_mix.py's clients plus the robot's CPU
-   work).  The proxy's error is taken on these held-out runs.
+   work).  The proxy's and the fitted simulator's errors are taken on these
+   held-out runs.
 
-    python -m bench.rtmdl --device cuda --duration 30 --out /tmp/rtmdl
+    python -m bench.rtmdl --device cuda --out /tmp/rtmdl --results $OUT
     python -m bench.rtmdl --tiny --out /tmp/rtmdl          # CPU smoke run (minutes here)
-    python -m bench.rtmdl --offline DIR --out /tmp/replan    # re-plan DIR's measured files
+    python -m bench.rtmdl --offline DIR --out /tmp/o     # model and proxy error on DIR's runs
 
 On the GPU host, pymoo and its dependencies must be importable: carry wheels of
 pymoo, autograd, cma, alive-progress, about-time, graphemeu, Deprecated, wrapt,
@@ -43,7 +50,7 @@ from pathlib import Path
 import torch
 
 from bench.sched_mix import start_server
-from rrto_server import rtproxy, rtsearch, rttasks
+from rrto_server import rtcalib, rtproxy, rtsearch, rttasks
 from rrto_server.rtsim import simulate
 
 # name, architecture, batch, miss bound, weight, pre ms, post ms, device share (0: fast)
@@ -57,6 +64,13 @@ TINY_TASKS = [('detect', 'keypoint_net', 1, 0.05, 1.0, 0.5, 0.2, 0.0),
 # rather than transfer dominates their calls
 ZOOM = {'resnet18': 4, 'mobilenet': 1, 'keypoint_net': 1}
 GRANULARITIES = ('whole', 'block:3')
+# the server model fitted (rrto_server.rtcalib) to the five runs measured on the H200 at
+# 2026-11-30 17:29 UTC (docs/results/rtmdl_h200_1729/heldout.json, fit_to_all); the start of
+# this run's fit
+PRIOR = {'step_host_ms': 0.08, 'request_host_ms': 0.3, 'noise_ms': 0.4, 'pack_slowdown': 1.0}
+# the share of a bound that model failed to foresee on those runs, each left out of the fit
+# in turn (rrto_server.rtcalib.margin: detect under (a), 1.17 % measured, 0.73 % predicted)
+MARGIN = 0.44
 
 
 def _client(task: dict, endpoint: str, replay: str, duration: float, seed: int, results,
@@ -160,8 +174,9 @@ class Lab:
             self.artifacts[key] = variant_files.load_module(variant_file).artifact(flat, in_spec)
         return self.artifacts[key]
 
-    def server(self, theta: float, profile: bool = False):
+    def server(self, theta: float, profile: bool = False, strategy: Path | None = None):
         extra = ['--cpu-workers', '4'] + (['--profile-util', 'on'] if profile else [])
+        extra += ['--strategy', str(strategy)] if strategy else []
         return start_server(self.store, self.device, 'preemptive', theta, extra)
 
     def record(self, endpoint: str, task, variant_file: str, granularity: str) -> dict:
@@ -234,19 +249,25 @@ def storage(lab: Lab, ladders: dict) -> dict:
 
 
 GUARD = 1.25       # a large task's period is at least this many solo chains (one client each)
+# a fast task's shortest period: at 9.3-9.9 ms (2x the solo chain) the four clients sent 370
+# requests/s and even small random strategies missed 45 % (calibration, 2026-11-30 19:38 UTC);
+# the 17:29 task set (11-15 ms, 330 requests/s) was schedulable
+FAST_MIN_MS = 12.0
 
 
 def _period(big: dict, pre: float, post: float, share: float) -> float:
     gpu = sum(big['segment_ms'])
     chain = pre + post + big['decode_ms'] + big['overhead_ms'] + gpu
-    return round(max(8.0, 2 * chain) if not share else max(gpu / share, GUARD * chain), 1)
+    return round(max(FAST_MIN_MS, 2 * chain) if not share else max(gpu / share, GUARD * chain),
+                 1)
 
 
 def design(lab: Lab, ladders: dict, profiles: dict, tiny: bool) -> dict:
     """
     Return the task-set document: measured variants, and periods from the device times.
 
-    Fast tasks: period and deadline twice the full network's solo chain (at least 8 ms).
+    Fast tasks: period and deadline twice the full network's solo chain (at least
+    :data:`FAST_MIN_MS`).
     Large tasks: period = deadline = the largest variant's device time / its share
     (0.45 and 0.55: the two large tasks alone load the device to 100 % with their
     largest variants), but at least :data:`GUARD` x that variant's solo chain.
@@ -266,13 +287,15 @@ def design(lab: Lab, ladders: dict, profiles: dict, tiny: bool) -> dict:
                       'miss_bound': bound, 'weight': weight, 'pre_ms': pre, 'post_ms': post,
                       'variants': variants, 'arch': arch, 'batch': batch})
     return {'storage_mb': 1000.0, 'cpu_workers': 4, 'thetas': [0.0, 0.5, 0.8, 1.0],
-            'pack_slowdown': 0.5, 'tasks': tasks}
+            **PRIOR, 'tasks': tasks}
 
 
 def run_config(lab: Lab, ts, choices: dict, theta: float, duration: float, seed: int) -> dict:
     """Measure one strategy against a fresh server; return per-task and overall figures."""
     by_name = {t[0]: t for t in lab.tasks}
-    server = lab.server(theta)
+    plan = rtsearch.to_strategy(ts, choices, theta)
+    path = plan.save(lab.out / f'strategy-{seed}.json')
+    server = lab.server(theta, strategy=path)
     try:
         replays = {t.name: lab.record(server.endpoint, by_name[t.name],
                                       choices[t.name].variant.file,
@@ -294,6 +317,7 @@ def run_config(lab: Lab, ts, choices: dict, theta: float, duration: float, seed:
             'segments': choices[t.name].granularity, 'releases': len(got), 'misses': missed,
             'miss_rate': missed / len(got) if got else None, 'bound': t.miss_bound,
             'outcomes': {o: sum(1 for g, _ in got if g == o) for o in {g for g, _ in got}},
+            'results': len(response),
             'response_ms_p50': response[len(response) // 2] if response else None,
             'response_ms_p99': response[int(0.99 * (len(response) - 1))] if response else None}
     releases = sum(v['releases'] for v in tasks.values())
@@ -303,11 +327,17 @@ def run_config(lab: Lab, ts, choices: dict, theta: float, duration: float, seed:
                                 for v in tasks.values()),
             'accuracy': rtsearch.weighted_accuracy(ts, choices),
             'storage_mb': rtsearch.storage_mb(ts, choices),
-            'strategy': rtsearch.to_strategy(ts, choices, theta).to_json()}
+            'strategy': plan.to_json()}
 
 
 def _miss(run: dict) -> dict:
     return {k: v['miss_rate'] for k, v in run['tasks'].items() if v['miss_rate'] is not None}
+
+
+def _measured(run: dict) -> dict:
+    """Return a run's per-task figures as :mod:`rrto_server.rtcalib` takes them."""
+    return {k: rtsearch.measured_task(v) for k, v in run['tasks'].items()
+            if v['miss_rate'] is not None}
 
 
 def parse_args(argv=None):
@@ -322,7 +352,18 @@ def parse_args(argv=None):
     parser.add_argument('--calls', type=int, default=30, help='solo calls per profile')
     parser.add_argument('--calibration', type=int, default=3, help='measured random strategies')
     parser.add_argument('--calibration-s', type=float, default=6.0)
-    parser.add_argument('--duration', type=float, default=30.0, help='seconds per configuration')
+    parser.add_argument('--confirm-s', type=float, default=10.0,
+                        help="measured confirmation of the search's pick (0: none)")
+    parser.add_argument('--confirmations', type=int, default=2,
+                        help='picks to measure at most before giving up on confirming')
+    parser.add_argument('--margin', type=float, default=MARGIN,
+                        help='keep predicted miss rates within (1 - this) x their bounds')
+    parser.add_argument('--fit-horizon-ms', type=float, default=4000.0,
+                        help='simulated time per measured run while fitting the server model')
+    parser.add_argument('--fit-rounds', type=int, default=1,
+                        help='coordinate-descent rounds of the server-model fit')
+    parser.add_argument('--duration', type=float, default=60.0, help='seconds per configuration')
+    parser.add_argument('--results', help='directory for the small result files (default --out)')
     parser.add_argument('--samples', type=int, default=400, help='simulated proxy samples')
     parser.add_argument('--horizon-ms', type=float, default=4000.0)
     parser.add_argument('--pop', type=int, default=40)
@@ -330,14 +371,15 @@ def parse_args(argv=None):
     parser.add_argument('--jobs', type=int, default=1, help='processes simulating samples')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--offline', metavar='DIR',
-                        help="re-plan and simulate from DIR's measured tasks.json and "
-                             'calibration.json (no server)')
+                        help="the server model's and the proxy's error on DIR's measured runs, "
+                             'held out (no server)')
     parser.add_argument('--reuse', action='store_true',
                         help='take ladders.json and tasks.json (and the variants) from --out')
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.steps, args.finetune_steps, args.calls = 16, 3, 2, 3
         args.calibration, args.calibration_s, args.duration = 1, 1.0, 1.5
+        args.confirm_s, args.confirmations, args.fit_horizon_ms = 1.0, 1, 1000.0
         args.samples, args.horizon_ms, args.pop, args.generations = 16, 1000.0, 8, 3
     return args
 
@@ -371,57 +413,88 @@ def main(argv=None) -> dict:
         (out / 'tasks.json').write_text(json.dumps(doc, indent=1))
     train_s = time.perf_counter() - t0
     ts = rttasks.parse(doc)
+    results_dir = Path(args.results or out)
+    results_dir.mkdir(parents=True, exist_ok=True)
+    (results_dir / 'tasks.json').write_text(json.dumps(doc, indent=1))
     rng = random.Random(args.seed)
-    calibration = []
+    calibration, records = [], []
     for i in range(args.calibration):
         choices, theta = rtproxy.random_choices(ts, rng)
         run = run_config(lab, ts, choices, theta, args.calibration_s, args.seed + 10 * i)
-        calibration.append((choices, theta, _miss(run)))
-        (out / 'calibration.json').write_text(json.dumps(
-            [{'strategy': rtsearch.to_strategy(ts, c, th).to_json(), 'miss': m}
-             for c, th, m in calibration], indent=1))
+        calibration.append((choices, theta, _measured(run)))
+        records.append(run)
+        (results_dir / 'calibration.json').write_text(json.dumps(records, indent=1))
+    t0 = time.perf_counter()
+    fitted = {'params': rtcalib.model(ts)}
+    if calibration:
+        ts, fitted = rtcalib.fit(ts, calibration, args.fit_horizon_ms, args.seed, args.jobs,
+                                 args.fit_rounds)
+    fit_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     proxy = rtproxy.Proxy(seed=args.seed)
     proxy.simulate_samples(ts, args.samples, args.horizon_ms, args.seed, jobs=args.jobs)
     sim_only = rtproxy.Proxy(seed=args.seed)
     sim_only.x, sim_only.y, sim_only.w = list(proxy.x), list(proxy.y), list(proxy.w)
     sim_only.fit()
-    proxy.calibrate(ts, calibration)
+    proxy.calibrate(ts, rtsearch.miss_rates(calibration))
     proxy_s = time.perf_counter() - t0
-    found = rtsearch.search(ts, proxy, args.pop, args.generations, args.seed)
+    found = rtsearch.search(ts, proxy, args.pop, args.generations, args.seed,
+                            verify_ms=10000.0, margin=args.margin, jobs=args.jobs)
+    confirmations, found['confirmed'] = [], False
+    for choices, theta in [(found['choices'], found['theta'])] + found['alternatives']:
+        if not args.confirm_s or len(confirmations) >= args.confirmations:
+            break
+        run = run_config(lab, ts, choices, theta, args.confirm_s, args.seed + 50)
+        confirmations.append(run)
+        (results_dir / 'confirmations.json').write_text(json.dumps(confirmations, indent=1))
+        if run['meets_bounds']:     # else (d) stays the search's first pick, unconfirmed
+            found['choices'], found['theta'], found['confirmed'] = choices, theta, True
+            break
     strategy = rtsearch.to_strategy(ts, found['choices'], found['theta'])
-    strategy.save(out / 'strategy.json')
+    strategy.save(results_dir / 'strategy.json')
     configs = {      # the comparison that matters first, should the run be cut short
         'a_largest_rm': rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 1.0),
         'd_search': (found['choices'], found['theta']),
         'c_rtplan': rtsearch.with_rtplan(ts, 'block:3', 1.0),
         'b_smallest_rm': rtsearch.rate_monotonic(ts, rtsearch.smallest, 'block:3', 1.0)}
-    runs = {}
-    for i, (label, (choices, theta)) in enumerate(configs.items()):
-        runs[label] = run_config(lab, ts, choices, theta, args.duration, args.seed + 100 + i)
-        runs[label]['predicted'] = proxy.predict(ts, choices, theta)
-        runs[label]['simulated'] = {k: v['miss_rate'] for k, v in
-                                    simulate(ts, choices, theta, 20000.0, args.seed).items()}
-        (out / 'runs.json').write_text(json.dumps(runs, indent=1, default=str))
-    held_out = [(configs[k][0], configs[k][1], _miss(r)) for k, r in runs.items()]
-    a = runs['a_largest_rm']
     results = {
         'meta': meta, 'train_and_profile_s': train_s, 'ladders': ladders,
         'storage': storage(lab, ladders),
         'tasks': {t.name: {'period_ms': t.period_ms, 'deadline_ms': t.deadline_ms,
                            'miss_bound': t.miss_bound} for t in ts.tasks},
-        'calibration': [{'strategy': rtsearch.to_strategy(ts, c, th).to_json(), 'miss': m}
-                        for c, th, m in calibration],
+        'calibration': [{'strategy': r['strategy'], 'tasks': _measured(r)} for r in records],
+        'server_model': dict(fitted, fit_s=fit_s, prior=PRIOR),
         'search': {k: found[k] for k in ('theta', 'search_s', 'verify_s', 'evaluations',
-                                         'proofs', 'front', 'predicted', 'simulated')},
-        'proxy': {'train_s': proxy_s, 'samples': args.samples,
-                  'error_calibrated': rtproxy.error(proxy, ts, held_out),
-                  'error_simulator_only': rtproxy.error(sim_only, ts, held_out)},
-        'runs': runs,
-        'miss_reduction_vs_a': {k: (1 - r['miss_rate'] / a['miss_rate']) if a['miss_rate']
-                                else None for k, r in runs.items()},
-        'accuracy_cost_vs_a': {k: a['accuracy'] - r['accuracy'] for k, r in runs.items()}}
-    (out / 'results.json').write_text(json.dumps(results, indent=1, default=str))
+                                         'proofs', 'front', 'simulated_strategies', 'predicted',
+                                         'simulated', 'margin', 'confirmed')},
+        'confirmations': [{'strategy': r['strategy'], 'tasks': _measured(r),
+                           'meets_bounds': r['meets_bounds']} for r in confirmations],
+        'chosen': strategy.to_json(), 'proxy': {'train_s': proxy_s, 'samples': args.samples},
+        'runs': {}}
+    (results_dir / 'results.json').write_text(json.dumps(results, indent=1, default=str))
+    runs = results['runs']
+    for i, (label, (choices, theta)) in enumerate(configs.items()):
+        runs[label] = run_config(lab, ts, choices, theta, args.duration, args.seed + 100 + i)
+        (results_dir / 'runs.json').write_text(json.dumps(runs, indent=1, default=str))
+    # everything below is computed on the runs that nothing above was fitted to
+    held_out = [(configs[k][0], configs[k][1], _measured(r)) for k, r in runs.items()]
+    for label, run in runs.items():
+        choices, theta = configs[label]
+        run['predicted'] = proxy.predict(ts, choices, theta)
+        run['simulated'] = {k: v['miss_rate'] for k, v in
+                            simulate(ts, choices, theta, 20000.0, args.seed).items()}
+    a = runs['a_largest_rm']
+    results['proxy'].update(
+        error_calibrated=rtproxy.error(proxy, ts, rtsearch.miss_rates(held_out)),
+        error_simulator_only=rtproxy.error(sim_only, ts, rtsearch.miss_rates(held_out)),
+        simulator_on_held_out=rtcalib.summary(
+            rtcalib.predict(ts, held_out, 20000.0, args.seed, args.jobs)),
+        prior_simulator_on_held_out=rtcalib.summary(rtcalib.predict(
+            rtcalib.with_model(ts, PRIOR), held_out, 20000.0, args.seed, args.jobs)))
+    results['miss_reduction_vs_a'] = {k: (1 - r['miss_rate'] / a['miss_rate'])
+                                      if a['miss_rate'] else None for k, r in runs.items()}
+    results['accuracy_cost_vs_a'] = {k: a['accuracy'] - r['accuracy'] for k, r in runs.items()}
+    (results_dir / 'results.json').write_text(json.dumps(results, indent=1, default=str))
     print(table(results))
     return results
 
@@ -432,98 +505,64 @@ def _pct(value) -> str:
 
 def offline(args) -> dict:
     """
-    Re-plan from a GPU run's measured files (``--offline DIR``): no server, no device.
+    Judge the server model and the proxy on a GPU run's measured files: no server.
 
-    Reads ``tasks.json`` (measured profiles, accuracies, shards) and ``calibration.json``
-    (measured runs) from DIR, re-derives the periods with :func:`_period`, trains and
-    calibrates the proxy, searches, and *simulates* (a)-(d) for ``--duration`` seconds
-    each.  The proxy's error is taken leave-one-out on the measured runs.
+    Reads DIR's ``tasks.json`` (profiles and the server model the run's search
+    used) and every measured run in ``calibration.json``, ``confirmations.json``
+    and ``runs.json``.  Reports, on those runs:
+
+    * ``model``: the error of the task set's own server model (fitted to none
+      of them when the run had no calibration runs);
+    * ``proxy``: the error of the proxy the run's search ended with, rebuilt
+      with the same settings (``--samples``, ``--horizon-ms``, ``--pop``,
+      ``--generations``, ``--margin``, ``--seed``) from the calibration runs,
+      and whether that search picks DIR's ``strategy.json`` again;
+    * ``held_out``: each run predicted by the model fitted to all the others
+      (:func:`rtcalib.held_out`), and the margin it implies;
+
+    then fits the model to all runs and reports the fit.
     """
     src, out = Path(args.offline), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    measured_doc = json.loads((src / 'tasks.json').read_text())
-    measured_ts = rttasks.parse(measured_doc)
-    doc = json.loads(json.dumps(measured_doc))
-    table_rows = {t[0]: t for t in TASKS}
-    for task in doc['tasks']:
-        _, _, _, _, _, pre, post, share = table_rows[task['name']]
-        task['period_ms'] = task['deadline_ms'] = _period(
-            task['variants'][0]['profiles']['block:3'], pre, post, share)
-    (out / 'tasks.json').write_text(json.dumps(doc, indent=1))
-    ts = rttasks.parse(doc)
-    runs = [(*rtsearch.from_strategy(measured_ts, r['strategy']), r['miss'])
-            for r in json.loads((src / 'calibration.json').read_text())]
-    t0 = time.perf_counter()
-    sim = rtproxy.Proxy(seed=args.seed)
-    sim.simulate_samples(ts, args.samples, args.horizon_ms, args.seed, jobs=args.jobs)
-    proxy_s = time.perf_counter() - t0
-    loo = []
-    for i, (choices, theta, miss) in enumerate(runs):
-        held = _copy_proxy(sim, args.seed)
-        for j, (c, th, m) in enumerate(runs):
-            if j != i:
-                held.add(measured_ts, c, th, m, 20.0)
-        loo.append(rtproxy.error(held.fit(), measured_ts, [(choices, theta, miss)]))
-    proxy = _copy_proxy(sim, args.seed)
-    for choices, theta, miss in runs:
-        proxy.add(measured_ts, choices, theta, miss, 20.0)
-    proxy.fit()
-    found = rtsearch.search(ts, proxy, args.pop, args.generations, args.seed)
-    rtsearch.to_strategy(ts, found['choices'], found['theta']).save(out / 'strategy.json')
-    configs = {
-        'a_largest_rm': rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 1.0),
-        'b_smallest_rm': rtsearch.rate_monotonic(ts, rtsearch.smallest, 'block:3', 1.0),
-        'c_rtplan': rtsearch.with_rtplan(ts, 'block:3', 1.0),
-        'd_search': (found['choices'], found['theta'])}
+    ts = rttasks.parse(json.loads((src / 'tasks.json').read_text()))
+
+    def read(name: str) -> list:
+        if not (src / name).is_file():
+            return []
+        doc = json.loads((src / name).read_text())
+        runs = list(doc.values()) if isinstance(doc, dict) else doc
+        return [(*rtsearch.from_strategy(ts, r['strategy']), _measured(r)) for r in runs]
+
+    calibration = read('calibration.json')
+    measured = calibration + read('confirmations.json') + read('runs.json')
     results = {'meta': {'command': ' '.join(['python -m bench.rtmdl'] + sys.argv[1:]),
                         'date': time.strftime('%Y-%m-%d %H:%M:%S %Z'),
                         'host': platform.node(), 'measured_in': str(src)},
-               'tasks': {t.name: {'period_ms': t.period_ms, 'deadline_ms': t.deadline_ms,
-                                  'miss_bound': t.miss_bound} for t in ts.tasks},
-               'storage': _shard_storage(ts),
-               'search': {k: found[k] for k in ('theta', 'search_s', 'verify_s', 'evaluations',
-                                                'proofs', 'front', 'predicted', 'simulated')},
-               'proxy': {'train_s': proxy_s, 'samples': args.samples,
-                         'leave_one_out_on_measured': loo,
-                         'mae_leave_one_out': statistics.mean(e['mae'] for e in loo)},
-               'runs': {}}
-    for label, (choices, theta) in configs.items():
-        sim_run = simulate(ts, choices, theta, args.duration * 1e3, args.seed)
-        releases = sum(v['releases'] for v in sim_run.values())
-        results['runs'][label] = {
-            'theta': theta, 'simulated': True,
-            'tasks': {t.name: {'variant': choices[t.name].variant.name,
-                               'priority': choices[t.name].priority,
-                               'segments': choices[t.name].granularity,
-                               'miss_rate': sim_run[t.name]['miss_rate'],
-                               'bound': t.miss_bound} for t in ts.tasks},
-            'miss_rate': sum(v['misses'] for v in sim_run.values()) / max(1, releases),
-            'predicted': proxy.predict(ts, choices, theta),
-            'accuracy': rtsearch.weighted_accuracy(ts, choices),
-            'storage_mb': rtsearch.storage_mb(ts, choices)}
-    a = results['runs']['a_largest_rm']
-    results['miss_reduction_vs_a'] = {k: (1 - r['miss_rate'] / a['miss_rate'])
-                                      if a['miss_rate'] else None
-                                      for k, r in results['runs'].items()}
-    results['accuracy_cost_vs_a'] = {k: a['accuracy'] - r['accuracy']
-                                     for k, r in results['runs'].items()}
+               'runs': len(measured), 'server_model': rtcalib.model(ts),
+               'model': rtcalib.summary(rtcalib.predict(ts, measured, 20000.0, args.seed,
+                                                        args.jobs))}
+    if (src / 'strategy.json').is_file():
+        proxy = rtproxy.Proxy(seed=args.seed)
+        proxy.simulate_samples(ts, args.samples, args.horizon_ms, args.seed, jobs=args.jobs)
+        proxy.calibrate(ts, rtsearch.miss_rates(calibration))
+        found = rtsearch.search(ts, proxy, args.pop, args.generations, args.seed,
+                                verify_ms=10000.0, margin=args.margin, jobs=args.jobs)
+        picked = rtsearch.to_strategy(ts, found['choices'], found['theta']).to_json()
+        results['proxy'] = dict(
+            rtproxy.error(proxy, ts, rtsearch.miss_rates(measured[len(calibration):])),
+            same_pick=picked['tasks'] == json.loads((src / 'strategy.json').read_text())['tasks'])
+    t0 = time.perf_counter()
+    rows = rtcalib.held_out(ts, measured, args.fit_horizon_ms, args.seed, args.jobs,
+                            args.fit_rounds)
+    results['held_out'] = {'rows': rows, **rtcalib.summary(rows),
+                           'seconds': time.perf_counter() - t0}
+    results['fit_to_all'] = rtcalib.fit(ts, measured, args.fit_horizon_ms, args.seed,
+                                        args.jobs, args.fit_rounds)[1]
     (out / 'results.json').write_text(json.dumps(results, indent=1, default=str))
-    print(table(results))
+    print(json.dumps({k: v for k, v in results.items() if k != 'held_out'}, indent=1,
+                     default=str))
+    print(json.dumps({k: v for k, v in results['held_out'].items() if k != 'rows'}))
     return results
-
-
-def _copy_proxy(source: rtproxy.Proxy, seed: int) -> rtproxy.Proxy:
-    copy = rtproxy.Proxy(seed=seed)
-    copy.x, copy.y, copy.w = list(source.x), list(source.y), list(source.w)
-    return copy
-
-
-def _shard_storage(ts) -> dict:
-    """Return the weight bytes of every distinct variant stored whole and as shared shards."""
-    distinct = {v.name: v for t in ts.tasks for v in t.variants}
-    return {'variants': len(distinct),
-            'separate_bytes': sum(v.storage_bytes for v in distinct.values()),
-            'shared_bytes': ts.storage_bytes(list(distinct.values()))}
 
 
 def table(results: dict) -> str:

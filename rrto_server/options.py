@@ -67,6 +67,14 @@ def _strategy_problem(path: str) -> str | None:
     return None
 
 
+def _task_thetas(path: str) -> dict[str, float]:
+    """Return the per-task packing thresholds of a strategy file ('' = none)."""
+    if not path:
+        return {}
+    return {name: task.theta for name, task in strategy_file.load(path).tasks.items()
+            if task.theta is not None}
+
+
 def _task_late_problem(text: str) -> str | None:
     try:
         parse_task_late(text)
@@ -155,7 +163,8 @@ OPTIONS = (
            '-1 auto (1.0 on CUDA, off on CPU)', range=(-1.0, 2.0), check=_theta_problem,
            convert=lambda v: None if v < 0 else float(v)),
     Option('strategy', '', "strategy file from rrto-plan-tasks: its theta is the packing "
-           'threshold unless pack_theta is set', check=_strategy_problem, field=None),
+           "threshold unless pack_theta is set, and its tasks' own thresholds apply",
+           check=_strategy_problem, field='task_theta', convert=_task_thetas),
     Option('profile_util', 'auto', "profile each replay's utilisation when recording "
            '(auto: when packing is on)', choices=tuple(PROFILE_UTIL),
            convert=PROFILE_UTIL.__getitem__),
@@ -207,6 +216,7 @@ class ServerConfig:
     profile_util: bool | None = _default('profile_util')   # None: when packing is on
     late_policy: str = _default('late_policy')         # for requests that do not say
     task_late: dict = field(default_factory=dict)      # per-task late policy
+    task_theta: dict = field(default_factory=dict)     # per-task packing threshold (strategy)
     cpu_workers: int = _default('cpu_workers')
     inline_max_ms: float = _default('inline_max_ms')
     sched_trace: int = _default('sched_trace')

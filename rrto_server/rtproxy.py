@@ -6,7 +6,8 @@ thousands.  The proxy predicts each task's miss rate from features of the
 strategy that the scheduler's behaviour depends on: the task's own chain
 (robot, decode, transfer, device time, longest segment, jitter), the device
 and CPU load of the more urgent tasks, the blocking by less urgent segments,
-the response-time bound, and whether packing can pair it with the others.
+the server's interpreter time (its own steps, everyone's), the
+response-time bound, and whether packing can pair it with the others.
 
 :meth:`Proxy.fit` trains on simulated strategies (:mod:`rrto_server.rtsim`);
 :meth:`Proxy.calibrate` refits with measured runs added at a higher sample
@@ -33,20 +34,40 @@ def budget_ms(task, choice: Choice) -> float:
     return task.deadline_ms - task.pre_ms - task.post_ms - p.overhead_ms - p.decode_ms
 
 
-def rta_ratios(ts: TaskSet, choices: dict[str, Choice], inflate: float = 1.0) -> dict[str, float]:
-    """Return each task's response-time bound over its device budget (single lane)."""
+def host_ms(ts: TaskSet, choice: Choice) -> float:
+    """Return one job's interpreter time on the server (its steps and its request)."""
+    return len(choice.profile.segment_ms) * ts.step_host_ms + ts.request_host_ms
+
+
+def theta_of(choice: Choice, theta: float) -> float:
+    """Return the packing threshold in force for a task (its own, else the server's)."""
+    return theta if choice.theta is None else choice.theta
+
+
+def rta_ratios(ts: TaskSet, choices: dict[str, Choice], inflate: float = 1.0,
+               noise_ms: float = 0.0) -> dict[str, float]:
+    """
+    Return each task's response-time bound over its device budget (single lane).
+
+    Device time of more urgent tasks interferes as usual; the interpreter is
+    first come first served, so every other task's host time interferes too,
+    whatever its priority.  ``noise_ms`` is taken off every budget.
+    """
     out = {}
     for task in ts.tasks:
         c = choices[task.name]
         higher = [(choices[o.name].profile.gpu_ms * inflate, o.period_ms) for o in ts.tasks
                   if choices[o.name].priority > c.priority]
+        higher += [(host_ms(ts, choices[o.name]), o.period_ms) for o in ts.tasks
+                   if o is not task and choices[o.name].priority <= c.priority]
         lower = [choices[o.name].profile.block_ms * inflate for o in ts.tasks
                  if choices[o.name].priority < c.priority]
-        budget = budget_ms(task, c)
+        budget = budget_ms(task, c) - noise_ms
         if budget <= 0:
             out[task.name] = RTA_CAP
             continue
-        r = response_time(c.profile.gpu_ms * inflate, budget, max(lower, default=0.0), higher)
+        own = c.profile.gpu_ms * inflate + host_ms(ts, c)
+        r = response_time(own, budget, max(lower, default=0.0), higher)
         out[task.name] = min(RTA_CAP, r / budget) if math.isfinite(r) else RTA_CAP
     return out
 
@@ -54,6 +75,7 @@ def rta_ratios(ts: TaskSet, choices: dict[str, Choice], inflate: float = 1.0) ->
 def features(ts: TaskSet, choices: dict[str, Choice], theta: float) -> list[list[float]]:
     """Return one feature row per task (in task-set order)."""
     rta = rta_ratios(ts, choices)
+    host_util = sum(host_ms(ts, choices[o.name]) / o.period_ms for o in ts.tasks)
     rows = []
     for task in ts.tasks:
         c = choices[task.name]
@@ -65,24 +87,34 @@ def features(ts: TaskSet, choices: dict[str, Choice], theta: float) -> list[list
         cpu_util = sum(choices[o.name].profile.decode_ms / o.period_ms
                        for o in ts.tasks) / ts.cpu_workers
         blocking = max((choices[o.name].profile.block_ms for o in lp), default=0.0)
-        pairable = sum(1 for o in ts.tasks if o is not task
-                       and p.utilisation + choices[o.name].profile.utilisation <= theta)
+        own_theta = theta_of(c, theta)
+        pairable = sum(1 for o in ts.tasks if o is not task and
+                       p.utilisation + choices[o.name].profile.utilisation
+                       <= min(own_theta, theta_of(choices[o.name], theta)))
         slack = budget_ms(task, c) - p.gpu_ms
         rows.append([p.gpu_ms, p.block_ms, p.utilisation, p.jitter, p.decode_ms, p.overhead_ms,
                      task.period_ms, task.deadline_ms, task.pre_ms + task.post_ms, slack,
                      slack / task.deadline_ms, len(hp) / len(ts.tasks), hp_util, total_util,
-                     cpu_util, blocking, rta[task.name], theta, pairable / len(ts.tasks),
-                     (p.gpu_ms + blocking) / max(1e-6, budget_ms(task, c))])
+                     cpu_util, blocking, rta[task.name], own_theta, pairable / len(ts.tasks),
+                     (p.gpu_ms + blocking) / max(1e-6, budget_ms(task, c)),
+                     len(p.segment_ms), host_ms(ts, c), host_util,
+                     (slack - host_ms(ts, c)) / task.deadline_ms])
     return rows
 
 
 def random_choices(ts: TaskSet, rng: random.Random) -> tuple[dict[str, Choice], float]:
-    """Return a uniformly random strategy: variants, a priority order, granularities, theta."""
+    """Return a uniformly random strategy: variants, priorities, granularities, thetas."""
     order = list(range(len(ts.tasks)))
     rng.shuffle(order)
-    choices = {t.name: Choice(rng.choice(t.variants), order[i], rng.choice(t.granularities))
+    choices = {t.name: Choice(rng.choice(t.variants), order[i], rng.choice(t.granularities),
+                              rng.choice(ts.thetas))
                for i, t in enumerate(ts.tasks)}
-    return choices, rng.choice(ts.thetas)
+    return choices, server_theta(choices)
+
+
+def server_theta(choices: dict[str, Choice]) -> float:
+    """Return the server's threshold for per-task thresholds: the largest (0: one lane)."""
+    return max((c.theta or 0.0) for c in choices.values())
 
 
 class Proxy:

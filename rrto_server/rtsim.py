@@ -11,17 +11,29 @@ its own order:
    ``rrto_server.cpu_workers``; a request already past its server deadline
    is answered ``deadline_missed`` without decoding;
 3. GPU segments on lane 0, re-picked after every segment (the preemptive
-   policy); with ``theta > 0`` lane 1 runs a less urgent job's segment while
-   the two utilisations sum to at most ``theta`` (and it would fit beside a
-   more urgent job waiting for lane 0), both slowed by ``pack_slowdown``
-   times the other's utilisation; lane 0 waits for lane 1's step rather than
-   break the rule; a job whose server deadline passes between segments is
-   dropped (never started) or abandoned (started);
+   policy); with packing, lane 1 runs a less urgent job's segment while the
+   two utilisations sum to at most the smaller of the two tasks' thresholds
+   (``Choice.theta``; ``None``: the server's ``theta``), and it would fit
+   beside a more urgent job waiting for lane 0; both are slowed by
+   ``pack_slowdown`` times the other's utilisation; lane 0 waits for lane 1's
+   step rather than break the rule; a job whose server deadline passes
+   between segments is dropped (never started) or abandoned (started);
 4. transfer back and robot post-processing.
+
+The server is one Python process: every device step needs the interpreter
+for ``step_host_ms`` (pick, launch, synchronise) and every request for
+``request_host_ms`` (parse, decode, reply), one thread at a time.  This is
+the host (the GIL) that a fine segmentation and a second lane contend for;
+solo profiles contain it, a loaded server queues on it.  Each call also
+waits an exponentially distributed ``noise_ms`` (mean) on its way: the
+scheduling noise of the robot's and the server's processes, which solo
+profiles of a few calls do not see.  These costs and ``pack_slowdown`` are
+fitted to measured runs (:mod:`rrto_server.rtcalib`).
 
 The server deadline is the task's deadline less its post-processing, as
 the robot sends it.  Execution times vary per job by a log-normal factor
-(``jitter``).  :func:`simulate` returns per-task releases and misses.
+(``jitter``).  :func:`simulate` returns per-task releases, misses and the
+50th/99th percentile response times of the frames that got a result.
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ class Choice:
     variant: TaskVariant
     priority: int
     granularity: str
+    theta: float | None = None      # packing threshold of this task; None: the server's
 
     @property
     def profile(self) -> Profile:
@@ -75,6 +88,7 @@ class _Sim:
         self.events: list = []
         self.seq = itertools.count()
         self.stats = {t.name: {'releases': 0, 'misses': 0} for t in ts.tasks}
+        self.response = {t.name: [] for t in ts.tasks}
         self.pending = {t.name: [] for t in ts.tasks}      # releases waiting for the client
         self.client_busy = {t.name: False for t in ts.tasks}
         self.cpu_free = ts.cpu_workers
@@ -82,9 +96,16 @@ class _Sim:
         self.ready: list[_Job] = []
         self.lanes: list = [None, None] if theta > 0 else [None]
         self.at_now: list = []                              # clients freed this instant
+        self.host_free = 0.0                                # the interpreter, first come first
 
     def at(self, t: float, kind: str, payload) -> None:
         heapq.heappush(self.events, (t, next(self.seq), kind, payload))
+
+    def host(self, now: float, ms: float) -> float:
+        """Queue ``ms`` of interpreter time; return when it starts."""
+        start = max(now, self.host_free)
+        self.host_free = start + ms
+        return start
 
     def miss(self, job: _Job) -> None:
         self.stats[job.task.name]['misses'] += 1
@@ -92,6 +113,10 @@ class _Sim:
 
     def jitter(self, profile: Profile) -> float:
         return math.exp(self.rng.gauss(0.0, profile.jitter)) if profile.jitter else 1.0
+
+    def fits(self, a: _Job, b: _Job) -> bool:
+        limit = min(self.theta if c.theta is None else c.theta for c in (a.choice, b.choice))
+        return a.util + b.util <= limit + 1e-9
 
     # ------------------------------------------------------------------ robot side
     def released(self, now: float, task: RtTask) -> None:
@@ -111,7 +136,9 @@ class _Sim:
             job = _Job(task, choice, release, release + task.deadline_ms,
                        release + task.deadline_ms - task.post_ms, scale, next(self.seq))
             job.segments = [s * scale for s in choice.profile.segment_ms]
-            self.at(now + task.pre_ms * scale + choice.profile.overhead_ms / 2, 'arrive', job)
+            noise = self.rng.expovariate(1.0 / self.ts.noise_ms) if self.ts.noise_ms else 0.0
+            self.at(now + task.pre_ms * scale + choice.profile.overhead_ms / 2 + noise, 'arrive',
+                    job)
 
     def client_done(self, task: RtTask) -> None:
         self.client_busy[task.name] = False
@@ -129,7 +156,8 @@ class _Sim:
                 self.miss(job)
                 continue
             self.cpu_free -= 1
-            self.at(now + job.choice.profile.decode_ms * job.scale, 'decoded', job)
+            start = self.host(now, self.ts.request_host_ms)
+            self.at(start + job.choice.profile.decode_ms * job.scale, 'decoded', job)
 
     # ------------------------------------------------------------------ GPU lanes
     def dispatch(self, now: float) -> None:
@@ -140,14 +168,14 @@ class _Sim:
         if self.lanes[0] is None and self.ready:
             job = self.ready[0]
             other = self.lanes[1] if len(self.lanes) > 1 else None
-            if other is None or job.util + other.util <= self.theta:
+            if other is None or self.fits(job, other):
                 self.start(now, 0, job)
         if len(self.lanes) > 1 and self.lanes[1] is None and self.lanes[0] is not None:
             first = self.lanes[0]
             for i, job in enumerate(self.ready):
-                if job.key() < first.key() or job.util + first.util > self.theta:
+                if job.key() < first.key() or not self.fits(job, first):
                     continue
-                if i and job.util + self.ready[0].util > self.theta:
+                if i and not self.fits(job, self.ready[0]):
                     continue
                 self.start(now, 1, job)
                 break
@@ -157,7 +185,8 @@ class _Sim:
         self.lanes[lane] = job
         other = self.lanes[1 - lane] if len(self.lanes) > 1 else None
         slow = 1.0 + (self.ts.pack_slowdown * other.util if other is not None else 0.0)
-        self.at(now + job.segments[job.index] * slow, 'segment', (lane, job))
+        step = max(job.segments[job.index] * slow, self.ts.step_host_ms)
+        self.at(self.host(now, self.ts.step_host_ms) + step, 'segment', (lane, job))
 
     def segment(self, now: float, lane: int, job: _Job) -> None:
         self.lanes[lane] = None
@@ -171,6 +200,7 @@ class _Sim:
     def done(self, now: float, job: _Job) -> None:
         if now > job.deadline + 1e-9:
             self.stats[job.task.name]['misses'] += 1
+        self.response[job.task.name].append(now - job.release)
         self.client_done(job.task)
 
     def run(self, horizon_ms: float) -> dict:
@@ -196,13 +226,28 @@ class _Sim:
                 self.next_frame(now, self.at_now.pop())
             self.start_cpu(now)
             self.dispatch(now)
-        return {name: dict(s, miss_rate=s['misses'] / s['releases'] if s['releases'] else 0.0)
+        return {name: dict(s, miss_rate=s['misses'] / s['releases'] if s['releases'] else 0.0,
+                           **percentiles(self.response[name]))
                 for name, s in self.stats.items()}
+
+
+def percentiles(values: list[float]) -> dict:
+    """Return ``response_ms_p50``/``_p99`` as the benchmark takes them (None when empty)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {'response_ms_p50': None, 'response_ms_p99': None}
+    return {'response_ms_p50': ordered[len(ordered) // 2],
+            'response_ms_p99': ordered[int(0.99 * (len(ordered) - 1))]}
 
 
 def simulate(ts: TaskSet, choices: dict[str, Choice], theta: float, horizon_ms: float = 5000.0,
              seed: int = 0) -> dict[str, dict]:
-    """Return ``{task: {releases, misses, miss_rate}}`` for one strategy over ``horizon_ms``."""
+    """
+    Return ``{task: {releases, misses, miss_rate, response_ms_p50, response_ms_p99}}``.
+
+    ``theta`` is the server's packing threshold (0: one lane); a choice's own
+    ``theta`` narrows the pairs that task may be packed in.
+    """
     missing = {t.name for t in ts.tasks} - set(choices)
     if missing:
         raise ValueError(f'no choice for tasks {sorted(missing)}')

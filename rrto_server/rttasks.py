@@ -7,6 +7,9 @@ A task-set file (YAML or JSON)::
     cpu_workers: 4                   # the server's --cpu-workers
     thetas: [0.0, 0.6, 0.8, 1.0]     # packing thresholds the search may pick
     pack_slowdown: 0.5               # a packed step runs (1 + this * other's u) longer
+    step_host_ms: 0.05               # interpreter time per device step (server model)
+    request_host_ms: 0.2             # interpreter time per request (server model)
+    noise_ms: 0.3                    # mean exponential delay per call (server model)
     tasks:
       - name: detect
         period_ms: 20
@@ -27,7 +30,10 @@ A task-set file (YAML or JSON)::
 
 ``overhead_ms`` is the rest of a solo call (transfer, I/O thread, copy-back)
 beyond decode and device time; ``jitter`` is the log-normal sigma of a job's
-execution time.  All values are checked on load.
+execution time.  ``pack_slowdown``, ``step_host_ms``, ``request_host_ms`` and
+``noise_ms`` describe the server itself (see :mod:`rrto_server.rtsim`); they are fitted
+to measured runs by :mod:`rrto_server.rtcalib`.  All values are checked on
+load.
 """
 
 from __future__ import annotations
@@ -104,6 +110,9 @@ class TaskSet:
     cpu_workers: int = 2
     thetas: tuple[float, ...] = (0.0,)
     pack_slowdown: float = 0.5
+    step_host_ms: float = 0.0
+    request_host_ms: float = 0.0
+    noise_ms: float = 0.0
 
     def storage_bytes(self, variants: list[TaskVariant]) -> int:
         """Return the bytes of ``variants`` with shared shards counted once."""
@@ -163,7 +172,10 @@ def parse(doc: dict) -> TaskSet:
         thetas = tuple(_num({'t': t}, 't', 0.0, 2.0) for t in doc.get('thetas', [0.0]))
         return TaskSet(tasks, _num(doc, 'storage_mb', 0.0, math.inf, math.inf),
                        int(_num(doc, 'cpu_workers', 1, 256, 2)), thetas or (0.0,),
-                       _num(doc, 'pack_slowdown', 0.0, 10.0, 0.5))
+                       _num(doc, 'pack_slowdown', 0.0, 10.0, 0.5),
+                       _num(doc, 'step_host_ms', 0.0, 100.0, 0.0),
+                       _num(doc, 'request_host_ms', 0.0, 100.0, 0.0),
+                       _num(doc, 'noise_ms', 0.0, 100.0, 0.0))
     except (KeyError, TypeError, AttributeError) as exc:
         raise ValueError(f'bad task set: {type(exc).__name__}: {exc}') from None
 

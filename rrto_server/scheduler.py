@@ -25,8 +25,11 @@ job only while their profiled utilisations sum to at most ``theta``, and only
 if the pair would also fit with any more urgent job that is about to take
 lane 0.  No lane ever starts a step whose pair with the other lane's running
 step exceeds ``theta`` (lane 0 waits for lane 1's step instead), so the rule
-holds at every instant.  Jobs that share device buffers (executions of one
-CUDA-graph replay) never run side by side.
+holds at every instant.  A task may have its own threshold (``task_theta``,
+from the strategy file): a pair of jobs packs only within the smaller of the
+two tasks' thresholds, so a task with threshold 0 never shares the device.
+Jobs that share device buffers (executions of one CUDA-graph replay) never
+run side by side.
 
 Deadlines: a ``late='drop'`` job whose deadline passes before it starts is
 answered with ``deadline_missed`` as soon as the deadline passes (a reaper
@@ -61,13 +64,15 @@ class Scheduler:
 
     def __init__(self, policy: str = PREEMPTIVE, theta: float = 0.0, device=None,
                  lanes: Sequence[Lane] | None = None, trace: int = 0,
-                 clock: Callable[[], float] = time.perf_counter, name: str = 'rrto-gpu'):
+                 clock: Callable[[], float] = time.perf_counter, name: str = 'rrto-gpu',
+                 task_theta: dict[str, float] | None = None):
         if policy not in POLICIES:
             raise ValueError(f'policy must be one of {POLICIES}, got {policy!r}')
-        if not theta >= 0:
+        if not theta >= 0 or not all(t >= 0 for t in (task_theta or {}).values()):
             raise ValueError('theta must be >= 0 (0 turns packing off)')
         self.policy = policy
         self.theta = float(theta)
+        self.task_theta = {str(k): float(v) for k, v in (task_theta or {}).items()}
         self.lanes = list(lanes) if lanes is not None else make_lanes(device,
                                                                       2 if theta > 0 else 1)
         self.clock = clock
@@ -150,7 +155,8 @@ class Scheduler:
     def snapshot(self) -> dict:
         """Return policy, counters, preemption latency and (if enabled) the trace, JSON-ready."""
         with self._cond:
-            data = {'policy': self.policy, 'theta': self.theta, 'lanes': len(self.lanes),
+            data = {'policy': self.policy, 'theta': self.theta, 'task_theta': self.task_theta,
+                    'lanes': len(self.lanes),
                     'pending': len(self._ready), **self.counters,
                     'preempt_ms': summarise(self._preempt_ms)}
             if self.trace is not None:
@@ -176,7 +182,8 @@ class Scheduler:
     def _fits(self, a: Job, b: Job) -> bool:
         if a.resource is not None and a.resource == b.resource:
             return False
-        return a.utilisation + b.utilisation <= self.theta + 1e-9
+        limit = min(self.task_theta.get(job.task, self.theta) for job in (a, b))
+        return a.utilisation + b.utilisation <= limit + 1e-9
 
     def _pick(self, lane: Lane) -> Job | None:
         if not self._ready or lane.job is not None:  # a lane is busy while run_inline uses it

@@ -105,7 +105,7 @@ class Server:
                                     else config.profile_util)
         self.cpu = CpuWorkers(config.cpu_workers)
         self.scheduler = Scheduler(config.sched_policy, theta, self.device,
-                                   trace=config.sched_trace)
+                                   trace=config.sched_trace, task_theta=config.task_theta)
         self.services = Services(
             device=self.device, stats=self.stats, tasks=self.tasks, registry=self.registry,
             replays=self.replays, naive=self.naive, scheduler=self.scheduler, cpu=self.cpu,

@@ -1,12 +1,13 @@
 """Task sets, the scheduler simulation, the miss-rate proxy, NSGA-II search, strategy files."""
 
 import copy
+import dataclasses
 import json
 
 import pytest
 
 from rrto_server import __main__ as server_main
-from rrto_server import rtproxy, rtsearch, rttasks
+from rrto_server import rtcalib, rtproxy, rtsearch, rttasks
 from rrto_server.rtsim import Choice, simulate
 from rrto_wire import strategy as strategy_file
 
@@ -131,7 +132,8 @@ def test_cli_writes_a_strategy_and_the_server_takes_its_theta(tmp_path):
     plan = strategy_file.load(out)
     assert set(plan.tasks) == {'detect', 'scene'}
     config = server_main.parse_args(['--strategy', str(out)])
-    assert config.pack_theta == plan.theta
+    assert config.pack_theta == plan.theta == max(t.theta for t in plan.tasks.values())
+    assert config.task_theta == {name: t.theta for name, t in plan.tasks.items()}
     assert server_main.parse_args(['--strategy', str(out), '--pack-theta', '0.3']).pack_theta \
         == 0.3
     tasks.write_text('{"tasks": []}')
@@ -141,6 +143,8 @@ def test_cli_writes_a_strategy_and_the_server_takes_its_theta(tmp_path):
 @pytest.mark.parametrize('mutate,words', [
     (lambda d: d.update(format='x'), 'rrto-strategy'),
     (lambda d: d.update(theta=5), 'theta'),
+    (lambda d: d['tasks']['detect'].update(theta=-1), 'theta'),
+    (lambda d: d['tasks']['detect'].update(theta='high'), 'theta'),
     (lambda d: d['tasks']['detect'].update(deadline_ms=50), 'deadline_ms'),
     (lambda d: d['tasks']['detect'].pop('priority'), 'priority'),
 ])
@@ -150,3 +154,101 @@ def test_bad_strategy_files_are_refused(mutate, words):
     mutate(doc)
     with pytest.raises(ValueError, match=words):
         strategy_file.parse(doc)
+
+
+def test_the_interpreter_is_shared_so_fine_segments_cost_under_load(ts):
+    choices = {'detect': Choice(ts.tasks[0].variants[1], 1, 'block:3'),
+               'scene': Choice(ts.tasks[1].variants[1], 0, 'block:3')}
+    solo = simulate(ts, choices, 0.0, 4000)
+    assert solo['detect']['response_ms_p50'] <= solo['detect']['response_ms_p99']
+    hosted = dataclasses.replace(ts, step_host_ms=0.3, request_host_ms=0.5)
+    loaded = simulate(hosted, choices, 0.0, 4000)
+    # detect's own 4 steps and scene's 20 queue on one interpreter
+    assert loaded['detect']['response_ms_p99'] > solo['detect']['response_ms_p99'] + 0.5
+    noisy = simulate(dataclasses.replace(ts, noise_ms=1.0), choices, 0.0, 4000)
+    assert noisy['detect']['response_ms_p99'] > solo['detect']['response_ms_p99'] + 1.0
+    # the response-time proof counts the interpreter time of every other task, and the noise
+    assert rtsearch.proven(ts, choices, 0.0)
+    assert not rtsearch.proven(dataclasses.replace(ts, step_host_ms=0.3), choices, 0.0)
+    assert not rtsearch.proven(dataclasses.replace(ts, noise_ms=1.0), choices, 0.0)
+
+
+def test_a_task_with_theta_zero_is_never_packed(ts):
+    choices, _ = rtsearch.rate_monotonic(ts, rtsearch.largest, 'whole', 0.0)
+    packed = simulate(ts, choices, 1.5, 4000)
+    assert packed != simulate(ts, choices, 0.0, 4000)
+    alone = dict(choices, detect=dataclasses.replace(choices['detect'], theta=0.0))
+    assert simulate(ts, alone, 1.5, 4000) == simulate(ts, choices, 0.0, 4000)
+
+
+def _measured_runs(ts, model, strategies, horizon=3000):
+    truth = rtcalib.with_model(ts, model)
+    runs = []
+    for i, (choices, theta) in enumerate(strategies):
+        sim = simulate(truth, choices, theta, horizon, seed=i)
+        runs.append((choices, theta, {k: {key: v[key] for key in (
+            'miss_rate', 'response_ms_p50', 'response_ms_p99')} for k, v in sim.items()}))
+    return runs
+
+
+GRID = {'step_host_ms': (0.0, 0.1, 0.2), 'request_host_ms': (0.0, 0.4),
+        'noise_ms': (0.0, 0.5), 'pack_slowdown': (0.5,)}
+
+
+def test_the_server_model_is_fitted_to_measured_runs_and_judged_on_held_out_ones(ts):
+    strategies = [rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 0.0),
+                  rtsearch.rate_monotonic(ts, rtsearch.smallest, 'block:3', 0.0),
+                  rtsearch.rate_monotonic(ts, rtsearch.smallest, 'whole', 0.0)]
+    truth = {'step_host_ms': 0.2, 'request_host_ms': 0.4, 'noise_ms': 0.5,
+             'pack_slowdown': 0.5}
+    runs = _measured_runs(ts, truth, strategies)
+    fitted, record = rtcalib.fit(ts, runs, 3000, grid=GRID)
+    assert record['loss'] < record['loss_before']
+    assert record['params']['step_host_ms'] == 0.2 and record['params']['noise_ms'] == 0.5
+    assert fitted.step_host_ms == 0.2
+    rows = rtcalib.held_out(ts, runs, 3000, rounds=1, grid=GRID)
+    assert len(rows) == 3 * len(ts.tasks) and {r['run'] for r in rows} == {0, 1, 2}
+    summary = rtcalib.summary(rows)
+    assert summary['n'] == len(rows) and summary['mae'] <= summary['max']
+
+
+def test_margin_is_the_share_of_a_bound_the_model_missed_on_tasks_it_called_safe():
+    rows = [{'bound': 0.1, 'predicted': 0.0, 'measured': 0.03},       # called safe, 0.3 of it
+            {'bound': 0.01, 'predicted': 0.006, 'measured': 0.01},    # 0.4 of its bound
+            {'bound': 0.01, 'predicted': 0.005, 'measured': 0.0},
+            {'bound': 0.05, 'predicted': 0.4, 'measured': 0.9}]       # known unsafe: not counted
+    assert rtcalib.margin(rows) == pytest.approx(0.4)
+    assert rtcalib.margin(rows[2:]) == 0.0
+
+
+def test_search_keeps_its_margin_below_every_bound(ts):
+    proxy = rtsearch.build_proxy(ts, 40, 2000.0, seed=0)
+    found = rtsearch.search(ts, proxy, pop=12, generations=5, verify_ms=3000, margin=0.5)
+    assert all(found['simulated'][t.name] <= 0.5 * t.miss_bound for t in ts.tasks)
+    assert found['margin'] == 0.5
+    thetas = {c.theta for c in found['choices'].values()}
+    assert thetas <= set(ts.thetas) and found['theta'] == max(thetas)
+    with pytest.raises(ValueError, match='margin'):
+        rtsearch.search(ts, proxy, pop=12, generations=3, verify_ms=2000, margin=1.5)
+
+
+def test_the_bench_judges_model_and_proxy_on_a_runs_measured_files(ts, tmp_path):
+    from bench import rtmdl
+    strategies = [rtsearch.rate_monotonic(ts, rtsearch.largest, 'block:3', 0.0),
+                  rtsearch.rate_monotonic(ts, rtsearch.smallest, 'whole', 0.0)]
+    truth = {'step_host_ms': 0.1, 'request_host_ms': 0.4, 'noise_ms': 0.0,
+             'pack_slowdown': 0.5}
+    runs = _measured_runs(ts, truth, strategies, horizon=1500)
+    (tmp_path / 'tasks.json').write_text(json.dumps(_doc()))
+    (tmp_path / 'runs.json').write_text(json.dumps({f'r{i}': {
+        'strategy': rtsearch.to_strategy(ts, c, th).to_json(), 'tasks': measured}
+        for i, (c, th, measured) in enumerate(runs)}))
+    rtsearch.to_strategy(ts, *strategies[1]).save(tmp_path / 'strategy.json')
+    results = rtmdl.main(['--offline', str(tmp_path), '--out', str(tmp_path / 'out'),
+                          '--samples', '20', '--pop', '8', '--generations', '2',
+                          '--horizon-ms', '1000', '--fit-horizon-ms', '1000', '--margin', '0'])
+    assert results['runs'] == 2 and results['model']['n'] == 2 * len(ts.tasks)
+    assert isinstance(results['proxy']['same_pick'], bool) and results['proxy']['n'] == 4
+    assert len(results['held_out']['rows']) == 4 and 'margin' in results['held_out']
+    assert results['fit_to_all']['loss'] <= results['fit_to_all']['loss_before']
+    assert json.loads((tmp_path / 'out' / 'results.json').read_text())['runs'] == 2

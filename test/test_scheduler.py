@@ -197,6 +197,29 @@ def test_lower_priority_job_packs_only_when_utilisations_fit(make_scheduler):
     assert any(e['lane'] == 1 and e['task'] == 'small' for e in trace)
 
 
+def test_a_task_with_its_own_theta_packs_only_within_it(make_scheduler):
+    events: list = []
+    scheduler = make_scheduler(PREEMPTIVE, theta=0.8, lanes=make_lanes(None, 2), trace=256,
+                               task_theta={'alone': 0.0, 'tight': 0.5})
+    main = Stepper(events, 'main', free=False, priority=2, utilisation=0.3)
+    alone = Stepper(events, 'alone', priority=1, utilisation=0.1)     # 0.4 <= 0.8, but theta 0
+    tight = Stepper(events, 'tight', priority=0, utilisation=0.3)     # 0.6 > its own 0.5
+    other = Stepper(events, 'other', priority=0, utilisation=0.4)     # 0.7 <= the server's 0.8
+    scheduler.submit(main)
+    _wait(main.in_step.is_set)
+    for job in (alone, tight, other):
+        scheduler.submit(job)
+    assert other.answered.wait(5)
+    time.sleep(0.05)
+    assert not alone.answered.is_set() and not tight.answered.is_set()
+    main.allow()
+    assert alone.answered.wait(5) and tight.answered.wait(5)
+    assert (alone.packed_steps, tight.packed_steps, other.packed_steps) == (0, 0, 1)
+    assert scheduler.snapshot()['task_theta'] == {'alone': 0.0, 'tight': 0.5}
+    with pytest.raises(ValueError, match='theta'):
+        Scheduler(PREEMPTIVE, theta=0.8, task_theta={'x': -0.1})
+
+
 def test_urgent_arrival_waits_for_a_packed_step_that_it_does_not_fit(make_scheduler):
     events: list = []
     scheduler = _packing_scheduler(make_scheduler)
