@@ -45,6 +45,7 @@ import torch
 from bench.machine import write_results
 from rrto_ros import offload
 from rrto_ros.partition import DYNAMO_CONFIG
+from rrto_ros.partition_report import graph_breaks as explain_breaks
 from rrto_server.process import ServerProcess
 from rrto_wire import treespec
 
@@ -179,28 +180,11 @@ def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
 
 
 def graph_breaks(name: str, size: int) -> dict:
-    """
-    Return where dynamo breaks a detector's graphs under the partition's settings, and why.
-
-    ``torch._dynamo.explain`` with :data:`rrto_ros.partition.DYNAMO_CONFIG`:
-    the number of graphs and breaks, and each distinct break reason (its
-    first line) with the user code it happened in and how often.
-    """
+    """Return where and why dynamo breaks a detector's graphs under the partition's settings."""
     model = build(name, size)
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))
-    torch._dynamo.reset()
-    with torch.inference_mode(), torch._dynamo.config.patch(**DYNAMO_CONFIG):
-        explained = torch._dynamo.explain(model)([image])
-    reasons: dict[tuple, int] = {}
-    for cause in explained.break_reasons:
-        frames = [f'{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}'
-                  for f in cause.user_stack[-2:]]
-        key = (cause.reason.strip().splitlines()[0][:160], ' < '.join(reversed(frames)))
-        reasons[key] = reasons.get(key, 0) + 1
-    return {'model': name, 'input': [3, size, size], 'graphs': explained.graph_count,
-            'breaks': explained.graph_break_count,
-            'ops_per_graph': [len(ops) for ops in explained.ops_per_graph or []],
-            'reasons': [{'reason': r, 'where': w, 'count': n} for (r, w), n in reasons.items()]}
+    return {'model': name, 'input': [3, size, size],
+            **explain_breaks(model, ([image],), DYNAMO_CONFIG)}
 
 
 def whole_row(name: str, endpoint: str) -> dict:

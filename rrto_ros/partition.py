@@ -37,7 +37,7 @@ from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils.flop_counter import FlopCounterMode
 
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
-from rrto_ros.partition_records import call_fields, first_line, local_fields
+from rrto_ros.partition_report import call_fields, first_line, local_fields
 
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise

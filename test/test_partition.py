@@ -45,6 +45,17 @@ def test_data_dependent_export_failure_is_recognised():
     assert not is_data_dependent(ValueError('operator foo cannot be offloaded'))
 
 
+def test_graph_breaks_say_where_the_data_dependent_operators_cut_the_detector():
+    from rrto_ros.partition import DYNAMO_CONFIG
+    from rrto_ros.partition_report import graph_breaks
+    breaks = graph_breaks(detector(), (_frame(0),), DYNAMO_CONFIG)
+    assert breaks['graphs'] == breaks['breaks'] + 1 == len(breaks['ops_per_graph'])
+    reasons = {r['reason'] for r in breaks['reasons']}
+    assert 'Dynamic shape operator' in reasons   # the boolean-mask threshold, nonzero
+    assert all('zoo.py' in r['where'] for r in breaks['reasons'])
+    assert sum(r['count'] for r in breaks['reasons']) == breaks['breaks']
+
+
 def test_detector_offloads_two_subgraphs_with_its_flops_in_two_round_trips(server, offloaded):
     model = detector()
     x = _frame(0)
@@ -177,12 +188,12 @@ def test_call_that_dynamo_fails_to_recompile_runs_locally_and_the_next_offloads(
     compiled = om.stats()['subgraphs']
     # another frame keeps more or fewer boxes: the graphs after a break see new shapes and
     # dynamo recompiles them inside the call; make that recompile fail
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    with torch.compiler.set_stance('fail_on_recompile'):
         out = om(other)
     _assert_same_detections(out, _local(model, other))
     record = om.last
     assert record.result == OffloadResult.LOCAL and record.round_trips == 0, record
-    assert 'cannot partition this call' in record.reason and 'Recompile' in record.reason
+    assert 'cannot partition this call' in record.reason and 'recompile' in record.reason
     assert record.remote_subgraphs == 0 and record.robot_compute_ms == record.total_ms
     assert om.stats()['subgraphs'] == compiled
     # the next call offloads again, and so does the frame once it compiles

@@ -1,15 +1,22 @@
 """
-What one call of a partitioned model reports: its subgraph calls summed into a CallRecord.
+What a partitioned model reports: its calls as CallRecords, and where dynamo breaks it.
 
 A call of a partitioned model (:mod:`rrto_ros.partition`) is a sequence of
 subgraph calls, each remote one served by its own inner offloaded model with
 its own :class:`~rrto_ros.records.CallRecord`.  :func:`call_fields` sums them:
 the server's and the network's times over the remote subgraphs, the round
 trips and bytes of all, and the robot's time as the rest of the call (its
-local subgraphs and the Python between the graphs).
+local subgraphs and the Python between the graphs).  :func:`graph_breaks`
+says where the cuts are: dynamo's own account of each graph break under the
+partition's settings, with the user code it happened in.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch._dynamo
 
 
 def call_fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
@@ -54,3 +61,26 @@ def first_line(exc: BaseException) -> str:
     """Return an exception's type and the first line of its message."""
     text = str(exc).strip().splitlines()
     return f'{type(exc).__name__}: {text[0] if text else ""}'[:300]
+
+
+def graph_breaks(module: torch.nn.Module, args: tuple, config: dict) -> dict:
+    """
+    Return where dynamo breaks ``module``'s graphs for ``args`` under ``config``, and why.
+
+    ``torch._dynamo.explain`` with the dynamo settings ``config`` (the
+    partition's): the number of graphs and breaks, the operators per graph,
+    and each distinct break reason (its first line) with the last two user
+    frames it happened in and how often.
+    """
+    torch.compiler.reset()
+    with torch.inference_mode(), torch._dynamo.config.patch(**config):
+        explained = torch._dynamo.explain(module)(*args)
+    reasons: dict[tuple, int] = {}
+    for cause in explained.break_reasons:
+        frames = [f'{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}'
+                  for f in cause.user_stack[-2:]]
+        key = (cause.reason.strip().splitlines()[0][:160], ' < '.join(reversed(frames)))
+        reasons[key] = reasons.get(key, 0) + 1
+    return {'graphs': explained.graph_count, 'breaks': explained.graph_break_count,
+            'ops_per_graph': [len(ops) for ops in explained.ops_per_graph or []],
+            'reasons': [{'reason': r, 'where': w, 'count': n} for (r, w), n in reasons.items()]}
