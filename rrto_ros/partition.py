@@ -119,15 +119,8 @@ class Subgraph:
         return outputs
 
     def _first_call(self, args: tuple, data: list) -> Any:
-        # outside inference mode: the counter's module hooks look for the weights' autograd
-        with torch.inference_mode(False), torch.no_grad(), \
-                FlopCounterMode(display=False) as counter:
-            outputs = self.graph(*args)
-        outputs = _inference(outputs)
-        self.flops = int(counter.get_total_flops())
-        tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
-        self.io_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        self.reason = self.owner.stays_local(self, data)
+        outputs, self.flops, self.io_bytes = counted_call(self.graph, args, data)
+        self.reason = local_reason(self.flops, self.io_bytes, self.owner.model_flops, data)
         if not self.reason:
             self.example = [t.detach().clone() for t in data]
             self.remote = self.owner.remote_for(self, len(args))
@@ -172,7 +165,7 @@ class Partition:
         self.last_call: list[tuple[int, bool]] = []   # (subgraph index, ran remotely)
         self._remotes: dict[tuple, Any] = {}
         self.plans = outer.subgraph_plans     # plan tables of the subgraphs' programs
-        self._own = {id(t): t for t in _tensors_of(self.local.module)}
+        self._own = {id(t): t for t in tensors_of(self.local.module)}
         self._lock = threading.Lock()
         self._local = threading.local()
         self.compiled = torch.compile(self.local.module, backend=self._capture, dynamic=False)
@@ -206,18 +199,6 @@ class Partition:
             subgraph = Subgraph(len(self.subgraphs), graph, weights, self)
             self.subgraphs.append(subgraph)
         return subgraph
-
-    def stays_local(self, subgraph: Subgraph, data: list) -> str:
-        """Return why ``subgraph`` should run on the robot ('' if it is worth a round trip)."""
-        if not all(isinstance(t, torch.Tensor) for t in data):
-            return 'takes non-tensor inputs'
-        if subgraph.flops < MIN_SHARE * self.model_flops:
-            return (f'{subgraph.flops} FLOPs: under {MIN_SHARE:.0%} of the model\'s '
-                    f'{self.model_flops}')
-        if subgraph.flops < MIN_FLOPS_PER_BYTE * subgraph.io_bytes:
-            return (f'{subgraph.flops} FLOPs for {subgraph.io_bytes} bytes moved: under '
-                    f'{MIN_FLOPS_PER_BYTE:g} FLOPs per byte')
-        return ''
 
     def remote_for(self, subgraph: Subgraph, arity: int) -> Any:
         """Return the inner offloaded model of a subgraph (shared by graphs of the same code)."""
@@ -329,13 +310,36 @@ class Partition:
             remote.close()
 
 
+def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list) -> tuple:
+    """Run a captured graph counting its FLOPs; return its outputs, FLOPs and bytes moved."""
+    # outside inference mode: the counter's module hooks look for the weights' autograd
+    with torch.inference_mode(False), torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        outputs = _inference(graph(*args))
+    tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
+    return outputs, int(counter.get_total_flops()), sum(t.numel() * t.element_size()
+                                                        for t in tensors)
+
+
+def local_reason(flops: int, io_bytes: int, model_flops: int, data: list) -> str:
+    """Return why a subgraph should run on the robot ('' if it is worth a round trip)."""
+    if not all(isinstance(t, torch.Tensor) for t in data):
+        return 'takes non-tensor inputs'
+    if flops < MIN_SHARE * model_flops:
+        return f'{flops} FLOPs: under {MIN_SHARE:.0%} of the model\'s {model_flops}'
+    if flops < MIN_FLOPS_PER_BYTE * io_bytes:
+        return (f'{flops} FLOPs for {io_bytes} bytes moved: under '
+                f'{MIN_FLOPS_PER_BYTE:g} FLOPs per byte')
+    return ''
+
+
 def _inference(outputs: Any) -> tuple:
     """Return outputs as inference tensors, as local ones are (dynamo guards on dispatch keys)."""
     return tuple(o.clone() if isinstance(o, torch.Tensor) and not o.is_inference() else o
                  for o in outputs)
 
 
-def _tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
     """Return every tensor a module holds: parameters, buffers and plain tensor attributes."""
     tensors = list(module.parameters()) + list(module.buffers())
     for sub in module.modules():

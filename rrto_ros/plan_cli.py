@@ -16,7 +16,11 @@ is the model's measured error (:mod:`rrto_ros.plan_solve`): profile over a
 fast link.  With no ``--server``, ``--server-speedup K`` estimates the
 server as the robot's times / K and the table says so.  The table is valid
 for this model's exported program and input shape only; ``offload()``
-raises if given it for another.  This command is a thin shell over
+raises if given it for another.  A model that cannot be exported whole
+(data-dependent operators: :mod:`rrto_ros.partition`) gets one table per
+remote subgraph that takes one tensor, written beside ``--out`` as
+``<stem>.subgraph<N>.json``; pass them to ``offload(...,
+subgraph_plans=[...])`` or their directory.  This command is a thin shell over
 :func:`rrto_ros.plan_solve.solve`.
 """
 
@@ -26,10 +30,14 @@ import argparse
 import logging
 import sys
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
 from rrto_ros.local_model import TorchModule, load_local_model
+from rrto_ros.partition import is_data_dependent
+from rrto_ros.partition_plans import offloaded_subgraphs
 from rrto_ros.plan_profile import example_input
 from rrto_ros.plan_solve import solve
 from rrto_ros.planner import Link, Power
@@ -97,8 +105,36 @@ def main(argv: list[str] | None = None) -> int:
     x = example_input(args.input_shape, args.image_input)
     links = [Link(bandwidth, rtt) for rtt in args.rtts for bandwidth in args.bandwidths]
     power = Power(args.compute_w, args.radio_w_per_mbps, args.idle_w)
-    solved = solve(model, x, links, args.server, args.repeats, args.server_speedup,
-                   args.objective, power)
+    options = (links, args.server, args.repeats, args.server_speedup, args.objective, power)
+    try:
+        solved = solve(model, x, *options)
+    except Exception as exc:  # noqa: B902 - data-dependent: a table per subgraph, else re-raised
+        if not is_data_dependent(exc):
+            raise
+        return _solve_subgraphs(model, x, options, Path(args.out))
+    _report(solved, args.out, started)
+    return 0
+
+
+def _solve_subgraphs(model: TorchModule, x: torch.Tensor, options: tuple, out: Path) -> int:
+    """Solve a table per remote subgraph of a model that cannot be exported whole."""
+    print(f'{model.label} cannot be exported whole: solving a table per remote subgraph '
+          '(offload it with subgraph_plans=<these files or their directory>)')
+    written = 0
+    for module, data in offloaded_subgraphs(model, (x,)):
+        if len(data) != 1:
+            print(f'{module.label}: takes {len(data)} tensors (the planner splits programs of '
+                  'one input): it offloads whole')
+            continue
+        started = time.perf_counter()
+        path = out.with_name(f'{out.stem}.{module.label.rsplit(".", 1)[1]}.json')
+        print(f'{module.label}:')
+        _report(solve(module, data[0], *options), str(path), started)
+        written += 1
+    return 0 if written else 2
+
+
+def _report(solved: Any, out: str, started: float) -> None:
     for entry in solved.table.entries:
         base = {k: v['predicted']['latency_ms'] for k, v in entry['baselines'].items()}
         print(f"{entry['bandwidth_mbps']:7g} Mbit/s {entry['rtt_ms']:5g} ms: "
@@ -109,11 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f'  {name:22s} measured {solved.measured_ms[name]:8.2f} ms, model error '
               f'{error * 100:+.1f} % (corrected)')
     table = solved.table
-    table.save(args.out)
-    print(f'wrote {args.out}: {len(table.entries)} grid points, {len(table.plans())} distinct '
+    table.save(out)
+    print(f'wrote {out}: {len(table.entries)} grid points, {len(table.plans())} distinct '
           f'plans, margin {table.margin * 100:.1f} %, solve time {table.solve_s:.2f} s '
           f'(total {time.perf_counter() - started:.1f} s)')
-    return 0
 
 
 if __name__ == '__main__':

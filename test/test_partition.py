@@ -246,6 +246,27 @@ def test_remote_subgraph_runs_under_the_plan_table_of_its_program(server, offloa
             torch.testing.assert_close(got['scores'], want['scores'], rtol=1e-4, atol=1e-5)
 
 
+def test_rrto_plan_solves_tables_for_the_subgraphs_a_partition_offloads(
+        tmp_path, capsys, server, offloaded):
+    from rrto_ros.plan_cli import main as plan_main
+    out = tmp_path / 'plans' / 'detector.json'
+    rc = plan_main(['--model', 'python:rrto_ros.zoo:detector', '--input-shape',
+                    ','.join(map(str, SHAPE)), '--server-speedup', '4', '--bandwidths', '5,300',
+                    '--rtts', '2', '--repeats', '1', '--out', str(out)])
+    assert rc == 0, capsys.readouterr().out
+    tables = sorted(out.parent.glob('detector.subgraph*.json'))
+    assert tables and not out.exists(), capsys.readouterr().out
+    labels = {PlanTable.load(path).label for path in tables}
+
+    om = offloaded(detector(), server.endpoint, timeout_ms=30000, link=(300, 2),
+                   subgraph_plans=str(out.parent))
+    assert om.warmup(_frame(0), timeout_s=300)
+    _assert_same_detections(om(_frame(0)), _local(detector(), _frame(0)))
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2
+    given = {s['plan_table'] for s in om.partition.describe()['subgraphs'] if s['remote']}
+    assert labels <= given   # each solved table found its subgraph's program on the robot
+
+
 @pytest.mark.parametrize('arch', sorted(ARCHITECTURES))
 def test_whole_model_architectures_still_offload_whole(arch, server, offloaded):
     model = ARCHITECTURES[arch]()
