@@ -315,7 +315,8 @@ def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list) -> tuple:
     # outside inference mode: the counter's module hooks look for the weights' autograd
     with torch.inference_mode(False), torch.no_grad(), \
             FlopCounterMode(display=False) as counter:
-        outputs = _inference(graph(*args))
+        outputs = graph(*args)
+    outputs = _inference(outputs)   # cloned in inference mode: inference tensors
     tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
     return outputs, int(counter.get_total_flops()), sum(t.numel() * t.element_size()
                                                         for t in tensors)

@@ -70,11 +70,17 @@ def graph_breaks(module: torch.nn.Module, args: tuple, config: dict) -> dict:
     ``torch._dynamo.explain`` with the dynamo settings ``config`` (the
     partition's): the number of graphs and breaks, the operators per graph,
     and each distinct break reason (its first line) with the last two user
-    frames it happened in and how often.
+    frames it happened in and how often.  A diagnostic: it resets dynamo's
+    caches before and after (whatever this process compiled, partitioned
+    models included, compiles again on its next call), so that neither
+    sees the other's graphs.
     """
     torch.compiler.reset()
-    with torch.inference_mode(), torch._dynamo.config.patch(**config):
-        explained = torch._dynamo.explain(module)(*args)
+    try:
+        with torch.inference_mode(), torch._dynamo.config.patch(**config):
+            explained = torch._dynamo.explain(module)(*args)
+    finally:
+        torch.compiler.reset()
     reasons: dict[tuple, int] = {}
     for cause in explained.break_reasons:
         frames = [f'{Path(f.filename).parent.name}/{Path(f.filename).name}:{f.lineno} {f.name}'
