@@ -64,9 +64,6 @@ BATCH = 64                  # messages received per poll wake-up before replies 
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
 INLINE_MAX_INPUT_BYTES = 4 << 20
-# libzmq I/O threads of a server's own context: connections are spread over them, so one
-# peer's multi-megabyte batch does not hold up the bytes of another peer's urgent frame
-IO_THREADS = 4
 
 
 class Server:
@@ -87,7 +84,7 @@ class Server:
         self.stats = ServerStats()
         self.tasks = TaskStats()
         self.open_requests = OpenRequests()
-        self._ctx = context or zmq.Context(io_threads=IO_THREADS)
+        self._ctx = context or zmq.Context()
         self._own_ctx = context is None
         self.guard = Guard(self._ctx, config.bind, config.keys, config.insecure,
                            config.admission_capacity)
