@@ -33,9 +33,11 @@ import torch
 
 from bench import gpu_models
 from bench.gpu_floor import Echo, bare
-from bench.linkemu import MIN_BURST_BYTES, PRESETS, EmulatorProcess, grid_link
+from bench.link_config import PRESETS, grid_link
+from bench.link_process import EmulatorProcess
+from bench.link_shaper import MIN_BURST_BYTES
 from bench.matrix import GRID_MBPS, GRID_RTT_MS, LINK_PRESETS
-from bench.measure import percentile
+from rrto_wire.summary import percentile
 
 
 def links() -> list:

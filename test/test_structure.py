@@ -7,6 +7,8 @@ source with :mod:`ast`, so they hold for code paths no other test imports.
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -209,3 +211,13 @@ def test_the_readme_layout_names_every_module_and_only_paths_that_exist():
 def test_the_layout_parser_expands_short_names():
     readme = '## Layout\n| path | owns |\n|---|---|\n| `a/b.py`, `c.py` | x |\n| `d/` | y |\n'
     assert layout_paths(readme) == ['a/b.py', 'a/c.py', 'd/']
+
+
+def test_every_bench_module_imports():
+    """A bench command that no test runs still imports (a moved name breaks here, not on a GPU)."""
+    names = sorted(p.stem for p in (ROOT / 'bench').glob('*.py') if p.stem != '__init__')
+    code = ('import importlib, sys\n'
+            'for n in sys.argv[1:]:\n    importlib.import_module("bench." + n)')
+    done = subprocess.run([sys.executable, '-c', code, *names], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
