@@ -345,10 +345,12 @@ class Server:
         if reply_bytes > cap:
             raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f'probe reply of {reply_bytes} bytes exceeds {cap}')
-        payload = wire.decode_tensors(request.header.tensors, frames, cap)
-        if len(payload) > 1 or any(t.dtype != torch.uint8 or t.dim() != 1 for t in payload):
+        # the descriptors are checked before any frame is decoded, on this thread
+        if len(request.header.tensors) > 1 or any(
+                d.dtype != 'uint8' or len(d.shape) != 1 for d in request.header.tensors):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 'a probe carries at most one 1-D uint8 payload')
+        wire.decode_tensors(request.header.tensors, frames, cap)  # checks the frames
         tensors = [torch.zeros(reply_bytes, dtype=torch.uint8)] if reply_bytes else []
         request.ok(tensors, received_bytes=request.size)
 

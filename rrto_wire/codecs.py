@@ -17,7 +17,10 @@ Decoding never produces more bytes than the descriptor declares, and the
 declared size is checked against the caller's budget before any byte is
 decompressed: zstd is read as a stream into a buffer of exactly the declared
 size, lz4 blocks decompress into at most that size, and a JPEG stream's
-header must announce the declared size before any pixel is decoded.  This
+header must announce the declared size before any pixel is decoded and it must
+be a sequential (baseline) JPEG of at most one scan per channel: libjpeg
+decodes every scan of a progressive stream over the whole image, so a small
+frame repeating one scan thousands of times costs seconds.  This
 module depends on :mod:`rrto_wire.tensors` only; message framing
 (:mod:`rrto_wire.protocol`) builds on it, never the other way round.
 """
@@ -103,6 +106,52 @@ def encode(codec: str, tensor: torch.Tensor) -> tuple[str, bytes | None]:
     return name, frame
 
 
+_SOF_SEQUENTIAL = frozenset((0xC0, 0xC1))      # baseline and extended sequential Huffman
+
+
+def _jpeg_scans(stream: bytes) -> int | None:
+    """
+    Count the scans of a sequential JPEG stream by walking its markers.
+
+    Return None if the stream is not a sequential JPEG (progressive, lossless,
+    arithmetic-coded or broken before its first scan).  Inside a scan's
+    entropy-coded data a 0xFF byte is always followed by 0x00 (stuffing) or a
+    restart marker, so the next other marker ends the scan.
+    """
+    if stream[:2] != b'\xff\xd8':
+        return None
+    pos, scans, sequential, end = 2, 0, False, len(stream)
+    while pos + 4 <= end:
+        if stream[pos] != 0xFF:
+            return None
+        marker = stream[pos + 1]
+        if marker == 0xFF:                       # fill byte
+            pos += 1
+            continue
+        if marker == 0xD9:                       # EOI
+            break
+        length = int.from_bytes(stream[pos + 2:pos + 4], 'big')
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+            if marker not in _SOF_SEQUENTIAL:
+                return None
+            sequential = True
+        pos += 2 + length
+        if marker != 0xDA:
+            continue
+        if not sequential:
+            return None
+        scans += 1
+        while True:                              # skip the entropy-coded data
+            pos = stream.find(b'\xff', pos)
+            if pos < 0 or pos + 1 >= end:
+                return scans
+            following = stream[pos + 1]
+            if following != 0x00 and not 0xD0 <= following <= 0xD7:
+                break
+            pos += 2
+    return scans if sequential else None
+
+
 def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int, out: bytearray) -> int:
     from PIL import Image
 
@@ -126,8 +175,12 @@ def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int, out: bytea
     pixels_out = np.frombuffer(out, dtype=np.uint8).reshape(count, height, width, channels)
     offset = table_bytes
     for i, length in enumerate(lengths):
-        stream = io.BytesIO(buf[offset:offset + length])
+        data = bytes(buf[offset:offset + length])
         offset += length
+        scans = _jpeg_scans(data)
+        if scans is None or not 1 <= scans <= channels:
+            raise bad(f'image {i} is not a sequential JPEG of at most {channels} scan(s)')
+        stream = io.BytesIO(data)
         try:
             image = Image.open(stream, formats=['JPEG'])
             # the header alone tells the size: check it before decoding any pixel

@@ -23,7 +23,14 @@ Everything else is refused, in particular:
   another client's tensors just freed.  ``aten.empty.memory_format`` (in
   torchvision's detector subgraphs) runs zero-filled instead: a program whose
   result the robot computes never reads what it did not write;
-* ``out=`` overloads: they write into an argument by design.
+* ``out=`` overloads: they write into an argument by design;
+* overloads on Python values (``add.t`` on lists, ``eq.int_list``, ``copy.Dict_str``)
+  and data-dependent output shapes (``where(condition)``, boolean masks in
+  ``index``): exported inference graphs have static shapes, so every size is
+  a constant of the program.  A node may therefore only be passed where the
+  schema takes a tensor: a size computed from input values (a 0-d tensor in a
+  ``SymInt[]``) would make the work and memory of a call depend on what a
+  client sends, which the sandbox's trial run cannot see.
 
 In-place overloads (``relu_``, ``add_``) stay allowed here;
 :meth:`rrto_wire.program.Program` refuses any node that writes into an input,
@@ -85,8 +92,9 @@ def _index_clamped(tensor: torch.Tensor, indices: list) -> torch.Tensor:
     for index in indices:
         if index is None:
             dim += 1
-        elif index.dtype in (torch.bool, torch.uint8):      # a mask covers index.dim() dims
-            dim += index.dim()
+        elif index.dtype in (torch.bool, torch.uint8):
+            # a mask selects a number of elements that depends on its values
+            raise ValueError('boolean mask indexing has a data-dependent output shape')
         else:
             size = tensor.shape[dim] if dim < tensor.dim() else 0
             if size == 0:
@@ -167,10 +175,39 @@ def resolve(name: Any) -> Callable:
         raise ProtocolError(ErrorCode.BAD_REQUEST, f'{name[:80]!r} is not an operator overload')
     if name in _CLAMPED:
         return _CLAMPED[name]
-    if parts[1] not in ALLOWED_ATEN or _writes_out_argument(overload):
+    if (parts[1] not in ALLOWED_ATEN or name in _DATA_DEPENDENT
+            or _writes_out_argument(overload) or not _tensor_typed(overload)):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             f'operator {name[:80]!r} is not allowed on this server')
     return overload
+
+
+# schema types of arguments that may receive a graph node; any other argument is a constant
+_TENSOR_TYPES = frozenset(('Tensor', 'Optional[Tensor]', 'List[Tensor]',
+                           'List[Optional[Tensor]]'))
+# schema types an allowed overload may take (tensors and constants) and return
+_ARGUMENT_TYPES = _TENSOR_TYPES | frozenset((
+    'int', 'float', 'bool', 'number', 'str', 'Device', 'List[int]', 'List[float]',
+    'List[bool]', 'Optional[int]', 'Optional[float]', 'Optional[bool]', 'Optional[number]',
+    'Optional[str]', 'Optional[Device]', 'Optional[List[int]]', 'Optional[List[float]]'))
+_RETURN_TYPES = frozenset(('Tensor', 'List[Tensor]'))
+# output shape depends on input values (``where(condition)`` is ``nonzero``)
+_DATA_DEPENDENT = frozenset(('aten.where.default',))
+
+
+def _tensor_typed(overload: torch._ops.OpOverload) -> bool:
+    """Return True if ``overload`` maps tensors and constants to tensors."""
+    schema = overload._schema
+    return (all(str(arg.type) in _ARGUMENT_TYPES for arg in schema.arguments)
+            and all(str(ret.type) in _RETURN_TYPES for ret in schema.returns))
+
+
+def _has_node(value: Any) -> bool:
+    """Return True if an encoded argument refers to a graph node (``{"n": name}``)."""
+    if isinstance(value, list):
+        return any(_has_node(item) for item in value)
+    return isinstance(value, dict) and ('n' in value or any(_has_node(v)
+                                                            for v in value.values()))
 
 
 def _writes_out_argument(overload: torch._ops.OpOverload) -> bool:
@@ -221,6 +258,16 @@ def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             f'this Python operator takes {1 if fn is operator.neg else 2} '
                             f'arguments, got {len(args)}')
+    if schema is not None:
+        if len(args) > len(schema.arguments):
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'this operator takes at most {len(schema.arguments)} arguments')
+        for arg, value in _bound(fn, args, kwargs):
+            if str(arg.type) not in _TENSOR_TYPES and _has_node(value):
+                raise ProtocolError(
+                    ErrorCode.UNSAFE_PROGRAM,
+                    f'argument {arg.name!r} ({arg.type}) is a constant of the program, not '
+                    f'a value computed from its inputs (sizes are static)')
     return kwargs
 
 

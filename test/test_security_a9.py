@@ -1,0 +1,92 @@
+"""The attacks of a9's review (docs/security.md, findings 1-13): each one is refused now."""
+
+import io
+import json
+import struct
+
+import exploits
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from rrto_testing import exchange, raw_socket
+
+from rrto_wire import codecs
+from rrto_wire import protocol as wire
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.program import Program
+from rrto_wire.tensors import TensorSpec
+
+
+def _refused(blob: bytes) -> ProtocolError:
+    with pytest.raises(ProtocolError) as err:
+        Program.parse(blob)
+    return err.value
+
+
+# ----------------------------------------------------------------------------- 1: static sizes
+
+@pytest.mark.parametrize('op', ['aten.new_zeros.default', 'aten.expand.default',
+                                'aten.repeat.default', 'aten.full.default'])
+def test_sizes_computed_from_input_values_are_refused(op):
+    err = _refused(exploits.size_from_input(op))      # the sandbox's zero inputs give size 0
+    assert err.code == ErrorCode.UNSAFE_PROGRAM and 'static' in err.message
+
+
+@pytest.mark.parametrize('op, args', [
+    ('aten.where.default', ({'n': 'x'},)),                        # nonzero: k results
+    ('aten.eq.Tensor_list', ([{'n': 'x'}], [{'n': 'x'}])),        # a Python bool
+    ('aten.add.t', ([1], [2])),                                   # list concatenation
+    ('aten.mul.left_t', ([1], 1 << 40))])                         # a 2**40-element list
+def test_operators_on_python_values_or_with_data_dependent_shapes_are_refused(op, args):
+    err = _refused(exploits.program([exploits.node('y', op, *args)], ['y']))
+    assert err.code == ErrorCode.BAD_REQUEST and 'not allowed' in err.message
+
+
+def test_a_boolean_mask_index_is_refused_when_it_runs():
+    blob = exploits.program([
+        exploits.node('m', 'aten.gt.Scalar', {'n': 'x'}, 0.0),
+        exploits.node('y', 'aten.index.Tensor', {'n': 'x'}, [{'n': 'm'}])], ['y'])
+    module = Program.parse(blob).module({}, torch.device('cpu'))
+    with pytest.raises(ValueError, match='data-dependent'):
+        module(torch.ones(4))                        # k = 4 here, 12,000 in finding 1
+
+
+# ----------------------------------------------------------------------------- 2: JPEG scans
+
+def _scan_bomb(repeats: int, progressive: bool = True) -> bytes:
+    """A 64x64 grey JPEG whose last scan is repeated: tiny, decoding cost grows with repeats."""
+    out = io.BytesIO()
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8), 'L').save(
+        out, 'JPEG', progressive=progressive, quality=90)
+    data, pos, last = out.getvalue(), 2, None
+    while data[pos + 1] != 0xD9:
+        end = pos + 2 + struct.unpack('>H', data[pos + 2:pos + 4])[0]
+        if data[pos + 1] == 0xDA:
+            while not (data[end] == 0xFF and data[end + 1] not in (0, *range(0xD0, 0xD8))):
+                end += 1
+            last = (pos, end)
+        pos = end
+    return data[:last[1]] + data[last[0]:last[1]] * repeats + data[last[1]:]
+
+
+@pytest.mark.parametrize('progressive', [True, False])
+def test_jpeg_frames_with_repeated_scans_are_refused_before_decoding(progressive):
+    stream = _scan_bomb(200, progressive)
+    frame = struct.pack('<2I', 1, len(stream)) + stream
+    with pytest.raises(ProtocolError, match='sequential JPEG') as err:
+        codecs.decode('jpeg', memoryview(frame), TensorSpec('uint8', (64, 64, 1)), 0)
+    assert err.value.code == ErrorCode.BAD_REQUEST
+    image = (torch.rand(64, 64, 3) * 255).to(torch.uint8)
+    name, good = codecs.encode('jpeg', image)                # our own frames still decode
+    assert codecs.decode(name, memoryview(good), TensorSpec('uint8', (64, 64, 3)), 0).shape \
+        == (64, 64, 3)
+
+
+def test_a_probe_checks_its_payload_shape_before_decoding_any_frame(server, zmq_ctx):
+    sock = raw_socket(zmq_ctx, server.endpoint)
+    stream = _scan_bomb(50)[:-40]         # broken too: a decode attempt would say so
+    header = json.dumps({'v': wire.PROTOCOL_VERSION, 'kind': 'probe', 'id': 3, 'tensors': [
+        {'dtype': 'uint8', 'shape': [64, 64, 1], 'codec': 'jpeg'}]}).encode()
+    reply = exchange(sock, [header, struct.pack('<2I', 1, len(stream)) + stream])
+    assert reply['code'] == 'bad_request' and '1-D uint8' in reply['message']
