@@ -28,6 +28,7 @@ import time
 import uuid
 from typing import Any, Callable, Sequence
 
+import msgspec
 import torch
 import zmq
 
@@ -233,14 +234,22 @@ class Request:
     def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None) -> None:
         tracker = None
         try:
+            # encoded before the request is closed: a reply that cannot be encoded becomes an
+            # error reply, never none at all
+            header['server_ms'] = (time.perf_counter() - self.received) * 1e3
+            try:
+                body = wire.encode(header, tensors)
+            except (msgspec.EncodeError, TypeError, ValueError, ProtocolError) as exc:
+                log.error('a %s reply could not be encoded: %s', self.kind, clip(exc))
+                header = wire.error_header(self.id, ErrorCode.INTERNAL,
+                                           f'reply not encodable: {type(exc).__name__}')
+                body = wire.encode(header, ())
             if not self._registry.close(self):
                 log.error('second answer to a %s request (id %s) dropped',
                           self.kind, clip(repr(self.id), 40))
                 return
             if self.answered is not None:
                 self.answered()
-            header['server_ms'] = (time.perf_counter() - self.received) * 1e3
-            body = wire.encode(header, tensors)
             nbytes = wire.message_size(body)
             self._stats.reply(header, nbytes)
             tracker = self._sender.send(self.envelope + body, nbytes)

@@ -283,14 +283,14 @@ class BlobStore:
 
     def _commit(self, part: Path, digest: str, kind: str, total: int,
                 owner: str | None) -> bool:
-        actual = _hash_file(part)
-        if actual != digest:
-            part.unlink(missing_ok=True)
-            raise ProtocolError(ErrorCode.DIGEST, f'uploaded bytes hash to {actual}, not {digest}')
         try:
+            actual = _hash_file(part)
+            if actual != digest:
+                raise ProtocolError(ErrorCode.DIGEST,
+                                    f'uploaded bytes hash to {actual}, not {digest}')
             check_kind(kind, bytearray(part.read_bytes()))
-        except ProtocolError:
-            part.unlink(missing_ok=True)
+        except BaseException:
+            part.unlink(missing_ok=True)         # whatever refused the blob, no part is left
             raise
         with self._lock:
             meta = {'kind': kind, 'size': total, 'stored': time.time(),

@@ -39,8 +39,9 @@ import json
 import math
 import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Annotated, Any, Callable, Iterable, Sequence
 
+import msgspec
 import torch
 import torch.fx as fx
 
@@ -72,6 +73,36 @@ def _bad(message: str) -> ProtocolError:
     return ProtocolError(ErrorCode.BAD_REQUEST, f'invalid program: {message}')
 
 
+_NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class _WeightEntry(TensorSpec, frozen=True):
+    """One tensor of a weights blob's index: its spec, name and place in the blob."""
+
+    key: str
+    offset: _NonNegative
+    size: _NonNegative = msgspec.field(name='nbytes')    # TensorSpec.nbytes is its spec's
+
+
+class _WeightsIndex(msgspec.Struct, frozen=True):
+    tensors: list[_WeightEntry]
+
+
+def _decode_json(data: bytes, what: str, schema: Any = Any) -> Any:
+    """
+    Decode JSON from the network strictly (msgspec): one error code for any malformation.
+
+    Unlike ``json.loads``, msgspec refuses lone UTF-16 surrogates (``"\\ud800"``),
+    which no reply could encode again, and non-JSON literals (``NaN``).
+    """
+    try:
+        return msgspec.json.decode(data, type=schema)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise _bad(f'{what} is not valid: {exc}') from None
+    except RecursionError:
+        raise _bad(f'{what} nests too deeply') from None
+
+
 # ----------------------------------------------------------------------------- weights blob
 
 def pack_weights(tensors: dict[str, torch.Tensor]) -> bytes:
@@ -101,18 +132,14 @@ def unpack_weights(blob: bytes | bytearray | memoryview) -> dict[str, torch.Tens
     (hlen,) = struct.unpack('<Q', view[8:16])
     if hlen > len(view) - 16:
         raise _bad('weights header runs past the blob')
-    try:
-        index = json.loads(bytes(view[16:16 + hlen]))['tensors']
-    except (ValueError, KeyError, TypeError):
-        raise _bad('weights header is not valid JSON') from None
+    index = _decode_json(bytes(view[16:16 + hlen]), 'weights header', _WeightsIndex).tensors
     base = 16 + hlen + ((-(16 + hlen)) % _ALIGN)
     tensors = {}
     for entry in index:
-        spec = TensorSpec.from_json(entry)
-        start = base + int(entry['offset'])
-        if entry['nbytes'] != spec.nbytes or start + spec.nbytes > len(view):
-            raise _bad(f'weight {entry.get("key")!r} does not fit the blob')
-        tensors[entry['key']] = tensor_from_buffer(view[start:start + spec.nbytes], spec)
+        start = base + entry.offset
+        if entry.size != entry.nbytes or start + entry.size > len(view):
+            raise _bad(f'weight {entry.key[:80]!r} does not fit the blob')
+        tensors[entry.key] = tensor_from_buffer(view[start:start + entry.size], entry)
     return tensors
 
 
@@ -182,6 +209,8 @@ def refs_in(obj: Any) -> Iterable[str]:
             yield from refs_in(item)
     elif isinstance(obj, dict):
         if 'n' in obj:
+            if not isinstance(obj['n'], str):
+                raise _bad('a reference {"n": name} names a value by a string')
             yield obj['n']
         else:
             for value in obj.values():
@@ -320,11 +349,11 @@ class Program:
 
     @classmethod
     def parse(cls, blob: bytes | memoryview) -> 'Program':
+        doc = _decode_json(bytes(blob), 'program JSON')
         try:
-            doc = json.loads(bytes(blob))
-        except (UnicodeDecodeError, ValueError) as exc:
-            raise _bad(f'not JSON: {exc}') from None
-        return cls(doc)
+            return cls(doc)
+        except RecursionError:
+            raise _bad('arguments nest too deeply') from None
 
     @property
     def signature(self) -> tuple[TensorSpec, ...]:

@@ -3,18 +3,25 @@
 import io
 import json
 import struct
+import time
 
 import exploits
+import msgspec
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from rrto_testing import exchange, raw_socket
 
+from rrto_server import store as store_module
+from rrto_server.requests import OpenRequests, Request
+from rrto_server.stats import ServerStats
+from rrto_server.store import BlobStore
+
 from rrto_wire import codecs
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.program import Program
+from rrto_wire.program import Program, sha256
 from rrto_wire.tensors import TensorSpec
 
 
@@ -90,3 +97,85 @@ def test_a_probe_checks_its_payload_shape_before_decoding_any_frame(server, zmq_
         {'dtype': 'uint8', 'shape': [64, 64, 1], 'codec': 'jpeg'}]}).encode()
     reply = exchange(sock, [header, struct.pack('<2I', 1, len(stream)) + stream])
     assert reply['code'] == 'bad_request' and '1-D uint8' in reply['message']
+
+
+# ----------------------------------------------------------------------------- 5: one reply
+
+class _Sent:
+    """A reply sender that keeps what it was given."""
+
+    def __init__(self):
+        self.messages = []
+
+    def send(self, frames, nbytes):
+        self.messages.append(frames)
+
+
+def test_a_reply_that_cannot_be_encoded_becomes_an_error_reply_not_silence():
+    sent, registry, stats = _Sent(), OpenRequests(), ServerStats()
+    request = Request([b'peer'], time.perf_counter(), 0, sent, registry, stats)
+    request.ok(stats={'label': '\ud800'})               # a lone surrogate: not UTF-8
+    assert len(sent.messages) == 1 and len(registry) == 0
+    reply = msgspec.json.decode(sent.messages[0][1])
+    assert reply['kind'] == 'error' and 'not encodable' in reply['message']
+
+
+def test_a_program_label_with_a_lone_surrogate_is_refused_at_upload():
+    doc = json.loads(exploits.program([exploits.node('y', 'aten.relu.default', {'n': 'x'})],
+                                      ['y']))
+    doc['label'] = 'model'
+    blob = json.dumps(doc).encode().replace(b'"model"', b'"\\ud800"')
+    assert _refused(blob).code == ErrorCode.BAD_REQUEST
+
+
+# ----------------------------------------------------------------------------- 9: bad blobs
+
+def _weights(index, data: bytes = b'\0' * 4) -> bytes:
+    header = json.dumps({'tensors': index}).encode()
+    blob = b'RRTOWTS1' + struct.pack('<Q', len(header)) + header
+    return blob + b'\0' * ((-len(blob)) % 64) + data
+
+
+_ENTRY = {'key': 'a', 'dtype': 'float32', 'shape': [1], 'nbytes': 4, 'offset': 0}
+_MALFORMED = {
+    'program nested 100k deep': ('program', b'[' * 100_000),
+    'program arguments nested 100k deep': ('program', exploits.program(
+        [exploits.node('y', 'aten.relu.default', {'n': 'x'})], ['y']).replace(
+            b'"args": [{"n": "x"}]', b'"args": ' + b'[' * 50_000 + b']' * 50_000)),
+    'reference {"n": [1]}': ('program', exploits.program(
+        [exploits.node('y', 'aten.relu.default', {'n': [1]})], ['y'])),
+    'output {"n": {}}': ('program', json.dumps({
+        'format': 'rrto-program', 'version': 1, 'inputs': [], 'in_spec': 'T',
+        'out_spec': {'tuple': ['T']}, 'nodes': [], 'outputs': [{'n': {'a': 1}}]}).encode()),
+    'weight without offset': ('weights', _weights([{k: v for k, v in _ENTRY.items()
+                                                    if k != 'offset'}])),
+    'weight offset "x"': ('weights', _weights([dict(_ENTRY, offset='x')])),
+    'negative weight offset': ('weights', _weights([dict(_ENTRY, offset=-100_000)])),
+    'weights tensors = 5': ('weights', _weights(5)),
+    'weight key [1]': ('weights', _weights([dict(_ENTRY, key=[1])])),
+    'weights header nested 100k deep': ('weights', b'RRTOWTS1' + struct.pack('<Q', 100_000)
+                                        + b'[' * 100_000),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_MALFORMED))
+def test_a_malformed_blob_is_refused_as_bad_request_and_leaves_no_partial_file(case, tmp_path):
+    kind, blob = _MALFORMED[case]
+    store = BlobStore(tmp_path / 'store')
+    with pytest.raises(ProtocolError) as err:
+        store.put(sha256(blob), kind, blob)
+    assert err.value.code == ErrorCode.BAD_REQUEST, err.value.message
+    assert not store.has(sha256(blob)) and not list((tmp_path / 'store').rglob('*.local'))
+
+
+def test_a_part_file_goes_whatever_refuses_the_blob(tmp_path, monkeypatch):
+    store = BlobStore(tmp_path / 'store')
+    blob = b'{}'
+    monkeypatch.setattr(store_module, 'check_kind', _raises_memory_error)
+    with pytest.raises(MemoryError):
+        store.put(sha256(blob), 'program', blob)
+    assert not list((tmp_path / 'store').rglob('*.local'))
+
+
+def _raises_memory_error(kind, data):
+    raise MemoryError('a parser ran out of memory')
