@@ -42,7 +42,7 @@ from rrto_server.scheduler import Scheduler
 from rrto_server.stats import ServerStats
 from rrto_server.taskstats import TaskStats
 from rrto_wire import protocol as wire
-from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError, clip
 from rrto_wire.messages import Scheduled
 from rrto_wire.op_timing import operator_times
 
@@ -177,7 +177,17 @@ class InferJob(Job):
         # on the I/O thread (the idle fast path) the outputs are copied back in the step that
         # finishes them, large ones too: nothing waits for the lane, one synchronisation less
         self.execution.copy_on_lane = self.inline and self.services.on_io_thread()
-        return self.execution.step()
+        try:
+            return self.execution.step()
+        except ProtocolError:
+            raise
+        except Exception as exc:  # the uploaded program raised on this input (a size it
+            # computes is negative, an allocation too large): the client's model fails here
+            # as it would locally, which is not a server error
+            log.info('replay %s failed on its input: %s', self.replay.key, clip(exc))
+            raise ProtocolError(ErrorCode.EXEC_FAILED,
+                                f'the model failed on this input: {type(exc).__name__}: '
+                                f'{clip(exc)}') from None
 
     def release(self) -> None:
         if self.execution is not None:

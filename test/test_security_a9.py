@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 from rrto_testing import exchange, raw_socket
 
+from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
 from rrto_server.requests import OpenRequests, Request
 from rrto_server.stats import ServerStats
@@ -20,6 +21,7 @@ from rrto_server.store import BlobStore
 
 from rrto_wire import codecs
 from rrto_wire import protocol as wire
+from rrto_wire.messages import Kind
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program, sha256
 from rrto_wire.tensors import TensorSpec
@@ -179,3 +181,29 @@ def test_a_part_file_goes_whatever_refuses_the_blob(tmp_path, monkeypatch):
 
 def _raises_memory_error(kind, data):
     raise MemoryError('a parser ran out of memory')
+
+
+# ----------------------------------------------------------------------------- 11: exec_failed
+
+def test_a_model_failing_on_its_input_is_answered_exec_failed_and_the_server_goes_on(server):
+    blob = exploits.program([                # x // (x + 1) in int64: fine on the trial's zeros
+        exploits.node('i', 'aten._to_copy.default', {'n': 'x'}, dtype={'dtype': 'int64'}),
+        exploits.node('d', 'aten.add.Scalar', {'n': 'i'}, 1),
+        exploits.node('q', 'aten.div.Tensor_mode', {'n': 'i'}, {'n': 'd'},
+                      rounding_mode='floor'),
+        exploits.node('y', 'aten._to_copy.default', {'n': 'q'}, dtype={'dtype': 'float32'},
+                      out=('float32', (4,)))], ['y'])
+    client = RrtoClient(server.endpoint, call_timeout_ms=60_000)
+    try:
+        client.upload({sha256(blob): ('program', blob)})
+        reply, _ = client.call(Kind.RECORD, {'model': sha256(blob), 'signature': [
+            {'dtype': 'float32', 'shape': [4]}]})
+        (y,), _ = client.infer(reply['replay'], [torch.full((4,), 3.0)])
+        assert torch.equal(y, torch.zeros(4))
+        with pytest.raises(RemoteError) as err:
+            client.infer(reply['replay'], [torch.full((4,), -1.0)])    # divides by zero
+        assert err.value.code == 'exec_failed', err.value
+        (y,), _ = client.infer(reply['replay'], [torch.full((4,), 7.0)])
+        assert torch.equal(y, torch.zeros(4))
+    finally:
+        client.close()
