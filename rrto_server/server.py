@@ -291,7 +291,8 @@ class Server:
                                 f'inputs decode to more than {self.config.max_message_bytes} '
                                 'bytes')
         job = InferJob(self.services, request, replay, frames, **keys)
-        self.tasks.arrived(job.task, job.priority)
+        self.tasks.arrived(job.task, job.priority,
+                           request.client.name if self.guard.authenticating else None)
         small = self._small_raw(header)
         if small and self._inline_ok(replay) and self.scheduler.pending() == 0:
             # fast path: an idle device, raw frames and short segments are served on this
@@ -369,11 +370,19 @@ class Server:
         self.control.submit(evict)
 
     def _on_stats(self, request: Request, frames: list) -> None:
+        sees_all = self.guard.sees(request.client, [])          # an admin, or an open server
         request.ok(stats=self.snapshot(lambda digest: self.guard.sees(
-            request.client, self.store.owners(digest))))
+            request.client, self.store.owners(digest)),
+            None if sees_all else request.client.name))
 
-    def snapshot(self, visible: Callable[[str], bool] = lambda digest: True) -> dict:
-        """Return the server's counters as plain JSON data (models ``visible`` only)."""
+    def snapshot(self, visible: Callable[[str], bool] = lambda digest: True,
+                 client: str | None = None) -> dict:
+        """
+        Return the server's counters as plain JSON data (models ``visible`` only).
+
+        With ``client``, tasks (and the scheduler's trace) are that key's own only:
+        task names say what a robot is doing.
+        """
         data = self.stats.snapshot()
         for model in self.registry.loaded():
             data['models'].setdefault(model.digest, {}).setdefault('label', model.label)
@@ -387,7 +396,10 @@ class Server:
         data['evictions'] = self.replays.evictions
         data['scheduler'] = self.scheduler.snapshot()
         data['scheduler']['cpu_pending'] = self.cpu.pending()
-        data['tasks'] = self.tasks.snapshot()
+        data['tasks'] = self.tasks.snapshot(client)
+        if client is not None and 'trace' in data['scheduler']:
+            data['scheduler']['trace'] = [entry for entry in data['scheduler']['trace']
+                                          if entry['task'] in data['tasks']]
         data['naive_sessions'] = len(self.naive)
         data['device'] = str(self.device)
         data['open_requests'] = len(self.open_requests)

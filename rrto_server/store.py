@@ -44,6 +44,7 @@ DEFAULT_MAX_BLOB_BYTES = 4 << 30
 DEFAULT_MAX_STORE_BYTES = 32 << 30
 DEFAULT_PARTIAL_TTL_S = 3600.0
 SWEEP_INTERVAL_S = 60.0
+MAX_UPLOADS = 256               # partial uploads in progress at once, each reserving its total
 _DIGEST = re.compile(r'^[0-9a-f]{64}$')
 _UPLOAD_ID = re.compile(r'^[0-9A-Za-z_-]{1,64}$')
 
@@ -95,6 +96,7 @@ class BlobStore:
         self.evictions = 0
         self.quarantined = 0
         self._lock = threading.Lock()
+        self._uploads: dict[str, tuple[int, str | None]] = {}   # part name: (total, owner)
         self._swept = 0.0
         self.sweep_partial()
 
@@ -188,7 +190,11 @@ class BlobStore:
         Append one chunk of an upload; return True once the blob is complete and verified.
 
         ``owner`` (a key id) is recorded with the blob; ``owner_quota`` bounds the
-        bytes that owner's blobs may take, this upload included.
+        bytes that owner's blobs may take, this upload included.  An upload
+        reserves its ``total`` (fixed by its first chunk) from its first chunk
+        until it is committed, refused or expired, in the store's quota and its
+        owner's; the store evicts blobs only to commit one.  A key becomes an
+        owner of a blob the store holds already only by uploading all its bytes.
         """
         check_digest(digest)
         if kind not in KINDS:
@@ -200,8 +206,7 @@ class BlobStore:
                                 f'blob size {str(total)[:40]} outside 1..{self.max_blob_bytes}')
         if type(offset) is not int or offset < 0:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "'offset' must be a non-negative integer")
-        if self.has(digest):
-            self._add_owner(digest, owner)
+        if self.has(digest) and (owner is None or owner in self.owners(digest)):
             return True
         self._maybe_sweep()
         part = self.partial / f'{digest}.{upload_id}'
@@ -211,33 +216,80 @@ class BlobStore:
                                 f'upload of {digest[:12]} expected offset {size}, got {offset}')
         if offset + len(chunk) > total:
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'chunk runs past the declared blob size')
-        if offset == 0:
-            self._admit(total, owner, owner_quota)
-        with _disk_full_refused(part):
-            with open(part, 'r+b' if offset else 'wb') as f:
-                f.seek(offset)
-                f.write(chunk)
-                f.truncate()
-            if offset + len(chunk) < total:
-                return False
-            return self._commit(part, digest, kind, total, owner)
+        with self._lock:
+            reserved = self._uploads.get(part.name)
+        if offset and reserved is not None and reserved[0] != total:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'upload of {digest[:12]} declared {reserved[0]} bytes in its '
+                                f'first chunk, now {total}')
+        if offset == 0 or reserved is None:        # (a part file that outlived a restart)
+            self._admit(part.name, total, owner, owner_quota)
+        done = False
+        try:
+            with _disk_full_refused(part):
+                with open(part, 'r+b' if offset else 'wb') as f:
+                    f.seek(offset)
+                    f.write(chunk)
+                    f.truncate()
+                if offset + len(chunk) < total:
+                    return False
+                done = True
+                return self._commit(part, digest, kind, total, owner)
+        except BaseException:
+            done = True
+            raise
+        finally:
+            if done:
+                with self._lock:
+                    self._uploads.pop(part.name, None)
 
-    def _admit(self, total: int, owner: str | None, owner_quota: int | None) -> None:
-        """Refuse an upload over the owner's quota; evict LRU blobs to make room for it."""
-        if owner is not None and owner_quota is not None:
-            used = self.owned_bytes(owner)
-            if used + total > owner_quota:
+    def _reserved(self, owner: str | None = None, exclude: str | None = None) -> int:
+        """Bytes reserved by uploads in progress (``owner``'s only if given; under the lock)."""
+        if owner is not None:
+            return sum(total for total, who in self._uploads.values() if who == owner)
+        reserved = sum(total for name, (total, _) in self._uploads.items() if name != exclude)
+        for part in self.partial.iterdir():        # part files of uploads before a restart
+            if part.name not in self._uploads and part.name != exclude:
+                with contextlib.suppress(FileNotFoundError):
+                    reserved += part.stat().st_size
+        return reserved
+
+    def _admit(self, name: str, total: int, owner: str | None,
+               owner_quota: int | None) -> None:
+        """Reserve ``total`` bytes for upload ``name``, or refuse it (quota, full store)."""
+        with self._lock:
+            self._uploads.pop(name, None)        # an upload restarted from offset 0
+            if len(self._uploads) >= MAX_UPLOADS:
+                raise ProtocolError(ErrorCode.OVERLOADED,
+                                    f'{MAX_UPLOADS} uploads in progress; try again later')
+            if owner is not None and owner_quota is not None:
+                used = self.owned_bytes(owner) + self._reserved(owner)
+                if used + total > owner_quota:
+                    raise ProtocolError(
+                        ErrorCode.FORBIDDEN,
+                        f'upload of {total} bytes exceeds this key\'s store quota '
+                        f'({used} of {owner_quota} bytes used or reserved)')
+            pinned = set(self.pinned())
+            fixed = sum(size for digest, size in self._sizes().items() if digest in pinned)
+            reserved = self._reserved()
+            if fixed + reserved + total > self.max_store_bytes:
                 raise ProtocolError(
-                    ErrorCode.FORBIDDEN,
-                    f'upload of {total} bytes exceeds this key\'s store quota '
-                    f'({used} of {owner_quota} bytes used)')
-        self.make_room(total)
+                    ErrorCode.TOO_LARGE,
+                    f'store full: {fixed} bytes in use by loaded models and {reserved} '
+                    f'reserved by uploads, quota {self.max_store_bytes}; a blob of {total} '
+                    f'bytes does not fit')
+            self._uploads[name] = (total, owner)
 
-    def make_room(self, nbytes: int) -> None:
-        """Evict unpinned blobs, least recently used first, until ``nbytes`` more fit."""
+    def make_room(self, nbytes: int, upload: str | None = None) -> None:
+        """
+        Evict unpinned blobs, least recently used first, until ``nbytes`` more fit.
+
+        Uploads in progress count with what they reserved, except ``upload``
+        (the one whose ``nbytes`` are being committed).
+        """
         with self._lock:
             sizes = self._sizes()
-            used = sum(sizes.values())
+            used = sum(sizes.values()) + self._reserved(exclude=upload)
             if used + nbytes <= self.max_store_bytes:
                 return
             pinned = set(self.pinned())
@@ -253,7 +305,7 @@ class BlobStore:
             if used + nbytes > self.max_store_bytes:
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE,
-                    f'store full: {used} bytes in use by loaded models, quota '
+                    f'store full: {used} bytes in use by loaded models and uploads, quota '
                     f'{self.max_store_bytes}; a blob of {nbytes} bytes does not fit')
 
     def _mtime(self, digest: str) -> float:
@@ -292,6 +344,15 @@ class BlobStore:
         except BaseException:
             part.unlink(missing_ok=True)         # whatever refused the blob, no part is left
             raise
+        if self.has(digest):                     # a new owner proved it has the bytes
+            part.unlink(missing_ok=True)
+            self._add_owner(digest, owner)
+            return True
+        try:
+            self.make_room(total, upload=part.name)
+        except ProtocolError:
+            part.unlink(missing_ok=True)
+            raise
         with self._lock:
             meta = {'kind': kind, 'size': total, 'stored': time.time(),
                     'owners': [owner] if owner is not None else []}
@@ -321,6 +382,8 @@ class BlobStore:
                 if part.stat().st_mtime < cutoff:
                     part.unlink()
                     removed += 1
+                    with self._lock:
+                        self._uploads.pop(part.name, None)
             except FileNotFoundError:
                 pass
         if removed:

@@ -39,6 +39,7 @@ class _Task:
         self.latency = collections.deque(maxlen=window)
         self.queue = collections.deque(maxlen=window)
         self.preempt = collections.deque(maxlen=window)
+        self.clients: set[str] = set()     # the keys that sent requests of this task
 
     def snapshot(self) -> dict:
         missed = self.late + self.counts['expired'] + self.counts['abandoned']
@@ -69,12 +70,14 @@ class TaskStats:
             entry = self._tasks.setdefault(task, _Task(self._window))
         return entry
 
-    def arrived(self, task: str, priority: int) -> None:
-        """Count a request of ``task`` that the server accepted for scheduling."""
+    def arrived(self, task: str, priority: int, client: str | None = None) -> None:
+        """Count a request of ``task`` (sent by key ``client``) accepted for scheduling."""
         with self._lock:
             entry = self._get(task)
             entry.priority = priority
             entry.requests += 1
+            if client is not None:
+                entry.clients.add(client)
 
     def ended(self, task: str, outcome: str, latency_s: float, *, late: bool = False,
               queue_s: float | None = None, preempt_s: float | None = None,
@@ -94,6 +97,8 @@ class TaskStats:
             if preempt_s is not None:
                 entry.preempt.append(preempt_s * 1e3)
 
-    def snapshot(self) -> dict:
+    def snapshot(self, client: str | None = None) -> dict:
+        """Return every task's counters, or only those of tasks ``client`` sent requests of."""
         with self._lock:
-            return {name: entry.snapshot() for name, entry in sorted(self._tasks.items())}
+            return {name: entry.snapshot() for name, entry in sorted(self._tasks.items())
+                    if client is None or client in entry.clients}

@@ -23,7 +23,7 @@ from rrto_wire import codecs
 from rrto_wire import protocol as wire
 from rrto_wire.messages import Kind
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.program import Program, sha256
+from rrto_wire.program import Program, pack_weights, sha256
 from rrto_wire.tensors import TensorSpec
 
 
@@ -207,3 +207,86 @@ def test_a_model_failing_on_its_input_is_answered_exec_failed_and_the_server_goe
         assert torch.equal(y, torch.zeros(4))
     finally:
         client.close()
+
+
+# ----------------------------------------------------------------------------- 6: store quota
+
+def _blob(nbytes: int, seed: int = 0) -> bytes:
+    """A valid weights blob of about ``nbytes`` bytes."""
+    return pack_weights({'w': torch.full((nbytes // 4,), float(seed))})
+
+
+def _start(store, blob: bytes, upload: str, owner=None, quota=None, chunk=64):
+    return store.put_chunk(sha256(blob), 'weights', upload, 0, len(blob),
+                           memoryview(blob)[:chunk], owner, quota)
+
+
+def test_interleaved_and_abandoned_uploads_count_against_the_store_quota(tmp_path):
+    store = BlobStore(tmp_path, max_store_bytes=4096)
+    first, second = _blob(2500, 1), _blob(2500, 2)
+    assert _start(store, first, 'a') is False                 # reserves its 2.5 KB
+    with pytest.raises(ProtocolError) as err:
+        _start(store, second, 'b')                             # would be 5 KB of 4 KB
+    assert err.value.code == ErrorCode.TOO_LARGE
+    assert not list(store.partial.glob(f'{sha256(second)}.*'))
+    store.sweep_partial()
+    with pytest.raises(ProtocolError):
+        _start(store, second, 'b')                             # a live upload still reserves
+    store.partial_ttl_s = 0.0
+    time.sleep(0.01)
+    assert store.sweep_partial() == 1                          # an abandoned one expires
+    assert _start(store, second, 'b') is False
+
+
+def test_a_key_cannot_exceed_its_quota_with_interleaved_uploads(tmp_path):
+    store = BlobStore(tmp_path)
+    assert _start(store, _blob(2500, 1), 'a', 'mallory', 4096) is False
+    with pytest.raises(ProtocolError) as err:
+        _start(store, _blob(2500, 2), 'b', 'mallory', 4096)
+    assert err.value.code == ErrorCode.FORBIDDEN
+    assert _start(store, _blob(2500, 3), 'c', 'victim', 4096) is False
+
+
+def test_the_total_of_an_upload_is_fixed_by_its_first_chunk(tmp_path):
+    store = BlobStore(tmp_path, max_store_bytes=4096)
+    blob = _blob(8000)
+    store.put_chunk(sha256(blob), 'weights', 'u', 0, 64, memoryview(blob)[:32])
+    with pytest.raises(ProtocolError, match='declared 64 bytes') as err:
+        store.put_chunk(sha256(blob), 'weights', 'u', 32, len(blob), memoryview(blob)[32:])
+    assert err.value.code == ErrorCode.BAD_REQUEST and not store.has(sha256(blob))
+
+
+def test_starting_an_upload_evicts_nothing_committing_one_evicts_what_it_needs(tmp_path):
+    store = BlobStore(tmp_path, max_store_bytes=4096)
+    old = _blob(2500, 1)
+    store.put(sha256(old), 'weights', old)
+    new = _blob(2500, 2)
+    assert _start(store, new, 'n') is False
+    assert store.has(sha256(old)) and store.evictions == 0
+    store.put_chunk(sha256(new), 'weights', 'n', 64, len(new), memoryview(new)[64:])
+    assert store.has(sha256(new)) and not store.has(sha256(old)) and store.evictions == 1
+
+
+# ----------------------------------------------------------------------------- 12: ownership
+
+def test_a_key_owns_a_stored_blob_only_after_uploading_all_its_bytes(tmp_path):
+    store = BlobStore(tmp_path)
+    blob = _blob(1000)
+    store.put_chunk(sha256(blob), 'weights', 'v', 0, len(blob), memoryview(blob), 'victim')
+    for claim in (b'x', blob[:-1] + b'?'):          # a 1-byte put, then one wrong byte
+        with pytest.raises(ProtocolError) as err:
+            store.put_chunk(sha256(blob), 'weights', 'm', 0, len(claim), memoryview(claim),
+                            'mallory')
+        assert err.value.code == ErrorCode.DIGEST and store.owners(sha256(blob)) == ['victim']
+    assert store.put_chunk(sha256(blob), 'weights', 'm3', 0, len(blob), memoryview(blob),
+                           'mallory') is True
+    assert store.owners(sha256(blob)) == ['victim', 'mallory']
+    assert not list(store.partial.iterdir())
+
+
+def test_a_key_sees_only_its_own_task_names_in_stats(make_server):
+    server = make_server()
+    server.tasks.arrived('victim/front_camera/detect', 3, 'victim')
+    server.tasks.arrived('eve/probe', 1, 'eve')
+    assert list(server.snapshot(client='eve')['tasks']) == ['eve/probe']
+    assert list(server.snapshot()['tasks']) == ['eve/probe', 'victim/front_camera/detect']
