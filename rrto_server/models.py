@@ -10,7 +10,7 @@ An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ from rrto_server.sandbox import Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program, unpack_shards
+from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_server.models')
 
@@ -99,12 +100,13 @@ class ModelRegistry:
                                 f'blob {digest[:12]} is a {kind} blob, not a model')
         return kind
 
-    def vet(self, digest: str) -> Verdict | None:
+    def vet(self, digest: str, signature: Sequence[TensorSpec] | None = None) -> Verdict | None:
         """
         Check a stored model before first use (blocks for a trial run; call off the I/O thread).
 
         Raises ``unknown_model``/``blob_corrupt`` when its blobs are absent or damaged,
-        ``unsafe_program`` when the sandbox refuses it.
+        ``unsafe_program`` when the sandbox refuses it.  An ONNX model is tried at
+        ``signature`` too (its shapes are the recording's, not the model's).
         """
         kind = self._kind(digest)
         blob = self.store.read(digest)            # verified against its digest
@@ -114,7 +116,12 @@ class ModelRegistry:
                     raise ProtocolError(ErrorCode.UNKNOWN_MODEL,
                                         f'weights {weights[:12]} are not in the store')
                 self.store.read(weights)
-        return self.sandbox.check(digest, kind) if self.sandbox is not None else None
+        if self.sandbox is None:
+            return None
+        verdict = self.sandbox.check(digest, kind)
+        if kind == 'onnx' and signature is not None:
+            verdict = self.sandbox.check(digest, kind, [list(s.shape) for s in signature])
+        return verdict
 
     def get(self, digest: str) -> LoadedModel:
         model = self._loaded.get(digest)

@@ -22,7 +22,11 @@ CUDA error, needs more than ``max_bytes`` beyond its weights, or more than
 ``max_s`` for one call, gets the model refused with ``unsafe_program``; the
 server itself never ran a byte of it.  Verdicts are remembered per model
 digest and device in memory and under ``<store>/verdicts/``, so each model is
-tried once per limit setting and device, also across restarts.
+tried once per limit setting and device, also across restarts.  An ONNX model
+may have symbolic dimensions, so it is tried at each input signature it is
+recorded for (zeros of exactly that shape), with its limits set before
+onnxruntime builds the session: constant folding at session creation (a
+205-byte model folding into a 256 MiB initializer) counts in its memory.
 
 The peak memory the trial measured is the model's per-call footprint; the
 replay cache counts it for CPU replays (see :attr:`Verdict.peak_bytes`).
@@ -103,7 +107,8 @@ def _vm_bytes() -> int:
         return int(f.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def _onnx_call(data: bytearray):
+def _onnx_call(data: bytearray, shapes: list | None):
+    """Build the session and zero inputs (``shapes``: the recorded signature's, if any)."""
     import numpy as np
     import onnxruntime as ort
     options = ort.SessionOptions()
@@ -112,9 +117,13 @@ def _onnx_call(data: bytearray):
     session = ort.InferenceSession(bytes(data), sess_options=options,
                                    providers=['CPUExecutionProvider'])
     feeds = {}
-    for arg in session.get_inputs():
+    for index, arg in enumerate(session.get_inputs()):
         dtype = torch_dtype(_ONNX_TYPES.get(arg.type, 'unsupported'))
         shape = [d if isinstance(d, int) and d > 0 else 1 for d in arg.shape]
+        if shapes is not None:
+            if index >= len(shapes) or len(shapes[index]) != len(shape):
+                raise ValueError('the signature does not match the model\'s inputs')
+            shape = list(shapes[index])
         feeds[arg.name] = np.zeros(shape, dtype=torch.zeros((), dtype=dtype).numpy().dtype)
     return lambda: session.run(None, feeds)
 
@@ -148,15 +157,23 @@ def _cap_cuda(device: torch.device, max_bytes: int) -> int:
 
 def refusal(message: str) -> str | None:
     """Return why an error refuses the model (out of memory, a CUDA fault), or None."""
-    if "can't allocate memory" in message or 'out of memory' in message:
+    if any(text in message for text in ("can't allocate memory", 'out of memory',
+                                        'Failed to allocate memory')):  # (onnxruntime)
         return 'ran out of its memory budget'
     if any(fault in message for fault in CUDA_FAULTS):
         return f'CUDA fault: {message[:200]}'
     return None
 
 
+def _limit_cpu(max_bytes: int, max_s: float, extra_bytes: int = 0) -> None:
+    limit = _vm_bytes() + max_bytes + extra_bytes + SLACK_BYTES
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    cpu = math.ceil(time.process_time() + max_s) + 1
+    resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+
+
 def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, device: str,
-           conn) -> None:
+           conn, shapes: list | None = None) -> None:
     """Child: load the model, then run it once under memory and time limits; report."""
     torch.set_num_threads(1)
     try:
@@ -164,15 +181,20 @@ def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, devi
         if dev.type == 'cuda' and dev.index is None:
             dev = torch.device('cuda', torch.cuda.current_device())   # the cap needs an index
         data = _read(Path(root), digest)
-        call = _onnx_call(data) if kind == 'onnx' else _program_call(Path(root), data, dev)
-        if dev.type == 'cuda':
-            held = _cap_cuda(dev, max_bytes)
+        own = 0                     # memory of the model's own bytes, not held against it
+        if kind == 'onnx':          # limits first: onnxruntime folds constants while loading
+            own, rss = len(data), _rss_bytes()
+            _limit_cpu(max_bytes, max_s, 2 * own)
+            call = _onnx_call(data, shapes)
         else:
-            limit = _vm_bytes() + max_bytes + SLACK_BYTES
-            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        cpu = math.ceil(time.process_time() + max_s) + 1
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-        rss = _rss_bytes()
+            call = _program_call(Path(root), data, dev)
+            if dev.type == 'cuda':
+                held = _cap_cuda(dev, max_bytes)
+                cpu = math.ceil(time.process_time() + max_s) + 1
+                resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
+            else:
+                _limit_cpu(max_bytes, max_s)
+            rss = _rss_bytes()
         start, wall = time.process_time(), time.perf_counter()
         call()
         if dev.type == 'cuda':      # the device's time and memory, not the waiting host's
@@ -180,7 +202,7 @@ def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, devi
             peak = max(0, torch.cuda.max_memory_allocated(dev) - held)
         else:
             call_s = time.process_time() - start
-            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss)
+            peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss - own)
         conn.send({'outcome': 'ran', 'peak_bytes': peak, 'call_s': call_s})
     except MemoryError:
         conn.send({'outcome': 'unsafe', 'reason': 'ran out of its memory budget'})
@@ -212,17 +234,25 @@ class Sandbox:
         threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True,
                          name='rrto-sandbox-start').start()
 
-    def check(self, digest: str, kind: str) -> Verdict:
-        """Return the model's verdict (a trial on first use); raise if it is refused."""
+    def check(self, digest: str, kind: str, shapes: list | None = None) -> Verdict:
+        """
+        Return the model's verdict (a trial on first use); raise if it is refused.
+
+        ``shapes`` (ONNX only: a signature's input shapes) tries the model at
+        exactly those shapes, with a verdict of its own.
+        """
+        key = digest
+        if shapes is not None:
+            key += '-' + hashlib.sha256(json.dumps(shapes).encode()).hexdigest()[:16]
         with self._lock:
-            busy = self._busy.setdefault(digest, threading.Lock())
+            busy = self._busy.setdefault(key, threading.Lock())
         with busy:                       # one trial per model, however many ask at once
-            verdict = self._known(digest)
+            verdict = self._known(key)
             if verdict is None:
-                verdict = self._try(digest, kind)
+                verdict = self._try(digest, kind, shapes)
                 with self._lock:
-                    self._verdicts[digest] = verdict
-                (self.folder / f'{digest}.json').write_text(json.dumps(asdict(verdict)))
+                    self._verdicts[key] = verdict
+                (self.folder / f'{key}.json').write_text(json.dumps(asdict(verdict)))
         verdict.raise_if_refused(digest)
         return verdict
 
@@ -239,12 +269,12 @@ class Sandbox:
             return None                  # limits or device changed since: try again
         return verdict
 
-    def _try(self, digest: str, kind: str) -> Verdict:
+    def _try(self, digest: str, kind: str, shapes: list | None) -> Verdict:
         receiver, sender = self._ctx.Pipe(duplex=False)
         child = self._ctx.Process(target=_trial, name=f'rrto-sandbox-{digest[:8]}',
                                   daemon=True, args=(str(self.root), digest, kind,
                                                      self.max_bytes, self.max_s, self.device,
-                                                     sender))
+                                                     sender, shapes))
         started = time.monotonic()
         self.trials += 1
         child.start()

@@ -270,7 +270,7 @@ class Server:
 
         def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
             try:
-                self.registry.vet(header.model)
+                self.registry.vet(header.model, header.signature)
             except ProtocolError as exc:
                 self.recordings.finish(key, None, exc)
                 return
@@ -315,7 +315,10 @@ class Server:
         return all(d.codec == 'raw' for d in header.tensors)
 
     def _inline_ok(self, replay: Replay) -> bool:
-        return bool(replay.segment_ms) and max(replay.segment_ms) <= self.config.inline_max_ms
+        # a program's sizes are constants (rrto_wire.ops), so its profiled cost holds for any
+        # input; an ONNX graph may compute shapes from input values: never on this thread
+        return (replay.model.kind == 'program' and bool(replay.segment_ms)
+                and max(replay.segment_ms) <= self.config.inline_max_ms)
 
     def on_io_thread(self) -> bool:
         """Return True when called from the thread that serves the socket."""

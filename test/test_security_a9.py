@@ -16,6 +16,7 @@ from rrto_testing import exchange, raw_socket
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
 from rrto_server.requests import OpenRequests, Request
+from rrto_server.sandbox import Sandbox
 from rrto_server.stats import ServerStats
 from rrto_server.store import BlobStore
 
@@ -290,3 +291,26 @@ def test_a_key_sees_only_its_own_task_names_in_stats(make_server):
     server.tasks.arrived('eve/probe', 1, 'eve')
     assert list(server.snapshot(client='eve')['tasks']) == ['eve/probe']
     assert list(server.snapshot()['tasks']) == ['eve/probe', 'victim/front_camera/detect']
+
+
+# ----------------------------------------------------------------------------- 3: ONNX trials
+
+def test_an_onnx_model_is_tried_at_the_exact_signature_recorded(tmp_path):
+    blob = exploits.onnx_symbolic_add_one()
+    store = BlobStore(tmp_path / 'store')
+    store.put(sha256(blob), 'onnx', blob)
+    sandbox = Sandbox(store.root, max_bytes=128 << 20, max_s=20)
+    assert sandbox.check(sha256(blob), 'onnx').outcome == 'safe'          # N = 1
+    assert sandbox.check(sha256(blob), 'onnx', [[1000]]).outcome == 'safe'
+    with pytest.raises(ProtocolError) as err:                              # 2 x 256 MiB
+        sandbox.check(sha256(blob), 'onnx', [[1 << 26]])
+    assert err.value.code == ErrorCode.UNSAFE_PROGRAM
+
+
+def test_constants_folded_while_the_onnx_session_loads_count_in_its_memory(tmp_path):
+    blob = exploits.onnx_folds_into(8192)                                  # 256 MiB folded
+    store = BlobStore(tmp_path / 'store')
+    store.put(sha256(blob), 'onnx', blob)
+    with pytest.raises(ProtocolError) as err:
+        Sandbox(store.root, max_bytes=128 << 20, max_s=20).check(sha256(blob), 'onnx')
+    assert err.value.code == ErrorCode.UNSAFE_PROGRAM
