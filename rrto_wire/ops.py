@@ -34,7 +34,12 @@ Everything else is refused, in particular:
 
 In-place overloads (``relu_``, ``add_``) stay allowed here;
 :meth:`rrto_wire.program.Program` refuses any node that writes into an input,
-a weight, or a view of either (see :func:`writes` and :func:`aliases`).
+a weight, or a view of either (see :func:`writes` and :func:`aliases`).  Some
+operators return their input (or a view of it) without saying so in their
+schema (``type_as``, ``dropout(train=False)``, ``einsum('i->i')``,
+``meshgrid``, ``_unsafe_view``): :func:`aliases` counts them as views.  Norms
+in training mode write their running statistics without an annotation, and
+dropout in training mode is random: :func:`check_call` refuses both.
 """
 
 from __future__ import annotations
@@ -259,6 +264,7 @@ def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
                             f'this Python operator takes {1 if fn is operator.neg else 2} '
                             f'arguments, got {len(args)}')
     if schema is not None:
+        _check_inference_mode(fn, args, kwargs)
         if len(args) > len(schema.arguments):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f'this operator takes at most {len(schema.arguments)} arguments')
@@ -269,6 +275,27 @@ def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
                     f'argument {arg.name!r} ({arg.type}) is a constant of the program, not '
                     f'a value computed from its inputs (sizes are static)')
     return kwargs
+
+
+# operators that may return an argument itself, or a view of it, with no alias annotation
+# (found by running each allowed operator; a9's finding 7)
+_RETURNS_INPUT = frozenset(('type_as', 'dropout', 'einsum', '_unsafe_view', 'meshgrid'))
+# training-mode flags: a norm writes into its running statistics, dropout draws at random
+_TRAINING_FLAGS = frozenset(('training', 'train', 'use_input_stats'))
+_RUNNING_STATS = ('running_mean', 'running_var')
+
+
+def _check_inference_mode(fn: Callable, args: list, kwargs: dict) -> None:
+    """Refuse a call in training mode: it writes into running statistics or is random."""
+    bound = {arg.name: value for arg, value in _bound(fn, args, kwargs)}
+    for flag in _TRAINING_FLAGS & set(bound):
+        if bound[flag] is False:
+            continue
+        if flag == 'train' or any(bound.get(name) is not None for name in _RUNNING_STATS):
+            raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                                f'{flag}={str(bound[flag])[:20]} runs the operator in training '
+                                'mode (it writes its running statistics or is random); '
+                                'export the model in eval mode')
 
 
 def _bound(fn: Callable, args: list, kwargs: dict):
@@ -294,6 +321,9 @@ def aliases(fn: Callable, args: list, kwargs: dict) -> list:
         return args[:1]
     if not isinstance(fn, torch._ops.OpOverload):
         return []
+    if fn._schema.name.split('::')[-1] in _RETURNS_INPUT:
+        return [value for arg, value in _bound(fn, args, kwargs)
+                if str(arg.type) in _TENSOR_TYPES]
     if not any(ret.alias_info is not None for ret in fn._schema.returns):
         return []
     return [value for arg, value in _bound(fn, args, kwargs) if arg.alias_info is not None]

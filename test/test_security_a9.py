@@ -314,3 +314,41 @@ def test_constants_folded_while_the_onnx_session_loads_count_in_its_memory(tmp_p
     with pytest.raises(ProtocolError) as err:
         Sandbox(store.root, max_bytes=128 << 20, max_s=20).check(sha256(blob), 'onnx')
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM
+
+
+# ----------------------------------------------------------------------------- 7: aliases
+
+_W = {'n': 'p_w'}
+
+
+@pytest.mark.parametrize('via', [
+    [exploits.node('a', 'aten.type_as.default', _W, _W)],
+    [exploits.node('a', 'aten.dropout.default', _W, 0.5, False)],
+    [exploits.node('a', 'aten.einsum.default', 'i->i', [_W])],
+    [exploits.node('a', 'aten._unsafe_view.default', _W, [4])],
+    [exploits.node('m', 'aten.meshgrid.default', [_W]),
+     exploits.node('a', 'operator.getitem', {'n': 'm'}, 0)]])
+def test_operators_returning_their_input_unannotated_count_as_views(via):
+    blob = exploits.program(via + [
+        exploits.node('z', 'aten.add_.Tensor', {'n': 'a'}, 1.0),
+        exploits.node('y', 'aten.mul.Tensor', {'n': 'x'}, _W, out=('float32', (4,)))],
+        ['y'], params={'p_w': 'w'}, weights=exploits.weights_blob())
+    err = _refused(blob)
+    assert err.code == ErrorCode.UNSAFE_PROGRAM and 'writes into' in err.message
+
+
+@pytest.mark.parametrize('op, args', [
+    ('aten.batch_norm.default', ({'n': 'xx'}, None, None, _W, _W, True, 0.1, 1e-5, False)),
+    ('aten.native_batch_norm.default', ({'n': 'xx'}, None, None, _W, _W, True, 0.1, 1e-5)),
+    ('aten.instance_norm.default', ({'n': 'xx'}, None, None, _W, _W, True, 0.1, 1e-5, False)),
+    ('aten.dropout.default', ({'n': 'xx'}, 0.5, True))])
+def test_training_mode_norms_and_dropout_are_refused(op, args):
+    def blob(training):
+        call = [training if a is True else a for a in args]
+        return exploits.program([
+            exploits.node('xx', 'aten.reshape.default', {'n': 'x'}, [1, 4]),
+            exploits.node('b', op, *call)], ['b'],
+            params={'p_w': 'w'}, weights=exploits.weights_blob())
+    err = _refused(blob(True))
+    assert err.code == ErrorCode.UNSAFE_PROGRAM and 'training mode' in err.message
+    Program.parse(blob(False))                               # eval mode is an inference graph
