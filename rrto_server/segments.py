@@ -20,6 +20,7 @@ from rrto_wire.program import Program
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 WHOLE = 'whole'
+MAX_SEGMENTS = 1024      # each is a preemption point with its own module, live values, buffers
 
 
 def parse_granularity(spec: object) -> tuple[str, int]:
@@ -47,12 +48,16 @@ def _legal_cuts(program: Program) -> list[bool]:
     for name in program.output_names:
         if name is not None:
             last_use[name] = len(nodes)
-    legal = [True] * (len(nodes) + 1)
+    crossing = [0] * (len(nodes) + 2)     # +1 where a non-tensor value's range starts...
     for name, last in last_use.items():
         if name in program.params or name in tensor_values:
             continue
-        for i in range(producer.get(name, -1) + 1, last + 1):
-            legal[i] = False
+        crossing[producer.get(name, -1) + 1] += 1
+        crossing[last + 1] -= 1           # ... -1 after it ends: linear, not quadratic
+    legal, open_values = [], 0
+    for i in range(len(nodes) + 1):
+        open_values += crossing[i]
+        legal.append(open_values == 0)
     return legal
 
 
@@ -75,4 +80,8 @@ def bounds(program: Program, spec: object) -> list[int]:
             cut += 1
         if 0 < cut < len(program.nodes) and (not cuts or cut > cuts[-1]):
             cuts.append(cut)
+    if len(cuts) >= MAX_SEGMENTS:
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'segments={str(spec)[:40]!r} cuts this program into '
+                            f'{len(cuts) + 1} segments; at most {MAX_SEGMENTS}')
     return cuts

@@ -38,7 +38,7 @@ import hashlib
 import json
 import math
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, Iterable, Sequence
 
 import msgspec
@@ -54,6 +54,7 @@ PROGRAM_FORMAT = 'rrto-program'
 PROGRAM_VERSION = 1
 SHARDED_VERSION = 2             # "weights" is a list of per-layer shards
 MAX_SHARDS = 4096
+MAX_NODES = 65536               # operators per program (large detectors have a few thousand)
 WEIGHTS_MAGIC = b'RRTOWTS1'
 _ALIGN = 64
 _ENUM_TAGS = {'dtype': torch.dtype, 'memory_format': torch.memory_format, 'layout': torch.layout}
@@ -259,10 +260,11 @@ class ProgramNode:
     kwargs: dict
     out: TensorSpec | None
     scope: str
+    refs: frozenset[str] = field(init=False)     # the value names it uses (computed once)
 
-    @property
-    def refs(self) -> set[str]:
-        return set(refs_in(self.args)) | set(refs_in(list(self.kwargs.values())))
+    def __post_init__(self) -> None:
+        self.refs = frozenset(refs_in(self.args)) | frozenset(
+            refs_in(list(self.kwargs.values())))
 
 
 class Program:
@@ -286,6 +288,8 @@ class Program:
             self.in_spec = doc['in_spec']
             self.out_spec = doc['out_spec']
             self.params = dict(doc.get('params', {}))
+            if len(doc['nodes']) > MAX_NODES:
+                raise _bad(f'{len(doc["nodes"])} nodes; at most {MAX_NODES}')
             self.nodes = [self._parse_node(n) for n in doc['nodes']]
             self.outputs = list(doc['outputs'])
         except ProtocolError:
@@ -413,14 +417,18 @@ class Program:
     def live_ranges(self, bounds: Sequence[int]) -> list[tuple[list[str], list[str]]]:
         """For segments split at ``bounds``, return each one's (live-in, live-out) names."""
         edges = [0] + list(bounds) + [len(self.nodes)]
-        final = set(refs_in(self.outputs))
+        last_use: dict[str, int] = {}         # one pass: linear in the program's size
+        for index, node in enumerate(self.nodes):
+            for name in node.refs:
+                last_use[name] = index
+        for name in refs_in(self.outputs):
+            last_use[name] = len(self.nodes)
         result = []
         for a, b in zip(edges, edges[1:]):
             inside = {n.name for n in self.nodes[a:b]}
             used_in = set().union(*(n.refs for n in self.nodes[a:b])) if b > a else set()
-            later = set().union(*(n.refs for n in self.nodes[b:])) | final
             live_in = sorted(used_in - inside - set(self.params))
-            live_out = [n.name for n in self.nodes[a:b] if n.name in later]
+            live_out = [n.name for n in self.nodes[a:b] if last_use.get(n.name, -1) >= b]
             result.append((live_in, live_out))
         return result
 

@@ -16,6 +16,7 @@ from rrto_testing import exchange, raw_socket
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
 from rrto_server.requests import OpenRequests, Request
+from rrto_server import segments
 from rrto_server.sandbox import Sandbox
 from rrto_server.stats import ServerStats
 from rrto_server.store import BlobStore
@@ -24,6 +25,7 @@ from rrto_wire import codecs
 from rrto_wire import protocol as wire
 from rrto_wire.messages import Kind
 from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire import program as program_module
 from rrto_wire.program import Program, pack_weights, sha256
 from rrto_wire.tensors import TensorSpec
 
@@ -352,3 +354,49 @@ def test_training_mode_norms_and_dropout_are_refused(op, args):
     err = _refused(blob(True))
     assert err.code == ErrorCode.UNSAFE_PROGRAM and 'training mode' in err.message
     Program.parse(blob(False))                               # eval mode is an inference graph
+
+
+# ----------------------------------------------------------------------------- 4: sizes of work
+
+def _chain(length: int) -> bytes:
+    nodes, last = [], 'x'
+    for i in range(length):
+        nodes.append(exploits.node(f'a{i}', 'aten.add.Tensor', {'n': last}, {'n': 'x'},
+                                   out=('float32', (4,))))
+        last = f'a{i}'
+    return exploits.program(nodes, [last])
+
+
+def test_a_program_has_a_bounded_number_of_nodes():
+    err = _refused(_chain(program_module.MAX_NODES + 1))
+    assert err.code == ErrorCode.BAD_REQUEST and 'at most' in err.message
+
+
+def test_a_record_has_a_bounded_number_of_segments():
+    program = Program.parse(_chain(segments.MAX_SEGMENTS + 10))
+    assert len(segments.bounds(program, f'ops:{segments.MAX_SEGMENTS // 2}')) == 2
+    with pytest.raises(ProtocolError, match='segments') as err:
+        segments.bounds(program, 'ops:1')
+    assert err.value.code == ErrorCode.BAD_REQUEST
+
+
+def test_live_ranges_match_their_definition():
+    program = Program.parse(exploits.program([
+        exploits.node('s', 'aten.split.Tensor', {'n': 'x'}, 2),
+        exploits.node('a', 'operator.getitem', {'n': 's'}, 0),
+        exploits.node('b', 'operator.getitem', {'n': 's'}, 1),
+        exploits.node('c', 'aten.mul.Tensor', {'n': 'a'}, {'n': 'p_w'}, out=('float32', (2,))),
+        exploits.node('d', 'aten.add.Tensor', {'n': 'b'}, 1.0, out=('float32', (2,))),
+        exploits.node('e', 'aten.cat.default', [{'n': 'c'}, {'n': 'd'}],
+                      out=('float32', (4,)))], ['e', 'a'], params={'p_w': 'w'},
+        weights=exploits.weights_blob()))
+    names = [n.name for n in program.nodes]
+    for cuts in ([], [3], [1, 4], [1, 2, 3, 4, 5]):
+        edges = [0] + cuts + [len(names)]
+        expected = []
+        for a, b in zip(edges, edges[1:]):
+            used = set().union(*(n.refs for n in program.nodes[a:b]))
+            later = set().union(*(n.refs for n in program.nodes[b:])) | {'e', 'a'}
+            expected.append((sorted(used - set(names[a:b]) - {'p_w'}),
+                             [n for n in names[a:b] if n in later]))
+        assert program.live_ranges(cuts) == expected, cuts
