@@ -70,12 +70,19 @@ class OpenRequests:
             return [r.kind for r in self._open.values()]
 
 
+# large replies in flight for all peers together, in units of one peer's budget: many
+# connections that never read cannot add up to more than this
+TOTAL_PEER_BUDGETS = 4
+
+
 class ReplySender:
     """Write reply frames to the ROUTER from any thread; count what a peer never gets."""
 
     def __init__(self, ctx: zmq.Context, router: zmq.Socket, stats: ServerStats,
-                 peer_bytes: int):
+                 peer_bytes: int, total_bytes: int | None = None):
         self.peer_bytes = peer_bytes
+        self.total_bytes = TOTAL_PEER_BUDGETS * peer_bytes if total_bytes is None \
+            else total_bytes
         self._held: dict[bytes, list] = collections.defaultdict(list)
         self._ctx = ctx
         self._router = router
@@ -114,8 +121,9 @@ class ReplySender:
         trackers = [f.tracker for f in frames if isinstance(f, zmq.Frame)]
         tracker = zmq.MessageTracker(*trackers)
         peer = frames[0]
-        if not self._budget(peer, nbytes):
-            self._stats.dropped('slow_peer')
+        verdict = self._budget(peer, nbytes)
+        if verdict is not None:
+            self._stats.dropped(verdict)
             return tracker                     # done once the frames are dropped here
         if threading.get_ident() == self.io_thread:
             self._route(frames)
@@ -126,8 +134,8 @@ class ReplySender:
                 self._held[peer].append((tracker, nbytes))
         return tracker
 
-    def _budget(self, peer: bytes, nbytes: int) -> bool:
-        """Return True if ``peer`` may have ``nbytes`` more of large replies in flight."""
+    def _budget(self, peer: bytes, nbytes: int) -> str | None:
+        """Return None if ``peer`` may have ``nbytes`` more large replies in flight, else why."""
         with self._lock:
             held = [(t, n) for t, n in self._held.get(peer, ()) if not t.done]
             if held:
@@ -137,7 +145,12 @@ class ReplySender:
             if len(self._held) > 1024:     # forget peers whose replies are all gone
                 for key in [k for k, v in self._held.items() if all(t.done for t, _ in v)]:
                     del self._held[key]
-            return sum(n for _, n in held) + nbytes <= self.peer_bytes or not held
+            if held and sum(n for _, n in held) + nbytes > self.peer_bytes:
+                return 'slow_peer'
+            total = sum(n for replies in self._held.values() for t, n in replies if not t.done)
+            if total and total + nbytes > self.total_bytes:
+                return 'reply_memory'          # every peer's replies together
+            return None
 
     def flush(self) -> None:
         """Route every reply other threads have handed over (call on the I/O thread)."""

@@ -22,7 +22,9 @@ Each peer's send queue holds at most ``max_queued_replies`` replies
 ``max_peer_reply_bytes`` of large (zero-copy) replies are in flight per peer;
 replies beyond that are dropped and counted (``stats`` ``dropped_replies``),
 so a peer that never reads cannot make the server hold its replies: at most
-``max_queued_replies`` x ``COPY_THRESHOLD`` + ``max_peer_reply_bytes`` per peer.
+``max_queued_replies`` x ``COPY_THRESHOLD`` + ``max_peer_reply_bytes`` per peer,
+and ``TOTAL_PEER_BUDGETS`` x ``max_peer_reply_bytes`` of large replies for all
+peers together (many connections that never read).
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 import io
 import json
 import struct
+import threading
 import time
 
 import exploits
@@ -10,12 +11,13 @@ import msgspec
 import numpy as np
 import pytest
 import torch
+import zmq
 from PIL import Image
 from rrto_testing import exchange, raw_socket
 
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
-from rrto_server.requests import OpenRequests, Request
+from rrto_server.requests import OpenRequests, ReplySender, Request
 from rrto_server import segments
 from rrto_server.sandbox import Sandbox
 from rrto_server.stats import ServerStats
@@ -400,3 +402,31 @@ def test_live_ranges_match_their_definition():
             expected.append((sorted(used - set(names[a:b]) - {'p_w'}),
                              [n for n in names[a:b] if n in later]))
         assert program.live_ranges(cuts) == expected, cuts
+
+
+# ----------------------------------------------------------------------------- 8: reply memory
+
+def test_many_connections_that_never_read_share_one_reply_budget():
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind('inproc://replies')       # inproc: a reply's frames live until they are read
+    stats = ServerStats()
+    sender = ReplySender(ctx, router, stats, peer_bytes=3 << 20, total_bytes=4 << 20)
+    sender.io_thread = threading.get_ident()
+    peers = []
+    try:
+        for _ in range(4):                # each peer within its own 3 MiB; 8 MiB in all
+            peer = ctx.socket(zmq.DEALER)
+            peer.connect('inproc://replies')
+            peer.send(b'request')
+            envelope = router.recv_multipart(copy=False)[:1]
+            for _ in range(2):
+                request = Request(envelope, time.perf_counter(), 0, sender, OpenRequests(),
+                                  stats)
+                request.ok([torch.zeros(1 << 18)])           # 1 MiB, never read
+            peers.append(peer)
+        assert dict(stats.dropped_replies) == {'reply_memory': 5}      # 3 of 8 fit in 4 MiB
+    finally:
+        for sock in peers + [router, sender.outbox]:
+            sock.close(linger=0)
+        ctx.term()
