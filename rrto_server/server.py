@@ -22,9 +22,8 @@ Each peer's send queue holds at most ``max_queued_replies`` replies
 ``max_peer_reply_bytes`` of large (zero-copy) replies are in flight per peer;
 replies beyond that are dropped and counted (``stats`` ``dropped_replies``),
 so a peer that never reads cannot make the server hold its replies: at most
-``max_queued_replies`` x ``COPY_THRESHOLD`` + ``max_peer_reply_bytes`` per peer,
-and ``TOTAL_PEER_BUDGETS`` x ``max_peer_reply_bytes`` of large replies for all
-peers together (many connections that never read).
+``max_queued_replies`` x ``COPY_THRESHOLD`` + ``max_peer_reply_bytes`` per peer
+(and ``requests.TOTAL_PEER_BUDGETS`` such budgets for all peers together).
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ from rrto_server.jobs import (InferJob, OpJob, ProfileJob, RecordJob, Recordings
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.options import ServerConfig
+from rrto_server.put_queue import PutQueue
 from rrto_server.sandbox import Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
@@ -66,6 +66,7 @@ BATCH = 64                  # messages received per poll wake-up before replies 
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
 INLINE_MAX_INPUT_BYTES = 4 << 20
+PUT_QUEUE_MESSAGES = 4      # uploads waiting for the control thread, in whole messages
 
 
 class Server:
@@ -99,6 +100,7 @@ class Server:
         self._serving = False
         self.recordings = Recordings()
         self.control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='rrto-control')
+        self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
         theta = config.resolved_theta(self.device)
         self.profile_utilisation = (theta > 0 if config.profile_util is None
                                     else config.profile_util)
@@ -240,8 +242,11 @@ class Server:
         if len(chunks) != 1 or chunks[0].dtype != torch.uint8 or chunks[0].dim() != 1:
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'put carries exactly one uint8 chunk')
         chunk = memoryview(chunks[0].numpy())
+        nbytes = max(request.size, chunk.nbytes)
+        self.put_queue.enter(nbytes)     # the control thread may be busy with a trial run
 
         def write() -> None:
+            self.put_queue.leave(nbytes)
             try:
                 owner = request.client.name if self.guard.authenticating else None
                 complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
@@ -317,8 +322,7 @@ class Server:
         return all(d.codec == 'raw' for d in header.tensors)
 
     def _inline_ok(self, replay: Replay) -> bool:
-        # a program's sizes are constants (rrto_wire.ops), so its profiled cost holds for any
-        # input; an ONNX graph may compute shapes from input values: never on this thread
+        # a program's sizes are constants (rrto_wire.ops): its cost is that of any input
         return (replay.model.kind == 'program' and bool(replay.segment_ms)
                 and max(replay.segment_ms) <= self.config.inline_max_ms)
 
@@ -351,8 +355,7 @@ class Server:
         if reply_bytes > cap:
             raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f'probe reply of {reply_bytes} bytes exceeds {cap}')
-        # the descriptors are checked before any frame is decoded, on this thread
-        if len(request.header.tensors) > 1 or any(
+        if len(request.header.tensors) > 1 or any(      # checked before any frame is decoded
                 d.dtype != 'uint8' or len(d.shape) != 1 for d in request.header.tensors):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 'a probe carries at most one 1-D uint8 payload')
@@ -375,19 +378,13 @@ class Server:
         self.control.submit(evict)
 
     def _on_stats(self, request: Request, frames: list) -> None:
-        sees_all = self.guard.sees(request.client, [])          # an admin, or an open server
-        request.ok(stats=self.snapshot(lambda digest: self.guard.sees(
-            request.client, self.store.owners(digest)),
-            None if sees_all else request.client.name))
+        peer = request.client     # an admin (or anyone on an open server) sees every task
+        request.ok(stats=self.snapshot(lambda digest: self.guard.sees(peer, self.store.owners(
+            digest)), None if self.guard.sees(peer, []) else peer.name))
 
     def snapshot(self, visible: Callable[[str], bool] = lambda digest: True,
                  client: str | None = None) -> dict:
-        """
-        Return the server's counters as plain JSON data (models ``visible`` only).
-
-        With ``client``, tasks (and the scheduler's trace) are that key's own only:
-        task names say what a robot is doing.
-        """
+        """Return the server's counters as JSON data (models ``visible``, ``client``'s tasks)."""
         data = self.stats.snapshot()
         for model in self.registry.loaded():
             data['models'].setdefault(model.digest, {}).setdefault('label', model.label)
@@ -402,9 +399,8 @@ class Server:
         data['scheduler'] = self.scheduler.snapshot()
         data['scheduler']['cpu_pending'] = self.cpu.pending()
         data['tasks'] = self.tasks.snapshot(client)
-        if client is not None and 'trace' in data['scheduler']:
-            data['scheduler']['trace'] = [entry for entry in data['scheduler']['trace']
-                                          if entry['task'] in data['tasks']]
+        if client is not None:           # the trace names every client's tasks
+            data['scheduler'].pop('trace', None)
         data['naive_sessions'] = len(self.naive)
         data['device'] = str(self.device)
         data['open_requests'] = len(self.open_requests)

@@ -13,7 +13,7 @@ import pytest
 import torch
 import zmq
 from PIL import Image
-from rrto_testing import exchange, raw_socket
+from rrto_testing import exchange, raw_socket, reply_header
 
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
@@ -430,3 +430,25 @@ def test_many_connections_that_never_read_share_one_reply_budget():
         for sock in peers + [router, sender.outbox]:
             sock.close(linger=0)
         ctx.term()
+
+
+# ----------------------------------------------------------------------------- 10: put queue
+
+def test_uploads_queued_behind_a_busy_control_thread_are_bounded(make_server, zmq_ctx):
+    server = make_server(max_message_bytes=1 << 20)              # 4 queued messages in all
+    busy = threading.Event()
+    server.control.submit(busy.wait)                             # as a long sandbox trial
+    sock = raw_socket(zmq_ctx, server.endpoint)
+    chunk = torch.zeros(900_000, dtype=torch.uint8)
+    try:
+        for i in range(6):
+            sock.send_multipart(wire.encode({
+                'kind': 'put', 'id': i, 'digest': f'{i:02x}' * 32, 'blob_kind': 'weights',
+                'upload': f'u{i}', 'offset': 0, 'total': 1 << 20}, [chunk]))
+        assert sock.poll(10_000)
+        first = reply_header(sock.recv_multipart()[0], 'put')
+        assert first['code'] == 'overloaded' and first['id'] == 4, first
+    finally:
+        busy.set()
+    codes = [reply_header(sock.recv_multipart()[0], 'put').get('code') for _ in range(5)]
+    assert codes.count('overloaded') == 1 and codes.count(None) == 4, codes   # 4 in, 2 out
