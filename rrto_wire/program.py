@@ -93,7 +93,7 @@ def _decode_json(data: bytes, what: str, schema: Any = Any) -> Any:
     """
     Decode JSON from the network strictly (msgspec): one error code for any malformation.
 
-    Unlike ``json.loads``, msgspec refuses lone UTF-16 surrogates (``"\\ud800"``),
+    Unlike ``json.loads``, msgspec refuses lone UTF-16 surrogates (escapes D800-DFFF),
     which no reply could encode again, and non-JSON literals (``NaN``).
     """
     try:
