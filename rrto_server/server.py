@@ -83,7 +83,8 @@ class Server:
             self.store, config.max_models,
             Sandbox(self.store.root, config.program_max_bytes, config.program_max_s, self.device))
         self.replays = ReplayCache(config.max_replays, config.max_replay_bytes)
-        self.naive = NaiveSessions(self.registry, self.device, config.naive_ttl_s)
+        self.naive = NaiveSessions(self.registry, self.device, config.naive_ttl_s,
+                                   config.program_max_bytes)
         self.stats = ServerStats()
         self.tasks = TaskStats()
         self.open_requests = OpenRequests()

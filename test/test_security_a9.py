@@ -19,12 +19,15 @@ from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
 from rrto_server.requests import OpenRequests, ReplySender, Request
 from rrto_server import segments
+from rrto_server.models import ModelRegistry
+from rrto_server.naive import NaiveSessions
 from rrto_server.sandbox import Sandbox
 from rrto_server.stats import ServerStats
 from rrto_server.store import BlobStore
 
 from rrto_wire import codecs
 from rrto_wire import protocol as wire
+from rrto_wire import messages
 from rrto_wire.messages import Kind
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire import program as program_module
@@ -452,3 +455,35 @@ def test_uploads_queued_behind_a_busy_control_thread_are_bounded(make_server, zm
         busy.set()
     codes = [reply_header(sock.recv_multipart()[0], 'put').get('code') for _ in range(5)]
     assert codes.count('overloaded') == 1 and codes.count(None) == 4, codes   # 4 in, 2 out
+
+
+# ----------------------------------------------------------------------------- 13: naive
+
+def _op(op: str, *args, out: str = 'z', session: str = 's'):
+    return messages.decode_request(wire.encode({
+        'kind': 'op', 'id': 1, 'model': _NAIVE_DIGEST, 'session': session, 'op': op,
+        'args': list(args), 'out': out, 'fetch': []})[0])
+
+
+_NAIVE_PROGRAM, _NAIVE_WEIGHTS = exploits.scale_by_weights()
+_NAIVE_DIGEST = sha256(_NAIVE_PROGRAM)
+
+
+def test_naive_sessions_are_bounded_in_bytes_before_a_result_is_allocated(tmp_path):
+    store = BlobStore(tmp_path)
+    store.put(sha256(_NAIVE_WEIGHTS), 'weights', _NAIVE_WEIGHTS)
+    store.put(_NAIVE_DIGEST, 'program', _NAIVE_PROGRAM)
+    naive = NaiveSessions(ModelRegistry(store), torch.device('cpu'), session_bytes=1 << 20)
+    naive.run('s', _op('aten.ones.default', [1 << 17], out='a'), [])     # 512 KiB: fits
+    with pytest.raises(ProtocolError) as err:
+        naive.run('s', _op('aten.ones.default', [1 << 18], out='b'), [])  # 1 MiB more: no
+    assert err.value.code == ErrorCode.TOO_LARGE
+    with pytest.raises(ProtocolError) as err:                # 4 TiB: refused, never tried
+        naive.run('t', _op('aten.ones.default', [1 << 40], out='c'), [])
+    assert err.value.code == ErrorCode.TOO_LARGE
+    for i in range(8):                                       # 4 sessions' bytes in all
+        try:
+            naive.run(f'u{i}', _op('aten.ones.default', [200_000], out='d', session=f'u{i}'),
+                      [])
+        except ProtocolError as exc:
+            assert exc.code == ErrorCode.TOO_LARGE and i >= 4
