@@ -179,7 +179,8 @@ def _jpeg_decode(buf: memoryview, shape: tuple[int, ...], index: int, out: bytea
         offset += length
         scans = _jpeg_scans(data)
         if scans is None or not 1 <= scans <= channels:
-            raise bad(f'image {i} is not a sequential JPEG of at most {channels} scan(s)')
+            raise bad(f'image {i} does not decode as a sequential JPEG of at most {channels} '
+                      'scan(s)')
         stream = io.BytesIO(data)
         try:
             image = Image.open(stream, formats=['JPEG'])
