@@ -234,7 +234,7 @@ class RrtoClient:
         now = time.monotonic()
         if now - self._late[1] >= LATE_LOG_PERIOD_S:
             log.warning('%s: %d repl%s from %s later than %g ms (slow server or link): dropped, '
-                        'those calls ran locally', self.name, self._late[0],
+                        'those calls fell back', self.name, self._late[0],
                         'y' if self._late[0] == 1 else 'ies', self.endpoint, self.call_timeout_ms)
             self._late = [0, now]
 
