@@ -40,6 +40,8 @@ import torch
 from rrto_ros import local_model
 from rrto_ros.local_model import Artifact, TorchModule
 from rrto_wire import program as program_format
+from rrto_wire import program_writer
+from rrto_wire import weights as weights_format
 from rrto_wire.program import TensorSpec
 
 log = logging.getLogger('rrto_ros.export_cache')
@@ -134,7 +136,9 @@ def cache_key(local: TorchModule, flat: Sequence[torch.Tensor], in_spec: Any) ->
     add(torch.__version__, local.label, type(local).__module__, type(local).__qualname__,
         repr(module), repr(in_spec))
     add(*(f'{t.dtype}:{tuple(t.shape)}' for t in flat))
-    files = {local_model.__file__, program_format.__file__}   # the exporter, the writer
+    # the exporter, the format and its writer
+    files = {local_model.__file__, program_format.__file__, program_writer.__file__,
+             weights_format.__file__}
     for cls in {type(m) for m in module.modules()} | {type(local)}:
         try:
             files.add(inspect.getsourcefile(cls))

@@ -23,7 +23,9 @@ import torch
 
 from rrto_wire import program as program_format
 from rrto_wire import treespec
+from rrto_wire.program_writer import from_exported
 from rrto_wire.tensors import Signature, signature_of
+from rrto_wire.weights import unpack_weights
 
 
 @dataclass
@@ -40,7 +42,7 @@ class Artifact:
         """Return the program's parameters by name, unpacked from the weights blob."""
         for kind, data in self.blobs.values():
             if kind == 'weights':
-                return program_format.unpack_weights(bytearray(data))
+                return unpack_weights(bytearray(data))
         return {}
 
 
@@ -121,8 +123,7 @@ EXPORT_GUARD = _ExportGuard()
 
 def _program_artifact(ep, in_spec, out_spec, label: str) -> Artifact:
     # _Flat holds the user's model as attribute 'model': module paths start with 'model.'
-    program_json, weights = program_format.from_exported(ep, in_spec, out_spec, label,
-                                                         scope_prefix='model.')
+    program_json, weights = from_exported(ep, in_spec, out_spec, label, scope_prefix='model.')
     digest = program_format.sha256(program_json)
     blobs = {digest: ('program', program_json)}
     if weights:

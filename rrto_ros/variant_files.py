@@ -20,9 +20,10 @@ import torch
 
 from rrto_ros import variants
 from rrto_ros.local_model import Artifact, TorchModule
-from rrto_wire import program as program_format
-from rrto_wire.program import pack_weights, sha256, shard_weights
+from rrto_wire.program import sha256
+from rrto_wire.program_writer import from_exported
 from rrto_wire.tensors import TensorSpec
+from rrto_wire.weights import pack_weights, shard_weights
 
 SUFFIX = '.variant.pt'
 
@@ -33,7 +34,7 @@ class ShardedModule(TorchModule):
     def artifact(self, flat: Sequence[torch.Tensor], in_spec: Any) -> Artifact:
         """Export for one input signature; the blobs are the program and its shards."""
         ep, out_spec = self.export(flat, in_spec)
-        program_json, shards = program_format.from_exported(
+        program_json, shards = from_exported(
             ep, in_spec, out_spec, self.label, scope_prefix='model.', sharded=True)
         digest = sha256(program_json)
         blobs = {digest: ('program', program_json)}

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from rrto_wire.program import Program, unpack_weights
+from rrto_wire.program import Program
+from rrto_wire.weights import unpack_weights
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 KINDS = ('program', 'weights', 'onnx')

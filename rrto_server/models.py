@@ -18,7 +18,8 @@ from rrto_server.lru import LRU
 from rrto_server.sandbox import Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.program import Program, unpack_shards
+from rrto_wire.program import Program
+from rrto_wire.weights import unpack_shards
 from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_server.models')

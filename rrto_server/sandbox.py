@@ -50,7 +50,8 @@ from pathlib import Path
 
 import torch
 
-from rrto_wire.program import Program, unpack_shards
+from rrto_wire.program import Program
+from rrto_wire.weights import unpack_shards
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
 

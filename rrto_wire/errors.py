@@ -10,6 +10,9 @@ before it goes into a reply or a log line.
 from __future__ import annotations
 
 import enum
+from typing import Any
+
+import msgspec
 
 MAX_ECHO_CHARS = 120
 
@@ -59,3 +62,23 @@ def clip(text: object, limit: int = MAX_ECHO_CHARS) -> str:
     if len(text) <= limit:
         return text
     return f'{text[:limit]}...({len(text) - limit} more characters)'
+
+
+def invalid_program(message: str) -> ProtocolError:
+    """Return the ``bad_request`` error for a malformed program or weights blob."""
+    return ProtocolError(ErrorCode.BAD_REQUEST, f'invalid program: {clip(message, 400)}')
+
+
+def decode_program_json(data: bytes, what: str, schema: Any = Any) -> Any:
+    """
+    Decode a program's or weights index's JSON strictly (msgspec): one error for any malformation.
+
+    Unlike ``json.loads``, msgspec refuses lone UTF-16 surrogates (escapes D800-DFFF),
+    which no reply could encode again, and non-JSON literals (``NaN``).
+    """
+    try:
+        return msgspec.json.decode(data, type=schema)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise invalid_program(f'{what} is not valid: {exc}') from None
+    except RecursionError:
+        raise invalid_program(f'{what} nests too deeply') from None

@@ -339,7 +339,7 @@ def test_a_hybrid_record_times_the_network_from_its_timestamps(server, offloaded
     from rrto_ros.graph import GraphAnalysis
     from rrto_ros.plan_table import PlanTable
     from rrto_ros.split import Plan, as_program
-    from rrto_wire.program import unpack_weights
+    from rrto_wire.weights import unpack_weights
     model, x, artifact = _keypoint_artifact()
     program = as_program(artifact.program)
     blob = [d for kind, d in artifact.blobs.values() if kind == 'weights'][0]

@@ -14,6 +14,7 @@ from rrto_ros.zoo import keypoint_net
 from rrto_wire import program as fmt
 from rrto_wire import treespec
 from rrto_wire.errors import ProtocolError
+from rrto_wire.weights import pack_weights, unpack_weights
 
 
 class Tiny(torch.nn.Module):
@@ -45,7 +46,7 @@ def test_program_runs_like_the_model(tiny_artifact):
     model, x, artifact = tiny_artifact
     program_blob, weights_blob = _program_and_weights(artifact)
     program = fmt.Program.parse(program_blob)
-    weights = fmt.unpack_weights(bytearray(weights_blob))
+    weights = unpack_weights(bytearray(weights_blob))
     outputs = program.module(weights, torch.device('cpu'))(x)
     rebuilt = treespec.unflatten(list(outputs), program.out_spec)
     expected = model(x)
@@ -58,7 +59,7 @@ def test_segments_compose_to_the_whole_program(tiny_artifact):
     model, x, artifact = tiny_artifact
     program_blob, weights_blob = _program_and_weights(artifact)
     program = fmt.Program.parse(program_blob)
-    weights = fmt.unpack_weights(bytearray(weights_blob))
+    weights = unpack_weights(bytearray(weights_blob))
     cuts = [1, 3]
     env = {program.input_names[0]: x}
     edges = [0] + cuts + [len(program.nodes)]
@@ -73,7 +74,7 @@ def test_segments_compose_to_the_whole_program(tiny_artifact):
 def test_weights_blob_round_trips_every_tensor():
     tensors = {'a': torch.randn(3, 4), 'b': torch.arange(5), 'c': torch.randn(2).bfloat16(),
                'empty': torch.zeros(0)}
-    unpacked = fmt.unpack_weights(bytearray(fmt.pack_weights(tensors)))
+    unpacked = unpack_weights(bytearray(pack_weights(tensors)))
     assert unpacked.keys() == tensors.keys()
     for key in tensors:
         assert torch.equal(unpacked[key], tensors[key])

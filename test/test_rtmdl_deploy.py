@@ -9,6 +9,7 @@ from rrto_ros import latency
 from rrto_ros.records import CallRecord, OffloadResult
 from rrto_wire import program
 from rrto_wire import strategy as strategy_file
+from rrto_wire.weights import shard_weights, unpack_shards
 
 
 def _doc(version, weights):
@@ -20,16 +21,16 @@ def _doc(version, weights):
 def test_shards_group_tensors_by_module_and_round_trip():
     tensors = {'a.conv.weight': torch.randn(4, 3), 'a.bn.weight': torch.ones(4),
                'a.bn.bias': torch.zeros(4), 'fc.weight': torch.randn(2, 4)}
-    shards = program.shard_weights(tensors)
+    shards = shard_weights(tensors)
     assert [prefix for prefix, _ in shards] == ['a.bn.', 'a.conv.', 'fc.']
-    back = program.unpack_shards([(bytearray(blob), prefix) for prefix, blob in shards])
+    back = unpack_shards([(bytearray(blob), prefix) for prefix, blob in shards])
     assert set(back) == set(tensors)
     assert all(torch.equal(back[k], tensors[k]) for k in tensors)
     # a layer at another path is the same blob: stored once
-    moved = program.shard_weights({'b.conv.weight': tensors['a.conv.weight']})
+    moved = shard_weights({'b.conv.weight': tensors['a.conv.weight']})
     assert moved[0][1] == dict(shards)['a.conv.']
     with pytest.raises(program.ProtocolError, match='two shards'):
-        program.unpack_shards([(bytearray(dict(shards)['fc.']), 'fc.')] * 2)
+        unpack_shards([(bytearray(dict(shards)['fc.']), 'fc.')] * 2)
 
 
 @pytest.mark.parametrize('weights,words', [

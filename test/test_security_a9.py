@@ -31,7 +31,8 @@ from rrto_wire import messages
 from rrto_wire.messages import Kind
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire import program as program_module
-from rrto_wire.program import Program, pack_weights, sha256
+from rrto_wire.program import Program, sha256
+from rrto_wire.weights import pack_weights
 from rrto_wire.tensors import TensorSpec
 
 

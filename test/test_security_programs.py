@@ -10,7 +10,8 @@ from rrto_server.models import ModelRegistry
 from rrto_server.sandbox import Sandbox, refusal
 from rrto_server.store import BlobStore
 from rrto_wire import ops
-from rrto_wire.program import Program, sha256, unpack_weights
+from rrto_wire.program import Program, sha256
+from rrto_wire.weights import unpack_weights
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 

@@ -15,7 +15,7 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 def _blob(n: int, size: int = 1000) -> bytes:
     """A weights blob of about ``size`` bytes, different for each ``n``."""
     import torch
-    from rrto_wire.program import pack_weights
+    from rrto_wire.weights import pack_weights
     return pack_weights({'w': torch.full((size // 4,), float(n))})
 
 
