@@ -74,6 +74,20 @@ def test_an_onnx_model_naming_an_external_file_is_refused(tmp_path):
     assert store.has(sha256(benign))
 
 
+@pytest.mark.parametrize('op, why', [('ConstantOfShape', 'depends on the values'),
+                                     ('Loop', 'control flow')])
+def test_an_onnx_model_whose_sizes_follow_an_input_value_is_refused(tmp_path, op, why):
+    """The sandbox's zero-filled trial bounds an ONNX model only if no value sets a size."""
+    blob = exploits.onnx_size_from_value(op)
+    store = BlobStore(tmp_path / 'store')
+    with pytest.raises(ProtocolError, match=why) as err:
+        store.put(sha256(blob), 'onnx', blob)
+    assert err.value.code == ErrorCode.UNSAFE_PROGRAM
+    for benign in (exploits.onnx_folds_into(4), exploits.onnx_symbolic_add_one()):
+        store.put(sha256(benign), 'onnx', benign)       # constant and shape-derived sizes
+        assert store.has(sha256(benign))
+
+
 def test_the_store_quota_evicts_least_recently_used_unpinned_blobs(tmp_path):
     blobs = [_blob(n, 4000) for n in range(4)]
     size = len(blobs[0])
