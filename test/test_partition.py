@@ -262,7 +262,10 @@ def test_rrto_plan_solves_tables_for_the_subgraphs_a_partition_offloads(
                    subgraph_plans=str(out.parent))
     assert om.warmup(_frame(0), timeout_s=300)
     _assert_same_detections(om(_frame(0)), _local(detector(), _frame(0)))
-    assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2
+    # each subgraph follows its table: a plan the solver measured as local (a loaded robot
+    # machine can make it so) runs that subgraph on the robot, one round trip fewer
+    assert om.last.result == OffloadResult.OFFLOADED
+    assert om.last.round_trips == om.last.remote_subgraphs >= 1
     given = {s['plan_table'] for s in om.partition.describe()['subgraphs'] if s['remote']}
     assert labels <= given   # each solved table found its subgraph's program on the robot
 
