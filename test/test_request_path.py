@@ -28,14 +28,20 @@ def _spy(monkeypatch, seen):
     monkeypatch.setattr(Execution, 'step', wrap('segment', Execution.step))
 
 
-def test_bulk_inputs_never_hold_the_io_thread_even_when_the_device_is_idle(make_server,
-                                                                           monkeypatch):
-    server = make_server(inline_max_ms=1000.0)
+def _served(make_server, monkeypatch, **options):
+    """Return a server with keypoint_net recorded for a 12 KB input, that input, the replay,
+    the roles that decoded and stepped each request (filled as calls go), and a client."""
+    server = make_server(**options)
     x = torch.randn(1, 3, 32, 32)                       # 12 KB
     replay = prepare(server.endpoint, keypoint_net(), x)
     seen = collections.defaultdict(set)
     _spy(monkeypatch, seen)
-    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    return x, replay, seen, RrtoClient(server.endpoint, call_timeout_ms=30000)
+
+
+def test_bulk_inputs_never_hold_the_io_thread_even_when_the_device_is_idle(make_server,
+                                                                           monkeypatch):
+    x, replay, seen, client = _served(make_server, monkeypatch, inline_max_ms=1000.0)
     try:
         outputs, _ = client.infer(replay, [x])
         assert seen == {'decode': {'io'}, 'segment': {'io'}}, 'small: served inline'
@@ -52,12 +58,8 @@ def test_bulk_inputs_never_hold_the_io_thread_even_when_the_device_is_idle(make_
 
 def test_small_raw_requests_skip_the_worker_hop_when_they_cannot_run_inline(
         make_server, monkeypatch):
-    server = make_server(inline_max_ms=0.0)             # no segment is short enough: queued
-    x = torch.randn(1, 3, 32, 32)
-    replay = prepare(server.endpoint, keypoint_net(), x)
-    seen = collections.defaultdict(set)
-    _spy(monkeypatch, seen)
-    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    # no segment is short enough to run inline: queued
+    x, replay, seen, client = _served(make_server, monkeypatch, inline_max_ms=0.0)
     try:
         outputs, _ = client.infer(replay, [x])
         assert seen == {'decode': {'io'}, 'segment': {'lane'}}, 'views here, steps on a lane'
