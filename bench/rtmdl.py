@@ -49,7 +49,7 @@ from pathlib import Path
 
 import torch
 
-from bench.sched_mix import start_server
+from bench.sched_mix import run_together, start_server
 from rrto_server import rtcalib, rtproxy, rtsearch, rttasks
 from rrto_server.rtsim import simulate
 
@@ -131,25 +131,8 @@ def _clients(tasks: list[dict], endpoint: str, replays: dict, duration: float, s
     procs = [ctx.Process(target=_client, args=(t, endpoint, replays[t['name']], duration,
                                                seed + i, results, go, start_at))
              for i, t in enumerate(tasks)]
-    for p in procs:
-        p.start()
-    try:
-        for _ in procs:
-            message = results.get(timeout=600)
-            if message[0] != 'ready':
-                raise RuntimeError(f'client failed: {message[-1]}')
-        start_at.value = time.monotonic() + 0.5
-    finally:
-        go.set()
-    out = {}
-    for _ in procs:
-        message = results.get(timeout=duration + 300)
-        if message[0] != 'done':
-            raise RuntimeError(f'client failed: {message[-1]}')
-        out[message[1]] = message[2]
-    for p in procs:
-        p.join(30)
-    return out
+    return {name: value for _, name, value in
+            run_together(procs, results, go, start_at, 'done', duration + 300)}
 
 
 # ---------------------------------------------------------------------------- profiling

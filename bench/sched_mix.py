@@ -240,6 +240,21 @@ def run_clients(specs: list[TaskSpec], endpoint: str, replays: dict, duration: f
                       args=(asdict(spec), endpoint, replays[spec.name], duration,
                             seed + 101 * i + c, results, go, start_at))
                for i, spec in enumerate(specs) for c in range(spec.clients)]
+    collected: dict[str, list[dict]] = {spec.name: [] for spec in specs}
+    for _, name, releases in run_together(workers, results, go, start_at, 'releases',
+                                          duration + 600):
+        collected[name].extend(releases)
+    return collected
+
+
+def run_together(workers: list, results, go, start_at, done: str, wait_s: float) -> list:
+    """
+    Start client ``workers`` and release them at one instant; return their final messages.
+
+    Each worker puts ``('ready', ...)`` on ``results`` once set up, waits for ``go`` and
+    starts at ``start_at`` (half a second after the last one is ready), then puts one
+    message whose kind is ``done``; anything else is a failed client.
+    """
     for w in workers:
         w.start()
     try:
@@ -250,15 +265,15 @@ def run_clients(specs: list[TaskSpec], endpoint: str, replays: dict, duration: f
         start_at.value = time.monotonic() + 0.5      # CLOCK_MONOTONIC is system wide on Linux
     finally:
         go.set()
-    collected: dict[str, list[dict]] = {spec.name: [] for spec in specs}
+    finals = []
     for _ in workers:
-        message = results.get(timeout=duration + 600)
-        if message[0] != 'releases':
+        message = results.get(timeout=wait_s)
+        if message[0] != done:
             raise RuntimeError(f'client failed: {message[-1]}')
-        collected[message[1]].extend(message[2])
+        finals.append(message)
     for w in workers:
         w.join(30)
-    return collected
+    return finals
 
 
 # ---------------------------------------------------------------------------- report
