@@ -13,12 +13,12 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import threading
-import uuid
 
 import zmq
 
 from rrto_fleet.directory import Directory, ReplicaDown, WarmError
 from rrto_server.auth import CurveGate, KeyRing
+from rrto_server.outbox import Outbox
 from rrto_wire import fleet
 
 log = logging.getLogger('rrto_fleet.front')
@@ -44,12 +44,7 @@ class Front:
             self._gate.keyring.secure(self.router)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self._outbox_addr = f'inproc://rrto-directory-{uuid.uuid4().hex}'
-        self._outbox = self._ctx.socket(zmq.PULL)
-        self._outbox.bind(self._outbox_addr)
-        self._local = threading.local()
-        self._pushers: list[zmq.Socket] = []
-        self._pushers_lock = threading.Lock()
+        self._outbox = Outbox(self._ctx, 'rrto-directory')   # replies from warm-up workers
         self._workers = concurrent.futures.ThreadPoolExecutor(
             WARM_WORKERS, thread_name_prefix='rrto-warm')
         self._stop = threading.Event()
@@ -69,10 +64,7 @@ class Front:
         for thread in self._threads:
             thread.join(timeout=5)
         self._workers.shutdown(wait=True, cancel_futures=True)
-        with self._pushers_lock:
-            for sock in self._pushers:
-                sock.close(linger=0)
-        self._outbox.close(linger=0)
+        self._outbox.close()
         self.router.close(linger=0)
         if self._gate is not None:
             self._gate.close()
@@ -90,12 +82,12 @@ class Front:
     def _serve(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
-        poller.register(self._outbox, zmq.POLLIN)
+        poller.register(self._outbox.socket, zmq.POLLIN)
         while not self._stop.is_set():
             events = dict(poller.poll(100))
-            if self._outbox in events:
-                while self._outbox.poll(0):
-                    self.router.send_multipart(self._outbox.recv_multipart())
+            if self._outbox.socket in events:
+                while self._outbox.socket.poll(0):
+                    self.router.send_multipart(self._outbox.socket.recv_multipart())
             if self.router in events:
                 while self.router.poll(0):
                     self._on_message(self.router.recv_multipart())
@@ -132,15 +124,4 @@ class Front:
         except Exception as exc:  # noqa: B902 - the robot gets its one reply whatever happened
             log.exception('warm failed')
             reply = fleet.error(request.id, 'internal', f'{type(exc).__name__}')
-        self._pusher().send_multipart(envelope + [fleet.encode(reply)])
-
-    def _pusher(self) -> zmq.Socket:
-        sock = getattr(self._local, 'sock', None)
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self._outbox_addr)
-            self._local.sock = sock
-            with self._pushers_lock:
-                self._pushers.append(sock)
-        return sock
+        self._outbox.pusher().send_multipart(envelope + [fleet.encode(reply)])

@@ -25,7 +25,6 @@ import collections
 import logging
 import threading
 import time
-import uuid
 from typing import Any, Callable, Sequence
 
 import msgspec
@@ -35,6 +34,7 @@ import zmq
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError, clip
 from rrto_wire.limits import COPY_THRESHOLD
+from rrto_server.outbox import Outbox
 from rrto_server.stats import ServerStats
 
 log = logging.getLogger('rrto_server.requests')
@@ -84,14 +84,10 @@ class ReplySender:
         self.total_bytes = TOTAL_PEER_BUDGETS * peer_bytes if total_bytes is None \
             else total_bytes
         self._held: dict[bytes, list] = collections.defaultdict(list)
-        self._ctx = ctx
         self._router = router
         self._stats = stats
-        self._addr = f'inproc://rrto-outbox-{uuid.uuid4().hex}'
-        self.outbox = ctx.socket(zmq.PULL)
-        self.outbox.bind(self._addr)
-        self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
+        self._handover = Outbox(ctx, 'rrto-outbox', COPY_THRESHOLD)
+        self.outbox = self._handover.socket          # the I/O thread polls and drains it
         self._lock = threading.Lock()
         self.io_thread: int | None = None
 
@@ -111,7 +107,7 @@ class ReplySender:
             if threading.get_ident() == self.io_thread:
                 self._route(frames)
             else:
-                self._pusher().send_multipart(frames, copy=False)
+                self._handover.pusher().send_multipart(frames, copy=False)
             return None
         # zero-copy frames, each tracked, held until libzmq is done (received envelope
         # frames cannot be sent tracked: send copies of them)
@@ -128,7 +124,7 @@ class ReplySender:
         if threading.get_ident() == self.io_thread:
             self._route(frames)
         else:
-            self._pusher().send_multipart(frames, copy=False)
+            self._handover.pusher().send_multipart(frames, copy=False)
         if trackers:
             with self._lock:
                 self._held[peer].append((tracker, nbytes))
@@ -171,25 +167,9 @@ class ReplySender:
                 raise
             self._stats.dropped('peer_gone')
 
-    def _pusher(self) -> zmq.Socket:
-        sock = getattr(self._local, 'sock', None)
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.copy_threshold = COPY_THRESHOLD
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(self._addr)
-            self._local.sock = sock
-            with self._lock:
-                self._sockets.append(sock)
-        return sock
-
     def close(self) -> None:
         """Close the hand-over sockets (after every thread that replies has stopped)."""
-        with self._lock:
-            for sock in self._sockets:
-                sock.close(linger=0)
-            self._sockets.clear()
-        self.outbox.close(linger=0)
+        self._handover.close()
 
 
 class Request:
