@@ -29,12 +29,21 @@ def _local(model, x):
         return model(x)
 
 
-def _assert_same_detections(actual, expected):
+def _assert_same_detections(actual, expected, exact: bool = True):
+    """
+    Check the same boxes, scores and labels in the same order.
+
+    Bit for bit when ``exact``; else labels exactly and coordinates and scores to float
+    rounding (a split or hybrid plan sums each row band's convolutions in another order).
+    """
     assert len(actual) == len(expected)
     for got, want in zip(actual, expected):
         assert got.keys() == want.keys()
-        for key in want:   # same boxes, scores and labels, in the same order
-            assert torch.equal(got[key], want[key]), key
+        for key in want:
+            if exact or not want[key].is_floating_point():
+                assert torch.equal(got[key], want[key]), key
+            else:
+                assert_same_as_local(got[key], want[key])
 
 
 def test_data_dependent_export_failure_is_recognised():
@@ -261,7 +270,7 @@ def test_rrto_plan_solves_tables_for_the_subgraphs_a_partition_offloads(
     om = offloaded(detector(), server.endpoint, timeout_ms=30000, link=(300, 2),
                    subgraph_plans=str(out.parent))
     assert om.warmup(_frame(0), timeout_s=300)
-    _assert_same_detections(om(_frame(0)), _local(detector(), _frame(0)))
+    _assert_same_detections(om(_frame(0)), _local(detector(), _frame(0)), exact=False)
     # each subgraph follows its table: a plan the solver measured as local (a loaded robot
     # machine can make it so) runs that subgraph on the robot, one round trip fewer
     assert om.last.result == OffloadResult.OFFLOADED
