@@ -3,8 +3,10 @@ Run several ``bench.hybrid`` processes side by side, each on cores of its own.
 
 On a many-core host every model gets a robot core (one hardware thread of a
 physical core whose siblings stay idle), a server (every thread of one
-physical core with SMT, else two cores) and all link emulators share one more
-physical core; each process writes ``OUT/<model>.json`` and ``OUT/<model>.log``.
+physical core with SMT, else two cores) and a link emulator core (one
+physical core each where there are enough, else one shared by all: a shared
+emulator core delays one run's transfers while another run's pass); each
+process writes ``OUT/<model>.json`` and ``OUT/<model>.log``.
 Arguments after ``OUT`` go to every ``bench.hybrid`` process.
 
     python -m bench.hybrid_cores resnet18,python:bench.unseen_models:unet /tmp/out \
@@ -38,9 +40,10 @@ def assign(models: int, cores: list[tuple[int, ...]]) -> list[dict[str, list[int
     if len(cores) < per_model * models + 1:
         raise ValueError(f'{models} models need {per_model * models + 1} physical cores, '
                          f'{len(cores)} available')
-    emulator = list(cores[per_model * models])
+    own = len(cores) >= (per_model + 1) * models
     plans = []
     for k in range(models):
+        emulator = list(cores[per_model * models + (k if own else 0)])
         first = cores[per_model * k]
         server = (list(cores[per_model * k + 1]) if smt
                   else [cores[per_model * k + 1][0], cores[per_model * k + 2][0]])
