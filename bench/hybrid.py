@@ -702,7 +702,9 @@ def _write(args, meta: dict, results: list) -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({'meta': meta, 'models': results}, indent=1) + '\n')
+        partial = out.with_name(out.name + '.partial')   # a run killed mid-write keeps the last
+        partial.write_text(json.dumps({'meta': meta, 'models': results}, indent=1) + '\n')
+        os.replace(partial, out)
 
 
 if __name__ == '__main__':

@@ -388,3 +388,27 @@ def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_rem
     assert plan_solve.margin_from(solved.errors.values()) > 0.05   # the biased errors
     assert solved.table.margin == plan_solve.MARGIN_BOUNDS[0]
     assert set(solved.table.calibration['held_out_errors']) == set(solved.errors)
+
+
+def test_a_plan_chosen_only_after_calibration_is_timed_end_to_end_too(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    model, x, _, _ = prepared
+    calls = []
+
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds):
+        # local 50 ms, offload 500 ms, every split or hybrid timed 1 s: far from the model,
+        # so after the correction the model prefers a split it has not timed yet
+        calls.append([p.name for p in plans])
+        slow = {'local': 50.0, 'offload': 500.0}
+        return {p.name: [plan_profile.Timed(slow.get(p.name, 1000.0), 0.0)] * rounds
+                for p in plans}
+
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
+    solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
+                              repeats=1, rounds=2)
+    assert len(calls) >= 2
+    first, second = set(calls[0]), set(calls[1])
+    assert second - first and {'local', 'offload'} <= second   # new plans, beside anchors
+    measured = solved.table.calibration['measured_ms']
+    assert all(measured[name] == 1000.0 for name in second - first)
