@@ -168,3 +168,20 @@ def test_side_by_side_runs_get_cores_of_their_own():
         assign(5, [(c,) for c in range(8)])
     import os
     assert physical_cores(sorted(os.sched_getaffinity(0)))
+
+
+def test_side_by_side_results_combine_into_one_run_with_each_models_cores(tmp_path):
+    from bench.hybrid_cores import combine
+    paths = []
+    for k, name in enumerate(('unet', 'resnet18')):
+        cores = {'robot_cpus': [3 * k], 'server_cpus': [3 * k + 1, 3 * k + 2],
+                 'emulator_cpus': [6 + k]}
+        meta = {'command': f'python -m bench.hybrid --models {name}', 'load': 0.5 + k, **cores}
+        paths.append(tmp_path / f'{name}.json')
+        paths[-1].write_text(json.dumps({'meta': meta, 'models': [{'model': name}]}))
+    data = combine(paths, 'python -m bench.hybrid_cores unet,resnet18 OUT')
+    assert [m['model'] for m in data['models']] == ['unet', 'resnet18']
+    assert data['meta']['command'] == 'python -m bench.hybrid_cores unet,resnet18 OUT'
+    assert data['meta']['per_model_cores']['resnet18'] == {
+        'robot_cpus': [3], 'server_cpus': [4, 5], 'emulator_cpus': [7]}
+    assert data['meta']['load'] == 1.5
