@@ -350,6 +350,19 @@ def test_the_server_time_each_call_reported_moves_the_server_side(prepared):
         offload.server_compute_ms + 5.0)
 
 
+def test_plan_cli_names_the_link_it_calibrates_over(tmp_path, server):
+    out = tmp_path / 'kp.json'
+    assert plan_main(['--model', 'python:rrto_ros.zoo:keypoint_net', '--image-input',
+                      '--input-shape', ','.join(map(str, SHAPE)), '--server', server.endpoint,
+                      '--link', '300,4', '--bandwidths', '300', '--rtts', '4',
+                      '--repeats', '1', '--out', str(out)]) == 0
+    calibration = PlanTable.load(out).calibration
+    assert calibration['link'] == {'bandwidth_mbps': 300.0, 'rtt_ms': 4.0}
+    assert calibration['server_compute_ms']['offload']['measured_ms'] > 0
+    with pytest.raises(SystemExit):
+        plan_main(['--model', 'x', '--link', '300', '--out', str(out)])
+
+
 def test_the_per_call_overhead_leaves_out_the_calibration_links_own_time(
         prepared, server):
     from rrto_ros import plan_solve
