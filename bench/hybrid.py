@@ -9,15 +9,18 @@ own, so the robot's compute budget is fixed (:mod:`bench.cpulimit`).
 Per model (zoo names or any ``python:module:factory``, on ``--size`` frames):
 
 1. solve a plan table with :func:`rrto_ros.plan_solve.solve` through the
-   emulator set to unlimited (profiles, the robot's byte costs and
-   contention, every candidate timed end to end, margin from measured error);
+   emulator set to the grid's fastest link at its shortest RTT (profiles, the
+   robot's byte costs and contention, every candidate timed end to end with
+   the server's compute time per call, margin from measured error): a link
+   the grid measures, not an unlimited one the emulator forwards unpaced;
 2. at every (RTT, bandwidth) grid point, measure in interleaved rounds:
    local-only and full offload, each twice (two identical runners: the
    noise floor of robot-bound and of link-bound latency), the best single
    split (Neurosurgeon) and the table's plan (run-time correction off: the
    offline planner alone); report medians, the prediction error of the
    chosen plan, and whether it is within max(3 %, noise floor) of the best
-   baseline;
+   baseline, with the point's own floor and with the run's pooled floor of
+   its regime (:func:`pooled_floors`) side by side;
 3. run-time correction: a table made wrong on purpose at one grid point (it
    names the slowest measured baseline there) runs with correction on;
    the number of inferences until the wrong plan is no longer used.
@@ -151,10 +154,11 @@ class HybridBench:
         model = load_model(spec)
         with torch.inference_mode():
             references = [model.module(frame) for frame in self.frames]
-        self.emulator.set_link(PRESETS['unlimited'])
         links = [Link(bw, rtt) for rtt in self.args.rtts for bw in sorted(self.args.grid)[::-1]]
+        fastest = Link(max(self.args.grid), min(self.args.rtts))
+        self.emulator.set_link(grid_link(fastest.bandwidth_mbps, fastest.rtt_ms))
         solved = solve(model, self.frames[0], links, self.endpoint, repeats=3,
-                       rounds=self.args.calibration_rounds)
+                       rounds=self.args.calibration_rounds, calibration_link=fastest)
         cost, table = solved.cost, solved.table
         tables = {'hybrid': table,
                   'best_split': with_plans(table, lambda e: e['baselines']['best_split']['plan'])}
@@ -347,44 +351,89 @@ def _plan_of(name: str) -> Plan | None:
 
 
 # ---------------------------------------------------------------------- report
-def verdict(row: dict) -> dict:
+def verdict(row: dict, pooled: dict[str, float] | None = None) -> dict:
     """
     Compare the table's plan with the best baseline at one grid point.
 
-    ``noise`` is the noise floor: the larger relative gap between two identical
-    runners measured in the same rounds (local twice, offload twice).  The
-    target is to be at most max(3 %, noise) slower than the best baseline,
+    ``noise`` is the point's noise floor: the larger relative gap between two
+    identical runners measured in the same rounds (local twice, offload twice).
+    The target is to be at most max(3 %, noise) slower than the best baseline,
     everywhere: a point where the table chose the very plan the fastest
     baseline ran is flagged ``same_plan`` but judged by the same rule (a gap
     beyond the floor there means the floor is too low, not a free pass).
+
+    ``pooled`` (:func:`pooled_floors`) adds a second verdict beside it:
+    ``pooled_within`` judges the point by the largest gap identical runners
+    showed anywhere in the run in the point's ``regime`` ('robot' where either
+    compared runner is robot-bound, :func:`regime`; else 'link').
     """
     best_name = min(BASELINES, key=lambda n: row[n]['median_ms'])
     best = row[best_name]['median_ms']
     hybrid = row['hybrid']['median_ms']
     local, remote = row['local']['median_ms'], row['offload']['median_ms']
-    noise = max(max(row[a]['median_ms'], row[b]['median_ms'])
-                / min(row[a]['median_ms'], row[b]['median_ms']) - 1
-                for a, b in TWINS if a in row and b in row)
+    noise = max(_gap(row[a], row[b]) for a, b in TWINS if a in row and b in row)
     same = row[best_name]['plan'] == row['hybrid']['plan']
     gain = 1 - hybrid / best
     allowed = max(0.03, noise)
     h = row['hybrid']
-    return {'best': best_name, 'best_ms': best, 'gain': gain, 'noise': noise,
-            'same_plan': same, 'allowed': allowed,
-            'crossover': max(local, remote) / min(local, remote) <= 2.0,
-            'within': gain >= -allowed,
-            'error': (h['predicted_ms'] - h['median_ms']) / h['median_ms']}
+    bound = ('robot' if 'robot' in (regime(row[best_name]), regime(h)) else 'link')
+    result = {'best': best_name, 'best_ms': best, 'gain': gain, 'noise': noise,
+              'same_plan': same, 'allowed': allowed, 'regime': bound,
+              'crossover': max(local, remote) / min(local, remote) <= 2.0,
+              'within': gain >= -allowed,
+              'error': (h['predicted_ms'] - h['median_ms']) / h['median_ms']}
+    if pooled is not None:
+        result['pooled_noise'] = pooled.get(bound, 0.0)
+        result['pooled_within'] = gain >= -max(0.03, result['pooled_noise'])
+    return result
+
+
+ROBOT_BOUND = 1 / 3   # a runner is robot-bound where its robot CPU time is this share of latency
+
+
+def regime(point: dict) -> str:
+    """Return 'robot' for a runner whose robot CPU time is >= ROBOT_BOUND of its latency."""
+    return ('robot' if point.get('robot_cpu_ms', 0.0) >= ROBOT_BOUND * point['median_ms']
+            else 'link')
+
+
+def _gap(a: dict, b: dict) -> float:
+    return max(a['median_ms'], b['median_ms']) / min(a['median_ms'], b['median_ms']) - 1
+
+
+def pooled_floors(rows: list[dict]) -> dict[str, float]:
+    """
+    Return the run's noise floor per regime: the largest gap between identical runners.
+
+    Every twin pair (local and its twin, offload and its twin) of every grid
+    point counts in the regime of its first runner: the measured spread of
+    medians of one plan run twice in the same rounds, over the whole run, not
+    one pair's gap at one point.
+    """
+    gaps: dict[str, list[float]] = {'robot': [], 'link': []}
+    for row in rows:
+        for a, b in TWINS:
+            if a in row and b in row:
+                gaps[regime(row[a])].append(_gap(row[a], row[b]))
+    return {name: max(values) for name, values in gaps.items() if values}
 
 
 def summary(result: dict) -> dict:
-    """Return one model's verdicts over the grid."""
-    verdicts = [verdict(r) for r in result['rows']]
+    """Return one model's verdicts over the grid (per point, and with the pooled floor)."""
+    pooled = pooled_floors(result['rows'])
+    verdicts = [verdict(r, pooled) for r in result['rows']]
     band = [v for v in verdicts if v['crossover'] and not v['same_plan']]
     correction = result.get('correction')
     return {
         'worst': max(-v['gain'] for v in verdicts),
         'worst_over_noise': max(-v['gain'] - v['allowed'] for v in verdicts),
         'all_within': all(v['within'] for v in verdicts),
+        'over': sum(not v['within'] for v in verdicts),
+        'over_same_plan': sum(not v['within'] and v['same_plan'] for v in verdicts),
+        'pooled_floors': pooled,
+        'all_within_pooled': all(v['pooled_within'] for v in verdicts),
+        'over_pooled': sum(not v['pooled_within'] for v in verdicts),
+        'points': len(verdicts),
         'crossover_points': sum(v['crossover'] for v in verdicts),
         'crossover_gain': max((v['gain'] for v in band), default=None),
         'median_error': median_error(v['error'] for v in verdicts),
@@ -405,8 +454,11 @@ def render(meta: dict, models: list[dict]) -> str:
              f'{len(MODES)} runners are measured in turn, one call each per round, '
              f'{meta["calls"]} rounds; medians.  `local twin` and `offload twin` repeat '
              '`local` and `offload` (identical runners): the larger of the two gaps is the '
-             'noise floor.  The table\'s plan runs with run-time correction off (the offline '
-             'planner alone).', '']
+             'point\'s noise floor; the largest gap between twins anywhere in the run, in the '
+             'point\'s regime (robot-bound where either compared runner spent at least a third '
+             'of its latency on robot CPU, else link-bound), is the pooled floor, a second '
+             'verdict beside the per-point one.  The table\'s plan runs with run-time '
+             'correction off (the offline planner alone).', '']
     if meta['load'] > 0.5 * meta['cores']:
         lines += [f'**Caution**: load average {meta["load"]:.1f} on {meta["cores"]} cores '
                   'while this ran.', '']
@@ -424,21 +476,27 @@ def render(meta: dict, models: list[dict]) -> str:
         header = (['RTT ms', 'Mbit/s'] + [f'{m} ms' for m in MODES]
                   + ['plan', 'best split plan', 'vs best baseline', 'predicted ms', 'error'])
         rows = []
+        pooled = s['pooled_floors']
         for row in sorted(result['rows'], key=lambda r: (r['rtt_ms'], r['bandwidth_mbps'])):
-            v = verdict(row)
+            v = verdict(row, pooled)
             rows.append([f'{row["rtt_ms"]:g}', f'{row["bandwidth_mbps"]:g}']
                         + [f'{row[m]["median_ms"]:.1f}' for m in MODES]
                         + [row['hybrid']['plan'], row['best_split']['plan'],
                            (f'{-v["gain"] * 100:+.1f} % vs {v["best"]}'
                             + (' (same plan)' if v['same_plan'] else '')
                             + (' (crossover)' if v['crossover'] else '')
-                            + ('' if v['within'] else ' **over limit**')),
+                            + ('' if v['within'] else ' **over limit**')
+                            + ('' if v['pooled_within'] else ' **over pooled**')),
                            f'{row["hybrid"]["predicted_ms"]:.1f}', f'{v["error"] * 100:+.1f} %'])
         lines += report.table(header, rows)
         gain = s['crossover_gain']
+        floors = ', '.join(f'{k}-bound {v * 100:.1f} %' for k, v in pooled.items())
         lines += [f'Worst against the best baseline: {s["worst"] * 100:+.1f} %; every point '
-                  f'within max(3 %, noise): {"yes" if s["all_within"] else "NO"}.  Best gain in '
-                  f'the crossover band: '
+                  f'within max(3 %, its own noise floor): {"yes" if s["all_within"] else "NO"} '
+                  f'({s["over"]} of {s["points"]} over, {s["over_same_plan"]} of them with the '
+                  f'best baseline\'s plan); within max(3 %, the run\'s pooled floor of its '
+                  f'regime: {floors}): {"yes" if s["all_within_pooled"] else "NO"} '
+                  f'({s["over_pooled"]} over).  Best gain in the crossover band: '
                   + ('none (no point with a plan of its own there)' if gain is None
                      else f'{gain * 100:.1f} %') + '.  Median prediction error of the chosen '
                   f'plans: {s["median_error"] * 100:.1f} %.', '']
@@ -644,7 +702,9 @@ def _write(args, meta: dict, results: list) -> None:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({'meta': meta, 'models': results}, indent=1) + '\n')
+        partial = out.with_name(out.name + '.partial')   # a run killed mid-write keeps the last
+        partial.write_text(json.dumps({'meta': meta, 'models': results}, indent=1) + '\n')
+        os.replace(partial, out)
 
 
 if __name__ == '__main__':

@@ -3,8 +3,12 @@ Run several ``bench.hybrid`` processes side by side, each on cores of its own.
 
 On a many-core host every model gets a robot core (one hardware thread of a
 physical core whose siblings stay idle), a server (every thread of one
-physical core with SMT, else two cores) and all link emulators share one more
-physical core; each process writes ``OUT/<model>.json`` and ``OUT/<model>.log``.
+physical core with SMT, else two cores) and a link emulator core (one
+physical core each where there are enough, else one shared by all: a shared
+emulator core delays one run's transfers while another run's pass); each
+process writes ``OUT/<model>.json`` and ``OUT/<model>.log``, and at the end
+``OUT/combined.json`` holds every model with the cores each ran on
+(:func:`combine`; render it with ``python -m bench.hybrid --render-only --out``).
 Arguments after ``OUT`` go to every ``bench.hybrid`` process.
 
     python -m bench.hybrid_cores resnet18,python:bench.unseen_models:unet /tmp/out \
@@ -13,7 +17,9 @@ Arguments after ``OUT`` go to every ``bench.hybrid`` process.
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -38,14 +44,29 @@ def assign(models: int, cores: list[tuple[int, ...]]) -> list[dict[str, list[int
     if len(cores) < per_model * models + 1:
         raise ValueError(f'{models} models need {per_model * models + 1} physical cores, '
                          f'{len(cores)} available')
-    emulator = list(cores[per_model * models])
+    own = len(cores) >= (per_model + 1) * models
     plans = []
     for k in range(models):
+        emulator = list(cores[per_model * models + (k if own else 0)])
         first = cores[per_model * k]
         server = (list(cores[per_model * k + 1]) if smt
                   else [cores[per_model * k + 1][0], cores[per_model * k + 2][0]])
         plans.append({'robot': [first[0]], 'server': server, 'emulator': emulator})
     return plans
+
+
+def combine(paths: list[Path], command: str) -> dict:
+    """Return one bench.hybrid result of runs made side by side: every model, its cores."""
+    runs = [json.loads(Path(path).read_text()) for path in paths]
+    meta = dict(runs[0]['meta'], command=command, per_model_cores={},
+                load=max(run['meta']['load'] for run in runs))
+    models = []
+    for run in runs:
+        for model in run['models']:
+            models.append(model)
+            meta['per_model_cores'][model['model']] = {
+                key: run['meta'][key] for key in ('robot_cpus', 'server_cpus', 'emulator_cpus')}
+    return {'meta': meta, 'models': models}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,10 +76,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     models, out, extra = argv[0].split(','), Path(argv[1]), argv[2:]
     out.mkdir(parents=True, exist_ok=True)
-    procs = []
+    procs, paths = [], []
     for model, cores in zip(models, assign(len(models), physical_cores(
             sorted(os.sched_getaffinity(0))))):
         name = model.split(':')[-1]
+        paths.append(out / f'{name}.json')
         print(name, cores, flush=True)
         cmd = [sys.executable, '-m', 'bench.hybrid', '--models', model,
                '--out', str(out / f'{name}.json')] + [
@@ -66,7 +88,12 @@ def main(argv: list[str] | None = None) -> int:
             for arg in (f'--{key}-cpus', ','.join(map(str, cores[key])))] + extra
         with open(out / f'{name}.log', 'w') as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
-    return max(proc.wait() for proc in procs)
+    status = max(proc.wait() for proc in procs)
+    done = [path for path in paths if path.exists()]
+    if done:
+        combined = combine(done, 'python -m bench.hybrid_cores ' + shlex.join(argv))
+        (out / 'combined.json').write_text(json.dumps(combined, indent=1) + '\n')
+    return status
 
 
 if __name__ == '__main__':

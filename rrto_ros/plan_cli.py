@@ -13,7 +13,9 @@ The robot profile is measured here (run it on the robot, or with
 a server, the robot's byte costs and compute/transfer contention are
 measured, every candidate plan is timed end to end and the decision margin
 is the model's measured error (:mod:`rrto_ros.plan_solve`): profile over a
-fast link.  With no ``--server``, ``--server-speedup K`` estimates the
+fast link, and name it with ``--link MBPS,RTT`` (its round trip and transfer
+time are then not counted as per-call overhead; default: treated as free).
+With no ``--server``, ``--server-speedup K`` estimates the
 server as the robot's times / K and the table says so.  The table is valid
 for this model's exported program and input shape only; ``offload()``
 raises if given it for another.  A model that cannot be exported whole
@@ -61,6 +63,13 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def _link(text: str) -> Link:
+    values = [float(v) for v in text.split(',')]
+    if len(values) != 2 or values[0] <= 0 or values[1] < 0:
+        raise argparse.ArgumentTypeError(f"expected 'Mbit/s,RTT ms' like 300,4: {text!r}")
+    return Link(*values)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog='rrto-plan', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,6 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--bandwidths', type=_floats, default=_floats('5,10,20,50,100,300'),
                         help='Mbit/s grid')
     parser.add_argument('--rtts', type=_floats, default=_floats('2,10,30'), help='RTT grid, ms')
+    parser.add_argument('--link', type=_link, default=None,
+                        help="the link to --server while solving, 'MBPS,RTT_MS' (default: free)")
     parser.add_argument('--robot-threads', type=int, default=0,
                         help='torch threads while profiling the robot (0: leave as is)')
     parser.add_argument('--repeats', type=int, default=5)
@@ -105,9 +116,12 @@ def main(argv: list[str] | None = None) -> int:
     x = example_input(args.input_shape, args.image_input)
     links = [Link(bandwidth, rtt) for rtt in args.rtts for bandwidth in args.bandwidths]
     power = Power(args.compute_w, args.radio_w_per_mbps, args.idle_w)
-    options = (links, args.server, args.repeats, args.server_speedup, args.objective, power)
+    options = dict(links=links, endpoint=args.server, repeats=args.repeats,
+                   server_speedup=args.server_speedup, objective=args.objective, power=power)
+    if args.link is not None:
+        options['calibration_link'] = args.link
     try:
-        solved = solve(model, x, *options)
+        solved = solve(model, x, **options)
     except Exception as exc:  # noqa: B902 - data-dependent: a table per subgraph, else re-raised
         if not is_data_dependent(exc):
             raise
@@ -116,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _solve_subgraphs(model: TorchModule, x: torch.Tensor, options: tuple, out: Path) -> int:
+def _solve_subgraphs(model: TorchModule, x: torch.Tensor, options: dict, out: Path) -> int:
     """Solve a table per remote subgraph of a model that cannot be exported whole."""
     print(f'{model.label} cannot be exported whole: solving a table per remote subgraph '
           '(offload it with subgraph_plans=<these files or their directory>)')
@@ -129,7 +143,7 @@ def _solve_subgraphs(model: TorchModule, x: torch.Tensor, options: tuple, out: P
         started = time.perf_counter()
         path = out.with_name(f'{out.stem}.{module.label.rsplit(".", 1)[1]}.json')
         print(f'{module.label}:')
-        _report(solve(module, data[0], *options), str(path), started)
+        _report(solve(module, data[0], **options), str(path), started)
         written += 1
     return 0 if written else 2
 

@@ -13,7 +13,8 @@ Everything here runs on the robot (or on a machine capped like it):
 * :func:`contention`: how much of a transfer's CPU cost lands on compute that
   runs at the same time (1: one shared core, 0: a core of its own);
 * :func:`measure_end_to_end`: plans timed end to end through a real
-  :class:`~rrto_ros.engine.OffloadedModel`, one call each per round.
+  :class:`~rrto_ros.engine.OffloadedModel`, one call each per round, with the
+  server's compute time each call reported (:class:`Timed`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import random
 import statistics
 import time
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -36,6 +37,13 @@ from rrto_wire.op_timing import operator_times
 from rrto_wire.messages import Kind
 
 PROBE_BYTES = 1 << 20
+
+
+class Timed(NamedTuple):
+    """One end-to-end call: its total and the server's compute time it reported (0: none)."""
+
+    total_ms: float
+    server_ms: float = 0.0
 
 
 def example_input(shape: tuple[int, ...], image: bool) -> torch.Tensor:
@@ -191,9 +199,9 @@ def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor, digest: s
 
 
 def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: torch.Tensor,
-                       plans: Sequence[Plan], rounds: int) -> dict[str, list[float]]:
+                       plans: Sequence[Plan], rounds: int) -> dict[str, list[Timed]]:
     """
-    Time every plan end to end through an OffloadedModel at the current link (ms per call).
+    Time every plan end to end through an OffloadedModel at the current link (per call).
 
     ``table`` must be solved for ``model``; its grid is replaced by one point
     per plan, chosen in turn, one call each per round in a shuffled order (drift
@@ -202,7 +210,7 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
     entries = [{'bandwidth_mbps': float(2 ** i), 'rtt_ms': 0.0, 'plan': plan.to_json()}
                for i, plan in enumerate(plans)]
     probe = PlanTable(table.program, table.label, table.inputs, entries, {}, {})
-    times: dict[str, list[float]] = {plan.name: [] for plan in plans}
+    times: dict[str, list[Timed]] = {plan.name: [] for plan in plans}
     with OffloadedModel(model, endpoint, timeout_ms=60000, plan_table=probe, switch_after=1,
                         plan_feedback=False, link=(1.0, 0.0)) as om:
         if not om.warmup(x, timeout_s=600):
@@ -215,5 +223,6 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
                 om.set_link(float(2 ** index), 0.0)
                 om(x)
                 if i and om.last.plan == plan.name and not om.last.fallback:
-                    times[plan.name].append(om.last.total_ms)
+                    times[plan.name].append(Timed(om.last.total_ms,
+                                                  om.last.server_compute_ms))
     return {name: ts for name, ts in times.items() if ts}

@@ -11,8 +11,10 @@ a weak robot that CPU is the one computing: in a hybrid plan the robot's
 band overlaps the server's round trip, but is slowed by ``contention`` times
 the transfer's CPU cost (1: one core shared, 0: the transfer runs on a core
 of its own; measured, see :mod:`rrto_ros.plan_profile`).  Plans measured end
-to end get a per-plan correction (:meth:`CostModel.calibrate`); in a hybrid
-plan it corrects the side that bound the measurement (the robot's band or the
+to end get a per-plan correction (:meth:`CostModel.calibrate`): the server's
+compute time each call reported replaces the server profile's share for that
+plan (so the side that grew is known), and what remains is corrected on the
+side that bound the measurement (in a hybrid plan the robot's band or the
 server's round trip), so a link where the other side binds keeps the model's
 own prediction.
 
@@ -110,6 +112,7 @@ class CostModel:
         self.in_bytes = sum(self.nbytes[name] for name, _ in program.inputs)
         self.cuts = analysis.cut_candidates()
         self.measured_robot_ms: dict[str, float] = {}   # plan name -> robot side, measured
+        self.measured_server_ms: dict[str, float] = {}  # plan name -> server compute, measured
         self.corrections: dict[str, float] = {}         # plan name -> measured - predicted ms
         self.correction_sides: dict[str, str] = {}      # hybrid plan -> 'robot' or 'remote'
         self._bands: dict[tuple, tuple[float, float]] = {}
@@ -171,17 +174,26 @@ class CostModel:
         est.latency_ms = max(0.0, est.latency_ms + correction)
         return est
 
-    def calibrate(self, plan: Plan, link: Link, measured_ms: list[float]) -> float:
+    def calibrate(self, plan: Plan, link: Link, measured_ms: list[float],
+                  server_ms: list[float] = ()) -> float:
         """
         Correct ``plan`` by its end-to-end measurements on ``link``; return the model error.
 
-        The error is relative to the median.  The prediction is moved to the median
-        only where it lies outside the middle half of the measurements: a gap the
-        measurements' own spread explains is noise, and correcting by it adds noise.
-        A hybrid plan's correction goes to the side that is the longer one on
-        ``link`` (robot band or server round trip), not to every link's total.
+        The error is the uncorrected model's, relative to the median.  ``server_ms``
+        are the server's compute times the same calls reported: their median
+        replaces the server profile's time for this plan on every link (it is
+        measured, not inferred from a total).  The rest of the gap moves the
+        prediction to the median only where it lies outside the middle half of
+        the measurements: a gap the measurements' own spread explains is noise,
+        and correcting by it adds noise.  In a hybrid plan that rest goes to the
+        side that is the longer one on ``link`` (robot band or server round
+        trip), not to every link's total.
         """
-        self.corrections.pop(plan.name, None)
+        for corrected in (self.corrections, self.correction_sides, self.measured_server_ms):
+            corrected.pop(plan.name, None)
+        modelled = self._estimate(plan, link).latency_ms
+        if len(server_ms) and plan.kind != 'local':
+            self.measured_server_ms[plan.name] = float(np.median(server_ms))
         predicted = self._estimate(plan, link).latency_ms
         low, median, high = np.percentile(measured_ms, [25, 50, 75])
         if not low <= predicted <= high:
@@ -189,7 +201,7 @@ class CostModel:
             if plan.kind == 'hybrid':
                 busy, remote = self._hybrid_sides(plan, link)
                 self.correction_sides[plan.name] = 'robot' if busy >= remote else 'remote'
-        return (predicted - float(median)) / float(median)
+        return (modelled - float(median)) / float(median)
 
     def _hybrid_sides(self, plan: Plan, link: Link) -> tuple[float, float]:
         """Return a hybrid plan's (robot busy, server round trip) ms on ``link``, uncorrected."""
@@ -201,8 +213,9 @@ class CostModel:
         if plan.kind == 'local':
             r = self._time(robot, self.nodes)
             return self._finish(r, r, 0.0, 0.0, 0.0)
+        s = self.measured_server_ms.get(plan.name)
         if plan.kind == 'offload':
-            s = self._time(server, self.nodes)
+            s = self._time(server, self.nodes) if s is None else s
             t = self._remote(link, self.in_bytes, self.out_bytes, s)
             return self._finish(t, sum(self.io_ms(self.in_bytes, self.out_bytes)), s,
                                 self.in_bytes, self.out_bytes)
@@ -210,7 +223,7 @@ class CostModel:
         suffix = self.nodes[plan.cut:]
         if plan.kind == 'split':
             r = self.measured_robot_ms.get(plan.name, self._time(robot, self.nodes[:plan.cut]))
-            s = self._time(server, suffix)
+            s = self._time(server, suffix) if s is None else s
             up = self._crossing_bytes({v: (0, self.analysis.height(v)) for v in crossing})
             t = r + self._remote(link, up, self.out_bytes, s)
             return self._finish(t, r + sum(self.io_ms(up, self.out_bytes)), s, up,
@@ -219,6 +232,7 @@ class CostModel:
         fixed = self.profiles.robot_op_ms
         r_band, _ = self._band(plan.cut, robot_t, robot, fixed)
         s_band, up = self._band(plan.cut, server_t, server)
+        s_band = s_band if s is None else s
         down = self._crossing_bytes(server_t)
         # the rest runs as a graph module on the robot, after one merge per crossing value
         r_suffix = self._time(robot, suffix) + fixed * (len(suffix) + len(crossing))

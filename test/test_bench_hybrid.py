@@ -75,6 +75,37 @@ def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():
                                plans={'best_split': 'local'}))['noise'] == 0
 
 
+def test_the_pooled_floor_is_the_runs_largest_twin_gap_in_the_points_regime():
+    def robot_bound(row, *names):   # robot CPU time equal to latency: robot-bound runners
+        for name in names:
+            row[name]['robot_cpu_ms'] = row[name]['median_ms']
+        for name in set(row) - set(names):
+            row[name]['robot_cpu_ms'] = 0.0
+        return row
+
+    quiet = robot_bound(_row(local=100.0, offload=150.0, best_split=100.0, hybrid=106.0,
+                             plans={'hybrid': 'local', 'best_split': 'local'}),
+                        'local', 'local_twin', 'best_split', 'hybrid')
+    wide = robot_bound(_row(local=100.0, local_twin=108.0, offload=30.0, offload_twin=30.6,
+                            best_split=31.0, hybrid=32.0, plans={'hybrid': 'split@3'}),
+                       'local', 'local_twin')
+    pooled = hybrid.pooled_floors([quiet, wide])
+    assert pooled == pytest.approx({'robot': 0.08, 'link': 0.02})
+    v = hybrid.verdict(quiet, pooled)
+    # its own twins agree, so the point's rule says over; robot twins elsewhere in the
+    # run differ by 8 %: within the pooled floor of its regime, and both verdicts are kept
+    assert v['regime'] == 'robot' and v['same_plan']
+    assert not v['within'] and v['pooled_within']
+    # a link-bound point gets the link-bound floor (2 %), not the robot's
+    v = hybrid.verdict(wide, pooled)
+    assert v['regime'] == 'link' and v['pooled_noise'] == pytest.approx(0.02)
+    # 6.7 % slower than offload: within the point's own floor (its local twins' 8 %), but
+    # over max(3 %, 2 %): the pooled floor is not only ever wider
+    assert v['within'] and not v['pooled_within']
+    s = hybrid.summary({'rows': [quiet, wide]})
+    assert (s['over'], s['over_pooled'], s['points']) == (1, 1, 2)
+
+
 def test_step_summary_counts_inferences_until_the_tables_plan(tmp_path):
     entries = [{'bandwidth_mbps': b, 'rtt_ms': 4.0, 'plan': p}
                for b, p in ((5, {'kind': 'local'}), (100, {'kind': 'offload'}))]
@@ -125,14 +156,32 @@ def test_an_injected_plan_that_measures_no_worse_is_right_to_keep():
 
 def test_side_by_side_runs_get_cores_of_their_own():
     from bench.hybrid_cores import assign, physical_cores
-    flat = assign(3, [(c,) for c in range(16)])
+    flat = assign(3, [(c,) for c in range(16)])   # enough cores: an emulator core each
     assert flat[0] == {'robot': [0], 'server': [1, 2], 'emulator': [9]}
-    assert flat[2] == {'robot': [6], 'server': [7, 8], 'emulator': [9]}
+    assert flat[2] == {'robot': [6], 'server': [7, 8], 'emulator': [11]}
+    assert assign(4, [(c,) for c in range(13)])[3]['emulator'] == [12]   # too few: shared
     smt = assign(2, [(c, c + 8) for c in range(8)])   # siblings i and i + 8
-    assert smt[1] == {'robot': [2], 'server': [3, 11], 'emulator': [4, 12]}
+    assert smt[1] == {'robot': [2], 'server': [3, 11], 'emulator': [5, 13]}
     used = [c for plan in flat for c in plan['robot'] + plan['server']]
     assert len(used) == len(set(used))
     with pytest.raises(ValueError, match='need 16 physical cores'):
         assign(5, [(c,) for c in range(8)])
     import os
     assert physical_cores(sorted(os.sched_getaffinity(0)))
+
+
+def test_side_by_side_results_combine_into_one_run_with_each_models_cores(tmp_path):
+    from bench.hybrid_cores import combine
+    paths = []
+    for k, name in enumerate(('unet', 'resnet18')):
+        cores = {'robot_cpus': [3 * k], 'server_cpus': [3 * k + 1, 3 * k + 2],
+                 'emulator_cpus': [6 + k]}
+        meta = {'command': f'python -m bench.hybrid --models {name}', 'load': 0.5 + k, **cores}
+        paths.append(tmp_path / f'{name}.json')
+        paths[-1].write_text(json.dumps({'meta': meta, 'models': [{'model': name}]}))
+    data = combine(paths, 'python -m bench.hybrid_cores unet,resnet18 OUT')
+    assert [m['model'] for m in data['models']] == ['unet', 'resnet18']
+    assert data['meta']['command'] == 'python -m bench.hybrid_cores unet,resnet18 OUT'
+    assert data['meta']['per_model_cores']['resnet18'] == {
+        'robot_cpus': [3], 'server_cpus': [4, 5], 'emulator_cpus': [7]}
+    assert data['meta']['load'] == 1.5

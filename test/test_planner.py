@@ -316,6 +316,65 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     assert solved.table.calibration['measured_robot_ms'] == measured
     assert {n: solved.cost.measured_robot_ms[n] for n in names} == measured
     assert set(solved.errors) >= {'local', 'offload'}   # and still timed end to end
+    # every call's server compute time is kept, and the model uses it for that plan
+    calibration = solved.table.calibration
+    server = calibration['server_compute_ms']['offload']
+    assert server['measured_ms'] > 0 and server['modelled_ms'] > 0
+    assert solved.cost.measured_server_ms['offload'] == server['measured_ms']
+    assert all(t[1] > 0 for t in calibration['samples']['offload'])
+    assert all(t[1] == 0 for t in calibration['samples']['local'])
+
+
+def test_the_server_time_each_call_reported_moves_the_server_side(prepared):
+    cost, fresh = _cost(prepared[3], 1.0, 0.05), _cost(prepared[3], 1.0, 0.05)
+    plan = Plan('hybrid', cost.cuts[-1], 0.5)
+    fast, slow = Link(1e6, 0.0), Link(1.0, 20.0)
+    before = cost.estimate(plan, fast)
+    assert before.busy_ms > before.remote_ms   # the model: the robot's band binds here
+    suffix = before.latency_ms - before.busy_ms
+    # the server took 30 ms more than its profile says: its round trip binds after all
+    total = before.remote_ms + 30.0 + suffix
+    server = before.server_compute_ms + 30.0
+    error = cost.calibrate(plan, fast, [total - 1, total, total + 1], [server] * 3)
+    assert error == pytest.approx((before.latency_ms - total) / total)
+    assert plan.name not in cost.corrections   # the measured server time explains the gap
+    assert cost.estimate(plan, fast).latency_ms == pytest.approx(total)
+    # on a slow link the round trip binds anyway: the server's 30 ms are on it there too
+    # (a correction of the total on the side that bound at the fast link would miss them)
+    waiting = fresh.estimate(plan, slow)
+    assert cost.estimate(plan, slow).latency_ms == pytest.approx(waiting.latency_ms + 30.0)
+    assert cost.estimate(plan, slow).server_compute_ms == pytest.approx(server)
+    offload = cost.estimate(Plan('offload'), slow)
+    cost.calibrate(Plan('offload'), fast, [1e3] * 3, [offload.server_compute_ms + 5.0] * 3)
+    assert cost.estimate(Plan('offload'), Link(1e6, 0.0)).server_compute_ms == pytest.approx(
+        offload.server_compute_ms + 5.0)
+
+
+def test_plan_cli_names_the_link_it_calibrates_over(tmp_path, server):
+    out = tmp_path / 'kp.json'
+    assert plan_main(['--model', 'python:rrto_ros.zoo:keypoint_net', '--image-input',
+                      '--input-shape', ','.join(map(str, SHAPE)), '--server', server.endpoint,
+                      '--link', '300,4', '--bandwidths', '300', '--rtts', '4',
+                      '--repeats', '1', '--out', str(out)]) == 0
+    calibration = PlanTable.load(out).calibration
+    assert calibration['link'] == {'bandwidth_mbps': 300.0, 'rtt_ms': 4.0}
+    assert calibration['server_compute_ms']['offload']['measured_ms'] > 0
+    with pytest.raises(SystemExit):
+        plan_main(['--model', 'x', '--link', '300', '--out', str(out)])
+
+
+def test_the_per_call_overhead_leaves_out_the_calibration_links_own_time(
+        prepared, server):
+    from rrto_ros import plan_solve
+    model, x, _, _ = prepared
+    module = TorchModule(model)
+    prepared_model = plan_solve.prepare(module, x)
+    fast, _ = plan_solve.profile(module, x, prepared_model, server.endpoint, 1)
+    assert fast.call_overhead_ms > 0
+    # a link of 1 s RTT explains the whole overhead measured on this loopback: nothing is left
+    slow, _ = plan_solve.profile(module, x, prepared_model, server.endpoint, 1,
+                                 link=Link(1e6, 1000.0))
+    assert slow.call_overhead_ms == 0
 
 
 def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_removes(
@@ -327,17 +386,42 @@ def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_rem
     local, offload = Plan('local'), Plan('offload')
     biased = {p.name: [cost.estimate(p, link).latency_ms * 1.3 * f
                        for f in (0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for p in (local, offload)}
+    biased = {name: [plan_profile.Timed(ms) for ms in times] for name, times in biased.items()}
     held = plan_solve.held_out_errors(cost, [local, offload], biased, link)
     assert max(abs(e) for e in held.values()) < 0.02   # 30 % off, but consistently
-    noisy = {'local': [cost.estimate(local, link).latency_ms * f
+    noisy = {'local': [plan_profile.Timed(cost.estimate(local, link).latency_ms * f)
                        for f in (0.7, 1.3, 0.7, 1.3, 0.7, 1.3)]}
     assert abs(plan_solve.held_out_errors(cost, [local], noisy, link)['local']) > 0.2
     # the whole solve: end-to-end times far from the model, but consistent between rounds
     monkeypatch.setattr(plan_profile, 'measure_end_to_end', lambda model, endpoint, table, x,
-                        plans, rounds: {p.name: [100.0 * (i + 1) * f for f in (
+                        plans, rounds: {p.name: [plan_profile.Timed(100.0 * (i + 1) * f) for f in (
                             0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for i, p in enumerate(plans)})
     solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
                               repeats=1, rounds=6)
     assert plan_solve.margin_from(solved.errors.values()) > 0.05   # the biased errors
     assert solved.table.margin == plan_solve.MARGIN_BOUNDS[0]
     assert set(solved.table.calibration['held_out_errors']) == set(solved.errors)
+
+
+def test_a_plan_chosen_only_after_calibration_is_timed_end_to_end_too(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    model, x, _, _ = prepared
+    calls = []
+
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds):
+        # local 50 ms, offload 500 ms, every split or hybrid timed 1 s: far from the model,
+        # so after the correction the model prefers a split it has not timed yet
+        calls.append([p.name for p in plans])
+        slow = {'local': 50.0, 'offload': 500.0}
+        return {p.name: [plan_profile.Timed(slow.get(p.name, 1000.0), 0.0)] * rounds
+                for p in plans}
+
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
+    solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
+                              repeats=1, rounds=2)
+    assert len(calls) >= 2
+    first, second = set(calls[0]), set(calls[1])
+    assert second - first and {'local', 'offload'} <= second   # new plans, beside anchors
+    measured = solved.table.calibration['measured_ms']
+    assert all(measured[name] == 1000.0 for name in second - first)
