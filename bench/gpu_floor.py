@@ -110,9 +110,11 @@ def bare(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
 def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
                    iters: int) -> dict:
     """
-    Median ms of the project's Replay in this process: ``replay_ms`` the general path
-    (staging, replay, copy-back), ``express_ms`` the express path's run (memcpy into
-    staging, one graph with its copies, one synchronisation; None without one).
+    Return median ms of the project's Replay in this process.
+
+    ``replay_ms``: the general path (staging, replay, copy-back); ``express_ms``:
+    the express path's run (memcpy into staging, one graph with its copies, one
+    synchronisation; None without one).
     """
     from rrto_ros.local_model import TorchModule
     from rrto_server.models import ModelRegistry
