@@ -9,8 +9,9 @@ One message is a ZeroMQ multipart message ``[header, tensor_0, tensor_1, ...]``:
   :class:`~rrto_wire.messages.Frame` ``{"dtype", "shape", "codec"}`` per frame.
 * Each tensor frame is the raw, C-contiguous bytes of one tensor (or its
   encoded form when ``codec`` is not ``raw``).  Frames are sent with
-  ``copy=False`` and raw frames are decoded with ``torch.frombuffer`` on the
-  received buffer: no pickle, no copies on the hot path.
+  ``copy=False`` and raw frames are decoded as views of the received buffer
+  (:func:`~rrto_wire.tensors.tensor_from_buffer`): no pickle, no copies on the
+  hot path.
 
 Decoding checks every declared size before allocating: the sum of the
 declared tensor sizes against the caller's budget, each raw frame's length,
