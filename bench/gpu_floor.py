@@ -10,7 +10,8 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
   the copy of the outputs into page-locked host buffers: the least a GPU
   server can spend per request (the "bare replay" of the floors below);
 * ``replay_ms``: the project's own :class:`~rrto_server.replay.Replay`
-  (``start(...).run()``: staging, replay, copy-back), in this process;
+  (``start(...).run()``: staging, replay, copy-back), in this process, and
+  ``express_ms`` its express path's run (``rrto_server.express``);
 * ``echo``: a bare pyzmq DEALER/ROUTER round trip to another process carrying
   the request's and the reply's bytes;
 * ``wall``: the robot's call as it sees it (``rrto_ros.offload``, raw codec)
@@ -107,8 +108,14 @@ def bare(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
 
 
 def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
-                   iters: int) -> float:
-    """Median ms of the project's Replay (staging, replay, copy-back) in this process."""
+                   iters: int) -> dict:
+    """
+    Return median ms of the project's Replay in this process.
+
+    ``replay_ms``: the general path (staging, replay, copy-back); ``express_ms``:
+    the express path's run (memcpy into staging, one graph with its copies, one
+    synchronisation; None without one).
+    """
     from rrto_ros.local_model import TorchModule
     from rrto_server.models import ModelRegistry
     from rrto_server.replay import Replay
@@ -124,7 +131,12 @@ def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.de
         loaded = ModelRegistry(blobs).get(artifact.model)
         replay = Replay(loaded, signature_of([frame]), RecordOptions(), device)
         times = timed_ms(lambda: replay.start([frame]).run(), iters, warmup=5)
-    return statistics.median(times)
+        express = None
+        if replay.express is not None:
+            buffers = [memoryview(frame.contiguous().numpy()).cast('B')]
+            express = statistics.median(timed_ms(lambda: replay.express.run(buffers), iters,
+                                                 warmup=5))
+    return {'replay_ms': statistics.median(times), 'express_ms': express}
 
 
 # ---------------------------------------------------------------------- the echo floor
@@ -239,7 +251,7 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     model, frame = gpu_models.build(name)
     row = {'model': name, 'input': f'uint8{list(frame.shape)}', 'input_bytes': frame.nbytes}
     row.update(bare(model, frame, device, iters=max(100, calls)))
-    row['replay_ms'] = project_replay(model, frame, device, iters=max(50, calls // 2))
+    row.update(project_replay(model, frame, device, iters=max(50, calls // 2)))
     walls, echoes, server, queue, compute = [], [], [], [], []
     with offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
         if not om.warmup(frame):
@@ -285,6 +297,8 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
 def print_row(row: dict) -> None:
     extra = (f", output speed {row['output_speed_vs_echo']:.2f} x echo"
              if 'output_speed_vs_echo' in row else '')
+    if row.get('express_ms') is not None:
+        extra += f", express run {row['express_ms']:.3f}"
     print(f"{row['model']:26s} graph {row['graph_ms']:.3f} graph+io {row['graph_io_ms']:.3f} "
           f"replay {row['replay_ms']:.3f} | echo {row['echo_ms']:.3f} | wall "
           f"{row['wall_ms']:.3f} (p99 {row['wall_p99_ms']:.3f}) server {row['server_ms']:.3f} "

@@ -31,6 +31,7 @@ PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.server', 'Server', 'on_message', 'on_message (everything on receipt)'),
     ('rrto_wire.messages', None, 'decode_request', 'decode_request'),
     ('rrto_server.guard', 'Guard', 'admit', 'guard.admit'),
+    ('rrto_server.express', 'ExpressPlan', 'accept', 'express accept (frame checks)'),
     ('rrto_server.jobs', 'InferJob', 'prepare', 'prepare (decode + start)'),
     ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
     ('rrto_server.replay', 'Replay', 'start', 'replay.start (stages large inputs)'),
@@ -38,10 +39,15 @@ PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),
     ('rrto_server.runner_cudagraph', 'CudaGraphRunner', 'run_segment',
      'run_segment (memcpy, replay launch, copy-back launch)'),
+    ('rrto_server.express', 'ExpressPlan', 'run', 'express run (memcpy, graph, sync)'),
+    ('rrto_server.runner_cudagraph', None, 'copy_frame', 'copy_frame (memcpy to staging)'),
     ('rrto_server.jobs', 'InferJob', 'complete', 'complete (copy-back wait, reply)'),
+    ('rrto_server.jobs', 'ExpressJob', 'complete', 'express complete (encode + send)'),
     ('rrto_server.runner', 'Execution', 'host_outputs', 'host_outputs (large copy-back)'),
     ('rrto_server.requests', 'Request', 'ok', 'ok (encode + send)'),
+    ('rrto_server.requests', 'Request', 'ok_raw', 'ok_raw (express: header + send)'),
     ('rrto_wire.protocol', None, 'encode', 'encode'),
+    ('rrto_wire.protocol', None, 'encode_raw', 'encode_raw'),
     ('rrto_server.requests', 'ReplySender', 'send', 'sender.send'),
 ]
 CLIENT_PHASES = [   # the robot's side of one call (in the client process)

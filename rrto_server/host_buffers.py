@@ -62,7 +62,7 @@ class OutputBuffers:
         self.nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.specs)
         self.max_sets = max_sets
         self.enabled = self.nbytes <= max_bytes
-        self._allocate = allocate or _pinned
+        self._allocate = allocate or pinned
         self._sets: list[BufferSet] = []
         self._lock = threading.Lock()
         self.misses = 0           # requests that found every set in flight
@@ -99,5 +99,6 @@ class OutputBuffers:
             return len(self._sets)
 
 
-def _pinned(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+def pinned(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """Return a new page-locked CPU tensor."""
     return torch.empty(shape, dtype=dtype, pin_memory=True)

@@ -145,13 +145,7 @@ class InferJob(Job):
 
         Returns False when the request was answered with an error instead.
         """
-        now = time.perf_counter()
-        if self.late == DROP and now > self.deadline:
-            self.outcome = 'expired'
-            self._reply_error(ProtocolError(
-                ErrorCode.DEADLINE,
-                f'task {self.task!r}: deadline passed {(now - self.deadline) * 1e3:.1f} ms '
-                f"before the request could start (still decoding; late policy 'drop')"))
+        if self._expired():
             return False
         try:
             tensors = wire.decode_tensors(self.request.header.tensors, self.frames,
@@ -172,6 +166,18 @@ class InferJob(Job):
             self.services.scheduler.submit(self)
         return True
 
+    def _expired(self) -> bool:
+        """Answer 'deadline' and return True if the deadline passed before the start ('drop')."""
+        now = time.perf_counter()
+        if self.late == DROP and now > self.deadline:
+            self.outcome = 'expired'
+            self._reply_error(ProtocolError(
+                ErrorCode.DEADLINE,
+                f'task {self.task!r}: deadline passed {(now - self.deadline) * 1e3:.1f} ms '
+                f"before the request could start (still decoding; late policy 'drop')"))
+            return True
+        return False
+
     # ---------------------------------------------------------------- phase 2 (device lane)
     def step(self) -> bool:
         # on the I/O thread (the idle fast path) the outputs are copied back in the step that
@@ -181,13 +187,16 @@ class InferJob(Job):
             return self.execution.step()
         except ProtocolError:
             raise
-        except Exception as exc:  # the uploaded program raised on this input (a size it
-            # computes is negative, an allocation too large): the client's model fails here
-            # as it would locally, which is not a server error
-            log.info('replay %s failed on its input: %s', self.replay.key, clip(exc))
-            raise ProtocolError(ErrorCode.EXEC_FAILED,
-                                f'the model failed on this input: {type(exc).__name__}: '
-                                f'{clip(exc)}') from None
+        except Exception as exc:
+            raise self._failed_on_input(exc) from None
+
+    def _failed_on_input(self, exc: Exception) -> ProtocolError:
+        # the uploaded program raised on this input (a size it computes is negative, an
+        # allocation too large): the client's model fails here as it would locally, which is
+        # not a server error
+        log.info('replay %s failed on its input: %s', self.replay.key, clip(exc))
+        return ProtocolError(ErrorCode.EXEC_FAILED,
+                             f'the model failed on this input: {type(exc).__name__}: {clip(exc)}')
 
     def release(self) -> None:
         if self.execution is not None:
@@ -240,6 +249,50 @@ class InferJob(Job):
             self.task, outcome, time.perf_counter() - self.received,
             late=outcome == 'completed' and self.late_finish, queue_s=self.queue_s,
             preempt_s=self.preempt_s, preemptions=self.preemptions)
+
+
+class ExpressJob(InferJob):
+    """
+    An INFER on the express path (:mod:`rrto_server.express`), served on the I/O thread.
+
+    Run it only through :meth:`~rrto_server.scheduler.Scheduler.run_inline` (an
+    idle device); when that declines, serve the request as an :class:`InferJob`.
+    """
+
+    def __init__(self, services: Services, request: Request, replay: Replay, buffers: list,
+                 **keys):
+        super().__init__(services, request, replay, None, **keys)
+        self.buffers = buffers      # the request's frames, accepted by replay.express
+        self.inline = True
+        self.outputs: list[torch.Tensor] | None = None
+
+    def prepare(self, submit: bool = False) -> bool:
+        """Answer a request whose deadline already passed ('drop'); return False then."""
+        return not self._expired()
+
+    def step(self) -> bool:
+        self.services.stats.count(self.replay.model.digest, 'infers')
+        self.replay.runs += 1
+        try:
+            self.outputs = self.replay.express.run(self.buffers)
+        except ProtocolError:
+            raise
+        except Exception as exc:
+            raise self._failed_on_input(exc) from None
+        finally:
+            self.buffers = None
+        return True
+
+    def release(self) -> None:
+        self.buffers = self.outputs = None
+
+    def complete(self) -> None:
+        plan, outputs, self.outputs = self.replay.express, self.outputs, None
+        self._count()
+        self.request.ok_raw(plan.reply_body(outputs), on_sent=plan.sent, timing=self.timing())
+
+    def fail(self, error: ProtocolError) -> None:
+        self._reply_error(error)
 
 
 class RecordJob(Job):

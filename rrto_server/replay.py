@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from rrto_server import segments as segmentation
+from rrto_server.express import ExpressPlan
 from rrto_server.models import LoadedModel
 from rrto_server.replay_key import replay_key
 from rrto_server.runner import Execution, Runner
@@ -77,6 +78,9 @@ class Replay:
         # measured by rrto_server.profiling when recorded (see docs/scheduler.md)
         self.utilisation: float | None = None
         self.segment_ms: list[float] = []
+        # the common request's short path (rrto_server.express), where the runner has one
+        self.express = ExpressPlan(self.signature, self.runner) if self.runner.can_express \
+            else None
 
     @property
     def num_segments(self) -> int:

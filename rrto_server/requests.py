@@ -213,6 +213,17 @@ class Request:
         """
         self._answer(wire.ok_header(self.id, **fields), tensors, on_sent)
 
+    def ok_raw(self, body: tuple[list[dict], list],
+               on_sent: Callable[[zmq.MessageTracker | None], None] | None = None,
+               **fields: Any) -> None:
+        """
+        Answer with success and raw tensors already described and framed (the express path).
+
+        ``body`` is ``(descriptors, frames)`` as :func:`rrto_wire.protocol.raw_body`
+        returns them; ``on_sent`` as for :meth:`ok`.
+        """
+        self._answer(wire.ok_header(self.id, **fields), (), on_sent, body)
+
     def error(self, error: ProtocolError, request_id: Any = None) -> None:
         """Answer with an error reply (logged with the network's text clipped)."""
         log.info('error reply to %s: %s (%s)', self.kind, clip(error.message), error.code.value)
@@ -224,14 +235,16 @@ class Request:
         log.error('internal error serving a %s request', self.kind, exc_info=exc)
         self.error(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
 
-    def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None) -> None:
+    def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None,
+                body: tuple[list[dict], list] | None = None) -> None:
         tracker = None
         try:
             # encoded before the request is closed: a reply that cannot be encoded becomes an
             # error reply, never none at all
             header['server_ms'] = (time.perf_counter() - self.received) * 1e3
             try:
-                body = wire.encode(header, tensors)
+                body = (wire.encode(header, tensors) if body is None
+                        else wire.encode_raw(header, *body))
             except (msgspec.EncodeError, TypeError, ValueError, ProtocolError) as exc:
                 log.error('a %s reply could not be encoded: %s', self.kind, clip(exc))
                 header = wire.error_header(self.id, ErrorCode.INTERNAL,

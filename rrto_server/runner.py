@@ -7,7 +7,8 @@ A runner holds a model prepared for one input signature.  An
 lane), :meth:`Runner.collect` names the outputs once the last segment ran,
 :meth:`Runner.to_host` copies them back (from a CPU worker again, unless the
 lane already did) and :meth:`Runner.release` drops an abandoned execution's
-state.
+state.  :meth:`Runner.express` serves a whole request on its raw bytes
+instead (the express path, :mod:`rrto_server.express`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ class Runner(Protocol):
 
     backend: str
     num_segments: int
+    can_express: bool       # :meth:`express` may serve requests (see rrto_server.express)
+    express_outputs: list[torch.Tensor] | None   # where :meth:`express` always answers, if fixed
 
     def begin(self, ex: 'Execution', inputs: Sequence[torch.Tensor]) -> None:
         """Stage ``inputs`` for ``ex`` (CPU worker)."""
@@ -40,6 +43,9 @@ class Runner(Protocol):
 
     def release(self, ex: 'Execution') -> None:
         """Drop the device state of an abandoned or failed ``ex``."""
+
+    def express(self, buffers: Sequence, signature: Sequence) -> list[torch.Tensor]:
+        """Run a whole inference on raw input bytes checked against ``signature``; CPU outputs."""
 
 
 class Execution:

@@ -18,6 +18,12 @@ that is reused only once ZeroMQ has sent it: on the lane, right after the
 last graph, when they total at most ``LANE_COPY_BYTES`` or the step runs on
 the I/O thread (an idle device, see :attr:`Execution.copy_on_lane`),
 otherwise from a device copy on a CPU worker's copy stream.
+
+A replay of one segment with staged inputs also captures an *express* graph
+(:mod:`rrto_server.express`): the staging copy, the segment and the copies of
+its outputs into page-locked buffers of its own, all in one graph, so an
+express request is one memcpy, one replay and one synchronisation, and its
+reply is sent from those buffers.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import torch
 from rrto_server import host_buffers
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import FxRunner
-from rrto_server.transfers import byte_view, copy_bytes, copy_to_host, stage
+from rrto_server.transfers import byte_view, copy_bytes, copy_frame, copy_to_host, stage
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.tensors import Signature
 
@@ -97,6 +103,50 @@ class CudaGraphRunner(FxRunner):
             max_sets=host_buffers.MAX_SETS, max_bytes=host_buffers.MAX_BYTES)
         self.copies_on_lane = (self.output_buffers.enabled
                                and self.output_buffers.nbytes <= LANE_COPY_BYTES)
+        self.express_outputs: list[torch.Tensor] | None = None
+        if self.num_segments == 1 and self.staging is not None and self.output_buffers.enabled:
+            self._capture_express(pool, side)
+
+    def _capture_express(self, pool, side) -> None:
+        # one more graph of the one segment for the express path: inputs in from the staging
+        # buffers, outputs out to page-locked buffers of its own, all inside the graph.  It
+        # shares the replay's memory pool (its temporaries may reuse graph 0's, never graph
+        # 0's static inputs or outputs, which stay allocated), and never runs beside graph 0
+        # (the runner's lock)
+        self.express_outputs = [host_buffers.pinned(shape, dtype)
+                                for shape, dtype in self.output_buffers.specs]
+        self._express = torch.cuda.CUDAGraph()
+        (ins, outs), module = self.live[0], self.modules[0]
+        with torch.cuda.graph(self._express, pool=pool, stream=side,
+                              capture_error_mode='thread_local'):
+            for name, host in self.staging.items():
+                self.static[name].copy_(host, non_blocking=True)
+            with torch.inference_mode(), self.precision_context():
+                env = dict(zip(outs, module(*[self.static[n] for n in ins])))
+            for host, name in zip(self.express_outputs, self.output_names):
+                host.copy_(env[name] if name in env else self.static[name], non_blocking=True)
+        self._express.replay()      # the first replay uploads the graph: not in a request
+        torch.cuda.synchronize(self.device)
+
+    @property
+    def can_express(self) -> bool:
+        """Return True when :meth:`express` may run (one segment, staged inputs, outputs fit)."""
+        return self.express_outputs is not None
+
+    def express(self, buffers, signature) -> list[torch.Tensor]:
+        """
+        Run the express graph on request bytes checked against the signature; wait for it.
+
+        Returns :attr:`express_outputs`, the same page-locked tensors every time:
+        the caller must not run it again before a reply sent from them is released.
+        """
+        with self._lock:
+            self._staged.synchronize()       # a direct caller's graph 0 may still read them
+            for name, buffer in zip(self.input_names, buffers):
+                copy_frame(self._staging_bytes[name], buffer)
+            self._express.replay()
+            torch.cuda.current_stream(self.device).synchronize()
+        return self.express_outputs
 
     def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
         if self.staging is not None:

@@ -17,6 +17,7 @@ import torch
 from rrto_server.replay_key import PRECISIONS
 from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
+from rrto_wire.tensors import Signature, tensor_from_buffer
 
 
 class Tf32Gate:
@@ -87,6 +88,22 @@ class FxRunner:
             return
         with TF32.hold(self.precision == 'tf32'), autocast:
             yield
+
+    express_outputs: list[torch.Tensor] | None = None   # new output tensors every run
+
+    @property
+    def can_express(self) -> bool:
+        """Return True when :meth:`express` may run: one segment on the CPU."""
+        return self.device.type == 'cpu' and self.num_segments == 1
+
+    def express(self, buffers: Sequence, signature: Signature) -> list[torch.Tensor]:
+        """Run the one segment on request buffers already checked against ``signature``."""
+        ins, outs = self.live[0]
+        env = {name: tensor_from_buffer(buffer, spec)
+               for name, buffer, spec in zip(self.input_names, buffers, signature)}
+        with torch.inference_mode(), self.precision_context():
+            env.update(zip(outs, self.modules[0](*[env[n] for n in ins])))
+        return to_host([env[n] for n in self.output_names], self.out_dtypes)
 
     def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
         ex.env = dict(zip(self.input_names, stage(inputs, self.device)))

@@ -25,6 +25,7 @@ class OnnxRunner:
 
     num_segments = 1
     backend = 'onnxruntime'
+    can_express = False     # always the general path (see rrto_server.express)
 
     def __init__(self, model: LoadedModel, signature: Signature, device: torch.device,
                  providers: list):

@@ -312,7 +312,8 @@ class Scheduler:
                 self.counters[job.outcome] += 1
             else:
                 bisect.insort(self._ready, job, key=self._key)
-            self._cond.notify_all()
+            if self._ready:     # a lane may pick now; with nothing queued none can: let them sleep
+                self._cond.notify_all()
         if error is not None:
             self._deliver([(job, 'failed', error)])
         elif done:

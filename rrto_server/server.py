@@ -11,7 +11,8 @@ probe, stats) are answered inline; uploads and evictions go to a control thread
 workers (decode, staging), then to the scheduler, then back to the CPU
 workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Small raw-frame
 inferences skip the workers: on an idle device this thread serves them end
-to end, otherwise it decodes them (zero-copy views) and queues them itself.
+to end (the common case on the express path, :mod:`rrto_server.express`),
+otherwise it decodes them (zero-copy views) and queues them itself.
 
 Limits on the socket itself (libzmq, before Python sees a byte):
 ``ZMQ_MAXMSGSIZE`` is the server's message limit, checked by libzmq per
@@ -39,8 +40,8 @@ import zmq
 
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server.guard import Guard
-from rrto_server.jobs import (InferJob, OpJob, ProfileJob, RecordJob, Recordings, Services,
-                              job_keys, replay_info)
+from rrto_server.jobs import (ExpressJob, InferJob, OpJob, ProfileJob, RecordJob, Recordings,
+                              Services, job_keys, replay_info)
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.options import ServerConfig
@@ -298,9 +299,15 @@ class Server:
             raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f'inputs decode to more than {self.config.max_message_bytes} '
                                 'bytes')
-        job = InferJob(self.services, request, replay, frames, **keys)
+        buffers = self._express(replay, header, frames)
+        job = (InferJob(self.services, request, replay, frames, **keys) if buffers is None
+               else ExpressJob(self.services, request, replay, buffers, **keys))
         self.tasks.arrived(job.task, job.priority,
                            request.client.name if self.guard.authenticating else None)
+        if buffers is not None:
+            if not job.prepare() or self.scheduler.run_inline(job):
+                return      # served on this thread, or answered: its deadline had passed
+            job = InferJob(self.services, request, replay, frames, **keys)   # a busy device
         small = self._small_raw(header)
         if small and self._inline_ok(replay) and self.scheduler.pending() == 0:
             # fast path: an idle device, raw frames and short segments are served on this
@@ -313,6 +320,14 @@ class Server:
             job.prepare()       # views of the frames: cheaper here than a hand-off to a worker
         else:
             self.cpu.submit(job.urgency(), job.prepare)
+
+    def _express(self, replay: Replay, header: messages.Infer, frames: list) -> list | None:
+        # the express path (rrto_server.express) serves what the idle fast path would, when
+        # the replay is one segment and the frames are exactly its recorded raw inputs
+        plan = replay.express
+        if plan is None or plan.nbytes > INLINE_MAX_INPUT_BYTES or not self._inline_ok(replay):
+            return None
+        return plan.accept(header.tensors, frames)
 
     @staticmethod
     def _small_raw(header: messages.Infer) -> bool:

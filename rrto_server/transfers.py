@@ -136,3 +136,8 @@ def copy_bytes(destination: numpy.ndarray, tensor: torch.Tensor) -> None:
         torch.from_numpy(destination).copy_(tensor.reshape(-1).view(torch.uint8))
         return
     numpy.copyto(destination, byte_view(tensor))
+
+
+def copy_frame(destination: numpy.ndarray, buffer) -> None:
+    """Copy a received frame's bytes (any buffer of exactly its size) into ``destination``."""
+    numpy.copyto(destination, numpy.frombuffer(buffer, numpy.uint8))

@@ -9,8 +9,9 @@ One message is a ZeroMQ multipart message ``[header, tensor_0, tensor_1, ...]``:
   :class:`~rrto_wire.messages.Frame` ``{"dtype", "shape", "codec"}`` per frame.
 * Each tensor frame is the raw, C-contiguous bytes of one tensor (or its
   encoded form when ``codec`` is not ``raw``).  Frames are sent with
-  ``copy=False`` and raw frames are decoded with ``torch.frombuffer`` on the
-  received buffer: no pickle, no copies on the hot path.
+  ``copy=False`` and raw frames are decoded as views of the received buffer
+  (:func:`~rrto_wire.tensors.tensor_from_buffer`): no pickle, no copies on the
+  hot path.
 
 Decoding checks every declared size before allocating: the sum of the
 declared tensor sizes against the caller's budget, each raw frame's length,
@@ -33,16 +34,34 @@ from rrto_wire.tensors import tensor_frame, tensor_from_buffer
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
     """Build the frames of one message; ``header`` gains ``v`` and ``tensors``."""
+    if codec == codecs.RAW:
+        return encode_raw(dict(header), *raw_body(tensors))
     descriptors, frames = [], []
     for tensor in tensors:
-        used, frame = (codecs.RAW, None) if codec == codecs.RAW else codecs.encode(codec, tensor)
+        used, frame = codecs.encode(codec, tensor)
         descriptors.append({'dtype': dtype_name(tensor.dtype), 'shape': tuple(tensor.shape),
                             'codec': used})
         frames.append(frame if used != codecs.RAW else tensor_frame(tensor))
-    full = dict(header)
-    full['v'] = PROTOCOL_VERSION
-    full['tensors'] = descriptors
-    return [encode_header(full)] + frames
+    return encode_raw(dict(header), descriptors, frames)
+
+
+def raw_body(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list]:
+    """Return the descriptors and zero-copy frames of CPU tensors sent raw (no codec)."""
+    return ([{'dtype': dtype_name(t.dtype), 'shape': tuple(t.shape), 'codec': codecs.RAW}
+             for t in tensors], [tensor_frame(t) for t in tensors])
+
+
+def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
+    """
+    Build the frames of one message from tensors already described and framed.
+
+    ``header`` is changed in place (it gains ``v`` and ``tensors``): the express
+    path keeps one reply's descriptors and frames per replay (see
+    :func:`raw_body`) and encodes only its header per request.
+    """
+    header['v'] = PROTOCOL_VERSION
+    header['tensors'] = descriptors
+    return [encode_header(header)] + frames
 
 
 def _buffer(frame: Any) -> memoryview:

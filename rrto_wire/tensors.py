@@ -13,6 +13,7 @@ import math
 from typing import Annotated, Any, Iterable, Sequence
 
 import msgspec
+import numpy
 import torch
 
 from rrto_wire import dtypes
@@ -87,12 +88,19 @@ def tensor_frame(tensor: torch.Tensor) -> memoryview:
     return memoryview(tensor.numpy()).cast('B')     # C-contiguous: any rank casts to bytes
 
 
+# the numpy dtype each wire dtype's bytes are viewed as (bfloat16 as int16)
+_NUMPY = {name: torch.empty(0, dtype=entry.view).numpy().dtype
+          for name, entry in dtypes.DTYPES.items()}
+
+
 def tensor_from_buffer(buf: memoryview, spec: TensorSpec) -> torch.Tensor:
     """View a buffer of exactly ``spec.nbytes`` bytes as a tensor without copying."""
     entry = dtypes.DTYPES[spec.dtype]
     if len(buf) == 0:                       # exactly spec.nbytes long: no elements
         return torch.empty(spec.shape, dtype=entry.torch)
-    tensor = torch.frombuffer(buf, dtype=entry.view)
+    # through numpy: half the cost of torch.frombuffer and a torch reshape (every request
+    # and every reply decodes its tensors here)
+    tensor = torch.from_numpy(numpy.frombuffer(buf, _NUMPY[spec.dtype]).reshape(spec.shape))
     if entry.view != entry.torch:
         tensor = tensor.view(entry.torch)
-    return tensor.reshape(spec.shape)
+    return tensor

@@ -210,3 +210,37 @@ def test_an_io_thread_step_with_outputs_over_the_cap_copies_them_later(tmp_path,
     assert inline.step() and inline.buffers is None
     out = inline.host_outputs()
     assert not out[0].is_pinned() and close(out, reference(model, x))
+
+
+def _frames(x):
+    return [memoryview(x.contiguous().numpy()).cast('B')]
+
+
+@pytest.mark.parametrize('model_cls', [keypoint_net, Upsample])
+def test_the_express_graph_answers_byte_for_byte_as_the_general_path(tmp_path, model_cls):
+    model = model_cls().eval()
+    x, y = torch.randn(*SIZE), torch.randn(*SIZE)
+    replay = make_replay(tmp_path, model, x)
+    plan = replay.express
+    assert plan is not None and plan.body is not None, 'one segment, staged: express'
+    general = [replay.start([v]).run() for v in (x, y)]
+    first = [t.clone() for t in plan.run(_frames(x))]
+    second = plan.run(_frames(y))
+    assert second[0].is_pinned() and second[0].data_ptr() == plan.runner.express_outputs[0]\
+        .data_ptr(), 'answers from its own page-locked buffers'
+    for express, expected in ((first, general[0]), (second, general[1])):
+        assert [t.dtype for t in express] == [t.dtype for t in expected]
+        assert all(torch.equal(a, b) for a, b in zip(express, expected)), 'bit for bit'
+    assert close(first, reference(model, x))
+    assert [bytes(f) for f in plan.reply_body(second)[1]] == \
+        [t.numpy().tobytes() for t in general[1]]
+    between = replay.start([x]).run()        # graph 0 after the express graph: unaffected
+    assert all(torch.equal(a, b) for a, b in zip(between, general[0]))
+
+
+def test_segmented_or_unstaged_replays_have_no_express_graph(tmp_path, monkeypatch):
+    model = keypoint_net()
+    x = torch.randn(*SIZE)
+    assert make_replay(tmp_path / 'seg', model, x, segments='ops:5').express is None
+    monkeypatch.setattr(runner_cudagraph, 'STAGED_INPUT_BYTES', 1024)
+    assert make_replay(tmp_path / 'big', model, x).express is None

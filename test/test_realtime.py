@@ -258,6 +258,7 @@ def test_scheduler_options_from_the_command_line(tmp_path):
 
 def _spy_threads(monkeypatch, seen):
     from rrto_wire import protocol
+    from rrto_server.express import ExpressPlan
     from rrto_server.runner import Execution
 
     def spy(name, fn):
@@ -272,6 +273,7 @@ def _spy_threads(monkeypatch, seen):
     monkeypatch.setattr(protocol, 'decode_tensors', spy('decode', protocol.decode_tensors))
     monkeypatch.setattr(Execution, 'step', spy('segment', Execution.step))
     monkeypatch.setattr(Execution, 'host_outputs', spy('copy-back', Execution.host_outputs))
+    monkeypatch.setattr(ExpressPlan, 'run', spy('express', ExpressPlan.run))
 
 
 def test_an_idle_device_serves_short_raw_requests_on_the_io_thread(make_server, monkeypatch):
@@ -284,7 +286,7 @@ def test_an_idle_device_serves_short_raw_requests_on_the_io_thread(make_server, 
     try:
         outputs, _ = client.infer(replay, [x])
         assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
-        assert seen == {'decode': {'io'}, 'segment': {'io'}, 'copy-back': {'io'}}
+        assert seen == {'express': {'io'}}     # the common request: rrto_server.express
         seen.clear()
         flat = torch.zeros_like(x)  # compressible, so lz4 is really used: a CPU worker decodes
         client.infer(replay, [flat], codec='lz4')

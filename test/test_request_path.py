@@ -1,17 +1,27 @@
-"""The request path's hand-offs: which thread serves which request when the device is idle."""
+"""
+The request path's hand-offs: which thread serves which request when the device is idle.
+
+And the express path (rrto_server.express): taken by the common request only, answering
+byte for byte what the general path answers.
+"""
 
 import collections
 import threading
+import time
 
+import pytest
 from rrto_testing import leaves, prepare
 
 import torch
+import zmq
 
-from rrto_ros.client import RrtoClient
+from rrto_ros.client import RemoteError, RrtoClient
 from rrto_ros.zoo import keypoint_net
 from rrto_server import server as server_module
+from rrto_server.express import ExpressPlan
+from rrto_server.lanes import Job
 from rrto_server.runner import Execution
-from rrto_wire import protocol
+from rrto_wire import messages, protocol
 
 
 def _spy(monkeypatch, seen):
@@ -26,12 +36,12 @@ def _spy(monkeypatch, seen):
 
     monkeypatch.setattr(protocol, 'decode_tensors', wrap('decode', protocol.decode_tensors))
     monkeypatch.setattr(Execution, 'step', wrap('segment', Execution.step))
+    monkeypatch.setattr(ExpressPlan, 'run', wrap('express', ExpressPlan.run))
 
 
-def _served(make_server, monkeypatch, **options):
-    """Return a server with keypoint_net recorded for a 12 KB input, that input, the replay,
-    the roles that decoded and stepped each request (filled as calls go), and a client."""
-    server = make_server(**options)
+def _served(server, monkeypatch):
+    """Return, for a server with keypoint_net recorded for a 12 KB input, that input, the
+    replay, the roles that decoded and stepped each request (filled as calls go), a client."""
     x = torch.randn(1, 3, 32, 32)                       # 12 KB
     replay = prepare(server.endpoint, keypoint_net(), x)
     seen = collections.defaultdict(set)
@@ -41,10 +51,10 @@ def _served(make_server, monkeypatch, **options):
 
 def test_bulk_inputs_never_hold_the_io_thread_even_when_the_device_is_idle(make_server,
                                                                            monkeypatch):
-    x, replay, seen, client = _served(make_server, monkeypatch, inline_max_ms=1000.0)
+    x, replay, seen, client = _served(make_server(inline_max_ms=1000.0), monkeypatch)
     try:
         outputs, _ = client.infer(replay, [x])
-        assert seen == {'decode': {'io'}, 'segment': {'io'}}, 'small: served inline'
+        assert seen == {'express': {'io'}}, 'small: served inline, on the express path'
         seen.clear()
         monkeypatch.setattr(server_module, 'INLINE_MAX_INPUT_BYTES', x.nbytes - 1)
         again, _ = client.infer(replay, [x])
@@ -59,7 +69,7 @@ def test_bulk_inputs_never_hold_the_io_thread_even_when_the_device_is_idle(make_
 def test_small_raw_requests_skip_the_worker_hop_when_they_cannot_run_inline(
         make_server, monkeypatch):
     # no segment is short enough to run inline: queued
-    x, replay, seen, client = _served(make_server, monkeypatch, inline_max_ms=0.0)
+    x, replay, seen, client = _served(make_server(inline_max_ms=0.0), monkeypatch)
     try:
         outputs, _ = client.infer(replay, [x])
         assert seen == {'decode': {'io'}, 'segment': {'lane'}}, 'views here, steps on a lane'
@@ -71,3 +81,149 @@ def test_small_raw_requests_skip_the_worker_hop_when_they_cannot_run_inline(
         assert all(torch.equal(a, b) for a, b in zip(packed, leaves(keypoint_net()(flat))))
     finally:
         client.close()
+
+
+def _reply_bytes(outputs):
+    return [bytes(protocol.raw_body([t])[1][0]) for t in outputs]
+
+
+def test_the_common_request_takes_the_express_path_with_the_general_paths_bytes(
+        make_server, monkeypatch):
+    x, replay, seen, client = _served(make_server(inline_max_ms=1000.0), monkeypatch)
+    try:
+        express, header = client.infer(replay, [x])
+        assert seen == {'express': {'io'}}
+        assert header['timing']['segments'] == 1 and header['timing']['queue_ms'] >= 0
+        seen.clear()
+        # the same request on the general path (the idle fast path before the express one)
+        monkeypatch.setattr(server_module.Server, '_express', lambda *args: None)
+        general, general_header = client.infer(replay, [x])
+        assert seen == {'decode': {'io'}, 'segment': {'io'}}, 'general inline path'
+        assert _reply_bytes(express) == _reply_bytes(general)
+        assert [(t.dtype, t.shape) for t in express] == [(t.dtype, t.shape) for t in general]
+        assert set(header['timing']) == set(general_header['timing'])
+        assert all(torch.equal(a, b) for a, b in zip(express, leaves(keypoint_net()(x))))
+        stats = client.stats()
+        assert sum(m.get('infers', 0) for m in stats['models'].values()) == 2
+        assert stats['open_requests'] == 1 and stats['double_answers'] == 0   # 1: this one
+    finally:
+        client.close()
+
+
+def test_codecs_other_signatures_and_bad_frames_take_the_general_path(make_server, monkeypatch):
+    x, replay, seen, client = _served(make_server(inline_max_ms=1000.0), monkeypatch)
+    try:
+        flat = torch.full_like(x, 0.25)                 # compresses: travels as lz4
+        packed, _ = client.infer(replay, [flat], codec='lz4')
+        assert seen == {'decode': {'cpu'}, 'segment': {'lane'}}, 'a codec: never express'
+        assert all(torch.equal(a, b) for a, b in zip(packed, leaves(keypoint_net()(flat))))
+        seen.clear()
+        with pytest.raises(RemoteError) as wrong:      # not the recorded signature
+            client.infer(replay, [torch.randn(1, 3, 32, 16)])
+        assert wrong.value.code == 'signature_mismatch' and 'express' not in seen
+        seen.clear()
+        sock = zmq.Context.instance().socket(zmq.DEALER)
+        sock.connect(client.endpoint)
+        try:   # the recorded shape declared, a frame one byte short: the general path's error
+            header = {'kind': 'infer', 'id': 7, 'replay': replay}
+            frames = protocol.encode(header, [x])
+            sock.send_multipart(frames[:1] + [bytes(frames[1])[:-1]])
+            assert sock.poll(30000)
+            answer = sock.recv_multipart()
+        finally:
+            sock.close(linger=0)
+        assert b'"bad_request"' in answer[0] and b'needs' in answer[0]
+        assert 'express' not in seen and 'segment' not in seen
+    finally:
+        client.close()
+
+
+class _Blocking(Job):
+    """Holds the device's only lane until released."""
+
+    def __init__(self):
+        super().__init__(priority=-5, task='bulk')
+        self.started_event, self.release_event = threading.Event(), threading.Event()
+
+    def step(self) -> bool:
+        self.started_event.set()
+        assert self.release_event.wait(30)
+        return True
+
+
+def test_a_busy_lane_sends_the_common_request_the_general_way(make_server, monkeypatch):
+    server = make_server(inline_max_ms=1000.0)
+    x, replay, seen, client = _served(server, monkeypatch)
+    bulk = _Blocking()
+    try:
+        server.scheduler.submit(bulk)
+        assert bulk.started_event.wait(30)
+        pending = client.start_infer(replay, [x], priority=5)
+        time.sleep(0.2)
+        assert 'express' not in seen and 'segment' not in seen, 'waits for the busy lane'
+        bulk.release_event.set()
+        _, outputs = pending.result()
+        assert 'express' not in seen and seen['segment'] == {'lane'}
+        assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+        client.infer(replay, [x])                       # idle again: express
+        assert seen['express'] == {'io'}
+    finally:
+        bulk.release_event.set()
+        client.close()
+
+
+def test_segmented_replays_and_expired_requests_never_run_express(make_server, monkeypatch):
+    server = make_server(inline_max_ms=1000.0)
+    x = torch.randn(1, 3, 32, 32)
+    segmented = prepare(server.endpoint, keypoint_net(), x, segments='ops:4')
+    seen = collections.defaultdict(set)
+    _spy(monkeypatch, seen)
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        outputs, _ = client.infer(segmented, [x])
+        assert 'express' not in seen and seen['segment'], 'preemption points stay'
+        assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+        whole = prepare(server.endpoint, keypoint_net(), x)
+        seen.clear()
+        with pytest.raises(RemoteError) as late:
+            client.infer(whole, [x], deadline_ms=1e-6, late='drop')
+        assert late.value.code == 'deadline_missed' and not seen
+    finally:
+        client.close()
+
+
+class _FixedRunner:
+    """A runner that always answers from the same buffers (as a CUDA graph does)."""
+
+    def __init__(self):
+        self.express_outputs = [torch.arange(6, dtype=torch.float32)]
+
+    def express(self, buffers, signature):
+        self.express_outputs[0] += 1
+        return self.express_outputs
+
+
+class _Tracker:
+    done = False
+
+
+def test_fixed_reply_buffers_are_never_reused_while_a_reply_is_in_flight():
+    from rrto_wire.tensors import TensorSpec
+    spec = TensorSpec('uint8', (4,))
+    plan = ExpressPlan((spec,), _FixedRunner())
+    frame = zmq.Frame(b'abcd')
+    desc = messages.decode_request(protocol.encode(
+        {'kind': 'infer', 'id': 1, 'replay': 'r'}, [torch.zeros(4, dtype=torch.uint8)])[0])
+    buffers = plan.accept(desc.tensors, [frame])
+    assert buffers is not None and bytes(buffers[0]) == b'abcd'
+    body = plan.reply_body(plan.run(buffers))
+    assert body[0] == [{'dtype': 'float32', 'shape': (6,), 'codec': 'raw'}]
+    assert bytes(body[1][0]) == torch.arange(1, 7, dtype=torch.float32).numpy().tobytes()
+    tracker = _Tracker()
+    plan.sent(tracker)                      # a zero-copy reply libzmq still holds
+    assert plan.accept(desc.tensors, [frame]) is None
+    tracker.done = True
+    assert plan.accept(desc.tensors, [frame]) is not None
+    plan.sent(None)                         # a small reply: copied while it was sent
+    assert plan.accept(desc.tensors, [frame]) is not None
+    assert plan.accept(desc.tensors, [zmq.Frame(b'abc')]) is None, 'wrong size: general path'

@@ -18,7 +18,7 @@ PACKAGES = ('rrto_wire', 'rrto_server', 'rrto_ros')
 MAX_LINES = 400
 # modules allowed over MAX_LINES, each with its reason
 LONG_MODULES: dict[str, str] = {
-    'rrto_server/server.py': '409 lines: the ROUTER loop and every handler; next to split',
+    'rrto_server/server.py': '423 lines: the ROUTER loop and every handler; next to split',
 }
 # private names of other libraries that tests/tools must use; ``obj._name`` only
 ALLOWED_PRIVATE = {
