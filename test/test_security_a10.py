@@ -1,0 +1,127 @@
+"""The server-side attacks of a10's review (docs/security.md, the "a10" block): each is refused."""
+
+import io
+
+import pytest
+import torch
+
+from rrto_server.store import BlobStore
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.program import sha256
+
+
+# ----------------------------------------------------------------------------- 1: ONNX sizes
+
+def _onnx(nodes, inputs, initializers=(), functions=(), opset=13, domains=()):
+    from onnx import TensorProto, helper
+    graph = helper.make_graph(
+        nodes, 'g', [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, None)],
+        initializer=list(initializers))
+    model = helper.make_model(
+        graph, functions=list(functions),
+        opset_imports=[helper.make_opsetid('', opset)]
+        + [helper.make_opsetid(d, 1) for d in domains])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _ones():
+    from onnx import TensorProto, helper
+    return helper.make_tensor('v', TensorProto.FLOAT, [1], [1.0])
+
+
+def _shape_of_nonzero():
+    """a10 x01: ConstantOfShape(Shape(NonZero(x)) twice): nnz**2 floats, 0 on the trial's zeros."""
+    from onnx import helper
+    return _onnx([helper.make_node('NonZero', ['x'], ['nz']),
+                  helper.make_node('Shape', ['nz'], ['s']),
+                  helper.make_node('Concat', ['s', 's'], ['ss'], axis=0),
+                  helper.make_node('ConstantOfShape', ['ss'], ['z'], value=_ones()),
+                  helper.make_node('ReduceSum', ['z'], ['y'], keepdims=0)], [('x', [64])])
+
+
+def _local_function():
+    """a10 x02: a ConstantOfShape of the input's value hidden in a model-local function."""
+    from onnx import TensorProto, helper
+    function = helper.make_function(
+        'local', 'Big', ['i'], ['z'], [helper.make_node('ConstantOfShape', ['i'], ['z'],
+                                                        value=_ones())],
+        opset_imports=[helper.make_opsetid('', 13)])
+    return _onnx([helper.make_node('Cast', ['x'], ['i'], to=TensorProto.INT64),
+                  helper.make_node('Big', ['i'], ['z'], domain='local'),
+                  helper.make_node('ReduceSum', ['z'], ['y'], keepdims=0)], [('x', [1])],
+                 functions=[function], domains=['local'])
+
+
+def _affine_grid():
+    """a10 probe: AffineGrid's ``size`` input from the input's value (opset 20)."""
+    from onnx import TensorProto, helper
+    theta = helper.make_tensor('th', TensorProto.FLOAT, [1, 2, 3], [1, 0, 0, 0, 1, 0])
+    return _onnx([helper.make_node('Cast', ['x'], ['i'], to=TensorProto.INT64),
+                  helper.make_node('AffineGrid', ['th', 'i'], ['g']),
+                  helper.make_node('ReduceSum', ['g'], ['y'], keepdims=0)], [('x', [4])],
+                 [theta], opset=20)
+
+
+def _crop_and_resize():
+    """a10 probe: a contrib operator (``com.microsoft.CropAndResize``) sized by a value."""
+    from onnx import TensorProto, helper
+    inits = [helper.make_tensor('img', TensorProto.FLOAT, [1, 1, 2, 2], [1, 2, 3, 4]),
+             helper.make_tensor('rois', TensorProto.FLOAT, [1, 4], [0, 0, 1, 1]),
+             helper.make_tensor('bi', TensorProto.INT32, [1], [0])]
+    return _onnx([helper.make_node('Cast', ['x'], ['i'], to=TensorProto.INT32),
+                  helper.make_node('CropAndResize', ['img', 'rois', 'bi', 'i'], ['z'],
+                                   domain='com.microsoft'),
+                  helper.make_node('ReduceSum', ['z'], ['y'], keepdims=0)], [('x', [2])],
+                 inits, domains=['com.microsoft'])
+
+
+def _reshape_by_value():
+    """A shape that follows a value but stays bounded (Reshape to [x, -1]) is not static either."""
+    from onnx import TensorProto, helper
+    minus_one = helper.make_tensor('m', TensorProto.INT64, [1], [-1])
+    return _onnx([helper.make_node('Cast', ['x'], ['i'], to=TensorProto.INT64),
+                  helper.make_node('ReduceMax', ['i'], ['k'], keepdims=1),
+                  helper.make_node('Concat', ['k', 'm'], ['s'], axis=0),
+                  helper.make_node('Reshape', ['x', 's'], ['y'])], [('x', [64])], [minus_one])
+
+
+def _overridable_initializer():
+    """An initializer also listed as a graph input: a feed could override its value."""
+    from onnx import TensorProto, helper
+    size = helper.make_tensor('s', TensorProto.INT64, [1], [1])
+    model = _onnx([helper.make_node('ConstantOfShape', ['s'], ['z'], value=_ones()),
+                   helper.make_node('ReduceSum', ['z'], ['r'], keepdims=0),
+                   helper.make_node('Add', ['x', 'r'], ['y'])], [('x', [1]), ('s', [1])],
+                  [size])
+    return model
+
+
+@pytest.mark.parametrize('make, why', [
+    (_shape_of_nonzero, 'NonZero is not served'),
+    (_local_function, 'model-local functions'),
+    (_affine_grid, 'AffineGrid is not served'),
+    (_crop_and_resize, 'com.microsoft.CropAndResize is not served'),
+    (_reshape_by_value, 'Reshape .* takes its size from input'),
+    (_overridable_initializer, 'ConstantOfShape .* takes its size from input')])
+def test_an_onnx_model_whose_shapes_follow_input_values_is_refused(tmp_path, make, why):
+    blob = make()
+    store = BlobStore(tmp_path / 'store')
+    with pytest.raises(ProtocolError, match=why) as err:
+        store.put(sha256(blob), 'onnx', blob)
+    assert err.value.code == ErrorCode.UNSAFE_PROGRAM
+    assert not store.has(sha256(blob))
+
+
+def test_the_zoo_exported_to_onnx_with_a_dynamic_batch_is_served(tmp_path):
+    """The project's own export (Resize sizes computed from Shape of the input) passes."""
+    from rrto_ros import zoo
+    model = zoo.keypoint_net(width=8).eval()
+    out = io.BytesIO()
+    torch.onnx.export(model, (torch.randn(1, 3, 32, 32),), out, dynamo=False,
+                      input_names=['x'], dynamic_axes={'x': {0: 'batch'}})
+    blob = out.getvalue()
+    store = BlobStore(tmp_path / 'store')
+    store.put(sha256(blob), 'onnx', blob)
+    assert store.has(sha256(blob))
