@@ -1,6 +1,7 @@
 """The server-side attacks of a10's review (docs/security.md, the "a10" block): each is refused."""
 
 import io
+import time
 
 import pytest
 import torch
@@ -125,3 +126,97 @@ def test_the_zoo_exported_to_onnx_with_a_dynamic_batch_is_served(tmp_path):
     store = BlobStore(tmp_path / 'store')
     store.put(sha256(blob), 'onnx', blob)
     assert store.has(sha256(blob))
+
+
+# ----------------------------------------------------------------------------- 2, 8: profile
+
+class _Heavy(torch.nn.Module):
+    """Chained 160 x 160 matrix products: a few ms of CPU per call."""
+
+    def forward(self, x):
+        for _ in range(8):
+            x = torch.tanh(x @ x)
+        return x
+
+
+def _upload(endpoint, model, x) -> str:
+    from rrto_ros.client import RrtoClient
+    from rrto_ros.local_model import TorchModule
+    from rrto_wire import treespec
+    client = RrtoClient(endpoint, call_timeout_ms=120000)
+    try:
+        flat, spec = treespec.flatten(((x,), {}))
+        artifact = TorchModule(model).artifact(flat, spec)
+        client.hello()
+        client.upload(artifact.blobs)
+        return artifact.model
+    finally:
+        client.close()
+
+
+def _hello(request_id):
+    from rrto_wire import protocol as wire
+    return wire.encode({'kind': 'hello', 'id': request_id})
+
+
+def _profile_frames(request_id, digest, repeats, **fields):
+    from rrto_wire import protocol as wire
+    return wire.encode(dict({'kind': 'profile', 'id': request_id, 'model': digest,
+                             'repeats': repeats}, **fields), [])
+
+
+def test_more_urgent_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx):
+    """a10 #2: a profile of 100 calls held the device in one step; now one step per call."""
+    from rrto_testing import infer_frames, prepare, raw_socket, receive, reply_header, \
+        wait_running
+    server = make_server()
+    victim = prepare(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
+    heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
+    attacker = raw_socket(zmq_ctx, server.endpoint)
+    robot = raw_socket(zmq_ctx, server.endpoint)
+    attacker.send_multipart(_profile_frames(1, heavy, 100))
+    wait_running(server, '(profile)')
+    start = time.monotonic()
+    robot.send_multipart(infer_frames(2, victim, torch.ones(1, 4), priority=5))
+    header, _ = receive(robot, 60000)
+    assert header['kind'] == 'ok'
+    assert not attacker.poll(0), (           # still profiling: the victim did not wait for it
+        f'the victim waited {time.monotonic() - start:.1f} s, the whole profile')
+    assert attacker.poll(120000)
+    reply = reply_header(attacker.recv_multipart()[0], 'profile')
+    assert reply['kind'] == 'ok' and reply['profile']
+
+
+def test_a_key_spends_at_most_its_profile_budget(make_server, zmq_ctx):
+    """a10 #2: profile time per key is bounded; beyond it, ``overloaded``, serving goes on."""
+    from rrto_server.profiling import ProfileBudget
+    from rrto_testing import exchange, raw_socket
+    server = make_server()
+    server.profile_budget = ProfileBudget(burst_s=0.2, rate=0.0)
+    heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
+    sock = raw_socket(zmq_ctx, server.endpoint)
+    first = exchange(sock, _profile_frames(1, heavy, 100), 120000)
+    assert first['kind'] == 'error' and first['code'] == ErrorCode.OVERLOADED, first
+    assert 'profile budget' in first['message']
+    again = exchange(sock, _profile_frames(2, heavy, 1), 10000)
+    assert again['kind'] == 'error' and again['code'] == ErrorCode.OVERLOADED
+    assert exchange(sock, _hello(3))['kind'] == 'ok'
+
+
+def test_a_profile_vets_its_model_off_the_device_lanes(make_server, zmq_ctx):
+    """a10 #8: a never-recorded model's first trial ran on a lane; now on the control thread."""
+    import threading
+    from rrto_testing import exchange, raw_socket, reply_header
+    server = make_server()
+    heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
+    busy = threading.Event()
+    server.control.submit(busy.wait)                 # the control thread is busy (a trial)
+    sock = raw_socket(zmq_ctx, server.endpoint)
+    try:
+        sock.send_multipart(_profile_frames(1, heavy, 1))
+        assert exchange(sock, _hello(2))['kind'] == 'ok'  # received
+        assert server.scheduler.pending() == 0 and not server.scheduler.running()
+    finally:
+        busy.set()
+    assert sock.poll(120000)
+    assert reply_header(sock.recv_multipart()[0], 'profile')['kind'] == 'ok'
