@@ -220,3 +220,47 @@ def test_a_profile_vets_its_model_off_the_device_lanes(make_server, zmq_ctx):
         busy.set()
     assert sock.poll(120000)
     assert reply_header(sock.recv_multipart()[0], 'profile')['kind'] == 'ok'
+
+
+# ----------------------------------------------------------------------------- 6: shards
+
+def _sharded_program(weights_digest: str, prefixes: int) -> bytes:
+    """A version-2 program naming one weights blob under ``prefixes`` prefixes (a10 x08)."""
+    import json
+    import exploits
+    doc = json.loads(exploits.program(
+        [exploits.node('y', 'aten.mul.Tensor', {'n': 'x'}, {'n': 'p_w'}, out=('float32', (4,)))],
+        ['y'], params={'p_w': 's0.w'}))
+    doc['version'] = 2
+    doc['weights'] = [{'blob': weights_digest, 'prefix': f's{i}.'} for i in range(prefixes)]
+    return json.dumps(doc).encode()
+
+
+def test_a_weights_blob_named_by_many_shards_is_loaded_once(tmp_path):
+    """a10 #6: one 1 MiB blob named 32 times took 32 MiB (and 32 copies on a GPU)."""
+    from rrto_server.models import ModelRegistry
+    from rrto_wire.weights import pack_weights
+    weights = pack_weights({'w': torch.arange(1 << 18, dtype=torch.float32)})   # 1 MiB
+    program = _sharded_program(sha256(weights), 32)
+    store = BlobStore(tmp_path / 'store')
+    store.put(sha256(weights), 'weights', weights)
+    store.put(sha256(program), 'program', program)
+    model = ModelRegistry(store).get(sha256(program))
+    loaded = model.weights(torch.device('cpu'))
+    assert len(loaded) == 32
+    assert len({t.data_ptr() for t in loaded.values()}) == 1
+    assert model.nbytes == 1 << 20                    # counted once in the replay budget too
+    assert torch.equal(loaded['s31.w'], torch.arange(1 << 18, dtype=torch.float32))
+
+
+def test_the_weights_of_one_program_are_a_bounded_number_of_tensors(tmp_path):
+    from rrto_server.models import ModelRegistry
+    from rrto_wire.weights import MAX_TENSORS, pack_weights
+    weights = pack_weights({f'w{i}': torch.zeros(1) for i in range(MAX_TENSORS // 64 + 1)})
+    program = _sharded_program(sha256(weights), 64)
+    store = BlobStore(tmp_path / 'store')
+    store.put(sha256(weights), 'weights', weights)
+    store.put(sha256(program), 'program', program)
+    with pytest.raises(ProtocolError, match='more than') as err:
+        ModelRegistry(store).get(sha256(program)).weights(torch.device('cpu'))
+    assert err.value.code == ErrorCode.BAD_REQUEST
