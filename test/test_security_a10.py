@@ -264,3 +264,28 @@ def test_the_weights_of_one_program_are_a_bounded_number_of_tensors(tmp_path):
     with pytest.raises(ProtocolError, match='more than') as err:
         ModelRegistry(store).get(sha256(program)).weights(torch.device('cpu'))
     assert err.value.code == ErrorCode.BAD_REQUEST
+
+
+# ----------------------------------------------------------------------------- 5: co-owners
+
+def test_a_co_owner_at_the_server_limit_gives_up_a_shared_replay_never_evicts_it():
+    """a10 #5: mallory co-owned the victim's replay, then became the heaviest key."""
+    from rrto_server.auth import Grant, Peer
+    from rrto_server.replay_cache import ReplayCache
+
+    class Replay:
+        def __init__(self, key):
+            self.key, self.nbytes = key, 10
+            self.model = type('Model', (), {'digest': 'm'})()
+
+    victim, mallory = Peer('victim', Grant()), Peer('mallory', Grant(max_replays=100))
+    cache = ReplayCache(max_replays=8, max_bytes=1 << 30)
+    cache.add(Replay('v'), [victim])
+    assert cache.claim('v', mallory).key == 'v'        # a record of the same key: co-owner
+    for n in range(1, 9):
+        cache.add(Replay(f'ops:{n}'), [mallory])
+    assert [r.key for r in cache.items()] == ['v'] + [f'ops:{n}' for n in range(2, 9)]
+    assert cache.usage()['mallory']['replays'] == 7     # she gave up 'v', then lost ops:1
+    assert cache.usage()['victim'] == {'replays': 1, 'bytes': 10}
+    cache.add(Replay('ops:9'), [mallory])               # her own oldest goes again
+    assert [r.key for r in cache.items()] == ['v'] + [f'ops:{n}' for n in range(3, 10)]
