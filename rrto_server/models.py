@@ -19,7 +19,7 @@ from rrto_server.sandbox import Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program
-from rrto_wire.weights import unpack_shards
+from rrto_wire.weights import distinct_nbytes, load_shards, shared_to
 from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_server.models')
@@ -52,17 +52,15 @@ class LoadedModel:
         """Return the program's weights on ``device`` (loaded once per device)."""
         key = str(device)
         if key not in self._on_device:
-            if self._weights_cpu is None:
-                shards = self.program.weight_shards
-                self._weights_cpu = unpack_shards([(self._store.read(digest), prefix)
-                                                   for digest, prefix in shards])
-            self._on_device[key] = {k: v.to(device) for k, v in self._weights_cpu.items()}
+            if self._weights_cpu is None:       # a blob named by several shards: read once
+                self._weights_cpu = load_shards(self.program.weight_shards, self._store.read)
+            self._on_device[key] = shared_to(self._weights_cpu, device)
         return self._on_device[key]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size()
-                   for weights in self._on_device.values() for t in weights.values())
+        """Return the bytes of the weights loaded on devices, a shared tensor once."""
+        return sum(distinct_nbytes(weights.values()) for weights in self._on_device.values())
 
     @property
     def call_bytes(self) -> int:

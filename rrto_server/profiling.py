@@ -26,7 +26,8 @@ Profiling runs inside the record job, which holds every lane, so nothing
 else disturbs it.
 
 Per-operator durations for the hybrid planner (the server's ``profile``
-requests) are :func:`rrto_wire.op_timing.operator_times`, shared with the robot.
+requests) are :class:`rrto_wire.op_timing.OperatorTimer`'s, shared with the robot;
+a key's ``profile`` requests spend a :class:`ProfileBudget` of device seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import time
 import torch
 
 from rrto_wire.dtypes import torch_dtype
+from rrto_wire.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger('rrto_server.profiling')
 
@@ -200,3 +202,45 @@ def profile(replay, utilisation: bool = True) -> None:
         replay.utilisation = _cuda_utilisation(replay, inputs, solo_s)
     else:
         replay.utilisation = _cpu_utilisation(replay, inputs, solo_s)
+
+
+class ProfileBudget:
+    """
+    Device seconds each key may spend on ``profile`` requests: a token bucket per key.
+
+    A key holds up to ``burst_s`` seconds and earns ``rate`` seconds back per second
+    (the default: a fifth of the device, 20 s at most at once).  Every step of a profile job
+    is charged what it took; a request arriving, or a step starting, with the key's
+    bucket empty is refused ``overloaded``, so one key's profiling never holds the device
+    for longer than its bucket, whatever the number of requests it sends.
+    """
+
+    def __init__(self, burst_s: float = 20.0, rate: float = 0.2,
+                 clock=time.monotonic):
+        self.burst_s, self.rate, self.clock = float(burst_s), float(rate), clock
+        self._left: dict = {}              # key -> (seconds left, when)
+        self._lock = threading.Lock()
+
+    def _refill(self, key) -> float:
+        now = self.clock()
+        left, when = self._left.get(key, (self.burst_s, now))
+        left = min(self.burst_s, left + (now - when) * self.rate)
+        self._left[key] = (left, now)
+        return left
+
+    def check(self, key) -> None:
+        """Raise ``overloaded`` when ``key`` has no profile time left."""
+        with self._lock:
+            left = self._refill(key)
+        if left <= 0:
+            wait = -left / self.rate if self.rate > 0 else math.inf
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f'this key spent its profile budget ({self.burst_s:g} s of device time, '
+                f'{self.rate:g} s per second back); retry in {min(wait, 1e6):.1f} s')
+
+    def charge(self, key, seconds: float) -> None:
+        """Take ``seconds`` of device time from ``key``'s bucket."""
+        with self._lock:
+            left = self._refill(key)
+            self._left[key] = (left - seconds, self.clock())

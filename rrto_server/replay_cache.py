@@ -11,9 +11,10 @@ replays out:
   replay it shares only loses that key as an owner, and a replay goes when no
   owner is left;
 * when the server's own limits (``max_replays``, ``max_bytes``) are exceeded,
-  the replay evicted is the least recently used one of the key that uses the
-  most (bytes when the byte limit is exceeded, else count; on a tie, the key
-  whose new replay exceeded the limit).
+  the key that uses the most (bytes when the byte limit is exceeded, else
+  count; on a tie, the key whose new replay exceeded the limit) gives up its
+  least recently used replay: evicted if it owns it alone, else it only stops
+  being an owner (so co-owning another key's replay never gets it evicted).
 
 A server without keys serves everyone as one owner, so both rules reduce to
 plain least-recently-used eviction.  The replay just added is never evicted.
@@ -125,14 +126,23 @@ class ReplayCache:
             victims = [k for k in keys if k != keep]
             if not victims:
                 return
-            self._owners[victims[0]].discard(name)
-            if not self._owners[victims[0]]:
-                self._drop(victims[0])
-                self.evictions += 1
+            self._disown(name, victims[0])
             keys.remove(victims[0])
 
+    def _disown(self, name: str, key: str) -> None:
+        """Make ``name`` stop paying for ``key``; the replay goes with its last owner."""
+        self._owners[key].discard(name)
+        if not self._owners[key]:
+            self._drop(key)
+            self.evictions += 1
+
     def _fit_server(self, keep: str) -> None:
-        """Evict the heaviest owner's oldest replays (never ``keep``) until within limits."""
+        """
+        Take the heaviest owner's oldest replays (never ``keep``) until within limits.
+
+        A replay that owner shares only loses it as an owner (its usage no longer
+        counts it); one it owns alone is evicted.
+        """
         while len(self._replays) > self.max_replays or self.nbytes > self.max_bytes:
             by_bytes = self.nbytes > self.max_bytes
             order = list(self._replays)
@@ -146,5 +156,4 @@ class ReplayCache:
             heaviest = max((n for n in victims if victims[n]), key=weight, default=None)
             if heaviest is None:
                 return
-            self._drop(victims[heaviest][0])
-            self.evictions += 1
+            self._disown(heaviest, victims[heaviest][0])

@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from rrto_wire.program import Program
-from rrto_wire.weights import unpack_shards
+from rrto_wire.weights import load_shards, shared_to
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
 
@@ -131,9 +131,8 @@ def _onnx_call(data: bytearray, shapes: list | None):
 
 def _program_call(root: Path, data: bytearray, device: torch.device):
     program = Program.parse(data)
-    weights = unpack_shards([(_read(root, digest), prefix)
-                             for digest, prefix in program.weight_shards])
-    module = program.module({k: v.to(device) for k, v in weights.items()}, device)
+    weights = load_shards(program.weight_shards, lambda digest: _read(root, digest))
+    module = program.module(shared_to(weights, device), device)
     inputs = [torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype), device=device)
               for spec in program.signature]
 

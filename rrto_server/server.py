@@ -39,6 +39,7 @@ import torch
 import zmq
 
 from rrto_server.cpu_workers import CpuWorkers
+from rrto_server import profiling
 from rrto_server.guard import Guard
 from rrto_server.jobs import (ExpressJob, InferJob, OpJob, ProfileJob, RecordJob, Recordings,
                               Services, job_keys, replay_info)
@@ -103,6 +104,7 @@ class Server:
         self.recordings = Recordings()
         self.control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='rrto-control')
         self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
+        self.profile_budget = profiling.ProfileBudget()
         theta = config.resolved_theta(self.device)
         self.profile_utilisation = (theta > 0 if config.profile_util is None
                                     else config.profile_util)
@@ -362,7 +364,24 @@ class Server:
         request.ok()
 
     def _on_profile(self, request: Request, frames: list) -> None:
-        self.scheduler.submit(ProfileJob(self.services, request))
+        client = request.client.name if self.guard.authenticating else None
+        self.profile_budget.check(client)
+
+        def load_then_profile() -> None:    # a first trial run blocks neither I/O nor lanes
+            try:
+                if self.store.kind(request.header.model) == 'onnx':
+                    raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                        'only rrto-program models can be profiled')
+                model = self.registry.get(request.header.model)
+            except ProtocolError as exc:
+                request.error(exc)
+                return
+            except Exception as exc:
+                request.fail(exc)
+                return
+            self.scheduler.submit(ProfileJob(self.services, request, model,
+                                             self.profile_budget, client))
+        self.control.submit(load_then_profile)
 
     def _on_probe(self, request: Request, frames: list) -> None:
         # answered inline by the I/O thread: a probe measures the link, never the device queue

@@ -39,6 +39,31 @@ class _TimingInterpreter(fx.Interpreter):
         return result
 
 
+class OperatorTimer:
+    """One call of a module at a time, warm-up or timed (the server's profile job steps)."""
+
+    def __init__(self, module: fx.GraphModule, inputs: Sequence[torch.Tensor],
+                 device: torch.device):
+        self.module = module
+        self.inputs = [t.to(device) for t in inputs]
+        self.interpreter = _TimingInterpreter(module, device)
+
+    def warm(self) -> None:
+        """Run the module once, untimed."""
+        with torch.inference_mode():
+            self.module(*self.inputs)
+
+    def time(self) -> None:
+        """Run the module once, timing every operator node."""
+        with torch.inference_mode():
+            self.interpreter.run(*self.inputs)
+
+    def medians(self) -> dict[str, float]:
+        """Return the median milliseconds of every operator node over the timed calls."""
+        return {name: statistics.median(values)
+                for name, values in self.interpreter.times.items()}
+
+
 def operator_times(module: fx.GraphModule, inputs: Sequence[torch.Tensor], device: torch.device,
                    repeats: int = 5, warmup: int = 2) -> dict[str, float]:
     """
@@ -49,11 +74,9 @@ def operator_times(module: fx.GraphModule, inputs: Sequence[torch.Tensor], devic
     """
     if repeats < 1:
         raise ValueError('repeats must be at least 1')
-    inputs = [t.to(device) for t in inputs]
-    interpreter = _TimingInterpreter(module, device)
-    with torch.inference_mode():
-        for _ in range(warmup):
-            module(*inputs)
-        for _ in range(repeats):
-            interpreter.run(*inputs)
-    return {name: statistics.median(values) for name, values in interpreter.times.items()}
+    timer = OperatorTimer(module, inputs, device)
+    for _ in range(warmup):
+        timer.warm()
+    for _ in range(repeats):
+        timer.time()
+    return timer.medians()

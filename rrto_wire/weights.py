@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Annotated, Sequence
+from typing import Annotated, Callable, Sequence
 
 import msgspec
 import torch
@@ -26,6 +26,7 @@ from rrto_wire.tensors import TensorSpec, tensor_from_buffer
 
 WEIGHTS_MAGIC = b'RRTOWTS1'
 _ALIGN = 64
+MAX_TENSORS = 1 << 16     # weights of one program, all shards together
 
 _NonNegative = Annotated[int, msgspec.Meta(ge=0)]
 
@@ -91,11 +92,43 @@ def shard_weights(tensors: dict[str, torch.Tensor]) -> list[tuple[str, bytes]]:
 
 def unpack_shards(blobs: Sequence[tuple[bytes | bytearray | memoryview, str]]
                   ) -> dict[str, torch.Tensor]:
-    """Parse ``(blob, prefix)`` shards into one dict of tensors named ``prefix + key``."""
+    """
+    Parse ``(blob, prefix)`` shards into one dict of tensors named ``prefix + key``.
+
+    A blob object listed under several prefixes (identical layers pack into one
+    blob) is parsed once: its tensors are shared, never copied per prefix.  At
+    most :data:`MAX_TENSORS` names in all.
+    """
     tensors: dict[str, torch.Tensor] = {}
+    parsed: dict[int, dict[str, torch.Tensor]] = {}
     for blob, prefix in blobs:
-        for key, tensor in unpack_weights(blob).items():
+        if id(blob) not in parsed:
+            parsed[id(blob)] = unpack_weights(blob)
+        for key, tensor in parsed[id(blob)].items():
             if prefix + key in tensors:
                 raise invalid_program(f'weight {prefix + key!r} is in two shards')
+            if len(tensors) >= MAX_TENSORS:
+                raise invalid_program(f'more than {MAX_TENSORS} weights in all shards')
             tensors[prefix + key] = tensor
     return tensors
+
+
+def load_shards(shards: Sequence[tuple[str, str]], read: Callable[[str], bytearray]
+                ) -> dict[str, torch.Tensor]:
+    """Read each distinct ``digest`` of ``(digest, prefix)`` shards once and unpack them."""
+    blobs = {digest: read(digest) for digest in dict.fromkeys(d for d, _ in shards)}
+    return unpack_shards([(blobs[digest], prefix) for digest, prefix in shards])
+
+
+def shared_to(tensors: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """Return ``tensors`` on ``device``, one copy of a tensor shared under several names."""
+    moved: dict[int, torch.Tensor] = {}
+    for tensor in tensors.values():
+        if id(tensor) not in moved:
+            moved[id(tensor)] = tensor.to(device)
+    return {name: moved[id(tensor)] for name, tensor in tensors.items()}
+
+
+def distinct_nbytes(tensors) -> int:
+    """Return the bytes of the distinct tensors among ``tensors`` (shared ones once)."""
+    return sum({id(t): t.numel() * t.element_size() for t in tensors}.values())
