@@ -13,6 +13,19 @@ when its load per holder rises above :attr:`Policy.scale_up` (inferences per
 second), takes one away when the others could carry it below
 :attr:`Policy.scale_down`, and re-places models that fell below their minimum.
 
+The directory acts for the key that asks (a10's finding 4; see
+docs/security.md): every spec is *claimed* by the keys that warmed it, a key
+holds at most its own limit of live claims (its grant's ``max_replays``, the
+same number the server keeps for it), all keys together at most
+:attr:`Policy.max_claims` (the replays the server keeps for the fleet key the
+replicas record with, so that no claimed replay is pushed out by that key's
+quota), and a claim expires :attr:`Policy.claim_ttl_s` after that key's last
+warm of it; a spec nobody claims any more is no longer recorded on new
+replicas.  Only an admin key
+raises a model's kept minimum of replicas; another key's ``replicas`` places
+at most :data:`ROBOT_REPLICAS` holders for that warm (a duplicated request's
+two) and is not kept.
+
 The directory reaches replicas through :class:`Port` objects: a
 :class:`~rrto_fleet.replica.Replica` in this process, or a Ray actor handle
 wrapped by :mod:`rrto_fleet.ray_fleet`.
@@ -32,6 +45,7 @@ from rrto_wire.fleet import Holder
 log = logging.getLogger('rrto_fleet.directory')
 
 RATE_SMOOTHING = 0.5      # weight of the newest window in a replica's per-model rate
+ROBOT_REPLICAS = 2        # holders a non-admin key's warm may ask for (duplicated requests)
 
 
 class ReplicaDown(Exception):
@@ -64,6 +78,17 @@ class Policy:
     scale_up: float = 200.0     # inferences/s per holder above which a model gains one
     scale_down: float = 50.0    # inferences/s per holder, one fewer, below which it loses one
     cooldown_s: float = 2.0     # between two changes of one model's replica count
+    claim_ttl_s: float = 3600.0  # a key's claim on a spec lasts this long after its last warm
+    max_claims: int = 2 ** 31   # specs claimed by all keys together (the fleet key's max_replays)
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The key a warm is made for: its name, how many specs it may claim, its role."""
+
+    name: str = 'anonymous'
+    max_specs: int = 2 ** 31
+    admin: bool = True      # an unkeyed directory serves everyone as admin (as the server)
 
 
 @dataclass
@@ -85,6 +110,7 @@ class _Replica:
 @dataclass
 class _Model:
     specs: dict = field(default_factory=dict)       # key -> (signature, options)
+    claims: dict = field(default_factory=dict)      # key -> {caller name: last warm}
     replays: dict = field(default_factory=dict)     # key -> replay id (the same everywhere)
     holders: dict = field(default_factory=dict)     # replica name -> {replay key: added at}
     minimum: int = 1
@@ -116,19 +142,41 @@ class Directory:
             return [Holder(self._replicas[n].endpoint, round(self._replicas[n].load, 3))
                     for n in sorted(names) if self._replicas[n].alive]
 
-    def warm(self, model: str, signature: list, options: dict,
-             replicas: int = 1) -> tuple[list[Holder], str]:
-        """Record ``model`` for this signature on ``replicas`` replicas; return holders, replay."""
+    def warm(self, model: str, signature: list, options: dict, replicas: int = 1,
+             caller: Caller = Caller()) -> tuple[list[Holder], str]:
+        """
+        Record ``model`` for this signature on ``replicas`` replicas; return holders, replay.
+
+        Raises WarmError ``forbidden`` when ``caller`` already claims its limit of
+        live specs (other than this one), ``overloaded`` when all keys together do.
+        """
         key = json.dumps([signature, options], sort_keys=True)
         with self._lock:
+            self._expire()
+            entry = self._models.get(model)
+            claimed = entry is not None and caller.name in entry.claims.get(key, {})
+            if not claimed and self._claims_of(caller.name) >= caller.max_specs:
+                raise WarmError('forbidden', f'key {caller.name!r} already claims '
+                                f'{caller.max_specs} model signatures (its max_replays); '
+                                f'claims expire {self.policy.claim_ttl_s:g} s after their '
+                                f'last warm')
+            fresh = entry is None or key not in entry.claims
+            total = sum(len(e.claims) for e in self._models.values())
+            if fresh and total >= self.policy.max_claims:
+                raise WarmError('overloaded', f'the fleet keeps {total} claimed model signatures, '
+                                f'its limit; claims expire {self.policy.claim_ttl_s:g} s after '
+                                f'their last warm')
             entry = self._models.setdefault(model, _Model())
             entry.specs.setdefault(key, (signature, options))
-            entry.minimum = max(entry.minimum, replicas)
+            entry.claims.setdefault(key, {})[caller.name] = self._clock()
+            if caller.admin:
+                entry.minimum = max(entry.minimum, replicas)
+            goal = max(entry.minimum, replicas if caller.admin else min(replicas, ROBOT_REPLICAS))
         with entry.lock:
             failure, tried = None, set(self._holders(entry))
             for name in tried:
                 failure = self._place(model, entry, name, [key]) or failure
-            while len(self._holders(entry)) < entry.minimum:
+            while len(self._holders(entry)) < goal:
                 name = self._candidate(entry, tried)
                 if name is None:
                     break
@@ -138,6 +186,7 @@ class Directory:
             if not holders and failure is not None:
                 with self._lock:
                     entry.specs.pop(key, None)
+                    entry.claims.pop(key, None)
                     if not entry.specs:
                         self._models.pop(model, None)
                 raise failure
@@ -158,6 +207,8 @@ class Directory:
     def scale(self) -> None:
         """Give models replicas when their load rises or they lost one; take some when it falls."""
         policy = self.policy
+        with self._lock:
+            self._expire()
         for model, entry in list(self._models.items()):
             with entry.lock:
                 holders = self._holders(entry)
@@ -195,6 +246,24 @@ class Directory:
                            for m, e in self._models.items()}}
 
     # ------------------------------------------------------------------ internals
+    def _claims_of(self, name: str) -> int:
+        """Return how many specs the key ``name`` claims (the directory lock held)."""
+        return sum(name in owners for e in self._models.values() for owners in e.claims.values())
+
+    def _expire(self) -> None:
+        """Drop claims past their time and specs nobody claims (the directory lock held)."""
+        oldest = self._clock() - self.policy.claim_ttl_s
+        for model, entry in list(self._models.items()):
+            for key, owners in list(entry.claims.items()):
+                for name in [n for n, last in owners.items() if last < oldest]:
+                    del owners[name]
+                if not owners:
+                    del entry.claims[key]
+                    entry.specs.pop(key, None)
+                    entry.replays.pop(key, None)
+            if not entry.specs and not entry.lock.locked():
+                del self._models[model]
+
     def _holders(self, entry: _Model) -> list[str]:
         with self._lock:
             return [n for n in entry.holders if self._replicas[n].alive]

@@ -6,6 +6,15 @@ inline; ``warm`` (a recording, seconds) runs on a small thread pool whose
 replies come back through an inproc PUSH/PULL pair, as in the server.  A
 second thread polls the replicas and scales models every ``poll_s``.  Every
 request gets exactly one reply; a malformed one an error naming the problem.
+
+With ``keys`` the front is a CURVE server of the replicas' key directory and
+acts for the key that asks, as the server would: that key's role must allow
+``record``, its warms in flight count against its ``max_in_flight``
+(``overloaded`` past it) and the directory holds its claims to its
+``max_replays`` and lets only admin keys raise a model's minimum of replicas
+(:class:`~rrto_fleet.directory.Caller`).  ``fleet_key`` (the client key the
+replicas record with) caps all keys' claims together at that key's
+``max_replays``.
 """
 
 from __future__ import annotations
@@ -15,11 +24,13 @@ import logging
 import threading
 
 import zmq
+import zmq.auth
 
-from rrto_fleet.directory import Directory, ReplicaDown, WarmError
-from rrto_server.auth import CurveGate, KeyRing
+from rrto_fleet.directory import Caller, Directory, ReplicaDown, WarmError
+from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy
 from rrto_server.outbox import Outbox
 from rrto_wire import fleet
+from rrto_wire.errors import ProtocolError
 
 log = logging.getLogger('rrto_fleet.front')
 
@@ -31,7 +42,7 @@ class Front:
     """Serve a :class:`Directory` on ``bind`` and keep it current (see the module docstring)."""
 
     def __init__(self, directory: Directory, bind: str, poll_s: float = POLL_S,
-                 keys: str | None = None):
+                 keys: str | None = None, fleet_key: str | None = None):
         self.directory = directory
         self.poll_s = poll_s
         self._ctx = zmq.Context()     # its own: a CURVE gate (ZAP handler) per context
@@ -40,6 +51,12 @@ class Front:
         self.router.setsockopt(zmq.MAXMSGSIZE, fleet.MAX_MESSAGE_BYTES)
         # the replicas' key directory: robots allowed there may ask the directory
         self._gate = CurveGate(self._ctx, KeyRing(keys)) if keys else None
+        self._policy = Policy()      # per key: its role, its warms in flight
+        if self._gate is not None and fleet_key:
+            # the replicas record as the fleet key: keep every claim within its replay quota
+            public, _ = zmq.auth.load_certificate(fleet_key)
+            quota = self._gate.keyring.peer(public.decode()).grant.max_replays
+            directory.policy.max_claims = min(directory.policy.max_claims, quota)
         if self._gate is not None:
             self._gate.keyring.secure(self.router)
         self.router.bind(bind)
@@ -90,32 +107,53 @@ class Front:
                     self.router.send_multipart(self._outbox.socket.recv_multipart())
             if self.router in events:
                 while self.router.poll(0):
-                    self._on_message(self.router.recv_multipart())
+                    self._on_message(self.router.recv_multipart(copy=False))
 
-    def _on_message(self, frames: list[bytes]) -> None:
-        envelope, body = frames[:-1], frames[-1]
+    def _peer(self, frame: zmq.Frame) -> Peer:
+        """Return the key that sent ``frame`` (its CURVE ``User-Id``); raise if not allowed."""
+        if self._gate is None:
+            return ANONYMOUS
+        try:
+            user_id = frame.get('User-Id')
+        except zmq.ZMQError:
+            user_id = None
+        return self._gate.keyring.peer(user_id)
+
+    def _on_message(self, frames: list[zmq.Frame]) -> None:
+        envelope, body = [f.bytes for f in frames[:-1]], frames[-1]
         request_id = 0
         try:
             if len(frames) < 2:
                 raise fleet.DirectoryError('bad_request', 'empty message')
-            request = fleet.decode_request(body)
+            request = fleet.decode_request(body.buffer)
             request_id = request.id
             if request.kind == 'warm':
                 if not request.model:
                     raise fleet.DirectoryError('bad_request', 'warm needs a model digest')
-                self._workers.submit(self._warm, envelope, request)
+                try:
+                    peer = self._peer(body)
+                    self._policy.authorize(peer, 'record')
+                    self._policy.begin(peer)
+                except ProtocolError as exc:
+                    raise fleet.DirectoryError(exc.code.value, exc.message) from None
+                self._workers.submit(self._warm, envelope, request, peer)
                 return
+            try:
+                self._policy.authorize(self._peer(body), 'infer')
+            except ProtocolError as exc:
+                raise fleet.DirectoryError(exc.code.value, exc.message) from None
             holders = [] if request.kind == 'hello' else self.directory.resolve(request.model)
             reply = fleet.ok(request_id, holders)
         except fleet.DirectoryError as exc:
             reply = fleet.error(request_id, exc.code, exc.message)
         self.router.send_multipart(envelope + [fleet.encode(reply)])
 
-    def _warm(self, envelope: list[bytes], request: fleet.Request) -> None:
+    def _warm(self, envelope: list[bytes], request: fleet.Request, peer: Peer) -> None:
         signature = [{'dtype': s.dtype, 'shape': s.shape} for s in request.signature]
+        caller = Caller(peer.name, peer.grant.max_replays, peer.grant.allows('admin'))
         try:
             holders, replay = self.directory.warm(request.model, signature, request.options,
-                                                  request.replicas)
+                                                  request.replicas, caller)
             reply = fleet.ok(request.id, holders, replay)
         except WarmError as exc:
             reply = fleet.error(request.id, exc.code, exc.message)
@@ -124,4 +162,6 @@ class Front:
         except Exception as exc:  # noqa: B902 - the robot gets its one reply whatever happened
             log.exception('warm failed')
             reply = fleet.error(request.id, 'internal', f'{type(exc).__name__}')
+        finally:
+            self._policy.end(peer)
         self._outbox.pusher().send_multipart(envelope + [fleet.encode(reply)])

@@ -91,10 +91,10 @@ class DirectoryActor:
     """The directory and its ZeroMQ front in one actor."""
 
     def __init__(self, replicas: list[str], bind: str, policy: Policy, poll_s: float,
-                 keys: str | None = None):
+                 keys: str | None = None, fleet_key: str | None = None):
         ports = {name: RayPort(ray.get_actor(name, namespace=NAMESPACE)) for name in replicas}
         self.directory = Directory(ports, policy)
-        self.front = Front(self.directory, bind, poll_s, keys).start()
+        self.front = Front(self.directory, bind, poll_s, keys, fleet_key).start()
         self.endpoint = advertised(self.front.endpoint, ray.util.get_node_ip_address())
 
     def address(self) -> str:
@@ -148,6 +148,6 @@ def start_fleet(config: ServerConfig, replicas: int, directory_bind: str,
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     directory = DirectoryActor.options(name=DIRECTORY_NAME, namespace=NAMESPACE,
                                        scheduling_strategy=here).remote(
-        names, directory_bind, policy or Policy(), poll_s, config.keys)
+        names, directory_bind, policy or Policy(), poll_s, config.keys, fleet_key)
     endpoint = ray.get(directory.address.remote(), timeout=timeout_s)
     return Fleet(directory, handles, endpoint)

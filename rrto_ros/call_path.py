@@ -21,6 +21,7 @@ from typing import Any, TYPE_CHECKING
 
 import torch
 
+from rrto_ros import reply_check
 from rrto_ros.client import RemoteError, ServerUnavailable
 from rrto_ros.naive import run_naive
 from rrto_ros.plan_table import PlanSelector
@@ -28,7 +29,7 @@ from rrto_ros.preparer import PrepState, Target
 from rrto_ros.records import CallRecord, OffloadResult
 from rrto_ros.split import Plan
 from rrto_wire import treespec
-from rrto_wire.errors import ErrorCode
+from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.tensors import signature_key
 
 if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a model needs it
@@ -97,12 +98,16 @@ class CallPath:
                 outputs = run_naive(m.data, target.artifact, flat, m.timeout_ms)
                 remote.done_ms = time.perf_counter()
             elif plan.kind == 'offload':
+                remote.expect = reply_check.expected(target.artifact)
                 outputs = remote([_cpu(t) for t in flat]).result()
             else:
                 runtime, replay = target.plans[plan.name]
                 remote.replay = replay
+                remote.expect = reply_check.expected_program(runtime.server_digest,
+                                                             runtime.server_doc)
                 outputs = runtime.run([_cpu(t) for t in flat], remote)
                 remote.robot_ms = runtime.last_robot_ms
+            result = _rebuild(outputs, flat, target)
         except ServerUnavailable as exc:
             outputs, record = self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
                                           plan.name, str(exc))
@@ -115,7 +120,6 @@ class CallPath:
             _add_traffic(record, m.data.counters, before)
             record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
             return outputs, record
-        result = treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
         m.counters['offloaded'] += 1
         return result, remote.record(plan.name, start, before, target, self._bandwidth())
 
@@ -180,6 +184,7 @@ class RemoteCall:
         self.start_ms = self.done_ms = 0.0
         self.codec = ''
         self.robot_ms: float | None = None   # measured robot compute, when it overlaps the remote
+        self.expect: tuple | None = None     # the outputs the reply must hold (reply_check)
         self._pending = None
 
     def __call__(self, tensors: list[torch.Tensor]) -> 'RemoteCall':
@@ -188,7 +193,7 @@ class RemoteCall:
         self.codec = m.chooser.choose(tensors) if m.chooser is not None else m.codec
         self.start_ms = time.perf_counter()
         self._pending = m.data.start_infer(self.replay, tensors, timeout_ms=m.timeout_ms,
-                                           codec=self.codec, **m.keys)
+                                           codec=self.codec, expect=self.expect, **m.keys)
         return self
 
     def result(self) -> list[torch.Tensor]:
@@ -240,6 +245,22 @@ def _add_traffic(record: CallRecord, counters: dict, before: dict) -> None:
                           + counters['timeouts'] - before['timeouts'])
     record.bytes_sent = counters['bytes_sent'] - before['bytes_sent']
     record.bytes_received = counters['bytes_received'] - before['bytes_received']
+
+
+def _rebuild(outputs: list, flat: list, target: Target) -> Any:
+    """
+    Return the call's outputs in the model's structure, or raise ``bad_reply``.
+
+    The final outputs of every plan (a hybrid's merge included) must match the
+    robot's own export: no wrong result is ever labelled offloaded.
+    """
+    try:
+        reply_check.check_outputs(outputs, reply_check.expected(target.artifact))
+        return treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
+    except ProtocolError as exc:
+        raise RemoteError(exc.code.value, exc.message) from None
+    except (ValueError, TypeError) as exc:
+        raise RemoteError(ErrorCode.BAD_REPLY.value, f'outputs do not rebuild: {exc}') from None
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import msgspec
 import torch
 import zmq
 
+from rrto_ros import reply_check
 from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -168,12 +169,14 @@ class RrtoClient:
         return self.start(kind, fields, tensors, timeout_ms, codec).result()
 
     def start(self, kind: Kind, fields: dict | None = None, tensors: Sequence[torch.Tensor] = (),
-              timeout_ms: float | None = None, codec: str = codecs.RAW) -> 'PendingReply':
+              timeout_ms: float | None = None, codec: str = codecs.RAW,
+              expect: Sequence[reply_check.Leaf] | None = None) -> 'PendingReply':
         """
         Send one request now and return a handle whose ``result()`` waits for the reply.
 
         The client serves one request at a time: until ``result()`` or ``cancel()``
         is called, other calls wait.  Use it to compute while the server works.
+        ``expect``: the outputs the reply must hold (:mod:`rrto_ros.reply_check`).
         """
         if not self._available.is_set():
             raise ServerUnavailable(f'server {self.endpoint} is unreachable (reconnecting)')
@@ -202,7 +205,7 @@ class RrtoClient:
         except BaseException:
             self._lock.release()
             raise
-        return PendingReply(self, request_id, kind, started + timeout_ms / 1e3)
+        return PendingReply(self, request_id, kind, started + timeout_ms / 1e3, expect)
 
     def _check_size(self, frames: list) -> None:
         # a part over the server's limit makes libzmq drop the connection: refuse it here
@@ -238,15 +241,17 @@ class RrtoClient:
                         'y' if self._late[0] == 1 else 'ies', self.endpoint, self.call_timeout_ms)
             self._late = [0, now]
 
-    def _finish(self, reply_header: replies.Ok | replies.Error,
-                reply: list) -> tuple[dict, list[torch.Tensor]]:
+    def _finish(self, reply_header: replies.Ok | replies.Error, reply: list,
+                expect: Sequence[reply_check.Leaf] | None = None
+                ) -> tuple[dict, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
         if isinstance(reply_header, replies.Error):
             self.counters['errors'] += 1
             raise RemoteError(reply_header.code, reply_header.message)
         try:
-            tensors = wire.decode_tensors(reply_header.tensors, reply[1:], MAX_REPLY_BYTES)
+            bound = reply_check.decode_bound(reply_header.tensors, expect, MAX_REPLY_BYTES)
+            tensors = wire.decode_tensors(reply_header.tensors, reply[1:], bound)
         except ProtocolError as exc:
             self.counters['errors'] += 1
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
@@ -315,11 +320,17 @@ class RrtoClient:
 
     def start_infer(self, replay: str, tensors: Sequence[torch.Tensor],
                     timeout_ms: float | None = None, codec: str = codecs.RAW,
+                    expect: Sequence[reply_check.Leaf] | None = None,
                     **keys: Any) -> 'PendingReply':
-        """Send one INFER of a recorded replay (``keys``: task, priority, deadline...)."""
+        """
+        Send one INFER of a recorded replay (``keys``: task, priority, deadline...).
+
+        ``expect``: the outputs the reply must hold (else ``bad_reply``).
+        """
         fields = {'replay': replay}
         fields.update({k: v for k, v in keys.items() if v is not None})
-        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec)
+        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec,
+                          expect=expect)
 
     def infer(self, replay: str, tensors: Sequence[torch.Tensor], timeout_ms: float | None = None,
               codec: str = codecs.RAW, **keys: Any) -> tuple[list[torch.Tensor], dict]:
@@ -340,8 +351,10 @@ class RrtoClient:
 class PendingReply:
     """A request in flight; :meth:`result` waits for its reply, :meth:`cancel` abandons it."""
 
-    def __init__(self, client: RrtoClient, request_id: int, kind: Kind, deadline: float):
+    def __init__(self, client: RrtoClient, request_id: int, kind: Kind, deadline: float,
+                 expect: Sequence[reply_check.Leaf] | None = None):
         self._client = client
+        self._expect = expect
         self._id = request_id
         self._kind = kind
         self._deadline = deadline
@@ -360,7 +373,7 @@ class PendingReply:
             reply_header, reply = self._client._await(self._id, self._kind, self._deadline)
         finally:
             self._release()
-        return self._client._finish(reply_header, reply)
+        return self._client._finish(reply_header, reply, self._expect)
 
     def cancel(self) -> None:
         """Stop waiting; a late reply is recognised by its id and dropped."""

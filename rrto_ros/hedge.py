@@ -23,6 +23,7 @@ import msgspec
 import torch
 import zmq
 
+from rrto_ros import reply_check
 from rrto_ros.client import MAX_REPLY_BYTES, RemoteError, ServerUnavailable
 from rrto_wire import replies
 from rrto_wire.curve import ClientKeys
@@ -67,7 +68,8 @@ class Hedge:
         return True
 
     def start(self, endpoints: list[str], kind: Kind, fields: dict,
-              tensors: Sequence[torch.Tensor], timeout_ms: float, codec: str) -> 'HedgedReply':
+              tensors: Sequence[torch.Tensor], timeout_ms: float, codec: str,
+              expect=None) -> 'HedgedReply':
         self._lock.acquire()
         try:
             request_id = next(self._ids)
@@ -78,7 +80,8 @@ class Hedge:
         except BaseException:
             self._lock.release()
             raise
-        return HedgedReply(self, sent, request_id, kind, time.monotonic() + timeout_ms / 1e3)
+        return HedgedReply(self, sent, request_id, kind, time.monotonic() + timeout_ms / 1e3,
+                           expect)
 
     def release(self) -> None:
         """End the request in flight (its reply taken or abandoned): the next may start."""
@@ -95,8 +98,9 @@ class HedgedReply:
     """The two copies of one hedged request; ``result()`` returns the first good reply."""
 
     def __init__(self, hedge: Hedge, endpoints: list[str], request_id: int, kind: Kind,
-                 deadline: float):
+                 deadline: float, expect=None):
         self._hedge = hedge
+        self._expect = expect   # the outputs a reply must hold (rrto_ros.reply_check)
         self._kind = kind
         self._endpoints = endpoints
         self._id = request_id
@@ -121,8 +125,10 @@ class HedgedReply:
                         if reply.id != self._id:
                             continue   # the slower copy of an earlier request
                         if isinstance(reply, replies.Ok):
-                            tensors = wire.decode_tensors(reply.tensors, frames[1:],
-                                                          MAX_REPLY_BYTES)
+                            tensors = wire.decode_tensors(
+                                reply.tensors, frames[1:],
+                                reply_check.decode_bound(reply.tensors, self._expect,
+                                                         MAX_REPLY_BYTES))
                     except ProtocolError as exc:
                         if exc.request_id != self._id:
                             continue   # garbage, or a stale copy's

@@ -265,7 +265,7 @@ class FleetClient:
         return live
 
     def start(self, kind: Kind, fields: dict | None = None, tensors: Sequence[torch.Tensor] = (),
-              timeout_ms: float | None = None, codec: str = codecs.RAW):
+              timeout_ms: float | None = None, codec: str = codecs.RAW, expect=None):
         """Send one request to a replica; return a handle whose ``result()`` waits (RrtoClient)."""
         fields = fields or {}
         model = (self.resolver.model_of(fields.get('replay', '')) if kind == Kind.INFER
@@ -273,9 +273,11 @@ class FleetClient:
         endpoints = self._route(model)
         timeout_ms = self._call_timeout_ms if timeout_ms is None else timeout_ms
         if self._hedge is not None and kind == Kind.INFER and len(endpoints) > 1:
-            return self._hedge.start(endpoints[:2], kind, fields, tensors, timeout_ms, codec)
+            return self._hedge.start(endpoints[:2], kind, fields, tensors, timeout_ms, codec,
+                                     expect)
         try:
-            pending = self._client(endpoints[0]).start(kind, fields, tensors, timeout_ms, codec)
+            pending = self._client(endpoints[0]).start(kind, fields, tensors, timeout_ms, codec,
+                                                       expect)
         except ServerUnavailable:
             self.resolver.forget(endpoints[0])
             raise
@@ -287,11 +289,13 @@ class FleetClient:
         return self.start(kind, fields, tensors, timeout_ms, codec).result()
 
     def start_infer(self, replay: str, tensors: Sequence[torch.Tensor],
-                    timeout_ms: float | None = None, codec: str = codecs.RAW, **keys):
+                    timeout_ms: float | None = None, codec: str = codecs.RAW, expect=None,
+                    **keys):
         """Send one INFER of a recorded replay to a replica (as RrtoClient.start_infer)."""
         fields = {'replay': replay}
         fields.update({k: v for k, v in keys.items() if v is not None})
-        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec)
+        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec,
+                          expect=expect)
 
     def hello(self, timeout_ms: float | None = None) -> dict:
         endpoint = self._route('')[0]

@@ -1,0 +1,142 @@
+"""
+Check an inference reply against what the robot's own export says it holds.
+
+A reply comes from the network: a server bug, a compromised fleet replica or a
+man in the middle on an unkeyed link can send any tensors.  The robot knows
+each output's dtype and shape from its own export: a program names every
+output's spec, an ONNX model declares its outputs (symbolic dimensions are
+bound from the call's inputs, so a batch dimension must be the request's).
+:func:`expected` computes that once per model and signature;
+:func:`decode_bound` refuses a reply whose frame descriptors differ before any
+frame is decoded and returns the bytes the expected tensors need, which bounds
+decompression; :func:`check_outputs` checks decoded tensors (a split, hybrid
+or naive call's final outputs).  Either raises :class:`ProtocolError`
+``bad_reply``: the call falls back to the local model, never OFFLOADED.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from cachetools import LRUCache
+
+from rrto_wire import dtypes, treespec
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.tensors import signature_key
+
+# one output: (dtype or None, shape with None for a dimension not known, or None: any rank)
+Leaf = tuple[str | None, tuple[int | None, ...] | None]
+
+_CACHE: LRUCache = LRUCache(maxsize=256)
+
+
+def expected(artifact: Any) -> tuple[Leaf, ...]:
+    """Return the outputs a reply for ``artifact`` (one model, one signature) must hold."""
+    key = (artifact.model, signature_key(artifact.signature))
+    leaves = _CACHE.get(key)
+    if leaves is None:
+        count = treespec.count_leaves(artifact.out_spec)
+        if artifact.program is not None:
+            leaves = program_outputs(artifact.program)
+        else:
+            leaves = _onnx_outputs(artifact, count)
+        _CACHE[key] = leaves
+    return leaves
+
+
+def expected_program(digest: str | None, doc: dict | None) -> tuple[Leaf, ...] | None:
+    """Return the outputs of the program ``doc`` (a plan's server part); None: no program."""
+    if doc is None:
+        return None
+    leaves = _CACHE.get(digest)
+    if leaves is None:
+        leaves = _CACHE[digest] = program_outputs(doc)
+    return leaves
+
+
+def program_outputs(doc: dict) -> tuple[Leaf, ...]:
+    """Return the outputs of a program document (a parameter's spec is not in it: unknown)."""
+    specs = {i['name']: (i['dtype'], tuple(i['shape'])) for i in doc['inputs']}
+    for node in doc['nodes']:
+        out = node.get('out')
+        if out is not None:
+            specs[node['name']] = (out['dtype'], tuple(out['shape']))
+    unknown = (None, None)
+    return tuple(specs.get(o['n'], unknown) if isinstance(o, dict) and 'n' in o else unknown
+                 for o in doc['outputs'])
+
+
+def _onnx_outputs(artifact: Any, count: int) -> tuple[Leaf, ...]:
+    """Return an ONNX model's declared outputs (only their count if it does not parse)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+    data = next(blob for kind, blob in artifact.blobs.values() if kind == 'onnx')
+    try:
+        graph = onnx.load_from_string(data).graph
+    except Exception:   # protobuf raises its own error types; the robot ran it with onnxruntime
+        return ((None, None),) * count
+    fixed = {i.name for i in graph.initializer}
+    bound: dict[str, int] = {}      # symbolic dimension -> its size in this call's inputs
+    inputs = [i for i in graph.input if i.name not in fixed]
+    for value, spec in zip(inputs, artifact.signature):
+        for dim, size in zip(value.type.tensor_type.shape.dim, spec.shape):
+            if dim.dim_param:
+                bound.setdefault(dim.dim_param, size)
+    leaves = []
+    for value in graph.output:
+        tensor = value.type.tensor_type
+        dtype = tensor_dtype_to_np_dtype(tensor.elem_type).name if tensor.elem_type else None
+        shape = None
+        if tensor.HasField('shape'):
+            shape = tuple(d.dim_value if d.HasField('dim_value')
+                          else bound.get(d.dim_param) for d in tensor.shape.dim)
+        leaves.append((dtype, shape))
+    return tuple(leaves) if len(leaves) == count else ((None, None),) * count
+
+
+def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
+                 default: int) -> int:
+    """
+    Raise ``bad_reply`` unless the descriptors match; return the decoding bound in bytes.
+
+    ``default`` when nothing is expected (``leaves`` None) or an output's size
+    is not known before the call (an ONNX output whose dimension depends on
+    values).
+    """
+    if leaves is None:
+        return default
+    _check([(d.dtype, tuple(d.shape)) for d in descriptors], leaves)
+    if all(_known(leaf) for leaf in leaves):
+        return sum(math.prod(shape) * dtypes.itemsize(dtype) for dtype, shape in leaves)
+    return default
+
+
+def check_outputs(outputs: Sequence[Any], leaves: Sequence[Leaf]) -> None:
+    """Raise ``bad_reply`` unless the decoded ``outputs`` match the expected leaves."""
+    if not all(isinstance(t, torch.Tensor) for t in outputs):
+        raise _bad('an output is not a tensor')
+    _check([(dtypes.dtype_name(t.dtype), tuple(t.shape)) for t in outputs], leaves)
+
+
+def _known(leaf: Leaf) -> bool:
+    dtype, shape = leaf
+    return dtype is not None and shape is not None and None not in shape
+
+
+def _check(got: list[tuple[str, tuple[int, ...]]], leaves: Sequence[Leaf]) -> None:
+    if len(got) != len(leaves):
+        raise _bad(f'reply holds {len(got)} outputs, the model has {len(leaves)}')
+    for index, ((dtype, shape), (want_dtype, want_shape)) in enumerate(zip(got, leaves)):
+        if want_dtype is not None and dtype != want_dtype:
+            raise _bad(f'output {index} is {dtype}, the model gives {want_dtype}')
+        if want_shape is not None and (
+                len(shape) != len(want_shape)
+                or any(w is not None and s != w for s, w in zip(shape, want_shape))):
+            raise _bad(f'output {index} has shape {list(shape)}, the model gives '
+                       f'{[w if w is not None else "?" for w in want_shape]}')
+
+
+def _bad(message: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REPLY, message)
