@@ -44,7 +44,6 @@ from rrto_server.taskstats import TaskStats
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError, clip
 from rrto_wire.messages import Scheduled
-from rrto_wire.op_timing import OperatorTimer
 
 log = logging.getLogger('rrto_server.jobs')
 
@@ -349,67 +348,6 @@ class OpJob(Job):
     def complete(self) -> None:
         self.request.ok(self.fetched, timing={
             'queue_ms': (self.queue_s or 0.0) * 1e3, 'compute_ms': self.compute_s * 1e3})
-
-    def fail(self, error: ProtocolError) -> None:
-        self.request.error(error)
-
-
-class ProfileJob(Job):
-    """
-    Time every operator of a stored program on the server's device (for the planner).
-
-    The model comes loaded (and vetted) from the control thread, so no trial runs on
-    a lane.  Each call, warm-up or timed, is one step at the request's priority and
-    deadline: more urgent work runs between two of them.  Every step is charged to
-    the key's :class:`~rrto_server.profiling.ProfileBudget` and refused ``overloaded``
-    once that is spent.
-    """
-
-    WARMUP = 2
-
-    def __init__(self, services: Services, request: Request, model,
-                 budget: profiling.ProfileBudget, client: str | None):
-        keys = job_keys(request.header, request.received)
-        keys.update(task=keys['task'] or '(profile)')
-        super().__init__(**keys, utilisation=EXCLUSIVE)
-        self.services, self.request, self.model = services, request, model
-        self.budget, self.client = budget, client
-        self.repeats = request.header.repeats
-        self.timer: OperatorTimer | None = None
-
-    @property
-    def total_steps(self) -> int:
-        return self.WARMUP + self.repeats
-
-    def step(self) -> bool:
-        self.budget.check(self.client)
-        start = time.perf_counter()
-        try:
-            if self.timer is None:
-                program, device = self.model.program, self.services.device
-                self.timer = OperatorTimer(program.module(self.model.weights(device), device),
-                                           profiling.example_tensors(program.signature),
-                                           device)
-            if self.steps_done < self.WARMUP:
-                self.timer.warm()
-            else:
-                self.timer.time()
-        except ProtocolError:
-            raise
-        except Exception as exc:    # the program fails on the example inputs, as locally
-            raise ProtocolError(ErrorCode.EXEC_FAILED,
-                                f'the model failed on example inputs: {type(exc).__name__}: '
-                                f'{clip(exc)}') from None
-        finally:
-            self.budget.charge(self.client, time.perf_counter() - start)
-        return self.steps_done + 1 >= self.total_steps
-
-    def release(self) -> None:
-        self.timer = None
-
-    def complete(self) -> None:
-        self.request.ok(profile=self.timer.medians(), device=str(self.services.device))
-        self.timer = None
 
     def fail(self, error: ProtocolError) -> None:
         self.request.error(error)

@@ -41,10 +41,11 @@ import zmq
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server import profiling
 from rrto_server.guard import Guard
-from rrto_server.jobs import (ExpressJob, InferJob, OpJob, ProfileJob, RecordJob, Recordings,
+from rrto_server.jobs import (ExpressJob, InferJob, OpJob, RecordJob, Recordings,
                               Services, job_keys, replay_info)
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
+from rrto_server.profile_job import ProfileJob
 from rrto_server.options import ServerConfig
 from rrto_server.put_queue import PutQueue
 from rrto_server.sandbox import Sandbox
