@@ -310,11 +310,15 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     links = [Link(b, 4.0) for b in (2, 20, 100, 1000)]
     solved = plan_solve.solve(TorchModule(model), x, links, server.endpoint, repeats=1,
                               rounds=1)
-    ((plans, measured),) = timed
-    names = {p.name for p in plans if p.kind in ('split', 'hybrid')}
-    assert set(measured) == names
+    # the candidates first; a second calibration pass (when the corrected model prefers a
+    # plan not yet timed end to end, which depends on this machine's timings) adds its own
+    assert timed
+    measured = {}
+    for plans, robot_ms in timed:
+        assert set(robot_ms) == {p.name for p in plans if p.kind in ('split', 'hybrid')}
+        measured.update(robot_ms)
     assert solved.table.calibration['measured_robot_ms'] == measured
-    assert {n: solved.cost.measured_robot_ms[n] for n in names} == measured
+    assert {n: solved.cost.measured_robot_ms[n] for n in measured} == measured
     assert set(solved.errors) >= {'local', 'offload'}   # and still timed end to end
     # every call's server compute time is kept, and the model uses it for that plan
     calibration = solved.table.calibration
