@@ -29,7 +29,6 @@ so a peer that never reads cannot make the server hold its replies: at most
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -47,7 +46,7 @@ from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.profile_job import ProfileJob
 from rrto_server.options import ServerConfig
-from rrto_server.put_queue import PutQueue
+from rrto_server.put_queue import ControlQueue, PutQueue
 from rrto_server.sandbox import Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
@@ -103,7 +102,7 @@ class Server:
         self._loop_done = threading.Event()
         self._serving = False
         self.recordings = Recordings()
-        self.control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='rrto-control')
+        self.control = ControlQueue()
         self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
         self.profile_budget = profiling.ProfileBudget()
         theta = config.resolved_theta(self.device)
@@ -267,7 +266,12 @@ class Server:
             except Exception as exc:
                 request.fail(exc)
 
-        self.control.submit(write)
+        self.control.submit(write, self._control_key(request))
+
+    def _control_key(self, request: Request):
+        # whose turn a unit of control-thread work waits for: its key (its connection on
+        # a server without keys)
+        return request.client.name if self.guard.authenticating else request.peer
 
     def _on_record(self, request: Request, frames: list) -> None:
         header = request.header
@@ -287,7 +291,7 @@ class Server:
                 self.recordings.finish(key, None, exc)
                 return
             self.scheduler.submit(RecordJob(self.services, self.recordings, key, request))
-        self.control.submit(vet_then_record)
+        self.control.submit(vet_then_record, self._control_key(request))
 
     def _on_infer(self, request: Request, frames: list) -> None:
         # the I/O thread only validates and routes; decoding happens on a CPU worker
@@ -382,7 +386,7 @@ class Server:
                 return
             self.scheduler.submit(ProfileJob(self.services, request, model,
                                              self.profile_budget, client))
-        self.control.submit(load_then_profile)
+        self.control.submit(load_then_profile, self._control_key(request))
 
     def _on_probe(self, request: Request, frames: list) -> None:
         # answered inline by the I/O thread: a probe measures the link, never the device queue
@@ -411,7 +415,7 @@ class Server:
                 request.error(exc)
             except Exception as exc:
                 request.fail(exc)
-        self.control.submit(evict)
+        self.control.submit(evict, self._control_key(request))
 
     def _on_stats(self, request: Request, frames: list) -> None:
         peer = request.client     # an admin (or anyone on an open server) sees every task

@@ -289,3 +289,50 @@ def test_a_co_owner_at_the_server_limit_gives_up_a_shared_replay_never_evicts_it
     assert cache.usage()['victim'] == {'replays': 1, 'bytes': 10}
     cache.add(Replay('ops:9'), [mallory])               # her own oldest goes again
     assert [r.key for r in cache.items()] == ['v'] + [f'ops:{n}' for n in range(3, 10)]
+
+
+# ----------------------------------------------------------------------------- 3: control thread
+
+def test_one_connections_trials_delay_anothers_upload_by_one_trial_not_all(
+        make_server, zmq_ctx, monkeypatch):
+    """a10 #3: 16 records (a trial each) queued ahead of a victim's 410-byte put (32 s)."""
+    import hashlib
+    import threading
+    import exploits
+    from rrto_testing import raw_socket, reply_header
+    from rrto_wire import protocol as wire
+    server = make_server()
+    program, weights = exploits.scale_by_weights()
+    server.store.put(hashlib.sha256(weights).hexdigest(), 'weights', weights)
+    server.store.put(hashlib.sha256(program).hexdigest(), 'program', program)
+    vetted, lock = [], threading.Lock()
+    vet = server.registry.vet
+
+    def slow_vet(digest, signature=None):       # as a sandbox trial of a few seconds
+        if threading.current_thread().name.startswith('rrto-control'):
+            time.sleep(0.3)
+            with lock:
+                vetted.append(digest)
+        return vet(digest, signature)
+    monkeypatch.setattr(server.registry, 'vet', slow_vet)
+    attacker, victim = (raw_socket(zmq_ctx, server.endpoint) for _ in range(2))
+    for i in range(8):                          # 8 different recordings: 8 trials
+        attacker.send_multipart(wire.encode({
+            'kind': 'record', 'id': i, 'model': hashlib.sha256(program).hexdigest(),
+            'signature': [{'dtype': 'float32', 'shape': [4]}],
+            'options': {'segments': f'ops:{i + 1}'}}))
+    deadline = time.monotonic() + 60
+    while not vetted:                           # the first trial is running
+        assert time.monotonic() < deadline, 'no trial started'
+        time.sleep(0.005)
+    victim.send_multipart(wire.encode({
+        'kind': 'put', 'id': 99, 'digest': 'ab' * 32, 'blob_kind': 'weights',
+        'upload': 'u', 'offset': 0, 'total': 1024}, [torch.zeros(512, dtype=torch.uint8)]))
+    assert victim.poll(60000)
+    assert reply_header(victim.recv_multipart()[0], 'put')['kind'] == 'ok'
+    with lock:
+        done = len(vetted)
+    assert done <= 3, f'the put waited for {done} of the other connection\'s 8 trials'
+    for _ in range(8):                          # and every record is answered
+        assert attacker.poll(60000)
+        assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] in ('ok', 'error')
