@@ -165,7 +165,8 @@ def _profile_frames(request_id, digest, repeats, **fields):
                              'repeats': repeats}, **fields), [])
 
 
-def test_more_urgent_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx):
+@pytest.mark.parametrize('priority', [0, 5])
+def test_other_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx, priority):
     """a10 #2: a profile of 100 calls held the device in one step; now one step per call."""
     from rrto_testing import infer_frames, prepare, raw_socket, receive, reply_header, \
         wait_running
@@ -177,7 +178,7 @@ def test_more_urgent_work_runs_between_the_calls_of_a_profile(make_server, zmq_c
     attacker.send_multipart(_profile_frames(1, heavy, 100))
     wait_running(server, '(profile)')
     start = time.monotonic()
-    robot.send_multipart(infer_frames(2, victim, torch.ones(1, 4), priority=5))
+    robot.send_multipart(infer_frames(2, victim, torch.ones(1, 4), priority=priority))
     header, _ = receive(robot, 60000)
     assert header['kind'] == 'ok'
     assert not attacker.poll(0), (           # still profiling: the victim did not wait for it
