@@ -40,13 +40,14 @@ import zmq
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server import profiling
 from rrto_server.guard import Guard
-from rrto_server.jobs import (ExpressJob, InferJob, OpJob, RecordJob, Recordings,
+from rrto_server.jobs import (ExpressJob, InferJob, OpJob, Recordings,
                               Services, job_keys, replay_info)
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.profile_job import ProfileJob
 from rrto_server.options import ServerConfig
 from rrto_server.put_queue import ControlQueue, PutQueue
+from rrto_server.record_gate import GatedRecordJob, RecordGate
 from rrto_server.sandbox import Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
@@ -111,6 +112,7 @@ class Server:
         self.cpu = CpuWorkers(config.cpu_workers)
         self.scheduler = Scheduler(config.sched_policy, theta, self.device,
                                    trace=config.sched_trace, task_theta=config.task_theta)
+        self.record_gate = RecordGate(self.scheduler.submit)
         self.services = Services(
             device=self.device, stats=self.stats, tasks=self.tasks, registry=self.registry,
             replays=self.replays, naive=self.naive, scheduler=self.scheduler, cpu=self.cpu,
@@ -290,7 +292,9 @@ class Server:
             except ProtocolError as exc:
                 self.recordings.finish(key, None, exc)
                 return
-            self.scheduler.submit(RecordJob(self.services, self.recordings, key, request))
+            self.record_gate.submit(GatedRecordJob(self.record_gate, self._control_key(request),
+                                                   self.services, self.recordings, key,
+                                                   request))
         self.control.submit(vet_then_record, self._control_key(request))
 
     def _on_infer(self, request: Request, frames: list) -> None:

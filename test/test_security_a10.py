@@ -337,3 +337,39 @@ def test_one_connections_trials_delay_anothers_upload_by_one_trial_not_all(
     for _ in range(8):                          # and every record is answered
         assert attacker.poll(60000)
         assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] in ('ok', 'error')
+
+
+def test_one_connections_recordings_delay_anothers_by_one_recording_not_all(
+        make_server, zmq_ctx):
+    """a10 #3: recordings of a vetted model (no trial) all queued ahead of another key's."""
+    from rrto_testing import prepare, raw_socket, reply_header, wait_running
+    from rrto_wire import protocol as wire
+    server = make_server()
+    heavy = _upload(server.endpoint, _Heavy(), torch.randn(256, 256))
+    prepare(server.endpoint, _Heavy(), torch.randn(256, 256))        # vetted: no more trials
+    victim = _upload(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
+    prepare(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
+
+    def record(request_id, digest, shape, segments):
+        return wire.encode({'kind': 'record', 'id': request_id, 'model': digest,
+                            'signature': [{'dtype': 'float32', 'shape': shape}],
+                            'options': {'segments': segments}})
+    attacker, robot = (raw_socket(zmq_ctx, server.endpoint) for _ in range(2))
+    for i in range(6):
+        attacker.send_multipart(record(i, heavy, [256, 256], f'ops:{i + 1}'))
+    wait_running(server, '(record)')
+    deadline = time.monotonic() + 60
+    while server.control.pending():             # every one vetted (cached verdicts)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    robot.send_multipart(record(9, victim, [1, 4], 'ops:1'))
+    assert robot.poll(120000)
+    assert reply_header(robot.recv_multipart()[0], 'record')['kind'] == 'ok'
+    ahead = 0
+    while attacker.poll(0):
+        assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] == 'ok'
+        ahead += 1
+    assert ahead <= 2, f'the robot\'s recording waited for {ahead} of the other\'s 6'
+    for _ in range(6 - ahead):
+        assert attacker.poll(120000)
+        assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] == 'ok'
