@@ -7,8 +7,8 @@ trial of a newly recorded or profiled model (up to minutes) and evictions.
 round robin, so a key that queues many trials delays another key's upload or
 recording by at most one of them per key with work queued, never by all of
 its own.  Upload chunks that wait hold a whole message each; :class:`PutQueue`
-bounds them, and a chunk beyond it is answered ``overloaded`` (the client
-sends it again later) instead of being held.
+bounds them (in all, and half of that per key), and a chunk beyond it is
+answered ``overloaded`` (the client sends it again later) instead of being held.
 """
 
 from __future__ import annotations
@@ -75,23 +75,36 @@ class ControlQueue:
 
 
 class PutQueue:
-    """Bytes of queued uploads: at most ``max_bytes`` (one message is always let in)."""
+    """
+    Bytes of queued uploads: at most ``max_bytes``, and half of that per key.
+
+    One message is always let in when nothing is queued, and one for a key that has
+    nothing queued if it fits the total, so one key filling its half leaves the
+    other half to the rest.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.queued = 0
+        self._by_key: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
-    def enter(self, nbytes: int) -> None:
-        """Count ``nbytes`` more as queued, or raise ``overloaded`` if they do not fit."""
+    def enter(self, nbytes: int, key: Hashable = None) -> None:
+        """Count ``nbytes`` more as queued for ``key``, or raise ``overloaded``."""
         with self._lock:
-            if self.queued and self.queued + nbytes > self.max_bytes:
+            mine = self._by_key.get(key, 0)
+            if (self.queued and self.queued + nbytes > self.max_bytes) or (
+                    mine and mine + nbytes > self.max_bytes // 2):
                 raise ProtocolError(ErrorCode.OVERLOADED,
-                                    f'{self.queued} bytes of uploads are queued; send this '
-                                    'chunk again later')
+                                    f'{self.queued} bytes of uploads are queued ({mine} of '
+                                    'them this key\'s); send this chunk again later')
             self.queued += nbytes
+            self._by_key[key] = mine + nbytes
 
-    def leave(self, nbytes: int) -> None:
-        """Count ``nbytes`` as no longer queued (the control thread took them)."""
+    def leave(self, nbytes: int, key: Hashable = None) -> None:
+        """Count ``nbytes`` of ``key`` as no longer queued (the control thread took them)."""
         with self._lock:
             self.queued -= nbytes
+            left = self._by_key.pop(key, 0) - nbytes
+            if left > 0:
+                self._by_key[key] = left

@@ -249,10 +249,11 @@ class Server:
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'put carries exactly one uint8 chunk')
         chunk = memoryview(chunks[0].numpy())
         nbytes = max(request.size, chunk.nbytes)
-        self.put_queue.enter(nbytes)     # the control thread may be busy with a trial run
+        owner_key = self._control_key(request)
+        self.put_queue.enter(nbytes, owner_key)     # the control thread may be in a trial
 
         def write() -> None:
-            self.put_queue.leave(nbytes)
+            self.put_queue.leave(nbytes, owner_key)
             try:
                 owner = request.client.name if self.guard.authenticating else None
                 complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
@@ -268,7 +269,7 @@ class Server:
             except Exception as exc:
                 request.fail(exc)
 
-        self.control.submit(write, self._control_key(request))
+        self.control.submit(write, owner_key)
 
     def _control_key(self, request: Request):
         # whose turn a unit of control-thread work waits for: its key (its connection on
