@@ -24,12 +24,14 @@ class ProfileJob(Job):
 
     The model comes loaded (and vetted) from the control thread, so no trial runs on
     a lane.  Each call, warm-up or timed, is one step at the request's priority and
-    deadline: more urgent work runs between two of them.  Every step is charged to
-    the key's :class:`~rrto_server.profiling.ProfileBudget` and refused ``overloaded``
-    once that is spent.
+    deadline: more urgent work runs between two of them, and after its first step the
+    job also lets every later job of its priority go first (it is background work).
+    Every step is charged to the key's :class:`~rrto_server.profiling.ProfileBudget`
+    and refused ``overloaded`` once that is spent.
     """
 
     WARMUP = 2
+    BEHIND = 1 << 62          # its arrival order once it has started: after any other job
 
     def __init__(self, services: Services, request: Request, model,
                  budget: profiling.ProfileBudget, client: str | None):
@@ -66,6 +68,7 @@ class ProfileJob(Job):
                                 f'{clip(exc)}') from None
         finally:
             self.budget.charge(self.client, time.perf_counter() - start)
+        self.seq = self.BEHIND
         return self.steps_done + 1 >= self.total_steps
 
     def release(self) -> None:

@@ -209,13 +209,13 @@ class ProfileBudget:
     Device seconds each key may spend on ``profile`` requests: a token bucket per key.
 
     A key holds up to ``burst_s`` seconds and earns ``rate`` seconds back per second
-    (the default: a fifth of the device, 20 s at most at once).  Every step of a profile job
+    (the default: a tenth of the device, 10 s at most at once).  Every step of a profile job
     is charged what it took; a request arriving, or a step starting, with the key's
     bucket empty is refused ``overloaded``, so one key's profiling never holds the device
     for longer than its bucket, whatever the number of requests it sends.
     """
 
-    def __init__(self, burst_s: float = 20.0, rate: float = 0.2,
+    def __init__(self, burst_s: float = 10.0, rate: float = 0.1,
                  clock=time.monotonic):
         self.burst_s, self.rate, self.clock = float(burst_s), float(rate), clock
         self._left: dict = {}              # key -> (seconds left, when)

@@ -1,38 +1,110 @@
 """
-A byte budget for uploads waiting for the server's control thread.
+The server's control thread: its queue, fair between client keys, and a byte budget for uploads.
 
-Uploads (``put``) are written to the store by one control thread, which also
-runs the sandbox's trial of a newly recorded model (up to minutes).  Chunks
-that arrive meanwhile wait in its queue, each holding a whole message; the
-budget bounds them, and a chunk beyond it is answered ``overloaded`` (the
-client sends it again later) instead of being held.
+One control thread writes uploads (``put``) to the store, runs the sandbox's
+trial of a newly recorded or profiled model (up to minutes) and evictions.
+:class:`ControlQueue` keeps one FIFO queue per client key and serves the keys
+round robin, so a key that queues many trials delays another key's upload or
+recording by at most one of them per key with work queued, never by all of
+its own.  Upload chunks that wait hold a whole message each; :class:`PutQueue`
+bounds them (in all, and half of that per key), and a chunk beyond it is
+answered ``overloaded`` (the client sends it again later) instead of being held.
 """
 
 from __future__ import annotations
 
+import collections
+import logging
 import threading
+from typing import Callable, Hashable
 
 from rrto_wire.errors import ErrorCode, ProtocolError
 
+log = logging.getLogger('rrto_server.control')
+
+
+class ControlQueue:
+    """One worker thread running submitted work round robin by key, each key's in order."""
+
+    def __init__(self, name: str = 'rrto-control'):
+        self._queues: collections.OrderedDict[Hashable, collections.deque] = \
+            collections.OrderedDict()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[[], None], key: Hashable = None) -> None:
+        """Queue ``fn`` (which answers its own request) behind ``key``'s earlier work."""
+        with self._cond:
+            if self._stop:
+                raise RuntimeError('the control thread is shut down')
+            self._queues.setdefault(key, collections.deque()).append(fn)
+            self._cond.notify()
+
+    def pending(self) -> int:
+        """Return the number of queued (not yet started) units of work."""
+        with self._cond:
+            return sum(len(queue) for queue in self._queues.values())
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop after the running unit (and, unless ``cancel_futures``, the queued ones)."""
+        with self._cond:
+            self._stop = True
+            if cancel_futures:
+                self._queues.clear()
+            self._cond.notify_all()
+        if wait:
+            self._thread.join()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queues and not self._stop:
+                    self._cond.wait()
+                if not self._queues:
+                    return
+                key, queue = self._queues.popitem(last=False)   # the key served longest ago
+                fn = queue.popleft()
+                if queue:
+                    self._queues[key] = queue                   # to the back of the round
+            try:
+                fn()
+            except Exception:      # each unit answers its request; a bug must not stop the thread
+                log.exception('control thread work raised')
+
 
 class PutQueue:
-    """Bytes of queued uploads: at most ``max_bytes`` (one message is always let in)."""
+    """
+    Bytes of queued uploads: at most ``max_bytes``, and half of that per key.
+
+    One message is always let in when nothing is queued, and one for a key that has
+    nothing queued if it fits the total, so one key filling its half leaves the
+    other half to the rest.
+    """
 
     def __init__(self, max_bytes: int):
         self.max_bytes = max_bytes
         self.queued = 0
+        self._by_key: dict[Hashable, int] = {}
         self._lock = threading.Lock()
 
-    def enter(self, nbytes: int) -> None:
-        """Count ``nbytes`` more as queued, or raise ``overloaded`` if they do not fit."""
+    def enter(self, nbytes: int, key: Hashable = None) -> None:
+        """Count ``nbytes`` more as queued for ``key``, or raise ``overloaded``."""
         with self._lock:
-            if self.queued and self.queued + nbytes > self.max_bytes:
+            mine = self._by_key.get(key, 0)
+            if (self.queued and self.queued + nbytes > self.max_bytes) or (
+                    mine and mine + nbytes > self.max_bytes // 2):
                 raise ProtocolError(ErrorCode.OVERLOADED,
-                                    f'{self.queued} bytes of uploads are queued; send this '
-                                    'chunk again later')
+                                    f'{self.queued} bytes of uploads are queued ({mine} of '
+                                    'them this key\'s); send this chunk again later')
             self.queued += nbytes
+            self._by_key[key] = mine + nbytes
 
-    def leave(self, nbytes: int) -> None:
-        """Count ``nbytes`` as no longer queued (the control thread took them)."""
+    def leave(self, nbytes: int, key: Hashable = None) -> None:
+        """Count ``nbytes`` of ``key`` as no longer queued (the control thread took them)."""
         with self._lock:
             self.queued -= nbytes
+            left = self._by_key.pop(key, 0) - nbytes
+            if left > 0:
+                self._by_key[key] = left

@@ -29,7 +29,6 @@ so a peer that never reads cannot make the server hold its replies: at most
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 import time
@@ -41,13 +40,14 @@ import zmq
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server import profiling
 from rrto_server.guard import Guard
-from rrto_server.jobs import (ExpressJob, InferJob, OpJob, RecordJob, Recordings,
+from rrto_server.jobs import (ExpressJob, InferJob, OpJob, Recordings,
                               Services, job_keys, replay_info)
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.profile_job import ProfileJob
 from rrto_server.options import ServerConfig
-from rrto_server.put_queue import PutQueue
+from rrto_server.put_queue import ControlQueue, PutQueue
+from rrto_server.record_gate import GatedRecordJob, RecordGate
 from rrto_server.sandbox import Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
@@ -103,7 +103,7 @@ class Server:
         self._loop_done = threading.Event()
         self._serving = False
         self.recordings = Recordings()
-        self.control = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='rrto-control')
+        self.control = ControlQueue()
         self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
         self.profile_budget = profiling.ProfileBudget()
         theta = config.resolved_theta(self.device)
@@ -112,6 +112,7 @@ class Server:
         self.cpu = CpuWorkers(config.cpu_workers)
         self.scheduler = Scheduler(config.sched_policy, theta, self.device,
                                    trace=config.sched_trace, task_theta=config.task_theta)
+        self.record_gate = RecordGate(self.scheduler.submit)
         self.services = Services(
             device=self.device, stats=self.stats, tasks=self.tasks, registry=self.registry,
             replays=self.replays, naive=self.naive, scheduler=self.scheduler, cpu=self.cpu,
@@ -248,10 +249,11 @@ class Server:
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'put carries exactly one uint8 chunk')
         chunk = memoryview(chunks[0].numpy())
         nbytes = max(request.size, chunk.nbytes)
-        self.put_queue.enter(nbytes)     # the control thread may be busy with a trial run
+        owner_key = self._control_key(request)
+        self.put_queue.enter(nbytes, owner_key)     # the control thread may be in a trial
 
         def write() -> None:
-            self.put_queue.leave(nbytes)
+            self.put_queue.leave(nbytes, owner_key)
             try:
                 owner = request.client.name if self.guard.authenticating else None
                 complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
@@ -267,7 +269,12 @@ class Server:
             except Exception as exc:
                 request.fail(exc)
 
-        self.control.submit(write)
+        self.control.submit(write, owner_key)
+
+    def _control_key(self, request: Request):
+        # whose turn a unit of control-thread work waits for: its key (its connection on
+        # a server without keys)
+        return request.client.name if self.guard.authenticating else request.peer
 
     def _on_record(self, request: Request, frames: list) -> None:
         header = request.header
@@ -286,8 +293,10 @@ class Server:
             except ProtocolError as exc:
                 self.recordings.finish(key, None, exc)
                 return
-            self.scheduler.submit(RecordJob(self.services, self.recordings, key, request))
-        self.control.submit(vet_then_record)
+            self.record_gate.submit(GatedRecordJob(self.record_gate, self._control_key(request),
+                                                   self.services, self.recordings, key,
+                                                   request))
+        self.control.submit(vet_then_record, self._control_key(request))
 
     def _on_infer(self, request: Request, frames: list) -> None:
         # the I/O thread only validates and routes; decoding happens on a CPU worker
@@ -382,7 +391,7 @@ class Server:
                 return
             self.scheduler.submit(ProfileJob(self.services, request, model,
                                              self.profile_budget, client))
-        self.control.submit(load_then_profile)
+        self.control.submit(load_then_profile, self._control_key(request))
 
     def _on_probe(self, request: Request, frames: list) -> None:
         # answered inline by the I/O thread: a probe measures the link, never the device queue
@@ -411,7 +420,7 @@ class Server:
                 request.error(exc)
             except Exception as exc:
                 request.fail(exc)
-        self.control.submit(evict)
+        self.control.submit(evict, self._control_key(request))
 
     def _on_stats(self, request: Request, frames: list) -> None:
         peer = request.client     # an admin (or anyone on an open server) sees every task

@@ -165,7 +165,8 @@ def _profile_frames(request_id, digest, repeats, **fields):
                              'repeats': repeats}, **fields), [])
 
 
-def test_more_urgent_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx):
+@pytest.mark.parametrize('priority', [0, 5])
+def test_other_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx, priority):
     """a10 #2: a profile of 100 calls held the device in one step; now one step per call."""
     from rrto_testing import infer_frames, prepare, raw_socket, receive, reply_header, \
         wait_running
@@ -177,7 +178,7 @@ def test_more_urgent_work_runs_between_the_calls_of_a_profile(make_server, zmq_c
     attacker.send_multipart(_profile_frames(1, heavy, 100))
     wait_running(server, '(profile)')
     start = time.monotonic()
-    robot.send_multipart(infer_frames(2, victim, torch.ones(1, 4), priority=5))
+    robot.send_multipart(infer_frames(2, victim, torch.ones(1, 4), priority=priority))
     header, _ = receive(robot, 60000)
     assert header['kind'] == 'ok'
     assert not attacker.poll(0), (           # still profiling: the victim did not wait for it
@@ -289,3 +290,86 @@ def test_a_co_owner_at_the_server_limit_gives_up_a_shared_replay_never_evicts_it
     assert cache.usage()['victim'] == {'replays': 1, 'bytes': 10}
     cache.add(Replay('ops:9'), [mallory])               # her own oldest goes again
     assert [r.key for r in cache.items()] == ['v'] + [f'ops:{n}' for n in range(3, 10)]
+
+
+# ----------------------------------------------------------------------------- 3: control thread
+
+def test_one_connections_trials_delay_anothers_upload_by_one_trial_not_all(
+        make_server, zmq_ctx, monkeypatch):
+    """a10 #3: 16 records (a trial each) queued ahead of a victim's 410-byte put (32 s)."""
+    import hashlib
+    import threading
+    import exploits
+    from rrto_testing import raw_socket, reply_header
+    from rrto_wire import protocol as wire
+    server = make_server()
+    program, weights = exploits.scale_by_weights()
+    server.store.put(hashlib.sha256(weights).hexdigest(), 'weights', weights)
+    server.store.put(hashlib.sha256(program).hexdigest(), 'program', program)
+    vetted, lock = [], threading.Lock()
+    vet = server.registry.vet
+
+    def slow_vet(digest, signature=None):       # as a sandbox trial of a few seconds
+        if threading.current_thread().name.startswith('rrto-control'):
+            time.sleep(0.3)
+            with lock:
+                vetted.append(digest)
+        return vet(digest, signature)
+    monkeypatch.setattr(server.registry, 'vet', slow_vet)
+    attacker, victim = (raw_socket(zmq_ctx, server.endpoint) for _ in range(2))
+    for i in range(8):                          # 8 different recordings: 8 trials
+        attacker.send_multipart(wire.encode({
+            'kind': 'record', 'id': i, 'model': hashlib.sha256(program).hexdigest(),
+            'signature': [{'dtype': 'float32', 'shape': [4]}],
+            'options': {'segments': f'ops:{i + 1}'}}))
+    deadline = time.monotonic() + 60
+    while not vetted:                           # the first trial is running
+        assert time.monotonic() < deadline, 'no trial started'
+        time.sleep(0.005)
+    victim.send_multipart(wire.encode({
+        'kind': 'put', 'id': 99, 'digest': 'ab' * 32, 'blob_kind': 'weights',
+        'upload': 'u', 'offset': 0, 'total': 1024}, [torch.zeros(512, dtype=torch.uint8)]))
+    assert victim.poll(60000)
+    assert reply_header(victim.recv_multipart()[0], 'put')['kind'] == 'ok'
+    with lock:
+        done = len(vetted)
+    assert done <= 3, f'the put waited for {done} of the other connection\'s 8 trials'
+    for _ in range(8):                          # and every record is answered
+        assert attacker.poll(60000)
+        assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] in ('ok', 'error')
+
+
+def test_one_connections_recordings_delay_anothers_by_one_recording_not_all(
+        make_server, zmq_ctx):
+    """a10 #3: recordings of a vetted model (no trial) all queued ahead of another key's."""
+    from rrto_testing import prepare, raw_socket, reply_header, wait_running
+    from rrto_wire import protocol as wire
+    server = make_server()
+    heavy = _upload(server.endpoint, _Heavy(), torch.randn(256, 256))
+    prepare(server.endpoint, _Heavy(), torch.randn(256, 256))        # vetted: no more trials
+    victim = _upload(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
+    prepare(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
+
+    def record(request_id, digest, shape, segments):
+        return wire.encode({'kind': 'record', 'id': request_id, 'model': digest,
+                            'signature': [{'dtype': 'float32', 'shape': shape}],
+                            'options': {'segments': segments}})
+    attacker, robot = (raw_socket(zmq_ctx, server.endpoint) for _ in range(2))
+    for i in range(6):
+        attacker.send_multipart(record(i, heavy, [256, 256], f'ops:{i + 1}'))
+    wait_running(server, '(record)')
+    deadline = time.monotonic() + 60
+    while server.control.pending():             # every one vetted (cached verdicts)
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    robot.send_multipart(record(9, victim, [1, 4], 'ops:1'))
+    assert robot.poll(120000)
+    assert reply_header(robot.recv_multipart()[0], 'record')['kind'] == 'ok'
+    ahead = 0
+    while attacker.poll(0):
+        assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] == 'ok'
+        ahead += 1
+    assert ahead <= 2, f'the robot\'s recording waited for {ahead} of the other\'s 6'
+    for _ in range(6 - ahead):
+        assert attacker.poll(120000)
+        assert reply_header(attacker.recv_multipart()[0], 'record')['kind'] == 'ok'

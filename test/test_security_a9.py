@@ -439,26 +439,31 @@ def test_many_connections_that_never_read_share_one_reply_budget():
 # ----------------------------------------------------------------------------- 10: put queue
 
 def test_uploads_queued_behind_a_busy_control_thread_are_bounded(make_server, zmq_ctx):
+    """In all 4 messages' bytes, half of them per key (a10 #3: per connection here)."""
     server = make_server(max_message_bytes=1 << 20)              # 4 queued messages in all
     busy = threading.Event()
     server.control.submit(busy.wait)                             # as a long sandbox trial
-    sock = raw_socket(zmq_ctx, server.endpoint)
+    socks = [raw_socket(zmq_ctx, server.endpoint) for _ in range(3)]
     chunk = torch.zeros(900_000, dtype=torch.uint8)
     try:
-        for i in range(6):
-            sock.send_multipart(wire.encode({
+        for i in range(9):                                       # 3 from each connection
+            socks[i // 3].send_multipart(wire.encode({
                 'kind': 'put', 'id': i, 'digest': f'{i:02x}' * 32, 'blob_kind': 'weights',
                 'upload': f'u{i}', 'offset': 0, 'total': 1 << 20}, [chunk]))
+            time.sleep(0.05)                                     # in this order
         refused = []
-        for _ in range(2):                                       # while the thread is busy
-            assert sock.poll(10_000)
-            refused.append(reply_header(sock.recv_multipart()[0], 'put'))
-        assert [(r['code'], r['id']) for r in refused] == [('overloaded', 4),
-                                                           ('overloaded', 5)], refused
+        for sock, count in zip(socks, (1, 1, 3)):                # while the thread is busy
+            for _ in range(count):
+                assert sock.poll(10_000)
+                refused.append(reply_header(sock.recv_multipart()[0], 'put'))
+        assert [(r['code'], r['id']) for r in refused] == [
+            ('overloaded', 2), ('overloaded', 5), ('overloaded', 6), ('overloaded', 7),
+            ('overloaded', 8)], refused
     finally:
         busy.set()
-    replies = [reply_header(sock.recv_multipart()[0], 'put') for _ in range(4)]
-    assert sorted(r['id'] for r in replies if r['kind'] == 'ok') == [0, 1, 2, 3], replies
+    replies = [reply_header(sock.recv_multipart()[0], 'put') for sock in socks[:2]
+               for _ in range(2)]
+    assert sorted(r['id'] for r in replies if r['kind'] == 'ok') == [0, 1, 3, 4], replies
 
 
 # ----------------------------------------------------------------------------- 13: naive
