@@ -5,8 +5,9 @@ One I/O thread owns the ROUTER socket.  Every message becomes a
 :class:`~rrto_server.requests.Request`, which answers exactly once; its header
 is decoded by :func:`rrto_wire.messages.decode_request` and dispatched through
 :attr:`Server.handlers` (kind -> handler).  Cheap requests (hello, missing,
-probe, stats) are answered inline; uploads and evictions go to a control thread
-(disk I/O); recordings and naive operators go to the device
+probe, stats) are answered inline; uploads, recordings' first trial, profiles
+and evictions go to the control thread (:mod:`rrto_server.control_requests`);
+recordings and naive operators go to the device
 :class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
 workers (decode, staging), then to the scheduler, then back to the CPU
 workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Small raw-frame
@@ -37,21 +38,16 @@ from typing import Callable
 import torch
 import zmq
 
+from rrto_server.control_requests import ControlRequests
 from rrto_server.cpu_workers import CpuWorkers
-from rrto_server import profiling
 from rrto_server.guard import Guard
-from rrto_server.jobs import (ExpressJob, InferJob, OpJob, Recordings,
-                              Services, job_keys, replay_info)
+from rrto_server.jobs import ExpressJob, InferJob, OpJob, Services, job_keys, replay_info
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
-from rrto_server.profile_job import ProfileJob
 from rrto_server.options import ServerConfig
-from rrto_server.put_queue import ControlQueue, PutQueue
-from rrto_server.record_gate import GatedRecordJob, RecordGate
 from rrto_server.sandbox import Sandbox
 from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
-from rrto_server.replay_key import check_options, replay_key
 from rrto_server.requests import OpenRequests, ReplySender, Request
 from rrto_server.scheduler import Scheduler
 from rrto_server.stats import ServerStats
@@ -69,7 +65,6 @@ BATCH = 64                  # messages received per poll wake-up before replies 
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
 INLINE_MAX_INPUT_BYTES = 4 << 20
-PUT_QUEUE_MESSAGES = 4      # uploads waiting for the control thread, in whole messages
 
 
 class Server:
@@ -102,29 +97,26 @@ class Server:
         self._stop = threading.Event()
         self._loop_done = threading.Event()
         self._serving = False
-        self.recordings = Recordings()
-        self.control = ControlQueue()
-        self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
-        self.profile_budget = profiling.ProfileBudget()
         theta = config.resolved_theta(self.device)
         self.profile_utilisation = (theta > 0 if config.profile_util is None
                                     else config.profile_util)
         self.cpu = CpuWorkers(config.cpu_workers)
         self.scheduler = Scheduler(config.sched_policy, theta, self.device,
                                    trace=config.sched_trace, task_theta=config.task_theta)
-        self.record_gate = RecordGate(self.scheduler.submit)
         self.services = Services(
             device=self.device, stats=self.stats, tasks=self.tasks, registry=self.registry,
             replays=self.replays, naive=self.naive, scheduler=self.scheduler, cpu=self.cpu,
             on_io_thread=self.replies.on_io_thread, cpu_backend=config.cpu_backend,
             profile_utilisation=self.profile_utilisation,
             max_decoded_bytes=config.max_message_bytes)
+        self.control = ControlRequests(config, self.guard, self.store, self.registry,
+                                       self.replays, self.scheduler, self.services, self.stats)
         self.handlers: dict[Kind, Callable[[Request, list], None]] = {
-            Kind.HELLO: self._on_hello, Kind.MISSING: self._on_missing, Kind.PUT: self._on_put,
-            Kind.RECORD: self._on_record, Kind.INFER: self._on_infer, Kind.OP: self._on_op,
-            Kind.RELEASE: self._on_release, Kind.STATS: self._on_stats,
-            Kind.PROFILE: self._on_profile, Kind.PROBE: self._on_probe,
-            Kind.EVICT: self._on_evict}
+            Kind.HELLO: self._on_hello, Kind.MISSING: self._on_missing,
+            Kind.PUT: self.control.on_put, Kind.RECORD: self.control.on_record,
+            Kind.INFER: self._on_infer, Kind.OP: self._on_op, Kind.RELEASE: self._on_release,
+            Kind.STATS: self._on_stats, Kind.PROFILE: self.control.on_profile,
+            Kind.PROBE: self._on_probe, Kind.EVICT: self.control.on_evict}
         log.info('rrto_server listening on %s (device %s, store %s, uploads %s, scheduler %s, '
                  'packing %s)', self.endpoint, self.device, self.store.root,
                  'on' if config.allow_upload else 'off', config.sched_policy,
@@ -185,7 +177,7 @@ class Server:
         # every thread that can reply stops first; the I/O loop then sends what they left
         self.scheduler.close()
         self.cpu.close()
-        self.control.shutdown(wait=True, cancel_futures=True)
+        self.control.close()
         self.stop()
         if self._serving:
             self._loop_done.wait()
@@ -237,66 +229,6 @@ class Server:
 
     def _on_missing(self, request: Request, frames: list) -> None:
         request.ok(missing=self.store.missing(request.header.digests))
-
-    def _on_put(self, request: Request, frames: list) -> None:
-        if not self.config.allow_upload:
-            raise ProtocolError(
-                ErrorCode.UPLOAD_DISABLED,
-                'this server was started with --no-upload; it serves only stored models')
-        header = request.header
-        chunks = wire.decode_tensors(header.tensors, frames, self.config.max_message_bytes)
-        if len(chunks) != 1 or chunks[0].dtype != torch.uint8 or chunks[0].dim() != 1:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, 'put carries exactly one uint8 chunk')
-        chunk = memoryview(chunks[0].numpy())
-        nbytes = max(request.size, chunk.nbytes)
-        owner_key = self._control_key(request)
-        self.put_queue.enter(nbytes, owner_key)     # the control thread may be in a trial
-
-        def write() -> None:
-            self.put_queue.leave(nbytes, owner_key)
-            try:
-                owner = request.client.name if self.guard.authenticating else None
-                complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
-                                                header.offset, header.total, chunk, owner,
-                                                request.client.grant.store_bytes)
-                if complete:
-                    self.stats.count(header.digest, 'uploads')
-                request.ok(complete=complete)
-            except ProtocolError as exc:
-                request.error(exc)
-            except OSError as exc:
-                request.error(ProtocolError(ErrorCode.INTERNAL, f'store write failed: {exc}'))
-            except Exception as exc:
-                request.fail(exc)
-
-        self.control.submit(write, owner_key)
-
-    def _control_key(self, request: Request):
-        # whose turn a unit of control-thread work waits for: its key (its connection on
-        # a server without keys)
-        return request.client.name if self.guard.authenticating else request.peer
-
-    def _on_record(self, request: Request, frames: list) -> None:
-        header = request.header
-        check_options(header.options)
-        key = replay_key(header.model, header.signature, header.options)
-        replay = self.replays.claim(key, request.client)
-        if replay is not None:
-            request.ok(**replay_info(replay, recorded=False))
-            return
-        if not self.recordings.join(key, request):
-            return  # the same recording is already queued; all are answered when it ends
-
-        def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
-            try:
-                self.registry.vet(header.model, header.signature)
-            except ProtocolError as exc:
-                self.recordings.finish(key, None, exc)
-                return
-            self.record_gate.submit(GatedRecordJob(self.record_gate, self._control_key(request),
-                                                   self.services, self.recordings, key,
-                                                   request))
-        self.control.submit(vet_then_record, self._control_key(request))
 
     def _on_infer(self, request: Request, frames: list) -> None:
         # the I/O thread only validates and routes; decoding happens on a CPU worker
@@ -373,26 +305,6 @@ class Server:
         self.naive.release(self._session(request))
         request.ok()
 
-    def _on_profile(self, request: Request, frames: list) -> None:
-        client = request.client.name if self.guard.authenticating else None
-        self.profile_budget.check(client)
-
-        def load_then_profile() -> None:    # a first trial run blocks neither I/O nor lanes
-            try:
-                if self.store.kind(request.header.model) == 'onnx':
-                    raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                        'only rrto-program models can be profiled')
-                model = self.registry.get(request.header.model)
-            except ProtocolError as exc:
-                request.error(exc)
-                return
-            except Exception as exc:
-                request.fail(exc)
-                return
-            self.scheduler.submit(ProfileJob(self.services, request, model,
-                                             self.profile_budget, client))
-        self.control.submit(load_then_profile, self._control_key(request))
-
     def _on_probe(self, request: Request, frames: list) -> None:
         # answered inline by the I/O thread: a probe measures the link, never the device queue
         reply_bytes = request.header.reply_bytes
@@ -407,20 +319,6 @@ class Server:
         wire.decode_tensors(request.header.tensors, frames, cap)  # checks the frames
         tensors = [torch.zeros(reply_bytes, dtype=torch.uint8)] if reply_bytes else []
         request.ok(tensors, received_bytes=request.size)
-
-    def _on_evict(self, request: Request, frames: list) -> None:
-        # admin only (rrto_server.auth.KIND_ROLES); reads and deletes files: control thread
-        header = request.header
-
-        def evict() -> None:
-            try:
-                request.ok(**self.registry.evict(header.model, self.replays.remove_model,
-                                                 header.store))
-            except ProtocolError as exc:
-                request.error(exc)
-            except Exception as exc:
-                request.fail(exc)
-        self.control.submit(evict, self._control_key(request))
 
     def _on_stats(self, request: Request, frames: list) -> None:
         peer = request.client     # an admin (or anyone on an open server) sees every task

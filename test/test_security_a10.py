@@ -193,7 +193,7 @@ def test_a_key_spends_at_most_its_profile_budget(make_server, zmq_ctx):
     from rrto_server.profiling import ProfileBudget
     from rrto_testing import exchange, raw_socket
     server = make_server()
-    server.profile_budget = ProfileBudget(burst_s=0.2, rate=0.0)
+    server.control.profile_budget = ProfileBudget(burst_s=0.2, rate=0.0)
     heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
     sock = raw_socket(zmq_ctx, server.endpoint)
     first = exchange(sock, _profile_frames(1, heavy, 100), 120000)
@@ -211,7 +211,7 @@ def test_a_profile_vets_its_model_off_the_device_lanes(make_server, zmq_ctx):
     server = make_server()
     heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
     busy = threading.Event()
-    server.control.submit(busy.wait)                 # the control thread is busy (a trial)
+    server.control.queue.submit(busy.wait)                 # the control thread is busy (a trial)
     sock = raw_socket(zmq_ctx, server.endpoint)
     try:
         sock.send_multipart(_profile_frames(1, heavy, 1))
@@ -359,7 +359,7 @@ def test_one_connections_recordings_delay_anothers_by_one_recording_not_all(
         attacker.send_multipart(record(i, heavy, [256, 256], f'ops:{i + 1}'))
     wait_running(server, '(record)')
     deadline = time.monotonic() + 60
-    while server.control.pending():             # every one vetted (cached verdicts)
+    while server.control.queue.pending():             # every one vetted (cached verdicts)
         assert time.monotonic() < deadline
         time.sleep(0.005)
     robot.send_multipart(record(9, victim, [1, 4], 'ops:1'))

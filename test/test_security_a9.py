@@ -442,7 +442,7 @@ def test_uploads_queued_behind_a_busy_control_thread_are_bounded(make_server, zm
     """In all 4 messages' bytes, half of them per key (a10 #3: per connection here)."""
     server = make_server(max_message_bytes=1 << 20)              # 4 queued messages in all
     busy = threading.Event()
-    server.control.submit(busy.wait)                             # as a long sandbox trial
+    server.control.queue.submit(busy.wait)                             # as a long sandbox trial
     socks = [raw_socket(zmq_ctx, server.endpoint) for _ in range(3)]
     chunk = torch.zeros(900_000, dtype=torch.uint8)
     try:

@@ -1,0 +1,150 @@
+"""
+Requests the control thread serves: uploads, recordings' first trial, profiles, evictions.
+
+Each handler checks its request on the I/O thread, then queues the slow part
+(writing to the store, the sandbox's trial run of a model not yet vetted,
+loading a model, deleting files) on the control thread
+(:class:`~rrto_server.put_queue.ControlQueue`, round robin between client
+keys), so neither the I/O thread nor a device lane waits for it.  That work
+answers its own request, exactly once.  A vetted recording then enters the
+scheduler through the :class:`~rrto_server.record_gate.RecordGate` (one per
+key at a time); a profile runs as :class:`~rrto_server.profile_job.ProfileJob`
+steps within the key's :class:`~rrto_server.profiling.ProfileBudget`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rrto_server import profiling
+from rrto_server.guard import Guard
+from rrto_server.jobs import Recordings, Services, replay_info
+from rrto_server.models import ModelRegistry
+from rrto_server.options import ServerConfig
+from rrto_server.profile_job import ProfileJob
+from rrto_server.put_queue import ControlQueue, PutQueue
+from rrto_server.record_gate import GatedRecordJob, RecordGate
+from rrto_server.replay_cache import ReplayCache
+from rrto_server.replay_key import check_options, replay_key
+from rrto_server.requests import Request
+from rrto_server.scheduler import Scheduler
+from rrto_server.stats import ServerStats
+from rrto_server.store import BlobStore
+from rrto_wire import protocol as wire
+from rrto_wire.errors import ErrorCode, ProtocolError
+
+PUT_QUEUE_MESSAGES = 4      # uploads waiting for the control thread, in whole messages
+
+
+class ControlRequests:
+    """The handlers of ``put``, ``record``, ``profile`` and ``evict``; the thread they share."""
+
+    def __init__(self, config: ServerConfig, guard: Guard, store: BlobStore,
+                 registry: ModelRegistry, replays: ReplayCache, scheduler: Scheduler,
+                 services: Services, stats: ServerStats):
+        self.config, self.guard, self.store, self.registry = config, guard, store, registry
+        self.replays, self.scheduler, self.services, self.stats = \
+            replays, scheduler, services, stats
+        self.queue = ControlQueue()
+        self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
+        self.recordings = Recordings()
+        self.record_gate = RecordGate(scheduler.submit)
+        self.profile_budget = profiling.ProfileBudget()
+
+    def close(self) -> None:
+        """Stop the control thread; queued work is dropped."""
+        self.queue.shutdown(wait=True, cancel_futures=True)
+
+    def on_put(self, request: Request, frames: list) -> None:
+        if not self.config.allow_upload:
+            raise ProtocolError(
+                ErrorCode.UPLOAD_DISABLED,
+                'this server was started with --no-upload; it serves only stored models')
+        header = request.header
+        chunks = wire.decode_tensors(header.tensors, frames, self.config.max_message_bytes)
+        if len(chunks) != 1 or chunks[0].dtype != torch.uint8 or chunks[0].dim() != 1:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, 'put carries exactly one uint8 chunk')
+        chunk = memoryview(chunks[0].numpy())
+        nbytes = max(request.size, chunk.nbytes)
+        owner_key = self.key(request)
+        self.put_queue.enter(nbytes, owner_key)     # the control thread may be in a trial
+
+        def write() -> None:
+            self.put_queue.leave(nbytes, owner_key)
+            try:
+                owner = request.client.name if self.guard.authenticating else None
+                complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
+                                                header.offset, header.total, chunk, owner,
+                                                request.client.grant.store_bytes)
+                if complete:
+                    self.stats.count(header.digest, 'uploads')
+                request.ok(complete=complete)
+            except ProtocolError as exc:
+                request.error(exc)
+            except OSError as exc:
+                request.error(ProtocolError(ErrorCode.INTERNAL, f'store write failed: {exc}'))
+            except Exception as exc:
+                request.fail(exc)
+
+        self.queue.submit(write, owner_key)
+
+    def key(self, request: Request):
+        # whose turn a unit of control-thread work waits for: its key (its connection on
+        # a server without keys)
+        return request.client.name if self.guard.authenticating else request.peer
+
+    def on_record(self, request: Request, frames: list) -> None:
+        header = request.header
+        check_options(header.options)
+        key = replay_key(header.model, header.signature, header.options)
+        replay = self.replays.claim(key, request.client)
+        if replay is not None:
+            request.ok(**replay_info(replay, recorded=False))
+            return
+        if not self.recordings.join(key, request):
+            return  # the same recording is already queued; all are answered when it ends
+
+        def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
+            try:
+                self.registry.vet(header.model, header.signature)
+            except ProtocolError as exc:
+                self.recordings.finish(key, None, exc)
+                return
+            self.record_gate.submit(GatedRecordJob(self.record_gate, self.key(request),
+                                                   self.services, self.recordings, key,
+                                                   request))
+        self.queue.submit(vet_then_record, self.key(request))
+
+    def on_profile(self, request: Request, frames: list) -> None:
+        client = request.client.name if self.guard.authenticating else None
+        self.profile_budget.check(client)
+
+        def load_then_profile() -> None:    # a first trial run blocks neither I/O nor lanes
+            try:
+                if self.store.kind(request.header.model) == 'onnx':
+                    raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                        'only rrto-program models can be profiled')
+                model = self.registry.get(request.header.model)
+            except ProtocolError as exc:
+                request.error(exc)
+                return
+            except Exception as exc:
+                request.fail(exc)
+                return
+            self.scheduler.submit(ProfileJob(self.services, request, model,
+                                             self.profile_budget, client))
+        self.queue.submit(load_then_profile, self.key(request))
+
+    def on_evict(self, request: Request, frames: list) -> None:
+        # admin only (rrto_server.auth.KIND_ROLES); reads and deletes files: control thread
+        header = request.header
+
+        def evict() -> None:
+            try:
+                request.ok(**self.registry.evict(header.model, self.replays.remove_model,
+                                                 header.store))
+            except ProtocolError as exc:
+                request.error(exc)
+            except Exception as exc:
+                request.fail(exc)
+        self.queue.submit(evict, self.key(request))
