@@ -111,13 +111,7 @@ class Front:
 
     def _peer(self, frame: zmq.Frame) -> Peer:
         """Return the key that sent ``frame`` (its CURVE ``User-Id``); raise if not allowed."""
-        if self._gate is None:
-            return ANONYMOUS
-        try:
-            user_id = frame.get('User-Id')
-        except zmq.ZMQError:
-            user_id = None
-        return self._gate.keyring.peer(user_id)
+        return ANONYMOUS if self._gate is None else self._gate.keyring.sender(frame)
 
     def _on_message(self, frames: list[zmq.Frame]) -> None:
         envelope, body = [f.bytes for f in frames[:-1]], frames[-1]

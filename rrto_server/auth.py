@@ -165,6 +165,14 @@ class KeyRing:
                                 'this key is not (or no longer) allowed on this server')
         return peer
 
+    def sender(self, frame: zmq.Frame) -> Peer:
+        """Return the peer whose key sent the message ``frame`` belongs to (its ``User-Id``)."""
+        try:
+            user_id = frame.get('User-Id')
+        except zmq.ZMQError:
+            user_id = None
+        return self.peer(user_id)
+
     def secure(self, sock: zmq.Socket) -> None:
         """Make ``sock`` a CURVE server with this key pair (call before ``bind``)."""
         sock.curve_secretkey = self._server_secret

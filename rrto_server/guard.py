@@ -87,13 +87,7 @@ class Guard:
 
     def peer(self, frame: zmq.Frame) -> Peer:
         """Return the sender of the message ``frame`` belongs to; raise if its key is revoked."""
-        if self.keyring is None:
-            return ANONYMOUS
-        try:
-            user_id = frame.get('User-Id')
-        except zmq.ZMQError:
-            user_id = None
-        return self.keyring.peer(user_id)
+        return ANONYMOUS if self.keyring is None else self.keyring.sender(frame)
 
     def admit(self, peer: Peer, kind: str,
               priority: int | None = None) -> tuple[int | None, Callable[[], None]]:

@@ -65,8 +65,8 @@ def assert_packing_invariant(trace: list[dict], theta: float) -> int:
     return pairs
 
 
-def prepare(endpoint: str, model, x: torch.Tensor, **options) -> str:
-    """Upload and record ``model`` for ``x``'s signature; return the replay id."""
+def upload(endpoint: str, model, x: torch.Tensor):
+    """Upload ``model`` exported for ``x``'s signature; return its artifact."""
     from rrto_ros.client import RrtoClient
     from rrto_ros.local_model import TorchModule
     client = RrtoClient(endpoint, call_timeout_ms=120000)
@@ -75,6 +75,17 @@ def prepare(endpoint: str, model, x: torch.Tensor, **options) -> str:
         artifact = TorchModule(model).artifact(flat, spec)
         client.hello()
         client.upload(artifact.blobs)
+        return artifact
+    finally:
+        client.close()
+
+
+def prepare(endpoint: str, model, x: torch.Tensor, **options) -> str:
+    """Upload and record ``model`` for ``x``'s signature; return the replay id."""
+    from rrto_ros.client import RrtoClient
+    artifact = upload(endpoint, model, x)
+    client = RrtoClient(endpoint, call_timeout_ms=120000)
+    try:
         return client.record(artifact.model, artifact.signature, options)['replay']
     finally:
         client.close()

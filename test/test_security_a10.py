@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from rrto_server.store import BlobStore
+from rrto_testing import upload
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import sha256
 
@@ -139,21 +140,6 @@ class _Heavy(torch.nn.Module):
         return x
 
 
-def _upload(endpoint, model, x) -> str:
-    from rrto_ros.client import RrtoClient
-    from rrto_ros.local_model import TorchModule
-    from rrto_wire import treespec
-    client = RrtoClient(endpoint, call_timeout_ms=120000)
-    try:
-        flat, spec = treespec.flatten(((x,), {}))
-        artifact = TorchModule(model).artifact(flat, spec)
-        client.hello()
-        client.upload(artifact.blobs)
-        return artifact.model
-    finally:
-        client.close()
-
-
 def _hello(request_id):
     from rrto_wire import protocol as wire
     return wire.encode({'kind': 'hello', 'id': request_id})
@@ -172,7 +158,7 @@ def test_other_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx, pr
         wait_running
     server = make_server()
     victim = prepare(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
-    heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
+    heavy = upload(server.endpoint, _Heavy(), torch.randn(160, 160)).model
     attacker = raw_socket(zmq_ctx, server.endpoint)
     robot = raw_socket(zmq_ctx, server.endpoint)
     attacker.send_multipart(_profile_frames(1, heavy, 100))
@@ -194,7 +180,7 @@ def test_a_key_spends_at_most_its_profile_budget(make_server, zmq_ctx):
     from rrto_testing import exchange, raw_socket
     server = make_server()
     server.control.profile_budget = ProfileBudget(burst_s=0.2, rate=0.0)
-    heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
+    heavy = upload(server.endpoint, _Heavy(), torch.randn(160, 160)).model
     sock = raw_socket(zmq_ctx, server.endpoint)
     first = exchange(sock, _profile_frames(1, heavy, 100), 120000)
     assert first['kind'] == 'error' and first['code'] == ErrorCode.OVERLOADED, first
@@ -209,7 +195,7 @@ def test_a_profile_vets_its_model_off_the_device_lanes(make_server, zmq_ctx):
     import threading
     from rrto_testing import exchange, raw_socket, reply_header
     server = make_server()
-    heavy = _upload(server.endpoint, _Heavy(), torch.randn(160, 160))
+    heavy = upload(server.endpoint, _Heavy(), torch.randn(160, 160)).model
     busy = threading.Event()
     server.control.queue.submit(busy.wait)                 # the control thread is busy (a trial)
     sock = raw_socket(zmq_ctx, server.endpoint)
@@ -345,9 +331,9 @@ def test_one_connections_recordings_delay_anothers_by_one_recording_not_all(
     from rrto_testing import prepare, raw_socket, reply_header, wait_running
     from rrto_wire import protocol as wire
     server = make_server()
-    heavy = _upload(server.endpoint, _Heavy(), torch.randn(256, 256))
+    heavy = upload(server.endpoint, _Heavy(), torch.randn(256, 256)).model
     prepare(server.endpoint, _Heavy(), torch.randn(256, 256))        # vetted: no more trials
-    victim = _upload(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
+    victim = upload(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4)).model
     prepare(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4))
 
     def record(request_id, digest, shape, segments):
