@@ -190,6 +190,7 @@ class HybridBench:
                     point['energy_j'] = energy_j(point, self.power)
                     row[name] = point
                 row['verdict'] = verdict(row)
+                row['paired'] = paired_verdict(row)
                 result['rows'].append(row)
                 self.save()
                 log.warning('%-12s %5g ms %6g Mbit/s: %s', model.label, link.rtt_ms,
@@ -370,16 +371,15 @@ def verdict(row: dict, pooled: dict[str, float] | None = None) -> dict:
     best_name = min(BASELINES, key=lambda n: row[n]['median_ms'])
     best = row[best_name]['median_ms']
     hybrid = row['hybrid']['median_ms']
-    local, remote = row['local']['median_ms'], row['offload']['median_ms']
     noise = max(_gap(row[a], row[b]) for a, b in TWINS if a in row and b in row)
     same = row[best_name]['plan'] == row['hybrid']['plan']
     gain = 1 - hybrid / best
     allowed = max(0.03, noise)
     h = row['hybrid']
-    bound = ('robot' if 'robot' in (regime(row[best_name]), regime(h)) else 'link')
+    bound = _point_regime(row, best_name)
     result = {'best': best_name, 'best_ms': best, 'gain': gain, 'noise': noise,
               'same_plan': same, 'allowed': allowed, 'regime': bound,
-              'crossover': max(local, remote) / min(local, remote) <= 2.0,
+              'crossover': _crossover(row),
               'within': gain >= -allowed,
               'error': (h['predicted_ms'] - h['median_ms']) / h['median_ms']}
     if pooled is not None:
@@ -395,6 +395,10 @@ def regime(point: dict) -> str:
     """Return 'robot' for a runner whose robot CPU time is >= ROBOT_BOUND of its latency."""
     return ('robot' if point.get('robot_cpu_ms', 0.0) >= ROBOT_BOUND * point['median_ms']
             else 'link')
+
+
+def _point_regime(row: dict, best_name: str) -> str:
+    return 'robot' if 'robot' in (regime(row[best_name]), regime(row['hybrid'])) else 'link'
 
 
 def _gap(a: dict, b: dict) -> float:
@@ -418,6 +422,107 @@ def pooled_floors(rows: list[dict]) -> dict[str, float]:
     return {name: max(values) for name, values in gaps.items() if values}
 
 
+# ---------------------------------------------------------------------- paired
+def paired_ratio(a: dict, b: dict) -> float | None:
+    """
+    Return the median over rounds of runner ``a``'s latency over ``b``'s in the same round.
+
+    The runners of one round run back to back, so whatever slows the robot or
+    the link for longer than a round (a core whose speed wanders) slows both
+    alike and cancels in each round's ratio; the ratio of two medians keeps it
+    wherever one slow call moves a median from one speed phase to another.
+    None for runners without per-round samples (results of older runs).
+    """
+    ra, rb = a.get('rounds_ms'), b.get('rounds_ms')
+    if not ra or not rb or len(ra) != len(rb):
+        return None
+    return statistics.median(x / y for x, y in zip(ra, rb))
+
+
+def _paired_gap(a: dict, b: dict) -> float | None:
+    ratio = paired_ratio(a, b)
+    return None if ratio is None else max(ratio, 1 / ratio) - 1
+
+
+def paired_verdict(row: dict, pooled: dict[str, float] | None = None) -> dict | None:
+    """
+    Judge a grid point round by round: the paired verdict beside :func:`verdict`.
+
+    ``gain`` is 1 - the paired ratio (:func:`paired_ratio`) of the table's runner
+    to the baseline it loses to most (``best``); ``noise`` the larger paired gap
+    between the two identical twins (local and its twin, offload and its twin);
+    ``within``: at most max(3 %, noise) slower, the same rule as the per-point
+    verdict.  ``pooled`` (:func:`paired_floors`) adds ``pooled_within`` with the
+    run's largest paired twin gap in the point's regime.  ``error`` is the
+    model's error on the ratio that decides the plan: predicted (table's plan /
+    ``error_vs``) over the paired measured ratio, minus 1, where ``error_vs``
+    is the fastest baseline (by median) running another plan; drift common to
+    a round cancels in it, unlike the error of the absolute latency.
+    None where the row has no per-round samples.
+    """
+    h = row['hybrid']
+    ratios = {name: paired_ratio(h, row[name]) for name in BASELINES}
+    noises = [_paired_gap(row[a], row[b]) for a, b in TWINS if a in row and b in row]
+    if None in ratios.values() or None in noises or not noises:
+        return None
+    best = max(BASELINES, key=lambda name: ratios[name])
+    noise = max(noises)
+    gain = 1 - ratios[best]
+    allowed = max(0.03, noise)
+    bound = _point_regime(row, best)
+    result = {'best': best, 'gain': gain, 'noise': noise, 'allowed': allowed,
+              'same_plan': row[best]['plan'] == h['plan'], 'regime': bound,
+              'within': gain >= -allowed}
+    others = [name for name in BASELINES if row[name]['plan'] != h['plan']]
+    if others:
+        ref = min(others, key=lambda name: row[name]['median_ms'])
+        predicted = h['predicted_ms'] / row[ref]['predicted_ms']
+        result.update(error_vs=ref, error=predicted / ratios[ref] - 1)
+    if pooled is not None:
+        result['pooled_noise'] = pooled.get(bound, 0.0)
+        result['pooled_within'] = gain >= -max(0.03, result['pooled_noise'])
+    return result
+
+
+def paired_floors(rows: list[dict]) -> dict[str, float]:
+    """Return per regime the largest paired gap between identical twins anywhere in the run."""
+    gaps: dict[str, list[float]] = {'robot': [], 'link': []}
+    for row in rows:
+        for a, b in TWINS:
+            gap = _paired_gap(row[a], row[b]) if a in row and b in row else None
+            if gap is not None:
+                gaps[regime(row[a])].append(gap)
+    return {name: max(values) for name, values in gaps.items() if values}
+
+
+def paired_summary(rows: list[dict]) -> dict | None:
+    """Return the paired verdicts over one model's grid (None without per-round samples)."""
+    pooled = paired_floors(rows)
+    verdicts = [paired_verdict(r, pooled) for r in rows]
+    if not verdicts or None in verdicts:
+        return None
+    crossover = [v['gain'] for v, r in zip(verdicts, rows)
+                 if _crossover(r) and not v['same_plan']]
+    return {
+        'worst': max(-v['gain'] for v in verdicts),
+        'all_within': all(v['within'] for v in verdicts),
+        'over': sum(not v['within'] for v in verdicts),
+        'over_same_plan': sum(not v['within'] and v['same_plan'] for v in verdicts),
+        'pooled_floors': pooled,
+        'all_within_pooled': all(v['pooled_within'] for v in verdicts),
+        'over_pooled': sum(not v['pooled_within'] for v in verdicts),
+        'points': len(verdicts),
+        'noise_median': statistics.median(v['noise'] for v in verdicts),
+        'crossover_gain': max(crossover, default=None),
+        'median_error': median_error(v['error'] for v in verdicts if 'error' in v),
+    }
+
+
+def _crossover(row: dict) -> bool:
+    local, remote = row['local']['median_ms'], row['offload']['median_ms']
+    return max(local, remote) / min(local, remote) <= 2.0
+
+
 def summary(result: dict) -> dict:
     """Return one model's verdicts over the grid (per point, and with the pooled floor)."""
     pooled = pooled_floors(result['rows'])
@@ -437,10 +542,19 @@ def summary(result: dict) -> dict:
         'crossover_points': sum(v['crossover'] for v in verdicts),
         'crossover_gain': max((v['gain'] for v in band), default=None),
         'median_error': median_error(v['error'] for v in verdicts),
+        'paired': paired_summary(result['rows']),
         'corrected_within_20': None if correction is None
         else (correction['calls_until_dropped'] <= 20
               or correction.get('really_wrong') is False),
     }
+
+
+PAIRED_TEXT = ('The paired verdict compares round by round: per point, the median over rounds '
+               'of the table\'s runner\'s latency over the baseline\'s in the same round, '
+               'against the baseline it loses to most, with the same statistic between the '
+               'twins as the noise floor (drift common to a round cancels); the paired error is '
+               'the model\'s error on the ratio of the chosen plan to the fastest baseline '
+               'running another plan, measured in the same rounds.  ')
 
 
 def render(meta: dict, models: list[dict]) -> str:
@@ -457,8 +571,10 @@ def render(meta: dict, models: list[dict]) -> str:
              'point\'s noise floor; the largest gap between twins anywhere in the run, in the '
              'point\'s regime (robot-bound where either compared runner spent at least a third '
              'of its latency on robot CPU, else link-bound), is the pooled floor, a second '
-             'verdict beside the per-point one.  The table\'s plan runs with run-time '
-             'correction off (the offline planner alone).', '']
+             'verdict beside the per-point one.  '
+             + (PAIRED_TEXT if any(m['rows'] and paired_summary(m['rows']) for m in models)
+                else '') + 'The table\'s plan runs with run-time correction off (the offline '
+             'planner alone).', '']
     if meta['load'] > 0.5 * meta['cores']:
         lines += [f'**Caution**: load average {meta["load"]:.1f} on {meta["cores"]} cores '
                   'while this ran.', '']
@@ -473,10 +589,13 @@ def render(meta: dict, models: list[dict]) -> str:
                   f'{result["profiles"]["up_ms_per_mb"]:.1f} ms/MB up, '
                   f'{result["profiles"]["down_ms_per_mb"]:.1f} ms/MB down, contention '
                   f'{result["profiles"]["contention"]:.2f}.', '']
+        paired = s['paired']
         header = (['RTT ms', 'Mbit/s'] + [f'{m} ms' for m in MODES]
-                  + ['plan', 'best split plan', 'vs best baseline', 'predicted ms', 'error'])
+                  + ['plan', 'best split plan', 'vs best baseline', 'predicted ms', 'error']
+                  + (['paired vs best baseline (twins)', 'paired error'] if paired else []))
         rows = []
         pooled = s['pooled_floors']
+        paired_pooled = paired['pooled_floors'] if paired else {}
         for row in sorted(result['rows'], key=lambda r: (r['rtt_ms'], r['bandwidth_mbps'])):
             v = verdict(row, pooled)
             rows.append([f'{row["rtt_ms"]:g}', f'{row["bandwidth_mbps"]:g}']
@@ -487,7 +606,8 @@ def render(meta: dict, models: list[dict]) -> str:
                             + (' (crossover)' if v['crossover'] else '')
                             + ('' if v['within'] else ' **over limit**')
                             + ('' if v['pooled_within'] else ' **over pooled**')),
-                           f'{row["hybrid"]["predicted_ms"]:.1f}', f'{v["error"] * 100:+.1f} %'])
+                           f'{row["hybrid"]["predicted_ms"]:.1f}', f'{v["error"] * 100:+.1f} %']
+                        + (_paired_cells(paired_verdict(row, paired_pooled)) if paired else []))
         lines += report.table(header, rows)
         gain = s['crossover_gain']
         floors = ', '.join(f'{k}-bound {v * 100:.1f} %' for k, v in pooled.items())
@@ -500,6 +620,22 @@ def render(meta: dict, models: list[dict]) -> str:
                   + ('none (no point with a plan of its own there)' if gain is None
                      else f'{gain * 100:.1f} %') + '.  Median prediction error of the chosen '
                   f'plans: {s["median_error"] * 100:.1f} %.', '']
+        if paired:
+            pfloors = ', '.join(f'{k}-bound {v * 100:.1f} %' for k, v in paired_pooled.items())
+            pgain = paired['crossover_gain']
+            lines += [f'Paired (round by round): worst {paired["worst"] * 100:+.1f} %; every '
+                      f'point within max(3 %, its twins\' paired gap; median gap '
+                      f'{paired["noise_median"] * 100:.1f} %): '
+                      f'{"yes" if paired["all_within"] else "NO"} ({paired["over"]} over, '
+                      f'{paired["over_same_plan"]} of them with the best baseline\'s plan); '
+                      f'within max(3 %, the run\'s largest paired twin gap of its regime: '
+                      f'{pfloors}): {"yes" if paired["all_within_pooled"] else "NO"} '
+                      f'({paired["over_pooled"]} over).  Best paired gain in the crossover '
+                      'band: ' + ('none' if pgain is None else f'{pgain * 100:.1f} %')
+                      + '.  Median paired prediction error (ratio to the fastest baseline '
+                      'running another plan): ' + ('-' if paired['median_error'] is None
+                                                   else f'{paired["median_error"] * 100:.1f} %')
+                      + '.', '']
         c = result.get('correction')
         if c:
             kept = c['calls_until_dropped'] == len(c['plans_used'])
@@ -521,6 +657,14 @@ def render(meta: dict, models: list[dict]) -> str:
                                   'with a live LinkMonitor (probes through the emulator) as the '
                                   'only source of the estimate')
     return '\n'.join(lines + [END]) + '\n'
+
+
+def _paired_cells(v: dict) -> list[str]:
+    """Return the paired verdict's two table cells."""
+    return [f'{-v["gain"] * 100:+.1f} % vs {v["best"]} ({v["noise"] * 100:.1f} %)'
+            + ('' if v['within'] else ' **over limit**')
+            + ('' if v['pooled_within'] else ' **over pooled**'),
+            f'{v["error"] * 100:+.1f} % vs {v["error_vs"]}' if 'error' in v else '-']
 
 
 def _steps_lines(steps: dict, how: str) -> list[str]:

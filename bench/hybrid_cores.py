@@ -1,18 +1,24 @@
 r"""
 Run several ``bench.hybrid`` processes side by side, each on cores of its own.
 
-On a many-core host every model gets a robot core (one hardware thread of a
-physical core whose siblings stay idle), a server (every thread of one
-physical core with SMT, else two cores) and a link emulator core (one
-physical core each where there are enough, else one shared by all: a shared
-emulator core delays one run's transfers while another run's pass); each
-process writes ``OUT/<model>.json`` and ``OUT/<model>.log``, and at the end
-``OUT/combined.json`` holds every model with the cores each ran on
-(:func:`combine`; render it with ``python -m bench.hybrid --render-only --out``).
-Arguments after ``OUT`` go to every ``bench.hybrid`` process.
+On a many-core host every process gets a robot core (one hardware thread of a
+physical core whose siblings stay idle), a server (every thread of
+``--server-cores`` physical cores, one thread per hardware thread; default one
+physical core with SMT, else two cores) and a link emulator core (one physical
+core each where there are enough, else one shared by all: a shared emulator
+core delays one run's transfers while another run's pass).  Models separated
+by ``,`` run in processes side by side; models joined by ``+`` run one after
+another in one process, on the same cores (a server with many cores for fewer
+processes).  Each process writes ``OUT/<models>.json`` and ``OUT/<models>.log``
+(names joined by ``-``), and at the end ``OUT/combined.json`` holds every model
+with the cores each ran on (:func:`combine`; render it with
+``python -m bench.hybrid --render-only --out``).  Other arguments after ``OUT``
+go to every ``bench.hybrid`` process.
 
     python -m bench.hybrid_cores resnet18,python:bench.unseen_models:unet /tmp/out \
         --size 128x160 --grid 5,20,50,100,300 --rtts 4,30 --calls 5
+    python -m bench.hybrid_cores python:bench.unseen_models:unet,resnet18+mobilenet /tmp/out \
+        --server-cores 6 --size 240x320
 """
 
 from __future__ import annotations
@@ -37,21 +43,27 @@ def physical_cores(cpus: list[int]) -> list[tuple[int, ...]]:
     return sorted(cores)
 
 
-def assign(models: int, cores: list[tuple[int, ...]]) -> list[dict[str, list[int]]]:
-    """Return per model its robot, server and emulator cores (raises if too few cores)."""
+def assign(models: int, cores: list[tuple[int, ...]],
+           server_cores: int | None = None) -> list[dict[str, list[int]]]:
+    """
+    Return per process its robot, server and emulator cores (raises if too few cores).
+
+    ``server_cores`` physical cores per server (default: one with SMT, else
+    two), every hardware thread of them.
+    """
     smt = len(cores[0]) > 1
-    per_model = 2 if smt else 3
+    server_cores = server_cores or (1 if smt else 2)
+    per_model = 1 + server_cores
     if len(cores) < per_model * models + 1:
-        raise ValueError(f'{models} models need {per_model * models + 1} physical cores, '
+        raise ValueError(f'{models} processes need {per_model * models + 1} physical cores, '
                          f'{len(cores)} available')
     own = len(cores) >= (per_model + 1) * models
     plans = []
     for k in range(models):
         emulator = list(cores[per_model * models + (k if own else 0)])
-        first = cores[per_model * k]
-        server = (list(cores[per_model * k + 1]) if smt
-                  else [cores[per_model * k + 1][0], cores[per_model * k + 2][0]])
-        plans.append({'robot': [first[0]], 'server': server, 'emulator': emulator})
+        first = per_model * k
+        server = [cpu for core in cores[first + 1:first + per_model] for cpu in core]
+        plans.append({'robot': [cores[first][0]], 'server': server, 'emulator': emulator})
     return plans
 
 
@@ -69,23 +81,37 @@ def combine(paths: list[Path], command: str) -> dict:
     return {'meta': meta, 'models': models}
 
 
+def processes(argv: list[str], cpus: list[int]) -> list[tuple[str, list[str]]]:
+    """Return (name, command) of every ``bench.hybrid`` process ``argv`` asks for on ``cpus``."""
+    groups, out, extra = argv[0].split(','), Path(argv[1]), argv[2:]
+    server_cores = None
+    if '--server-cores' in extra:
+        at = extra.index('--server-cores')
+        server_cores = int(extra[at + 1])
+        extra = extra[:at] + extra[at + 2:]
+    result = []
+    for group, cores in zip(groups, assign(len(groups), physical_cores(cpus), server_cores)):
+        models = group.split('+')
+        name = '-'.join(model.split(':')[-1] for model in models)
+        cmd = [sys.executable, '-m', 'bench.hybrid', '--models', ','.join(models),
+               '--out', str(out / f'{name}.json')] + [
+            arg for key in ('robot', 'server', 'emulator')
+            for arg in (f'--{key}-cpus', ','.join(map(str, cores[key])))] + extra
+        result.append((name, cmd))
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) < 2:
         print(__doc__)
         return 2
-    models, out, extra = argv[0].split(','), Path(argv[1]), argv[2:]
+    out = Path(argv[1])
     out.mkdir(parents=True, exist_ok=True)
     procs, paths = [], []
-    for model, cores in zip(models, assign(len(models), physical_cores(
-            sorted(os.sched_getaffinity(0))))):
-        name = model.split(':')[-1]
+    for name, cmd in processes(argv, sorted(os.sched_getaffinity(0))):
         paths.append(out / f'{name}.json')
-        print(name, cores, flush=True)
-        cmd = [sys.executable, '-m', 'bench.hybrid', '--models', model,
-               '--out', str(out / f'{name}.json')] + [
-            arg for key in ('robot', 'server', 'emulator')
-            for arg in (f'--{key}-cpus', ','.join(map(str, cores[key])))] + extra
+        print(name, shlex.join(cmd[3:]), flush=True)
         with open(out / f'{name}.log', 'w') as log:
             procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
     status = max(proc.wait() for proc in procs)

@@ -93,7 +93,9 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     Slow drift of the machine (load, frequency, throttling) then affects every
     runner alike, so their medians can be compared point by point; the order
     within a round is shuffled so no runner always follows a long network wait.  Each
-    summary has a ``plans`` count of the plans its calls used.
+    summary has a ``plans`` count of the plans its calls used and ``rounds_ms``, its
+    latency in every round (the same index is the same round for every runner, so
+    runners can be compared round by round).
     """
     for runner in runners.values():
         for i in range(warmup_calls):
@@ -118,6 +120,7 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
         summary = summarise([r for r, _, _ in entries], [c for _, c, _ in entries],
                             [e for _, _, e in entries])
         summary['plans'] = dict(collections.Counter(r.plan for r, _, _ in entries))
+        summary['rounds_ms'] = [r.total_ms for r, _, _ in entries]   # [i]: round i's call
         result[name] = summary
     return result
 

@@ -1,6 +1,7 @@
 """The hybrid benchmark end to end on tiny inputs: solved, every mode measured, correction."""
 
 import json
+import statistics
 
 import pytest
 
@@ -29,6 +30,11 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
         assert row['local']['round_trips'] == 0 and row['offload']['round_trips'] == 1
         assert row['hybrid']['round_trips'] <= 1
         assert row['verdict']['noise'] >= 0 and row['hybrid']['predicted_ms'] > 0
+        for mode in hybrid.MODES:   # every round's latency is kept, in round order
+            rounds = row[mode]['rounds_ms']
+            assert len(rounds) == 2 and statistics.median(rounds) == row[mode]['median_ms']
+        assert row['paired']['noise'] >= 0 and row['paired']['best'] in hybrid.BASELINES
+    assert hybrid.summary(model)['paired']['points'] == 2
     assert model['calibration']['errors'] and 0.02 <= model['margin'] <= 0.15
     correction = model['correction']
     if correction is not None:
@@ -106,6 +112,65 @@ def test_the_pooled_floor_is_the_runs_largest_twin_gap_in_the_points_regime():
     assert (s['over'], s['over_pooled'], s['points']) == (1, 1, 2)
 
 
+def _rounds(row: dict, **rounds) -> dict:
+    """Give every runner of ``row`` per-round latencies (medians and predictions follow)."""
+    for name, values in rounds.items():
+        row[name]['rounds_ms'] = list(values)
+        row[name]['median_ms'] = row[name]['predicted_ms'] = statistics.median(values)
+    return row
+
+
+DRIFT = [100.0, 110.0, 120.0, 130.0, 140.0]   # the robot slower round after round
+
+
+def test_one_slow_call_moves_a_median_across_drift_but_not_the_paired_ratio():
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0,
+                       plans={'hybrid': 'local', 'best_split': 'local'}),
+                  local=DRIFT, local_twin=DRIFT, best_split=DRIFT,
+                  offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                  hybrid=[100.0, 110.0, 135.0, 130.0, 140.0])   # one slow call, round 3
+    v = hybrid.verdict(row)
+    assert v['gain'] == pytest.approx(-130 / 120 + 1) and not v['within']   # +8.3 %
+    p = hybrid.paired_verdict(row)
+    # round by round the table's runner equals local in four rounds of five
+    assert p['gain'] == pytest.approx(0.0) and p['noise'] == 0 and p['within']
+    assert p['same_plan'] and p['regime'] == 'link'
+
+
+def test_the_paired_floor_does_not_hide_a_slowdown_in_every_round():
+    slower = [1.05 * ms for ms in DRIFT]
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0),
+                  local=DRIFT, local_twin=[100.0, 110.0, 135.0, 130.0, 140.0],
+                  best_split=[1.2 * ms for ms in DRIFT], offload=[2 * ms for ms in DRIFT],
+                  offload_twin=[2 * ms for ms in DRIFT], hybrid=slower)
+    # the twins' medians are 8.3 % apart (one slow call): the per-point rule lets 5 % pass
+    assert hybrid.verdict(row)['within']
+    p = hybrid.paired_verdict(row)
+    # round by round the twins agree and the table's runner is 5 % slower every time
+    assert p['best'] == 'local' and p['gain'] == pytest.approx(-0.05) and not p['within']
+    s = hybrid.paired_summary([row])
+    assert (s['over'], s['over_same_plan'], s['points']) == (1, 0, 1)
+    assert s['pooled_floors'] == {'link': pytest.approx(0.0)}
+
+
+def test_the_paired_error_is_the_error_of_the_ratio_to_the_fastest_other_plan():
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0),
+                  local=DRIFT, local_twin=DRIFT, offload=[3 * ms for ms in DRIFT],
+                  offload_twin=[3 * ms for ms in DRIFT], best_split=[1.5 * ms for ms in DRIFT],
+                  hybrid=[0.9 * ms for ms in DRIFT])
+    row['hybrid']['predicted_ms'], row['local']['predicted_ms'] = 80.0, 100.0
+    p = hybrid.paired_verdict(row)
+    # predicted 0.8 of local, measured 0.9 of local in every round: 11 % optimistic
+    assert p['error_vs'] == 'local' and p['error'] == pytest.approx(0.8 / 0.9 - 1)
+    assert p['gain'] == pytest.approx(0.1) and p['within']
+
+
+def test_results_without_rounds_have_no_paired_verdict():
+    row = _row(local=100.0, offload=150.0, best_split=90.0, hybrid=72.0)
+    assert hybrid.paired_verdict(row) is None
+    assert hybrid.summary({'rows': [row]})['paired'] is None
+
+
 def test_step_summary_counts_inferences_until_the_tables_plan(tmp_path):
     entries = [{'bandwidth_mbps': b, 'rtt_ms': 4.0, 'plan': p}
                for b, p in ((5, {'kind': 'local'}), (100, {'kind': 'offload'}))]
@@ -168,6 +233,26 @@ def test_side_by_side_runs_get_cores_of_their_own():
         assign(5, [(c,) for c in range(8)])
     import os
     assert physical_cores(sorted(os.sched_getaffinity(0)))
+
+
+def test_a_server_can_have_many_cores_and_models_can_share_a_process(tmp_path):
+    from bench.hybrid_cores import assign, processes
+    wide = assign(2, [(c,) for c in range(16)], server_cores=6)
+    assert wide == [{'robot': [0], 'server': [1, 2, 3, 4, 5, 6], 'emulator': [14]},
+                    {'robot': [7], 'server': [8, 9, 10, 11, 12, 13], 'emulator': [15]}]
+    smt = assign(1, [(c, c + 8) for c in range(8)], server_cores=3)   # every thread of 3 cores
+    assert smt[0] == {'robot': [0], 'server': [1, 9, 2, 10, 3, 11], 'emulator': [4, 12]}
+    with pytest.raises(ValueError, match='need 17 physical cores'):
+        assign(2, [(c,) for c in range(16)], server_cores=7)
+    argv = ['python:bench.unseen_models:unet,resnet18+tiny_yolo', str(tmp_path),
+            '--size', '240x320', '--server-cores', '6', '--calls', '7']
+    (unet, rest) = processes(argv, list(range(16)))
+    assert unet[0] == 'unet' and rest[0] == 'resnet18-tiny_yolo'
+    cmd = rest[1]
+    assert cmd[cmd.index('--models') + 1] == 'resnet18,tiny_yolo'   # one after another
+    assert cmd[cmd.index('--server-cpus') + 1] == '8,9,10,11,12,13'
+    assert cmd[cmd.index('--out') + 1] == str(tmp_path / 'resnet18-tiny_yolo.json')
+    assert '--server-cores' not in cmd and cmd[-4:] == ['--size', '240x320', '--calls', '7']
 
 
 def test_side_by_side_results_combine_into_one_run_with_each_models_cores(tmp_path):
