@@ -11,6 +11,7 @@ reply.  Outputs are compared with local inference on the same frame.
 from __future__ import annotations
 
 import collections
+import itertools
 import random
 import statistics
 import time
@@ -84,6 +85,27 @@ def run_point(runner: Callable, frames: Sequence[torch.Tensor], references: Sequ
     return summary
 
 
+_FIRST_ROW = itertools.count()     # run_interleaved's next first row of balanced_orders
+
+
+def balanced_orders(n: int) -> list[list[int]]:
+    """
+    Return orders of ``n`` items, a Williams design: each item takes each position equally often.
+
+    Each item also directly follows each other item equally often: once in the
+    ``n`` rows of an even ``n``, twice in the ``2 n`` rows of an odd ``n``.
+    """
+    first, low, high = [0], 1, n - 1
+    while len(first) < n:
+        first.append(low)
+        low += 1
+        if len(first) < n:
+            first.append(high)
+            high -= 1
+    rows = [[(v + r) % n for v in first] for r in range(n)]
+    return rows + [row[::-1] for row in rows] if n % 2 else rows
+
+
 def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: Sequence[Any],
                     budget_s: float, min_calls: int, max_calls: int,
                     warmup_calls: int = 2) -> dict[str, dict]:
@@ -91,8 +113,14 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     Measure several runners in turn, one call each per round, over the same time window.
 
     Slow drift of the machine (load, frequency, throttling) then affects every
-    runner alike, so their medians can be compared point by point; the order
-    within a round is shuffled so no runner always follows a long network wait.  Each
+    runner alike, so their medians can be compared point by point.  The orders
+    within rounds follow a Williams design (:func:`balanced_orders`): over its
+    rows every runner takes every position, and follows every other runner,
+    equally often, so none always comes after a long network wait or a cold
+    cache; each call starts at the next row, so the few rounds of one point do
+    not repeat the same rows at every point (a fixed shuffle did: a Tiny-YOLO
+    ``local`` runner followed an offload runner in 3 of 7 rounds at every
+    point and measured 4-10 % slow there).  Each
     summary has a ``plans`` count of the plans its calls used and ``rounds_ms``, its
     latency in every round (the same index is the same round for every runner, so
     runners can be compared round by round).
@@ -101,14 +129,15 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
         for i in range(warmup_calls):
             runner(frames[i % len(frames)])
     calls = {name: [] for name in runners}
-    order = list(runners)
-    shuffle = random.Random(0).shuffle   # a fresh order every round: no position bias
+    names = list(runners)
+    random.Random(0).shuffle(names)
+    orders = balanced_orders(len(names))
+    first = next(_FIRST_ROW)
     start = time.monotonic()
     rounds = 0
     while rounds < max_calls and (rounds < min_calls or time.monotonic() - start < budget_s):
         index = rounds % len(frames)
-        shuffle(order)
-        for name in order:
+        for name in (names[i] for i in orders[(first + rounds) % len(orders)]):
             runner = runners[name]
             cpu = time.process_time()
             output = runner(frames[index])

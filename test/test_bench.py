@@ -1,9 +1,11 @@
 """The benchmark runner and its report: a seconds-long smoke run of every section."""
 
+import collections
 import json
 import math
 
 import pytest
+import torch
 
 from bench import report, run_all
 from bench.link_config import grid_link
@@ -137,3 +139,49 @@ def test_server_phases_times_each_phase_of_the_request_path(tmp_path):
     from rrto_wire import protocol
     assert protocol.decode_tensors.__module__ == 'rrto_wire.protocol' and \
         not hasattr(protocol.decode_tensors, '__wrapped__'), 'the timers are removed afterwards'
+
+
+@pytest.mark.parametrize('n', range(1, 9))
+def test_balanced_orders_give_every_position_and_every_predecessor_equally(n):
+    from bench.measure import balanced_orders
+    rows = balanced_orders(n)
+    assert all(sorted(row) == list(range(n)) for row in rows)
+    positions = collections.Counter((row[p], p) for row in rows for p in range(n))
+    assert set(positions.values()) == {len(rows) // n}
+    follows = collections.Counter((a, b) for row in rows for a, b in zip(row, row[1:]))
+    if n > 1:
+        assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
+
+
+def test_interleaved_rounds_follow_the_balanced_orders_and_calls_start_on_new_rows():
+    from bench.measure import balanced_orders, run_interleaved
+    from rrto_ros import OffloadResult
+    from rrto_ros.records import CallRecord
+    seen: list[str] = []
+
+    class Runner:
+        def __init__(self, name):
+            self.name, self.last = name, None
+
+        def __call__(self, frame):
+            seen.append(self.name)
+            self.last = CallRecord(OffloadResult.LOCAL, 'local', total_ms=1.0)
+            return frame
+
+    frames = [torch.zeros(1)]
+    names = 'abcd'
+
+    def rounds(count):
+        seen.clear()
+        run_interleaved({n: Runner(n) for n in names}, frames, frames, 0.0, count, count,
+                        warmup_calls=0)
+        return [seen[i:i + 4] for i in range(0, len(seen), 4)]
+
+    first = rounds(4)
+    # one full design: every runner in every position once, every ordered pair once
+    assert all(sorted(r) == list(names) for r in first)
+    assert {(r[p], p) for r in first for p in range(4)} == {
+        (n, p) for n in names for p in range(4)}
+    assert len({(a, b) for r in first for a, b in zip(r, r[1:])}) == 12
+    assert len(balanced_orders(4)) == 4
+    assert rounds(1) != rounds(1)   # the next call starts on another row
