@@ -504,6 +504,16 @@ def paired_summary(rows: list[dict]) -> dict | None:
     crossover = [v['gain'] for v, r in zip(verdicts, rows)
                  if _crossover(r) and not v['same_plan']]
     return {
+        **_tally(verdicts, pooled),
+        'noise_median': statistics.median(v['noise'] for v in verdicts),
+        'crossover_gain': max(crossover, default=None),
+        'median_error': median_error(v['error'] for v in verdicts if 'error' in v),
+    }
+
+
+def _tally(verdicts: list[dict], pooled: dict) -> dict:
+    """Return what the per-point and the paired summaries both count over a grid's verdicts."""
+    return {
         'worst': max(-v['gain'] for v in verdicts),
         'all_within': all(v['within'] for v in verdicts),
         'over': sum(not v['within'] for v in verdicts),
@@ -512,9 +522,6 @@ def paired_summary(rows: list[dict]) -> dict | None:
         'all_within_pooled': all(v['pooled_within'] for v in verdicts),
         'over_pooled': sum(not v['pooled_within'] for v in verdicts),
         'points': len(verdicts),
-        'noise_median': statistics.median(v['noise'] for v in verdicts),
-        'crossover_gain': max(crossover, default=None),
-        'median_error': median_error(v['error'] for v in verdicts if 'error' in v),
     }
 
 
@@ -530,15 +537,8 @@ def summary(result: dict) -> dict:
     band = [v for v in verdicts if v['crossover'] and not v['same_plan']]
     correction = result.get('correction')
     return {
-        'worst': max(-v['gain'] for v in verdicts),
+        **_tally(verdicts, pooled),
         'worst_over_noise': max(-v['gain'] - v['allowed'] for v in verdicts),
-        'all_within': all(v['within'] for v in verdicts),
-        'over': sum(not v['within'] for v in verdicts),
-        'over_same_plan': sum(not v['within'] and v['same_plan'] for v in verdicts),
-        'pooled_floors': pooled,
-        'all_within_pooled': all(v['pooled_within'] for v in verdicts),
-        'over_pooled': sum(not v['pooled_within'] for v in verdicts),
-        'points': len(verdicts),
         'crossover_points': sum(v['crossover'] for v in verdicts),
         'crossover_gain': max((v['gain'] for v in band), default=None),
         'median_error': median_error(v['error'] for v in verdicts),
