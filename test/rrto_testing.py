@@ -65,6 +65,16 @@ def assert_packing_invariant(trace: list[dict], theta: float) -> int:
     return pairs
 
 
+class SentReplies:
+    """A reply sender, as a server Request takes it, that keeps what it was given."""
+
+    def __init__(self):
+        self.messages = []
+
+    def send(self, frames, nbytes):
+        self.messages.append(frames)
+
+
 def upload(endpoint: str, model, x: torch.Tensor):
     """Upload ``model`` exported for ``x``'s signature; return its artifact."""
     from rrto_ros.client import RrtoClient

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 import zmq
-from rrto_testing import exchange, raw_socket, reply_header
+from rrto_testing import SentReplies, exchange, raw_socket, reply_header
 
 from rrto_server.requests import OpenRequests, Request
 from rrto_server.runner_fx import Tf32Gate
@@ -17,18 +17,8 @@ from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 
-class _Sent:
-    """A reply sender that keeps what it was given."""
-
-    def __init__(self):
-        self.messages = []
-
-    def send(self, frames, nbytes):
-        self.messages.append(frames)
-
-
 def test_a_request_answers_once_and_a_second_answer_is_dropped_and_counted():
-    sent, registry, stats = _Sent(), OpenRequests(), ServerStats()
+    sent, registry, stats = SentReplies(), OpenRequests(), ServerStats()
     request = Request([b'peer'], time.perf_counter(), 0, sent, registry, stats)
     assert len(registry) == 1
     request.ok(complete=True)

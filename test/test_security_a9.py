@@ -13,7 +13,7 @@ import pytest
 import torch
 import zmq
 from PIL import Image
-from rrto_testing import exchange, raw_socket, reply_header
+from rrto_testing import SentReplies, exchange, raw_socket, reply_header
 
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
@@ -112,18 +112,8 @@ def test_a_probe_checks_its_payload_shape_before_decoding_any_frame(server, zmq_
 
 # ----------------------------------------------------------------------------- 5: one reply
 
-class _Sent:
-    """A reply sender that keeps what it was given."""
-
-    def __init__(self):
-        self.messages = []
-
-    def send(self, frames, nbytes):
-        self.messages.append(frames)
-
-
 def test_a_reply_that_cannot_be_encoded_becomes_an_error_reply_not_silence():
-    sent, registry, stats = _Sent(), OpenRequests(), ServerStats()
+    sent, registry, stats = SentReplies(), OpenRequests(), ServerStats()
     request = Request([b'peer'], time.perf_counter(), 0, sent, registry, stats)
     request.ok(stats={'label': '\ud800'})               # a lone surrogate: not UTF-8
     assert len(sent.messages) == 1 and len(registry) == 0
