@@ -1,6 +1,7 @@
 """Cost model, differential evolution, plan tables, and plans executed through a real server."""
 
 import json
+import statistics
 import time
 
 import pytest
@@ -314,14 +315,13 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     # plan not yet timed end to end, which depends on this machine's timings) adds its own
     assert timed
     measured = {}
-    level = timed[0][1].reference_ms
+    # every pass's robot sides are priced at the local time of the end-to-end rounds
+    level = statistics.median(t[0] for t in solved.table.calibration['samples']['~robot'])
     for plans, robot in timed:
         assert set(robot.ms) == {p.name for p in plans if p.kind in ('split', 'hybrid')}
-        # a later pass is priced at the first pass's robot speed
         measured.update({n: ms * level / robot.reference_ms for n, ms in robot.ms.items()})
     assert solved.table.calibration['measured_robot_ms'] == pytest.approx(measured)
     assert {n: solved.cost.measured_robot_ms[n] for n in measured} == pytest.approx(measured)
-    # the robot profile is priced at the speed of the rounds the robot sides were timed in
     local = solved.cost.estimate(Plan('local'), Link(1e6, 0.0))
     assert solved.table.calibration['robot_reference_ms'] == pytest.approx(level)
     assert solved.cost.profiles.robot_ms == solved.table.profiles['robot_ms']
@@ -526,3 +526,31 @@ def test_robot_sides_are_timed_round_by_round_beside_the_local_model(prepared, m
     assert all(sorted(calls[i:i + 2]) == [10.0, 20.0] for i in range(0, 10, 2))
     assert sides.reference_ms == pytest.approx(40.0)   # median of 60, 60, 20, 20
     assert sides.ms == {plan.name: pytest.approx(0.5 * sides.reference_ms)}
+
+
+def test_the_robot_is_priced_at_its_speed_in_the_end_to_end_rounds(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    from rrto_ros.plan_profile import REFERENCE, RobotSides
+    model, x, _, _ = prepared
+
+    def measure_plans(model, program, analysis, weights, x, plans, repeats):
+        # back to back, the robot's core ran at another speed: local 200 ms, each side half
+        return RobotSides({p.name: 100.0 for p in plans if p.kind in ('split', 'hybrid')},
+                          200.0)
+
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0):
+        timed = {p.name: _rounds([{'local': 52.0}.get(p.name, 500.0)] * rounds)
+                 for p in plans}
+        return dict(timed, **{REFERENCE: _rounds([50.0] * rounds)})   # like the robot in use
+
+    monkeypatch.setattr(plan_profile, 'measure_plans', measure_plans)
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
+    solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
+                              repeats=1, rounds=3)
+    calibration = solved.table.calibration
+    assert calibration['robot_reference_ms'] == 50.0
+    assert set(calibration['measured_robot_ms'].values()) <= {25.0}   # half of local, at 50
+    assert solved.cost.estimate(Plan('local'), Link(1e6, 0.0)).robot_compute_ms == (
+        pytest.approx(50.0))
+    assert calibration['measured_ms']['local'] == pytest.approx(52.0)   # 4 % engine overhead
