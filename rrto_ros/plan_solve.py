@@ -201,7 +201,7 @@ def _robot_level(samples: dict[str, list[measure.Timed]], default: float) -> flo
     Those rounds are like use: calls interleaved with waits on the network,
     the server busy beside them.  On the H200 host (2026-12-01) their median
     was within 6 % of the grid's local runners for ResNet-18, Tiny-YOLO and
-    U-Net, while the same compute run back to back was 20-47 % off.
+    U-Net, while the same compute run back to back was 21-47 % off.
     """
     reference = samples.get(measure.REFERENCE)
     return statistics.median(t.total_ms for t in reference) if reference else default
