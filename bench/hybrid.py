@@ -67,7 +67,8 @@ from rrto_ros import OffloadResult, offload
 from rrto_ros.bandwidth import LinkEstimator, LinkMonitor
 from rrto_ros.client import RrtoClient
 from rrto_ros.local_model import load_local_model, TorchModule
-from rrto_ros.plan_solve import median_error, solve
+from rrto_ros.plan_calibrate import median_error
+from rrto_ros.plan_solve import solve
 from rrto_ros.plan_table import PlanTable
 from rrto_ros.planner import Link, Power
 from rrto_ros.preprocess import WithImageInput
@@ -680,10 +681,12 @@ def _steps_lines(steps: dict, how: str) -> list[str]:
 
 
 def _margin_basis(cal: dict) -> str:
-    """Say which errors the decision margin was taken from (older runs: before correction)."""
-    held = cal.get('held_out_errors')
-    errors = held or cal['errors']
-    what = ('the corrected model\'s error on held-out measurements of' if held
+    """Say which errors the decision margin was taken from (older runs: other errors)."""
+    paired, held = cal.get('paired_errors'), cal.get('held_out_errors')
+    errors = paired or held or cal['errors']
+    what = (f'the corrected model\'s error on the ratio to `{cal["paired_with"]}`, round by '
+            'round, on held-out rounds of' if paired
+            else 'the corrected model\'s error on held-out measurements of' if held
             else 'the model\'s error before correction on')
     return (f'75th percentile of {what} {len(errors)} plans timed end to end: median '
             f'{(median_error(errors.values()) or 0) * 100:.1f} %')

@@ -134,12 +134,13 @@ class PlanRuntime:
             self.last_robot_ms = robot_ms + (time.perf_counter() - start) * 1e3
             return outputs
 
-    def robot_ms(self, flat: Sequence[torch.Tensor], weights: dict, repeats: int = 5) -> float:
+    def robot_side(self, flat: Sequence[torch.Tensor], weights: dict) -> Callable[[], None]:
         """
-        Measure the robot's side of one inference under this plan (median ms).
+        Return a call that runs the robot's side of one inference under this plan.
 
-        The server's tensors are computed once beforehand and handed back at once,
-        so only the robot's slicing, band, merge and rest of the network are timed.
+        The server's tensors are computed once here and handed back at once by
+        every call, so a call does only the robot's slicing, band, merge and
+        rest of the network.
         """
         outputs: list = []
         if self.server_doc is not None:
@@ -148,10 +149,15 @@ class PlanRuntime:
                       else self.server_inputs(flat))
             with torch.inference_mode():
                 outputs = list(module(*inputs))
+        return lambda: self.run(flat, lambda tensors: _Done(outputs))
+
+    def robot_ms(self, flat: Sequence[torch.Tensor], weights: dict, repeats: int = 5) -> float:
+        """Measure the robot's side of one inference under this plan (median ms)."""
+        run = self.robot_side(flat, weights)
         times = []
         for _ in range(repeats + 1):
             start = time.perf_counter()
-            self.run(flat, lambda tensors: _Done(outputs))
+            run()
             times.append((time.perf_counter() - start) * 1e3)
         return statistics.median(times[1:])
 

@@ -12,9 +12,16 @@ Everything here runs on the robot (or on a machine capped like it):
   robot capped to a quarter of a core);
 * :func:`contention`: how much of a transfer's CPU cost lands on compute that
   runs at the same time (1: one shared core, 0: a core of its own);
+* :func:`measure_plans`: the robot's side of split and hybrid plans, round by
+  round beside the robot's own local compute (:data:`REFERENCE`): each side
+  is its paired ratio to that reference times the reference's median, so a
+  slow phase of the robot's core during the rounds slows both alike;
 * :func:`measure_end_to_end`: plans timed end to end through a real
   :class:`~rrto_ros.engine.OffloadedModel`, one call each per round, with the
-  server's compute time each call reported (:class:`Timed`).
+  server's compute time each call reported and the round it ran in
+  (:class:`Timed`), and the robot's own compute timed in the same rounds
+  (:data:`REFERENCE`): :func:`phase_free` removes a slow robot phase from a
+  robot-bound plan's times with it.
 """
 
 from __future__ import annotations
@@ -39,11 +46,49 @@ from rrto_wire.messages import Kind
 PROBE_BYTES = 1 << 20
 
 
+REFERENCE = '~robot'   # samples of the robot's own compute (the local model, run directly)
+
+
 class Timed(NamedTuple):
-    """One end-to-end call: its total and the server's compute time it reported (0: none)."""
+    """One call: its total, the server's compute time it reported (0: none), its round."""
 
     total_ms: float
     server_ms: float = 0.0
+    round: int = -1      # -1: not known (then a sample's position is its round)
+
+
+class RobotSides(NamedTuple):
+    """The robot's side of each split or hybrid plan, and the local reference beside them."""
+
+    ms: dict[str, float]     # plan name -> ms, at the reference's median speed
+    reference_ms: float      # the robot's local compute, median over the same rounds
+
+
+def by_round(timed: Sequence[Timed]) -> dict[int, Timed]:
+    """Return samples keyed by their round (their position where the round is not known)."""
+    return {t.round if t.round >= 0 else i: t for i, t in enumerate(timed)}
+
+
+def paired_ratio(a: Sequence[Timed], b: Sequence[Timed]) -> float | None:
+    """Return the median over shared rounds of a's total over b's (None: no round shared)."""
+    ra, rb = by_round(a), by_round(b)
+    ratios = [ra[r].total_ms / rb[r].total_ms for r in ra if r in rb and rb[r].total_ms > 0]
+    return statistics.median(ratios) if ratios else None
+
+
+def phase_free(timed: Sequence[Timed], reference: Sequence[Timed],
+               level_ms: float) -> list[Timed]:
+    """
+    Return a robot-bound plan's samples as if the robot had run at ``level_ms`` per reference.
+
+    Each sample is scaled by ``level_ms`` over the reference call of its round
+    (the robot's own compute, run directly): a round where the robot's core was
+    slow slows both, and the ratio keeps only what the plan adds.  Samples of a
+    round without a reference call are kept as measured.
+    """
+    ref = by_round(reference)
+    return [t._replace(total_ms=t.total_ms * level_ms / ref[r].total_ms)
+            if r in ref and ref[r].total_ms > 0 else t for r, t in by_round(timed).items()]
 
 
 def example_input(shape: tuple[int, ...], image: bool) -> torch.Tensor:
@@ -157,15 +202,36 @@ def contention(endpoint: str, model: TorchModule, x: torch.Tensor, send_ms_per_m
     return min(1.0, max(0.0, slowed / send_ms))
 
 
-def measure_plans(program, analysis, weights: dict, x: torch.Tensor, plans,
-                  repeats: int) -> dict[str, float]:
-    """Time the robot's side of every split or hybrid plan here (plan name -> median ms)."""
-    measured = {}
+def measure_plans(model: TorchModule, program, analysis, weights: dict, x: torch.Tensor,
+                  plans, repeats: int) -> RobotSides:
+    """
+    Time the robot's side of every split or hybrid plan here, beside the local model.
+
+    One call of each plan's robot side and one local call (the reference) per
+    round, in a fresh order each round; a plan's time is its median ratio to
+    the reference of the same round, times the reference's median: local and
+    every plan's side are measured at one robot speed (in session 3 the
+    ResNet-18 robot ran 51 to 137 ms for the same local call, minutes apart).
+    """
+    calls = {REFERENCE: lambda: model.run((x,), {})}
     for plan in plans:
-        if plan.kind in ('split', 'hybrid') and plan.name not in measured:
+        if plan.kind in ('split', 'hybrid') and plan.name not in calls:
             runtime = PlanRuntime(program, analysis, weights, plan)
-            measured[plan.name] = runtime.robot_ms([x], weights, repeats)
-    return measured
+            calls[plan.name] = runtime.robot_side([x], weights)
+    times: dict[str, list[Timed]] = {name: [] for name in calls}
+    order = list(calls)
+    shuffle = random.Random(0).shuffle
+    for i in range(repeats + 1):   # the first round warms up
+        shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            calls[name]()
+            if i:
+                times[name].append(Timed((time.perf_counter() - start) * 1e3, round=i))
+    reference = times.pop(REFERENCE)
+    level = statistics.median(t.total_ms for t in reference)
+    return RobotSides({name: paired_ratio(timed, reference) * level
+                       for name, timed in times.items()}, level)
 
 
 def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor, digest: str,
@@ -199,30 +265,41 @@ def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor, digest: s
 
 
 def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: torch.Tensor,
-                       plans: Sequence[Plan], rounds: int) -> dict[str, list[Timed]]:
+                       plans: Sequence[Plan], rounds: int,
+                       first_round: int = 0) -> dict[str, list[Timed]]:
     """
     Time every plan end to end through an OffloadedModel at the current link (per call).
 
     ``table`` must be solved for ``model``; its grid is replaced by one point
     per plan, chosen in turn, one call each per round in a shuffled order (drift
-    and what ran just before hit all alike).
+    and what ran just before hit all alike).  Each round also times the local
+    model run directly, under :data:`REFERENCE`: the robot's speed in that
+    round.  Rounds are numbered from ``first_round``.
     """
     entries = [{'bandwidth_mbps': float(2 ** i), 'rtt_ms': 0.0, 'plan': plan.to_json()}
                for i, plan in enumerate(plans)]
     probe = PlanTable(table.program, table.label, table.inputs, entries, {}, {})
     times: dict[str, list[Timed]] = {plan.name: [] for plan in plans}
+    times[REFERENCE] = []
     with OffloadedModel(model, endpoint, timeout_ms=60000, plan_table=probe, switch_after=1,
                         plan_feedback=False, link=(1.0, 0.0)) as om:
         if not om.warmup(x, timeout_s=600):
             raise RuntimeError(f'server {endpoint} could not prepare the plans')
-        order = list(enumerate(plans))
+        order: list[tuple[int, Plan | None]] = [*enumerate(plans), (-1, None)]
         shuffle = random.Random(0).shuffle   # a fresh order every round: no position bias
         for i in range(rounds + 1):
             shuffle(order)
             for index, plan in order:
+                if plan is None:
+                    start = time.perf_counter()
+                    model.run((x,), {})
+                    if i:
+                        times[REFERENCE].append(Timed((time.perf_counter() - start) * 1e3,
+                                                      round=first_round + i - 1))
+                    continue
                 om.set_link(float(2 ** index), 0.0)
                 om(x)
                 if i and om.last.plan == plan.name and not om.last.fallback:
-                    times[plan.name].append(Timed(om.last.total_ms,
-                                                  om.last.server_compute_ms))
+                    times[plan.name].append(Timed(om.last.total_ms, om.last.server_compute_ms,
+                                                  first_round + i - 1))
     return {name: ts for name, ts in times.items() if ts}

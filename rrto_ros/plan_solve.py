@@ -10,23 +10,34 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
 2. search every grid point (:func:`~rrto_ros.planner.optimise`) and reuse
    plans across points (:func:`consolidate`);
 3. time the robot's side of every split and hybrid candidate
-   (:meth:`~rrto_ros.hybrid.PlanRuntime.robot_ms`: its band, slices, merge
-   and the rest of the network, as run): the model uses these instead of
-   the operator profile's shares, which miss the halo's and padding's real
-   cost;
+   (:meth:`~rrto_ros.hybrid.PlanRuntime.robot_side`: its band, slices, merge
+   and the rest of the network, as run) round by round beside the local model
+   (:func:`~rrto_ros.plan_profile.measure_plans`): the model uses each
+   side's ratio to local in the same round instead of the operator profile's
+   shares, which miss the halo's and padding's real cost; local and every
+   plan's robot side are priced at one robot speed: the local time of the
+   end-to-end rounds below where there are some (:func:`_robot_level`), else
+   of these rounds;
 4. with a server: time every candidate plan and every baseline end to end at
    the calibration link (``calibration_link``: the link while solving, by
-   default a fast one), record the model's error on each and the server's
-   compute time each call reported; the measured server time replaces the
-   server profile's for that plan (so a gap is put on the side that grew:
-   in session 2 offload measured 17-32 % above the model in six of eight
-   solves, and the totals alone could not say why), and the rest corrects a
-   plan where its prediction lies outside the middle half of its
-   measurements.  The decision margin is the 75th percentile (within
-   ``MARGIN_BOUNDS``) of the corrected model's error on measurements the
-   correction did not see (:func:`held_out_errors`): a bias the correction
-   removes does not widen it, the spread of the measurements does.  Without
-   a server the margin stays at its default;
+   default a fast one), with the local model run directly in every round (the
+   robot's speed in that round), record the model's error on each and the
+   server's compute time each call reported; the measured server time
+   replaces the server profile's for that plan (so a gap is put on the side
+   that grew: in session 2 offload measured 17-32 % above the model in six of
+   eight solves, and the totals alone could not say why), and the rest
+   corrects a plan where its prediction lies outside the middle half of its
+   measurements.  A robot-bound plan (local; a hybrid whose band binds) is
+   calibrated on its times relative to the robot's speed in the same round
+   (:func:`~rrto_ros.plan_profile.phase_free`): in session 3 ResNet-18's
+   local calls ran 130-137 ms during calibration, 51-88 ms on the grid, and
+   the corrected model chose a split that was up to 71 % slower.  The
+   decision margin is the 75th percentile (within ``MARGIN_BOUNDS``) of the
+   corrected model's error on the ratio of each plan to the best measured
+   baseline, round by round, on rounds the correction did not see
+   (:func:`paired_errors`): the margin guards a comparison, and drift common
+   to a round does not change it.  Without a server the margin stays at its
+   default;
 5. re-decide every grid point (:func:`refine`).
 """
 
@@ -37,19 +48,17 @@ import platform
 import statistics
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
 from rrto_ros import plan_profile as measure
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.local_model import TorchModule
+from rrto_ros.plan_calibrate import DEFAULT_MARGIN, Calibrated, calibrate_plans
 from rrto_ros.plan_table import PlanTable, program_key
 from rrto_ros.planner import CostModel, Link, Power, Profiles, Solution, optimise
 from rrto_ros.split import Plan, as_program
 from rrto_wire import treespec
 
-MARGIN_BOUNDS = (0.02, 0.15)
-DEFAULT_MARGIN = 0.05
 UNLIMITED = Link(1e6, 0.0)
 
 
@@ -123,17 +132,20 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
                       [spec.to_json() for spec in artifact.signature], [], {}, vars(power))
     plans = _distinct([s.plan for s in candidates]
                       + [p for s in solutions for p, _ in s.baselines.values()])
-    errors: dict[str, float] = {}
-    held_out: dict[str, float] = {}
-    server_side: dict[str, dict] = {}
+    calibrated = Calibrated()
     samples: dict[str, list[measure.Timed]] = {}
     margin = DEFAULT_MARGIN
-    robot_side = measure.measure_plans(program, analysis, weights, x, plans, repeats)
-    cost.measured_robot_ms.update(robot_side)
+    robot = measure.measure_plans(model, program, analysis, weights, x, plans, 2 * repeats)
+    ratios = {name: ms / robot.reference_ms for name, ms in robot.ms.items()}
+    level = robot.reference_ms
+    robot_side = _price_robot(cost, ratios, level)
+    baselines = {p.name for s in solutions for p, _ in s.baselines.values()}
     if endpoint is not None:
         samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
-        errors, held_out, server_side = _calibrate(cost, plans, samples, calibration_link)
-        margin = margin_from((held_out or errors).values())
+        level = _robot_level(samples, level)
+        robot_side = _price_robot(cost, ratios, level)
+        calibrated = calibrate_plans(cost, plans, samples, calibration_link, level, baselines)
+        margin = calibrated.margin()
     decided = refine(cost, candidates, robot_side, margin)
     for _ in range(2 if endpoint is not None else 0):
         # corrections move the baselines: a split the model then prefers may not have been
@@ -142,17 +154,22 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
         new = _distinct([s.plan for s in decided if s.plan.name not in samples])
         if not new:
             break
-        robot_side.update(measure.measure_plans(program, analysis, weights, x, new, repeats))
+        more = measure.measure_plans(model, program, analysis, weights, x, new, 2 * repeats)
+        ratios.update({name: ms / more.reference_ms for name, ms in more.ms.items()})
         anchors = [p for p in plans if p.kind in ('local', 'offload')]
+        first = 1 + max(t.round for timed in samples.values() for t in timed)
         for name, timed in measure.measure_end_to_end(model, endpoint, table, x,
-                                                      new + anchors, rounds).items():
+                                                      new + anchors, rounds, first).items():
             samples.setdefault(name, []).extend(timed)
         plans = _distinct(plans + new)
-        errors, held_out, server_side = _calibrate(cost, plans, samples, calibration_link)
-        margin = margin_from((held_out or errors).values())
+        level = _robot_level(samples, level)
+        robot_side = _price_robot(cost, ratios, level)
+        calibrated = calibrate_plans(cost, plans, samples, calibration_link, level, baselines)
+        margin = calibrated.margin()
         decided = refine(cost, candidates, robot_side, margin)
+    errors = calibrated.errors
     measured = {name: statistics.median(t.total_ms for t in timed)
-                for name, timed in samples.items()}
+                for name, timed in calibrated.samples.items()}
     table.entries = [s.to_json() for s in decided]
     table.solve_s = sum(s.solve_s for s in solutions)
     table.margin = margin
@@ -167,68 +184,35 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
     table.calibration = {'link': {'bandwidth_mbps': calibration_link.bandwidth_mbps,
                                   'rtt_ms': calibration_link.rtt_ms},
                          'measured_ms': measured, 'errors': errors,
-                         'held_out_errors': held_out, 'server_compute_ms': server_side,
+                         'held_out_errors': calibrated.held_out,
+                         'paired_errors': calibrated.paired, 'paired_with': calibrated.reference,
+                         'robot_reference_ms': level, 'phase_free': calibrated.phase_free,
+                         'server_compute_ms': calibrated.server_side,
                          'samples': {name: [list(t) for t in timed]
                                      for name, timed in samples.items()},
                          'measured_robot_ms': robot_side, 'corrections_ms': cost.corrections}
     return Solved(table, cost, solutions, errors, measured)
 
 
-def _calibrate(cost: CostModel, plans: list[Plan], samples: dict[str, list[measure.Timed]],
-               link: Link) -> tuple[dict, dict, dict]:
-    """Calibrate every timed plan; return its errors, held-out errors and server times."""
-    held_out = held_out_errors(cost, plans, samples, link)
-    errors, server_side = {}, {}
-    for name, timed in samples.items():
-        plan = _plan(plans, name)
-        cost.measured_server_ms.pop(name, None)
-        modelled = cost.estimate(plan, link).server_compute_ms
-        errors[name] = cost.calibrate(plan, link, *_split(timed))
-        if name in cost.measured_server_ms:
-            server_side[name] = {'modelled_ms': modelled,
-                                 'measured_ms': cost.measured_server_ms[name]}
-    return errors, held_out, server_side
-
-
-def held_out_errors(cost: CostModel, plans: list[Plan],
-                    samples: dict[str, list[measure.Timed]], link: Link) -> dict[str, float]:
+def _robot_level(samples: dict[str, list[measure.Timed]], default: float) -> float:
     """
-    Return each plan's relative error once corrected, on samples its correction did not see.
+    Return the robot's local compute time in the end-to-end rounds (``default``: none timed).
 
-    A plan is calibrated on its even-numbered samples (rounds are shuffled, so
-    both halves span the same time) and judged against the median of its
-    odd-numbered ones; plans with fewer than two samples are left out.  The
-    caller calibrates on all samples afterwards.
+    Those rounds are like use: calls interleaved with waits on the network,
+    the server busy beside them.  On the H200 host (2026-12-01) their median
+    was within 6 % of the grid's local runners for ResNet-18, Tiny-YOLO and
+    U-Net, while the same compute run back to back was 21-47 % off.
     """
-    errors = {}
-    for name, timed in samples.items():
-        if len(timed) < 2:
-            continue
-        plan = _plan(plans, name)
-        cost.calibrate(plan, link, *_split(timed[0::2]))
-        held = statistics.median(t.total_ms for t in timed[1::2])
-        errors[name] = (cost.estimate(plan, link).latency_ms - held) / held
-    return errors
+    reference = samples.get(measure.REFERENCE)
+    return statistics.median(t.total_ms for t in reference) if reference else default
 
 
-def _split(timed: list[measure.Timed]) -> tuple[list[float], list[float]]:
-    """Return the totals and the server compute times (where the server reported one)."""
-    return [t.total_ms for t in timed], [t.server_ms for t in timed if t.server_ms > 0]
-
-
-def margin_from(errors) -> float:
-    """Return the decision margin: the 75th percentile of |relative error|, within bounds."""
-    values = [abs(e) for e in errors]
-    if not values:
-        return DEFAULT_MARGIN
-    low, high = MARGIN_BOUNDS
-    return float(min(high, max(low, np.percentile(values, 75))))
-
-
-def median_error(errors) -> float | None:
-    """Return the median |relative error| (None: nothing measured)."""
-    values = [abs(e) for e in errors]
-    return statistics.median(values) if values else None
+def _price_robot(cost: CostModel, ratios: dict[str, float], level: float) -> dict[str, float]:
+    """Price local at ``level`` ms and each plan's robot side at its ratio to local; return it."""
+    cost.scale_robot(level)
+    robot_side = {name: ratio * level for name, ratio in ratios.items()}
+    cost.measured_robot_ms.update(robot_side)
+    return robot_side
 
 
 def _distinct(plans: list[Plan]) -> list[Plan]:
@@ -236,10 +220,6 @@ def _distinct(plans: list[Plan]) -> list[Plan]:
     for plan in plans:
         seen.setdefault(plan.name, plan)
     return sorted(seen.values(), key=lambda p: p.name)
-
-
-def _plan(plans: list[Plan], name: str) -> Plan:
-    return next(p for p in plans if p.name == name)
 
 
 def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[str, float],

@@ -199,14 +199,23 @@ class CostModel:
         if not low <= predicted <= high:
             self.corrections[plan.name] = float(median) - predicted
             if plan.kind == 'hybrid':
-                busy, remote = self._hybrid_sides(plan, link)
-                self.correction_sides[plan.name] = 'robot' if busy >= remote else 'remote'
+                self.correction_sides[plan.name] = ('robot' if self.robot_bound(plan, link)
+                                                    else 'remote')
         return (modelled - float(median)) / float(median)
 
-    def _hybrid_sides(self, plan: Plan, link: Link) -> tuple[float, float]:
-        """Return a hybrid plan's (robot busy, server round trip) ms on ``link``, uncorrected."""
+    def robot_bound(self, plan: Plan, link: Link) -> bool:
+        """Say whether ``plan`` is all robot time on ``link``: local, a hybrid whose band binds."""
+        if plan.kind != 'hybrid':
+            return plan.kind == 'local'
         est = self._estimate(plan, link)
-        return est.busy_ms, est.remote_ms
+        return est.busy_ms >= est.remote_ms
+
+    def scale_robot(self, local_ms: float) -> None:
+        """Scale the robot's operator profile so that local inference takes ``local_ms``."""
+        robot = self.profiles.robot_ms
+        factor = local_ms / max(1e-9, self._time(robot, self.nodes))
+        self.profiles.robot_ms = {name: ms * factor for name, ms in robot.items()}
+        self._bands.clear()
 
     def _estimate(self, plan: Plan, link: Link, correction: float = 0.0) -> Estimate:
         robot, server = self.profiles.robot_ms, self.profiles.server_ms

@@ -13,7 +13,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     out, docs = tmp_path / 'hybrid.json', tmp_path / 'benchmarks.md'
     docs.write_text('# Benchmarks\n\nKept text.\n')
     argv = ['--models', 'python:bench.unseen_models:unet', '--grid', '2,300', '--rtts', '4',
-            '--calls', '2', '--calibration-rounds', '1', '--correction-calls', '6',
+            '--calls', '2', '--calibration-rounds', '2', '--correction-calls', '6',
             '--size', '32x48', '--frames', '2', '--robot-cpu-share', '1', '--out', str(out),
             '--docs', str(docs)]
     assert hybrid.main(argv) == 0
@@ -35,7 +35,11 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
             assert len(rounds) == 2 and statistics.median(rounds) == row[mode]['median_ms']
         assert row['paired']['noise'] >= 0 and row['paired']['best'] in hybrid.BASELINES
     assert hybrid.summary(model)['paired']['points'] == 2
-    assert model['calibration']['errors'] and 0.02 <= model['margin'] <= 0.15
+    calibration = model['calibration']
+    assert calibration['errors'] and 0.02 <= model['margin'] <= 0.15
+    # the margin guards each plan's ratio to the best measured baseline, round by round
+    assert calibration['paired_errors'] and calibration['paired_with'] in ('local', 'offload')
+    assert calibration['robot_reference_ms'] > 0 and 'local' in calibration['phase_free']
     correction = model['correction']
     if correction is not None:
         assert len(correction['plans_used']) == 6
@@ -43,6 +47,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     text = docs.read_text()
     assert 'Kept text.' in text and text.count(hybrid.BEGIN) == 1
     assert '## Hybrid-Parallel plans' in text and 'Median prediction error' in text
+    assert f"error on the ratio to `{calibration['paired_with']}`, round by round" in text
 
 
 def _row(**medians):

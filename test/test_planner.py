@@ -1,6 +1,7 @@
 """Cost model, differential evolution, plan tables, and plans executed through a real server."""
 
 import json
+import statistics
 import time
 
 import pytest
@@ -301,8 +302,8 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     timed = []
     original = plan_profile.measure_plans
 
-    def measure_plans(program, analysis, weights, x, plans, repeats):
-        measured = original(program, analysis, weights, x, plans, repeats)
+    def measure_plans(model, program, analysis, weights, x, plans, repeats):
+        measured = original(model, program, analysis, weights, x, plans, repeats)
         timed.append((list(plans), measured))
         return measured
 
@@ -314,11 +315,17 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     # plan not yet timed end to end, which depends on this machine's timings) adds its own
     assert timed
     measured = {}
-    for plans, robot_ms in timed:
-        assert set(robot_ms) == {p.name for p in plans if p.kind in ('split', 'hybrid')}
-        measured.update(robot_ms)
-    assert solved.table.calibration['measured_robot_ms'] == measured
-    assert {n: solved.cost.measured_robot_ms[n] for n in measured} == measured
+    # every pass's robot sides are priced at the local time of the end-to-end rounds
+    level = statistics.median(t[0] for t in solved.table.calibration['samples']['~robot'])
+    for plans, robot in timed:
+        assert set(robot.ms) == {p.name for p in plans if p.kind in ('split', 'hybrid')}
+        measured.update({n: ms * level / robot.reference_ms for n, ms in robot.ms.items()})
+    assert solved.table.calibration['measured_robot_ms'] == pytest.approx(measured)
+    assert {n: solved.cost.measured_robot_ms[n] for n in measured} == pytest.approx(measured)
+    local = solved.cost.estimate(Plan('local'), Link(1e6, 0.0))
+    assert solved.table.calibration['robot_reference_ms'] == pytest.approx(level)
+    assert solved.cost.profiles.robot_ms == solved.table.profiles['robot_ms']
+    assert local.robot_compute_ms == pytest.approx(level)
     assert set(solved.errors) >= {'local', 'offload'}   # and still timed end to end
     # every call's server compute time is kept, and the model uses it for that plan
     calibration = solved.table.calibration
@@ -383,7 +390,7 @@ def test_the_per_call_overhead_leaves_out_the_calibration_links_own_time(
 
 def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_removes(
         prepared, server, monkeypatch):
-    from rrto_ros import plan_profile, plan_solve
+    from rrto_ros import plan_calibrate, plan_profile, plan_solve
     model, x, _, analysis = prepared
     cost = _cost(analysis)
     link = Link(1e6, 0.0)
@@ -391,19 +398,21 @@ def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_rem
     biased = {p.name: [cost.estimate(p, link).latency_ms * 1.3 * f
                        for f in (0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for p in (local, offload)}
     biased = {name: [plan_profile.Timed(ms) for ms in times] for name, times in biased.items()}
-    held = plan_solve.held_out_errors(cost, [local, offload], biased, link)
+    held = plan_calibrate.held_out_errors(cost, [local, offload], biased, link)
     assert max(abs(e) for e in held.values()) < 0.02   # 30 % off, but consistently
     noisy = {'local': [plan_profile.Timed(cost.estimate(local, link).latency_ms * f)
                        for f in (0.7, 1.3, 0.7, 1.3, 0.7, 1.3)]}
-    assert abs(plan_solve.held_out_errors(cost, [local], noisy, link)['local']) > 0.2
+    assert abs(plan_calibrate.held_out_errors(cost, [local], noisy, link)['local']) > 0.2
     # the whole solve: end-to-end times far from the model, but consistent between rounds
     monkeypatch.setattr(plan_profile, 'measure_end_to_end', lambda model, endpoint, table, x,
-                        plans, rounds: {p.name: [plan_profile.Timed(100.0 * (i + 1) * f) for f in (
-                            0.99, 1.01, 1.0, 1.0, 1.01, 0.99)] for i, p in enumerate(plans)})
+                        plans, rounds, first=0: {p.name: [plan_profile.Timed(100.0 * (i + 1) * f)
+                                                          for f in (0.99, 1.01, 1.0, 1.0, 1.01,
+                                                                    0.99)]
+                                                 for i, p in enumerate(plans)})
     solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
                               repeats=1, rounds=6)
-    assert plan_solve.margin_from(solved.errors.values()) > 0.05   # the biased errors
-    assert solved.table.margin == plan_solve.MARGIN_BOUNDS[0]
+    assert plan_calibrate.margin_from(solved.errors.values()) > 0.05   # the biased errors
+    assert solved.table.margin == plan_calibrate.MARGIN_BOUNDS[0]
     assert set(solved.table.calibration['held_out_errors']) == set(solved.errors)
 
 
@@ -413,7 +422,7 @@ def test_a_plan_chosen_only_after_calibration_is_timed_end_to_end_too(
     model, x, _, _ = prepared
     calls = []
 
-    def measure_end_to_end(model, endpoint, table, x, plans, rounds):
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0):
         # local 50 ms, offload 500 ms, every split or hybrid timed 1 s: far from the model,
         # so after the correction the model prefers a split it has not timed yet
         calls.append([p.name for p in plans])
@@ -429,3 +438,119 @@ def test_a_plan_chosen_only_after_calibration_is_timed_end_to_end_too(
     assert second - first and {'local', 'offload'} <= second   # new plans, beside anchors
     measured = solved.table.calibration['measured_ms']
     assert all(measured[name] == 1000.0 for name in second - first)
+
+
+def _rounds(times, server_ms=0.0):
+    from rrto_ros.plan_profile import Timed
+    return [Timed(ms, server_ms, i) for i, ms in enumerate(times)]
+
+
+def test_the_margin_comes_from_each_plans_ratio_to_the_best_baseline_round_by_round(prepared):
+    from rrto_ros import plan_calibrate
+    cost = _cost(prepared[3])
+    link = Link(1e6, 0.0)
+    plans = [Plan('local'), Plan('offload'), Plan('split', cost.cuts[1])]
+    drift = (0.7, 1.3, 0.7, 1.3, 0.7, 1.3, 0.7, 1.3)   # the machine's speed, round by round
+    predicted = {p.name: cost.estimate(p, link).latency_ms for p in plans}
+    samples = {name: _rounds([ms * 1.2 * d for d in drift]) for name, ms in predicted.items()}
+    result = plan_calibrate.calibrate_plans(cost, plans, samples, link, 0.0, {'local', 'offload'})
+    # each plan alone: the drift makes its held-out error ~30 %; its ratio to the best
+    # baseline in the same round never moves, and the corrected model predicts it
+    assert min(abs(e) for e in result.held_out.values()) > 0.2
+    assert result.reference == min(('local', 'offload'), key=predicted.get)
+    assert set(result.paired) == {p.name for p in plans} - {result.reference}
+    assert max(abs(e) for e in result.paired.values()) < 1e-9
+    assert result.margin() == plan_calibrate.MARGIN_BOUNDS[0]
+    # a ratio that does move between rounds (the split 30 % slower in every odd round)
+    # widens the margin
+    slow = {name: list(timed) for name, timed in samples.items()}
+    split = plans[2].name
+    slow[split] = _rounds([t.total_ms * (1.3 if t.round % 2 else 1.0) for t in slow[split]])
+    wide = plan_calibrate.calibrate_plans(_cost(prepared[3]), plans, slow, link, 0.0,
+                                          {'local', 'offload'})
+    assert wide.margin() > 0.1
+
+
+def test_local_is_calibrated_beside_the_robots_own_speed_in_the_same_rounds(prepared):
+    from rrto_ros import plan_calibrate
+    from rrto_ros.plan_profile import REFERENCE
+    cost = _cost(prepared[3], robot_ms=1.0, server_ms=0.05)
+    link = Link(1e6, 0.0)
+    local, offload = Plan('local'), Plan('offload')
+    level = cost.estimate(local, link).latency_ms   # the robot's local time, as profiled
+    remote = cost.estimate(offload, link).latency_ms
+    slow = (1.7, 1.8, 1.7, 1.6, 1.7)   # a slow phase of the robot's core while calibrating
+    samples = {'local': _rounds([level * 1.02 * f for f in slow]),   # 2 % engine overhead
+               REFERENCE: _rounds([level * f for f in slow]),
+               'offload': _rounds([remote] * 5)}   # link-bound: the phase does not slow it
+    result = plan_calibrate.calibrate_plans(cost, [local, offload], samples, link, level,
+                                            {'local', 'offload'})
+    assert result.phase_free == ['local']
+    assert cost.estimate(local, link).latency_ms == pytest.approx(level * 1.02)
+    assert cost.estimate(offload, link).latency_ms == pytest.approx(remote)
+    # without the robot's speed in those rounds, the slow phase is all local has
+    plain = _cost(prepared[3], robot_ms=1.0, server_ms=0.05)
+    del samples[REFERENCE]
+    plan_calibrate.calibrate_plans(plain, [local, offload], samples, link, level,
+                                   {'local', 'offload'})
+    assert plain.estimate(local, link).latency_ms > 1.6 * level
+
+
+def test_robot_sides_are_timed_round_by_round_beside_the_local_model(prepared, monkeypatch):
+    from rrto_ros import plan_profile
+    _, x, artifact, analysis = prepared
+    clock, calls = [0.0], []
+
+    def spend(ms):   # the robot's core is 3x slow for the first six calls
+        def call():
+            clock[0] += ms * (3.0 if len(calls) < 6 else 1.0) / 1e3
+            calls.append(ms)
+        return call
+
+    class Model:
+        run = staticmethod(lambda args, kwargs: spend(20.0)())
+
+    class Runtime:
+        def __init__(self, program, analysis, weights, plan):
+            pass
+
+        def robot_side(self, flat, weights):
+            return spend(10.0)
+
+    monkeypatch.setattr(plan_profile, 'PlanRuntime', Runtime)
+    monkeypatch.setattr(plan_profile.time, 'perf_counter', lambda: clock[0])
+    plan = Plan('hybrid', analysis.cut_candidates()[-1], 0.5)
+    sides = plan_profile.measure_plans(Model(), analysis.program, analysis,
+                                       artifact.weights(), x, [plan, Plan('local')], 4)
+    assert calls.count(20.0) == calls.count(10.0) == 5   # one each per round, a warm-up round
+    assert all(sorted(calls[i:i + 2]) == [10.0, 20.0] for i in range(0, 10, 2))
+    assert sides.reference_ms == pytest.approx(40.0)   # median of 60, 60, 20, 20
+    assert sides.ms == {plan.name: pytest.approx(0.5 * sides.reference_ms)}
+
+
+def test_the_robot_is_priced_at_its_speed_in_the_end_to_end_rounds(
+        prepared, server, monkeypatch):
+    from rrto_ros import plan_profile, plan_solve
+    from rrto_ros.plan_profile import REFERENCE, RobotSides
+    model, x, _, _ = prepared
+
+    def measure_plans(model, program, analysis, weights, x, plans, repeats):
+        # back to back, the robot's core ran at another speed: local 200 ms, each side half
+        return RobotSides({p.name: 100.0 for p in plans if p.kind in ('split', 'hybrid')},
+                          200.0)
+
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0):
+        timed = {p.name: _rounds([{'local': 52.0}.get(p.name, 500.0)] * rounds)
+                 for p in plans}
+        return dict(timed, **{REFERENCE: _rounds([50.0] * rounds)})   # like the robot in use
+
+    monkeypatch.setattr(plan_profile, 'measure_plans', measure_plans)
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
+    solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
+                              repeats=1, rounds=3)
+    calibration = solved.table.calibration
+    assert calibration['robot_reference_ms'] == 50.0
+    assert set(calibration['measured_robot_ms'].values()) <= {25.0}   # half of local, at 50
+    assert solved.cost.estimate(Plan('local'), Link(1e6, 0.0)).robot_compute_ms == (
+        pytest.approx(50.0))
+    assert calibration['measured_ms']['local'] == pytest.approx(52.0)   # 4 % engine overhead
