@@ -8,7 +8,7 @@ does only this: check every frame against the recorded signature
 declared bytes), run the replay on the frames' bytes
 (:meth:`ExpressPlan.run`: on a CUDA server one memcpy into the page-locked
 staging buffers, one CUDA-graph replay that copies its inputs in and its
-outputs out to page-locked buffers, one synchronisation) and send the reply
+outputs out to page-locked buffers; the lane then waits for its stream) and send the reply
 from those buffers with its descriptors computed once per replay
 (:attr:`ExpressPlan.body`).  No tensor is decoded, no execution object is
 built, no copy stream is involved.  :class:`~rrto_server.jobs.ExpressJob` is
@@ -72,7 +72,12 @@ class ExpressPlan:
         return buffers
 
     def run(self, buffers: list) -> list[torch.Tensor]:
-        """Run the replay on accepted buffers; return its outputs on the CPU (synchronised)."""
+        """
+        Run the replay on accepted buffers; return its outputs on the CPU.
+
+        On a CUDA runner they are complete once the current stream is
+        synchronised, which the lane running the step does (``Lane.run``).
+        """
         return self.runner.express(buffers, self.signature)
 
     def reply_body(self, outputs: list[torch.Tensor]) -> tuple[list[dict], list]:

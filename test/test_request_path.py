@@ -19,20 +19,25 @@ from rrto_ros.client import RemoteError, RrtoClient
 from rrto_ros.zoo import keypoint_net
 from rrto_server import server as server_module
 from rrto_server.express import ExpressPlan
+from rrto_server.jobs import InferJob
 from rrto_server.lanes import Job
 from rrto_server.runner import Execution
 from rrto_wire import messages, protocol
 
 
+def _wrap(seen, name, fn):
+    def wrapper(*args, **kwargs):
+        thread = threading.current_thread().name
+        for prefix, role in (('rrto-io', 'io'), ('rrto-cpu', 'cpu'), ('rrto-gpu', 'lane')):
+            if thread.startswith(prefix):
+                seen[name].add(role)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def _spy(monkeypatch, seen):
     def wrap(name, fn):
-        def wrapper(*args, **kwargs):
-            thread = threading.current_thread().name
-            for prefix, role in (('rrto-io', 'io'), ('rrto-cpu', 'cpu'), ('rrto-gpu', 'lane')):
-                if thread.startswith(prefix):
-                    seen[name].add(role)
-            return fn(*args, **kwargs)
-        return wrapper
+        return _wrap(seen, name, fn)
 
     monkeypatch.setattr(protocol, 'decode_tensors', wrap('decode', protocol.decode_tensors))
     monkeypatch.setattr(Execution, 'step', wrap('segment', Execution.step))
@@ -227,3 +232,43 @@ def test_fixed_reply_buffers_are_never_reused_while_a_reply_is_in_flight():
     plan.sent(None)                         # a small reply: copied while it was sent
     assert plan.accept(desc.tensors, [frame]) is not None
     assert plan.accept(desc.tensors, [zmq.Frame(b'abc')]) is None, 'wrong size: general path'
+
+
+class _Upsample(torch.nn.Module):
+    """Outputs of 4 MiB: over what a lane copies back in its last step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), scale_factor=8.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_a_lane_that_copied_the_outputs_back_sends_the_reply_itself(make_server, monkeypatch):
+    # no hand-off to a CPU worker for a reply that needs no copy: the urgent task of
+    # bench.sched_mix paid 0.07 ms for it at p50 under the mix
+    server = make_server(device='cuda', inline_max_ms=0.0)      # every step on a lane
+    x = torch.randn(1, 3, 32, 32)
+    small, large = (prepare(server.endpoint, model, x) for model in (keypoint_net(), _Upsample()))
+    seen = collections.defaultdict(set)
+    monkeypatch.setattr(InferJob, '_reply', _wrap(seen, 'reply', InferJob._reply))
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        for k in range(3):
+            y = x + k
+            outputs, _ = client.infer(small, [y])
+            assert seen == {'reply': {'lane'}}, 'copied back by the lane: sent by it'
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                       for a, b in zip(outputs, leaves(keypoint_net()(y))))
+            seen.clear()
+            outputs, _ = client.infer(large, [y])
+            assert seen == {'reply': {'cpu'}}, 'copied back on a worker, sent from there'
+            assert torch.allclose(outputs[0], _Upsample()(y), rtol=1e-4, atol=1e-5)
+            seen.clear()
+        assert client.stats()['double_answers'] == 0
+    finally:
+        client.close()
