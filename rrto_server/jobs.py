@@ -259,7 +259,8 @@ class ExpressJob(InferJob):
     An INFER on the express path (:mod:`rrto_server.express`), served on the I/O thread.
 
     Run it only through :meth:`~rrto_server.scheduler.Scheduler.run_inline` (an
-    idle device); when that declines, serve the request as an :class:`InferJob`.
+    idle device, or a preemption by the most urgent job at the next segment
+    boundary); when that declines, serve the request as an :class:`InferJob`.
     """
 
     def __init__(self, services: Services, request: Request, replay: Replay, buffers: list,

@@ -157,6 +157,7 @@ class _Blocking(Job):
 
 
 def test_a_busy_lane_sends_the_common_request_the_general_way(make_server, monkeypatch):
+    # the lane's step outlasts INLINE_WAIT_S: the I/O thread stops waiting for it
     server = make_server(inline_max_ms=1000.0)
     x, replay, seen, client = _served(server, monkeypatch)
     bulk = _Blocking()
@@ -175,6 +176,106 @@ def test_a_busy_lane_sends_the_common_request_the_general_way(make_server, monke
     finally:
         bulk.release_event.set()
         client.close()
+
+
+def test_the_most_urgent_request_runs_express_at_the_segment_boundary(make_server, monkeypatch):
+    monkeypatch.setattr(server_module, 'INLINE_WAIT_S', 30.0)
+    server = make_server(inline_max_ms=1000.0)                  # preemptive by default
+    x, replay, seen, client = _served(server, monkeypatch)
+    bulk = _Blocking()
+    try:
+        server.scheduler.submit(bulk)
+        assert bulk.started_event.wait(30)
+        pending = client.start_infer(replay, [x], priority=5)
+        time.sleep(0.2)
+        assert not seen, 'waits for the segment boundary'
+        bulk.release_event.set()
+        _, outputs = pending.result()
+        assert seen == {'express': {'io'}}, 'then runs on the I/O thread, no lane hand-off'
+        assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+        seen.clear()
+        bulk = _Blocking()                      # as urgent as the request: no overtaking
+        bulk.priority = 5
+        server.scheduler.submit(bulk)
+        assert bulk.started_event.wait(30)
+        pending = client.start_infer(replay, [x], priority=5)
+        time.sleep(0.2)
+        assert seen == {'decode': {'io'}}, 'queued the general way'
+        bulk.release_event.set()
+        pending.result()
+        assert 'express' not in seen and seen['segment'] == {'lane'}
+    finally:
+        bulk.release_event.set()
+        client.close()
+
+
+class _Steps(Job):
+    """A job of ``n`` steps, each held until its gate opens; records who ran what."""
+
+    def __init__(self, name, n, log, priority=0):
+        super().__init__(priority=priority, task=name)
+        self.name, self.left, self.log = name, n, log
+        self.gates = [threading.Event() for _ in range(n)]
+        self.began = threading.Event()
+
+    def step(self) -> bool:
+        k = len(self.gates) - self.left
+        self.began.set()
+        assert self.gates[k].wait(30)
+        self.log.append((self.name, k, threading.current_thread().name))
+        self.left -= 1
+        return self.left == 0
+
+
+def test_run_inline_preempts_at_the_boundary_only_for_the_most_urgent_job():
+    from rrto_server.scheduler import Scheduler
+    log = []
+    scheduler = Scheduler('preemptive', 0.0, None)
+    try:
+        low = _Steps('low', 3, log)
+        scheduler.submit(low)
+        assert low.began.wait(30)
+        urgent = _Steps('urgent', 1, log, priority=3)
+        urgent.gates[0].set()
+        threading.Timer(0.5, low.gates[0].set).start()     # step 0 ends while we wait
+        assert scheduler.run_inline(urgent, wait_s=30.0)
+        for gate in low.gates[1:]:
+            gate.set()
+        deadline = time.monotonic() + 30
+        while len(log) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        me = threading.current_thread().name
+        assert [(n, k) for n, k, _ in log] == [('low', 0), ('urgent', 0), ('low', 1), ('low', 2)]
+        assert log[1][2] == me and log[2][2] != me, 'inline here; the lane resumes the rest'
+        assert low.preemptions == 1 and urgent.preempt_s is not None
+        snap = scheduler.snapshot()
+        assert snap['preemptions'] == 1 and snap['preempt_ms']['n'] == 1
+        # not more urgent than the running job, or its step outlasts the wait: declined
+        log.clear()
+        slow = _Steps('slow', 1, log, priority=3)
+        scheduler.submit(slow)
+        assert slow.began.wait(30)
+        peer = _Steps('peer', 1, log, priority=3)
+        assert not scheduler.run_inline(peer, wait_s=30.0)
+        assert not scheduler.run_inline(_Steps('more', 1, log, priority=4), wait_s=0.05)
+        slow.gates[0].set()
+        later = _Steps('later', 1, log)
+        later.gates[0].set()
+        scheduler.submit(later)                 # the lanes are not held by the declined calls
+        while len(log) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [n for n, _, _ in log] == ['slow', 'later']
+    finally:
+        scheduler.close()
+    fifo = Scheduler('fifo', 0.0, None)
+    try:
+        first = _Steps('first', 1, log)
+        fifo.submit(first)
+        assert first.began.wait(30)
+        assert not fifo.run_inline(_Steps('urgent', 1, log, priority=9), wait_s=30.0)
+        first.gates[0].set()
+    finally:
+        fifo.close()
 
 
 def test_segmented_replays_and_expired_requests_never_run_express(make_server, monkeypatch):
