@@ -84,7 +84,8 @@ class Scheduler:
         self._reaper_wake = threading.Condition(self._lock)
         self._seq = itertools.count(1)
         self._stop = False
-        self._reserved = False      # run_inline waits for the lanes' steps: no lane starts one
+        # the job run_inline waits to run once the lanes' steps end (none starts another)
+        self._inline: Job | None = None
         self.counters = collections.Counter(steps=0, preemptions=0, packed_steps=0, completed=0,
                                             expired=0, abandoned=0, failed=0)
         self._preempt_ms: collections.deque = collections.deque(maxlen=4096)
@@ -111,9 +112,10 @@ class Scheduler:
                 # running is more urgent than this one (so its wait is the preemption delay)
                 urgency = job.urgency()
                 running = [lane.job.urgency() for lane in self.lanes if lane.job is not None]
+                ahead = self._ready if self._inline is None else self._ready + [self._inline]
                 job.contended = (any(u > urgency for u in running)
                                  and not any(u < urgency for u in running)
-                                 and not any(j.urgency() < urgency for j in self._ready))
+                                 and not any(j.urgency() < urgency for j in ahead))
                 bisect.insort(self._ready, job, key=self._key)
                 dropped = self._purge(job.ready_at)
                 self._cond.notify_all()
@@ -142,19 +144,19 @@ class Scheduler:
         """
         lane = self.lanes[0]
         with self._cond:
-            if self._stop or self._reserved:
+            if self._stop or self._inline is not None:
                 return False
             busy = any(other.job is not None for other in self.lanes)
             if busy or self._ready:
                 if not self._overtakes(job, wait_s):
                     return False
-                job.ready_at, job.contended = self.clock(), True
-                self._reserved = True
+                job.ready_at, job.contended = self.clock(), busy
+                self._inline = job
                 try:
                     if not self._wait_for_lanes(job, job.ready_at + wait_s):
                         return False
                 finally:
-                    self._reserved = False
+                    self._inline = None
                     self._cond.notify_all()
             else:
                 job.ready_at, job.contended = self.clock(), False
@@ -224,7 +226,7 @@ class Scheduler:
 
     def _pick(self, lane: Lane) -> Job | None:
         # a lane is busy while run_inline uses it, and reserved while run_inline waits for it
-        if not self._ready or lane.job is not None or self._reserved:
+        if not self._ready or lane.job is not None or self._inline is not None:
             return None
         if lane.index == 0:
             head = self._ready[0]
@@ -353,7 +355,7 @@ class Scheduler:
                 self.counters[job.outcome] += 1
             else:
                 bisect.insort(self._ready, job, key=self._key)
-            if self._ready or self._reserved:   # a lane may pick now, or run_inline go on
+            if self._ready or self._inline is not None:    # a lane may pick, run_inline go on
                 self._cond.notify_all()
         if error is not None:
             self._deliver([(job, 'failed', error)])

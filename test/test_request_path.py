@@ -19,8 +19,8 @@ from rrto_ros.client import RemoteError, RrtoClient
 from rrto_ros.zoo import keypoint_net
 from rrto_server import server as server_module
 from rrto_server.express import ExpressPlan
-from rrto_server.jobs import InferJob
 from rrto_server.lanes import Job
+from rrto_server.requests import Request
 from rrto_server.runner import Execution
 from rrto_wire import messages, protocol
 
@@ -235,19 +235,24 @@ def test_run_inline_preempts_at_the_boundary_only_for_the_most_urgent_job():
         low = _Steps('low', 3, log)
         scheduler.submit(low)
         assert low.began.wait(30)
-        urgent = _Steps('urgent', 1, log, priority=3)
+        urgent, mid = _Steps('urgent', 1, log, priority=3), _Steps('mid', 1, log, priority=1)
         urgent.gates[0].set()
-        threading.Timer(0.5, low.gates[0].set).start()     # step 0 ends while we wait
+        mid.gates[0].set()
+        # while we wait: a job less urgent than ours arrives (it waits for ours, not for a
+        # preemption), then the lane's step ends
+        threading.Timer(0.25, scheduler.submit, (mid,)).start()
+        threading.Timer(0.5, low.gates[0].set).start()
         assert scheduler.run_inline(urgent, wait_s=30.0)
         for gate in low.gates[1:]:
             gate.set()
         deadline = time.monotonic() + 30
-        while len(log) < 4 and time.monotonic() < deadline:
+        while len(log) < 5 and time.monotonic() < deadline:
             time.sleep(0.01)
         me = threading.current_thread().name
-        assert [(n, k) for n, k, _ in log] == [('low', 0), ('urgent', 0), ('low', 1), ('low', 2)]
-        assert log[1][2] == me and log[2][2] != me, 'inline here; the lane resumes the rest'
-        assert low.preemptions == 1 and urgent.preempt_s is not None
+        assert [(n, k) for n, k, _ in log] == [('low', 0), ('urgent', 0), ('mid', 0), ('low', 1),
+                                               ('low', 2)]
+        assert log[1][2] == me and log[2][2] != me, 'inline here; the lane runs the rest'
+        assert low.preemptions == 1 and urgent.preempt_s is not None and mid.preempt_s is None
         snap = scheduler.snapshot()
         assert snap['preemptions'] == 1 and snap['preempt_ms']['n'] == 1
         # not more urgent than the running job, or its step outlasts the wait: declined
@@ -356,7 +361,7 @@ def test_a_lane_that_copied_the_outputs_back_sends_the_reply_itself(make_server,
     x = torch.randn(1, 3, 32, 32)
     small, large = (prepare(server.endpoint, model, x) for model in (keypoint_net(), _Upsample()))
     seen = collections.defaultdict(set)
-    monkeypatch.setattr(InferJob, '_reply', _wrap(seen, 'reply', InferJob._reply))
+    monkeypatch.setattr(Request, 'ok', _wrap(seen, 'reply', Request.ok))
     client = RrtoClient(server.endpoint, call_timeout_ms=30000)
     try:
         for k in range(3):
