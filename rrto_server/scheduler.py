@@ -86,6 +86,7 @@ class Scheduler:
         self._stop = False
         # the job run_inline waits to run once the lanes' steps end (none starts another)
         self._inline: Job | None = None
+        self._outwaited: tuple | None = None     # the steps the last such wait ran out on
         self.counters = collections.Counter(steps=0, preemptions=0, packed_steps=0, completed=0,
                                             expired=0, abandoned=0, failed=0)
         self._preempt_ms: collections.deque = collections.deque(maxlen=4096)
@@ -165,9 +166,14 @@ class Scheduler:
         self._run_step(lane, job, self.policy != PREEMPTIVE)
         return True
 
+    def _steps_now(self) -> tuple:
+        # (under the lock) which steps the lanes are running: (job, start) per lane
+        return tuple((id(lane.job), lane.since) for lane in self.lanes if lane.job is not None)
+
     def _overtakes(self, job: Job, wait_s: float) -> bool:
-        # (under the lock) whether ``job`` may wait for the lanes' steps to run inline
-        if self.policy != PREEMPTIVE or wait_s <= 0:
+        # (under the lock) whether ``job`` may wait for the lanes' steps to run inline; never
+        # again for the steps a wait already ran out on (a recording, a long segment)
+        if self.policy != PREEMPTIVE or wait_s <= 0 or self._outwaited == self._steps_now():
             return False
         urgency = job.urgency()[:2]
         others = self._ready + [other.job for other in self.lanes if other.job is not None]
@@ -179,8 +185,10 @@ class Scheduler:
         urgency = job.urgency()[:2]
         while any(other.job is not None for other in self.lanes):
             remaining = until - self.clock()
-            if (remaining <= 0 or self._stop
-                    or any(other.urgency()[:2] <= urgency for other in self._ready)):
+            if remaining <= 0:
+                self._outwaited = self._steps_now()
+                return False
+            if self._stop or any(other.urgency()[:2] <= urgency for other in self._ready):
                 return False
             self._cond.wait(remaining)
         return True

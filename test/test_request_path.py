@@ -263,6 +263,9 @@ def test_run_inline_preempts_at_the_boundary_only_for_the_most_urgent_job():
         peer = _Steps('peer', 1, log, priority=3)
         assert not scheduler.run_inline(peer, wait_s=30.0)
         assert not scheduler.run_inline(_Steps('more', 1, log, priority=4), wait_s=0.05)
+        begun = time.monotonic()    # the same step still runs: no second wait for it
+        assert not scheduler.run_inline(_Steps('again', 1, log, priority=4), wait_s=10.0)
+        assert time.monotonic() - begun < 5.0
         slow.gates[0].set()
         later = _Steps('later', 1, log)
         later.gates[0].set()
