@@ -297,14 +297,16 @@ def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
         'response_ms_p99': percentile(response, 99),
         'preemptions': sum(r['server'].get('preemptions', 0) for r in answered),
         'stages_ms': stages(answered),
+        'stages_p90_ms': stages(answered, 90),
+        'late_stages_ms': stages([r for r in answered if r['outcome'] == 'late']),
         'server': {k: server_task.get(k) for k in ('preempt_ms', 'queue_ms', 'latency_ms',
                                                    'expired', 'abandoned', 'late')},
     }
 
 
-def stages(answered: list[dict]) -> dict:
+def stages(answered: list[dict], q: float = 50) -> dict:
     """
-    Return the medians of where answered requests spent their time, stage by stage.
+    Return the ``q``-th percentiles (medians) of where answered requests spent their time.
 
     ``prepare`` (server arrival to the device queue: header checks, waiting
     for a CPU worker, decoding, staging), ``device_wait`` (queued for a lane,
@@ -325,7 +327,7 @@ def stages(answered: list[dict]) -> dict:
         parts['compute'].append(timing['compute_ms'])
         parts['reply'].append(timing['server_ms'] - timing['queue_ms'] - timing['compute_ms'])
         parts['wire'].append((r['end'] - r['send']) * 1e3 - timing['server_ms'])
-    return {k: percentile(v, 50) for k, v in parts.items()}
+    return {k: percentile(v, q) for k, v in parts.items()}
 
 
 def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, args) -> dict:

@@ -39,7 +39,7 @@ PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.scheduler', 'Lane', 'run', 'lane.run (replay + sync)'),
     ('rrto_server.runner_cudagraph', 'CudaGraphRunner', 'run_segment',
      'run_segment (memcpy, replay launch, copy-back launch)'),
-    ('rrto_server.express', 'ExpressPlan', 'run', 'express run (memcpy, graph, sync)'),
+    ('rrto_server.express', 'ExpressPlan', 'run', 'express run (memcpy, graph launch)'),
     ('rrto_server.runner_cudagraph', None, 'copy_frame', 'copy_frame (memcpy to staging)'),
     ('rrto_server.jobs', 'InferJob', 'complete', 'complete (copy-back wait, reply)'),
     ('rrto_server.jobs', 'ExpressJob', 'complete', 'express complete (encode + send)'),

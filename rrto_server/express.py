@@ -2,24 +2,30 @@
 The express path: the common inference served start to finish with the least Python.
 
 The common request is a raw (no codec) INFER of an already recorded,
-single-segment replay, sent while the device is idle.  For it the I/O thread
-does only this: check every frame against the recorded signature
-(:meth:`ExpressPlan.accept`: the same dtype and shape, no codec, exactly the
-declared bytes), run the replay on the frames' bytes
-(:meth:`ExpressPlan.run`: on a CUDA server one memcpy into the page-locked
-staging buffers, one CUDA-graph replay that copies its inputs in and its
-outputs out to page-locked buffers, one synchronisation) and send the reply
-from those buffers with its descriptors computed once per replay
+single-segment replay, sent while the device is idle or busy only with less
+urgent work (preemptive policy).  For it the I/O thread does only this: check
+every frame against the recorded signature (:meth:`ExpressPlan.accept`: the
+same dtype and shape, no codec, exactly the declared bytes), run the replay on
+the frames' bytes (:meth:`ExpressPlan.run`: on a CUDA server one memcpy into
+the page-locked staging buffers, one CUDA-graph replay that copies its inputs
+in and its outputs out to page-locked buffers; the lane then waits for its
+stream) and send the reply from those buffers with its descriptors computed
+once per replay
 (:attr:`ExpressPlan.body`).  No tensor is decoded, no execution object is
 built, no copy stream is involved.  :class:`~rrto_server.jobs.ExpressJob` is
 the request as a scheduler job: it runs only through
 :meth:`~rrto_server.scheduler.Scheduler.run_inline`, i.e. only while no job is
-queued and no lane is busy, so nothing more urgent ever waits behind it.
+queued and no lane is busy, or, under preemption, when it is more urgent than
+every job queued or running (it then waits, at most ``INLINE_WAIT_S`` of
+:mod:`rrto_server.server`, for the lanes' current segments to end, and runs
+at that boundary without the hand-off to a lane thread and back), so nothing
+more urgent ever waits behind it.
 
 Anything unusual takes the general path (:class:`~rrto_server.jobs.InferJob`),
 which answers it exactly as before: a codec, another signature, a frame of
 the wrong size (the general path then names the error), a multi-segment
-replay (its segment boundaries are preemption points), a busy device, or a
+replay (its segment boundaries are preemption points), a busy device (work as
+urgent, or a lane step longer than ``INLINE_WAIT_S``), or a
 CUDA replay whose express output buffers are still being sent by libzmq.
 """
 
@@ -72,7 +78,12 @@ class ExpressPlan:
         return buffers
 
     def run(self, buffers: list) -> list[torch.Tensor]:
-        """Run the replay on accepted buffers; return its outputs on the CPU (synchronised)."""
+        """
+        Run the replay on accepted buffers; return its outputs on the CPU.
+
+        On a CUDA runner they are complete once the current stream is
+        synchronised, which the lane running the step does (``Lane.run``).
+        """
         return self.runner.express(buffers, self.signature)
 
     def reply_body(self, outputs: list[torch.Tensor]) -> tuple[list[dict], list]:

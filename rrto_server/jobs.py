@@ -8,9 +8,9 @@ An inference passes through three phases on three kinds of thread:
    signature and stage the inputs on the device; then hand it to the
    scheduler.
 2. Device lane (:meth:`InferJob.step`): one replay segment per step.
-3. CPU worker (:meth:`InferJob._reply`): copy the outputs back (unless the lane
-   already did, see :mod:`rrto_server.runner_cudagraph`), encode and
-   send the reply.
+3. CPU worker (:meth:`InferJob._reply`): copy the outputs back, encode and
+   send the reply; when the lane already copied them back (small outputs, see
+   :mod:`rrto_server.runner_cudagraph`) the lane encodes and sends it itself.
 
 The I/O thread validates the header, looks the replay up and queues phase 1,
 or runs phase 1 itself for small raw frames that start as views (all three
@@ -202,8 +202,12 @@ class InferJob(Job):
             self.execution.release()
 
     def complete(self) -> None:
-        if self.inline and self.services.on_io_thread():
-            self._reply()       # the device was idle and still is ours: no hand-off
+        # answered by the thread that finished the job when the reply needs no copy: the I/O
+        # thread of an idle device, or a lane whose last step already copied the outputs
+        # into page-locked buffers (small ones, see rrto_server.runner_cudagraph); the hand-off
+        # to a CPU worker cost the urgent task of bench.sched_mix 0.07 ms at p50 (H200)
+        if (self.inline and self.services.on_io_thread()) or self.execution.on_host:
+            self._reply()
         else:
             self.services.cpu.submit(self.urgency(), self._reply)
 
@@ -255,7 +259,8 @@ class ExpressJob(InferJob):
     An INFER on the express path (:mod:`rrto_server.express`), served on the I/O thread.
 
     Run it only through :meth:`~rrto_server.scheduler.Scheduler.run_inline` (an
-    idle device); when that declines, serve the request as an :class:`InferJob`.
+    idle device, or a preemption by the most urgent job at the next segment
+    boundary); when that declines, serve the request as an :class:`InferJob`.
     """
 
     def __init__(self, services: Services, request: Request, replay: Replay, buffers: list,

@@ -70,6 +70,11 @@ class Execution:
         return self.outputs is not None
 
     @property
+    def on_host(self) -> bool:
+        """Return True when the last step already copied the outputs into :attr:`buffers`."""
+        return self.buffers is not None and self.outputs is self.buffers.tensors
+
+    @property
     def num_segments(self) -> int:
         return self.runner.num_segments
 

@@ -84,6 +84,9 @@ class Scheduler:
         self._reaper_wake = threading.Condition(self._lock)
         self._seq = itertools.count(1)
         self._stop = False
+        # the job run_inline waits to run once the lanes' steps end (none starts another)
+        self._inline: Job | None = None
+        self._outwaited: tuple | None = None     # the steps the last such wait ran out on
         self.counters = collections.Counter(steps=0, preemptions=0, packed_steps=0, completed=0,
                                             expired=0, abandoned=0, failed=0)
         self._preempt_ms: collections.deque = collections.deque(maxlen=4096)
@@ -110,9 +113,10 @@ class Scheduler:
                 # running is more urgent than this one (so its wait is the preemption delay)
                 urgency = job.urgency()
                 running = [lane.job.urgency() for lane in self.lanes if lane.job is not None]
+                ahead = self._ready if self._inline is None else self._ready + [self._inline]
                 job.contended = (any(u > urgency for u in running)
                                  and not any(u < urgency for u in running)
-                                 and not any(j.urgency() < urgency for j in self._ready))
+                                 and not any(j.urgency() < urgency for j in ahead))
                 bisect.insort(self._ready, job, key=self._key)
                 dropped = self._purge(job.ready_at)
                 self._cond.notify_all()
@@ -123,27 +127,70 @@ class Scheduler:
         with self._cond:
             return len(self._ready)
 
-    def run_inline(self, job: Job) -> bool:
+    def run_inline(self, job: Job, wait_s: float = 0.0) -> bool:
         """
         Run ``job``'s first step on lane 0 in the calling thread if the device is idle.
 
         Idle means nothing queued and no lane busy: then no job is more urgent, and
         skipping the hand-off to a lane thread saves two thread switches per request.
         A job with more steps is queued after its first one and continues on the
-        lane thread, so preemption at segment boundaries is unchanged.  Returns
-        False (and does nothing) when the device is not idle; submit the job then.
+        lane thread, so preemption at segment boundaries is unchanged.
+
+        Under the preemptive policy, a job more urgent than every job queued or
+        running also runs here when the lanes are busy: they finish their current
+        steps and start no other, and the job runs as soon as they have, if that
+        takes at most ``wait_s`` (a preemption at the segment boundary, without the
+        hand-off to a lane thread; counted as one).  Returns False (and does
+        nothing) otherwise; submit the job then.
         """
         lane = self.lanes[0]
         with self._cond:
-            if self._stop or self._ready or any(other.job is not None for other in self.lanes):
+            if self._stop or self._inline is not None:
                 return False
+            busy = any(other.job is not None for other in self.lanes)
+            if busy or self._ready:
+                if not self._overtakes(job, wait_s):
+                    return False
+                job.ready_at, job.contended = self.clock(), busy
+                self._inline = job
+                try:
+                    if not self._wait_for_lanes(job, job.ready_at + wait_s):
+                        return False
+                finally:
+                    self._inline = None
+                    self._cond.notify_all()
+            else:
+                job.ready_at, job.contended = self.clock(), False
             job.seq = next(self._seq)
-            job.ready_at = lane.since = self.clock()
-            job.contended = False
-            lane.job = job
-            if job.started is None:
-                job.started = lane.since
+            self._start(lane, job)
         self._run_step(lane, job, self.policy != PREEMPTIVE)
+        return True
+
+    def _steps_now(self) -> tuple:
+        # (under the lock) which steps the lanes are running: (job, start) per lane
+        return tuple((id(lane.job), lane.since) for lane in self.lanes if lane.job is not None)
+
+    def _overtakes(self, job: Job, wait_s: float) -> bool:
+        # (under the lock) whether ``job`` may wait for the lanes' steps to run inline; never
+        # again for the steps a wait already ran out on (a recording, a long segment)
+        if self.policy != PREEMPTIVE or wait_s <= 0 or self._outwaited == self._steps_now():
+            return False
+        urgency = job.urgency()[:2]
+        others = self._ready + [other.job for other in self.lanes if other.job is not None]
+        return all(urgency < other.urgency()[:2] for other in others)
+
+    def _wait_for_lanes(self, job: Job, until: float) -> bool:
+        # (under the lock, lanes reserved) wait until every lane's step has ended; False if
+        # that takes past ``until``, or a job as urgent as ``job`` arrives meanwhile
+        urgency = job.urgency()[:2]
+        while any(other.job is not None for other in self.lanes):
+            remaining = until - self.clock()
+            if remaining <= 0:
+                self._outwaited = self._steps_now()
+                return False
+            if self._stop or any(other.urgency()[:2] <= urgency for other in self._ready):
+                return False
+            self._cond.wait(remaining)
         return True
 
     def running(self) -> list[dict]:
@@ -186,7 +233,8 @@ class Scheduler:
         return a.utilisation + b.utilisation <= limit + 1e-9
 
     def _pick(self, lane: Lane) -> Job | None:
-        if not self._ready or lane.job is not None:  # a lane is busy while run_inline uses it
+        # a lane is busy while run_inline uses it, and reserved while run_inline waits for it
+        if not self._ready or lane.job is not None or self._inline is not None:
             return None
         if lane.index == 0:
             head = self._ready[0]
@@ -236,19 +284,22 @@ class Scheduler:
             job = self._pick(lane)
             if job is not None:
                 self._ready.remove(job)
-                last = lane.last
-                if (last is not None and last is not job and last.finished is None
-                        and last in self._ready):
-                    last.preemptions += 1
-                    self.counters['preemptions'] += 1
-                lane.job, lane.since = job, self.clock()
-                if job.started is None:
-                    job.started = lane.since
-                    if job.preempt_s is not None:
-                        self._preempt_ms.append(job.preempt_s * 1e3)
+                self._start(lane, job)
                 return job, []
             self._cond.wait()
         return None, []
+
+    def _start(self, lane: Lane, job: Job) -> None:
+        # (under the lock) ``job`` takes ``lane`` now
+        last = lane.last
+        if last is not None and last is not job and last.finished is None and last in self._ready:
+            last.preemptions += 1
+            self.counters['preemptions'] += 1
+        lane.job, lane.since = job, self.clock()
+        if job.started is None:
+            job.started = lane.since
+            if job.preempt_s is not None:
+                self._preempt_ms.append(job.preempt_s * 1e3)
 
     def _reaper_loop(self) -> None:
         while True:
@@ -312,7 +363,7 @@ class Scheduler:
                 self.counters[job.outcome] += 1
             else:
                 bisect.insort(self._ready, job, key=self._key)
-            if self._ready:     # a lane may pick now; with nothing queued none can: let them sleep
+            if self._ready or self._inline is not None:    # a lane may pick, run_inline go on
                 self._cond.notify_all()
         if error is not None:
             self._deliver([(job, 'failed', error)])

@@ -11,7 +11,8 @@ recordings and naive operators go to the device
 :class:`~rrto_server.scheduler.Scheduler`; inferences go first to the CPU
 workers (decode, staging), then to the scheduler, then back to the CPU
 workers (copy-back, encode; see :mod:`rrto_server.jobs`).  Small raw-frame
-inferences skip the workers: on an idle device this thread serves them end
+inferences skip the workers: on an idle device (or, under preemption, for the
+most urgent request at the next segment boundary) this thread serves them end
 to end (the common case on the express path, :mod:`rrto_server.express`),
 otherwise it decodes them (zero-copy views) and queues them itself.
 
@@ -65,6 +66,9 @@ BATCH = 64                  # messages received per poll wake-up before replies 
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
 INLINE_MAX_INPUT_BYTES = 4 << 20
+# under preemption, an express request more urgent than all the device's work waits this
+# long at most on the I/O thread for the lanes' current segments to end, then runs there
+INLINE_WAIT_S = 0.001
 
 
 class Server:
@@ -249,7 +253,7 @@ class Server:
         self.tasks.arrived(job.task, job.priority,
                            request.client.name if self.guard.authenticating else None)
         if buffers is not None:
-            if not job.prepare() or self.scheduler.run_inline(job):
+            if not job.prepare() or self.scheduler.run_inline(job, INLINE_WAIT_S):
                 return      # served on this thread, or answered: its deadline had passed
             job = InferJob(self.services, request, replay, frames, **keys)   # a busy device
         small = self._small_raw(header)

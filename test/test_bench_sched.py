@@ -26,6 +26,9 @@ def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_pat
             stages = task['stages_ms']      # where answered requests spent their time
             assert set(stages) == {'prepare', 'device_wait', 'compute', 'reply', 'wire'}
             assert stages['compute'] > 0 and stages['prepare'] > 0 and stages['wire'] > 0
+            tail = task['stages_p90_ms']    # and the slow tenth, stage by stage
+            assert set(tail) == set(stages) and tail['wire'] >= stages['wire']
+            assert set(task['late_stages_ms']) == set(stages)
         detect = run['tasks']['detect']
         assert 0.0 <= detect['miss_rate'] <= 1.0
         assert run['tasks']['mapping']['miss_rate'] is None     # best effort: no deadline

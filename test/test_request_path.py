@@ -20,19 +20,24 @@ from rrto_ros.zoo import keypoint_net
 from rrto_server import server as server_module
 from rrto_server.express import ExpressPlan
 from rrto_server.lanes import Job
+from rrto_server.requests import Request
 from rrto_server.runner import Execution
 from rrto_wire import messages, protocol
 
 
+def _wrap(seen, name, fn):
+    def wrapper(*args, **kwargs):
+        thread = threading.current_thread().name
+        for prefix, role in (('rrto-io', 'io'), ('rrto-cpu', 'cpu'), ('rrto-gpu', 'lane')):
+            if thread.startswith(prefix):
+                seen[name].add(role)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
 def _spy(monkeypatch, seen):
     def wrap(name, fn):
-        def wrapper(*args, **kwargs):
-            thread = threading.current_thread().name
-            for prefix, role in (('rrto-io', 'io'), ('rrto-cpu', 'cpu'), ('rrto-gpu', 'lane')):
-                if thread.startswith(prefix):
-                    seen[name].add(role)
-            return fn(*args, **kwargs)
-        return wrapper
+        return _wrap(seen, name, fn)
 
     monkeypatch.setattr(protocol, 'decode_tensors', wrap('decode', protocol.decode_tensors))
     monkeypatch.setattr(Execution, 'step', wrap('segment', Execution.step))
@@ -152,6 +157,7 @@ class _Blocking(Job):
 
 
 def test_a_busy_lane_sends_the_common_request_the_general_way(make_server, monkeypatch):
+    # the lane's step outlasts INLINE_WAIT_S: the I/O thread stops waiting for it
     server = make_server(inline_max_ms=1000.0)
     x, replay, seen, client = _served(server, monkeypatch)
     bulk = _Blocking()
@@ -170,6 +176,114 @@ def test_a_busy_lane_sends_the_common_request_the_general_way(make_server, monke
     finally:
         bulk.release_event.set()
         client.close()
+
+
+def test_the_most_urgent_request_runs_express_at_the_segment_boundary(make_server, monkeypatch):
+    monkeypatch.setattr(server_module, 'INLINE_WAIT_S', 30.0)
+    server = make_server(inline_max_ms=1000.0)                  # preemptive by default
+    x, replay, seen, client = _served(server, monkeypatch)
+    bulk = _Blocking()
+    try:
+        server.scheduler.submit(bulk)
+        assert bulk.started_event.wait(30)
+        pending = client.start_infer(replay, [x], priority=5)
+        time.sleep(0.2)
+        assert not seen, 'waits for the segment boundary'
+        bulk.release_event.set()
+        _, outputs = pending.result()
+        assert seen == {'express': {'io'}}, 'then runs on the I/O thread, no lane hand-off'
+        assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
+        seen.clear()
+        bulk = _Blocking()                      # as urgent as the request: no overtaking
+        bulk.priority = 5
+        server.scheduler.submit(bulk)
+        assert bulk.started_event.wait(30)
+        pending = client.start_infer(replay, [x], priority=5)
+        time.sleep(0.2)
+        assert seen == {'decode': {'io'}}, 'queued the general way'
+        bulk.release_event.set()
+        pending.result()
+        assert 'express' not in seen and seen['segment'] == {'lane'}
+    finally:
+        bulk.release_event.set()
+        client.close()
+
+
+class _Steps(Job):
+    """A job of ``n`` steps, each held until its gate opens; records who ran what."""
+
+    def __init__(self, name, n, log, priority=0):
+        super().__init__(priority=priority, task=name)
+        self.name, self.left, self.log = name, n, log
+        self.gates = [threading.Event() for _ in range(n)]
+        self.began = threading.Event()
+
+    def step(self) -> bool:
+        k = len(self.gates) - self.left
+        self.began.set()
+        assert self.gates[k].wait(30)
+        self.log.append((self.name, k, threading.current_thread().name))
+        self.left -= 1
+        return self.left == 0
+
+
+def test_run_inline_preempts_at_the_boundary_only_for_the_most_urgent_job():
+    from rrto_server.scheduler import Scheduler
+    log = []
+    scheduler = Scheduler('preemptive', 0.0, None)
+    try:
+        low = _Steps('low', 3, log)
+        scheduler.submit(low)
+        assert low.began.wait(30)
+        urgent, mid = _Steps('urgent', 1, log, priority=3), _Steps('mid', 1, log, priority=1)
+        urgent.gates[0].set()
+        mid.gates[0].set()
+        # while we wait: a job less urgent than ours arrives (it waits for ours, not for a
+        # preemption), then the lane's step ends
+        threading.Timer(0.25, scheduler.submit, (mid,)).start()
+        threading.Timer(0.5, low.gates[0].set).start()
+        assert scheduler.run_inline(urgent, wait_s=30.0)
+        for gate in low.gates[1:]:
+            gate.set()
+        deadline = time.monotonic() + 30
+        while len(log) < 5 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        me = threading.current_thread().name
+        assert [(n, k) for n, k, _ in log] == [('low', 0), ('urgent', 0), ('mid', 0), ('low', 1),
+                                               ('low', 2)]
+        assert log[1][2] == me and log[2][2] != me, 'inline here; the lane runs the rest'
+        assert low.preemptions == 1 and urgent.preempt_s is not None and mid.preempt_s is None
+        snap = scheduler.snapshot()
+        assert snap['preemptions'] == 1 and snap['preempt_ms']['n'] == 1
+        # not more urgent than the running job, or its step outlasts the wait: declined
+        log.clear()
+        slow = _Steps('slow', 1, log, priority=3)
+        scheduler.submit(slow)
+        assert slow.began.wait(30)
+        peer = _Steps('peer', 1, log, priority=3)
+        assert not scheduler.run_inline(peer, wait_s=30.0)
+        assert not scheduler.run_inline(_Steps('more', 1, log, priority=4), wait_s=0.05)
+        begun = time.monotonic()    # the same step still runs: no second wait for it
+        assert not scheduler.run_inline(_Steps('again', 1, log, priority=4), wait_s=10.0)
+        assert time.monotonic() - begun < 5.0
+        slow.gates[0].set()
+        later = _Steps('later', 1, log)
+        later.gates[0].set()
+        scheduler.submit(later)                 # the lanes are not held by the declined calls
+        while len(log) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [n for n, _, _ in log] == ['slow', 'later']
+    finally:
+        scheduler.close()
+    fifo = Scheduler('fifo', 0.0, None)
+    try:
+        first = _Steps('first', 1, log)
+        fifo.submit(first)
+        assert first.began.wait(30)
+        assert not fifo.run_inline(_Steps('urgent', 1, log, priority=9), wait_s=30.0)
+        first.gates[0].set()
+    finally:
+        fifo.close()
 
 
 def test_segmented_replays_and_expired_requests_never_run_express(make_server, monkeypatch):
@@ -227,3 +341,43 @@ def test_fixed_reply_buffers_are_never_reused_while_a_reply_is_in_flight():
     plan.sent(None)                         # a small reply: copied while it was sent
     assert plan.accept(desc.tensors, [frame]) is not None
     assert plan.accept(desc.tensors, [zmq.Frame(b'abc')]) is None, 'wrong size: general path'
+
+
+class _Upsample(torch.nn.Module):
+    """Outputs of 4 MiB: over what a lane copies back in its last step."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
+
+    def forward(self, x):
+        return torch.nn.functional.interpolate(self.conv(x), scale_factor=8.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_a_lane_that_copied_the_outputs_back_sends_the_reply_itself(make_server, monkeypatch):
+    # no hand-off to a CPU worker for a reply that needs no copy: the urgent task of
+    # bench.sched_mix paid 0.07 ms for it at p50 under the mix
+    server = make_server(device='cuda', inline_max_ms=0.0)      # every step on a lane
+    x = torch.randn(1, 3, 32, 32)
+    small, large = (prepare(server.endpoint, model, x) for model in (keypoint_net(), _Upsample()))
+    seen = collections.defaultdict(set)
+    monkeypatch.setattr(Request, 'ok', _wrap(seen, 'reply', Request.ok))
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        for k in range(3):
+            y = x + k
+            outputs, _ = client.infer(small, [y])
+            assert seen == {'reply': {'lane'}}, 'copied back by the lane: sent by it'
+            assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+                       for a, b in zip(outputs, leaves(keypoint_net()(y))))
+            seen.clear()
+            outputs, _ = client.infer(large, [y])
+            assert seen == {'reply': {'cpu'}}, 'copied back on a worker, sent from there'
+            assert torch.allclose(outputs[0], _Upsample()(y), rtol=1e-4, atol=1e-5)
+            seen.clear()
+        assert client.stats()['double_answers'] == 0
+    finally:
+        client.close()
