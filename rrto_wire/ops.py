@@ -30,7 +30,8 @@ Everything else is refused, in particular:
   a constant of the program.  A node may therefore only be passed where the
   schema takes a tensor: a size computed from input values (a 0-d tensor in a
   ``SymInt[]``) would make the work and memory of a call depend on what a
-  client sends, which the sandbox's trial run cannot see.
+  client sends, which the sandbox's trial run cannot see.  (A program marked
+  ``dynamic`` may have such sizes, under the rules of :mod:`rrto_wire.ops_dynamic`.)
 
 In-place overloads (``relu_``, ``add_``) stay allowed here;
 :meth:`rrto_wire.program.Program` refuses any node that writes into an input,

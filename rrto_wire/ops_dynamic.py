@@ -180,16 +180,16 @@ _BOUNDED_FNS = frozenset(BOUNDED.values())
 _SIZE_FNS = frozenset(SIZE_OPS.values())
 
 
-def check_sizes(nodes: Iterable[Any]) -> None:
+def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -> None:
     """
     Refuse a node that passes anything but an integer computed from sizes as a size.
 
-    ``nodes`` are :class:`rrto_wire.program.ProgramNode` in program order.  An
+    ``nodes`` are :class:`rrto_wire.program.ProgramNode` in program order,
+    ``refs_in`` yields the value names an encoded argument refers to.  An
     integer value is the result of ``sym_size``/``sym_numel``, or of integer
     arithmetic whose operands are integer values or constants.  Every
     reference an operator receives in a non-tensor argument must name one.
     """
-    from rrto_wire.program import refs_in   # program imports this module
     integers: set[str] = set()
     for node in nodes:
         if node.fn in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default):

@@ -204,7 +204,7 @@ class Program:
         self._check_references()
         self._check_writes()
         if self.dynamic:
-            ops_dynamic.check_sizes(self.nodes)
+            ops_dynamic.check_sizes(self.nodes, refs_in)
 
     @staticmethod
     def _parse_node(node: dict, dynamic: bool) -> ProgramNode:
