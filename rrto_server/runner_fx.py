@@ -18,7 +18,7 @@ import torch.fx as fx
 from rrto_server.replay_key import PRECISIONS
 from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
-from rrto_wire.ops_dynamic import check_output, is_bounded
+from rrto_wire.ops_dynamic import check_output, varies
 from rrto_wire.tensors import Signature, tensor_from_buffer
 
 
@@ -158,7 +158,7 @@ class _SizeChecked:
     """
     An fx module run node by node, each size that depends on the data checked first.
 
-    A node downstream of a bounded operator (``nonzero``...) may have other
+    A node downstream of a data-dependent operator (``nonzero``...) may have other
     sizes than in the sandbox's trial; each such node's output size is
     computed on meta tensors (:func:`check_output`) before it runs, once per
     distinct set of argument sizes (remembered: meta shape functions cost
@@ -174,7 +174,7 @@ class _SizeChecked:
         self.varying: set[str] = set()       # nodes whose sizes may follow the data
         for node in module.graph.nodes:
             if (node.op == 'placeholder' and inputs_vary) or (
-                    node.op == 'call_function' and (is_bounded(node.target) or any(
+                    node.op == 'call_function' and (varies(node.target) or any(
                         n.name in self.varying for n in node.all_input_nodes))):
                 self.varying.add(node.name)
 

@@ -2,30 +2,34 @@
 The operators of a data-dependent program, and the rule that keeps its sizes bounded.
 
 A detector's stages hold operators whose output size depends on the data
-(``nonzero``, boolean-mask indexing, ``masked_select``, NMS).  Captured with
-unbacked sizes (``torch._dynamo.config.capture_dynamic_output_shape_ops``),
+(``nonzero``, boolean-mask indexing, ``torch.where(mask)``, NMS).  Captured
+with unbacked sizes (``torch._dynamo.config.capture_dynamic_output_shape_ops``),
 such a stage exports as one graph; its program says ``"dynamic": true`` and
 the server runs it op by op, unrecorded (a CUDA graph replays fixed shapes),
 under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
 
-* **bounded operators** (:data:`BOUNDED`): each returns at most as many
-  elements as one of its inputs holds, whatever the values: ``nonzero``,
-  ``where(condition)``, ``masked_select``, ``index`` with boolean masks, and
-  ``torchvision::nms`` where the server has torchvision;
+* **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``,
+  ``where(condition)`` and ``torchvision::nms`` (where the server has
+  torchvision) return at most one row per element of their input, whatever
+  the values; ``index`` may take boolean masks (its integer indices clamped
+  into range, as in every program);
 * **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
   ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
   ``sym_max``), and the assertions export writes about them;
-* **indexed writes** (``index_put``) with their indices clamped into range,
-  as ``index`` and ``gather`` are for every program.
+* **indexed writes** (``index_put``) with their indices clamped into range;
+  the result has the size of the tensor written into.
 
 :func:`check_sizes` is the rule: a node may pass a value where an operator
 takes a size (a non-tensor argument) only if that value is an integer
 computed from tensor sizes by the size operators.  No operator turns tensor
 values into an integer (``item``, ``_local_scalar_dense``,
-``repeat_interleave`` with tensor repeats are not allowed), so every size in
-the program is a function of the sizes of its inputs and of bounded outputs.
-How large such a size may grow at run time is checked node by node before it
-is allocated: :func:`check_output`, used by the server's runner.
+``repeat_interleave`` with tensor repeats, ``masked_select`` are not
+allowed), so every size in the program is a function of the sizes of its
+inputs and of the data-dependent operators' outputs.  How large a size may
+grow at run time is checked node by node before it is allocated, for every
+node downstream of a data-dependent operator (:func:`varies`):
+:func:`check_output`, used by the server's runner.  The bound is per
+operator, not per execution.
 """
 
 from __future__ import annotations
@@ -109,11 +113,10 @@ _index_masked._schema = torch.ops.aten.index.Tensor._schema
 _index_put_clamped._schema = torch.ops.aten.index_put.default._schema
 _index_put_clamped_._schema = torch.ops.aten.index_put_.default._schema
 
-# operators whose output holds at most as many elements as one of their inputs
-BOUNDED: dict[str, Callable] = {
+# operators whose output size depends on the values of their inputs
+DATA_DEPENDENT: dict[str, Callable] = {
     'aten.nonzero.default': torch.ops.aten.nonzero.default,
     'aten.where.default': torch.ops.aten.where.default,
-    'aten.masked_select.default': torch.ops.aten.masked_select.default,
     'aten.index.Tensor': _index_masked,
 }
 # sizes of tensors, integer arithmetic on them, and export's assertions about them
@@ -131,7 +134,7 @@ _WRITES = {'aten.index_put.default': _index_put_clamped,
            'aten.index_put_.default': _index_put_clamped_}
 _TORCHVISION = {'torchvision.nms.default': ('nms', None),
                 'torchvision.roi_align.default': ('roi_align', _roi_align_clamped)}
-_NAMES = {fn: name for name, fn in {**BOUNDED, **SIZE_OPS, **_WRITES}.items()}
+_NAMES = {fn: name for name, fn in {**DATA_DEPENDENT, **SIZE_OPS, **_WRITES}.items()}
 _NAMES.update({torch.ops.aten.index.Tensor: 'aten.index.Tensor',
                torch.ops.aten.index_put.default: 'aten.index_put.default',
                torch.ops.aten.index_put_.default: 'aten.index_put_.default'})
@@ -150,7 +153,7 @@ def resolve(name: Any) -> Callable:
             return op
         substitute._schema = op._schema      # its arguments' names, for check_call
         return substitute
-    for table in (BOUNDED, SIZE_OPS, _WRITES):
+    for table in (DATA_DEPENDENT, SIZE_OPS, _WRITES):
         if name in table:
             return table[name]
     return ops.resolve(name)
@@ -166,9 +169,9 @@ def name_of(target: Any) -> str:
     return ops.name_of(target)
 
 
-def is_bounded(fn: Callable) -> bool:
-    """Return True for a bounded operator (its output is no larger than an input)."""
-    return fn in _BOUNDED_FNS or fn is _torchvision('nms')
+def varies(fn: Callable) -> bool:
+    """Return True for a data-dependent operator (its output size follows the values)."""
+    return fn in _DATA_DEPENDENT_FNS or fn is _torchvision('nms')
 
 
 def is_size_op(fn: Callable) -> bool:
@@ -176,8 +179,12 @@ def is_size_op(fn: Callable) -> bool:
     return fn in _SIZE_FNS or fn in _ARITHMETIC
 
 
-_BOUNDED_FNS = frozenset(BOUNDED.values())
+_DATA_DEPENDENT_FNS = frozenset(DATA_DEPENDENT.values())
 _SIZE_FNS = frozenset(SIZE_OPS.values())
+# at most one row per input element (nonzero: [n, dim] int64 for n <= numel), whatever the
+# values; index_put returns the tensor it writes into (or a copy of it)
+_ROW_PER_ELEMENT = frozenset((torch.ops.aten.nonzero.default, torch.ops.aten.where.default))
+_SAME_SIZE = frozenset((_index_put_clamped, _index_put_clamped_))
 
 
 def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -> None:
@@ -216,24 +223,42 @@ def check_output(fn: Callable, args: tuple, kwargs: dict, max_bytes: int) -> Non
     Refuse to run ``fn`` if its outputs would hold more than ``max_bytes``.
 
     The output shapes come from running ``fn`` on meta tensors of the same
-    shapes (nothing is allocated); bounded and size operators are not
-    checked (their outputs are no larger than their inputs, or are integers).
+    shapes (nothing is allocated); a boolean mask of ``index`` counts as
+    all set.  Not checked: ``nonzero``, ``where`` and NMS (one row per
+    input element at most), ``index_put`` (the size of its input), and
+    operators on sizes.
     """
-    if is_bounded(fn) or is_size_op(fn) or getattr(fn, '_schema', None) is None:
+    if (fn in _ROW_PER_ELEMENT or fn in _SAME_SIZE or is_size_op(fn)
+            or fn is _torchvision('nms') or getattr(fn, '_schema', None) is None):
         return
     meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
+    if fn is _index_masked:       # the most a mask can select: every element
+        fn, meta = torch.ops.aten.index.Tensor, ((meta[0][0], _masks_as_indices(meta[0][1])),
+                                                 meta[1])
     try:
         outputs = fn(*meta[0], **meta[1])
-    except NotImplementedError:
+    except Exception as exc:  # noqa: B902 - any failure to size it refuses it
         raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
-                            f'{_NAMES.get(fn, str(fn))[:80]} has no shape function: it cannot '
-                            'run in a program whose sizes depend on the data') from None
+                            f'{_NAMES.get(fn, str(fn))[:80]}: its output size cannot be '
+                            f'computed before it runs ({type(exc).__name__}), which a program '
+                            'whose sizes depend on the data needs') from None
     nbytes = sum(t.numel() * t.element_size()
                  for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor))
     if nbytes > max_bytes:
         raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
                             f'{str(fn)[:80]} would allocate {nbytes} bytes at this input: over '
                             f'the {max_bytes} one operator of a data-dependent program may')
+
+
+def _masks_as_indices(indices: list) -> list:
+    """Replace each k-dimensional boolean mask by k index vectors selecting all its elements."""
+    out = []
+    for index in indices:
+        if index is not None and index.dtype in (torch.bool, torch.uint8):
+            out += [torch.empty(index.numel(), dtype=torch.int64, device='meta')] * index.dim()
+        else:
+            out.append(index)
+    return out
 
 
 def _meta(value: Any) -> Any:

@@ -97,6 +97,32 @@ def test_server_checks_every_size_of_a_dynamic_program_before_it_allocates():
         refused.value)
 
 
+class OuterIndex(torch.nn.Module):
+    """Index a matrix by the set elements of a mask in both dimensions: u x u elements."""
+
+    def forward(self, mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        index = torch.nonzero(mask).squeeze(1)
+        return x[index[:, None], index[None, :]]
+
+
+def test_indexing_by_data_dependent_indices_is_sized_before_it_runs():
+    mask = torch.zeros(1000, dtype=torch.bool)
+    mask[:10] = True
+    x = torch.randn(1000, 1000)
+    program = Program(_doc(OuterIndex(), mask, x))
+    runner = DynamicRunner([program.module({}, torch.device('cpu'))], program.live_ranges([]),
+                           program.input_names, program.output_names, torch.device('cpu'),
+                           'fp32', [torch.float32], max_bytes=1 << 20)
+    ex = Execution(runner, [mask, x])
+    ex.step()
+    assert torch.equal(ex.outputs[0], OuterIndex()(mask, x))
+    # 1000 x 1000 floats from a 1000-element mask: refused before the index runs
+    with pytest.raises(ProtocolError) as refused:
+        Execution(runner, [torch.ones(1000, dtype=torch.bool), x]).step()
+    assert refused.value.code == ErrorCode.UNSAFE_PROGRAM and 'would allocate' in str(
+        refused.value)
+
+
 def test_dynamic_program_is_refused_unless_each_op_is_bounded_and_each_size_a_size():
     mask = torch.ones(100, dtype=torch.bool)
     doc = _doc(Blowup(), mask)
@@ -112,6 +138,12 @@ def test_dynamic_program_is_refused_unless_each_op_is_bounded_and_each_size_a_si
     node.update(op='aten.repeat_interleave.Tensor')
     with pytest.raises(ProtocolError, match='repeat_interleave'):
         Program(unbounded)
+    # masked_select broadcasts its mask: not among the data-dependent operators allowed
+    select = json.loads(json.dumps(doc))
+    _node(select, 'aten.nonzero.default').update(op='aten.masked_select.default',
+                                                 args=[{'n': 'mask'}, {'n': 'mask'}])
+    with pytest.raises(ProtocolError, match='masked_select'):
+        Program(select)
     # a value turned into a size (.item()) is no operator a program may name
     item = json.loads(json.dumps(doc))
     _node(item, 'aten.sym_size.int').update(op='aten._local_scalar_dense.default',
