@@ -17,7 +17,9 @@ under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
   ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
   ``sym_max``), and the assertions export writes about them;
 * **indexed writes** (``index_put``) with their indices clamped into range;
-  the result has the size of the tensor written into.
+  the result has the size of the tensor written into;
+* ``torchvision::roi_align`` (where the server has torchvision) with a fixed
+  sampling ratio and each RoI's batch index clamped (:func:`roi_align_checked`).
 
 :func:`check_sizes` is the rule: a node may pass a value where an operator
 takes a size (a non-tensor argument) only if that value is an integer
@@ -89,10 +91,23 @@ def _index_put_clamped_(tensor: torch.Tensor, indices: list, values: torch.Tenso
                                              accumulate)
 
 
-def _roi_align_clamped(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
-                       pooled_height: int, pooled_width: int, sampling_ratio: int,
-                       aligned: bool) -> torch.Tensor:
-    """``torchvision::roi_align`` with each RoI's batch index clamped into the batch."""
+MAX_SAMPLING_RATIO = 8     # RoIAlign samples per bin side (torchvision's detectors use 2)
+
+
+def roi_align_checked(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
+                      pooled_height: int, pooled_width: int, sampling_ratio: int,
+                      aligned: bool) -> torch.Tensor:
+    """
+    ``torchvision::roi_align`` with a fixed sampling ratio and batch indices clamped.
+
+    With ``sampling_ratio <= 0`` RoIAlign samples each bin as often as the
+    box is large: boxes from the data would set the work of a call.  Each
+    RoI's batch index (column 0) addresses the input: clamped into the batch.
+    """
+    if not 0 < sampling_ratio <= MAX_SAMPLING_RATIO:
+        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                            f'roi_align sampling_ratio {sampling_ratio}: a program must fix it '
+                            f'between 1 and {MAX_SAMPLING_RATIO} (else the boxes set the work)')
     if rois.numel() and input.shape[0]:
         rois = torch.cat([rois[:, :1].clamp(0, input.shape[0] - 1), rois[:, 1:]], 1)
     return torch.ops.torchvision.roi_align.default(
@@ -133,7 +148,7 @@ _ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
 _WRITES = {'aten.index_put.default': _index_put_clamped,
            'aten.index_put_.default': _index_put_clamped_}
 _TORCHVISION = {'torchvision.nms.default': ('nms', None),
-                'torchvision.roi_align.default': ('roi_align', _roi_align_clamped)}
+                'torchvision.roi_align.default': ('roi_align', roi_align_checked)}
 _NAMES = {fn: name for name, fn in {**DATA_DEPENDENT, **SIZE_OPS, **_WRITES}.items()}
 _NAMES.update({torch.ops.aten.index.Tensor: 'aten.index.Tensor',
                torch.ops.aten.index_put.default: 'aten.index_put.default',

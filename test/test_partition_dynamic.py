@@ -12,6 +12,7 @@ from rrto_server.runner_fx import DynamicRunner
 from rrto_wire import treespec
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program
+from rrto_wire.ops_dynamic import MAX_SAMPLING_RATIO, roi_align_checked
 from rrto_wire.program_writer import from_exported
 
 SHAPE = (1, 3, 128, 160)
@@ -179,3 +180,12 @@ def _index_put_into_input(*example: torch.Tensor) -> dict:
     put = _node(doc, 'aten.index_put_.default')
     put['args'][0] = {'n': doc['inputs'][1]['name']}
     return doc
+
+
+@pytest.mark.parametrize('sampling_ratio', [0, -1, MAX_SAMPLING_RATIO + 1])
+def test_roi_align_whose_work_the_boxes_would_set_is_refused(sampling_ratio):
+    # sampling_ratio <= 0 samples each bin as often as the box is large (boxes are data)
+    boxes = torch.tensor([[0.0, 0.0, 0.0, 1e6, 1e6]])
+    with pytest.raises(ProtocolError) as refused:
+        roi_align_checked(torch.zeros(1, 1, 4, 4), boxes, 1.0, 7, 7, sampling_ratio, False)
+    assert refused.value.code == ErrorCode.UNSAFE_PROGRAM
