@@ -37,6 +37,7 @@ operator, not per execution.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, Iterable
 
 import torch
@@ -238,7 +239,8 @@ def check_output(fn: Callable, args: tuple, kwargs: dict, max_bytes: int) -> Non
     Refuse to run ``fn`` if its outputs would hold more than ``max_bytes``.
 
     The output shapes come from running ``fn`` on meta tensors of the same
-    shapes (nothing is allocated); a boolean mask of ``index`` counts as
+    shapes (nothing is allocated), for pointwise operators from the
+    broadcast of their inputs' shapes; a boolean mask of ``index`` counts as
     all set.  Not checked: ``nonzero``, ``where`` and NMS (one row per
     input element at most), ``index_put`` (the size of its input), and
     operators on sizes.
@@ -246,6 +248,12 @@ def check_output(fn: Callable, args: tuple, kwargs: dict, max_bytes: int) -> Non
     if (fn in _ROW_PER_ELEMENT or fn in _SAME_SIZE or is_size_op(fn)
             or fn is _torchvision('nms') or getattr(fn, '_schema', None) is None):
         return
+    if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor)]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        itemsize = max([4] + [t.element_size() for t in tensors])  # type promotion's widest
+        return _refuse_over(fn, math.prod(shape) * itemsize, max_bytes)
     meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
     if fn is _index_masked:       # the most a mask can select: every element
         fn, meta = torch.ops.aten.index.Tensor, ((meta[0][0], _masks_as_indices(meta[0][1])),
@@ -257,8 +265,12 @@ def check_output(fn: Callable, args: tuple, kwargs: dict, max_bytes: int) -> Non
                             f'{_NAMES.get(fn, str(fn))[:80]}: its output size cannot be '
                             f'computed before it runs ({type(exc).__name__}), which a program '
                             'whose sizes depend on the data needs') from None
-    nbytes = sum(t.numel() * t.element_size()
-                 for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor))
+    _refuse_over(fn, sum(t.numel() * t.element_size()
+                         for t in torch.utils._pytree.tree_leaves(outputs)
+                         if isinstance(t, torch.Tensor)), max_bytes)
+
+
+def _refuse_over(fn: Callable, nbytes: int, max_bytes: int) -> None:
     if nbytes > max_bytes:
         raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
                             f'{str(fn)[:80]} would allocate {nbytes} bytes at this input: over '
