@@ -20,6 +20,9 @@ Program JSON::
      "nodes": [{"name", "op", "args", "kwargs", "out": {"dtype", "shape"} | null, "scope"}],
      "outputs": [arg, ...], "dynamic": bool (optional, see rrto_wire.ops_dynamic)}
 
+In a dynamic program a node's ``out`` may list in ``"dims"`` the dimensions
+whose size depends on the data (written as 0 in ``shape``).
+
 Arguments are JSON values; ``{"n": name}`` refers to an input, a parameter or an
 earlier node; ``{"dtype"|"device"|"memory_format"|"layout"|"f": ...}`` tag
 torch enums and non-finite floats.
