@@ -28,6 +28,7 @@ partition's settings (:func:`graph_breaks`; no server).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import fcntl
 import json
@@ -138,14 +139,22 @@ class Turn:
 
 
 def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
-                 turn: Turn) -> dict:
-    """Measure one detector: partition, round trips, equality, latency against local and GPU."""
+                 turn: Turn, dynamic: bool = True) -> dict:
+    """
+    Measure one detector: partition, round trips, equality, latency against local and GPU.
+
+    ``dynamic`` False partitions as before dynamic programs (session 3): every
+    operator with a data-dependent output size breaks the graph, so RoIAlign
+    and its per-level ``torch.where`` run on the robot.
+    """
+    torch.compiler.reset()
     model = build(name, size)
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))
     inputs = ([image],)
     expected = _local(model, inputs)
-    row: dict[str, Any] = {'model': name, 'input': [3, size, size]}
-    with offload(model, server=endpoint, timeout_ms=60000, record_timeout_ms=240000) as om:
+    row: dict[str, Any] = {'model': name, 'input': [3, size, size], 'dynamic': dynamic}
+    with _capture_dynamic(dynamic), offload(model, server=endpoint, timeout_ms=60000,
+                                            record_timeout_ms=240000) as om:
         start = time.perf_counter()
         row['ready'] = om.warmup(*inputs, timeout_s=240)
         row['prepare_s'] = time.perf_counter() - start
@@ -168,6 +177,7 @@ def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
             'round_trips': [r.round_trips for r in records],
             'remote_subgraphs': [r.remote_subgraphs for r in records],
             'local_subgraphs': [r.local_subgraphs for r in records],
+            'eager_subgraphs': [r.eager_subgraphs for r in records],
             'offloaded_ms': _median(records, 'total_ms'),
             'robot_ms': _median(records, 'robot_compute_ms'),
             'network_ms': _median(records, 'network_ms'),
@@ -177,6 +187,17 @@ def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
             'vs_local': compare(out, expected), 'stats': om.stats()})
     row['speedup_vs_local_cpu'] = row['local_cpu_ms'] / row['offloaded_ms']
     return row
+
+
+@contextlib.contextmanager
+def _capture_dynamic(on: bool):
+    """Partition with data-dependent operators inside graphs (``on``) or breaking them."""
+    saved = DYNAMO_CONFIG['capture_dynamic_output_shape_ops']
+    DYNAMO_CONFIG['capture_dynamic_output_shape_ops'] = on
+    try:
+        yield
+    finally:
+        DYNAMO_CONFIG['capture_dynamic_output_shape_ops'] = saved
 
 
 def graph_breaks(name: str, size: int) -> dict:
@@ -228,7 +249,8 @@ def fan_out(args: argparse.Namespace) -> None:
                        '--iters', str(args.iters), '--out', str(Path(sync, f'{i}.json')),
                        '--sync', sync, '--peers', str(len(DETECTORS)),
                        '--threads', str(cores if part == 'detectors' else 2),
-                       '--budget-s', str(args.budget_s - 45)]
+                       '--budget-s', str(args.budget_s - 45)] + (
+                           ['--static-too'] if args.static_too else [])
             nice = (lambda: os.nice(19)) if part != 'detectors' else None
             children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              preexec_fn=nice))
@@ -270,6 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--threads', type=int, default=0, help='robot torch threads (0: default)')
     parser.add_argument('--budget-s', type=float, default=1e9,
                         help='start no model after this many seconds')
+    parser.add_argument('--static-too', action='store_true',
+                        help='R-CNNs also partitioned as before dynamic programs (every '
+                        'data-dependent operator breaking the graph), side by side')
     parser.add_argument('--sync', help='directory shared by sibling processes (--part all)')
     parser.add_argument('--peers', type=int, default=1)
     parser.add_argument('--out', help='result file (one part)')
@@ -295,16 +320,20 @@ def main(argv: list[str] | None = None) -> None:
                 if time.monotonic() - started > args.budget_s:
                     rows.append({'model': name, 'skipped': 'time budget spent'})
                     continue
-                try:
-                    row = (detector_row(name, server.endpoint, args.size, args.iters,
-                                        args.device, turn) if args.part == 'detectors'
-                           else whole_row(name, server.endpoint))
-                except Exception as exc:  # noqa: B902 - one model's failure is a result too
-                    row = {'model': name, 'error': f'{type(exc).__name__}: {exc}'}
-                rows.append(row)
-                print(name, {k: v for k, v in row.items() if k not in ('partition', 'stats')},
-                      flush=True)
-                write_results(args.out, 'python -m bench.detectors', argv, rows)
+                # R-CNNs (RoIAlign) also as before dynamic programs, side by side
+                modes = ((True, False) if args.part == 'detectors' and args.static_too
+                         and 'rcnn' in name else (True,))
+                for dynamic in modes:
+                    try:
+                        row = (detector_row(name, server.endpoint, args.size, args.iters,
+                                            args.device, turn, dynamic)
+                               if args.part == 'detectors' else whole_row(name, server.endpoint))
+                    except Exception as exc:  # noqa: B902 - one model's failure is a result
+                        row = {'model': name, 'error': f'{type(exc).__name__}: {exc}'}
+                    rows.append(row)
+                    print(name, {k: v for k, v in row.items()
+                                 if k not in ('partition', 'stats')}, flush=True)
+                    write_results(args.out, 'python -m bench.detectors', argv, rows)
         finally:
             server.stop()
     write_results(args.out, 'python -m bench.detectors', argv, rows)

@@ -38,6 +38,7 @@ KEYS = {
     'round_trips': int,          # requests sent, answered or timed out (1 when offloaded)
     'remote_subgraphs': int,     # partitioned model: subgraphs the server ran in this call
     'local_subgraphs': int,      # partitioned model: captured subgraphs the robot ran
+    'eager_subgraphs': int,      # of the remote ones: run unrecorded (sizes depend on the data)
     'bytes_sent': int,           # a request whose reply timed out included
     'bytes_received': int,
     'server': str,               # the server endpoint
@@ -71,7 +72,8 @@ def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
         'deadline_missed': record.deadline_missed, 'preemptions': record.preemptions,
         'stamp': stamp,
         'round_trips': record.round_trips, 'remote_subgraphs': record.remote_subgraphs,
-        'local_subgraphs': record.local_subgraphs, 'bytes_sent': record.bytes_sent,
+        'local_subgraphs': record.local_subgraphs,
+        'eager_subgraphs': record.eager_subgraphs, 'bytes_sent': record.bytes_sent,
         'bytes_received': record.bytes_received, 'server': server,
         'frames_dropped': int(frames_dropped), 'variant': variant}
     return [(key, _text(values[key])) for key in KEYS]

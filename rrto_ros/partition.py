@@ -4,11 +4,11 @@ Offload a model that cannot be exported whole: tensor programs remote, data-depe
 Detectors end in code whose shapes depend on the data (score thresholds by
 boolean mask, top-k of a data-dependent size, NMS); ``torch.export`` cannot
 trace it.  :class:`Partition` lets PyTorch find the cut: ``torch.compile``
-with our backend and static shapes, and with data-dependent operators kept
-out of graphs (``capture_scalar_outputs`` and
-``capture_dynamic_output_shape_ops`` off), hands us each graph it captures
-while the operators that break the graphs, and the Python around them, stay
-in Python on the robot.
+with our backend and static shapes hands us each graph it captures, while
+Python that branches on the data, and ``.item()``, break the graphs and stay
+on the robot.  Operators with data-dependent output sizes stay inside a graph
+(``capture_dynamic_output_shape_ops``): such a graph is a dynamic program the
+server runs unrecorded (:mod:`rrto_wire.ops_dynamic`).
 
 Each captured graph becomes a :class:`Subgraph`.  Its first call runs locally
 and counts its FLOPs (``FlopCounterMode``) and the bytes it would move; a
@@ -38,12 +38,15 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
 from rrto_ros.partition_report import call_fields, first_line, local_fields
+from rrto_wire.program_writer import is_dynamic
 
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
 PREPARE_CALLS = 3           # calls at most while preparing, until one captures no new graph
-DYNAMO_CONFIG = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': False,
+# data-dependent sizes (nonzero, boolean masks, NMS) stay in graphs as unbacked sizes; Python
+# branching on data and .item() (a value the server could not bound) break them
+DYNAMO_CONFIG = {'capture_scalar_outputs': False, 'capture_dynamic_output_shape_ops': True,
                  'recompile_limit': RECOMPILE_LIMIT}
 if hasattr(torch._dynamo.config, 'nested_graph_breaks'):
     # a break inside a nested call ends the graph there, not at the outermost call: a
@@ -98,6 +101,7 @@ class Subgraph:
     owner: 'Partition'
     flops: int = -1                        # -1 until its first call
     io_bytes: int = 0
+    dynamic: bool = False                  # sizes depend on the data: the server runs it eagerly
     remote: Any = None                     # the inner offloaded model, when worth a round trip
     reason: str = ''                       # why it stays local
     example: list = field(default_factory=list)
@@ -136,6 +140,7 @@ class Subgraph:
         table = remote.table if remote is not None else None
         return {'index': self.index, 'operators': ops, 'flops': max(self.flops, 0),
                 'io_bytes': self.io_bytes, 'remote': remote is not None,
+                'eager': remote is not None and self.dynamic,
                 'reason': self.reason, 'plan_table': table.label if table else '',
                 'plan': remote.last.plan if remote is not None and remote.last else ''}
 
@@ -196,7 +201,8 @@ class Partition:
     def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
         weights = {i: t for i, t in enumerate(example) if self._own.get(id(t)) is t}
         with self._lock:
-            subgraph = Subgraph(len(self.subgraphs), graph, weights, self)
+            subgraph = Subgraph(len(self.subgraphs), graph, weights, self,
+                                dynamic=is_dynamic(graph.graph))
             self.subgraphs.append(subgraph)
         return subgraph
 
@@ -297,8 +303,9 @@ class Partition:
 
     def stats(self) -> dict:
         """Return the inner models' counters summed, and the number of (remote) subgraphs."""
-        data = {'subgraphs': len(self.subgraphs),
-                'remote_subgraphs': sum(s.remote is not None for s in self.subgraphs)}
+        remote = [s for s in self.subgraphs if s.remote is not None]
+        data = {'subgraphs': len(self.subgraphs), 'remote_subgraphs': len(remote),
+                'eager_subgraphs': sum(s.dynamic for s in remote)}
         for remote in list(self._remotes.values()):
             stats = remote.stats()
             for key in _COUNTERS:

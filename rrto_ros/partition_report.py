@@ -47,7 +47,9 @@ def call_fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
         'bandwidth_mbps': bandwidth_mbps, 'codec': remote[0].codec if remote else '',
         'reason': '; '.join(waiting), 'preemptions': sum(r.preemptions for r in remote),
         'deadline_missed': any(r.deadline_missed for r in records),
-        'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote)}
+        'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote),
+        'eager_subgraphs': sum(1 for s, r, _ in calls
+                               if r is not None and r.result.value == 'offloaded' and s.dynamic)}
 
 
 def local_fields(total_ms: float, bandwidth_mbps: float, reason: str) -> dict:

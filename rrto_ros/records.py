@@ -45,6 +45,7 @@ class CallRecord:
     preemptions: int = 0            # times the server suspended it for more urgent work
     remote_subgraphs: int = 0       # partitioned model: subgraphs the server ran in this call
     local_subgraphs: int = 0        # partitioned model: captured subgraphs the robot ran
+    eager_subgraphs: int = 0        # of the remote ones: unrecorded (sizes depend on the data)
     stamp: float = field(default_factory=time.time)
 
     @property

@@ -61,8 +61,9 @@ def program_outputs(doc: dict) -> tuple[Leaf, ...]:
     specs = {i['name']: (i['dtype'], tuple(i['shape'])) for i in doc['inputs']}
     for node in doc['nodes']:
         out = node.get('out')
-        if out is not None:
-            specs[node['name']] = (out['dtype'], tuple(out['shape']))
+        if out is not None:   # "dims": sizes that depend on the data (rrto_wire.ops_dynamic)
+            specs[node['name']] = (out['dtype'], tuple(
+                None if i in out.get('dims', ()) else s for i, s in enumerate(out['shape'])))
     unknown = (None, None)
     return tuple(specs.get(o['n'], unknown) if isinstance(o, dict) and 'n' in o else unknown
                  for o in doc['outputs'])

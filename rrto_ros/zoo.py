@@ -189,9 +189,11 @@ class Detector(nn.Module):
     """
     SSD-style dense head at strides 8 and 16, then a refinement head on the NMS survivors.
 
-    Stage 1 (backbone and dense head) and stage 2 (box features sampled from
-    the stride-8 map, a two-layer MLP) are static tensor programs; between and
-    after them, thresholds, top-k and NMS depend on the data.
+    Stage 1 (backbone and dense head) is a static tensor program; thresholds,
+    top-k and NMS follow, depending on the data.  Stage 2 pools each survivor's
+    features from the map its size belongs to, as torchvision's
+    ``MultiScaleRoIAlign`` does (``torch.where`` per level, results written by
+    index), then runs a two-layer MLP and a final score threshold.
     """
 
     def __init__(self, classes: int = 8, width: int = 32, score_thresh: float = 0.3,
@@ -222,10 +224,11 @@ class Detector(nn.Module):
             anchors.append(_anchors(h, w, images.shape[-1] / w, self.sizes[level]))
         boxes = _decode(torch.cat(deltas, 1), torch.cat(anchors), images.shape[-2:])
         scores = torch.sigmoid(torch.cat(logits, 1))
-        return [self._detect(p3[i:i + 1], boxes[i], scores[i], images.shape[-1] / p3.shape[-1])
+        strides = [images.shape[-1] / f.shape[-1] for f in levels]
+        return [self._detect([f[i:i + 1] for f in levels], boxes[i], scores[i], strides)
                 for i in range(len(images))]
 
-    def _detect(self, feature, boxes, scores, stride: float) -> dict[str, torch.Tensor]:
+    def _detect(self, features, boxes, scores, strides) -> dict[str, torch.Tensor]:
         flat = scores.flatten()
         candidates = torch.nonzero(flat > self.score_thresh).squeeze(1)
         top = flat[candidates].topk(min(self.pre_nms, len(candidates)))
@@ -233,7 +236,7 @@ class Detector(nn.Module):
         boxes, labels = boxes[index // self.classes], index % self.classes
         keep = batched_nms(boxes, top.values, labels, self.iou_threshold)[:self.max_detections]
         boxes, labels = boxes[keep], labels[keep]
-        refined = self.refine(_box_features(feature, boxes / stride))
+        refined = self.refine(_pooled(features, boxes, strides, self.sizes))
         scores = torch.sigmoid(refined.gather(1, labels[:, None]).squeeze(1))
         boxes = boxes + refined[:, self.classes:] * 4.0
         final = scores > self.score_thresh
@@ -253,6 +256,17 @@ def _decode(deltas: torch.Tensor, anchors: torch.Tensor, size) -> torch.Tensor:
     half = wh * torch.exp(deltas[..., 2:].clamp(max=4.0) * 0.2) / 2
     limit = torch.tensor([size[1], size[0]], dtype=deltas.dtype)
     return torch.cat([(centre - half).clamp(min=0), torch.minimum(centre + half, limit)], -1)
+
+
+def _pooled(features: list, boxes: torch.Tensor, strides: list, sizes: tuple) -> torch.Tensor:
+    """Pool each box from the level whose anchor size is nearest its own (by where, per level)."""
+    side = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=0).sqrt()
+    level = (side > (sizes[0] * sizes[1]) ** 0.5).long()
+    pooled = features[0].new_zeros(len(boxes), features[0].shape[1], 7, 7)
+    for k, (feature, stride) in enumerate(zip(features, strides)):
+        index = torch.where(level == k)[0]
+        pooled[index] = _box_features(feature, boxes[index] / stride)
+    return pooled
 
 
 def _box_features(feature: torch.Tensor, boxes: torch.Tensor, size: int = 7) -> torch.Tensor:

@@ -13,6 +13,11 @@ one :class:`~rrto_server.runner.Runner`:
   :mod:`rrto_server.runner_fx`.
 * mode ``eager``: the graph modules run op by op on the device, the
   "offload without replay" baseline.
+* a program whose sizes depend on the data (``"dynamic"``, see
+  :mod:`rrto_wire.ops_dynamic`): op by op on any device and in any mode,
+  each operator's output size checked before it is allocated, backend
+  ``eager-dynamic`` (:class:`~rrto_server.runner_fx.DynamicRunner`); never
+  a CUDA graph.
 * ONNX models: an onnxruntime session, one segment
   (:mod:`rrto_server.runner_onnx`).
 
@@ -37,7 +42,8 @@ from rrto_server.models import LoadedModel
 from rrto_server.replay_key import replay_key
 from rrto_server.runner import Execution, Runner
 from rrto_server.runner_cudagraph import WARMUP_ITERS, CudaGraphRunner
-from rrto_server.runner_fx import FrozenRunner, FxRunner
+from rrto_server.runner_fx import DynamicRunner, FrozenRunner, FxRunner
+from rrto_server.sandbox import DEFAULT_MAX_BYTES
 from rrto_server.runner_onnx import OnnxRunner, onnx_providers
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -136,6 +142,8 @@ class Replay:
         out_dtypes = _output_dtypes(program)
         args = (modules, live, program.input_names, program.output_names, device, opts.precision,
                 out_dtypes)
+        if program.dynamic:
+            return DynamicRunner(*args, max_bytes=DEFAULT_MAX_BYTES)
         if opts.mode == 'eager':
             return FxRunner(*args)
         if device.type == 'cuda':

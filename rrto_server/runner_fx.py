@@ -13,10 +13,12 @@ import threading
 from typing import Sequence
 
 import torch
+import torch.fx as fx
 
 from rrto_server.replay_key import PRECISIONS
 from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
+from rrto_wire.ops_dynamic import check_output, varies
 from rrto_wire.tensors import Signature, tensor_from_buffer
 
 
@@ -129,6 +131,82 @@ class FxRunner:
     def release(self, ex: Execution) -> None:
         ex.env = {}
         ex.saved = None
+
+
+class DynamicRunner(FxRunner):
+    """
+    A program whose sizes depend on the data, run op by op and never recorded.
+
+    A CUDA graph replays fixed shapes, so a dynamic program
+    (:mod:`rrto_wire.ops_dynamic`) runs eagerly on every device and every
+    mode: each operator's output size is checked on meta tensors before it is
+    allocated, against ``max_bytes`` (the sandbox's memory budget per call),
+    since its sizes at run time may exceed those of the sandbox's trial.
+    """
+
+    backend = 'eager-dynamic'
+    can_express = False
+
+    def __init__(self, *args, max_bytes: int):
+        super().__init__(*args)
+        # a later segment's inputs are values of the earlier ones: their sizes may vary
+        self.modules = [_SizeChecked(module, max_bytes, inputs_vary=k > 0)
+                        for k, module in enumerate(self.modules)]
+
+
+class _SizeChecked:
+    """
+    An fx module run node by node, each size that depends on the data checked first.
+
+    A node downstream of a data-dependent operator (``nonzero``...) may have other
+    sizes than in the sandbox's trial; each such node's output size is
+    computed on meta tensors (:func:`check_output`) before it runs, once per
+    distinct set of argument sizes (remembered: meta shape functions cost
+    more than most operators).  The other nodes have the trial's sizes.
+    """
+
+    CHECKED_SIZES = 4096     # argument size sets remembered per module
+
+    def __init__(self, module: fx.GraphModule, max_bytes: int, inputs_vary: bool):
+        self.module = module
+        self.max_bytes = max_bytes
+        self.checked: set = set()
+        self.varying: set[str] = set()       # nodes whose sizes may follow the data
+        for node in module.graph.nodes:
+            if (node.op == 'placeholder' and inputs_vary) or (
+                    node.op == 'call_function' and (varies(node.target) or any(
+                        n.name in self.varying for n in node.all_input_nodes))):
+                self.varying.add(node.name)
+
+    def __call__(self, *inputs: torch.Tensor):
+        return _CheckedInterpreter(self).run(*inputs)
+
+    def check(self, node: fx.Node, args: tuple, kwargs: dict) -> None:
+        """Refuse ``node`` if its output at these argument sizes exceeds ``max_bytes``."""
+        if node.name not in self.varying:
+            return
+        key = (node.name,) + tuple(
+            tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else leaf
+            for leaf in torch.utils._pytree.tree_leaves((args, kwargs)))
+        if key in self.checked:
+            return
+        check_output(node.target, args, kwargs, self.max_bytes)
+        if len(self.checked) >= self.CHECKED_SIZES:
+            self.checked.clear()
+        self.checked.add(key)
+
+
+class _CheckedInterpreter(fx.Interpreter):
+    def __init__(self, checked: _SizeChecked):
+        super().__init__(checked.module, garbage_collect_values=True)
+        self.checked = checked
+
+    def run_node(self, node: fx.Node):
+        if node.op != 'call_function':
+            return super().run_node(node)
+        args, kwargs = self.fetch_args_kwargs_from_env(node)
+        self.checked.check(node, args, kwargs)
+        return node.target(*args, **kwargs)
 
 
 class FrozenRunner(FxRunner):

@@ -30,7 +30,8 @@ Everything else is refused, in particular:
   a constant of the program.  A node may therefore only be passed where the
   schema takes a tensor: a size computed from input values (a 0-d tensor in a
   ``SymInt[]``) would make the work and memory of a call depend on what a
-  client sends, which the sandbox's trial run cannot see.
+  client sends, which the sandbox's trial run cannot see.  (A program marked
+  ``dynamic`` may have such sizes, under the rules of :mod:`rrto_wire.ops_dynamic`.)
 
 In-place overloads (``relu_``, ``add_``) stay allowed here;
 :meth:`rrto_wire.program.Program` refuses any node that writes into an input,
@@ -242,7 +243,7 @@ def creates_tensors(fn: Callable) -> bool:
     return schema is not None and any(arg.name == 'device' for arg in schema.arguments)
 
 
-def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
+def check_call(fn: Callable, args: Any, kwargs: Any, dynamic: bool = False) -> dict:
     """
     Return ``kwargs`` if ``fn`` may be called with these arguments, else raise.
 
@@ -250,6 +251,8 @@ def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
     (``op(x, name=value)``), so a name that is not one of the operator's own
     argument names would be code injection; Python operators take no keywords
     and exactly their number of positional arguments (fx writes them as ``a + b``).
+    In a ``dynamic`` program a size may be a node: :func:`rrto_wire.ops_dynamic.check_sizes`
+    decides which.
     """
     if not isinstance(kwargs, dict) or not isinstance(args, list):
         raise ProtocolError(ErrorCode.BAD_REQUEST, 'arguments must be a list and an object')
@@ -268,8 +271,8 @@ def check_call(fn: Callable, args: Any, kwargs: Any) -> dict:
         if len(args) > len(schema.arguments):
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f'this operator takes at most {len(schema.arguments)} arguments')
-        for arg, value in _bound(fn, args, kwargs):
-            if str(arg.type) not in _TENSOR_TYPES and _has_node(value):
+        for arg, value in size_arguments(fn, args, kwargs):
+            if not dynamic and _has_node(value):
                 raise ProtocolError(
                     ErrorCode.UNSAFE_PROGRAM,
                     f'argument {arg.name!r} ({arg.type}) is a constant of the program, not '
@@ -298,6 +301,12 @@ def _check_inference_mode(fn: Callable, args: list, kwargs: dict) -> None:
                                 'export the model in eval mode')
 
 
+def size_arguments(fn: Callable, args: list, kwargs: dict):
+    """Yield (schema argument, value) for each non-tensor argument a call passes."""
+    return ((arg, value) for arg, value in _bound(fn, args, kwargs)
+            if str(arg.type) not in _TENSOR_TYPES)
+
+
 def _bound(fn: Callable, args: list, kwargs: dict):
     """Yield (schema argument, value) for each argument a call passes."""
     for index, arg in enumerate(fn._schema.arguments):
@@ -309,7 +318,7 @@ def _bound(fn: Callable, args: list, kwargs: dict):
 
 def writes(fn: Callable, args: list, kwargs: dict) -> list:
     """Return the argument values ``fn`` writes into (its schema's ``Tensor(a!)`` arguments)."""
-    if not isinstance(fn, torch._ops.OpOverload):
+    if getattr(fn, '_schema', None) is None:   # a Python operator (substitutes have one)
         return []
     return [value for arg, value in _bound(fn, args, kwargs)
             if arg.alias_info is not None and arg.alias_info.is_write]
@@ -319,7 +328,7 @@ def aliases(fn: Callable, args: list, kwargs: dict) -> list:
     """Return the argument values ``fn``'s result may view (alias) rather than copy."""
     if fn is _getitem:
         return args[:1]
-    if not isinstance(fn, torch._ops.OpOverload):
+    if getattr(fn, '_schema', None) is None:   # a Python operator (substitutes have one)
         return []
     if fn._schema.name.split('::')[-1] in _RETURNS_INPUT:
         return [value for arg, value in _bound(fn, args, kwargs)

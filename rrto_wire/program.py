@@ -18,7 +18,10 @@ Program JSON::
      "inputs": [{"name", "dtype", "shape"}], "in_spec": treespec, "out_spec": treespec,
      "params": {placeholder_name: weights_key},
      "nodes": [{"name", "op", "args", "kwargs", "out": {"dtype", "shape"} | null, "scope"}],
-     "outputs": [arg, ...]}
+     "outputs": [arg, ...], "dynamic": bool (optional, see rrto_wire.ops_dynamic)}
+
+In a dynamic program a node's ``out`` may list in ``"dims"`` the dimensions
+whose size depends on the data (written as 0 in ``shape``).
 
 Arguments are JSON values; ``{"n": name}`` refers to an input, a parameter or an
 earlier node; ``{"dtype"|"device"|"memory_format"|"layout"|"f": ...}`` tag
@@ -43,7 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from rrto_wire import ops, treespec
+from rrto_wire import ops, ops_dynamic, treespec
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import decode_program_json, ErrorCode, invalid_program, ProtocolError
 from rrto_wire.tensors import TensorSpec
@@ -180,6 +183,9 @@ class Program:
             raise invalid_program(f'program version {version!r} not supported')
         try:
             self.label = str(doc.get('label', 'model'))
+            self.dynamic = doc.get('dynamic', False)     # sizes depend on the data
+            if self.dynamic not in (True, False):
+                raise invalid_program('"dynamic" must be true or false')
             if version == SHARDED_VERSION:
                 self.weights_digest = None
                 self.weight_shards = _shards(doc.get('weights'))
@@ -192,7 +198,7 @@ class Program:
             self.params = dict(doc.get('params', {}))
             if len(doc['nodes']) > MAX_NODES:
                 raise invalid_program(f'{len(doc["nodes"])} nodes; at most {MAX_NODES}')
-            self.nodes = [self._parse_node(n) for n in doc['nodes']]
+            self.nodes = [self._parse_node(n, self.dynamic) for n in doc['nodes']]
             self.outputs = list(doc['outputs'])
         except ProtocolError:
             raise
@@ -200,15 +206,17 @@ class Program:
             raise invalid_program(f'{type(exc).__name__}: {exc}') from None
         self._check_references()
         self._check_writes()
+        if self.dynamic:
+            ops_dynamic.check_sizes(self.nodes, refs_in)
 
     @staticmethod
-    def _parse_node(node: dict) -> ProgramNode:
+    def _parse_node(node: dict, dynamic: bool) -> ProgramNode:
         out = node.get('out')
-        fn = ops.resolve(node['op'])
+        fn = (ops_dynamic if dynamic else ops).resolve(node['op'])
         return ProgramNode(
             name=str(node['name']), op=node['op'], fn=fn,
             args=node.get('args', []),
-            kwargs=ops.check_call(fn, node.get('args', []), node.get('kwargs', {})),
+            kwargs=ops.check_call(fn, node.get('args', []), node.get('kwargs', {}), dynamic),
             out=TensorSpec.from_json(out) if out is not None else None,
             scope=str(node.get('scope', '')))
 

@@ -15,7 +15,9 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 
-from rrto_wire import ops
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from rrto_wire import ops, ops_dynamic
 from rrto_wire.dtypes import dtype_name
 from rrto_wire.program import encode_arg, PROGRAM_FORMAT, PROGRAM_VERSION, sha256, SHARDED_VERSION
 from rrto_wire.weights import pack_weights, shard_weights
@@ -24,8 +26,18 @@ from rrto_wire.weights import pack_weights, shard_weights
 def _out_meta(node: fx.Node) -> dict | None:
     val = node.meta.get('val')
     if isinstance(val, torch.Tensor):
-        return {'dtype': dtype_name(val.dtype), 'shape': [int(s) for s in val.shape]}
+        # a size that depends on the data is written as 0, its dimension listed in "dims"
+        dims = [i for i, s in enumerate(val.shape) if free_unbacked_symbols(s)]
+        meta = {'dtype': dtype_name(val.dtype),
+                'shape': [0 if i in dims else int(s) for i, s in enumerate(val.shape)]}
+        return dict(meta, dims=dims) if dims else meta
     return None
+
+
+def is_dynamic(graph: fx.Graph) -> bool:
+    """Return True if a graph (exported, or captured by dynamo) has unbacked sizes."""
+    return any(free_unbacked_symbols(node.meta.get('val', node.meta.get('example_value')))
+               for node in graph.nodes)
 
 
 def _scope(node: fx.Node, prefix: str) -> str:
@@ -97,11 +109,12 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
         weights_blob = pack_weights(weights) if weights else b''
         weights_field = sha256(weights_blob) if weights else None
     placeholders = {n.name: n for n in graph.nodes if n.op == 'placeholder'}
+    dynamic = is_dynamic(graph)
     nodes, outputs = [], []
     for node in graph.nodes:
         if node.op == 'call_function':
             _refuse_state_mutation(node, placeholders)
-            op = ops.name_of(node.target)
+            op = (ops_dynamic if dynamic else ops).name_of(node.target)
             nodes.append({'name': node.name, 'op': op, 'args': encode_arg(list(node.args)),
                           'kwargs': {k: encode_arg(v) for k, v in node.kwargs.items()},
                           'out': _out_meta(node), 'scope': _scope(node, scope_prefix)})
@@ -116,4 +129,6 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
         'in_spec': in_spec, 'out_spec': out_spec, 'params': dict(params),
         'nodes': nodes, 'outputs': outputs,
     }
+    if dynamic:
+        doc['dynamic'] = True
     return json.dumps(doc, sort_keys=True, separators=(',', ':')).encode(), weights_blob

@@ -1,0 +1,296 @@
+"""
+The operators of a data-dependent program, and the rule that keeps its sizes bounded.
+
+A detector's stages hold operators whose output size depends on the data
+(``nonzero``, boolean-mask indexing, ``torch.where(mask)``, NMS).  Captured
+with unbacked sizes (``torch._dynamo.config.capture_dynamic_output_shape_ops``),
+such a stage exports as one graph; its program says ``"dynamic": true`` and
+the server runs it op by op, unrecorded (a CUDA graph replays fixed shapes),
+under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
+
+* **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``,
+  ``where(condition)`` and ``torchvision::nms`` (where the server has
+  torchvision) return at most one row per element of their input, whatever
+  the values; ``index`` may take boolean masks (its integer indices clamped
+  into range, as in every program);
+* **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
+  ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
+  ``sym_max``), and the assertions export writes about them;
+* **indexed writes** (``index_put``) with their indices clamped into range;
+  the result has the size of the tensor written into;
+* ``torchvision::roi_align`` (where the server has torchvision) with a fixed
+  sampling ratio and each RoI's batch index clamped (:func:`roi_align_checked`).
+
+:func:`check_sizes` is the rule: a node may pass a value where an operator
+takes a size (a non-tensor argument) only if that value is an integer
+computed from tensor sizes by the size operators.  No operator turns tensor
+values into an integer (``item``, ``_local_scalar_dense``,
+``repeat_interleave`` with tensor repeats, ``masked_select`` are not
+allowed), so every size in the program is a function of the sizes of its
+inputs and of the data-dependent operators' outputs.  How large a size may
+grow at run time is checked node by node before it is allocated, for every
+node downstream of a data-dependent operator (:func:`varies`):
+:func:`check_output`, used by the server's runner.  The bound is per
+operator, not per execution.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Iterable
+
+import torch
+
+from rrto_wire import ops
+from rrto_wire.errors import ErrorCode, ProtocolError
+
+
+def _index_masked(tensor: torch.Tensor, indices: list) -> torch.Tensor:
+    """``aten.index.Tensor``: boolean masks as they are, integer indices clamped into range."""
+    fixed, dim = [], 0
+    for index in indices:
+        if index is not None and index.dtype in (torch.bool, torch.uint8):
+            dim += index.dim()
+        elif index is not None and index.numel():
+            size = tensor.shape[dim] if dim < tensor.dim() else 0
+            if size == 0:
+                raise IndexError(f'index into dimension {dim} of size 0')
+            index = index.clamp(-size, size - 1)
+            dim += 1
+        else:
+            dim += 1
+        fixed.append(index)
+    return torch.ops.aten.index.Tensor(tensor, fixed)
+
+
+def _clamped_indices(tensor: torch.Tensor, indices: list) -> list:
+    fixed, dim = [], 0
+    for index in indices:
+        if index is not None and index.dtype not in (torch.bool, torch.uint8) and index.numel():
+            size = tensor.shape[dim] if dim < tensor.dim() else 0
+            if size == 0:
+                raise IndexError(f'index into dimension {dim} of size 0')
+            index = index.clamp(-size, size - 1)
+        dim += index.dim() if index is not None and index.dtype in (torch.bool,
+                                                                    torch.uint8) else 1
+        fixed.append(index)
+    return fixed
+
+
+def _index_put_clamped(tensor: torch.Tensor, indices: list, values: torch.Tensor,
+                       accumulate: bool = False) -> torch.Tensor:
+    """``aten.index_put.default`` with integer indices clamped into range."""
+    return torch.ops.aten.index_put.default(tensor, _clamped_indices(tensor, indices), values,
+                                            accumulate)
+
+
+def _index_put_clamped_(tensor: torch.Tensor, indices: list, values: torch.Tensor,
+                        accumulate: bool = False) -> torch.Tensor:
+    """``aten.index_put_.default`` with integer indices clamped into range."""
+    return torch.ops.aten.index_put_.default(tensor, _clamped_indices(tensor, indices), values,
+                                             accumulate)
+
+
+MAX_SAMPLING_RATIO = 8     # RoIAlign samples per bin side (torchvision's detectors use 2)
+
+
+def roi_align_checked(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
+                      pooled_height: int, pooled_width: int, sampling_ratio: int,
+                      aligned: bool) -> torch.Tensor:
+    """
+    ``torchvision::roi_align`` with a fixed sampling ratio and batch indices clamped.
+
+    With ``sampling_ratio <= 0`` RoIAlign samples each bin as often as the
+    box is large: boxes from the data would set the work of a call.  Each
+    RoI's batch index (column 0) addresses the input: clamped into the batch.
+    """
+    if not 0 < sampling_ratio <= MAX_SAMPLING_RATIO:
+        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                            f'roi_align sampling_ratio {sampling_ratio}: a program must fix it '
+                            f'between 1 and {MAX_SAMPLING_RATIO} (else the boxes set the work)')
+    if rois.numel() and input.shape[0]:
+        rois = torch.cat([rois[:, :1].clamp(0, input.shape[0] - 1), rois[:, 1:]], 1)
+    return torch.ops.torchvision.roi_align.default(
+        input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+
+
+@functools.lru_cache(maxsize=None)
+def _torchvision(name: str) -> Any:
+    """Return ``torch.ops.torchvision.<name>.default`` where torchvision is installed."""
+    try:
+        import torchvision  # noqa: F401 - registers its operators
+        return getattr(torch.ops.torchvision, name).default
+    except (ImportError, AttributeError, RuntimeError):
+        return None
+
+
+_index_masked._schema = torch.ops.aten.index.Tensor._schema
+_index_put_clamped._schema = torch.ops.aten.index_put.default._schema
+_index_put_clamped_._schema = torch.ops.aten.index_put_.default._schema
+
+# operators whose output size depends on the values of their inputs
+DATA_DEPENDENT: dict[str, Callable] = {
+    'aten.nonzero.default': torch.ops.aten.nonzero.default,
+    'aten.where.default': torch.ops.aten.where.default,
+    'aten.index.Tensor': _index_masked,
+}
+# sizes of tensors, integer arithmetic on them, and export's assertions about them
+SIZE_OPS: dict[str, Callable] = {
+    'aten.sym_size.int': torch.ops.aten.sym_size.int,
+    'aten.sym_numel.default': torch.ops.aten.sym_numel.default,
+    'aten._assert_scalar.default': torch.ops.aten._assert_scalar.default,
+    'aten.sym_constrain_range_for_size.default':
+        torch.ops.aten.sym_constrain_range_for_size.default,
+    'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
+}
+_ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
+    'add', 'sub', 'mul', 'floordiv', 'mod', 'neg', 'eq', 'ne', 'lt', 'le', 'gt', 'ge'))
+_WRITES = {'aten.index_put.default': _index_put_clamped,
+           'aten.index_put_.default': _index_put_clamped_}
+_TORCHVISION = {'torchvision.nms.default': ('nms', None),
+                'torchvision.roi_align.default': ('roi_align', roi_align_checked)}
+_NAMES = {fn: name for name, fn in {**DATA_DEPENDENT, **SIZE_OPS, **_WRITES}.items()}
+_NAMES.update({torch.ops.aten.index.Tensor: 'aten.index.Tensor',
+               torch.ops.aten.index_put.default: 'aten.index_put.default',
+               torch.ops.aten.index_put_.default: 'aten.index_put_.default'})
+
+
+def resolve(name: Any) -> Callable:
+    """Return the callable of an operator a dynamic program may name, else raise."""
+    if name in _TORCHVISION:
+        op_name, substitute = _TORCHVISION[name]
+        if _torchvision(op_name) is None:
+            raise ProtocolError(ErrorCode.BAD_REQUEST,
+                                f'operator {name!r} is not available on this server '
+                                '(no torchvision)')
+        op = _torchvision(op_name)
+        if substitute is None:
+            return op
+        substitute._schema = op._schema      # its arguments' names, for check_call
+        return substitute
+    for table in (DATA_DEPENDENT, SIZE_OPS, _WRITES):
+        if name in table:
+            return table[name]
+    return ops.resolve(name)
+
+
+def name_of(target: Any) -> str:
+    """Return the wire name of a node's target in a dynamic program; ValueError if refused."""
+    if target in _NAMES:
+        return _NAMES[target]
+    for name, (op_name, _) in _TORCHVISION.items():
+        if target is not None and target is _torchvision(op_name):
+            return name
+    return ops.name_of(target)
+
+
+def varies(fn: Callable) -> bool:
+    """Return True for a data-dependent operator (its output size follows the values)."""
+    return fn in _DATA_DEPENDENT_FNS or fn is _torchvision('nms')
+
+
+def is_size_op(fn: Callable) -> bool:
+    """Return True for an operator on sizes (its result is an integer, a bool or nothing)."""
+    return fn in _SIZE_FNS or fn in _ARITHMETIC
+
+
+_DATA_DEPENDENT_FNS = frozenset(DATA_DEPENDENT.values())
+_SIZE_FNS = frozenset(SIZE_OPS.values())
+# at most one row per input element (nonzero: [n, dim] int64 for n <= numel), whatever the
+# values; index_put returns the tensor it writes into (or a copy of it)
+_ROW_PER_ELEMENT = frozenset((torch.ops.aten.nonzero.default, torch.ops.aten.where.default))
+_SAME_SIZE = frozenset((_index_put_clamped, _index_put_clamped_))
+
+
+def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -> None:
+    """
+    Refuse a node that passes anything but an integer computed from sizes as a size.
+
+    ``nodes`` are :class:`rrto_wire.program.ProgramNode` in program order,
+    ``refs_in`` yields the value names an encoded argument refers to.  An
+    integer value is the result of ``sym_size``/``sym_numel``, or of integer
+    arithmetic whose operands are integer values or constants.  Every
+    reference an operator receives in a non-tensor argument must name one.
+    """
+    integers: set[str] = set()
+    for node in nodes:
+        if node.fn in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default):
+            integers.add(node.name)
+            continue
+        if node.fn in _ARITHMETIC or node.fn in (torch.sym_min, torch.sym_max):
+            if node.refs <= integers:
+                integers.add(node.name)
+            continue
+        if getattr(node.fn, '_schema', None) is None:
+            continue
+        for arg, value in ops.size_arguments(node.fn, node.args, node.kwargs):
+            refs = set(refs_in(value))
+            if refs - integers:
+                raise ProtocolError(
+                    ErrorCode.UNSAFE_PROGRAM,
+                    f'invalid program: node {node.name[:80]!r} takes its {arg.name!r} from '
+                    f'{sorted(refs - integers)[0][:80]!r}, which is not a size: sizes follow '
+                    'from the sizes of tensors, never from their values')
+
+
+def check_output(fn: Callable, args: tuple, kwargs: dict, max_bytes: int) -> None:
+    """
+    Refuse to run ``fn`` if its outputs would hold more than ``max_bytes``.
+
+    The output shapes come from running ``fn`` on meta tensors of the same
+    shapes (nothing is allocated), for pointwise operators from the
+    broadcast of their inputs' shapes; a boolean mask of ``index`` counts as
+    all set.  Not checked: ``nonzero``, ``where`` and NMS (one row per
+    input element at most), ``index_put`` (the size of its input), and
+    operators on sizes.
+    """
+    if (fn in _ROW_PER_ELEMENT or fn in _SAME_SIZE or is_size_op(fn)
+            or fn is _torchvision('nms') or getattr(fn, '_schema', None) is None):
+        return
+    if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
+        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                   if isinstance(t, torch.Tensor)]
+        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        itemsize = max([4] + [t.element_size() for t in tensors])  # type promotion's widest
+        return _refuse_over(fn, math.prod(shape) * itemsize, max_bytes)
+    meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
+    if fn is _index_masked:       # the most a mask can select: every element
+        fn, meta = torch.ops.aten.index.Tensor, ((meta[0][0], _masks_as_indices(meta[0][1])),
+                                                 meta[1])
+    try:
+        outputs = fn(*meta[0], **meta[1])
+    except Exception as exc:  # noqa: B902 - any failure to size it refuses it
+        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                            f'{_NAMES.get(fn, str(fn))[:80]}: its output size cannot be '
+                            f'computed before it runs ({type(exc).__name__}), which a program '
+                            'whose sizes depend on the data needs') from None
+    _refuse_over(fn, sum(t.numel() * t.element_size()
+                         for t in torch.utils._pytree.tree_leaves(outputs)
+                         if isinstance(t, torch.Tensor)), max_bytes)
+
+
+def _refuse_over(fn: Callable, nbytes: int, max_bytes: int) -> None:
+    if nbytes > max_bytes:
+        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                            f'{str(fn)[:80]} would allocate {nbytes} bytes at this input: over '
+                            f'the {max_bytes} one operator of a data-dependent program may')
+
+
+def _masks_as_indices(indices: list) -> list:
+    """Replace each k-dimensional boolean mask by k index vectors selecting all its elements."""
+    out = []
+    for index in indices:
+        if index is not None and index.dtype in (torch.bool, torch.uint8):
+            out += [torch.empty(index.numel(), dtype=torch.int64, device='meta')] * index.dim()
+        else:
+            out.append(index)
+    return out
+
+
+def _meta(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device='meta')
+    if isinstance(value, torch.device):
+        return torch.device('meta')
+    return value
