@@ -1,0 +1,295 @@
+"""
+a11 #1: a peer that never sends a multipart message's last part must not make a socket hold it.
+
+libzmq checks ``ZMQ_MAXMSGSIZE`` per part and keeps every part of an
+unfinished message in the socket's inbound pipe; a peer that speaks ZMTP
+itself (here: a raw TCP socket, NULL mechanism, no libzmq on its side) sends
+parts under the limit and never the last one.  Before the connection watchdog
+(:mod:`rrto_server.conn_watchdog`) the server held every part (200 MiB here)
+for as long as the connection stayed open.  Honest peers, sending a complete
+message just under the limit slowly, must still be answered.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+import zmq
+import zmq.auth
+
+from rrto_fleet.directory import Directory
+from rrto_fleet.front import Front
+from rrto_wire import fleet
+from rrto_wire.curve import ClientKeys
+from rrto_wire.hello import hello
+
+MIB = 1 << 20
+SETTLE_S = 20.0         # generous: a 2-core machine shared with other jobs
+
+
+def rss_mib() -> float:
+    """Return this process's resident set size in MiB."""
+    with open('/proc/self/status') as status:
+        for line in status:
+            if line.startswith('VmRSS:'):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError('no VmRSS')
+
+
+def zmtp_connect(endpoint: str) -> socket.socket:
+    """Open a raw ZMTP 3.0 connection (NULL mechanism, a DEALER) to a tcp:// endpoint."""
+    host, port = endpoint.removeprefix('tcp://').rsplit(':', 1)
+    return zmtp_handshake(socket.create_connection((host, int(port)), timeout=10))
+
+
+def zmtp_handshake(sock: socket.socket) -> socket.socket:
+    """Greet as a ZMTP 3.0 DEALER with the NULL mechanism on a connected socket."""
+    sock.sendall(b'\xff' + b'\0' * 8 + b'\x7f' + b'\x03\x00' + b'NULL'.ljust(20, b'\0')
+                 + b'\0' * 32)
+    greeting = b''
+    while len(greeting) < 64:
+        chunk = sock.recv(64 - len(greeting))
+        if not chunk:
+            raise ConnectionError('closed during the greeting')
+        greeting += chunk
+    body = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', 6) + b'DEALER'
+    sock.sendall(b'\x04' + bytes([len(body)]) + body)
+    return sock
+
+
+def part(data: bytes, more: bool = True) -> bytes:
+    """Return one ZMTP message frame (long form) carrying ``data``."""
+    return bytes([(0x01 if more else 0) | 0x02]) + struct.pack('>Q', len(data)) + data
+
+
+def read_message(sock: socket.socket) -> list[bytes]:
+    """Read the next message's frames from a raw ZMTP connection (commands skipped)."""
+    def exactly(n: int) -> bytes:
+        data = b''
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            if not chunk:
+                raise ConnectionError('closed')
+            data += chunk
+        return data
+
+    frames = []
+    while True:
+        flags = exactly(1)[0]
+        size = struct.unpack('>Q', exactly(8))[0] if flags & 0x02 else exactly(1)[0]
+        body = exactly(size)
+        if flags & 0x04:
+            continue              # a command (the server's READY)
+        frames.append(body)
+        if not flags & 0x01:
+            return frames
+
+
+def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
+    """Return True once the peer has closed or reset the connection (False on timeout)."""
+    deadline = time.monotonic() + timeout_s
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            if sock.recv(1 << 16) == b'':
+                return True
+        except socket.timeout:
+            continue
+        except OSError:
+            return True
+    return False
+
+
+def hold_parts(endpoint: str, first: bytes, nbytes: int, count: int,
+               pace_s: float = 0.0) -> tuple[socket.socket, int, float]:
+    """
+    Send ``first`` then ``count`` parts of ``nbytes``, all flagged MORE, never the last one.
+
+    ``pace_s`` between parts (0: as fast as loopback takes them).  Return the
+    connection, how many parts went out before the peer cut it off, and the
+    largest RSS (MiB) seen meanwhile.
+    """
+    sock = zmtp_connect(endpoint)
+    chunk = part(b'\0' * nbytes)
+    sent, peak = 0, rss_mib()
+    try:
+        sock.sendall(part(first))
+        for sent in range(1, count + 1):
+            sock.sendall(chunk)
+            if pace_s:
+                peak = max(peak, rss_mib())
+                time.sleep(pace_s)
+    except OSError:
+        pass                      # cut off (reset or broken pipe): what the fix does
+    return sock, sent, peak
+
+
+def settled_growth(baseline: float) -> float:
+    """Return RSS growth over ``baseline`` once it stops falling (memory freed), in MiB."""
+    deadline = time.monotonic() + SETTLE_S
+    while True:
+        growth = rss_mib() - baseline
+        if growth < 16 or time.monotonic() > deadline:
+            return growth
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize('pace_s', [0.0, 0.01])
+def test_the_server_cuts_a_peer_that_never_finishes_a_multipart_message(make_server, pace_s):
+    # a11 x04 at test size: --max-message-mb 1, 200 parts of 1 MiB with MORE, no last part;
+    # as fast as loopback goes, and at 100 MB/s (a fast wireless link) to bound the peak
+    server = make_server(max_message_bytes=MIB)
+    assert hello(server.endpoint, timeout_ms=10000) is not None
+    baseline = rss_mib()
+    hello_header = json.dumps({'v': 2, 'kind': 'hello', 'id': 1}).encode()
+    sock, sent, peak = hold_parts(server.endpoint, hello_header, MIB - 64, 200, pace_s)
+    try:
+        closed = closed_by_peer(sock, SETTLE_S)
+        growth = settled_growth(baseline)
+        assert closed, (f'the connection holding {sent} parts of 1 MiB is still open; '
+                        f'the server grew by {growth:.0f} MiB')
+        assert growth < 32, f'the server still holds {growth:.0f} MiB after the cut'
+        if pace_s:
+            assert peak - baseline < 32, f'the server grew by {peak - baseline:.0f} MiB'
+            assert sent < 100, f'{sent} parts of 1 MiB were taken in before the cut'
+        assert server.snapshot()['transport']['cut'] == 1
+    finally:
+        sock.close()
+    reply = hello(server.endpoint, timeout_ms=10000)           # others are still served
+    assert reply is not None and reply['kind'] == 'ok'
+
+
+def test_the_fleet_front_cuts_a_peer_that_never_finishes_a_multipart_message():
+    # a11 x04c at test size: the front's limit is 64 KiB a message; 2000 parts just under it
+    front = Front(Directory({}), 'tcp://127.0.0.1:*').start()
+    try:
+        baseline = rss_mib()
+        request = fleet.encode(fleet.Request(v=fleet.DIRECTORY_VERSION, id=1, kind='hello'))
+        sock, sent, _ = hold_parts(front.endpoint, request, fleet.MAX_MESSAGE_BYTES - 64,
+                                   2000)
+        try:
+            closed = closed_by_peer(sock, SETTLE_S)
+            growth = settled_growth(baseline)
+            assert closed, (f'the connection holding {sent} parts of 64 KiB is still open; '
+                            f'the front grew by {growth:.0f} MiB')
+            assert growth < 32, f'the front still holds {growth:.0f} MiB after the cut'
+        finally:
+            sock.close()
+        ctx = zmq.Context.instance()
+        dealer = ctx.socket(zmq.DEALER)                          # others are still served
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(front.endpoint)
+        dealer.send(request)
+        assert dealer.poll(10000), 'the front did not answer after the cut'
+        assert fleet.decode_reply(dealer.recv()).kind == 'ok'
+        dealer.close()
+    finally:
+        front.close()
+
+
+@pytest.mark.parametrize('frames', [1, 3])
+def test_a_complete_message_just_under_the_limit_sent_slowly_is_answered(make_server, frames):
+    # an honest peer on a slow link: 1 MiB limit, a message of 1 MiB - 8 KiB in 16 KiB
+    # chunks over ~2.5 s (many watchdog periods with most of a message in flight), twice
+    server = make_server(max_message_bytes=MIB)
+    sock = zmtp_connect(server.endpoint)
+    try:
+        for request_id in (1, 2):
+            header = json.dumps({'v': 2, 'kind': 'hello', 'id': request_id}).encode()
+            payload = MIB - 8192 - len(header)
+            sizes = [payload // frames] * (frames - 1)
+            sizes.append(payload - sum(sizes))
+            data = part(header) + b''.join(
+                part(b'\1' * n, more=k < frames - 1) for k, n in enumerate(sizes))
+            for offset in range(0, len(data), 16384):
+                sock.sendall(data[offset:offset + 16384])
+                time.sleep(0.04)
+            reply = msgspec.json.decode(read_message(sock)[0])
+            assert reply['kind'] == 'ok' and reply['id'] == request_id, reply
+        assert server.snapshot()['transport']['cut'] == 0
+    finally:
+        sock.close()
+
+
+def test_ipc_peers_of_another_user_are_refused(make_server):
+    # a unix socket has no count of bytes received: only the server's own user (who could
+    # kill the server anyway) and root may use it; the socket file lets anyone connect here
+    folder = Path(tempfile.mkdtemp(prefix='rrto-ipc-'))
+    try:
+        folder.chmod(0o777)
+        server = make_server(bind=f'ipc://{folder}/rrto.ipc')
+        (folder / 'rrto.ipc').chmod(0o777)
+        assert hello(server.endpoint, timeout_ms=10000)['kind'] == 'ok'
+        if os.geteuid() != 0:
+            pytest.skip('connecting as another user needs root')
+        verdict, report = os.pipe()
+        if os.fork() == 0:            # the child: user nobody, plain system calls, then exec
+            outcome = b'?'
+            try:
+                os.setgid(65534)
+                os.setuid(65534)
+                sock = socket.socket(socket.AF_UNIX)
+                sock.settimeout(5)
+                sock.connect(str(folder / 'rrto.ipc'))
+                zmtp_handshake(sock).sendall(part(b'{"v": 2, "kind": "hello", "id": 1}', False))
+                read_message(sock)
+                outcome = b'answered'
+            except OSError:
+                outcome = b'cut'
+            finally:
+                os.write(report, outcome)
+                os.execv('/bin/true', ['true'])
+        os.close(report)
+        outcome = os.read(verdict, 64)
+        os.close(verdict)
+        os.wait()
+        assert outcome == b'cut', f'a peer of another user over ipc: {outcome}'
+        assert server.snapshot()['transport']['refused'] >= 1
+        assert hello(server.endpoint, timeout_ms=10000)['kind'] == 'ok'
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.parametrize('curve', [False, True])
+def test_every_frame_is_counted_as_it_went_over_the_wire(make_server, tmp_path, curve):
+    # the watchdog counts a delivered message as payload + ZMTP headers (+ CURVE's box); if
+    # that undercounted, an honest connection would drift towards its cut message by message
+    options, keys = {}, None
+    if curve:
+        folder = tmp_path / 'keys'
+        (folder / 'clients').mkdir(parents=True)
+        zmq.auth.create_certificates(folder, 'server')
+        zmq.auth.create_certificates(tmp_path, 'robot')
+        shutil.copy(tmp_path / 'robot.key', folder / 'clients' / 'robot.key')
+        options['keys'] = str(folder)
+        keys = ClientKeys.load(folder / 'server.key', tmp_path / 'robot.key_secret')
+    server = make_server(**options)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(dealer)
+    dealer.connect(server.endpoint)
+    try:
+        sizes = [0, 1, 221, 222, 223, 246, 254, 255, 256, 1000, 70000]   # both header forms
+        for request_id in range(1, 301):
+            header = json.dumps({'v': 2, 'kind': 'hello', 'id': request_id}).encode()
+            dealer.send_multipart([header] + [b'\1' * sizes[(request_id + k) % len(sizes)]
+                                              for k in range(request_id % 4)])
+            assert dealer.poll(10000), 'no reply'
+            dealer.recv_multipart()
+        time.sleep(0.5)                        # a few watchdog periods on an idle connection
+        transport = server.snapshot()['transport']
+        # what stays is the handshake alone (107 bytes, with CURVE 567): one byte a frame
+        # too few would leave 450 more, too many would credit the peer (below the greeting)
+        assert transport['connections'] >= 1 and 64 <= transport['most_held'] < 768, transport
+    finally:
+        dealer.close(linger=0)
