@@ -29,7 +29,7 @@ libzmq hold, where the bytes are received:
   has been delivered).  A connection still over its allowance then holds that
   much of an unfinished message; it is shut down (``shutdown(2)``), libzmq
   sees the end of the stream and drops the partial message, and the freed
-  heap is handed back to the system (``malloc_trim``, at most once a second).
+  heap is handed back to the system (``malloc_trim``, 0.25 s and 2 s later).
 
 An honest peer holds at most one unfinished message (at most ``limit``), so it
 is never cut, however slowly it sends.  A peer sending faster than the watchdog
@@ -68,7 +68,7 @@ TICK_S = 0.05                # how often the received bytes of each connection a
 SLACK_BYTES = 256 << 10      # handshake, frame headers of a partial message, one socket read
 AGE_BYTES_PER_S = 128        # heartbeats: a CURVE PING is 42 bytes (the robot sends 2 a second)
 CURVE_BOX_BYTES = 33         # a CURVE MESSAGE: command name 8, nonce 8, MAC 16, flags 1
-TRIM_EVERY_S = 1.0           # malloc_trim after a cut at most this often
+TRIM_AFTER_S = (0.25, 2.0)   # malloc_trim this long after a cut (libzmq frees a part at a time)
 TRANSPORTS = ('tcp', 'ipc', 'inproc')
 _EVENT = struct.Struct('=HI')
 _TOKEN = struct.Struct('=Q')
@@ -123,7 +123,7 @@ class ConnectionWatchdog:
         self._retired: list[_Connection] = []        # closed by the watchdog thread
         self._asked = self._pending = self._proven = 0   # tokens
         self._proved = threading.Event()
-        self._trimmed = float('-inf')
+        self._trims: list[float] = []    # when to hand freed heap back (watchdog thread)
         ctx = sock.context
         address = f'inproc://rrto-watchdog-{uuid.uuid4().hex}'
         sock.monitor(address + '-events', zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
@@ -222,7 +222,7 @@ class ConnectionWatchdog:
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
             self._release()
-            suspects = self._suspects(time.monotonic())
+            suspects = self.over_allowance(time.monotonic())
             if not suspects:
                 continue
             self._asked += 1                 # is the socket empty after this moment?
@@ -236,18 +236,19 @@ class ConnectionWatchdog:
                     self._cut(conn, held)
 
     def _release(self) -> None:
-        cut = False
+        now = time.monotonic()
         while self._retired:
             conn = self._retired.pop()
             if conn.sock is not None:
                 conn.sock.close()
-            cut = cut or conn.cut
-        now = time.monotonic()
-        if cut and now - self._trimmed > TRIM_EVERY_S:
-            self._trimmed = now
+            if conn.cut:
+                self._trims = [now + delay for delay in TRIM_AFTER_S]
+        if self._trims and self._trims[0] <= now:
+            del self._trims[0]
             _LIBC.malloc_trim(0)             # libzmq freed the partial message: return it
 
-    def _suspects(self, now: float) -> list[tuple[_Connection, int, int]]:
+    def over_allowance(self, now: float) -> list[tuple[_Connection, int, int]]:
+        """Return ``(connection, bytes read, allowance)`` of each one over it (watchdog thread)."""
         suspects = []
         most = 0
         for conn in list(self._conns.values()):

@@ -16,7 +16,6 @@ import json
 import os
 import shutil
 import socket
-import struct
 import tempfile
 import time
 from pathlib import Path
@@ -26,111 +25,15 @@ import pytest
 import zmq
 import zmq.auth
 
+from bench.transport_hold import (MIB, closed_by_peer, hold_parts, part, read_message,
+                                  rss_mib, zmtp_connect, zmtp_handshake)
 from rrto_fleet.directory import Directory
 from rrto_fleet.front import Front
 from rrto_wire import fleet
 from rrto_wire.curve import ClientKeys
 from rrto_wire.hello import hello
 
-MIB = 1 << 20
 SETTLE_S = 20.0         # generous: a 2-core machine shared with other jobs
-
-
-def rss_mib() -> float:
-    """Return this process's resident set size in MiB."""
-    with open('/proc/self/status') as status:
-        for line in status:
-            if line.startswith('VmRSS:'):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError('no VmRSS')
-
-
-def zmtp_connect(endpoint: str) -> socket.socket:
-    """Open a raw ZMTP 3.0 connection (NULL mechanism, a DEALER) to a tcp:// endpoint."""
-    host, port = endpoint.removeprefix('tcp://').rsplit(':', 1)
-    return zmtp_handshake(socket.create_connection((host, int(port)), timeout=10))
-
-
-def zmtp_handshake(sock: socket.socket) -> socket.socket:
-    """Greet as a ZMTP 3.0 DEALER with the NULL mechanism on a connected socket."""
-    sock.sendall(b'\xff' + b'\0' * 8 + b'\x7f' + b'\x03\x00' + b'NULL'.ljust(20, b'\0')
-                 + b'\0' * 32)
-    greeting = b''
-    while len(greeting) < 64:
-        chunk = sock.recv(64 - len(greeting))
-        if not chunk:
-            raise ConnectionError('closed during the greeting')
-        greeting += chunk
-    body = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', 6) + b'DEALER'
-    sock.sendall(b'\x04' + bytes([len(body)]) + body)
-    return sock
-
-
-def part(data: bytes, more: bool = True) -> bytes:
-    """Return one ZMTP message frame (long form) carrying ``data``."""
-    return bytes([(0x01 if more else 0) | 0x02]) + struct.pack('>Q', len(data)) + data
-
-
-def read_message(sock: socket.socket) -> list[bytes]:
-    """Read the next message's frames from a raw ZMTP connection (commands skipped)."""
-    def exactly(n: int) -> bytes:
-        data = b''
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError('closed')
-            data += chunk
-        return data
-
-    frames = []
-    while True:
-        flags = exactly(1)[0]
-        size = struct.unpack('>Q', exactly(8))[0] if flags & 0x02 else exactly(1)[0]
-        body = exactly(size)
-        if flags & 0x04:
-            continue              # a command (the server's READY)
-        frames.append(body)
-        if not flags & 0x01:
-            return frames
-
-
-def closed_by_peer(sock: socket.socket, timeout_s: float) -> bool:
-    """Return True once the peer has closed or reset the connection (False on timeout)."""
-    deadline = time.monotonic() + timeout_s
-    sock.settimeout(0.2)
-    while time.monotonic() < deadline:
-        try:
-            if sock.recv(1 << 16) == b'':
-                return True
-        except socket.timeout:
-            continue
-        except OSError:
-            return True
-    return False
-
-
-def hold_parts(endpoint: str, first: bytes, nbytes: int, count: int,
-               pace_s: float = 0.0) -> tuple[socket.socket, int, float]:
-    """
-    Send ``first`` then ``count`` parts of ``nbytes``, all flagged MORE, never the last one.
-
-    ``pace_s`` between parts (0: as fast as loopback takes them).  Return the
-    connection, how many parts went out before the peer cut it off, and the
-    largest RSS (MiB) seen meanwhile.
-    """
-    sock = zmtp_connect(endpoint)
-    chunk = part(b'\0' * nbytes)
-    sent, peak = 0, rss_mib()
-    try:
-        sock.sendall(part(first))
-        for sent in range(1, count + 1):
-            sock.sendall(chunk)
-            if pace_s:
-                peak = max(peak, rss_mib())
-                time.sleep(pace_s)
-    except OSError:
-        pass                      # cut off (reset or broken pipe): what the fix does
-    return sock, sent, peak
 
 
 def settled_growth(baseline: float) -> float:
