@@ -29,6 +29,7 @@ from bench.transport_hold import (MIB, closed_by_peer, hold_parts, part, read_me
                                   rss_mib, zmtp_connect, zmtp_handshake)
 from rrto_fleet.directory import Directory
 from rrto_fleet.front import Front
+from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_wire import fleet
 from rrto_wire.curve import ClientKeys
 from rrto_wire.hello import hello
@@ -196,3 +197,50 @@ def test_every_frame_is_counted_as_it_went_over_the_wire(make_server, tmp_path, 
         assert transport['connections'] >= 1 and 64 <= transport['most_held'] < 768, transport
     finally:
         dealer.close(linger=0)
+
+
+def test_complete_messages_waiting_for_a_busy_io_thread_are_not_held_bytes(zmq_ctx):
+    # five complete 1 MiB messages (limit 1 MiB) wait 1 s while the I/O thread is busy:
+    # the kernel received them, nothing was delivered, yet nothing is unfinished; the
+    # watchdog cuts only once the I/O thread has found the socket empty after its look
+    router = zmq_ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    watchdog = ConnectionWatchdog(router, MIB, 'tcp://127.0.0.1:0')
+    router.bind('tcp://127.0.0.1:0')
+    poller = zmq.Poller()
+    for sock in watchdog.sockets:
+        poller.register(sock, zmq.POLLIN)
+    poller.register(router, zmq.POLLIN)
+    dealer = zmq_ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(router.last_endpoint.decode())
+
+    def serve(seconds: float) -> int:          # an I/O loop as the server's
+        received = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            events = dict(poller.poll(50))
+            batch = []
+            while router in events and len(batch) < 64:
+                try:
+                    batch.append(router.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    break
+            watchdog.received(batch, len(batch) < 64, events)
+            received += len(batch)
+        return received
+
+    try:
+        dealer.send_multipart([b'hello'])
+        assert serve(1.0) == 1 and watchdog.snapshot()['connections'] == 1
+        for _ in range(5):
+            dealer.send_multipart([b'header', b'\1' * (MIB - 64)])
+        time.sleep(1.0)                        # busy: about 20 watchdog periods
+        assert serve(3.0) == 5
+        assert watchdog.snapshot()['cut'] == 0
+        dealer.send_multipart([b'header', b'still connected'])
+        assert router.poll(5000), 'the connection was cut'
+    finally:
+        watchdog.close()
+        dealer.close(linger=0)
+        router.close(linger=0)
