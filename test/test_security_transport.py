@@ -29,7 +29,8 @@ from bench.transport_hold import (MIB, closed_by_peer, hold_parts, part, read_me
                                   rss_mib, zmtp_connect, zmtp_handshake)
 from rrto_fleet.directory import Directory
 from rrto_fleet.front import Front
-from rrto_server.conn_watchdog import ConnectionWatchdog
+from rrto_ros.client import RrtoClient
+from rrto_server.conn_watchdog import AGE_BYTES_PER_S, ConnectionWatchdog
 from rrto_wire import fleet
 from rrto_wire.curve import ClientKeys
 from rrto_wire.hello import hello
@@ -244,3 +245,26 @@ def test_complete_messages_waiting_for_a_busy_io_thread_are_not_held_bytes(zmq_c
         watchdog.close()
         dealer.close(linger=0)
         router.close(linger=0)
+
+
+def test_the_robots_heartbeats_stay_within_the_age_allowance(make_server, tmp_path):
+    # an idle robot connection still sends ZMTP PINGs (CURVE: 42 bytes each); they are
+    # received and never delivered, so the watchdog allows AGE_BYTES_PER_S for them
+    folder = tmp_path / 'keys'
+    (folder / 'clients').mkdir(parents=True)
+    zmq.auth.create_certificates(folder, 'server')
+    zmq.auth.create_certificates(tmp_path, 'robot')
+    shutil.copy(tmp_path / 'robot.key', folder / 'clients' / 'robot.key')
+    server = make_server(keys=str(folder))
+    robot = RrtoClient(server.endpoint, keys=ClientKeys.load(folder / 'server.key',
+                                                             tmp_path / 'robot.key_secret'))
+    try:
+        robot.hello(timeout_ms=10000)
+        time.sleep(0.5)
+        start, before = time.monotonic(), server.snapshot()['transport']['most_held']
+        time.sleep(4.0)
+        rate = (server.snapshot()['transport']['most_held'] - before) / (
+            time.monotonic() - start)
+        assert 0 < rate < AGE_BYTES_PER_S / 1.2, f'{rate:.0f} bytes/s of heartbeats'
+    finally:
+        robot.close()
