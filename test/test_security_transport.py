@@ -48,10 +48,11 @@ def settled_growth(baseline: float) -> float:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize('pace_s', [0.0, 0.01])
+@pytest.mark.parametrize('pace_s', [0.0, 0.02])
 def test_the_server_cuts_a_peer_that_never_finishes_a_multipart_message(make_server, pace_s):
     # a11 x04 at test size: --max-message-mb 1, 200 parts of 1 MiB with MORE, no last part;
-    # as fast as loopback goes, and at 100 MB/s (a fast wireless link) to bound the peak
+    # as fast as loopback goes, and at 50 MB/s (a fast wireless link) to bound the peak: the
+    # cut comes within a few 50 ms periods (32 MiB leaves 0.6 s for a loaded machine)
     server = make_server(max_message_bytes=MIB)
     assert hello(server.endpoint, timeout_ms=10000) is not None
     baseline = rss_mib()
