@@ -28,6 +28,7 @@ import zmq.auth
 
 from rrto_fleet.directory import Caller, Directory, ReplicaDown, WarmError
 from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy
+from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.outbox import Outbox
 from rrto_wire import fleet
 from rrto_wire.errors import ProtocolError
@@ -59,6 +60,8 @@ class Front:
             directory.policy.max_claims = min(directory.policy.max_claims, quota)
         if self._gate is not None:
             self._gate.keyring.secure(self.router)
+        # libzmq bounds each part only: cut a peer holding more of an unfinished message
+        self._watchdog = ConnectionWatchdog(self.router, fleet.MAX_MESSAGE_BYTES, bind)
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox = Outbox(self._ctx, 'rrto-directory')   # replies from warm-up workers
@@ -82,6 +85,7 @@ class Front:
             thread.join(timeout=5)
         self._workers.shutdown(wait=True, cancel_futures=True)
         self._outbox.close()
+        self._watchdog.close()
         self.router.close(linger=0)
         if self._gate is not None:
             self._gate.close()
@@ -98,6 +102,8 @@ class Front:
 
     def _serve(self) -> None:
         poller = zmq.Poller()
+        for sock in self._watchdog.sockets:     # first: polled before the router
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._outbox.socket, zmq.POLLIN)
         while not self._stop.is_set():
@@ -105,9 +111,13 @@ class Front:
             if self._outbox.socket in events:
                 while self._outbox.socket.poll(0):
                     self.router.send_multipart(self._outbox.socket.recv_multipart())
+            self._watchdog.received([], False, events)
             if self.router in events:
                 while self.router.poll(0):
-                    self._on_message(self.router.recv_multipart(copy=False))
+                    frames = self.router.recv_multipart(copy=False)
+                    self._watchdog.received([frames], False)
+                    self._on_message(frames)
+            self._watchdog.received([], True)     # no complete message left
 
     def _peer(self, frame: zmq.Frame) -> Peer:
         """Return the key that sent ``frame`` (its CURVE ``User-Id``); raise if not allowed."""

@@ -19,7 +19,8 @@ otherwise it decodes them (zero-copy views) and queues them itself.
 Limits on the socket itself (libzmq, before Python sees a byte):
 ``ZMQ_MAXMSGSIZE`` is the server's message limit, checked by libzmq per
 message part: a peer that sends a larger part is disconnected without a reply.
-A message whose parts together exceed the limit gets a ``too_large`` reply.
+A complete message whose parts together exceed it gets ``too_large``; a peer
+holding more of an unfinished one is cut off (:mod:`rrto_server.conn_watchdog`).
 Each peer's send queue holds at most ``max_queued_replies`` replies
 (``ZMQ_SNDHWM``) and ``SNDBUF_BYTES`` of kernel buffer, and at most
 ``max_peer_reply_bytes`` of large (zero-copy) replies are in flight per peer;
@@ -39,6 +40,7 @@ from typing import Callable
 import torch
 import zmq
 
+from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.control_requests import ControlRequests
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server.guard import Guard
@@ -136,6 +138,7 @@ class Server:
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a full queue raises: count, not block
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.guard.secure(router)
+        self.watchdog = ConnectionWatchdog(router, config.max_message_bytes, config.bind)
         router.bind(config.bind)
         return router
 
@@ -145,6 +148,8 @@ class Server:
         self.replies.io_thread = threading.get_ident()
         self._serving = True
         poller = zmq.Poller()
+        for sock in self.watchdog.sockets:      # first: polled before the router
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.replies.outbox, zmq.POLLIN)
         try:
@@ -152,16 +157,17 @@ class Server:
                 events = dict(poller.poll(100))
                 if self.replies.outbox in events:
                     self.replies.flush()
+                batch = []
                 if self.router in events:
-                    batch = []
                     for _ in range(BATCH):
                         try:
                             batch.append(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
                         except zmq.Again:
                             break
-                    for frames, backlog in self.guard.order(batch):   # highest first
-                        self.guard.backlog = backlog                   # admission's measure
-                        self.on_message(frames)
+                self.watchdog.received(batch, len(batch) < BATCH, events)
+                for frames, backlog in self.guard.order(batch):   # highest first
+                    self.guard.backlog = backlog                   # admission's measure
+                    self.on_message(frames)
             self.replies.flush()
         finally:
             self._loop_done.set()
@@ -186,6 +192,7 @@ class Server:
         if self._serving:
             self._loop_done.wait()
         self.replies.close()
+        self.watchdog.close()
         self.router.close(linger=0)
         self.guard.close()
         if self._own_ctx:
@@ -339,6 +346,7 @@ class Server:
         data['replays'] = [dict(replay_info(r, recorded=False), runs=r.runs)
                            for r in self.replays.items() if visible(r.model.digest)]
         data['guard'] = self.guard.snapshot()
+        data['transport'] = self.watchdog.snapshot()
         data['store'] = {'bytes': self.store.nbytes, 'evictions': self.store.evictions,
                          'quarantined': self.store.quarantined}
         data['replay_bytes'] = self.replays.nbytes
