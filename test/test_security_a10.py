@@ -176,10 +176,10 @@ def test_other_work_runs_between_the_calls_of_a_profile(make_server, zmq_ctx, pr
 
 def test_a_key_spends_at_most_its_profile_budget(make_server, zmq_ctx):
     """a10 #2: profile time per key is bounded; beyond it, ``overloaded``, serving goes on."""
-    from rrto_server.profiling import ProfileBudget
+    from rrto_server.profiling import DeviceBudget
     from rrto_testing import exchange, raw_socket
     server = make_server()
-    server.control.profile_budget = ProfileBudget(burst_s=0.2, rate=0.0)
+    server.control.profile_budget = DeviceBudget('profile', burst_s=0.2, rate=0.0)
     heavy = upload(server.endpoint, _Heavy(), torch.randn(160, 160)).model
     sock = raw_socket(zmq_ctx, server.endpoint)
     first = exchange(sock, _profile_frames(1, heavy, 100), 120000)
