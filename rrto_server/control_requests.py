@@ -12,8 +12,8 @@ key at a time), as that key's ticket of the shared
 :class:`~rrto_server.recording.Recording` of its replay key, and spends the key's
 record budget; a profile runs as :class:`~rrto_server.profile_job.ProfileJob`
 steps within the key's profile budget (both
-:class:`~rrto_server.profiling.DeviceBudget`; keys with the ``admin`` role, and
-every client of a server without keys, have no record budget).
+:class:`~rrto_server.profiling.DeviceBudget`; keys with the ``admin`` role, a fleet's
+deputised key and every client of a server without keys have no record budget).
 """
 
 from __future__ import annotations
@@ -59,6 +59,19 @@ class ControlRequests:
         self.record_gate = RecordGate(scheduler.submit)
         self.profile_budget = profiling.DeviceBudget('profile')
         self.record_budget = profiling.DeviceBudget('record', RECORD_BURST_S, RECORD_RATE)
+        self._deputies: set[str] = set()
+
+    def deputise(self, name: str) -> None:
+        """
+        Record for key ``name`` without its record budget: it records for other keys.
+
+        A fleet replica's server deputises the fleet key its directory warms with
+        (:class:`~rrto_fleet.replica.Replica`): every robot's warms are recorded as
+        that key, so one budget for all of them would let one robot spend every
+        robot's.  The directory bounds each robot's recordings instead (one warm at a
+        time per key, at most its ``max_replays`` claimed specs).
+        """
+        self._deputies.add(name)
 
     def close(self) -> None:
         """Stop the control thread; queued work is dropped."""
@@ -105,7 +118,8 @@ class ControlRequests:
     def budget_key(self, request: Request) -> str | None:
         """Return whose record budget ``request`` spends (None: admins, servers without keys)."""
         client = request.client
-        if not self.guard.authenticating or client.grant.allows('admin'):
+        if (not self.guard.authenticating or client.grant.allows('admin')
+                or client.name in self._deputies):
             return None
         return client.name
 

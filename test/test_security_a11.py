@@ -360,3 +360,36 @@ def test_the_front_serves_each_keys_warms_in_turn(tmp_path, zmq_ctx):
             assert fleet.decode_reply(sock.recv()).kind == 'ok'
     finally:
         front.close()
+
+
+def test_a_replica_records_its_fleets_warms_without_one_shared_record_budget(tmp_path,
+                                                                             zmq_ctx):
+    """
+    The replicas record every robot's warms as the fleet key: one record budget for all
+    of them would let one robot spend every robot's.  A robot's own records spend its own.
+    """
+    from rrto_fleet.replica import Replica
+    from rrto_server.options import ServerConfig
+    from rrto_server.profiling import DeviceBudget
+    keys, ck = _keys(tmp_path, {'robot': {'role': 'upload'}, 'fleet': {'role': 'infer'}})
+    config = ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 'store'),
+                          device='cpu', keys=str(keys))
+    replica = Replica(config, keys=ck['fleet'])
+    try:
+        robot = _keyed_socket(zmq_ctx, replica.endpoint, ck['robot'])
+        nodes = [exploits.node(f'y{i}', 'aten.add.Tensor', {'n': 'x' if i == 0 else f'y{i - 1}'},
+                               1.0, out=('float32', (4,))) for i in range(3)]
+        blob = exploits.program(nodes, ['y2'])
+        digest = hashlib.sha256(blob).hexdigest()
+        _put(robot, 1, blob)
+        replica.server.control.record_budget = DeviceBudget('record', burst_s=1e-3, rate=0.0)
+        signature = [{'dtype': 'float32', 'shape': [4]}]
+        for segments in ('ops:1', 'ops:2', 'whole'):
+            assert replica.warm(digest, signature, {'segments': segments})['replay']
+        robot.send_multipart(_record(2, digest, (4,), segments='ops:1'))
+        assert _answer(robot)['kind'] == 'ok'                 # recorded: no device time
+        robot.send_multipart(_record(3, digest, (4,), segments='ops:2', mode='eager'))
+        refused = _answer(robot)                              # its own budget
+        assert refused['kind'] == 'error' and refused['code'] == ErrorCode.OVERLOADED, refused
+    finally:
+        replica.close()
