@@ -150,6 +150,7 @@ class Scheduler:
         with self._cond:
             if self._stop or self._inline is not None:
                 return False
+            self._mark_overdue(job, self.clock())     # a missed deadline overtakes nothing
             busy = any(other.job is not None for other in self.lanes)
             if busy or self._ready:
                 if not self._overtakes(job, wait_s):

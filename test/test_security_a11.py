@@ -303,6 +303,25 @@ def test_a_late_run_job_past_its_deadline_does_not_outrank_its_band():
     assert order == ['holder', 'urgent', 'on time', 'past, run']
 
 
+def test_a_late_run_job_past_its_deadline_does_not_overtake_on_the_io_thread():
+    """a11 #5 on the inline path: a missed deadline must not count as urgency there either."""
+    scheduler = Scheduler()
+    order, gate = [], threading.Event()
+    try:
+        scheduler.submit(_Block('holder', order, gate, priority=5))
+        deadline = time.monotonic() + 10
+        while not scheduler.running():
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        threading.Timer(0.3, gate.set).start()      # the holder's step ends in 0.3 s
+        late = _Block('past, run', order, priority=5, late=RUN,
+                      deadline=time.perf_counter() - 1.0)
+        assert not scheduler.run_inline(late, wait_s=10.0), 'it overtook its band inline'
+    finally:
+        gate.set()
+        scheduler.close()
+
+
 # ----------------------------------------------------------------------------- 4: fleet warms
 
 class _SlowPort:
