@@ -2,8 +2,12 @@
 The directory's ZeroMQ front: robots resolve and warm models over :mod:`rrto_wire.fleet`.
 
 One I/O thread owns the ROUTER socket and answers ``hello`` and ``resolve``
-inline; ``warm`` (a recording, seconds) runs on a small thread pool whose
-replies come back through an inproc PUSH/PULL pair, as in the server.  A
+inline; ``warm`` (a recording, seconds) runs on a small pool of worker threads
+whose replies come back through an inproc PUSH/PULL pair, as in the server.
+The pool serves keys round robin, one warm per key at a time
+(:class:`~rrto_server.put_queue.ControlQueue`), so one key's many warms delay
+another key's by at most one warm per key ahead of it in the round (a11's
+finding 4: the pool was one FIFO for every key).  A
 second thread polls the replicas and scales models every ``poll_s``.  Every
 request gets exactly one reply; a malformed one an error naming the problem.
 
@@ -19,7 +23,6 @@ replicas record with) caps all keys' claims together at that key's
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
 
@@ -30,6 +33,7 @@ from rrto_fleet.directory import Caller, Directory, ReplicaDown, WarmError
 from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy
 from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.outbox import Outbox
+from rrto_server.put_queue import ControlQueue
 from rrto_wire import fleet
 from rrto_wire.errors import ProtocolError
 
@@ -65,8 +69,7 @@ class Front:
         self.router.bind(bind)
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self._outbox = Outbox(self._ctx, 'rrto-directory')   # replies from warm-up workers
-        self._workers = concurrent.futures.ThreadPoolExecutor(
-            WARM_WORKERS, thread_name_prefix='rrto-warm')
+        self._workers = ControlQueue('rrto-warm', WARM_WORKERS)     # round robin by key
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -140,7 +143,7 @@ class Front:
                     self._policy.begin(peer)
                 except ProtocolError as exc:
                     raise fleet.DirectoryError(exc.code.value, exc.message) from None
-                self._workers.submit(self._warm, envelope, request, peer)
+                self._workers.submit(lambda: self._warm(envelope, request, peer), peer.name)
                 return
             try:
                 self._policy.authorize(self._peer(body), 'infer')

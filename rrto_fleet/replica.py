@@ -55,6 +55,12 @@ class Replica:
                  keys: ClientKeys | None = None):
         config = dataclasses.replace(config, bind=replica_bind(config.bind))
         self.server = Server(config)
+        keyring = self.server.guard.keyring
+        if keys is not None and keyring is not None:
+            try:        # it records every robot's warms: the directory bounds each robot's
+                self.server.control.deputise(keyring.peer(keys.public.decode()).name)
+            except ProtocolError:
+                pass    # not allowed here: its warms are refused 'unauthorized'
         self.server.start()
         self.endpoint = advertised(self.server.endpoint, host)
         self.instance = uuid.uuid4().hex

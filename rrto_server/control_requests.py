@@ -8,22 +8,29 @@ loading a model, deleting files) on the control thread
 keys), so neither the I/O thread nor a device lane waits for it.  That work
 answers its own request, exactly once.  A vetted recording then enters the
 scheduler through the :class:`~rrto_server.record_gate.RecordGate` (one per
-key at a time); a profile runs as :class:`~rrto_server.profile_job.ProfileJob`
-steps within the key's :class:`~rrto_server.profiling.ProfileBudget`.
+key at a time), as that key's ticket of the shared
+:class:`~rrto_server.recording.Recording` of its replay key, and spends the key's
+record budget; a profile runs as :class:`~rrto_server.profile_job.ProfileJob`
+steps within the key's profile budget (both
+:class:`~rrto_server.profiling.DeviceBudget`; keys with the ``admin`` role, a fleet's
+deputised key and every client of a server without keys have no record budget).
 """
 
 from __future__ import annotations
 
+import msgspec
 import torch
 
 from rrto_server import profiling
+from rrto_server import segments as segmentation
 from rrto_server.guard import Guard
-from rrto_server.jobs import Recordings, Services, replay_info
+from rrto_server.jobs import Services, replay_info
 from rrto_server.models import ModelRegistry
 from rrto_server.options import ServerConfig
 from rrto_server.profile_job import ProfileJob
 from rrto_server.put_queue import ControlQueue, PutQueue
 from rrto_server.record_gate import GatedRecordJob, RecordGate
+from rrto_server.recording import Recordings
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.replay_key import check_options, replay_key
 from rrto_server.requests import Request
@@ -34,6 +41,7 @@ from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 PUT_QUEUE_MESSAGES = 4      # uploads waiting for the control thread, in whole messages
+RECORD_BURST_S, RECORD_RATE = 30.0, 0.1     # a key's record budget: seconds, seconds back/s
 
 
 class ControlRequests:
@@ -49,7 +57,21 @@ class ControlRequests:
         self.put_queue = PutQueue(PUT_QUEUE_MESSAGES * config.max_message_bytes)
         self.recordings = Recordings()
         self.record_gate = RecordGate(scheduler.submit)
-        self.profile_budget = profiling.ProfileBudget()
+        self.profile_budget = profiling.DeviceBudget('profile')
+        self.record_budget = profiling.DeviceBudget('record', RECORD_BURST_S, RECORD_RATE)
+        self._deputies: set[str] = set()
+
+    def deputise(self, name: str) -> None:
+        """
+        Record for key ``name`` without its record budget: it records for other keys.
+
+        A fleet replica's server deputises the fleet key its directory warms with
+        (:class:`~rrto_fleet.replica.Replica`): every robot's warms are recorded as
+        that key, so one budget for all of them would let one robot spend every
+        robot's.  The directory bounds each robot's recordings instead (one warm at a
+        time per key, at most its ``max_replays`` claimed specs).
+        """
+        self._deputies.add(name)
 
     def close(self) -> None:
         """Stop the control thread; queued work is dropped."""
@@ -93,27 +115,61 @@ class ControlRequests:
         # a server without keys)
         return request.client.name if self.guard.authenticating else request.peer
 
+    def budget_key(self, request: Request) -> str | None:
+        """Return whose record budget ``request`` spends (None: admins, servers without keys)."""
+        client = request.client
+        if (not self.guard.authenticating or client.grant.allows('admin')
+                or client.name in self._deputies):
+            return None
+        return client.name
+
     def on_record(self, request: Request, frames: list) -> None:
         header = request.header
         check_options(header.options)
-        key = replay_key(header.model, header.signature, header.options)
-        replay = self.replays.claim(key, request.client)
+        replay = self.replays.claim(replay_key(header.model, header.signature, header.options),
+                                    request.client)
         if replay is not None:
             request.ok(**replay_info(replay, recorded=False))
             return
-        if not self.recordings.join(key, request):
-            return  # the same recording is already queued; all are answered when it ends
+        budget_key = self.budget_key(request)
+        if budget_key is not None:
+            self.record_budget.check(budget_key)
 
         def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
             try:
-                self.registry.vet(header.model, header.signature)
+                options = self._vet(header.model, header.signature, header.options)
             except ProtocolError as exc:
-                self.recordings.finish(key, None, exc)
+                request.error(exc)
                 return
-            self.record_gate.submit(GatedRecordJob(self.record_gate, self.key(request),
-                                                   self.services, self.recordings, key,
-                                                   request))
+            except Exception as exc:
+                request.fail(exc)
+                return
+            key = replay_key(header.model, header.signature, options)
+            replay = self.replays.claim(key, request.client)
+            if replay is not None:
+                request.ok(**replay_info(replay, recorded=False))
+                return
+            # a request of another key for the same replay waits with its own ticket: in its
+            # own gate and at its own priority, whichever ticket runs first records (a11 #3)
+            ticket = self.key(request)
+            recording = self.recordings.join(key, header.model, header.signature, options,
+                                             request, ticket)
+            if recording is not None:
+                self.record_gate.submit(GatedRecordJob(
+                    self.record_gate, ticket, self.services, self.recordings, recording,
+                    ticket, request, self.record_budget, budget_key))
         self.queue.submit(vet_then_record, self.key(request))
+
+    def _vet(self, digest: str, signature, options):
+        """Vet a model for a recording; return the options, segments canonical (a11 #2)."""
+        if self.store.kind(digest) == 'onnx':
+            self.registry.vet(digest, signature)
+            return options
+        model = self.registry.get(digest)           # vets it first
+        segments = segmentation.canonical(model.program, options.segments)
+        if segments == options.segments:
+            return options
+        return msgspec.structs.replace(options, segments=segments)
 
     def on_profile(self, request: Request, frames: list) -> None:
         client = request.client.name if self.guard.authenticating else None

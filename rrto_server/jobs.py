@@ -1,5 +1,5 @@
 """
-Requests as scheduler jobs: inference, recording, naive operators.
+Requests as scheduler jobs: inference, naive operators (recordings: :mod:`rrto_server.recording`).
 
 An inference passes through three phases on three kinds of thread:
 
@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
-from rrto_server import profiling
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
@@ -81,36 +79,6 @@ def job_keys(header: Scheduled, received: float, task_late: dict | None = None,
     deadline = received + header.deadline_ms / 1e3 if header.deadline_ms else math.inf
     return {'priority': header.priority, 'deadline': deadline, 'task': header.task,
             'late': late, 'received': received}
-
-
-class Recordings:
-    """Record requests waiting for the same recording; all are answered when it ends."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._waiting: dict[str, list[Request]] = {}
-
-    def join(self, key: str, request: Request) -> bool:
-        """Add ``request`` to the waiters of ``key``; return True if it is the first."""
-        with self._lock:
-            waiting = self._waiting.setdefault(key, [])
-            waiting.append(request)
-            return len(waiting) == 1
-
-    def clients(self, key: str) -> list:
-        """Return the senders of the requests waiting for ``key`` (the replay's owners)."""
-        with self._lock:
-            return [r.client for r in self._waiting.get(key, []) if r.client is not None]
-
-    def finish(self, key: str, replay: Replay | None, error: ProtocolError | None) -> None:
-        """Answer every request waiting for ``key`` with the replay or the error."""
-        with self._lock:
-            waiting = self._waiting.pop(key, [])
-        for request in waiting:
-            if error is not None:
-                request.error(error)
-            else:
-                request.ok(**replay_info(replay, recorded=True))
 
 
 def replay_info(replay: Replay, recorded: bool) -> dict[str, Any]:
@@ -297,41 +265,6 @@ class ExpressJob(InferJob):
 
     def fail(self, error: ProtocolError) -> None:
         self._reply_error(error)
-
-
-class RecordJob(Job):
-    """Record a replay (and profile it) while holding every lane."""
-
-    def __init__(self, services: Services, recordings: Recordings, key: str,
-                 request: Request):
-        header = request.header
-        keys = job_keys(header, request.received)
-        keys.update(late='run', deadline=math.inf, task=keys['task'] or '(record)')
-        super().__init__(**keys, utilisation=EXCLUSIVE)
-        self.services, self.recordings, self.key = services, recordings, key
-        self.digest, self.signature, self.options = header.model, header.signature, \
-            header.options
-        self.replay: Replay | None = None
-
-    def step(self) -> bool:
-        services = self.services
-        model = services.registry.get(self.digest)
-        replay = Replay(model, self.signature, self.options, services.device,
-                        services.cpu_backend)
-        try:
-            profiling.profile(replay, utilisation=services.profile_utilisation)
-        except Exception:  # an unprofiled replay still serves; it just never packs
-            log.exception('profiling %s failed', self.key)
-        self.replay = replay
-        services.replays.add(replay, self.recordings.clients(self.key))
-        services.stats.count(self.digest, 'records')
-        return True
-
-    def complete(self) -> None:
-        self.recordings.finish(self.key, self.replay, None)
-
-    def fail(self, error: ProtocolError) -> None:
-        self.recordings.finish(self.key, None, error)
 
 
 class OpJob(Job):

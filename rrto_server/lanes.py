@@ -46,10 +46,17 @@ class Job:
         self.preemptions = 0
         self.packed_steps = 0
         self.contended = False              # arrived as the most urgent, a less urgent one running
+        self.overdue = False                # late='run' and queued past its deadline (scheduler)
 
     def urgency(self) -> tuple:
-        """Return the sort key of the priority policies: priority desc, deadline asc, arrival."""
-        return (-self.priority, self.deadline, self.seq)
+        """
+        Return the sort key of the priority policies: priority desc, deadline asc, arrival.
+
+        A job queued past its deadline with ``late='run'`` orders as one without a
+        deadline: a deadline already missed must not outrank work that can still meet
+        its own (a11 #5: ``deadline_ms=0.001, late='run'`` was first in its band).
+        """
+        return (-self.priority, math.inf if self.overdue else self.deadline, self.seq)
 
     @property
     def late_finish(self) -> bool:

@@ -3,16 +3,17 @@ A ``profile`` request as a scheduler job: per-operator times of a stored program
 
 The robot's planner asks for them.  Each call of the program is one step at
 the request's priority, charged to the key's
-:class:`~rrto_server.profiling.ProfileBudget`.
+:class:`~rrto_server.profiling.DeviceBudget` for profiles.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 from rrto_server import profiling
 from rrto_server.jobs import Services, job_keys
-from rrto_server.lanes import EXCLUSIVE, Job
+from rrto_server.lanes import EXCLUSIVE, RUN, Job
 from rrto_server.requests import Request
 from rrto_wire.errors import ErrorCode, ProtocolError, clip
 from rrto_wire.op_timing import OperatorTimer
@@ -25,16 +26,19 @@ class ProfileJob(Job):
     The model comes loaded (and vetted) from the control thread, so no trial runs on
     a lane.  Each call, warm-up or timed, is one step at the request's priority and
     deadline: more urgent work runs between two of them, and after its first step the
-    job also lets every later job of its priority go first (it is background work).
-    Every step is charged to the key's :class:`~rrto_server.profiling.ProfileBudget`
-    and refused ``overloaded`` once that is spent.
+    job also lets every later job of its priority go first (it is background work):
+    its deadline then no longer orders it either (a11 #5: ``deadline_ms=0.001`` with
+    ``late='run'`` kept the earliest deadline of its band to the end), so the header's
+    deadline and late policy apply to its start only.  Every step is charged to the
+    key's profile :class:`~rrto_server.profiling.DeviceBudget` and refused
+    ``overloaded`` once that is spent.
     """
 
     WARMUP = 2
     BEHIND = 1 << 62          # its arrival order once it has started: after any other job
 
     def __init__(self, services: Services, request: Request, model,
-                 budget: profiling.ProfileBudget, client: str | None):
+                 budget: profiling.DeviceBudget, client: str | None):
         keys = job_keys(request.header, request.received)
         keys.update(task=keys['task'] or '(profile)')
         super().__init__(**keys, utilisation=EXCLUSIVE)
@@ -68,7 +72,7 @@ class ProfileJob(Job):
                                 f'{clip(exc)}') from None
         finally:
             self.budget.charge(self.client, time.perf_counter() - start)
-        self.seq = self.BEHIND
+        self.seq, self.deadline, self.late = self.BEHIND, math.inf, RUN
         return self.steps_done + 1 >= self.total_steps
 
     def release(self) -> None:

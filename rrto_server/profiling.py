@@ -22,12 +22,14 @@ Measure, at record time, what the scheduler needs to know about a replay.
     find room.  Measurement noise is a few percent; when the probe runs
     dry before the replay ends, u is overestimated (the safe direction).
 
-Profiling runs inside the record job, which holds every lane, so nothing
-else disturbs it.
+Profiling runs inside the record job, one call per step (:func:`profile_steps`); each
+step holds every lane, so nothing else disturbs it, and more urgent work runs
+between two steps.
 
 Per-operator durations for the hybrid planner (the server's ``profile``
 requests) are :class:`rrto_wire.op_timing.OperatorTimer`'s, shared with the robot;
-a key's ``profile`` requests spend a :class:`ProfileBudget` of device seconds.
+a key's ``profile`` requests (and its recordings) spend a :class:`DeviceBudget` of device
+seconds.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import math
 import statistics
 import threading
 import time
+from typing import Iterator
 
 import torch
 
@@ -76,19 +79,17 @@ def _sync(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-def segment_times(replay, inputs: list[torch.Tensor], runs: int = RUNS) -> list[float]:
-    """Return the median solo duration of each segment in milliseconds (after one warm run)."""
-    replay.start(inputs).run()
-    samples: list[list[float]] = [[] for _ in range(replay.num_segments)]
-    for _ in range(runs):
-        execution = replay.start(inputs)
+def timed_run(replay, inputs: list[torch.Tensor]) -> list[float]:
+    """Return each segment's solo duration in milliseconds over one call (each step waited for)."""
+    execution = replay.start(inputs)
+    _sync(replay.device)
+    times = []
+    for _ in range(replay.num_segments):
+        start = time.perf_counter()
+        execution.step()
         _sync(replay.device)
-        for k in range(replay.num_segments):
-            start = time.perf_counter()
-            execution.step()
-            _sync(replay.device)
-            samples[k].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(s) for s in samples]
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
 
 
 def _run_back_to_back(replay, executions) -> None:
@@ -191,10 +192,23 @@ def _cuda_utilisation(replay, inputs: list[torch.Tensor], solo_s: float) -> floa
     return min(1.0, max(0.0, 1.0 - during / alone))
 
 
-def profile(replay, utilisation: bool = True) -> None:
-    """Measure ``replay.segment_ms`` and, if asked, ``replay.utilisation`` (in place)."""
+def profile_steps(replay, utilisation: bool = True) -> Iterator[None]:
+    """
+    Measure ``replay.segment_ms`` and, if asked, ``replay.utilisation`` (in place), in steps.
+
+    Each iteration does about one call of the replay (a warm run, then ``RUNS``
+    timed runs, then the utilisation window), so the record job that drives it
+    holds the device for one call at a time; each segment's time is the median of
+    the timed runs.
+    """
     inputs = example_inputs(replay)
-    replay.segment_ms = segment_times(replay, inputs)
+    replay.start(inputs).run()
+    yield
+    samples = []
+    for _ in range(RUNS):
+        samples.append(timed_run(replay, inputs))
+        yield
+    replay.segment_ms = [statistics.median(s) for s in zip(*samples)]
     if not utilisation:
         return
     solo_s = sum(replay.segment_ms) / 1e3
@@ -204,19 +218,22 @@ def profile(replay, utilisation: bool = True) -> None:
         replay.utilisation = _cpu_utilisation(replay, inputs, solo_s)
 
 
-class ProfileBudget:
+class DeviceBudget:
     """
-    Device seconds each key may spend on ``profile`` requests: a token bucket per key.
+    Device seconds each key may spend on one kind of background work: a token bucket per key.
 
-    A key holds up to ``burst_s`` seconds and earns ``rate`` seconds back per second
-    (the default: a tenth of the device, 10 s at most at once).  Every step of a profile job
-    is charged what it took; a request arriving, or a step starting, with the key's
-    bucket empty is refused ``overloaded``, so one key's profiling never holds the device
-    for longer than its bucket, whatever the number of requests it sends.
+    A key holds up to ``burst_s`` seconds and earns ``rate`` seconds back per second.
+    Every step of a job of that kind (a ``profile`` call, a stage of a recording) is
+    charged what it took; a request arriving, or a step starting, with the key's bucket
+    empty is refused ``overloaded``, so one key's work of that kind never holds the
+    device for longer than its bucket, whatever the number of requests it sends.
+    The server keeps one for ``profile`` (10 s at once, 0.1 s back per second) and one
+    for ``record`` (:mod:`rrto_server.recording`).
     """
 
-    def __init__(self, burst_s: float = 10.0, rate: float = 0.1,
+    def __init__(self, what: str, burst_s: float = 10.0, rate: float = 0.1,
                  clock=time.monotonic):
+        self.what = what
         self.burst_s, self.rate, self.clock = float(burst_s), float(rate), clock
         self._left: dict = {}              # key -> (seconds left, when)
         self._lock = threading.Lock()
@@ -229,14 +246,14 @@ class ProfileBudget:
         return left
 
     def check(self, key) -> None:
-        """Raise ``overloaded`` when ``key`` has no profile time left."""
+        """Raise ``overloaded`` when ``key`` has no time left."""
         with self._lock:
             left = self._refill(key)
         if left <= 0:
             wait = -left / self.rate if self.rate > 0 else math.inf
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
-                f'this key spent its profile budget ({self.burst_s:g} s of device time, '
+                f'this key spent its {self.what} budget ({self.burst_s:g} s of device time, '
                 f'{self.rate:g} s per second back); retry in {min(wait, 1e6):.1f} s')
 
     def charge(self, key, seconds: float) -> None:

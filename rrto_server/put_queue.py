@@ -24,28 +24,42 @@ log = logging.getLogger('rrto_server.control')
 
 
 class ControlQueue:
-    """One worker thread running submitted work round robin by key, each key's in order."""
+    """
+    Worker threads running submitted work round robin by key, each key's in order.
 
-    def __init__(self, name: str = 'rrto-control'):
+    With several ``workers`` (the fleet front's warms) a key still runs one unit at a
+    time: a key with many queued units holds one worker, and another key's unit
+    waits for at most one unit per key ahead of it in the round, never for all of them.
+    """
+
+    def __init__(self, name: str = 'rrto-control', workers: int = 1):
+        # keys with work queued and none running, the key served longest ago first
         self._queues: collections.OrderedDict[Hashable, collections.deque] = \
             collections.OrderedDict()
+        self._busy: dict[Hashable, collections.deque] = {}     # keys with a unit running
         self._cond = threading.Condition()
         self._stop = False
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._threads = [threading.Thread(target=self._loop, name=f'{name}-{i}' if i else name,
+                                          daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
 
     def submit(self, fn: Callable[[], None], key: Hashable = None) -> None:
         """Queue ``fn`` (which answers its own request) behind ``key``'s earlier work."""
         with self._cond:
             if self._stop:
                 raise RuntimeError('the control thread is shut down')
+            if key in self._busy:
+                self._busy[key].append(fn)
+                return
             self._queues.setdefault(key, collections.deque()).append(fn)
             self._cond.notify()
 
     def pending(self) -> int:
         """Return the number of queued (not yet started) units of work."""
         with self._cond:
-            return sum(len(queue) for queue in self._queues.values())
+            return sum(len(queue) for queues in (self._queues, self._busy)
+                       for queue in queues.values())
 
     def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
         """Stop after the running unit (and, unless ``cancel_futures``, the queued ones)."""
@@ -53,9 +67,12 @@ class ControlQueue:
             self._stop = True
             if cancel_futures:
                 self._queues.clear()
+                for queue in self._busy.values():
+                    queue.clear()
             self._cond.notify_all()
         if wait:
-            self._thread.join()
+            for thread in self._threads:
+                thread.join()
 
     def _loop(self) -> None:
         while True:
@@ -66,12 +83,16 @@ class ControlQueue:
                     return
                 key, queue = self._queues.popitem(last=False)   # the key served longest ago
                 fn = queue.popleft()
-                if queue:
-                    self._queues[key] = queue                   # to the back of the round
+                self._busy[key] = queue
             try:
                 fn()
             except Exception:      # each unit answers its request; a bug must not stop the thread
                 log.exception('control thread work raised')
+            with self._cond:
+                queue = self._busy.pop(key)
+                if queue:
+                    self._queues[key] = queue                   # to the back of the round
+                    self._cond.notify()
 
 
 class PutQueue:

@@ -1,7 +1,7 @@
 """
 Recordings in the scheduler: one per client key at a time.
 
-A recording holds every lane (:class:`~rrto_server.jobs.RecordJob`), and the
+A recording holds every lane (:class:`~rrto_server.recording.RecordJob`), and the
 scheduler orders jobs of one priority by arrival: a key that sends 16
 recordings of a model already vetted (each one's trial verdict cached) would
 put all 16 ahead of another key's.  :class:`RecordGate` lets one recording per
@@ -15,7 +15,7 @@ import collections
 import threading
 from typing import Callable, Hashable
 
-from rrto_server.jobs import RecordJob
+from rrto_server.recording import RecordJob
 from rrto_wire.errors import ProtocolError
 
 

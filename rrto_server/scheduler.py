@@ -35,7 +35,9 @@ Deadlines: a ``late='drop'`` job whose deadline passes before it starts is
 answered with ``deadline_missed`` as soon as the deadline passes (a reaper
 thread wakes for the earliest one, even while every lane is busy), and a
 started one whose deadline passes while it waits between two segments is
-abandoned the same way; a ``late='run'`` job runs anyway and is flagged late.
+abandoned the same way; a ``late='run'`` job runs anyway and is flagged late, and
+once queued past its deadline it orders as a job without one (``Job.overdue``), so
+a deadline claimed already missed never outranks work that can meet its own.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
-from rrto_server.lanes import DROP, Job, Lane, make_lanes
+from rrto_server.lanes import DROP, RUN, Job, Lane, make_lanes
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.summary import summarise
 
@@ -109,6 +111,7 @@ class Scheduler:
             else:
                 job.seq = next(self._seq)
                 job.ready_at = self.clock()
+                self._mark_overdue(job, job.ready_at)
                 # a preemption case: a less urgent job holds a lane and nothing queued or
                 # running is more urgent than this one (so its wait is the preemption delay)
                 urgency = job.urgency()
@@ -147,6 +150,7 @@ class Scheduler:
         with self._cond:
             if self._stop or self._inline is not None:
                 return False
+            self._mark_overdue(job, self.clock())     # a missed deadline overtakes nothing
             busy = any(other.job is not None for other in self.lanes)
             if busy or self._ready:
                 if not self._overtakes(job, wait_s):
@@ -226,6 +230,12 @@ class Scheduler:
                        for job in pending])
 
     # ------------------------------------------------------------------ choosing (under lock)
+    @staticmethod
+    def _mark_overdue(job: Job, now: float) -> None:
+        # before it enters the queue: a job's sort key never changes while it is queued
+        if job.late == RUN and now > job.deadline:
+            job.overdue = True
+
     def _fits(self, a: Job, b: Job) -> bool:
         if a.resource is not None and a.resource == b.resource:
             return False
@@ -362,6 +372,7 @@ class Scheduler:
                 job.outcome = 'failed' if error else 'completed'
                 self.counters[job.outcome] += 1
             else:
+                self._mark_overdue(job, end)
                 bisect.insort(self._ready, job, key=self._key)
             if self._ready or self._inline is not None:    # a lane may pick, run_inline go on
                 self._cond.notify_all()

@@ -29,10 +29,30 @@ def parse_granularity(spec: object) -> tuple[str, int]:
         return WHOLE, 0
     if isinstance(spec, str) and ':' in spec:
         kind, _, number = spec.partition(':')
-        if kind in ('ops', 'block') and number.isdigit() and int(number) > 0:
+        # one spelling per number (no leading zeros): each spelling is a replay key
+        if kind in ('ops', 'block') and number.isdigit() and number == str(int(number)) != '0':
             return kind, int(number)
     raise ProtocolError(ErrorCode.BAD_REQUEST,
-                        f"segments must be 'whole', 'ops:N' or 'block:D', got {spec!r}")
+                        f"segments must be 'whole', 'ops:N' or 'block:D' (N, D > 0, no leading "
+                        f"zeros), got {spec!r}")
+
+
+def canonical(program: Program, spec: object) -> str:
+    """
+    Return the one spelling of ``spec``'s segmentation of ``program`` (part of the replay key).
+
+    A granularity that cuts nowhere (``ops:N`` with N at least the number of
+    operators, a program of one operator) is ``whole``, and ``block:D`` deeper than
+    the deepest module path is that depth: so the option strings a client may send
+    name at most one replay key per distinct segmentation, bounded by the program.
+    """
+    kind, number = parse_granularity(spec)
+    if kind == WHOLE or not bounds(program, spec):
+        return WHOLE
+    if kind == 'block':
+        deepest = max(len(node.scope.split('.')) for node in program.nodes)
+        return f'block:{min(number, deepest)}'
+    return f'ops:{number}'
 
 
 def _legal_cuts(program: Program) -> list[bool]:
