@@ -205,6 +205,7 @@ class InferJob(Job):
             self._reply_error(ProtocolError(ErrorCode.EXEC_FAILED, f'{type(exc).__name__}: {exc}'))
             return
         execution.outputs = None
+        self.replay.served(self.compute_s)     # the replay's cost now (Server._inline_ok)
         self._count()
         # sent from page-locked buffers: they go back to the replay once ZeroMQ is done
         self.request.ok(outputs, on_sent=execution.release_buffers, timing=self.timing())
@@ -260,6 +261,7 @@ class ExpressJob(InferJob):
 
     def complete(self) -> None:
         plan, outputs, self.outputs = self.replay.express, self.outputs, None
+        self.replay.served(self.compute_s)
         self._count()
         self.request.ok_raw(plan.reply_body(outputs), on_sent=plan.sent, timing=self.timing())
 

@@ -30,7 +30,9 @@ so a request in its CPU phase never holds a device lane.
 
 from __future__ import annotations
 
+import collections
 import logging
+import statistics
 import time
 from typing import Sequence
 
@@ -51,6 +53,10 @@ from rrto_wire.messages import RecordOptions
 from rrto_wire.tensors import Signature, TensorSpec, signature_key
 
 log = logging.getLogger('rrto_server.replay')
+
+# the device time of this many recent runs corrects the record-time profile (their median)
+SERVED_RUNS = 9
+SERVED_MIN = 3      # runs served before they count
 
 
 class Replay:
@@ -84,6 +90,7 @@ class Replay:
         # measured by rrto_server.profiling when recorded (see docs/scheduler.md)
         self.utilisation: float | None = None
         self.segment_ms: list[float] = []
+        self._served: collections.deque = collections.deque(maxlen=SERVED_RUNS)
         # the common request's short path (rrto_server.express), where the runner has one
         self.express = ExpressPlan(self.signature, self.runner) if self.runner.can_express \
             else None
@@ -91,6 +98,27 @@ class Replay:
     @property
     def num_segments(self) -> int:
         return self.runner.num_segments
+
+    def served(self, compute_s: float) -> None:
+        """Note the device time of one run served to the end (its steps, each waited for)."""
+        self._served.append(compute_s * 1e3)
+
+    @property
+    def longest_segment_ms(self) -> float | None:
+        """
+        Return how long the longest segment takes now, in ms (None before profiling).
+
+        The record-time profile (:attr:`segment_ms`) scaled to the median device
+        time of the last runs served (from the :data:`SERVED_MIN`-th on): a profile
+        taken while the machine was busy, or cold, says nothing of the steady state.
+        """
+        if not self.segment_ms:
+            return None
+        longest, served = max(self.segment_ms), list(self._served)
+        total = sum(self.segment_ms)
+        if len(served) < SERVED_MIN or total <= 0:
+            return longest
+        return longest * statistics.median(served) / total
 
     def _warm_up(self) -> None:
         inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]

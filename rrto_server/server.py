@@ -294,8 +294,9 @@ class Server:
 
     def _inline_ok(self, replay: Replay) -> bool:
         # a program's sizes are constants (rrto_wire.ops): its cost is that of any input
-        return (replay.model.kind == 'program' and bool(replay.segment_ms)
-                and max(replay.segment_ms) <= self.config.inline_max_ms)
+        longest = replay.longest_segment_ms
+        return (replay.model.kind == 'program' and longest is not None
+                and longest <= self.config.inline_max_ms)
 
     def on_io_thread(self) -> bool:
         """Return True when called from the thread that serves the socket."""

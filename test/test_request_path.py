@@ -20,6 +20,7 @@ from rrto_ros.zoo import keypoint_net
 from rrto_server import server as server_module
 from rrto_server.express import ExpressPlan
 from rrto_server.lanes import Job
+from rrto_server.replay import SERVED_MIN, SERVED_RUNS
 from rrto_server.requests import Request
 from rrto_server.runner import Execution
 from rrto_wire import messages, protocol
@@ -84,6 +85,33 @@ def test_small_raw_requests_skip_the_worker_hop_when_they_cannot_run_inline(
         assert seen == {'decode': {'cpu'}, 'segment': {'lane'}}, 'a codec: decoded by a worker'
         assert all(torch.equal(a, b) for a, b in zip(outputs, leaves(keypoint_net()(x))))
         assert all(torch.equal(a, b) for a, b in zip(packed, leaves(keypoint_net()(flat))))
+    finally:
+        client.close()
+
+
+def test_the_inline_limit_follows_the_replays_cost_as_served(make_server, monkeypatch):
+    # a record-time profile taken while the machine was busy (or cold) said 5 s: the general
+    # path, until the runs served say otherwise; runs served slow send it back to the lanes
+    server = make_server(inline_max_ms=1000.0)
+    x, key, seen, client = _served(server, monkeypatch)
+    replay = server.replays.get(key)
+    replay.segment_ms = [5000.0]
+    try:
+        for _ in range(SERVED_MIN):
+            client.infer(key, [x])
+            assert seen == {'decode': {'io'}, 'segment': {'lane'}}, 'profiled too long to inline'
+        assert replay.longest_segment_ms < 1000.0
+        seen.clear()
+        outputs, _ = client.infer(key, [x])
+        assert seen == {'express': {'io'}}, 'the runs served were short'
+        for _ in range(SERVED_RUNS // 2 + 1):
+            replay.served(2.0)                          # most recent runs: 2 s each
+        seen.clear()
+        again, _ = client.infer(key, [x])
+        assert seen == {'decode': {'io'}, 'segment': {'lane'}}, 'served slow: not inline'
+        expected = leaves(keypoint_net()(x))
+        assert all(torch.equal(a, b) for a, b in zip(outputs, expected))
+        assert all(torch.equal(a, b) for a, b in zip(again, expected))
     finally:
         client.close()
 
