@@ -10,7 +10,8 @@ bound from the call's inputs, so a batch dimension must be the request's).
 :func:`decode_bound` refuses a reply whose frame descriptors differ before any
 frame is decoded and returns the bytes the expected tensors need, which bounds
 decompression; :func:`check_outputs` checks decoded tensors (a split, hybrid
-or naive call's final outputs).
+or naive call's final outputs).  Either raises :class:`ProtocolError`
+``bad_reply``: the call falls back to the local model, never OFFLOADED.
 
 A dynamic program's output may have sizes that depend on the data
 (:class:`Free`): the program writer names each such size by its symbolic
@@ -18,9 +19,8 @@ expression from export (``u0``, ``4*u0``) and the upper bound export proved
 for it (``u0 <= 16``, the numel of a ``nonzero``'s input).  Every size of one
 expression must be equal in a reply (boxes ``[n, 4]`` and scores ``[n]``), at
 most its bound, and the decoding bound is the expected tensors at those
-bounds; only a size export left unbounded (a ``.item()``) falls back to the
-caller's general bound.  Either raises :class:`ProtocolError`
-``bad_reply``: the call falls back to the local model, never OFFLOADED.
+bounds; only a size export left unbounded falls back to the caller's general
+bound.
 """
 
 from __future__ import annotations
@@ -125,8 +125,8 @@ def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
 
     ``default`` when nothing is expected (``leaves`` None) or an output's size
     has no bound before the call (an ONNX output whose dimension depends on
-    values, a program's size from ``.item()``); a program's data-dependent size
-    counts at the bound export proved for it.
+    values, a program's size export left unbounded); a program's
+    data-dependent size counts at the bound export proved for it.
     """
     if leaves is None:
         return default

@@ -178,21 +178,21 @@ class Detections(torch.nn.Module):
         return boxes[keep] * 2, scores[keep] + 1
 
 
-def _detections_leaves() -> tuple:
-    from rrto_ros.reply_check import program_outputs
+def _detections_doc() -> dict:
     from rrto_wire import treespec
     from rrto_wire.program_writer import from_exported
     example = (torch.rand(16), torch.rand(16, 4))
     ep = torch.export.export(Detections(), example, strict=False)
     _, in_spec = treespec.flatten((example, {}))
     _, out_spec = treespec.flatten(ep.module()(*example))
-    return program_outputs(json.loads(from_exported(ep, in_spec, out_spec)[0]))
+    return json.loads(from_exported(ep, in_spec, out_spec)[0])
 
 
 def test_outputs_of_one_data_dependent_size_must_agree_and_stay_in_its_bound():
     # a12's finding 7: each data-dependent size was free on its own, the decoding bound 1 GiB
-    from rrto_ros.reply_check import check_outputs, decode_bound
-    leaves = _detections_leaves()      # export proves the count <= 16, the scores' numel
+    from rrto_ros.reply_check import check_outputs, decode_bound, program_outputs
+    doc = _detections_doc()
+    leaves = program_outputs(doc)      # export proves the count <= 16, the scores' numel
     ok = [Frame('float32', (7, 4)), Frame('float32', (7,))]
     assert decode_bound(ok, leaves, 1 << 30) == 16 * 4 * 4 + 16 * 4
     check_outputs([torch.zeros(7, 4), torch.zeros(7)], leaves)
@@ -202,6 +202,14 @@ def test_outputs_of_one_data_dependent_size_must_agree_and_stay_in_its_bound():
         assert err.value.code == ErrorCode.BAD_REPLY
         with pytest.raises(ProtocolError):
             check_outputs([torch.zeros(s) for s in bad], leaves)
+    # no bound known: the general bound applies, the sizes must still agree
+    for node in doc['nodes']:
+        if node['out'] and 'max' in node['out']:
+            node['out']['max'] = [None] * len(node['out']['max'])
+    leaves = program_outputs(doc)
+    assert decode_bound([Frame('float32', (99, 4)), Frame('float32', (99,))], leaves, 7) == 7
+    with pytest.raises(ProtocolError):
+        decode_bound([Frame('float32', (99, 4)), Frame('float32', (98,))], leaves, 7)
 
 
 def _rewrite_detections(header: dict, mode: str) -> list:
