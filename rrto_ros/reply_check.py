@@ -12,12 +12,21 @@ frame is decoded and returns the bytes the expected tensors need, which bounds
 decompression; :func:`check_outputs` checks decoded tensors (a split, hybrid
 or naive call's final outputs).  Either raises :class:`ProtocolError`
 ``bad_reply``: the call falls back to the local model, never OFFLOADED.
+
+A dynamic program's output may have sizes that depend on the data
+(:class:`Free`): the program writer names each such size by its symbolic
+expression from export (``u0``, ``4*u0``) and the upper bound export proved
+for it (``u0 <= 16``, the numel of a ``nonzero``'s input).  Every size of one
+expression must be equal in a reply (boxes ``[n, 4]`` and scores ``[n]``), at
+most its bound, and the decoding bound is the expected tensors at those
+bounds; only a size export left unbounded falls back to the caller's general
+bound.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from cachetools import LRUCache
@@ -26,8 +35,16 @@ from rrto_wire import dtypes, treespec
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.tensors import signature_key
 
+
+class Free(NamedTuple):
+    """A size that depends on the data: equal ``symbol``, equal size; at most ``most``."""
+
+    symbol: str | None      # None: a size no other size is known to equal
+    most: int | None        # None: no bound known before the call
+
+
 # one output: (dtype or None, shape with None for a dimension not known, or None: any rank)
-Leaf = tuple[str | None, tuple[int | None, ...] | None]
+Leaf = tuple[str | None, tuple[int | Free | None, ...] | None]
 
 _CACHE: LRUCache = LRUCache(maxsize=256)
 
@@ -62,8 +79,12 @@ def program_outputs(doc: dict) -> tuple[Leaf, ...]:
     for node in doc['nodes']:
         out = node.get('out')
         if out is not None:   # "dims": sizes that depend on the data (rrto_wire.ops_dynamic)
-            specs[node['name']] = (out['dtype'], tuple(
-                None if i in out.get('dims', ()) else s for i, s in enumerate(out['shape'])))
+            shape: list[int | Free | None] = list(out['shape'])
+            dims = out.get('dims', ())
+            for i, sym, most in zip(dims, out.get('sym', [None] * len(dims)),
+                                    out.get('max', [None] * len(dims))):
+                shape[i] = Free(sym, most)
+            specs[node['name']] = (out['dtype'], tuple(shape))
     unknown = (None, None)
     return tuple(specs.get(o['n'], unknown) if isinstance(o, dict) and 'n' in o else unknown
                  for o in doc['outputs'])
@@ -103,14 +124,16 @@ def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
     Raise ``bad_reply`` unless the descriptors match; return the decoding bound in bytes.
 
     ``default`` when nothing is expected (``leaves`` None) or an output's size
-    is not known before the call (an ONNX output whose dimension depends on
-    values).
+    has no bound before the call (an ONNX output whose dimension depends on
+    values, a program's size export left unbounded); a program's
+    data-dependent size counts at the bound export proved for it.
     """
     if leaves is None:
         return default
     _check([(d.dtype, tuple(d.shape)) for d in descriptors], leaves)
-    if all(_known(leaf) for leaf in leaves):
-        return sum(math.prod(shape) * dtypes.itemsize(dtype) for dtype, shape in leaves)
+    if all(_bounded(leaf) for leaf in leaves):
+        return sum(math.prod(d.most if isinstance(d, Free) else d for d in shape)
+                   * dtypes.itemsize(dtype) for dtype, shape in leaves)
     return default
 
 
@@ -121,22 +144,48 @@ def check_outputs(outputs: Sequence[Any], leaves: Sequence[Leaf]) -> None:
     _check([(dtypes.dtype_name(t.dtype), tuple(t.shape)) for t in outputs], leaves)
 
 
-def _known(leaf: Leaf) -> bool:
+def _bounded(leaf: Leaf) -> bool:
     dtype, shape = leaf
-    return dtype is not None and shape is not None and None not in shape
+    return dtype is not None and shape is not None and all(
+        d.most is not None if isinstance(d, Free) else d is not None for d in shape)
 
 
 def _check(got: list[tuple[str, tuple[int, ...]]], leaves: Sequence[Leaf]) -> None:
     if len(got) != len(leaves):
         raise _bad(f'reply holds {len(got)} outputs, the model has {len(leaves)}')
+    sizes: dict[str, tuple[int, int]] = {}      # symbol -> (its size, the output giving it)
     for index, ((dtype, shape), (want_dtype, want_shape)) in enumerate(zip(got, leaves)):
         if want_dtype is not None and dtype != want_dtype:
             raise _bad(f'output {index} is {dtype}, the model gives {want_dtype}')
-        if want_shape is not None and (
-                len(shape) != len(want_shape)
-                or any(w is not None and s != w for s, w in zip(shape, want_shape))):
+        if want_shape is None:
+            continue
+        if len(shape) != len(want_shape) or any(
+                not isinstance(w, Free) and w is not None and s != w
+                for s, w in zip(shape, want_shape)):
             raise _bad(f'output {index} has shape {list(shape)}, the model gives '
-                       f'{[w if w is not None else "?" for w in want_shape]}')
+                       f'{[_show(w) for w in want_shape]}')
+        for size, want in zip(shape, want_shape):
+            if isinstance(want, Free):
+                _check_free(index, size, want, sizes)
+
+
+def _check_free(index: int, size: int, want: Free, sizes: dict[str, tuple[int, int]]) -> None:
+    """Raise ``bad_reply`` if a data-dependent size is over its bound or unlike its equals."""
+    if want.most is not None and size > want.most:
+        raise _bad(f'output {index} has a size {size} ({want.symbol}), '
+                   f'the model gives at most {want.most}')
+    if want.symbol is None:
+        return
+    first = sizes.setdefault(want.symbol, (size, index))
+    if first[0] != size:
+        raise _bad(f'output {index} has a size {size} ({want.symbol}) '
+                   f'where output {first[1]} has {first[0]}: one size in the model')
+
+
+def _show(want: int | Free | None) -> int | str:
+    if isinstance(want, Free):
+        return want.symbol or '?'
+    return want if want is not None else '?'
 
 
 def _bad(message: str) -> ProtocolError:

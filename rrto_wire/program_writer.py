@@ -26,12 +26,24 @@ from rrto_wire.weights import pack_weights, shard_weights
 def _out_meta(node: fx.Node) -> dict | None:
     val = node.meta.get('val')
     if isinstance(val, torch.Tensor):
-        # a size that depends on the data is written as 0, its dimension listed in "dims"
+        # a size that depends on the data is written as 0, its dimension listed in "dims",
+        # with its size expression in "sym" (equal expressions: equal sizes) and the upper
+        # bound export proved for it in "max" (null: none), for the robot's reply check
         dims = [i for i, s in enumerate(val.shape) if free_unbacked_symbols(s)]
         meta = {'dtype': dtype_name(val.dtype),
                 'shape': [0 if i in dims else int(s) for i, s in enumerate(val.shape)]}
-        return dict(meta, dims=dims) if dims else meta
+        if not dims:
+            return meta
+        sizes = [val.shape[i].node for i in dims]
+        return dict(meta, dims=dims, sym=[str(s.expr) for s in sizes],
+                    max=[_upper_bound(s) for s in sizes])
     return None
+
+
+def _upper_bound(size: Any) -> int | None:
+    """Return the largest value export proved a symbolic size can take (None: unbounded)."""
+    upper = size.shape_env.bound_sympy(size.expr).upper
+    return int(upper) if upper.is_Integer else None
 
 
 def is_dynamic(graph: fx.Graph) -> bool:

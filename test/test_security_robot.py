@@ -21,6 +21,8 @@ from rrto_wire.messages import Frame
 
 
 def _rewrite(header: dict, frames: list, mode: str) -> list:
+    if mode in ('fewer', 'over'):
+        return _rewrite_detections(header, mode)
     if mode == 'shape':         # one float32[1] instead of float32[1, 4]
         header['tensors'] = [{'dtype': 'float32', 'shape': [1], 'codec': 'raw'}]
         return [torch.tensor([42.0]).numpy().tobytes()]
@@ -166,3 +168,76 @@ def test_an_onnx_batch_dimension_must_be_the_requests():
     with pytest.raises(ProtocolError):      # the batch of another request
         decode_bound([Frame('float32', (8, 4)), Frame('int64', (2, 5))], leaves, 99)
     assert decode_bound([Frame('float32', (3, 4)), Frame('int64', (2, 5))], leaves, 99) == 99
+
+
+class Detections(torch.nn.Module):
+    """Boxes and scores over a threshold: two outputs of one data-dependent count."""
+
+    def forward(self, scores: torch.Tensor, boxes: torch.Tensor):
+        keep = torch.nonzero(scores > 0.5).squeeze(1)
+        return boxes[keep] * 2, scores[keep] + 1
+
+
+def _detections_doc() -> dict:
+    from rrto_wire import treespec
+    from rrto_wire.program_writer import from_exported
+    example = (torch.rand(16), torch.rand(16, 4))
+    ep = torch.export.export(Detections(), example, strict=False)
+    _, in_spec = treespec.flatten((example, {}))
+    _, out_spec = treespec.flatten(ep.module()(*example))
+    return json.loads(from_exported(ep, in_spec, out_spec)[0])
+
+
+def test_outputs_of_one_data_dependent_size_must_agree_and_stay_in_its_bound():
+    # a12's finding 7: each data-dependent size was free on its own, the decoding bound 1 GiB
+    from rrto_ros.reply_check import check_outputs, decode_bound, program_outputs
+    doc = _detections_doc()
+    leaves = program_outputs(doc)      # export proves the count <= 16, the scores' numel
+    ok = [Frame('float32', (7, 4)), Frame('float32', (7,))]
+    assert decode_bound(ok, leaves, 1 << 30) == 16 * 4 * 4 + 16 * 4
+    check_outputs([torch.zeros(7, 4), torch.zeros(7)], leaves)
+    for bad in ([(7, 4), (3,)], [(17, 4), (17,)], [(0, 4), (1,)]):
+        with pytest.raises(ProtocolError) as err:
+            decode_bound([Frame('float32', s) for s in bad], leaves, 1 << 30)
+        assert err.value.code == ErrorCode.BAD_REPLY
+        with pytest.raises(ProtocolError):
+            check_outputs([torch.zeros(s) for s in bad], leaves)
+    # no bound known: the general bound applies, the sizes must still agree
+    for node in doc['nodes']:
+        if node['out'] and 'max' in node['out']:
+            node['out']['max'] = [None] * len(node['out']['max'])
+    leaves = program_outputs(doc)
+    assert decode_bound([Frame('float32', (99, 4)), Frame('float32', (99,))], leaves, 7) == 7
+    with pytest.raises(ProtocolError):
+        decode_bound([Frame('float32', (99, 4)), Frame('float32', (98,))], leaves, 7)
+
+
+def _rewrite_detections(header: dict, mode: str) -> list:
+    rows = header['tensors'][0]['shape'][0]
+    if mode == 'fewer':         # one score fewer than boxes
+        shapes = [(rows, 4), (rows - 1,)]
+    else:                       # 17 consistent rows where export proves at most 16
+        shapes = [(17, 4), (17,)]
+    header['tensors'] = [{'dtype': 'float32', 'shape': list(s), 'codec': 'raw'} for s in shapes]
+    return [torch.zeros(s).numpy().tobytes() for s in shapes]
+
+
+@pytest.mark.parametrize('mode', ['fewer', 'over'])
+def test_a_dynamic_reply_unlike_its_sizes_falls_back_to_local(mode, proxy, offloaded):
+    torch.manual_seed(0)
+    net = Detections().eval()
+    scores, boxes = torch.rand(16), torch.rand(16, 4)
+    want = net(scores, boxes)
+    assert 0 < len(want[0]) < 16
+    om = offloaded(net, proxy.endpoint, timeout_ms=30000)
+    assert om.warmup(scores, boxes, timeout_s=120)
+    out = om(scores, boxes)
+    assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
+    assert all(torch.equal(o, w) for o, w in zip(out, want))
+    proxy.mode = mode
+    out = om(scores, boxes)
+    assert om.last.result == OffloadResult.LOCAL_FALLBACK, om.last
+    assert ErrorCode.BAD_REPLY.value in om.last.reason, om.last.reason
+    # refused by the size check, before any frame is decoded
+    assert ('one size in the model' if mode == 'fewer' else 'at most 16') in om.last.reason
+    assert all(torch.equal(o, w) for o, w in zip(out, want))
