@@ -2,20 +2,45 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
 import msgspec
 import torch
 import zmq
+import zmq.auth
 
 from rrto_wire import messages, replies, treespec
+from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ProtocolError
 from rrto_server.process import ServerProcess, child_env, free_port  # noqa: F401
 from rrto_wire.hello import hello  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def client_certificates(tmp_path: Path, grants: dict) -> tuple[Path, dict]:
+    """
+    Make a server key folder with one client certificate per grant.
+
+    Returns the folder (``server.key`` and ``clients/<name>.key`` + ``<name>.json``
+    holding the grant) and each client's ``ClientKeys`` by name.
+    """
+    keys = tmp_path / 'keys'
+    (keys / 'clients').mkdir(parents=True)
+    zmq.auth.create_certificates(keys, 'server')
+    client_keys = {}
+    for name, grant in grants.items():
+        (tmp_path / name).mkdir()
+        zmq.auth.create_certificates(tmp_path / name, name)
+        shutil.copy(tmp_path / name / f'{name}.key', keys / 'clients' / f'{name}.key')
+        (keys / 'clients' / f'{name}.json').write_text(json.dumps(grant))
+        client_keys[name] = ClientKeys.load(keys / 'server.key',
+                                            tmp_path / name / f'{name}.key_secret')
+    return keys, client_keys
 
 
 def raw_socket(ctx: zmq.Context, endpoint: str, kind: int = zmq.DEALER) -> zmq.Socket:

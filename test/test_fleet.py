@@ -16,7 +16,7 @@ from rrto_fleet.front import Front
 from rrto_fleet.replica import Replica
 from rrto_ros import OffloadResult
 from rrto_server.server import ServerConfig
-from rrto_testing import REPO, assert_same_as_local, child_env, raw_socket
+from rrto_testing import REPO, assert_same_as_local, child_env, client_certificates, raw_socket
 from rrto_wire import fleet as fleet_wire
 
 TIMEOUT_MS = 2000
@@ -331,20 +331,11 @@ def test_offload_node_with_a_directory_offloads_through_the_fleet(local_fleet, d
 
 
 def test_keys_carry_over_to_the_directory_and_every_replica(tmp_path, offloaded):
-    import shutil
-    import zmq.auth
-    from rrto_wire.curve import ClientKeys
-    keys = tmp_path / 'keys'
-    (keys / 'clients').mkdir(parents=True)
-    zmq.auth.create_certificates(keys, 'server')
-    for name, role in (('robot', 'upload'), ('fleet', 'infer')):
-        (tmp_path / name).mkdir()
-        zmq.auth.create_certificates(tmp_path / name, name)
-        shutil.copy(tmp_path / name / f'{name}.key', keys / 'clients' / f'{name}.key')
-        (keys / 'clients' / f'{name}.json').write_text(json.dumps({'role': role}))
+    keys, client_keys = client_certificates(tmp_path, {'robot': {'role': 'upload'},
+                                                       'fleet': {'role': 'infer'}})
     config = ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 'store'), device='cpu',
                           keys=str(keys))
-    fleet_keys = ClientKeys.load(keys / 'server.key', tmp_path / 'fleet' / 'fleet.key_secret')
+    fleet_keys = client_keys['fleet']
     replicas = [Replica(config, keys=fleet_keys) for _ in range(2)]
     directory = Directory({f'r{i}': r for i, r in enumerate(replicas)})
     directory.poll()

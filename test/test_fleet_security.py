@@ -9,7 +9,6 @@ the replicas until another robot's replay was evicted.
 
 import hashlib
 import json
-import shutil
 import threading
 import time
 
@@ -24,6 +23,7 @@ from rrto_fleet.front import Front
 from rrto_fleet.replica import Replica
 from rrto_ros.client import RrtoClient
 from rrto_server.server import ServerConfig
+from rrto_testing import client_certificates
 from rrto_wire import fleet
 from rrto_wire.curve import ClientKeys
 
@@ -122,21 +122,6 @@ def test_an_expired_spec_is_not_recorded_on_a_new_replica():
 
 # ----------------------------------------------------------------------------- through the front
 
-def _keys(tmp_path, grants: dict) -> tuple:
-    keys = tmp_path / 'keys'
-    (keys / 'clients').mkdir(parents=True)
-    zmq.auth.create_certificates(keys, 'server')
-    client_keys = {}
-    for name, grant in grants.items():
-        (tmp_path / name).mkdir()
-        zmq.auth.create_certificates(tmp_path / name, name)
-        shutil.copy(tmp_path / name / f'{name}.key', keys / 'clients' / f'{name}.key')
-        (keys / 'clients' / f'{name}.json').write_text(json.dumps(grant))
-        client_keys[name] = ClientKeys.load(keys / 'server.key',
-                                            tmp_path / name / f'{name}.key_secret')
-    return keys, client_keys
-
-
 def _send(ctx, endpoint: str, key: ClientKeys, request_id: int, **fields) -> zmq.Socket:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -160,8 +145,10 @@ def test_a_key_cannot_evict_another_robots_replay_through_the_directory(tmp_path
                                                                         grant, codes):
     # x03 in small: mallory (role infer) warms the victim's model 20 times with new options
     # and 64 replicas; the replicas record as the fleet key, whose quota is 16 replays
-    keys, ck = _keys(tmp_path, {'robot': {'role': 'upload'}, 'fleet': {'role': 'infer'},
-                                'mallory': {'role': 'infer', **grant}})
+    keys, ck = client_certificates(tmp_path, {
+        'robot': {'role': 'upload'},
+        'fleet': {'role': 'infer'},
+        'mallory': {'role': 'infer', **grant}})
     config = ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 'store'),
                           device='cpu', keys=str(keys))
     replica = Replica(config, keys=ck['fleet'])
@@ -196,8 +183,9 @@ def test_a_key_cannot_evict_another_robots_replay_through_the_directory(tmp_path
 
 
 def test_the_front_bounds_each_keys_warms_in_flight(tmp_path, zmq_ctx):
-    keys, ck = _keys(tmp_path, {'robot': {'role': 'infer'},
-                                'mallory': {'role': 'infer', 'max_in_flight': 2}})
+    keys, ck = client_certificates(tmp_path, {
+        'robot': {'role': 'infer'},
+        'mallory': {'role': 'infer', 'max_in_flight': 2}})
     port = FakePort('a')
     port.gate = threading.Event()
     directory = Directory({'a': port})

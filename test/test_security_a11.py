@@ -10,7 +10,6 @@ kept the earliest deadline of its band for the whole profile.
 
 import hashlib
 import json
-import shutil
 import threading
 import time
 
@@ -22,26 +21,11 @@ import zmq.auth
 import exploits
 from rrto_server.lanes import RUN, Job
 from rrto_server.scheduler import Scheduler
-from rrto_testing import infer_frames, prepare, raw_socket, receive, reply_header, upload, \
-    wait_running
+from rrto_testing import client_certificates, infer_frames, prepare, raw_socket, receive, \
+    reply_header, upload, wait_running
 from rrto_wire import protocol as wire
 from rrto_wire.curve import ClientKeys
 from rrto_wire.errors import ErrorCode
-
-
-def _keys(tmp_path, grants: dict) -> tuple:
-    keys = tmp_path / 'keys'
-    (keys / 'clients').mkdir(parents=True)
-    zmq.auth.create_certificates(keys, 'server')
-    client_keys = {}
-    for name, grant in grants.items():
-        (tmp_path / name).mkdir()
-        zmq.auth.create_certificates(tmp_path / name, name)
-        shutil.copy(tmp_path / name / f'{name}.key', keys / 'clients' / f'{name}.key')
-        (keys / 'clients' / f'{name}.json').write_text(json.dumps(grant))
-        client_keys[name] = ClientKeys.load(keys / 'server.key',
-                                            tmp_path / name / f'{name}.key_secret')
-    return keys, client_keys
 
 
 def _keyed_socket(ctx, endpoint, keys: ClientKeys) -> zmq.Socket:
@@ -93,8 +77,9 @@ def _answer(sock, kind='record', timeout_ms=120000) -> dict:
 @pytest.fixture
 def keyed(tmp_path, make_server):
     """A keyed server: mallory (upload, capped at priority 0) and a victim robot (upload)."""
-    keys, ck = _keys(tmp_path, {'victim': {'role': 'upload', 'max_priority': 10},
-                                'mallory': {'role': 'upload', 'max_priority': 0}})
+    keys, ck = client_certificates(tmp_path, {
+        'victim': {'role': 'upload', 'max_priority': 10},
+        'mallory': {'role': 'upload', 'max_priority': 0}})
     return make_server(keys=str(keys), sched_trace=4096), ck
 
 
@@ -350,7 +335,9 @@ def test_the_front_serves_each_keys_warms_in_turn(tmp_path, zmq_ctx):
     from rrto_fleet.directory import Directory
     from rrto_fleet.front import Front
     from rrto_wire import fleet
-    keys, ck = _keys(tmp_path, {'robot': {'role': 'infer'}, 'mallory': {'role': 'infer'}})
+    keys, ck = client_certificates(tmp_path, {
+        'robot': {'role': 'infer'},
+        'mallory': {'role': 'infer'}})
     port = _SlowPort(0.3)
     directory = Directory({'a': port})
     directory.poll()
@@ -390,7 +377,9 @@ def test_a_replica_records_its_fleets_warms_without_one_shared_record_budget(tmp
     from rrto_fleet.replica import Replica
     from rrto_server.options import ServerConfig
     from rrto_server.profiling import DeviceBudget
-    keys, ck = _keys(tmp_path, {'robot': {'role': 'upload'}, 'fleet': {'role': 'infer'}})
+    keys, ck = client_certificates(tmp_path, {
+        'robot': {'role': 'upload'},
+        'fleet': {'role': 'infer'}})
     config = ServerConfig(bind='tcp://127.0.0.1:0', store=str(tmp_path / 'store'),
                           device='cpu', keys=str(keys))
     replica = Replica(config, keys=ck['fleet'])
