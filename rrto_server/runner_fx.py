@@ -20,7 +20,7 @@ from rrto_server.replay_key import PRECISIONS
 from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.ops_dynamic import cost, varies
+from rrto_wire.ops_dynamic import cost, costs_nothing, varies
 from rrto_wire.tensors import Signature, tensor_from_buffer
 
 
@@ -268,9 +268,13 @@ class _SizeChecked:
                     node.op == 'call_function' and (varies(node.target) or any(
                         n.name in self.varying for n in node.all_input_nodes))):
                 self.varying.add(node.name)
+        self.free = {node.name for node in module.graph.nodes       # sizes, views: no check
+                     if node.op == 'call_function' and costs_nothing(node.target)}
 
     def cost(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple[int, int]:
         """Return (bytes, work) of ``node`` at these argument sizes."""
+        if node.name in self.free:
+            return 0, 0
         if node.name not in self.varying:
             key, costs = node.name, self.costs
         else:

@@ -227,6 +227,9 @@ _SIZE_FNS = frozenset(SIZE_OPS.values())
 # values, so sized at numel rows; index_put returns the tensor it writes into (or a copy)
 _ROW_PER_ELEMENT = frozenset((torch.ops.aten.nonzero.default, torch.ops.aten.where.default))
 _SAME_SIZE = frozenset((_index_put_clamped, _index_put_clamped_))
+# one tensor in, one of its shape out (a dtype argument may widen it to 8 bytes an element)
+_SAME_SHAPE = frozenset(getattr(torch.ops.aten, name) for name in (
+    'cumsum', 'cumprod', 'clone', '_softmax', 'softmax', '_log_softmax', 'log_softmax'))
 
 
 def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -> None:
@@ -282,7 +285,7 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     integers only (:func:`check_sizes`) and costs nothing.  UNSAFE_PROGRAM if
     the size cannot be computed.
     """
-    if is_size_op(fn) or getattr(fn, '_schema', None) is None:
+    if costs_nothing(fn):
         return 0, 0
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor)]
@@ -297,6 +300,8 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     if fn in _SAME_SIZE:          # index_put: a copy of its input, or in place
         written = tensors[0].numel() * tensors[0].element_size()
         return masks + (written if fn is _index_put_clamped else 0), written + masks
+    if getattr(fn, 'overloadpacket', None) in _SAME_SHAPE:   # its input's shape (no meta: ms)
+        return tensors[0].numel() * 8, tensors[0].numel()    # at most int64/double
     if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
         numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
         itemsize = max([4] + [t.element_size() for t in tensors])  # type promotion's widest
@@ -317,6 +322,14 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     numel = sum(t.numel() for t in leaves)
     nbytes = 0 if _returns_view(fn) else sum(t.numel() * t.element_size() for t in leaves)
     return masks + nbytes, counted.flops + numel
+
+
+def costs_nothing(fn: Callable) -> bool:
+    """Return True for an operator on sizes, a Python operator (on sizes) or a view."""
+    if is_size_op(fn) or getattr(fn, '_schema', None) is None:
+        return True
+    return _returns_view(fn) and not any(arg.alias_info is not None and arg.alias_info.is_write
+                                         for arg in fn._schema.arguments)
 
 
 def _returns_view(fn: Callable) -> bool:
