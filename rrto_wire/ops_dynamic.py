@@ -11,11 +11,13 @@ under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
 * **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``,
   ``where(condition)`` and ``torchvision::nms`` (where the server has
   torchvision) return at most one row per element of their input, whatever
-  the values; ``index`` may take boolean masks (its integer indices clamped
+  the values (sized at that many: the numel of an ``expand()``ed view is
+  not memory); ``index`` may take boolean masks (its integer indices clamped
   into range, as in every program);
 * **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
   ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
-  ``sym_max``), and the assertions export writes about them;
+  ``sym_max``: never on a tensor), and the assertions export writes about
+  them;
 * **indexed writes** (``index_put``) with their indices clamped into range;
   the result has the size of the tensor written into;
 * ``torchvision::roi_align`` (where the server has torchvision) with a fixed
@@ -27,11 +29,11 @@ computed from tensor sizes by the size operators.  No operator turns tensor
 values into an integer (``item``, ``_local_scalar_dense``,
 ``repeat_interleave`` with tensor repeats, ``masked_select`` are not
 allowed), so every size in the program is a function of the sizes of its
-inputs and of the data-dependent operators' outputs.  How large a size may
-grow at run time is checked node by node before it is allocated, for every
-node downstream of a data-dependent operator (:func:`varies`):
-:func:`check_output`, used by the server's runner.  The bound is per
-operator, not per execution.
+inputs and of the data-dependent operators' outputs.  What each operator
+will allocate and compute at run time is known before it runs
+(:func:`cost`, every operator, no exemptions); the server's runner
+(:class:`rrto_server.runner_fx.DynamicRunner`) holds each execution to the
+sandbox's budgets with it: the bytes alive at once, the work of the call.
 """
 
 from __future__ import annotations
@@ -250,7 +252,7 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
         if node.fn is _GETITEM:
             continue
         if getattr(node.fn, '_schema', None) is None:
-            if node.refs - integers:     # on a tensor it would escape check_output's sizing
+            if node.refs - integers:     # on a tensor it would escape cost()'s sizing
                 raise ProtocolError(
                     ErrorCode.UNSAFE_PROGRAM,
                     f'invalid program: node {node.name[:80]!r} applies a Python operator to '
