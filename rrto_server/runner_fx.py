@@ -262,6 +262,7 @@ class _SizeChecked:
         self.device = device
         self.costs: dict = {}             # a fixed-size node's cost
         self.varying_costs = cachetools.LRUCache(self.CHECKED_SIZES)
+        self.lock = threading.Lock()
         self.varying: set[str] = set()       # nodes whose sizes may follow the data
         for node in module.graph.nodes:
             if (node.op == 'placeholder' and inputs_vary) or (
@@ -281,9 +282,12 @@ class _SizeChecked:
             key, costs = (node.name,) + tuple(
                 tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else leaf
                 for leaf in torch.utils._pytree.tree_leaves((args, kwargs))), self.varying_costs
-        found = costs.get(key)
+        with self.lock:          # lanes share it; an LRU reorders on reads
+            found = costs.get(key)
         if found is None:
-            found = costs[key] = cost(node.target, args, kwargs, self.device)
+            found = cost(node.target, args, kwargs, self.device)
+            with self.lock:
+                costs[key] = found
         return found
 
 
