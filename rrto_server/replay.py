@@ -44,8 +44,8 @@ from rrto_server.models import LoadedModel
 from rrto_server.replay_key import replay_key
 from rrto_server.runner import Execution, Runner
 from rrto_server.runner_cudagraph import WARMUP_ITERS, CudaGraphRunner
-from rrto_server.runner_fx import DynamicRunner, FrozenRunner, FxRunner
-from rrto_server.sandbox import DEFAULT_MAX_BYTES
+from rrto_server.runner_fx import WORK_PER_S, DynamicRunner, FrozenRunner, FxRunner
+from rrto_server.sandbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_S
 from rrto_server.runner_onnx import OnnxRunner, onnx_providers
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -171,7 +171,11 @@ class Replay:
         args = (modules, live, program.input_names, program.output_names, device, opts.precision,
                 out_dtypes)
         if program.dynamic:
-            return DynamicRunner(*args, max_bytes=DEFAULT_MAX_BYTES)
+            verdict = self.model.verdict       # the sandbox's limits per call, as configured
+            max_bytes, max_s = ((verdict.max_bytes, verdict.max_s) if verdict is not None
+                                else (DEFAULT_MAX_BYTES, DEFAULT_MAX_S))
+            return DynamicRunner(*args, max_bytes=max_bytes,
+                                 max_work=int(max_s * WORK_PER_S[device.type]))
         if opts.mode == 'eager':
             return FxRunner(*args)
         if device.type == 'cuda':

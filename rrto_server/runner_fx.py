@@ -12,13 +12,15 @@ import contextlib
 import threading
 from typing import Sequence
 
+import cachetools
 import torch
 import torch.fx as fx
 
 from rrto_server.replay_key import PRECISIONS
 from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
-from rrto_wire.ops_dynamic import check_output, varies
+from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.ops_dynamic import cost, costs_nothing, varies
 from rrto_wire.tensors import Signature, tensor_from_buffer
 
 
@@ -133,80 +135,182 @@ class FxRunner:
         ex.saved = None
 
 
+# work (rrto_wire.ops_dynamic.cost: FLOPs + output elements) a device does per second at most
+# (generous: a call refused at --program-max-s x this takes longer than that anywhere)
+WORK_PER_S = {'cpu': 1e11, 'cuda': 1e14}
+_SPENT = ' spent'       # ex.env key of the work done so far (never a value's name)
+
+
 class DynamicRunner(FxRunner):
     """
     A program whose sizes depend on the data, run op by op and never recorded.
 
     A CUDA graph replays fixed shapes, so a dynamic program
     (:mod:`rrto_wire.ops_dynamic`) runs eagerly on every device and every
-    mode: each operator's output size is checked on meta tensors before it is
-    allocated, against ``max_bytes`` (the sandbox's memory budget per call),
-    since its sizes at run time may exceed those of the sandbox's trial.
+    mode.  Every operator is sized on meta tensors before it runs
+    (:func:`~rrto_wire.ops_dynamic.cost`), since its sizes at run time may
+    exceed those of the sandbox's trial, and refused (``unsafe_program``) if
+    the bytes the execution then holds would exceed ``max_bytes`` (the
+    sandbox's ``--program-max-mb``: the values alive at that point, freed as
+    fx frees them, plus its output) or the work of the execution so far
+    would exceed ``max_work`` (from ``--program-max-s``).
     """
 
     backend = 'eager-dynamic'
     can_express = False
 
-    def __init__(self, *args, max_bytes: int):
+    def __init__(self, *args, max_bytes: int, max_work: int):
         super().__init__(*args)
+        self.max_bytes = max_bytes
+        self.max_work = max_work
+        # the request's inputs: sized by the signature, not by the call (like the weights)
+        self.inputs = frozenset(self.input_names) | {_SPENT}
         # a later segment's inputs are values of the earlier ones: their sizes may vary
-        self.modules = [_SizeChecked(module, max_bytes, inputs_vary=k > 0)
+        self.modules = [_SizeChecked(module, self.device, inputs_vary=k > 0)
                         for k, module in enumerate(self.modules)]
+
+    def run_segment(self, ex: Execution, k: int) -> None:
+        ins, outs = self.live[k]
+        if k == 0 and self.device.type == 'cuda':
+            stream = torch.cuda.current_stream(self.device)
+            for name in self.input_names:           # staged on a CPU worker's copy stream
+                ex.env[name].record_stream(stream)
+        budget = _Budget(self.max_bytes, self.max_work, ex.env.get(_SPENT, 0))
+        budget.held = _nbytes(value for name, value in ex.env.items()   # kept for later
+                              if name not in ins and name not in self.inputs)
+        with torch.inference_mode(), self.precision_context():
+            results = _CheckedInterpreter(self.modules[k], budget, [
+                n in self.inputs for n in ins]).run(*[ex.env[n] for n in ins])
+        ex.env.update(zip(outs, results))
+        ex.env[_SPENT] = budget.work
+
+
+def _nbytes(values) -> int:
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for t in torch.utils._pytree.tree_leaves(list(values))
+                if isinstance(t, torch.Tensor)}
+    return sum(storages.values())
+
+
+class _Budget:
+    """What one execution holds (bytes of live storages) and has done (work), against caps."""
+
+    def __init__(self, max_bytes: int, max_work: int, work: int):
+        self.max_bytes = max_bytes
+        self.max_work = max_work
+        self.work = work
+        self.held = 0                   # bytes of values outside the interpreter
+        self.live: dict[int, list] = {}     # storage -> [bytes, values holding it]
+        self.of: dict[fx.Node, list[int]] = {}
+        self.fixed: set[int] = set()    # the weights' storages (not the call's)
+
+    def charge(self, node: fx.Node, nbytes: int, work: int) -> None:
+        """Refuse ``node`` if its bytes or work would exceed what the call may have."""
+        held = self.held + sum(entry[0] for entry in self.live.values())
+        if held + nbytes > self.max_bytes:
+            raise ProtocolError(
+                ErrorCode.UNSAFE_PROGRAM,
+                f'{str(node.target)[:80]} would allocate {nbytes} bytes at this input with '
+                f'{held} held: over the {self.max_bytes} one call may hold (--program-max-mb)')
+        if self.work + work > self.max_work:
+            raise ProtocolError(
+                ErrorCode.UNSAFE_PROGRAM,
+                f'{str(node.target)[:80]} would bring the work of this call at this input to '
+                f'{self.work + work:.3g} (FLOPs + elements): over the {self.max_work:.3g} one '
+                'call may do (--program-max-s)')
+        self.work += work
+
+    def hold(self, node: fx.Node, value, fixed: bool = False) -> None:
+        """Count the storages ``node``'s value holds (new ones at their size)."""
+        keys = []
+        for t in torch.utils._pytree.tree_leaves(value):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if fixed:
+                self.fixed.add(key)
+            elif key not in self.fixed and key not in keys:
+                keys.append(key)
+                self.live.setdefault(key, [storage.nbytes(), 0])[1] += 1
+        self.of[node] = keys
+
+    def release(self, node: fx.Node) -> None:
+        """``node``'s value is freed: drop each storage no other live value holds."""
+        for key in self.of.pop(node, ()):
+            entry = self.live[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del self.live[key]
 
 
 class _SizeChecked:
     """
-    An fx module run node by node, each size that depends on the data checked first.
+    An fx module whose operators are sized before they run (:class:`DynamicRunner`).
 
-    A node downstream of a data-dependent operator (``nonzero``...) may have other
-    sizes than in the sandbox's trial; each such node's output size is
-    computed on meta tensors (:func:`check_output`) before it runs, once per
-    distinct set of argument sizes (remembered: meta shape functions cost
-    more than most operators).  The other nodes have the trial's sizes.
+    Each node's cost (bytes, work) is computed on meta tensors once per
+    distinct set of argument sizes, remembered (meta shape functions cost
+    more than most operators): for a node whose sizes cannot follow the data
+    (nothing upstream is data-dependent) the trial's, once; for the others
+    per argument size set, the last :attr:`CHECKED_SIZES` kept.
     """
 
     CHECKED_SIZES = 4096     # argument size sets remembered per module
 
-    def __init__(self, module: fx.GraphModule, max_bytes: int, inputs_vary: bool):
+    def __init__(self, module: fx.GraphModule, device: torch.device, inputs_vary: bool):
         self.module = module
-        self.max_bytes = max_bytes
-        self.checked: set = set()
+        self.device = device
+        self.costs: dict = {}             # a fixed-size node's cost
+        self.varying_costs = cachetools.LRUCache(self.CHECKED_SIZES)
+        self.lock = threading.Lock()
         self.varying: set[str] = set()       # nodes whose sizes may follow the data
         for node in module.graph.nodes:
             if (node.op == 'placeholder' and inputs_vary) or (
                     node.op == 'call_function' and (varies(node.target) or any(
                         n.name in self.varying for n in node.all_input_nodes))):
                 self.varying.add(node.name)
+        self.free = {node.name for node in module.graph.nodes       # sizes, views: no check
+                     if node.op == 'call_function' and costs_nothing(node.target)}
 
-    def __call__(self, *inputs: torch.Tensor):
-        return _CheckedInterpreter(self).run(*inputs)
-
-    def check(self, node: fx.Node, args: tuple, kwargs: dict) -> None:
-        """Refuse ``node`` if its output at these argument sizes exceeds ``max_bytes``."""
+    def cost(self, node: fx.Node, args: tuple, kwargs: dict) -> tuple[int, int]:
+        """Return (bytes, work) of ``node`` at these argument sizes."""
+        if node.name in self.free:
+            return 0, 0
         if node.name not in self.varying:
-            return
-        key = (node.name,) + tuple(
-            tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else leaf
-            for leaf in torch.utils._pytree.tree_leaves((args, kwargs)))
-        if key in self.checked:
-            return
-        check_output(node.target, args, kwargs, self.max_bytes)
-        if len(self.checked) >= self.CHECKED_SIZES:
-            self.checked.clear()
-        self.checked.add(key)
+            key, costs = node.name, self.costs
+        else:
+            key, costs = (node.name,) + tuple(
+                tuple(leaf.shape) if isinstance(leaf, torch.Tensor) else leaf
+                for leaf in torch.utils._pytree.tree_leaves((args, kwargs))), self.varying_costs
+        with self.lock:          # lanes share it; an LRU reorders on reads
+            found = costs.get(key)
+        if found is None:
+            found = cost(node.target, args, kwargs, self.device)
+            with self.lock:
+                costs[key] = found
+        return found
 
 
 class _CheckedInterpreter(fx.Interpreter):
-    def __init__(self, checked: _SizeChecked):
+    def __init__(self, checked: _SizeChecked, budget: _Budget, request_inputs: list[bool]):
         super().__init__(checked.module, garbage_collect_values=True)
         self.checked = checked
+        self.budget = budget
+        self.request_inputs = iter(request_inputs)     # per placeholder, in order
 
     def run_node(self, node: fx.Node):
-        if node.op != 'call_function':
-            return super().run_node(node)
-        args, kwargs = self.fetch_args_kwargs_from_env(node)
-        self.checked.check(node, args, kwargs)
-        return node.target(*args, **kwargs)
+        if node.op == 'call_function':
+            args, kwargs = self.fetch_args_kwargs_from_env(node)
+            self.budget.charge(node, *self.checked.cost(node, args, kwargs))
+            result = node.target(*args, **kwargs)
+        else:
+            result = super().run_node(node)
+        if node.op != 'output':     # weights and the request's inputs are not the call's
+            self.budget.hold(node, result, fixed=node.op == 'get_attr' or (
+                node.op == 'placeholder' and next(self.request_inputs)))
+        for gone in self.user_to_last_uses.get(node, ()):
+            self.budget.release(gone)
+        return result
 
 
 class FrozenRunner(FxRunner):

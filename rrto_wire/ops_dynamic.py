@@ -11,11 +11,13 @@ under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
 * **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``,
   ``where(condition)`` and ``torchvision::nms`` (where the server has
   torchvision) return at most one row per element of their input, whatever
-  the values; ``index`` may take boolean masks (its integer indices clamped
+  the values (sized at that many: the numel of an ``expand()``ed view is
+  not memory); ``index`` may take boolean masks (its integer indices clamped
   into range, as in every program);
 * **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
   ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
-  ``sym_max``), and the assertions export writes about them;
+  ``sym_max``: never on a tensor), and the assertions export writes about
+  them;
 * **indexed writes** (``index_put``) with their indices clamped into range;
   the result has the size of the tensor written into;
 * ``torchvision::roi_align`` (where the server has torchvision) with a fixed
@@ -27,11 +29,11 @@ computed from tensor sizes by the size operators.  No operator turns tensor
 values into an integer (``item``, ``_local_scalar_dense``,
 ``repeat_interleave`` with tensor repeats, ``masked_select`` are not
 allowed), so every size in the program is a function of the sizes of its
-inputs and of the data-dependent operators' outputs.  How large a size may
-grow at run time is checked node by node before it is allocated, for every
-node downstream of a data-dependent operator (:func:`varies`):
-:func:`check_output`, used by the server's runner.  The bound is per
-operator, not per execution.
+inputs and of the data-dependent operators' outputs.  What each operator
+will allocate and compute at run time is known before it runs
+(:func:`cost`, every operator, no exemptions); the server's runner
+(:class:`rrto_server.runner_fx.DynamicRunner`) holds each execution to the
+sandbox's budgets with it: the bytes alive at once, the work of the call.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ import math
 from typing import Any, Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from rrto_wire import ops
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -93,26 +97,49 @@ def _index_put_clamped_(tensor: torch.Tensor, indices: list, values: torch.Tenso
 
 
 MAX_SAMPLING_RATIO = 8     # RoIAlign samples per bin side (torchvision's detectors use 2)
+MAX_SPATIAL_SCALE = 1024.0   # feature cells per input pixel (torchvision's: 1/4 .. 1/64)
+_MAX_COORDINATE = 1e6
 
 
 def roi_align_checked(input: torch.Tensor, rois: torch.Tensor, spatial_scale: float,
                       pooled_height: int, pooled_width: int, sampling_ratio: int,
                       aligned: bool) -> torch.Tensor:
     """
-    ``torchvision::roi_align`` with a fixed sampling ratio and batch indices clamped.
+    ``torchvision::roi_align`` with a fixed sampling ratio and its rois in range.
 
     With ``sampling_ratio <= 0`` RoIAlign samples each bin as often as the
     box is large: boxes from the data would set the work of a call.  Each
-    RoI's batch index (column 0) addresses the input: clamped into the batch.
+    RoI's batch index (column 0) addresses the input: clamped into the batch,
+    coordinates made finite (:func:`rois_in_range`).
     """
     if not 0 < sampling_ratio <= MAX_SAMPLING_RATIO:
         raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
                             f'roi_align sampling_ratio {sampling_ratio}: a program must fix it '
                             f'between 1 and {MAX_SAMPLING_RATIO} (else the boxes set the work)')
-    if rois.numel() and input.shape[0]:
-        rois = torch.cat([rois[:, :1].clamp(0, input.shape[0] - 1), rois[:, 1:]], 1)
+    if not (isinstance(spatial_scale, (int, float)) and 0 < spatial_scale <= MAX_SPATIAL_SCALE):
+        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                            f'roi_align spatial_scale {str(spatial_scale)[:20]}: must be in '
+                            f'(0, {MAX_SPATIAL_SCALE}]')
     return torch.ops.torchvision.roi_align.default(
-        input, rois, spatial_scale, pooled_height, pooled_width, sampling_ratio, aligned)
+        input, rois_in_range(rois, input.shape[0], spatial_scale), spatial_scale, pooled_height,
+        pooled_width, sampling_ratio, aligned)
+
+
+def rois_in_range(rois: torch.Tensor, batch: int, spatial_scale: float) -> torch.Tensor:
+    """
+    Return ``rois`` [K, 5] with finite coordinates and batch indices inside ``batch``.
+
+    The kernels cast the batch index (column 0) and each sample's position to
+    ``int`` and read there: NaN (which ``clamp`` lets through) casts to
+    INT_MIN, an out-of-bounds read; an infinite coordinate makes ``inf - inf``
+    a NaN position.  Non-finite values become 0, coordinates are bounded so
+    that scaled by ``spatial_scale`` they stay finite in the rois' dtype.
+    """
+    if not rois.numel() or not batch:
+        return rois
+    bound = min(_MAX_COORDINATE, torch.finfo(rois.dtype).max / (4 * max(1.0, spatial_scale)))
+    rois = rois.nan_to_num(0.0, 0.0, 0.0)
+    return torch.cat([rois[:, :1].clamp(0, batch - 1), rois[:, 1:].clamp(-bound, bound)], 1)
 
 
 @functools.lru_cache(maxsize=None)
@@ -144,6 +171,7 @@ SIZE_OPS: dict[str, Callable] = {
         torch.ops.aten.sym_constrain_range_for_size.default,
     'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
 }
+_GETITEM = ops.resolve('operator.getitem')     # picks one value of a tuple (where, nms...)
 _ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
     'add', 'sub', 'mul', 'floordiv', 'mod', 'neg', 'eq', 'ne', 'lt', 'le', 'gt', 'ge'))
 _WRITES = {'aten.index_put.default': _index_put_clamped,
@@ -198,9 +226,12 @@ def is_size_op(fn: Callable) -> bool:
 _DATA_DEPENDENT_FNS = frozenset(DATA_DEPENDENT.values())
 _SIZE_FNS = frozenset(SIZE_OPS.values())
 # at most one row per input element (nonzero: [n, dim] int64 for n <= numel), whatever the
-# values; index_put returns the tensor it writes into (or a copy of it)
+# values, so sized at numel rows; index_put returns the tensor it writes into (or a copy)
 _ROW_PER_ELEMENT = frozenset((torch.ops.aten.nonzero.default, torch.ops.aten.where.default))
 _SAME_SIZE = frozenset((_index_put_clamped, _index_put_clamped_))
+# one tensor in, one of its shape out (a dtype argument may widen it to 8 bytes an element)
+_SAME_SHAPE = frozenset(getattr(torch.ops.aten, name) for name in (
+    'cumsum', 'cumprod', 'clone', '_softmax', 'softmax', '_log_softmax', 'log_softmax'))
 
 
 def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -> None:
@@ -218,11 +249,17 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
         if node.fn in (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default):
             integers.add(node.name)
             continue
-        if node.fn in _ARITHMETIC or node.fn in (torch.sym_min, torch.sym_max):
-            if node.refs <= integers:
-                integers.add(node.name)
+        if node.fn is _GETITEM:
             continue
         if getattr(node.fn, '_schema', None) is None:
+            if node.refs - integers:     # on a tensor it would escape cost()'s sizing
+                raise ProtocolError(
+                    ErrorCode.UNSAFE_PROGRAM,
+                    f'invalid program: node {node.name[:80]!r} applies a Python operator to '
+                    f'{sorted(node.refs - integers)[0][:80]!r}, which is not a size: in a '
+                    'program whose sizes depend on the data, tensors go through ATen operators')
+            if node.fn in _ARITHMETIC or node.fn in (torch.sym_min, torch.sym_max):
+                integers.add(node.name)
             continue
         for arg, value in ops.size_arguments(node.fn, node.args, node.kwargs):
             refs = set(refs_in(value))
@@ -234,47 +271,88 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
                     'from the sizes of tensors, never from their values')
 
 
-def check_output(fn: Callable, args: tuple, kwargs: dict, max_bytes: int) -> None:
+def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple[int, int]:
     """
-    Refuse to run ``fn`` if its outputs would hold more than ``max_bytes``.
+    Return (bytes, work) of calling ``fn`` on arguments of these sizes, before it runs.
 
-    The output shapes come from running ``fn`` on meta tensors of the same
-    shapes (nothing is allocated), for pointwise operators from the
-    broadcast of their inputs' shapes; a boolean mask of ``index`` counts as
-    all set.  Not checked: ``nonzero``, ``where`` and NMS (one row per
-    input element at most), ``index_put`` (the size of its input), and
-    operators on sizes.
+    Every operator is sized, whatever its values: the bytes it allocates
+    (its outputs and the workspace it needs beyond them; a view allocates
+    nothing) and its work (multiply-adds of matrix products and
+    convolutions from torch's flop formulas, plus one per output element).
+    Output shapes come from meta tensors (nothing is allocated), pointwise
+    operators' from the broadcast of their inputs; a boolean mask counts as
+    all set and a data-dependent operator at its most rows: ``nonzero`` and
+    ``where(cond)`` ``numel x dim`` int64 (an ``expand()``ed view has numel
+    without memory), NMS its pairwise mask on CUDA.  A Python operator gets
+    integers only (:func:`check_sizes`) and costs nothing.  UNSAFE_PROGRAM if
+    the size cannot be computed.
     """
-    if (fn in _ROW_PER_ELEMENT or fn in _SAME_SIZE or is_size_op(fn)
-            or fn is _torchvision('nms') or getattr(fn, '_schema', None) is None):
-        return
+    if costs_nothing(fn):
+        return 0, 0
+    tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+               if isinstance(t, torch.Tensor)]
+    if fn in _ROW_PER_ELEMENT:
+        return tensors[0].numel() * max(1, tensors[0].dim()) * 8, tensors[0].numel()
+    if fn is _torchvision('nms'):
+        n = tensors[0].shape[0]
+        mask = n * -(-n // 64) * 8 if device.type == 'cuda' else n   # suppressed, per pair
+        return mask + n * 32, n * n      # + sorted scores, order, areas, kept indices
+    masks = sum(t.numel() * t.dim() * 8 for t in tensors if t.dtype in (torch.bool, torch.uint8)
+                ) if fn in (_index_masked, *_SAME_SIZE) else 0   # nonzero of each mask
+    if fn in _SAME_SIZE:          # index_put: a copy of its input, or in place
+        written = tensors[0].numel() * tensors[0].element_size()
+        return masks + (written if fn is _index_put_clamped else 0), written + masks
+    if getattr(fn, 'overloadpacket', None) in _SAME_SHAPE:   # its input's shape (no meta: ms)
+        return tensors[0].numel() * 8, tensors[0].numel()    # at most int64/double
     if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
-        tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                   if isinstance(t, torch.Tensor)]
-        shape = torch.broadcast_shapes(*(t.shape for t in tensors))
+        numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
         itemsize = max([4] + [t.element_size() for t in tensors])  # type promotion's widest
-        return _refuse_over(fn, math.prod(shape) * itemsize, max_bytes)
-    meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
-    if fn is _index_masked:       # the most a mask can select: every element
-        fn, meta = torch.ops.aten.index.Tensor, ((meta[0][0], _masks_as_indices(meta[0][1])),
-                                                 meta[1])
-    try:
-        outputs = fn(*meta[0], **meta[1])
+        return (0 if _returns_view(fn) else numel * itemsize), numel
+    try:     # not in inference mode: matmul, linear, einsum reach the mode as mm, addmm...
+        with torch.inference_mode(False), _FlopCount() as counted:
+            meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
+            if fn is _index_masked:       # the most a mask can select: every element
+                fn, meta = torch.ops.aten.index.Tensor, (
+                    (meta[0][0], _masks_as_indices(meta[0][1])), meta[1])
+            outputs = fn(*meta[0], **meta[1])
     except Exception as exc:  # noqa: B902 - any failure to size it refuses it
         raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
                             f'{_NAMES.get(fn, str(fn))[:80]}: its output size cannot be '
                             f'computed before it runs ({type(exc).__name__}), which a program '
                             'whose sizes depend on the data needs') from None
-    _refuse_over(fn, sum(t.numel() * t.element_size()
-                         for t in torch.utils._pytree.tree_leaves(outputs)
-                         if isinstance(t, torch.Tensor)), max_bytes)
+    leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
+    numel = sum(t.numel() for t in leaves)
+    nbytes = 0 if _returns_view(fn) else sum(t.numel() * t.element_size() for t in leaves)
+    return masks + nbytes, counted.flops + numel
 
 
-def _refuse_over(fn: Callable, nbytes: int, max_bytes: int) -> None:
-    if nbytes > max_bytes:
-        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
-                            f'{str(fn)[:80]} would allocate {nbytes} bytes at this input: over '
-                            f'the {max_bytes} one operator of a data-dependent program may')
+def costs_nothing(fn: Callable) -> bool:
+    """Return True for an operator on sizes, a Python operator (on sizes) or a view."""
+    if is_size_op(fn) or getattr(fn, '_schema', None) is None:
+        return True
+    return _returns_view(fn) and not any(arg.alias_info is not None and arg.alias_info.is_write
+                                         for arg in fn._schema.arguments)
+
+
+def _returns_view(fn: Callable) -> bool:
+    """Return True when ``fn``'s schema says it returns a view of an argument (no memory)."""
+    return any(ret.alias_info is not None for ret in fn._schema.returns)
+
+
+class _FlopCount(TorchDispatchMode):
+    """Sum torch's flop formulas over the ATen calls an operator makes on meta tensors."""
+
+    def __enter__(self) -> '_FlopCount':
+        self.flops = 0
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func.overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
 
 
 def _masks_as_indices(indices: list) -> list:

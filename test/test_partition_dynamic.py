@@ -86,7 +86,8 @@ def test_server_checks_every_size_of_a_dynamic_program_before_it_allocates():
     module = program.module({}, torch.device('cpu'))
     live = program.live_ranges([])
     runner = DynamicRunner([module], live, program.input_names, program.output_names,
-                           torch.device('cpu'), 'fp32', [torch.float32], max_bytes=1 << 20)
+                           torch.device('cpu'), 'fp32', [torch.float32], max_bytes=1 << 20,
+                           max_work=1 << 40)
     assert runner.backend == 'eager-dynamic' and not runner.can_express
     ex = Execution(runner, [mask])
     ex.step()
@@ -113,7 +114,7 @@ def test_indexing_by_data_dependent_indices_is_sized_before_it_runs():
     program = Program(_doc(OuterIndex(), mask, x))
     runner = DynamicRunner([program.module({}, torch.device('cpu'))], program.live_ranges([]),
                            program.input_names, program.output_names, torch.device('cpu'),
-                           'fp32', [torch.float32], max_bytes=1 << 20)
+                           'fp32', [torch.float32], max_bytes=1 << 20, max_work=1 << 40)
     ex = Execution(runner, [mask, x])
     ex.step()
     assert torch.equal(ex.outputs[0], OuterIndex()(mask, x))
