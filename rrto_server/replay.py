@@ -91,6 +91,7 @@ class Replay:
         self.utilisation: float | None = None
         self.segment_ms: list[float] = []
         self._served: collections.deque = collections.deque(maxlen=SERVED_RUNS)
+        self._served_ms: float | None = None      # their median, once SERVED_MIN are in
         # the common request's short path (rrto_server.express), where the runner has one
         self.express = ExpressPlan(self.signature, self.runner) if self.runner.can_express \
             else None
@@ -102,6 +103,8 @@ class Replay:
     def served(self, compute_s: float) -> None:
         """Note the device time of one run served to the end (its steps, each waited for)."""
         self._served.append(compute_s * 1e3)
+        if len(self._served) >= SERVED_MIN:
+            self._served_ms = statistics.median(self._served)
 
     @property
     def longest_segment_ms(self) -> float | None:
@@ -114,11 +117,10 @@ class Replay:
         """
         if not self.segment_ms:
             return None
-        longest, served = max(self.segment_ms), list(self._served)
-        total = sum(self.segment_ms)
-        if len(served) < SERVED_MIN or total <= 0:
+        longest, total, served = max(self.segment_ms), sum(self.segment_ms), self._served_ms
+        if served is None or total <= 0:
             return longest
-        return longest * statistics.median(served) / total
+        return longest * served / total
 
     def _warm_up(self) -> None:
         inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
