@@ -105,7 +105,7 @@ class Front:
 
     def _serve(self) -> None:
         poller = zmq.Poller()
-        for sock in self._watchdog.sockets:     # first: polled before the router
+        for sock in self._watchdog.sockets:     # its connection events and proof requests
             poller.register(sock, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self._outbox.socket, zmq.POLLIN)
@@ -114,13 +114,8 @@ class Front:
             if self._outbox.socket in events:
                 while self._outbox.socket.poll(0):
                     self.router.send_multipart(self._outbox.socket.recv_multipart())
-            self._watchdog.received([], False, events)
-            if self.router in events:
-                while self.router.poll(0):
-                    frames = self.router.recv_multipart(copy=False)
-                    self._watchdog.received([frames], False)
-                    self._on_message(frames)
-            self._watchdog.received([], True)     # no complete message left
+            for frames in self._watchdog.drain(events):     # every message waiting
+                self._on_message(frames)
 
     def _peer(self, frame: zmq.Frame) -> Peer:
         """Return the key that sent ``frame`` (its CURVE ``User-Id``); raise if not allowed."""

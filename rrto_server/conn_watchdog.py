@@ -16,7 +16,7 @@ libzmq hold, where the bytes are received:
   descriptor (``ZMQ_EVENT_ACCEPTED``); the watchdog keeps a duplicate of that
   descriptor, so it always names that connection, even after libzmq closed
   its own and the number was reused;
-- the I/O thread reports every message it receives (:meth:`received`): the
+- the I/O thread receives through the watchdog (:meth:`drain`), which counts the
   message's source descriptor (``ZMQ_SRCFD``, a message property of libzmq
   4.3) and its size on the wire (payload plus each frame's ZMTP header, plus
   CURVE's box when the socket is a CURVE server);
@@ -25,8 +25,10 @@ libzmq hold, where the bytes are received:
   delivered bytes by more than ``limit + SLACK_BYTES + AGE_BYTES_PER_S x age``
   it takes the bytes libzmq has read (minus the kernel's queue, ``FIONREAD``)
   and asks the I/O thread for a proof that the socket was empty since (a token
-  on :attr:`wake`, polled before the socket: every message complete by then
-  has been delivered).  A connection still over its allowance then holds that
+  on :attr:`wake`, read before the socket: a receive that then finds the socket
+  empty shows that every message complete by then has been delivered; while a
+  proof is wanted, :meth:`drain` receives until the socket is empty, so a peer
+  keeping it busy cannot hold proofs off).  A connection still over its allowance then holds that
   much of an unfinished message; it is shut down (``shutdown(2)``), libzmq
   sees the end of the stream and drops the partial message, and the freed
   heap is handed back to the system (``malloc_trim``, 0.25 s and 2 s later).
@@ -104,8 +106,8 @@ class ConnectionWatchdog:
     Bound what each peer of ``sock`` makes libzmq hold (see the module docstring).
 
     Create it after the socket's security options and before it binds ``endpoint``;
-    register :attr:`sockets` in the I/O thread's poller *before* ``sock`` and call
-    :meth:`received` from that thread after every poll.
+    register :attr:`sockets` in the I/O thread's poller and receive from ``sock``
+    only through :meth:`drain`, after every poll.
     """
 
     def __init__(self, sock: zmq.Socket, limit: int, endpoint: str):
@@ -113,6 +115,7 @@ class ConnectionWatchdog:
         if transport not in TRANSPORTS:
             raise ValueError(f'{endpoint}: the {transport} transport cannot bound what a peer '
                              f'makes the server hold; use one of {", ".join(TRANSPORTS)}')
+        self.sock = sock
         self.limit = limit
         self.cuts = 0
         self.refused = 0
@@ -146,19 +149,40 @@ class ConnectionWatchdog:
         return sock
 
     # ------------------------------------------------------------------ I/O thread
-    def received(self, batch: list, drained: bool, events: dict | None = None) -> None:
+    def drain(self, events: dict, most: int | None = None) -> list:
         """
-        Count the wire bytes of each message of a batch (I/O thread, after every poll).
+        Receive the messages waiting on the watched socket and count them (I/O thread).
 
-        ``drained``: the socket had no complete message left (a receive returned
-        ``EAGAIN``, or the poll found it empty); ``events``: the poll's result.
+        Call it after every poll with the poll's ``events``; it returns up to ``most``
+        messages (all with ``None``).  Tokens are read before the socket: a receive that
+        then finds the socket empty proves it was empty after every token read, which is
+        what the watchdog thread waits for before it cuts anyone.  While a proof is
+        wanted, it receives past ``most`` until the socket is empty, so a peer that keeps
+        the socket busy cannot hold proofs off (libzmq holds those messages either way).
         """
-        if events:
-            if self.monitor in events:
-                self._events()
-            if self.wake in events:
-                while self.wake.poll(0):
-                    self._pending = max(self._pending, _TOKEN.unpack(self.wake.recv())[0])
+        if self.monitor in events:
+            self._events()
+        token = self._pending
+        if self.wake in events:
+            while self.wake.poll(0):
+                token = max(token, _TOKEN.unpack(self.wake.recv())[0])
+            self._pending = token
+        wanted = token > self._proven
+        batch: list = []
+        if self.sock in events or wanted:
+            while wanted or most is None or len(batch) < most:
+                try:
+                    batch.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                except zmq.Again:
+                    if wanted:
+                        self._proven = token
+                        self._proved.set()
+                    break
+        self._count(batch)
+        return batch
+
+    def _count(self, batch: list) -> None:
+        """Add the wire bytes of each message to its connection's delivered bytes."""
         box = self._box
         conns = self._conns
         for frames in batch:
@@ -177,9 +201,6 @@ class ConnectionWatchdog:
                 n = len(frame) + box
                 wire += n + (2 if n < 256 else 9)
             conn.delivered += wire
-        if drained and self._pending > self._proven:
-            self._proven = self._pending     # empty after the token was sent
-            self._proved.set()
 
     def _events(self) -> None:
         while True:
@@ -221,19 +242,25 @@ class ConnectionWatchdog:
     # ------------------------------------------------------------------ watchdog thread
     def _run(self) -> None:
         while not self._stop.wait(TICK_S):
-            self._release()
-            suspects = self.over_allowance(time.monotonic())
-            if not suspects:
-                continue
-            self._asked += 1                 # is the socket empty after this moment?
-            self._proved.clear()
-            self._waker.send(_TOKEN.pack(self._asked))
-            if not self._proved.wait(TICK_S) or self._proven < self._asked:
-                continue                     # busy: look again next time
-            for conn, read, allowance in suspects:
-                held = read - conn.delivered
-                if held > allowance:
-                    self._cut(conn, held)
+            try:
+                self._tick()
+            except Exception:  # noqa: B902 - the watchdog must outlive any one tick
+                log.exception('connection watchdog tick failed')
+
+    def _tick(self) -> None:
+        self._release()
+        suspects = self.over_allowance(time.monotonic())
+        if not suspects:
+            return
+        self._asked += 1                     # is the socket empty after this moment?
+        self._proved.clear()
+        self._waker.send(_TOKEN.pack(self._asked))
+        if not self._proved.wait(TICK_S) or self._proven < self._asked:
+            return                           # busy: look again next time
+        for conn, read, allowance in suspects:
+            held = read - conn.delivered
+            if held > allowance:
+                self._cut(conn, held)
 
     def _release(self) -> None:
         now = time.monotonic()

@@ -148,7 +148,7 @@ class Server:
         self.replies.io_thread = threading.get_ident()
         self._serving = True
         poller = zmq.Poller()
-        for sock in self.watchdog.sockets:      # first: polled before the router
+        for sock in self.watchdog.sockets:      # its connection events and proof requests
             poller.register(sock, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.replies.outbox, zmq.POLLIN)
@@ -157,14 +157,7 @@ class Server:
                 events = dict(poller.poll(100))
                 if self.replies.outbox in events:
                     self.replies.flush()
-                batch = []
-                if self.router in events:
-                    for _ in range(BATCH):
-                        try:
-                            batch.append(self.router.recv_multipart(zmq.NOBLOCK, copy=False))
-                        except zmq.Again:
-                            break
-                self.watchdog.received(batch, len(batch) < BATCH, events)
+                batch = self.watchdog.drain(events, BATCH)      # receives from the router
                 for frames, backlog in self.guard.order(batch):   # highest first
                     self.guard.backlog = backlog                   # admission's measure
                     self.on_message(frames)

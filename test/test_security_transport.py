@@ -17,6 +17,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -201,51 +202,96 @@ def test_every_frame_is_counted_as_it_went_over_the_wire(make_server, tmp_path, 
         dealer.close(linger=0)
 
 
+class _WatchedRouter:
+    """A ROUTER with a watchdog and an I/O loop as the server's, taking ``most`` a poll."""
+
+    def __init__(self, ctx: zmq.Context, most: int = 64, busy_s: float = 0.0):
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.router.setsockopt(zmq.RCVHWM, 0)
+        self.watchdog = ConnectionWatchdog(self.router, MIB, 'tcp://127.0.0.1:0')
+        self.router.bind('tcp://127.0.0.1:0')
+        self.endpoint = self.router.last_endpoint.decode()
+        self.poller = zmq.Poller()
+        for sock in self.watchdog.sockets:
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.router, zmq.POLLIN)
+        self.most, self.busy_s = most, busy_s
+
+    def serve(self, seconds: float, until=lambda: False) -> int:
+        """Serve for ``seconds`` or until ``until()``; return the messages received."""
+        received = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            events = dict(self.poller.poll(50))
+            received += len(self.watchdog.drain(events, self.most))
+            time.sleep(self.busy_s)            # the work each batch costs the I/O thread
+        return received
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.router.close(linger=0)
+
+
 def test_complete_messages_waiting_for_a_busy_io_thread_are_not_held_bytes(zmq_ctx):
     # five complete 1 MiB messages (limit 1 MiB) wait 1 s while the I/O thread is busy:
     # the kernel received them, nothing was delivered, yet nothing is unfinished; the
     # watchdog cuts only once the I/O thread has found the socket empty after its look
-    router = zmq_ctx.socket(zmq.ROUTER)
-    router.setsockopt(zmq.LINGER, 0)
-    watchdog = ConnectionWatchdog(router, MIB, 'tcp://127.0.0.1:0')
-    router.bind('tcp://127.0.0.1:0')
-    poller = zmq.Poller()
-    for sock in watchdog.sockets:
-        poller.register(sock, zmq.POLLIN)
-    poller.register(router, zmq.POLLIN)
+    io = _WatchedRouter(zmq_ctx)
     dealer = zmq_ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
-    dealer.connect(router.last_endpoint.decode())
-
-    def serve(seconds: float) -> int:          # an I/O loop as the server's
-        received = 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            events = dict(poller.poll(50))
-            batch = []
-            while router in events and len(batch) < 64:
-                try:
-                    batch.append(router.recv_multipart(zmq.NOBLOCK, copy=False))
-                except zmq.Again:
-                    break
-            watchdog.received(batch, len(batch) < 64, events)
-            received += len(batch)
-        return received
-
+    dealer.connect(io.endpoint)
     try:
         dealer.send_multipart([b'hello'])
-        assert serve(1.0) == 1 and watchdog.snapshot()['connections'] == 1
+        assert io.serve(1.0) == 1 and io.watchdog.snapshot()['connections'] == 1
         for _ in range(5):
             dealer.send_multipart([b'header', b'\1' * (MIB - 64)])
         time.sleep(1.0)                        # busy: about 20 watchdog periods
-        assert serve(3.0) == 5
-        assert watchdog.snapshot()['cut'] == 0
+        assert io.serve(3.0) == 5
+        assert io.watchdog.snapshot()['cut'] == 0
         dealer.send_multipart([b'header', b'still connected'])
-        assert router.poll(5000), 'the connection was cut'
+        assert io.router.poll(5000), 'the connection was cut'
     finally:
-        watchdog.close()
         dealer.close(linger=0)
-        router.close(linger=0)
+        io.close()
+
+
+def test_a_flood_of_complete_messages_does_not_hold_off_the_cut(zmq_ctx):
+    # r4's review: the I/O thread takes a batch a poll; a peer that keeps more than a batch
+    # waiting meant the socket was never found empty, no proof came, and a second peer
+    # could hold an unfinished message of any size.  Here the loop takes one message a
+    # poll and a millisecond for each, while a peer sends five a millisecond
+    io = _WatchedRouter(zmq_ctx, most=1, busy_s=0.001)
+    stop = threading.Event()
+
+    def flood() -> None:
+        dealer = zmq_ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.SNDHWM, 0)
+        dealer.connect(io.endpoint)
+        while not stop.is_set():
+            for _ in range(50):
+                dealer.send(b'x')
+            time.sleep(0.01)
+        dealer.close(linger=0)
+
+    flooder = threading.Thread(target=flood, daemon=True)
+    flooder.start()
+    try:
+        io.serve(0.5)
+        held, sent, _ = hold_parts(io.endpoint, b'header', MIB - 64, 8)   # 8 MiB unfinished
+        try:
+            io.serve(10.0, until=lambda: io.watchdog.snapshot()['cut'])
+            assert io.watchdog.snapshot()['cut'] == 1, (
+                f'{sent} parts of 1 MiB held behind a flood, no cut: '
+                f"{io.watchdog.snapshot()}")
+            assert closed_by_peer(held, SETTLE_S)
+        finally:
+            held.close()
+    finally:
+        stop.set()
+        flooder.join(5)
+        io.close()
 
 
 def test_the_robots_heartbeats_stay_within_the_age_allowance(make_server, tmp_path):
