@@ -132,8 +132,6 @@ class ControlRequests:
             request.ok(**replay_info(replay, recorded=False))
             return
         budget_key = self.budget_key(request)
-        if budget_key is not None:
-            self.record_budget.check(budget_key)
 
         def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
             try:
@@ -146,8 +144,14 @@ class ControlRequests:
                 return
             key = replay_key(header.model, header.signature, options)
             replay = self.replays.claim(key, request.client)
-            if replay is not None:
+            if replay is not None:          # options written another way: recorded already
                 request.ok(**replay_info(replay, recorded=False))
+                return
+            try:                            # only a recording to be made spends the budget
+                if budget_key is not None:
+                    self.record_budget.check(budget_key)
+            except ProtocolError as exc:
+                request.error(exc)
                 return
             # a request of another key for the same replay waits with its own ticket: in its
             # own gate and at its own priority, whichever ticket runs first records (a11 #3)
