@@ -201,12 +201,13 @@ class _Budget:
         self.work = work
         self.held = 0                   # bytes of values outside the interpreter
         self.live: dict[int, list] = {}     # storage -> [bytes, values holding it]
+        self.live_bytes = 0             # the sum of their bytes
         self.of: dict[fx.Node, list[int]] = {}
         self.fixed: set[int] = set()    # the weights' storages (not the call's)
 
     def charge(self, node: fx.Node, nbytes: int, work: int) -> None:
         """Refuse ``node`` if its bytes or work would exceed what the call may have."""
-        held = self.held + sum(entry[0] for entry in self.live.values())
+        held = self.held + self.live_bytes
         if held + nbytes > self.max_bytes:
             raise ProtocolError(
                 ErrorCode.UNSAFE_PROGRAM,
@@ -232,7 +233,11 @@ class _Budget:
                 self.fixed.add(key)
             elif key not in self.fixed and key not in keys:
                 keys.append(key)
-                self.live.setdefault(key, [storage.nbytes(), 0])[1] += 1
+                entry = self.live.get(key)
+                if entry is None:
+                    entry = self.live[key] = [storage.nbytes(), 0]
+                    self.live_bytes += entry[0]
+                entry[1] += 1
         self.of[node] = keys
 
     def release(self, node: fx.Node) -> None:
@@ -242,6 +247,7 @@ class _Budget:
             entry[1] -= 1
             if not entry[1]:
                 del self.live[key]
+                self.live_bytes -= entry[0]
 
 
 class _SizeChecked:
