@@ -52,23 +52,11 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 
 def _index_masked(tensor: torch.Tensor, indices: list) -> torch.Tensor:
     """``aten.index.Tensor``: boolean masks as they are, integer indices clamped into range."""
-    fixed, dim = [], 0
-    for index in indices:
-        if index is not None and index.dtype in (torch.bool, torch.uint8):
-            dim += index.dim()
-        elif index is not None and index.numel():
-            size = tensor.shape[dim] if dim < tensor.dim() else 0
-            if size == 0:
-                raise IndexError(f'index into dimension {dim} of size 0')
-            index = index.clamp(-size, size - 1)
-            dim += 1
-        else:
-            dim += 1
-        fixed.append(index)
-    return torch.ops.aten.index.Tensor(tensor, fixed)
+    return torch.ops.aten.index.Tensor(tensor, _clamped_indices(tensor, indices))
 
 
 def _clamped_indices(tensor: torch.Tensor, indices: list) -> list:
+    """Return ``indices`` with boolean masks as they are and integer indices clamped."""
     fixed, dim = [], 0
     for index in indices:
         if index is not None and index.dtype not in (torch.bool, torch.uint8) and index.numel():
