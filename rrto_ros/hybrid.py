@@ -13,7 +13,6 @@ code with the server half executed in-process.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from typing import Callable, Protocol, Sequence
 
@@ -150,16 +149,6 @@ class PlanRuntime:
             with torch.inference_mode():
                 outputs = list(module(*inputs))
         return lambda: self.run(flat, lambda tensors: _Done(outputs))
-
-    def robot_ms(self, flat: Sequence[torch.Tensor], weights: dict, repeats: int = 5) -> float:
-        """Measure the robot's side of one inference under this plan (median ms)."""
-        run = self.robot_side(flat, weights)
-        times = []
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            run()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times[1:])
 
 
 class _Part:

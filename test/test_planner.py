@@ -267,13 +267,19 @@ def test_refine_keeps_a_plan_only_if_its_measured_robot_side_still_wins(prepared
     assert slow[0].estimate.latency_ms == best
 
 
-def test_robot_side_of_a_plan_is_measured(prepared):
+def test_the_robot_side_of_a_plan_runs_the_whole_inference_with_the_servers_part_done(prepared):
+    # what plan_profile times round by round: the robot's slicing, band, merge and rest,
+    # with the server's tensors computed beforehand; its outputs are the model's
     from rrto_ros.hybrid import PlanRuntime
-    _, x, artifact, analysis = prepared
+    model, x, artifact, analysis = prepared
     weights = artifact.weights()
     cut = analysis.cut_candidates()[-1]
     runtime = PlanRuntime(analysis.program, analysis, weights, Plan('hybrid', cut, 0.5))
-    assert 0 < runtime.robot_ms([x], weights, repeats=2) < 10_000
+    outputs = runtime.robot_side([x], weights)()
+    expected = treespec.flatten(model(x))[0]
+    assert len(outputs) == len(expected)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(outputs, expected))
+    assert runtime.last_robot_ms > 0
 
 
 def test_a_hybrid_correction_moves_only_the_side_that_bound_the_measurement(prepared):
