@@ -134,13 +134,9 @@ class ControlRequests:
         budget_key = self.budget_key(request)
 
         def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
-            try:
-                options = self._vet(header.model, header.signature, header.options)
-            except ProtocolError as exc:
-                request.error(exc)
-                return
-            except Exception as exc:
-                request.fail(exc)
+            options = _or_answer(request, self._vet, header.model, header.signature,
+                                 header.options)
+            if options is None:
                 return
             key = replay_key(header.model, header.signature, options)
             replay = self.replays.claim(key, request.client)
@@ -180,20 +176,17 @@ class ControlRequests:
         self.profile_budget.check(client)
 
         def load_then_profile() -> None:    # a first trial run blocks neither I/O nor lanes
-            try:
-                if self.store.kind(request.header.model) == 'onnx':
-                    raise ProtocolError(ErrorCode.BAD_REQUEST,
-                                        'only rrto-program models can be profiled')
-                model = self.registry.get(request.header.model)
-            except ProtocolError as exc:
-                request.error(exc)
-                return
-            except Exception as exc:
-                request.fail(exc)
+            model = _or_answer(request, self._profiled_model, request.header.model)
+            if model is None:
                 return
             self.scheduler.submit(ProfileJob(self.services, request, model,
                                              self.profile_budget, client))
         self.queue.submit(load_then_profile, self.key(request))
+
+    def _profiled_model(self, digest: str):
+        if self.store.kind(digest) == 'onnx':
+            raise ProtocolError(ErrorCode.BAD_REQUEST, 'only rrto-program models can be profiled')
+        return self.registry.get(digest)
 
     def on_evict(self, request: Request, frames: list) -> None:
         # admin only (rrto_server.auth.KIND_ROLES); reads and deletes files: control thread
@@ -208,3 +201,14 @@ class ControlRequests:
             except Exception as exc:
                 request.fail(exc)
         self.queue.submit(evict, self.key(request))
+
+
+def _or_answer(request: Request, call, *args):
+    """Return ``call(*args)``; if it raises, answer ``request`` with the error and return None."""
+    try:
+        return call(*args)
+    except ProtocolError as exc:
+        request.error(exc)
+    except Exception as exc:
+        request.fail(exc)
+    return None

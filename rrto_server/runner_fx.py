@@ -112,12 +112,16 @@ class FxRunner:
     def begin(self, ex: Execution, inputs: Sequence[torch.Tensor]) -> None:
         ex.env = dict(zip(self.input_names, stage(inputs, self.device)))
 
-    def run_segment(self, ex: Execution, k: int) -> None:
-        ins, outs = self.live[k]
+    def _inputs_used_here(self, ex: Execution, k: int) -> None:
+        """Before the first segment: the staged inputs are used on this lane's stream."""
         if k == 0 and self.device.type == 'cuda':
             stream = torch.cuda.current_stream(self.device)
             for name in self.input_names:           # staged on a CPU worker's copy stream
                 ex.env[name].record_stream(stream)
+
+    def run_segment(self, ex: Execution, k: int) -> None:
+        ins, outs = self.live[k]
+        self._inputs_used_here(ex, k)
         with torch.inference_mode(), self.precision_context():
             results = self.modules[k](*[ex.env[n] for n in ins])
         ex.env.update(zip(outs, results))
@@ -171,10 +175,7 @@ class DynamicRunner(FxRunner):
 
     def run_segment(self, ex: Execution, k: int) -> None:
         ins, outs = self.live[k]
-        if k == 0 and self.device.type == 'cuda':
-            stream = torch.cuda.current_stream(self.device)
-            for name in self.input_names:           # staged on a CPU worker's copy stream
-                ex.env[name].record_stream(stream)
+        self._inputs_used_here(ex, k)
         budget = _Budget(self.max_bytes, self.max_work, ex.env.get(_SPENT, 0))
         budget.held = _nbytes(value for name, value in ex.env.items()   # kept for later
                               if name not in ins and name not in self.inputs)
