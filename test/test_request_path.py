@@ -186,16 +186,22 @@ class _Blocking(Job):
         return True
 
 
+def _infer_behind(bulk: _Blocking, server, client, replay, x):
+    """Start an infer at priority 5 once ``bulk`` holds the lane; give it 0.2 s to arrive."""
+    server.scheduler.submit(bulk)
+    assert bulk.started_event.wait(30)
+    pending = client.start_infer(replay, [x], priority=5)
+    time.sleep(0.2)
+    return pending
+
+
 def test_a_busy_lane_sends_the_common_request_the_general_way(make_server, monkeypatch):
     # the lane's step outlasts INLINE_WAIT_S: the I/O thread stops waiting for it
     server = make_server(inline_max_ms=1000.0)
     x, replay, seen, client = _served(server, monkeypatch)
     bulk = _Blocking()
     try:
-        server.scheduler.submit(bulk)
-        assert bulk.started_event.wait(30)
-        pending = client.start_infer(replay, [x], priority=5)
-        time.sleep(0.2)
+        pending = _infer_behind(bulk, server, client, replay, x)
         assert 'express' not in seen and 'segment' not in seen, 'waits for the busy lane'
         bulk.release_event.set()
         _, outputs = pending.result()
@@ -214,10 +220,7 @@ def test_the_most_urgent_request_runs_express_at_the_segment_boundary(make_serve
     x, replay, seen, client = _served(server, monkeypatch)
     bulk = _Blocking()
     try:
-        server.scheduler.submit(bulk)
-        assert bulk.started_event.wait(30)
-        pending = client.start_infer(replay, [x], priority=5)
-        time.sleep(0.2)
+        pending = _infer_behind(bulk, server, client, replay, x)
         assert not seen, 'waits for the segment boundary'
         bulk.release_event.set()
         _, outputs = pending.result()
@@ -226,10 +229,7 @@ def test_the_most_urgent_request_runs_express_at_the_segment_boundary(make_serve
         seen.clear()
         bulk = _Blocking()                      # as urgent as the request: no overtaking
         bulk.priority = 5
-        server.scheduler.submit(bulk)
-        assert bulk.started_event.wait(30)
-        pending = client.start_infer(replay, [x], priority=5)
-        time.sleep(0.2)
+        pending = _infer_behind(bulk, server, client, replay, x)
         assert seen == {'decode': {'io'}}, 'queued the general way'
         bulk.release_event.set()
         pending.result()
