@@ -96,7 +96,13 @@ class Server:
         self._own_ctx = context is None
         self.guard = Guard(self._ctx, config.bind, config.keys, config.insecure,
                            config.admission_capacity)
-        self.router = self._router(config)
+        try:
+            self.router = self._router(config)
+        except Exception:
+            self.guard.close()
+            if self._own_ctx:
+                self._ctx.term()
+            raise
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
         self.replies = ReplySender(self._ctx, self.router, self.stats,
                                    config.max_peer_reply_bytes)
@@ -137,9 +143,17 @@ class Server:
         router.setsockopt(zmq.SNDBUF, SNDBUF_BYTES)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a full queue raises: count, not block
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        self.guard.secure(router)
-        self.watchdog = ConnectionWatchdog(router, config.max_message_bytes, config.bind)
-        router.bind(config.bind)
+        watchdog = None
+        try:
+            self.guard.secure(router)
+            self.watchdog = watchdog = ConnectionWatchdog(router, config.max_message_bytes,
+                                                          config.bind)
+            router.bind(config.bind)
+        except Exception:                   # e.g. the port is taken: leave nothing running
+            if watchdog is not None:
+                watchdog.close()
+            router.close(linger=0)
+            raise
         return router
 
     # ------------------------------------------------------------------ loop

@@ -315,3 +315,25 @@ def test_the_robots_heartbeats_stay_within_the_age_allowance(make_server, tmp_pa
         assert 0 < rate < AGE_BYTES_PER_S / 1.2, f'{rate:.0f} bytes/s of heartbeats'
     finally:
         robot.close()
+
+
+def test_a_server_that_cannot_bind_leaves_no_thread_or_socket_behind(make_server, tmp_path):
+    # r4's review: the watchdog starts before bind; a failed bind left its thread, its
+    # sockets and the context (whose term would then hang) behind
+    from rrto_server.server import Server, ServerConfig
+    taken = make_server().endpoint                     # this port is in use
+    before = {t.ident for t in threading.enumerate()}
+    with pytest.raises(zmq.ZMQError):
+        Server(ServerConfig(bind=taken, store=str(tmp_path / 'second'), device='cpu'))
+    left = _threads_left(before)
+    assert not left, f'threads left by a server that failed to bind: {left}'
+
+
+def _threads_left(before: set) -> list:
+    """Return the names of threads started since ``before`` still alive after up to 10 s."""
+    deadline = time.monotonic() + 10
+    while True:
+        left = [t.name for t in threading.enumerate() if t.ident not in before and t.is_alive()]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
