@@ -94,7 +94,7 @@ class ControlRequests:
         def write() -> None:
             self.put_queue.leave(nbytes, owner_key)
             try:
-                owner = request.client.name if self.guard.authenticating else None
+                owner = self.owner(request)
                 complete = self.store.put_chunk(header.digest, header.blob_kind, header.upload,
                                                 header.offset, header.total, chunk, owner,
                                                 request.client.grant.store_bytes)
@@ -110,18 +110,21 @@ class ControlRequests:
 
         self.queue.submit(write, owner_key)
 
+    def owner(self, request: Request) -> str | None:
+        """Return the client key that sent ``request`` (None on a server without keys)."""
+        return request.client.name if self.guard.authenticating else None
+
     def key(self, request: Request):
         # whose turn a unit of control-thread work waits for: its key (its connection on
         # a server without keys)
-        return request.client.name if self.guard.authenticating else request.peer
+        return request.peer if self.owner(request) is None else request.client.name
 
     def budget_key(self, request: Request) -> str | None:
         """Return whose record budget ``request`` spends (None: admins, servers without keys)."""
-        client = request.client
-        if (not self.guard.authenticating or client.grant.allows('admin')
-                or client.name in self._deputies):
+        owner = self.owner(request)
+        if owner is None or request.client.grant.allows('admin') or owner in self._deputies:
             return None
-        return client.name
+        return owner
 
     def on_record(self, request: Request, frames: list) -> None:
         header = request.header
@@ -153,7 +156,8 @@ class ControlRequests:
             # own gate and at its own priority, whichever ticket runs first records (a11 #3)
             ticket = self.key(request)
             recording = self.recordings.join(key, header.model, header.signature, options,
-                                             request, ticket)
+                                             request, ticket,
+                                             lambda: self.replays.claim(key, request.client))
             if recording is not None:
                 self.record_gate.submit(GatedRecordJob(
                     self.record_gate, ticket, self.services, self.recordings, recording,
@@ -172,7 +176,7 @@ class ControlRequests:
         return msgspec.structs.replace(options, segments=segments)
 
     def on_profile(self, request: Request, frames: list) -> None:
-        client = request.client.name if self.guard.authenticating else None
+        client = self.owner(request)
         self.profile_budget.check(client)
 
         def load_then_profile() -> None:    # a first trial run blocks neither I/O nor lanes

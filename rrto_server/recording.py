@@ -25,7 +25,7 @@ import logging
 import math
 import threading
 import time
-from typing import Hashable, Iterator
+from typing import Callable, Hashable, Iterator
 
 from rrto_server import profiling
 from rrto_server.jobs import Services, job_keys, replay_info
@@ -84,20 +84,28 @@ class Recordings:
         self._recordings: dict[str, Recording] = {}
 
     def join(self, key: str, digest: str, signature: Signature, options: RecordOptions,
-             request: Request, ticket: Hashable) -> Recording | None:
+             request: Request, ticket: Hashable,
+             claim: Callable[[], Replay | None]) -> Recording | None:
         """
         Add ``request`` to the waiters of ``key``'s recording (made if there is none).
 
         Return the recording when ``ticket`` (the sender's client key) had no request
-        waiting for it yet: that key's :class:`RecordJob` is then due.
+        waiting for it yet: that key's :class:`RecordJob` is then due.  Before making
+        a recording, ``claim()`` looks the replay up once more under the lock that
+        :meth:`finish` takes: a recording that finished since the caller's own claim
+        answers ``request`` with its replay instead of being made again (r4 B5).
         """
         with self._lock:
             recording = self._recordings.get(key)
-            if recording is None:
+            replay = claim() if recording is None else None
+            if recording is None and replay is None:
                 recording = self._recordings[key] = Recording(key, digest, signature, options)
-            mine = recording.waiting.setdefault(ticket, [])
-            mine.append(request)
-            return recording if len(mine) == 1 else None
+            if replay is None:
+                mine = recording.waiting.setdefault(ticket, [])
+                mine.append(request)
+                return recording if len(mine) == 1 else None
+        request.ok(**replay_info(replay, recorded=False))
+        return None
 
     def owners(self, recording: Recording) -> list:
         """Return the senders of the requests waiting for ``recording`` (the replay's owners)."""
