@@ -268,26 +268,27 @@ class _Block(Job):
         return True
 
 
+def _until(condition, within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        assert time.monotonic() < deadline, f'{condition} did not hold within {within_s} s'
+        time.sleep(0.001)
+
+
 def test_a_late_run_job_past_its_deadline_does_not_outrank_its_band():
     """a11 #5 for every job kind: a deadline already passed orders as no deadline."""
     scheduler = Scheduler()
     order, gate = [], threading.Event()
     try:
         scheduler.submit(_Block('holder', order, gate, priority=9))
-        deadline = time.monotonic() + 10
-        while not scheduler.running():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        _until(scheduler.running)
         scheduler.submit(_Block('on time', order, priority=5))
         scheduler.submit(_Block('past, run', order, priority=5, late=RUN,
                                 deadline=time.perf_counter() - 1.0))
         scheduler.submit(_Block('urgent', order, priority=5,
                                 deadline=time.perf_counter() + 60))
         gate.set()
-        deadline = time.monotonic() + 10
-        while len(order) < 4:
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        _until(lambda: len(order) == 4)
     finally:
         scheduler.close()
     assert order == ['holder', 'urgent', 'on time', 'past, run']
@@ -299,10 +300,7 @@ def test_a_late_run_job_past_its_deadline_does_not_overtake_on_the_io_thread():
     order, gate = [], threading.Event()
     try:
         scheduler.submit(_Block('holder', order, gate, priority=5))
-        deadline = time.monotonic() + 10
-        while not scheduler.running():
-            assert time.monotonic() < deadline
-            time.sleep(0.001)
+        _until(scheduler.running)
         threading.Timer(0.3, gate.set).start()      # the holder's step ends in 0.3 s
         late = _Block('past, run', order, priority=5, late=RUN,
                       deadline=time.perf_counter() - 1.0)

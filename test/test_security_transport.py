@@ -49,6 +49,15 @@ def settled_growth(baseline: float) -> float:
         time.sleep(0.2)
 
 
+def _assert_cut(sock, sent: int, baseline: float, who: str, part: str) -> None:
+    """Assert that ``who`` closed ``sock`` and let go of what its unfinished message held."""
+    closed = closed_by_peer(sock, SETTLE_S)
+    growth = settled_growth(baseline)
+    assert closed, (f'the connection holding {sent} parts of {part} is still open; '
+                    f'the {who} grew by {growth:.0f} MiB')
+    assert growth < 32, f'the {who} still holds {growth:.0f} MiB after the cut'
+
+
 @pytest.mark.parametrize('pace_s', [0.0, 0.02])
 def test_the_server_cuts_a_peer_that_never_finishes_a_multipart_message(make_server, pace_s):
     # a11 x04 at test size: --max-message-mb 1, 200 parts of 1 MiB with MORE, no last part;
@@ -60,11 +69,7 @@ def test_the_server_cuts_a_peer_that_never_finishes_a_multipart_message(make_ser
     hello_header = json.dumps({'v': 2, 'kind': 'hello', 'id': 1}).encode()
     sock, sent, peak = hold_parts(server.endpoint, hello_header, MIB - 64, 200, pace_s)
     try:
-        closed = closed_by_peer(sock, SETTLE_S)
-        growth = settled_growth(baseline)
-        assert closed, (f'the connection holding {sent} parts of 1 MiB is still open; '
-                        f'the server grew by {growth:.0f} MiB')
-        assert growth < 32, f'the server still holds {growth:.0f} MiB after the cut'
+        _assert_cut(sock, sent, baseline, 'server', '1 MiB')
         if pace_s:
             assert peak - baseline < 32, f'the server grew by {peak - baseline:.0f} MiB'
             assert sent < 100, f'{sent} parts of 1 MiB were taken in before the cut'
@@ -84,11 +89,7 @@ def test_the_fleet_front_cuts_a_peer_that_never_finishes_a_multipart_message():
         sock, sent, _ = hold_parts(front.endpoint, request, fleet.MAX_MESSAGE_BYTES - 64,
                                    2000)
         try:
-            closed = closed_by_peer(sock, SETTLE_S)
-            growth = settled_growth(baseline)
-            assert closed, (f'the connection holding {sent} parts of 64 KiB is still open; '
-                            f'the front grew by {growth:.0f} MiB')
-            assert growth < 32, f'the front still holds {growth:.0f} MiB after the cut'
+            _assert_cut(sock, sent, baseline, 'front', '64 KiB')
         finally:
             sock.close()
         ctx = zmq.Context.instance()
