@@ -11,12 +11,15 @@ scheduler through the :class:`~rrto_server.record_gate.RecordGate` (one per
 key at a time), as that key's ticket of the shared
 :class:`~rrto_server.recording.Recording` of its replay key, and spends the key's
 record budget; a profile runs as :class:`~rrto_server.profile_job.ProfileJob`
-steps within the key's profile budget (both
+steps within the key's profile budget.  The sandbox trial of a program that a
+record or a profile uses first is paid from that same budget (both
 :class:`~rrto_server.profiling.DeviceBudget`; keys with the ``admin`` role, a fleet's
 deputised key and every client of a server without keys have no record budget).
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import msgspec
 import torch
@@ -137,8 +140,10 @@ class ControlRequests:
         budget_key = self.budget_key(request)
 
         def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
+            pay = None if budget_key is None else partial(self.record_budget.spending,
+                                                          budget_key)
             options = _or_answer(request, self._vet, header.model, header.signature,
-                                 header.options)
+                                 header.options, pay)
             if options is None:
                 return
             key = replay_key(header.model, header.signature, options)
@@ -164,12 +169,12 @@ class ControlRequests:
                     ticket, request, self.record_budget, budget_key))
         self.queue.submit(vet_then_record, self.key(request))
 
-    def _vet(self, digest: str, signature, options):
+    def _vet(self, digest: str, signature, options, pay):
         """Vet a model for a recording; return the options, segments canonical (a11 #2)."""
         if self.store.kind(digest) == 'onnx':
-            self.registry.vet(digest, signature)
+            self.registry.vet(digest, signature, pay)
             return options
-        model = self.registry.get(digest)           # vets it first
+        model = self.registry.get(digest, pay)      # vets it first
         segments = segmentation.canonical(model.program, options.segments)
         if segments == options.segments:
             return options
@@ -180,17 +185,18 @@ class ControlRequests:
         self.profile_budget.check(client)
 
         def load_then_profile() -> None:    # a first trial run blocks neither I/O nor lanes
-            model = _or_answer(request, self._profiled_model, request.header.model)
+            model = _or_answer(request, self._profiled_model, request.header.model,
+                               partial(self.profile_budget.spending, client))
             if model is None:
                 return
             self.scheduler.submit(ProfileJob(self.services, request, model,
                                              self.profile_budget, client))
         self.queue.submit(load_then_profile, self.key(request))
 
-    def _profiled_model(self, digest: str):
+    def _profiled_model(self, digest: str, pay):
         if self.store.kind(digest) == 'onnx':
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'only rrto-program models can be profiled')
-        return self.registry.get(digest)
+        return self.registry.get(digest, pay)
 
     def on_evict(self, request: Request, frames: list) -> None:
         # admin only (rrto_server.auth.KIND_ROLES); reads and deletes files: control thread

@@ -10,7 +10,7 @@ An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Callable, ContextManager, Sequence
 
 import torch
 
@@ -99,13 +99,15 @@ class ModelRegistry:
                                 f'blob {digest[:12]} is a {kind} blob, not a model')
         return kind
 
-    def vet(self, digest: str, signature: Sequence[TensorSpec] | None = None) -> Verdict | None:
+    def vet(self, digest: str, signature: Sequence[TensorSpec] | None = None,
+            pay: Callable[[], ContextManager] | None = None) -> Verdict | None:
         """
         Check a stored model before first use (blocks for a trial run; call off the I/O thread).
 
         Raises ``unknown_model``/``blob_corrupt`` when its blobs are absent or damaged,
         ``unsafe_program`` when the sandbox refuses it.  An ONNX model is tried at
-        ``signature`` too (its shapes are the recording's, not the model's).
+        ``signature`` too (its shapes are the recording's, not the model's).  A trial
+        is paid for by ``pay`` (:meth:`rrto_server.sandbox.Sandbox.check`).
         """
         kind = self._kind(digest)
         blob = self.store.read(digest)            # verified against its digest
@@ -117,16 +119,16 @@ class ModelRegistry:
                 self.store.read(weights)
         if self.sandbox is None:
             return None
-        verdict = self.sandbox.check(digest, kind)
+        verdict = self.sandbox.check(digest, kind, pay=pay)
         if kind == 'onnx' and signature is not None:
-            verdict = self.sandbox.check(digest, kind, [list(s.shape) for s in signature])
+            verdict = self.sandbox.check(digest, kind, [list(s.shape) for s in signature], pay)
         return verdict
 
-    def get(self, digest: str) -> LoadedModel:
+    def get(self, digest: str, pay: Callable[[], ContextManager] | None = None) -> LoadedModel:
         model = self._loaded.get(digest)
         if model is not None:
             return model
-        verdict = self.vet(digest)
+        verdict = self.vet(digest, pay=pay)
         model = LoadedModel(digest, self._kind(digest), self.store.read(digest), self.store,
                             verdict)
         self._loaded.put(digest, model)

@@ -34,6 +34,7 @@ seconds.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
@@ -228,7 +229,8 @@ class DeviceBudget:
     empty is refused ``overloaded``, so one key's work of that kind never holds the
     device for longer than its bucket, whatever the number of requests it sends.
     The server keeps one for ``profile`` (10 s at once, 0.1 s back per second) and one
-    for ``record`` (:mod:`rrto_server.recording`).
+    for ``record`` (:mod:`rrto_server.recording`).  Each also pays for the sandbox trial
+    that vets a program first used by that kind of request (:meth:`spending`).
     """
 
     def __init__(self, what: str, burst_s: float = 10.0, rate: float = 0.1,
@@ -261,3 +263,13 @@ class DeviceBudget:
         with self._lock:
             left = self._refill(key)
             self._left[key] = (left - seconds, self.clock())
+
+    @contextlib.contextmanager
+    def spending(self, key) -> Iterator[None]:
+        """Check ``key``'s bucket (``overloaded`` when empty), then charge what the body took."""
+        self.check(key)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.charge(key, time.perf_counter() - start)

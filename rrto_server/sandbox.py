@@ -34,6 +34,7 @@ replay cache counts it for CPU replays (see :attr:`Verdict.peak_bytes`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -47,6 +48,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 
@@ -234,12 +236,14 @@ class Sandbox:
         threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True,
                          name='rrto-sandbox-start').start()
 
-    def check(self, digest: str, kind: str, shapes: list | None = None) -> Verdict:
+    def check(self, digest: str, kind: str, shapes: list | None = None,
+              pay: Callable[[], ContextManager] | None = None) -> Verdict:
         """
         Return the model's verdict (a trial on first use); raise if it is refused.
 
         ``shapes`` (ONNX only: a signature's input shapes) tries the model at
-        exactly those shapes, with a verdict of its own.
+        exactly those shapes, with a verdict of its own.  A trial runs inside
+        ``pay()`` when given: the requester's budget, checked before and charged after.
         """
         key = digest
         if shapes is not None:
@@ -249,7 +253,8 @@ class Sandbox:
         with busy:                       # one trial per model, however many ask at once
             verdict = self._known(key)
             if verdict is None:
-                verdict = self._try(digest, kind, shapes)
+                with pay() if pay is not None else contextlib.nullcontext():
+                    verdict = self._try(digest, kind, shapes)
                 with self._lock:
                     self._verdicts[key] = verdict
                 (self.folder / f'{key}.json').write_text(json.dumps(asdict(verdict)))

@@ -295,12 +295,12 @@ def test_one_connections_trials_delay_anothers_upload_by_one_trial_not_all(
     vetted, lock = [], threading.Lock()
     vet = server.registry.vet
 
-    def slow_vet(digest, signature=None):       # as a sandbox trial of a few seconds
+    def slow_vet(digest, signature=None, pay=None):     # as a sandbox trial of a few seconds
         if threading.current_thread().name.startswith('rrto-control'):
             time.sleep(0.3)
             with lock:
                 vetted.append(digest)
-        return vet(digest, signature)
+        return vet(digest, signature, pay)
     monkeypatch.setattr(server.registry, 'vet', slow_vet)
     attacker, victim = (raw_socket(zmq_ctx, server.endpoint) for _ in range(2))
     for i in range(8):                          # 8 different recordings: 8 trials

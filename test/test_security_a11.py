@@ -124,6 +124,42 @@ def test_a_recording_is_many_short_steps_each_charged_to_its_keys_budget(keyed, 
     assert _answer(victim)['kind'] == 'ok'
 
 
+def test_a_keys_sandbox_trials_are_paid_from_its_record_budget(keyed, zmq_ctx):
+    """a10 #3 / a11 left-over: each new program's trial ran however spent its key's budget was."""
+    from rrto_server.profiling import DeviceBudget
+    server, ck = keyed
+    sandbox = server.registry.sandbox
+    server.control.record_budget = DeviceBudget('record', burst_s=1e-9, rate=0.0)
+    mallory = _keyed_socket(zmq_ctx, server.endpoint, ck['mallory'])
+    blobs = [exploits.program([exploits.node('y', 'aten.add.Tensor', {'n': 'x'}, float(k),
+                                             out=('float32', (4,)))], ['y'])
+             for k in range(1, 4)]
+    for k, blob in enumerate(blobs):
+        _put(mallory, 1 + k, blob)
+    trials = sandbox.trials
+    mallory.send_multipart(_record(10, hashlib.sha256(blobs[0]).hexdigest(), (4,)))
+    first = _answer(mallory)
+    assert sandbox.trials == trials + 1, 'the first program was not tried'
+    assert first['kind'] == 'error' and first['code'] == ErrorCode.OVERLOADED, first
+    for k, blob in enumerate(blobs[1:]):        # the trial spent the budget: no more trials
+        mallory.send_multipart(_record(11 + k, hashlib.sha256(blob).hexdigest(), (4,)))
+        refused = _answer(mallory, timeout_ms=30000)
+        assert refused['kind'] == 'error' and refused['code'] == ErrorCode.OVERLOADED, refused
+        assert 'record budget' in refused['message']
+    assert sandbox.trials == trials + 1, f'{sandbox.trials - trials} trials on a spent budget'
+    server.control.profile_budget = DeviceBudget('profile', burst_s=1e-9, rate=0.0)
+    mallory.send_multipart(_profile_frames(20, hashlib.sha256(blobs[2]).hexdigest(), 2))
+    profiled = _answer(mallory, 'profile')      # a profile's trial is paid from its budget
+    assert sandbox.trials == trials + 2
+    assert profiled['kind'] == 'error' and profiled['code'] == ErrorCode.OVERLOADED, profiled
+    server.control.record_budget = DeviceBudget('record', burst_s=60.0, rate=0.0)
+    victim = _keyed_socket(zmq_ctx, server.endpoint, ck['victim'])     # budgets are per key
+    _put(victim, 1, blobs[1])
+    victim.send_multipart(_record(2, hashlib.sha256(blobs[1]).hexdigest(), (4,)))
+    assert _answer(victim)['kind'] == 'ok'
+    assert sandbox.trials == trials + 3
+
+
 def test_a_priority_0_keys_recordings_leave_a_priority_10_robot_its_deadlines(keyed, zmq_ctx):
     """a11 #2 as x01 ran it: the robot's infers (deadline 1 s) while mallory records in a loop."""
     from rrto_server.profiling import DeviceBudget
