@@ -732,7 +732,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='bandwidths, Mbit/s')
     parser.add_argument('--rtts', type=_floats, default=_floats('4,30'), help='RTTs, ms')
     parser.add_argument('--calls', type=int, default=7, help='rounds per grid point')
-    parser.add_argument('--calibration-rounds', type=int, default=5)
+    parser.add_argument('--calibration-rounds', type=int, default=8)
     parser.add_argument('--correction-calls', type=int, default=30,
                         help='inferences with an injected wrong table (0: skip that step)')
     parser.add_argument('--frames', type=int, default=8)

@@ -275,3 +275,37 @@ def test_side_by_side_results_combine_into_one_run_with_each_models_cores(tmp_pa
     assert data['meta']['per_model_cores']['resnet18'] == {
         'robot_cpus': [3], 'server_cpus': [4, 5], 'emulator_cpus': [7]}
     assert data['meta']['load'] == 1.5
+
+
+def test_cpus_that_slow_each_other_are_read_as_one_core():
+    from bench.cpu_pairs import pairs
+    cpus = list(range(16))
+
+    def measured(partner_of, targets=(0, 1)):
+        return {t: {c: (1.45 if c == partner_of(t) else 1.02) for c in cpus if c != t}
+                for t in targets}
+    half = pairs(cpus, measured(lambda t: t + 8))     # the H200 VM's shape, if SMT
+    assert half[0] == (0, 8) and half[7] == (7, 15) and len(half) == 8
+    adjacent = pairs(cpus, measured(lambda t: t ^ 1))
+    assert adjacent[:2] == [(0, 1), (2, 3)] and len(adjacent) == 8
+    alone = {t: {c: 1.03 for c in cpus if c != t} for t in (0, 1)}   # nothing slows anything
+    assert pairs(cpus, alone) == [(c,) for c in cpus]
+    odd = measured(lambda t: {0: 5, 1: 9}[t])          # no pattern: not guessed
+    assert pairs(cpus, odd) == [(c,) for c in cpus]
+
+
+def test_measured_pairs_give_the_robot_a_core_whose_twin_only_forwards_packets(tmp_path):
+    from bench.hybrid_cores import assign, processes
+    cores = [(c, c + 8) for c in range(8)]
+    two = assign(2, cores, server_cores=3)      # 2 x (robot + 3 server cores) = 8 cores
+    assert two[0] == {'robot': [0], 'server': [1, 9, 2, 10, 3, 11], 'emulator': [8]}
+    assert two[1] == {'robot': [4], 'server': [5, 13, 6, 14, 7, 15], 'emulator': [12]}
+    with pytest.raises(ValueError, match='need 9 physical cores'):
+        assign(2, [(c,) for c in range(8)], server_cores=3)   # no twin to put it on
+    (tmp_path / 'pairs.json').write_text(json.dumps({'groups': [list(c) for c in cores]}))
+    argv = ['resnet18,resnet18', str(tmp_path), '--server-cores', '3',
+            '--pairs', str(tmp_path / 'pairs.json'), '--calls', '7']
+    (_, first), (_, second) = processes(argv, list(range(16)))
+    assert first[first.index('--server-cpus') + 1] == '1,9,2,10,3,11'
+    assert second[second.index('--emulator-cpus') + 1] == '12'
+    assert '--pairs' not in first and first[-2:] == ['--calls', '7']
