@@ -170,6 +170,41 @@ def test_the_paired_error_is_the_error_of_the_ratio_to_the_fastest_other_plan():
     assert p['gain'] == pytest.approx(0.1) and p['within']
 
 
+def test_a_baseline_plan_is_every_runner_that_ran_it_not_the_luckiest_of_them():
+    lucky = [95.0, 105.0, 114.0, 130.0, 140.0]   # the best split runs local too: 3 lucky calls
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0,
+                       plans={'hybrid': 'local', 'best_split': 'local'}),
+                  local=DRIFT, local_twin=DRIFT, best_split=lucky,
+                  offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                  hybrid=DRIFT)
+    # against the luckiest of three identical runners the table's runner, running the same
+    # plan, is 4.8 % slower round by round: over the limit
+    assert hybrid.paired_verdict(row)['gain'] == pytest.approx(1 - 110 / 105)
+    assert not hybrid.paired_verdict(row)['within']
+    v = hybrid.plan_verdict(row)   # local's rounds: the mean of its three runners
+    assert v['best'] == 'local' and v['same_plan'] and v['within']
+    assert v['gain'] == pytest.approx(1 - 110 / ((110 + 110 + 105) / 3))
+    # a table's runner slower than every runner of the plan it runs is still over
+    slow = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0,
+                        plans={'hybrid': 'local', 'best_split': 'local'}),
+                   local=DRIFT, local_twin=DRIFT, best_split=DRIFT,
+                   offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                   hybrid=[1.05 * ms for ms in DRIFT])
+    w = hybrid.plan_verdict(slow)
+    assert w['gain'] == pytest.approx(-0.05)
+    assert not w['within'] and w['best'] == 'local'
+    other = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0),   # another plan, slower
+                    local=DRIFT, local_twin=DRIFT, best_split=[1.5 * ms for ms in DRIFT],
+                    offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                    hybrid=[1.04 * ms for ms in DRIFT])
+    assert hybrid.plan_verdict(other)['gain'] == pytest.approx(-0.04)
+    assert not hybrid.plan_verdict(other)['within']
+    s = hybrid.plan_summary([row, other])
+    assert (s['over'], s['over_same_plan'], s['points']) == (1, 0, 2)
+    assert hybrid.plan_verdict(_row(local=100.0, offload=150.0, best_split=90.0,
+                                    hybrid=72.0)) is None   # no rounds, no verdict
+
+
 def test_results_without_rounds_have_no_paired_verdict():
     row = _row(local=100.0, offload=150.0, best_split=90.0, hybrid=72.0)
     assert hybrid.paired_verdict(row) is None
