@@ -753,8 +753,10 @@ def _margin_basis(cal: dict) -> str:
             'round, on held-out rounds of' if paired
             else 'the corrected model\'s error on held-out measurements of' if held
             else 'the model\'s error before correction on')
+    own = (' (paired bootstrap); each of those plans is guarded by its own error'
+           if cal.get('margins') else '')
     return (f'75th percentile of {what} {len(errors)} plans timed end to end: median '
-            f'{(median_error(errors.values()) or 0) * 100:.1f} %')
+            f'{(median_error(errors.values()) or 0) * 100:.1f} %{own}')
 
 
 def _where(cores: list[int] | None) -> str:

@@ -8,11 +8,13 @@ times relative to the robot's own speed in the same round
 plan: the uncorrected model's, the corrected model's on rounds its
 correction did not see (:func:`held_out_errors`), and the corrected model's
 on the plan's ratio to the best measured baseline, round by round
-(:func:`paired_errors`).  The decision margin (:meth:`Calibrated.margin`,
-:func:`margin_from`) comes from the paired errors: a margin guards the
-comparison of a plan with the best baseline, and drift common to a round
-(the robot's core, the machine's load) moves both sides of that comparison
-alike.
+(:func:`paired_errors`, a paired bootstrap over the rounds).  The decision
+margins come from the paired errors: each plan timed end to end is held to
+its own (:meth:`Calibrated.margins`), plans not timed to their 75th
+percentile (:meth:`Calibrated.margin`, :func:`margin_from`).  A margin
+guards the comparison of a plan with the best baseline, and drift common to
+a round (the robot's core, the machine's load) moves both sides of that
+comparison alike.
 """
 
 from __future__ import annotations

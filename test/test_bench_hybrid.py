@@ -40,6 +40,8 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     # the margin guards each plan's ratio to the best measured baseline, round by round
     assert calibration['paired_errors'] and calibration['paired_with'] in ('local', 'offload')
     assert calibration['robot_reference_ms'] > 0 and 'local' in calibration['phase_free']
+    assert set(calibration['margins']) == set(calibration['paired_errors'])   # one per plan
+    assert all(0.02 <= m <= 0.15 for m in calibration['margins'].values())
     correction = model['correction']
     if correction is not None:
         assert len(correction['plans_used']) == 6
@@ -48,6 +50,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     assert 'Kept text.' in text and text.count(hybrid.BEGIN) == 1
     assert '## Hybrid-Parallel plans' in text and 'Median prediction error' in text
     assert f"error on the ratio to `{calibration['paired_with']}`, round by round" in text
+    assert 'each of those plans is guarded by its own error' in text   # per-plan margins
 
 
 def _row(**medians):
