@@ -347,3 +347,18 @@ def test_measured_pairs_give_the_robot_a_core_whose_twin_only_forwards_packets(t
     assert first[first.index('--server-cpus') + 1] == '1,9,2,10,3,11'
     assert second[second.index('--emulator-cpus') + 1] == '12'
     assert '--pairs' not in first and first[-2:] == ['--calls', '7']
+
+
+def test_cores_only_prints_each_processs_cores_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    from bench import hybrid_cores
+    monkeypatch.setattr(hybrid_cores.os, 'sched_getaffinity', lambda pid: set(range(16)))
+    monkeypatch.setattr(hybrid_cores.subprocess, 'Popen', None)   # starting one would fail
+    pairs = tmp_path / 'pairs.json'
+    pairs.write_text(json.dumps({'groups': [[c] for c in range(16)]}))   # nothing shared
+    argv = ['resnet18,resnet18', str(tmp_path / 'out'), '--server-cores', '6', '--pairs',
+            str(pairs), '--calls', '7', '--cores-only']
+    assert hybrid_cores.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ['--robot-cpus 0 --server-cpus 1,2,3,4,5,6 --emulator-cpus 14',
+                     '--robot-cpus 7 --server-cpus 8,9,10,11,12,13 --emulator-cpus 15']
+    assert not list((tmp_path / 'out').iterdir())
