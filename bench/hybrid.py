@@ -485,6 +485,61 @@ def paired_verdict(row: dict, pooled: dict[str, float] | None = None) -> dict | 
     return result
 
 
+def _plan_rounds(row: dict, plan: str) -> list[float] | None:
+    """Return per round the mean latency of every baseline runner that ran ``plan``."""
+    runs = [row[name].get('rounds_ms') for name in MODES
+            if name != 'hybrid' and name in row and row[name]['plan'] == plan]
+    if not runs or any(not r or len(r) != len(runs[0]) for r in runs):
+        return None
+    return [statistics.fmean(values) for values in zip(*runs)]
+
+
+def plan_verdict(row: dict) -> dict | None:
+    """
+    Judge a grid point by plan: each baseline plan measured by every runner that ran it.
+
+    The baselines are plans (local, offload, the best split).  Two or three
+    runners run one of them at every point (local and its twin; the best split
+    too where it is local or offload), and :func:`verdict` and
+    :func:`paired_verdict` compare the table's runner with the fastest of those
+    runners: the luckiest of identical runners, a bias against a table that
+    chose that very plan (H200 host, 2026-12-01: Tiny-YOLO at 100 Mbit/s,
+    30 ms, the table's runner ran `local` in 24.7 ms, the best split runner,
+    also `local`, in 20.6: "19.9 % slower", 13.2 % round by round).  Here a
+    plan's latency in a round is the mean of its runners' in that round;
+    ``gain`` is 1 - the median over rounds of the table's runner over the plan
+    it loses to most (``best``); the noise floor and the rule are the paired
+    verdict's.  None where the row has no per-round samples.
+    """
+    h = row['hybrid']
+    noises = [_paired_gap(row[a], row[b]) for a, b in TWINS if a in row and b in row]
+    if not h.get('rounds_ms') or None in noises or not noises:
+        return None
+    ratios = {}
+    for plan in {row[name]['plan'] for name in BASELINES}:
+        rounds = _plan_rounds(row, plan)
+        if rounds is None or len(rounds) != len(h['rounds_ms']):
+            return None
+        ratios[plan] = statistics.median(a / b for a, b in zip(h['rounds_ms'], rounds))
+    best = max(ratios, key=lambda plan: (ratios[plan], plan))
+    allowed = max(0.03, max(noises))
+    gain = 1 - ratios[best]
+    return {'best': best, 'gain': gain, 'noise': max(noises), 'allowed': allowed,
+            'same_plan': best == h['plan'], 'within': gain >= -allowed}
+
+
+def plan_summary(rows: list[dict]) -> dict | None:
+    """Return the by-plan verdicts over one model's grid (None without per-round samples)."""
+    verdicts = [plan_verdict(row) for row in rows]
+    if not verdicts or None in verdicts:
+        return None
+    return {'worst': max(-v['gain'] for v in verdicts),
+            'all_within': all(v['within'] for v in verdicts),
+            'over': sum(not v['within'] for v in verdicts),
+            'over_same_plan': sum(not v['within'] and v['same_plan'] for v in verdicts),
+            'points': len(verdicts)}
+
+
 def paired_floors(rows: list[dict]) -> dict[str, float]:
     """Return per regime the largest paired gap between identical twins anywhere in the run."""
     gaps: dict[str, list[float]] = {'robot': [], 'link': []}
@@ -544,6 +599,7 @@ def summary(result: dict) -> dict:
         'crossover_gain': max((v['gain'] for v in band), default=None),
         'median_error': median_error(v['error'] for v in verdicts),
         'paired': paired_summary(result['rows']),
+        'by_plan': plan_summary(result['rows']),
         'corrected_within_20': None if correction is None
         else (correction['calls_until_dropped'] <= 20
               or correction.get('really_wrong') is False),
@@ -637,6 +693,15 @@ def render(meta: dict, models: list[dict]) -> str:
                       'running another plan): ' + ('-' if paired['median_error'] is None
                                                    else f'{paired["median_error"] * 100:.1f} %')
                       + '.', '']
+        by_plan = s['by_plan']
+        if by_plan:
+            lines += [f'By plan (each baseline plan timed by every runner that ran it: per '
+                      f'round the mean of those runners, then paired as above): worst '
+                      f'{by_plan["worst"] * 100:+.1f} %; every point within max(3 %, its '
+                      f'twins\' paired gap): {"yes" if by_plan["all_within"] else "NO"} '
+                      f'({by_plan["over"]} of {by_plan["points"]} over, '
+                      f'{by_plan["over_same_plan"]} of them with the best baseline\'s plan).',
+                      '']
         c = result.get('correction')
         if c:
             kept = c['calls_until_dropped'] == len(c['plans_used'])
@@ -688,8 +753,10 @@ def _margin_basis(cal: dict) -> str:
             'round, on held-out rounds of' if paired
             else 'the corrected model\'s error on held-out measurements of' if held
             else 'the model\'s error before correction on')
+    own = (' (paired bootstrap); each of those plans is guarded by its own error'
+           if cal.get('margins') else '')
     return (f'75th percentile of {what} {len(errors)} plans timed end to end: median '
-            f'{(median_error(errors.values()) or 0) * 100:.1f} %')
+            f'{(median_error(errors.values()) or 0) * 100:.1f} %{own}')
 
 
 def _where(cores: list[int] | None) -> str:
@@ -732,7 +799,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help='bandwidths, Mbit/s')
     parser.add_argument('--rtts', type=_floats, default=_floats('4,30'), help='RTTs, ms')
     parser.add_argument('--calls', type=int, default=7, help='rounds per grid point')
-    parser.add_argument('--calibration-rounds', type=int, default=5)
+    parser.add_argument('--calibration-rounds', type=int, default=8)
     parser.add_argument('--correction-calls', type=int, default=30,
                         help='inferences with an injected wrong table (0: skip that step)')
     parser.add_argument('--frames', type=int, default=8)

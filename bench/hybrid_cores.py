@@ -12,8 +12,12 @@ another in one process, on the same cores (a server with many cores for fewer
 processes).  Each process writes ``OUT/<models>.json`` and ``OUT/<models>.log``
 (names joined by ``-``), and at the end ``OUT/combined.json`` holds every model
 with the cores each ran on (:func:`combine`; render it with
-``python -m bench.hybrid --render-only --out``).  Other arguments after ``OUT``
-go to every ``bench.hybrid`` process.
+``python -m bench.hybrid --render-only --out``).  ``--pairs FILE`` takes the
+physical cores from what ``python -m bench.cpu_pairs --out FILE`` measured
+(CPUs that slow each other: hyperthreads a VM does not show) instead of
+sysfs; ``--cores-only`` prints each process's core arguments, one
+line each, and runs nothing (to start ``bench.hybrid`` from other trees on the
+same layout).  Other arguments after ``OUT`` go to every ``bench.hybrid`` process.
 
     python -m bench.hybrid_cores resnet18,python:bench.unseen_models:unet /tmp/out \
         --size 128x160 --grid 5,20,50,100,300 --rtts 4,30 --calls 5
@@ -49,19 +53,23 @@ def assign(models: int, cores: list[tuple[int, ...]],
     Return per process its robot, server and emulator cores (raises if too few cores).
 
     ``server_cores`` physical cores per server (default: one with SMT, else
-    two), every hardware thread of them.
+    two), every hardware thread of them.  The robot gets one hardware thread
+    of its core; where no core is left for an emulator, the emulator runs on
+    the robot core's other thread (lighter than a server beside the robot).
     """
     smt = len(cores[0]) > 1
     server_cores = server_cores or (1 if smt else 2)
     per_model = 1 + server_cores
-    if len(cores) < per_model * models + 1:
+    beside_robot = smt and len(cores) == per_model * models
+    if len(cores) < per_model * models + (0 if beside_robot else 1):
         raise ValueError(f'{models} processes need {per_model * models + 1} physical cores, '
                          f'{len(cores)} available')
     own = len(cores) >= (per_model + 1) * models
     plans = []
     for k in range(models):
-        emulator = list(cores[per_model * models + (k if own else 0)])
         first = per_model * k
+        emulator = (list(cores[first][1:]) if beside_robot
+                    else list(cores[per_model * models + (k if own else 0)]))
         server = [cpu for core in cores[first + 1:first + per_model] for cpu in core]
         plans.append({'robot': [cores[first][0]], 'server': server, 'emulator': emulator})
     return plans
@@ -89,8 +97,15 @@ def processes(argv: list[str], cpus: list[int]) -> list[tuple[str, list[str]]]:
         at = extra.index('--server-cores')
         server_cores = int(extra[at + 1])
         extra = extra[:at] + extra[at + 2:]
+    layout = physical_cores(cpus)
+    if '--pairs' in extra:
+        at = extra.index('--pairs')
+        groups_of = json.loads(Path(extra[at + 1]).read_text())['groups']
+        extra = extra[:at] + extra[at + 2:]
+        layout = sorted(tuple(c for c in group if c in cpus) for group in groups_of
+                        if any(c in cpus for c in group))
     result = []
-    for group, cores in zip(groups, assign(len(groups), physical_cores(cpus), server_cores)):
+    for group, cores in zip(groups, assign(len(groups), layout, server_cores)):
         models = group.split('+')
         name = '-'.join(model.split(':')[-1] for model in models)
         cmd = [sys.executable, '-m', 'bench.hybrid', '--models', ','.join(models),
@@ -108,8 +123,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     out = Path(argv[1])
     out.mkdir(parents=True, exist_ok=True)
+    only = '--cores-only' in argv
+    commands = processes([arg for arg in argv if arg != '--cores-only'],
+                         sorted(os.sched_getaffinity(0)))
+    if only:
+        for _, cmd in commands:
+            at = cmd.index('--robot-cpus')
+            print(shlex.join(cmd[at:at + 6]))
+        return 0
     procs, paths = [], []
-    for name, cmd in processes(argv, sorted(os.sched_getaffinity(0))):
+    for name, cmd in commands:
         paths.append(out / f'{name}.json')
         print(name, shlex.join(cmd[3:]), flush=True)
         with open(out / f'{name}.log', 'w') as log:

@@ -32,12 +32,13 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    (:func:`~rrto_ros.plan_profile.phase_free`): in session 3 ResNet-18's
    local calls ran 130-137 ms during calibration, 51-88 ms on the grid, and
    the corrected model chose a split that was up to 71 % slower.  The
-   decision margin is the 75th percentile (within ``MARGIN_BOUNDS``) of the
-   corrected model's error on the ratio of each plan to the best measured
-   baseline, round by round, on rounds the correction did not see
-   (:func:`paired_errors`): the margin guards a comparison, and drift common
-   to a round does not change it.  Without a server the margin stays at its
-   default;
+   decision margin of a plan timed end to end is the corrected model's error
+   on that plan's ratio to the best measured baseline, round by round, on
+   rounds the correction did not see (a paired bootstrap:
+   :func:`~rrto_ros.plan_calibrate.paired_errors`), within ``MARGIN_BOUNDS``;
+   the table's margin (plans not timed) is the 75th percentile of those: the
+   margin guards a comparison, and drift common to a round does not change
+   it.  Without a server the margin stays at its default;
 5. re-decide every grid point (:func:`refine`).
 """
 
@@ -118,7 +119,7 @@ def profile(model: TorchModule, x: torch.Tensor, prepared: tuple, endpoint: str 
 
 def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str | None = None,
           repeats: int = 5, server_speedup: float = 8.0, objective: str = 'latency',
-          power: Power = Power(), rounds: int = 5,
+          power: Power = Power(), rounds: int = 8,
           calibration_link: Link = UNLIMITED) -> Solved:
     """Profile, calibrate, search and decide (see the module docstring)."""
     prepared = prepare(model, x)
@@ -134,7 +135,7 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
                       + [p for s in solutions for p, _ in s.baselines.values()])
     calibrated = Calibrated()
     samples: dict[str, list[measure.Timed]] = {}
-    margin = DEFAULT_MARGIN
+    margin, margins = DEFAULT_MARGIN, {}
     robot = measure.measure_plans(model, program, analysis, weights, x, plans, 2 * repeats)
     ratios = {name: ms / robot.reference_ms for name, ms in robot.ms.items()}
     level = robot.reference_ms
@@ -145,8 +146,8 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
         level = _robot_level(samples, level)
         robot_side = _price_robot(cost, ratios, level)
         calibrated = calibrate_plans(cost, plans, samples, calibration_link, level, baselines)
-        margin = calibrated.margin()
-    decided = refine(cost, candidates, robot_side, margin)
+        margin, margins = calibrated.margin(), calibrated.margins()
+    decided = refine(cost, candidates, robot_side, margin, margins)
     for _ in range(2 if endpoint is not None else 0):
         # corrections move the baselines: a split the model then prefers may not have been
         # timed end to end yet (in session 2 split@1 got chosen that way, uncorrected while
@@ -165,8 +166,8 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
         level = _robot_level(samples, level)
         robot_side = _price_robot(cost, ratios, level)
         calibrated = calibrate_plans(cost, plans, samples, calibration_link, level, baselines)
-        margin = calibrated.margin()
-        decided = refine(cost, candidates, robot_side, margin)
+        margin, margins = calibrated.margin(), calibrated.margins()
+        decided = refine(cost, candidates, robot_side, margin, margins)
     errors = calibrated.errors
     measured = {name: statistics.median(t.total_ms for t in timed)
                 for name, timed in calibrated.samples.items()}
@@ -185,7 +186,8 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
                                   'rtt_ms': calibration_link.rtt_ms},
                          'measured_ms': measured, 'errors': errors,
                          'held_out_errors': calibrated.held_out,
-                         'paired_errors': calibrated.paired, 'paired_with': calibrated.reference,
+                         'paired_errors': calibrated.paired, 'margins': margins,
+                         'paired_with': calibrated.reference,
                          'robot_reference_ms': level, 'phase_free': calibrated.phase_free,
                          'server_compute_ms': calibrated.server_side,
                          'samples': {name: [list(t) for t in timed]
@@ -223,14 +225,15 @@ def _distinct(plans: list[Plan]) -> list[Plan]:
 
 
 def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[str, float],
-           margin: float = 0.05) -> list[Solution]:
+           margin: float = 0.05, margins: dict[str, float] | None = None) -> list[Solution]:
     """
     Re-decide every grid point with the robot side of candidate plans measured, not modelled.
 
     ``measured_robot_ms`` maps plan names to the robot's measured time under the
     plan (:meth:`rrto_ros.hybrid.PlanRuntime.robot_ms`).  A split or hybrid plan
     stays only where, with that measurement, it still beats the best baseline by
-    ``margin``; elsewhere the best baseline is used.
+    its margin (``margins[plan]``, its own measured error, else ``margin``);
+    elsewhere the best baseline is used.
     """
     model.measured_robot_ms.update(measured_robot_ms)
     plans = {s.plan.name: s.plan for s in solutions if s.plan.kind in ('split', 'hybrid')}
@@ -238,9 +241,10 @@ def refine(model: CostModel, solutions: list[Solution], measured_robot_ms: dict[
     for s in solutions:
         baselines = model.baselines(s.link)
         best_plan, best = min(baselines.values(), key=lambda pe: (pe[1].latency_ms, pe[0].name))
-        threshold = (1 - margin) * best.latency_ms
+        baseline_ms = best.latency_ms
         for plan in plans.values():
             estimate = model.estimate(plan, s.link)
+            threshold = (1 - (margins or {}).get(plan.name, margin)) * baseline_ms
             if estimate.latency_ms <= min(threshold, best.latency_ms):
                 best_plan, best = plan, estimate
         refined.append(Solution(s.link, best_plan, best, baselines, s.solve_s, s.evaluations))

@@ -40,6 +40,8 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     # the margin guards each plan's ratio to the best measured baseline, round by round
     assert calibration['paired_errors'] and calibration['paired_with'] in ('local', 'offload')
     assert calibration['robot_reference_ms'] > 0 and 'local' in calibration['phase_free']
+    assert set(calibration['margins']) == set(calibration['paired_errors'])   # one per plan
+    assert all(0.02 <= m <= 0.15 for m in calibration['margins'].values())
     correction = model['correction']
     if correction is not None:
         assert len(correction['plans_used']) == 6
@@ -48,6 +50,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     assert 'Kept text.' in text and text.count(hybrid.BEGIN) == 1
     assert '## Hybrid-Parallel plans' in text and 'Median prediction error' in text
     assert f"error on the ratio to `{calibration['paired_with']}`, round by round" in text
+    assert 'each of those plans is guarded by its own error' in text   # per-plan margins
 
 
 def _row(**medians):
@@ -170,6 +173,41 @@ def test_the_paired_error_is_the_error_of_the_ratio_to_the_fastest_other_plan():
     assert p['gain'] == pytest.approx(0.1) and p['within']
 
 
+def test_a_baseline_plan_is_every_runner_that_ran_it_not_the_luckiest_of_them():
+    lucky = [95.0, 105.0, 114.0, 130.0, 140.0]   # the best split runs local too: 3 lucky calls
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0,
+                       plans={'hybrid': 'local', 'best_split': 'local'}),
+                  local=DRIFT, local_twin=DRIFT, best_split=lucky,
+                  offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                  hybrid=DRIFT)
+    # against the luckiest of three identical runners the table's runner, running the same
+    # plan, is 4.8 % slower round by round: over the limit
+    assert hybrid.paired_verdict(row)['gain'] == pytest.approx(1 - 110 / 105)
+    assert not hybrid.paired_verdict(row)['within']
+    v = hybrid.plan_verdict(row)   # local's rounds: the mean of its three runners
+    assert v['best'] == 'local' and v['same_plan'] and v['within']
+    assert v['gain'] == pytest.approx(1 - 110 / ((110 + 110 + 105) / 3))
+    # a table's runner slower than every runner of the plan it runs is still over
+    slow = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0,
+                        plans={'hybrid': 'local', 'best_split': 'local'}),
+                   local=DRIFT, local_twin=DRIFT, best_split=DRIFT,
+                   offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                   hybrid=[1.05 * ms for ms in DRIFT])
+    w = hybrid.plan_verdict(slow)
+    assert w['gain'] == pytest.approx(-0.05)
+    assert not w['within'] and w['best'] == 'local'
+    other = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0),   # another plan, slower
+                    local=DRIFT, local_twin=DRIFT, best_split=[1.5 * ms for ms in DRIFT],
+                    offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                    hybrid=[1.04 * ms for ms in DRIFT])
+    assert hybrid.plan_verdict(other)['gain'] == pytest.approx(-0.04)
+    assert not hybrid.plan_verdict(other)['within']
+    s = hybrid.plan_summary([row, other])
+    assert (s['over'], s['over_same_plan'], s['points']) == (1, 0, 2)
+    assert hybrid.plan_verdict(_row(local=100.0, offload=150.0, best_split=90.0,
+                                    hybrid=72.0)) is None   # no rounds, no verdict
+
+
 def test_results_without_rounds_have_no_paired_verdict():
     row = _row(local=100.0, offload=150.0, best_split=90.0, hybrid=72.0)
     assert hybrid.paired_verdict(row) is None
@@ -275,3 +313,52 @@ def test_side_by_side_results_combine_into_one_run_with_each_models_cores(tmp_pa
     assert data['meta']['per_model_cores']['resnet18'] == {
         'robot_cpus': [3], 'server_cpus': [4, 5], 'emulator_cpus': [7]}
     assert data['meta']['load'] == 1.5
+
+
+def test_cpus_that_slow_each_other_are_read_as_one_core():
+    from bench.cpu_pairs import pairs
+    cpus = list(range(16))
+
+    def measured(partner_of, targets=(0, 1)):
+        return {t: {c: (1.45 if c == partner_of(t) else 1.02) for c in cpus if c != t}
+                for t in targets}
+    half = pairs(cpus, measured(lambda t: t + 8))     # the H200 VM's shape, if SMT
+    assert half[0] == (0, 8) and half[7] == (7, 15) and len(half) == 8
+    adjacent = pairs(cpus, measured(lambda t: t ^ 1))
+    assert adjacent[:2] == [(0, 1), (2, 3)] and len(adjacent) == 8
+    alone = {t: {c: 1.03 for c in cpus if c != t} for t in (0, 1)}   # nothing slows anything
+    assert pairs(cpus, alone) == [(c,) for c in cpus]
+    odd = measured(lambda t: {0: 5, 1: 9}[t])          # no pattern: not guessed
+    assert pairs(cpus, odd) == [(c,) for c in cpus]
+
+
+def test_measured_pairs_give_the_robot_a_core_whose_twin_only_forwards_packets(tmp_path):
+    from bench.hybrid_cores import assign, processes
+    cores = [(c, c + 8) for c in range(8)]
+    two = assign(2, cores, server_cores=3)      # 2 x (robot + 3 server cores) = 8 cores
+    assert two[0] == {'robot': [0], 'server': [1, 9, 2, 10, 3, 11], 'emulator': [8]}
+    assert two[1] == {'robot': [4], 'server': [5, 13, 6, 14, 7, 15], 'emulator': [12]}
+    with pytest.raises(ValueError, match='need 9 physical cores'):
+        assign(2, [(c,) for c in range(8)], server_cores=3)   # no twin to put it on
+    (tmp_path / 'pairs.json').write_text(json.dumps({'groups': [list(c) for c in cores]}))
+    argv = ['resnet18,resnet18', str(tmp_path), '--server-cores', '3',
+            '--pairs', str(tmp_path / 'pairs.json'), '--calls', '7']
+    (_, first), (_, second) = processes(argv, list(range(16)))
+    assert first[first.index('--server-cpus') + 1] == '1,9,2,10,3,11'
+    assert second[second.index('--emulator-cpus') + 1] == '12'
+    assert '--pairs' not in first and first[-2:] == ['--calls', '7']
+
+
+def test_cores_only_prints_each_processs_cores_and_starts_nothing(tmp_path, monkeypatch, capsys):
+    from bench import hybrid_cores
+    monkeypatch.setattr(hybrid_cores.os, 'sched_getaffinity', lambda pid: set(range(16)))
+    monkeypatch.setattr(hybrid_cores.subprocess, 'Popen', None)   # starting one would fail
+    pairs = tmp_path / 'pairs.json'
+    pairs.write_text(json.dumps({'groups': [[c] for c in range(16)]}))   # nothing shared
+    argv = ['resnet18,resnet18', str(tmp_path / 'out'), '--server-cores', '6', '--pairs',
+            str(pairs), '--calls', '7', '--cores-only']
+    assert hybrid_cores.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ['--robot-cpus 0 --server-cpus 1,2,3,4,5,6 --emulator-cpus 14',
+                     '--robot-cpus 7 --server-cpus 8,9,10,11,12,13 --emulator-cpus 15']
+    assert not list((tmp_path / 'out').iterdir())

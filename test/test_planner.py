@@ -560,3 +560,49 @@ def test_the_robot_is_priced_at_its_speed_in_the_end_to_end_rounds(
     assert solved.cost.estimate(Plan('local'), Link(1e6, 0.0)).robot_compute_ms == (
         pytest.approx(50.0))
     assert calibration['measured_ms']['local'] == pytest.approx(52.0)   # 4 % engine overhead
+
+
+def test_each_timed_plan_is_guarded_by_its_own_measured_error(prepared):
+    from rrto_ros import plan_calibrate
+    from rrto_ros.plan_solve import refine
+    cost = _cost(prepared[3], robot_ms=1.0, server_ms=1.0)
+    link = Link(1e6, 0.0)   # equal speeds, free link: splitting the rows pays
+    solution = optimise(cost, link)
+    assert solution.plan.kind == 'hybrid'
+    best = min(e.latency_ms for _, e in cost.baselines(link).values())
+    gain = 1 - solution.estimate.latency_ms / best
+    assert gain > 0.05
+    name = solution.plan.name
+    robot = {name: solution.estimate.robot_compute_ms}
+    # a wide table margin (set by plans nobody would choose) does not block a plan whose
+    # own error is small; a plan whose own error exceeds its predicted gain stays out
+    wide = gain + 0.01
+    assert refine(cost, [solution], robot, wide, {name: 0.02})[0].plan == solution.plan
+    assert refine(cost, [solution], robot, 0.02, {name: wide})[0].plan.kind != 'hybrid'
+    assert refine(cost, [solution], robot, wide)[0].plan.kind != 'hybrid'   # the table's margin
+    calibrated = plan_calibrate.Calibrated(paired={name: 0.001, 'split@3': -0.4})
+    assert calibrated.margins() == {name: 0.02, 'split@3': 0.15}   # within the bounds
+    assert calibrated.margin() > 0.1   # the table's margin still covers plans not timed
+
+
+def test_the_paired_error_uses_every_round_to_calibrate_and_to_judge(prepared):
+    from rrto_ros import plan_calibrate
+    cost = _cost(prepared[3])
+    link = Link(1e6, 0.0)
+    plans = [Plan('local'), Plan('offload')]
+    local = cost.estimate(plans[0], link).latency_ms
+    offload = cost.estimate(plans[1], link).latency_ms
+    # four rounds; offload's ratio to local is 40 % off in round 3 alone: an even/odd split
+    # judged rounds 1 and 3 on rounds 0 and 2 and called it a 17 % error; drawn and judged
+    # over every round, one outlying round of four moves the error much less
+    samples = {'local': _rounds([local] * 4),
+               'offload': _rounds([offload * f for f in (1.0, 1.0, 1.0, 1.4)])}
+    errors = plan_calibrate.paired_errors(cost, plans, samples, link, 'local')
+    again = plan_calibrate.paired_errors(cost, plans, samples, link, 'local')
+    assert errors == again   # a fixed seed: the same samples, the same error
+    assert abs(errors['offload']) < 0.1
+    flip = {'local': samples['local'],   # a ratio that moves from round to round widens it
+            'offload': _rounds([offload * f for f in (1.0, 1.25, 1.0, 1.25)])}
+    assert plan_calibrate.paired_errors(cost, plans, flip, link, 'local')['offload'] > 0.15
+    steady = {'local': samples['local'], 'offload': _rounds([offload * 1.25] * 4)}
+    assert plan_calibrate.paired_errors(cost, plans, steady, link, 'local')['offload'] < 1e-9
