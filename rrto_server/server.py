@@ -16,6 +16,10 @@ most urgent request at the next segment boundary) this thread serves them end
 to end (the common case on the express path, :mod:`rrto_server.express`),
 otherwise it decodes them (zero-copy views) and queues them itself.
 
+The server's own ZeroMQ context reads the connections on ``IO_THREADS`` libzmq
+threads, so one peer's multi-megabyte batch does not hold up another peer's frames
+before this thread sees them.
+
 Limits on the socket itself (libzmq, before Python sees a byte):
 ``ZMQ_MAXMSGSIZE`` is the server's message limit, checked by libzmq per
 message part: a peer that sends a larger part is disconnected without a reply.
