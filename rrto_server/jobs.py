@@ -262,11 +262,14 @@ class ExpressJob(InferJob):
     def complete(self) -> None:
         plan, outputs, self.outputs = self.replay.express, self.outputs, None
         answered = time.perf_counter()
-        self.request.ok_raw(plan.reply_body(outputs), on_sent=plan.sent, timing=self.timing())
-        # the counters follow the reply: none of them is on the request's path (H200,
-        # squeezenet1_1: the served-time median and the task counters took 0.014 ms there)
-        self.replay.served(self.compute_s)
-        self._count(answered)
+        try:
+            self.request.ok_raw(plan.reply_body(outputs), on_sent=plan.sent,
+                                timing=self.timing())
+        finally:
+            # the counters follow the reply: none of them is on the request's path (H200,
+            # squeezenet1_1: the served-time median and the task counters took 0.014 ms there)
+            self.replay.served(self.compute_s)
+            self._count(answered)
 
     def fail(self, error: ProtocolError) -> None:
         self._reply_error(error)
