@@ -29,9 +29,26 @@ import torch
 
 PHASES = [   # (module, owner, function, label), in request order
     ('rrto_server.server', 'Server', 'on_message', 'on_message (everything on receipt)'),
+    ('rrto_wire.protocol', None, 'message_size', 'message_size'),
+    ('rrto_server.requests', 'Request', '__init__', 'Request()'),
     ('rrto_wire.messages', None, 'decode_request', 'decode_request'),
+    ('rrto_server.stats', 'ServerStats', 'request', 'stats.request'),
     ('rrto_server.guard', 'Guard', 'admit', 'guard.admit'),
+    ('rrto_server.server', 'Server', '_on_infer', '_on_infer'),
+    ('rrto_server.server', None, 'job_keys', 'job_keys'),
+    ('rrto_server.replay_cache', 'ReplayCache', 'get', 'replays.get'),
+    ('rrto_wire.protocol', None, 'decoded_size', 'decoded_size'),
+    ('rrto_server.server', 'Server', '_express', '_express (inline limit, accept)'),
     ('rrto_server.express', 'ExpressPlan', 'accept', 'express accept (frame checks)'),
+    ('rrto_server.jobs', 'ExpressJob', '__init__', 'ExpressJob()'),
+    ('rrto_server.taskstats', 'TaskStats', 'arrived', 'tasks.arrived'),
+    ('rrto_server.scheduler', 'Scheduler', '_start', 'scheduler._start'),
+    ('rrto_server.scheduler', 'Scheduler', '_run_step', 'scheduler._run_step'),
+    ('rrto_server.jobs', 'ExpressJob', 'step', 'express step'),
+    ('rrto_server.replay', 'Replay', 'served', 'replay.served'),
+    ('rrto_server.jobs', 'InferJob', '_count', 'tasks.ended (_count)'),
+    ('rrto_server.jobs', 'InferJob', 'timing', 'timing()'),
+    ('rrto_server.requests', 'Request', '_answer', '_answer (stamp, encode, send)'),
     ('rrto_server.jobs', 'InferJob', 'prepare', 'prepare (decode + start)'),
     ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
     ('rrto_server.replay', 'Replay', 'start', 'replay.start (stages large inputs)'),
@@ -69,7 +86,8 @@ def client(endpoint: str, arch: str, calls: int) -> None:
     with instrumented(CLIENT_PHASES) as times:
         records = offloaded_calls(model, frame, endpoint, calls)
     row = {key: statistics.median(getattr(r, key) for r in records)
-           for key in ('total_ms', 'server_ms', 'server_compute_ms', 'network_ms')}
+           for key in ('total_ms', 'server_ms', 'server_queue_ms', 'server_compute_ms',
+                       'network_ms')}
     row['client_phases'] = phase_table(times, CLIENT_PHASES, calls)
     print(json.dumps(row), flush=True)
 
@@ -151,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         with instrumented(PHASES) as times:
             row = measure(arch, args.device, args.calls, times)
         print(f"{arch}: total {row['total_ms']:.3f} ms, server {row['server_ms']:.3f} ms, "
-              f"compute {row['server_compute_ms']:.3f} ms")
+              f"queue {row['server_queue_ms']:.3f} ms, compute {row['server_compute_ms']:.3f} ms")
         for side in ('phases', 'client_phases'):
             print(f'  {side}:')
             for label, p in row[side].items():

@@ -16,6 +16,10 @@ most urgent request at the next segment boundary) this thread serves them end
 to end (the common case on the express path, :mod:`rrto_server.express`),
 otherwise it decodes them (zero-copy views) and queues them itself.
 
+The server's own ZeroMQ context reads the connections on ``IO_THREADS`` libzmq
+threads, so one peer's multi-megabyte batch does not hold up another peer's frames
+before this thread sees them.
+
 Limits on the socket itself (libzmq, before Python sees a byte):
 ``ZMQ_MAXMSGSIZE`` is the server's message limit, checked by libzmq per
 message part: a peer that sends a larger part is disconnected without a reply.
@@ -64,6 +68,10 @@ from rrto_wire.messages import Kind
 log = logging.getLogger('rrto_server')
 
 SNDBUF_BYTES = 4 << 20      # kernel send buffer per connection (explicit: no autotuning)
+# libzmq I/O threads of the server's own context; each accepted connection is read by one of
+# them, so a peer streaming a multi-megabyte batch does not hold up another peer's frames (one
+# thread alternated between the batch's large reads and an urgent frame's small ones)
+IO_THREADS = 4
 BATCH = 64                  # messages received per poll wake-up before replies are flushed
 # an idle device serves a request on the I/O thread only if its inputs are at most this big
 # (as large as a CUDA-graph replay stages inside its graph: one memcpy, no copy stream)
@@ -92,19 +100,19 @@ class Server:
         self.stats = ServerStats()
         self.tasks = TaskStats()
         self.open_requests = OpenRequests()
-        self._ctx = context or zmq.Context()
+        self.context = context or zmq.Context(io_threads=IO_THREADS)
         self._own_ctx = context is None
-        self.guard = Guard(self._ctx, config.bind, config.keys, config.insecure,
+        self.guard = Guard(self.context, config.bind, config.keys, config.insecure,
                            config.admission_capacity)
         try:
             self.router = self._router(config)
         except Exception:
             self.guard.close()
             if self._own_ctx:
-                self._ctx.term()
+                self.context.term()
             raise
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
-        self.replies = ReplySender(self._ctx, self.router, self.stats,
+        self.replies = ReplySender(self.context, self.router, self.stats,
                                    config.max_peer_reply_bytes)
         self._stop = threading.Event()
         self._loop_done = threading.Event()
@@ -135,7 +143,7 @@ class Server:
                  f'theta={theta:g}' if theta > 0 else 'off')
 
     def _router(self, config: ServerConfig) -> zmq.Socket:
-        router = self._ctx.socket(zmq.ROUTER)
+        router = self.context.socket(zmq.ROUTER)
         router.copy_threshold = limits.COPY_THRESHOLD
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
@@ -203,7 +211,7 @@ class Server:
         self.router.close(linger=0)
         self.guard.close()
         if self._own_ctx:
-            self._ctx.term()
+            self.context.term()
 
     # ------------------------------------------------------------------ dispatch
     def on_message(self, frames: list) -> None:
@@ -257,19 +265,18 @@ class Server:
         if replay is None:
             raise ProtocolError(ErrorCode.NOT_RECORDED,
                                 f'replay {header.replay[:40]!r} is not recorded here; record it')
-        if wire.decoded_size(header.tensors) > self.config.max_message_bytes:
+        client = request.client.name if self.guard.authenticating else None
+        buffers = self._express(replay, header, frames)   # exactly the recorded raw inputs
+        if buffers is not None:
+            job = ExpressJob(self.services, request, replay, buffers, client, **keys)
+            if not job.prepare() or self.scheduler.run_inline(job, INLINE_WAIT_S):
+                return      # served on this thread (counted after its reply), or answered
+        elif wire.decoded_size(header.tensors) > self.config.max_message_bytes:
             raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f'inputs decode to more than {self.config.max_message_bytes} '
                                 'bytes')
-        buffers = self._express(replay, header, frames)
-        job = (InferJob(self.services, request, replay, frames, **keys) if buffers is None
-               else ExpressJob(self.services, request, replay, buffers, **keys))
-        self.tasks.arrived(job.task, job.priority,
-                           request.client.name if self.guard.authenticating else None)
-        if buffers is not None:
-            if not job.prepare() or self.scheduler.run_inline(job, INLINE_WAIT_S):
-                return      # served on this thread, or answered: its deadline had passed
-            job = InferJob(self.services, request, replay, frames, **keys)   # a busy device
+        job = InferJob(self.services, request, replay, frames, **keys)   # or a busy device
+        self.tasks.arrived(job.task, job.priority, client)
         small = self._small_raw(header)
         if small and self._inline_ok(replay) and self.scheduler.pending() == 0:
             # fast path: an idle device, raw frames and short segments are served on this
@@ -287,7 +294,8 @@ class Server:
         # the express path (rrto_server.express) serves what the idle fast path would, when
         # the replay is one segment and the frames are exactly its recorded raw inputs
         plan = replay.express
-        if plan is None or plan.nbytes > INLINE_MAX_INPUT_BYTES or not self._inline_ok(replay):
+        limit = min(INLINE_MAX_INPUT_BYTES, self.config.max_message_bytes)
+        if plan is None or plan.nbytes > limit or not self._inline_ok(replay):
             return None
         return plan.accept(header.tensors, frames)
 

@@ -23,6 +23,7 @@ from rrto_server.lanes import Job
 from rrto_server.replay import SERVED_MIN, SERVED_RUNS
 from rrto_server.requests import Request
 from rrto_server.runner import Execution
+from rrto_server.taskstats import TaskStats
 from rrto_wire import messages, protocol
 
 
@@ -334,6 +335,65 @@ def test_segmented_replays_and_expired_requests_never_run_express(make_server, m
         assert late.value.code == 'deadline_missed' and not seen
     finally:
         client.close()
+
+
+def test_express_requests_are_counted_in_full_after_their_reply(make_server, monkeypatch):
+    # the express path counts a request (arrival, inference, how it ended) once its reply is
+    # out; every count is still there, expired and failed requests included
+    server = make_server(inline_max_ms=1000.0)
+    x, key, seen, client = _served(server, monkeypatch)
+    order = []
+
+    def note(name, fn):
+        def wrapper(*args, **kwargs):
+            order.append(name)
+            return fn(*args, **kwargs)
+        return wrapper
+    monkeypatch.setattr(Request, 'ok_raw', note('reply', Request.ok_raw))
+    monkeypatch.setattr(TaskStats, 'arrived', note('arrived', TaskStats.arrived))
+    monkeypatch.setattr(TaskStats, 'ended', note('ended', TaskStats.ended))
+    replay = server.replays.get(key)
+    runs = replay.runs
+    try:
+        for _ in range(3):
+            outputs, _ = client.infer(key, [x], task='cam')
+            assert _as_local(outputs, x)
+        assert seen == {'express': {'io'}}
+        assert order == ['reply', 'arrived', 'ended'] * 3
+        with pytest.raises(RemoteError) as late:
+            client.infer(key, [x], task='cam', deadline_ms=1e-6, late='drop')
+        assert late.value.code == 'deadline_missed'
+        monkeypatch.setattr(ExpressPlan, 'run', _raises)
+        with pytest.raises(RemoteError) as failed:
+            client.infer(key, [x], task='cam')
+        assert failed.value.code == 'exec_failed'
+        stats = client.stats()
+        cam = stats['tasks']['cam']
+        assert (cam['requests'], cam['completed'], cam['expired'], cam['failed'],
+                cam['in_flight']) == (5, 3, 1, 1, 0)
+        assert cam['latency_ms']['n'] == 3 and cam['queue_ms']['n'] == 4
+        assert 0 < cam['latency_ms']['p50'] < 1e4
+        model = stats['models'][replay.model.digest]
+        assert model['infers'] == 4 and model['errors'] == 2, 'ran: 3 served, 1 failed'
+        assert replay.runs - runs == 4
+        monkeypatch.setattr(server_module.Server, '_express', lambda *args: None)
+        order.clear()
+        client.infer(key, [x], task='cam')
+        assert order == ['arrived', 'ended'], 'the general path counts its arrival first'
+    finally:
+        client.close()
+
+
+def _raises(*args):
+    raise RuntimeError('broken on this input')
+
+
+def test_the_servers_context_reads_connections_on_several_threads(make_server):
+    # one libzmq I/O thread alternated between a bulk peer's multi-megabyte reads and an
+    # urgent peer's small ones (bench.sched_mix: late frames of the urgent task waited there)
+    server = make_server()
+    assert server_module.IO_THREADS > 1
+    assert server.context.get(zmq.IO_THREADS) == server_module.IO_THREADS
 
 
 class _FixedRunner:
