@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from rrto_wire import ops
+from rrto_wire import ops, program_chain
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 
@@ -158,6 +158,7 @@ SIZE_OPS: dict[str, Callable] = {
     'aten.sym_constrain_range_for_size.default':
         torch.ops.aten.sym_constrain_range_for_size.default,
     'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
+    program_chain.GUARD: program_chain.guard,    # a chained program's guard on sizes
 }
 _GETITEM = ops.resolve('operator.getitem')     # picks one value of a tuple (where, nms...)
 _ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
@@ -239,6 +240,8 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
             continue
         if node.fn is _GETITEM:
             continue
+        if node.fn is program_chain.guard:
+            program_chain.check_guard(node.args)
         if getattr(node.fn, '_schema', None) is None:
             if node.refs - integers:     # on a tensor it would escape cost()'s sizing
                 raise ProtocolError(
