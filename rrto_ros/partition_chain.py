@@ -35,7 +35,9 @@ from rrto_ros.local_model import EXPORT_GUARD, Artifact, LocalModel, TorchModule
 from rrto_ros.reply_check import check_outputs, program_outputs
 from rrto_wire import program as program_format
 from rrto_wire import treespec
-from rrto_wire.program_chain import RELATIONS, Link, compose, skipped
+from rrto_wire.program_chain import RELATIONS, skipped
+from rrto_wire import program_writer
+from rrto_wire.program_writer import Link
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ProtocolError
 from rrto_wire.tensors import TensorSpec
@@ -173,7 +175,7 @@ class ChainModel(LocalModel):
     :meth:`run` computes what the server returns (a failed guard: zeros of the
     declared shapes, guarded dimensions empty), so a call the server cannot
     serve falls back to exactly the same outputs; :meth:`artifact` is the
-    program :func:`~rrto_wire.program_chain.compose` wrote.
+    program :func:`~rrto_wire.program_writer.chain` wrote.
     """
 
     def __init__(self, modules: list, chain: list, label: str):
@@ -188,7 +190,7 @@ class ChainModel(LocalModel):
         for n, link in enumerate(links[1:], 1):
             link.tests = self.tests(n, links, chain)
         self.counts = [len(link.doc['outputs']) for link in links]
-        data, blob = compose(links, label)
+        data, blob = program_writer.chain(links, label)
         doc = program_format.Program.parse(data)        # the server's view of it
         specs = {node.name: node.out for node in doc.nodes}
         specs.update(dict(doc.inputs))

@@ -16,8 +16,8 @@ under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
   into range, as in every program);
 * **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
   ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
-  ``sym_max``: never on a tensor), and the assertions export writes about
-  them;
+  ``sym_max``: never on a tensor), the assertions export writes about
+  them, and a chained program's guard on them (:mod:`rrto_wire.program_chain`);
 * **indexed writes** (``index_put``) with their indices clamped into range;
   the result has the size of the tensor written into;
 * ``torchvision::roi_align`` (where the server has torchvision) with a fixed
