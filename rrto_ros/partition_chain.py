@@ -136,6 +136,8 @@ def build(calls: list[Call], module_of: Any, remote_of: Any, label: str,
     out (its subgraphs run one round trip each, as before).
     """
     chains = {}
+    log.info('%s: one call ran subgraphs %s (r: remote)', label, ' '.join(
+        f'{c.subgraph.index}{"r" if c.subgraph.remote is not None else ""}' for c in calls))
     for chain in plan(calls):
         head = chain[0][0]
         name = f'{label}.chain{head.subgraph.index}'
