@@ -159,6 +159,7 @@ class Partition:
         self.last_call: list[tuple[int, bool]] = []   # (subgraph index, ran remotely)
         self._remotes: dict[tuple, Any] = {}
         self.chains: dict[int, tuple] = {}    # head index -> (ChainModel, its remote, links)
+        self.guesses = [0, 0]                 # subgraph calls guessed by chained requests, claimed
         self.plans = outer.subgraph_plans     # plan tables of the subgraphs' programs
         self._own = {id(t): t for t in tensors_of(self.local.module)}
         self._lock = threading.Lock()
@@ -254,6 +255,7 @@ class Partition:
         guess = speculation.claim(subgraph, data) if speculation is not None else None
         if guess is not None:
             self.trace(subgraph, guess.record, 0.0)
+            self.guesses[1] += 1
         return guess
 
     def call_remote(self, subgraph: Subgraph, data: list) -> tuple:
@@ -265,6 +267,7 @@ class Partition:
         model, remote, links = self.chains[subgraph.index]
         outputs = model.split(_inference(remote(*data)))
         self._local.speculation = chaining.speculate(model, links, data, outputs, remote.last)
+        self.guesses[0] += len(self._local.speculation.queue)
         self.trace(subgraph, remote.last, 0.0)
         return subgraph.outputs.complete(outputs[0])
 
@@ -330,7 +333,8 @@ class Partition:
         """Return the inner models' counters summed, and the number of (remote) subgraphs."""
         remote = [s for s in self.subgraphs if s.remote is not None]
         data = {'subgraphs': len(self.subgraphs), 'remote_subgraphs': len(remote),
-                'eager_subgraphs': sum(s.dynamic for s in remote), 'chains': len(self.chains)}
+                'eager_subgraphs': sum(s.dynamic for s in remote), 'chains': len(self.chains),
+                'chain_guesses': self.guesses[0], 'chain_claims': self.guesses[1]}
         for remote in self._remote_models():
             stats = remote.stats()
             for key in _COUNTERS:
