@@ -141,13 +141,17 @@ def build(calls: list[Call], module_of: Any, remote_of: Any, label: str,
     for chain in plan(calls):
         head = chain[0][0]
         name = f'{label}.chain{head.subgraph.index}'
+        remote = None
         try:
             model = ChainModel([module_of(c) for c, _ in chain], chain, name)
+            remote = remote_of(model)
+            ready = remote.warmup(*head.data, timeout_s=timeout_s)
         except Exception as exc:  # noqa: B902 - export's errors have no common base
             log.info('%s: not chained (%s: %s)', name, type(exc).__name__, exc)
+            if remote is not None:
+                remote.close()
             continue
-        remote = remote_of(model)
-        if remote.warmup(*head.data, timeout_s=timeout_s):
+        if ready:
             chains[head.subgraph.index] = (model, remote, [c.subgraph for c, _ in chain])
             log.info('%s: subgraphs %s in one request', name,
                      [c.subgraph.index for c, _ in chain])
