@@ -32,6 +32,7 @@ import contextlib
 import copy
 import fcntl
 import json
+import logging
 import os
 import statistics
 import subprocess
@@ -44,7 +45,7 @@ from typing import Any, Callable
 import torch
 
 from bench.machine import write_results
-from rrto_ros import offload
+from rrto_ros import offload, partition
 from rrto_ros.partition import DYNAMO_CONFIG
 from rrto_ros.partition_report import graph_breaks as explain_breaks
 from rrto_server.process import ServerProcess
@@ -139,20 +140,24 @@ class Turn:
 
 
 def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
-                 turn: Turn, dynamic: bool = True) -> dict:
+                 turn: Turn, dynamic: bool = True, chain: bool = True) -> dict:
     """
     Measure one detector: partition, round trips, equality, latency against local and GPU.
 
     ``dynamic`` False partitions as before dynamic programs (session 3): every
     operator with a data-dependent output size breaks the graph, so RoIAlign
-    and its per-level ``torch.where`` run on the robot.
+    and its per-level ``torch.where`` run on the robot.  ``chain`` False
+    partitions as before chained programs (session 4): one round trip per
+    remote subgraph (:mod:`rrto_ros.partition_chain`).
     """
+    partition.CHAIN = chain
     torch.compiler.reset()
     model = build(name, size)
     image = torch.rand(3, size, size, generator=torch.Generator().manual_seed(1))
     inputs = ([image],)
     expected = _local(model, inputs)
-    row: dict[str, Any] = {'model': name, 'input': [3, size, size], 'dynamic': dynamic}
+    row: dict[str, Any] = {'model': name, 'input': [3, size, size], 'dynamic': dynamic,
+                           'chain': chain}
     with _capture_dynamic(dynamic), offload(model, server=endpoint, timeout_ms=60000,
                                             record_timeout_ms=240000) as om:
         start = time.perf_counter()
@@ -237,7 +242,8 @@ def fan_out(args: argparse.Namespace) -> None:
     """
     whole = list(WHOLE)
     groups = [('detectors', [d]) for d in DETECTORS]
-    groups += [('whole', whole[:7]), ('whole', whole[7:])]
+    if not args.skip_whole:
+        groups += [('whole', whole[:7]), ('whole', whole[7:])]
     cores = len(os.sched_getaffinity(0))
     started = time.monotonic()
     with tempfile.TemporaryDirectory() as sync, \
@@ -250,7 +256,8 @@ def fan_out(args: argparse.Namespace) -> None:
                        '--sync', sync, '--peers', str(len(DETECTORS)),
                        '--threads', str(cores if part == 'detectors' else 2),
                        '--budget-s', str(args.budget_s - 45)] + (
-                           ['--static-too'] if args.static_too else [])
+                           ['--static-too'] if args.static_too else []) + (
+                           ['--unchained-too'] if args.unchained_too else [])
             nice = (lambda: os.nice(19)) if part != 'detectors' else None
             children.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                                              preexec_fn=nice))
@@ -295,6 +302,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument('--static-too', action='store_true',
                         help='R-CNNs also partitioned as before dynamic programs (every '
                         'data-dependent operator breaking the graph), side by side')
+    parser.add_argument('--unchained-too', action='store_true',
+                        help='each detector also partitioned without chained programs (one '
+                        'round trip per remote subgraph), side by side')
+    parser.add_argument('--skip-whole', action='store_true',
+                        help='--part all: the detectors only, not the whole-model children')
     parser.add_argument('--sync', help='directory shared by sibling processes (--part all)')
     parser.add_argument('--peers', type=int, default=1)
     parser.add_argument('--out', help='result file (one part)')
@@ -305,6 +317,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.threads:
         torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING, format='%(name)s: %(message)s')
+    logging.getLogger('rrto_ros.partition').setLevel(logging.INFO)   # what was chained
     turn = Turn(args.sync, args.peers, max(0.0, args.budget_s - 30))
     names = args.models or (list(WHOLE) if args.part == 'whole' else DETECTORS)
     if args.part == 'breaks':
@@ -321,12 +335,13 @@ def main(argv: list[str] | None = None) -> None:
                     rows.append({'model': name, 'skipped': 'time budget spent'})
                     continue
                 # R-CNNs (RoIAlign) also as before dynamic programs, side by side
-                modes = ((True, False) if args.part == 'detectors' and args.static_too
-                         and 'rcnn' in name else (True,))
-                for dynamic in modes:
+                modes = [(True, True)] + ([(False, True)] if args.part == 'detectors' and
+                                          args.static_too and 'rcnn' in name else []) + (
+                    [(True, False)] if args.unchained_too else [])
+                for dynamic, chain in modes:
                     try:
                         row = (detector_row(name, server.endpoint, args.size, args.iters,
-                                            args.device, turn, dynamic)
+                                            args.device, turn, dynamic, chain)
                                if args.part == 'detectors' else whole_row(name, server.endpoint))
                     except Exception as exc:  # noqa: B902 - one model's failure is a result
                         row = {'model': name, 'error': f'{type(exc).__name__}: {exc}'}

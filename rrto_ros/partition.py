@@ -36,10 +36,13 @@ import torch._dynamo
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils.flop_counter import FlopCounterMode
 
+from rrto_ros import partition_chain as chaining
+from rrto_ros.partition_graphs import Outputs, SubgraphModule
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
 from rrto_ros.partition_report import call_fields, first_line, local_fields
 from rrto_wire.program_writer import is_dynamic
 
+CHAIN = True               # guess the next subgraphs: one request for a chain of them
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
@@ -72,25 +75,6 @@ def is_data_dependent(exc: BaseException) -> bool:
     return False
 
 
-class SubgraphModule(torch.nn.Module):
-    """A captured graph with its weights held as buffers; called with its data inputs only."""
-
-    def __init__(self, graph: torch.fx.GraphModule, arity: int,
-                 weights: dict[int, torch.Tensor]):
-        super().__init__()
-        self.graph = graph
-        self.arity = arity
-        self.slots = sorted(weights)
-        for k, position in enumerate(self.slots):
-            self.register_buffer(f'w{k}', weights[position].detach())
-
-    def forward(self, *inputs: torch.Tensor) -> tuple:
-        it = iter(inputs)
-        weights = dict(zip(self.slots, self.buffers()))
-        args = [weights[i] if i in weights else next(it) for i in range(self.arity)]
-        return tuple(self.graph(*args))
-
-
 @dataclass
 class Subgraph:
     """One captured graph: the callable dynamo runs in its place."""
@@ -102,6 +86,8 @@ class Subgraph:
     flops: int = -1                        # -1 until its first call
     io_bytes: int = 0
     dynamic: bool = False                  # sizes depend on the data: the server runs it eagerly
+    writes: bool = False                   # writes into an input in place (never chained)
+    outputs: Outputs | None = None         # its outputs rebuilt from its tensor outputs
     remote: Any = None                     # the inner offloaded model, when worth a round trip
     reason: str = ''                       # why it stays local
     example: list = field(default_factory=list)
@@ -110,21 +96,24 @@ class Subgraph:
     def __call__(self, *args: torch.Tensor) -> Any:
         start = time.perf_counter()
         data = [a for i, a in enumerate(args) if i not in self.weights]
-        if self.flops < 0:
-            outputs = self._first_call(args, data)
-        elif self.remote is not None and self._weights_unchanged(args):
+        if self.flops >= 0 and self._weights_unchanged(args):
+            guess = self.owner.claim(self, data)     # computed by a chained request
+            if guess is not None:
+                return guess.outputs
+        if self.flops >= 0 and self.remote is not None and self._weights_unchanged(args):
             with self.lock:
-                outputs = self.remote(*data)
-                self.owner.trace(self, self.remote.last, 0.0)
-            return _inference(outputs)
+                outputs = self.owner.call_remote(self, data)
         else:
-            outputs = self.graph(*args)
-        self.owner.trace(self, None, (time.perf_counter() - start) * 1e3)
+            outputs = self._first_call(args, data) if self.flops < 0 else self.graph(*args)
+            self.owner.trace(self, None, (time.perf_counter() - start) * 1e3)
+        self.owner.note(self, len(args), data, outputs)
         return outputs
 
     def _first_call(self, args: tuple, data: list) -> Any:
         outputs, self.flops, self.io_bytes = counted_call(self.graph, args, data)
         self.reason = local_reason(self.flops, self.io_bytes, self.owner.model_flops, data)
+        if not self.reason and not self.outputs.ok:
+            self.reason = 'returns a size the robot cannot compute from its tensor outputs'
         if not self.reason:
             self.example = [t.detach().clone() for t in data]
             self.remote = self.owner.remote_for(self, len(args))
@@ -169,6 +158,8 @@ class Partition:
         self.subgraphs: list[Subgraph] = []
         self.last_call: list[tuple[int, bool]] = []   # (subgraph index, ran remotely)
         self._remotes: dict[tuple, Any] = {}
+        self.chains: dict[int, tuple] = {}    # head index -> (ChainModel, its remote, links)
+        self.guesses = [0, 0]                 # subgraph calls guessed by chained requests, claimed
         self.plans = outer.subgraph_plans     # plan tables of the subgraphs' programs
         self._own = {id(t): t for t in tensors_of(self.local.module)}
         self._lock = threading.Lock()
@@ -196,13 +187,20 @@ class Partition:
             for s in remotes:
                 self.plans.give(s.remote)
             ready = [s.remote.warmup(*s.example, timeout_s=timeout_s) for s in remotes]
+        if CHAIN and all(ready):     # watch one call; each chain it shows: one request
+            tracer = chaining.Tracer()
+            self._compiled_call(args, kwargs, tracer)
+            self.chains = chaining.build(tracer.calls, lambda c: SubgraphModule(
+                c.subgraph.graph, c.arity, c.subgraph.weights), self._make_remote,
+                self.label, timeout_s)
         return all(ready)
 
     def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
         weights = {i: t for i, t in enumerate(example) if self._own.get(id(t)) is t}
         with self._lock:
             subgraph = Subgraph(len(self.subgraphs), graph, weights, self,
-                                dynamic=is_dynamic(graph.graph))
+                                dynamic=is_dynamic(graph.graph),
+                                writes=chaining.writes_inputs(graph), outputs=Outputs(graph))
             self.subgraphs.append(subgraph)
         return subgraph
 
@@ -245,6 +243,34 @@ class Partition:
         if calls is not None:
             calls.append((subgraph, record, local_ms))
 
+    def note(self, subgraph: Subgraph, arity: int, data: list, outputs: tuple) -> None:
+        """Show a subgraph call to the tracer, while one watches (in :meth:`prepare`)."""
+        tracer = getattr(self._local, 'tracer', None)
+        if tracer is not None:
+            tracer.note(subgraph, arity, data, outputs)
+
+    def claim(self, subgraph: Subgraph, data: list) -> Any:
+        """Return the guess of this call's chained request for this subgraph call, if any."""
+        speculation = getattr(self._local, 'speculation', None)
+        guess = speculation.claim(subgraph, data) if speculation is not None else None
+        if guess is not None:
+            self.trace(subgraph, guess.record, 0.0)
+            self.guesses[1] += 1
+        return guess
+
+    def call_remote(self, subgraph: Subgraph, data: list) -> tuple:
+        """Run a remote subgraph: alone, or as the head of its chain (one round trip)."""
+        if subgraph.index not in self.chains:
+            outputs = _inference(subgraph.remote(*data))
+            self.trace(subgraph, subgraph.remote.last, 0.0)
+            return subgraph.outputs.complete(outputs)
+        model, remote, links = self.chains[subgraph.index]
+        outputs = model.split(_inference(remote(*data)))
+        self._local.speculation = chaining.speculate(model, links, data, outputs, remote.last)
+        self.guesses[0] += len(self._local.speculation.queue)
+        self.trace(subgraph, remote.last, 0.0)
+        return subgraph.outputs.complete(outputs[0])
+
     def run(self, args: tuple, kwargs: dict, bandwidth_mbps: float = 0.0) -> tuple[Any, dict]:
         """
         Run one call; return its outputs and the fields of its call record.
@@ -255,7 +281,7 @@ class Partition:
         call compiles (and offloads) again.  An error the model itself raises
         in that eager run reaches the caller, as it would without offloading.
         """
-        for remote in list(self._remotes.values()):
+        for remote in self._remote_models():
             self._sync(remote)
         start = time.perf_counter()
         try:
@@ -272,14 +298,15 @@ class Partition:
         total_ms = (time.perf_counter() - start) * 1e3
         return outputs, call_fields(calls, total_ms, bandwidth_mbps)
 
-    def _compiled_call(self, args: tuple, kwargs: dict) -> tuple[Any, list]:
-        self._local.calls = calls = []
+    def _compiled_call(self, args: tuple, kwargs: dict, tracer: Any = None) -> tuple[Any, list]:
+        calls: list = []
+        self._local.calls, self._local.tracer, self._local.speculation = calls, tracer, None
         try:
             with EXPORT_GUARD.shared(), torch.inference_mode(), torch._dynamo.config.patch(
                     **DYNAMO_CONFIG):
                 outputs = self.compiled(*args, **kwargs)
         finally:
-            self._local.calls = None
+            self._local.calls = self._local.speculation = self._local.tracer = None
         self.last_call = [(s.index, r is not None and r.result.value == 'offloaded')
                           for s, r, _ in calls]
         return outputs, calls
@@ -299,22 +326,27 @@ class Partition:
         return {'model_flops': self.model_flops, 'remote_flops': flops,
                 'remote_share': flops / self.model_flops if self.model_flops else 0.0,
                 'last_call': [i for i, _ in last], 'remote': remote,
+                'chains': [[s.index for s in links] for _, _, links in self.chains.values()],
                 'subgraphs': [s.describe() for s in self.subgraphs]}
 
     def stats(self) -> dict:
         """Return the inner models' counters summed, and the number of (remote) subgraphs."""
         remote = [s for s in self.subgraphs if s.remote is not None]
         data = {'subgraphs': len(self.subgraphs), 'remote_subgraphs': len(remote),
-                'eager_subgraphs': sum(s.dynamic for s in remote)}
-        for remote in list(self._remotes.values()):
+                'eager_subgraphs': sum(s.dynamic for s in remote), 'chains': len(self.chains),
+                'chain_guesses': self.guesses[0], 'chain_claims': self.guesses[1]}
+        for remote in self._remote_models():
             stats = remote.stats()
             for key in _COUNTERS:
                 data[key] = data.get(key, 0) + stats.get(key, 0)
         return data
 
     def close(self) -> None:
-        for remote in list(self._remotes.values()):
+        for remote in self._remote_models():
             remote.close()
+
+    def _remote_models(self) -> list:
+        return list(self._remotes.values()) + [remote for _, remote, _ in self.chains.values()]
 
 
 def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list) -> tuple:

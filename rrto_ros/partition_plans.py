@@ -31,7 +31,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from rrto_ros.local_model import TorchModule
 from rrto_ros.partition import (counted_call, DYNAMO_CONFIG, local_reason, PREPARE_CALLS,
-                                SubgraphModule, tensors_of)
+                                tensors_of)
+from rrto_ros.partition_graphs import SubgraphModule
 from rrto_ros.plan_table import PlanTable, program_key
 
 log = logging.getLogger('rrto_ros.partition_plans')

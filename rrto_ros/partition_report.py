@@ -21,7 +21,8 @@ import torch._dynamo
 
 def call_fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
     """Sum one call's subgraph calls into the fields of a CallRecord."""
-    records = [r for _, r, _ in calls if r is not None]
+    # the subgraphs of a chained request share its record: counted once
+    records = list({id(r): r for _, r, _ in calls if r is not None}.values())
     remote = [r for r in records if r.result.value == 'offloaded']
     fallbacks = [r for r in records if r.result.value == 'local_fallback']
     waiting = [f'subgraph {s.index}: {r.reason}' for s, r, _ in calls
@@ -34,6 +35,7 @@ def call_fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
         result = 'local'
         waiting = waiting or ['no subgraph is worth a round trip']
     remote_ms = sum(r.network_ms + r.server_ms for r in remote)
+    served = sum(1 for _, r, _ in calls if r is not None and r.result.value == 'offloaded')
     return {
         'result': result, 'plan': 'partitioned', 'total_ms': total_ms,
         'network_ms': sum(r.network_ms for r in remote),
@@ -47,7 +49,7 @@ def call_fields(calls: list, total_ms: float, bandwidth_mbps: float) -> dict:
         'bandwidth_mbps': bandwidth_mbps, 'codec': remote[0].codec if remote else '',
         'reason': '; '.join(waiting), 'preemptions': sum(r.preemptions for r in remote),
         'deadline_missed': any(r.deadline_missed for r in records),
-        'remote_subgraphs': len(remote), 'local_subgraphs': len(calls) - len(remote),
+        'remote_subgraphs': served, 'local_subgraphs': len(calls) - served,
         'eager_subgraphs': sum(1 for s, r, _ in calls
                                if r is not None and r.result.value == 'offloaded' and s.dynamic)}
 

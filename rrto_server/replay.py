@@ -177,7 +177,8 @@ class Replay:
             max_bytes, max_s = ((verdict.max_bytes, verdict.max_s) if verdict is not None
                                 else (DEFAULT_MAX_BYTES, DEFAULT_MAX_S))
             return DynamicRunner(*args, max_bytes=max_bytes,
-                                 max_work=int(max_s * WORK_PER_S[device.type]))
+                                 max_work=int(max_s * WORK_PER_S[device.type]),
+                                 out_shapes=_output_shapes(program))
         if opts.mode == 'eager':
             return FxRunner(*args)
         if device.type == 'cuda':
@@ -196,6 +197,13 @@ class Replay:
                 f'replay expects {signature_key(self.signature)}, got {signature_key(got)}')
         self.runs += 1
         return Execution(self.runner, inputs)
+
+
+def _output_shapes(program) -> list[tuple[int, ...]]:
+    """Return each output's declared shape (a data-dependent size as 0; an input: its own)."""
+    specs = {n.name: n.out for n in program.nodes}
+    specs.update({name: spec for name, spec in program.inputs})
+    return [tuple(specs[name].shape) for name in program.output_names]
 
 
 def _output_dtypes(program) -> list[torch.dtype]:

@@ -21,6 +21,7 @@ from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.ops_dynamic import cost, costs_nothing, varies
+from rrto_wire.program_chain import GuardFailed, skipped
 from rrto_wire.tensors import Signature, tensor_from_buffer
 
 
@@ -143,6 +144,7 @@ class FxRunner:
 # (generous: a call refused at --program-max-s x this takes longer than that anywhere)
 WORK_PER_S = {'cpu': 1e11, 'cuda': 1e14}
 _SPENT = ' spent'       # ex.env key of the work done so far (never a value's name)
+_STOPPED = ' stopped'   # ex.env key: a chained program's guard failed, nothing more runs
 
 
 class DynamicRunner(FxRunner):
@@ -158,32 +160,51 @@ class DynamicRunner(FxRunner):
     sandbox's ``--program-max-mb``: the values alive at that point, freed as
     fx frees them, plus its output) or the work of the execution so far
     would exceed ``max_work`` (from ``--program-max-s``).
+
+    A chained program (:mod:`rrto_wire.program_chain`) stops where a guard
+    fails: the outputs computed so far come back, each later one as zeros of
+    its declared shape ``out_shapes`` (its guarded dimensions 0: empty).
     """
 
     backend = 'eager-dynamic'
     can_express = False
 
-    def __init__(self, *args, max_bytes: int, max_work: int):
+    def __init__(self, *args, max_bytes: int, max_work: int, out_shapes: list | None = None):
         super().__init__(*args)
         self.max_bytes = max_bytes
         self.max_work = max_work
+        self.out_shapes = out_shapes
         # the request's inputs: sized by the signature, not by the call (like the weights)
-        self.inputs = frozenset(self.input_names) | {_SPENT}
+        self.inputs = frozenset(self.input_names) | {_SPENT, _STOPPED}
         # a later segment's inputs are values of the earlier ones: their sizes may vary
         self.modules = [_SizeChecked(module, self.device, inputs_vary=k > 0)
                         for k, module in enumerate(self.modules)]
 
     def run_segment(self, ex: Execution, k: int) -> None:
+        if ex.env.get(_STOPPED):
+            return
         ins, outs = self.live[k]
         self._inputs_used_here(ex, k)
         budget = _Budget(self.max_bytes, self.max_work, ex.env.get(_SPENT, 0))
         budget.held = _nbytes(value for name, value in ex.env.items()   # kept for later
                               if name not in ins and name not in self.inputs)
+        interpreter = _CheckedInterpreter(self.modules[k], budget, [
+            n in self.inputs for n in ins])
         with torch.inference_mode(), self.precision_context():
-            results = _CheckedInterpreter(self.modules[k], budget, [
-                n in self.inputs for n in ins]).run(*[ex.env[n] for n in ins])
-        ex.env.update(zip(outs, results))
+            try:
+                results = interpreter.run(*[ex.env[n] for n in ins])
+            except GuardFailed:          # the outputs computed before the guard stand
+                results, ex.env[_STOPPED] = interpreter.computed(), True
+        ex.env.update((name, value) for name, value in zip(outs, results)
+                      if value is not None)
         ex.env[_SPENT] = budget.work
+
+    def collect(self, ex: Execution) -> list[torch.Tensor]:
+        if not ex.env.get(_STOPPED):
+            return super().collect(ex)
+        return [ex.env[name] if name in ex.env else skipped(shape, dtype, self.device)
+                for name, shape, dtype in zip(self.output_names, self.out_shapes,
+                                              self.out_dtypes)]
 
 
 def _nbytes(values) -> int:
@@ -318,6 +339,12 @@ class _CheckedInterpreter(fx.Interpreter):
         for gone in self.user_to_last_uses.get(node, ()):
             self.budget.release(gone)
         return result
+
+    def computed(self) -> list:
+        """Return the module's outputs computed so far (None for the others)."""
+        output = next(n for n in reversed(self.module.graph.nodes) if n.op == 'output')
+        return [self.env.get(value) if isinstance(value, fx.Node) else value
+                for value in output.args[0]]
 
 
 class FrozenRunner(FxRunner):

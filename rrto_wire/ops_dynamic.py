@@ -16,8 +16,8 @@ under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
   into range, as in every program);
 * **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
   ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
-  ``sym_max``: never on a tensor), and the assertions export writes about
-  them;
+  ``sym_max``: never on a tensor), the assertions export writes about
+  them, and a chained program's guard on them (:mod:`rrto_wire.program_chain`);
 * **indexed writes** (``index_put``) with their indices clamped into range;
   the result has the size of the tensor written into;
 * ``torchvision::roi_align`` (where the server has torchvision) with a fixed
@@ -46,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from rrto_wire import ops
+from rrto_wire import ops, program_chain
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 
@@ -158,6 +158,7 @@ SIZE_OPS: dict[str, Callable] = {
     'aten.sym_constrain_range_for_size.default':
         torch.ops.aten.sym_constrain_range_for_size.default,
     'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
+    program_chain.GUARD: program_chain.guard,    # a chained program's guard on sizes
 }
 _GETITEM = ops.resolve('operator.getitem')     # picks one value of a tuple (where, nms...)
 _ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
@@ -239,6 +240,8 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
             continue
         if node.fn is _GETITEM:
             continue
+        if node.fn is program_chain.guard:
+            program_chain.check_guard(node.args)
         if getattr(node.fn, '_schema', None) is None:
             if node.refs - integers:     # on a tensor it would escape cost()'s sizing
                 raise ProtocolError(

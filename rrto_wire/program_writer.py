@@ -5,11 +5,14 @@ Write the program format (:mod:`rrto_wire.program`) from an exported ATen graph:
 ATen-level fx graph (the split and hybrid plans' band programs).  Both refuse
 graphs that write into a parameter, buffer or input and operators outside the
 server's allowlist, so what the robot uploads is what the server will load.
+:func:`chain` joins programs into one chained program
+(:mod:`rrto_wire.program_chain`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -17,7 +20,7 @@ import torch.fx as fx
 
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
-from rrto_wire import ops, ops_dynamic
+from rrto_wire import ops, ops_dynamic, program_chain
 from rrto_wire.dtypes import dtype_name
 from rrto_wire.program import encode_arg, PROGRAM_FORMAT, PROGRAM_VERSION, sha256, SHARDED_VERSION
 from rrto_wire.weights import pack_weights, shard_weights
@@ -144,3 +147,105 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
     if dynamic:
         doc['dynamic'] = True
     return json.dumps(doc, sort_keys=True, separators=(',', ':')).encode(), weights_blob
+
+
+@dataclass
+class Link:
+    """One graph of a chain: its program, its weights, where its inputs come from, its guard."""
+
+    doc: dict                           # the link's own program (a parsed program JSON)
+    weights: dict[str, torch.Tensor]    # its parameters by weights key
+    # per input: ('in', j) the chain's input j, or ('out', link, k) an earlier link's output k
+    sources: list[tuple]
+    # checked before it runs: (link, output, dim or None for numel, relation, constant)
+    tests: list[tuple]
+
+
+def chain(links: Sequence[Link], label: str) -> tuple[bytes, bytes]:
+    """
+    Write one dynamic program running ``links`` in order, each after its guard.
+
+    Its inputs are link 0's, its outputs every link's outputs in order.  Each
+    link's values are renamed ``c<i>_<name>``; an output of link ``i >= 1``
+    lists dimension 0 as data-dependent (``"dims"``, at most its size): it
+    comes back empty when a guard before it fails.  Returns the program JSON
+    and the weights blob (every link's parameters, keys ``c<i>.<key>``).
+    """
+    nodes: list[dict] = []
+    outputs: list[list[Any]] = []          # per link: its encoded outputs, renamed
+    weights: dict[str, torch.Tensor] = {}
+    params: dict[str, str] = {}
+    first = links[0].doc
+    for i, link in enumerate(links):
+        doc = link.doc
+        names: dict[str, Any] = {}
+        for (name, source) in zip((x['name'] for x in doc['inputs']), link.sources):
+            if source[0] == 'in':
+                names[name] = {'n': f'c0_{first["inputs"][source[1]]["name"]}'}
+            else:
+                names[name] = outputs[source[1]][source[2]]
+        for placeholder, key in doc.get('params', {}).items():
+            names[placeholder] = {'n': f'c{i}_{placeholder}'}
+            params[f'c{i}_{placeholder}'] = f'c{i}.{key}'
+            weights[f'c{i}.{key}'] = link.weights[key]
+        if link.tests:
+            nodes += _guard_nodes(i, link.tests, outputs)
+        guarded = {o['n'] for o in doc['outputs'] if isinstance(o, dict) and 'n' in o} \
+            if i else set()
+        for node in doc['nodes']:
+            renamed = f'c{i}_{node["name"]}'
+            nodes.append(dict(node, name=renamed, args=_renamed(node['args'], names),
+                              kwargs=_renamed(node['kwargs'], names),
+                              out=_out(node.get('out'), i, renamed, node['name'] in guarded)))
+            names[node['name']] = {'n': renamed}
+        outputs.append(_renamed(doc['outputs'], names))
+    flat = [o for per_link in outputs for o in per_link]
+    blob = pack_weights(weights) if weights else b''
+    program = {
+        'format': PROGRAM_FORMAT, 'version': PROGRAM_VERSION, 'label': label,
+        'weights': sha256(blob) if weights else None,
+        'inputs': [dict(x, name=f'c0_{x["name"]}') for x in first['inputs']],
+        'in_spec': first['in_spec'], 'out_spec': {'tuple': ['T'] * len(flat)},
+        'params': params, 'nodes': nodes, 'outputs': flat, 'dynamic': True}
+    return json.dumps(program, sort_keys=True, separators=(',', ':')).encode(), blob
+
+
+def _guard_nodes(i: int, tests: list[tuple], outputs: list[list[Any]]) -> list[dict]:
+    nodes, sizes, checks = [], [], []
+    for t, (link, k, dim, relation, constant) in enumerate(tests):
+        name = f'g{i}_{t}'
+        value = outputs[link][k]
+        nodes.append({'name': name, 'op': 'aten.sym_numel.default' if dim is None
+                      else 'aten.sym_size.int', 'args': [value] if dim is None
+                      else [value, dim], 'kwargs': {}, 'out': None, 'scope': ''})
+        sizes.append({'n': name})
+        checks.append([relation, int(constant)])
+    nodes.append({'name': f'g{i}', 'op': program_chain.GUARD, 'args': [sizes, checks],
+                  'kwargs': {}, 'out': None, 'scope': ''})
+    return nodes
+
+
+def _renamed(arg: Any, names: dict[str, Any]) -> Any:
+    if isinstance(arg, list):
+        return [_renamed(a, names) for a in arg]
+    if isinstance(arg, dict):
+        if set(arg) == {'n'}:
+            return names[arg['n']]
+        return {k: _renamed(v, names) for k, v in arg.items()}
+    return arg
+
+
+def _out(out: dict | None, i: int, name: str, guarded: bool) -> dict | None:
+    """Return a node's output metadata in the chain: symbols per link, dim 0 free if guarded."""
+    if out is None:
+        return None
+    out = dict(out, shape=list(out['shape']))
+    dims = list(out.get('dims', ()))
+    sym = [None if s is None else f'c{i}:{s}' for s in out.get('sym', [None] * len(dims))]
+    most = list(out.get('max', [None] * len(dims)))
+    if guarded and out['shape'] and 0 not in dims:
+        dims, sym, most = [0] + dims, [f'{name}:0'] + sym, [out['shape'][0]] + most
+        out['shape'][0] = 0
+    if dims:
+        out.update(dims=dims, sym=sym, max=most)
+    return out

@@ -1,0 +1,323 @@
+"""
+Chains of a partitioned model's graphs: several subgraphs in one round trip, by guessing.
+
+Between two of a detector's captured graphs, Python often branches on a size
+the server computed (torchvision's ``batched_nms``: ``if boxes.numel() >
+4000``, ``== 0``), so each graph used to cost its own round trip.  Yet the
+next graph's inputs are mostly the previous graph's outputs, and dynamo
+compiled it for exactly the shapes it saw.  While preparing, the partition
+watches one call (:class:`Tracer`); :func:`plan` finds each remote subgraph
+(the head) followed by subgraphs whose inputs are all the head's inputs or
+earlier links' outputs, and the partition uploads them as one chained
+program (:mod:`rrto_wire.program_chain`): link ``n`` runs on the server only
+if its inputs' data-dependent sizes equal those it was compiled for (its
+guard).  A call of the head sends one request; the links' outputs come back
+with the head's, and each later subgraph call whose graph and input tensors
+are exactly the guessed ones (the same tensor objects, the same weights) is
+answered from them (:class:`Speculation`).  Anything else, a guard that
+failed, another branch taken, a subgraph writing into a guessed input, ends
+the guess: the remaining subgraphs run as before, at most one round trip
+each.  Python outside the captured graphs that writes into a graph's output
+in place between two graphs is not seen (dynamo captures tensor operations
+into graphs; only code it does not trace could).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from rrto_ros.local_model import EXPORT_GUARD, Artifact, LocalModel, TorchModule
+from rrto_ros.reply_check import check_outputs, program_outputs
+from rrto_wire import program as program_format
+from rrto_wire import treespec
+from rrto_wire.program_chain import RELATIONS, skipped
+from rrto_wire import program_writer
+from rrto_wire.program_writer import Link
+from rrto_wire.dtypes import torch_dtype
+from rrto_wire.errors import ProtocolError
+from rrto_wire.tensors import TensorSpec
+
+log = logging.getLogger('rrto_ros.partition')
+
+# tensor methods that return a view of their input (an in-place write to one writes into it)
+_VIEWS = frozenset(('view', 'reshape', 'permute', 'transpose', 'narrow', 'select', 'expand',
+                    'squeeze', 'unsqueeze', 'flatten', 't', 'unflatten', 'view_as', 'getitem',
+                    '__getitem__', 'unbind', 'split', 'chunk', 'as_strided', 'detach'))
+
+
+def writes_inputs(graph: torch.fx.GraphModule) -> bool:
+    """Return True if a captured graph writes in place into one of its inputs (or a view)."""
+    of_input: set = set()
+    for node in graph.graph.nodes:
+        name = node.target if node.op == 'call_method' else getattr(node.target, '__name__', '')
+        first = node.args[0] if node.args else None
+        if node.op == 'placeholder' or (name in _VIEWS and first in of_input):
+            of_input.add(node)
+        elif first in of_input and (name == 'setitem' or (
+                isinstance(name, str) and name.endswith('_') and not name.endswith('__'))):
+            return True
+    return False
+
+
+@dataclass
+class Call:
+    """One subgraph call watched while preparing: its data inputs and its outputs."""
+
+    subgraph: Any
+    arity: int          # its graph's inputs: weights and data
+    data: list
+    outputs: tuple
+
+
+class Tracer:
+    """The subgraph calls of one call of the model, in order."""
+
+    def __init__(self):
+        self.calls: list[Call] = []
+
+    def note(self, subgraph: Any, arity: int, data: list, outputs: tuple) -> None:
+        """Note one subgraph call: its data inputs and its tensor outputs."""
+        self.calls.append(Call(subgraph, arity, list(data), tuple(
+            o for o in outputs if isinstance(o, torch.Tensor))))
+
+
+def plan(calls: list[Call]) -> list[list[tuple[Call, list[tuple]]]]:
+    """
+    Return the chains of a watched call: per chain, its links as (call, sources), head first.
+
+    A head is a remote subgraph; a later call joins its chain when each data
+    input is the head's input j (``('in', j)``) or a link's output k
+    (``('out', link, k)``, its k-th tensor output), the robot can rebuild its
+    other outputs (sizes) from its tensor outputs, and it writes into none of
+    its inputs; a local link stays only if a later link takes its outputs.  A
+    chain needs a second remote link.  Subgraphs called twice in the call
+    (a loop) chain nothing.
+    """
+    counts: dict[int, int] = {}
+    for call in calls:
+        counts[id(call.subgraph)] = counts.get(id(call.subgraph), 0) + 1
+    used: set[int] = set()
+    chains = []
+    for i, head in enumerate(calls):
+        if head.subgraph.remote is None or counts[id(head.subgraph)] > 1 or i in used:
+            continue
+        known = {id(t): ('in', j) for j, t in enumerate(head.data)}
+        known.update({id(t): ('out', 0, k) for k, t in enumerate(head.outputs)})
+        links = [(i, head, [('in', j) for j in range(len(head.data))])]
+        for p in range(i + 1, len(calls)):
+            call = calls[p]
+            sources = [known.get(id(t)) for t in call.data]
+            if (None in sources or call.subgraph.flops < 0 or counts[id(call.subgraph)] > 1
+                    or call.subgraph.writes or p in used or not call.subgraph.outputs.ok):
+                continue
+            known.update({id(t): ('out', len(links), k) for k, t in enumerate(call.outputs)})
+            links.append((p, call, sources))
+        kept = _trimmed(links)
+        if sum(c.subgraph.remote is not None for _, c, _ in kept) > 1:
+            used.update(p for p, _, _ in kept)
+            chains.append([(c, s) for _, c, s in kept])
+    return chains
+
+
+def build(calls: list[Call], module_of: Any, remote_of: Any, label: str,
+          timeout_s: float) -> dict[int, tuple]:
+    """
+    Plan the chains of a watched call and prepare each on the server.
+
+    ``module_of(call)`` returns a call's graph as a module taking its data
+    inputs, ``remote_of(local)`` an offloaded model of a local model.
+    Returns head subgraph index -> (ChainModel, its offloaded model, the
+    chain's subgraphs); a chain that cannot be written or recorded is left
+    out (its subgraphs run one round trip each, as before).
+    """
+    chains = {}
+    log.info('%s: one call ran subgraphs %s (r: remote)', label, ' '.join(
+        f'{c.subgraph.index}{"r" if c.subgraph.remote is not None else ""}' for c in calls))
+    for chain in plan(calls):
+        head = chain[0][0]
+        name = f'{label}.chain{head.subgraph.index}'
+        remote = None
+        try:
+            model = ChainModel([module_of(c) for c, _ in chain], chain, name)
+            remote = remote_of(model)
+            ready = remote.warmup(*head.data, timeout_s=timeout_s)
+        except Exception as exc:  # noqa: B902 - export's errors have no common base
+            log.info('%s: not chained (%s: %s)', name, type(exc).__name__, exc)
+            if remote is not None:
+                remote.close()
+            continue
+        if ready:
+            chains[head.subgraph.index] = (model, remote, [c.subgraph for c, _ in chain])
+            log.info('%s: subgraphs %s in one request', name,
+                     [c.subgraph.index for c, _ in chain])
+        else:
+            log.info('%s: not chained (the server did not record it)', name)
+            remote.close()
+    return chains
+
+
+def _trimmed(links: list) -> list:
+    """Keep the head, remote links and the local links a kept link takes outputs of."""
+    needed: set[int] = set()
+    keep = [False] * len(links)
+    for n in range(len(links) - 1, -1, -1):
+        keep[n] = n == 0 or links[n][1].subgraph.remote is not None or n in needed
+        if keep[n]:
+            needed.update(s[1] for s in links[n][2] if s[0] == 'out')
+    index = {old: new for new, old in enumerate(n for n in range(len(links)) if keep[n])}
+    return [(p, call, [s if s[0] == 'in' else ('out', index[s[1]], s[2]) for s in sources])
+            for n, (p, call, sources) in enumerate(links) if keep[n]]
+
+
+class ChainModel(LocalModel):
+    """
+    The local side of a chained program: its links run in order, each after its guard.
+
+    :meth:`run` computes what the server returns (a failed guard: zeros of the
+    declared shapes, guarded dimensions empty), so a call the server cannot
+    serve falls back to exactly the same outputs; :meth:`artifact` is the
+    program :func:`~rrto_wire.program_writer.chain` wrote.
+    """
+
+    def __init__(self, modules: list, chain: list, label: str):
+        self.label = label
+        self.modules = modules
+        self.sources = [sources for _, sources in chain]
+        links, self.leaves = [], []
+        for (call, sources), module in zip(chain, modules):
+            artifact = TorchModule(module, label).artifact(call.data, _spec(call.data))
+            self.leaves.append(program_outputs(artifact.program))
+            links.append(Link(artifact.program, artifact.weights(), sources, []))
+        for n, link in enumerate(links[1:], 1):
+            link.tests = self.tests(n, links, chain)
+        self.counts = [len(link.doc['outputs']) for link in links]
+        data, blob = program_writer.chain(links, label)
+        doc = program_format.Program.parse(data)        # the server's view of it
+        specs = {node.name: node.out for node in doc.nodes}
+        specs.update(dict(doc.inputs))
+        self.skipped = [(tuple(specs[name].shape), torch_dtype(specs[name].dtype))
+                        for name in doc.output_names]
+        self.link_tests = [link.tests for link in links]
+        blobs = {program_format.sha256(data): ('program', data)}
+        if blob:
+            blobs[program_format.sha256(blob)] = ('weights', blob)
+        head = chain[0][0].data
+        self._artifact = Artifact(program_format.sha256(data), tuple(TensorSpec.of(t)
+                                  for t in head), {'tuple': ['T'] * sum(self.counts)},
+                                  blobs, json.loads(data))
+
+    @staticmethod
+    def tests(n: int, links: list[Link], chain: list) -> list[tuple]:
+        """Link ``n``'s guard: each data-dependent size of its inputs as it was traced."""
+        tests = []
+        for (kind, *where), value in zip(chain[n][1], chain[n][0].data):
+            if kind != 'out':
+                continue
+            link, k = where
+            name = links[link].doc['outputs'][k].get('n')
+            node = next((x for x in links[link].doc['nodes'] if x['name'] == name), None)
+            out = (node or {}).get('out') or {}
+            tests += [(link, k, d, 'eq', int(value.shape[d])) for d in out.get('dims', ())]
+        return tests
+
+    def run(self, args: tuple, kwargs: dict) -> tuple:
+        values: list[tuple] = []
+        stopped = False
+        with EXPORT_GUARD.shared(), torch.inference_mode():
+            for n, (module, sources) in enumerate(zip(self.modules, self.sources)):
+                stopped = stopped or not holds(self.link_tests[n], values)
+                if stopped:
+                    values.append(None)
+                    continue
+                inputs = [args[s[1]] if s[0] == 'in' else values[s[1]][s[2]] for s in sources]
+                values.append(tuple(module(*inputs)))
+        flat, at = [], 0
+        for n, outputs in enumerate(values):
+            count = self.counts[n]
+            flat += list(outputs) if outputs is not None else [
+                skipped(shape, dtype) for shape, dtype in self.skipped[at:at + count]]
+            at += count
+        return tuple(flat)
+
+    def artifact(self, flat: list, in_spec: Any) -> Artifact:
+        got = tuple(TensorSpec.of(t) for t in flat)
+        if got != self._artifact.signature:
+            raise ValueError(f'chain {self.label} was written for {self._artifact.signature}')
+        return self._artifact
+
+    def split(self, flat: tuple) -> list[tuple]:
+        """Return a chained call's flat outputs per link."""
+        per, at = [], 0
+        for count in self.counts:
+            per.append(tuple(flat[at:at + count]))
+            at += count
+        return per
+
+
+def holds(tests: list[tuple], values: list) -> bool:
+    """Evaluate a link's guard on the outputs of the links before it (as the server does)."""
+    for link, k, dim, relation, constant in tests:
+        tensor = values[link][k]
+        if not RELATIONS[relation](tensor.numel() if dim is None else tensor.shape[dim],
+                                   constant):
+            return False
+    return True
+
+
+@dataclass
+class Guess:
+    """A link's outputs the server computed, and the inputs it computed them from."""
+
+    subgraph: Any
+    inputs: list
+    outputs: tuple
+    record: Any
+
+
+@dataclass
+class Speculation:
+    """The guesses of one call still to be claimed, in order."""
+
+    queue: list[Guess]
+    members: set = field(default_factory=set)     # ids of the chain's subgraphs
+    sources: set = field(default_factory=set)     # ids of the tensors the guesses read
+
+    def claim(self, subgraph: Any, data: list) -> tuple | None:
+        """Return the guessed outputs if ``subgraph`` is called on the guessed inputs."""
+        if self.queue:
+            guess = self.queue[0]
+            if guess.subgraph is subgraph and len(data) == len(guess.inputs) and all(
+                    a is b for a, b in zip(data, guess.inputs)):
+                self.queue.pop(0)
+                return guess
+        if id(subgraph) in self.members or (subgraph.writes and any(
+                id(t) in self.sources for t in data)):
+            self.queue.clear()      # another branch, or a write into what the guess read
+        return None
+
+
+def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tuple],
+              record: Any) -> Speculation:
+    """Return the guesses of a chained call whose outputs per link are ``outputs``."""
+    queue = []
+    for n in range(1, len(links)):
+        if not holds(chain.link_tests[n], outputs):
+            break           # the server stopped here: the rest runs as usual
+        try:
+            check_outputs(outputs[n], chain.leaves[n])
+        except ProtocolError:
+            break
+        inputs = [head_data[s[1]] if s[0] == 'in' else outputs[s[1]][s[2]]
+                  for s in chain.sources[n]]
+        queue.append(Guess(links[n], inputs, links[n].outputs.complete(outputs[n]), record))
+    return Speculation(queue, {id(s) for s in links[1:]},
+                       {id(t) for guess in queue for t in guess.inputs})
+
+
+def _spec(data: list) -> Any:
+    return treespec.flatten((tuple(data), {}))[1]

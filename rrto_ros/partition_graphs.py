@@ -1,0 +1,76 @@
+"""
+A captured graph as the server runs it: tensors in, tensors out, sizes rebuilt on the robot.
+
+A graph dynamo captures before a branch on a size returns that size too (a
+``SymBool`` such as ``Eq(4*u3, 0)``, or a ``SymInt``): Python branches on it.
+No program returns a size, so :class:`SubgraphModule` returns the graph's
+tensor outputs only, and :class:`Outputs` computes the others on the robot
+from the sizes of the tensors that came back (``u3`` is the size of
+dimension 0 of some output), or says it cannot (the graph then runs locally).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class SubgraphModule(torch.nn.Module):
+    """A captured graph with its weights held as buffers; data in, tensor outputs out."""
+
+    def __init__(self, graph: torch.fx.GraphModule, arity: int,
+                 weights: dict[int, torch.Tensor]):
+        super().__init__()
+        self.graph = graph
+        self.arity = arity
+        self.slots = sorted(weights)
+        for k, position in enumerate(self.slots):
+            self.register_buffer(f'w{k}', weights[position].detach())
+
+    def forward(self, *inputs: torch.Tensor) -> tuple:
+        it = iter(inputs)
+        weights = dict(zip(self.slots, self.buffers()))
+        args = [weights[i] if i in weights else next(it) for i in range(self.arity)]
+        return tuple(o for o in self.graph(*args) if isinstance(o, torch.Tensor))
+
+
+class Outputs:
+    """A captured graph's outputs, rebuilt from its tensor outputs."""
+
+    def __init__(self, graph: torch.fx.GraphModule):
+        output = next(n for n in reversed(graph.graph.nodes) if n.op == 'output')
+        self.kinds: list[tuple[str, Any]] = []      # ('t', index) | ('s', expr, type) | ('c', v)
+        self.sizes: dict = {}                        # size expression -> (tensor, dim)
+        tensors = 0
+        for arg in output.args[0]:
+            value = arg.meta.get('example_value') if isinstance(arg, torch.fx.Node) else arg
+            if isinstance(value, torch.Tensor):
+                for dim, size in enumerate(value.shape):
+                    if isinstance(size, torch.SymInt):
+                        self.sizes.setdefault(size.node.expr, (tensors, dim))
+                self.kinds.append(('t', tensors))
+                tensors += 1
+            elif isinstance(value, (torch.SymInt, torch.SymBool)):
+                self.kinds.append(('s', value.node.expr, bool if isinstance(
+                    value, torch.SymBool) else int))
+            else:
+                self.kinds.append(('c', value))
+        known = {expr: 1 for expr in self.sizes}
+        self.ok = all(not kind[1].xreplace(known).free_symbols
+                      for kind in self.kinds if kind[0] == 's')
+
+    def complete(self, tensors: tuple) -> tuple:
+        """Return the graph's outputs given its tensor outputs (as they came back)."""
+        if all(kind[0] == 't' for kind in self.kinds):
+            return tuple(tensors)
+        values = {expr: tensors[t].shape[d] for expr, (t, d) in self.sizes.items()}
+        out = []
+        for kind in self.kinds:
+            if kind[0] == 't':
+                out.append(tensors[kind[1]])
+            elif kind[0] == 's':
+                out.append(kind[2](kind[1].xreplace(values)))
+            else:
+                out.append(kind[1])
+        return tuple(out)

@@ -1,0 +1,92 @@
+"""Chained programs: a partitioned model's graphs in one request, each after a guard on sizes."""
+
+import pytest
+import torch
+
+from rrto_ros import OffloadResult, partition
+from rrto_ros.zoo_rcnn import rcnn
+
+SHAPE = (1, 3, 128, 128)
+
+
+def _image(seed: int) -> torch.Tensor:
+    return torch.randn(*SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+def _equal(got: list, want: list) -> bool:
+    return all(torch.equal(got[0][key], want[0][key]) for key in want[0])
+
+
+@pytest.fixture
+def chained(server, offloaded):
+    """The R-CNN-shaped zoo detector offloaded (chains on), its input and local outputs."""
+    model = rcnn()
+    x = _image(0)
+    with torch.inference_mode():
+        expected = model(x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    return model, x, expected, om
+
+
+def test_graphs_split_by_branches_on_sizes_share_a_round_trip(chained, server):
+    # proposals, box head and keypoint head are separated by `if boxes.numel() ...` (the
+    # shape of torchvision's batched_nms): one round trip each before chains; now the box
+    # head's request carries the keypoint head behind a guard on the detections' count,
+    # and the robot claims its outputs (the backbone's outputs reach the box head through
+    # Python indexing on the robot: no chain there)
+    model, x, expected, om = chained
+    assert len(expected[0]['boxes']) > 2
+    described = om.partition.describe()
+    assert len(described['chains']) == 1 and len(described['chains'][0]) == 2
+    for _ in range(2):
+        out = om(x)
+        assert _equal(out, expected)
+        record = om.last
+        assert record.result == OffloadResult.OFFLOADED, record.reason
+        assert record.round_trips == 2, record
+        assert record.remote_subgraphs == 3
+    described = om.partition.describe()
+    assert described['remote_share'] >= 0.9, described
+    backends = [r['backend'] for r in server.snapshot()['replays']
+                if r['label'].startswith('RCNN.chain')]
+    assert backends == ['eager-dynamic']
+    assert om.stats()['chains'] == 1
+
+
+def test_a_guess_the_guards_refuse_costs_round_trips_never_a_wrong_result(chained):
+    # a blank image: no box passes the box head's threshold, so its outputs have another
+    # count than the keypoint head was compiled for; the server's guard stops after the box
+    # head, the robot sees the guard fail, and the keypoint graph (compiled again for the
+    # new count) runs as before; then the guessed image is guessed right again
+    model, x, expected, om = chained
+    for image in (torch.zeros(*SHAPE), _image(4) * 5, x):
+        with torch.inference_mode():
+            want = model(image)
+        before = om.stats()
+        for _ in range(2):
+            got = om(image)
+            assert _equal(got, want)
+            assert om.last.result in (OffloadResult.OFFLOADED, OffloadResult.LOCAL), om.last
+            assert om.last.round_trips <= 3
+        after = om.stats()
+        guessed = after['chain_guesses'] - before['chain_guesses']
+        assert guessed == after['chain_claims'] - before['chain_claims']
+        if image is x:
+            assert guessed == 2 and om.last.round_trips == 2
+        elif not len(want[0]['boxes']):
+            assert guessed == 0     # the guard held the keypoint head back
+
+
+def test_without_chains_the_same_model_takes_three_round_trips(server, offloaded, monkeypatch):
+    monkeypatch.setattr(partition, 'CHAIN', False)
+    model = rcnn()
+    x = _image(0)
+    with torch.inference_mode():
+        expected = model(x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    out = om(x)
+    assert _equal(out, expected)
+    assert om.last.round_trips == 3 and om.last.remote_subgraphs == 3
+    assert om.partition.describe()['chains'] == []
