@@ -262,43 +262,46 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
                     'from the sizes of tensors, never from their values')
 
 
-def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple[int, int]:
+def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple[int, int, int]:
     """
-    Return (bytes, work) of calling ``fn`` on arguments of these sizes, before it runs.
+    Return (bytes, flops, elements) of calling ``fn`` on arguments of these sizes, before it runs.
 
     Every operator is sized, whatever its values: the bytes it allocates
-    (its outputs and the workspace it needs beyond them; a view allocates
-    nothing) and its work (multiply-adds of matrix products and
-    convolutions from torch's flop formulas, plus one per output element).
-    Output shapes come from meta tensors (nothing is allocated), pointwise
-    operators' from the broadcast of their inputs; a boolean mask counts as
-    all set and a data-dependent operator at its most rows: ``nonzero`` and
-    ``where(cond)`` ``numel x dim`` int64 (an ``expand()``ed view has numel
-    without memory), NMS its pairwise mask on CUDA.  A Python operator gets
-    integers only (:func:`check_sizes`) and costs nothing.  UNSAFE_PROGRAM if
-    the size cannot be computed.
+    (outputs and workspace; a view allocates nothing), the multiply-adds of
+    matrix products and convolutions (torch's flop formulas), and the
+    elements it touches: each element of each tensor it reads (a view at its
+    logical numel: a reduction of an ``expand()``ed view reads all of it),
+    each it writes, and what it computes beyond that (:func:`_beyond_one_pass`).
+    Shapes come from meta tensors, pointwise ones from the broadcast; a
+    boolean mask counts as all set, a data-dependent operator at its most
+    rows (``nonzero``, ``where(cond)``: ``numel x dim`` int64; NMS its
+    pairwise mask on CUDA).  Python operators get integers only
+    (:func:`check_sizes`): free.  UNSAFE_PROGRAM if it cannot be sized.
     """
     if costs_nothing(fn):
-        return 0, 0
+        return 0, 0, 0
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor)]
+    read = sum(t.numel() for t in tensors)
     if fn in _ROW_PER_ELEMENT:
-        return tensors[0].numel() * max(1, tensors[0].dim()) * 8, tensors[0].numel()
+        rows = tensors[0].numel() * max(1, tensors[0].dim())
+        return rows * 8, 0, read + rows
     if fn is _torchvision('nms'):
         n = tensors[0].shape[0]
         mask = n * -(-n // 64) * 8 if device.type == 'cuda' else n   # suppressed, per pair
-        return mask + n * 32, n * n      # + sorted scores, order, areas, kept indices
+        return mask + n * 32, 0, read + n * n  # + sorted scores, order, areas, kept indices
     masks = sum(t.numel() * t.dim() * 8 for t in tensors if t.dtype in (torch.bool, torch.uint8)
                 ) if fn in (_index_masked, *_SAME_SIZE) else 0   # nonzero of each mask
     if fn in _SAME_SIZE:          # index_put: a copy of its input, or in place
         written = tensors[0].numel() * tensors[0].element_size()
-        return masks + (written if fn is _index_put_clamped else 0), written + masks
+        return (masks + (written if fn is _index_put_clamped else 0), 0,
+                read + tensors[0].numel())
     if getattr(fn, 'overloadpacket', None) in _SAME_SHAPE:   # its input's shape (no meta: ms)
-        return tensors[0].numel() * 8, tensors[0].numel()    # at most int64/double
+        return tensors[0].numel() * 8, 0, read + tensors[0].numel()   # at most int64/double
     if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
         numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
         itemsize = max([4] + [t.element_size() for t in tensors])  # type promotion's widest
-        return (0 if _returns_view(fn) else numel * itemsize), numel
+        return (0 if _returns_view(fn) else numel * itemsize), 0, read + numel
     try:     # not in inference mode: matmul, linear, einsum reach the mode as mm, addmm...
         with torch.inference_mode(False), _FlopCount() as counted:
             meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
@@ -314,7 +317,32 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     numel = sum(t.numel() for t in leaves)
     nbytes = 0 if _returns_view(fn) else sum(t.numel() * t.element_size() for t in leaves)
-    return masks + nbytes, counted.flops + numel
+    extra = _beyond_one_pass(fn, args, kwargs, leaves)
+    return masks + nbytes, counted.flops, read + numel + extra
+
+
+# per output element, a window of kernel_size elements (an adaptive pool's windows tile its
+# input: read about once); a sort compares each element log2(n) times
+_WINDOWED = {getattr(torch.ops.aten, f'{kind}_pool{d}d'): d for kind in ('max', 'avg')
+             for d in (1, 2, 3)}
+_WINDOWED[torch.ops.aten.max_pool2d_with_indices] = 2
+_SORTING = frozenset((torch.ops.aten.sort, torch.ops.aten.topk))
+
+
+def _beyond_one_pass(fn: Callable, args: tuple, kwargs: dict, outputs: list) -> int:
+    """Return the elements ``fn`` computes beyond reading its inputs and writing its outputs."""
+    packet = getattr(fn, 'overloadpacket', None)
+    if packet not in _WINDOWED and packet not in _SORTING:
+        return 0
+    given = dict(zip((arg.name for arg in fn._schema.arguments), args), **kwargs)
+    if packet in _SORTING:
+        values = given['self']
+        dim = given.get('dim', -1)
+        return values.numel() * max(1, values.shape[dim] if values.dim() else 1).bit_length()
+    kernel = given['kernel_size']
+    kernel = [kernel] if isinstance(kernel, int) else list(kernel)
+    return outputs[0].numel() * math.prod(kernel * _WINDOWED[packet] if len(kernel) == 1
+                                          else kernel)
 
 
 def costs_nothing(fn: Callable) -> bool:
