@@ -28,12 +28,15 @@ may exceed :data:`CEILING` (the constants used before).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import statistics
 import threading
 import time
 from typing import Callable
 
 import torch
+
+log = logging.getLogger('rrto_server.work_rate')
 
 SIZES = (1 << 20, 1 << 22)     # elements per kernel call (each kernel shapes its tensors)
 REPEATS = 3
@@ -69,7 +72,12 @@ def rate(device: torch.device) -> WorkRate:
     with _LOCK:
         found = MEASURED.get(device.type)
         if found is None:
+            started = time.perf_counter()
             found = MEASURED[device.type] = measure(device)
+            log.info('work rate of %s measured in %.1f s: %.3g FLOPs/s, %.3g elements/s (%s)',
+                     device.type, time.perf_counter() - started, found.flops_per_s,
+                     found.elements_per_s, ', '.join(f'{name} {value:.3g}'
+                                                     for name, value in found.kernels.items()))
         return found
 
 
@@ -105,12 +113,14 @@ def _rate(kernel: Callable, device: torch.device) -> float:
 
 
 def _timed(run: Callable, device: torch.device) -> float:
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    # on CUDA this thread's stream only: another lane may be capturing a graph meanwhile
+    stream = torch.cuda.current_stream(device) if device.type == 'cuda' else None
+    if stream is not None:
+        stream.synchronize()
     start = time.perf_counter()
     run()
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
+    if stream is not None:
+        stream.synchronize()
     return time.perf_counter() - start
 
 
