@@ -266,17 +266,13 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     """
     Return (bytes, flops, elements) of calling ``fn`` on arguments of these sizes, before it runs.
 
-    Every operator is sized, whatever its values: the bytes it allocates
-    (outputs and workspace; a view allocates nothing), the multiply-adds of
-    matrix products and convolutions (torch's flop formulas), and the
-    elements it touches: each element of each tensor it reads (a view at its
-    logical numel: a reduction of an ``expand()``ed view reads all of it),
-    each it writes, and what it computes beyond that (:func:`_beyond_one_pass`).
-    Shapes come from meta tensors, pointwise ones from the broadcast; a
-    boolean mask counts as all set, a data-dependent operator at its most
-    rows (``nonzero``, ``where(cond)``: ``numel x dim`` int64; NMS its
-    pairwise mask on CUDA).  Python operators get integers only
-    (:func:`check_sizes`): free.  UNSAFE_PROGRAM if it cannot be sized.
+    Whatever its values: the bytes it allocates (outputs, workspace; a view
+    none), the FLOPs of matrix products and convolutions (torch's formulas),
+    and the elements it touches: each of each tensor it reads (a view at its
+    logical numel), each it writes, what it computes beyond (:func:`_beyond_one_pass`).
+    Shapes from meta tensors or the broadcast; a boolean mask counts as all
+    set, a data-dependent operator at its most rows (``nonzero``: ``numel x
+    dim`` int64; NMS its pairwise mask on CUDA).  UNSAFE_PROGRAM if unsizable.
     """
     if costs_nothing(fn):
         return 0, 0, 0
@@ -294,8 +290,7 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
                 ) if fn in (_index_masked, *_SAME_SIZE) else 0   # nonzero of each mask
     if fn in _SAME_SIZE:          # index_put: a copy of its input, or in place
         written = tensors[0].numel() * tensors[0].element_size()
-        return (masks + (written if fn is _index_put_clamped else 0), 0,
-                read + tensors[0].numel())
+        return masks + (written if fn is _index_put_clamped else 0), 0, read + tensors[0].numel()
     if getattr(fn, 'overloadpacket', None) in _SAME_SHAPE:   # its input's shape (no meta: ms)
         return tensors[0].numel() * 8, 0, read + tensors[0].numel()   # at most int64/double
     if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
@@ -321,24 +316,32 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     return masks + nbytes, counted.flops, read + numel + extra
 
 
-# per output element, a window of kernel_size elements (an adaptive pool's windows tile its
-# input: read about once); a sort compares each element log2(n) times
+# per output element: a pool's window (adaptive ones tile their input: read once), a
+# resampling's taps (antialiased: ~4 more per input element), RoIAlign's sampling_ratio^2
+# bilinear samples; a sort compares each element log2(n) times
 _WINDOWED = {getattr(torch.ops.aten, f'{kind}_pool{d}d'): d for kind in ('max', 'avg')
-             for d in (1, 2, 3)}
-_WINDOWED[torch.ops.aten.max_pool2d_with_indices] = 2
+             for d in (1, 2, 3)} | {torch.ops.aten.max_pool2d_with_indices: 2}
+_TAPS = {getattr(torch.ops.aten, name): taps for name, taps in (
+    ('upsample_linear1d', 2), ('upsample_bilinear2d', 4), ('_upsample_bilinear2d_aa', 16),
+    ('upsample_bicubic2d', 16), ('grid_sampler', 16), ('grid_sampler_2d', 16))}
 _SORTING = frozenset((torch.ops.aten.sort, torch.ops.aten.topk))
 
 
 def _beyond_one_pass(fn: Callable, args: tuple, kwargs: dict, outputs: list) -> int:
     """Return the elements ``fn`` computes beyond reading its inputs and writing its outputs."""
     packet = getattr(fn, 'overloadpacket', None)
-    if packet not in _WINDOWED and packet not in _SORTING:
+    if fn is not roi_align_checked and not {packet} & (_WINDOWED.keys() | _TAPS.keys() | _SORTING):
         return 0
     given = dict(zip((arg.name for arg in fn._schema.arguments), args), **kwargs)
+    first = next(iter(given.values()))
+    if fn is roi_align_checked:
+        return outputs[0].numel() * 4 * given['sampling_ratio'] ** 2
+    if packet in _TAPS:
+        return outputs[0].numel() * _TAPS[packet] + (
+            4 * first.numel() if packet is torch.ops.aten._upsample_bilinear2d_aa else 0)
     if packet in _SORTING:
-        values = given['self']
-        dim = given.get('dim', -1)
-        return values.numel() * max(1, values.shape[dim] if values.dim() else 1).bit_length()
+        size = first.shape[given.get('dim', -1)] if first.dim() else 1
+        return first.numel() * max(1, size).bit_length()
     kernel = given['kernel_size']
     kernel = [kernel] if isinstance(kernel, int) else list(kernel)
     return outputs[0].numel() * math.prod(kernel * _WINDOWED[packet] if len(kernel) == 1

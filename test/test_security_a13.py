@@ -24,6 +24,7 @@ from rrto_testing import raw_socket, receive, reply_header, wait_running
 from rrto_wire import codecs, treespec
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.ops_dynamic import cost
 from rrto_wire.program import Program, sha256
 from rrto_wire.program_writer import from_exported
 from rrto_wire.tensors import TensorSpec
@@ -158,6 +159,17 @@ def test_a_window_is_charged_for_every_element_it_reads():
     with pytest.raises(ProtocolError) as err:       # 201^2 outputs x 4096 = 1.7e8 > 1e7
         _run(doc, torch.ones(200, dtype=torch.bool), x, max_work=10 ** 7)
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM and 'program-max-s' in str(err.value)
+
+
+@pytest.mark.parametrize('op, args, taps', [
+    (torch.ops.aten.upsample_bilinear2d.vec, (torch.ones(1, 3, 8, 8), [16, 16], False, None), 4),
+    (torch.ops.aten.upsample_bicubic2d.vec, (torch.ones(1, 3, 8, 8), [16, 16], False, None), 16),
+    (torch.ops.aten.grid_sampler_2d.default,
+     (torch.ones(1, 3, 8, 8), torch.zeros(1, 16, 16, 2), 2, 0, False), 16)])
+def test_a_resampling_is_charged_for_each_tap(op, args, taps):
+    """a13 #4's class: each output element of a resampling reads ``taps`` input elements."""
+    _, _, elements = cost(op, args, {}, torch.device('cpu'))
+    assert elements >= taps * 3 * 16 * 16
 
 
 # ----------------------------------------------------------------------------- 5: rate
