@@ -7,7 +7,8 @@ whose replies come back through an inproc PUSH/PULL pair, as in the server.
 The pool serves keys round robin, one warm per key at a time
 (:class:`~rrto_server.put_queue.ControlQueue`), so one key's many warms delay
 another key's by at most one warm per key ahead of it in the round (a11's
-finding 4: the pool was one FIFO for every key).  A
+finding 4: the pool was one FIFO for every key); without keys, connections
+take turns (a13 S1: every robot was the one key ``anonymous``).  A
 second thread polls the replicas and scales models every ``poll_s``.  Every
 request gets exactly one reply; a malformed one an error naming the problem.
 
@@ -138,7 +139,10 @@ class Front:
                     self._policy.begin(peer)
                 except ProtocolError as exc:
                     raise fleet.DirectoryError(exc.code.value, exc.message) from None
-                self._workers.submit(lambda: self._warm(envelope, request, peer), peer.name)
+                # whose turn: the key, or on a front without keys (every robot 'anonymous')
+                # the connection, as the server's control queue does (a13 S1)
+                turn = peer.name if self._gate is not None else envelope[0]
+                self._workers.submit(lambda: self._warm(envelope, request, peer), turn)
                 return
             try:
                 self._policy.authorize(self._peer(body), 'infer')

@@ -39,12 +39,13 @@ from typing import Sequence
 import torch
 
 from rrto_server import segments as segmentation
+from rrto_server import work_rate
 from rrto_server.express import ExpressPlan
 from rrto_server.models import LoadedModel
 from rrto_server.replay_key import replay_key
 from rrto_server.runner import Execution, Runner
 from rrto_server.runner_cudagraph import WARMUP_ITERS, CudaGraphRunner
-from rrto_server.runner_fx import WORK_PER_S, DynamicRunner, FrozenRunner, FxRunner
+from rrto_server.runner_fx import DynamicRunner, FrozenRunner, FxRunner
 from rrto_server.sandbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_S
 from rrto_server.runner_onnx import OnnxRunner, onnx_providers
 from rrto_wire.dtypes import torch_dtype
@@ -176,8 +177,9 @@ class Replay:
             verdict = self.model.verdict       # the sandbox's limits per call, as configured
             max_bytes, max_s = ((verdict.max_bytes, verdict.max_s) if verdict is not None
                                 else (DEFAULT_MAX_BYTES, DEFAULT_MAX_S))
-            return DynamicRunner(*args, max_bytes=max_bytes,
-                                 max_work=int(max_s * WORK_PER_S[device.type]),
+            rate = work_rate.rate(device)      # measured once per process
+            return DynamicRunner(*args, max_bytes=max_bytes, max_work=rate.max_work(max_s),
+                                 work_per_flop=rate.work_per_flop,
                                  out_shapes=_output_shapes(program))
         if opts.mode == 'eager':
             return FxRunner(*args)

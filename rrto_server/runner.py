@@ -27,6 +27,7 @@ class Runner(Protocol):
     backend: str
     num_segments: int
     can_express: bool       # :meth:`express` may serve requests (see rrto_server.express)
+    fixed_cost: bool        # every input of its signature costs the same (Server._inline_ok)
     express_outputs: list[torch.Tensor] | None   # where :meth:`express` always answers, if fixed
 
     def begin(self, ex: 'Execution', inputs: Sequence[torch.Tensor]) -> None:

@@ -65,6 +65,9 @@ class FxRunner:
     """Segments as callables over a per-execution value map (CPU and eager modes)."""
 
     backend = 'fx'
+    # every input of the recorded signature costs the same: fixed sizes, no data-dependent
+    # work (Server._inline_ok runs a short one on the I/O thread)
+    fixed_cost = True
 
     def __init__(self, modules, live, input_names, output_names, device, precision, out_dtypes):
         self.modules = modules
@@ -140,9 +143,6 @@ class FxRunner:
         ex.saved = None
 
 
-# work (rrto_wire.ops_dynamic.cost: FLOPs + output elements) a device does per second at most
-# (generous: a call refused at --program-max-s x this takes longer than that anywhere)
-WORK_PER_S = {'cpu': 1e11, 'cuda': 1e14}
 _SPENT = ' spent'       # ex.env key of the work done so far (never a value's name)
 _STOPPED = ' stopped'   # ex.env key: a chained program's guard failed, nothing more runs
 
@@ -159,7 +159,10 @@ class DynamicRunner(FxRunner):
     the bytes the execution then holds would exceed ``max_bytes`` (the
     sandbox's ``--program-max-mb``: the values alive at that point, freed as
     fx frees them, plus its output) or the work of the execution so far
-    would exceed ``max_work`` (from ``--program-max-s``).
+    would exceed ``max_work`` (from ``--program-max-s``): the elements its
+    operators read and write plus ``work_per_flop`` per FLOP (the device's
+    measured element rate over its FLOP rate, :mod:`rrto_server.work_rate`).
+    Its cost follows the data (``fixed_cost`` False): never on the I/O thread.
 
     A chained program (:mod:`rrto_wire.program_chain`) stops where a guard
     fails: the outputs computed so far come back, each later one as zeros of
@@ -168,8 +171,10 @@ class DynamicRunner(FxRunner):
 
     backend = 'eager-dynamic'
     can_express = False
+    fixed_cost = False
 
-    def __init__(self, *args, max_bytes: int, max_work: int, out_shapes: list | None = None):
+    def __init__(self, *args, max_bytes: int, max_work: int, out_shapes: list | None = None,
+                 work_per_flop: float = 1.0):
         super().__init__(*args)
         self.max_bytes = max_bytes
         self.max_work = max_work
@@ -177,7 +182,7 @@ class DynamicRunner(FxRunner):
         # the request's inputs: sized by the signature, not by the call (like the weights)
         self.inputs = frozenset(self.input_names) | {_SPENT, _STOPPED}
         # a later segment's inputs are values of the earlier ones: their sizes may vary
-        self.modules = [_SizeChecked(module, self.device, inputs_vary=k > 0)
+        self.modules = [_SizeChecked(module, self.device, k > 0, work_per_flop)
                         for k, module in enumerate(self.modules)]
 
     def run_segment(self, ex: Execution, k: int) -> None:
@@ -239,8 +244,8 @@ class _Budget:
             raise ProtocolError(
                 ErrorCode.UNSAFE_PROGRAM,
                 f'{str(node.target)[:80]} would bring the work of this call at this input to '
-                f'{self.work + work:.3g} (FLOPs + elements): over the {self.max_work:.3g} one '
-                'call may do (--program-max-s)')
+                f'{self.work + work:.3g} (elements read and written, FLOPs at the measured '
+                f'rates): over the {self.max_work:.3g} one call may do (--program-max-s)')
         self.work += work
 
     def hold(self, node: fx.Node, value, fixed: bool = False) -> None:
@@ -285,9 +290,11 @@ class _SizeChecked:
 
     CHECKED_SIZES = 4096     # argument size sets remembered per module
 
-    def __init__(self, module: fx.GraphModule, device: torch.device, inputs_vary: bool):
+    def __init__(self, module: fx.GraphModule, device: torch.device, inputs_vary: bool,
+                 work_per_flop: float):
         self.module = module
         self.device = device
+        self.work_per_flop = work_per_flop
         self.costs: dict = {}             # a fixed-size node's cost
         self.varying_costs = cachetools.LRUCache(self.CHECKED_SIZES)
         self.lock = threading.Lock()
@@ -313,7 +320,8 @@ class _SizeChecked:
         with self.lock:          # lanes share it; an LRU reorders on reads
             found = costs.get(key)
         if found is None:
-            found = cost(node.target, args, kwargs, self.device)
+            nbytes, flops, elements = cost(node.target, args, kwargs, self.device)
+            found = nbytes, elements + int(flops * self.work_per_flop)
             with self.lock:
                 costs[key] = found
         return found

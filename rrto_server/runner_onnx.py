@@ -26,6 +26,7 @@ class OnnxRunner:
     num_segments = 1
     backend = 'onnxruntime'
     can_express = False     # always the general path (see rrto_server.express)
+    fixed_cost = False      # a Loop's trip count, a NonZero's rows may follow the data
 
     def __init__(self, model: LoadedModel, signature: Signature, device: torch.device,
                  providers: list):

@@ -16,11 +16,14 @@ A cut is legal only where every value crossing it is a tensor of known shape
 
 from __future__ import annotations
 
+import re
+
 from rrto_wire.program import Program
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 WHOLE = 'whole'
 MAX_SEGMENTS = 1024      # each is a preemption point with its own module, live values, buffers
+_NUMBER = re.compile(r'[1-9][0-9]{0,8}')      # ASCII, no leading zero, below 10^9
 
 
 def parse_granularity(spec: object) -> tuple[str, int]:
@@ -29,12 +32,13 @@ def parse_granularity(spec: object) -> tuple[str, int]:
         return WHOLE, 0
     if isinstance(spec, str) and ':' in spec:
         kind, _, number = spec.partition(':')
-        # one spelling per number (no leading zeros): each spelling is a replay key
-        if kind in ('ops', 'block') and number.isdigit() and number == str(int(number)) != '0':
+        # ASCII digits only (str.isdigit takes '²', which int() refuses), one spelling per
+        # number (no leading zeros: each spelling is a replay key)
+        if kind in ('ops', 'block') and _NUMBER.fullmatch(number):
             return kind, int(number)
     raise ProtocolError(ErrorCode.BAD_REQUEST,
-                        f"segments must be 'whole', 'ops:N' or 'block:D' (N, D > 0, no leading "
-                        f"zeros), got {spec!r}")
+                        "segments must be 'whole', 'ops:N' or 'block:D' (N, D in ASCII digits "
+                        f"from 1 to 999999999, no leading zeros), got {str(spec)[:40]!r}")
 
 
 def canonical(program: Program, spec: object) -> str:

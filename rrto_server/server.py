@@ -308,9 +308,10 @@ class Server:
         return all(d.codec == 'raw' for d in header.tensors)
 
     def _inline_ok(self, replay: Replay) -> bool:
-        # a program's sizes are constants (rrto_wire.ops): its cost is that of any input
+        # the time of earlier runs says what this one takes only for a runner whose cost is
+        # the same for every input (fixed sizes); a dynamic program's data set its sizes
         longest = replay.longest_segment_ms
-        return (replay.model.kind == 'program' and longest is not None
+        return (replay.runner.fixed_cost and longest is not None
                 and longest <= self.config.inline_max_ms)
 
     def on_io_thread(self) -> bool:

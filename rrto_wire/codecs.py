@@ -56,7 +56,7 @@ def parse(codec: str) -> tuple[str, int]:
         raise ValueError(f'unknown codec {codec!r}; choose one of {CODECS} or jpeg:QUALITY')
     quality = JPEG_QUALITY
     if option:
-        if not option.isdigit() or not 1 <= int(option) <= 100:
+        if not (option.isascii() and option.isdigit()) or not 1 <= int(option) <= 100:
             raise ValueError(f'JPEG quality in {codec!r} must be an integer in 1..100')
         quality = int(option)
     return name, quality

@@ -262,43 +262,41 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
                     'from the sizes of tensors, never from their values')
 
 
-def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple[int, int]:
+def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple[int, int, int]:
     """
-    Return (bytes, work) of calling ``fn`` on arguments of these sizes, before it runs.
+    Return (bytes, flops, elements) of calling ``fn`` on arguments of these sizes, before it runs.
 
-    Every operator is sized, whatever its values: the bytes it allocates
-    (its outputs and the workspace it needs beyond them; a view allocates
-    nothing) and its work (multiply-adds of matrix products and
-    convolutions from torch's flop formulas, plus one per output element).
-    Output shapes come from meta tensors (nothing is allocated), pointwise
-    operators' from the broadcast of their inputs; a boolean mask counts as
-    all set and a data-dependent operator at its most rows: ``nonzero`` and
-    ``where(cond)`` ``numel x dim`` int64 (an ``expand()``ed view has numel
-    without memory), NMS its pairwise mask on CUDA.  A Python operator gets
-    integers only (:func:`check_sizes`) and costs nothing.  UNSAFE_PROGRAM if
-    the size cannot be computed.
+    Whatever its values: the bytes it allocates (outputs, workspace; a view
+    none), the FLOPs of matrix products and convolutions (torch's formulas),
+    and the elements it touches: each of each tensor it reads (a view at its
+    logical numel), each it writes, what it computes beyond (:func:`_beyond_one_pass`).
+    Shapes from meta tensors or the broadcast; a boolean mask counts as all
+    set, a data-dependent operator at its most rows (``nonzero``: ``numel x
+    dim`` int64; NMS its pairwise mask on CUDA).  UNSAFE_PROGRAM if unsizable.
     """
     if costs_nothing(fn):
-        return 0, 0
+        return 0, 0, 0
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor)]
+    read = sum(t.numel() for t in tensors)
     if fn in _ROW_PER_ELEMENT:
-        return tensors[0].numel() * max(1, tensors[0].dim()) * 8, tensors[0].numel()
+        rows = tensors[0].numel() * max(1, tensors[0].dim())
+        return rows * 8, 0, read + rows
     if fn is _torchvision('nms'):
         n = tensors[0].shape[0]
         mask = n * -(-n // 64) * 8 if device.type == 'cuda' else n   # suppressed, per pair
-        return mask + n * 32, n * n      # + sorted scores, order, areas, kept indices
+        return mask + n * 32, 0, read + n * n  # + sorted scores, order, areas, kept indices
     masks = sum(t.numel() * t.dim() * 8 for t in tensors if t.dtype in (torch.bool, torch.uint8)
                 ) if fn in (_index_masked, *_SAME_SIZE) else 0   # nonzero of each mask
     if fn in _SAME_SIZE:          # index_put: a copy of its input, or in place
         written = tensors[0].numel() * tensors[0].element_size()
-        return masks + (written if fn is _index_put_clamped else 0), written + masks
+        return masks + (written if fn is _index_put_clamped else 0), 0, read + tensors[0].numel()
     if getattr(fn, 'overloadpacket', None) in _SAME_SHAPE:   # its input's shape (no meta: ms)
-        return tensors[0].numel() * 8, tensors[0].numel()    # at most int64/double
+        return tensors[0].numel() * 8, 0, read + tensors[0].numel()   # at most int64/double
     if torch.Tag.pointwise in getattr(fn, 'tags', ()):   # broadcast (a meta kernel: ms)
         numel = math.prod(torch.broadcast_shapes(*(t.shape for t in tensors)))
         itemsize = max([4] + [t.element_size() for t in tensors])  # type promotion's widest
-        return (0 if _returns_view(fn) else numel * itemsize), numel
+        return (0 if _returns_view(fn) else numel * itemsize), 0, read + numel
     try:     # not in inference mode: matmul, linear, einsum reach the mode as mm, addmm...
         with torch.inference_mode(False), _FlopCount() as counted:
             meta = torch.utils._pytree.tree_map(_meta, (args, kwargs))
@@ -314,7 +312,40 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     leaves = [t for t in torch.utils._pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor)]
     numel = sum(t.numel() for t in leaves)
     nbytes = 0 if _returns_view(fn) else sum(t.numel() * t.element_size() for t in leaves)
-    return masks + nbytes, counted.flops + numel
+    extra = _beyond_one_pass(fn, args, kwargs, leaves)
+    return masks + nbytes, counted.flops, read + numel + extra
+
+
+# per output element: a pool's window (adaptive ones tile their input: read once), a
+# resampling's taps (antialiased: ~4 more per input element), RoIAlign's sampling_ratio^2
+# bilinear samples; a sort compares each element log2(n) times
+_WINDOWED = {getattr(torch.ops.aten, f'{kind}_pool{d}d'): d for kind in ('max', 'avg')
+             for d in (1, 2, 3)} | {torch.ops.aten.max_pool2d_with_indices: 2}
+_TAPS = {getattr(torch.ops.aten, name): taps for name, taps in (
+    ('upsample_linear1d', 2), ('upsample_bilinear2d', 4), ('_upsample_bilinear2d_aa', 16),
+    ('upsample_bicubic2d', 16), ('grid_sampler', 16), ('grid_sampler_2d', 16))}
+_SORTING = frozenset((torch.ops.aten.sort, torch.ops.aten.topk))
+
+
+def _beyond_one_pass(fn: Callable, args: tuple, kwargs: dict, outputs: list) -> int:
+    """Return the elements ``fn`` computes beyond reading its inputs and writing its outputs."""
+    packet = getattr(fn, 'overloadpacket', None)
+    if fn is not roi_align_checked and not {packet} & (_WINDOWED.keys() | _TAPS.keys() | _SORTING):
+        return 0
+    given = dict(zip((arg.name for arg in fn._schema.arguments), args), **kwargs)
+    first = next(iter(given.values()))
+    if fn is roi_align_checked:
+        return outputs[0].numel() * 4 * given['sampling_ratio'] ** 2
+    if packet in _TAPS:
+        return outputs[0].numel() * _TAPS[packet] + (
+            4 * first.numel() if packet is torch.ops.aten._upsample_bilinear2d_aa else 0)
+    if packet in _SORTING:
+        size = first.shape[given.get('dim', -1)] if first.dim() else 1
+        return first.numel() * max(1, size).bit_length()
+    kernel = given['kernel_size']
+    kernel = [kernel] if isinstance(kernel, int) else list(kernel)
+    return outputs[0].numel() * math.prod(kernel * _WINDOWED[packet] if len(kernel) == 1
+                                          else kernel)
 
 
 def costs_nothing(fn: Callable) -> bool:
