@@ -184,12 +184,17 @@ def summarise(records: list, cpu_ms: list[float], errors: list[tuple]) -> dict:
 
 
 def offloaded_calls(model: torch.nn.Module, frame: torch.Tensor, endpoint: str, calls: int,
-                    warm: int = 20, **options) -> list:
+                    warm: int = 20, cpu_ms: list | None = None,
+                    between: Callable[[Any], None] | None = None, **options) -> list:
     """
     Offload ``model``, record it for ``frame``, and return the call records of ``calls`` calls.
 
     ``warm`` untimed calls come first; every returned call was offloaded (one that
-    was not fails the benchmark, as its timing would be a local run's).
+    was not fails the benchmark, as its timing would be a local run's).  ``cpu_ms``
+    (a list) gets each returned call's CPU time on the calling thread
+    (``time.thread_time``: the robot's own work, not its waiting); ``between`` is
+    called with each returned call's record right after it (a floor measured
+    alternately with the calls, as :mod:`bench.overhead`'s echo).
     """
     from rrto_ros import offload
     with offload(model, server=endpoint, timeout_ms=options.pop('timeout_ms', 20000),
@@ -197,8 +202,14 @@ def offloaded_calls(model: torch.nn.Module, frame: torch.Tensor, endpoint: str, 
         assert om.warmup(frame), 'server did not record the model'
         records = []
         for i in range(calls + warm):
+            cpu = time.thread_time()
             om(frame)
+            cpu = time.thread_time() - cpu
             assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
             if i >= warm:
                 records.append(om.last)
+                if cpu_ms is not None:
+                    cpu_ms.append(cpu * 1e3)
+                if between is not None:
+                    between(om.last)
     return records

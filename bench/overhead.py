@@ -9,9 +9,13 @@ robot side calls it ``--calls`` times after recording.  Per call:
   two loopback transfers of the frame and the outputs, the server's queueing
   and thread hand-offs); target: median <= 0.3 ms;
 * ``server_overhead_ms = server receipt-to-reply - server compute``;
+* ``robot_cpu_ms``: the calling thread's CPU time per call (``time.thread_time``),
+  i.e. the robot's own Python and socket calls, without its waiting;
 * ``zmq_echo_ms``: the floor under all of that, a bare pyzmq DEALER/ROUTER round
   trip between two processes carrying the same bytes up and down (no framing,
   no torch), so ``overhead_ms - zmq_echo_ms`` is what rrto_ros itself adds.
+  One echo follows every offloaded call, so both see the same load on a shared
+  machine (an echo measured after all the calls saw another load).
 
 Usage: ``python -m bench.overhead --out docs/results/overhead_cpu.json``
 """
@@ -54,7 +58,10 @@ def measure(name: str, endpoint: str, calls: int) -> dict:
     torch.manual_seed(0)
     model = WithImageInput(MODELS[name]().eval()).eval()
     frame = torch.randint(0, 256, (1, 224, 224, 3), dtype=torch.uint8)
-    records = offloaded_calls(model, frame, endpoint, calls, warm=10)
+    cpu_ms: list[float] = []
+    with Echo(f'tcp://127.0.0.1:{free_port()}') as echo:
+        records = offloaded_calls(model, frame, endpoint, calls, warm=10, cpu_ms=cpu_ms,
+                                  between=echo.round_trip)
     overhead = [r.total_ms - r.server_compute_ms for r in records]
     server_overhead = [r.server_ms - r.server_compute_ms for r in records]
     return {
@@ -66,7 +73,10 @@ def measure(name: str, endpoint: str, calls: int) -> dict:
         'overhead_ms_p90': percentile(overhead, 90),
         'server_overhead_ms_median': statistics.median(server_overhead),
         'network_ms_median': statistics.median(r.network_ms for r in records),
+        'robot_cpu_ms_median': statistics.median(cpu_ms),
         'round_trips_per_call': statistics.mean(r.round_trips for r in records),
+        'zmq_echo_ms_median': statistics.median(echo.times_ms),
+        'overhead_beyond_echo_ms': statistics.median(overhead) - statistics.median(echo.times_ms),
     }
 
 
@@ -81,31 +91,43 @@ def echo_server(endpoint: str) -> None:
         sock.send_multipart([frames[0], b'{"kind":"ok"}', bytes(size)], copy=False)
 
 
-def zmq_echo_ms(endpoint: str, sent: int, received: int, calls: int) -> float:
-    """Median bare pyzmq round trip carrying ``sent`` bytes up and ``received`` down."""
-    import zmq
-    proc = subprocess.Popen([sys.executable, '-m', 'bench.overhead', '--echo-server', endpoint],
-                            env=child_env())
-    sock = zmq.Context.instance().socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    try:
-        sock.connect(endpoint)
-        payload = bytes(sent)
-        times = []
-        for i in range(calls + 10):
-            start = time.perf_counter()
-            sock.send_multipart([b'{"kind":"infer"}', payload, str(received).encode()])
-            # the first answer waits for the child to start (imports take long on a busy machine)
-            if not sock.poll(60000 if i == 0 else 10000):
-                raise RuntimeError('echo server did not answer')
-            sock.recv_multipart(copy=False)
-            if i >= 10:
-                times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    finally:
-        sock.close(0)
-        proc.kill()
-        proc.wait()
+class Echo:
+    """A bare pyzmq round trip to an echo child process (:func:`echo_server`), timed."""
+
+    def __init__(self, endpoint: str):
+        import zmq
+        self._proc = subprocess.Popen(
+            [sys.executable, '-m', 'bench.overhead', '--echo-server', endpoint], env=child_env())
+        self._sock = zmq.Context.instance().socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+        self._payload = b''
+        self.times_ms: list[float] = []
+
+    def round_trip(self, record) -> None:
+        """Carry ``record``'s bytes up and down once; time it (after an untimed first one)."""
+        if len(self._payload) != record.bytes_sent:
+            self._payload = bytes(record.bytes_sent)
+        frames = [b'{"kind":"infer"}', self._payload, str(record.bytes_received).encode()]
+        if not self.times_ms:   # the child's imports take long on a busy machine
+            self._echo(frames, 60000)
+        start = time.perf_counter()
+        self._echo(frames, 10000)
+        self.times_ms.append((time.perf_counter() - start) * 1e3)
+
+    def _echo(self, frames: list, timeout_ms: int) -> None:
+        self._sock.send_multipart(frames)
+        if not self._sock.poll(timeout_ms):
+            raise RuntimeError('echo server did not answer')
+        self._sock.recv_multipart(copy=False)
+
+    def __enter__(self) -> 'Echo':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._sock.close(0)
+        self._proc.kill()
+        self._proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,11 +151,6 @@ def main(argv: list[str] | None = None) -> int:
             rows = []
             for name in args.models:
                 row = measure(name, endpoint, args.calls)
-                echo_endpoint = f'tcp://127.0.0.1:{free_port()}'
-                row['zmq_echo_ms_median'] = zmq_echo_ms(
-                    echo_endpoint, row['bytes_sent'], row['bytes_received'], args.calls)
-                row['overhead_beyond_echo_ms'] = row['overhead_ms_median'] - \
-                    row['zmq_echo_ms_median']
                 print(json.dumps(row), flush=True)
                 rows.append(row)
         finally:

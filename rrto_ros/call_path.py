@@ -58,6 +58,7 @@ class CallPath:
     def __init__(self, model: Any):
         self.model = model
         self.selector: PlanSelector | None = None   # the selector that chose this call's plan
+        self._one: dict[tuple, Target] = {}     # (dtype, shape) -> target of f(tensor) calls
 
     def run(self, args: tuple, kwargs: dict) -> tuple[Any, CallRecord]:
         """Serve one call; return its outputs and record (plan feedback observed)."""
@@ -74,8 +75,7 @@ class CallPath:
         if m.mode == 'local':
             return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', 'mode is local',
                                transient=False)
-        flat, in_spec = treespec.flatten((args, kwargs))
-        target = m.preparer.target(flat, in_spec)
+        flat, target = self._target(args, kwargs)
         if target.state != PrepState.READY:
             reason = target.error or 'server is preparing this input signature'
             return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason,
@@ -92,13 +92,14 @@ class CallPath:
                                'server unreachable; reconnecting')
         before = dict(m.data.counters)
         remote = RemoteCall(m, target.replay)
+        leaves = reply_check.expected(target.artifact)     # what the call's outputs must be
         try:
             if m.mode == 'naive':
                 remote.start_ms = time.perf_counter()
                 outputs = run_naive(m.data, target.artifact, flat, m.timeout_ms)
                 remote.done_ms = time.perf_counter()
             elif plan.kind == 'offload':
-                remote.expect = reply_check.expected(target.artifact)
+                remote.expect = leaves
                 outputs = remote([_cpu(t) for t in flat]).result()
             else:
                 runtime, replay = target.plans[plan.name]
@@ -107,7 +108,7 @@ class CallPath:
                                                              runtime.server_doc)
                 outputs = runtime.run([_cpu(t) for t in flat], remote)
                 remote.robot_ms = runtime.last_robot_ms
-            result = _rebuild(outputs, flat, target)
+            result = _rebuild(outputs, flat, target, leaves)
         except ServerUnavailable as exc:
             outputs, record = self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK,
                                           plan.name, str(exc))
@@ -122,6 +123,19 @@ class CallPath:
             return outputs, record
         m.counters['offloaded'] += 1
         return result, remote.record(plan.name, start, before, target, self._bandwidth())
+
+    def _target(self, args: tuple, kwargs: dict) -> tuple[list, Target]:
+        """Return the call's input tensors and their target (the preparer's, kept per shape)."""
+        one = args[0] if len(args) == 1 and not kwargs else None
+        if isinstance(one, torch.Tensor):       # the common f(tensor): no walk, no lock
+            key = (one.dtype, one.shape)
+            target = self._one.get(key)
+            if target is None or target.state != PrepState.READY:
+                target = self._one[key] = self.model.preparer.target(
+                    *treespec.flatten((args, kwargs)))
+            return [one], target
+        flat, in_spec = treespec.flatten((args, kwargs))
+        return flat, self.model.preparer.target(flat, in_spec)
 
     def _local(self, args: tuple, kwargs: dict, start: float, result: OffloadResult,
                plan: str, reason: str, transient: bool = True) -> tuple[Any, CallRecord]:
@@ -247,15 +261,16 @@ def _add_traffic(record: CallRecord, counters: dict, before: dict) -> None:
     record.bytes_received = counters['bytes_received'] - before['bytes_received']
 
 
-def _rebuild(outputs: list, flat: list, target: Target) -> Any:
+def _rebuild(outputs: list, flat: list, target: Target, leaves: tuple) -> Any:
     """
     Return the call's outputs in the model's structure, or raise ``bad_reply``.
 
     The final outputs of every plan (a hybrid's merge included) must match the
-    robot's own export: no wrong result is ever labelled offloaded.
+    robot's own export (``leaves``, :func:`reply_check.expected`): no wrong
+    result is ever labelled offloaded.
     """
     try:
-        reply_check.check_outputs(outputs, reply_check.expected(target.artifact))
+        reply_check.check_outputs(outputs, leaves)
         return treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
     except ProtocolError as exc:
         raise RemoteError(exc.code.value, exc.message) from None
@@ -264,11 +279,11 @@ def _rebuild(outputs: list, flat: list, target: Target) -> Any:
 
 
 def _cpu(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor if tensor.device.type == 'cpu' else tensor.cpu()
+    return tensor if tensor.is_cpu else tensor.cpu()
 
 
 def _to_device_of(outputs: list, flat: list) -> list:
-    device = next((t.device for t in flat if isinstance(t, torch.Tensor)), None)
-    if device is None or device.type == 'cpu':
+    first = next((t for t in flat if isinstance(t, torch.Tensor)), None)
+    if first is None or first.is_cpu:
         return outputs
-    return [o.to(device) for o in outputs]
+    return [o.to(first.device) for o in outputs]

@@ -72,6 +72,7 @@ class RrtoClient:
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._replies: zmq.Poller | None = None   # polls self._sock for a reply (one per socket)
         self._heartbeat_ms = 0
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -118,7 +119,7 @@ class RrtoClient:
     def _drop_socket(self) -> None:
         if self._sock is not None:
             self._sock.close(linger=0)
-            self._sock = None
+            self._sock = self._replies = None
 
     def _mark_down(self, reason: str) -> None:
         self._drop_socket()
@@ -193,24 +194,26 @@ class RrtoClient:
                 self._drop_socket()   # the timeout grew: reconnect with a longer heartbeat
             if self._sock is None:
                 self._sock = self._new_socket(heartbeat_ms)
+                self._replies = zmq.Poller()
+                self._replies.register(self._sock, zmq.POLLIN)
                 self._heartbeat_ms = heartbeat_ms
             request_id = next(self._ids)
             header = {'kind': kind.value, 'id': request_id}
             header.update(fields or {})
             frames = wire.encode(header, tensors, codec)
-            self._check_size(frames)
+            size = wire.message_size(frames)
+            self._check_size(size)
             started = time.monotonic()
             self._send(frames, min(timeout_ms, self.connect_timeout_ms))
-            self.counters['bytes_sent'] += wire.message_size(frames)
+            self.counters['bytes_sent'] += size
         except BaseException:
             self._lock.release()
             raise
         return PendingReply(self, request_id, kind, started + timeout_ms / 1e3, expect)
 
-    def _check_size(self, frames: list) -> None:
+    def _check_size(self, size: int) -> None:
         # a part over the server's limit makes libzmq drop the connection: refuse it here
         limit = self.server_info.get('max_message_bytes')
-        size = wire.message_size(frames)
         if limit is not None and size > limit:
             self.counters['errors'] += 1
             raise RemoteError(ErrorCode.TOO_LARGE.value,
@@ -260,7 +263,7 @@ class RrtoClient:
     def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[replies.Ok, list]:
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
-            if remaining_ms <= 0 or not self._sock.poll(remaining_ms, zmq.POLLIN):
+            if remaining_ms <= 0 or not self._replies.poll(remaining_ms):
                 self.counters['timeouts'] += 1
                 self._log_late()
                 self._mark_down('reply timed out')

@@ -25,6 +25,7 @@ bound.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, NamedTuple, Sequence
 
@@ -33,7 +34,6 @@ from cachetools import LRUCache
 
 from rrto_wire import dtypes, treespec
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.tensors import signature_key
 
 
 class Free(NamedTuple):
@@ -51,7 +51,7 @@ _CACHE: LRUCache = LRUCache(maxsize=256)
 
 def expected(artifact: Any) -> tuple[Leaf, ...]:
     """Return the outputs a reply for ``artifact`` (one model, one signature) must hold."""
-    key = (artifact.model, signature_key(artifact.signature))
+    key = (artifact.model, tuple(artifact.signature))     # TensorSpecs hash: no string built
     leaves = _CACHE.get(key)
     if leaves is None:
         count = treespec.count_leaves(artifact.out_spec)
@@ -130,18 +130,40 @@ def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
     """
     if leaves is None:
         return default
-    _check([(d.dtype, tuple(d.shape)) for d in descriptors], leaves)
-    if all(_bounded(leaf) for leaf in leaves):
-        return sum(math.prod(d.most if isinstance(d, Free) else d for d in shape)
-                   * dtypes.itemsize(dtype) for dtype, shape in leaves)
-    return default
+    leaves = tuple(leaves)
+    exact, bound = _compiled(leaves)
+    got = tuple([(d.dtype, d.shape) for d in descriptors])
+    if got != exact:
+        _check(got, leaves)
+    return default if bound is None else bound
 
 
 def check_outputs(outputs: Sequence[Any], leaves: Sequence[Leaf]) -> None:
     """Raise ``bad_reply`` unless the decoded ``outputs`` match the expected leaves."""
     if not all(isinstance(t, torch.Tensor) for t in outputs):
         raise _bad('an output is not a tensor')
-    _check([(dtypes.dtype_name(t.dtype), tuple(t.shape)) for t in outputs], leaves)
+    leaves = tuple(leaves)
+    got = tuple([(dtypes.dtype_name(t.dtype), t.shape) for t in outputs])
+    if got != _compiled(leaves)[0]:
+        _check(got, leaves)
+
+
+@functools.lru_cache(maxsize=256)       # every reply is checked against the same few leaves
+def _compiled(leaves: tuple[Leaf, ...]) -> tuple[tuple | None, int | None]:
+    """
+    Return the outputs ``leaves`` allow, exactly, and their decoding bound in bytes.
+
+    The first is None unless every dtype and size is known (then a reply
+    matching it passes :func:`_check` without walking it); the second is
+    None unless every size is known or bounded.
+    """
+    exact = tuple(leaves) if all(
+        dtype is not None and shape is not None and all(type(d) is int for d in shape)
+        for dtype, shape in leaves) else None
+    if not all(_bounded(leaf) for leaf in leaves):
+        return exact, None
+    return exact, sum(math.prod(d.most if isinstance(d, Free) else d for d in shape)
+                      * dtypes.itemsize(dtype) for dtype, shape in leaves)
 
 
 def _bounded(leaf: Leaf) -> bool:

@@ -70,8 +70,11 @@ def _buffer(frame: Any) -> memoryview:
 
 
 def message_size(frames: Sequence[Any]) -> int:
-    """Return the total payload size of a message in bytes."""
-    return sum(len(_buffer(f)) for f in frames)
+    """Return the total payload size of a message in bytes (of any buffer's shape)."""
+    total = 0
+    for frame in frames:        # bytes, memoryviews, zmq.Frames: each has the buffer protocol
+        total += memoryview(frame).nbytes
+    return total
 
 
 def decoded_size(descriptors: Sequence[Frame]) -> int:
@@ -93,20 +96,21 @@ def decode_tensors(descriptors: Sequence[Frame], frames: Sequence[Any],
             f'header describes {len(descriptors)} tensors but {len(frames)} frames follow')
     if len(frames) > MAX_TENSORS:
         raise ProtocolError(ErrorCode.TOO_LARGE, f'{len(frames)} tensors exceed {MAX_TENSORS}')
-    total = decoded_size(descriptors)
+    sizes = [d.nbytes for d in descriptors]
+    total = sum(sizes)
     if total > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE,
                             f'tensors decode to {total} bytes, more than {max_bytes}')
     tensors = []
-    for index, (desc, frame) in enumerate(zip(descriptors, frames)):
+    for index, (desc, frame, size) in enumerate(zip(descriptors, frames, sizes)):
         buf = _buffer(frame)
         if desc.codec != codecs.RAW:
             tensors.append(codecs.decode(desc.codec, buf, desc, index, max_bytes))
             continue
-        if len(buf) != desc.nbytes:
+        if len(buf) != size:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST,
-                f'tensor {index} ({desc}) needs {desc.nbytes} bytes, frame has {len(buf)}')
+                f'tensor {index} ({desc}) needs {size} bytes, frame has {len(buf)}')
         tensors.append(tensor_from_buffer(buf, desc))
     return tensors
 

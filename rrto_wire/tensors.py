@@ -9,6 +9,7 @@ checked before anything is allocated.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Annotated, Any, Iterable, Sequence
 
@@ -71,6 +72,11 @@ def signature_of(tensors: Iterable[torch.Tensor]) -> Signature:
 
 def signature_key(signature: Sequence[TensorSpec]) -> str:
     """Return a short canonical string for a signature, e.g. ``uint8[1,224,224,3]``."""
+    return _signature_key(tuple(signature))
+
+
+@functools.lru_cache(maxsize=1024)      # every offloaded call's record names its signature
+def _signature_key(signature: Signature) -> str:
     return ';'.join(str(spec) for spec in signature)
 
 

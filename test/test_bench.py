@@ -115,6 +115,7 @@ def test_overhead_benchmark_reports_overhead_and_its_zmq_floor(tmp_path):
     row, = report['results']
     assert row['round_trips_per_call'] == 1 and row['bytes_sent'] > 224 * 224 * 3
     assert 0 < row['zmq_echo_ms_median'] < row['total_ms_median']
+    assert 0 < row['robot_cpu_ms_median'] < row['total_ms_median']
     assert row['overhead_beyond_echo_ms'] == pytest.approx(
         row['overhead_ms_median'] - row['zmq_echo_ms_median'])
 

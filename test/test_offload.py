@@ -8,6 +8,7 @@ from rrto_ros.naive import operator_count
 from rrto_ros.preparer import PrepState
 from rrto_ros.zoo import ARCHITECTURES
 from rrto_testing import assert_same_as_local
+from rrto_wire import treespec
 
 SIZES = {'resnet18': (1, 3, 224, 224), 'mobilenet': (1, 3, 160, 160),
          'keypoint_net': (1, 3, 96, 128)}
@@ -88,6 +89,20 @@ def test_new_signature_records_a_new_replay_and_reuses_weights(server, offloaded
     assert set(prepared) == {'float32[1,3,64,64]', 'float32[2,3,96,96]'}
     assert all(p.state == PrepState.READY and not p.error for p in prepared.values())
     assert {p.replay for p in prepared.values()} == {r['replay'] for r in replays}
+
+
+def test_a_signature_given_up_runs_locally_from_its_next_call(server, offloaded):
+    # the call path keeps each f(tensor) signature's target: it must still follow its state
+    model = ARCHITECTURES['keypoint_net']()
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    x = torch.randn(1, 3, 64, 64)
+    assert om.warmup(x)
+    om(x)
+    assert om.last.result == OffloadResult.OFFLOADED
+    om.preparer.give_up(om.preparer.target([x], treespec.flatten(((x,), {}))[1]), 'refused')
+    out = om(x)
+    assert om.last.result == OffloadResult.LOCAL and om.last.reason == 'refused'
+    assert_same_as_local(out, model(x))
 
 
 def test_structures_and_keyword_arguments_are_preserved(server, offloaded):

@@ -5,6 +5,7 @@ import json
 import msgspec
 import pytest
 import torch
+import zmq
 
 from rrto_wire import codecs, messages, treespec
 from rrto_wire import protocol as wire
@@ -111,6 +112,11 @@ def test_treespec_round_trips_nested_structures():
     assert treespec.count_leaves(spec) == 3
     with pytest.raises(ValueError):
         treespec.unflatten([a], spec)
+
+
+def test_message_size_counts_the_bytes_of_any_buffer():
+    rows = memoryview(torch.zeros(3, 5).numpy())        # len() would count 3 rows
+    assert wire.message_size([b'abc', rows, zmq.Frame(b'xy'), memoryview(b'')]) == 3 + 60 + 2
 
 
 def test_signature_key_names_dtypes_and_shapes():
