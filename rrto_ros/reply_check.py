@@ -131,10 +131,16 @@ def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
     if leaves is None:
         return default
     _check([(d.dtype, tuple(d.shape)) for d in descriptors], leaves)
-    if all(_bounded(leaf) for leaf in leaves):
-        return sum(math.prod(d.most if isinstance(d, Free) else d for d in shape)
-                   * dtypes.itemsize(dtype) for dtype, shape in leaves)
-    return default
+    most = most_bytes(leaves)
+    return default if most is None else most
+
+
+def most_bytes(leaves: Sequence[Leaf]) -> int | None:
+    """Return the bytes the expected outputs decode to at most; None: no bound before the call."""
+    if not all(_bounded(leaf) for leaf in leaves):
+        return None
+    return sum(math.prod(d.most if isinstance(d, Free) else d for d in shape)
+               * dtypes.itemsize(dtype) for dtype, shape in leaves)
 
 
 def check_outputs(outputs: Sequence[Any], leaves: Sequence[Leaf]) -> None:
