@@ -25,7 +25,7 @@ import torch
 import zmq
 
 from rrto_ros import reply_check
-from rrto_ros.reply_guard import CHECK_S, ReplyGuard
+from rrto_ros.reply_guard import CHECK_MS, ReplyGuard
 from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -120,10 +120,8 @@ class RrtoClient:
         return sock
 
     def _drop_socket(self) -> None:
-        if self._guard is not None:
-            self._guard.close(self._sock)
-            self._guard = None
         if self._sock is not None:
+            self._guard.close(self._sock)   # the data socket's guard: made with it
             self._sock.close(linger=0)
             self._sock = None
 
@@ -269,9 +267,8 @@ class RrtoClient:
         self._guard.watch(kind, expect)
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
-            if remaining_ms <= 0 or not self._sock.poll(min(remaining_ms, CHECK_S * 1e3),
-                                                        zmq.POLLIN):
-                if remaining_ms > CHECK_S * 1e3:
+            if remaining_ms <= 0 or not self._sock.poll(min(remaining_ms, CHECK_MS), zmq.POLLIN):
+                if remaining_ms > CHECK_MS:
                     self._check_held(kind)
                     continue
                 self.counters['timeouts'] += 1
@@ -279,29 +276,26 @@ class RrtoClient:
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)
+            self._guard.delivered()
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
                 if exc.request_id != request_id:
-                    self._guard.delivered()
                     continue          # garbage or a stale reply to an earlier request
                 self.counters['errors'] += 1
                 raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
             reply_id = reply_header.id
             if reply_id == request_id:
                 return reply_header, frames
-            self._guard.delivered()
             log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)
 
     def _check_held(self, kind: Kind) -> None:
-        """Drop the socket and fail the call if its reply grew past what the call can get."""
-        held = self._guard.over()
+        held = self._guard.over()     # a reply past what the call can get: drop it, fail
         if held is not None:
             self.counters['errors'] += 1
             self._drop_socket()           # frees what libzmq holds; the next call reconnects
-            raise RemoteError(ErrorCode.BAD_REPLY.value,
-                              f'the reply to {kind.value} holds {held} bytes unfinished, '
-                              'more than the call can get')
+            raise RemoteError(ErrorCode.BAD_REPLY.value, f'{held} bytes of a reply to '
+                              f'{kind.value} unfinished, more than the call can get')
 
     # ------------------------------------------------------------------ requests
     def hello(self, timeout_ms: float | None = None) -> dict:

@@ -25,7 +25,7 @@ import zmq
 
 from rrto_ros import reply_check
 from rrto_ros.client import RemoteError, ServerUnavailable
-from rrto_ros.reply_guard import CHECK_S, ReplyGuard
+from rrto_ros.reply_guard import CHECK_MS, ReplyGuard
 from rrto_wire import replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -128,9 +128,9 @@ class HedgedReply:
         try:
             while waiting:
                 remaining_ms = (self._deadline - time.monotonic()) * 1e3
-                ready = (dict(poller.poll(min(remaining_ms, CHECK_S * 1e3)))
+                ready = (dict(poller.poll(min(remaining_ms, CHECK_MS)))
                          if remaining_ms > 0 else {})
-                if not ready and remaining_ms > CHECK_S * 1e3:
+                if not ready and remaining_ms > CHECK_MS:
                     for endpoint, sock in socks.items():   # a reply past the call's bound
                         if sock in guards and guards[sock].over() is not None:
                             del guards[sock]

@@ -39,6 +39,7 @@ from rrto_wire.messages import Kind
 from rrto_wire.wire_bytes import allowance, queued, received
 
 CHECK_S = 0.05
+CHECK_MS = CHECK_S * 1e3
 _EVENT = struct.Struct('=HI')
 _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
                    Kind.PROBE: MAX_PROBE_BYTES}
@@ -68,7 +69,7 @@ class ReplyGuard:
         self._limit = self._mark = None
 
     def delivered(self) -> None:
-        """A message (not the reply) was delivered: what was read so far is not held."""
+        """Note a delivered message: what was read so far is not held."""
         self._mark = None
 
     def over(self) -> int | None:

@@ -38,13 +38,16 @@ So :func:`router_socket` seeds ``rand()`` from the system's entropy before it
 makes a ROUTER (and no socket sets handover: a claim of an id in use is
 ignored).  With keys, the ZAP handler names every connection itself: a ZAP
 reply's metadata may carry ``Identity``, which libzmq parses after the peer's
-CURVE INITIATE and so replaces the peer's id; each gets ``ASSIGNED`` + a
-counter, a form libzmq never makes, so no peer of a keyed server has an
-automatic id at all.  :func:`chose_its_id` tells a routing id the server did
-not give (the connection watchdog cuts such a peer).  Without keys (loopback
-or ``--insecure``, everyone an admin) a claim of an automatic id cannot be
-told from one; it now needs a guess of the seeded counter, about 2^32 / claims
-connections.
+CURVE INITIATE (unless the reply was there before libzmq parsed the INITIATE,
+rare: that peer keeps its own id, or gets an automatic one) and so replaces
+the peer's id; each gets ``ASSIGNED`` + a counter, a form libzmq never makes,
+so a keyed server almost never makes an automatic id, and a claim stands only
+if it wins that race.  :func:`chose_its_id` tells a routing id the server
+did not give, neither assigned nor of libzmq's form (the connection watchdog
+cuts such a peer).  A claim of libzmq's form (``0x00`` + 4 bytes) cannot be
+told from an automatic id: without keys (loopback or ``--insecure``,
+everyone an admin) it needs a guess of the seeded counter, about 2^32 / claims
+connections, and with keys also a won race.
 """
 
 from __future__ import annotations
@@ -131,9 +134,9 @@ def router_socket(context: zmq.Context) -> zmq.Socket:
 
 
 def chose_its_id(routing_id: bytes, curve: bool) -> bool:
-    """Return True unless the server gave ``routing_id`` (its ZAP handler with ``curve``)."""
-    if curve:
-        return len(routing_id) != 9 or routing_id[0] != ASSIGNED[0]
+    """Return True unless ``routing_id`` is libzmq's or (``curve``) the ZAP handler's form."""
+    if curve and len(routing_id) == 9 and routing_id[0] == ASSIGNED[0]:
+        return False
     return len(routing_id) != 5 or routing_id[0] != 0
 
 
