@@ -317,3 +317,31 @@ def test_the_hedges_sockets_bound_a_reply_part():
     finally:
         hedge.close()
         ctx.destroy(linger=0)
+
+
+def test_the_out_of_band_hello_bounds_its_reply_part(make_server, zmq_ctx):
+    # a hello reply is a header: a part larger than one is never taken in (the connection drops)
+    header = zmq_ctx.socket(zmq.DEALER)
+    header.connect(make_server().endpoint)
+    header.send_multipart(wire.encode({'kind': 'hello', 'id': 0}))
+    assert header.poll(10000)
+    reply = header.recv_multipart()[0]
+    header.close(linger=0)
+    fake = zmq_ctx.socket(zmq.ROUTER)
+    fake.setsockopt(zmq.LINGER, 0)
+    port = fake.bind_to_random_port('tcp://127.0.0.1')
+    answered = threading.Event()
+
+    def answer() -> None:
+        if fake.poll(10000):
+            fake.send_multipart([fake.recv_multipart()[0], reply, b'\0' * (4 * MIB)])
+            answered.set()
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        assert hello(f'tcp://127.0.0.1:{port}', timeout_ms=3000) is None
+        assert answered.is_set()
+    finally:
+        thread.join(10)
+        fake.close(linger=0)
