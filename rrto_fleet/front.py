@@ -31,7 +31,7 @@ import zmq
 import zmq.auth
 
 from rrto_fleet.directory import Caller, Directory, ReplicaDown, WarmError
-from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy
+from rrto_server.auth import ANONYMOUS, CurveGate, KeyRing, Peer, Policy, router_socket
 from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.outbox import Outbox
 from rrto_server.put_queue import ControlQueue
@@ -52,7 +52,7 @@ class Front:
         self.directory = directory
         self.poll_s = poll_s
         self._ctx = zmq.Context()     # its own: a CURVE gate (ZAP handler) per context
-        self.router = self._ctx.socket(zmq.ROUTER)
+        self.router = router_socket(self._ctx)     # unknowable automatic ids (a13 #0)
         self.router.setsockopt(zmq.LINGER, 0)
         self.router.setsockopt(zmq.MAXMSGSIZE, fleet.MAX_MESSAGE_BYTES)
         # the replicas' key directory: robots allowed there may ask the directory

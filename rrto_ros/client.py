@@ -25,19 +25,19 @@ import torch
 import zmq
 
 from rrto_ros import reply_check
+from rrto_ros.reply_guard import CHECK_MS, ReplyGuard
 from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.hello import ask_hello
-from rrto_wire.limits import COPY_THRESHOLD, MAX_DIGESTS, UPLOAD_CHUNK_BYTES
+from rrto_wire.limits import (COPY_THRESHOLD, MAX_DIGESTS, MAX_REPLY_BYTES,
+                              MAX_REPLY_PART_BYTES, UPLOAD_CHUNK_BYTES)
 from rrto_wire.messages import Kind
 from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_ros.client')
 LATE_LOG_PERIOD_S = 10.0   # late replies are logged at most this often, with their count
-
-MAX_REPLY_BYTES = 1 << 30     # decoded size of one reply's tensors
 
 
 class OffloadError(Exception):
@@ -72,7 +72,7 @@ class RrtoClient:
         self.name = name
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
-        self._replies: zmq.Poller | None = None   # polls self._sock for a reply (one per socket)
+        self._guard: ReplyGuard | None = None     # what the data socket holds of a reply
         self._heartbeat_ms = 0
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -102,7 +102,7 @@ class RrtoClient:
         if self._prober is not None:
             self._prober.join(timeout=5)
 
-    def _new_socket(self, heartbeat_timeout_ms: int = 2000) -> zmq.Socket:
+    def _new_socket(self, heartbeat_timeout_ms: int = 2000, data: bool = False) -> zmq.Socket:
         sock = self._ctx.socket(zmq.DEALER)
         sock.copy_threshold = COPY_THRESHOLD
         sock.setsockopt(zmq.LINGER, 0)
@@ -111,15 +111,19 @@ class RrtoClient:
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 2000)
         sock.setsockopt(zmq.HEARTBEAT_IVL, 500)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, heartbeat_timeout_ms)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_PART_BYTES)   # a part; ReplyGuard: a reply
         if self.keys is not None:
             self.keys.apply(sock)
+        if data:
+            self._guard = ReplyGuard(sock)    # its monitor must see the connection
         sock.connect(self.endpoint)
         return sock
 
     def _drop_socket(self) -> None:
         if self._sock is not None:
+            self._guard.close(self._sock)   # the data socket's guard: made with it
             self._sock.close(linger=0)
-            self._sock = self._replies = None
+            self._sock = None
 
     def _mark_down(self, reason: str) -> None:
         self._drop_socket()
@@ -193,9 +197,7 @@ class RrtoClient:
             if self._sock is not None and self._heartbeat_ms < heartbeat_ms:
                 self._drop_socket()   # the timeout grew: reconnect with a longer heartbeat
             if self._sock is None:
-                self._sock = self._new_socket(heartbeat_ms)
-                self._replies = zmq.Poller()
-                self._replies.register(self._sock, zmq.POLLIN)
+                self._sock = self._new_socket(heartbeat_ms, data=True)
                 self._heartbeat_ms = heartbeat_ms
             request_id = next(self._ids)
             header = {'kind': kind.value, 'id': request_id}
@@ -260,15 +262,21 @@ class RrtoClient:
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
         return msgspec.to_builtins(reply_header), tensors
 
-    def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[replies.Ok, list]:
+    def _await(self, request_id: int, kind: Kind, deadline: float,
+               expect: Sequence[reply_check.Leaf] | None = None) -> tuple[replies.Ok, list]:
+        self._guard.watch(kind, expect)
         while True:
             remaining_ms = (deadline - time.monotonic()) * 1e3
-            if remaining_ms <= 0 or not self._replies.poll(remaining_ms):
+            if remaining_ms <= 0 or not self._guard.ready(min(remaining_ms, CHECK_MS)):
+                if remaining_ms > CHECK_MS:
+                    self._check_held(kind)
+                    continue
                 self.counters['timeouts'] += 1
                 self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)
+            self._guard.delivered()
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
@@ -280,6 +288,14 @@ class RrtoClient:
             if reply_id == request_id:
                 return reply_header, frames
             log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)
+
+    def _check_held(self, kind: Kind) -> None:
+        held = self._guard.over()     # a reply past what the call can get: drop it, fail
+        if held is not None:
+            self.counters['errors'] += 1
+            self._drop_socket()           # frees what libzmq holds; the next call reconnects
+            raise RemoteError(ErrorCode.BAD_REPLY.value, f'{held} bytes of a reply to '
+                              f'{kind.value} unfinished, more than the call can get')
 
     # ------------------------------------------------------------------ requests
     def hello(self, timeout_ms: float | None = None) -> dict:
@@ -373,7 +389,8 @@ class PendingReply:
         if not self._open:
             raise RuntimeError('this reply was already taken or cancelled')
         try:
-            reply_header, reply = self._client._await(self._id, self._kind, self._deadline)
+            reply_header, reply = self._client._await(self._id, self._kind, self._deadline,
+                                                      self._expect)
         finally:
             self._release()
         return self._client._finish(reply_header, reply, self._expect)

@@ -24,12 +24,13 @@ import torch
 import zmq
 
 from rrto_ros import reply_check
-from rrto_ros.client import MAX_REPLY_BYTES, RemoteError, ServerUnavailable
+from rrto_ros.client import RemoteError, ServerUnavailable
+from rrto_ros.reply_guard import CHECK_MS, ReplyGuard
 from rrto_wire import replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.limits import COPY_THRESHOLD
+from rrto_wire.limits import COPY_THRESHOLD, MAX_REPLY_BYTES, MAX_REPLY_PART_BYTES
 from rrto_wire.messages import Kind
 
 HEDGE_QUEUE = 64          # requests queued for one replica before hedged copies skip it
@@ -43,6 +44,7 @@ class Hedge:
         self._ctx = context
         self._keys = keys
         self._socks: dict[str, zmq.Socket] = {}
+        self.guards: dict[str, ReplyGuard] = {}     # what each socket holds of a reply
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self.counters = dict.fromkeys(COUNTERS, 0)
@@ -54,6 +56,8 @@ class Hedge:
             sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, HEDGE_QUEUE)
+            sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_PART_BYTES)
+            self.guards[endpoint] = ReplyGuard(sock)
             if self._keys is not None:
                 self._keys.apply(sock)
             sock.connect(endpoint)   # queued until connected: the other copy may answer first
@@ -87,11 +91,17 @@ class Hedge:
         """End the request in flight (its reply taken or abandoned): the next may start."""
         self._lock.release()
 
+    def drop(self, endpoint: str) -> None:
+        """Close ``endpoint``'s socket (what it holds is freed); the next request reconnects."""
+        sock = self._socks.pop(endpoint, None)
+        if sock is not None:
+            self.guards.pop(endpoint).close(sock)
+            sock.close(linger=0)
+
     def close(self) -> None:
         with self._lock:
-            for sock in self._socks.values():
-                sock.close(linger=0)
-            self._socks.clear()
+            for endpoint in list(self._socks):
+                self.drop(endpoint)
 
 
 class HedgedReply:
@@ -109,13 +119,28 @@ class HedgedReply:
     def result(self) -> tuple[dict, list[torch.Tensor]]:
         hedge, counters = self._hedge, self._hedge.counters
         poller = zmq.Poller()
-        for endpoint in self._endpoints:
-            poller.register(hedge.socket(endpoint), zmq.POLLIN)
+        socks = {e: hedge.socket(e) for e in self._endpoints}
+        guards = {socks[e]: hedge.guards[e] for e in self._endpoints}
+        for sock, guard in guards.items():
+            poller.register(sock, zmq.POLLIN)
+            guard.watch(self._kind, self._expect)
         waiting, error = len(self._endpoints), None
         try:
             while waiting:
                 remaining_ms = (self._deadline - time.monotonic()) * 1e3
-                ready = dict(poller.poll(remaining_ms)) if remaining_ms > 0 else {}
+                ready = (dict(poller.poll(min(remaining_ms, CHECK_MS)))
+                         if remaining_ms > 0 else {})
+                if not ready and remaining_ms > CHECK_MS:
+                    for endpoint, sock in socks.items():   # a reply past the call's bound
+                        if sock in guards and guards[sock].over() is not None:
+                            del guards[sock]
+                            poller.unregister(sock)
+                            hedge.drop(endpoint)
+                            waiting -= 1
+                            counters['errors'] += 1
+                            error = RemoteError(ErrorCode.BAD_REPLY.value,
+                                                f'the reply from {endpoint} outgrew the call')
+                    continue
                 if not ready:
                     break
                 for sock in ready:
@@ -123,6 +148,7 @@ class HedgedReply:
                     try:
                         reply = replies.decode_reply(frames[0], self._kind)
                         if reply.id != self._id:
+                            guards[sock].delivered()
                             continue   # the slower copy of an earlier request
                         if isinstance(reply, replies.Ok):
                             tensors = wire.decode_tensors(
@@ -131,6 +157,7 @@ class HedgedReply:
                                                          MAX_REPLY_BYTES))
                     except ProtocolError as exc:
                         if exc.request_id != self._id:
+                            guards[sock].delivered()
                             continue   # garbage, or a stale copy's
                         reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
                     waiting -= 1

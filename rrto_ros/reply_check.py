@@ -138,6 +138,11 @@ def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
     return default if bound is None else bound
 
 
+def most_bytes(leaves: Sequence[Leaf]) -> int | None:
+    """Return the bytes the expected outputs decode to at most; None: no bound before the call."""
+    return _compiled(tuple(leaves))[1]
+
+
 def check_outputs(outputs: Sequence[Any], leaves: Sequence[Leaf]) -> None:
     """Raise ``bad_reply`` unless the decoded ``outputs`` match the expected leaves."""
     if not all(isinstance(t, torch.Tensor) for t in outputs):

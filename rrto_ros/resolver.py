@@ -129,6 +129,7 @@ class Resolver:
             if self._sock is None:
                 self._sock = self._ctx.socket(zmq.DEALER)
                 self._sock.setsockopt(zmq.LINGER, 0)
+                self._sock.setsockopt(zmq.MAXMSGSIZE, fleet.MAX_MESSAGE_BYTES)   # a part
                 if self.keys is not None:
                     self.keys.apply(self._sock)
                 self._sock.connect(self.directory)

@@ -26,14 +26,39 @@ store (record, infer, probe, its own stats); ``upload`` also adds models;
 listed needs ``admin``.  A grant also caps the priority a key's requests run at
 and bounds its stored bytes, its in-flight requests and the replays it makes
 the server keep (:mod:`rrto_server.replay_cache`).
+
+Routing ids (a13 #0).  A ROUTER routes each reply by its connection's routing
+id; libzmq takes the one a peer sends (ZMTP metadata ``Identity``) and gives
+a peer that sends none ``0x00`` + a 32-bit counter.  It never checks those
+automatic ids against the ones peers claimed: a collision aborts the process
+(``zmq_assert`` in ``add_out_pipe``, libzmq 4.3.5), and the counter starts at
+libc's ``rand()``, which nothing seeds, so its values were known in advance.
+``ROUTER_HANDOVER`` would also give a claimed id's replies to the claimant.
+So :func:`router_socket` seeds ``rand()`` from the system's entropy before it
+makes a ROUTER (and no socket sets handover: a claim of an id in use is
+ignored).  With keys, the ZAP handler names every connection itself: a ZAP
+reply's metadata may carry ``Identity``, which libzmq parses after the peer's
+CURVE INITIATE (unless the reply was there before libzmq parsed the INITIATE,
+rare: that peer keeps its own id, or gets an automatic one) and so replaces
+the peer's id; each gets ``ASSIGNED`` + a counter, a form libzmq never makes,
+so a keyed server almost never makes an automatic id, and a claim stands only
+if it wins that race.  :func:`chose_its_id` tells a routing id the server
+did not give, neither assigned nor of libzmq's form (the connection watchdog
+cuts such a peer).  A claim of libzmq's form (``0x00`` + 4 bytes) cannot be
+told from an automatic id: without keys (loopback or ``--insecure``,
+everyone an admin) it needs a guess of the seeded counter, about 2^32 / claims
+connections, and with keys also a won race.
 """
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
+import itertools
 import json
 import logging
 import os
+import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,12 +66,14 @@ from urllib.parse import urlsplit
 
 import zmq
 import zmq.auth
+from zmq.auth.base import VERSION as ZAP_VERSION
 from zmq.auth.thread import ThreadAuthenticator
 
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger('rrto_server.auth')
 
+ASSIGNED = b'\x01'         # a routing id the ZAP handler gave: this byte and 8 of a counter
 ROLES = ('infer', 'upload', 'admin')
 WATCH_INTERVAL_S = 1.0
 SERVER_KEY = 'server'
@@ -98,6 +125,39 @@ class Peer:
 ANONYMOUS = Peer('anonymous', Grant('admin', max_priority=2 ** 62, store_bytes=2 ** 62,
                                     max_in_flight=2 ** 31, max_replays=2 ** 31,
                                     replay_bytes=2 ** 62))
+
+
+def router_socket(context: zmq.Context) -> zmq.Socket:
+    """Make a ROUTER whose automatic routing ids nobody can know in advance (see above)."""
+    ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), 'little'))
+    return context.socket(zmq.ROUTER)
+
+
+def chose_its_id(routing_id: bytes, curve: bool) -> bool:
+    """Return True unless ``routing_id`` is libzmq's or (``curve``) the ZAP handler's form."""
+    if curve and len(routing_id) == 9 and routing_id[0] == ASSIGNED[0]:
+        return False
+    return len(routing_id) != 5 or routing_id[0] != 0
+
+
+class _NamingAuthenticator(ThreadAuthenticator):
+    """pyzmq's ZAP handler, naming each connection it allows (its reply's ``Identity``)."""
+
+    _ids = itertools.count(1)
+
+    def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
+                        user_id: str = 'anonymous') -> None:
+        # pyzmq's own sends empty metadata; ZMTP metadata: name length, name, value length, value
+        metadata = b''
+        if status_code == b'200':
+            name = ASSIGNED + next(self._ids).to_bytes(8, 'big')
+            metadata = b'\x08Identity' + struct.pack('>I', len(name)) + name
+        else:
+            user_id = ''
+        if isinstance(user_id, str):
+            user_id = user_id.encode(self.encoding)
+        self.zap_socket.send_multipart([ZAP_VERSION, request_id, status_code, status_text,
+                                        user_id, metadata])
 
 
 def needs_curve(endpoint: str) -> bool:
@@ -188,7 +248,7 @@ class CurveGate:
 
     def __init__(self, context: zmq.Context, keyring: KeyRing):
         self.keyring = keyring
-        self.auth = ThreadAuthenticator(context, log=logging.getLogger('rrto_server.zap'))
+        self.auth = _NamingAuthenticator(context, log=logging.getLogger('rrto_server.zap'))
         logging.getLogger('rrto_server.zap').setLevel(logging.WARNING)   # it logs client keys
         self.auth.start()
         self._configure()

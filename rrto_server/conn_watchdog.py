@@ -24,14 +24,24 @@ libzmq hold, where the bytes are received:
   kernel received (``TCP_INFO.tcpi_bytes_received``); where they exceed the
   delivered bytes by more than ``limit + SLACK_BYTES + AGE_BYTES_PER_S x age``
   it takes the bytes libzmq has read (minus the kernel's queue, ``FIONREAD``)
-  and asks the I/O thread for a proof that the socket was empty since (a token
-  on :attr:`wake`, read before the socket: a receive that then finds the socket
-  empty shows that every message complete by then has been delivered; while a
-  proof is wanted, :meth:`drain` receives until the socket is empty, so a peer
-  keeping it busy cannot hold proofs off).  A connection still over its allowance then holds that
-  much of an unfinished message; it is shut down (``shutdown(2)``), libzmq
-  sees the end of the stream and drops the partial message, and the freed
-  heap is handed back to the system (``malloc_trim``, 0.25 s and 2 s later).
+  and asks the I/O thread, with a token on :attr:`wake` read before the
+  socket, for a proof that the connection had no complete message waiting
+  after that moment.  Either the socket was found empty after the token, or,
+  per connection, ``QUIET_MESSAGES`` more than there are connections were
+  received after the token and since that connection's last message: the
+  ROUTER queues its connections fairly (one message from each ready one in
+  turn, a newly ready one within libzmq's 100 receives between command
+  checks), so a connection with a complete message waiting would have
+  delivered it.  A flood on one connection then proves the others sooner, not
+  never (a13 #1: a socket that is never empty held the proof off for good).
+  A connection still over its allowance then holds that much of an unfinished
+  message; it is shut down (``shutdown(2)``), libzmq sees the end of the
+  stream and drops the partial message, and the freed heap is handed back to
+  the system (``malloc_trim``, 0.25 s and 2 s later).
+
+A peer that sends a routing id the server did not give it (a13 #0: see
+:func:`rrto_server.auth.router_socket`) is shut down too, and its messages are
+never delivered.
 
 An honest peer holds at most one unfinished message (at most ``limit``), so it
 is never cut, however slowly it sends.  A peer sending faster than the watchdog
@@ -52,29 +62,28 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import fcntl
 import logging
 import os
 import socket
 import struct
-import termios
 import threading
 import time
 import uuid
 
 import zmq
 
+from rrto_server.auth import chose_its_id
+from rrto_wire.wire_bytes import CURVE_BOX_BYTES, allowance, queued, received, wire_size
+
 log = logging.getLogger('rrto_server.conn_watchdog')
 
 TICK_S = 0.05                # how often the received bytes of each connection are read
-SLACK_BYTES = 256 << 10      # handshake, frame headers of a partial message, one socket read
-AGE_BYTES_PER_S = 128        # heartbeats: a CURVE PING is 42 bytes (the robot sends 2 a second)
-CURVE_BOX_BYTES = 33         # a CURVE MESSAGE: command name 8, nonce 8, MAC 16, flags 1
+PROOF_WAIT_S = 0.5           # how long one tick waits for the proofs it asked for
+QUIET_MESSAGES = 264         # 2 x libzmq's inbound_poll_rate (100) + 64, over the connections
 TRIM_AFTER_S = (0.25, 2.0)   # malloc_trim this long after a cut (libzmq frees a part at a time)
 TRANSPORTS = ('tcp', 'ipc', 'inproc')
 _EVENT = struct.Struct('=HI')
 _TOKEN = struct.Struct('=Q')
-_TCPI_BYTES_RECEIVED = 128   # offset of tcpi_bytes_received (u64) in struct tcp_info (4.1+)
 _UCRED = struct.Struct('3i')
 _LIBC = ctypes.CDLL(ctypes.util.find_library('c'))
 
@@ -82,23 +91,15 @@ _LIBC = ctypes.CDLL(ctypes.util.find_library('c'))
 class _Connection:
     """One accepted connection: its duplicate descriptor and the bytes delivered from it."""
 
-    __slots__ = ('sock', 'born', 'delivered', 'cut')
+    __slots__ = ('sock', 'born', 'delivered', 'last', 'named', 'cut')
 
     def __init__(self, sock: socket.socket | None):
         self.sock = sock             # None: a unix socket of a trusted user (not watched)
         self.born = time.monotonic()
         self.delivered = 0
+        self.last = 0                # the number of its last message among all received
+        self.named = False           # it sent a routing id the server did not give it
         self.cut = False
-
-    def received(self) -> int:
-        """Return the bytes the kernel has received on this connection."""
-        info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
-        return struct.unpack_from('=Q', info, _TCPI_BYTES_RECEIVED)[0]
-
-    def queued(self) -> int:
-        """Return the bytes received that libzmq has not read yet."""
-        data = fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, b'\0\0\0\0')
-        return struct.unpack('i', data)[0]
 
 
 class ConnectionWatchdog:
@@ -120,11 +121,15 @@ class ConnectionWatchdog:
         self.cuts = 0
         self.refused = 0
         self.most_held = 0       # received and not delivered, most of any connection (a tick)
-        self._box = CURVE_BOX_BYTES if sock.getsockopt(zmq.CURVE_SERVER) else 0
+        self.named = 0           # connections cut for a routing id of their own choosing
+        self._curve = bool(sock.getsockopt(zmq.CURVE_SERVER))
+        self._box = CURVE_BOX_BYTES if self._curve else 0
         self._uid = os.geteuid()
         self._conns: dict[int, _Connection] = {}     # by libzmq's descriptor (I/O thread)
         self._retired: list[_Connection] = []        # closed by the watchdog thread
         self._asked = self._pending = self._proven = 0   # tokens
+        self._seq = 0                    # messages received (I/O thread)
+        self._read = (0, 0)              # the newest token read, and self._seq then
         self._proved = threading.Event()
         self._trims: list[float] = []    # when to hand freed heap back (watchdog thread)
         ctx = sock.context
@@ -157,10 +162,10 @@ class ConnectionWatchdog:
         messages (all with ``None``).  Tokens are read before the socket: a receive that
         then finds the socket empty proves it was empty after every token read, which is
         what the watchdog thread waits for before it cuts anyone.  While a proof is
-        wanted, it receives past ``most`` until the socket is empty, so a peer that keeps
-        the socket busy cannot hold proofs off (libzmq holds those messages either way),
-        for at most ``TICK_S``: a peer sending faster than this thread receives delays
-        the proof, and what it makes this thread hold stays bounded.
+        wanted, it receives past ``most`` until the socket is empty (libzmq holds those
+        messages either way), for at most ``TICK_S``; a socket that stays busy still proves
+        each quiet connection (the module docstring).  Messages of a connection that chose
+        its own routing id are counted and dropped.
         """
         if self.monitor in events:
             self._events()
@@ -168,6 +173,8 @@ class ConnectionWatchdog:
         if self.wake in events:
             while self.wake.poll(0):
                 token = max(token, _TOKEN.unpack(self.wake.recv())[0])
+            if token > self._pending:
+                self._read = (token, self._seq)
             self._pending = token
         wanted = token > self._proven
         batch: list = []
@@ -183,14 +190,16 @@ class ConnectionWatchdog:
                         self._proven = token
                         self._proved.set()
                     break
-        self._count(batch)
-        return batch
+        return self._count(batch)
 
-    def _count(self, batch: list) -> None:
-        """Add the wire bytes of each message to its connection's delivered bytes."""
-        box = self._box
+    def _count(self, batch: list) -> list:
+        """Add each message's wire bytes to its connection; return those not dropped."""
+        box, curve = self._box, self._curve
         conns = self._conns
+        seq = self._seq
+        named = False
         for frames in batch:
+            seq += 1
             try:
                 fd = frames[-1].get(zmq.SRCFD)
             except zmq.ZMQError:
@@ -201,11 +210,21 @@ class ConnectionWatchdog:
                 conn = conns.get(fd)
                 if conn is None:
                     continue
-            wire = 0
-            for frame in frames[1:]:         # the routing id is not on the wire
-                n = len(frame) + box
-                wire += n + (2 if n < 256 else 9)
-            conn.delivered += wire
+            conn.last = seq
+            conn.delivered += wire_size(frames[1:], box)   # the routing id is not on the wire
+            if conn.named or chose_its_id(frames[0].bytes, curve):
+                conn.named = named = True
+        self._seq = seq                      # after every conn.last: read first, it is safe
+        if named:
+            batch = [frames for frames in batch if not self._named(frames)]
+        return batch
+
+    def _named(self, frames: list) -> bool:
+        try:
+            conn = self._conns.get(frames[-1].get(zmq.SRCFD))
+        except zmq.ZMQError:
+            return False
+        return conn is not None and conn.named
 
     def _events(self) -> None:
         while True:
@@ -254,18 +273,37 @@ class ConnectionWatchdog:
 
     def _tick(self) -> None:
         self._release()
+        for conn in list(self._conns.values()):
+            if conn.named and not conn.cut:
+                self.named += 1
+                self._cut(conn, 0)
         suspects = self.over_allowance(time.monotonic())
         if not suspects:
             return
-        self._asked += 1                     # is the socket empty after this moment?
+        self._asked += 1                     # no complete message waiting after this moment?
+        token = self._asked
         self._proved.clear()
-        self._waker.send(_TOKEN.pack(self._asked))
-        if not self._proved.wait(TICK_S) or self._proven < self._asked:
-            return                           # busy: look again next time
-        for conn, read, allowance in suspects:
-            held = read - conn.delivered
-            if held > allowance:
-                self._cut(conn, held)
+        self._waker.send(_TOKEN.pack(token))
+        deadline = time.monotonic() + PROOF_WAIT_S
+        while suspects and not self._stop.is_set():
+            proved = self._proved.wait(TICK_S / 5) and self._proven >= token
+            waiting = []
+            for conn, read, limit in suspects:
+                if not (proved or self._quiet(conn, token)):
+                    waiting.append((conn, read, limit))
+                elif read - conn.delivered > limit:
+                    self._cut(conn, read - conn.delivered)
+            suspects = waiting
+            if time.monotonic() > deadline:
+                return                       # busy: look again next time
+
+    def _quiet(self, conn: _Connection, token: int) -> bool:
+        """Return True if ``conn`` had no complete message waiting once ``token`` was read."""
+        seq = self._seq                      # before conn.last (the I/O thread sets it first)
+        read, since = self._read
+        if read < token:
+            return False
+        return seq - max(conn.last, since) >= QUIET_MESSAGES + len(self._conns)
 
     def _release(self) -> None:
         now = time.monotonic()
@@ -286,18 +324,18 @@ class ConnectionWatchdog:
         for conn in list(self._conns.values()):
             if conn.sock is None or conn.cut:
                 continue
-            allowance = int(self.limit + SLACK_BYTES + AGE_BYTES_PER_S * (now - conn.born))
+            limit = allowance(self.limit, now - conn.born)
             try:
-                held = conn.received() - conn.delivered
+                held = received(conn.sock) - conn.delivered
                 most = max(most, held)
-                if held <= allowance:
+                if held <= limit:
                     continue
-                read = conn.received() - conn.queued()
+                read = received(conn.sock) - queued(conn.sock)
             except OSError:
                 conn.cut = True              # no longer a connected TCP socket
                 continue
-            if read - conn.delivered > allowance:
-                suspects.append((conn, read, allowance))
+            if read - conn.delivered > limit:
+                suspects.append((conn, read, limit))
         self.most_held = most
         return suspects
 
@@ -307,15 +345,18 @@ class ConnectionWatchdog:
             conn.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             return
+        if conn.named:
+            log.warning('cut a connection that chose its own routing id')
+            return
         self.cuts += 1
         log.warning('cut a connection holding %d bytes of an unfinished message (limit %d)',
                     held, self.limit)
 
     # ------------------------------------------------------------------ both
     def snapshot(self) -> dict:
-        """Return ``{connections, cut, refused, most_held}`` (JSON data for ``stats``)."""
+        """Return ``{connections, cut, refused, most_held, named}`` (JSON data for ``stats``)."""
         return {'connections': len(self._conns), 'cut': self.cuts, 'refused': self.refused,
-                'most_held': self.most_held}
+                'most_held': self.most_held, 'named': self.named}
 
     def close(self) -> None:
         """Stop the watchdog thread; release its sockets and the duplicate descriptors."""

@@ -44,6 +44,7 @@ from typing import Callable
 import torch
 import zmq
 
+from rrto_server.auth import router_socket
 from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.control_requests import ControlRequests
 from rrto_server.cpu_workers import CpuWorkers
@@ -143,14 +144,13 @@ class Server:
                  f'theta={theta:g}' if theta > 0 else 'off')
 
     def _router(self, config: ServerConfig) -> zmq.Socket:
-        router = self.context.socket(zmq.ROUTER)
+        router = router_socket(self.context)     # unknowable automatic ids (a13 #0)
         router.copy_threshold = limits.COPY_THRESHOLD
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, config.max_message_bytes)
         router.setsockopt(zmq.SNDHWM, config.max_queued_replies)
         router.setsockopt(zmq.SNDBUF, SNDBUF_BYTES)
         router.setsockopt(zmq.ROUTER_MANDATORY, 1)   # a full queue raises: count, not block
-        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         watchdog = None
         try:
             self.guard.secure(router)

@@ -17,6 +17,7 @@ from rrto_wire import messages, replies
 from rrto_wire import protocol as wire
 from rrto_wire.curve import ClientKeys
 from rrto_wire.errors import ProtocolError
+from rrto_wire.limits import reply_bytes
 
 
 def ask_hello(sock: zmq.Socket, timeout_ms: float) -> dict | None:
@@ -44,6 +45,7 @@ def hello(endpoint: str, timeout_ms: float = 1000,
     """Ask ``hello`` on a fresh DEALER socket (CURVE with ``keys``); see :func:`ask_hello`."""
     sock = zmq.Context.instance().socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, reply_bytes(0))      # a part: a hello reply is a header
     if keys is not None:
         keys.apply(sock)
     sock.connect(endpoint)

@@ -31,7 +31,8 @@ from bench.transport_hold import (MIB, closed_by_peer, hold_parts, part, read_me
 from rrto_fleet.directory import Directory
 from rrto_fleet.front import Front
 from rrto_ros.client import RrtoClient
-from rrto_server.conn_watchdog import AGE_BYTES_PER_S, ConnectionWatchdog
+from rrto_server.conn_watchdog import ConnectionWatchdog
+from rrto_wire.wire_bytes import AGE_BYTES_PER_S
 from rrto_wire import fleet
 from rrto_wire.curve import ClientKeys
 from rrto_wire.hello import hello
