@@ -5,9 +5,10 @@ A plan table is a prediction.  :class:`PlanFeedback` keeps the measured
 latencies of every plan in every link bin (the table's grid point the link
 estimate falls on), numbered by the bin's call count, and never keeps using a
 plan that measures worse than a baseline it has also measured there.  The two
-are compared **in the same spell**: each measurement of a baseline is paired
-with the plan's own measurements next to it (the nearest call before and
-after, within ``pair_span`` calls), and once ``min_samples`` such pairs show
+are compared **in the same spell**: each measurement of the one measured
+fewer times (usually the baseline, explored now and then) is paired with the
+other's measurements next to it (the nearest call before and after, within
+``pair_span`` calls), and once ``min_samples`` such pairs show
 the plan more than ``tolerance`` slower than the baseline (median of the
 paired ratios), the bin uses the best measured baseline instead.  On the H200
 host (2026-12-01) the robot's core ran at two speeds 1.4x apart in spells of
@@ -29,6 +30,7 @@ loads change).  The caller switches plans only between inferences.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import statistics
 
@@ -54,32 +56,45 @@ class PlanFeedback:
         self.refresh_every = refresh_every
         self.undecided = undecided
         self.pair_span = pair_span or 2 * explore_every   # calls apart a pair may be
-        # (bin, plan) -> (the bin's call count, ms) of its last refresh_every measurements
-        self.samples: dict[tuple[Bin, str], collections.deque] = {}
+        # (bin, plan) -> its last refresh_every measurements, numbered by the bin's call count
+        self.samples: dict[tuple[Bin, str], _Series] = {}
+        self._versions: collections.Counter = collections.Counter()   # bumped per change
+        self._pairs_cache: dict[tuple[Bin, str, str], tuple[int, list[float]]] = {}
         self.calls: collections.Counter = collections.Counter()
         self.explorations = 0   # calls run under a baseline to measure it
 
     def ratio(self, bin_: Bin, plan: str, baseline: str) -> float | None:
         """
-        Return the median of ``plan``'s ms over ``baseline``'s, each pair measured close in time.
+        Return the median of ``plan``'s ms over ``baseline``'s, pairs measured close in time.
 
-        Each measurement of the baseline is paired with the mean of the plan's
-        nearest measurement before it and after it (those within ``pair_span``
-        calls); the last ``window`` pairs count.  None: fewer than
-        ``min_samples`` pairs.
+        Each measurement of the one of the two measured fewer times is paired
+        with the mean of the other's nearest measurement before it and after
+        it (those within ``pair_span`` calls); the newest ``window`` pairs
+        count.  None: fewer than ``min_samples`` pairs.
         """
         ratios = self._pairs(bin_, plan, baseline)
         return statistics.median(ratios) if len(ratios) >= self.min_samples else None
 
     def _pairs(self, bin_: Bin, plan: str, baseline: str) -> list[float]:
-        mine = list(self.samples.get((bin_, plan), ()))
-        ratios = []
-        for call, ms in self.samples.get((bin_, baseline), ()):
-            before = [m for c, m in mine if call - self.pair_span <= c < call][-1:]
-            after = [m for c, m in mine if call < c <= call + self.pair_span][:1]
-            if (before or after) and ms > 0:
-                ratios.append(statistics.fmean(before + after) / ms)
-        return ratios[-self.window:]
+        mine, theirs = self.samples.get((bin_, plan)), self.samples.get((bin_, baseline))
+        if not mine or not theirs:
+            return []
+        key, version = (bin_, plan, baseline), self._versions[bin_]
+        cached = self._pairs_cache.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        flip = len(theirs.calls) < len(mine.calls)   # walk the rarer one, newest first
+        anchor, other = (theirs, mine) if flip else (mine, theirs)
+        ratios: list[float] = []
+        for call, ms in zip(reversed(anchor.calls), reversed(anchor.ms)):
+            near = other.near(call, self.pair_span)
+            if near and ms > 0:
+                mean = statistics.fmean(near)
+                ratios.append(mean / ms if flip else ms / max(mean, 1e-9))
+                if len(ratios) == self.window:
+                    break
+        self._pairs_cache[key] = (version, ratios)
+        return ratios
 
     def choose(self, bin_: Bin, wanted: Plan, predicted_ms: float | None,
                baselines: list[tuple[Plan, float | None]]) -> tuple[Plan, bool]:
@@ -140,15 +155,40 @@ class PlanFeedback:
 
     def observe(self, bin_: Bin, plan: str, total_ms: float) -> None:
         """Record one call's measured latency under ``plan`` (its name) in ``bin_``."""
-        key = (bin_, plan)
-        if key not in self.samples:
-            self.samples[key] = collections.deque(maxlen=self.refresh_every)
-        self.samples[key].append((self.calls[bin_], float(total_ms)))
+        series = self.samples.setdefault((bin_, plan), _Series())
+        series.add(self.calls[bin_], float(total_ms), self.refresh_every)
+        self._versions[bin_] += 1
 
     def _refresh(self, bin_: Bin, keep: str) -> None:
         """Forget the bin's measurements of every plan but ``keep``: explore them again."""
         for key in [k for k in self.samples if k[0] == bin_ and k[1] != keep]:
             del self.samples[key]
+        self._versions[bin_] += 1
+
+
+class _Series:
+    """One plan's measurements in one bin: the bin's call count at each, and its ms."""
+
+    __slots__ = ('calls', 'ms')
+
+    def __init__(self):
+        self.calls: list[int] = []
+        self.ms: list[float] = []
+
+    def add(self, call: int, ms: float, keep: int) -> None:
+        self.calls.append(call)
+        self.ms.append(ms)
+        if len(self.calls) > keep:
+            del self.calls[0], self.ms[0]
+
+    def near(self, call: int, span: int) -> list[float]:
+        """Return the ms of the nearest measurement before ``call`` and after it, within span."""
+        i = bisect.bisect_left(self.calls, call)
+        found = [self.ms[i - 1]] if i and self.calls[i - 1] >= call - span else []
+        j = i + (i < len(self.calls) and self.calls[i] == call)
+        if j < len(self.calls) and self.calls[j] <= call + span:
+            found.append(self.ms[j])
+        return found
 
 
 def _order(ms: float | None) -> tuple[int, float]:
