@@ -68,7 +68,7 @@ from rrto_ros.bandwidth import LinkEstimator, LinkMonitor
 from rrto_ros.client import RrtoClient
 from rrto_ros.local_model import load_local_model, TorchModule
 from rrto_ros.plan_calibrate import median_error
-from rrto_ros.plan_solve import solve
+from rrto_ros.plan_solve import ROBOT_SPAN_S, solve
 from rrto_ros.plan_table import PlanTable
 from rrto_ros.planner import Link, Power
 from rrto_ros.preprocess import WithImageInput
@@ -159,7 +159,8 @@ class HybridBench:
         fastest = Link(max(self.args.grid), min(self.args.rtts))
         self.emulator.set_link(grid_link(fastest.bandwidth_mbps, fastest.rtt_ms))
         solved = solve(model, self.frames[0], links, self.endpoint, repeats=3,
-                       rounds=self.args.calibration_rounds, calibration_link=fastest)
+                       rounds=self.args.calibration_rounds, calibration_link=fastest,
+                       robot_span_s=self.args.robot_span)
         cost, table = solved.cost, solved.table
         tables = {'hybrid': table,
                   'best_split': with_plans(table, lambda e: e['baselines']['best_split']['plan'])}
@@ -800,6 +801,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--rtts', type=_floats, default=_floats('4,30'), help='RTTs, ms')
     parser.add_argument('--calls', type=int, default=7, help='rounds per grid point')
     parser.add_argument('--calibration-rounds', type=int, default=8)
+    parser.add_argument('--robot-span', type=float, default=ROBOT_SPAN_S,
+                        help="seconds the solve's robot reference calls span")
     parser.add_argument('--correction-calls', type=int, default=30,
                         help='inferences with an injected wrong table (0: skip that step)')
     parser.add_argument('--frames', type=int, default=8)

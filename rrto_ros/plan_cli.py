@@ -41,7 +41,7 @@ from rrto_ros.local_model import TorchModule, load_local_model
 from rrto_ros.partition import is_data_dependent
 from rrto_ros.partition_plans import offloaded_subgraphs
 from rrto_ros.plan_profile import example_input
-from rrto_ros.plan_solve import solve
+from rrto_ros.plan_solve import ROBOT_SPAN_S, solve
 from rrto_ros.planner import Link, Power
 from rrto_ros.preprocess import WithImageInput
 
@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--robot-threads', type=int, default=0,
                         help='torch threads while profiling the robot (0: leave as is)')
     parser.add_argument('--repeats', type=int, default=5)
+    parser.add_argument('--robot-span', type=float, default=ROBOT_SPAN_S,
+                        help="seconds the robot's reference calls span: its price does not "
+                             'rest on one spell of its speed')
     parser.add_argument('--objective', choices=('latency', 'energy'), default='latency')
     parser.add_argument('--compute-w', type=float, default=Power.compute_w)
     parser.add_argument('--radio-w-per-mbps', type=float, default=Power.radio_w_per_mbps)
@@ -117,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     links = [Link(bandwidth, rtt) for rtt in args.rtts for bandwidth in args.bandwidths]
     power = Power(args.compute_w, args.radio_w_per_mbps, args.idle_w)
     options = dict(links=links, endpoint=args.server, repeats=args.repeats,
-                   server_speedup=args.server_speedup, objective=args.objective, power=power)
+                   server_speedup=args.server_speedup, objective=args.objective, power=power,
+                   robot_span_s=args.robot_span)
     if args.link is not None:
         options['calibration_link'] = args.link
     try:

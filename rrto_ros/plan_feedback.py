@@ -1,20 +1,26 @@
 """
 Plans that correct themselves: measured latency per plan and link bin overrides the table.
 
-A plan table is a prediction.  :class:`PlanFeedback` keeps the last
-``window`` measured latencies of every plan in every link bin (the table's
-grid point the link estimate falls on) and never keeps using a plan that
-measures worse than a baseline it has also measured there: once both have
-``min_samples`` measurements and the plan's median is more than
-``tolerance`` above the baseline's, the bin uses the best measured baseline
-instead.
+A plan table is a prediction.  :class:`PlanFeedback` keeps the measured
+latencies of every plan in every link bin (the table's grid point the link
+estimate falls on), numbered by the bin's call count, and never keeps using a
+plan that measures worse than a baseline it has also measured there.  The two
+are compared **in the same spell**: each measurement of the one measured
+fewer times (usually the baseline, explored now and then) is paired with the
+other's measurements next to it (the nearest call before and after, within
+``pair_span`` calls), and once ``min_samples`` such pairs show
+the plan more than ``tolerance`` slower than the baseline (median of the
+paired ratios), the bin uses the best measured baseline instead.  On the H200
+host (2026-12-01) the robot's core ran at two speeds 1.4x apart in spells of
+up to tens of seconds: a baseline explored in a fast spell, set against the
+plan's latest calls in a slow one, looked up to 40 % better than it was.
 
 Baselines are measured by exploration: while a plausible baseline of the bin
 (predicted within ``explore_factor`` of the table's plan) has fewer than
-``min_samples`` measurements, every ``explore_every``-th call of the bin runs
-it once.  A near tie is not settled on ``min_samples``: while a baseline's
-median is within ``undecided`` of the plan in use, it is explored up to
-``window`` measurements (on 2026-11-30 two slow explorations of `local` out of
+``min_samples`` pairs with the plan in use, every ``explore_every``-th call of
+the bin runs it once.  A near tie is not settled on ``min_samples``: while a
+baseline's paired ratio is within ``undecided`` of 1, it is explored up to
+``window`` pairs (on 2026-11-30 two slow explorations of `local` out of
 three kept a 38 % slower `offload` in use for 28 inferences).  Exploration is
 bounded: at most ``window`` calls per baseline
 every ``refresh_every`` calls of a bin, after which old measurements of the
@@ -24,6 +30,7 @@ loads change).  The caller switches plans only between inferences.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import statistics
 
@@ -37,9 +44,10 @@ class PlanFeedback:
 
     def __init__(self, window: int = 8, min_samples: int = 3, explore_every: int = 3,
                  tolerance: float = 0.03, explore_factor: float = 1.5,
-                 refresh_every: int = 200, undecided: float = 0.06):
-        if min_samples < 1 or window < min_samples or explore_every < 2:
-            raise ValueError('need min_samples >= 1, window >= min_samples, explore_every >= 2')
+                 refresh_every: int = 200, undecided: float = 0.06, pair_span: int = 0):
+        if min_samples < 1 or window < min_samples or explore_every < 2 or pair_span < 0:
+            raise ValueError('need min_samples >= 1, window >= min_samples, explore_every >= 2,'
+                             ' pair_span >= 0')
         self.window = window
         self.min_samples = min_samples
         self.explore_every = explore_every
@@ -47,16 +55,46 @@ class PlanFeedback:
         self.explore_factor = explore_factor
         self.refresh_every = refresh_every
         self.undecided = undecided
-        self.samples: dict[tuple[Bin, str], collections.deque] = {}
+        self.pair_span = pair_span or 2 * explore_every   # calls apart a pair may be
+        # (bin, plan) -> its last refresh_every measurements, numbered by the bin's call count
+        self.samples: dict[tuple[Bin, str], _Series] = {}
+        self._versions: collections.Counter = collections.Counter()   # bumped per change
+        self._pairs_cache: dict[tuple[Bin, str, str], tuple[int, list[float]]] = {}
         self.calls: collections.Counter = collections.Counter()
         self.explorations = 0   # calls run under a baseline to measure it
 
-    def median(self, bin_: Bin, plan: str) -> float | None:
-        """Return the median measured ms of ``plan`` in ``bin_`` (None: too few samples)."""
-        found = self.samples.get((bin_, plan))
-        if not found or len(found) < self.min_samples:
-            return None
-        return statistics.median(found)
+    def ratio(self, bin_: Bin, plan: str, baseline: str) -> float | None:
+        """
+        Return the median of ``plan``'s ms over ``baseline``'s, pairs measured close in time.
+
+        Each measurement of the one of the two measured fewer times is paired
+        with the mean of the other's nearest measurement before it and after
+        it (those within ``pair_span`` calls); the newest ``window`` pairs
+        count.  None: fewer than ``min_samples`` pairs.
+        """
+        ratios = self._pairs(bin_, plan, baseline)
+        return statistics.median(ratios) if len(ratios) >= self.min_samples else None
+
+    def _pairs(self, bin_: Bin, plan: str, baseline: str) -> list[float]:
+        mine, theirs = self.samples.get((bin_, plan)), self.samples.get((bin_, baseline))
+        if not mine or not theirs:
+            return []
+        key, version = (bin_, plan, baseline), self._versions[bin_]
+        cached = self._pairs_cache.get(key)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        flip = len(theirs.calls) < len(mine.calls)   # walk the rarer one, newest first
+        anchor, other = (theirs, mine) if flip else (mine, theirs)
+        ratios: list[float] = []
+        for call, ms in zip(reversed(anchor.calls), reversed(anchor.ms)):
+            near = other.near(call, self.pair_span)
+            if near and ms > 0:
+                mean = statistics.fmean(near)
+                ratios.append(mean / ms if flip else ms / max(mean, 1e-9))
+                if len(ratios) == self.window:
+                    break
+        self._pairs_cache[key] = (version, ratios)
+        return ratios
 
     def choose(self, bin_: Bin, wanted: Plan, predicted_ms: float | None,
                baselines: list[tuple[Plan, float | None]]) -> tuple[Plan, bool]:
@@ -75,47 +113,82 @@ class PlanFeedback:
         if count % self.explore_every == 0:
             limit = None if predicted_ms is None else predicted_ms * self.explore_factor
             unexplored = [p for p, ms in sorted(baselines, key=lambda pm: (
-                              self._count(bin_, pm[0]) >= self.min_samples, _order(pm[1])))
+                              self._count(bin_, pm[0], plan) >= self.min_samples, _order(pm[1])))
                           if p != plan and (limit is None or ms is None or ms <= limit)
-                          and self._count(bin_, p) < self._wanted(bin_, p, plan)]
+                          and self._count(bin_, p, plan) < self._wanted(bin_, p, plan)]
             if unexplored:
                 self.explorations += 1
                 return unexplored[0], True
         return plan, False
 
-    def _count(self, bin_: Bin, plan: Plan) -> int:
-        return len(self.samples.get((bin_, plan.name), ()))
+    def _count(self, bin_: Bin, baseline: Plan, in_use: Plan) -> int:
+        """Return how many of ``baseline``'s measurements pair with ``in_use``'s."""
+        return len(self._pairs(bin_, in_use.name, baseline.name))
 
     def _wanted(self, bin_: Bin, baseline: Plan, in_use: Plan) -> int:
-        """Return how many measurements settle ``baseline`` (more for a near tie)."""
-        theirs, mine = self.median(bin_, baseline.name), self.median(bin_, in_use.name)
-        if theirs is not None and mine is not None and abs(theirs / mine - 1) <= self.undecided:
+        """Return how many pairs settle ``baseline`` (more for a near tie)."""
+        ratio = self.ratio(bin_, in_use.name, baseline.name)
+        if ratio is not None and abs(ratio - 1) <= self.undecided:
             return self.window
         return self.min_samples
 
     def effective(self, bin_: Bin, wanted: Plan, baselines: list[Plan]) -> Plan:
-        """Return ``wanted``, or the best measured baseline where that measures better."""
-        mine = self.median(bin_, wanted.name)
-        if mine is None:
-            return wanted
-        measured = [(m, p) for p in baselines if p != wanted
-                    for m in [self.median(bin_, p.name)] if m is not None]
-        if not measured:
-            return wanted
-        best_ms, best = min(measured, key=lambda mp: (mp[0], mp[1].name))
-        return best if mine > best_ms * (1 + self.tolerance) else wanted
+        """
+        Return ``wanted``, or the best measured baseline where that measures better.
+
+        From ``wanted``, step to the baseline the plan in hand is slowest
+        against (paired ratio above ``1 + tolerance``) until none is faster:
+        a baseline explored while another baseline was in use is compared with
+        that one, in its spell.
+        """
+        current = wanted
+        for _ in range(len(baselines)):
+            measured = [(r, p) for p in baselines if p != current
+                        for r in [self.ratio(bin_, current.name, p.name)] if r is not None]
+            if not measured:
+                break
+            ratio, best = max(measured, key=lambda rp: (rp[0], rp[1].name))
+            if ratio <= 1 + self.tolerance:
+                break
+            current = best
+        return current
 
     def observe(self, bin_: Bin, plan: str, total_ms: float) -> None:
         """Record one call's measured latency under ``plan`` (its name) in ``bin_``."""
-        key = (bin_, plan)
-        if key not in self.samples:
-            self.samples[key] = collections.deque(maxlen=self.window)
-        self.samples[key].append(float(total_ms))
+        series = self.samples.setdefault((bin_, plan), _Series())
+        series.add(self.calls[bin_], float(total_ms), self.refresh_every)
+        self._versions[bin_] += 1
 
     def _refresh(self, bin_: Bin, keep: str) -> None:
         """Forget the bin's measurements of every plan but ``keep``: explore them again."""
         for key in [k for k in self.samples if k[0] == bin_ and k[1] != keep]:
             del self.samples[key]
+        self._versions[bin_] += 1
+
+
+class _Series:
+    """One plan's measurements in one bin: the bin's call count at each, and its ms."""
+
+    __slots__ = ('calls', 'ms')
+
+    def __init__(self):
+        self.calls: list[int] = []
+        self.ms: list[float] = []
+
+    def add(self, call: int, ms: float, keep: int) -> None:
+        self.calls.append(call)
+        self.ms.append(ms)
+        if len(self.calls) > keep:
+            del self.calls[0], self.ms[0]
+
+    def near(self, call: int, span: int) -> list[float]:
+        """Return the ms of the nearest measurement before ``call`` and after it, within span."""
+        i = bisect.bisect_left(self.calls, call)
+        found = [self.ms[i - 1]] if i and self.calls[i - 1] >= call - span else []
+        j = i + (i < len(self.calls) and self.calls[i] == call)
+        if j < len(self.calls) and self.calls[j] <= call + span:
+            found.append(self.ms[j])
+        return found
 
 
 def _order(ms: float | None) -> tuple[int, float]:

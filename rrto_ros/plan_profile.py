@@ -15,7 +15,8 @@ Everything here runs on the robot (or on a machine capped like it):
 * :func:`measure_plans`: the robot's side of split and hybrid plans, round by
   round beside the robot's own local compute (:data:`REFERENCE`): each side
   is its paired ratio to that reference times the reference's median, so a
-  slow phase of the robot's core during the rounds slows both alike;
+  slow phase of the robot's core during the rounds slows both alike (every
+  reference call is also recorded on a :class:`~rrto_ros.plan_speed.RobotClock`);
 * :func:`measure_end_to_end`: plans timed end to end through a real
   :class:`~rrto_ros.engine.OffloadedModel`, one call each per round, with the
   server's compute time each call reported and the round it ran in
@@ -38,6 +39,7 @@ from rrto_ros.engine import OffloadedModel
 from rrto_ros.records import OffloadResult
 from rrto_ros.hybrid import PlanRuntime
 from rrto_ros.local_model import TorchModule
+from rrto_ros.plan_speed import RobotClock
 from rrto_ros.plan_table import PlanTable
 from rrto_ros.split import Plan
 from rrto_wire.op_timing import operator_times
@@ -203,7 +205,7 @@ def contention(endpoint: str, model: TorchModule, x: torch.Tensor, send_ms_per_m
 
 
 def measure_plans(model: TorchModule, program, analysis, weights: dict, x: torch.Tensor,
-                  plans, repeats: int) -> RobotSides:
+                  plans, repeats: int, clock: RobotClock | None = None) -> RobotSides:
     """
     Time the robot's side of every split or hybrid plan here, beside the local model.
 
@@ -212,8 +214,10 @@ def measure_plans(model: TorchModule, program, analysis, weights: dict, x: torch
     the reference of the same round, times the reference's median: local and
     every plan's side are measured at one robot speed (in session 3 the
     ResNet-18 robot ran 51 to 137 ms for the same local call, minutes apart).
+    Reference calls are recorded on ``clock`` (the robot's speed over the solve).
     """
-    calls = {REFERENCE: lambda: model.run((x,), {})}
+    clock = clock or RobotClock(lambda: model.run((x,), {}))
+    calls = {REFERENCE: clock.time}
     for plan in plans:
         if plan.kind in ('split', 'hybrid') and plan.name not in calls:
             runtime = PlanRuntime(program, analysis, weights, plan)
@@ -224,10 +228,14 @@ def measure_plans(model: TorchModule, program, analysis, weights: dict, x: torch
     for i in range(repeats + 1):   # the first round warms up
         shuffle(order)
         for name in order:
-            start = time.perf_counter()
-            calls[name]()
+            if name == REFERENCE:
+                ms = clock.time(record=bool(i))
+            else:
+                start = time.perf_counter()
+                calls[name]()
+                ms = (time.perf_counter() - start) * 1e3
             if i:
-                times[name].append(Timed((time.perf_counter() - start) * 1e3, round=i))
+                times[name].append(Timed(ms, round=i))
     reference = times.pop(REFERENCE)
     level = statistics.median(t.total_ms for t in reference)
     return RobotSides({name: paired_ratio(timed, reference) * level
@@ -265,8 +273,8 @@ def server_profile(endpoint: str, model: TorchModule, x: torch.Tensor, digest: s
 
 
 def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: torch.Tensor,
-                       plans: Sequence[Plan], rounds: int,
-                       first_round: int = 0) -> dict[str, list[Timed]]:
+                       plans: Sequence[Plan], rounds: int, first_round: int = 0,
+                       clock: RobotClock | None = None) -> dict[str, list[Timed]]:
     """
     Time every plan end to end through an OffloadedModel at the current link (per call).
 
@@ -274,8 +282,9 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
     per plan, chosen in turn, one call each per round in a shuffled order (drift
     and what ran just before hit all alike).  Each round also times the local
     model run directly, under :data:`REFERENCE`: the robot's speed in that
-    round.  Rounds are numbered from ``first_round``.
+    round (recorded on ``clock`` too).  Rounds are numbered from ``first_round``.
     """
+    clock = clock or RobotClock(lambda: model.run((x,), {}))
     entries = [{'bandwidth_mbps': float(2 ** i), 'rtt_ms': 0.0, 'plan': plan.to_json()}
                for i, plan in enumerate(plans)]
     probe = PlanTable(table.program, table.label, table.inputs, entries, {}, {})
@@ -291,11 +300,9 @@ def measure_end_to_end(model: TorchModule, endpoint: str, table: PlanTable, x: t
             shuffle(order)
             for index, plan in order:
                 if plan is None:
-                    start = time.perf_counter()
-                    model.run((x,), {})
+                    ms = clock.time(record=bool(i))
                     if i:
-                        times[REFERENCE].append(Timed((time.perf_counter() - start) * 1e3,
-                                                      round=first_round + i - 1))
+                        times[REFERENCE].append(Timed(ms, round=first_round + i - 1))
                     continue
                 om.set_link(float(2 ** index), 0.0)
                 om(x)

@@ -15,9 +15,13 @@ Solve a plan table: profile, calibrate on measurements, search, decide with a me
    (:func:`~rrto_ros.plan_profile.measure_plans`): the model uses each
    side's ratio to local in the same round instead of the operator profile's
    shares, which miss the halo's and padding's real cost; local and every
-   plan's robot side are priced at one robot speed: the local time of the
-   end-to-end rounds below where there are some (:func:`_robot_level`), else
-   of these rounds;
+   plan's robot side are priced at one robot speed: the level of a
+   :class:`~rrto_ros.plan_speed.RobotClock` that recorded every reference
+   call of the solve (these rounds, the end-to-end rounds below, one before
+   profiling) and one every second after them until the calls span
+   ``robot_span_s`` (on the H200 host the robot's core ran at two speeds
+   1.4x apart in spells of up to tens of seconds, and a solve priced at the
+   spell its calibration saw missed by 31-44 %);
 4. with a server: time every candidate plan and every baseline end to end at
    the calibration link (``calibration_link``: the link while solving, by
    default a fast one), with the local model run directly in every round (the
@@ -55,12 +59,14 @@ from rrto_ros import plan_profile as measure
 from rrto_ros.graph import GraphAnalysis
 from rrto_ros.local_model import TorchModule
 from rrto_ros.plan_calibrate import DEFAULT_MARGIN, Calibrated, calibrate_plans
+from rrto_ros.plan_speed import RobotClock
 from rrto_ros.plan_table import PlanTable, program_key
 from rrto_ros.planner import CostModel, Link, Power, Profiles, Solution, optimise
 from rrto_ros.split import Plan, as_program
 from rrto_wire import treespec
 
 UNLIMITED = Link(1e6, 0.0)
+ROBOT_SPAN_S = 20.0   # the robot's reference calls span at least this long (see RobotClock)
 
 
 @dataclass
@@ -120,8 +126,11 @@ def profile(model: TorchModule, x: torch.Tensor, prepared: tuple, endpoint: str 
 def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str | None = None,
           repeats: int = 5, server_speedup: float = 8.0, objective: str = 'latency',
           power: Power = Power(), rounds: int = 8,
-          calibration_link: Link = UNLIMITED) -> Solved:
+          calibration_link: Link = UNLIMITED, robot_span_s: float = ROBOT_SPAN_S) -> Solved:
     """Profile, calibrate, search and decide (see the module docstring)."""
+    clock = RobotClock(lambda: model.run((x,), {}))
+    clock.time(record=False)   # warms the model up
+    clock.time()
     prepared = prepare(model, x)
     artifact, program, weights, analysis = prepared
     profiles, summary = profile(model, x, prepared, endpoint, repeats, server_speedup,
@@ -136,15 +145,17 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
     calibrated = Calibrated()
     samples: dict[str, list[measure.Timed]] = {}
     margin, margins = DEFAULT_MARGIN, {}
-    robot = measure.measure_plans(model, program, analysis, weights, x, plans, 2 * repeats)
+    robot = measure.measure_plans(model, program, analysis, weights, x, plans, 2 * repeats,
+                                  clock)
     ratios = {name: ms / robot.reference_ms for name, ms in robot.ms.items()}
-    level = robot.reference_ms
-    robot_side = _price_robot(cost, ratios, level)
     baselines = {p.name for s in solutions for p, _ in s.baselines.values()}
     if endpoint is not None:
-        samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds)
-        level = _robot_level(samples, level)
-        robot_side = _price_robot(cost, ratios, level)
+        samples = measure.measure_end_to_end(model, endpoint, table, x, plans, rounds,
+                                             clock=clock)
+    clock.spread(robot_span_s)
+    level = clock.level()
+    robot_side = _price_robot(cost, ratios, level)
+    if endpoint is not None:
         calibrated = calibrate_plans(cost, plans, samples, calibration_link, level, baselines)
         margin, margins = calibrated.margin(), calibrated.margins()
     decided = refine(cost, candidates, robot_side, margin, margins)
@@ -155,15 +166,17 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
         new = _distinct([s.plan for s in decided if s.plan.name not in samples])
         if not new:
             break
-        more = measure.measure_plans(model, program, analysis, weights, x, new, 2 * repeats)
+        more = measure.measure_plans(model, program, analysis, weights, x, new, 2 * repeats,
+                                     clock)
         ratios.update({name: ms / more.reference_ms for name, ms in more.ms.items()})
         anchors = [p for p in plans if p.kind in ('local', 'offload')]
         first = 1 + max(t.round for timed in samples.values() for t in timed)
         for name, timed in measure.measure_end_to_end(model, endpoint, table, x,
-                                                      new + anchors, rounds, first).items():
+                                                      new + anchors, rounds, first,
+                                                      clock).items():
             samples.setdefault(name, []).extend(timed)
         plans = _distinct(plans + new)
-        level = _robot_level(samples, level)
+        level = clock.level()
         robot_side = _price_robot(cost, ratios, level)
         calibrated = calibrate_plans(cost, plans, samples, calibration_link, level, baselines)
         margin, margins = calibrated.margin(), calibrated.margins()
@@ -188,25 +201,13 @@ def solve(model: TorchModule, x: torch.Tensor, links: list[Link], endpoint: str 
                          'held_out_errors': calibrated.held_out,
                          'paired_errors': calibrated.paired, 'margins': margins,
                          'paired_with': calibrated.reference,
-                         'robot_reference_ms': level, 'phase_free': calibrated.phase_free,
+                         'robot_reference_ms': level, 'robot_clock': clock.summary(),
+                         'phase_free': calibrated.phase_free,
                          'server_compute_ms': calibrated.server_side,
                          'samples': {name: [list(t) for t in timed]
                                      for name, timed in samples.items()},
                          'measured_robot_ms': robot_side, 'corrections_ms': cost.corrections}
     return Solved(table, cost, solutions, errors, measured)
-
-
-def _robot_level(samples: dict[str, list[measure.Timed]], default: float) -> float:
-    """
-    Return the robot's local compute time in the end-to-end rounds (``default``: none timed).
-
-    Those rounds are like use: calls interleaved with waits on the network,
-    the server busy beside them.  On the H200 host (2026-12-01) their median
-    was within 6 % of the grid's local runners for ResNet-18, Tiny-YOLO and
-    U-Net, while the same compute run back to back was 21-47 % off.
-    """
-    reference = samples.get(measure.REFERENCE)
-    return statistics.median(t.total_ms for t in reference) if reference else default
 
 
 def _price_robot(cost: CostModel, ratios: dict[str, float], level: float) -> dict[str, float]:

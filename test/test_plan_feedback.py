@@ -71,6 +71,35 @@ def test_a_near_tie_from_unlucky_explorations_is_measured_again_not_settled():
     assert used[-5:] == ['local'] * 5
 
 
+def _spells(feedback, truth, slow_from, slow_to, calls=60):
+    # the H200 host: the robot's core 1.4x slower in a spell (every plan's time scales)
+    used = []
+    for call in range(1, calls + 1):
+        plan, _ = feedback.choose(BIN, HYBRID, 80.0, BASELINES)
+        speed = 1.4 if slow_from <= call < slow_to else 1.0
+        feedback.observe(BIN, plan.name, truth[plan.name] * speed)
+        used.append(plan.name)
+    return used
+
+
+def test_a_baseline_is_compared_with_the_plan_in_the_same_spell():
+    # local explored (calls 3, 6, 9) in a fast spell, the plan's later calls in a slow one:
+    # set against each other it looks 33 % worse; call by call it is 5 % better
+    truth = {'hybrid@9:0.50': 95.0, 'local': 100.0, 'offload': 300.0}
+    feedback = PlanFeedback()
+    used = _spells(feedback, truth, 13, 10 ** 6)
+    assert used[-25:] == ['hybrid@9:0.50'] * 25
+    assert used.count('local') == feedback.window   # a near tie: measured to the window
+    assert feedback.ratio(BIN, 'hybrid@9:0.50', 'local') == pytest.approx(0.95)
+    # and the other way: local explored while slow, the plan (10 % worse) measured fast after
+    truth = {'hybrid@9:0.50': 110.0, 'local': 100.0, 'offload': 300.0}
+    used = _spells(PlanFeedback(), truth, 0, 13)
+    assert max(i for i, p in enumerate(used) if p == 'hybrid@9:0.50') < 12
+    assert used[-30:] == ['local'] * 30
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError):
         PlanFeedback(min_samples=4, window=3)
+    with pytest.raises(ValueError):
+        PlanFeedback(pair_span=-1)

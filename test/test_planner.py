@@ -160,7 +160,8 @@ def test_plan_cli_table_binds_to_the_wrapped_module_as_the_readme_writes_it(
     out = tmp_path / 'kp.json'
     rc = plan_main(['--model', 'python:rrto_ros.zoo:keypoint_net', '--image-input',
                     '--input-shape', ','.join(map(str, SHAPE)), '--server-speedup', '4',
-                    '--bandwidths', '5,300', '--rtts', '2', '--repeats', '1', '--out', str(out)])
+                    '--bandwidths', '5,300', '--rtts', '2', '--repeats', '1', '--robot-span', '1',
+                    '--out', str(out)])
     assert rc == 0
     table = PlanTable.load(out)
     assert len(table.entries) == 2 and table.solve_s > 0
@@ -308,21 +309,24 @@ def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
     timed = []
     original = plan_profile.measure_plans
 
-    def measure_plans(model, program, analysis, weights, x, plans, repeats):
-        measured = original(model, program, analysis, weights, x, plans, repeats)
+    def measure_plans(model, program, analysis, weights, x, plans, repeats, clock):
+        measured = original(model, program, analysis, weights, x, plans, repeats, clock)
         timed.append((list(plans), measured))
         return measured
 
     monkeypatch.setattr(plan_profile, 'measure_plans', measure_plans)
     links = [Link(b, 4.0) for b in (2, 20, 100, 1000)]
     solved = plan_solve.solve(TorchModule(model), x, links, server.endpoint, repeats=1,
-                              rounds=1)
+                              rounds=1, robot_span_s=0.5)
     # the candidates first; a second calibration pass (when the corrected model prefers a
     # plan not yet timed end to end, which depends on this machine's timings) adds its own
     assert timed
     measured = {}
-    # every pass's robot sides are priced at the local time of the end-to-end rounds
-    level = statistics.median(t[0] for t in solved.table.calibration['samples']['~robot'])
+    # every pass's robot sides are priced at the robot's level over the whole solve
+    clock = solved.table.calibration['robot_clock']
+    level = clock['level_ms']
+    assert clock['span_s'] >= 0.5
+    assert len(clock['samples']) >= 1 + len(solved.table.calibration['samples']['~robot'])
     for plans, robot in timed:
         assert set(robot.ms) == {p.name for p in plans if p.kind in ('split', 'hybrid')}
         measured.update({n: ms * level / robot.reference_ms for n, ms in robot.ms.items()})
@@ -372,7 +376,7 @@ def test_plan_cli_names_the_link_it_calibrates_over(tmp_path, server):
     assert plan_main(['--model', 'python:rrto_ros.zoo:keypoint_net', '--image-input',
                       '--input-shape', ','.join(map(str, SHAPE)), '--server', server.endpoint,
                       '--link', '300,4', '--bandwidths', '300', '--rtts', '4',
-                      '--repeats', '1', '--out', str(out)]) == 0
+                      '--repeats', '1', '--robot-span', '1', '--out', str(out)]) == 0
     calibration = PlanTable.load(out).calibration
     assert calibration['link'] == {'bandwidth_mbps': 300.0, 'rtt_ms': 4.0}
     assert calibration['server_compute_ms']['offload']['measured_ms'] > 0
@@ -410,13 +414,15 @@ def test_the_margin_comes_from_held_out_error_not_from_a_bias_the_correction_rem
                        for f in (0.7, 1.3, 0.7, 1.3, 0.7, 1.3)]}
     assert abs(plan_calibrate.held_out_errors(cost, [local], noisy, link)['local']) > 0.2
     # the whole solve: end-to-end times far from the model, but consistent between rounds
-    monkeypatch.setattr(plan_profile, 'measure_end_to_end', lambda model, endpoint, table, x,
-                        plans, rounds, first=0: {p.name: [plan_profile.Timed(100.0 * (i + 1) * f)
-                                                          for f in (0.99, 1.01, 1.0, 1.0, 1.01,
-                                                                    0.99)]
-                                                 for i, p in enumerate(plans)})
+
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0, clock=None):
+        return {p.name: [plan_profile.Timed(100.0 * (i + 1) * f)
+                         for f in (0.99, 1.01, 1.0, 1.0, 1.01, 0.99)]
+                for i, p in enumerate(plans)}
+
+    monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
     solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
-                              repeats=1, rounds=6)
+                              repeats=1, rounds=6, robot_span_s=0.0)
     assert plan_calibrate.margin_from(solved.errors.values()) > 0.05   # the biased errors
     assert solved.table.margin == plan_calibrate.MARGIN_BOUNDS[0]
     assert set(solved.table.calibration['held_out_errors']) == set(solved.errors)
@@ -428,7 +434,7 @@ def test_a_plan_chosen_only_after_calibration_is_timed_end_to_end_too(
     model, x, _, _ = prepared
     calls = []
 
-    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0):
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0, clock=None):
         # local 50 ms, offload 500 ms, every split or hybrid timed 1 s: far from the model,
         # so after the correction the model prefers a split it has not timed yet
         calls.append([p.name for p in plans])
@@ -438,7 +444,7 @@ def test_a_plan_chosen_only_after_calibration_is_timed_end_to_end_too(
 
     monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
     solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
-                              repeats=1, rounds=2)
+                              repeats=1, rounds=2, robot_span_s=0.0)
     assert len(calls) >= 2
     first, second = set(calls[0]), set(calls[1])
     assert second - first and {'local', 'offload'} <= second   # new plans, beside anchors
@@ -534,32 +540,69 @@ def test_robot_sides_are_timed_round_by_round_beside_the_local_model(prepared, m
     assert sides.ms == {plan.name: pytest.approx(0.5 * sides.reference_ms)}
 
 
-def test_the_robot_is_priced_at_its_speed_in_the_end_to_end_rounds(
+def test_the_robot_is_priced_over_the_whole_solve_not_the_spell_its_calibration_saw(
         prepared, server, monkeypatch):
-    from rrto_ros import plan_profile, plan_solve
+    # the H200 host: the robot's core at two speeds 1.4x apart in spells of seconds; here
+    # local takes 112 ms for the first 4 s (every measuring step of the solve), 80 ms after
+    from rrto_ros import plan_profile, plan_solve, plan_speed
     from rrto_ros.plan_profile import REFERENCE, RobotSides
     model, x, _, _ = prepared
+    now = [0.0]
 
-    def measure_plans(model, program, analysis, weights, x, plans, repeats):
-        # back to back, the robot's core ran at another speed: local 200 ms, each side half
-        return RobotSides({p.name: 100.0 for p in plans if p.kind in ('split', 'hybrid')},
-                          200.0)
+    def robot():
+        now[0] += (0.112 if now[0] < 4.0 else 0.080)
 
-    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0):
-        timed = {p.name: _rounds([{'local': 52.0}.get(p.name, 500.0)] * rounds)
-                 for p in plans}
-        return dict(timed, **{REFERENCE: _rounds([50.0] * rounds)})   # like the robot in use
+    def fake_clock(call):
+        return plan_speed.RobotClock(robot, now=lambda: now[0],
+                                     sleep=lambda s: now.__setitem__(0, now[0] + s))
 
+    def measure_plans(model, program, analysis, weights, x, plans, repeats, clock):
+        level = statistics.median(clock.time() for _ in range(repeats))   # back to back
+        return RobotSides({p.name: level / 2 for p in plans if p.kind in ('split', 'hybrid')},
+                          level)
+
+    def measure_end_to_end(model, endpoint, table, x, plans, rounds, first=0, clock=None):
+        reference = _rounds([clock.time() for _ in range(rounds)])
+        timed = {p.name: _rounds([t.total_ms + 2.0 if p.name == 'local' else 500.0
+                                  for t in reference]) for p in plans}
+        return dict(timed, **{REFERENCE: reference})
+
+    monkeypatch.setattr(plan_solve, 'RobotClock', fake_clock)
     monkeypatch.setattr(plan_profile, 'measure_plans', measure_plans)
     monkeypatch.setattr(plan_profile, 'measure_end_to_end', measure_end_to_end)
     solved = plan_solve.solve(TorchModule(model), x, [Link(20, 4.0)], server.endpoint,
-                              repeats=1, rounds=3)
+                              repeats=1, rounds=8, robot_span_s=20.0)
     calibration = solved.table.calibration
-    assert calibration['robot_reference_ms'] == 50.0
-    assert set(calibration['measured_robot_ms'].values()) <= {25.0}   # half of local, at 50
+    assert calibration['robot_clock']['span_s'] >= 20.0
+    assert [round(t[0]) for t in calibration['samples'][REFERENCE]][:8] == [112] * 8
+    assert calibration['robot_reference_ms'] == pytest.approx(80.0)   # not 112
+    assert all(ms == pytest.approx(40.0) for ms in calibration['measured_robot_ms'].values())
     assert solved.cost.estimate(Plan('local'), Link(1e6, 0.0)).robot_compute_ms == (
-        pytest.approx(50.0))
-    assert calibration['measured_ms']['local'] == pytest.approx(52.0)   # 4 % engine overhead
+        pytest.approx(80.0))
+    # local's end-to-end samples (2 ms over the reference beside them, in either spell) are
+    # taken relative to it: 2 ms over 80, not 114
+    assert 80.0 * 114.0 / 112.0 - 1e-6 <= calibration['measured_ms']['local'] <= 82.0 + 1e-6
+
+
+def test_the_robot_clocks_level_weighs_time_not_calls():
+    from rrto_ros.plan_speed import RobotClock
+    now, speed = [0.0], [0.112]
+
+    def robot():
+        now[0] += speed[0]
+
+    clock = RobotClock(robot, now=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    for _ in range(40):          # a calibration burst: 40 calls in 4.5 s of a slow spell
+        clock.time()
+    speed[0] = 0.080
+    clock.spread(12.0)           # then one call a second, in a fast spell
+    assert 12.0 <= clock.span_s() < 13.0
+    assert len(clock.samples) == 40 + 8
+    assert statistics.median(ms for _, ms in clock.samples) == pytest.approx(112.0)
+    assert clock.level() == pytest.approx(80.0)   # 8 fast seconds of 13 outweigh 5 slow ones
+    assert RobotClock(robot).level(default=7.0) == 7.0
+    with pytest.raises(ValueError):
+        RobotClock(robot, every_s=0)
 
 
 def test_each_timed_plan_is_guarded_by_its_own_measured_error(prepared):
