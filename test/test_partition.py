@@ -263,7 +263,7 @@ def test_rrto_plan_solves_tables_for_the_subgraphs_a_partition_offloads(
     out = tmp_path / 'plans' / 'detector.json'
     rc = plan_main(['--model', 'python:rrto_ros.zoo:detector', '--input-shape',
                     ','.join(map(str, SHAPE)), '--server-speedup', '4', '--bandwidths', '5,300',
-                    '--rtts', '2', '--repeats', '1', '--out', str(out)])
+                    '--rtts', '2', '--repeats', '1', '--robot-span', '1', '--out', str(out)])
     assert rc == 0, capsys.readouterr().out
     tables = sorted(out.parent.glob('detector.subgraph*.json'))
     assert tables and not out.exists(), capsys.readouterr().out
