@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -210,3 +211,64 @@ def call_concurrently(endpoint: str, calls: dict, seconds: float) -> list[str]:
     for thread in threads:
         thread.join(seconds + 120)
     return failures
+
+
+class WatchedRouter:
+    """
+    A ROUTER with a connection watchdog and an I/O loop as the server's, ``most`` a poll.
+
+    Each batch costs the loop ``busy_s`` (``per_message``: that much per message
+    received, handling slower than receiving); ``hwm`` is the receive high-water
+    mark (0: unbounded, None: libzmq's default).
+    """
+
+    def __init__(self, ctx: zmq.Context, most: int = 64, busy_s: float = 0.0,
+                 per_message: bool = False, hwm: int | None = 0):
+        from rrto_server.conn_watchdog import ConnectionWatchdog
+        self.router = ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        if hwm is not None:
+            self.router.setsockopt(zmq.RCVHWM, hwm)
+        self.watchdog = ConnectionWatchdog(self.router, 1 << 20, 'tcp://127.0.0.1:0')
+        self.router.bind('tcp://127.0.0.1:0')
+        self.endpoint = self.router.last_endpoint.decode()
+        self.poller = zmq.Poller()
+        for sock in self.watchdog.sockets:
+            self.poller.register(sock, zmq.POLLIN)
+        self.poller.register(self.router, zmq.POLLIN)
+        self.most, self.busy_s, self.per_message = most, busy_s, per_message
+
+    def serve(self, seconds: float, until=lambda: False) -> int:
+        """Serve for ``seconds`` or until ``until()``; return the messages received."""
+        received = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not until():
+            batch = self.watchdog.drain(dict(self.poller.poll(50)), self.most)
+            received += len(batch)
+            time.sleep(self.busy_s * (len(batch) if self.per_message else 1))
+        return received
+
+    def close(self) -> None:
+        self.watchdog.close()
+        self.router.close(linger=0)
+
+
+class SlowPort:
+    """A fleet replica whose warms take ``seconds`` each, logged in the order they start."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.started, self.replays = seconds, [], []
+        self.lock = threading.Lock()
+
+    def warm(self, model, signature, options):
+        with self.lock:
+            self.started.append(model)
+        time.sleep(self.seconds)
+        with self.lock:
+            self.replays.append(f'{model}|{json.dumps(options, sort_keys=True)}')
+            return {'replay': self.replays[-1]}
+
+    def load(self):
+        with self.lock:
+            return {'instance': 'a', 'endpoint': 'tcp://a:1', 'infers': {},
+                    'replays': list(self.replays)}

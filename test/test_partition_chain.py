@@ -17,9 +17,8 @@ def _equal(got: list, want: list) -> bool:
     return all(torch.equal(got[0][key], want[0][key]) for key in want[0])
 
 
-@pytest.fixture
-def chained(server, offloaded):
-    """The R-CNN-shaped zoo detector offloaded (chains on), its input and local outputs."""
+def _rcnn_offloaded(server, offloaded):
+    """Return the R-CNN-shaped zoo detector, its input, local outputs and offloaded model."""
     model = rcnn()
     x = _image(0)
     with torch.inference_mode():
@@ -27,6 +26,12 @@ def chained(server, offloaded):
     om = offloaded(model, server.endpoint, timeout_ms=30000)
     assert om.warmup(x, timeout_s=300)
     return model, x, expected, om
+
+
+@pytest.fixture
+def chained(server, offloaded):
+    """The zoo R-CNN offloaded with chains on (:func:`_rcnn_offloaded`)."""
+    return _rcnn_offloaded(server, offloaded)
 
 
 def test_graphs_split_by_branches_on_sizes_share_a_round_trip(chained, server):
@@ -80,12 +85,7 @@ def test_a_guess_the_guards_refuse_costs_round_trips_never_a_wrong_result(chaine
 
 def test_without_chains_the_same_model_takes_three_round_trips(server, offloaded, monkeypatch):
     monkeypatch.setattr(partition, 'CHAIN', False)
-    model = rcnn()
-    x = _image(0)
-    with torch.inference_mode():
-        expected = model(x)
-    om = offloaded(model, server.endpoint, timeout_ms=30000)
-    assert om.warmup(x, timeout_s=300)
+    _, x, expected, om = _rcnn_offloaded(server, offloaded)
     out = om(x)
     assert _equal(out, expected)
     assert om.last.round_trips == 3 and om.last.remote_subgraphs == 3

@@ -9,7 +9,6 @@ kept the earliest deadline of its band for the whole profile.
 """
 
 import hashlib
-import json
 import threading
 import time
 
@@ -21,8 +20,8 @@ import zmq.auth
 import exploits
 from rrto_server.lanes import RUN, Job
 from rrto_server.scheduler import Scheduler
-from rrto_testing import client_certificates, infer_frames, prepare, raw_socket, receive, \
-    reply_header, upload, wait_running
+from rrto_testing import SlowPort, client_certificates, infer_frames, prepare, raw_socket, \
+    receive, reply_header, upload, wait_running
 from rrto_wire import protocol as wire
 from rrto_wire.curve import ClientKeys
 from rrto_wire.errors import ErrorCode
@@ -348,27 +347,6 @@ def test_a_late_run_job_past_its_deadline_does_not_overtake_on_the_io_thread():
 
 # ----------------------------------------------------------------------------- 4: fleet warms
 
-class _SlowPort:
-    """A replica whose warms take ``seconds`` each and are logged in the order they start."""
-
-    def __init__(self, seconds):
-        self.seconds, self.started, self.replays = seconds, [], []
-        self.lock = threading.Lock()
-
-    def warm(self, model, signature, options):
-        with self.lock:
-            self.started.append(model)
-        time.sleep(self.seconds)
-        with self.lock:
-            self.replays.append(f'{model}|{json.dumps(options, sort_keys=True)}')
-            return {'replay': self.replays[-1]}
-
-    def load(self):
-        with self.lock:
-            return {'instance': 'a', 'endpoint': 'tcp://a:1', 'infers': {},
-                    'replays': list(self.replays)}
-
-
 def test_the_front_serves_each_keys_warms_in_turn(tmp_path, zmq_ctx):
     """a11 #4: 8 warms of one key, then another key's: it waited for all 8 (one FIFO pool)."""
     from rrto_fleet.directory import Directory
@@ -377,7 +355,7 @@ def test_the_front_serves_each_keys_warms_in_turn(tmp_path, zmq_ctx):
     keys, ck = client_certificates(tmp_path, {
         'robot': {'role': 'infer'},
         'mallory': {'role': 'infer'}})
-    port = _SlowPort(0.3)
+    port = SlowPort(0.3)
     directory = Directory({'a': port})
     directory.poll()
     front = Front(directory, 'tcp://127.0.0.1:*', keys=str(keys)).start()

@@ -9,7 +9,6 @@ robot's warms as one key's (FIFO).
 """
 
 import json
-import threading
 import time
 
 import pytest
@@ -20,7 +19,7 @@ from rrto_server import work_rate
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import DynamicRunner
 from rrto_server.segments import parse_granularity
-from rrto_testing import raw_socket, receive, reply_header, wait_running
+from rrto_testing import SlowPort, raw_socket, receive, reply_header, wait_running
 from rrto_wire import codecs, treespec
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -235,33 +234,12 @@ def test_a_jpeg_quality_takes_ascii_digits_only(codec):
 
 # ----------------------------------------------------------------------------- S1: front
 
-class _SlowPort:
-    """A replica whose warms take ``seconds`` each and are logged in the order they start."""
-
-    def __init__(self, seconds):
-        self.seconds, self.started, self.replays = seconds, [], []
-        self.lock = threading.Lock()
-
-    def warm(self, model, signature, options):
-        with self.lock:
-            self.started.append(model)
-        time.sleep(self.seconds)
-        with self.lock:
-            self.replays.append(f'{model}|{json.dumps(options, sort_keys=True)}')
-            return {'replay': self.replays[-1]}
-
-    def load(self):
-        with self.lock:
-            return {'instance': 'a', 'endpoint': 'tcp://a:1', 'infers': {},
-                    'replays': list(self.replays)}
-
-
 def test_a_front_without_keys_serves_each_connections_warms_in_turn(zmq_ctx):
     """S1: without keys every robot was 'anonymous': one robot's 8 warms delayed another's."""
     from rrto_fleet.directory import Directory
     from rrto_fleet.front import Front
     from rrto_wire import fleet
-    port = _SlowPort(0.3)
+    port = SlowPort(0.3)
     directory = Directory({'a': port})
     directory.poll()
     front = Front(directory, 'tcp://127.0.0.1:*').start()

@@ -25,9 +25,8 @@ import zmq
 from bench.transport_hold import MIB, closed_by_peer, hold_parts, part, read_message, \
     rss_mib, zmtp_connect
 from rrto_ros.client import OffloadError, RrtoClient
-from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.process import ServerProcess, child_env
-from rrto_testing import client_certificates, raw_socket, upload
+from rrto_testing import WatchedRouter, client_certificates, raw_socket, upload
 from rrto_wire import protocol as wire
 from rrto_wire.hello import hello
 
@@ -188,37 +187,11 @@ def test_a_keyless_peer_that_names_itself_is_cut_and_not_served(make_server, zmq
 
 
 # ---------------------------------------------------------------------- #1 the watchdog's proof
-class _Loop:
-    """A ROUTER (default receive HWM) served through a watchdog, ``busy_s`` of work a message."""
-
-    def __init__(self, ctx: zmq.Context, busy_s: float):
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.watchdog = ConnectionWatchdog(self.router, MIB, 'tcp://127.0.0.1:0')
-        self.router.bind('tcp://127.0.0.1:0')
-        self.endpoint = self.router.last_endpoint.decode()
-        self.poller = zmq.Poller()
-        for sock in self.watchdog.sockets:
-            self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.router, zmq.POLLIN)
-        self.busy_s = busy_s
-
-    def serve(self, seconds: float, until=lambda: False) -> None:
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not until():
-            batch = self.watchdog.drain(dict(self.poller.poll(50)), 64)
-            time.sleep(self.busy_s * len(batch))      # handling costs more than receiving
-
-    def close(self) -> None:
-        self.watchdog.close()
-        self.router.close(linger=0)
-
-
 def test_a_flood_that_keeps_the_socket_busy_does_not_hold_off_another_connections_cut(zmq_ctx):
     # a13 x01: one raw connection keeps the kernel's buffer full of 3-byte messages, faster
     # than the loop handles them, so the socket is never found empty; a second connection
     # held 2 GiB of an unfinished message at a 1 MiB limit.  Each connection is proved alone
-    io = _Loop(zmq_ctx, busy_s=20e-6)
+    io = WatchedRouter(zmq_ctx, busy_s=20e-6, per_message=True, hwm=None)
     stop = threading.Event()
     flood = zmtp_connect(io.endpoint)
     chunk = part(b'x', more=False) * 100_000

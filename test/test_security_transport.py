@@ -31,11 +31,11 @@ from bench.transport_hold import (MIB, closed_by_peer, hold_parts, part, read_me
 from rrto_fleet.directory import Directory
 from rrto_fleet.front import Front
 from rrto_ros.client import RrtoClient
-from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_wire.wire_bytes import AGE_BYTES_PER_S
 from rrto_wire import fleet
 from rrto_wire.curve import ClientKeys
 from rrto_wire.hello import hello
+from rrto_testing import WatchedRouter
 
 SETTLE_S = 20.0         # generous: a 2-core machine shared with other jobs
 
@@ -204,42 +204,11 @@ def test_every_frame_is_counted_as_it_went_over_the_wire(make_server, tmp_path, 
         dealer.close(linger=0)
 
 
-class _WatchedRouter:
-    """A ROUTER with a watchdog and an I/O loop as the server's, taking ``most`` a poll."""
-
-    def __init__(self, ctx: zmq.Context, most: int = 64, busy_s: float = 0.0):
-        self.router = ctx.socket(zmq.ROUTER)
-        self.router.setsockopt(zmq.LINGER, 0)
-        self.router.setsockopt(zmq.RCVHWM, 0)
-        self.watchdog = ConnectionWatchdog(self.router, MIB, 'tcp://127.0.0.1:0')
-        self.router.bind('tcp://127.0.0.1:0')
-        self.endpoint = self.router.last_endpoint.decode()
-        self.poller = zmq.Poller()
-        for sock in self.watchdog.sockets:
-            self.poller.register(sock, zmq.POLLIN)
-        self.poller.register(self.router, zmq.POLLIN)
-        self.most, self.busy_s = most, busy_s
-
-    def serve(self, seconds: float, until=lambda: False) -> int:
-        """Serve for ``seconds`` or until ``until()``; return the messages received."""
-        received = 0
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline and not until():
-            events = dict(self.poller.poll(50))
-            received += len(self.watchdog.drain(events, self.most))
-            time.sleep(self.busy_s)            # the work each batch costs the I/O thread
-        return received
-
-    def close(self) -> None:
-        self.watchdog.close()
-        self.router.close(linger=0)
-
-
 def test_complete_messages_waiting_for_a_busy_io_thread_are_not_held_bytes(zmq_ctx):
     # five complete 1 MiB messages (limit 1 MiB) wait 1 s while the I/O thread is busy:
     # the kernel received them, nothing was delivered, yet nothing is unfinished; the
     # watchdog cuts only once the I/O thread has found the socket empty after its look
-    io = _WatchedRouter(zmq_ctx)
+    io = WatchedRouter(zmq_ctx)
     dealer = zmq_ctx.socket(zmq.DEALER)
     dealer.setsockopt(zmq.LINGER, 0)
     dealer.connect(io.endpoint)
@@ -263,7 +232,7 @@ def test_a_flood_of_complete_messages_does_not_hold_off_the_cut(zmq_ctx):
     # waiting meant the socket was never found empty, no proof came, and a second peer
     # could hold an unfinished message of any size.  Here the loop takes one message a
     # poll and a millisecond for each, while a peer sends five a millisecond
-    io = _WatchedRouter(zmq_ctx, most=1, busy_s=0.001)
+    io = WatchedRouter(zmq_ctx, most=1, busy_s=0.001)
     stop = threading.Event()
 
     def flood() -> None:
