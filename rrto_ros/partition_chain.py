@@ -271,12 +271,25 @@ def holds(tests: list[tuple], values: list) -> bool:
 
 @dataclass
 class Guess:
-    """A link's outputs the server computed, and the inputs it computed them from."""
+    """
+    A link's outputs the server computed, and the inputs it computed them from.
+
+    ``seen`` holds copies of those inputs as they came back: Python between two
+    graphs (eager code dynamo skipped, a hook) may write into them in place, and
+    the inference tensors a partitioned call returns carry no version counter,
+    so a claim compares values (r5 B1: a guess was claimed after ``x.add_(1)``).
+    """
 
     subgraph: Any
     inputs: list
     outputs: tuple
     record: Any
+    seen: list
+
+    def unchanged(self) -> bool:
+        """Return True if every input still holds the values the server computed from."""
+        return all(not isinstance(now, torch.Tensor) or torch.equal(now, then)
+                   for now, then in zip(self.inputs, self.seen))
 
 
 @dataclass
@@ -292,7 +305,7 @@ class Speculation:
         if self.queue:
             guess = self.queue[0]
             if guess.subgraph is subgraph and len(data) == len(guess.inputs) and all(
-                    a is b for a, b in zip(data, guess.inputs)):
+                    a is b for a, b in zip(data, guess.inputs)) and guess.unchanged():
                 self.queue.pop(0)
                 return guess
         if id(subgraph) in self.members or (subgraph.writes and any(
@@ -314,7 +327,9 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
             break
         inputs = [head_data[s[1]] if s[0] == 'in' else outputs[s[1]][s[2]]
                   for s in chain.sources[n]]
-        queue.append(Guess(links[n], inputs, links[n].outputs.complete(outputs[n]), record))
+        seen = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
+        queue.append(Guess(links[n], inputs, links[n].outputs.complete(outputs[n]), record,
+                           seen))
     return Speculation(queue, {id(s) for s in links[1:]},
                        {id(t) for guess in queue for t in guess.inputs})
 

@@ -90,3 +90,21 @@ def test_without_chains_the_same_model_takes_three_round_trips(server, offloaded
     assert _equal(out, expected)
     assert om.last.round_trips == 3 and om.last.remote_subgraphs == 3
     assert om.partition.describe()['chains'] == []
+
+
+def test_a_guess_is_not_claimed_after_python_wrote_into_its_inputs():
+    """r5 B1: eager code between two graphs wrote into a guessed input; the guess was used."""
+    from rrto_ros.partition_chain import Guess, Speculation
+
+    class Link:
+        writes = False
+    link = Link()
+    with torch.inference_mode():            # as a partitioned call's tensors: no versions
+        x = torch.ones(3)
+        guess = Guess(link, [x], (x * 2,), None, [x.clone()])
+        assert Speculation([guess], {id(link)}, {id(x)}).claim(link, [x]) is guess
+        again = Guess(link, [x], (x * 2,), None, [x.clone()])
+        speculation = Speculation([again], {id(link)}, {id(x)})
+        x.add_(1)
+        assert speculation.claim(link, [x]) is None
+        assert speculation.queue == []       # the rest of the chain runs as usual
