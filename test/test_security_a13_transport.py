@@ -319,3 +319,13 @@ def test_the_out_of_band_hello_bounds_its_reply_part(make_server, zmq_ctx):
     finally:
         thread.join(10)
         fake.close(linger=0)
+
+
+def test_the_ids_the_zap_handler_gives_are_not_a_sequence():
+    """r5 B2: names were ASSIGNED + a counter, so a keyed peer could claim the next one."""
+    from rrto_server.auth import ASSIGNED, assigned_id, chose_its_id
+    ids = [assigned_id() for _ in range(64)]
+    assert len(set(ids)) == 64 and all(len(i) == 9 and i[:1] == ASSIGNED for i in ids)
+    values = [int.from_bytes(i[1:], 'big') for i in ids]
+    assert not any(abs(b - a) < 2 ** 32 for a, b in zip(values, values[1:]))
+    assert not any(chose_its_id(i, curve=True) for i in ids)
