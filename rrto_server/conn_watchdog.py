@@ -128,6 +128,7 @@ class ConnectionWatchdog:
         self._conns: dict[int, _Connection] = {}     # by libzmq's descriptor (I/O thread)
         self._retired: list[_Connection] = []        # closed by the watchdog thread
         self._asked = self._pending = self._proven = 0   # tokens
+        self._settled = 0                # the newest token the watchdog stopped waiting on
         self._seq = 0                    # messages received (I/O thread)
         self._read = (0, 0)              # the newest token read, and self._seq then
         self._proved = threading.Event()
@@ -176,7 +177,7 @@ class ConnectionWatchdog:
             if token > self._pending:
                 self._read = (token, self._seq)
             self._pending = token
-        wanted = token > self._proven
+        wanted = token > max(self._proven, self._settled)
         batch: list = []
         if self.sock in events or wanted:
             until = time.monotonic() + TICK_S if wanted else 0.0
@@ -285,17 +286,20 @@ class ConnectionWatchdog:
         self._proved.clear()
         self._waker.send(_TOKEN.pack(token))
         deadline = time.monotonic() + PROOF_WAIT_S
-        while suspects and not self._stop.is_set():
-            proved = self._proved.wait(TICK_S / 5) and self._proven >= token
-            waiting = []
-            for conn, read, limit in suspects:
-                if not (proved or self._quiet(conn, token)):
-                    waiting.append((conn, read, limit))
-                elif read - conn.delivered > limit:
-                    self._cut(conn, read - conn.delivered)
-            suspects = waiting
-            if time.monotonic() > deadline:
-                return                       # busy: look again next time
+        try:
+            while suspects and not self._stop.is_set():
+                proved = self._proved.wait(TICK_S / 5) and self._proven >= token
+                waiting = []
+                for conn, read, limit in suspects:
+                    if not (proved or self._quiet(conn, token)):
+                        waiting.append((conn, read, limit))
+                    elif read - conn.delivered > limit:
+                        self._cut(conn, read - conn.delivered)
+                suspects = waiting
+                if time.monotonic() > deadline:
+                    return                   # busy: look again next time
+        finally:       # proved per connection, cut or given up: the I/O thread stops trying
+            self._settled = token            # to empty the socket for it (r5 B3)
 
     def _quiet(self, conn: _Connection, token: int) -> bool:
         """Return True if ``conn`` had no complete message waiting once ``token`` was read."""

@@ -216,6 +216,10 @@ def test_a_flood_that_keeps_the_socket_busy_does_not_hold_off_another_connection
         finally:
             held.close()
         assert not closed_by_peer(flood, 0.5), 'the flooding connection (all complete) was cut'
+        # r5 B3: only an empty socket ended the proof's mode, so after the cut every receive
+        # under the flood read for up to TICK_S past its batch: back to batches now
+        sizes = [len(io.watchdog.drain(dict(io.poller.poll(50)), 64)) for _ in range(20)]
+        assert max(sizes) <= 64, f'a settled proof still empties the socket: {sizes}'
     finally:
         stop.set()
         flood.close()
