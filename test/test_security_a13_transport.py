@@ -271,12 +271,14 @@ def test_the_robot_drops_a_reply_larger_than_the_call_can_get(last):
         assert took < 20, f'the call ended only at {took:.1f} s ({failed.value})'
         # the check runs every 50 ms of the robot's wait: a loaded machine can stretch that
         assert sent[0] < 450, f'the robot took in {sent[0]} of 600 MiB for a hello'
+        # RSS, not what the robot holds: freed heap the allocator keeps counts too (the
+        # unbounded robot held the 600 MiB until the call's 30 s timeout)
         growth = rss_mib() - baseline
         deadline = time.monotonic() + SETTLE_S
-        while growth > 64 and time.monotonic() < deadline:
+        while growth > 128 and time.monotonic() < deadline:
             time.sleep(0.2)
             growth = rss_mib() - baseline
-        assert growth < 64, f'the robot still holds {growth:.0f} MiB'
+        assert growth < 128, f'the robot still holds {growth:.0f} MiB'
     finally:
         robot.close()
         server.join(SETTLE_S)
