@@ -41,6 +41,7 @@ from rrto_wire.wire_bytes import allowance, queued, received
 CHECK_S = 0.05
 CHECK_MS = CHECK_S * 1e3
 _EVENT = struct.Struct('=HI')
+_EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
                    Kind.PROBE: MAX_PROBE_BYTES}
 
@@ -57,10 +58,11 @@ class ReplyGuard:
     """The bytes a DEALER's connection has read and not delivered while one call waits."""
 
     def __init__(self, sock: zmq.Socket):
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+        self._monitor = sock.get_monitor_socket(_EVENTS)
         self._replies = zmq.Poller()            # one per socket, not one built per wait
         self._replies.register(sock, zmq.POLLIN)
-        self._conn: socket.socket | None = None
+        self._conn: socket.socket | None = None     # a duplicate, only while a wait lasts
+        self._target: tuple[int, int] | None = None  # libzmq's descriptor and its peer port
         self._call: tuple = (Kind.HELLO, None)
         self._limit: int | None = None
         self._mark: tuple[int, float] | None = None
@@ -75,8 +77,8 @@ class ReplyGuard:
         return bool(self._replies.poll(timeout_ms))
 
     def delivered(self) -> None:
-        """Note a delivered message: what was read so far is not held."""
-        self._mark = None
+        """Note a delivered message: what was read so far is not held (the wait is over)."""
+        self._close_connection()       # a duplicate kept open would hold the TCP connection
 
     def over(self) -> int | None:
         """Return the bytes held past the call's bound (after a wait with no message), or None."""
@@ -97,27 +99,36 @@ class ReplyGuard:
         return held if held > allowance(self._limit, now - self._mark[1]) else None
 
     def _connection(self) -> socket.socket | None:
-        while True:
+        while True:        # connects and disconnects in order: the descriptor is current
             try:
                 event, endpoint = self._monitor.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return self._conn
+                break
             kind, fd = _EVENT.unpack_from(event)
-            if kind != zmq.EVENT_CONNECTED:
-                continue
-            self._close_connection()
+            if kind == zmq.EVENT_CONNECTED or (self._target and self._target[0] == fd):
+                self._close_connection()
+                self._target = None
+            if kind == zmq.EVENT_CONNECTED:
+                try:
+                    self._target = (fd, int(endpoint.rsplit(b':', 1)[1]))
+                except (ValueError, IndexError):
+                    pass
+        if self._conn is None and self._target is not None:
+            fd, port = self._target
             try:
                 conn = socket.socket(fileno=os.dup(fd))
             except OSError:
-                continue                      # already closed
+                self._target = None
+                return None
             try:       # the number may name another socket by now: it must be this peer's
-                same = conn.getpeername()[1] == int(endpoint.rsplit(b':', 1)[1])
-            except (OSError, ValueError, IndexError, TypeError):
+                same = conn.getpeername()[1] == port
+            except (OSError, IndexError, TypeError):
                 same = False
             if same:
                 self._conn = conn
             else:
                 conn.close()
+        return self._conn
 
     def _close_connection(self) -> None:
         if self._conn is not None:

@@ -11,12 +11,14 @@ reply of any size before its reply check ran.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,7 +230,8 @@ def test_a_flood_that_keeps_the_socket_busy_does_not_hold_off_another_connection
 
 
 # ---------------------------------------------------------------------- #2 the robot's replies
-def _fake_server(listener: socket.socket, parts: int, sent: list, last: bool) -> None:
+def _fake_server(listener: socket.socket, parts: int, sent: list, last: bool,
+                 delay_s: float = 0.0) -> None:
     """Answer the first request on ``listener`` with a header and ``parts`` parts of 1 MiB."""
     conn, _ = listener.accept()
     with conn:
@@ -241,7 +244,8 @@ def _fake_server(listener: socket.socket, parts: int, sent: list, last: bool) ->
         read_message(conn)                              # the robot's request
         chunk = part(b'\0' * MIB)
         try:
-            conn.sendall(part(b'{"kind":"ok","id":1}'))
+            time.sleep(delay_s)
+            conn.sendall(part(b'{"kind":"ok","id":1}', more=parts > 0))
             for i in range(parts):
                 conn.sendall(part(b'\0' * MIB, more=False) if last and i == parts - 1
                              else chunk)
@@ -335,3 +339,37 @@ def test_the_ids_the_zap_handler_gives_are_not_a_sequence():
     values = [int.from_bytes(i[1:], 'big') for i in ids]
     assert not any(abs(b - a) < 2 ** 32 for a, b in zip(values, values[1:]))
     assert not any(chose_its_id(i, curve=True) for i in ids)
+
+
+def _sockets_to(port: int) -> int:
+    """Return how many of this process's descriptors are TCP sockets to ``port``."""
+    inodes = set()
+    for line in Path('/proc/net/tcp').read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[2].rsplit(':', 1)[1], 16) == port:
+            inodes.add(f'socket:[{fields[9]}]')
+    count = 0
+    for fd in Path('/proc/self/fd').iterdir():
+        try:
+            count += os.readlink(fd) in inodes
+        except OSError:
+            pass
+    return count
+
+
+def test_the_reply_guard_lets_go_of_the_connection_when_its_wait_ends():
+    """r5 B4: its duplicate of libzmq's descriptor outlived the wait (no FIN at reconnect)."""
+    listener = socket.create_server(('127.0.0.1', 0))
+    port = listener.getsockname()[1]
+    server = threading.Thread(target=_fake_server, args=(listener, 0, [0], True, 0.4),
+                              daemon=True)
+    server.start()
+    robot = RrtoClient(f'tcp://127.0.0.1:{port}', call_timeout_ms=10000)
+    try:
+        with pytest.raises(OffloadError):
+            robot.hello()               # a bare header after 0.4 s: the guard looked, then bad
+        assert _sockets_to(port) == 1, 'a duplicate of the connection is still open'
+    finally:
+        robot.close()
+        server.join(SETTLE_S)
+        listener.close()
