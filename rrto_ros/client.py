@@ -25,7 +25,7 @@ import torch
 import zmq
 
 from rrto_ros import reply_check
-from rrto_ros.reply_guard import CHECK_MS, ReplyGuard
+from rrto_ros.reply_guard import CHECK_MS, ReplyGuard, connect
 from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -114,9 +114,9 @@ class RrtoClient:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_PART_BYTES)   # a part; ReplyGuard: a reply
         if self.keys is not None:
             self.keys.apply(sock)
+        guard = connect(sock, self.endpoint, guarded=data)
         if data:
-            self._guard = ReplyGuard(sock)    # its monitor must see the connection
-        sock.connect(self.endpoint)
+            self._guard = guard
         return sock
 
     def _drop_socket(self) -> None:

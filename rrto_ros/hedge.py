@@ -25,7 +25,7 @@ import zmq
 
 from rrto_ros import reply_check
 from rrto_ros.client import RemoteError, ServerUnavailable
-from rrto_ros.reply_guard import CHECK_MS, ReplyGuard
+from rrto_ros.reply_guard import CHECK_MS, ReplyGuard, connect
 from rrto_wire import replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -52,15 +52,16 @@ class Hedge:
     def socket(self, endpoint: str) -> zmq.Socket:
         sock = self._socks.get(endpoint)
         if sock is None:
-            sock = self._socks[endpoint] = self._ctx.socket(zmq.DEALER)
+            sock = self._ctx.socket(zmq.DEALER)
             sock.copy_threshold = COPY_THRESHOLD
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.SNDHWM, HEDGE_QUEUE)
             sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_PART_BYTES)
-            self.guards[endpoint] = ReplyGuard(sock)
             if self._keys is not None:
                 self._keys.apply(sock)
-            sock.connect(endpoint)   # queued until connected: the other copy may answer first
+            # queued until connected: the other copy may answer first
+            self.guards[endpoint] = connect(sock, endpoint)
+            self._socks[endpoint] = sock
         return sock
 
     def _send(self, endpoint: str, frames: list) -> bool:

@@ -46,6 +46,25 @@ _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
                    Kind.PROBE: MAX_PROBE_BYTES}
 
 
+def connect(sock: zmq.Socket, endpoint: str, guarded: bool = True) -> ReplyGuard | None:
+    """
+    Connect ``sock`` to ``endpoint``, with a guard made first (its monitor sees the connection).
+
+    If the connection cannot be made (a malformed endpoint, perhaps from a fleet
+    directory), the guard and the socket are closed before the error goes up: a
+    caller that retries leaks neither (r5 B6).
+    """
+    guard = ReplyGuard(sock) if guarded else None
+    try:
+        sock.connect(endpoint)
+    except Exception:
+        if guard is not None:
+            guard.close(sock)
+        sock.close(linger=0)
+        raise
+    return guard
+
+
 def reply_limit(kind: Kind, expect: Sequence[reply_check.Leaf] | None) -> int:
     """Return the most bytes on the wire a legitimate reply to this call takes."""
     most = reply_check.most_bytes(expect) if expect is not None else None

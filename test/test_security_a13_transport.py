@@ -373,3 +373,27 @@ def test_the_reply_guard_lets_go_of_the_connection_when_its_wait_ends():
         robot.close()
         server.join(SETTLE_S)
         listener.close()
+
+
+def test_a_malformed_endpoint_leaks_no_socket_per_call():
+    """r5 B6: a connect that raised left the socket and its guard's monitor open, per call."""
+    from rrto_ros.hedge import Hedge
+    robot = RrtoClient('tcp://127.0.0.1', call_timeout_ms=100)     # no port: connect fails
+    hedge_ctx = zmq.Context()
+    hedge = Hedge(hedge_ctx)
+    try:
+        with pytest.raises(zmq.ZMQError):
+            robot.stats()
+        with pytest.raises(zmq.ZMQError):
+            hedge.socket('tcp://127.0.0.1')
+        before = len(os.listdir('/proc/self/fd'))
+        for _ in range(20):
+            with pytest.raises(zmq.ZMQError):
+                robot.stats()
+            with pytest.raises(zmq.ZMQError):
+                hedge.socket('tcp://127.0.0.1')
+        assert len(os.listdir('/proc/self/fd')) <= before + 2, 'descriptors leaked per call'
+    finally:
+        robot.close()
+        hedge.close()
+        hedge_ctx.destroy(linger=0)
