@@ -25,7 +25,7 @@ import torch
 import zmq
 
 from rrto_ros import reply_check
-from rrto_ros.reply_guard import CHECK_MS, ReplyGuard, connect
+from rrto_ros.reply_guard import ReplyGuard, connect
 from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -207,6 +207,7 @@ class RrtoClient:
             self._check_size(size)
             started = time.monotonic()
             self._send(frames, min(timeout_ms, self.connect_timeout_ms))
+            self._guard.sent(request_id, kind, expect)    # its reply's bound, until it comes
             self.counters['bytes_sent'] += size
         except BaseException:
             self._lock.release()
@@ -262,40 +263,33 @@ class RrtoClient:
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
         return msgspec.to_builtins(reply_header), tensors
 
-    def _await(self, request_id: int, kind: Kind, deadline: float,
-               expect: Sequence[reply_check.Leaf] | None = None) -> tuple[replies.Ok, list]:
-        self._guard.watch(kind, expect)
+    def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[replies.Ok, list]:
         while True:
-            remaining_ms = (deadline - time.monotonic()) * 1e3
-            if remaining_ms <= 0 or not self._guard.ready(min(remaining_ms, CHECK_MS)):
-                if remaining_ms > CHECK_MS:
-                    self._check_held(kind)
-                    continue
+            ready, held = self._guard.wait(deadline)
+            if held is not None:          # a reply past what the calls owed can get: drop it
+                self.counters['errors'] += 1
+                self._drop_socket()           # frees what libzmq holds; the next call reconnects
+                raise RemoteError(ErrorCode.BAD_REPLY.value, f'{held} bytes of a reply to '
+                                  f'{kind.value} unfinished, more than the call can get')
+            if not ready:
                 self.counters['timeouts'] += 1
                 self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
             frames = self._sock.recv_multipart(copy=False)
-            self._guard.delivered()
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
+                self._guard.delivered(exc.request_id)
                 if exc.request_id != request_id:
                     continue          # garbage or a stale reply to an earlier request
                 self.counters['errors'] += 1
                 raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
             reply_id = reply_header.id
+            self._guard.delivered(reply_id)
             if reply_id == request_id:
                 return reply_header, frames
             log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)
-
-    def _check_held(self, kind: Kind) -> None:
-        held = self._guard.over()     # a reply past what the call can get: drop it, fail
-        if held is not None:
-            self.counters['errors'] += 1
-            self._drop_socket()           # frees what libzmq holds; the next call reconnects
-            raise RemoteError(ErrorCode.BAD_REPLY.value, f'{held} bytes of a reply to '
-                              f'{kind.value} unfinished, more than the call can get')
 
     # ------------------------------------------------------------------ requests
     def hello(self, timeout_ms: float | None = None) -> dict:
@@ -389,8 +383,7 @@ class PendingReply:
         if not self._open:
             raise RuntimeError('this reply was already taken or cancelled')
         try:
-            reply_header, reply = self._client._await(self._id, self._kind, self._deadline,
-                                                      self._expect)
+            reply_header, reply = self._client._await(self._id, self._kind, self._deadline)
         finally:
             self._release()
         return self._client._finish(reply_header, reply, self._expect)

@@ -25,7 +25,7 @@ import zmq
 
 from rrto_ros import reply_check
 from rrto_ros.client import RemoteError, ServerUnavailable
-from rrto_ros.reply_guard import CHECK_MS, ReplyGuard, connect
+from rrto_ros.reply_guard import ReplyGuard, connect, wait
 from rrto_wire import replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -82,6 +82,8 @@ class Hedge:
             sent = [e for e in endpoints if self._send(e, frames)]
             if not sent:
                 raise ServerUnavailable(f'cannot send to {endpoints}')
+            for endpoint in sent:        # each copy's reply is owed until it comes
+                self.guards[endpoint].sent(request_id, kind, expect)
         except BaseException:
             self._lock.release()
             raise
@@ -120,36 +122,30 @@ class HedgedReply:
     def result(self) -> tuple[dict, list[torch.Tensor]]:
         hedge, counters = self._hedge, self._hedge.counters
         poller = zmq.Poller()
-        socks = {e: hedge.socket(e) for e in self._endpoints}
-        guards = {socks[e]: hedge.guards[e] for e in self._endpoints}
-        for sock, guard in guards.items():
+        socks = {hedge.socket(e): e for e in self._endpoints}
+        guards = {sock: hedge.guards[e] for sock, e in socks.items()}
+        for sock in socks:
             poller.register(sock, zmq.POLLIN)
-            guard.watch(self._kind, self._expect)
         waiting, error = len(self._endpoints), None
         try:
             while waiting:
-                remaining_ms = (self._deadline - time.monotonic()) * 1e3
-                ready = (dict(poller.poll(min(remaining_ms, CHECK_MS)))
-                         if remaining_ms > 0 else {})
-                if not ready and remaining_ms > CHECK_MS:
-                    for endpoint, sock in socks.items():   # a reply past the call's bound
-                        if sock in guards and guards[sock].over() is not None:
-                            del guards[sock]
-                            poller.unregister(sock)
-                            hedge.drop(endpoint)
-                            waiting -= 1
-                            counters['errors'] += 1
-                            error = RemoteError(ErrorCode.BAD_REPLY.value,
-                                                f'the reply from {endpoint} outgrew the call')
-                    continue
-                if not ready:
+                ready, over = wait(poller, guards, self._deadline)
+                for sock in over:                 # a reply past what the socket's calls can get
+                    del guards[sock]
+                    poller.unregister(sock)
+                    hedge.drop(socks[sock])
+                    waiting -= 1
+                    counters['errors'] += 1
+                    error = RemoteError(ErrorCode.BAD_REPLY.value,
+                                        f'the reply from {socks[sock]} outgrew the call')
+                if not ready and not over:
                     break
                 for sock in ready:
                     frames = sock.recv_multipart(copy=False)
                     try:
                         reply = replies.decode_reply(frames[0], self._kind)
+                        guards[sock].delivered(reply.id)
                         if reply.id != self._id:
-                            guards[sock].delivered()
                             continue   # the slower copy of an earlier request
                         if isinstance(reply, replies.Ok):
                             tensors = wire.decode_tensors(
@@ -157,8 +153,8 @@ class HedgedReply:
                                 reply_check.decode_bound(reply.tensors, self._expect,
                                                          MAX_REPLY_BYTES))
                     except ProtocolError as exc:
+                        guards[sock].delivered(exc.request_id)
                         if exc.request_id != self._id:
-                            guards[sock].delivered()
                             continue   # garbage, or a stale copy's
                         reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
                     waiting -= 1

@@ -21,6 +21,13 @@ which frees it, and the call fails with ``bad_reply`` (it runs locally).  A
 reply is read for at most ``CHECK_S`` before it is looked at: at most the
 link's bytes of two periods over the bound (10 MB at 100 MB/s).  A call
 answered within ``CHECK_S`` costs nothing.
+
+The unfinished message may answer any request still owed a reply on that
+socket, not only the call that waits: one cancelled, or a hedge's slower copy,
+answers later (r5 B5).  So the bound is the largest among the requests sent and
+not yet answered (:meth:`ReplyGuard.sent`, :meth:`ReplyGuard.delivered`), the
+last ``OWED`` of them; dropping the socket forgets them all.  :func:`wait` is
+the one waiting loop of the client and the hedge.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from rrto_wire.wire_bytes import allowance, queued, received
 
 CHECK_S = 0.05
 CHECK_MS = CHECK_S * 1e3
+OWED = 32          # requests remembered without a reply (their bound), per socket
 _EVENT = struct.Struct('=HI')
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
@@ -73,34 +81,62 @@ def reply_limit(kind: Kind, expect: Sequence[reply_check.Leaf] | None) -> int:
     return reply_bytes(most)
 
 
+def wait(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: float
+         ) -> tuple[list[zmq.Socket], dict[zmq.Socket, int]]:
+    """
+    Wait until a socket of ``poller`` has a message, a reply outgrows its bound, or ``deadline``.
+
+    Returns the sockets with a message, and the sockets of ``guards`` holding
+    more of an unfinished reply than any request they owe can get (the bytes
+    held); both are empty once the deadline has passed.
+    """
+    while True:
+        remaining_ms = (deadline - time.monotonic()) * 1e3
+        ready = ([sock for sock, _ in poller.poll(min(remaining_ms, CHECK_MS))]
+                 if remaining_ms > 0 else [])
+        if ready or remaining_ms <= CHECK_MS:
+            return ready, {}
+        over = {}
+        for sock, guard in guards.items():
+            held = guard.over()
+            if held is not None:
+                over[sock] = held
+        if over:
+            return [], over
+
+
 class ReplyGuard:
-    """The bytes a DEALER's connection has read and not delivered while one call waits."""
+    """The bytes a DEALER's connection has read and not delivered while a call waits."""
 
     def __init__(self, sock: zmq.Socket):
+        self._sock = sock
         self._monitor = sock.get_monitor_socket(_EVENTS)
         self._replies = zmq.Poller()            # one per socket, not one built per wait
         self._replies.register(sock, zmq.POLLIN)
         self._conn: socket.socket | None = None     # a duplicate, only while a wait lasts
         self._target: tuple[int, int] | None = None  # libzmq's descriptor and its peer port
-        self._call: tuple = (Kind.HELLO, None)
-        self._limit: int | None = None
+        self._owed: dict[int, tuple] = {}        # request id -> (kind, expect), sent order
         self._mark: tuple[int, float] | None = None
 
-    def watch(self, kind: Kind, expect: Sequence[reply_check.Leaf] | None) -> None:
-        """Start waiting for the reply to a ``kind`` call expecting ``expect`` (no system call)."""
-        self._call = (kind, expect)
-        self._limit = self._mark = None
+    def sent(self, request_id: int, kind: Kind,
+             expect: Sequence[reply_check.Leaf] | None) -> None:
+        """Note a request sent on the socket: a reply to ``kind`` expecting ``expect`` is owed."""
+        self._owed[request_id] = (kind, expect)
+        if len(self._owed) > OWED:
+            del self._owed[next(iter(self._owed))]    # never answered: forget the oldest
 
-    def ready(self, timeout_ms: float) -> bool:
-        """Wait up to ``timeout_ms`` for a message on the watched socket; True if one came."""
-        return bool(self._replies.poll(timeout_ms))
+    def wait(self, deadline: float) -> tuple[bool, int | None]:
+        """Wait for a message on the socket; return (one came, bytes held past the bound)."""
+        ready, over = wait(self._replies, {self._sock: self}, deadline)
+        return bool(ready), over.get(self._sock)
 
-    def delivered(self) -> None:
-        """Note a delivered message: what was read so far is not held (the wait is over)."""
+    def delivered(self, reply_id: int | None = None) -> None:
+        """Note a delivered message (the reply to ``reply_id``, if it named a request)."""
+        self._owed.pop(reply_id, None)
         self._close_connection()       # a duplicate kept open would hold the TCP connection
 
     def over(self) -> int | None:
-        """Return the bytes held past the call's bound (after a wait with no message), or None."""
+        """Return the bytes held past the bound (after a wait with no message), or None."""
         conn = self._connection()
         if conn is None:
             return None
@@ -112,10 +148,13 @@ class ReplyGuard:
         if self._mark is None:
             self._mark = (read, now)
             return None
-        if self._limit is None:
-            self._limit = reply_limit(*self._call)
         held = read - self._mark[0]
-        return held if held > allowance(self._limit, now - self._mark[1]) else None
+        return held if held > allowance(self.bound(), now - self._mark[1]) else None
+
+    def bound(self) -> int:
+        """Return the most bytes on the wire of one reply to a request the socket owes."""
+        return max([reply_limit(*call) for call in self._owed.values()],
+                   default=reply_limit(Kind.HELLO, None))    # owed nothing: a header at most
 
     def _connection(self) -> socket.socket | None:
         while True:        # connects and disconnects in order: the descriptor is current
