@@ -198,10 +198,8 @@ class ChainModel(LocalModel):
         self.counts = [len(link.doc['outputs']) for link in links]
         data, blob = program_writer.chain(links, label)
         doc = program_format.Program.parse(data)        # the server's view of it
-        specs = {node.name: node.out for node in doc.nodes}
-        specs.update(dict(doc.inputs))
-        self.skipped = [(tuple(specs[name].shape), torch_dtype(specs[name].dtype))
-                        for name in doc.output_names]
+        self.skipped = [(tuple(spec.shape), torch_dtype(spec.dtype))
+                        for spec in doc.output_specs()]
         self.link_tests = [link.tests for link in links]
         blobs = {program_format.sha256(data): ('program', data)}
         if blob:

@@ -170,7 +170,8 @@ class Replay:
         edges = [0] + cuts + [len(program.nodes)]
         modules = [program.module(weights, device, a, b, ins, outs)
                    for (a, b), (ins, outs) in zip(zip(edges, edges[1:]), live)]
-        out_dtypes = _output_dtypes(program)
+        out_specs = program.output_specs()
+        out_dtypes = [torch_dtype(spec.dtype) for spec in out_specs]
         args = (modules, live, program.input_names, program.output_names, device, opts.precision,
                 out_dtypes)
         if program.dynamic:
@@ -180,7 +181,7 @@ class Replay:
             rate = work_rate.rate(device)      # measured once per process
             return DynamicRunner(*args, max_bytes=max_bytes, max_work=rate.max_work(max_s),
                                  work_per_flop=rate.work_per_flop,
-                                 out_shapes=_output_shapes(program))
+                                 out_shapes=[tuple(spec.shape) for spec in out_specs])
         if opts.mode == 'eager':
             return FxRunner(*args)
         if device.type == 'cuda':
@@ -199,22 +200,3 @@ class Replay:
                 f'replay expects {signature_key(self.signature)}, got {signature_key(got)}')
         self.runs += 1
         return Execution(self.runner, inputs)
-
-
-def _output_shapes(program) -> list[tuple[int, ...]]:
-    """Return each output's declared shape (a data-dependent size as 0; an input: its own)."""
-    specs = {n.name: n.out for n in program.nodes}
-    specs.update({name: spec for name, spec in program.inputs})
-    return [tuple(specs[name].shape) for name in program.output_names]
-
-
-def _output_dtypes(program) -> list[torch.dtype]:
-    specs = {n.name: n.out for n in program.nodes}
-    specs.update({name: spec for name, spec in program.inputs})
-    dtypes = []
-    for name in program.output_names:
-        spec = specs.get(name)
-        if spec is None:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, f'program output {name!r} is not a tensor')
-        dtypes.append(torch_dtype(spec.dtype))
-    return dtypes

@@ -283,6 +283,16 @@ class Program:
     def output_names(self) -> list[str]:
         return [o['n'] if isinstance(o, dict) and 'n' in o else None for o in self.outputs]
 
+    def output_specs(self) -> list[TensorSpec]:
+        """Return each output's declared spec (a data-dependent size as 0; an input: its own)."""
+        specs = {n.name: n.out for n in self.nodes}
+        specs.update(dict(self.inputs))
+        found = [specs.get(name) for name in self.output_names]
+        if None in found:
+            name = self.output_names[found.index(None)]
+            raise invalid_program(f'output {name!r} is not a tensor')
+        return found
+
     def module(self, weights: dict[str, torch.Tensor], device: torch.device,
                start: int = 0, stop: int | None = None,
                inputs: Sequence[str] | None = None,
