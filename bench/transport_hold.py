@@ -49,17 +49,18 @@ def zmtp_connect(endpoint: str) -> socket.socket:
     return zmtp_handshake(socket.create_connection((host, int(port)), timeout=10))
 
 
-def zmtp_handshake(sock: socket.socket) -> socket.socket:
-    """Greet as a ZMTP 3.0 DEALER with the NULL mechanism on a connected socket."""
+def zmtp_handshake(sock: socket.socket, socket_type: bytes = b'DEALER') -> socket.socket:
+    """Greet as a ZMTP 3.0 ``socket_type`` with the NULL mechanism on a connected socket."""
+    as_server = b'\x01' if socket_type == b'ROUTER' else b'\0'
     sock.sendall(b'\xff' + b'\0' * 8 + b'\x7f' + b'\x03\x00' + b'NULL'.ljust(20, b'\0')
-                 + b'\0' * 32)
+                 + as_server + b'\0' * 31)
     greeting = b''
     while len(greeting) < 64:
         chunk = sock.recv(64 - len(greeting))
         if not chunk:
             raise ConnectionError('closed during the greeting')
         greeting += chunk
-    body = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', 6) + b'DEALER'
+    body = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', len(socket_type)) + socket_type
     sock.sendall(b'\x04' + bytes([len(body)]) + body)
     return sock
 
@@ -72,8 +73,8 @@ def part(data: bytes, more: bool = True) -> bytes:
     return bytes([flags | 0x02]) + struct.pack('>Q', len(data)) + data
 
 
-def read_message(sock: socket.socket) -> list[bytes]:
-    """Read the next message's frames from a raw ZMTP connection (commands skipped)."""
+def read_frame(sock: socket.socket) -> tuple[int, bytes]:
+    """Read the next frame (flags and body; a command has flag 0x04) from a raw ZMTP connection."""
     def exactly(n: int) -> bytes:
         data = b''
         while len(data) < n:
@@ -83,11 +84,15 @@ def read_message(sock: socket.socket) -> list[bytes]:
             data += chunk
         return data
 
+    flags = exactly(1)[0]
+    return flags, exactly(struct.unpack('>Q', exactly(8))[0] if flags & 0x02 else exactly(1)[0])
+
+
+def read_message(sock: socket.socket) -> list[bytes]:
+    """Read the next message's frames from a raw ZMTP connection (commands skipped)."""
     frames = []
     while True:
-        flags = exactly(1)[0]
-        size = struct.unpack('>Q', exactly(8))[0] if flags & 0x02 else exactly(1)[0]
-        body = exactly(size)
+        flags, body = read_frame(sock)
         if flags & 0x04:
             continue              # a command (the server's READY)
         frames.append(body)

@@ -10,13 +10,12 @@ reply arriving slowly made a small call fail with ``bad_reply`` and reconnect.
 from __future__ import annotations
 
 import socket
-import struct
 import threading
 import time
 
 import torch
 
-from bench.transport_hold import MIB, part, read_message
+from bench.transport_hold import MIB, part, read_frame, read_message, zmtp_handshake
 from rrto_ros.client import RrtoClient
 from rrto_wire import protocol as wire
 from rrto_wire.messages import Kind
@@ -26,30 +25,11 @@ PART_GAP_S = 0.12            # between them: the waiting call looks at least 8 t
 TIMING = {'queue_ms': 0.0, 'compute_ms': 0.0}
 
 
-def _router_greeting(conn: socket.socket) -> None:
-    ready = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', 6) + b'ROUTER'
-    conn.sendall(b'\xff' + b'\0' * 8 + b'\x7f' + b'\x03\x00' + b'NULL'.ljust(20, b'\0')
-                 + b'\x01' + b'\0' * 31 + b'\x04' + bytes([len(ready)]) + ready)
-    greeting = b''
-    while len(greeting) < 64:
-        greeting += conn.recv(64 - len(greeting))
-
-
 def _answer_pings(conn: socket.socket, lock: threading.Lock) -> None:
     """Answer the robot's ZMTP heartbeats (libzmq drops a connection that does not)."""
-    def exactly(n: int) -> bytes:
-        data = b''
-        while len(data) < n:
-            chunk = conn.recv(n - len(data))
-            if not chunk:
-                raise ConnectionError('closed')
-            data += chunk
-        return data
-
     try:
         while True:
-            flags = exactly(1)[0]
-            body = exactly(struct.unpack('>Q', exactly(8))[0] if flags & 0x02 else exactly(1)[0])
+            flags, body = read_frame(conn)
             if flags & 0x04 and body.startswith(b'\x04PING'):
                 pong = b'\x04PONG' + body[7:]
                 with lock:
@@ -63,7 +43,7 @@ def _answer_late(listener: socket.socket, small: torch.Tensor, sent: list) -> No
     conn, _ = listener.accept()
     lock = threading.Lock()
     with conn:
-        _router_greeting(conn)
+        zmtp_handshake(conn, b'ROUTER')
         read_message(conn)
         read_message(conn)
         pings = threading.Thread(target=_answer_pings, args=(conn, lock), daemon=True)

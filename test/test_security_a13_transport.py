@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import torch
 import zmq
 
 from bench.transport_hold import MIB, closed_by_peer, hold_parts, part, read_message, \
-    rss_mib, zmtp_connect
+    rss_mib, zmtp_connect, zmtp_handshake
 from rrto_ros.client import OffloadError, RrtoClient
 from rrto_server.process import ServerProcess, child_env
 from rrto_testing import WatchedRouter, client_certificates, raw_socket, upload
@@ -235,12 +234,7 @@ def _fake_server(listener: socket.socket, parts: int, sent: list, last: bool,
     """Answer the first request on ``listener`` with a header and ``parts`` parts of 1 MiB."""
     conn, _ = listener.accept()
     with conn:
-        ready = b'\x05READY' + b'\x0bSocket-Type' + struct.pack('>I', 6) + b'ROUTER'
-        conn.sendall(b'\xff' + b'\0' * 8 + b'\x7f' + b'\x03\x00' + b'NULL'.ljust(20, b'\0')
-                     + b'\x01' + b'\0' * 31 + b'\x04' + bytes([len(ready)]) + ready)
-        greeting = b''
-        while len(greeting) < 64:
-            greeting += conn.recv(64 - len(greeting))
+        zmtp_handshake(conn, b'ROUTER')
         read_message(conn)                              # the robot's request
         chunk = part(b'\0' * MIB)
         try:
