@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import signal
 import statistics
 import sys
 import tempfile
@@ -38,7 +37,7 @@ from rrto_ros.nodes.bandwidth_monitor import BandwidthMonitor
 from rrto_ros.nodes.camera_sim import CameraSim
 from rrto_ros.nodes.offload_node import OffloadNode
 from rrto_ros.nodes.params import ParameterError
-from rrto_ros.nodes.spin import SPIN_PERIOD_S, start, STOP_SIGNALS, StopSignals
+from rrto_ros.nodes.spin import SPIN_PERIOD_S, start, stop_spinning, StopSignals
 from rrto_server.process import ServerProcess
 from rrto_wire.hello import hello
 from rrto_wire.summary import percentile
@@ -195,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     except ExternalShutdownException:
         pass
     finally:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)   # from here on, nothing may interrupt
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
+        stop_spinning(executor)
         if offload is not None and offload.engine is not None:
             stats = offload.engine.stats()
         dropped = offload.slot.dropped if offload is not None else 0

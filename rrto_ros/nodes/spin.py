@@ -54,6 +54,14 @@ def start(node) -> str:
     return ''
 
 
+def stop_spinning(executor: SingleThreadedExecutor | None) -> None:
+    """Ignore stop signals from now on (nothing may interrupt); shut ``executor`` down."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    if executor is not None:
+        executor.shutdown(timeout_sec=5.0)   # a callback in flight finishes
+
+
 def run(node_class, args=None) -> int:
     """
     Spin one node of ``node_class`` until SIGINT/SIGTERM or shutdown; return the exit code.
@@ -82,10 +90,7 @@ def run(node_class, args=None) -> int:
     except ExternalShutdownException:
         pass
     finally:
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)   # from here on, nothing may interrupt
-        if executor is not None:
-            executor.shutdown(timeout_sec=5.0)
+        stop_spinning(executor)
         if node is not None:
             node.destroy_node()
         rclpy.try_shutdown()
