@@ -114,9 +114,10 @@ class RrtoClient:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_REPLY_PART_BYTES)   # a part; ReplyGuard: a reply
         if self.keys is not None:
             self.keys.apply(sock)
-        guard = connect(sock, self.endpoint, guarded=data)
+        guard = connect(sock, self.endpoint, guarded=data, curve=self.keys is not None)
         if data:
             self._guard = guard
+            guard.watch_idle(self._lock, self._drop_socket)   # between calls too (a14 #3)
         return sock
 
     def _drop_socket(self) -> None:
@@ -280,13 +281,13 @@ class RrtoClient:
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
-                self._guard.delivered(exc.request_id)
+                self._guard.delivered(frames, exc.request_id)
                 if exc.request_id != request_id:
                     continue          # garbage or a stale reply to an earlier request
                 self.counters['errors'] += 1
                 raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
             reply_id = reply_header.id
-            self._guard.delivered(reply_id)
+            self._guard.delivered(frames, reply_id)
             if reply_id == request_id:
                 return reply_header, frames
             log.debug('dropping stale reply %s (waiting for %s)', reply_id, request_id)

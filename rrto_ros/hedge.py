@@ -60,7 +60,8 @@ class Hedge:
             if self._keys is not None:
                 self._keys.apply(sock)
             # queued until connected: the other copy may answer first
-            self.guards[endpoint] = connect(sock, endpoint)
+            guard = self.guards[endpoint] = connect(sock, endpoint, curve=self._keys is not None)
+            guard.watch_idle(self._lock, lambda: self.drop(endpoint))
             self._socks[endpoint] = sock
         return sock
 
@@ -144,7 +145,7 @@ class HedgedReply:
                     frames = sock.recv_multipart(copy=False)
                     try:
                         reply = replies.decode_reply(frames[0], self._kind)
-                        guards[sock].delivered(reply.id)
+                        guards[sock].delivered(frames, reply.id)
                         if reply.id != self._id:
                             continue   # the slower copy of an earlier request
                         if isinstance(reply, replies.Ok):
@@ -153,7 +154,7 @@ class HedgedReply:
                                 reply_check.decode_bound(reply.tensors, self._expect,
                                                          MAX_REPLY_BYTES))
                     except ProtocolError as exc:
-                        guards[sock].delivered(exc.request_id)
+                        guards[sock].delivered(frames, exc.request_id)
                         if exc.request_id != self._id:
                             continue   # garbage, or a stale copy's
                         reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)

@@ -11,16 +11,20 @@ export proved), else :data:`~rrto_wire.limits.MAX_REPLY_BYTES` for a call with
 tensors in its reply, else a header (:func:`reply_limit`).
 
 :class:`ReplyGuard` watches a DEALER's one TCP connection (its descriptor from
-the socket's monitor, ``ZMQ_EVENT_CONNECTED``) while a call waits: each time a
-wait of ``CHECK_S`` ends with no message, it reads what libzmq has read from
-the kernel (``TCP_INFO`` less ``FIONREAD``, :mod:`rrto_wire.wire_bytes`).  No
-complete message was waiting, so what was read since the first such look, and
-not delivered since, is one unfinished message; past the call's bound (plus
-the slack and heartbeats the server allows too) the client drops the socket,
-which frees it, and the call fails with ``bad_reply`` (it runs locally).  A
-reply is read for at most ``CHECK_S`` before it is looked at: at most the
-link's bytes of two periods over the bound (10 MB at 100 MB/s).  A call
-answered within ``CHECK_S`` costs nothing.
+the socket's monitor, ``ZMQ_EVENT_CONNECTED``): what libzmq has read from the
+kernel (``TCP_INFO`` less ``FIONREAD``, :mod:`rrto_wire.wire_bytes`) since the
+guard's first look at that connection, less the messages delivered since (as
+they were on the wire), is what the robot holds and has not been handed.  It
+looks each time a call's wait of ``CHECK_S`` ends with no message, and every
+``CHECK_S`` while no call holds the socket (:meth:`ReplyGuard.watch_idle`: a
+server that answered can stream an unfinished message between calls, a14 #3).
+Past the bound (plus the slack and heartbeats the server allows too) the
+socket is dropped, which frees what libzmq holds: a waiting call fails with
+``bad_reply`` (it runs locally), the next call reconnects.  A reply is read for
+at most ``CHECK_S`` before it is looked at: at most the link's bytes of two
+periods over the bound (10 MB at 100 MB/s).  A call answered within ``CHECK_S``
+costs a sum over its frames; the guard holds a duplicate of libzmq's
+descriptor only while it looks (r5 B4).
 
 The unfinished message may answer any request still owed a reply on that
 socket, not only the call that waits: one cancelled, or a hedge's slower copy,
@@ -32,18 +36,22 @@ the one waiting loop of the client and the hedge.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
+import threading
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import zmq
 
 from rrto_ros import reply_check
 from rrto_wire.limits import MAX_PROBE_BYTES, MAX_REPLY_BYTES, reply_bytes
 from rrto_wire.messages import Kind
-from rrto_wire.wire_bytes import allowance, queued, received
+from rrto_wire.wire_bytes import allowance, CURVE_BOX_BYTES, queued, received, wire_size
+
+log = logging.getLogger(__name__)
 
 CHECK_S = 0.05
 CHECK_MS = CHECK_S * 1e3
@@ -54,7 +62,8 @@ _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
                    Kind.PROBE: MAX_PROBE_BYTES}
 
 
-def connect(sock: zmq.Socket, endpoint: str, guarded: bool = True) -> ReplyGuard | None:
+def connect(sock: zmq.Socket, endpoint: str, guarded: bool = True,
+            curve: bool = False) -> ReplyGuard | None:
     """
     Connect ``sock`` to ``endpoint``, with a guard made first (its monitor sees the connection).
 
@@ -62,7 +71,7 @@ def connect(sock: zmq.Socket, endpoint: str, guarded: bool = True) -> ReplyGuard
     directory), the guard and the socket are closed before the error goes up: a
     caller that retries leaks neither (r5 B6).
     """
-    guard = ReplyGuard(sock) if guarded else None
+    guard = ReplyGuard(sock, curve) if guarded else None
     try:
         sock.connect(endpoint)
     except Exception:
@@ -106,17 +115,19 @@ def wait(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: f
 
 
 class ReplyGuard:
-    """The bytes a DEALER's connection has read and not delivered while a call waits."""
+    """The bytes a DEALER's connection has read and not delivered (``curve``: boxed frames)."""
 
-    def __init__(self, sock: zmq.Socket):
+    def __init__(self, sock: zmq.Socket, curve: bool = False):
         self._sock = sock
+        self._box = CURVE_BOX_BYTES if curve else 0
         self._monitor = sock.get_monitor_socket(_EVENTS)
         self._replies = zmq.Poller()            # one per socket, not one built per wait
         self._replies.register(sock, zmq.POLLIN)
-        self._conn: socket.socket | None = None     # a duplicate, only while a wait lasts
         self._target: tuple[int, int] | None = None  # libzmq's descriptor and its peer port
         self._owed: dict[int, tuple] = {}        # request id -> (kind, expect), sent order
-        self._mark: tuple[int, float] | None = None
+        self._mark: tuple[int, float] | None = None  # read at the first look, and when
+        self._delivered = 0                      # wire bytes delivered since the mark
+        self._closed = threading.Event()
 
     def sent(self, request_id: int, kind: Kind,
              expect: Sequence[reply_check.Leaf] | None) -> None:
@@ -130,25 +141,21 @@ class ReplyGuard:
         ready, over = wait(self._replies, {self._sock: self}, deadline)
         return bool(ready), over.get(self._sock)
 
-    def delivered(self, reply_id: int | None = None) -> None:
+    def delivered(self, frames: Sequence, reply_id: int | None = None) -> None:
         """Note a delivered message (the reply to ``reply_id``, if it named a request)."""
         self._owed.pop(reply_id, None)
-        self._close_connection()       # a duplicate kept open would hold the TCP connection
+        self._delivered += wire_size(frames, self._box)
 
     def over(self) -> int | None:
-        """Return the bytes held past the bound (after a wait with no message), or None."""
-        conn = self._connection()
-        if conn is None:
+        """Return the bytes held past the bound (when no message waits), or None."""
+        read = self._read()
+        if read is None:
             return None
-        try:
-            read = received(conn) - queued(conn)
-        except OSError:
-            return None                       # closed: the call times out or reconnects
         now = time.monotonic()
         if self._mark is None:
-            self._mark = (read, now)
+            self._mark, self._delivered = (read, now), 0
             return None
-        held = read - self._mark[0]
+        held = read - self._mark[0] - self._delivered
         return held if held > allowance(self.bound(), now - self._mark[1]) else None
 
     def bound(self) -> int:
@@ -156,7 +163,31 @@ class ReplyGuard:
         return max([reply_limit(*call) for call in self._owed.values()],
                    default=reply_limit(Kind.HELLO, None))    # owed nothing: a header at most
 
-    def _connection(self) -> socket.socket | None:
+    def watch_idle(self, lock: threading.Lock, drop: Callable[[], None]) -> None:
+        """
+        Look every ``CHECK_S`` while ``lock`` is free (no call holds the socket).
+
+        Past the bound, ``drop()`` (called with ``lock`` held) closes the socket.
+        A call that holds ``lock`` looks itself while it waits, from the same mark.
+        """
+        threading.Thread(target=self._watch_idle, args=(lock, drop), daemon=True,
+                         name='rrto-reply-guard').start()
+
+    def _watch_idle(self, lock: threading.Lock, drop: Callable[[], None]) -> None:
+        while not self._closed.wait(CHECK_S):
+            if not lock.acquire(blocking=False):
+                continue                       # a call holds the socket: it looks itself
+            try:
+                held = None if self._closed.is_set() else self.over()
+                if held is not None:
+                    log.warning('%d bytes arrived between calls, more than any request owed '
+                                'on the socket can get: dropped the connection', held)
+                    drop()
+            finally:
+                lock.release()
+
+    def _read(self) -> int | None:
+        """Return what libzmq has read from the current connection (None: no connection)."""
         while True:        # connects and disconnects in order: the descriptor is current
             try:
                 event, endpoint = self._monitor.recv_multipart(zmq.NOBLOCK)
@@ -164,41 +195,34 @@ class ReplyGuard:
                 break
             kind, fd = _EVENT.unpack_from(event)
             if kind == zmq.EVENT_CONNECTED or (self._target and self._target[0] == fd):
-                self._close_connection()
-                self._target = None
+                self._target = self._mark = None         # a new connection: a new mark
             if kind == zmq.EVENT_CONNECTED:
                 try:
                     self._target = (fd, int(endpoint.rsplit(b':', 1)[1]))
                 except (ValueError, IndexError):
                     pass
-        if self._conn is None and self._target is not None:
-            fd, port = self._target
-            try:
-                conn = socket.socket(fileno=os.dup(fd))
-            except OSError:
-                self._target = None
+        if self._target is None:
+            return None
+        fd, port = self._target
+        try:
+            conn = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            self._target = None
+            return None
+        try:       # the number may name another socket by now: it must be this peer's
+            if conn.getpeername()[1] != port:
                 return None
-            try:       # the number may name another socket by now: it must be this peer's
-                same = conn.getpeername()[1] == port
-            except (OSError, IndexError, TypeError):
-                same = False
-            if same:
-                self._conn = conn
-            else:
-                conn.close()
-        return self._conn
-
-    def _close_connection(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-        self._mark = None
+            return received(conn) - queued(conn)
+        except (OSError, IndexError, TypeError):
+            return None                          # closed: the call times out or reconnects
+        finally:
+            conn.close()        # a duplicate kept open would hold the TCP connection (r5 B4)
 
     def close(self, sock: zmq.Socket) -> None:
-        """Stop watching ``sock`` (before it is closed) and release the descriptor."""
+        """Stop watching ``sock`` (before it is closed)."""
+        self._closed.set()
         try:
             sock.disable_monitor()
         except zmq.ZMQError:
             pass
         self._monitor.close(linger=0)
-        self._close_connection()

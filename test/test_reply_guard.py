@@ -99,9 +99,9 @@ def test_the_bound_is_the_largest_owed_reply_and_forgets_the_oldest():
         guard.sent(1, Kind.INFER, big)
         guard.sent(2, Kind.HELLO, None)
         assert guard.bound() == reply_limit(Kind.INFER, big) > 64 * MIB
-        guard.delivered(2)                          # the small one answered: still owes 1
+        guard.delivered([], 2)                      # the small one answered: still owes 1
         assert guard.bound() == reply_limit(Kind.INFER, big)
-        guard.delivered(1)
+        guard.delivered([], 1)
         assert guard.bound() == header
         guard.sent(3, Kind.INFER, big)
         for request_id in range(4, 4 + OWED):
@@ -111,3 +111,49 @@ def test_the_bound_is_the_largest_owed_reply_and_forgets_the_oldest():
         guard.close(sock)
         sock.close(linger=0)
         ctx.destroy(linger=0)
+
+
+IDLE_PARTS = 300             # MiB of an unfinished message streamed between calls
+IDLE_GAP_S = 0.003           # between parts: the stream lasts at least 0.9 s
+
+
+def _stream_between_calls(listener: socket.socket, sent: list, done: threading.Event) -> None:
+    """Answer one request, then stream an unfinished message of 1 MiB parts, never finished."""
+    conn, _ = listener.accept()
+    lock = threading.Lock()
+    with conn:
+        zmtp_handshake(conn, b'ROUTER')
+        read_message(conn)
+        pings = threading.Thread(target=_answer_pings, args=(conn, lock), daemon=True)
+        pings.start()
+        try:
+            with lock:
+                conn.sendall(part(wire.encode({'kind': 'ok', 'id': 1}, [])[0], more=False))
+            time.sleep(0.3)                          # the robot is between calls now
+            for _ in range(IDLE_PARTS):
+                with lock:
+                    conn.sendall(part(b'\0' * MIB))
+                sent[0] += 1
+                time.sleep(IDLE_GAP_S)
+        except OSError:
+            pass                                     # the robot dropped the connection
+        done.set()
+        pings.join(30)
+
+
+def test_a_reply_streamed_between_calls_is_cut():
+    """a14 #3: the guard looked only while a call waited; an idle robot took in 1.5 GB."""
+    listener = socket.create_server(('127.0.0.1', 0))
+    sent, done = [0], threading.Event()
+    server = threading.Thread(target=_stream_between_calls, args=(listener, sent, done),
+                              daemon=True)
+    server.start()
+    robot = RrtoClient(f'tcp://127.0.0.1:{listener.getsockname()[1]}', call_timeout_ms=5000)
+    try:
+        robot.start(Kind.STATS).cancel()       # answered at once; then the robot is idle
+        assert done.wait(20)
+        assert sent[0] < IDLE_PARTS, f'the idle robot took in all {sent[0]} MiB'
+    finally:
+        robot.close()
+        server.join(10)
+        listener.close()
