@@ -286,8 +286,17 @@ class Guess:
 
     def unchanged(self) -> bool:
         """Return True if every input still holds the values the server computed from."""
-        return all(not isinstance(now, torch.Tensor) or torch.equal(now, then)
+        return all(not isinstance(now, torch.Tensor) or same_bits(now, then)
                    for now, then in zip(self.inputs, self.seen))
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Return True if ``a`` and ``b`` hold the same bytes (torch.equal has -0.0 == 0.0, a14 #6)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        a, b = (t.reshape(-1).contiguous().view(torch.uint8) for t in (a, b))
+    return torch.equal(a, b)
 
 
 @dataclass

@@ -108,3 +108,26 @@ def test_a_guess_is_not_claimed_after_python_wrote_into_its_inputs():
         x.add_(1)
         assert speculation.claim(link, [x]) is None
         assert speculation.queue == []       # the rest of the chain runs as usual
+
+
+def test_a_guess_is_not_claimed_after_a_write_that_only_flips_a_sign():
+    """a14 #6: ``torch.equal`` has -0.0 == 0.0, so zeros negated in place kept the guess."""
+    from rrto_ros.partition_chain import Guess, Speculation
+
+    class Link:
+        writes = False
+    link = Link()
+    with torch.inference_mode():
+        x = torch.zeros(4)
+        guess = Guess(link, [x], (torch.atan2(torch.zeros(4), x),), None, [x.clone()])
+        speculation = Speculation([guess], {id(link)}, {id(x)})
+        x.neg_()                             # atan2(0, -0.0) is pi, not the guessed 0
+        assert speculation.claim(link, [x]) is None
+
+
+def test_inputs_are_compared_by_their_bytes():
+    from rrto_ros.partition_chain import same_bits
+    nan = torch.tensor([float('nan'), 1.0])
+    assert same_bits(nan, nan.clone())       # the same bytes compute the same: claimable
+    assert not same_bits(torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64))
+    assert same_bits(torch.arange(3), torch.arange(3))
