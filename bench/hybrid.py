@@ -20,8 +20,9 @@ Per model (zoo names or any ``python:module:factory``, on ``--size`` frames):
    offline planner alone: ``hybrid``) and the same table with correction on
    (``corrected``: what a user gets; measured feedback and the robot priced
    from its local calls in use, :mod:`rrto_ros.plan_feedback`, one runner
-   carried over the whole grid, first ``--settle-calls`` calls of its own at
-   each point as a user who has been at that link a while); report medians,
+   carried over the whole grid, after ``--settle-rounds`` untimed rounds of
+   every runner at each point, as a user who has been at that link a while);
+   report medians,
    the prediction error of the chosen plan (for ``corrected`` also the
    in-use prediction: the table re-decided at the robot speed it had
    measured before the point's rounds), and whether each table runner is
@@ -193,10 +194,7 @@ class HybridBench:
                 self.emulator.set_link(grid_link(link.bandwidth_mbps, link.rtt_ms))
                 for runner in runners.values():
                     runner.set_link(link.bandwidth_mbps, link.rtt_ms)
-                settle = []
-                for i in range(self.args.settle_calls):
-                    runners['corrected'](self.frames[i % len(self.frames)])
-                    settle.append(runners['corrected'].last.plan)
+                settle = self.settle(runners)
                 factor = robot_factor(runners['corrected'], self.frames[0])
                 points = run_interleaved(runners, self.frames, references, 0.0, self.args.calls,
                                          self.args.calls, warmup_calls=1)
@@ -229,6 +227,25 @@ class HybridBench:
             for runner in runners.values():
                 runner.close()
         return result
+
+    def settle(self, runners: dict) -> list[str]:
+        """
+        Run ``--settle-rounds`` untimed rounds of every runner; return ``corrected``'s plans.
+
+        Rounds as the measured ones (each runner once, the order rotating), so the
+        correction-on runner settles in the conditions it is then timed in: its
+        own calls back to back ran the robot's model 20-30 % faster than between
+        the other runners' (H200 host, 2026-12-01: Tiny-YOLO local 18-20 ms
+        against 24-26 in the rounds), and priced the robot at that speed.
+        """
+        names, plans = list(runners), []
+        for i in range(self.args.settle_rounds):
+            turn = i % len(names)
+            for name in names[turn:] + names[:turn]:
+                runners[name](self.frames[i % len(self.frames)])
+                if name == 'corrected':
+                    plans.append(runners[name].last.plan)
+        return plans
 
     def correction(self, model, table: PlanTable, references) -> dict | None:
         """
@@ -893,8 +910,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--calibration-rounds', type=int, default=8)
     parser.add_argument('--robot-span', type=float, default=ROBOT_SPAN_S,
                         help="seconds the solve's robot reference calls span")
-    parser.add_argument('--settle-calls', type=int, default=12,
-                        help='calls of the correction-on runner at each point before its rounds')
+    parser.add_argument('--settle-rounds', type=int, default=9,
+                        help='untimed rounds of every runner at each point before the timed '
+                             'ones (the correction-on runner settles there)')
     parser.add_argument('--correction-calls', type=int, default=30,
                         help='inferences with an injected wrong table (0: skip that step)')
     parser.add_argument('--frames', type=int, default=8)

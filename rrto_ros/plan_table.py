@@ -196,11 +196,14 @@ class PlanSelector:
         Return an entry's plan, its predicted ms and its baselines with theirs.
 
         As solved, or re-decided at the robot's speed measured in use
-        (:func:`~rrto_ros.plan_feedback.decide`) once a local call measured it.
+        (:func:`~rrto_ros.plan_feedback.decide`) once local calls measured it
+        further from the table's price than the table's margin (its measured
+        prediction error): within that, the price stands.
         """
         price = self.feedback.price if self.feedback is not None else None
         factor = price.factor() if price is not None else None
-        if factor is None or not entry.get('baselines'):
+        if (factor is None or abs(factor - 1) <= self.table.margin
+                or not entry.get('baselines')):
             return (Plan.from_json(entry['plan']),
                     entry.get('predicted', {}).get('latency_ms'), baselines(entry))
         return decide(entry, factor, self.table.margin, self.margins)

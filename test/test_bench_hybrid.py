@@ -14,7 +14,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     docs.write_text('# Benchmarks\n\nKept text.\n')
     argv = ['--models', 'python:bench.unseen_models:unet', '--grid', '2,300', '--rtts', '4',
             '--calls', '2', '--calibration-rounds', '2', '--correction-calls', '6',
-            '--settle-calls', '3',
+            '--settle-rounds', '3',
             '--robot-span', '1', '--size', '32x48', '--frames', '2', '--robot-cpu-share', '1',
             '--out', str(out), '--docs', str(docs)]
     assert hybrid.main(argv) == 0

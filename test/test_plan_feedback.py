@@ -151,6 +151,16 @@ def test_the_table_stands_as_solved_until_a_local_call_measured_the_robot():
         assert plan == LOCAL or selector.feedback.explorations > explored
         selector.observe(plan.name, 56.0 if plan == LOCAL else 71.0)
     assert selector.feedback.price.factor() == pytest.approx(56 / 55)
+    # a near tie (local 55, offload 56): a robot 3 % off its price, within the table's
+    # margin (its measured error, 5 %), leaves the decision as solved; 10 % off moves it
+    near = _entry(20.0, 55.0, 56.0)
+    selector = PlanSelector(_table([near]), feedback=PlanFeedback())
+    selector.feedback.price.observe(56.65, 55.0)
+    assert selector.decision(near)[0] == LOCAL
+    assert decide(near, 1.03, 0.05)[0] == OFFLOAD   # what the price alone would say
+    selector.feedback.price.ratios.clear()
+    selector.feedback.price.observe(60.5, 55.0)
+    assert selector.decision(near)[:2] == (OFFLOAD, pytest.approx(56.2))
 
 
 def test_repricing_scales_the_robots_work_and_keeps_the_tables_margin():
