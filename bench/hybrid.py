@@ -714,7 +714,8 @@ def render(meta: dict, models: list[dict]) -> str:
              + (PAIRED_TEXT if any(m['rows'] and paired_summary(m['rows']) for m in models)
                 else '') + 'The table\'s plan runs with run-time correction off (`hybrid`: the '
              'offline planner alone) and, where measured, on (`corrected`: what a user gets; '
-             'one runner over the whole grid, its first calls at each point not timed).', '']
+             'one runner over the whole grid, timed after untimed rounds of every runner at '
+             'each point).', '']
     if meta['load'] > 0.5 * meta['cores']:
         lines += [f'**Caution**: load average {meta["load"]:.1f} on {meta["cores"]} cores '
                   'while this ran.', '']
