@@ -26,6 +26,19 @@ bounded: at most ``window`` calls per baseline
 every ``refresh_every`` calls of a bin, after which old measurements of the
 plans not in use are dropped and a demoted plan gets tried again (links and
 loads change).  The caller switches plans only between inferences.
+
+The robot is also **priced from use** (:class:`RobotPrice`): every local
+call's measured time, over the local time the table predicted for its bin,
+gives the robot's speed now against the speed the table was solved at (the
+median of the last ``window`` such ratios), and :func:`decide` re-decides
+each bin's plan with every prediction's robot work scaled by it (local, the
+robot's byte costs, a split's prefix, a hybrid's band and rest), the table's
+own margins kept.  On the H200 host the robot ran at two speeds 1.4x apart
+in spells that outlast a solve: a table solved in one spell names `local` or
+`offload` at the crossover for the other spell's robot; local calls made (or
+explored) in any bin move every bin's decision at once, without each bin
+exploring its own way out.  Before the first local call the table's plans
+stand as solved.
 """
 
 from __future__ import annotations
@@ -44,7 +57,8 @@ class PlanFeedback:
 
     def __init__(self, window: int = 8, min_samples: int = 3, explore_every: int = 3,
                  tolerance: float = 0.03, explore_factor: float = 1.5,
-                 refresh_every: int = 200, undecided: float = 0.06, pair_span: int = 0):
+                 refresh_every: int = 200, undecided: float = 0.06, pair_span: int = 0,
+                 reprice: bool = True):
         if min_samples < 1 or window < min_samples or explore_every < 2 or pair_span < 0:
             raise ValueError('need min_samples >= 1, window >= min_samples, explore_every >= 2,'
                              ' pair_span >= 0')
@@ -62,6 +76,7 @@ class PlanFeedback:
         self._pairs_cache: dict[tuple[Bin, str, str], tuple[int, list[float]]] = {}
         self.calls: collections.Counter = collections.Counter()
         self.explorations = 0   # calls run under a baseline to measure it
+        self.price = RobotPrice() if reprice else None   # the robot's speed in use
 
     def ratio(self, bin_: Bin, plan: str, baseline: str) -> float | None:
         """
@@ -164,6 +179,64 @@ class PlanFeedback:
         for key in [k for k in self.samples if k[0] == bin_ and k[1] != keep]:
             del self.samples[key]
         self._versions[bin_] += 1
+
+
+class RobotPrice:
+    """The robot's speed in use over the speed a table priced it at: local ms measured/priced."""
+
+    def __init__(self, window: int = 5):
+        if window < 1:
+            raise ValueError('window must be at least 1')
+        self.ratios: collections.deque[float] = collections.deque(maxlen=window)
+
+    def observe(self, measured_ms: float, priced_ms: float | None) -> None:
+        """Record one local call's measured ms against the local ms its table entry predicts."""
+        if priced_ms and priced_ms > 0 and measured_ms > 0:
+            self.ratios.append(float(measured_ms) / float(priced_ms))
+
+    def factor(self) -> float | None:
+        """Return the median of the last ``window`` ratios (None before any local call)."""
+        return statistics.median(self.ratios) if self.ratios else None
+
+
+def repriced(predicted: dict, factor: float) -> float:
+    """
+    Return a prediction's latency (an Estimate as JSON) with the robot's work ``factor`` as long.
+
+    A hybrid plan (``busy_ms``/``remote_ms`` set) waits for the longer of the
+    robot's band and the server's round trip, then runs the rest on the robot;
+    every other plan has its robot time (``robot_compute_ms``: local compute, a
+    split's prefix, the robot's byte costs) on the critical path.
+    """
+    latency = float(predicted['latency_ms'])
+    busy, remote = predicted.get('busy_ms', 0.0), predicted.get('remote_ms', 0.0)
+    if busy or remote:
+        rest = latency - max(busy, remote)
+        return max(busy * factor, remote) + rest * factor
+    return latency + (factor - 1) * float(predicted.get('robot_compute_ms', 0.0))
+
+
+def decide(entry: dict, factor: float, margin: float,
+           margins: dict[str, float] | None = None) -> tuple[Plan, float, list]:
+    """
+    Re-decide a table entry with the robot ``factor`` times slower than it was priced.
+
+    Return the plan, its repriced ms and the baselines with theirs.  The rule is
+    the solve's (:func:`rrto_ros.plan_solve.refine`): the fastest baseline,
+    unless the entry's split or hybrid plan beats it by its margin
+    (``margins[plan]``, else ``margin``); at factor 1 the entry's own plan.
+    """
+    options = {}
+    for item in entry['baselines'].values():
+        plan = Plan.from_json(item['plan'])
+        options.setdefault(plan.name, (plan, repriced(item['predicted'], factor)))
+    best, best_ms = min(options.values(), key=lambda pm: (pm[1], pm[0].name))
+    plan = Plan.from_json(entry['plan'])
+    if plan.kind in ('split', 'hybrid') and plan.name != best.name:
+        ms = repriced(entry['predicted'], factor)
+        if ms <= min((1 - (margins or {}).get(plan.name, margin)) * best_ms, best_ms):
+            best, best_ms = plan, ms
+    return best, best_ms, list(options.values())
 
 
 class _Series:

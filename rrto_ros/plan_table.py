@@ -13,7 +13,10 @@ estimate, lets :class:`~rrto_ros.plan_feedback.PlanFeedback` replace a plan
 that measures worse than a baseline, and switches only after the same new
 plan was asked for on ``switch_after`` consecutive inferences, so a noisy
 estimate does not flap between plans; a switch always happens between two
-inferences.
+inferences.  With feedback, the table's decisions follow the robot's speed
+measured in use (:class:`~rrto_ros.plan_feedback.RobotPrice`): each entry is
+re-decided with its robot work priced at that speed before the measured
+comparison of plans has its say.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rrto_ros.plan_feedback import PlanFeedback
+from rrto_ros.plan_feedback import decide, PlanFeedback
 from rrto_ros.split import Plan
 from rrto_wire import treespec
 from rrto_wire.program import sha256
@@ -184,16 +187,34 @@ class PlanSelector:
         self._candidate: Plan | None = None
         self._votes = 0
         self._bin: tuple[float, float] | None = None
+        self._entry: dict | None = None
         self.switches = 0
+        self.margins = {**table.calibration.get('margins', {})}
+
+    def decision(self, entry: dict) -> tuple[Plan, float | None, list]:
+        """
+        Return an entry's plan, its predicted ms and its baselines with theirs.
+
+        As solved, or re-decided at the robot's speed measured in use
+        (:func:`~rrto_ros.plan_feedback.decide`) once local calls measured it
+        further from the table's price than the table's margin (its measured
+        prediction error): within that, the price stands.
+        """
+        price = self.feedback.price if self.feedback is not None else None
+        factor = price.factor() if price is not None else None
+        if (factor is None or abs(factor - 1) <= self.table.margin
+                or not entry.get('baselines')):
+            return (Plan.from_json(entry['plan']),
+                    entry.get('predicted', {}).get('latency_ms'), baselines(entry))
+        return decide(entry, factor, self.table.margin, self.margins)
 
     def choose(self, bandwidth_mbps: float, rtt_ms: float) -> Plan:
         """Return the plan for the next inference given the current link estimate."""
-        wanted, entry = self.table.lookup(bandwidth_mbps, rtt_ms)
-        self._bin = (entry['rtt_ms'], entry['bandwidth_mbps'])
+        _, entry = self.table.lookup(bandwidth_mbps, rtt_ms)
+        self._bin, self._entry = (entry['rtt_ms'], entry['bandwidth_mbps']), entry
+        wanted, predicted, options = self.decision(entry)
         if self.feedback is not None:
-            predicted = entry.get('predicted', {}).get('latency_ms')
-            wanted, explore = self.feedback.choose(self._bin, wanted, predicted,
-                                                   baselines(entry))
+            wanted, explore = self.feedback.choose(self._bin, wanted, predicted, options)
             if explore:   # one call under a baseline: no switch, no vote
                 return wanted
         if self.current is None:
@@ -215,3 +236,6 @@ class PlanSelector:
         """Record the measured latency of the call just made under ``plan`` (its name)."""
         if self.feedback is not None and self._bin is not None:
             self.feedback.observe(self._bin, plan, total_ms)
+            if plan == 'local' and self.feedback.price is not None:
+                priced = dict(baselines(self._entry)).get(Plan('local'))
+                self.feedback.price.observe(total_ms, priced)

@@ -14,6 +14,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     docs.write_text('# Benchmarks\n\nKept text.\n')
     argv = ['--models', 'python:bench.unseen_models:unet', '--grid', '2,300', '--rtts', '4',
             '--calls', '2', '--calibration-rounds', '2', '--correction-calls', '6',
+            '--settle-rounds', '3',
             '--robot-span', '1', '--size', '32x48', '--frames', '2', '--robot-cpu-share', '1',
             '--out', str(out), '--docs', str(docs)]
     assert hybrid.main(argv) == 0
@@ -34,7 +35,11 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
             rounds = row[mode]['rounds_ms']
             assert len(rounds) == 2 and statistics.median(rounds) == row[mode]['median_ms']
         assert row['paired']['noise'] >= 0 and row['paired']['best'] in hybrid.BASELINES
+        # the runner with correction on made its own calls at the point before its rounds
+        assert len(row['corrected']['settle_plans']) == 3
+        assert row['corrected']['in_use_predicted_ms'] > 0
     assert hybrid.summary(model)['paired']['points'] == 2
+    assert hybrid.summary(model)['corrected']['paired']['points'] == 2
     calibration = model['calibration']
     assert calibration['errors'] and 0.02 <= model['margin'] <= 0.15
     # the margin guards each plan's ratio to the best measured baseline, round by round
@@ -51,11 +56,13 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     assert '## Hybrid-Parallel plans' in text and 'Median prediction error' in text
     assert f"error on the ratio to `{calibration['paired_with']}`, round by round" in text
     assert 'each of those plans is guarded by its own error' in text   # per-plan margins
+    assert 'With run-time correction on (`corrected`)' in text
 
 
 def _row(**medians):
     plans = {'local': 'local', 'local_twin': 'local', 'offload': 'offload',
-             'offload_twin': 'offload', 'best_split': 'split@3', 'hybrid': 'hybrid@9:0.50'}
+             'offload_twin': 'offload', 'best_split': 'split@3', 'hybrid': 'hybrid@9:0.50',
+             'corrected': 'offload'}
     plans.update(medians.pop('plans', {}))
     medians.setdefault('local_twin', medians['local'])
     medians.setdefault('offload_twin', medians['offload'])
@@ -75,6 +82,47 @@ def test_verdict_compares_with_the_best_baseline_and_the_noise_floor():
     assert abs(v['noise'] - 10 / 150) < 1e-9 and v['within']
     row['local_twin']['median_ms'] = 108.0     # the robot-bound twins disagree more: 8 %
     assert abs(hybrid.verdict(row)['noise'] - 0.08) < 1e-9
+
+
+def test_the_runner_with_correction_on_is_judged_by_the_same_rules_beside_the_table():
+    # the table (solved in another spell) ran local, 12 % slower than offload; correction
+    # on moved to offload, within the twins' noise of the offload runners
+    rows = []
+    for bandwidth in (50.0, 100.0):
+        row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0, corrected=0,
+                           plans={'hybrid': 'local', 'best_split': 'offload'}),
+                      local=[112.0, 110.0, 113.0], local_twin=[111.0, 112.0, 110.0],
+                      offload=[100.0, 99.0, 101.0], offload_twin=[100.0, 100.0, 100.0],
+                      best_split=[100.0, 100.0, 100.0], hybrid=[112.0, 111.0, 112.0],
+                      corrected=[100.5, 100.0, 101.5])
+        row['bandwidth_mbps'], row['rtt_ms'] = bandwidth, 4.0
+        row['corrected']['in_use_predicted_ms'] = 102.0
+        rows.append(row)
+    s = hybrid.summary({'rows': rows})
+    assert s['over'] == 2 and s['by_plan']['over'] == 2        # the table alone: over
+    c = s['corrected']
+    assert c['over'] == 0 and c['paired']['over'] == 0 and c['by_plan']['over'] == 0
+    assert c['in_use_median_error'] == pytest.approx(102.0 / 100.5 - 1)
+    assert 'corrected' not in c and 'in_use_median_error' not in s
+    v = hybrid.verdict(rows[0], runner='corrected')
+    assert v['within'] and v['same_plan'] and v['in_use_error'] > 0
+
+
+def test_the_in_use_prediction_reprices_the_entrys_prediction_of_the_plan_used():
+    entry = {'bandwidth_mbps': 50.0, 'rtt_ms': 4.0, 'plan_name': 'local',
+             'plan': {'kind': 'local'}, 'predicted': {'latency_ms': 55.0,
+                                                      'robot_compute_ms': 55.0},
+             'baselines': {'local': {'plan': {'kind': 'local'},
+                                     'predicted': {'latency_ms': 55.0, 'robot_compute_ms': 55.0}},
+                           'offload': {'plan': {'kind': 'offload'},
+                                       'predicted': {'latency_ms': 70.0,
+                                                     'robot_compute_ms': 2.0}}}}
+    table = PlanTable('p', 'net', [], [entry], {}, {})
+    link = hybrid.Link(50.0, 4.0)
+    assert hybrid.in_use_prediction(table, link, 'local', 80 / 55, 55.0) == pytest.approx(80.0)
+    assert hybrid.in_use_prediction(table, link, 'offload', 1.5, 70.0) == pytest.approx(71.0)
+    assert hybrid.in_use_prediction(table, link, 'offload', None, 70.0) == 70.0
+    assert hybrid.in_use_prediction(table, link, 'split@3', 1.5, 60.0) == 60.0
 
 
 def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():

@@ -2,7 +2,8 @@
 
 import pytest
 
-from rrto_ros.plan_feedback import PlanFeedback
+from rrto_ros.plan_feedback import decide, PlanFeedback, repriced, RobotPrice
+from rrto_ros.plan_table import PlanSelector, PlanTable
 from rrto_ros.split import Plan
 
 BIN = (4.0, 50.0)
@@ -103,3 +104,79 @@ def test_bad_settings_are_refused():
         PlanFeedback(min_samples=4, window=3)
     with pytest.raises(ValueError):
         PlanFeedback(pair_span=-1)
+
+
+def _entry(bandwidth, local, offload, plan=None, predicted=None):
+    """A solved grid entry: local priced at ``local`` ms, offload at ``offload`` (2 ms robot)."""
+    items = {'local': (LOCAL, {'latency_ms': local, 'robot_compute_ms': local}),
+             'offload': (OFFLOAD, {'latency_ms': offload, 'robot_compute_ms': 2.0})}
+    items['best_split'] = min(items.values(), key=lambda pe: pe[1]['latency_ms'])
+    best = min(items.values(), key=lambda pe: pe[1]['latency_ms'])
+    plan, predicted = (plan, predicted) if plan is not None else best
+    return {'bandwidth_mbps': bandwidth, 'rtt_ms': 4.0, 'plan': plan.to_json(),
+            'plan_name': plan.name, 'predicted': predicted,
+            'baselines': {k: {'plan': p.to_json(), 'predicted': e} for k, (p, e) in items.items()}}
+
+
+def _table(entries, margin=0.05):
+    return PlanTable('program', 'net', [], entries, {}, {}, margin=margin)
+
+
+def test_a_robot_priced_in_a_fast_spell_is_repriced_from_its_local_calls_in_every_bin():
+    # solved while the robot ran local in 55 ms: local chosen at 20 and 50 Mbit/s; in use the
+    # robot runs it in 80 (the host's slow spell), where offload (65-70 ms) is faster
+    table = _table([_entry(20.0, 55.0, 70.0), _entry(50.0, 55.0, 65.0),
+                    _entry(300.0, 55.0, 40.0)])
+    local_ms = {'local': 80.0, 'offload': 66.0}
+    for reprice, expected in ((True, 'offload'), (False, 'local')):
+        selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(reprice=reprice))
+        for _ in range(2):   # two local calls at 20 Mbit/s (the table's plan there)
+            plan = selector.choose(20.0, 4.0)
+            selector.observe(plan.name, local_ms[plan.name])
+        # the first call in another bin follows the robot's measured speed, no exploring
+        assert selector.choose(50.0, 4.0).name == expected
+    assert selector.feedback.price is None
+    price = PlanSelector(table, feedback=PlanFeedback()).feedback.price
+    price.observe(80.0, 55.0)
+    assert price.factor() == pytest.approx(80 / 55)
+
+
+def test_the_table_stands_as_solved_until_a_local_call_measured_the_robot():
+    table = _table([_entry(20.0, 55.0, 70.0)])
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback())
+    assert selector.feedback.price.factor() is None
+    for _ in range(10):
+        explored = selector.feedback.explorations
+        plan = selector.choose(20.0, 4.0)
+        assert plan == LOCAL or selector.feedback.explorations > explored
+        selector.observe(plan.name, 56.0 if plan == LOCAL else 71.0)
+    assert selector.feedback.price.factor() == pytest.approx(56 / 55)
+    # a near tie (local 55, offload 56): a robot 3 % off its price, within the table's
+    # margin (its measured error, 5 %), leaves the decision as solved; 10 % off moves it
+    near = _entry(20.0, 55.0, 56.0)
+    selector = PlanSelector(_table([near]), feedback=PlanFeedback())
+    selector.feedback.price.observe(56.65, 55.0)
+    assert selector.decision(near)[0] == LOCAL
+    assert decide(near, 1.03, 0.05)[0] == OFFLOAD   # what the price alone would say
+    selector.feedback.price.ratios.clear()
+    selector.feedback.price.observe(60.5, 55.0)
+    assert selector.decision(near)[:2] == (OFFLOAD, pytest.approx(56.2))
+
+
+def test_repricing_scales_the_robots_work_and_keeps_the_tables_margin():
+    hybrid = {'latency_ms': 60.0, 'robot_compute_ms': 50.0, 'busy_ms': 40.0, 'remote_ms': 35.0}
+    # the band waits for the longer of robot and server; the rest is robot time
+    assert repriced(hybrid, 1.5) == pytest.approx(max(60.0, 35.0) + 20.0 * 1.5)
+    assert repriced(hybrid, 0.5) == pytest.approx(35.0 + 10.0)
+    assert repriced({'latency_ms': 70.0, 'robot_compute_ms': 2.0}, 1.5) == pytest.approx(71.0)
+    entry = _entry(50.0, 80.0, 75.0, plan=HYBRID, predicted=hybrid)
+    assert decide(entry, 1.0, 0.05)[:2] == (HYBRID, 60.0)   # as solved
+    # robot 1.4x slower: hybrid 56 + 28 = 84 ms, offload 75.0 + 0.8: the baseline wins
+    plan, ms, options = decide(entry, 1.4, 0.05)
+    assert (plan, ms) == (OFFLOAD, pytest.approx(75.8))
+    assert dict(options)[LOCAL] == pytest.approx(112.0)
+    # robot faster: local 72, hybrid 36 + 18 = 54 ms beats it by more than a 15 % margin
+    assert decide(entry, 0.9, 0.15)[0] == HYBRID
+    assert decide(entry, 0.9, 0.15, {HYBRID.name: 0.3})[0] == LOCAL   # its own margin
+    with pytest.raises(ValueError):
+        RobotPrice(window=0)
