@@ -58,6 +58,16 @@ from rrto_wire.weights import load_shards, shared_to
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
 
+Pay = Callable[[], ContextManager]      # who pays a trial: a budget's context, checked and charged
+FREE: Pay = contextlib.nullcontext      # nobody's budget: admins, keyless servers, the operator
+
+
+def no_trial() -> ContextManager:
+    """Pay for nothing: the caller runs on a device lane, where no trial may start (a14 #5)."""
+    raise ProtocolError(ErrorCode.NOT_RECORDED, 'the model was not vetted before its job '
+                        'reached a device lane (its verdict is gone): send the request again')
+
+
 log = logging.getLogger('rrto_server.sandbox')
 
 DEFAULT_MAX_BYTES = 1 << 30        # memory one call may need beyond the weights
@@ -240,14 +250,14 @@ class Sandbox:
         threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True,
                          name='rrto-sandbox-start').start()
 
-    def check(self, digest: str, kind: str, shapes: list | None = None,
-              pay: Callable[[], ContextManager] | None = None) -> Verdict:
+    def check(self, digest: str, kind: str, shapes: list | None = None, *, pay: Pay) -> Verdict:
         """
         Return the model's verdict (a trial on first use); raise if it is refused.
 
         ``shapes`` (ONNX only: a signature's input shapes) tries the model at
         exactly those shapes, with a verdict of its own.  A trial runs inside
-        ``pay()`` when given: the requester's budget, checked before and charged after.
+        ``pay()``: the requester's budget, checked before and charged after (a14 #5: no
+        default, every caller names who pays; :data:`FREE` or :func:`no_trial`).
         """
         key = digest
         if shapes is not None:
@@ -257,7 +267,7 @@ class Sandbox:
         with busy:                       # one trial per model, however many ask at once
             verdict = self._known(key)
             if verdict is None:
-                with pay() if pay is not None else contextlib.nullcontext():
+                with pay():
                     verdict = self._try(digest, kind, shapes)
                 with self._lock:
                     self._verdicts[key] = verdict
