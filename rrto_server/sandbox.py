@@ -20,7 +20,11 @@ initialised there) with one CPU thread, on the server's device:
 A child that dies (SIGSEGV, SIGXCPU, SIGKILL), runs out of memory, raises a
 CUDA error, needs more than ``max_bytes`` beyond its weights, or more than
 ``max_s`` for one call, gets the model refused with ``unsafe_program``; the
-server itself never ran a byte of it.  Verdicts are remembered per model
+server itself never ran a byte of it, except in a dynamic program what its
+zeros did not reach: the nodes after a guard that fails on them (a chained
+program's later links) and the sizes that follow the data.  Those run first
+in the server, bounded per node by ``DynamicRunner``'s budgets, not by this
+trial (a14 D, docs/security.md).  Verdicts are remembered per model
 digest and device in memory and under ``<store>/verdicts/``, so each model is
 tried once per limit setting and device, also across restarts.  An ONNX model
 may have symbolic dimensions, so it is tried at each input signature it is
