@@ -46,6 +46,22 @@ def test_a_dynamic_program_is_never_profiled_outside_its_budgets(make_server, zm
     assert 'dynamic' in reply['message']
 
 
+def test_only_the_bounded_executors_build_a_programs_module():
+    """a14 #1 (class): a new caller of ``program.module`` in the server starts unbounded."""
+    import ast
+    import pathlib
+    import rrto_server
+    callers = set()
+    for path in pathlib.Path(rrto_server.__file__).parent.glob('*.py'):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and \
+                    node.func.attr == 'module':
+                callers.add(path.name)
+    # replay: DynamicRunner for a dynamic program; sandbox: a child under rlimits;
+    # profile_job: static programs only (a dynamic one is refused before it is built)
+    assert callers == {'replay.py', 'sandbox.py', 'profile_job.py'}
+
+
 def _declared(doc: dict, shape: list) -> dict:
     doc = copy.deepcopy(doc)
     name = doc['outputs'][-1]['n']           # link 1's output: after the guard
