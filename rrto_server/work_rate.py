@@ -98,8 +98,9 @@ class WorkRate:
         """
         packet = getattr(fn, 'overloadpacket', fn)
         rate = self.flops_per_s
-        if packet in CONVOLUTIONS and isinstance(args[1], torch.Tensor) and \
-                min(args[1].shape[:2]) < FEW_CHANNELS:
+        weight = args[1] if len(args) > 1 else None       # a weight passed by name: slow
+        if packet in CONVOLUTIONS and not (isinstance(weight, torch.Tensor) and weight.dim() > 1
+                                           and min(weight.shape[:2]) >= FEW_CHANNELS):
             rate = self.conv_flops_per_s
         return int(elements * ELEMENT_FACTORS.get(packet, 1) + flops * self.elements_per_s / rate)
 

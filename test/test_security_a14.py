@@ -140,7 +140,8 @@ def test_few_channel_convolutions_are_priced_at_the_slow_convolutions_rate():
     x1, w1 = torch.empty(1, 1, 64, 64), torch.empty(1, 1, 31, 31)
     xd, wd = torch.empty(1, 64, 64, 64), torch.empty(64, 1, 15, 15)
     xw, ww = torch.empty(1, 64, 64, 64), torch.empty(64, 64, 3, 3)
-    for fn, args, kwargs in (_conv(x1, w1), _conv(xd, wd, 64), _conv(x1, w1, transposed=True)):
+    for fn, args, kwargs in (_conv(x1, w1), _conv(xd, wd, 64), _conv(x1, w1, transposed=True),
+                             (A.conv2d.default, (xw,), {'weight': ww})):    # unseen: slow
         assert rate.work(fn, args, 10 ** 8, 0) == 10 ** 8          # 1 s at the slow rate
     fn, args, kwargs = _conv(xw, ww)
     assert rate.work(fn, args, 10 ** 10, 0) == 10 ** 8             # a wide one: at mm's
