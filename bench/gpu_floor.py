@@ -118,6 +118,7 @@ def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.de
     """
     from rrto_ros.local_model import TorchModule
     from rrto_server.models import ModelRegistry
+    from rrto_server.sandbox import FREE
     from rrto_server.replay import Replay
     from rrto_server.store import BlobStore
     from rrto_wire.messages import RecordOptions
@@ -128,7 +129,7 @@ def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.de
         blobs = BlobStore(store)
         for digest, (kind, data) in artifact.blobs.items():
             blobs.put(digest, kind, data)
-        loaded = ModelRegistry(blobs).get(artifact.model)
+        loaded = ModelRegistry(blobs).get(artifact.model, FREE)
         replay = Replay(loaded, signature_of([frame]), RecordOptions(), device)
         times = timed_ms(lambda: replay.start([frame]).run(), iters, warmup=5)
         express = None

@@ -33,6 +33,7 @@ from rrto_ros.preprocess import WithImageInput
 from rrto_ros.zoo import ARCHITECTURES
 from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
+from rrto_server.sandbox import FREE
 from rrto_wire.tensors import signature_of
 from rrto_server.replay import Replay
 from rrto_wire.messages import RecordOptions
@@ -57,7 +58,7 @@ def measure(arch: str, precision: str, store: str, iters: int) -> dict:
     blobs = BlobStore(store)
     for digest, (kind, data) in artifact.blobs.items():
         blobs.put(digest, kind, data)
-    loaded = ModelRegistry(blobs).get(artifact.model)
+    loaded = ModelRegistry(blobs).get(artifact.model, FREE)
     eager = _replay(loaded, frame, precision, 'eager', device)
     replay = _replay(loaded, frame, precision, 'replay', device)
     row = {'arch': arch, 'precision': precision, 'batch': 1, 'input': 'uint8[1,224,224,3]',

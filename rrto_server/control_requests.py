@@ -37,6 +37,7 @@ from rrto_server.recording import Recordings
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.replay_key import check_options, replay_key
 from rrto_server.requests import Request
+from rrto_server.sandbox import FREE
 from rrto_server.scheduler import Scheduler
 from rrto_server.stats import ServerStats
 from rrto_server.store import BlobStore
@@ -129,6 +130,28 @@ class ControlRequests:
             return None
         return owner
 
+    def record_pay(self, budget_key: str | None):
+        """Return who pays a trial for ``budget_key``: its record budget (FREE: no budget)."""
+        return FREE if budget_key is None else partial(self.record_budget.spending, budget_key)
+
+    def vet_then_op(self, request: Request, submit) -> None:
+        """
+        Run a naive ``op`` once its model is loaded; ``submit()`` queues its job (a14 #5).
+
+        A model not loaded yet is vetted here on the control thread first, its trial paid
+        from the key's record budget, never on a device lane inside the ``op`` job.
+        """
+        digest = request.header.model
+        if self.registry.loaded_model(digest) is not None:
+            submit()
+            return
+        pay = self.record_pay(self.budget_key(request))
+
+        def vet_then_submit() -> None:
+            if _or_answer(request, self.registry.get, digest, pay) is not None:
+                submit()
+        self.queue.submit(vet_then_submit, self.key(request))
+
     def on_record(self, request: Request, frames: list) -> None:
         header = request.header
         check_options(header.options)
@@ -140,8 +163,7 @@ class ControlRequests:
         budget_key = self.budget_key(request)
 
         def vet_then_record() -> None:      # a first trial run blocks neither I/O nor lanes
-            pay = None if budget_key is None else partial(self.record_budget.spending,
-                                                          budget_key)
+            pay = self.record_pay(budget_key)
             options = _or_answer(request, self._vet, header.model, header.signature,
                                  header.options, pay)
             if options is None:
@@ -196,7 +218,13 @@ class ControlRequests:
     def _profiled_model(self, digest: str, pay):
         if self.store.kind(digest) == 'onnx':
             raise ProtocolError(ErrorCode.BAD_REQUEST, 'only rrto-program models can be profiled')
-        return self.registry.get(digest, pay)
+        model = self.registry.get(digest, pay)
+        if model.program.dynamic:       # a14 #1: its sizes follow its inputs, its budgets live
+            raise ProtocolError(        # in DynamicRunner, which a profile would go around
+                ErrorCode.BAD_REQUEST,
+                'a dynamic program is not profiled: its sizes follow its inputs and it runs '
+                'only within its per-call budgets; record it and read the replay\'s times')
+        return model
 
     def on_evict(self, request: Request, frames: list) -> None:
         # admin only (rrto_server.auth.KIND_ROLES); reads and deletes files: control thread

@@ -10,12 +10,12 @@ An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.
 from __future__ import annotations
 
 import logging
-from typing import Callable, ContextManager, Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from rrto_server.lru import LRU
-from rrto_server.sandbox import Sandbox, Verdict
+from rrto_server.sandbox import Pay, Sandbox, Verdict
 from rrto_server.store import BlobStore
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program
@@ -99,8 +99,8 @@ class ModelRegistry:
                                 f'blob {digest[:12]} is a {kind} blob, not a model')
         return kind
 
-    def vet(self, digest: str, signature: Sequence[TensorSpec] | None = None,
-            pay: Callable[[], ContextManager] | None = None) -> Verdict | None:
+    def vet(self, digest: str, signature: Sequence[TensorSpec] | None,
+            pay: Pay) -> Verdict | None:
         """
         Check a stored model before first use (blocks for a trial run; call off the I/O thread).
 
@@ -121,18 +121,24 @@ class ModelRegistry:
             return None
         verdict = self.sandbox.check(digest, kind, pay=pay)
         if kind == 'onnx' and signature is not None:
-            verdict = self.sandbox.check(digest, kind, [list(s.shape) for s in signature], pay)
+            verdict = self.sandbox.check(digest, kind, [list(s.shape) for s in signature],
+                                         pay=pay)
         return verdict
 
-    def get(self, digest: str, pay: Callable[[], ContextManager] | None = None) -> LoadedModel:
+    def get(self, digest: str, pay: Pay) -> LoadedModel:
+        """Return the model ``digest``, loaded (vetted first; a trial is paid by ``pay``)."""
         model = self._loaded.get(digest)
         if model is not None:
             return model
-        verdict = self.vet(digest, pay=pay)
+        verdict = self.vet(digest, None, pay)
         model = LoadedModel(digest, self._kind(digest), self.store.read(digest), self.store,
                             verdict)
         self._loaded.put(digest, model)
         return model
+
+    def loaded_model(self, digest: str) -> LoadedModel | None:
+        """Return the model ``digest`` if it is loaded now (no trial, no load), else None."""
+        return self._loaded.get(digest)
 
     def loaded(self) -> list[LoadedModel]:
         return self._loaded.values()

@@ -32,6 +32,7 @@ from rrto_server.jobs import Services, job_keys, replay_info
 from rrto_server.lanes import EXCLUSIVE, Job
 from rrto_server.replay import Replay
 from rrto_server.requests import Request
+from rrto_server.sandbox import no_trial
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.messages import RecordOptions
 from rrto_wire.tensors import Signature
@@ -58,7 +59,7 @@ class Recording:
     def advance(self, services: Services, owners: list) -> bool:
         """Run the next stage; return True once the replay is profiled and in the cache."""
         if self.replay is None:
-            model = services.registry.get(self.digest)
+            model = services.registry.get(self.digest, no_trial)   # vetted on the control thread
             self.replay = Replay(model, self.signature, self.options, services.device,
                                  services.cpu_backend)
             self._profile = profiling.profile_steps(self.replay, services.profile_utilisation)

@@ -46,7 +46,7 @@ from rrto_server.replay_key import replay_key
 from rrto_server.runner import Execution, Runner
 from rrto_server.runner_cudagraph import WARMUP_ITERS, CudaGraphRunner
 from rrto_server.runner_fx import DynamicRunner, FrozenRunner, FxRunner
-from rrto_server.sandbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_S
+from rrto_server.sandbox import DEFAULT_MAX_BYTES, DEFAULT_MAX_S, refusal
 from rrto_server.runner_onnx import OnnxRunner, onnx_providers
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -75,14 +75,15 @@ class Replay:
         before = torch.cuda.memory_allocated(device) if device.type == 'cuda' else 0
         try:
             self.runner = self._record(cpu_backend)
+            if self.runner.backend != 'cudagraph':
+                self._warm_up()  # first-run allocations happen here, not in a request
         except ProtocolError:
             raise
-        except Exception as exc:
+        except Exception as exc:    # out of memory: the program's, not the server's (a14 #2)
             log.exception('recording %s failed', self.key)
-            raise ProtocolError(ErrorCode.RECORD_FAILED,
+            raise ProtocolError(ErrorCode.UNSAFE_PROGRAM if refusal(str(exc)) else
+                                ErrorCode.RECORD_FAILED,
                                 f'recording failed: {type(exc).__name__}: {exc}')
-        if self.runner.backend != 'cudagraph':
-            self._warm_up()  # first-run allocations happen here, not in a request
         # on the CPU: the weights plus what one call needed in the sandbox trial
         self.nbytes = (torch.cuda.memory_allocated(device) - before if device.type == 'cuda'
                        else model.nbytes + model.call_bytes)
@@ -180,7 +181,7 @@ class Replay:
                                 else (DEFAULT_MAX_BYTES, DEFAULT_MAX_S))
             rate = work_rate.rate(device)      # measured once per process
             return DynamicRunner(*args, max_bytes=max_bytes, max_work=rate.max_work(max_s),
-                                 work_per_flop=rate.work_per_flop,
+                                 rate=rate,
                                  out_shapes=[tuple(spec.shape) for spec in out_specs])
         if opts.mode == 'eager':
             return FxRunner(*args)

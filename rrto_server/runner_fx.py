@@ -9,7 +9,9 @@ setting wait until they have launched, so two lanes never race on it.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
+import time
 from typing import Sequence
 
 import cachetools
@@ -19,6 +21,7 @@ import torch.fx as fx
 from rrto_server.replay_key import PRECISIONS
 from rrto_server.runner import Execution
 from rrto_server.transfers import stage, to_host
+from rrto_server.work_rate import WorkRate, rate as measured_rate
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.ops_dynamic import cost, costs_nothing, varies
 from rrto_wire.program_chain import GuardFailed, skipped
@@ -144,7 +147,9 @@ class FxRunner:
 
 
 _SPENT = ' spent'       # ex.env key of the work done so far (never a value's name)
+_ELAPSED = ' elapsed'   # ex.env key: seconds its segments ran so far
 _STOPPED = ' stopped'   # ex.env key: a chained program's guard failed, nothing more runs
+_STOP_FACTOR = 4.0      # x its budget's seconds: later load may slow an admitted call so much
 
 
 class DynamicRunner(FxRunner):
@@ -160,13 +165,16 @@ class DynamicRunner(FxRunner):
     sandbox's ``--program-max-mb``: the values alive at that point, freed as
     fx frees them, plus its output) or the work of the execution so far
     would exceed ``max_work`` (from ``--program-max-s``): the elements its
-    operators read and write plus ``work_per_flop`` per FLOP (the device's
-    measured element rate over its FLOP rate, :mod:`rrto_server.work_rate`).
-    Its cost follows the data (``fixed_cost`` False): never on the I/O thread.
+    operators read and write plus its FLOPs, each at the device's measured
+    rates (``rate``, :meth:`rrto_server.work_rate.WorkRate.work`; None: this
+    process's), and a call past :data:`_STOP_FACTOR` times the seconds of
+    ``max_work`` stops before its next operator, whatever the model says (a14
+    #4).  Its cost follows the data (``fixed_cost`` False): not on the I/O thread.
 
     A chained program (:mod:`rrto_wire.program_chain`) stops where a guard
     fails: the outputs computed so far come back, each later one as zeros of
-    its declared shape ``out_shapes`` (its guarded dimensions 0: empty).
+    its declared shape ``out_shapes``, counted in the call's bytes (a14 #2;
+    empty: :func:`rrto_wire.program_chain.check_skippable`).
     """
 
     backend = 'eager-dynamic'
@@ -174,15 +182,17 @@ class DynamicRunner(FxRunner):
     fixed_cost = False
 
     def __init__(self, *args, max_bytes: int, max_work: int, out_shapes: list | None = None,
-                 work_per_flop: float = 1.0):
+                 rate: WorkRate | None = None):
         super().__init__(*args)
+        rate = measured_rate(self.device) if rate is None else rate
         self.max_bytes = max_bytes
         self.max_work = max_work
+        self.max_run_s = _STOP_FACTOR * rate.seconds(max_work)
         self.out_shapes = out_shapes
         # the request's inputs: sized by the signature, not by the call (like the weights)
-        self.inputs = frozenset(self.input_names) | {_SPENT, _STOPPED}
+        self.inputs = frozenset(self.input_names) | {_SPENT, _STOPPED, _ELAPSED}
         # a later segment's inputs are values of the earlier ones: their sizes may vary
-        self.modules = [_SizeChecked(module, self.device, k > 0, work_per_flop)
+        self.modules = [_SizeChecked(module, self.device, k > 0, rate)
                         for k, module in enumerate(self.modules)]
 
     def run_segment(self, ex: Execution, k: int) -> None:
@@ -190,7 +200,9 @@ class DynamicRunner(FxRunner):
             return
         ins, outs = self.live[k]
         self._inputs_used_here(ex, k)
-        budget = _Budget(self.max_bytes, self.max_work, ex.env.get(_SPENT, 0))
+        started = time.perf_counter()
+        budget = _Budget(self.max_bytes, self.max_work, ex.env.get(_SPENT, 0),
+                         started + self.max_run_s - ex.env.get(_ELAPSED, 0.0))
         budget.held = _nbytes(value for name, value in ex.env.items()   # kept for later
                               if name not in ins and name not in self.inputs)
         interpreter = _CheckedInterpreter(self.modules[k], budget, [
@@ -203,13 +215,21 @@ class DynamicRunner(FxRunner):
         ex.env.update((name, value) for name, value in zip(outs, results)
                       if value is not None)
         ex.env[_SPENT] = budget.work
+        ex.env[_ELAPSED] = ex.env.get(_ELAPSED, 0.0) + time.perf_counter() - started
 
     def collect(self, ex: Execution) -> list[torch.Tensor]:
         if not ex.env.get(_STOPPED):
             return super().collect(ex)
-        return [ex.env[name] if name in ex.env else skipped(shape, dtype, self.device)
-                for name, shape, dtype in zip(self.output_names, self.out_shapes,
-                                              self.out_dtypes)]
+        missing = {name: (shape, dtype) for name, shape, dtype in zip(
+            self.output_names, self.out_shapes, self.out_dtypes) if name not in ex.env}
+        nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in missing.values())
+        held = _nbytes(ex.env[name] for name in self.output_names if name in ex.env)
+        if held + nbytes > self.max_bytes:     # never, for a program parsed (a14 #2)
+            raise ProtocolError(ErrorCode.UNSAFE_PROGRAM, f'the outputs a failed guard skipped '
+                                f'would allocate {nbytes} bytes with {held} held: over the '
+                                f'{self.max_bytes} one call may hold (--program-max-mb)')
+        return [ex.env[name] if name in ex.env else skipped(*missing[name], self.device)
+                for name in self.output_names]
 
 
 def _nbytes(values) -> int:
@@ -222,10 +242,11 @@ def _nbytes(values) -> int:
 class _Budget:
     """What one execution holds (bytes of live storages) and has done (work), against caps."""
 
-    def __init__(self, max_bytes: int, max_work: int, work: int):
+    def __init__(self, max_bytes: int, max_work: int, work: int, stop_at: float):
         self.max_bytes = max_bytes
         self.max_work = max_work
         self.work = work
+        self.stop_at = stop_at          # perf_counter() past which no operator starts
         self.held = 0                   # bytes of values outside the interpreter
         self.live: dict[int, list] = {}     # storage -> [bytes, values holding it]
         self.live_bytes = 0             # the sum of their bytes
@@ -234,6 +255,10 @@ class _Budget:
 
     def charge(self, node: fx.Node, nbytes: int, work: int) -> None:
         """Refuse ``node`` if its bytes or work would exceed what the call may have."""
+        if time.perf_counter() > self.stop_at:
+            raise ProtocolError(ErrorCode.UNSAFE_PROGRAM, f'this call ran {_STOP_FACTOR:g} x '
+                                f'the seconds its budget (--program-max-s) is worth: stopped '
+                                f'before {str(node.target)[:80]}')
         held = self.held + self.live_bytes
         if held + nbytes > self.max_bytes:
             raise ProtocolError(
@@ -291,10 +316,10 @@ class _SizeChecked:
     CHECKED_SIZES = 4096     # argument size sets remembered per module
 
     def __init__(self, module: fx.GraphModule, device: torch.device, inputs_vary: bool,
-                 work_per_flop: float):
+                 rate: WorkRate):
         self.module = module
         self.device = device
-        self.work_per_flop = work_per_flop
+        self.rate = rate
         self.costs: dict = {}             # a fixed-size node's cost
         self.varying_costs = cachetools.LRUCache(self.CHECKED_SIZES)
         self.lock = threading.Lock()
@@ -321,7 +346,7 @@ class _SizeChecked:
             found = costs.get(key)
         if found is None:
             nbytes, flops, elements = cost(node.target, args, kwargs, self.device)
-            found = nbytes, elements + int(flops * self.work_per_flop)
+            found = nbytes, self.rate.work(node.target, args, flops, elements)
             with self.lock:
                 costs[key] = found
         return found

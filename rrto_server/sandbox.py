@@ -20,7 +20,11 @@ initialised there) with one CPU thread, on the server's device:
 A child that dies (SIGSEGV, SIGXCPU, SIGKILL), runs out of memory, raises a
 CUDA error, needs more than ``max_bytes`` beyond its weights, or more than
 ``max_s`` for one call, gets the model refused with ``unsafe_program``; the
-server itself never ran a byte of it.  Verdicts are remembered per model
+server itself never ran a byte of it, except in a dynamic program what its
+zeros did not reach: the nodes after a guard that fails on them (a chained
+program's later links) and the sizes that follow the data.  Those run first
+in the server, bounded per node by ``DynamicRunner``'s budgets, not by this
+trial (a14 D, docs/security.md).  Verdicts are remembered per model
 digest and device in memory and under ``<store>/verdicts/``, so each model is
 tried once per limit setting and device, also across restarts.  An ONNX model
 may have symbolic dimensions, so it is tried at each input signature it is
@@ -57,6 +61,16 @@ from rrto_wire.program_chain import GuardFailed
 from rrto_wire.weights import load_shards, shared_to
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import ErrorCode, ProtocolError
+
+Pay = Callable[[], ContextManager]      # who pays a trial: a budget's context, checked and charged
+FREE: Pay = contextlib.nullcontext      # nobody's budget: admins, keyless servers, the operator
+
+
+def no_trial() -> ContextManager:
+    """Pay for nothing: the caller runs on a device lane, where no trial may start (a14 #5)."""
+    raise ProtocolError(ErrorCode.NOT_RECORDED, 'the model was not vetted before its job '
+                        'reached a device lane (its verdict is gone): send the request again')
+
 
 log = logging.getLogger('rrto_server.sandbox')
 
@@ -240,14 +254,14 @@ class Sandbox:
         threading.Thread(target=multiprocessing.forkserver.ensure_running, daemon=True,
                          name='rrto-sandbox-start').start()
 
-    def check(self, digest: str, kind: str, shapes: list | None = None,
-              pay: Callable[[], ContextManager] | None = None) -> Verdict:
+    def check(self, digest: str, kind: str, shapes: list | None = None, *, pay: Pay) -> Verdict:
         """
         Return the model's verdict (a trial on first use); raise if it is refused.
 
         ``shapes`` (ONNX only: a signature's input shapes) tries the model at
         exactly those shapes, with a verdict of its own.  A trial runs inside
-        ``pay()`` when given: the requester's budget, checked before and charged after.
+        ``pay()``: the requester's budget, checked before and charged after (a14 #5: no
+        default, every caller names who pays; :data:`FREE` or :func:`no_trial`).
         """
         key = digest
         if shapes is not None:
@@ -257,7 +271,7 @@ class Sandbox:
         with busy:                       # one trial per model, however many ask at once
             verdict = self._known(key)
             if verdict is None:
-                with pay() if pay is not None else contextlib.nullcontext():
+                with pay():
                     verdict = self._try(digest, kind, shapes)
                 with self._lock:
                     self._verdicts[key] = verdict

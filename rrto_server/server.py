@@ -327,7 +327,8 @@ class Server:
                                 'per-operator (naive) mode is off on this server')
         tensors = wire.decode_tensors(request.header.tensors, frames,
                                       self.config.max_message_bytes)
-        self.scheduler.submit(OpJob(self.services, request, self._session(request), tensors))
+        job = OpJob(self.services, request, self._session(request), tensors)
+        self.control.vet_then_op(request, lambda: self.scheduler.submit(job))
 
     def _on_release(self, request: Request, frames: list) -> None:
         self.naive.release(self._session(request))

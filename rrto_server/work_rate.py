@@ -10,11 +10,21 @@ device's rates, not at a constant (a12's ``1e11``/s was about 3x a loaded
 and cached for the process: 4 runs of each kernel at each of two
 :data:`SIZES` (1.3-2.4 s on a 2-core VM at load 9-11, 2026-12-01).
 
-* **FLOPs per second**: square ``mm`` products;
+* **FLOPs per second**: square ``mm`` products, for every FLOP but those of
+  a convolution with few channels (:data:`FEW_CHANNELS`: one channel,
+  depthwise, transposed), which take the *slowest* of three such kernels'
+  rate (a14 #4: a 1-channel 31x31 convolution ran 88x over its charge at
+  ``mm``'s rate.  On a 2-core VM at load 7, 2026-12-01: ``mm`` 1.2-2.2e10
+  FLOPs/s; 1-channel 31x31 1.1-2.7e8, transposed 1-channel 31x31 1.6-6.7e8,
+  depthwise 15x15 1.2e9, depthwise 7x7 2-4e10; convolutions of 16-512
+  channels 3e10-1.7e11 at load 3).  The three kernels add 0.5-0.8 s to the
+  measurement there (the first ``cost`` of the process, 2 s, is paid here
+  instead of by the first dynamic call);
 * **elements per second**: the *slowest* of the kinds of element work the
   cost model counts one unit each (a streaming add, a reduction over an
   ``expand()``ed view, a transcendental, a scan, a gather of random rows:
-  the gather, ~30x slower per unit than the add there).
+  the gather, ~30x slower per unit than the add there); the operators slower
+  still per element count more units each (:data:`ELEMENT_FACTORS`).
 
 Why the slow side: a rate measured too high admits calls that take longer
 than ``--program-max-s`` (the bound weakens); one too low refuses calls that
@@ -29,12 +39,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import threading
 import time
 from typing import Callable
 
 import torch
+
+from rrto_wire import ops_dynamic
 
 log = logging.getLogger('rrto_server.work_rate')
 
@@ -45,22 +58,51 @@ CEILING = {'cpu': (1e11, 1e11), 'cuda': (1e14, 1e14)}
 FLOOR = 1e6             # a clock that says less (a broken timer) is not a rate
 
 
+A = torch.ops.aten
+# convolutions whose weight has fewer channels than this on either side (per group: 1-channel,
+# depthwise, few-channel transposed) run far below a GEMM's rate: the slow convolutions' rate
+FEW_CHANNELS = 16
+CONVOLUTIONS = frozenset((A.convolution, A._convolution, A.conv1d, A.conv2d, A.conv3d,
+                          A.conv_transpose1d, A.conv_transpose2d, A.conv_transpose3d))
+# element operators slower per element than every kernel measured, by their measured ratio to
+# their charge, rounded up (a14 #4, its x04_rates.py on a 2-core VM, 2026-12-01: a norm, p = 3.3
+# 6.6x, a float64 cumprod 3.0x, a sort 2.6x)
+ELEMENT_FACTORS = {A.norm: 8, A.linalg_vector_norm: 8, A.cumprod: 4, A.sort: 4, A.topk: 4}
+
+
 @dataclasses.dataclass(frozen=True)
 class WorkRate:
     """A device's measured FLOPs and elements per second, and each kernel's figure."""
 
     flops_per_s: float
     elements_per_s: float
+    conv_flops_per_s: float       # the slowest convolution's (few channels)
     kernels: dict = dataclasses.field(default_factory=dict)
 
     def max_work(self, seconds: float) -> int:
-        """Return the work (elements, FLOPs weighted by :attr:`work_per_flop`) of ``seconds``."""
+        """Return the work (elements, FLOPs at their rate) of ``seconds``."""
         return int(seconds * self.elements_per_s)
 
-    @property
-    def work_per_flop(self) -> float:
-        """Return the work one FLOP counts for (elements' rate over FLOPs' rate)."""
-        return self.elements_per_s / self.flops_per_s
+    def seconds(self, work: int) -> float:
+        """Return the seconds ``work`` takes at these rates (:meth:`max_work`'s inverse)."""
+        return work / self.elements_per_s
+
+    def work(self, fn, args: tuple, flops: int, elements: int) -> int:
+        """
+        Return the work of ``fn`` on ``args`` that does ``flops`` and touches ``elements``.
+
+        Each FLOP counts for the elements' rate over its kernel's rate: a
+        convolution with few channels (:data:`FEW_CHANNELS`) at the slow
+        convolutions' rate, any other at ``mm``'s; an element of an operator
+        in :data:`ELEMENT_FACTORS` counts that many times.
+        """
+        packet = getattr(fn, 'overloadpacket', fn)
+        rate = self.flops_per_s
+        weight = args[1] if len(args) > 1 else None       # a weight passed by name: slow
+        if packet in CONVOLUTIONS and not (isinstance(weight, torch.Tensor) and weight.dim() > 1
+                                           and min(weight.shape[:2]) >= FEW_CHANNELS):
+            rate = self.conv_flops_per_s
+        return int(elements * ELEMENT_FACTORS.get(packet, 1) + flops * self.elements_per_s / rate)
 
 
 MEASURED: dict[str, WorkRate] = {}     # per device type, for the life of the process
@@ -82,12 +124,14 @@ def rate(device: torch.device) -> WorkRate:
 
 
 def measure(device: torch.device) -> WorkRate:
-    """Time each kernel on ``device``; FLOPs at the ``mm`` rate, elements at the slowest."""
+    """Time each kernel on ``device``: FLOPs at mm's and the slowest convolution's rates."""
     kernels = {name: _rate(kernel, device) for name, kernel in _KERNELS.items()}
     ceiling = CEILING.get(device.type, CEILING['cpu'])
-    elements = min(v for name, v in kernels.items() if name != 'mm')
-    return WorkRate(min(ceiling[0], max(FLOOR, kernels['mm'])),
-                    min(ceiling[1], max(FLOOR, elements)), kernels)
+    elements = min(v for name, v in kernels.items() if name not in FLOP_KERNELS)
+    flops = min(ceiling[0], max(FLOOR, kernels['mm']))
+    convs = min(kernels[name] for name in FLOP_KERNELS if name != 'mm')
+    return WorkRate(flops, min(ceiling[1], max(FLOOR, elements)),
+                    min(flops, max(FLOOR, convs)), kernels)
 
 
 def _rate(kernel: Callable, device: torch.device) -> float:
@@ -158,5 +202,22 @@ def _cumsum(size: int, device: torch.device):
     return (lambda: torch.cumsum(a, 0)), 2.0 * size
 
 
-_KERNELS = {'mm': _mm, 'add': _add, 'reduce_view': _reduce_view, 'exp': _exp,
+def _convolution(channels: int, kernel: int, transposed: bool = False):
+    """Return a kernel: ``channels`` channels convolved each alone (1: one, else depthwise)."""
+    def make(size: int, device: torch.device):
+        side = math.isqrt(size) // 32     # 32, 64: 5-70 ms each at 1e8-1e9 FLOPs/s
+        x = torch.randn(1, channels, side, side, device=device)
+        w = torch.randn(channels, 1, kernel, kernel, device=device)
+        args = (x, w, None, [1, 1], [kernel // 2] * 2, [1, 1], transposed, [0, 0], channels)
+        flops = ops_dynamic.cost(A.convolution.default, args, {}, device)[1]
+        return (lambda: A.convolution.default(*args)), float(flops)
+    return make
+
+
+# FLOPs: mm and the slow convolutions (a14 #4: 10-150x below mm's rate per FLOP on a 2-core VM)
+# (a large kernel is the slow case: a depthwise 7x7 ran at mm's rate, a 15x15 one 20x below)
+FLOP_KERNELS = {'mm': _mm, 'conv_1ch': _convolution(1, 31),
+                'conv_depthwise': _convolution(16, 15),
+                'conv_transposed': _convolution(1, 31, transposed=True)}
+_KERNELS = {**FLOP_KERNELS, 'add': _add, 'reduce_view': _reduce_view, 'exp': _exp,
             'gather': _gather, 'cumsum': _cumsum}

@@ -46,7 +46,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from rrto_wire import ops, ops_dynamic, treespec
+from rrto_wire import ops, ops_dynamic, program_chain, treespec
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import decode_program_json, ErrorCode, invalid_program, ProtocolError
 from rrto_wire.tensors import TensorSpec
@@ -208,11 +208,14 @@ class Program:
         self._check_writes()
         if self.dynamic:
             ops_dynamic.check_sizes(self.nodes, refs_in)
+            program_chain.check_skippable(self.nodes, filter(None, self.output_names))
 
     @staticmethod
     def _parse_node(node: dict, dynamic: bool) -> ProgramNode:
         out = node.get('out')
         fn = (ops_dynamic if dynamic else ops).resolve(node['op'])
+        if out is not None:
+            _check_dims(str(node['name']), out)
         return ProgramNode(
             name=str(node['name']), op=node['op'], fn=fn,
             args=node.get('args', []),
@@ -358,6 +361,15 @@ def _device_positional(fn: Callable, args: list) -> bool:
     """Return True if ``args`` give ``fn``'s device argument (``aten.to.device``)."""
     names = [a.name for a in fn._schema.arguments]
     return names.index('device') < len(args)
+
+
+def _check_dims(name: str, out: dict) -> None:
+    """Refuse ``out`` unless each data-dependent dimension it lists is written as 0 (a14 #2)."""
+    dims, shape = out.get('dims', []), out.get('shape')
+    if not isinstance(dims, list) or not isinstance(shape, list) or any(
+            type(d) is not int or not 0 <= d < len(shape) or shape[d] != 0 for d in dims):
+        raise invalid_program(f'node {name[:80]!r}: each of its "dims" (data-dependent '
+                              'dimensions) must index its "shape" and be written there as 0')
 
 
 def _ident(name: str) -> str:

@@ -29,8 +29,9 @@ the links' own programs.
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 
@@ -70,6 +71,29 @@ def check_guard(args: Any) -> None:
                 and type(test[1]) is int and -_LIMIT <= test[1] <= _LIMIT):
             raise invalid_program(f'{GUARD}: each test is [relation, integer], relation one of '
                                   f'{sorted(RELATIONS)}')
+
+
+def check_skippable(nodes: Sequence[Any], outputs: Iterable[str]) -> None:
+    """
+    Refuse an output a failed guard can skip unless its declared shape holds nothing (a14 #2).
+
+    ``nodes`` are :class:`rrto_wire.program.ProgramNode` in program order.  An
+    output computed after the first guard comes back as :func:`skipped` zeros of
+    its declared (client-written) shape when a guard fails; that allocation is
+    never run in the sandbox (its zeros fail the guard), so the shape must be
+    empty (or a scalar's): :func:`rrto_wire.program_writer.chain` writes dimension 0 as 0.
+    """
+    after = set()
+    for node in nodes:
+        if after or node.fn is guard:
+            after.add(node.name)
+    for name in set(outputs) & after:
+        out = next(node.out for node in nodes if node.name == name)
+        if out is None or (out.shape and math.prod(out.shape)):     # a scalar: one element
+            raise invalid_program(
+                f'output {name[:80]!r} is computed after a guard, which may skip it, but its '
+                f'declared shape {list(out.shape) if out else None} is not empty: a skipped '
+                'output comes back as zeros of that shape (write its guarded dimension as 0)')
 
 
 def skipped(spec_shape: Sequence[int], dtype: torch.dtype,

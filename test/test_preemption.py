@@ -11,6 +11,7 @@ from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import ARCHITECTURES, keypoint_net, resnet18
 from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
+from rrto_server.sandbox import FREE
 from rrto_server.replay import Replay
 from rrto_wire.messages import RecordOptions
 from rrto_server.store import BlobStore
@@ -27,7 +28,7 @@ def make_replay(tmp_path, model, example, segments, device='cpu') -> Replay:
     artifact = TorchModule(model).artifact(flat, spec)
     for digest, (kind, data) in artifact.blobs.items():
         store.put(digest, kind, data)
-    loaded = ModelRegistry(store).get(artifact.model)
+    loaded = ModelRegistry(store).get(artifact.model, FREE)
     return Replay(loaded, artifact.signature, RecordOptions(segments=segments),
                   torch.device(device))
 

@@ -7,6 +7,7 @@ from rrto_ros.local_model import TorchModule
 from rrto_ros.zoo import keypoint_net, resnet18
 from rrto_wire import treespec
 from rrto_server.models import ModelRegistry
+from rrto_server.sandbox import FREE
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.tensors import signature_of
 from rrto_server.replay import Replay
@@ -26,7 +27,7 @@ def _load(tmp_path, model, x):
     store = BlobStore(tmp_path / 'store')
     for digest, (kind, data) in artifact.blobs.items():
         store.put(digest, kind, data)
-    return ModelRegistry(store).get(artifact.model)
+    return ModelRegistry(store).get(artifact.model, FREE)
 
 
 @pytest.fixture(scope='module')

@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 
+from rrto_server.sandbox import FREE
 from rrto_server.store import BlobStore
 from rrto_testing import upload
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -232,7 +233,7 @@ def test_a_weights_blob_named_by_many_shards_is_loaded_once(tmp_path):
     store = BlobStore(tmp_path / 'store')
     store.put(sha256(weights), 'weights', weights)
     store.put(sha256(program), 'program', program)
-    model = ModelRegistry(store).get(sha256(program))
+    model = ModelRegistry(store).get(sha256(program), FREE)
     loaded = model.weights(torch.device('cpu'))
     assert len(loaded) == 32
     assert len({t.data_ptr() for t in loaded.values()}) == 1
@@ -249,7 +250,7 @@ def test_the_weights_of_one_program_are_a_bounded_number_of_tensors(tmp_path):
     store.put(sha256(weights), 'weights', weights)
     store.put(sha256(program), 'program', program)
     with pytest.raises(ProtocolError, match='more than') as err:
-        ModelRegistry(store).get(sha256(program)).weights(torch.device('cpu'))
+        ModelRegistry(store).get(sha256(program), FREE).weights(torch.device('cpu'))
     assert err.value.code == ErrorCode.BAD_REQUEST
 
 
@@ -334,7 +335,7 @@ def test_one_connections_recordings_delay_anothers_by_one_recording_not_all(
     heavy = upload(server.endpoint, _Heavy(), torch.randn(256, 256)).model
     prepare(server.endpoint, _Heavy(), torch.randn(256, 256))        # vetted: no more trials
     victim = upload(server.endpoint, torch.nn.Linear(4, 4), torch.ones(1, 4)).model
-    server.registry.get(victim)     # vetted, as before a restart: the robot waits for no trial
+    server.registry.get(victim, FREE)     # vetted, as before a restart: the robot waits for none
 
     def record(request_id, digest, shape, segments):
         return wire.encode({'kind': 'record', 'id': request_id, 'model': digest,

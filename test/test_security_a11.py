@@ -19,6 +19,7 @@ import zmq.auth
 
 import exploits
 from rrto_server.lanes import RUN, Job
+from rrto_server.sandbox import FREE
 from rrto_server.scheduler import Scheduler
 from rrto_testing import SlowPort, client_certificates, infer_frames, prepare, raw_socket, \
     receive, reply_header, upload, wait_running
@@ -242,8 +243,8 @@ def test_a_record_that_joins_anothers_queued_recording_keeps_its_own_place(make_
     _put(mallory, 1, heavy)
     _put(robot, 1, victim)
     heavy, victim = hashlib.sha256(heavy).hexdigest(), hashlib.sha256(victim).hexdigest()
-    server.registry.get(heavy)                  # vetted (as after a restart): no trials
-    server.registry.get(victim)
+    server.registry.get(heavy, FREE)                  # vetted (as after a restart): no trials
+    server.registry.get(victim, FREE)
     for i in range(6):
         mallory.send_multipart(_record(i, heavy, (512, 512), segments=f'ops:{i + 1}'))
     mallory.send_multipart(_record(6, victim, (4,)))         # the robot's, queued first

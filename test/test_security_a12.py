@@ -8,6 +8,7 @@ import torch
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import DynamicRunner
+from rrto_server.work_rate import WorkRate
 from rrto_wire import treespec
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.ops_dynamic import roi_align_checked, rois_in_range
@@ -29,7 +30,8 @@ def _run(doc: dict, *inputs: torch.Tensor, max_bytes: int = 1 << 20,
     runner = DynamicRunner([program.module({}, torch.device('cpu'))], program.live_ranges([]),
                            program.input_names, program.output_names, torch.device('cpu'),
                            'fp32', [torch.float32] * len(program.output_names),
-                           max_bytes=max_bytes, max_work=max_work)
+                           max_bytes=max_bytes, max_work=max_work,
+                           rate=WorkRate(1.0, 1.0, 1.0))     # a FLOP, an element: one unit
     return Execution(runner, list(inputs)).run()
 
 

@@ -179,7 +179,7 @@ def test_the_work_rate_is_measured_once_per_process_and_conservative():
     rate = work_rate.rate(cpu)
     assert rate is work_rate.rate(cpu)               # cached: measured once
     flops, elements = work_rate.CEILING['cpu']
-    slowest = min(v for name, v in rate.kernels.items() if name != 'mm')
+    slowest = min(v for name, v in rate.kernels.items() if name not in work_rate.FLOP_KERNELS)
     assert rate.elements_per_s == max(work_rate.FLOOR, min(elements, slowest))
     assert rate.flops_per_s == max(work_rate.FLOOR, min(flops, rate.kernels['mm']))
     assert rate.max_work(2.0) == int(2.0 * rate.elements_per_s)
@@ -187,7 +187,7 @@ def test_the_work_rate_is_measured_once_per_process_and_conservative():
 
 def test_the_servers_work_budget_follows_the_measured_rate(make_server, monkeypatch):
     """a13 #5: the budget of a call is --program-max-s at this server's measured rate."""
-    slow = work_rate.WorkRate(flops_per_s=1e7, elements_per_s=1e6, kernels={})
+    slow = work_rate.WorkRate(flops_per_s=1e7, elements_per_s=1e6, conv_flops_per_s=1e7)
     monkeypatch.setitem(work_rate.MEASURED, 'cpu', slow)
     server = make_server(program_max_s=1.0)
     client = RrtoClient(server.endpoint, call_timeout_ms=120000)

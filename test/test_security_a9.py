@@ -18,6 +18,7 @@ from rrto_testing import SentReplies, exchange, raw_socket, reply_header
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import store as store_module
 from rrto_server.requests import OpenRequests, ReplySender, Request
+from rrto_server.sandbox import FREE
 from rrto_server import segments
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
@@ -298,10 +299,10 @@ def test_an_onnx_model_is_tried_at_the_exact_signature_recorded(tmp_path):
     store = BlobStore(tmp_path / 'store')
     store.put(sha256(blob), 'onnx', blob)
     sandbox = Sandbox(store.root, max_bytes=128 << 20, max_s=20)
-    assert sandbox.check(sha256(blob), 'onnx').outcome == 'safe'          # N = 1
-    assert sandbox.check(sha256(blob), 'onnx', [[1000]]).outcome == 'safe'
+    assert sandbox.check(sha256(blob), 'onnx', pay=FREE).outcome == 'safe'          # N = 1
+    assert sandbox.check(sha256(blob), 'onnx', [[1000]], pay=FREE).outcome == 'safe'
     with pytest.raises(ProtocolError) as err:                              # 2 x 256 MiB
-        sandbox.check(sha256(blob), 'onnx', [[1 << 26]])
+        sandbox.check(sha256(blob), 'onnx', [[1 << 26]], pay=FREE)
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM
 
 
@@ -310,7 +311,7 @@ def test_constants_folded_while_the_onnx_session_loads_count_in_its_memory(tmp_p
     store = BlobStore(tmp_path / 'store')
     store.put(sha256(blob), 'onnx', blob)
     with pytest.raises(ProtocolError) as err:
-        Sandbox(store.root, max_bytes=128 << 20, max_s=20).check(sha256(blob), 'onnx')
+        Sandbox(store.root, max_bytes=128 << 20, max_s=20).check(sha256(blob), 'onnx', pay=FREE)
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM
 
 

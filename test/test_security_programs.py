@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rrto_server.models import ModelRegistry
-from rrto_server.sandbox import Sandbox, refusal
+from rrto_server.sandbox import FREE, Sandbox, refusal
 from rrto_server.store import BlobStore
 from rrto_wire import ops
 from rrto_wire.program import Program, sha256
@@ -116,7 +116,7 @@ def test_a_model_that_allocates_2_gib_is_refused_by_the_sandbox(tmp_path):
     store = _stored(tmp_path, ('program', blob))
     registry = ModelRegistry(store, sandbox=Sandbox(store.root))
     with pytest.raises(ProtocolError) as err:
-        registry.get(sha256(blob))
+        registry.get(sha256(blob), FREE)
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM and 'memory' in err.value.message
 
 
@@ -125,7 +125,7 @@ def test_a_model_over_the_measured_memory_budget_is_refused(tmp_path):
     store = _stored(tmp_path, ('program', blob))
     registry = ModelRegistry(store, sandbox=Sandbox(store.root, max_bytes=64 << 20))
     with pytest.raises(ProtocolError, match='MiB') as err:
-        registry.get(sha256(blob))
+        registry.get(sha256(blob), FREE)
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM
 
 
@@ -134,7 +134,7 @@ def test_a_model_that_burns_cpu_is_killed_and_refused(tmp_path):
     store = _stored(tmp_path, ('program', blob))
     registry = ModelRegistry(store, sandbox=Sandbox(store.root, max_s=1.0))
     with pytest.raises(ProtocolError, match='CPU time budget') as err:
-        registry.get(sha256(blob))
+        registry.get(sha256(blob), FREE)
     assert err.value.code == ErrorCode.UNSAFE_PROGRAM
 
 
@@ -154,14 +154,15 @@ def test_on_a_cuda_server_the_trial_runs_on_cuda_with_a_device_memory_budget(tmp
                     ('program', big))
     torch.zeros(1, device='cuda')      # CUDA is live in the server: the child must not fork it
     sandbox = Sandbox(store.root, max_bytes=64 << 20, device='cuda')
-    verdict = sandbox.check(sha256(program), 'program')
+    verdict = sandbox.check(sha256(program), 'program', pay=FREE)
     assert verdict.outcome == 'safe' and verdict.device == 'cuda'
     for blob, words in ((hog, 'memory budget'), (big, 'needs 192 MiB')):
         with pytest.raises(ProtocolError, match=words) as err:
-            sandbox.check(sha256(blob), 'program')
+            sandbox.check(sha256(blob), 'program', pay=FREE)
         assert err.value.code == ErrorCode.UNSAFE_PROGRAM
-    assert Sandbox(store.root, max_bytes=64 << 20).check(sha256(program), 'program').device \
-        == 'cpu'                       # a verdict on one device is not reused on another
+    # a verdict on one device is not reused on another
+    assert Sandbox(store.root, max_bytes=64 << 20).check(
+        sha256(program), 'program', pay=FREE).device == 'cpu'
 
 
 def test_verdicts_are_remembered_per_digest_and_across_restarts(tmp_path):
@@ -169,16 +170,17 @@ def test_verdicts_are_remembered_per_digest_and_across_restarts(tmp_path):
     store = _stored(tmp_path, ('weights', weights), ('program', program))
     sandbox = Sandbox(store.root)
     registry = ModelRegistry(store, sandbox=sandbox)
-    model = registry.get(sha256(program))
+    model = registry.get(sha256(program), FREE)
     assert sandbox.trials == 1 and model.verdict.outcome == 'safe'
     assert 0 <= model.verdict.call_s < sandbox.max_s
     (y,) = model.program.module(model.weights(torch.device('cpu')),
                                 torch.device('cpu'))(torch.ones(4))
     assert torch.equal(y, unpack_weights(bytearray(weights))['w'])
     again = Sandbox(store.root)                   # a restarted server
-    assert again.check(sha256(program), 'program').outcome == 'safe' and again.trials == 0
+    assert again.check(sha256(program), 'program', pay=FREE).outcome == 'safe'
+    assert again.trials == 0
     stricter = Sandbox(store.root, max_s=5.0)     # other limits: tried again
-    stricter.check(sha256(program), 'program')
+    stricter.check(sha256(program), 'program', pay=FREE)
     assert stricter.trials == 1
 
 

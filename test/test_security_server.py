@@ -16,6 +16,7 @@ from rrto_ros.zoo import keypoint_net
 from rrto_server import keys
 from rrto_server.auth import Grant, Peer
 from rrto_server.replay import Replay
+from rrto_server.sandbox import FREE
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.server import Server, ServerConfig
 from rrto_wire import protocol as wire
@@ -287,7 +288,7 @@ def test_a_burst_is_admitted_highest_priority_first_and_low_ones_are_shed(tmp_pa
         program, weights = exploits.scale_by_weights()
         server.store.put(hashlib.sha256(weights).hexdigest(), 'weights', weights)
         server.store.put(hashlib.sha256(program).hexdigest(), 'program', program)
-        model = server.registry.get(hashlib.sha256(program).hexdigest())
+        model = server.registry.get(hashlib.sha256(program).hexdigest(), FREE)
         replay = Replay(model, model.program.signature, RecordOptions(), torch.device('cpu'))
         server.replays.add(replay)
         sock = raw_socket(zmq_ctx, server.endpoint)

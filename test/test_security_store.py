@@ -7,6 +7,7 @@ import exploits
 import pytest
 
 from rrto_server.models import ModelRegistry
+from rrto_server.sandbox import FREE
 from rrto_server.store import BlobStore
 from rrto_wire.program import sha256
 from rrto_wire.errors import ErrorCode, ProtocolError
@@ -38,12 +39,12 @@ def test_a_damaged_blob_is_quarantined_and_reported_corrupt(tmp_path, truncate):
     _corrupt(store, sha256(weights), truncate)
     registry = ModelRegistry(store)
     with pytest.raises(ProtocolError) as err:
-        registry.get(sha256(program))
+        registry.get(sha256(program), FREE)
     assert err.value.code == ErrorCode.BLOB_CORRUPT and sha256(weights) in err.value.message
     assert store.missing([sha256(weights), sha256(program)]) == [sha256(weights)]
     assert (store.quarantine / sha256(weights)).exists() and store.quarantined == 1
     store.put(sha256(weights), 'weights', weights)           # the client uploads it again
-    model = registry.get(sha256(program))
+    model = registry.get(sha256(program), FREE)
     assert model.program.weights_digest == sha256(weights)
 
 
