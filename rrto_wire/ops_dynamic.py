@@ -9,8 +9,8 @@ the server runs it op by op, unrecorded (a CUDA graph replays fixed shapes),
 under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
 
 * **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``,
-  ``where(condition)`` and ``torchvision::nms`` (where the server has
-  torchvision) return at most one row per element of their input, whatever
+  ``where(condition)``, ``unique`` and ``torchvision::nms`` (where the server
+  has torchvision) return at most one row per element of their input, whatever
   the values (sized at that many: the numel of an ``expand()``ed view is
   not memory); ``index`` may take boolean masks (its integer indices clamped
   into range, as in every program);
@@ -149,6 +149,7 @@ DATA_DEPENDENT: dict[str, Callable] = {
     'aten.nonzero.default': torch.ops.aten.nonzero.default,
     'aten.where.default': torch.ops.aten.where.default,
     'aten.index.Tensor': _index_masked,
+    'aten._unique2.default': torch.ops.aten._unique2.default,
 }
 # sizes of tensors, integer arithmetic on them, and export's assertions about them
 SIZE_OPS: dict[str, Callable] = {
@@ -282,6 +283,9 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     if fn in _ROW_PER_ELEMENT:
         rows = tensors[0].numel() * max(1, tensors[0].dim())
         return rows * 8, 0, read + rows
+    if fn is torch.ops.aten._unique2.default:    # values, inverse, counts: numel each at most
+        n = tensors[0].numel()
+        return 3 * n * 8, 0, read + n * max(1, n).bit_length()
     if fn is _torchvision('nms'):
         n = tensors[0].shape[0]
         mask = n * -(-n // 64) * 8 if device.type == 'cuda' else n   # suppressed, per pair
