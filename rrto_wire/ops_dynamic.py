@@ -168,7 +168,12 @@ _WRITES = {'aten.index_put.default': _index_put_clamped,
            'aten.index_put_.default': _index_put_clamped_}
 _TORCHVISION = {'torchvision.nms.default': ('nms', None),
                 'torchvision.roi_align.default': ('roi_align', roi_align_checked)}
+# Python's & and | on tensors (a detector's masks: ``(ws >= m) & (hs >= m)``), as exported
+_BITWISE = {'aten.__and__.Tensor': (torch.ops.aten.__and__.Tensor,
+                                    torch.ops.aten.bitwise_and.Tensor),
+            'aten.__or__.Tensor': (torch.ops.aten.__or__.Tensor, torch.ops.aten.bitwise_or.Tensor)}
 _NAMES = {fn: name for name, fn in {**DATA_DEPENDENT, **SIZE_OPS, **_WRITES}.items()}
+_NAMES.update({op: name for name, (op, _) in _BITWISE.items()})
 _NAMES.update({torch.ops.aten.index.Tensor: 'aten.index.Tensor',
                torch.ops.aten.index_put.default: 'aten.index_put.default',
                torch.ops.aten.index_put_.default: 'aten.index_put_.default'})
@@ -190,6 +195,8 @@ def resolve(name: Any) -> Callable:
     for table in (DATA_DEPENDENT, SIZE_OPS, _WRITES):
         if name in table:
             return table[name]
+    if name in _BITWISE:
+        return _BITWISE[name][1]
     return ops.resolve(name)
 
 
