@@ -25,6 +25,7 @@ output, so the whole output does too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -95,10 +96,7 @@ class Subgraph:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, *args: torch.Tensor) -> Any:
-        tracer = self.owner.watching()
-        if tracer is None:
-            return self._call(args)
-        with tracer.paused():       # its operators are not the ones between graphs
+        with self.owner.quiet():    # its operators are not the ones between graphs
             return self._call(args)
 
     def _call(self, args: tuple) -> Any:
@@ -197,10 +195,7 @@ class Partition:
             ready = [s.remote.warmup(*s.example, timeout_s=timeout_s) for s in remotes]
         if CHAIN and all(ready):     # watch one call; each chain it shows: one request
             tracer = chaining.Tracer()
-            if EAGER_LINKS:
-                with tracer.recording():
-                    self._compiled_call(args, kwargs, tracer)
-            else:
+            with tracer.recording() if EAGER_LINKS else contextlib.nullcontext():
                 self._compiled_call(args, kwargs, tracer)
             self.chains = chaining.build(tracer.events, lambda c: SubgraphModule(
                 c.subgraph.graph, c.arity, c.subgraph.weights), self._make_remote,
@@ -255,9 +250,10 @@ class Partition:
         if calls is not None:
             calls.append((subgraph, record, local_ms))
 
-    def watching(self) -> Any:
-        """Return the tracer watching the current call, if one does (in :meth:`prepare`)."""
-        return getattr(self._local, 'tracer', None)
+    def quiet(self) -> Any:
+        """Return a context in which the tracer watching this call notes no operator."""
+        tracer = getattr(self._local, 'tracer', None)
+        return tracer.paused() if tracer is not None else contextlib.nullcontext()
 
     def note(self, subgraph: Subgraph, arity: int, data: list, outputs: tuple) -> None:
         """Show a subgraph call to the tracer, while one watches (in :meth:`prepare`)."""
