@@ -25,6 +25,7 @@ output, so the whole output does too.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -43,6 +44,7 @@ from rrto_ros.partition_report import call_fields, first_line, local_fields
 from rrto_wire.program_writer import is_dynamic
 
 CHAIN = True               # guess the next subgraphs: one request for a chain of them
+EAGER_LINKS = True         # chains take the operators run between graphs (partition_eager)
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
@@ -94,6 +96,10 @@ class Subgraph:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, *args: torch.Tensor) -> Any:
+        with self.owner.quiet():    # its operators are not the ones between graphs
+            return self._call(args)
+
+    def _call(self, args: tuple) -> Any:
         start = time.perf_counter()
         data = [a for i, a in enumerate(args) if i not in self.weights]
         if self.flops >= 0 and self._weights_unchanged(args):
@@ -189,10 +195,11 @@ class Partition:
             ready = [s.remote.warmup(*s.example, timeout_s=timeout_s) for s in remotes]
         if CHAIN and all(ready):     # watch one call; each chain it shows: one request
             tracer = chaining.Tracer()
-            self._compiled_call(args, kwargs, tracer)
-            self.chains = chaining.build(tracer.calls, lambda c: SubgraphModule(
+            with tracer.recording() if EAGER_LINKS else contextlib.nullcontext():
+                self._compiled_call(args, kwargs, tracer)
+            self.chains = chaining.build(tracer.events, lambda c: SubgraphModule(
                 c.subgraph.graph, c.arity, c.subgraph.weights), self._make_remote,
-                self.label, timeout_s)
+                self.label, timeout_s, self._own)
         return all(ready)
 
     def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
@@ -242,6 +249,11 @@ class Partition:
         calls = getattr(self._local, 'calls', None)
         if calls is not None:
             calls.append((subgraph, record, local_ms))
+
+    def quiet(self) -> Any:
+        """Return a context in which the tracer watching this call notes no operator."""
+        tracer = getattr(self._local, 'tracer', None)
+        return tracer.paused() if tracer is not None else contextlib.nullcontext()
 
     def note(self, subgraph: Subgraph, arity: int, data: list, outputs: tuple) -> None:
         """Show a subgraph call to the tracer, while one watches (in :meth:`prepare`)."""
@@ -326,7 +338,8 @@ class Partition:
         return {'model_flops': self.model_flops, 'remote_flops': flops,
                 'remote_share': flops / self.model_flops if self.model_flops else 0.0,
                 'last_call': [i for i, _ in last], 'remote': remote,
-                'chains': [[s.index for s in links] for _, _, links in self.chains.values()],
+                'chains': [[s.index if s is not None else 'ops' for s in links]
+                           for _, _, links in self.chains.values()],
                 'subgraphs': [s.describe() for s in self.subgraphs]}
 
     def stats(self) -> dict:

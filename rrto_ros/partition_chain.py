@@ -24,6 +24,7 @@ into graphs; only code it does not trace could).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -31,11 +32,12 @@ from typing import Any
 
 import torch
 
+from rrto_ros import partition_eager
 from rrto_ros.local_model import EXPORT_GUARD, Artifact, LocalModel, TorchModule
 from rrto_ros.reply_check import check_outputs, program_outputs
 from rrto_wire import program as program_format
 from rrto_wire import treespec
-from rrto_wire.program_chain import RELATIONS, skipped
+from rrto_wire.program_chain import RELATIONS, GuardFailed, skipped
 from rrto_wire import program_writer
 from rrto_wire.program_writer import Link
 from rrto_wire.dtypes import torch_dtype
@@ -75,75 +77,111 @@ class Call:
 
 
 class Tracer:
-    """The subgraph calls of one call of the model, in order."""
+    """
+    One call of the model, in order: its subgraph calls and the operators between them.
+
+    While :meth:`recording`, each ATen operator that runs outside a captured
+    graph is noted too (:class:`~rrto_ros.partition_eager.Recorder`).
+    """
 
     def __init__(self):
-        self.calls: list[Call] = []
+        self.events: list = []
+        self.recorder = partition_eager.Recorder(self.events)
 
     def note(self, subgraph: Any, arity: int, data: list, outputs: tuple) -> None:
         """Note one subgraph call: its data inputs and its tensor outputs."""
-        self.calls.append(Call(subgraph, arity, list(data), tuple(
+        self.events.append(Call(subgraph, arity, list(data), tuple(
             o for o in outputs if isinstance(o, torch.Tensor))))
 
+    @property
+    def calls(self) -> list[Call]:
+        """Return the subgraph calls noted, in order."""
+        return [e for e in self.events if isinstance(e, Call)]
 
-def plan(calls: list[Call]) -> list[list[tuple[Call, list[tuple]]]]:
+    @contextlib.contextmanager
+    def recording(self):
+        """Note the operators run outside the graphs while in this context."""
+        with self.recorder:
+            yield
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Note no operator while a subgraph runs (its call is noted as one)."""
+        self.recorder.paused += 1
+        try:
+            yield
+        finally:
+            self.recorder.paused -= 1
+
+
+def is_remote(link: Any) -> bool:
+    """Return True for a chain link that is a graph the server runs (not a local one)."""
+    return isinstance(link, Call) and link.subgraph.remote is not None
+
+
+def plan(events: list, own: dict | None = None) -> list[list[tuple[Any, list[tuple]]]]:
     """
-    Return the chains of a watched call: per chain, its links as (call, sources), head first.
+    Return the chains of a watched call: per chain, its links as (link, sources), head first.
 
     A head is a remote subgraph; a later call joins its chain when each data
     input is the head's input j (``('in', j)``) or a link's output k
     (``('out', link, k)``, its k-th tensor output), the robot can rebuild its
     other outputs (sizes) from its tensor outputs, and it writes into none of
-    its inputs; a local link stays only if a later link takes its outputs.  A
-    chain needs a second remote link.  Subgraphs called twice in the call
-    (a loop) chain nothing.
+    its inputs.  Recorded operators between the calls join as segments
+    (:class:`~rrto_ros.partition_eager.Builder`, ``own``: the module's
+    weights by id), a link the server runs as a
+    :class:`~rrto_ros.partition_eager.EagerModule`.  A local link or segment
+    stays only if a later link takes its outputs; a chain needs a second
+    remote link.  Subgraphs called twice in the call (a loop) chain nothing.
     """
+    calls = [e for e in events if isinstance(e, Call)]
     counts: dict[int, int] = {}
     for call in calls:
         counts[id(call.subgraph)] = counts.get(id(call.subgraph), 0) + 1
     used: set[int] = set()
     chains = []
-    for i, head in enumerate(calls):
-        if head.subgraph.remote is None or counts[id(head.subgraph)] > 1 or i in used:
+
+    def joins(call: Call, sources: list) -> bool:
+        return (call.subgraph.flops >= 0 and counts[id(call.subgraph)] == 1
+                and not call.subgraph.writes and call.subgraph.outputs.ok and id(call) not in used)
+
+    for i, head in enumerate(events):
+        if not isinstance(head, Call) or head.subgraph.remote is None or \
+                counts[id(head.subgraph)] > 1 or id(head) in used:
             continue
-        known = {id(t): ('in', j) for j, t in enumerate(head.data)}
-        known.update({id(t): ('out', 0, k) for k, t in enumerate(head.outputs)})
-        links = [(i, head, [('in', j) for j in range(len(head.data))])]
-        for p in range(i + 1, len(calls)):
-            call = calls[p]
-            sources = [known.get(id(t)) for t in call.data]
-            if (None in sources or call.subgraph.flops < 0 or counts[id(call.subgraph)] > 1
-                    or call.subgraph.writes or p in used or not call.subgraph.outputs.ok):
-                continue
-            known.update({id(t): ('out', len(links), k) for k, t in enumerate(call.outputs)})
-            links.append((p, call, sources))
-        kept = _trimmed(links)
-        if sum(c.subgraph.remote is not None for _, c, _ in kept) > 1:
-            used.update(p for p, _, _ in kept)
-            chains.append([(c, s) for _, c, s in kept])
+        builder = partition_eager.Builder(head, own or {}, joins)
+        for p in range(i + 1, len(events)):
+            builder.add(p, events[p])
+        kept = builder.finish(is_remote)
+        if sum(is_remote(link) for link, _ in kept) > 1:
+            used.update(id(link) for link, _ in kept)
+            chains.append(kept)
     return chains
 
 
-def build(calls: list[Call], module_of: Any, remote_of: Any, label: str,
-          timeout_s: float) -> dict[int, tuple]:
+def build(events: list, module_of: Any, remote_of: Any, label: str,
+          timeout_s: float, own: dict | None = None) -> dict[int, tuple]:
     """
     Plan the chains of a watched call and prepare each on the server.
 
     ``module_of(call)`` returns a call's graph as a module taking its data
     inputs, ``remote_of(local)`` an offloaded model of a local model.
     Returns head subgraph index -> (ChainModel, its offloaded model, the
-    chain's subgraphs); a chain that cannot be written or recorded is left
-    out (its subgraphs run one round trip each, as before).
+    chain's links: subgraphs, None for a segment); a chain that cannot be
+    written or recorded is left out (its subgraphs run one round trip each).
     """
     chains = {}
-    log.info('%s: one call ran subgraphs %s (r: remote)', label, ' '.join(
-        f'{c.subgraph.index}{"r" if c.subgraph.remote is not None else ""}' for c in calls))
-    for chain in plan(calls):
+    log.info('%s: one call ran subgraphs %s (r: remote), %d operators between them', label,
+             ' '.join(f'{c.subgraph.index}{"r" if c.subgraph.remote is not None else ""}'
+                      for c in events if isinstance(c, Call)),
+             sum(not isinstance(e, Call) for e in events))
+    for chain in plan(events, own):
         head = chain[0][0]
         name = f'{label}.chain{head.subgraph.index}'
         remote = None
         try:
-            model = ChainModel([module_of(c) for c, _ in chain], chain, name)
+            model = ChainModel([module_of(c) if isinstance(c, Call) else c
+                                for c, _ in chain], chain, name)
             remote = remote_of(model)
             ready = remote.warmup(*head.data, timeout_s=timeout_s)
         except Exception as exc:  # noqa: B902 - export's errors have no common base
@@ -152,26 +190,14 @@ def build(calls: list[Call], module_of: Any, remote_of: Any, label: str,
                 remote.close()
             continue
         if ready:
-            chains[head.subgraph.index] = (model, remote, [c.subgraph for c, _ in chain])
-            log.info('%s: subgraphs %s in one request', name,
-                     [c.subgraph.index for c, _ in chain])
+            links = [c.subgraph if isinstance(c, Call) else None for c, _ in chain]
+            chains[head.subgraph.index] = (model, remote, links)
+            log.info('%s: links %s in one request', name, [
+                s.index if s is not None else 'ops' for s in links])
         else:
             log.info('%s: not chained (the server did not record it)', name)
             remote.close()
     return chains
-
-
-def _trimmed(links: list) -> list:
-    """Keep the head, remote links and the local links a kept link takes outputs of."""
-    needed: set[int] = set()
-    keep = [False] * len(links)
-    for n in range(len(links) - 1, -1, -1):
-        keep[n] = n == 0 or links[n][1].subgraph.remote is not None or n in needed
-        if keep[n]:
-            needed.update(s[1] for s in links[n][2] if s[0] == 'out')
-    index = {old: new for new, old in enumerate(n for n in range(len(links)) if keep[n])}
-    return [(p, call, [s if s[0] == 'in' else ('out', index[s[1]], s[2]) for s in sources])
-            for n, (p, call, sources) in enumerate(links) if keep[n]]
 
 
 class ChainModel(LocalModel):
@@ -188,11 +214,18 @@ class ChainModel(LocalModel):
         self.label = label
         self.modules = modules
         self.sources = [sources for _, sources in chain]
-        links, self.leaves = [], []
-        for (call, sources), module in zip(chain, modules):
-            artifact = TorchModule(module, label).artifact(call.data, _spec(call.data))
-            self.leaves.append(program_outputs(artifact.program))
-            links.append(Link(artifact.program, artifact.weights(), sources, []))
+        links, self.leaves, self.inline = [], [], []
+        for (link, sources), module in zip(chain, modules):
+            if isinstance(link, Call):
+                artifact = TorchModule(module, label).artifact(link.data, _spec(link.data))
+                doc, weights = artifact.program, artifact.weights()
+            else:       # recorded operators: their own program, their guards inside
+                data, weights = module.program(label)
+                doc = json.loads(data)
+            self.leaves.append(program_outputs(doc))
+            self.inline.append([(len(links), k, 0, 'eq', size)
+                                for k, size in getattr(module, 'tests', [])])
+            links.append(Link(doc, weights, sources, []))
         for n, link in enumerate(links[1:], 1):
             link.tests = self.tests(n, links, chain)
         self.counts = [len(link.doc['outputs']) for link in links]
@@ -229,11 +262,15 @@ class ChainModel(LocalModel):
         with EXPORT_GUARD.shared(), torch.inference_mode():
             for n, (module, sources) in enumerate(zip(self.modules, self.sources)):
                 stopped = stopped or not holds(self.link_tests[n], values)
-                if stopped:
-                    values.append(None)
-                    continue
-                inputs = [args[s[1]] if s[0] == 'in' else values[s[1]][s[2]] for s in sources]
-                values.append(tuple(module(*inputs)))
+                if not stopped:
+                    inputs = [args[s[1]] if s[0] == 'in' else values[s[1]][s[2]]
+                              for s in sources]
+                    try:
+                        values.append(tuple(module(*inputs)))
+                        continue
+                    except GuardFailed:     # a recorded segment's size guard
+                        stopped = True
+                values.append(None)
         flat, at = [], 0
         for n, outputs in enumerate(values):
             count = self.counts[n]
@@ -312,7 +349,7 @@ class Speculation:
         if self.queue:
             guess = self.queue[0]
             if guess.subgraph is subgraph and len(data) == len(guess.inputs) and all(
-                    a is b for a, b in zip(data, guess.inputs)) and guess.unchanged():
+                    _same(a, b) for a, b in zip(data, guess.inputs)) and guess.unchanged():
                 self.queue.pop(0)
                 return guess
         if id(subgraph) in self.members or (subgraph.writes and any(
@@ -323,22 +360,38 @@ class Speculation:
 
 def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tuple],
               record: Any) -> Speculation:
-    """Return the guesses of a chained call whose outputs per link are ``outputs``."""
+    """
+    Return the guesses of a chained call whose outputs per link are ``outputs``.
+
+    ``links`` are the chain's subgraphs (None for a segment of recorded
+    operators).  Each link ran on the server only if every guard up to it
+    held: those before it on its inputs' sizes, and a segment's own after
+    each size-varying operator (evaluated here on the sizes that came back).
+    Only remote graphs are guessed: the robot computes everything else itself.
+    """
     queue = []
     for n in range(1, len(links)):
-        if not holds(chain.link_tests[n], outputs):
+        if not holds(chain.link_tests[n] + chain.inline[n], outputs):
             break           # the server stopped here: the rest runs as usual
         try:
             check_outputs(outputs[n], chain.leaves[n])
         except ProtocolError:
             break
+        if links[n] is None or links[n].remote is None:
+            continue
         inputs = [head_data[s[1]] if s[0] == 'in' else outputs[s[1]][s[2]]
                   for s in chain.sources[n]]
         seen = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
         queue.append(Guess(links[n], inputs, links[n].outputs.complete(outputs[n]), record,
                            seen))
-    return Speculation(queue, {id(s) for s in links[1:]},
+    return Speculation(queue, {id(s) for s in links[1:] if s is not None and s.remote is not None},
                        {id(t) for guess in queue for t in guess.inputs})
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Return True if the robot's input ``a`` is, or equals, the input ``b`` a guess read."""
+    return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+                      and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
 
 
 def _spec(data: list) -> Any:

@@ -8,18 +8,17 @@ such a stage exports as one graph; its program says ``"dynamic": true`` and
 the server runs it op by op, unrecorded (a CUDA graph replays fixed shapes),
 under the same allowlist as any program (:mod:`rrto_wire.ops`) plus:
 
-* **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``,
-  ``where(condition)`` and ``torchvision::nms`` (where the server has
-  torchvision) return at most one row per element of their input, whatever
-  the values (sized at that many: the numel of an ``expand()``ed view is
-  not memory); ``index`` may take boolean masks (its integer indices clamped
-  into range, as in every program);
-* **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``,
-  ``sym_numel``), integer arithmetic on sizes (``operator.*``, ``sym_min``,
-  ``sym_max``: never on a tensor), the assertions export writes about
-  them, and a chained program's guard on them (:mod:`rrto_wire.program_chain`);
-* **indexed writes** (``index_put``) with their indices clamped into range;
-  the result has the size of the tensor written into;
+* **data-dependent operators** (:data:`DATA_DEPENDENT`): ``nonzero``, ``where(condition)``,
+  ``unique`` and ``torchvision::nms`` (where the server has torchvision) return at most one
+  row per element of their input, whatever the values (sized at that many: the numel of an
+  ``expand()``ed view is not memory); ``index`` may take boolean masks (its integer indices
+  clamped into range, as in every program);
+* **size operators** (:data:`SIZE_OPS`): a tensor's size (``sym_size``, ``sym_numel``),
+  integer arithmetic on sizes (``operator.*``, ``sym_min``, ``sym_max``: never on a
+  tensor), the assertions export writes about them, and a chained program's guard on them
+  (:mod:`rrto_wire.program_chain`);
+* Python's ``&`` and ``|`` on tensors (``aten.__and__.Tensor``: ``bitwise_and``);
+* **indexed writes** (``index_put``), indices clamped, the size of the tensor written into;
 * ``torchvision::roi_align`` (where the server has torchvision) with a fixed
   sampling ratio and each RoI's batch index clamped (:func:`roi_align_checked`).
 
@@ -149,15 +148,15 @@ DATA_DEPENDENT: dict[str, Callable] = {
     'aten.nonzero.default': torch.ops.aten.nonzero.default,
     'aten.where.default': torch.ops.aten.where.default,
     'aten.index.Tensor': _index_masked,
+    'aten._unique2.default': torch.ops.aten._unique2.default,
 }
 # sizes of tensors, integer arithmetic on them, and export's assertions about them
 SIZE_OPS: dict[str, Callable] = {
     'aten.sym_size.int': torch.ops.aten.sym_size.int,
     'aten.sym_numel.default': torch.ops.aten.sym_numel.default,
     'aten._assert_scalar.default': torch.ops.aten._assert_scalar.default,
-    'aten.sym_constrain_range_for_size.default':
-        torch.ops.aten.sym_constrain_range_for_size.default,
-    'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
+    'aten.sym_constrain_range_for_size.default': torch.ops.aten.sym_constrain_range_for_size
+    .default, 'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
     program_chain.GUARD: program_chain.guard,    # a chained program's guard on sizes
 }
 _GETITEM = ops.resolve('operator.getitem')     # picks one value of a tuple (where, nms...)
@@ -167,7 +166,10 @@ _WRITES = {'aten.index_put.default': _index_put_clamped,
            'aten.index_put_.default': _index_put_clamped_}
 _TORCHVISION = {'torchvision.nms.default': ('nms', None),
                 'torchvision.roi_align.default': ('roi_align', roi_align_checked)}
+_BITWISE = {f'aten.__{op}__.Tensor': getattr(torch.ops.aten, f'bitwise_{op}').Tensor
+            for op in ('and', 'or')}        # Python's & and | on tensors, as exported
 _NAMES = {fn: name for name, fn in {**DATA_DEPENDENT, **SIZE_OPS, **_WRITES}.items()}
+_NAMES.update({getattr(torch.ops.aten, name.split('.')[1]).Tensor: name for name in _BITWISE})
 _NAMES.update({torch.ops.aten.index.Tensor: 'aten.index.Tensor',
                torch.ops.aten.index_put.default: 'aten.index_put.default',
                torch.ops.aten.index_put_.default: 'aten.index_put_.default'})
@@ -186,7 +188,7 @@ def resolve(name: Any) -> Callable:
             return op
         substitute._schema = op._schema      # its arguments' names, for check_call
         return substitute
-    for table in (DATA_DEPENDENT, SIZE_OPS, _WRITES):
+    for table in (DATA_DEPENDENT, SIZE_OPS, _WRITES, _BITWISE):
         if name in table:
             return table[name]
     return ops.resolve(name)
@@ -216,7 +218,9 @@ _DATA_DEPENDENT_FNS = frozenset(DATA_DEPENDENT.values())
 _SIZE_FNS = frozenset(SIZE_OPS.values())
 # at most one row per input element (nonzero: [n, dim] int64 for n <= numel), whatever the
 # values, so sized at numel rows; index_put returns the tensor it writes into (or a copy)
-_ROW_PER_ELEMENT = frozenset((torch.ops.aten.nonzero.default, torch.ops.aten.where.default))
+_UNIQUE = torch.ops.aten._unique2.default
+_ROW_PER_ELEMENT = frozenset((torch.ops.aten.nonzero.default, torch.ops.aten.where.default,
+                              _UNIQUE))
 _SAME_SIZE = frozenset((_index_put_clamped, _index_put_clamped_))
 # one tensor in, one of its shape out (a dtype argument may widen it to 8 bytes an element)
 _SAME_SHAPE = frozenset(getattr(torch.ops.aten, name) for name in (
@@ -279,9 +283,9 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor)]
     read = sum(t.numel() for t in tensors)
-    if fn in _ROW_PER_ELEMENT:
-        rows = tensors[0].numel() * max(1, tensors[0].dim())
-        return rows * 8, 0, read + rows
+    if fn in _ROW_PER_ELEMENT:    # unique: values, inverse and counts, numel each at most
+        rows = tensors[0].numel() * (3 if fn is _UNIQUE else max(1, tensors[0].dim()))
+        return rows * 8, 0, read + rows * (max(1, rows).bit_length() if fn is _UNIQUE else 1)
     if fn is _torchvision('nms'):
         n = tensors[0].shape[0]
         mask = n * -(-n // 64) * 8 if device.type == 'cuda' else n   # suppressed, per pair

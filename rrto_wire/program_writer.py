@@ -28,6 +28,12 @@ from rrto_wire.weights import pack_weights, shard_weights
 
 def _out_meta(node: fx.Node) -> dict | None:
     val = node.meta.get('val')
+    if isinstance(val, torch.Tensor) and 'dims' in node.meta:
+        # a recorded operator's real output, its data-dependent dims named by the recorder
+        dims, most = node.meta['dims']
+        return {'dtype': dtype_name(val.dtype),
+                'shape': [0 if i in dims else int(s) for i, s in enumerate(val.shape)],
+                'dims': list(dims), 'sym': [f'{node.name}:{i}' for i in dims], 'max': list(most)}
     if isinstance(val, torch.Tensor):
         # a size that depends on the data is written as 0, its dimension listed in "dims",
         # with its size expression in "sym" (equal expressions: equal sizes) and the upper
@@ -98,7 +104,10 @@ def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: An
 
 
 def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
-    """Raise ValueError if ``node`` writes into a parameter, buffer or input in place."""
+    """Raise ValueError if ``node`` writes into a parameter, buffer or input in place.
+
+    ``placeholders`` are those that must not be written.
+    """
     schema = getattr(node.target, '_schema', None)
     if schema is None:
         return
@@ -113,9 +122,17 @@ def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
 
 def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
           weights: dict[str, torch.Tensor], in_spec: Any, out_spec: Any,
-          label: str = 'model', scope_prefix: str = '', sharded: bool = False
+          label: str = 'model', scope_prefix: str = '', sharded: bool = False,
+          dynamic: bool | None = None, writable: frozenset = frozenset()
           ) -> tuple[bytes, bytes | list[bytes]]:
-    """Serialise an ATen-level fx graph whose placeholders are ``inputs`` and ``params``."""
+    """
+    Serialise an ATen-level fx graph whose placeholders are ``inputs`` and ``params``.
+
+    ``dynamic`` True writes a dynamic program even without unbacked sizes (a
+    chain's segment of recorded operators, its data-dependent dims in the
+    nodes' ``meta['dims']``); ``writable`` names inputs it may write into
+    in place (a chain link's inputs that are earlier links' values).
+    """
     if sharded:
         shards = shard_weights(weights)
         weights_field = [{'blob': sha256(blob), 'prefix': prefix} for prefix, blob in shards]
@@ -124,11 +141,12 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
         weights_blob = pack_weights(weights) if weights else b''
         weights_field = sha256(weights_blob) if weights else None
     placeholders = {n.name: n for n in graph.nodes if n.op == 'placeholder'}
-    dynamic = is_dynamic(graph)
+    dynamic = is_dynamic(graph) if dynamic is None else dynamic
+    protected = {name: n for name, n in placeholders.items() if name not in writable}
     nodes, outputs = [], []
     for node in graph.nodes:
         if node.op == 'call_function':
-            _refuse_state_mutation(node, placeholders)
+            _refuse_state_mutation(node, protected)
             op = (ops_dynamic if dynamic else ops).name_of(node.target)
             nodes.append({'name': node.name, 'op': op, 'args': encode_arg(list(node.args)),
                           'kwargs': {k: encode_arg(v) for k, v in node.kwargs.items()},

@@ -111,3 +111,71 @@ def test_a_guard_is_sizes_against_integer_constants_and_nothing_else(change, cod
     with pytest.raises(ProtocolError) as err:
         Program(doc)
     assert err.value.code == code, err.value
+
+
+class _Graph:
+    """A captured graph as plan() sees it: remote or not, its outputs rebuildable."""
+
+    def __init__(self, index: int, remote: bool):
+        self.index, self.remote, self.flops, self.writes = index, remote or None, 1, False
+        self.outputs = type('Outputs', (), {'ok': True})()
+
+
+def test_recorded_operators_never_write_into_what_a_remote_graph_reads_or_returns():
+    # a segment of the eager operators between graphs runs on the server inside the chain;
+    # a write there into the head's output (or a remote link's input once it ran) would
+    # change what the server returns for it: such an operator is left out, and what reads
+    # its result is left out too; a write into a tensor the operators made is kept
+    from rrto_ros.partition_chain import Call, plan
+    from rrto_ros.partition_eager import Op
+
+    aten = torch.ops.aten
+    with torch.inference_mode():
+        x = torch.ones(4)
+        h = x * 2                                   # the head's output
+        head = Call(_Graph(0, True), 1, [x], (h,))
+
+        def chained(events):
+            chains = plan([head] + events)
+            return [[type(link).__name__ for link, _ in c] for c in chains]
+
+        made = torch.zeros(4)
+        events = [Op(aten.zeros.default, ([4],), {}, made),
+                  Op(aten.add_.Tensor, (made, h), {}, made)]
+        y = made * 3
+        events.append(Op(aten.mul.Tensor, (made, 3), {}, y))
+        z = y + 1
+        assert chained(events + [Call(_Graph(1, True), 1, [y], (z,))]) == [
+            ['Call', 'EagerModule', 'Call']]
+        bad = [Op(aten.add_.Tensor, (h, 1), {}, h)]
+        w = h * 3
+        bad.append(Op(aten.mul.Tensor, (h, 3), {}, w))
+        assert chained(bad + [Call(_Graph(1, True), 1, [w], (w + 1,))]) == []
+        assert chained(bad + [Call(_Graph(1, True), 1, [h], (h + 1,))]) == []
+
+
+def test_a_guess_is_claimed_only_on_inputs_equal_to_those_the_server_used():
+    # a remote graph after recorded operators: the robot's input is its own eager result,
+    # another tensor object; it takes the server's outputs only if the values are equal
+    from rrto_ros.partition_chain import Guess, Speculation
+
+    link = _Graph(1, True)
+    with torch.inference_mode():
+        served = torch.arange(6.0)
+        for robot, claimed in ((torch.arange(6.0), True), (torch.arange(6.0) + 1, False),
+                               (torch.arange(5.0), False), (torch.arange(6), False)):
+            guess = Guess(link, [served], (served * 2,), None, [served.clone()])
+            speculation = Speculation([guess], {id(link)}, {id(served)})
+            assert (speculation.claim(link, [robot]) is guess) == claimed
+            if not claimed:     # a miss ends the guess: the graph runs as usual
+                assert speculation.claim(link, [served.clone()]) is None
+
+
+def test_unique_in_a_dynamic_program_is_sized_at_its_most_before_it_runs():
+    from rrto_wire import ops_dynamic
+
+    fn = ops_dynamic.resolve('aten._unique2.default')
+    n = 1000
+    nbytes, flops, work = ops_dynamic.cost(fn, (torch.zeros(n),), {}, torch.device('cpu'))
+    assert nbytes == 3 * n * 8 and flops == 0 and work >= n
+    assert ops_dynamic.varies(fn)
