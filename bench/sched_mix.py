@@ -301,6 +301,7 @@ def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
         'late_stages_ms': stages([r for r in answered if r['outcome'] == 'late']),
         'server': {k: server_task.get(k) for k in ('preempt_ms', 'queue_ms', 'latency_ms',
                                                    'expired', 'abandoned', 'late')},
+        'missed_releases': [r for r in releases if r['outcome'] in ('late', 'dropped')],
     }
 
 
@@ -335,7 +336,9 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
     if theta is None:
         theta = args.theta
     workers = args.cpu_workers or (4 if args.device.startswith('cuda') else 2)
-    server = start_server(store, args.device, policy, theta, ['--cpu-workers', str(workers)])
+    extra = ['--cpu-workers', str(workers)] + (['--sched-trace', str(args.trace)]
+                                               if args.trace else [])
+    server = start_server(store, args.device, policy, theta, extra)
     try:
         replays = {spec.name: prepare(server.endpoint, spec, artifacts[spec.name])
                    for spec in specs}
@@ -348,7 +351,7 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
                                        stats['tasks'].get(spec.name, {})) for spec in specs}
     scheduler = {k: stats['scheduler'].get(k) for k in (
         'policy', 'theta', 'lanes', 'steps', 'preemptions', 'packed_steps', 'expired',
-        'abandoned', 'preempt_ms')}
+        'abandoned', 'preempt_ms', 'epoch', 'trace') if k in stats['scheduler']}
     replays_info = {r['label']: {'segments': r['segments'], 'utilisation': r['utilisation'],
                                  'max_segment_ms': max(r['segment_ms'], default=None)}
                     for r in stats['replays']}
@@ -398,6 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='first run each periodic task alone (fifo) for its uncontended '
                              'latency and miss rate (rows labelled solo)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--trace', type=int, default=0,
+                        help="keep the server's last N device steps (--sched-trace) in the "
+                             'results, with its clock epoch: beside each task\'s '
+                             'missed_releases (their send and reply times on the same '
+                             'monotonic clock) they say what the lanes ran meanwhile')
     parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
     parser.add_argument('--out', help='write the results as JSON here')
     return parser.parse_args(argv)

@@ -373,6 +373,7 @@ class Server:
         data['tasks'] = self.tasks.snapshot(client)
         if client is not None:           # the trace names every client's tasks
             data['scheduler'].pop('trace', None)
+            data['scheduler'].pop('epoch', None)
         data['naive_sessions'] = len(self.naive)
         data['device'] = str(self.device)
         data['open_requests'] = len(self.open_requests)
