@@ -44,6 +44,9 @@ from rrto_server.process import ServerProcess
 from rrto_wire.summary import percentile
 
 REPO = Path(__file__).resolve().parents[1]
+# steps of the server's trace the stats reply can carry: ~100 bytes each in a header of at
+# most rrto_wire.limits.MAX_HEADER_BYTES (10000 steps of a preemptive run went over it)
+MAX_TRACE = 8000
 
 POLICIES = {
     'fifo': ('fifo', 0.0),
@@ -405,10 +408,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep the server's last N device steps (--sched-trace) in the "
                              'results, with its clock epoch: beside each task\'s '
                              'missed_releases (their send and reply times on the same '
-                             'monotonic clock) they say what the lanes ran meanwhile')
+                             'monotonic clock) they say what the lanes ran meanwhile; at most '
+                             f'{MAX_TRACE} (the stats reply is one header)')
     parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
     parser.add_argument('--out', help='write the results as JSON here')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not 0 <= args.trace <= MAX_TRACE:
+        parser.error(f'--trace takes 0 to {MAX_TRACE} steps')
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -1,6 +1,7 @@
 """The scheduler benchmarks run end to end (scaled down) and account for every frame."""
 
 import json
+import time
 
 import pytest
 
@@ -13,7 +14,8 @@ OUTCOMES = ('ok', 'late', 'dropped', 'skipped', 'error', 'timeout')
 def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_path):
     out = tmp_path / 'sched.json'
     results = sched_mix.main(['--preset', 'tiny', '--duration', '1.5', '--clients', 'threads',
-                              '--policies', 'fifo', 'preemptive', '--solo', '--out', str(out)])
+                              '--policies', 'fifo', 'preemptive', '--solo', '--trace', '400',
+                              '--out', str(out)])
     assert json.loads(out.read_text()) == results
     json.dumps(results, allow_nan=False)
     for label, run in results['runs'].items():
@@ -29,6 +31,13 @@ def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_pat
             tail = task['stages_p90_ms']    # and the slow tenth, stage by stage
             assert set(tail) == set(stages) and tail['wire'] >= stages['wire']
             assert set(task['late_stages_ms']) == set(stages)
+            missed = task['missed_releases']     # each with its times, to place on the trace
+            assert len(missed) == task['late'] + task['dropped']
+            assert all(r['release'] <= r['send'] <= r['end'] for r in missed)
+        trace, epoch = run['scheduler']['trace'], run['scheduler']['epoch']
+        assert 0 < len(trace) <= 400 and all(e['end_ms'] >= e['start_ms'] for e in trace)
+        assert abs(epoch + trace[-1]['end_ms'] / 1e3 - time.monotonic()) < 600, \
+            'the trace is on the clients\' monotonic clock'
         detect = run['tasks']['detect']
         assert 0.0 <= detect['miss_rate'] <= 1.0
         assert run['tasks']['mapping']['miss_rate'] is None     # best effort: no deadline
