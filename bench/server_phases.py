@@ -16,7 +16,8 @@ of a 150 KB frame into a page-locked buffer) under each condition the server add
 loop: a CUDA graph reading the buffer between copies, a frame just received from another
 process (first and second copy of it), one or four libzmq I/O threads, and the receiving
 thread and libzmq's I/O thread pinned to one core, two cores sharing a cache, or two far
-apart (:func:`staging`).
+apart (:func:`staging`).  ``--interference`` times an urgent frame's receive and express
+step beside a best-effort batch's receive and staging (:func:`interference`).
 """
 
 from __future__ import annotations
@@ -309,6 +310,112 @@ def staging(calls: int, nbytes: int, device: str) -> list[dict]:
     return rows
 
 
+BULK_SENDER = """
+import sys, time, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+frame = bytes(int(sys.argv[2]))
+stop = time.monotonic() + float(sys.argv[3])
+while time.monotonic() < stop:
+    sock.send_multipart([b'', frame], copy=False)
+    sock.recv_multipart()
+"""
+URGENT_SENDER = """
+import json, sys, time, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(sys.argv[1])
+frame = bytes(int(sys.argv[2]))
+period, stop, rtt = float(sys.argv[3]), time.monotonic() + float(sys.argv[4]), []
+while time.monotonic() < stop:
+    start = time.monotonic()
+    sock.send_multipart([b'', frame], copy=False)
+    sock.recv_multipart()
+    rtt.append((time.monotonic() - start) * 1e3)
+    time.sleep(max(0.0, start + period - time.monotonic()))
+print(json.dumps(rtt[5:]))
+"""
+BULK_BYTES = 32 * 3 * 224 * 224 * 4      # bench.sched_mix's best-effort batch (19 MB)
+URGENT_BYTES = 3 * 224 * 224 * 4         # its urgent frame (600 KB)
+
+
+def _spread(values: list[float]) -> dict:
+    values = sorted(values)
+    return {'n': len(values), 'median_ms': statistics.median(values),
+            'p99_ms': values[int(0.99 * (len(values) - 1))], 'max_ms': values[-1]}
+
+
+def interference(device: str, seconds: float = 2.0) -> list[dict]:
+    """
+    Time an urgent frame's path beside a best-effort batch's, one stage at a time.
+
+    Receive: a ROUTER answering every message at once, an urgent sender (600 KB every
+    5 ms) alone and beside a sender of 19 MB batches, with 1 and 4 libzmq I/O threads.
+    Stage: an express-shaped CUDA graph (600 KB in from page-locked memory, compute,
+    out) replayed and waited for every 2 ms, alone and while another thread stages
+    19 MB batches with :func:`rrto_server.transfers.stage`, whole and in pieces.
+    """
+    import zmq
+    from rrto_server import transfers
+    rows = []
+    for io_threads, bulk in ((4, False), (4, True), (1, True)):
+        ctx = zmq.Context(io_threads=io_threads)
+        router = ctx.socket(zmq.ROUTER)
+        router.bind('tcp://127.0.0.1:0')
+        endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+        senders = [subprocess.Popen([sys.executable, '-c', URGENT_SENDER, endpoint,
+                                     str(URGENT_BYTES), '0.005', str(seconds)],
+                                    stdout=subprocess.PIPE, text=True)]
+        if bulk:
+            senders.append(subprocess.Popen([sys.executable, '-c', BULK_SENDER, endpoint,
+                                             str(BULK_BYTES), str(seconds + 1.0)]))
+        try:
+            while senders[0].poll() is None:
+                if router.poll(50):
+                    frames = router.recv_multipart(copy=False)
+                    router.send_multipart([frames[0], b''])
+            rtt = json.loads(senders[0].stdout.read())
+        finally:
+            for sender in senders:
+                sender.kill()
+            router.close(linger=0)
+            ctx.term()
+        rows.append({'stage': 'receive', 'io_threads': io_threads, 'bulk': bulk,
+                     **_spread(rtt)})
+        print(f"  receive: 600 KB round trip, {io_threads} I/O threads, "
+              f"{'beside 19 MB batches' if bulk else 'alone'}: {rows[-1]}", flush=True)
+    if not device.startswith('cuda'):
+        return rows
+    host = torch.empty(URGENT_BYTES, dtype=torch.uint8, pin_memory=True)
+    step = _graph_reading(host, device)
+    batch = torch.randn(32, 3, 224, 224)
+    dev = torch.device(device)
+    for label, chunk in (('alone', 0), ('whole', BULK_BYTES), ('1 MiB pieces', 1 << 20),
+                         ('4 MiB pieces', 4 << 20)):
+        stop = threading.Event()
+
+        def stager(chunk=chunk) -> None:
+            while not stop.is_set():
+                transfers.stage([batch], dev, chunk)
+        thread = threading.Thread(target=stager, daemon=True) if chunk != 0 else None
+        if thread is not None:
+            thread.start()
+        times = []
+        try:
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                step()
+                times.append((time.perf_counter() - start) * 1e3)
+                time.sleep(0.002)
+        finally:
+            stop.set()
+            if thread is not None:
+                thread.join()
+        rows.append({'stage': 'express step', 'staging': label, **_spread(times[5:])})
+        print(f'  express step, 19 MB staging beside: {label}: {rows[-1]}', flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='bench.server_phases', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -319,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--staging', type=int, metavar='BYTES', nargs='?', const=3 * 224 * 224,
                         help='time the staging memcpy of a BYTES frame (default 150528) under '
                              'each condition instead (CUDA)')
+    parser.add_argument('--interference', action='store_true',
+                        help="time an urgent frame's receive and express step beside a 19 MB "
+                             "batch's receive and staging instead (CUDA)")
     parser.add_argument('--client', nargs=3, metavar=('ENDPOINT', 'ARCH', 'CALLS'),
                         help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -326,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
         client(args.client[0], args.client[1], int(args.client[2]))
         return 0
     from bench.machine import write_results
-    if args.staging:
-        rows = staging(args.calls, args.staging, args.device)
+    if args.staging or args.interference:
+        rows = (staging(args.calls, args.staging, args.device) if args.staging
+                else interference(args.device))
         if args.out:
             write_results(args.out, 'python -m bench.server_phases', argv, rows)
         return 0
