@@ -381,6 +381,59 @@ def table(results: dict) -> str:
     return '\n'.join(rows)
 
 
+def place_missed(run: dict, task: str) -> list[dict]:
+    """
+    Place each of ``task``'s missed releases in one policy's ``run`` on the server's trace.
+
+    Needs a run made with ``--trace``.  An answered release's request is the job of
+    that task whose steps lie between its send and its reply and add up to its
+    ``compute_ms``; its receipt is that job's first step less its ``queue_ms``.  Per
+    release: ``inbound_ms`` (send to receipt), ``server_ms``, ``outbound_ms`` (the
+    reply's way back), ``lanes_busy_ms`` and ``lanes`` (steps of any task between
+    send and receipt).  A dropped release (no timing), or one whose job the trace no
+    longer holds, has its outcome and wall time only.
+    """
+    scheduler = run['scheduler']
+    epoch, trace = scheduler.get('epoch'), scheduler.get('trace') or []
+    if epoch is None:
+        return []
+    steps = [(epoch + e['start_ms'] / 1e3, epoch + e['end_ms'] / 1e3, e['task'], e['job'])
+             for e in trace]
+    placed = []
+    for release in run['tasks'][task].get('missed_releases', []):
+        send, end, timing = release['send'], release['end'], release['server']
+        row = {'outcome': release['outcome'], 'wall_ms': (end - send) * 1e3}
+        jobs: dict[int, list[tuple]] = {}
+        for step in steps:
+            if step[2] == task and send <= step[0] and step[1] <= end:
+                jobs.setdefault(step[3], []).append(step)
+        if 'compute_ms' in timing and jobs:
+            job = min(jobs.values(), key=lambda js: abs(
+                sum(b - a for a, b, _, _ in js) * 1e3 - timing['compute_ms']))
+            receipt = min(a for a, _, _, _ in job) - timing['queue_ms'] / 1e3
+            before = [(max(a, send), min(b, receipt), name) for a, b, name, _ in steps
+                      if b > send and a < receipt]
+            row.update(inbound_ms=(receipt - send) * 1e3, server_ms=timing['server_ms'],
+                       queue_ms=timing['queue_ms'], compute_ms=timing['compute_ms'],
+                       outbound_ms=(end - receipt) * 1e3 - timing['server_ms'],
+                       lanes_busy_ms=sum(b - a for a, b, _ in before) * 1e3,
+                       lanes=sorted({name for _, _, name in before}))
+        placed.append(row)
+    return placed
+
+
+def explain(results: dict) -> str:
+    """Return one line per missed release of every run (see :func:`place_missed`)."""
+    lines = []
+    for label, run in results['runs'].items():
+        for name in run['tasks']:
+            for row in place_missed(run, name):
+                parts = [f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                         for k, v in row.items()]
+                lines.append(f'{label} {name}: ' + ', '.join(parts))
+    return '\n'.join(lines)
+
+
 def _ms(value) -> str:
     return '-' if value is None else f'{value:.2f}'
 
@@ -412,6 +465,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f'{MAX_TRACE} (the stats reply is one header)')
     parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
     parser.add_argument('--out', help='write the results as JSON here')
+    parser.add_argument('--explain', metavar='RESULTS',
+                        help='print where each missed release of a --trace run spent its '
+                             'time (results JSON of an earlier run) and exit')
     args = parser.parse_args(argv)
     if not 0 <= args.trace <= MAX_TRACE:
         parser.error(f'--trace takes 0 to {MAX_TRACE} steps')
@@ -421,6 +477,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; print a table and return (and optionally save) the results."""
     args = parse_args(argv)
+    if args.explain:
+        results = json.loads(Path(args.explain).read_text())
+        print(explain(results))
+        return results
     specs = PRESETS[args.preset]
     if args.tasks:
         specs = [TaskSpec.from_dict(d) for d in json.loads(Path(args.tasks).read_text())]

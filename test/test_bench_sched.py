@@ -62,3 +62,23 @@ def test_preemption_latency_benchmark_reports_a_distribution(tmp_path):
     assert row['preempt_ms']['p50'] <= row['preempt_ms']['p99'] <= row['preempt_ms']['max']
     assert row['low_inferences'] > 0
     assert json.loads(out.read_text()) == results
+
+
+def test_a_missed_release_is_placed_on_the_server_trace():
+    """Receipt = the job's first step less its queue time; what the lanes ran before it."""
+    trace = [{'lane': 0, 'task': 'mapping', 'job': 7, 'start_ms': 0.0, 'end_ms': 4.0},
+             {'lane': 0, 'task': 'detect', 'job': 8, 'start_ms': 5.0, 'end_ms': 6.0},
+             {'lane': 0, 'task': 'detect', 'job': 9, 'start_ms': 6.5, 'end_ms': 6.7}]
+    missed = {'outcome': 'late', 'release': 99.9985, 'send': 99.999, 'end': 100.0075,
+              'server': {'queue_ms': 1.5, 'compute_ms': 1.0, 'server_ms': 2.7}}
+    dropped = {'outcome': 'dropped', 'release': 100.0, 'send': 100.0, 'end': 100.002,
+               'server': {'message': 'deadline passed'}}
+    run = {'scheduler': {'epoch': 100.0, 'trace': trace},
+           'tasks': {'detect': {'missed_releases': [missed, dropped]}}}
+    late, drop = sched_mix.place_missed(run, 'detect')
+    assert late['inbound_ms'] == pytest.approx(4.5)       # receipt at 103.5 ms
+    assert late['outbound_ms'] == pytest.approx(8.5 - 4.5 - 2.7)
+    assert late['lanes_busy_ms'] == pytest.approx(3.5) and late['lanes'] == ['mapping']
+    assert drop == {'outcome': 'dropped', 'wall_ms': pytest.approx(2.0)}
+    assert sched_mix.place_missed({'scheduler': {}, 'tasks': {}}, 'detect') == []
+    assert 'inbound_ms 4.50' in sched_mix.explain({'runs': {'preemptive': run}})
