@@ -359,6 +359,7 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
                                  'max_segment_ms': max(r['segment_ms'], default=None)}
                     for r in stats['replays']}
     return {'tasks': tasks, 'scheduler': scheduler, 'replays': replays_info,
+            'gc': stats.get('gc'), 'gc_pauses': stats.get('gc_pauses'),
             'server_command': ' '.join(server.command)}
 
 
@@ -390,8 +391,9 @@ def place_missed(run: dict, task: str) -> list[dict]:
     ``compute_ms``; its receipt is that job's first step less its ``queue_ms``.  Per
     release: ``inbound_ms`` (send to receipt), ``server_ms``, ``outbound_ms`` (the
     reply's way back), ``lanes_busy_ms`` and ``lanes`` (steps of any task between
-    send and receipt).  A dropped release (no timing), or one whose job the trace no
-    longer holds, has its outcome and wall time only.
+    send and receipt) and ``gc_ms`` (the server's garbage collections then, from its
+    ``gc_pauses``: each stops every thread).  A dropped release (no timing), or one whose
+    job the trace no longer holds, has its outcome and wall time only.
     """
     scheduler = run['scheduler']
     epoch, trace = scheduler.get('epoch'), scheduler.get('trace') or []
@@ -413,11 +415,15 @@ def place_missed(run: dict, task: str) -> list[dict]:
             receipt = min(a for a, _, _, _ in job) - timing['queue_ms'] / 1e3
             before = [(max(a, send), min(b, receipt), name) for a, b, name, _ in steps
                       if b > send and a < receipt]
+            collected = [(p['start'], p['start'] + p['ms'] / 1e3)
+                         for p in run.get('gc_pauses') or []]
             row.update(inbound_ms=(receipt - send) * 1e3, server_ms=timing['server_ms'],
                        queue_ms=timing['queue_ms'], compute_ms=timing['compute_ms'],
                        outbound_ms=(end - receipt) * 1e3 - timing['server_ms'],
                        lanes_busy_ms=sum(b - a for a, b, _ in before) * 1e3,
-                       lanes=sorted({name for _, _, name in before}))
+                       lanes=sorted({name for _, _, name in before}),
+                       gc_ms=sum(max(0.0, min(b, receipt) - max(a, send))
+                                 for a, b in collected) * 1e3)
         placed.append(row)
     return placed
 

@@ -34,6 +34,7 @@ def test_mixed_workload_compares_policies_and_accounts_for_every_release(tmp_pat
             missed = task['missed_releases']     # each with its times, to place on the trace
             assert len(missed) == task['late'] + task['dropped']
             assert all(r['release'] <= r['send'] <= r['end'] for r in missed)
+        assert run['gc']['2']['collections'] >= 0 and isinstance(run['gc_pauses'], list)
         trace, epoch = run['scheduler']['trace'], run['scheduler']['epoch']
         assert 0 < len(trace) <= 400 and all(e['end_ms'] >= e['start_ms'] for e in trace)
         assert abs(epoch + trace[-1]['end_ms'] / 1e3 - time.monotonic()) < 600, \
@@ -74,11 +75,13 @@ def test_a_missed_release_is_placed_on_the_server_trace():
     dropped = {'outcome': 'dropped', 'release': 100.0, 'send': 100.0, 'end': 100.002,
                'server': {'message': 'deadline passed'}}
     run = {'scheduler': {'epoch': 100.0, 'trace': trace},
+           'gc_pauses': [{'start': 100.0025, 'ms': 2.0, 'generation': 2}],
            'tasks': {'detect': {'missed_releases': [missed, dropped]}}}
     late, drop = sched_mix.place_missed(run, 'detect')
     assert late['inbound_ms'] == pytest.approx(4.5)       # receipt at 103.5 ms
     assert late['outbound_ms'] == pytest.approx(8.5 - 4.5 - 2.7)
     assert late['lanes_busy_ms'] == pytest.approx(3.5) and late['lanes'] == ['mapping']
+    assert late['gc_ms'] == pytest.approx(1.0)           # the part before receipt
     assert drop == {'outcome': 'dropped', 'wall_ms': pytest.approx(2.0)}
     assert sched_mix.place_missed({'scheduler': {}, 'tasks': {}}, 'detect') == []
     assert 'inbound_ms 4.50' in sched_mix.explain({'runs': {'preemptive': run}})
