@@ -44,6 +44,9 @@ from rrto_server.process import ServerProcess
 from rrto_wire.summary import percentile
 
 REPO = Path(__file__).resolve().parents[1]
+# steps of the server's trace the stats reply can carry: ~100 bytes each in a header of at
+# most rrto_wire.limits.MAX_HEADER_BYTES (10000 steps of a preemptive run went over it)
+MAX_TRACE = 8000
 
 POLICIES = {
     'fifo': ('fifo', 0.0),
@@ -301,6 +304,7 @@ def summarise_task(spec: TaskSpec, releases: list[dict], duration: float,
         'late_stages_ms': stages([r for r in answered if r['outcome'] == 'late']),
         'server': {k: server_task.get(k) for k in ('preempt_ms', 'queue_ms', 'latency_ms',
                                                    'expired', 'abandoned', 'late')},
+        'missed_releases': [r for r in releases if r['outcome'] in ('late', 'dropped')],
     }
 
 
@@ -335,7 +339,9 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
     if theta is None:
         theta = args.theta
     workers = args.cpu_workers or (4 if args.device.startswith('cuda') else 2)
-    server = start_server(store, args.device, policy, theta, ['--cpu-workers', str(workers)])
+    extra = ['--cpu-workers', str(workers)] + (['--sched-trace', str(args.trace)]
+                                               if args.trace else [])
+    server = start_server(store, args.device, policy, theta, extra)
     try:
         replays = {spec.name: prepare(server.endpoint, spec, artifacts[spec.name])
                    for spec in specs}
@@ -348,11 +354,12 @@ def run_policy(label: str, specs: list[TaskSpec], artifacts: dict, store: Path, 
                                        stats['tasks'].get(spec.name, {})) for spec in specs}
     scheduler = {k: stats['scheduler'].get(k) for k in (
         'policy', 'theta', 'lanes', 'steps', 'preemptions', 'packed_steps', 'expired',
-        'abandoned', 'preempt_ms')}
+        'abandoned', 'preempt_ms', 'epoch', 'trace') if k in stats['scheduler']}
     replays_info = {r['label']: {'segments': r['segments'], 'utilisation': r['utilisation'],
                                  'max_segment_ms': max(r['segment_ms'], default=None)}
                     for r in stats['replays']}
     return {'tasks': tasks, 'scheduler': scheduler, 'replays': replays_info,
+            'gc': stats.get('gc'), 'gc_pauses': stats.get('gc_pauses'),
             'server_command': ' '.join(server.command)}
 
 
@@ -373,6 +380,64 @@ def table(results: dict) -> str:
                         f"{miss} | {t['throughput_hz']:.1f} | {pre_txt} | "
                         f"{'/'.join(_ms(v) for v in t.get('stages_ms', {}).values())} |")
     return '\n'.join(rows)
+
+
+def place_missed(run: dict, task: str) -> list[dict]:
+    """
+    Place each of ``task``'s missed releases in one policy's ``run`` on the server's trace.
+
+    Needs a run made with ``--trace``.  An answered release's request is the job of
+    that task whose steps lie between its send and its reply and add up to its
+    ``compute_ms``; its receipt is that job's first step less its ``queue_ms``.  Per
+    release: ``inbound_ms`` (send to receipt), ``server_ms``, ``outbound_ms`` (the
+    reply's way back), ``lanes_busy_ms`` and ``lanes`` (steps of any task between
+    send and receipt) and ``gc_ms`` (the server's garbage collections then, from its
+    ``gc_pauses``: each stops every thread).  A dropped release (no timing), or one whose
+    job the trace no longer holds, has its outcome and wall time only.
+    """
+    scheduler = run['scheduler']
+    epoch, trace = scheduler.get('epoch'), scheduler.get('trace') or []
+    if epoch is None:
+        return []
+    steps = [(epoch + e['start_ms'] / 1e3, epoch + e['end_ms'] / 1e3, e['task'], e['job'])
+             for e in trace]
+    placed = []
+    for release in run['tasks'][task].get('missed_releases', []):
+        send, end, timing = release['send'], release['end'], release['server']
+        row = {'outcome': release['outcome'], 'wall_ms': (end - send) * 1e3}
+        jobs: dict[int, list[tuple]] = {}
+        for step in steps:
+            if step[2] == task and send <= step[0] and step[1] <= end:
+                jobs.setdefault(step[3], []).append(step)
+        if 'compute_ms' in timing and jobs:
+            job = min(jobs.values(), key=lambda js: abs(
+                sum(b - a for a, b, _, _ in js) * 1e3 - timing['compute_ms']))
+            receipt = min(a for a, _, _, _ in job) - timing['queue_ms'] / 1e3
+            before = [(max(a, send), min(b, receipt), name) for a, b, name, _ in steps
+                      if b > send and a < receipt]
+            collected = [(p['start'], p['start'] + p['ms'] / 1e3)
+                         for p in run.get('gc_pauses') or []]
+            row.update(inbound_ms=(receipt - send) * 1e3, server_ms=timing['server_ms'],
+                       queue_ms=timing['queue_ms'], compute_ms=timing['compute_ms'],
+                       outbound_ms=(end - receipt) * 1e3 - timing['server_ms'],
+                       lanes_busy_ms=sum(b - a for a, b, _ in before) * 1e3,
+                       lanes=sorted({name for _, _, name in before}),
+                       gc_ms=sum(max(0.0, min(b, receipt) - max(a, send))
+                                 for a, b in collected) * 1e3)
+        placed.append(row)
+    return placed
+
+
+def explain(results: dict) -> str:
+    """Return one line per missed release of every run (see :func:`place_missed`)."""
+    lines = []
+    for label, run in results['runs'].items():
+        for name in run['tasks']:
+            for row in place_missed(run, name):
+                parts = [f'{k} {v:.2f}' if isinstance(v, float) else f'{k} {v}'
+                         for k, v in row.items()]
+                lines.append(f'{label} {name}: ' + ', '.join(parts))
+    return '\n'.join(lines)
 
 
 def _ms(value) -> str:
@@ -398,14 +463,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help='first run each periodic task alone (fifo) for its uncontended '
                              'latency and miss rate (rows labelled solo)')
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--trace', type=int, default=0,
+                        help="keep the server's last N device steps (--sched-trace) in the "
+                             'results, with its clock epoch: beside each task\'s '
+                             'missed_releases (their send and reply times on the same '
+                             'monotonic clock) they say what the lanes ran meanwhile; at most '
+                             f'{MAX_TRACE} (the stats reply is one header)')
     parser.add_argument('--store', help='model store to reuse (default: a temporary one)')
     parser.add_argument('--out', help='write the results as JSON here')
-    return parser.parse_args(argv)
+    parser.add_argument('--explain', metavar='RESULTS',
+                        help='print where each missed release of a --trace run spent its '
+                             'time (results JSON of an earlier run) and exit')
+    args = parser.parse_args(argv)
+    if not 0 <= args.trace <= MAX_TRACE:
+        parser.error(f'--trace takes 0 to {MAX_TRACE} steps')
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Run the benchmark; print a table and return (and optionally save) the results."""
     args = parse_args(argv)
+    if args.explain:
+        results = json.loads(Path(args.explain).read_text())
+        print(explain(results))
+        return results
     specs = PRESETS[args.preset]
     if args.tasks:
         specs = [TaskSpec.from_dict(d) for d in json.loads(Path(args.tasks).read_text())]

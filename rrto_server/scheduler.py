@@ -210,7 +210,8 @@ class Scheduler:
                     'lanes': len(self.lanes),
                     'pending': len(self._ready), **self.counters,
                     'preempt_ms': summarise(self._preempt_ms)}
-            if self.trace is not None:
+            if self.trace is not None:     # its times are ms after ``epoch`` (the clock's)
+                data['epoch'] = self.epoch
                 data['trace'] = [dict(zip(('lane', 'task', 'job', 'start_ms', 'end_ms', 'util'),
                                           entry)) for entry in self.trace]
         return data

@@ -36,6 +36,7 @@ so a peer that never reads cannot make the server hold its replies: at most
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -142,6 +143,7 @@ class Server:
                  'packing %s)', self.endpoint, self.device, self.store.root,
                  'on' if config.allow_upload else 'off', config.sched_policy,
                  f'theta={theta:g}' if theta > 0 else 'off')
+        gc.callbacks.append(self.stats.collection)      # its pauses; removed by close()
 
     def _router(self, config: ServerConfig) -> zmq.Socket:
         router = router_socket(self.context)     # unknowable automatic ids (a13 #0)
@@ -208,6 +210,8 @@ class Server:
             self._loop_done.wait()
         self.replies.close()
         self.watchdog.close()
+        if self.stats.collection in gc.callbacks:
+            gc.callbacks.remove(self.stats.collection)
         self.router.close(linger=0)
         self.guard.close()
         if self._own_ctx:
@@ -374,6 +378,8 @@ class Server:
         data['tasks'] = self.tasks.snapshot(client)
         if client is not None:           # the trace names every client's tasks
             data['scheduler'].pop('trace', None)
+            data['scheduler'].pop('epoch', None)
+            data.pop('gc_pauses', None)      # when, on the server's clock (as the trace)
         data['naive_sessions'] = len(self.naive)
         data['device'] = str(self.device)
         data['open_requests'] = len(self.open_requests)

@@ -17,7 +17,7 @@ import torch
 
 from rrto_ros import OffloadResult
 from rrto_ros.zoo import keypoint_net
-from rrto_server import host_buffers, runner_cudagraph
+from rrto_server import host_buffers, runner_cudagraph, transfers
 from rrto_server.lanes import Job, Lane
 from rrto_server.replay import Replay
 from rrto_wire import treespec
@@ -121,6 +121,7 @@ def test_replies_in_flight_keep_their_page_locked_outputs(tmp_path):
 
 def test_inputs_and_outputs_over_the_caps_take_the_plain_path(tmp_path, monkeypatch):
     monkeypatch.setattr(runner_cudagraph, 'STAGED_INPUT_BYTES', 1024)
+    monkeypatch.setattr(transfers, 'STAGE_CHUNK_BYTES', 4096)    # staged in 18 pieces
     monkeypatch.setattr(host_buffers, 'MAX_BYTES', 1024)
     model = keypoint_net()
     x, y = torch.randn(*SIZE), torch.randn(*SIZE)
@@ -134,6 +135,19 @@ def test_inputs_and_outputs_over_the_caps_take_the_plain_path(tmp_path, monkeypa
     out = suspended.host_outputs()
     assert not out[0].is_pinned()
     assert close(out, reference(model, x)) and close(between, reference(model, y))
+
+
+def test_a_bulk_input_staged_in_pieces_is_the_whole_copy_byte_for_byte():
+    device = torch.device('cuda')
+    for tensor in (torch.randn(1000, 1031),                  # 4 pieces of 1 MiB and a rest
+                   torch.randint(0, 255, ((3 << 20) + 7,), dtype=torch.uint8),
+                   torch.randn(1031, 1000).t(),              # not contiguous: one copy
+                   torch.randn(100)):                        # under a piece
+        pieces = transfers.stage([tensor], device, chunk_bytes=1 << 20)[0]
+        whole = transfers.stage([tensor], device, chunk_bytes=1 << 40)[0]
+        assert pieces.device.type == 'cuda' and pieces.dtype == tensor.dtype
+        assert pieces.shape == tensor.shape
+        assert torch.equal(pieces.cpu(), tensor) and torch.equal(whole.cpu(), tensor)
 
 
 def test_large_outputs_are_copied_back_off_the_lane_into_tracked_buffers(tmp_path):

@@ -6,6 +6,7 @@ byte for byte what the general path answers.
 """
 
 import collections
+import gc
 import threading
 import time
 
@@ -18,8 +19,10 @@ import zmq
 from rrto_ros.client import RemoteError, RrtoClient
 from rrto_ros.zoo import keypoint_net
 from rrto_server import server as server_module
+from rrto_server import stats as stats_module
 from rrto_server.express import ExpressPlan
 from rrto_server.lanes import Job
+from rrto_server.options import ServerConfig
 from rrto_server.replay import SERVED_MIN, SERVED_RUNS
 from rrto_server.requests import Request
 from rrto_server.runner import Execution
@@ -471,3 +474,23 @@ def test_a_lane_that_copied_the_outputs_back_sends_the_reply_itself(make_server,
         assert client.stats()['double_answers'] == 0
     finally:
         client.close()
+
+
+def test_garbage_collections_are_timed_while_the_server_runs(make_server, tmp_path,
+                                                             monkeypatch):
+    """A collection stops every thread: the stats count and time each one (when: admins)."""
+    monkeypatch.setattr(stats_module, 'PAUSE_MS', 0.0)      # keep every pause's start
+    server = make_server()
+    before = server.snapshot()['gc']['2']['collections']
+    gc.collect()
+    snapshot = server.snapshot()
+    assert snapshot['gc']['2']['collections'] == before + 1
+    assert snapshot['gc']['2']['longest_ms'] > 0
+    pause = snapshot['gc_pauses'][-1]
+    assert pause['generation'] == 2 and abs(pause['start'] - time.perf_counter()) < 60
+    assert 'gc_pauses' not in server.snapshot(client='a-peer')
+    closed = server_module.Server(ServerConfig(bind='tcp://127.0.0.1:0',
+                                               store=str(tmp_path / 'closed'), device='cpu'))
+    closed.close()                              # takes its timer out of the collector
+    gc.collect()
+    assert closed.snapshot()['gc']['2']['collections'] == 0
