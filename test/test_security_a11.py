@@ -408,7 +408,8 @@ def test_a_replica_records_its_fleets_warms_without_one_shared_record_budget(tmp
         blob = exploits.program(nodes, ['y2'])
         digest = hashlib.sha256(blob).hexdigest()
         _put(robot, 1, blob)
-        replica.server.control.record_budget = DeviceBudget('record', burst_s=1e-3, rate=0.0)
+        replica.server.control.record_budget = DeviceBudget(    # any one step exceeds it
+            'record', burst_s=1e-9, rate=0.0)
         signature = [{'dtype': 'float32', 'shape': [4]}]
         for segments in ('ops:1', 'ops:2', 'whole'):
             assert replica.warm(digest, signature, {'segments': segments})['replay']
