@@ -132,7 +132,7 @@ class Segment:
         return [id(t) for op in self.ops if varies(op) for t in op.outputs()]
 
     def module(self) -> 'EagerModule':
-        """Return the link as a module (its guards raise GuardFailed), outputs in order."""
+        """Return the link as an EagerModule whose guards raise GuardFailed, outputs in order."""
         for key in self.guarded():
             self.export(self.tensors[key])
         return EagerModule(self)
@@ -189,7 +189,7 @@ class EagerModule(torch.nn.Module):
             return tuple(self.graph_module(*inputs, *self.buffers()))
 
     def program(self, label: str) -> tuple[bytes, dict[str, torch.Tensor]]:
-        """Return the link's program (a dynamic program) and its constants by key."""
+        """Return the link written as a dynamic program, and its constants by key."""
         names = [n.name for n in self.graph_module.graph.nodes if n.op == 'placeholder']
         weights = dict(self.named_buffers())
         params = {names[self.arity + k]: f'c{k}' for k in range(self.segment_constants)}
