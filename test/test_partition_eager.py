@@ -163,3 +163,39 @@ def test_a_chain_whose_planning_raises_is_left_out_and_the_others_stay(caplog):
         chains = plan(events)
     assert [[link.subgraph.index for link, _ in chain] for chain in chains] == [[2, 3]]
     assert 'chain0: not chained, planning it failed (RuntimeError: cannot rebuild' in caplog.text
+
+
+class _Scaled(torch.nn.Module):
+    """``x * c`` with a constant ``c`` the traced graph reads as an attribute."""
+
+    def __init__(self, c: torch.Tensor):
+        super().__init__()
+        self.register_buffer('c', c)
+
+    def forward(self, w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * self.c + w
+
+
+def test_a_graph_captured_again_is_the_same_subgraph_only_when_it_is_the_same_computation():
+    # dynamo recompiles a frame when a process-wide guard fails (thread count, TF32): the
+    # same graph is handed to the backend again and must not become a second subgraph; a
+    # graph that differs in anything it computes with is a new one
+    from rrto_ros.partition_capture import CaptureOnce
+
+    weight = torch.ones(3)
+    made = []
+    once = CaptureOnce(lambda graph, example: made.append(object()) or made[-1],
+                       {id(weight): weight})
+
+    def capture(c: torch.Tensor, w: torch.Tensor, x: torch.Tensor):
+        return once(torch.fx.symbolic_trace(_Scaled(c)), [w, x])
+
+    first = capture(torch.tensor(2.0), weight, torch.zeros(3))
+    assert capture(torch.tensor(2.0), weight, torch.ones(3)) is first     # other data only
+    assert once.again == 1
+    assert capture(torch.tensor(2.0), weight, torch.zeros(4)) is not first   # another shape
+    assert capture(torch.tensor(2.0), torch.ones(3), torch.zeros(3)) is not first  # weight
+    assert capture(torch.tensor(3.0), weight, torch.zeros(3)) is not first    # a constant
+    assert capture(torch.tensor(-0.0), weight, torch.zeros(3)) is not capture(
+        torch.tensor(0.0), weight, torch.zeros(3))                          # bit for bit
+    assert len(made) == 6
