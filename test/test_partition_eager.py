@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rrto_ros.partition_chain import Call, plan
-from rrto_ros.partition_eager import Op, Segment
+from rrto_ros.partition_eager import Op, Recorder, Segment
 from rrto_ros.partition_sizes import varies, varying
 from rrto_wire import treespec
 from rrto_wire.program import Program
@@ -31,6 +31,18 @@ def _positive_fake(x: torch.Tensor) -> torch.Tensor:
 def rows(x: torch.Tensor) -> torch.Tensor:
     """Return the rows with a positive first column: no fake kernel, its sizes unknown."""
     return x[x[:, 0] > 0]
+
+
+def _recorded(fn, *args, **kwargs) -> Op:
+    """Return the one ATen operator a torch function ran, as the recorder notes it."""
+    events: list = []
+    with Recorder(events):
+        fn(*args, **kwargs)
+    (op,) = events
+    return op
+
+
+UNIQUE = _recorded(torch.unique, torch.zeros(2), return_inverse=True, return_counts=True).func
 
 
 def _segment(func, args: tuple, inputs: list) -> tuple[Segment, torch.Tensor]:
@@ -95,8 +107,8 @@ def test_the_dimensions_that_vary_are_derived_from_each_operator():
     assert _dims(aten.nonzero.default, x > 0) == [[0]]
     assert _dims(aten.where.default, x > 0) == [[0], [0], [0]]
     assert _dims(aten.masked_select.default, x, x > 0) == [[0]]
-    assert _dims(aten._unique2.default, x, True, True, True) == [[0], [], [0]]
-    assert _dims(aten._unique2.default, x, True, False, False) == [[0], [], []]
+    assert _dims(UNIQUE, x, True, True, True) == [[0], [], [0]]
+    assert _dims(UNIQUE, x, True, False, False) == [[0], [], []]
     assert _dims(aten.add.Tensor, x, 1) == [[]]
     # an operator of another namespace: its fake kernel says which; none: every dimension
     assert _dims(torch.ops.rrto_e7test.positive.default, x) == [[0]]
@@ -122,7 +134,7 @@ def test_torchvision_nms_varies_and_roi_align_follows_the_rois_shape():
 def test_unique_of_a_0d_tensor_guards_its_1d_outputs_and_not_its_0d_inverse():
     # r7 #5: the 0-d inverse was guarded on its dimension 0, an IndexError while planning
     x = torch.tensor(3.0)
-    segment, (values, inverse, counts) = _segment(aten._unique2.default, (x, True, True, True),
+    segment, (values, inverse, counts) = _segment(UNIQUE, (x, True, True, True),
                                                   [x])
     assert inverse.dim() == 0
     module = segment.module()
