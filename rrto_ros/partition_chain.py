@@ -133,6 +133,7 @@ def plan(events: list, own: dict | None = None) -> list[list[tuple[Any, list[tup
     :class:`~rrto_ros.partition_eager.EagerModule`.  A local link or segment
     stays only if a later link takes its outputs; a chain needs a second
     remote link.  Subgraphs called twice in the call (a loop) chain nothing.
+    A chain whose planning raises is left out (logged), the others stay.
     """
     calls = [e for e in events if isinstance(e, Call)]
     counts: dict[int, int] = {}
@@ -149,10 +150,7 @@ def plan(events: list, own: dict | None = None) -> list[list[tuple[Any, list[tup
         if not isinstance(head, Call) or head.subgraph.remote is None or \
                 counts[id(head.subgraph)] > 1 or id(head) in used:
             continue
-        builder = partition_eager.Builder(head, own or {}, joins)
-        for p in range(i + 1, len(events)):
-            builder.add(p, events[p])
-        kept = builder.finish(is_remote)
+        kept = partition_eager.grow(head, events[i + 1:], i + 1, own or {}, joins, is_remote)
         if sum(is_remote(link) for link, _ in kept) > 1:
             used.update(id(link) for link, _ in kept)
             chains.append(kept)
@@ -223,8 +221,8 @@ class ChainModel(LocalModel):
                 data, weights = module.program(label)
                 doc = json.loads(data)
             self.leaves.append(program_outputs(doc))
-            self.inline.append([(len(links), k, 0, 'eq', size)
-                                for k, size in getattr(module, 'tests', [])])
+            self.inline.append([(len(links), k, dim, 'eq', size)
+                                for k, dim, size in getattr(module, 'tests', [])])
             links.append(Link(doc, weights, sources, []))
         for n, link in enumerate(links[1:], 1):
             link.tests = self.tests(n, links, chain)

@@ -104,7 +104,8 @@ def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: An
 
 
 def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
-    """Raise ValueError if ``node`` writes into a parameter, buffer or input in place.
+    """
+    Raise ValueError if ``node`` writes into a parameter, buffer or input in place.
 
     ``placeholders`` are those that must not be written.
     """
