@@ -25,7 +25,11 @@ whose size depends on the data (written as 0 in ``shape``).
 
 Arguments are JSON values; ``{"n": name}`` refers to an input, a parameter or an
 earlier node; ``{"dtype"|"device"|"memory_format"|"layout"|"f": ...}`` tag
-torch enums and non-finite floats.
+torch enums and non-finite floats.  A ``{"device": ...}`` tag always means the
+server's own device, and a ``Device`` argument takes only that tag (or null):
+a program cannot name ``cpu``, ``meta`` or another GPU (a15 #8).  The label is
+a string of at most :data:`MAX_LABEL_CHARS` characters (a15 #7: it is listed
+in every stats reply).
 
 Version 2 shards the weights per layer (:func:`rrto_wire.weights.shard_weights`): one blob per
 module, holding its tensors under their local names (``weight``, ``bias``,
@@ -56,6 +60,7 @@ PROGRAM_VERSION = 1
 SHARDED_VERSION = 2             # "weights" is a list of per-layer shards
 MAX_SHARDS = 4096
 MAX_NODES = 65536               # operators per program (large detectors have a few thousand)
+MAX_LABEL_CHARS = 256           # a model's label: every stats reply listing it shows it (a15 #7)
 _ENUM_TAGS = {'dtype': torch.dtype, 'memory_format': torch.memory_format, 'layout': torch.layout}
 # the enum values a program may name besides wire dtypes: dense (strided) layouts only (a
 # sparse layout reaches constructors that trust their indices)
@@ -182,7 +187,7 @@ class Program:
         if version not in (PROGRAM_VERSION, SHARDED_VERSION):
             raise invalid_program(f'program version {version!r} not supported')
         try:
-            self.label = str(doc.get('label', 'model'))
+            self.label = _label(doc.get('label', 'model'))
             self.dynamic = doc.get('dynamic', False)     # sizes depend on the data
             if self.dynamic not in (True, False):
                 raise invalid_program('"dynamic" must be true or false')
@@ -355,6 +360,15 @@ class Program:
             live_out = [n.name for n in self.nodes[a:b] if last_use.get(n.name, -1) >= b]
             result.append((live_in, live_out))
         return result
+
+
+def _label(value: Any) -> str:
+    """Return a program's label: a string of at most :data:`MAX_LABEL_CHARS` characters."""
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS:
+        raise invalid_program(f'"label" must be a string of at most {MAX_LABEL_CHARS} characters '
+                              f'(it is listed in stats replies), got '
+                              f'{len(value) if isinstance(value, str) else type(value).__name__}')
+    return value
 
 
 def _device_positional(fn: Callable, args: list) -> bool:
