@@ -50,7 +50,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from rrto_wire import ops, ops_dynamic, program_chain, treespec
+from rrto_wire import ops, ops_dynamic, program_chain, program_shapes, treespec
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import decode_program_json, ErrorCode, invalid_program, ProtocolError
 from rrto_wire.tensors import TensorSpec
@@ -211,6 +211,7 @@ class Program:
             raise invalid_program(f'{type(exc).__name__}: {exc}') from None
         self._check_references()
         self._check_writes()
+        self._shapes_fit: set = set()      # weights' shapes the meta pass accepted
         if self.dynamic:
             ops_dynamic.check_sizes(self.nodes, refs_in)
             program_chain.check_skippable(self.nodes, filter(None, self.output_names))
@@ -312,6 +313,10 @@ class Program:
         inputs) and returns a tuple of ``outputs`` (default: the program's outputs).
         Parameters are looked up in ``weights`` and must already be on ``device``.
         """
+        shapes = tuple((k, tuple(w.shape), w.dtype) for k, w in weights.items())
+        if not self.dynamic and shapes not in self._shapes_fit:   # a15 #1's class
+            program_shapes.check(self, weights, decode_arg)
+            self._shapes_fit.add(shapes)
         stop = len(self.nodes) if stop is None else stop
         inputs = self.input_names if inputs is None else list(inputs)
         outputs = self.outputs if outputs is None else [{'n': n} for n in outputs]

@@ -24,16 +24,27 @@ C = 4                                   # channels of every per-channel case
 class _Resolved:
     """``R.packet.overload``: the callable the server runs for ``aten.packet.overload``."""
 
+    calls = None                        # a list: each call is recorded there, not made
+
     def __init__(self, packet: str = ''):
         self.packet = packet
 
     def __getattr__(self, name: str):
         if not self.packet:
             return _Resolved(name)
-        return ops.resolve(f'aten.{self.packet}.{name}')
+        fn = ops.resolve(f'aten.{self.packet}.{name}')
+        if _Resolved.calls is None:
+            return fn
+        return lambda *args, **kwargs: _Resolved.calls.append((fn, list(args), kwargs))
 
 
 A = R = _Resolved()
+
+
+def _op(name: str):
+    """Return ``R``'s callable for a full operator name (``aten.packet.overload``)."""
+    _, packet, overload = name.split('.')
+    return getattr(getattr(R, packet), overload)
 
 
 def _t(*shape, value=1.0, dtype=torch.float32):
@@ -66,10 +77,10 @@ def _norm_cases():
     four('aten.batch_norm.default',
          lambda x, w, b, m, s: A.batch_norm.default(x, w, b, m, s, False, 0.1, 1e-5, False))
     four('aten._native_batch_norm_legit_no_training.default',
-         lambda *a: ops.resolve('aten._native_batch_norm_legit_no_training.default')(
+         lambda *a: _op('aten._native_batch_norm_legit_no_training.default')(
              *a, 0.1, 1e-5))
     four('aten.native_batch_norm.default',
-         lambda *a: ops.resolve('aten.native_batch_norm.default')(*a, False, 0.1, 1e-5))
+         lambda *a: _op('aten.native_batch_norm.default')(*a, False, 0.1, 1e-5))
     four('aten.instance_norm.default',
          lambda x, w, b, m, s: A.instance_norm.default(x, w, b, m, s, True, 0.1, 1e-5, False))
     for name, call in (
@@ -109,20 +120,20 @@ def _pointwise():
                               ('copy_', ('default', 'Tensor')), ('expand_as', ('default',))):
         for overload in overloads:
             name = f'aten.{packet}.{overload}'
-            cases.update(_binary(name, lambda a, b, name=name: ops.resolve(name)(a, b)))
+            cases.update(_binary(name, lambda a, b, name=name: _op(name)(a, b)))
     for overload in ('Tensor_mode',):
         for packet in ('div', 'div_'):
             name = f'aten.{packet}.{overload}'
-            cases.update(_binary(name, lambda a, b, name=name: ops.resolve(name)(
+            cases.update(_binary(name, lambda a, b, name=name: _op(name)(
                 a, b, rounding_mode='floor')))
     for packet in ('clamp', 'clamp_'):
         name = f'aten.{packet}.Tensor'
-        cases.update(_binary(name, lambda a, b, name=name: ops.resolve(name)(a, b, b)))
+        cases.update(_binary(name, lambda a, b, name=name: _op(name)(a, b, b)))
     mask = torch.ones(2, 4, dtype=torch.bool)
     for packet in ('masked_fill', 'masked_fill_'):
-        cases.update(_binary(f'aten.{packet}.Scalar', lambda a, m, p=packet: ops.resolve(
+        cases.update(_binary(f'aten.{packet}.Scalar', lambda a, m, p=packet: _op(
             f'aten.{p}.Scalar')(a, m, 0.0), b=mask))
-        cases.update(_binary(f'aten.{packet}.Tensor', lambda a, m, p=packet: ops.resolve(
+        cases.update(_binary(f'aten.{packet}.Tensor', lambda a, m, p=packet: _op(
             f'aten.{p}.Tensor')(a, m, torch.tensor(0.0)), b=mask))
     cases.update(_binary('aten.where.self', lambda m, a: A.where.self(m, a, a), a=mask))
     cases.update(_binary('aten.where.ScalarOther',
@@ -131,8 +142,8 @@ def _pointwise():
                          lambda m, a: A.where.ScalarSelf(m, 0.0, a), a=mask))
     for packet in ('fill', 'fill_'):
         name = f'aten.{packet}.Tensor'
-        cases[name] = (lambda n=name: ops.resolve(n)(_t(2, 4), torch.tensor(1.0)),
-                       [lambda n=name: ops.resolve(n)(_t(2, 4), _t(3))])   # value: 0-d
+        cases[name] = (lambda n=name: _op(n)(_t(2, 4), torch.tensor(1.0)),
+                       [lambda n=name: _op(n)(_t(2, 4), _t(3))])   # value: 0-d
     return cases
 
 
@@ -142,24 +153,24 @@ def _linear_algebra():
     for overload, extra in (('default', ()), ('dtype', (torch.float32,))):
         cases[f'aten.addmm.{overload}'] = (
             lambda e=extra: A.addmm.default(v4, m23, m34) if not e else
-            ops.resolve('aten.addmm.dtype')(v4, m23, m34, *e),
-            [lambda e=extra: ops.resolve(f'aten.addmm.{"dtype" if e else "default"}')(
+            _op('aten.addmm.dtype')(v4, m23, m34, *e),
+            [lambda e=extra: _op(f'aten.addmm.{"dtype" if e else "default"}')(
                 _t(3), m23, m34, *e),
-             lambda e=extra: ops.resolve(f'aten.addmm.{"dtype" if e else "default"}')(
+             lambda e=extra: _op(f'aten.addmm.{"dtype" if e else "default"}')(
                 v4, m23, _t(2, 4), *e)])
         cases[f'aten.mm.{overload}'] = (
-            lambda e=extra: ops.resolve(f'aten.mm.{"dtype" if e else "default"}')(m23, m34, *e),
-            [lambda e=extra: ops.resolve(f'aten.mm.{"dtype" if e else "default"}')(
+            lambda e=extra: _op(f'aten.mm.{"dtype" if e else "default"}')(m23, m34, *e),
+            [lambda e=extra: _op(f'aten.mm.{"dtype" if e else "default"}')(
                 m23, _t(2, 4), *e)])
         cases[f'aten.bmm.{overload}'] = (
-            lambda e=extra: ops.resolve(f'aten.bmm.{"dtype" if e else "default"}')(
+            lambda e=extra: _op(f'aten.bmm.{"dtype" if e else "default"}')(
                 m23[None], m34[None], *e),
-            [lambda e=extra: ops.resolve(f'aten.bmm.{"dtype" if e else "default"}')(
+            [lambda e=extra: _op(f'aten.bmm.{"dtype" if e else "default"}')(
                 m23[None], _t(1, 2, 4), *e)])
         cases[f'aten.baddbmm.{overload}'] = (
-            lambda e=extra: ops.resolve(f'aten.baddbmm.{"dtype" if e else "default"}')(
+            lambda e=extra: _op(f'aten.baddbmm.{"dtype" if e else "default"}')(
                 v4, m23[None], m34[None], *e),
-            [lambda e=extra: ops.resolve(f'aten.baddbmm.{"dtype" if e else "default"}')(
+            [lambda e=extra: _op(f'aten.baddbmm.{"dtype" if e else "default"}')(
                 _t(3), m23[None], m34[None], *e)])
     cases['aten.matmul.default'] = (lambda: A.matmul.default(m23, m34),
                                     [lambda: A.matmul.default(m23, _t(2, 4))])
@@ -168,7 +179,8 @@ def _linear_algebra():
                                      lambda: A.linear.default(m23, _t(4, 2), v4)])
     q = _t(1, 2, 5, 8)
     cases['aten.scaled_dot_product_attention.default'] = (
-        lambda: A.scaled_dot_product_attention.default(q, q, q, _t(5, 5)),
+        lambda: (A.scaled_dot_product_attention.default(q, q, q),
+                 A.scaled_dot_product_attention.default(q, q, q, _t(5, 5))),
         [lambda: A.scaled_dot_product_attention.default(q, q[..., :3, :], q),
          lambda: A.scaled_dot_product_attention.default(q, q, q[..., :3, :]),
          lambda: A.scaled_dot_product_attention.default(q, q, _t(1, 1, 5, 8)),
@@ -182,8 +194,8 @@ def _linear_algebra():
                        [lambda call=call: call(m23, _t(2, 4))])
     for overload, kw in (('default', {}), ('indexing', {'indexing': 'ij'})):
         cases[f'aten.meshgrid.{overload}'] = (
-            lambda o=overload, kw=kw: ops.resolve(f'aten.meshgrid.{o}')([v4, v4[:2]], **kw),
-            [lambda o=overload, kw=kw: ops.resolve(f'aten.meshgrid.{o}')([m23, v4], **kw)])
+            lambda o=overload, kw=kw: _op(f'aten.meshgrid.{o}')([v4, v4[:2]], **kw),
+            [lambda o=overload, kw=kw: _op(f'aten.meshgrid.{o}')([m23, v4], **kw)])
     return cases
 
 
@@ -192,14 +204,14 @@ def _others():
     grid = torch.zeros(1, 3, 3, 2)
     cases = {}
     for name in ('aten.grid_sampler.default', 'aten.grid_sampler_2d.default'):
-        cases[name] = (lambda n=name: ops.resolve(n)(x, grid, 0, 0, False),
-                       [lambda n=name: ops.resolve(n)(x, grid[..., :1], 0, 0, False),
-                        lambda n=name: ops.resolve(n)(x, grid, 9, 0, False),    # unwritten
-                        lambda n=name: ops.resolve(n)(x, grid, 0, 3, False),
-                        lambda n=name: ops.resolve(n)(x, grid, -1, 0, False)])
+        cases[name] = (lambda n=name: _op(n)(x, grid, 0, 0, False),
+                       [lambda n=name: _op(n)(x, grid[..., :1], 0, 0, False),
+                        lambda n=name: _op(n)(x, grid, 9, 0, False),    # unwritten
+                        lambda n=name: _op(n)(x, grid, 0, 3, False),
+                        lambda n=name: _op(n)(x, grid, -1, 0, False)])
     cases['aten._prelu_kernel.default'] = (
-        lambda: ops.resolve('aten._prelu_kernel.default')(x, _t(C, 1, 1)),
-        [lambda: ops.resolve('aten._prelu_kernel.default')(x, _t(2, 1, 1))])
+        lambda: _op('aten._prelu_kernel.default')(x, _t(C, 1, 1)),
+        [lambda: _op('aten._prelu_kernel.default')(x, _t(2, 1, 1))])
     cases['aten.prelu.default'] = (lambda: A.prelu.default(x, _t(C)),
                                    [lambda: A.prelu.default(x, _t(2))])
     cases['aten.narrow.Tensor'] = (lambda: A.narrow.Tensor(x, 2, torch.tensor(1), 2),
@@ -222,14 +234,14 @@ def _others():
             ('aten.upsample_bilinear2d.default', lambda s: (x, [12, 12], False, s, s)),
             ('aten.upsample_bicubic2d.default', lambda s: (x, [12, 12], False, s, s)),
             ('aten._upsample_bilinear2d_aa.default', lambda s: (x, [12, 12], False, s, s))):
-        cases[name] = (lambda n=name, c=call: ops.resolve(n)(*c(2.0)),
-                       [lambda n=name, c=call, s=s: ops.resolve(n)(*c(s))
+        cases[name] = (lambda n=name, c=call: _op(n)(*c(2.0)),
+                       [lambda n=name, c=call, s=s: _op(n)(*c(s))
                         for s in (1e-6, 0.5, -1.0, float('nan'), float('inf'))])
         vec = name.replace('.default', '.vec')   # torch sizes the output from the scales
         input, sizes, *middle = [a for a in call(None) if a is not None]
         scales = [2.0] * len(sizes)
-        cases[vec] = (lambda n=vec, a=(input, None, *middle, scales): ops.resolve(n)(*a),
-                      [lambda n=vec, a=(input, sizes, *middle, scales): ops.resolve(n)(*a)])
+        cases[vec] = (lambda n=vec, a=(input, None, *middle, scales): _op(n)(*a),
+                      [lambda n=vec, a=(input, sizes, *middle, scales): _op(n)(*a)])
     return cases
 
 
@@ -242,7 +254,7 @@ def _convolutions():
                                  lambda x, w, b, d=dims: getattr(A, f'conv{d}d').padding(
                                      x, w, b, [1] * d, 'same')))
     for dims, name in ((1, 'aten.conv_transpose1d.default'), (2, 'aten.conv_transpose2d.input')):
-        cases.update(_conv_cases(name, dims, lambda x, w, b, n=name: ops.resolve(n)(x, w, b),
+        cases.update(_conv_cases(name, dims, lambda x, w, b, n=name: _op(n)(x, w, b),
                                  transposed=True))
     cases.update(_conv_cases('aten.convolution.default', 2, lambda x, w, b: A.convolution.default(
         x, w, b, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)))
@@ -311,6 +323,56 @@ def test_batch_norm_refuses_a_short_vector_before_its_kernel_reads_past_it(name,
         assert info.value.code == ErrorCode.UNSAFE_PROGRAM and short in info.value.message
 
 
+def _bordered(value):
+    """Return ``value`` with each float tensor copied into the middle of NaN-filled storage."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_bordered(item) for item in value)
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        return value
+    storage = torch.full((value.numel() + 2048,), float('nan'), dtype=value.dtype)
+    inside = storage[1024:1024 + value.numel()].view(value.shape)
+    return inside.copy_(torch.rand(value.shape, dtype=value.dtype) * 0.5 + 0.5)
+
+
+def _one_shorter(value, path=()):
+    """Yield (where, value) with one tensor in ``value`` one element shorter along one dim."""
+    if isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            for where, shorter in _one_shorter(item, path + (index,)):
+                yield where, [*value[:index], shorter, *value[index + 1:]]
+    elif isinstance(value, torch.Tensor):
+        for dim, size in enumerate(value.shape):
+            if size > 1:
+                shape = [*value.shape[:dim], size - 1, *value.shape[dim + 1:]]
+                yield f'argument {path} {list(value.shape)} -> {shape}', torch.zeros(
+                    shape, dtype=value.dtype)
+
+
+@pytest.mark.parametrize('name', sorted(CASES))
+def test_no_allowed_operator_reads_past_an_argument_one_element_shorter(name):
+    """The audit as a fuzz: every argument of every case, one shorter along every dim.
+
+    Each tensor lies in NaN-filled storage with values in [0.5, 1]: a call that does not
+    raise must not return a NaN, which only a read outside its arguments can find (on
+    869c097: both batch norms, _upsample_bilinear2d_aa; SDPA without a mask).
+    """
+    _Resolved.calls = []
+    try:
+        CASES[name][0]()
+    finally:
+        calls, _Resolved.calls = _Resolved.calls, None
+    assert calls, f'{name}: its case calls no operator through the allowlist'
+    for fn, args, kwargs in calls:
+        for where, shorter in _one_shorter(args):
+            try:
+                out = fn(*_bordered(shorter), **_bordered(kwargs))
+            except (ProtocolError, RuntimeError, IndexError, ValueError, TypeError):
+                continue
+            found = [t for t in torch.utils._pytree.tree_leaves(out)
+                     if isinstance(t, torch.Tensor) and t.is_floating_point() and t.isnan().any()]
+            assert not found, f'{name} with {where} read outside its arguments'
+
+
 def _leak(mean_len=1, channels=4096):
     n = exploits.node
     nodes = [n('m', 'aten.zeros.default', [mean_len], out=('float32', (mean_len,))),
@@ -349,9 +411,9 @@ def test_a_short_running_mean_from_the_weights_is_refused_too():
          n('y', 'operator.getitem', {'n': 'bn'}, 0, out=('float32', (1, 64, 1)))], ['y'],
         inputs=(('x', 'float32', (1, 64, 1)),), params={'m': 'm', 'v': 'v'})
     program = Program.parse(blob)
-    module = program.module({'m': torch.zeros(1), 'v': torch.ones(64)}, torch.device('cpu'))
-    with pytest.raises(ProtocolError, match='running_mean'):
-        module(torch.zeros(1, 64, 1))
+    with pytest.raises(ProtocolError, match='running_mean') as info:   # on meta, at build
+        program.module({'m': torch.zeros(1), 'v': torch.ones(64)}, torch.device('cpu'))
+    assert info.value.code == ErrorCode.UNSAFE_PROGRAM
 
 
 @pytest.mark.parametrize('device', ['meta', 'cpu', 'cuda:1', 'cuda'])
