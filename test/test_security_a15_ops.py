@@ -451,3 +451,39 @@ def test_a_label_is_bounded_at_parse():
             with pytest.raises(ProtocolError) as info:
                 Program.parse(blob)
             assert info.value.code == ErrorCode.BAD_REQUEST and 'label' in info.value.message
+
+
+def _static(nodes, outputs, inputs):
+    return Program.parse(exploits.program(nodes, outputs, inputs=inputs))
+
+
+def test_a_static_programs_shapes_are_checked_on_meta_before_any_kernel_runs():
+    """The meta pass: SDPA's key shorter than its value (the CPU kernel reads past it)."""
+    n = exploits.node
+    spec = ('float32', (1, 2, 5, 8))
+    nodes = [n('k', 'aten.zeros.default', [1, 2, 3, 8], out=('float32', (1, 2, 3, 8))),
+             n('y', 'aten.scaled_dot_product_attention.default', {'n': 'q'}, {'n': 'k'},
+               {'n': 'q'}, out=spec)]
+    with pytest.raises(ProtocolError) as info:
+        _static(nodes, ['y'], (('q', *spec),)).module({}, torch.device('cpu'))
+    assert info.value.code == ErrorCode.UNSAFE_PROGRAM and 'key' in info.value.message
+    nodes[0] = n('k', 'aten.zeros.default', [1, 2, 5, 8], out=spec)
+    module = _static(nodes, ['y'], (('q', *spec),)).module({}, torch.device('cpu'))
+    assert module(torch.zeros(1, 2, 5, 8))[0].shape == (1, 2, 5, 8)
+
+
+def test_a_node_whose_declared_shape_is_not_its_own_is_refused():
+    """A program that lies about a shape is refused at build, whatever the node."""
+    n = exploits.node
+    nodes = [n('y', 'aten.mm.default', {'n': 'x'}, {'n': 'x'}, out=('float32', (4, 4)))]
+    assert _static(nodes, ['y'], (('x', 'float32', (4, 4)),)).module({}, torch.device('cpu'))
+    nodes[0]['out']['shape'] = [4, 5]
+    with pytest.raises(ProtocolError, match='declares') as info:
+        _static(nodes, ['y'], (('x', 'float32', (4, 4)),)).module({}, torch.device('cpu'))
+    assert info.value.code == ErrorCode.UNSAFE_PROGRAM
+    nodes[0]['args'][1] = {'n': 'w'}                   # a meta kernel refusing: 4x4 @ 3x4
+    blob = exploits.program(nodes, ['y'], inputs=(('x', 'float32', (4, 4)),),
+                            params={'w': 'w'})
+    with pytest.raises(ProtocolError, match='do not fit') as info:
+        Program.parse(blob).module({'w': torch.zeros(3, 4)}, torch.device('cpu'))
+    assert info.value.code == ErrorCode.UNSAFE_PROGRAM
