@@ -272,3 +272,9 @@ class SlowPort:
         with self.lock:
             return {'instance': 'a', 'endpoint': 'tcp://a:1', 'infers': {},
                     'replays': list(self.replays)}
+
+
+def reply_guard_watchers() -> set:
+    """Return the robot's reply-guard watch threads now alive (one per guarded socket)."""
+    import threading
+    return {t for t in threading.enumerate() if t.name == 'rrto-reply-guard'}

@@ -18,6 +18,8 @@ import pytest
 import torch
 import zmq
 
+from rrto_testing import reply_guard_watchers
+
 from rrto_ros.client import RemoteError
 from rrto_ros.hedge import Hedge
 from rrto_wire import protocol as wire
@@ -55,20 +57,16 @@ def test_a_reply_with_bad_tensors_is_a_bad_reply_counted_once():
         ctx.destroy(linger=0)
 
 
-def _watchers() -> set:
-    return {t for t in threading.enumerate() if t.name == 'rrto-reply-guard'}
-
-
 @pytest.mark.parametrize('ending', ['close', 'collected'])
 def test_no_watch_thread_outlives_its_hedge(ending):
     """r7 #7: the thread held the hedge (a lambda), so one never closed polled forever."""
-    before = _watchers()
+    before = reply_guard_watchers()
     ctx = zmq.Context()
     srv = ctx.socket(zmq.ROUTER)
     hedge = Hedge(ctx)
     try:
         hedge.socket(f'tcp://127.0.0.1:{srv.bind_to_random_port("tcp://127.0.0.1")}')
-        started = _watchers() - before
+        started = reply_guard_watchers() - before
         assert len(started) == 1
         if ending == 'close':
             hedge.close()

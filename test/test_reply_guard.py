@@ -23,6 +23,8 @@ import pytest
 import torch
 import zmq
 
+from rrto_testing import reply_guard_watchers
+
 from bench.transport_hold import MIB, part, read_frame, read_message, zmtp_handshake
 from rrto_ros.client import RrtoClient
 from rrto_ros.reply_guard import MAX_AGE_S, RENEW_S, ReplyGuard, reply_limit
@@ -311,14 +313,10 @@ def test_an_idle_connection_is_renewed_after_renew_s():
         ctx.destroy(linger=0)
 
 
-def _watchers() -> set:
-    return {t for t in threading.enumerate() if t.name == 'rrto-reply-guard'}
-
-
 @pytest.mark.parametrize('ending', ['close', 'collected'])
 def test_no_watch_thread_outlives_its_client(ending):
     """r7 #7: the thread held the client, so one dropped without close() polled forever."""
-    before = _watchers()
+    before = reply_guard_watchers()
     ctx = zmq.Context()
     srv = ctx.socket(zmq.ROUTER)
     robot = RrtoClient(f'tcp://127.0.0.1:{srv.bind_to_random_port("tcp://127.0.0.1")}',
@@ -329,7 +327,7 @@ def test_no_watch_thread_outlives_its_client(ending):
         _send_replies(srv, ident, (1,), torch.ones(4))
         pending.result()
         del pending
-        started = _watchers() - before
+        started = reply_guard_watchers() - before
         assert len(started) == 1
         if ending == 'close':
             robot.close()
