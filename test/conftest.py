@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
@@ -18,6 +19,25 @@ from rrto_server.options import ServerConfig  # noqa: E402
 from rrto_server.server import Server  # noqa: E402
 
 torch.set_num_threads(2)
+
+_CORE_LOGGERS = ('rrto_ros', 'rrto_server')
+
+
+@pytest.fixture
+def caplog(caplog):
+    """Pytest's ``caplog``, also fed by core loggers that stopped propagating.
+
+    A node started earlier in the process routes ``rrto_ros``/``rrto_server`` to ROS with
+    ``propagate = False`` (``nodes/log_bridge``); from then on the root handler that
+    ``caplog`` listens on sees nothing of theirs, and a test's outcome would depend on which
+    tests ran before it.  Loggers that still propagate are left alone (no double records).
+    """
+    cut = [logger for logger in map(logging.getLogger, _CORE_LOGGERS) if not logger.propagate]
+    for logger in cut:
+        logger.addHandler(caplog.handler)
+    yield caplog
+    for logger in cut:
+        logger.removeHandler(caplog.handler)
 
 
 @pytest.fixture
