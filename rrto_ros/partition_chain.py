@@ -389,9 +389,9 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Return True if the robot's input ``a`` is, or equals, the input ``b`` a guess read."""
+    """Return True if the robot's input ``a`` is, or holds the bytes of, the input ``b``."""
     return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                      and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+                      and same_bits(a, b))
 
 
 def _spec(data: list) -> Any:
