@@ -1,15 +1,10 @@
 """Chained programs: a partitioned model's graphs in one request, each after a guard on sizes."""
 
-import gc
-
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensor
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from rrto_ros import OffloadResult, partition
-from rrto_ros.zoo import _anchors, _decode, initialise
-from rrto_ros.zoo_rcnn import RCNN, rcnn
+from rrto_ros.zoo_rcnn import rcnn
 
 SHAPE = (1, 3, 128, 128)
 
@@ -24,6 +19,7 @@ def _equal(got: list, want: list) -> bool:
 
 def _rcnn_offloaded(server, offloaded):
     """Return the R-CNN-shaped zoo detector, its input, local outputs and offloaded model."""
+    torch.compiler.reset()      # RCNN._detect's code is shared with other tests' detectors
     model = rcnn()
     x = _image(0)
     with torch.inference_mode():
@@ -153,127 +149,3 @@ def test_inputs_are_compared_by_their_bytes():
     assert same_bits(nan, nan.clone())       # the same bytes compute the same: claimable
     assert not same_bits(torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64))
     assert same_bits(torch.arange(3), torch.arange(3))
-
-
-class _EagerRCNN(RCNN):
-    """The zoo R-CNN with float operators between its graphs (in the frame dynamo skips)."""
-
-    extra = write = False       # Python between the graphs: another operator, a write
-
-    def forward(self, images: torch.Tensor) -> list:
-        p3 = self.backbone(images)
-        levels = [p3, self.down(p3)]
-        objectness, deltas, anchors = [], [], []
-        for level, feature in enumerate(levels):
-            n, _, h, w = feature.shape
-            objectness.append(self.objectness[level](feature).permute(0, 2, 3, 1).reshape(n, -1))
-            deltas.append(self.deltas[level](feature).permute(0, 2, 3, 1).reshape(n, -1, 4))
-            anchors.append(_anchors(h, w, images.shape[-1] / w, self.sizes[level]))
-        boxes = _decode(torch.cat(deltas, 1), torch.cat(anchors), images.shape[-2:])
-        logits = torch.cat(objectness, 1)
-        strides = [images.shape[-1] / f.shape[-1] for f in levels]
-        return [self._detect([f[i:i + 1] for f in levels], self._boxes(boxes[i]),
-                             torch.sigmoid(logits[i]), strides) for i in range(len(images))]
-
-    @torch.compiler.disable
-    def _boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        out = torch.mul(boxes, 1.0)         # ONE: the operator the robot computes differently
-        if self.write:
-            out.add_(0.0)
-        return out + 0.0 if self.extra else out
-
-
-class _Perturbed(TorchDispatchMode):
-    """The robot's CPU rounding otherwise: ``x * 1.0`` comes out one ulp higher."""
-
-    @classmethod
-    def ignore_compile_internals(cls) -> bool:
-        return True
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func is torch.ops.aten.mul.Tensor and len(args) == 2 and isinstance(args[1], float) and args[1] == 1.0 and \
-                out.dtype == torch.float32 and not isinstance(out, FakeTensor):
-            out = torch.nextafter(out, torch.full_like(out, float('inf')))
-        return out
-
-
-def _eager_offloaded(server, offloaded, write=False):
-    # RCNN._detect's code is shared with the zoo R-CNNs of the tests before: start from no
-    # dynamo entries, and collect those models now (not in the middle of a call)
-    gc.collect()
-    torch.compiler.reset()
-    model = initialise(_EagerRCNN(), 0)
-    model.write = write
-    x = _image(0)
-    with torch.inference_mode():
-        expected = model(x)
-    om = offloaded(model, server.endpoint, timeout_ms=30000)
-    with _Perturbed():      # the robot's every call (dynamo's entries are made under it)
-        assert om.warmup(x, timeout_s=300)
-    return model, x, expected, om
-
-
-def _perturbed_call(om, x) -> tuple:
-    before = om.stats()
-    with _Perturbed():
-        out = om(x)
-    after = om.stats()
-    return out, om.last.round_trips, after['chain_claims'] - before['chain_claims']
-
-
-def test_the_robot_adopts_the_servers_values_between_graphs(server, offloaded):
-    # the robot computes the operator between the backbone and the next graph one ulp
-    # off (as a CPU does against CUDA): the inputs its Python hands the box head never
-    # equal those the server used, so without adoption no guess is claimed (3 round
-    # trips); following the chain, the robot takes the server's value for the operator
-    # (and for the local graph after it), and the box and keypoint heads are claimed
-    model, x, expected, om = _eager_offloaded(server, offloaded)
-    chains = om.partition.describe()['chains']
-    assert len(chains) == 1 and 'ops' in chains[0], chains
-    for _ in range(2):
-        out, round_trips, claims = _perturbed_call(om, x)
-        assert (round_trips, claims) == (1, 3), om.last.reason
-        assert _equal(out, expected)            # the server's values, not the robot's
-    with _Perturbed(), torch.inference_mode():
-        robot = model(x)
-    assert not torch.equal(robot[0]['boxes'], expected[0]['boxes'])    # the test bites
-
-
-def test_without_adoption_the_robots_rounding_spoils_every_guess(
-        server, offloaded, monkeypatch):
-    monkeypatch.setattr(partition, 'ADOPT', False)
-    model, x, _, om = _eager_offloaded(server, offloaded)
-    out, round_trips, claims = _perturbed_call(om, x)
-    assert (round_trips, claims) == (3, 0), om.last
-    with _Perturbed(), torch.inference_mode():
-        assert _equal(out, model(x))            # the robot's own values, served per graph
-
-
-@pytest.mark.parametrize('change', ['extra', 'write'])
-def test_python_off_the_watched_path_ends_the_adoption(server, offloaded, change):
-    # another operator after the adopted one, or a write into the adopted tensor: the
-    # robot stops taking the server's values there and drops the guesses (one round trip
-    # per remote graph); its outputs are its own computation from what it held then (the
-    # server's value of the operator before: no ulp off)
-    model, x, _, om = _eager_offloaded(server, offloaded)
-    setattr(model, change, True)
-    with torch.inference_mode():
-        want = model(x)
-    for _ in range(2):
-        out, round_trips, claims = _perturbed_call(om, x)
-        assert (round_trips, claims) == (3, 0), om.last
-        assert _equal(out, want)
-    setattr(model, change, False)       # the watched path again: adopted
-    out, round_trips, claims = _perturbed_call(om, x)
-    assert (round_trips, claims) == (1, 3), om.last.reason
-
-
-def test_a_chain_whose_operators_write_in_place_is_not_adopted(server, offloaded):
-    # the server returns a tensor's value after the segment's last write, not the value
-    # the robot's Python saw at the operator: such a chain is only claimed on equal bytes
-    model, x, _, om = _eager_offloaded(server, offloaded, write=True)
-    out, round_trips, claims = _perturbed_call(om, x)
-    assert (round_trips, claims) == (3, 0), om.last
-    with _Perturbed(), torch.inference_mode():
-        assert _equal(out, model(x))
