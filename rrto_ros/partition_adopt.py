@@ -66,13 +66,18 @@ def views(op: Op) -> list[bool]:
 
 
 def export_all(links: list) -> None:
-    """Have each segment that writes nothing in place return every output but its views."""
-    for _, link, _ in links:
-        if isinstance(link, Segment) and not any(written(op) for op in link.ops):
-            for op in link.ops:
-                for t, view in zip(op.outputs(), views(op)):
-                    if not view:
-                        link.export(t)
+    """Have each segment return every output but its views and what segments write into."""
+    segments = [link for _, link, _ in links if isinstance(link, Segment)]
+    writes = _writes(segments)
+    for link in segments:
+        for op in link.ops:
+            for t, view in zip(op.outputs(), views(op)):
+                if not view and storage(t) not in writes:
+                    link.export(t)
+
+
+def _writes(segments: list) -> set[int]:
+    return {storage(w) for link in segments for op in link.ops for w in written(op)}
 
 
 def steps(events: list, found: tuple, chain: list, own: dict) -> tuple[list, str]:
@@ -83,26 +88,6 @@ def steps(events: list, found: tuple, chain: list, own: dict) -> tuple[list, str
             for (c, _), link in zip(chain, links)):
         return [], 'the chain is not the one planned'
     return script(events, start, links, own)
-
-
-# tensor methods that return a view of their input (an in-place write to one writes into it)
-_VIEWS = frozenset(('view', 'reshape', 'permute', 'transpose', 'narrow', 'select', 'expand',
-                    'squeeze', 'unsqueeze', 'flatten', 't', 'unflatten', 'view_as', 'getitem',
-                    '__getitem__', 'unbind', 'split', 'chunk', 'as_strided', 'detach'))
-
-
-def writes_inputs(graph: torch.fx.GraphModule) -> bool:
-    """Return True if a captured graph writes in place into one of its inputs (or a view)."""
-    of_input: set = set()
-    for node in graph.graph.nodes:
-        name = node.target if node.op == 'call_method' else getattr(node.target, '__name__', '')
-        first = node.args[0] if node.args else None
-        if node.op == 'placeholder' or (name in _VIEWS and first in of_input):
-            of_input.add(node)
-        elif first in of_input and (name == 'setitem' or (
-                isinstance(name, str) and name.endswith('_') and not name.endswith('__'))):
-            return True
-    return False
 
 
 @dataclass
@@ -134,7 +119,13 @@ def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step],
     ops = {id(op): n for n, link in enumerate(kept) if isinstance(link, Segment)
            for op in link.ops}
     last = max(p for p, e in enumerate(events) if id(e) in calls)
+    writes = _writes([link for link in kept if isinstance(link, Segment)])
+    graphs = {storage(t) for link in kept if not isinstance(link, Segment)
+              for t in link.outputs} | {storage(t) for t in head.data}
+    if writes & graphs:     # the server returns such a graph's outputs as last written
+        return [], 'a segment writes into the chain\'s inputs or a graph\'s outputs'
     produced: set[int] = set()
+    robot: set[tuple] = set()       # values the robot computes (what in-place writes touch)
     steps = []
     for p in range(start + 1, last + 1):
         event = events[p]
@@ -153,17 +144,24 @@ def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step],
             produced.update(id(t) for t in event.outputs())
             steps.append(Step(event.func, writes=bool(written(event))))
             continue
-        step = _segment_step(event, p, n, kept[n], known, produced, own)
+        step = _segment_step(event, p, n, kept[n], (known, produced, own, robot, writes))
         if isinstance(step, str):
             return [], step
         steps.append(step)
     return steps, ''
 
 
-def _segment_step(op: Op, p: int, n: int, segment: Segment, known: dict, produced: set,
-                  own: dict) -> Step | str:
-    if written(op):
-        return f'{op.func} writes in place'
+def _segment_step(op: Op, p: int, n: int, segment: Segment, state: tuple) -> Step | str:
+    """
+    Return how a call follows one operator of a segment (or why it cannot).
+
+    The robot computes it itself (and what it makes stays the robot's) if it
+    writes in place, reads a value the robot computes, or makes a tensor a
+    segment writes into later (the server returns its last value); it runs
+    a view too; otherwise it takes the server's value.
+    """
+    known, produced, own, robot, writes = state
+    native = bool(written(op))
     leaves, spec = tree_flatten((op.args, op.kwargs))
     step = Step(op.func, link=n, spec=spec)
     for leaf in leaves:
@@ -171,6 +169,7 @@ def _segment_step(op: Op, p: int, n: int, segment: Segment, known: dict, produce
             step.leaves.append(('v', leaf))
         elif id(leaf) in known:
             step.leaves.append(('t', known[id(leaf)]))
+            native = native or known[id(leaf)] in robot
         elif id(leaf) in produced:
             return f'{op.func} reads a tensor the chain did not make'
         elif own.get(id(leaf)) is leaf:
@@ -181,12 +180,15 @@ def _segment_step(op: Op, p: int, n: int, segment: Segment, known: dict, produce
     if not all(isinstance(t, torch.Tensor) for t in out):
         return f'{op.func} returns more than tensors'
     for j, (t, view) in enumerate(zip(out, views(op))):
-        k = -1 if view else next((k for k, key in enumerate(segment.exported)
-                                  if key == id(t)), None)
+        mine = native or storage(t) in writes
+        k = -1 if view or mine else next((k for k, key in enumerate(segment.exported)
+                                          if key == id(t)), None)
         if k is None:
             return f'an output of {op.func} does not come back'
         step.outs.append((('op', p, j), k, tuple(t.shape), t.stride(), t.dtype))
         known[id(t)] = ('op', p, j)
+        if mine:
+            robot.add(('op', p, j))
         produced.add(id(t))
     return step
 

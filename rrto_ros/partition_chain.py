@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from rrto_ros import partition_adopt, partition_eager
-from rrto_ros.partition_adopt import same_bits, writes_inputs  # noqa: F401 - theirs here
+from rrto_ros.partition_adopt import same_bits
+from rrto_ros.partition_graphs import writes_inputs  # noqa: F401 - partition's name for it
 from rrto_ros.local_model import EXPORT_GUARD, Artifact, LocalModel, TorchModule
 from rrto_ros.reply_check import check_outputs, program_outputs
 from rrto_wire import program as program_format
@@ -371,8 +372,8 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
         except ProtocolError:
             break
         reached = n + 1
-        if links[n] is None:
-            continue
+        if links[n] is None or (links[n].remote is None and not chain.steps):
+            continue        # a local graph only when adopting (its inputs: the server's)
         inputs = [head_data[s[1]] if s[0] == 'in' else outputs[s[1]][s[2]]
                   for s in chain.sources[n]]
         seen = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]

@@ -96,3 +96,23 @@ def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
     for sub in module.modules():
         tensors += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
     return tensors
+
+
+# tensor methods that return a view of their input (an in-place write to one writes into it)
+_VIEWS = frozenset(('view', 'reshape', 'permute', 'transpose', 'narrow', 'select', 'expand',
+                    'squeeze', 'unsqueeze', 'flatten', 't', 'unflatten', 'view_as', 'getitem',
+                    '__getitem__', 'unbind', 'split', 'chunk', 'as_strided', 'detach'))
+
+
+def writes_inputs(graph: torch.fx.GraphModule) -> bool:
+    """Return True if a captured graph writes in place into one of its inputs (or a view)."""
+    of_input: set = set()
+    for node in graph.graph.nodes:
+        name = node.target if node.op == 'call_method' else getattr(node.target, '__name__', '')
+        first = node.args[0] if node.args else None
+        if node.op == 'placeholder' or (name in _VIEWS and first in of_input):
+            of_input.add(node)
+        elif first in of_input and (name == 'setitem' or (
+                isinstance(name, str) and name.endswith('_') and not name.endswith('__'))):
+            return True
+    return False

@@ -136,9 +136,10 @@ def test_python_off_the_watched_path_ends_the_adoption(server, offloaded, change
     assert (round_trips, claims) == (1, 3), om.last.reason
 
 
-def test_a_chain_whose_operators_write_in_place_is_not_adopted(server, offloaded):
+def test_what_a_segment_writes_in_place_stays_the_robots(server, offloaded):
     # the server returns a tensor's value after the segment's last write, not the value
-    # the robot's Python saw at the operator: such a chain is only claimed on equal bytes
+    # the robot's Python saw at the operator: the robot computes the written tensor (and
+    # what follows from it) itself, and a graph reading it is claimed on equal bytes only
     model, x, _, om = _eager_offloaded(server, offloaded, write=True)
     out, round_trips, claims = _perturbed_call(om, x)
     assert (round_trips, claims) == (3, 0), om.last
