@@ -25,7 +25,7 @@ import zmq
 
 from rrto_ros import reply_check
 from rrto_ros.client import RemoteError, ServerUnavailable
-from rrto_ros.reply_guard import ReplyGuard, connect, wait
+from rrto_ros.reply_guard import OWED, ReplyGuard, connect, wait_any
 from rrto_wire import replies
 from rrto_wire.curve import ClientKeys
 from rrto_wire import protocol as wire
@@ -33,7 +33,8 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import COPY_THRESHOLD, MAX_REPLY_BYTES, MAX_REPLY_PART_BYTES
 from rrto_wire.messages import Kind
 
-HEDGE_QUEUE = 64          # requests queued for one replica before hedged copies skip it
+HEDGE_QUEUE = OWED // 2   # requests queued for one replica before hedged copies skip it:
+#                           the guard remembers the bounds of as many more at the replica
 COUNTERS = ('round_trips', 'bytes_sent', 'bytes_received', 'timeouts', 'reconnects', 'errors')
 
 
@@ -61,7 +62,7 @@ class Hedge:
                 self._keys.apply(sock)
             # queued until connected: the other copy may answer first
             guard = self.guards[endpoint] = connect(sock, endpoint, curve=self._keys is not None)
-            guard.watch_idle(self._lock, lambda: self.drop(endpoint))
+            guard.watch_idle(self._lock, self.drop, endpoint)   # holds the hedge weakly
             self._socks[endpoint] = sock
         return sock
 
@@ -130,7 +131,7 @@ class HedgedReply:
         waiting, error = len(self._endpoints), None
         try:
             while waiting:
-                ready, over = wait(poller, guards, self._deadline)
+                ready, over = wait_any(poller, guards, self._deadline)
                 for sock in over:                 # a reply past what the socket's calls can get
                     del guards[sock]
                     poller.unregister(sock)
@@ -145,19 +146,21 @@ class HedgedReply:
                     frames = sock.recv_multipart(copy=False)
                     try:
                         reply = replies.decode_reply(frames[0], self._kind)
-                        guards[sock].delivered(frames, reply.id)
-                        if reply.id != self._id:
-                            continue   # the slower copy of an earlier request
-                        if isinstance(reply, replies.Ok):
+                        reply_id = reply.id
+                    except ProtocolError as exc:
+                        reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
+                        reply_id = exc.request_id
+                    guards[sock].delivered(frames, reply_id)     # once for each message
+                    if reply_id != self._id:
+                        continue   # garbage, or the slower copy of an earlier request
+                    if isinstance(reply, replies.Ok):
+                        try:
                             tensors = wire.decode_tensors(
                                 reply.tensors, frames[1:],
                                 reply_check.decode_bound(reply.tensors, self._expect,
                                                          MAX_REPLY_BYTES))
-                    except ProtocolError as exc:
-                        guards[sock].delivered(frames, exc.request_id)
-                        if exc.request_id != self._id:
-                            continue   # garbage, or a stale copy's
-                        reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
+                        except ProtocolError as exc:    # our own reply, undecodable
+                            reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
                     waiting -= 1
                     counters['round_trips'] += 1
                     counters['bytes_received'] += wire.message_size(frames)

@@ -37,7 +37,7 @@ import torch._dynamo
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils.flop_counter import FlopCounterMode
 
-from rrto_ros import partition_adopt, partition_chain as chaining
+from rrto_ros import partition_adopt, partition_capture, partition_chain as chaining
 from rrto_ros.partition_graphs import Outputs, SubgraphModule, counted_call, tensors_of
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
 from rrto_ros.partition_report import call_fields, first_line, local_fields
@@ -176,7 +176,7 @@ class Partition:
         self._own = {id(t): t for t in tensors_of(self.local.module)}
         self._lock = threading.Lock()
         self._local = threading.local()
-        self.compiled = torch.compile(self.local.module, backend=self._capture, dynamic=False)
+        self.compiled = partition_capture.compiled(self.local.module, self._capture, self._own)
 
     # ------------------------------------------------------------------ preparation
     def prepare(self, args: tuple, kwargs: dict, timeout_s: float) -> bool:

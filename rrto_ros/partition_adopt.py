@@ -2,13 +2,11 @@
 Take the server's values for the operators of a chain the robot is following.
 
 A chained request (:mod:`rrto_ros.partition_chain`) computes a later graph's
-outputs from the values the server made for the operators between the
-graphs (a segment, :mod:`rrto_ros.partition_eager`) and for the small local
-graphs between them.  The robot computes the same operators again, on its
-CPU where the server used CUDA: float results differ in the last bits, so
-the inputs the robot's Python hands the next remote graph never equal those
-the server used, and a guess is claimed only on equal bytes.  Keypoint
-R-CNN paid three round trips for that.
+outputs from the server's values for the operators and small local graphs
+between the graphs.  The robot computes them again on its CPU where the
+server used CUDA: floats differ in the last bits, the next remote graph's
+inputs never equal the server's, and a guess is claimed only on equal bytes
+(Keypoint R-CNN paid three round trips for that).
 
 While a call follows the path the partition watched, an :class:`Adopter`
 (a ``TorchDispatchMode`` with ``ignore_compile_internals``, active from the
@@ -28,14 +26,12 @@ and its last link is the server's result of the watched program on the
 head's inputs (as for any offloaded graph) or the robot's own computation
 from such values: nothing mixes the two results of one operator.
 
-Anything else ends the adoption and the guesses (the rest runs as before,
-one round trip per remote graph): another operator or graph, other
-arguments, a graph that writes into its inputs, an operator reading a tensor
-that robot code outside the chain wrote in place.  A chain whose segments
-write in place (the server returns a tensor's last value, not the one at
-the operator) is not adopted at all; so that no value of a segment operator
-is left to the robot, the partition has the server return the output of
-every segment operator but views (:func:`export_all`).
+Anything else ends the adoption and the guesses (the rest runs as before):
+another operator or graph, other arguments, a graph that writes into its
+inputs, an operator reading a tensor robot code outside the chain wrote in
+place.  What a segment writes in place (the server returns its last value,
+not the one at the operator) the robot computes, and what follows from it.
+The server returns every segment output but views (:func:`export_all`).
 """
 
 from __future__ import annotations
@@ -50,7 +46,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from rrto_ros.partition_eager import Op, Segment, storage, written
+from rrto_ros.partition_eager import Builder, Op, Segment, storage, written
 
 log = logging.getLogger('rrto_ros.partition')
 _SAID: set = set()      # reasons logged once
@@ -193,15 +189,30 @@ def _segment_step(op: Op, p: int, n: int, segment: Segment, state: tuple) -> Ste
     return step
 
 
-def kept(links: list, is_remote: Any) -> list[bool]:
-    """Return which of a builder's links its ``finish`` keeps (the head, remote, needed)."""
-    needed: set[int] = set()
-    keep = [False] * len(links)
-    for n in range(len(links) - 1, -1, -1):
-        keep[n] = n == 0 or is_remote(links[n][1]) or n in needed
-        if keep[n]:
-            needed.update(s[1] for s in links[n][2] if s[0] in ('out', 'seg'))
-    return keep
+def grow(head: Any, events: list, i: int, own: dict, joins: Any, is_remote: Any) -> tuple:
+    """
+    Return a chain's kept links grown from ``events[i]``, and the builder's links kept.
+
+    As :func:`~rrto_ros.partition_eager.grow`, with every output of the
+    segments returned (:func:`export_all`).
+    """
+    try:
+        builder = Builder(head, own, joins)
+        for p in range(i + 1, len(events)):
+            builder.add(p, events[p])
+        export_all(builder.links)
+        links, needed = builder.links, set()
+        keep = [False] * len(links)        # as Builder.finish keeps them
+        for n in range(len(links) - 1, -1, -1):
+            keep[n] = n == 0 or is_remote(links[n][1]) or n in needed
+            if keep[n]:
+                needed.update(s[1] for s in links[n][2] if s[0] in ('out', 'seg'))
+        kept = builder.finish(is_remote)
+    except Exception as exc:  # noqa: B902 - one chain left out, never the partition
+        log.info('chain%s: not chained, planning it failed (%s: %s)',
+                 getattr(head.subgraph, 'index', '?'), type(exc).__name__, exc)
+        return [], []
+    return kept, [link for (_, link, _), k in zip(links, keep) if k]
 
 
 class Adopter(TorchDispatchMode):
@@ -221,7 +232,6 @@ class Adopter(TorchDispatchMode):
         self.at = 0
         self.active = True
         self.paused = 1         # until the head's call returns
-        self.adopted = 0
         self.reason = ''
         self.known: dict[int, tuple] = {}
         self.alive: list = []           # the tensors known, so that their ids stay theirs
@@ -316,9 +326,8 @@ class Adopter(TorchDispatchMode):
         return True
 
     def _adopt(self, step: Step, func: Any, args: tuple, kwargs: dict) -> Any:
-        robot = None
-        if any(k < 0 for _, k, *_ in step.outs):        # views of server values
-            robot = [t for t in tree_flatten(func(*args, **kwargs))[0]]
+        robot = tree_flatten(func(*args, **kwargs))[0] if any(     # views, and what the
+            k < 0 for _, k, *_ in step.outs) else None                # robot computes itself
         out = []
         for j, (key, k, shape, stride, dtype) in enumerate(step.outs):
             t = robot[j] if k < 0 else self.values[step.link][k]
@@ -330,7 +339,6 @@ class Adopter(TorchDispatchMode):
             out.append(t)
         for (key, *_), t in zip(step.outs, out):
             self._know(t, key)
-        self.adopted += 1
         return tree_unflatten(out, step.out_spec)
 
 

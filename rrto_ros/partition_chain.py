@@ -117,6 +117,7 @@ def plan(events: list, own: dict | None = None,
     :class:`~rrto_ros.partition_eager.EagerModule`.  A local link or segment
     stays only if a later link takes its outputs; a chain needs a second
     remote link.  Subgraphs called twice in the call (a loop) chain nothing.
+    A chain whose planning raises is left out (logged), the others stay.
     With ``found`` (a list), each segment returns every output but its views
     (:func:`~rrto_ros.partition_adopt.export_all`) and ``found`` gets, per
     chain, the head's position and the builder's links kept.
@@ -136,18 +137,16 @@ def plan(events: list, own: dict | None = None,
         if not isinstance(head, Call) or head.subgraph.remote is None or \
                 counts[id(head.subgraph)] > 1 or id(head) in used:
             continue
-        builder = partition_eager.Builder(head, own or {}, joins)
-        for p in range(i + 1, len(events)):
-            builder.add(p, events[p])
-        if found is not None:
-            partition_adopt.export_all(builder.links)
-        keep = partition_adopt.kept(builder.links, is_remote)
-        kept = builder.finish(is_remote)
+        if found is None:
+            kept, links = partition_eager.grow(head, events[i + 1:], i + 1, own or {}, joins,
+                                               is_remote), []
+        else:
+            kept, links = partition_adopt.grow(head, events, i, own or {}, joins, is_remote)
         if sum(is_remote(link) for link, _ in kept) > 1:
             used.update(id(link) for link, _ in kept)
             chains.append(kept)
             if found is not None:
-                found.append((i, [link for (_, link, _), k in zip(builder.links, keep) if k]))
+                found.append((i, links))
     return chains
 
 
@@ -223,8 +222,8 @@ class ChainModel(LocalModel):
                 data, weights = module.program(label)
                 doc = json.loads(data)
             self.leaves.append(program_outputs(doc))
-            self.inline.append([(len(links), k, 0, 'eq', size)
-                                for k, size in getattr(module, 'tests', [])])
+            self.inline.append([(len(links), k, dim, 'eq', size)
+                                for k, dim, size in getattr(module, 'tests', [])])
             links.append(Link(doc, weights, sources, []))
         for n, link in enumerate(links[1:], 1):
             link.tests = self.tests(n, links, chain)

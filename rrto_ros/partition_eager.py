@@ -17,18 +17,20 @@ small constant) into one link: an fx graph of the recorded operators with
 the Python values (sizes, thresholds, indices Python read) as they were.
 After each operator whose output size follows the data (``nonzero``,
 ``where``, ``unique``, boolean indexing, NMS) comes a guard that its size
-is the traced one, so every constant after it is consistent: on other data
-the server stops there.  Values Python read (``.item()``) are constants: the
-robot verifies a later graph's inputs against those the server used, value
-by value, before it takes that graph's outputs
-(:class:`~rrto_ros.partition_chain.Speculation`), so a constant that no
-longer holds costs a round trip, never a wrong result.  In-place writes are
+is the traced one in each dimension that follows the data (derived from the
+operator: :mod:`rrto_ros.partition_sizes`), so every constant after it is
+consistent: on other data the server stops there.  Values Python read
+(``.item()``) are constants: the robot verifies a later graph's inputs
+against those the server used, value by value, before it takes that graph's
+outputs (:class:`~rrto_ros.partition_chain.Speculation`), so a constant
+that no longer holds costs a round trip, never a wrong result.  In-place writes are
 kept only into tensors the chain made itself and that no remote graph reads
 or returns afterwards.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,9 +39,11 @@ import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
+from rrto_ros.partition_sizes import varying
 from rrto_wire import ops_dynamic, program_chain
 from rrto_wire.program_writer import write
 
+log = logging.getLogger('rrto_ros.partition')
 aten = torch.ops.aten
 MAX_CONSTANT_BYTES = 1 << 16    # a tensor the chain did not make, taken as a constant
 # operators that only hand back their input (or a fresh copy of a constant) or read a value
@@ -54,6 +58,7 @@ class Op:
     args: tuple
     kwargs: dict
     out: Any
+    dims: list | None = field(default=None, compare=False, repr=False)  # varying(), once
 
     def outputs(self) -> list[torch.Tensor]:
         """Return its tensor outputs, in order."""
@@ -84,15 +89,6 @@ class Recorder(TorchDispatchMode):
 def storage(t: torch.Tensor) -> int:
     """Return a key of the memory a tensor (or any view of it) lives in."""
     return t.untyped_storage().data_ptr() or id(t)
-
-
-def varies(op: Op) -> bool:
-    """Return True if an operator's output size follows the values of its inputs."""
-    if op.func is aten.index.Tensor:
-        return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
-                   for i in op.args[1])
-    return (torch.Tag.dynamic_output_shape in op.func.tags or op.func is aten.where.default
-            or op.func.namespace != 'aten')
 
 
 def written(op: Op) -> list[torch.Tensor]:
@@ -127,12 +123,13 @@ class Segment:
         if id(tensor) not in self.exported:
             self.exported.append(id(tensor))
 
-    def guarded(self) -> list[int]:
-        """Return the ids of the outputs of its size-varying operators, each guarded."""
-        return [id(t) for op in self.ops if varies(op) for t in op.outputs()]
+    def guarded(self) -> dict[int, list[int]]:
+        """Return the ids of the outputs whose size follows the data, each with those dims."""
+        return {id(t): dims for op in self.ops for t, dims in zip(op.outputs(), varying(op))
+                if dims}
 
     def module(self) -> 'EagerModule':
-        """Return the link as a module (its guards raise GuardFailed), outputs in order."""
+        """Return the link as an EagerModule whose guards raise GuardFailed, outputs in order."""
         for key in self.guarded():
             self.export(self.tensors[key])
         return EagerModule(self)
@@ -152,8 +149,7 @@ class EagerModule(torch.nn.Module):
         for k, tensor in enumerate(segment.constants):
             self.register_buffer(f'c{k}', tensor.detach().clone())
             nodes[id(tensor)] = _placeholder(graph, f'c{k}', tensor)
-        guarded = set(segment.guarded())
-        self.tests: list[tuple[int, int]] = []    # (output index, traced size of dim 0)
+        guarded = segment.guarded()
         for op in segment.ops:
             def node_of(a):
                 return nodes[id(a)] if isinstance(a, torch.Tensor) else a
@@ -170,16 +166,21 @@ class EagerModule(torch.nn.Module):
                     made.append((t, item))
             for tensor, made_node in made:
                 nodes[id(tensor)] = made_node
-                if id(tensor) in guarded and tensor.dim():
+                dims = guarded.get(id(tensor), [])
+                if dims:    # the size of each dimension that follows the data, as traced
                     bound = max(a.numel() for a in tree_flatten(op.args)[0]
                                 if isinstance(a, torch.Tensor))
-                    made_node.meta['dims'] = ([0], [bound])
-                    size = graph.call_function(aten.sym_size.int, (made_node, 0))
-                    graph.call_function(program_chain.guard,
-                                        ([size], [['eq', int(tensor.shape[0])]]))
+                    made_node.meta['dims'] = (dims, [max(bound, int(tensor.shape[d]))
+                                                     for d in dims])
+                    sizes = [graph.call_function(aten.sym_size.int, (made_node, d))
+                             for d in dims]
+                    graph.call_function(program_chain.guard, (sizes, [
+                        ['eq', int(tensor.shape[d])] for d in dims]))
         outputs = [nodes[key] for key in segment.exported]
-        self.tests = [(k, int(segment.tensors[key].shape[0]))
-                      for k, key in enumerate(segment.exported) if key in guarded]
+        # (output index, dimension, traced size): the guards, on the outputs as they come back
+        self.tests: list[tuple[int, int, int]] = [
+            (k, d, int(segment.tensors[key].shape[d]))
+            for k, key in enumerate(segment.exported) for d in guarded.get(key, [])]
         graph.output(tuple(outputs))
         self.graph_module = fx.GraphModule(torch.nn.Module(), graph)
         self.segment_constants = len(segment.constants)
@@ -189,7 +190,7 @@ class EagerModule(torch.nn.Module):
             return tuple(self.graph_module(*inputs, *self.buffers()))
 
     def program(self, label: str) -> tuple[bytes, dict[str, torch.Tensor]]:
-        """Return the link's program (a dynamic program) and its constants by key."""
+        """Return the link written as a dynamic program, and its constants by key."""
         names = [n.name for n in self.graph_module.graph.nodes if n.op == 'placeholder']
         weights = dict(self.named_buffers())
         params = {names[self.arity + k]: f'c{k}' for k in range(self.segment_constants)}
@@ -217,6 +218,26 @@ def allowed(op: Op) -> bool:
     except ValueError:
         return False
     return True
+
+
+def grow(head: Any, events: list, start: int, own: dict[int, torch.Tensor], joins: Any,
+         is_remote: Any) -> list[tuple[Any, list[tuple]]]:
+    """
+    Return a chain's kept links grown from ``head`` along ``events`` (numbered from ``start``).
+
+    Whatever raises while a chain is planned or its segments built (an
+    operator the recorder saw that no rule here foresaw) leaves that chain
+    out, logged, with no links: never the whole partition (r7 #5).
+    """
+    try:
+        builder = Builder(head, own, joins)
+        for position, event in enumerate(events, start):
+            builder.add(position, event)
+        return builder.finish(is_remote)
+    except Exception as exc:  # noqa: B902 - one chain left out, never the partition
+        log.info('chain%s: not chained, planning it failed (%s: %s)',
+                 getattr(head.subgraph, 'index', '?'), type(exc).__name__, exc)
+        return []
 
 
 class Builder:

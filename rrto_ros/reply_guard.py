@@ -30,8 +30,23 @@ The unfinished message may answer any request still owed a reply on that
 socket, not only the call that waits: one cancelled, or a hedge's slower copy,
 answers later (r5 B5).  So the bound is the largest among the requests sent and
 not yet answered (:meth:`ReplyGuard.sent`, :meth:`ReplyGuard.delivered`), the
-last ``OWED`` of them; dropping the socket forgets them all.  :func:`wait` is
-the one waiting loop of the client and the hedge.
+last ``OWED`` of them; dropping the socket forgets them all.  :func:`wait_any`
+is the one waiting loop of the client and the hedge.  Between calls the
+watcher first receives and discards the complete replies waiting (cancelled
+calls', a slower replica's copies: no call waits for them), so only an
+unfinished message counts as held (r7 #3).
+
+Heartbeats (the server's PONGs) are read and never delivered, so what a
+connection holds grows by them for as long as it lives, and the allowance
+grows with the mark's age (``AGE_BYTES_PER_S``).  A server can send parts of a
+message in their place, so that credit is capped at ``MAX_AGE_S`` of age, and
+the watcher replaces a connection older than ``RENEW_S`` between calls (a
+fresh connection, a fresh mark; no call waits on it then): an honest link is
+renewed long before its heartbeats outgrow the allowance, and a hostile one gains at most
+``AGE_BYTES_PER_S x MAX_AGE_S`` (300 KB) over the bound, not 3.7 MB a day
+(r7 #6).  The watch thread holds its owner (client or hedge) weakly: one
+dropped without ``close()`` is collected, and its thread closes what it left
+and ends (r7 #7).
 """
 
 from __future__ import annotations
@@ -42,11 +57,14 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Sequence
+import weakref
+from typing import Any, Callable, Sequence
 
 import zmq
 
 from rrto_ros import reply_check
+from rrto_wire import replies
+from rrto_wire.errors import ProtocolError
 from rrto_wire.limits import MAX_PROBE_BYTES, MAX_REPLY_BYTES, reply_bytes
 from rrto_wire.messages import Kind
 from rrto_wire.wire_bytes import allowance, CURVE_BOX_BYTES, queued, received, wire_size
@@ -55,7 +73,10 @@ log = logging.getLogger(__name__)
 
 CHECK_S = 0.05
 CHECK_MS = CHECK_S * 1e3
-OWED = 32          # requests remembered without a reply (their bound), per socket
+OWED = 128         # requests remembered without a reply (their bound), per socket: a hedge
+#                    replica may have HEDGE_QUEUE = OWED // 2 queued and as many in its server
+RENEW_S = 600.0    # a connection older than this is replaced between calls (its heartbeats)
+MAX_AGE_S = 4 * RENEW_S    # the heartbeat allowance grows no further (a busy socket not renewed)
 _EVENT = struct.Struct('=HI')
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
 _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
@@ -90,8 +111,16 @@ def reply_limit(kind: Kind, expect: Sequence[reply_check.Leaf] | None) -> int:
     return reply_bytes(most)
 
 
-def wait(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: float
-         ) -> tuple[list[zmq.Socket], dict[zmq.Socket, int]]:
+def reply_id(frame: Any) -> Any:
+    """Return the request id a reply header names (None: none readable), of any kind."""
+    try:
+        return replies.decode_reply(frame, None).id    # an error reply; else its id, peeked
+    except ProtocolError as exc:
+        return exc.request_id
+
+
+def wait_any(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: float
+             ) -> tuple[list[zmq.Socket], dict[zmq.Socket, int]]:
     """
     Wait until a socket of ``poller`` has a message, a reply outgrows its bound, or ``deadline``.
 
@@ -117,8 +146,10 @@ def wait(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: f
 class ReplyGuard:
     """The bytes a DEALER's connection has read and not delivered (``curve``: boxed frames)."""
 
-    def __init__(self, sock: zmq.Socket, curve: bool = False):
+    def __init__(self, sock: zmq.Socket, curve: bool = False,
+                 clock: Callable[[], float] = time.monotonic):
         self._sock = sock
+        self._clock = clock
         self._box = CURVE_BOX_BYTES if curve else 0
         self._monitor = sock.get_monitor_socket(_EVENTS)
         self._replies = zmq.Poller()            # one per socket, not one built per wait
@@ -138,7 +169,7 @@ class ReplyGuard:
 
     def wait(self, deadline: float) -> tuple[bool, int | None]:
         """Wait for a message on the socket; return (one came, bytes held past the bound)."""
-        ready, over = wait(self._replies, {self._sock: self}, deadline)
+        ready, over = wait_any(self._replies, {self._sock: self}, deadline)
         return bool(ready), over.get(self._sock)
 
     def delivered(self, frames: Sequence, reply_id: int | None = None) -> None:
@@ -146,45 +177,77 @@ class ReplyGuard:
         self._owed.pop(reply_id, None)
         self._delivered += wire_size(frames, self._box)
 
-    def over(self) -> int | None:
-        """Return the bytes held past the bound (when no message waits), or None."""
+    def held(self) -> int | None:
+        """Return the bytes read and not delivered since the first look (None: no connection)."""
         read = self._read()
         if read is None:
             return None
-        now = time.monotonic()
         if self._mark is None:
-            self._mark, self._delivered = (read, now), 0
+            self._mark, self._delivered = (read, self._clock()), 0
+        return read - self._mark[0] - self._delivered
+
+    def age(self) -> float:
+        """Return the seconds since the connection's first look (0.0 before it)."""
+        return 0.0 if self._mark is None else self._clock() - self._mark[1]
+
+    def over(self) -> int | None:
+        """Return the bytes held past the bound (when no message waits), or None."""
+        held = self.held()
+        if held is None or held <= allowance(self.bound(), min(self.age(), MAX_AGE_S)):
             return None
-        held = read - self._mark[0] - self._delivered
-        return held if held > allowance(self.bound(), now - self._mark[1]) else None
+        return held
 
     def bound(self) -> int:
         """Return the most bytes on the wire of one reply to a request the socket owes."""
         return max([reply_limit(*call) for call in self._owed.values()],
                    default=reply_limit(Kind.HELLO, None))    # owed nothing: a header at most
 
-    def watch_idle(self, lock: threading.Lock, drop: Callable[[], None]) -> None:
+    def watch_idle(self, lock: threading.Lock, drop: Callable[..., None], *args: Any) -> None:
         """
         Look every ``CHECK_S`` while ``lock`` is free (no call holds the socket).
 
-        Past the bound, ``drop()`` (called with ``lock`` held) closes the socket.
-        A call that holds ``lock`` looks itself while it waits, from the same mark.
+        ``drop``, a method of the socket's owner, is held weakly: the thread ends
+        when the owner is collected (closing the socket it left) or the guard closed.
+        First the complete messages waiting are received and discarded (no call waits
+        for them); then past the bound, or for a connection older than ``RENEW_S``,
+        ``drop(*args)`` (called with ``lock`` held) closes the socket.  A call that
+        holds ``lock`` looks itself while it waits, from the same mark.
         """
-        threading.Thread(target=self._watch_idle, args=(lock, drop), daemon=True,
-                         name='rrto-reply-guard').start()
+        threading.Thread(target=self._watch_idle, args=(lock, weakref.WeakMethod(drop), args),
+                         daemon=True, name='rrto-reply-guard').start()
 
-    def _watch_idle(self, lock: threading.Lock, drop: Callable[[], None]) -> None:
+    def _watch_idle(self, lock: threading.Lock, owner: weakref.WeakMethod, args: tuple) -> None:
         while not self._closed.wait(CHECK_S):
-            if not lock.acquire(blocking=False):
-                continue                       # a call holds the socket: it looks itself
+            drop = owner()
+            if drop is None:                       # the owner is gone without close():
+                self.close(self._sock)             # close the socket it left
+                self._sock.close(linger=0)
+                return
+            if lock.acquire(blocking=False):       # else a call holds the socket: it looks
+                try:
+                    if not self._closed.is_set():
+                        self._look_idle(drop, args)
+                finally:
+                    lock.release()
+            del drop
+
+    def _look_idle(self, drop: Callable[..., None], args: tuple) -> None:
+        for _ in range(OWED):                      # replies no call waits for: delivered
+            if not self._replies.poll(0):
+                break
             try:
-                held = None if self._closed.is_set() else self.over()
-                if held is not None:
-                    log.warning('%d bytes arrived between calls, more than any request owed '
-                                'on the socket can get: dropped the connection', held)
-                    drop()
-            finally:
-                lock.release()
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.delivered(frames, reply_id(frames[0]))
+        held = self.over()
+        if held is not None:
+            log.warning('%d bytes arrived between calls, more than any request owed '
+                        'on the socket can get: dropped the connection', held)
+            drop(*args)
+        elif self.age() > RENEW_S:                 # its heartbeats count as held: renew it
+            log.debug('replacing a connection after %.0f s (a fresh mark)', self.age())
+            drop(*args)
 
     def _read(self) -> int | None:
         """Return what libzmq has read from the current connection (None: no connection)."""

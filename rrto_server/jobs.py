@@ -93,11 +93,12 @@ class InferJob(Job):
     """One INFER request through its CPU, device and CPU phases."""
 
     def __init__(self, services: Services, request: Request, replay: Replay, frames: list,
-                 **keys):
+                 client: str | None = None, **keys):
         utilisation = EXCLUSIVE if replay.utilisation is None else replay.utilisation
         super().__init__(**keys, utilisation=utilisation,
                          resource=replay.key if replay.shares_buffers else None)
         self.services, self.request, self.replay, self.frames = services, request, replay, frames
+        self.client = client        # the key that sent it (per-task counters), if keys are used
         self.execution = None
         self.inline = False     # served start to end on the I/O thread (see Server._on_infer)
 
@@ -220,8 +221,8 @@ class InferJob(Job):
         outcome = self.outcome or 'failed'
         self.services.tasks.ended(
             self.task, outcome, (answered or time.perf_counter()) - self.received,
-            late=outcome == 'completed' and self.late_finish, queue_s=self.queue_s,
-            preempt_s=self.preempt_s, preemptions=self.preemptions)
+            client=self.client, late=outcome == 'completed' and self.late_finish,
+            queue_s=self.queue_s, preempt_s=self.preempt_s, preemptions=self.preemptions)
 
 
 class ExpressJob(InferJob):
@@ -235,9 +236,8 @@ class ExpressJob(InferJob):
 
     def __init__(self, services: Services, request: Request, replay: Replay, buffers: list,
                  client: str | None, **keys):
-        super().__init__(services, request, replay, None, **keys)
+        super().__init__(services, request, replay, None, client, **keys)
         self.buffers = buffers      # the request's frames, accepted by replay.express
-        self.client = client        # the key that sent it (per-task counters), if keys are used
         self.inline = True
         self.outputs: list[torch.Tensor] | None = None
 

@@ -228,7 +228,8 @@ def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, devi
         conn.send({'outcome': 'unsafe', 'reason': 'ran out of its memory budget'})
     except Exception as exc:  # the model's own error: report it, the parent decides
         message = f'{type(exc).__name__}: {exc}'[:300]
-        refused = refusal(message)
+        refused = refusal(message) or (       # an operator's own check refused it (a15 #1)
+            message if getattr(exc, 'code', None) == ErrorCode.UNSAFE_PROGRAM else None)
         conn.send({'outcome': 'unsafe' if refused else 'failed', 'reason': refused or message})
 
 

@@ -59,7 +59,7 @@ from rrto_server.replay import Replay
 from rrto_server.replay_cache import ReplayCache
 from rrto_server.requests import OpenRequests, ReplySender, Request
 from rrto_server.scheduler import Scheduler
-from rrto_server.stats import ServerStats
+from rrto_server.stats import OTHER_MODEL, ServerStats, bounded
 from rrto_server.store import BlobStore
 from rrto_server.taskstats import TaskStats
 from rrto_wire import limits, messages
@@ -279,7 +279,7 @@ class Server:
             raise ProtocolError(ErrorCode.TOO_LARGE,
                                 f'inputs decode to more than {self.config.max_message_bytes} '
                                 'bytes')
-        job = InferJob(self.services, request, replay, frames, **keys)   # or a busy device
+        job = InferJob(self.services, request, replay, frames, client, **keys)  # a busy device
         self.tasks.arrived(job.task, job.priority, client)
         small = self._small_raw(header)
         if small and self._inline_ok(replay) and self.scheduler.pending() == 0:
@@ -360,11 +360,17 @@ class Server:
 
     def snapshot(self, visible: Callable[[str], bool] = lambda digest: True,
                  client: str | None = None) -> dict:
-        """Return the server's counters as JSON data (models ``visible``, ``client``'s tasks)."""
+        """
+        Return the counters as JSON data (models ``visible``), bounded to one reply header.
+
+        ``client``: a key, shown only its own tasks; None (an admin, an open server): every
+        task name's totals, and each key's tasks (``tasks_by_key``) when keys are used.
+        """
         data = self.stats.snapshot()
         for model in self.registry.loaded():
             data['models'].setdefault(model.digest, {}).setdefault('label', model.label)
-        data['models'] = {d: m for d, m in data['models'].items() if visible(d)}
+        data['models'] = {d: m for d, m in data['models'].items()     # OTHER_MODEL: admins
+                          if (client is None if d == OTHER_MODEL else visible(d))}
         data['replays'] = [dict(replay_info(r, recorded=False), runs=r.runs)
                            for r in self.replays.items() if visible(r.model.digest)]
         data['guard'] = self.guard.snapshot()
@@ -375,13 +381,17 @@ class Server:
         data['evictions'] = self.replays.evictions
         data['scheduler'] = self.scheduler.snapshot()
         data['scheduler']['cpu_pending'] = self.cpu.pending()
-        data['tasks'] = self.tasks.snapshot(client)
-        if client is not None:           # the trace names every client's tasks
-            data['scheduler'].pop('trace', None)
+        if client is not None:
+            data['tasks'] = self.tasks.snapshot(client)
+            data['scheduler'].pop('trace', None)        # it names every client's tasks
             data['scheduler'].pop('epoch', None)
             data.pop('gc_pauses', None)      # when, on the server's clock (as the trace)
+        else:
+            data['tasks'] = self.tasks.totals()
+            if self.guard.authenticating:
+                data['tasks_by_key'] = self.tasks.by_key()
         data['naive_sessions'] = len(self.naive)
         data['device'] = str(self.device)
         data['open_requests'] = len(self.open_requests)
         data['double_answers'] = self.open_requests.double_answers
-        return data
+        return bounded(data)

@@ -20,6 +20,14 @@ and cached for the process: 4 runs of each kernel at each of two
   channels 3e10-1.7e11 at load 3).  The three kernels add 0.5-0.8 s to the
   measurement there (the first ``cost`` of the process, 2 s, is paid here
   instead of by the first dynamic call);
+* **per dtype** (:data:`DTYPES`): those kernels run in float32; in each other
+  floating dtype ``mm`` and a 16-channel 3x3 convolution are timed too, and a
+  product in that dtype is priced at the float32 rate times the slower one's
+  ratio to float32 (never above 1). a15 #4: on a CPU, float16 convolutions ran
+  ~200x below float32's rate per FLOP, float64 ~5x; one float16 node priced at
+  ``mm``'s rate ran 51x a 0.5 s budget.  A product in a dtype not measured
+  (integers, complex, float8) is refused in a dynamic program, as is one whose
+  autocast dtype (the recorded precision's) is not;
 * **elements per second**: the *slowest* of the kinds of element work the
   cost model counts one unit each (a streaming add, a reduction over an
   ``expand()``ed view, a transcendental, a scan, a gather of random rows:
@@ -47,7 +55,8 @@ from typing import Callable
 
 import torch
 
-from rrto_wire import ops_dynamic
+from rrto_wire import ops_cost
+from rrto_wire.errors import ErrorCode, ProtocolError
 
 log = logging.getLogger('rrto_server.work_rate')
 
@@ -56,14 +65,14 @@ REPEATS = 3
 # (FLOPs/s, elements/s) never assumed above these (a12's constants)
 CEILING = {'cpu': (1e11, 1e11), 'cuda': (1e14, 1e14)}
 FLOOR = 1e6             # a clock that says less (a broken timer) is not a rate
+DTYPES = (torch.float16, torch.bfloat16, torch.float64)    # timed besides float32
 
 
 A = torch.ops.aten
 # convolutions whose weight has fewer channels than this on either side (per group: 1-channel,
 # depthwise, few-channel transposed) run far below a GEMM's rate: the slow convolutions' rate
 FEW_CHANNELS = 16
-CONVOLUTIONS = frozenset((A.convolution, A._convolution, A.conv1d, A.conv2d, A.conv3d,
-                          A.conv_transpose1d, A.conv_transpose2d, A.conv_transpose3d))
+CONVOLUTIONS = ops_cost.CONVOLUTIONS
 # element operators slower per element than every kernel measured, by their measured ratio to
 # their charge, rounded up (a14 #4, its x04_rates.py on a 2-core VM, 2026-12-01: a norm, p = 3.3
 # 6.6x, a float64 cumprod 3.0x, a sort 2.6x)
@@ -78,6 +87,8 @@ class WorkRate:
     elements_per_s: float
     conv_flops_per_s: float       # the slowest convolution's (few channels)
     kernels: dict = dataclasses.field(default_factory=dict)
+    # per dtype but float32: the slower of mm and a convolution, FLOPs/s (unlisted: refused)
+    dtype_flops: dict = dataclasses.field(default_factory=dict)
 
     def max_work(self, seconds: float) -> int:
         """Return the work (elements, FLOPs at their rate) of ``seconds``."""
@@ -87,14 +98,17 @@ class WorkRate:
         """Return the seconds ``work`` takes at these rates (:meth:`max_work`'s inverse)."""
         return work / self.elements_per_s
 
-    def work(self, fn, args: tuple, flops: int, elements: int) -> int:
+    def work(self, fn, args: tuple, flops: int, elements: int,
+             autocast: torch.dtype | None = None) -> int:
         """
         Return the work of ``fn`` on ``args`` that does ``flops`` and touches ``elements``.
 
         Each FLOP counts for the elements' rate over its kernel's rate: a
         convolution with few channels (:data:`FEW_CHANNELS`) at the slow
-        convolutions' rate, any other at ``mm``'s; an element of an operator
-        in :data:`ELEMENT_FACTORS` counts that many times.
+        convolutions' rate, any other at ``mm``'s, each scaled by its dtype's
+        (:meth:`dtype_ratio`: the first tensor argument's, and ``autocast``
+        where a precision sets one); an element of an operator in
+        :data:`ELEMENT_FACTORS` counts that many times.
         """
         packet = getattr(fn, 'overloadpacket', fn)
         rate = self.flops_per_s
@@ -102,7 +116,24 @@ class WorkRate:
         if packet in CONVOLUTIONS and not (isinstance(weight, torch.Tensor) and weight.dim() > 1
                                            and min(weight.shape[:2]) >= FEW_CHANNELS):
             rate = self.conv_flops_per_s
+        if flops:
+            first = next((a for a in torch.utils._pytree.tree_leaves(args)
+                          if isinstance(a, torch.Tensor)), None)
+            for dtype in {getattr(first, 'dtype', torch.float32), autocast or torch.float32}:
+                rate *= self.dtype_ratio(dtype, fn)
         return int(elements * ELEMENT_FACTORS.get(packet, 1) + flops * self.elements_per_s / rate)
+
+    def dtype_ratio(self, dtype: torch.dtype, fn=None) -> float:
+        """Return ``dtype``'s products' rate over float32's (at most 1); refuse one unmeasured."""
+        if dtype == torch.float32:
+            return 1.0
+        found = self.dtype_flops.get(dtype)
+        if found is None:
+            raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                                f'{str(fn)[:80]} computes products in {dtype}, whose rate on this '
+                                'device is not measured: a program whose sizes depend on the '
+                                'data cannot be priced with it')
+        return min(1.0, found / self.flops_per_s)
 
 
 MEASURED: dict[str, WorkRate] = {}     # per device type, for the life of the process
@@ -130,8 +161,14 @@ def measure(device: torch.device) -> WorkRate:
     elements = min(v for name, v in kernels.items() if name not in FLOP_KERNELS)
     flops = min(ceiling[0], max(FLOOR, kernels['mm']))
     convs = min(kernels[name] for name in FLOP_KERNELS if name != 'mm')
+    dtype_flops = {}
+    for dtype in DTYPES:
+        timed = [_rate(kernel(dtype), device) for kernel in (_mm_in, _wide_convolution)]
+        name = str(dtype).removeprefix('torch.')
+        kernels.update({f'mm_{name}': timed[0], f'conv_{name}': timed[1]})
+        dtype_flops[dtype] = min(flops, max(FLOOR, min(timed)))
     return WorkRate(flops, min(ceiling[1], max(FLOOR, elements)),
-                    min(flops, max(FLOOR, convs)), kernels)
+                    min(flops, max(FLOOR, convs)), kernels, dtype_flops)
 
 
 def _rate(kernel: Callable, device: torch.device) -> float:
@@ -168,11 +205,28 @@ def _timed(run: Callable, device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-# each: size -> (a call, the units ops_dynamic.cost counts for it); size is a numel
-def _mm(size: int, device: torch.device):
+# each: size -> (a call, the units ops_cost.cost counts for it); size is a numel
+def _mm(size: int, device: torch.device, dtype: torch.dtype = torch.float32):
     side = int(size ** 0.5) // 4
-    a = torch.randn(side, side, device=device)
+    a = torch.randn(side, side, device=device).to(dtype)
     return (lambda: torch.mm(a, a)), 2 * side ** 3 * 1.0
+
+
+def _mm_in(dtype: torch.dtype):
+    """Return the ``mm`` kernel in ``dtype``."""
+    return lambda size, device: _mm(size, device, dtype)
+
+
+def _wide_convolution(dtype: torch.dtype):
+    """Return a 16 -> 16 channel 3x3 convolution in ``dtype`` (a float16 one: ~1e9 FLOPs/s)."""
+    def make(size: int, device: torch.device):
+        side = math.isqrt(size) // 16     # 64, 128: 20-80 ms each at 1e9 FLOPs/s
+        x = torch.randn(1, 16, side, side, device=device).to(dtype)
+        w = torch.randn(16, 16, 3, 3, device=device).to(dtype)
+        args = (x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        flops = ops_cost.cost(A.convolution.default, args, {}, device)[1]
+        return (lambda: A.convolution.default(*args)), float(flops)
+    return make
 
 
 def _add(size: int, device: torch.device):
@@ -209,7 +263,7 @@ def _convolution(channels: int, kernel: int, transposed: bool = False):
         x = torch.randn(1, channels, side, side, device=device)
         w = torch.randn(channels, 1, kernel, kernel, device=device)
         args = (x, w, None, [1, 1], [kernel // 2] * 2, [1, 1], transposed, [0, 0], channels)
-        flops = ops_dynamic.cost(A.convolution.default, args, {}, device)[1]
+        flops = ops_cost.cost(A.convolution.default, args, {}, device)[1]
         return (lambda: A.convolution.default(*args)), float(flops)
     return make
 

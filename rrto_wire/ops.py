@@ -33,6 +33,12 @@ Everything else is refused, in particular:
   client sends, which the sandbox's trial run cannot see.  (A program marked
   ``dynamic`` may have such sizes, under the rules of :mod:`rrto_wire.ops_dynamic`.)
 
+Some kernels index one argument by another's size, or trust an integer code or
+a scale, without checking (batch norm's running statistics, a15 #1):
+:func:`resolve` returns those overloads wrapped by :func:`rrto_wire.ops_checked.checked`,
+which checks the arguments first.  A ``Device`` argument takes only the
+``{"device": ...}`` tag, which means the server's device (a15 #8).
+
 In-place overloads (``relu_``, ``add_``) stay allowed here;
 :meth:`rrto_wire.program.Program` refuses any node that writes into an input,
 a weight, or a view of either (see :func:`writes` and :func:`aliases`).  Some
@@ -50,6 +56,7 @@ from typing import Any, Callable
 
 import torch
 
+from rrto_wire import ops_checked
 from rrto_wire.errors import ErrorCode, ProtocolError
 
 _INPLACE_OK = (
@@ -185,7 +192,7 @@ def resolve(name: Any) -> Callable:
             or _writes_out_argument(overload) or not _tensor_typed(overload)):
         raise ProtocolError(ErrorCode.BAD_REQUEST,
                             f'operator {name[:80]!r} is not allowed on this server')
-    return overload
+    return ops_checked.checked(overload)
 
 
 # schema types of arguments that may receive a graph node; any other argument is a constant
@@ -272,12 +279,26 @@ def check_call(fn: Callable, args: Any, kwargs: Any, dynamic: bool = False) -> d
             raise ProtocolError(ErrorCode.BAD_REQUEST,
                                 f'this operator takes at most {len(schema.arguments)} arguments')
         for arg, value in size_arguments(fn, args, kwargs):
+            _check_device(arg, value)
             if not dynamic and _has_node(value):
                 raise ProtocolError(
                     ErrorCode.UNSAFE_PROGRAM,
                     f'argument {arg.name!r} ({arg.type}) is a constant of the program, not '
                     f'a value computed from its inputs (sizes are static)')
     return kwargs
+
+
+_DEVICE_TYPES = frozenset(('Device', 'Optional[Device]'))
+
+
+def _check_device(arg: Any, value: Any) -> None:
+    """Refuse a ``Device`` argument other than null or the ``{"device": ...}`` tag."""
+    if str(arg.type) in _DEVICE_TYPES and value is not None and not (
+            isinstance(value, dict) and len(value) == 1 and isinstance(value.get('device'), str)):
+        raise ProtocolError(ErrorCode.BAD_REQUEST,
+                            f'argument {arg.name!r} is a device: only the tag {{"device": ...}} '
+                            "(the server's own device) or null, not "
+                            f'{str(value)[:40]!r} (a15 #8)')
 
 
 # operators that may return an argument itself, or a view of it, with no alias annotation

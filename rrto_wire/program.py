@@ -25,7 +25,11 @@ whose size depends on the data (written as 0 in ``shape``).
 
 Arguments are JSON values; ``{"n": name}`` refers to an input, a parameter or an
 earlier node; ``{"dtype"|"device"|"memory_format"|"layout"|"f": ...}`` tag
-torch enums and non-finite floats.
+torch enums and non-finite floats.  A ``{"device": ...}`` tag always means the
+server's own device, and a ``Device`` argument takes only that tag (or null):
+a program cannot name ``cpu``, ``meta`` or another GPU (a15 #8).  The label is
+a string of at most :data:`MAX_LABEL_CHARS` characters (a15 #7: it is listed
+in every stats reply).
 
 Version 2 shards the weights per layer (:func:`rrto_wire.weights.shard_weights`): one blob per
 module, holding its tensors under their local names (``weight``, ``bias``,
@@ -46,7 +50,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 import torch.fx as fx
 
-from rrto_wire import ops, ops_dynamic, program_chain, treespec
+from rrto_wire import ops, ops_dynamic, program_chain, program_shapes, treespec
 from rrto_wire.dtypes import torch_dtype
 from rrto_wire.errors import decode_program_json, ErrorCode, invalid_program, ProtocolError
 from rrto_wire.tensors import TensorSpec
@@ -56,6 +60,7 @@ PROGRAM_VERSION = 1
 SHARDED_VERSION = 2             # "weights" is a list of per-layer shards
 MAX_SHARDS = 4096
 MAX_NODES = 65536               # operators per program (large detectors have a few thousand)
+MAX_LABEL_CHARS = 256           # a model's label: every stats reply listing it shows it (a15 #7)
 _ENUM_TAGS = {'dtype': torch.dtype, 'memory_format': torch.memory_format, 'layout': torch.layout}
 # the enum values a program may name besides wire dtypes: dense (strided) layouts only (a
 # sparse layout reaches constructors that trust their indices)
@@ -182,7 +187,7 @@ class Program:
         if version not in (PROGRAM_VERSION, SHARDED_VERSION):
             raise invalid_program(f'program version {version!r} not supported')
         try:
-            self.label = str(doc.get('label', 'model'))
+            self.label = _label(doc.get('label', 'model'))
             self.dynamic = doc.get('dynamic', False)     # sizes depend on the data
             if self.dynamic not in (True, False):
                 raise invalid_program('"dynamic" must be true or false')
@@ -206,6 +211,7 @@ class Program:
             raise invalid_program(f'{type(exc).__name__}: {exc}') from None
         self._check_references()
         self._check_writes()
+        self._shapes_fit: set = set()      # weights' shapes the meta pass accepted
         if self.dynamic:
             ops_dynamic.check_sizes(self.nodes, refs_in)
             program_chain.check_skippable(self.nodes, filter(None, self.output_names))
@@ -307,6 +313,10 @@ class Program:
         inputs) and returns a tuple of ``outputs`` (default: the program's outputs).
         Parameters are looked up in ``weights`` and must already be on ``device``.
         """
+        shapes = tuple((k, tuple(w.shape), w.dtype) for k, w in weights.items())
+        if not self.dynamic and shapes not in self._shapes_fit:   # a15 #1's class
+            program_shapes.check(self, weights, decode_arg)
+            self._shapes_fit.add(shapes)
         stop = len(self.nodes) if stop is None else stop
         inputs = self.input_names if inputs is None else list(inputs)
         outputs = self.outputs if outputs is None else [{'n': n} for n in outputs]
@@ -355,6 +365,15 @@ class Program:
             live_out = [n.name for n in self.nodes[a:b] if last_use.get(n.name, -1) >= b]
             result.append((live_in, live_out))
         return result
+
+
+def _label(value: Any) -> str:
+    """Return a program's label: a string of at most :data:`MAX_LABEL_CHARS` characters."""
+    if not isinstance(value, str) or len(value) > MAX_LABEL_CHARS:
+        raise invalid_program(f'"label" must be a string of at most {MAX_LABEL_CHARS} characters '
+                              f'(it is listed in stats replies), got '
+                              f'{len(value) if isinstance(value, str) else type(value).__name__}')
+    return value
 
 
 def _device_positional(fn: Callable, args: list) -> bool:

@@ -22,7 +22,8 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from rrto_wire import ops, ops_dynamic, program_chain
 from rrto_wire.dtypes import dtype_name
-from rrto_wire.program import encode_arg, PROGRAM_FORMAT, PROGRAM_VERSION, sha256, SHARDED_VERSION
+from rrto_wire.program import encode_arg, MAX_LABEL_CHARS, PROGRAM_FORMAT, PROGRAM_VERSION, \
+    sha256, SHARDED_VERSION
 from rrto_wire.weights import pack_weights, shard_weights
 
 
@@ -104,7 +105,8 @@ def from_exported(ep: 'torch.export.ExportedProgram', in_spec: Any, out_spec: An
 
 
 def _refuse_state_mutation(node: fx.Node, placeholders: dict) -> None:
-    """Raise ValueError if ``node`` writes into a parameter, buffer or input in place.
+    """
+    Raise ValueError if ``node`` writes into a parameter, buffer or input in place.
 
     ``placeholders`` are those that must not be written.
     """
@@ -157,7 +159,7 @@ def write(graph: fx.Graph, inputs: Sequence[str], params: dict[str, str],
             raise ValueError(f'graph node {node.name} ({node.op}) cannot be offloaded')
     doc = {
         'format': PROGRAM_FORMAT, 'version': SHARDED_VERSION if sharded else PROGRAM_VERSION,
-        'label': label, 'weights': weights_field,
+        'label': label[:MAX_LABEL_CHARS], 'weights': weights_field,   # the server's bound
         'inputs': [dict(name=n, **_out_meta(placeholders[n])) for n in inputs],
         'in_spec': in_spec, 'out_spec': out_spec, 'params': dict(params),
         'nodes': nodes, 'outputs': outputs,
@@ -220,7 +222,7 @@ def chain(links: Sequence[Link], label: str) -> tuple[bytes, bytes]:
     flat = [o for per_link in outputs for o in per_link]
     blob = pack_weights(weights) if weights else b''
     program = {
-        'format': PROGRAM_FORMAT, 'version': PROGRAM_VERSION, 'label': label,
+        'format': PROGRAM_FORMAT, 'version': PROGRAM_VERSION, 'label': label[:MAX_LABEL_CHARS],
         'weights': sha256(blob) if weights else None,
         'inputs': [dict(x, name=f'c0_{x["name"]}') for x in first['inputs']],
         'in_spec': first['in_spec'], 'out_spec': {'tuple': ['T'] * len(flat)},

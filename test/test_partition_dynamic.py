@@ -77,6 +77,31 @@ def test_second_stage_with_data_dependent_sizes_runs_on_the_server_in_one_graph(
     assert all(torch.equal(got[0][k], want[0][k]) for k in want[0])
 
 
+def test_a_graph_dynamo_captures_again_stays_one_subgraph(server, offloaded):
+    # dynamo's GLOBAL_STATE guard holds torch's thread count (and the TF32 matmul flag, the
+    # default dtype): anything in the process changing one recompiles every frame.  The
+    # partition counted each graph twice (the full-suite failure of the test above: eager
+    # subgraphs 3 and 7, the same FLOPs) and ran the first call after it locally
+    model = detector()
+    x = torch.randn(*SHAPE, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = model(x)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    om(x)
+    before = [(s['index'], s['eager'], s['flops']) for s in om.partition.describe()['subgraphs']]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads + 1 if threads == 1 else threads - 1)
+    try:
+        out = om(x)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(out[0][k], expected[0][k]) for k in expected[0])
+    assert om.last.result == OffloadResult.OFFLOADED and om.last.round_trips == 2
+    after = [(s['index'], s['eager'], s['flops']) for s in om.partition.describe()['subgraphs']]
+    assert after == before and om.stats()['eager_subgraphs'] == 1
+
+
 def test_server_checks_every_size_of_a_dynamic_program_before_it_allocates():
     mask = torch.zeros(1000, dtype=torch.bool)
     mask[:10] = True

@@ -385,16 +385,19 @@ def test_a_malformed_endpoint_leaks_no_socket_per_call():
             robot.stats()
         with pytest.raises(zmq.ZMQError):
             hedge.socket('tcp://127.0.0.1')
-        # the count is the whole process's (other tests' threads may still open and close
-        # some); pyzmq's collector closed most of what the client left, not all
-        before = len(os.listdir('/proc/self/fd'))
-        for _ in range(40):
-            with pytest.raises(zmq.ZMQError):
-                robot.stats()
-            with pytest.raises(zmq.ZMQError):
-                hedge.socket('tcp://127.0.0.1')
-        grew = len(os.listdir('/proc/self/fd')) - before
-        assert grew < 30, f'{grew} descriptors more after 40 calls: leaked per call'
+        # the count is the whole process's: other tests' servers and threads may still
+        # open and close some (45 and 225 more seen in one round under load), so the
+        # least growth of three rounds is judged: a leak per call shows in every round
+        growth = []
+        for _ in range(3):
+            before = len(os.listdir('/proc/self/fd'))
+            for _ in range(40):
+                with pytest.raises(zmq.ZMQError):
+                    robot.stats()
+                with pytest.raises(zmq.ZMQError):
+                    hedge.socket('tcp://127.0.0.1')
+            growth.append(len(os.listdir('/proc/self/fd')) - before)
+        assert min(growth) < 30, f'{growth} descriptors more per 40 calls: leaked per call'
     finally:
         robot.close()
         hedge.close()
