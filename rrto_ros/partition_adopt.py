@@ -95,9 +95,9 @@ class Step:
     link: int = -1                # its link of the chain; -1: the robot runs it
     writes: bool = False          # an operator outside the chain writing in place
     spec: Any = None              # a segment operator's argument structure
-    leaves: list = field(default_factory=list)   # ('v', value) | ('t', key) | ('w', weight)
-    outs: list = field(default_factory=list)     # (key, link output index or -1: a view,
-    out_spec: Any = None                         # shape, stride, dtype)
+    leaves: list = field(default_factory=list)   # ('v', value) | ('t', key) | ('w'|'c', tensor)
+    outs: list = field(default_factory=list)     # (key, output index or -1, shape, stride, dtype)
+    out_spec: Any = None
 
 
 def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step], str]:
@@ -229,8 +229,7 @@ class Adopter(TorchDispatchMode):
         super().__init__()
         self.steps, self.values, self.reached = steps, values, reached
         self.speculation = speculation
-        self.at = 0
-        self.active = True
+        self.at, self.active = 0, True
         self.paused = 1         # until the head's call returns
         self.reason = ''
         self.known: dict[int, tuple] = {}
@@ -383,8 +382,7 @@ def quiet(local: Any):
 def follow(local: Any, adopter: Adopter) -> None:
     """Start following a chain in this call (after its head's reply)."""
     release(local)
-    adopter.__enter__()
-    local.adopter = adopter
+    local.adopter = adopter.__enter__()
 
 
 def release(local: Any, end: bool = False) -> None:
