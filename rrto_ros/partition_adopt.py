@@ -299,9 +299,7 @@ class Adopter(TorchDispatchMode):
         elif not self._matches(step, args, kwargs):
             self.stop(f'{func} on other arguments than watched')
         else:
-            out = self._adopt(step, func, args, kwargs)
-            if out is not None:
-                return out
+            return self._adopt(step, func, args, kwargs)
         return func(*args, **kwargs)
 
     def _matches(self, step: Step, args: tuple, kwargs: dict) -> bool:
@@ -325,14 +323,14 @@ class Adopter(TorchDispatchMode):
         return True
 
     def _adopt(self, step: Step, func: Any, args: tuple, kwargs: dict) -> Any:
-        robot = tree_flatten(func(*args, **kwargs))[0] if any(     # views, and what the
-            k < 0 for _, k, *_ in step.outs) else None                # robot computes itself
+        native = func(*args, **kwargs) if any(k < 0 for _, k, *_ in step.outs) else None
+        robot = tree_flatten(native)[0]      # views, and what the robot computes itself
         out = []
         for j, (key, k, shape, stride, dtype) in enumerate(step.outs):
             t = robot[j] if k < 0 else self.values[step.link][k]
             if tuple(t.shape) != shape or t.dtype != dtype:
                 self.stop(f'{func} gave another shape than watched')
-                return None
+                return native if native is not None else func(*args, **kwargs)
             if k >= 0 and t.stride() != stride:
                 t = torch.empty_strided(shape, stride, dtype=dtype).copy_(t)
             out.append(t)

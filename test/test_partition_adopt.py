@@ -145,3 +145,37 @@ def test_what_a_segment_writes_in_place_stays_the_robots(server, offloaded):
     assert (round_trips, claims) == (3, 0), om.last
     with _Perturbed(), torch.inference_mode():
         assert _equal(out, model(x))
+
+
+@pytest.mark.parametrize('live, adopted', [
+    ('watched', True),
+    ('other tensor', False),        # the same values, not the value the server used
+    ('other value', False),
+    ('negative zero', False),       # -0.0 is not 0.0 (floats bit for bit)
+])
+def test_an_operator_is_adopted_only_on_the_watched_arguments(live, adopted):
+    from torch.utils._pytree import tree_flatten
+
+    from rrto_ros.partition_adopt import Adopter, Step
+    from rrto_ros.partition_chain import Speculation
+
+    with torch.inference_mode():
+        head_out = torch.ones(3)        # the head's output as it came back
+        served = torch.full((3,), 7.0)  # the server's value of the operator (not 1 + 0.0)
+        step = Step(torch.ops.aten.add.Tensor, link=1,
+                    spec=tree_flatten(((head_out, 0.0), {}))[1],
+                    leaves=[('t', ('out', 0, 0)), ('v', 0.0)],
+                    outs=[(('op', 1, 0), 0, (3,), (1,), torch.float32)],
+                    out_spec=tree_flatten(served)[1])
+        speculation = Speculation([object()])
+        adopter = Adopter([step, Step(subgraph=object(), link=2)], [(head_out,), (served,)], 3,
+                          speculation, [])
+        adopter.paused = 0
+        x, scalar = {'other tensor': (torch.ones(3), 0.0), 'other value': (head_out, 1.0),
+                     'negative zero': (head_out, -0.0)}.get(live, (head_out, 0.0))
+        with adopter:
+            got = x + scalar
+        assert (got is served) == adopted
+        assert adopter.active == adopted and bool(speculation.queue) == adopted
+        if not adopted:         # the robot's own result
+            assert torch.equal(got, x + scalar)
