@@ -37,14 +37,15 @@ import torch._dynamo
 from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.utils.flop_counter import FlopCounterMode
 
-from rrto_ros import partition_capture, partition_chain as chaining
-from rrto_ros.partition_graphs import Outputs, SubgraphModule
+from rrto_ros import partition_adopt, partition_capture, partition_chain as chaining
+from rrto_ros.partition_graphs import Outputs, SubgraphModule, counted_call, tensors_of
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
 from rrto_ros.partition_report import call_fields, first_line, local_fields
 from rrto_wire.program_writer import is_dynamic
 
 CHAIN = True               # guess the next subgraphs: one request for a chain of them
 EAGER_LINKS = True         # chains take the operators run between graphs (partition_eager)
+ADOPT = True               # a call following a chain takes the server's values (partition_adopt)
 MIN_SHARE = 0.01            # of the whole model's FLOPs, for a subgraph to be worth a round trip
 MIN_FLOPS_PER_BYTE = 8.0    # FLOPs per byte of a subgraph's inputs and outputs, likewise
 RECOMPILE_LIMIT = 64        # graphs per code object (a new shape after a break is a new graph)
@@ -102,9 +103,12 @@ class Subgraph:
     def _call(self, args: tuple) -> Any:
         start = time.perf_counter()
         data = [a for i, a in enumerate(args) if i not in self.weights]
+        adopter = self.owner.following()      # this call follows a chain
         if self.flops >= 0 and self._weights_unchanged(args):
             guess = self.owner.claim(self, data)     # computed by a chained request
             if guess is not None:
+                if adopter is not None:
+                    adopter.called(self, guess.outputs, True)
                 return guess.outputs
         if self.flops >= 0 and self.remote is not None and self._weights_unchanged(args):
             with self.lock:
@@ -112,6 +116,8 @@ class Subgraph:
         else:
             outputs = self._first_call(args, data) if self.flops < 0 else self.graph(*args)
             self.owner.trace(self, None, (time.perf_counter() - start) * 1e3)
+        if adopter is not None:
+            adopter.called(self, outputs, False)
         self.owner.note(self, len(args), data, outputs)
         return outputs
 
@@ -199,7 +205,7 @@ class Partition:
                 self._compiled_call(args, kwargs, tracer)
             self.chains = chaining.build(tracer.events, lambda c: SubgraphModule(
                 c.subgraph.graph, c.arity, c.subgraph.weights), self._make_remote,
-                self.label, timeout_s, self._own)
+                self.label, timeout_s, self._own, ADOPT and EAGER_LINKS)
         return all(ready)
 
     def _capture(self, graph: torch.fx.GraphModule, example: list) -> Subgraph:
@@ -251,9 +257,12 @@ class Partition:
             calls.append((subgraph, record, local_ms))
 
     def quiet(self) -> Any:
-        """Return a context in which the tracer watching this call notes no operator."""
-        tracer = getattr(self._local, 'tracer', None)
-        return tracer.paused() if tracer is not None else contextlib.nullcontext()
+        """Return a context in which no operator is noted (tracer) or checked (adopter)."""
+        return partition_adopt.quiet(self._local)
+
+    def following(self) -> Any:
+        """Return the adopter of the chain this call follows, if any."""
+        return getattr(self._local, 'adopter', None)
 
     def note(self, subgraph: Subgraph, arity: int, data: list, outputs: tuple) -> None:
         """Show a subgraph call to the tracer, while one watches (in :meth:`prepare`)."""
@@ -280,6 +289,10 @@ class Partition:
         outputs = model.split(_inference(remote(*data)))
         self._local.speculation = chaining.speculate(model, links, data, outputs, remote.last)
         self.guesses[0] += len(self._local.speculation.queue)
+        if model.steps and self._local.speculation.reached > 1:
+            partition_adopt.follow(self._local, partition_adopt.Adopter(
+                model.steps, outputs, self._local.speculation.reached,
+                self._local.speculation, data))
         self.trace(subgraph, remote.last, 0.0)
         return subgraph.outputs.complete(outputs[0])
 
@@ -318,6 +331,7 @@ class Partition:
                     **DYNAMO_CONFIG):
                 outputs = self.compiled(*args, **kwargs)
         finally:
+            partition_adopt.release(self._local, end=True)
             self._local.calls = self._local.speculation = self._local.tracer = None
         self.last_call = [(s.index, r is not None and r.result.value == 'offloaded')
                           for s, r, _ in calls]
@@ -362,18 +376,6 @@ class Partition:
         return list(self._remotes.values()) + [remote for _, remote, _ in self.chains.values()]
 
 
-def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list) -> tuple:
-    """Run a captured graph counting its FLOPs; return its outputs, FLOPs and bytes moved."""
-    # outside inference mode: the counter's module hooks look for the weights' autograd
-    with torch.inference_mode(False), torch.no_grad(), \
-            FlopCounterMode(display=False) as counter:
-        outputs = graph(*args)
-    outputs = _inference(outputs)   # cloned in inference mode: inference tensors
-    tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
-    return outputs, int(counter.get_total_flops()), sum(t.numel() * t.element_size()
-                                                        for t in tensors)
-
-
 def local_reason(flops: int, io_bytes: int, model_flops: int, data: list) -> str:
     """Return why a subgraph should run on the robot ('' if it is worth a round trip)."""
     if not all(isinstance(t, torch.Tensor) for t in data):
@@ -390,11 +392,3 @@ def _inference(outputs: Any) -> tuple:
     """Return outputs as inference tensors, as local ones are (dynamo guards on dispatch keys)."""
     return tuple(o.clone() if isinstance(o, torch.Tensor) and not o.is_inference() else o
                  for o in outputs)
-
-
-def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
-    """Return every tensor a module holds: parameters, buffers and plain tensor attributes."""
-    tensors = list(module.parameters()) + list(module.buffers())
-    for sub in module.modules():
-        tensors += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
-    return tensors

@@ -32,7 +32,9 @@ from typing import Any
 
 import torch
 
-from rrto_ros import partition_eager
+from rrto_ros import partition_adopt, partition_eager
+from rrto_ros.partition_adopt import same_bits
+from rrto_ros.partition_graphs import writes_inputs  # noqa: F401 - partition's name for it
 from rrto_ros.local_model import EXPORT_GUARD, Artifact, LocalModel, TorchModule
 from rrto_ros.reply_check import check_outputs, program_outputs
 from rrto_wire import program as program_format
@@ -45,25 +47,6 @@ from rrto_wire.errors import ProtocolError
 from rrto_wire.tensors import TensorSpec
 
 log = logging.getLogger('rrto_ros.partition')
-
-# tensor methods that return a view of their input (an in-place write to one writes into it)
-_VIEWS = frozenset(('view', 'reshape', 'permute', 'transpose', 'narrow', 'select', 'expand',
-                    'squeeze', 'unsqueeze', 'flatten', 't', 'unflatten', 'view_as', 'getitem',
-                    '__getitem__', 'unbind', 'split', 'chunk', 'as_strided', 'detach'))
-
-
-def writes_inputs(graph: torch.fx.GraphModule) -> bool:
-    """Return True if a captured graph writes in place into one of its inputs (or a view)."""
-    of_input: set = set()
-    for node in graph.graph.nodes:
-        name = node.target if node.op == 'call_method' else getattr(node.target, '__name__', '')
-        first = node.args[0] if node.args else None
-        if node.op == 'placeholder' or (name in _VIEWS and first in of_input):
-            of_input.add(node)
-        elif first in of_input and (name == 'setitem' or (
-                isinstance(name, str) and name.endswith('_') and not name.endswith('__'))):
-            return True
-    return False
 
 
 @dataclass
@@ -119,7 +102,8 @@ def is_remote(link: Any) -> bool:
     return isinstance(link, Call) and link.subgraph.remote is not None
 
 
-def plan(events: list, own: dict | None = None) -> list[list[tuple[Any, list[tuple]]]]:
+def plan(events: list, own: dict | None = None,
+         found: list | None = None) -> list[list[tuple[Any, list[tuple]]]]:
     """
     Return the chains of a watched call: per chain, its links as (link, sources), head first.
 
@@ -134,6 +118,9 @@ def plan(events: list, own: dict | None = None) -> list[list[tuple[Any, list[tup
     stays only if a later link takes its outputs; a chain needs a second
     remote link.  Subgraphs called twice in the call (a loop) chain nothing.
     A chain whose planning raises is left out (logged), the others stay.
+    With ``found`` (a list), each segment returns every output but its views
+    (:func:`~rrto_ros.partition_adopt.export_all`) and ``found`` gets, per
+    chain, the head's position and the builder's links kept.
     """
     calls = [e for e in events if isinstance(e, Call)]
     counts: dict[int, int] = {}
@@ -150,15 +137,21 @@ def plan(events: list, own: dict | None = None) -> list[list[tuple[Any, list[tup
         if not isinstance(head, Call) or head.subgraph.remote is None or \
                 counts[id(head.subgraph)] > 1 or id(head) in used:
             continue
-        kept = partition_eager.grow(head, events[i + 1:], i + 1, own or {}, joins, is_remote)
+        if found is None:
+            kept, links = partition_eager.grow(head, events[i + 1:], i + 1, own or {}, joins,
+                                               is_remote), []
+        else:
+            kept, links = partition_adopt.grow(head, events, i, own or {}, joins, is_remote)
         if sum(is_remote(link) for link, _ in kept) > 1:
             used.update(id(link) for link, _ in kept)
             chains.append(kept)
+            if found is not None:
+                found.append((i, links))
     return chains
 
 
 def build(events: list, module_of: Any, remote_of: Any, label: str,
-          timeout_s: float, own: dict | None = None) -> dict[int, tuple]:
+          timeout_s: float, own: dict | None = None, adopt: bool = False) -> dict[int, tuple]:
     """
     Plan the chains of a watched call and prepare each on the server.
 
@@ -167,19 +160,26 @@ def build(events: list, module_of: Any, remote_of: Any, label: str,
     Returns head subgraph index -> (ChainModel, its offloaded model, the
     chain's links: subgraphs, None for a segment); a chain that cannot be
     written or recorded is left out (its subgraphs run one round trip each).
+    With ``adopt``, a chain's ``steps`` are what the robot follows to take
+    the server's values for its links (:mod:`rrto_ros.partition_adopt`).
     """
+    found: list | None = [] if adopt else None
     chains = {}
     log.info('%s: one call ran subgraphs %s (r: remote), %d operators between them', label,
              ' '.join(f'{c.subgraph.index}{"r" if c.subgraph.remote is not None else ""}'
                       for c in events if isinstance(c, Call)),
              sum(not isinstance(e, Call) for e in events))
-    for chain in plan(events, own):
+    for n, chain in enumerate(plan(events, own, found)):
         head = chain[0][0]
         name = f'{label}.chain{head.subgraph.index}'
         remote = None
         try:
             model = ChainModel([module_of(c) if isinstance(c, Call) else c
                                 for c, _ in chain], chain, name)
+            if found is not None:
+                model.steps, reason = partition_adopt.steps(events, found[n], chain, own or {})
+                log.info('%s: %s', name, f'not adopted ({reason})' if reason else
+                         f'adopted: {len(model.steps)} steps followed')
             remote = remote_of(model)
             ready = remote.warmup(*head.data, timeout_s=timeout_s)
         except Exception as exc:  # noqa: B902 - export's errors have no common base
@@ -210,6 +210,7 @@ class ChainModel(LocalModel):
 
     def __init__(self, modules: list, chain: list, label: str):
         self.label = label
+        self.steps: list = []        # what a call follows to adopt the links' values
         self.modules = modules
         self.sources = [sources for _, sources in chain]
         links, self.leaves, self.inline = [], [], []
@@ -325,15 +326,6 @@ class Guess:
                    for now, then in zip(self.inputs, self.seen))
 
 
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Return True if ``a`` and ``b`` hold the same bytes (torch.equal has -0.0 == 0.0, a14 #6)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype.is_floating_point or a.dtype.is_complex:
-        a, b = (t.reshape(-1).contiguous().view(torch.uint8) for t in (a, b))
-    return torch.equal(a, b)
-
-
 @dataclass
 class Speculation:
     """The guesses of one call still to be claimed, in order."""
@@ -341,6 +333,7 @@ class Speculation:
     queue: list[Guess]
     members: set = field(default_factory=set)     # ids of the chain's subgraphs
     sources: set = field(default_factory=set)     # ids of the tensors the guesses read
+    reached: int = 0                              # links the server ran
 
     def claim(self, subgraph: Any, data: list) -> tuple | None:
         """Return the guessed outputs if ``subgraph`` is called on the guessed inputs."""
@@ -365,9 +358,11 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
     operators).  Each link ran on the server only if every guard up to it
     held: those before it on its inputs' sizes, and a segment's own after
     each size-varying operator (evaluated here on the sizes that came back).
-    Only remote graphs are guessed: the robot computes everything else itself.
+    Graphs are guessed, local ones too (claimed on the same bytes, they are
+    offloaded graphs); segments are adopted (:mod:`rrto_ros.partition_adopt`).
     """
     queue = []
+    reached = 1
     for n in range(1, len(links)):
         if not holds(chain.link_tests[n] + chain.inline[n], outputs):
             break           # the server stopped here: the rest runs as usual
@@ -375,21 +370,22 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
             check_outputs(outputs[n], chain.leaves[n])
         except ProtocolError:
             break
-        if links[n] is None or links[n].remote is None:
-            continue
+        reached = n + 1
+        if links[n] is None or (links[n].remote is None and not chain.steps):
+            continue        # a local graph only when adopting (its inputs: the server's)
         inputs = [head_data[s[1]] if s[0] == 'in' else outputs[s[1]][s[2]]
                   for s in chain.sources[n]]
         seen = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
         queue.append(Guess(links[n], inputs, links[n].outputs.complete(outputs[n]), record,
                            seen))
-    return Speculation(queue, {id(s) for s in links[1:] if s is not None and s.remote is not None},
-                       {id(t) for guess in queue for t in guess.inputs})
+    return Speculation(queue, {id(s) for s in links[1:] if s is not None},
+                       {id(t) for guess in queue for t in guess.inputs}, reached)
 
 
 def _same(a: Any, b: Any) -> bool:
-    """Return True if the robot's input ``a`` is, or equals, the input ``b`` a guess read."""
+    """Return True if the robot's input ``a`` is, or holds the bytes of, the input ``b``."""
     return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
-                      and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b))
+                      and same_bits(a, b))
 
 
 def _spec(data: list) -> Any:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 class SubgraphModule(torch.nn.Module):
@@ -74,3 +75,44 @@ class Outputs:
             else:
                 out.append(kind[1])
         return tuple(out)
+
+
+def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list) -> tuple:
+    """Run a captured graph counting its FLOPs; return its outputs, FLOPs and bytes moved."""
+    # outside inference mode: the counter's module hooks look for the weights' autograd
+    with torch.inference_mode(False), torch.no_grad(), \
+            FlopCounterMode(display=False) as counter:
+        outputs = graph(*args)
+    outputs = tuple(o.clone() if isinstance(o, torch.Tensor) and not o.is_inference() else o
+                    for o in outputs)      # cloned in inference mode: inference tensors
+    tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
+    return outputs, int(counter.get_total_flops()), sum(t.numel() * t.element_size()
+                                                        for t in tensors)
+
+
+def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    """Return every tensor a module holds: parameters, buffers and plain tensor attributes."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    for sub in module.modules():
+        tensors += [v for v in vars(sub).values() if isinstance(v, torch.Tensor)]
+    return tensors
+
+
+# tensor methods that return a view of their input (an in-place write to one writes into it)
+_VIEWS = frozenset(('view', 'reshape', 'permute', 'transpose', 'narrow', 'select', 'expand',
+                    'squeeze', 'unsqueeze', 'flatten', 't', 'unflatten', 'view_as', 'getitem',
+                    '__getitem__', 'unbind', 'split', 'chunk', 'as_strided', 'detach'))
+
+
+def writes_inputs(graph: torch.fx.GraphModule) -> bool:
+    """Return True if a captured graph writes in place into one of its inputs (or a view)."""
+    of_input: set = set()
+    for node in graph.graph.nodes:
+        name = node.target if node.op == 'call_method' else getattr(node.target, '__name__', '')
+        first = node.args[0] if node.args else None
+        if node.op == 'placeholder' or (name in _VIEWS and first in of_input):
+            of_input.add(node)
+        elif first in of_input and (name == 'setitem' or (
+                isinstance(name, str) and name.endswith('_') and not name.endswith('__'))):
+            return True
+    return False

@@ -19,6 +19,7 @@ def _equal(got: list, want: list) -> bool:
 
 def _rcnn_offloaded(server, offloaded):
     """Return the R-CNN-shaped zoo detector, its input, local outputs and offloaded model."""
+    torch.compiler.reset()      # RCNN._detect's code is shared with other tests' detectors
     model = rcnn()
     x = _image(0)
     with torch.inference_mode():
@@ -52,7 +53,7 @@ def test_graphs_split_by_branches_on_sizes_share_a_round_trip(chained, server):
         record = om.last
         assert record.result == OffloadResult.OFFLOADED, record.reason
         assert record.round_trips == 1, record
-        assert record.remote_subgraphs == 3
+        assert record.remote_subgraphs == 4     # the local graph in the chain: claimed too
     described = om.partition.describe()
     assert described['remote_share'] >= 0.9, described
     backends = [r['backend'] for r in server.snapshot()['replays']
@@ -81,9 +82,10 @@ def test_a_guess_the_guards_refuse_costs_round_trips_never_a_wrong_result(chaine
         guessed = after['chain_guesses'] - before['chain_guesses']
         assert guessed == after['chain_claims'] - before['chain_claims']
         if image is x:
-            assert guessed == 4 and om.last.round_trips == 1
+            assert guessed == 6 and om.last.round_trips == 1
         elif not len(want[0]['boxes']):
-            assert guessed == 2     # the box head each call; the guard held the keypoint head
+            # the local graph and the box head each call; the guard held the keypoint head
+            assert guessed == 4
 
 
 def test_without_chains_the_same_model_takes_three_round_trips(server, offloaded, monkeypatch):

@@ -171,6 +171,26 @@ def test_a_guess_is_claimed_only_on_inputs_equal_to_those_the_server_used():
                 assert speculation.claim(link, [served.clone()]) is None
 
 
+@pytest.mark.parametrize('served, robot, claimed', [
+    # r7 #1: the server's segment made +0.0 where the robot's eager code made -0.0;
+    # atan2(0, -0.0) is pi, so the guess (computed from +0.0) is not the robot's answer
+    (torch.zeros(6), -torch.zeros(6), False),
+    (torch.zeros(6), torch.zeros(6), True),
+    # the same bytes compute the same, NaN included (torch.equal has nan != nan)
+    (torch.tensor([float('nan'), 1.0]), torch.tensor([float('nan'), 1.0]), True),
+])
+def test_a_guess_after_a_segment_is_claimed_only_on_the_same_bytes(served, robot, claimed):
+    from rrto_ros.partition_chain import Guess, Speculation
+
+    link = _Graph(1, True)
+    with torch.inference_mode():
+        served, robot = served.clone(), robot.clone()
+        guess = Guess(link, [served], (torch.atan2(torch.zeros_like(served), served),), None,
+                      [served.clone()])
+        speculation = Speculation([guess], {id(link)}, {id(served)})
+        assert (speculation.claim(link, [robot]) is guess) == claimed
+
+
 def test_unique_in_a_dynamic_program_is_sized_at_its_most_before_it_runs():
     from rrto_wire import ops_dynamic
 
