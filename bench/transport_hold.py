@@ -44,7 +44,8 @@ def _trim_heap() -> None:
 
 
 def rss_mib() -> float:
-    """Return this process's resident set size in MiB, after freed heap went back.
+    """
+    Return this process's resident set size in MiB, after freed heap went back.
 
     glibc keeps freed 1 MiB blocks in its arenas once its mmap threshold has grown, so
     without the trim RSS also counts memory nobody holds, by an amount that depends on
