@@ -69,6 +69,7 @@ import struct
 import threading
 import time
 import uuid
+from typing import Callable
 
 import zmq
 
@@ -93,9 +94,9 @@ class _Connection:
 
     __slots__ = ('sock', 'born', 'delivered', 'last', 'named', 'cut')
 
-    def __init__(self, sock: socket.socket | None):
+    def __init__(self, sock: socket.socket | None, born: float):
         self.sock = sock             # None: a unix socket of a trusted user (not watched)
-        self.born = time.monotonic()
+        self.born = born
         self.delivered = 0
         self.last = 0                # the number of its last message among all received
         self.named = False           # it sent a routing id the server did not give it
@@ -108,16 +109,18 @@ class ConnectionWatchdog:
 
     Create it after the socket's security options and before it binds ``endpoint``;
     register :attr:`sockets` in the I/O thread's poller and receive from ``sock``
-    only through :meth:`drain`, after every poll.
+    only through :meth:`drain`, after every poll.  ``clock`` gives the connections' ages.
     """
 
-    def __init__(self, sock: zmq.Socket, limit: int, endpoint: str):
+    def __init__(self, sock: zmq.Socket, limit: int, endpoint: str,
+                 clock: Callable[[], float] = time.monotonic):
         transport = endpoint.split('://', 1)[0]
         if transport not in TRANSPORTS:
             raise ValueError(f'{endpoint}: the {transport} transport cannot bound what a peer '
                              f'makes the server hold; use one of {", ".join(TRANSPORTS)}')
         self.sock = sock
         self.limit = limit
+        self._clock = clock
         self.cuts = 0
         self.refused = 0
         self.most_held = 0       # received and not delivered, most of any connection (a tick)
@@ -248,13 +251,13 @@ class ConnectionWatchdog:
         except OSError:
             return None                      # already closed (its DISCONNECTED follows)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            return _Connection(sock)
+            return _Connection(sock, self._clock())
         try:
             if sock.family == socket.AF_UNIX:
                 _, uid, _ = _UCRED.unpack(sock.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
                 if uid in (self._uid, 0):
-                    return _Connection(None)
+                    return _Connection(None, self._clock())
             sock.shutdown(socket.SHUT_RDWR)
             self.refused += 1
             log.warning('refused a %s peer of another user', sock.family.name)
@@ -278,7 +281,7 @@ class ConnectionWatchdog:
             if conn.named and not conn.cut:
                 self.named += 1
                 self._cut(conn, 0)
-        suspects = self.over_allowance(time.monotonic())
+        suspects = self.over_allowance(self._clock())
         if not suspects:
             return
         self._asked += 1                     # no complete message waiting after this moment?
