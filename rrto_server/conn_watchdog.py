@@ -22,8 +22,10 @@ libzmq hold, where the bytes are received:
   CURVE's box when the socket is a CURVE server);
 - every ``TICK_S`` the watchdog thread reads, per connection, the bytes the
   kernel received (``TCP_INFO.tcpi_bytes_received``); where they exceed the
-  delivered bytes by more than ``limit + SLACK_BYTES + AGE_BYTES_PER_S x age``
-  it takes the bytes libzmq has read (minus the kernel's queue, ``FIONREAD``)
+  delivered bytes and the heartbeats' base (:mod:`rrto_server.conn_state`) by
+  more than ``limit + SLACK_BYTES + AGE_BYTES_PER_S x`` the base's age (at most
+  ``MAX_AGE_S``: a credit that grew with age for good let old connections hold
+  more, r7 #6's twin) it takes the bytes libzmq has read (less ``FIONREAD``)
   and asks the I/O thread, with a token on :attr:`wake` read before the
   socket, for a proof that the connection had no complete message waiting
   after that moment.  Either the socket was found empty after the token, or,
@@ -69,11 +71,13 @@ import struct
 import threading
 import time
 import uuid
+from typing import Callable
 
 import zmq
 
 from rrto_server.auth import chose_its_id
-from rrto_wire.wire_bytes import CURVE_BOX_BYTES, allowance, queued, received, wire_size
+from rrto_server.conn_state import Connection
+from rrto_wire.wire_bytes import CURVE_BOX_BYTES, queued, received, wire_size
 
 log = logging.getLogger('rrto_server.conn_watchdog')
 
@@ -88,36 +92,24 @@ _UCRED = struct.Struct('3i')
 _LIBC = ctypes.CDLL(ctypes.util.find_library('c'))
 
 
-class _Connection:
-    """One accepted connection: its duplicate descriptor and the bytes delivered from it."""
-
-    __slots__ = ('sock', 'born', 'delivered', 'last', 'named', 'cut')
-
-    def __init__(self, sock: socket.socket | None):
-        self.sock = sock             # None: a unix socket of a trusted user (not watched)
-        self.born = time.monotonic()
-        self.delivered = 0
-        self.last = 0                # the number of its last message among all received
-        self.named = False           # it sent a routing id the server did not give it
-        self.cut = False
-
-
 class ConnectionWatchdog:
     """
     Bound what each peer of ``sock`` makes libzmq hold (see the module docstring).
 
     Create it after the socket's security options and before it binds ``endpoint``;
     register :attr:`sockets` in the I/O thread's poller and receive from ``sock``
-    only through :meth:`drain`, after every poll.
+    only through :meth:`drain`, after every poll.  ``clock`` gives the connections' ages.
     """
 
-    def __init__(self, sock: zmq.Socket, limit: int, endpoint: str):
+    def __init__(self, sock: zmq.Socket, limit: int, endpoint: str,
+                 clock: Callable[[], float] = time.monotonic):
         transport = endpoint.split('://', 1)[0]
         if transport not in TRANSPORTS:
             raise ValueError(f'{endpoint}: the {transport} transport cannot bound what a peer '
                              f'makes the server hold; use one of {", ".join(TRANSPORTS)}')
         self.sock = sock
         self.limit = limit
+        self._clock = clock
         self.cuts = 0
         self.refused = 0
         self.most_held = 0       # received and not delivered, most of any connection (a tick)
@@ -125,12 +117,13 @@ class ConnectionWatchdog:
         self._curve = bool(sock.getsockopt(zmq.CURVE_SERVER))
         self._box = CURVE_BOX_BYTES if self._curve else 0
         self._uid = os.geteuid()
-        self._conns: dict[int, _Connection] = {}     # by libzmq's descriptor (I/O thread)
-        self._retired: list[_Connection] = []        # closed by the watchdog thread
+        self._conns: dict[int, Connection] = {}     # by libzmq's descriptor (I/O thread)
+        self._retired: list[Connection] = []        # closed by the watchdog thread
         self._asked = self._pending = self._proven = 0   # tokens
         self._settled = 0                # the newest token the watchdog stopped waiting on
         self._seq = 0                    # messages received (I/O thread)
         self._read = (0, 0)              # the newest token read, and self._seq then
+        self._proof = (0, 0)             # the newest token proven empty, and self._seq then
         self._proved = threading.Event()
         self._trims: list[float] = []    # when to hand freed heap back (watchdog thread)
         ctx = sock.context
@@ -179,6 +172,7 @@ class ConnectionWatchdog:
             self._pending = token
         wanted = token > max(self._proven, self._settled)
         batch: list = []
+        empty = False
         if self.sock in events or wanted:
             until = time.monotonic() + TICK_S if wanted else 0.0
             while wanted or most is None or len(batch) < most:
@@ -187,11 +181,14 @@ class ConnectionWatchdog:
                 try:
                     batch.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
                 except zmq.Again:
-                    if wanted:
-                        self._proven = token
-                        self._proved.set()
+                    empty = wanted
                     break
-        return self._count(batch)
+        batch = self._count(batch)
+        if empty:                            # once counted: the watchdog reads what it delivered
+            self._proof = (token, self._seq)
+            self._proven = token
+            self._proved.set()
+        return batch
 
     def _count(self, batch: list) -> list:
         """Add each message's wire bytes to its connection; return those not dropped."""
@@ -211,8 +208,8 @@ class ConnectionWatchdog:
                 conn = conns.get(fd)
                 if conn is None:
                     continue
-            conn.last = seq
             conn.delivered += wire_size(frames[1:], box)   # the routing id is not on the wire
+            conn.last = seq                  # after it: a rebase that sees it sees the bytes
             if conn.named or chose_its_id(frames[0].bytes, curve):
                 conn.named = named = True
         self._seq = seq                      # after every conn.last: read first, it is safe
@@ -242,19 +239,19 @@ class ConnectionWatchdog:
                 if conn is not None:
                     self._conns[fd] = conn
 
-    def _accepted(self, fd: int) -> _Connection | None:
+    def _accepted(self, fd: int) -> Connection | None:
         try:
             sock = socket.socket(fileno=os.dup(fd))
         except OSError:
             return None                      # already closed (its DISCONNECTED follows)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
-            return _Connection(sock)
+            return Connection(sock, self._clock())
         try:
             if sock.family == socket.AF_UNIX:
                 _, uid, _ = _UCRED.unpack(sock.getsockopt(
                     socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
                 if uid in (self._uid, 0):
-                    return _Connection(None)
+                    return Connection(None, self._clock())
             sock.shutdown(socket.SHUT_RDWR)
             self.refused += 1
             log.warning('refused a %s peer of another user', sock.family.name)
@@ -278,13 +275,12 @@ class ConnectionWatchdog:
             if conn.named and not conn.cut:
                 self.named += 1
                 self._cut(conn, 0)
-        suspects = self.over_allowance(time.monotonic())
+        now = self._clock()
+        self._rebase(now)
+        suspects = self.over_allowance(now)
         if not suspects:
             return
-        self._asked += 1                     # no complete message waiting after this moment?
-        token = self._asked
-        self._proved.clear()
-        self._waker.send(_TOKEN.pack(token))
+        token = self._ask()                  # no complete message waiting after this moment?
         deadline = time.monotonic() + PROOF_WAIT_S
         try:
             while suspects and not self._stop.is_set():
@@ -301,7 +297,33 @@ class ConnectionWatchdog:
         finally:       # proved per connection, cut or given up: the I/O thread stops trying
             self._settled = token            # to empty the socket for it (r5 B3)
 
-    def _quiet(self, conn: _Connection, token: int) -> bool:
+    def _ask(self) -> int:
+        self._asked += 1
+        self._proved.clear()
+        self._waker.send(_TOKEN.pack(self._asked))
+        return self._asked
+
+    def _rebase(self, now: float) -> None:
+        """Measure again what heartbeats took of each connection due (:mod:`conn_state`)."""
+        due = []
+        for conn in list(self._conns.values()):
+            if conn.sock is not None and not conn.cut:
+                given_up = conn.base.settle(conn, self._proof, PROOF_WAIT_S)
+                self._settled = max(self._settled, given_up)    # the I/O thread stops
+                if conn.base.due(now):
+                    due.append(conn)
+        reads = []
+        for conn in due:
+            try:
+                reads.append((conn, received(conn.sock) - queued(conn.sock)))
+            except OSError:
+                conn.cut = True              # no longer a connected TCP socket
+        if reads:
+            token = self._ask()              # after the reads: its proof comes after them
+            for conn, read in reads:
+                conn.base.begin(token, read, now)
+
+    def _quiet(self, conn: Connection, token: int) -> bool:
         """Return True if ``conn`` had no complete message waiting once ``token`` was read."""
         seq = self._seq                      # before conn.last (the I/O thread sets it first)
         read, since = self._read
@@ -321,20 +343,20 @@ class ConnectionWatchdog:
             del self._trims[0]
             _LIBC.malloc_trim(0)             # libzmq freed the partial message: return it
 
-    def over_allowance(self, now: float) -> list[tuple[_Connection, int, int]]:
+    def over_allowance(self, now: float) -> list[tuple[Connection, int, int]]:
         """Return ``(connection, bytes read, allowance)`` of each one over it (watchdog thread)."""
         suspects = []
         most = 0
         for conn in list(self._conns.values()):
             if conn.sock is None or conn.cut:
                 continue
-            limit = allowance(self.limit, now - conn.born)
+            limit = conn.base.allowance(self.limit, now)
             try:
-                held = received(conn.sock) - conn.delivered
+                held = received(conn.sock) - conn.delivered - conn.base.bytes
                 most = max(most, held)
                 if held <= limit:
                     continue
-                read = received(conn.sock) - queued(conn.sock)
+                read = received(conn.sock) - queued(conn.sock) - conn.base.bytes
             except OSError:
                 conn.cut = True              # no longer a connected TCP socket
                 continue
@@ -343,7 +365,7 @@ class ConnectionWatchdog:
         self.most_held = most
         return suspects
 
-    def _cut(self, conn: _Connection, held: int) -> None:
+    def _cut(self, conn: Connection, held: int) -> None:
         conn.cut = True
         try:
             conn.sock.shutdown(socket.SHUT_RDWR)
