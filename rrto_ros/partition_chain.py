@@ -180,7 +180,7 @@ def build(events: list, module_of: Any, remote_of: Any, label: str,
                 model.steps, reason = partition_script.steps(events, found[n], chain, own or {},
                                                              name)
                 log.info('%s: %s', name, f'not adopted ({reason})' if reason else
-                         f'adopted: {len(model.steps)} steps followed')
+                         f'adopted: {partition_script.describe(model.steps)}')
             remote = remote_of(model)
             ready = remote.warmup(*head.data, timeout_s=timeout_s)
         except Exception as exc:  # noqa: B902 - export's errors have no common base

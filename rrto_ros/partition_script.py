@@ -94,6 +94,7 @@ class Step:
     outs: list = field(default_factory=list)
     out_spec: Any = None
     native: bool = False          # a graph link the robot runs (its outputs: outs' how)
+    why: str = ''                 # why the robot runs it, for the logs
 
     def name(self) -> str:
         """Return the step as the logs name it: the operator or graph, and its link."""
@@ -104,6 +105,13 @@ class Step:
 def native(steps: list) -> set[int]:
     """Return the chain's links a call following ``steps`` runs itself (never claimed)."""
     return {s.link for s in steps if s.func is None and s.native}
+
+
+def describe(steps: list) -> str:
+    """Return what the logs say of a chain's steps: how many, and the graphs the robot runs."""
+    mine = '; '.join(f'{s.name()} runs on the robot: {s.why}' for s in steps
+                     if s.func is None and s.native)
+    return f'{len(steps)} steps followed' + (f' ({mine})' if mine else '')
 
 
 def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step], str]:
@@ -136,7 +144,7 @@ def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step],
     for p in range(start + 1, last + 1):
         event = events[p]
         if not isinstance(event, Op):
-            step = _graph_step(event, calls.get(id(event), -1), writes)
+            step = _graph_step(event, calls.get(id(event), -1), writes, at)
             if isinstance(step, str):
                 return [], step
             for k, t in enumerate(event.outputs):
@@ -157,7 +165,7 @@ def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step],
     return steps, ''
 
 
-def _graph_step(call: Any, n: int, writes: dict) -> Step | str:
+def _graph_step(call: Any, n: int, writes: dict, at: dict) -> Step | str:
     """
     Return how a call follows one graph call (``n``: its link, -1 if none).
 
@@ -172,8 +180,13 @@ def _graph_step(call: Any, n: int, writes: dict) -> Step | str:
             return f'graph {call.subgraph.index} (not a link) writes into its inputs'
         return step
     mine = [storage(t) in writes for t in call.outputs]
-    step.native = call.subgraph.remote is None and (
-        any(mine) or any(storage(t) in writes for t in call.data))
+    read = [storage(t) for t in call.data if storage(t) in writes]
+    step.native = call.subgraph.remote is None and (any(mine) or bool(read))
+    if step.native:
+        op, segment = writes[next(storage(t) for t, m in zip(call.outputs, mine) if m)
+                             if any(mine) else read[0]]
+        step.why = (f'{op.func} (link {at[id(segment)]}) writes into '
+                    f'{"its outputs" if any(mine) else "what it reads"}')
     step.outs = [(('out', n, k), k, (), (), None, 'robot' if m else 'check')
                  for k, m in enumerate(mine)]
     return step

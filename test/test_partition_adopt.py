@@ -156,6 +156,7 @@ def test_a_local_graph_a_segment_writes_into_is_the_robots(server, offloaded, ca
     caplog.set_level('INFO', logger='rrto_ros.partition')
     model, x, expected, om = _eager_offloaded(server, offloaded, vanilla_above=400)
     assert 'chain0: adopted' in caplog.text, caplog.text
+    assert 'runs on the robot: aten.index_put_.default' in caplog.text, caplog.text
     for _ in range(2):
         out, round_trips, claims = _perturbed_call(om, x)
         assert (round_trips, claims, om.last.local_subgraphs) == (1, 4, 1), om.last
