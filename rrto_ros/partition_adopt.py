@@ -29,9 +29,12 @@ from such values: nothing mixes the two results of one operator.
 Anything else ends the adoption and the guesses (the rest runs as before):
 another operator or graph, other arguments, a graph that writes into its
 inputs, an operator reading a tensor robot code outside the chain wrote in
-place.  What a segment writes in place (the server returns its last value,
-not the one at the operator) the robot computes, and what follows from it.
-The server returns every segment output but views (:func:`export_all`).
+place.  What lives in memory a segment writes in place (the server returns
+its last value, not the one at the operator: torchvision's NMS writes into a
+local graph's mask of zeros) the robot computes, that graph included, and
+what it reads from there it checks against the server's value, byte for
+byte (:mod:`rrto_ros.partition_script`).  The server returns every segment
+output but views (:func:`~rrto_ros.partition_script.export_all`).
 """
 
 from __future__ import annotations
@@ -39,180 +42,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from rrto_ros.partition_eager import Builder, Op, Segment, storage, written
+from rrto_ros.partition_eager import Op, storage, written
+from rrto_ros.partition_script import Step
 
 log = logging.getLogger('rrto_ros.partition')
 _SAID: set = set()      # reasons logged once
 _SKIPPED = frozenset((torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default))
-
-
-def views(op: Op) -> list[bool]:
-    """Return, per tensor output of a recorded operator, whether it aliases an input."""
-    ins = {storage(a) for a in tree_flatten((op.args, op.kwargs))[0]
-           if isinstance(a, torch.Tensor)}
-    alias = any(r.alias_info is not None for r in op.func._schema.returns)
-    return [alias or storage(t) in ins for t in op.outputs()]
-
-
-def export_all(links: list) -> None:
-    """Have each segment return every output but its views and what segments write into."""
-    segments = [link for _, link, _ in links if isinstance(link, Segment)]
-    writes = _writes(segments)
-    for link in segments:
-        for op in link.ops:
-            for t, view in zip(op.outputs(), views(op)):
-                if not view and storage(t) not in writes:
-                    link.export(t)
-
-
-def _writes(segments: list) -> set[int]:
-    return {storage(w) for link in segments for op in link.ops for w in written(op)}
-
-
-def steps(events: list, found: tuple, chain: list, own: dict) -> tuple[list, str]:
-    """Return the steps a call follows to adopt a planned chain's values, or why not."""
-    start, links = found
-    if len(links) != len(chain) or any(
-            not isinstance(link, Segment) if isinstance(c, torch.nn.Module) else c is not link
-            for (c, _), link in zip(chain, links)):
-        return [], 'the chain is not the one planned'
-    return script(events, start, links, own)
-
-
-@dataclass
-class Step:
-    """One event of the watched call after a chain's head: an operator or a graph call."""
-
-    func: Any = None              # the ATen operator; None for a graph call
-    subgraph: Any = None
-    link: int = -1                # its link of the chain; -1: the robot runs it
-    writes: bool = False          # an operator outside the chain writing in place
-    spec: Any = None              # a segment operator's argument structure
-    leaves: list = field(default_factory=list)   # ('v', value) | ('t', key) | ('w'|'c', tensor)
-    outs: list = field(default_factory=list)     # (key, output index or -1, shape, stride, dtype)
-    out_spec: Any = None
-
-
-def script(events: list, start: int, kept: list, own: dict) -> tuple[list[Step], str]:
-    """
-    Return the steps of the watched call from a chain's head to its last link, or a reason.
-
-    ``start`` is the head's position in ``events``, ``kept`` the chain's
-    links in order (the head's and graphs' :class:`Call`, segments'
-    :class:`Segment`), ``own`` the module's weights by id.
-    """
-    head = events[start]
-    known: dict[int, tuple] = {id(t): ('in', j) for j, t in enumerate(head.data)}
-    known.update({id(t): ('out', 0, k) for k, t in enumerate(head.outputs)})
-    calls = {id(link): n for n, link in enumerate(kept) if not isinstance(link, Segment)}
-    ops = {id(op): n for n, link in enumerate(kept) if isinstance(link, Segment)
-           for op in link.ops}
-    last = max(p for p, e in enumerate(events) if id(e) in calls)
-    writes = _writes([link for link in kept if isinstance(link, Segment)])
-    graphs = {storage(t) for link in kept if not isinstance(link, Segment)
-              for t in link.outputs} | {storage(t) for t in head.data}
-    if writes & graphs:     # the server returns such a graph's outputs as last written
-        return [], 'a segment writes into the chain\'s inputs or a graph\'s outputs'
-    produced: set[int] = set()
-    robot: set[tuple] = set()       # values the robot computes (what in-place writes touch)
-    steps = []
-    for p in range(start + 1, last + 1):
-        event = events[p]
-        if not isinstance(event, Op):
-            n = calls.get(id(event), -1)
-            if n < 0 and event.subgraph.writes:
-                return [], f'graph {event.subgraph.index} writes into its inputs'
-            for k, t in enumerate(event.outputs):
-                produced.add(id(t))
-                if n >= 0:
-                    known[id(t)] = ('out', n, k)
-            steps.append(Step(subgraph=event.subgraph, link=n))
-            continue
-        n = ops.get(id(event), -1)
-        if n < 0:
-            produced.update(id(t) for t in event.outputs())
-            steps.append(Step(event.func, writes=bool(written(event))))
-            continue
-        step = _segment_step(event, p, n, kept[n], (known, produced, own, robot, writes))
-        if isinstance(step, str):
-            return [], step
-        steps.append(step)
-    return steps, ''
-
-
-def _segment_step(op: Op, p: int, n: int, segment: Segment, state: tuple) -> Step | str:
-    """
-    Return how a call follows one operator of a segment (or why it cannot).
-
-    The robot computes it itself (and what it makes stays the robot's) if it
-    writes in place, reads a value the robot computes, or makes a tensor a
-    segment writes into later (the server returns its last value); it runs
-    a view too; otherwise it takes the server's value.
-    """
-    known, produced, own, robot, writes = state
-    native = bool(written(op))
-    leaves, spec = tree_flatten((op.args, op.kwargs))
-    step = Step(op.func, link=n, spec=spec)
-    for leaf in leaves:
-        if not isinstance(leaf, torch.Tensor):
-            step.leaves.append(('v', leaf))
-        elif id(leaf) in known:
-            step.leaves.append(('t', known[id(leaf)]))
-            native = native or known[id(leaf)] in robot
-        elif id(leaf) in produced:
-            return f'{op.func} reads a tensor the chain did not make'
-        elif own.get(id(leaf)) is leaf:
-            step.leaves.append(('w', leaf))
-        else:
-            step.leaves.append(('c', leaf.detach().clone()))
-    out, step.out_spec = tree_flatten(op.out)
-    if not all(isinstance(t, torch.Tensor) for t in out):
-        return f'{op.func} returns more than tensors'
-    for j, (t, view) in enumerate(zip(out, views(op))):
-        mine = native or storage(t) in writes
-        k = -1 if view or mine else next((k for k, key in enumerate(segment.exported)
-                                          if key == id(t)), None)
-        if k is None:
-            return f'an output of {op.func} does not come back'
-        step.outs.append((('op', p, j), k, tuple(t.shape), t.stride(), t.dtype))
-        known[id(t)] = ('op', p, j)
-        if mine:
-            robot.add(('op', p, j))
-        produced.add(id(t))
-    return step
-
-
-def grow(head: Any, events: list, i: int, own: dict, joins: Any, is_remote: Any) -> tuple:
-    """
-    Return a chain's kept links grown from ``events[i]``, and the builder's links kept.
-
-    As :func:`~rrto_ros.partition_eager.grow`, with every output of the
-    segments returned (:func:`export_all`).
-    """
-    try:
-        builder = Builder(head, own, joins)
-        for p in range(i + 1, len(events)):
-            builder.add(p, events[p])
-        export_all(builder.links)
-        links, needed = builder.links, set()
-        keep = [False] * len(links)        # as Builder.finish keeps them
-        for n in range(len(links) - 1, -1, -1):
-            keep[n] = n == 0 or is_remote(links[n][1]) or n in needed
-            if keep[n]:
-                needed.update(s[1] for s in links[n][2] if s[0] in ('out', 'seg'))
-        kept = builder.finish(is_remote)
-    except Exception as exc:  # noqa: B902 - one chain left out, never the partition
-        log.info('chain%s: not chained, planning it failed (%s: %s)',
-                 getattr(head.subgraph, 'index', '?'), type(exc).__name__, exc)
-        return [], []
-    return kept, [link for (_, link, _), k in zip(links, keep) if k]
 
 
 class Adopter(TorchDispatchMode):
@@ -235,6 +76,7 @@ class Adopter(TorchDispatchMode):
         self.known: dict[int, tuple] = {}
         self.alive: list = []           # the tensors known, so that their ids stay theirs
         self.written: set[int] = set()
+        self.label = getattr(steps, 'label', '') or 'chain'
         for j, t in enumerate(head_data):
             self._know(t, ('in', j))
         for k, t in enumerate(values[0]):
@@ -256,7 +98,8 @@ class Adopter(TorchDispatchMode):
             self.active, self.reason = False, reason
             self.speculation.queue.clear()
             (log.info if reason not in _SAID else log.debug)(
-                'adoption ends after %d of %d steps: %s', self.at, len(self.steps), reason)
+                '%s: adoption ends after %d of %d steps: %s', self.label, self.at,
+                len(self.steps), reason)
             _SAID.add(reason)
 
     def _next(self) -> Step | None:
@@ -270,14 +113,23 @@ class Adopter(TorchDispatchMode):
         if not self.active:
             return
         step = self._next()
+        tensors = [o for o in outputs if isinstance(o, torch.Tensor)]
         if step is None or step.func is not None or step.subgraph is not subgraph:
-            self.stop(f'graph {subgraph.index} where the watched call ran another step')
-        elif step.link >= 0 and not claimed:
-            self.stop(f'graph {subgraph.index} was not claimed')
+            self.stop(f'graph {subgraph.index} where the watched call ran {_name(step)}')
+        elif step.link >= 0 and claimed == step.native:
+            self.stop(f'{step.name()} was {"" if claimed else "not "}claimed')
         elif step.link < 0 and subgraph.writes:
-            self.stop(f'graph {subgraph.index} writes into its inputs')
+            self.stop(f'{step.name()} writes into its inputs')
+        elif step.native and step.link >= self.reached:
+            self.stop(f'the server stopped before {step.name()}')
+        elif step.native and len(tensors) != len(step.outs):
+            self.stop(f'{step.name()} gave other outputs than watched')
         elif step.link >= 0:
-            for k, t in enumerate(o for o in outputs if isinstance(o, torch.Tensor)):
+            for k, t in enumerate(tensors):
+                if step.native and step.outs[k][-1] == 'check' and not same_bits(
+                        t, self.values[step.link][k]):
+                    self.stop(f'{step.name()}: the robot\'s output {k} is not the server\'s')
+                    return
                 self._know(t, ('out', step.link, k))
         if self.active and self.at == len(self.steps):
             self.active, self.reason = False, 'done'
@@ -288,16 +140,16 @@ class Adopter(TorchDispatchMode):
             return func(*args, **kwargs)
         step = self._next()
         if step is None or step.func is not func:
-            self.stop(f'{func} where the watched call ran another step')
+            self.stop(f'{func} where the watched call ran {_name(step)}')
         elif step.link < 0:
             out = func(*args, **kwargs)
             if step.writes:
                 self.written.update(storage(t) for t in written(Op(func, args, kwargs, out)))
             return out
         elif step.link >= self.reached:
-            self.stop(f'the server stopped before link {step.link}')
+            self.stop(f'the server stopped before {step.name()}')
         elif not self._matches(step, args, kwargs):
-            self.stop(f'{func} on other arguments than watched')
+            self.stop(f'{step.name()} on other arguments than watched')
         else:
             return self._adopt(step, func, args, kwargs)
         return func(*args, **kwargs)
@@ -323,20 +175,28 @@ class Adopter(TorchDispatchMode):
         return True
 
     def _adopt(self, step: Step, func: Any, args: tuple, kwargs: dict) -> Any:
-        native = func(*args, **kwargs) if any(k < 0 for _, k, *_ in step.outs) else None
-        robot = tree_flatten(native)[0]      # views, and what the robot computes itself
+        run = any(how != 'adopt' for *_, how in step.outs)
+        native = func(*args, **kwargs) if run else None
+        robot = tree_flatten(native)[0]      # what the robot computes itself
         out = []
-        for j, (key, k, shape, stride, dtype) in enumerate(step.outs):
-            t = robot[j] if k < 0 else self.values[step.link][k]
+        for j, (key, k, shape, stride, dtype, how) in enumerate(step.outs):
+            t = robot[j] if run and how != 'adopt' else self.values[step.link][k]
             if tuple(t.shape) != shape or t.dtype != dtype:
-                self.stop(f'{func} gave another shape than watched')
+                self.stop(f'{step.name()} gave another shape than watched')
                 return native if native is not None else func(*args, **kwargs)
-            if k >= 0 and t.stride() != stride:
+            if how == 'check' and not same_bits(t, self.values[step.link][k]):
+                self.stop(f'{step.name()}: the robot\'s output {j} is not the server\'s')
+                return native
+            if how == 'adopt' and t.stride() != stride:
                 t = torch.empty_strided(shape, stride, dtype=dtype).copy_(t)
             out.append(t)
         for (key, *_), t in zip(step.outs, out):
             self._know(t, key)
         return tree_unflatten(out, step.out_spec)
+
+
+def _name(step: Step | None) -> str:
+    return 'no more steps' if step is None else step.name()
 
 
 def same_value(live: Any, want: Any) -> bool:

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from rrto_ros import partition_adopt, partition_eager
+from rrto_ros import partition_eager, partition_script
 from rrto_ros.partition_adopt import same_bits
 from rrto_ros.partition_graphs import writes_inputs  # noqa: F401 - partition's name for it
 from rrto_ros.local_model import EXPORT_GUARD, Artifact, LocalModel, TorchModule
@@ -119,7 +119,7 @@ def plan(events: list, own: dict | None = None,
     remote link.  Subgraphs called twice in the call (a loop) chain nothing.
     A chain whose planning raises is left out (logged), the others stay.
     With ``found`` (a list), each segment returns every output but its views
-    (:func:`~rrto_ros.partition_adopt.export_all`) and ``found`` gets, per
+    (:func:`~rrto_ros.partition_script.export_all`) and ``found`` gets, per
     chain, the head's position and the builder's links kept.
     """
     calls = [e for e in events if isinstance(e, Call)]
@@ -141,7 +141,7 @@ def plan(events: list, own: dict | None = None,
             kept, links = partition_eager.grow(head, events[i + 1:], i + 1, own or {}, joins,
                                                is_remote), []
         else:
-            kept, links = partition_adopt.grow(head, events, i, own or {}, joins, is_remote)
+            kept, links = partition_script.grow(head, events, i, own or {}, joins, is_remote)
         if sum(is_remote(link) for link, _ in kept) > 1:
             used.update(id(link) for link, _ in kept)
             chains.append(kept)
@@ -177,9 +177,10 @@ def build(events: list, module_of: Any, remote_of: Any, label: str,
             model = ChainModel([module_of(c) if isinstance(c, Call) else c
                                 for c, _ in chain], chain, name)
             if found is not None:
-                model.steps, reason = partition_adopt.steps(events, found[n], chain, own or {})
+                model.steps, reason = partition_script.steps(events, found[n], chain, own or {},
+                                                             name)
                 log.info('%s: %s', name, f'not adopted ({reason})' if reason else
-                         f'adopted: {len(model.steps)} steps followed')
+                         f'adopted: {partition_script.describe(model.steps)}')
             remote = remote_of(model)
             ready = remote.warmup(*head.data, timeout_s=timeout_s)
         except Exception as exc:  # noqa: B902 - export's errors have no common base
@@ -363,6 +364,7 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
     """
     queue = []
     reached = 1
+    mine = partition_script.native(chain.steps)     # local links the robot runs itself
     for n in range(1, len(links)):
         if not holds(chain.link_tests[n] + chain.inline[n], outputs):
             break           # the server stopped here: the rest runs as usual
@@ -371,14 +373,15 @@ def speculate(chain: ChainModel, links: list, head_data: list, outputs: list[tup
         except ProtocolError:
             break
         reached = n + 1
-        if links[n] is None or (links[n].remote is None and not chain.steps):
+        if links[n] is None or (links[n].remote is None and (not chain.steps or n in mine)):
             continue        # a local graph only when adopting (its inputs: the server's)
         inputs = [head_data[s[1]] if s[0] == 'in' else outputs[s[1]][s[2]]
                   for s in chain.sources[n]]
         seen = [t.clone() if isinstance(t, torch.Tensor) else t for t in inputs]
         queue.append(Guess(links[n], inputs, links[n].outputs.complete(outputs[n]), record,
                            seen))
-    return Speculation(queue, {id(s) for s in links[1:] if s is not None},
+    return Speculation(queue, {id(s) for n, s in enumerate(links) if n and s is not None
+                               and n not in mine},
                        {id(t) for guess in queue for t in guess.inputs}, reached)
 
 

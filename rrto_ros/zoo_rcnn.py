@@ -23,17 +23,30 @@ from rrto_ros.zoo import _anchors, _conv_bn, _decode, _pooled, box_iou, initiali
 
 
 def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-                iou_threshold: float, classes: int) -> torch.Tensor:
+                iou_threshold: float, classes: int, vanilla_above: int = 4000) -> torch.Tensor:
     """Return the indices kept by per-class matrix NMS, highest score first."""
     if boxes.numel() == 0:
         return torch.zeros(0, dtype=torch.int64, device=boxes.device)
-    if boxes.numel() > 4000:       # many boxes: class by class (torchvision's vanilla path)
-        keep = torch.cat([torch.where(labels == c)[0][_matrix_nms(
-            boxes[labels == c], scores[labels == c], iou_threshold)] for c in range(classes)])
-        return keep[scores[keep].sort(descending=True, stable=True).indices]
+    if boxes.numel() > vanilla_above:   # many boxes: class by class (torchvision's on a CPU)
+        return _batched_nms_vanilla(torch.zeros_like(scores, dtype=torch.bool), boxes, scores,
+                                    labels, iou_threshold)
     # one class never suppresses another: move each class's boxes apart
     shifted = boxes + (labels.to(boxes) * (boxes.max() + 1))[:, None]
     return _matrix_nms(shifted, scores, iou_threshold)
+
+
+def _batched_nms_vanilla(keep_mask: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor,
+                         labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    # torchvision's: a mask of zeros that the loop over the classes writes True into.  Dynamo
+    # cannot keep the loop in a graph (its length is data-dependent): it runs eagerly and
+    # writes into the mask, which a graph made (Keypoint R-CNN's proposals: more than 4000
+    # coordinates on a CPU).  torchvision makes the mask in this function; here the caller
+    # makes it, so that every torch version compiles it into the graph before the loop
+    for c in torch.unique(labels):
+        curr = torch.where(labels == c)[0]
+        keep_mask[curr[_matrix_nms(boxes[curr], scores[curr], iou_threshold)]] = True
+    keep = torch.where(keep_mask)[0]
+    return keep[scores[keep].sort(descending=True, stable=True).indices]
 
 
 def _matrix_nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float):
@@ -50,7 +63,7 @@ class RCNN(nn.Module):
 
     def __init__(self, classes: int = 4, keypoints: int = 5, width: int = 16,
                  rpn_thresh: float = 0.5, pre_nms: int = 150, post_nms: int = 40,
-                 score_thresh: float = 0.35, detections: int = 12):
+                 score_thresh: float = 0.35, detections: int = 12, vanilla_above: int = 4000):
         super().__init__()
         w = width
         self.backbone = nn.Sequential(_conv_bn(3, w, 3, 2), _conv_bn(w, 2 * w, 3, 2),
@@ -66,6 +79,7 @@ class RCNN(nn.Module):
             nn.Conv2d(4 * w, 4 * w, 3, padding=1), nn.ReLU())), nn.Conv2d(4 * w, keypoints, 1))
         self.rpn_thresh, self.pre_nms, self.post_nms = rpn_thresh, pre_nms, post_nms
         self.score_thresh, self.detections = score_thresh, detections
+        self.vanilla_above = vanilla_above      # NMS class by class above (coordinates)
 
     def forward(self, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         p3 = self.backbone(images)
@@ -87,19 +101,21 @@ class RCNN(nn.Module):
         top = objectness[candidates].topk(min(self.pre_nms, len(candidates)))
         proposals = boxes[candidates[top.indices]]
         keep = batched_nms(proposals, top.values, torch.zeros_like(top.indices), 0.7,
-                           self.classes)[:self.post_nms]
+                           self.classes, self.vanilla_above)[:self.post_nms]
         proposals = proposals[keep]
         out = self.box_head(_pooled(features, proposals, strides, self.sizes))
         scores, labels = torch.softmax(out[:, :self.classes], 1).max(1)
         boxes = proposals + out[:, self.classes:] * 4.0
         final = torch.nonzero(scores > self.score_thresh).squeeze(1)
         boxes, scores, labels = boxes[final], scores[final], labels[final]
-        keep = batched_nms(boxes, scores, labels, 0.5, self.classes)[:self.detections]
+        keep = batched_nms(boxes, scores, labels, 0.5, self.classes,
+                           self.vanilla_above)[:self.detections]
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         heatmaps = self.keypoint_head(_pooled(features, boxes, strides, self.sizes))
         return {'boxes': boxes, 'scores': scores, 'labels': labels, 'keypoints': heatmaps}
 
 
-def rcnn(classes: int = 4, keypoints: int = 5, width: int = 16, seed: int = 0) -> RCNN:
+def rcnn(classes: int = 4, keypoints: int = 5, width: int = 16, seed: int = 0,
+         vanilla_above: int = 4000) -> RCNN:
     """Return the R-CNN-shaped detector in eval mode with deterministic random weights."""
-    return initialise(RCNN(classes, keypoints, width), seed)
+    return initialise(RCNN(classes, keypoints, width, vanilla_above=vanilla_above), seed)

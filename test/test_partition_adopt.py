@@ -65,12 +65,12 @@ class _Perturbed(TorchDispatchMode):
         return out
 
 
-def _eager_offloaded(server, offloaded, write=False):
+def _eager_offloaded(server, offloaded, write=False, vanilla_above=4000):
     # RCNN._detect's code is shared with the zoo R-CNNs of the tests before: start from no
     # dynamo entries, and collect those models now (not in the middle of a call)
     gc.collect()
     torch.compiler.reset()
-    model = initialise(_EagerRCNN(), 0)
+    model = initialise(_EagerRCNN(vanilla_above=vanilla_above), 0)
     model.write = write
     x = _image(0)
     with torch.inference_mode():
@@ -147,6 +147,92 @@ def test_what_a_segment_writes_in_place_stays_the_robots(server, offloaded):
         assert _equal(out, model(x))
 
 
+def test_a_local_graph_a_segment_writes_into_is_the_robots(server, offloaded, caplog):
+    # torchvision's NMS class by class (Keypoint R-CNN's proposals on a CPU): dynamo
+    # compiles `keep_mask = zeros_like(scores)` as a graph of its own and the loop after it
+    # writes True into that graph's output in place; the server returns the mask as last
+    # written, so the robot runs that graph and the writes itself, checks what it reads
+    # from the mask against the server's values, and the heads are still claimed
+    caplog.set_level('INFO', logger='rrto_ros.partition')
+    model, x, expected, om = _eager_offloaded(server, offloaded, vanilla_above=400)
+    assert 'chain0: adopted' in caplog.text, caplog.text
+    assert 'runs on the robot: aten.index_put_.default' in caplog.text, caplog.text
+    for _ in range(2):
+        out, round_trips, claims = _perturbed_call(om, x)
+        assert (round_trips, claims, om.last.local_subgraphs) == (1, 4, 1), om.last
+        assert _equal(out, expected)            # the server's values, not the robot's
+    assert 'adoption ends' not in caplog.text, caplog.text
+
+
+class _Swapped(TorchDispatchMode):
+    """The robot's NMS mask otherwise: its first kept box dropped, its first dropped box kept."""
+
+    @classmethod
+    def ignore_compile_internals(cls) -> bool:
+        return True
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        mask = args[0] if args else None
+        if func is torch.ops.aten.index_put_.default and mask.dtype == torch.bool and \
+                not isinstance(mask, FakeTensor):
+            kept, dropped = mask.nonzero()[0, 0], (~mask).nonzero()[0, 0]
+            mask[kept], mask[dropped] = False, True
+        return out
+
+
+def test_a_mask_the_robot_makes_otherwise_ends_the_adoption(server, offloaded, caplog):
+    # the robot's own mask (the graph of zeros and the writes after it) selects other
+    # proposals than the server's: the first value the robot reads from the mask is not
+    # the server's, the adoption ends there, no head is claimed, and the outputs are the
+    # robot's computation from what it held then (the server's values before the mask)
+    caplog.set_level('INFO', logger='rrto_ros.partition')
+    model, x, expected, om = _eager_offloaded(server, offloaded, vanilla_above=400)
+    with _Swapped(), torch.inference_mode():
+        want = model(x)
+    assert not torch.equal(want[0]['boxes'], expected[0]['boxes'])     # the test bites
+    for _ in range(2):
+        before = om.stats()
+        with _Perturbed(), _Swapped():
+            out = om(x)
+        claims = om.stats()['chain_claims'] - before['chain_claims']
+        # claimed before the mask is read: the graph before it, the one in the NMS loop
+        assert (om.last.round_trips, claims) == (3, 2), om.last
+        assert _equal(out, want)
+    ends = [r.getMessage() for r in caplog.records if 'adoption ends' in r.getMessage()]
+    assert len(ends) == 1 and "aten.where" in ends[0] and \
+        "the robot's output 0 is not the server's" in ends[0], ends
+
+
+@pytest.mark.parametrize('written, reason', [
+    ('input', "aten.add_.Tensor (link 2) writes into the chain's input 0"),
+    ('remote', 'aten.add_.Tensor (link 2) writes into the outputs of remote graph 0 (link 0)'),
+    ('local', ''),      # the robot runs the local graph: its outputs are the robot's
+])
+def test_a_write_into_what_the_server_computed_from_is_not_followed(written, reason):
+    from types import SimpleNamespace
+
+    from rrto_ros.partition_chain import Call
+    from rrto_ros.partition_eager import Op, Segment
+    from rrto_ros.partition_script import native, script
+
+    def graph(index, remote):
+        return SimpleNamespace(index=index, remote=object() if remote else None, writes=False)
+
+    x, h, m = torch.ones(3), torch.ones(3), torch.ones(3)
+    head, local = Call(graph(0, True), 1, [x], (h,)), Call(graph(1, False), 1, [h], (m,))
+    target = {'input': x, 'remote': h, 'local': m}[written]
+    op = Op(torch.ops.aten.add_.Tensor, (target, h), {}, target)
+    last = Call(graph(2, True), 1, [target], (torch.ones(3),))
+    events = [head, local, op, last]
+    steps, why = script(events, 0, [head, local, Segment(ops=[op]), last], {})
+    assert why == reason
+    if not reason:
+        assert native(steps) == {1}                     # never claimed: the robot runs it
+        assert [how for *_, how in steps[1].outs] == ['robot']
+        assert not steps[2].native                      # the remote graph: claimed on bytes
+
+
 @pytest.mark.parametrize('live, adopted', [
     ('watched', True),
     ('other tensor', False),        # the same values, not the value the server used
@@ -156,7 +242,8 @@ def test_what_a_segment_writes_in_place_stays_the_robots(server, offloaded):
 def test_an_operator_is_adopted_only_on_the_watched_arguments(live, adopted):
     from torch.utils._pytree import tree_flatten
 
-    from rrto_ros.partition_adopt import Adopter, Step
+    from rrto_ros.partition_adopt import Adopter
+    from rrto_ros.partition_script import Step
     from rrto_ros.partition_chain import Speculation
 
     with torch.inference_mode():
@@ -165,7 +252,7 @@ def test_an_operator_is_adopted_only_on_the_watched_arguments(live, adopted):
         step = Step(torch.ops.aten.add.Tensor, link=1,
                     spec=tree_flatten(((head_out, 0.0), {}))[1],
                     leaves=[('t', ('out', 0, 0)), ('v', 0.0)],
-                    outs=[(('op', 1, 0), 0, (3,), (1,), torch.float32)],
+                    outs=[(('op', 1, 0), 0, (3,), (1,), torch.float32, 'adopt')],
                     out_spec=tree_flatten(served)[1])
         speculation = Speculation([object()])
         adopter = Adopter([step, Step(subgraph=object(), link=2)], [(head_out,), (served,)], 3,

@@ -17,10 +17,10 @@ def _equal(got: list, want: list) -> bool:
     return all(torch.equal(got[0][key], want[0][key]) for key in want[0])
 
 
-def _rcnn_offloaded(server, offloaded):
+def _rcnn_offloaded(server, offloaded, **options):
     """Return the R-CNN-shaped zoo detector, its input, local outputs and offloaded model."""
     torch.compiler.reset()      # RCNN._detect's code is shared with other tests' detectors
-    model = rcnn()
+    model = rcnn(**options)
     x = _image(0)
     with torch.inference_mode():
         expected = model(x)
@@ -86,6 +86,23 @@ def test_a_guess_the_guards_refuse_costs_round_trips_never_a_wrong_result(chaine
         elif not len(want[0]['boxes']):
             # the local graph and the box head each call; the guard held the keypoint head
             assert guessed == 4
+
+
+def test_nms_class_by_class_writes_into_a_graphs_output_and_still_shares_a_round_trip(
+        server, offloaded):
+    # torchvision's NMS of more than 4000 coordinates on a CPU (Keypoint R-CNN's proposals):
+    # a graph makes the mask of zeros and the eager loop writes True into it; the server
+    # returns the mask as last written, so the robot runs that graph itself (a local graph:
+    # the only one not claimed) and the writes, and the heads are claimed as before
+    model, x, expected, om = _rcnn_offloaded(server, offloaded, vanilla_above=400)
+    chains = om.partition.describe()['chains']
+    assert len(chains) == 1 and chains[0].count('ops') == 3, chains
+    for _ in range(2):
+        before = om.stats()
+        out = om(x)
+        assert _equal(out, expected)
+        claims = om.stats()['chain_claims'] - before['chain_claims']
+        assert (om.last.round_trips, om.last.local_subgraphs, claims) == (1, 1, 4), om.last
 
 
 def test_without_chains_the_same_model_takes_three_round_trips(server, offloaded, monkeypatch):
