@@ -40,7 +40,7 @@ from rrto_ros.plan_table import bind_table, PlanTable
 from rrto_ros.preparer import Prepared, Preparer
 from rrto_ros.records import CallRecord, OffloadResult
 from rrto_ros.resolver import fleet_clients
-from rrto_wire import codecs, treespec
+from rrto_wire import codecs, heap, treespec
 from rrto_wire.curve import ClientKeys
 
 if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a model needs it
@@ -266,6 +266,7 @@ class OffloadedModel:
         self.preparer.close()
         self.data.close()
         self.control.close()
+        heap.dropped(self)  # what its preparation froze goes at the process's next settles
 
     def __enter__(self) -> 'OffloadedModel':
         return self

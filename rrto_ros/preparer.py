@@ -14,8 +14,10 @@ before the robot spends CPU on an export), export the model for the
 signature, upload only the blobs the store lacks, record the replay, and
 prepare the split/hybrid plans of the plan table.  A model that cannot be
 exported whole (data-dependent operators) is partitioned instead
-(:mod:`rrto_ros.partition`).  Only the :class:`Preparer` changes a target's
-state; callers ask :meth:`Preparer.prepared` what is prepared.
+(:mod:`rrto_ros.partition`).  A target ready settles the heap: what preparing
+built is kept out of the collector's full collections (:mod:`rrto_wire.heap`).
+Only the :class:`Preparer` changes a target's state; callers ask
+:meth:`Preparer.prepared` what is prepared.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from rrto_ros.local_model import Artifact
 from rrto_ros.plan_feedback import PlanFeedback
 from rrto_ros.plan_table import PlanSelector, PlanTable, program_key
 from rrto_ros.split import as_program
-from rrto_wire import treespec
+from rrto_wire import heap, treespec
 from rrto_wire.errors import ErrorCode
 from rrto_wire.tensors import signature_key, signature_of
 
@@ -182,6 +184,7 @@ class Preparer:
                 self._prepare(target)
                 with self._lock:
                     target.state, target.error = PrepState.READY, ''
+                heap.settle('model prepared')  # its export and plans live on; not the calls'
             except ServerUnavailable as exc:
                 target.error = f'server unreachable: {exc}'
                 target.attempted.set()

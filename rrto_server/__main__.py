@@ -12,6 +12,7 @@ import zmq
 from rrto_server import options
 from rrto_server.options import ServerConfig
 from rrto_server.server import Server
+from rrto_wire import heap
 
 
 def parse_args(argv: list[str] | None = None) -> ServerConfig:
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     config, log_level = _parse(argv)
     logging.basicConfig(level=log_level, format='%(asctime)s %(levelname)s %(name)s: %(message)s')
     options.setup_process(config)
+    heap.enable()       # this process's long-lived heap is frozen where it is built
     before = options.threads_now()
     try:
         server = Server(config)

@@ -4,7 +4,8 @@ Models the server can run: stored blobs parsed once and kept warm on a device.
 No model is parsed for use before :class:`~rrto_server.sandbox.Sandbox` has
 run it once in a throwaway process (:meth:`ModelRegistry.vet`); the models the
 registry holds are the store's pinned blobs (never evicted by its quota).
-An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.
+An admin's ``evict`` request goes through :meth:`ModelRegistry.evict`.  A model
+loaded, and a model let go, settle the heap (:mod:`rrto_wire.heap`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from rrto_server.lru import LRU
 from rrto_server.sandbox import Pay, Sandbox, Verdict
 from rrto_server.store import BlobStore
+from rrto_wire import heap
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.program import Program
 from rrto_wire.weights import distinct_nbytes, load_shards, shared_to
@@ -133,7 +135,11 @@ class ModelRegistry:
         verdict = self.vet(digest, None, pay)
         model = LoadedModel(digest, self._kind(digest), self.store.read(digest), self.store,
                             verdict)
+        evictions = self._loaded.evictions
         self._loaded.put(digest, model)
+        if self._loaded.evictions != evictions:
+            heap.dropped()          # the least recently used model went
+        heap.settle('model loaded')     # its program is long-lived: out of full collections
         return model
 
     def loaded_model(self, digest: str) -> LoadedModel | None:
@@ -162,7 +168,8 @@ class ModelRegistry:
         own = self._blobs_of(digest)
         stored = self.store.has(digest)
         dropped = drop_replays(digest)
-        unloaded = self._loaded.pop(digest) is not None
+        model = self._loaded.pop(digest)
+        unloaded = model is not None
         deleted, kept = [], []
         if blobs:
             shared = self._used_by_others(digest)
@@ -175,6 +182,10 @@ class ModelRegistry:
                                 f'the server holds nothing of model {digest[:12]}')
         log.info('evicted model %s: %d replays, %d blobs deleted, %d kept (shared)',
                  digest[:12], dropped, len(deleted), len(kept))
+        if dropped or unloaded:     # their frozen cycles go now, not at the next load
+            heap.dropped(*([model] if unloaded else []))
+            del model
+            heap.settle('model evicted')
         return {'replays': dropped, 'unloaded': unloaded, 'deleted': deleted, 'kept': kept}
 
     def _blobs_of(self, digest: str) -> set[str]:

@@ -33,6 +33,7 @@ from rrto_server.lanes import EXCLUSIVE, Job
 from rrto_server.replay import Replay
 from rrto_server.requests import Request
 from rrto_server.sandbox import no_trial
+from rrto_wire import heap
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.messages import RecordOptions
 from rrto_wire.tensors import Signature
@@ -54,11 +55,15 @@ class Recording:
     def abandon(self) -> None:
         """Give up (nobody waits any more): drop what was recorded so far."""
         self.done = True
-        self.replay = self._profile = None
+        replay, self.replay, self._profile = self.replay, None, None
+        if replay is not None:
+            heap.dropped(replay)    # a settle since it was made may have frozen it
 
     def advance(self, services: Services, owners: list) -> bool:
         """Run the next stage; return True once the replay is profiled and in the cache."""
         if self.replay is None:
+            if heap.stale():    # what was dropped goes before a new replay takes memory
+                heap.settle('before recording')
             model = services.registry.get(self.digest, no_trial)   # vetted on the control thread
             self.replay = Replay(model, self.signature, self.options, services.device,
                                  services.cpu_backend)
@@ -74,6 +79,7 @@ class Recording:
         self._profile = None
         services.replays.add(self.replay, owners)
         services.stats.count(self.digest, 'records')
+        heap.settle('replay recorded')  # the replay lives on: out of full collections
         return True
 
 

@@ -28,6 +28,7 @@ from typing import Iterable
 
 from rrto_server.auth import ANONYMOUS, Peer
 from rrto_server.replay import Replay
+from rrto_wire import heap
 
 
 class ReplayCache:
@@ -106,6 +107,7 @@ class ReplayCache:
         if replay is not None:
             self.nbytes -= replay.nbytes
             del self._owners[key]
+            heap.dropped(replay)    # a frozen replay's cycles go at the next settle
 
     def _by_owner(self) -> dict[str, list[str]]:
         """Return each owner's replay keys, least recently used first."""

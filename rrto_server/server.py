@@ -62,7 +62,7 @@ from rrto_server.scheduler import Scheduler
 from rrto_server.stats import OTHER_MODEL, ServerStats, bounded
 from rrto_server.store import BlobStore
 from rrto_server.taskstats import TaskStats
-from rrto_wire import limits, messages
+from rrto_wire import heap, limits, messages
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.messages import Kind
@@ -144,6 +144,7 @@ class Server:
                  'on' if config.allow_upload else 'off', config.sched_policy,
                  f'theta={theta:g}' if theta > 0 else 'off')
         gc.callbacks.append(self.stats.collection)      # its pauses; removed by close()
+        heap.settle('server start-up')      # torch and the server: out of full collections
 
     def _router(self, config: ServerConfig) -> zmq.Socket:
         router = router_socket(self.context)     # unknowable automatic ids (a13 #0)
@@ -212,6 +213,7 @@ class Server:
         self.watchdog.close()
         if self.stats.collection in gc.callbacks:
             gc.callbacks.remove(self.stats.collection)
+        heap.dropped(self)      # its frozen cycles go at the process's next settles
         self.router.close(linger=0)
         self.guard.close()
         if self._own_ctx:

@@ -12,7 +12,8 @@ tasks (each in proportion to its size), and says how many of each it left out
 Also the garbage collector's pauses (:meth:`ServerStats.collection`, a ``gc.callbacks``
 entry the server installs): a collection holds every thread of the process, the
 I/O thread's receipt of an urgent frame included, and a full one of a server with
-torch loaded took 128-148 ms on a 2-core VM.
+torch loaded took 128-148 ms on a 2-core VM.  The server keeps its long-lived heap out of
+them (:mod:`rrto_wire.heap`); ``heap`` in the snapshot says what it froze and when.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import time
 
 import msgspec
 
+from rrto_wire import heap
 from rrto_wire.limits import MAX_HEADER_BYTES, MAX_KEY_CHARS, MAX_NAME_CHARS
 
 PAUSE_MS = 1.0          # collections at least this long are kept with their start time
@@ -109,6 +111,7 @@ class ServerStats:
 
     def snapshot(self) -> dict:
         """Return the counters as JSON data (``gc_pauses``: start on the perf_counter clock)."""
+        settled = heap.snapshot()
         with self._lock:
             return {'requests': dict(self.requests), 'replies': dict(self.replies),
                     'errors': dict(self.errors), 'bytes_in': self.bytes_in,
@@ -118,7 +121,8 @@ class ServerStats:
                     'gc': {str(g): {'collections': n, 'total_ms': total, 'longest_ms': most}
                            for g, (n, total, most) in self.gc.items()},
                     'gc_pauses': [{'start': start, 'ms': ms, 'generation': g}
-                                  for start, ms, g in list(self.pauses)]}
+                                  for start, ms, g in list(self.pauses)],
+                    'heap': settled}
 
 
 def bounded(data: dict, limit: int = MAX_REPLY_BYTES) -> dict:

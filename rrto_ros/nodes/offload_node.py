@@ -44,6 +44,7 @@ from rrto_ros.nodes.params import client_keys, fail
 from rrto_ros.outputs import output_names
 from rrto_ros.plan_table import PlanTableMismatch
 from rrto_ros.preprocess import WithImageInput
+from rrto_wire import heap
 from rrto_wire import strategy as strategy_file
 from rrto_wire import treespec
 
@@ -315,6 +316,7 @@ class OffloadNode(ManagedNode):
 
 def main(args=None) -> int:
     """Run the node until Ctrl-C or shutdown; exit 2 on invalid parameters."""
+    heap.enable()       # a prepared model's heap is frozen (rrto_wire.heap)
     return spin.run(OffloadNode, args)
 
 

@@ -24,6 +24,7 @@ from rrto_ros.nodes.managed import ManagedNode
 from rrto_ros.nodes.params import check_endpoint, fail, Param
 from rrto_server import options
 from rrto_server.server import Server
+from rrto_wire import heap
 
 _CHECKS = {'bind': check_endpoint}
 PARAMS = [Param(o.name, o.default, o.help, range=o.range, choices=o.choices,
@@ -117,6 +118,7 @@ class ServerNode(ManagedNode):
 
 def main(args=None) -> int:
     """Serve until Ctrl-C or shutdown; exit 2 on invalid parameters."""
+    heap.enable()       # the server's long-lived heap is frozen (rrto_wire.heap)
     return spin.run(ServerNode, args)
 
 
