@@ -96,13 +96,25 @@ def _local(model: torch.nn.Module, inputs: tuple) -> Any:
 
 
 def compare(actual: Any, expected: Any) -> dict:
-    """Return how far ``actual`` is from ``expected``: identical, same shapes, max abs diff."""
-    got, want = treespec.flatten(actual)[0], treespec.flatten(expected)[0]
+    """
+    Return how far ``actual`` is from ``expected``, output by output.
+
+    ``identical``: every output ``torch.equal``; ``exact_integers``: every integer
+    or bool output (labels) equal, which with equal shapes means the same
+    detections in the same order; ``max_abs_diff`` and ``max_rel_diff`` over
+    the floating outputs (relative to the largest magnitude of that output).
+    """
+    got = [t.cpu() for t in treespec.flatten(actual)[0]]
+    want = [t.cpu() for t in treespec.flatten(expected)[0]]
     same_shapes = len(got) == len(want) and all(a.shape == b.shape for a, b in zip(got, want))
-    diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(got, want)
-                if a.shape == b.shape and a.numel()), default=0.0)
+    pairs = [(a, b) for a, b in zip(got, want) if a.shape == b.shape and a.numel()]
+    diff = max((float((a.double() - b.double()).abs().max()) for a, b in pairs), default=0.0)
+    rel = max((float((a.double() - b.double()).abs().max() / max(b.double().abs().max(), 1e-12))
+               for a, b in pairs if b.is_floating_point()), default=0.0)
+    integers = [(a, b) for a, b in zip(got, want) if not b.is_floating_point()]
     return {'identical': same_shapes and all(torch.equal(a, b) for a, b in zip(got, want)),
-            'same_shapes': same_shapes, 'max_abs_diff': diff,
+            'same_shapes': same_shapes, 'max_abs_diff': diff, 'max_rel_diff': rel,
+            'exact_integers': same_shapes and all(torch.equal(a, b) for a, b in integers),
             'shapes': [list(a.shape) for a in got], 'local_shapes': [list(b.shape) for b in want]}
 
 
@@ -174,7 +186,8 @@ def detector_row(name: str, endpoint: str, size: int, iters: int, device: str,
             if device.startswith('cuda'):
                 gpu = copy.deepcopy(model).to(device)
                 on_gpu = ([image.to(device)],)
-                row['gpu_eager_ms'], _ = _timed(lambda: _local(gpu, on_gpu), iters, sync=True)
+                row['gpu_eager_ms'], eager = _timed(lambda: _local(gpu, on_gpu), iters, sync=True)
+                row['vs_gpu_eager'] = compare(out, eager)
         row['partition'] = om.partition.describe() if om.partition else None
         row.update({
             'results': [r.result.value for r in records],

@@ -186,3 +186,20 @@ def test_interleaved_rounds_follow_the_balanced_orders_and_calls_start_on_new_ro
     assert len({(a, b) for r in first for a, b in zip(r, r[1:])}) == 12
     assert len(balanced_orders(4)) == 4
     assert rounds(1) != rounds(1)   # the next call starts on another row
+
+
+def test_detector_comparison_says_whether_labels_and_order_match():
+    from bench.detectors import compare
+    boxes = torch.tensor([[0., 0., 10., 10.], [5., 5., 20., 20.]])
+    local = {'boxes': boxes, 'scores': torch.tensor([0.9, 0.5]), 'labels': torch.tensor([3, 7])}
+    same = compare(dict(local), local)
+    assert same['identical'] and same['exact_integers'] and same['max_rel_diff'] == 0.0
+    nudged = dict(local, boxes=boxes + torch.tensor([0., 0., 0., 0.002]))
+    close = compare(nudged, local)
+    assert not close['identical'] and close['exact_integers']
+    assert close['max_abs_diff'] == pytest.approx(0.002, rel=1e-3)
+    assert close['max_rel_diff'] == pytest.approx(0.002 / 20, rel=1e-3)
+    swapped = dict(local, labels=torch.tensor([7, 3]))
+    assert not compare(swapped, local)['exact_integers']
+    fewer = {k: v[:1] for k, v in local.items()}
+    assert not compare(fewer, local)['same_shapes'] and not compare(fewer, local)['exact_integers']
