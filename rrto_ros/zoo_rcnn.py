@@ -93,8 +93,12 @@ class RCNN(nn.Module):
         boxes = _decode(torch.cat(deltas, 1), torch.cat(anchors), images.shape[-2:])
         scores = torch.sigmoid(torch.cat(objectness, 1))
         strides = [images.shape[-1] / f.shape[-1] for f in levels]
-        return [self._detect([f[i:i + 1] for f in levels], boxes[i], scores[i], strides)
-                for i in range(len(images))]
+        return [self._detect([f[i:i + 1] for f in levels], self.proposal_boxes(boxes[i]),
+                             scores[i], strides) for i in range(len(images))]
+
+    def proposal_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Return one image's decoded boxes as the proposals see them (a subclass's hook)."""
+        return boxes
 
     def _detect(self, features, boxes, objectness, strides) -> dict[str, torch.Tensor]:
         candidates = torch.nonzero(objectness > self.rpn_thresh).squeeze(1)

@@ -8,7 +8,7 @@ from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from rrto_ros import partition
-from rrto_ros.zoo import _anchors, _decode, initialise
+from rrto_ros.zoo import initialise
 from rrto_ros.zoo_rcnn import RCNN
 
 SHAPE = (1, 3, 128, 128)
@@ -27,23 +27,9 @@ class _EagerRCNN(RCNN):
 
     extra = write = False       # Python between the graphs: another operator, a write
 
-    def forward(self, images: torch.Tensor) -> list:
-        p3 = self.backbone(images)
-        levels = [p3, self.down(p3)]
-        objectness, deltas, anchors = [], [], []
-        for level, feature in enumerate(levels):
-            n, _, h, w = feature.shape
-            objectness.append(self.objectness[level](feature).permute(0, 2, 3, 1).reshape(n, -1))
-            deltas.append(self.deltas[level](feature).permute(0, 2, 3, 1).reshape(n, -1, 4))
-            anchors.append(_anchors(h, w, images.shape[-1] / w, self.sizes[level]))
-        boxes = _decode(torch.cat(deltas, 1), torch.cat(anchors), images.shape[-2:])
-        logits = torch.cat(objectness, 1)
-        strides = [images.shape[-1] / f.shape[-1] for f in levels]
-        return [self._detect([f[i:i + 1] for f in levels], self._boxes(boxes[i]),
-                             torch.sigmoid(logits[i]), strides) for i in range(len(images))]
-
     @torch.compiler.disable
-    def _boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+    def proposal_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Pass the boxes through one float operator outside the graphs."""
         out = torch.mul(boxes, 1.0)         # ONE: the operator the robot computes differently
         if self.write:
             out.add_(0.0)
