@@ -64,6 +64,9 @@ SIZE_OPS: dict[str, Callable] = {
     .default, 'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
     program_chain.GUARD: program_chain.guard,    # a chained program's guard on sizes
 }
+# what a size computed at run time may be (integer arithmetic on sizes is Python's, without
+# bound: 40 squarings of 2 are a 2^40-bit integer; a16 #1); a guard's constants alike
+MAX_SIZE_VALUE = program_chain.MAX_CONSTANT
 _GETITEM = ops.resolve('operator.getitem')     # picks one value of a tuple (where, nms...)
 _ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
     'add', 'sub', 'mul', 'floordiv', 'mod', 'neg', 'eq', 'ne', 'lt', 'le', 'gt', 'ge'))
