@@ -34,7 +34,7 @@ from rrto_server.replay import Replay
 from rrto_server.requests import Request
 from rrto_server.sandbox import no_trial
 from rrto_wire import heap
-from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError, detached
 from rrto_wire.messages import RecordOptions
 from rrto_wire.tensors import Signature
 
@@ -176,7 +176,7 @@ class RecordJob(Job):
             if not isinstance(exc, ProtocolError):
                 log.exception('recording %s failed', recording.key)
                 exc = ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}')
-            recording.error, recording.done = exc, True
+            recording.error, recording.done = detached(exc), True     # a16 #3
             raise exc from None
         finally:
             if self.budget_key is not None:

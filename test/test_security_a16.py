@@ -8,7 +8,11 @@ times is a 2^30-bit integer.  #2 a view returned as a list (``unbind``,
 objects of ~600 bytes, from a 1-element input.  Each test fails without its fix.
 """
 
+import ast
+import gc
 import json
+import pathlib
+import time
 
 import pytest
 import torch
@@ -17,7 +21,9 @@ from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import work_rate
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import DynamicRunner
+from rrto_testing import raw_socket, receive
 from rrto_wire import dtypes, ops_dynamic
+from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.ops_cost import TENSOR_BYTES
 from rrto_wire.program import Program, sha256
@@ -161,3 +167,82 @@ def test_a_list_of_views_from_the_data_is_refused_over_the_wire(make_server):
         assert client.infer(replay, [_mask(3), torch.ones(1)])[0][0] == 1.0
     finally:
         client.close()
+
+
+# ----------------------------------------------------------------------------- 3: cycles
+
+KEPT = 1234567      # floats of the value alive when the call is refused (a distinctive size)
+
+
+class Keep(torch.nn.Module):
+    """A value of KEPT floats alive when ``ones(n, 65536)`` is refused (n = 256: 64 MiB)."""
+
+    def forward(self, mask: torch.Tensor) -> tuple:
+        n = torch.nonzero(mask).shape[0]
+        kept = torch.ones(KEPT)
+        more = torch.ones(n, 65536)
+        return (kept.sum() + more.sum(),)
+
+
+def _kept_alive() -> int:
+    return sum(1 for o in gc.get_objects()    # real tensors (not an export's fake values)
+               if type(o) is torch.Tensor and o.shape == (KEPT,))
+
+
+def test_a_refused_call_keeps_nothing_after_its_answer(make_server, zmq_ctx):
+    """a16 #3: its error kept its frames (values) in a cycle: 20 calls held +458 MiB."""
+    blob = json.dumps(_doc(Keep(), _mask(0))).encode()
+    server = make_server(program_max_bytes=64 << 20)
+    client = RrtoClient(server.endpoint, call_timeout_ms=60000)
+    sock = raw_socket(zmq_ctx, server.endpoint)
+    try:
+        client.upload({sha256(blob): ('program', blob)})
+        replay = client.record(sha256(blob), [TensorSpec.of(_mask(0))], {})['replay']
+        gc.collect()
+        gc.disable()        # what reference counting frees, not what a collection finds
+        try:
+            for request_id in range(3):
+                sock.send_multipart(wire.encode(
+                    {'kind': 'infer', 'id': request_id, 'replay': replay}, [_mask(256)]))
+                header = receive(sock)[0]
+                assert header['kind'] == 'error' and header['code'] == 'unsafe_program', header
+            deadline = time.monotonic() + 5
+            while _kept_alive() and time.monotonic() < deadline:
+                time.sleep(0.05)    # the lane may still be ending its step
+            assert _kept_alive() == 0, 'a refused call\'s value outlived its answer'
+        finally:
+            gc.enable()
+    finally:
+        client.close()
+
+
+def _kept_exceptions(root: pathlib.Path) -> list[str]:
+    """Each place in the server where a caught exception is kept past its ``except`` block."""
+    found = []
+    for path in sorted(root.glob('rrto_server/*.py')) + sorted(root.glob('rrto_fleet/*.py')):
+        for handler in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(handler, ast.ExceptHandler) or not handler.name:
+                continue
+
+            def named(node, name=handler.name):
+                return isinstance(node, ast.Name) and node.id == name
+            for node in ast.walk(ast.Module(body=handler.body, type_ignores=[])):
+                if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+                    values = node.value.elts if isinstance(node.value, ast.Tuple) else [node.value]
+                    kept = any(named(v) for v in values)
+                elif isinstance(node, ast.Lambda):
+                    kept = any(named(n) for n in ast.walk(node.body))
+                elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+                    kept = node.func.attr in ('append', 'add', 'put', 'submit', 'set_exception') \
+                        and any(named(a) for a in node.args)
+                else:
+                    kept = False
+                if kept:
+                    found.append(f'{path.name}:{node.lineno}: {ast.unparse(node)[:80]}')
+    return found
+
+
+def test_no_caught_exception_is_kept_with_its_frames():
+    """a16 #3 (class): a kept error is ``detached`` (main: scheduler.py, recording.py)."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    assert _kept_exceptions(root) == []
