@@ -57,12 +57,12 @@ class Recording:
         self.done = True
         replay, self.replay, self._profile = self.replay, None, None
         if replay is not None:
-            heap.dropped(replay)    # a settle since it was made may have frozen it
+            heap.dropped(replay, nbytes=replay.nbytes)   # a settle may have frozen it
 
     def advance(self, services: Services, owners: list) -> bool:
         """Run the next stage; return True once the replay is profiled and in the cache."""
         if self.replay is None:
-            if heap.stale():    # what was dropped goes before a new replay takes memory
+            if heap.due():      # what was dropped goes before a new replay takes memory
                 heap.settle('before recording')
             model = services.registry.get(self.digest, no_trial)   # vetted on the control thread
             self.replay = Replay(model, self.signature, self.options, services.device,

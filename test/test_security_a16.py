@@ -21,8 +21,8 @@ from rrto_ros.client import RemoteError, RrtoClient
 from rrto_server import work_rate
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import DynamicRunner
-from rrto_testing import raw_socket, receive
-from rrto_wire import dtypes, ops_dynamic
+from rrto_testing import raw_socket, receive, upload
+from rrto_wire import dtypes, heap, ops_dynamic
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.ops_cost import TENSOR_BYTES
@@ -246,3 +246,45 @@ def test_no_caught_exception_is_kept_with_its_frames():
     """a16 #3 (class): a kept error is ``detached`` (main: scheduler.py, recording.py)."""
     root = pathlib.Path(__file__).resolve().parents[1]
     assert _kept_exceptions(root) == []
+
+
+# ----------------------------------------------------------------------------- 4: settles
+
+class Small(torch.nn.Module):
+    """Three operators: ``ops:1`` and ``ops:2`` are two more replays of it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x * 2 + 1)
+
+
+def test_a_peers_recordings_do_not_each_stop_the_server_for_a_full_collection(
+        make_server, monkeypatch):
+    """a16 #4: each recording past the replay limit unfroze the heap (230 ms, every thread)."""
+    monkeypatch.setenv(heap.ENV, '1')      # as `python -m rrto_server` does
+    server = make_server(max_replays=1)
+    x = torch.randn(4)
+    artifact = upload(server.endpoint, Small(), x)
+    client = RrtoClient(server.endpoint, call_timeout_ms=60000)
+    try:
+        before = server.snapshot()['heap']['unfreezes']
+        for segments in ['whole', 'ops:1', 'ops:2'] * 2:    # each evicts the one before
+            client.record(artifact.model, artifact.signature, {'segments': segments})
+        unfreezes = server.snapshot()['heap']['unfreezes'] - before
+    finally:
+        client.close()
+    assert unfreezes <= 1, f'{unfreezes} full collections for 5 small replays dropped'
+
+
+def test_dropped_state_worth_a_full_collection_still_gets_one(monkeypatch):
+    """a16 #4: the bound on what waits: UNFREEZE_BYTES dropped, or UNFREEZE_S, or unknown."""
+    monkeypatch.setenv(heap.ENV, '1')
+    heap.dropped()                          # unknown bytes: now
+    assert heap.due()
+    heap.settle('test')
+    heap.dropped(nbytes=1 << 20)            # a small replay: it waits
+    assert heap.stale() and not heap.due()
+    assert heap.due(time.monotonic() + heap.UNFREEZE_S)
+    heap.dropped(nbytes=heap.UNFREEZE_BYTES)
+    assert heap.due()
+    heap.settle('test')
+    assert not heap.stale()
