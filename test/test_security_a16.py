@@ -9,6 +9,7 @@ objects of ~600 bytes, from a 1-element input.  Each test fails without its fix.
 """
 
 import ast
+import copy
 import gc
 import json
 import pathlib
@@ -288,3 +289,41 @@ def test_dropped_state_worth_a_full_collection_still_gets_one(monkeypatch):
     assert heap.due()
     heap.settle('test')
     assert not heap.stale()
+
+
+# ----------------------------------------------------------------------------- 5: Python values
+
+@pytest.mark.parametrize('op, args', [
+    ('operator.mul', ['x', {'n': 'mul'}]),          # 'x' * n*n: a string of n^2 characters
+    ('operator.mul', [[0], {'n': 'mul'}]),          # [0] * n*n: a list of n^2 slots
+    ('operator.add', [{'n': 'mul'}, 0.5]),          # a float where a size goes
+    ('operator.add', [{'n': 'mul'}, 1 << 70]),      # an integer past any size
+    ('operator.pow', [{'n': 'mul'}, {'n': 'mul'}]),   # (n^2)^(n^2): 2000 rows ran past 4x
+    ('operator.pow', [2, {'n': 'mul'}]),             # 2^(n^2)
+    ('operator.pow', [{'n': 'mul'}, 1000]),
+])
+def test_a_python_operator_in_a_dynamic_program_is_size_arithmetic_only(op, args):
+    """a16 #5: one node computed an unbounded Python value (main: parsed, then ran)."""
+    doc = _doc(Square(), _mask(0), torch.ones(1))
+    nodes = doc['nodes']
+    at = next(k for k, n in enumerate(nodes) if n['op'] == 'operator.mul')
+    Program(json.loads(json.dumps(doc)))        # the program as exported parses
+    nodes.insert(at + 1, _node('value', op, args))
+    with pytest.raises(ProtocolError) as refused:
+        Program(doc)
+    assert refused.value.code == ErrorCode.UNSAFE_PROGRAM, refused.value
+
+
+def test_a_float_from_sizes_is_never_a_size():
+    """a16 #5: ``truediv`` may compare (an assertion), but its float is not a size."""
+    doc = _doc(Square(), _mask(0), torch.ones(1))
+    nodes = doc['nodes']
+    at = next(k for k, n in enumerate(nodes) if n['op'] == 'operator.mul')
+    nodes.insert(at + 1, _node('half', 'operator.truediv', [{'n': 'mul'}, 2]))
+    nodes.insert(at + 2, _node('square', 'operator.pow', [{'n': 'mul'}, 2]))
+    Program(copy.deepcopy(doc))              # a size's square and half: size arithmetic
+    expand = next(n for n in nodes if n['op'] == 'aten.expand.default')
+    expand['args'][1] = [{'n': 'half'}]
+    with pytest.raises(ProtocolError) as refused:
+        Program(doc)
+    assert refused.value.code == ErrorCode.UNSAFE_PROGRAM and 'not a size' in str(refused.value)
