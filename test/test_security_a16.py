@@ -13,21 +13,25 @@ import copy
 import gc
 import json
 import pathlib
+import threading
 import time
+import tracemalloc
 
 import pytest
 import torch
 
 from rrto_ros.client import RemoteError, RrtoClient
-from rrto_server import work_rate
+from rrto_server import taskstats, work_rate
 from rrto_server.runner import Execution
 from rrto_server.runner_fx import DynamicRunner
+from rrto_server.taskstats import TaskStats
 from rrto_testing import raw_socket, receive, upload
 from rrto_wire import dtypes, heap, ops_dynamic
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.ops_cost import TENSOR_BYTES
 from rrto_wire.program import Program, sha256
+from rrto_wire.summary import summarise
 from rrto_wire.tensors import TensorSpec
 from test_security_chain import _doc
 
@@ -327,3 +331,69 @@ def test_a_float_from_sizes_is_never_a_size():
     with pytest.raises(ProtocolError) as refused:
         Program(doc)
     assert refused.value.code == ErrorCode.UNSAFE_PROGRAM and 'not a size' in str(refused.value)
+
+
+# ----------------------------------------------------------------------------- 6: stats
+
+def _full(tasks: TaskStats, names: int, samples: int = 4096) -> None:
+    for task in range(names):
+        for i in range(samples):
+            tasks.ended(f't{task}', 'completed', 1e-3 + i * 1e-9, client='eve',
+                        queue_s=1e-4, preempt_s=2e-4)
+
+
+def test_a_keys_stats_summarise_only_what_changed(monkeypatch):
+    """a16 #6: 257 full entries took 179 ms of the I/O thread per `stats` (main: every time)."""
+    tasks = TaskStats()
+    _full(tasks, 8, 64)
+    calls = []
+    monkeypatch.setattr(taskstats, 'summarise', lambda s: calls.append(1) or summarise(s))
+    first = tasks.snapshot('eve')
+    assert len(calls) == 8 * 3
+    assert tasks.snapshot('eve') == first
+    assert len(calls) == 8 * 3, 'summarised again although nothing changed'
+    tasks.ended('t3', 'completed', 5e-3, client='eve')
+    again = tasks.snapshot('eve')
+    assert len(calls) == 9 * 3 and again['t3']['completed'] == 65
+    assert again['t3']['latency_ms']['max'] == 5.0 and again['t2'] == first['t2']
+
+
+def test_no_request_waits_for_a_stats_summary(monkeypatch):
+    """a16 #6: the summaries were built holding the lock every request's end takes."""
+    tasks = TaskStats()
+    _full(tasks, 2, 16)
+    started, release = threading.Event(), threading.Event()
+
+    def slow(samples):
+        started.set()
+        release.wait(10)
+        return summarise(samples)
+    monkeypatch.setattr(taskstats, 'summarise', slow)
+    reader = threading.Thread(target=tasks.snapshot, args=('eve',))
+    reader.start()
+    try:
+        assert started.wait(10)
+        ended = threading.Thread(target=tasks.ended, args=('t0', 'completed', 1e-3),
+                                 kwargs={'client': 'victim'})
+        ended.start()
+        ended.join(2)
+        assert not ended.is_alive(), 'a request\'s end waited for a stats summary'
+    finally:
+        release.set()
+        reader.join(10)
+
+
+def test_a_full_task_entry_is_kept_in_compact_rings():
+    """a16 #6: 3 windows of 4096 Python floats in deques: ~390 KB an entry, 1024 entries."""
+    tasks = TaskStats()
+    _full(tasks, 1, 8)                  # the entry exists: measure its samples only
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        _full(tasks, 1)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held < 3 * 4096 * 8 * 1.5, f'{held} bytes for 3 x 4096 samples'
+    summary = tasks.snapshot('eve')['t0']['latency_ms']
+    assert summary['n'] == 4096 and summary['max'] == pytest.approx(1e-3 * 1e3 + 4095e-6)
