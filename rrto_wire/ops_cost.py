@@ -148,7 +148,7 @@ def _list_views(fn: Callable, args: tuple, kwargs: dict) -> int:
             step = given['split_size']
             return max(1, -(-size // step)) if step > 0 else 1
         return len(given['split_size' if fn is A.split.sizes else 'split_sizes'])
-    except (KeyError, IndexError, TypeError) as exc:
+    except (AttributeError, KeyError, IndexError, TypeError) as exc:
         raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
                             f'{fn._schema.name}: how many views it returns cannot be computed '
                             f'before it runs ({type(exc).__name__})') from None
