@@ -262,6 +262,13 @@ class Small(torch.nn.Module):
         return torch.relu(x * 2 + 1)
 
 
+def _settled() -> None:
+    """Let what earlier tests dropped (their servers, still watched) go first."""
+    for _ in range(heap.PENDING_SETTLES + 2):
+        heap.dropped()
+        heap.settle('test')
+
+
 def test_a_peers_recordings_do_not_each_stop_the_server_for_a_full_collection(
         make_server, monkeypatch):
     """a16 #4: each recording past the replay limit unfroze the heap (230 ms, every thread)."""
@@ -271,6 +278,7 @@ def test_a_peers_recordings_do_not_each_stop_the_server_for_a_full_collection(
     artifact = upload(server.endpoint, Small(), x)
     client = RrtoClient(server.endpoint, call_timeout_ms=60000)
     try:
+        _settled()
         before = server.snapshot()['heap']['unfreezes']
         for segments in ['whole', 'ops:1', 'ops:2'] * 2:    # each evicts the one before
             client.record(artifact.model, artifact.signature, {'segments': segments})
@@ -283,6 +291,7 @@ def test_a_peers_recordings_do_not_each_stop_the_server_for_a_full_collection(
 def test_dropped_state_worth_a_full_collection_still_gets_one(monkeypatch):
     """a16 #4: the bound on what waits: UNFREEZE_BYTES dropped, or UNFREEZE_S, or unknown."""
     monkeypatch.setenv(heap.ENV, '1')
+    _settled()
     heap.dropped()                          # unknown bytes: now
     assert heap.due()
     heap.settle('test')
@@ -397,3 +406,22 @@ def test_a_full_task_entry_is_kept_in_compact_rings():
     assert held < 3 * 4096 * 8 * 1.5, f'{held} bytes for 3 x 4096 samples'
     summary = tasks.snapshot('eve')['t0']['latency_ms']
     assert summary['n'] == 4096 and summary['max'] == pytest.approx(1e-3 * 1e3 + 4095e-6)
+
+
+# ----------------------------------------------------------------------------- 7: outputs
+
+class Spread(torch.nn.Module):
+    """An output that is a view: one stored element, n * n + 1 in the reply."""
+
+    def forward(self, mask: torch.Tensor, x: torch.Tensor) -> tuple:
+        n = torch.nonzero(mask).shape[0]
+        return (x.expand(n * n + 1),)
+
+
+def test_an_output_is_charged_what_its_reply_holds():
+    """a16 #7: x.expand(n * n + 1), n = 4000: a 61 MiB reply under an 8 MiB budget (main)."""
+    doc = _doc(Spread(), _mask(0, 1024), torch.ones(1))
+    assert Execution(_runner(doc), [_mask(2, 1024), torch.ones(1)]).run()[0].shape == (5,)
+    with pytest.raises(ProtocolError) as refused:    # 2^20 + 1 floats: 4 MiB of 1
+        Execution(_runner(doc, max_bytes=1 << 20), [_mask(1024, 1024), torch.ones(1)]).run()
+    assert refused.value.code == ErrorCode.UNSAFE_PROGRAM and 'reply' in str(refused.value)
