@@ -17,6 +17,7 @@ import threading
 import time
 import tracemalloc
 
+import exploits
 import pytest
 import torch
 
@@ -425,3 +426,20 @@ def test_an_output_is_charged_what_its_reply_holds():
     with pytest.raises(ProtocolError) as refused:    # 2^20 + 1 floats: 4 MiB of 1
         Execution(_runner(doc, max_bytes=1 << 20), [_mask(1024, 1024), torch.ones(1)]).run()
     assert refused.value.code == ErrorCode.UNSAFE_PROGRAM and 'reply' in str(refused.value)
+
+
+def test_a_static_programs_view_output_is_charged_at_its_trial(make_server):
+    """a16 #7: x.expand(2^26) of a 1-element input: 256 MiB replies under 64 MiB (main: ok)."""
+    size = 1 << 23                              # 32 MiB in the reply, 4 bytes stored
+    blob = exploits.program([exploits.node('y', 'aten.expand.default', {'n': 'x'}, [size],
+                                           out=('float32', (size,)))], ['y'],
+                            inputs=(('x', 'float32', (1,)),))
+    server = make_server(program_max_bytes=16 << 20)
+    client = RrtoClient(server.endpoint, call_timeout_ms=60000)
+    try:
+        client.upload({sha256(blob): ('program', blob)})
+        with pytest.raises(RemoteError) as refused:
+            client.record(sha256(blob), [TensorSpec.of(torch.ones(1))], {})
+        assert refused.value.code == 'unsafe_program' and 'MiB' in str(refused.value)
+    finally:
+        client.close()
