@@ -135,10 +135,12 @@ class ModelRegistry:
         verdict = self.vet(digest, None, pay)
         model = LoadedModel(digest, self._kind(digest), self.store.read(digest), self.store,
                             verdict)
-        evictions = self._loaded.evictions
+        before = {id(m): m for m in self._loaded.values()}
         self._loaded.put(digest, model)
-        if self._loaded.evictions != evictions:
-            heap.dropped()          # the least recently used model went
+        after = {id(m) for m in self._loaded.values()}
+        gone = [m for key, m in before.items() if key not in after]
+        if gone:                    # the least recently used models went (a16 #4: by bytes)
+            heap.dropped(nbytes=sum(m.nbytes for m in gone))
         heap.settle('model loaded')     # its program is long-lived: out of full collections
         return model
 

@@ -34,7 +34,7 @@ from rrto_server.replay import Replay
 from rrto_server.requests import Request
 from rrto_server.sandbox import no_trial
 from rrto_wire import heap
-from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError, detached
 from rrto_wire.messages import RecordOptions
 from rrto_wire.tensors import Signature
 
@@ -57,12 +57,12 @@ class Recording:
         self.done = True
         replay, self.replay, self._profile = self.replay, None, None
         if replay is not None:
-            heap.dropped(replay)    # a settle since it was made may have frozen it
+            heap.dropped(replay, nbytes=replay.nbytes)   # a settle may have frozen it
 
     def advance(self, services: Services, owners: list) -> bool:
         """Run the next stage; return True once the replay is profiled and in the cache."""
         if self.replay is None:
-            if heap.stale():    # what was dropped goes before a new replay takes memory
+            if heap.due():      # what was dropped goes before a new replay takes memory
                 heap.settle('before recording')
             model = services.registry.get(self.digest, no_trial)   # vetted on the control thread
             self.replay = Replay(model, self.signature, self.options, services.device,
@@ -176,7 +176,7 @@ class RecordJob(Job):
             if not isinstance(exc, ProtocolError):
                 log.exception('recording %s failed', recording.key)
                 exc = ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}')
-            recording.error, recording.done = exc, True
+            recording.error, recording.done = detached(exc), True     # a16 #3
             raise exc from None
         finally:
             if self.budget_key is not None:

@@ -107,7 +107,7 @@ class ReplayCache:
         if replay is not None:
             self.nbytes -= replay.nbytes
             del self._owners[key]
-            heap.dropped(replay)    # a frozen replay's cycles go at the next settle
+            heap.dropped(replay, nbytes=replay.nbytes)    # its frozen cycles go at a due settle
 
     def _by_owner(self) -> dict[str, list[str]]:
         """Return each owner's replay keys, least recently used first."""

@@ -22,7 +22,8 @@ import torch.fx as fx
 
 from rrto_server.work_rate import WorkRate
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.ops_dynamic import cost, costs_nothing, varies
+from rrto_wire.ops_cost import TENSOR_BYTES
+from rrto_wire.ops_dynamic import MAX_SIZE_VALUE, cost, costs_nothing, varies
 
 STOP_FACTOR = 4.0      # x its budget's seconds: later load may slow an admitted call so much
 NAME = re.compile(r'[\w.:/-]{1,256}', re.ASCII)    # a value's name in a dynamic program
@@ -66,8 +67,8 @@ class Budget:
         self.stop_at = stop_at          # perf_counter() past which no operator starts
         self.held = 0                   # bytes of values outside the interpreter
         self.live: dict[int, list] = {}     # storage -> [bytes, values holding it]
-        self.live_bytes = 0             # the sum of their bytes
-        self.of: dict[fx.Node, list[int]] = {}
+        self.live_bytes = 0             # the sum of their bytes, and of the live tensor objects
+        self.of: dict[fx.Node, tuple[list[int], int]] = {}  # storages, bytes of its objects
         self.fixed: set[int] = set()    # the weights' storages (not the call's)
 
     def charge(self, node: fx.Node, nbytes: int, work: int) -> None:
@@ -97,11 +98,17 @@ class Budget:
         self.work += work
 
     def hold(self, node: fx.Node, value, fixed: bool = False) -> None:
-        """Count the storages ``node``'s value holds (new ones at their size)."""
-        keys = []
+        """
+        Count the storages ``node``'s value holds (new ones at their size), and its tensors.
+
+        Each tensor object of the value costs :data:`~rrto_wire.ops_cost.TENSOR_BYTES`
+        while the value lives (a list of views holds no storage of its own: a16 #2).
+        """
+        keys, objects = [], 0
         for t in torch.utils._pytree.tree_leaves(value):
             if not isinstance(t, torch.Tensor):
                 continue
+            objects += 0 if fixed else TENSOR_BYTES
             storage = t.untyped_storage()
             key = storage.data_ptr()
             if fixed:
@@ -113,7 +120,8 @@ class Budget:
                     entry = self.live[key] = [storage.nbytes(), 0]
                     self.live_bytes += entry[0]
                 entry[1] += 1
-        self.of[node] = keys
+        self.of[node] = keys, objects
+        self.live_bytes += objects
         if self.held + self.live_bytes > self.max_bytes:    # its cost missed an allocation
             raise ProtocolError(
                 ErrorCode.UNSAFE_PROGRAM,
@@ -123,7 +131,9 @@ class Budget:
 
     def release(self, node: fx.Node) -> None:
         """``node``'s value is freed: drop each storage no other live value holds."""
-        for key in self.of.pop(node, ()):
+        keys, objects = self.of.pop(node, ((), 0))
+        self.live_bytes -= objects
+        for key in keys:
             entry = self.live[key]
             entry[1] -= 1
             if not entry[1]:
@@ -194,6 +204,11 @@ class CheckedInterpreter(fx.Interpreter):
             args, kwargs = self.fetch_args_kwargs_from_env(node)
             self.budget.charge(node, *self.checked.cost(node, args, kwargs))
             result = node.target(*args, **kwargs)
+            if type(result) is int and not -MAX_SIZE_VALUE <= result <= MAX_SIZE_VALUE:
+                raise ProtocolError(     # a16 #1: squaring a size 40 times is 2^40 bits
+                    ErrorCode.UNSAFE_PROGRAM,
+                    f'{str(node.target)[:80]} computed a size of {result.bit_length()} bits: '
+                    f'sizes stay within +-2^{MAX_SIZE_VALUE.bit_length() - 1}')
         else:
             result = super().run_node(node)
         if node.op != 'output':     # weights and the request's inputs are not the call's

@@ -234,19 +234,33 @@ class DynamicRunner(FxRunner):
         ex.env.update((name, value) for name, value in zip(outs, results)
                       if value is not None)
 
+    def _reply_bytes(self, outputs) -> int:
+        """
+        Return the bytes ``outputs`` hold on the device and in the reply.
+
+        The reply holds each output whole, contiguous and in its out dtype
+        (:func:`~rrto_server.transfers.to_host`): an output that is not already
+        so is copied, and an ``expand()``ed view of one element is its numel
+        there (a16 #7), whatever its storage.
+        """
+        return storage_bytes(outputs) + sum(
+            t.numel() * dtype.itemsize for t, dtype in zip(outputs, self.out_dtypes)
+            if isinstance(t, torch.Tensor) and (t.dtype != dtype or not t.is_contiguous()))
+
     def collect(self, ex: Execution) -> list[torch.Tensor]:
         if not ex.call_state.stopped:
             outputs = super().collect(ex)
-            held = storage_bytes(outputs)
-            if held > self.max_bytes:        # each node was charged: a missed allocation
+            held = self._reply_bytes(outputs)
+            if held > self.max_bytes:        # a missed allocation, or a view to be copied
                 raise ProtocolError(ErrorCode.UNSAFE_PROGRAM, f'this call\'s outputs hold '
-                                    f'{held} bytes: over the {self.max_bytes} one call may '
-                                    'hold (--program-max-mb)')
+                                    f'{held} bytes with their reply: over the {self.max_bytes} '
+                                    'one call may hold (--program-max-mb)')
             return outputs
         missing = {name: (shape, dtype) for name, shape, dtype in zip(
             self.output_names, self.out_shapes, self.out_dtypes) if name not in ex.env}
         nbytes = sum(math.prod(shape) * dtype.itemsize for shape, dtype in missing.values())
-        held = storage_bytes(ex.env[name] for name in self.output_names if name in ex.env)
+        held = self._reply_bytes([ex.env[name] if name in ex.env else None
+                                  for name in self.output_names])
         if held + nbytes > self.max_bytes:     # never, for a program parsed (a14 #2)
             raise ProtocolError(ErrorCode.UNSAFE_PROGRAM, f'the outputs a failed guard skipped '
                                 f'would allocate {nbytes} bytes with {held} held: over the '

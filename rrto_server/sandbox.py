@@ -143,7 +143,11 @@ def _onnx_call(data: bytearray, shapes: list | None):
                 raise ValueError('the signature does not match the model\'s inputs')
             shape = list(shapes[index])
         feeds[arg.name] = np.zeros(shape, dtype=torch.zeros((), dtype=dtype).numpy().dtype)
-    return lambda: session.run(None, feeds)
+
+    def call() -> int:
+        session.run(None, feeds)        # numpy outputs: contiguous, as the reply sends them
+        return 0
+    return call
 
 
 def _program_call(root: Path, data: bytearray, device: torch.device):
@@ -153,14 +157,18 @@ def _program_call(root: Path, data: bytearray, device: torch.device):
     inputs = [torch.zeros(spec.shape, dtype=torch_dtype(spec.dtype), device=device)
               for spec in program.signature]
 
-    def call():
+    def call() -> int:
+        """Run it; return the bytes its reply copies (a view output, whole: a16 #7)."""
+        outputs = ()
         with torch.inference_mode():
             try:
-                module(*inputs)
+                outputs = module(*inputs)
             except GuardFailed:     # a chained program stops there on these inputs, as served
                 pass
         if device.type == 'cuda':
             torch.cuda.synchronize(device)
+        return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(outputs)
+                   if isinstance(t, torch.Tensor) and not t.is_contiguous())
     return call
 
 
@@ -216,14 +224,14 @@ def _trial(root: str, digest: str, kind: str, max_bytes: int, max_s: float, devi
                 _limit_cpu(max_bytes, max_s)
             rss = _rss_bytes()
         start, wall = time.process_time(), time.perf_counter()
-        call()
+        copied = call()             # what the reply copies is the call's too (a16 #7)
         if dev.type == 'cuda':      # the device's time and memory, not the waiting host's
             call_s = time.perf_counter() - wall
             peak = max(0, torch.cuda.max_memory_allocated(dev) - held)
         else:
             call_s = time.process_time() - start
             peak = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - rss - own)
-        conn.send({'outcome': 'ran', 'peak_bytes': peak, 'call_s': call_s})
+        conn.send({'outcome': 'ran', 'peak_bytes': peak + copied, 'call_s': call_s})
     except MemoryError:
         conn.send({'outcome': 'unsafe', 'reason': 'ran out of its memory budget'})
     except Exception as exc:  # the model's own error: report it, the parent decides

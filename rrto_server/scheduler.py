@@ -52,7 +52,7 @@ import time
 from typing import Callable, Sequence
 
 from rrto_server.lanes import DROP, RUN, Job, Lane, make_lanes
-from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.errors import ErrorCode, ProtocolError, detached
 from rrto_wire.summary import summarise
 
 log = logging.getLogger('rrto_server.scheduler')
@@ -348,8 +348,8 @@ class Scheduler:
         error = None
         try:
             done = lane.run(job, to_end)
-        except ProtocolError as exc:
-            done, error = True, exc
+        except ProtocolError as exc:     # kept past this block: without its frames (a16 #3)
+            done, error = True, detached(exc)
         except Exception as exc:  # a bug in one job must not stop the lane
             log.exception('job of task %r failed', job.task)
             done, error = True, ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}')

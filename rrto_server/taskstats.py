@@ -23,12 +23,23 @@ writes only its own (:meth:`TaskStats.snapshot`; an admin sees them all,
 names pool into its own ``OVERFLOW_TASK`` entry, as do every key's new names once
 all keys together hold ``MAX_ENTRIES`` (memory, and the admin's stats time).  A
 server without keys has one identity (``None``): every request is its own.
+
+A ``stats`` request is answered on the I/O thread, so what it builds must not
+be the sender's to enlarge: a key's 257 full entries (each 3 windows of 4096
+samples) took 179 ms per ``stats`` as deques of Python floats (a16 #6: another
+client's ``hello`` waited 175 ms at p50 while one key sent ``stats`` in a
+loop).  Samples are kept in float64 rings (:class:`_Window`, 32 KiB at most
+each), an entry's summary is computed again only after a request changed it
+(so a ``stats`` costs at most what the requests that changed its counters
+cost), and never while the lock that every request's end takes is held.
 """
 
 from __future__ import annotations
 
 import collections
 import threading
+
+import numpy as np
 
 from rrto_wire.summary import summarise
 
@@ -39,6 +50,32 @@ ANONYMOUS = 'anonymous'    # the identity of a server without keys, in by_key()
 OUTCOMES = ('completed', 'expired', 'abandoned', 'failed')
 
 
+class _Window:
+    """The last ``size`` samples in a float64 ring (None: all of them), grown as they come."""
+
+    __slots__ = ('size', 'data', 'count')
+
+    def __init__(self, size: int | None):
+        self.size = size
+        self.data = np.empty(0)
+        self.count = 0              # samples ever appended
+
+    def append(self, value: float) -> None:
+        if self.count < len(self.data) or (self.size is not None and self.count >= self.size):
+            self.data[self.count % len(self.data)] = value
+        else:                       # grow (doubling) up to the window
+            grown = np.empty(max(64, 2 * len(self.data)) if self.size is None else
+                             min(self.size, max(64, 2 * len(self.data))))
+            grown[:self.count] = self.data
+            grown[self.count] = value
+            self.data = grown
+        self.count += 1
+
+    def values(self) -> np.ndarray:
+        """Return the samples held (in no particular order: summaries do not need it)."""
+        return self.data[:min(self.count, len(self.data))]
+
+
 class _Task:
     def __init__(self, window: int | None):
         self.priority = 0
@@ -46,21 +83,33 @@ class _Task:
         self.counts = dict.fromkeys(OUTCOMES, 0)
         self.late = 0
         self.preemptions = 0
-        self.latency = collections.deque(maxlen=window)
-        self.queue = collections.deque(maxlen=window)
-        self.preempt = collections.deque(maxlen=window)
+        self.latency = _Window(window)
+        self.queue = _Window(window)
+        self.preempt = _Window(window)
+        self.version = 0            # changes counted: its summary is built again after one
+        self.summary: tuple[int, dict] | None = None
+
+    def counters(self) -> tuple:
+        """Return what :func:`_summary` needs, copied (called with the lock held)."""
+        return (self.priority, self.requests, dict(self.counts), self.late, self.preemptions,
+                self.latency.values().copy(), self.queue.values().copy(),
+                self.preempt.values().copy())
 
     def snapshot(self) -> dict:
-        missed = self.late + self.counts['expired'] + self.counts['abandoned']
-        ended = self.counts['completed'] + self.counts['expired'] + self.counts['abandoned']
-        data = {'priority': self.priority, 'requests': self.requests, **self.counts,
-                'late': self.late, 'deadline_misses': missed,
-                'miss_rate': missed / ended if ended else 0.0,
-                'in_flight': self.requests - sum(self.counts.values()),
-                'preemptions': self.preemptions,
-                'latency_ms': summarise(self.latency), 'queue_ms': summarise(self.queue),
-                'preempt_ms': summarise(self.preempt)}
-        return data
+        return _summary(self.counters())
+
+
+def _summary(counters: tuple) -> dict:
+    priority, requests, counts, late, preemptions, latency, queue, preempt = counters
+    missed = late + counts['expired'] + counts['abandoned']
+    ended = counts['completed'] + counts['expired'] + counts['abandoned']
+    return {'priority': priority, 'requests': requests, **counts,
+            'late': late, 'deadline_misses': missed,
+            'miss_rate': missed / ended if ended else 0.0,
+            'in_flight': requests - sum(counts.values()),
+            'preemptions': preemptions,
+            'latency_ms': summarise(latency), 'queue_ms': summarise(queue),
+            'preempt_ms': summarise(preempt)}
 
 
 class TaskStats:
@@ -89,6 +138,7 @@ class TaskStats:
             entry = self._get(client, task)
             entry.priority = priority
             entry.requests += 1
+            entry.version += 1
 
     def ended(self, task: str, outcome: str, latency_s: float, *, client: str | None = None,
               late: bool = False, queue_s: float | None = None,
@@ -101,6 +151,7 @@ class TaskStats:
             entry.counts[outcome] += 1
             entry.late += int(late)
             entry.preemptions += preemptions
+            entry.version += 1
             if outcome == 'completed':
                 entry.latency.append(latency_s * 1e3)
             if queue_s is not None:
@@ -108,28 +159,44 @@ class TaskStats:
             if preempt_s is not None:
                 entry.preempt.append(preempt_s * 1e3)
 
+    def _summaries(self, keep) -> list[tuple[str | None, str, dict]]:
+        """
+        Return (key, task, counters) of the entries ``keep(key)`` selects, by task name.
+
+        An entry's summary is built again only if a request changed it since the
+        last one, and outside the lock (a16 #6).
+        """
+        with self._lock:
+            chosen = [(key, task, entry) for (key, task), entry in
+                      sorted(self._tasks.items(), key=_order) if keep(key)]
+            stale = [(entry, entry.version, entry.counters()) for _, _, entry in chosen
+                     if entry.summary is None or entry.summary[0] != entry.version]
+        built = [(entry, version, _summary(counters)) for entry, version, counters in stale]
+        with self._lock:
+            for entry, version, summary in built:
+                if entry.summary is None or entry.summary[0] < version:
+                    entry.summary = version, summary
+            return [(key, task, dict(entry.summary[1])) for key, task, entry in chosen]
+
     def snapshot(self, client: str | None = None) -> dict:
         """Return the counters of ``client``'s tasks (None: an open server's), by name."""
-        with self._lock:
-            return {task: entry.snapshot() for (key, task), entry in
-                    sorted(self._tasks.items(), key=_order) if key == client}
+        return {task: data for _, task, data in self._summaries(lambda key: key == client)}
 
     def by_key(self) -> dict:
         """Return every key's tasks, ``{key: {task: counters}}`` (admins; None: ANONYMOUS)."""
-        with self._lock:
-            data: dict = {}
-            for (key, task), entry in sorted(self._tasks.items(), key=_order):
-                data.setdefault(ANONYMOUS if key is None else key, {})[task] = entry.snapshot()
-            return data
+        data: dict = {}
+        for key, task, summary in self._summaries(lambda key: True):
+            data.setdefault(ANONYMOUS if key is None else key, {})[task] = summary
+        return data
 
     def totals(self) -> dict:
         """Return each task name's counters over all keys (for admins), by name."""
         with self._lock:
-            groups: dict[str, list[_Task]] = {}
+            groups: dict[str, list[tuple]] = {}
             for (_, task), entry in sorted(self._tasks.items(), key=_order):
-                groups.setdefault(task, []).append(entry)
-            return {task: (entries[0] if len(entries) == 1 else _merged(entries)).snapshot()
-                    for task, entries in groups.items()}
+                groups.setdefault(task, []).append(entry.counters())
+        return {task: _summary(group[0] if len(group) == 1 else _merged(group))
+                for task, group in groups.items()}
 
 
 def _order(item: tuple) -> tuple:
@@ -137,16 +204,13 @@ def _order(item: tuple) -> tuple:
     return task, key or ''
 
 
-def _merged(entries: list[_Task]) -> _Task:
-    total = _Task(None)
-    total.priority = max(entry.priority for entry in entries)     # the most urgent sender's
-    for entry in entries:
-        total.requests += entry.requests
-        total.late += entry.late
-        total.preemptions += entry.preemptions
-        for outcome in OUTCOMES:
-            total.counts[outcome] += entry.counts[outcome]
-        total.latency.extend(entry.latency)
-        total.queue.extend(entry.queue)
-        total.preempt.extend(entry.preempt)
-    return total
+def _merged(group: list[tuple]) -> tuple:
+    """
+    Return the counters of several entries of one task name as one.
+
+    The most urgent sender's priority, the sums of the counts, every sample.
+    """
+    counts = {outcome: sum(c[2][outcome] for c in group) for outcome in OUTCOMES}
+    return (max(c[0] for c in group), sum(c[1] for c in group), counts,
+            sum(c[3] for c in group), sum(c[4] for c in group),
+            *(np.concatenate([c[k] for c in group]) for k in (5, 6, 7)))

@@ -56,6 +56,22 @@ class ProtocolError(Exception):
         self.message = message
 
 
+def detached(error: ProtocolError) -> ProtocolError:
+    """
+    Return ``error`` as a new exception with no traceback and no chained exceptions.
+
+    An exception keeps its traceback, hence every frame between its raise and
+    its catch and each frame's values (a refused call's tensors), and the frame
+    that caught it holds it back: a reference cycle, freed only by a full
+    collection, which a frozen heap (:mod:`rrto_wire.heap`) makes rare (a16 #3:
+    20 refused calls kept +458 MiB).  An error kept past its ``except`` block
+    (to answer later, or to answer several requests) is kept detached.
+    """
+    copy = ProtocolError(error.code, error.message)
+    copy.request_id = error.request_id
+    return copy
+
+
 def clip(text: object, limit: int = MAX_ECHO_CHARS) -> str:
     """Return ``str(text)`` cut to ``limit`` characters, saying how much was cut."""
     text = str(text)

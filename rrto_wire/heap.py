@@ -34,6 +34,16 @@ let go.  Until then it costs memory, never a pause.  A recording starts with a
 settle when something was dropped, so an evicted replay that nothing holds
 any more gives its memory back before the next replay is made.
 
+A peer chooses when replays are dropped (each recording past its replay quota
+evicts one of its own), so an unfreeze at every drop let one key stop every
+thread of the server for a full collection per recording (a16 #4: 230 ms
+each; another client's ``hello`` p99 11 -> 236 ms).  So a settle unfreezes
+only when the dropped state is worth it (:func:`due`): at least
+:data:`UNFREEZE_BYTES` dropped since the last unfreeze (a drop that names its
+bytes; one that does not, such as an admin's eviction or a server's close,
+counts as all of them), or :data:`UNFREEZE_S` seconds since the last unfreeze.
+What a dropped replay holds then waits at most that long or that many bytes.
+
 Freezing is the process's decision, not a library's: it changes when the
 host's own cycles are collected.  The processes this project starts turn it on
 (:func:`enable`: ``python -m rrto_server``, the server and offload nodes);
@@ -51,6 +61,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 import os
 import threading
 import time
@@ -62,13 +73,16 @@ ENV = 'RRTO_GC_FREEZE'
 # a dropped object still alive at a settle (a request or the scheduler's last job holds it)
 # makes this many later settles unfreeze at most (then it is taken to be held for good)
 PENDING_SETTLES = 4
+UNFREEZE_BYTES = 256 << 20      # dropped bytes that make the next settle unfreeze (a16 #4)
+UNFREEZE_S = 60.0               # else at most one unfreeze this often
 
 _lock = threading.Lock()            # one settle at a time
 _pending_lock = threading.Lock()    # never held during a collection (finalisers may drop)
-_pending: list[list] = []           # [weak reference, settles left] of dropped objects
+_pending: list[list] = []           # [weak reference, settles left, bytes] of dropped objects
 _process = {'enabled': False}      # set by the process's entry point (enable)
 _state = {'settles': 0, 'unfreezes': 0, 'collected': 0, 'frozen': 0, 'last_ms': 0.0,
-          'longest_ms': 0.0, 'last': '', 'stale': False}
+          'longest_ms': 0.0, 'last': '', 'stale': False, 'dropped_bytes': 0.0,
+          'unfrozen_at': None}
 
 
 def enable() -> None:
@@ -82,25 +96,38 @@ def enabled() -> bool:
     return value == '1' if value in ('0', '1') else _process['enabled']
 
 
-def dropped(*objects) -> None:
+def dropped(*objects, nbytes: int | None = None) -> None:
     """
-    Say that long-lived state was let go: the next :func:`settle` unfreezes first.
+    Say that long-lived state of ``nbytes`` was let go: a :func:`due` settle unfreezes first.
 
-    ``objects`` (a replay, a model, a server) are watched: while one is still alive
-    at a settle (something else held it then), later settles unfreeze too, at most
-    ``PENDING_SETTLES`` of them, so its cycles go once the holder lets go.
+    ``nbytes`` None (not known, or the drop must go now: an admin's eviction, a
+    server's close) makes the next settle unfreeze.  ``objects`` (a replay, a
+    model, a server) are watched: while one is still alive at an unfreezing
+    settle (something else held it then), later settles count it again, at most
+    ``PENDING_SETTLES`` unfreezing ones, so its cycles go once the holder lets go.
     """
+    weight = math.inf if nbytes is None else max(0, nbytes)
     with _pending_lock:
         _state['stale'] = True
+        _state['dropped_bytes'] += weight
         for obj in objects:
             try:
-                _pending.append([weakref.ref(obj), PENDING_SETTLES])
+                _pending.append([weakref.ref(obj), PENDING_SETTLES, weight])
             except TypeError:       # not weakly referable: one unfreeze is all it gets
                 pass
 
 
+def due(now: float | None = None) -> bool:
+    """Return True if the next settle unfreezes: dropped state worth a full collection."""
+    now = time.monotonic() if now is None else now
+    with _pending_lock:
+        return _state['stale'] and (
+            _state['dropped_bytes'] >= UNFREEZE_BYTES or _state['unfrozen_at'] is None
+            or now - _state['unfrozen_at'] >= UNFREEZE_S)
+
+
 def stale() -> bool:
-    """Return True when something was dropped since the last settle."""
+    """Return True when something was dropped since the last unfreeze."""
     return _state['stale']
 
 
@@ -115,18 +142,22 @@ def settle(reason: str) -> float | None:
         return None
     with _lock:
         start = time.perf_counter()
-        with _pending_lock:
-            unfreeze, _state['stale'] = _state['stale'], False
-            watched = _pending[:]
-            del _pending[:]
+        unfreeze = due()
         if unfreeze:
+            with _pending_lock:
+                _state.update(stale=False, dropped_bytes=0.0, unfrozen_at=time.monotonic())
+                watched = _pending[:]
+                del _pending[:]
             gc.unfreeze()
         collected = gc.collect()
         gc.freeze()
-        alive = [[ref, left - 1] for ref, left in watched if left > 1 and ref() is not None]
-        with _pending_lock:
-            _pending.extend(alive)
-            _state['stale'] = _state['stale'] or bool(alive)
+        if unfreeze:
+            alive = [[ref, left - 1, weight] for ref, left, weight in watched
+                     if left > 1 and ref() is not None]
+            with _pending_lock:
+                _pending.extend(alive)
+                _state['stale'] = _state['stale'] or bool(alive)
+                _state['dropped_bytes'] += sum(weight for _, _, weight in alive)
         ms = (time.perf_counter() - start) * 1e3
         _state.update(settles=_state['settles'] + 1, unfreezes=_state['unfreezes'] + unfreeze,
                       collected=_state['collected'] + collected,
@@ -141,6 +172,7 @@ def snapshot() -> dict:
     """Return the settles so far: counts, objects collected and frozen, their times."""
     with _pending_lock:
         data = dict(_state)
+    del data['dropped_bytes'], data['unfrozen_at']   # other keys' drops: not in a key's stats
     data['watched'] = len(_pending)
     data['frozen_now'] = gc.get_freeze_count()
     data['enabled'] = enabled()

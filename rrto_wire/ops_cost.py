@@ -8,7 +8,12 @@ its arguments have at run time; the server's runner
 if that would take the call past its budgets.
 
 Only the operators of :data:`PURE_VIEWS` cost nothing: they can only alias
-their input (a view that cannot be made raises), never copy.  An operator
+their input (a view that cannot be made raises), never copy, and return one
+tensor.  Those of :data:`LIST_VIEWS` (``unbind``, ``split``, ``chunk``) copy
+nothing either, but return as many tensor objects as a size says, which the
+data may set (``x.expand(n * n).unbind(0)``: n^2 objects of ~600 bytes each,
+a16 #2): they cost :data:`TENSOR_BYTES` and :data:`VIEW_ELEMENTS` per view,
+counted from their arguments before any is made.  An operator
 whose schema says that it returns a view *may* still copy (``reshape``,
 ``contiguous``, ``flatten``, ``to``: a copy of an ``expand()``ed view is
 as large as the view's numel, a15 #2): it is sized on meta tensors with its
@@ -36,11 +41,18 @@ A = torch.ops.aten
 # operators that never allocate: each returns views of its input (or raises), whatever its
 # strides; any other operator, a schema's alias annotation or not, is sized (a15 #2)
 PURE_VIEWS = frozenset((
-    A.alias.default, A.chunk.default, A.detach.default, A.expand.default, A.expand_as.default,
+    A.alias.default, A.detach.default, A.expand.default, A.expand_as.default,
     A.narrow.default, A.narrow.Tensor, A.permute.default, A.select.int, A.slice.Tensor,
-    A.split.Tensor, A.split.sizes, A.split_with_sizes.default, A.squeeze.default,
-    A.squeeze.dim, A.squeeze.dims, A.t.default, A.transpose.int, A.unbind.int,
+    A.squeeze.default, A.squeeze.dim, A.squeeze.dims, A.t.default, A.transpose.int,
     A.unsqueeze.default, A.view.default, A.view.dtype))
+# views returned as a list, as many as a size says (a16 #2): each one a tensor object
+LIST_VIEWS = frozenset((A.chunk.default, A.split.Tensor, A.split.sizes,
+                        A.split_with_sizes.default, A.unbind.int))
+# one tensor object (TensorImpl, its Python object, sizes and strides): an unbind view took
+# 630 bytes of RSS, a split one 96 (10^6 of each, CPU, 2026-12-02); making one costs about
+# what reading 64 elements does (10^6 unbind views: 2.0 s on the 2-core VM)
+TENSOR_BYTES = 1024
+VIEW_ELEMENTS = 64
 CONVOLUTIONS = frozenset((A.convolution, A._convolution, A.conv1d, A.conv2d, A.conv3d,
                           A.conv_transpose1d, A.conv_transpose2d, A.conv_transpose3d))
 
@@ -75,6 +87,9 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     """
     if costs_nothing(fn):
         return 0, 0, 0
+    if fn in LIST_VIEWS:
+        views = _list_views(fn, args, kwargs)
+        return views * TENSOR_BYTES, 0, views * VIEW_ELEMENTS
     tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs))
                if isinstance(t, torch.Tensor)]
     read = sum(t.numel() for t in tensors)
@@ -117,6 +132,26 @@ def cost(fn: Callable, args: tuple, kwargs: dict, device: torch.device) -> tuple
     extra = _beyond_one_pass(fn, args, kwargs, leaves)
     nbytes = masks + counted.allocated + _workspace(fn, tensors, leaves, device)
     return nbytes, counted.flops, read + numel + extra
+
+
+def _list_views(fn: Callable, args: tuple, kwargs: dict) -> int:
+    """Return how many views a :data:`LIST_VIEWS` operator returns, without making them."""
+    given = dict(zip((arg.name for arg in fn._schema.arguments), args), **kwargs)
+    try:
+        tensor, dim = given['self'], given.get('dim', 0)
+        size = tensor.shape[dim] if tensor.dim() else 1
+        if fn is A.unbind.int:
+            return size
+        if fn is A.chunk.default:
+            return max(1, min(given['chunks'], size))
+        if fn is A.split.Tensor:
+            step = given['split_size']
+            return max(1, -(-size // step)) if step > 0 else 1
+        return len(given['split_size' if fn is A.split.sizes else 'split_sizes'])
+    except (AttributeError, KeyError, IndexError, TypeError) as exc:
+        raise ProtocolError(ErrorCode.UNSAFE_PROGRAM,
+                            f'{fn._schema.name}: how many views it returns cannot be computed '
+                            f'before it runs ({type(exc).__name__})') from None
 
 
 def _writes_input(fn: Callable) -> bool:

@@ -64,7 +64,12 @@ SIZE_OPS: dict[str, Callable] = {
     .default, 'torch.sym_min': torch.sym_min, 'torch.sym_max': torch.sym_max,
     program_chain.GUARD: program_chain.guard,    # a chained program's guard on sizes
 }
+# what a size computed at run time may be (integer arithmetic on sizes is Python's, without
+# bound: 40 squarings of 2 are a 2^40-bit integer; a16 #1); a guard's constants alike
+MAX_SIZE_VALUE = program_chain.MAX_CONSTANT
 _GETITEM = ops.resolve('operator.getitem')     # picks one value of a tuple (where, nms...)
+_TRUEDIV, _POW = ops.resolve('operator.truediv'), ops.resolve('operator.pow')
+MAX_EXPONENT = 8            # pow on sizes: a constant exponent (sympy's u0**2), at most this
 _ARITHMETIC = frozenset(ops.resolve(f'operator.{name}') for name in (
     'add', 'sub', 'mul', 'floordiv', 'mod', 'neg', 'eq', 'ne', 'lt', 'le', 'gt', 'ge'))
 _WRITES = {'aten.index_put.default': index_put_clamped,
@@ -159,8 +164,10 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
                     f'invalid program: node {node.name[:80]!r} applies a Python operator to '
                     f'{sorted(node.refs - integers)[0][:80]!r}, which is not a size: in a '
                     'program whose sizes depend on the data, tensors go through ATen operators')
-            if node.fn in _ARITHMETIC or node.fn in (torch.sym_min, torch.sym_max):
-                integers.add(node.name)
+            if node.fn is not program_chain.guard:
+                _check_arithmetic(node)
+                if node.fn is not _TRUEDIV:      # a float: never a size
+                    integers.add(node.name)
             continue
         for arg, value in ops.size_arguments(node.fn, node.args, node.kwargs):
             refs = set(refs_in(value))
@@ -170,3 +177,36 @@ def check_sizes(nodes: Iterable[Any], refs_in: Callable[[Any], Iterable[str]]) -
                     f'invalid program: node {node.name[:80]!r} takes its {arg.name!r} from '
                     f'{sorted(refs - integers)[0][:80]!r}, which is not a size: sizes follow '
                     'from the sizes of tensors, never from their values')
+
+
+def _check_arithmetic(node: Any) -> None:
+    """
+    Refuse a Python operator unless it is arithmetic on integers of a size's range (a16 #5).
+
+    Python computes on any value without bound (``'x' * n``, ``[0] * n``,
+    ``n ** n``): allowed are :data:`_ARITHMETIC`, ``sym_min``, ``sym_max``,
+    ``truediv`` (a float, never a size) and ``pow`` with a constant exponent of
+    at most :data:`MAX_EXPONENT` (a square in an assertion export wrote), each
+    argument a size value or an integer constant within :data:`MAX_SIZE_VALUE`;
+    each integer result is held to that bound as it runs
+    (:class:`rrto_server.runner_budget.CheckedInterpreter`).
+    """
+    allowed = node.fn in _ARITHMETIC or node.fn in (torch.sym_min, torch.sym_max, _TRUEDIV) or (
+        node.fn is _POW and len(node.args) == 2 and type(node.args[1]) is int
+        and 0 <= node.args[1] <= MAX_EXPONENT)
+    if not allowed:
+        raise ProtocolError(
+            ErrorCode.UNSAFE_PROGRAM,
+            f'invalid program: node {node.name[:80]!r} ({node.op[:40]}): in a program whose '
+            'sizes depend on the data, a Python operator is integer arithmetic on sizes '
+            f'(add, sub, mul, floordiv, truediv, mod, neg, comparisons, sym_min, sym_max, '
+            f'pow to a constant of at most {MAX_EXPONENT})')
+    for arg in node.args:
+        if isinstance(arg, dict) and set(arg) == {'n'}:
+            continue
+        if type(arg) not in (int, bool) or not -MAX_SIZE_VALUE <= arg <= MAX_SIZE_VALUE:
+            raise ProtocolError(
+                ErrorCode.UNSAFE_PROGRAM,
+                f'invalid program: node {node.name[:80]!r} ({node.op[:40]}) takes '
+                f'{type(arg).__name__} {str(arg)[:40]!r}: size arithmetic takes sizes and '
+                f'integer constants within 2^{MAX_SIZE_VALUE.bit_length() - 1}')

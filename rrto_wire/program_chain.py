@@ -41,7 +41,7 @@ GUARD = 'rrto.guard'
 MAX_TERMS = 256             # comparisons in one guard
 RELATIONS = {'eq': operator.eq, 'ne': operator.ne, 'lt': operator.lt, 'le': operator.le,
              'gt': operator.gt, 'ge': operator.ge}
-_LIMIT = 1 << 62            # constants: sizes, nothing near an overflow
+MAX_CONSTANT = 1 << 62      # constants: sizes, nothing near an overflow
 
 
 class GuardFailed(Exception):
@@ -68,7 +68,7 @@ def check_guard(args: Any) -> None:
             raise invalid_program(f'{GUARD}: each size is a reference to a size node')
     for test in tests:
         if not (isinstance(test, list) and len(test) == 2 and test[0] in RELATIONS
-                and type(test[1]) is int and -_LIMIT <= test[1] <= _LIMIT):
+                and type(test[1]) is int and -MAX_CONSTANT <= test[1] <= MAX_CONSTANT):
             raise invalid_program(f'{GUARD}: each test is [relation, integer], relation one of '
                                   f'{sorted(RELATIONS)}')
 

@@ -28,7 +28,8 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 def summarise(samples: Iterable[float]) -> dict:
     """Return n, mean, p50, p90, p99 and max of ``samples``, JSON-ready ({'n': 0} if empty)."""
-    data = np.fromiter(samples, dtype=np.float64)
+    data = (samples.astype(np.float64, copy=False) if isinstance(samples, np.ndarray)
+            else np.fromiter(samples, dtype=np.float64))
     if data.size == 0:
         return {'n': 0}
     p50, p90, p99 = np.percentile(data, [50, 90, 99])
