@@ -17,7 +17,9 @@ the same position (:class:`Step`); an operator of a segment the server ran
 must have the same function, the same Python values (sizes, thresholds,
 bit for bit), and tensor arguments that are the very values the server used
 (the chain's inputs, a link's outputs as they came back, an earlier adopted
-operator's output; a constant compared byte for byte, a weight by identity).
+operator's output; a constant compared byte for byte, a weight by identity and
+version counter: ``load_state_dict`` copies into the same tensor, and the
+server holds the copy taken when the chain was prepared).
 It then returns the server's output for it without computing it (a view
 operator runs on the robot: it only reinterprets server values).  A local
 graph of the chain is claimed like a remote one, its inputs being the
@@ -167,8 +169,8 @@ class Adopter(TorchDispatchMode):
             elif kind == 't':
                 if self.known.get(id(live)) != want or storage(live) in self.written:
                     return False
-            elif kind == 'w':
-                if live is not want:
+            elif kind == 'w':       # the module's weight as the server got it: same version
+                if live is not want[0] or live._version != want[1]:
                     return False
             elif not same_bits(live, want):
                 return False
@@ -219,27 +221,36 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def quiet(local: Any):
-    """Note and check no operator while a graph runs (its call is one step); release at end."""
+    """
+    Note and check no operator while a graph runs (its call is one step); release at end.
+
+    Contexts nest (a graph called while another graph's call is quiet): an
+    adopter made inside starts paused once per context open then
+    (:func:`follow`), and each of them resumes it once on leaving.
+    """
     tracer = getattr(local, 'tracer', None)
     adopter = getattr(local, 'adopter', None)
     with tracer.paused() if tracer is not None else contextlib.nullcontext():
+        local.depth = getattr(local, 'depth', 0) + 1
         if adopter is not None:
             adopter.paused += 1
         try:
             yield
         finally:
+            local.depth -= 1
             now = getattr(local, 'adopter', None)
             if adopter is not None:
                 adopter.paused -= 1
-            elif now is not None:       # made during this call (the head): follow from here
+            if now is not None and now is not adopter:      # made in this context
                 now.paused -= 1
             if now is not None and not now.active:
                 release(local)
 
 
 def follow(local: Any, adopter: Adopter) -> None:
-    """Start following a chain in this call (after its head's reply)."""
+    """Start following a chain in this call (after its head's reply), paused until it returns."""
     release(local)
+    adopter.paused = getattr(local, 'depth', 0)
     local.adopter = adopter.__enter__()
 
 
