@@ -179,9 +179,10 @@ def test_nested_quiet_contexts_leave_no_adopter_paused():
 
     from rrto_ros.partition_adopt import Adopter, follow, quiet, release
     from rrto_ros.partition_chain import Speculation
+    from rrto_ros.partition_script import Step
 
     def adopter():
-        return Adopter([object()], [()], 1, Speculation([]), [])
+        return Adopter([Step(subgraph=object(), link=1)], [()], 1, Speculation([]), [])
 
     # a chain followed from a graph call inside another graph's call
     local = SimpleNamespace(adopter=None, tracer=None)
