@@ -80,6 +80,9 @@ class CallPath:
             reason = target.error or 'server is preparing this input signature'
             return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason,
                                transient=target.state != PrepState.FAILED)
+        stale = m.preparer.stale(target)    # weights changed since the server got them
+        if stale:
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', stale)
         if target.partition is not None:
             return self._partitioned(target.partition, args, kwargs)
         plan = self._choose(target)

@@ -153,7 +153,9 @@ class OffloadedModel:
         background when it answers again).
         """
         flat, in_spec = treespec.flatten((args, kwargs))
-        return self.preparer.wait(self.preparer.target(flat, in_spec), timeout_s)
+        target = self.preparer.target(flat, in_spec)
+        self.preparer.stale(target)     # weights changed since: prepared again
+        return self.preparer.wait(target, timeout_s)
 
     def prepared(self) -> list[Prepared]:
         """

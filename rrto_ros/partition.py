@@ -41,6 +41,7 @@ from rrto_ros import partition_adopt, partition_capture, partition_chain as chai
 from rrto_ros.partition_graphs import Outputs, SubgraphModule, counted_call, tensors_of
 from rrto_ros.local_model import EXPORT_GUARD, TorchModule
 from rrto_ros.partition_report import call_fields, first_line, local_fields
+from rrto_ros.weight_versions import versions as versions_of
 from rrto_wire.program_writer import is_dynamic
 
 CHAIN = True               # guess the next subgraphs: one request for a chain of them
@@ -95,6 +96,10 @@ class Subgraph:
     reason: str = ''                       # why it stays local
     example: list = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    versions: tuple = ()        # its weights' version counters when captured: written since?
+
+    def __post_init__(self):
+        self.versions = versions_of(self.weights.values())
 
     def __call__(self, *args: torch.Tensor) -> Any:
         with self.owner.quiet():    # its operators are not the ones between graphs
@@ -122,7 +127,8 @@ class Subgraph:
         return outputs
 
     def _first_call(self, args: tuple, data: list) -> Any:
-        outputs, self.flops, self.io_bytes = counted_call(self.graph, args, data)
+        outputs, self.flops, self.io_bytes = counted_call(self.graph, args, data, wrote := [])
+        self.writes = self.writes or bool(wrote)    # by the schemas of the operators it ran
         self.reason = local_reason(self.flops, self.io_bytes, self.owner.model_flops, data)
         if not self.reason and not self.outputs.ok:
             self.reason = 'returns a size the robot cannot compute from its tensor outputs'
@@ -131,14 +137,14 @@ class Subgraph:
             self.remote = self.owner.remote_for(self, len(args))
         return outputs
 
-    def _weights_unchanged(self, args: tuple) -> bool:
-        return all(args[i] is t for i, t in self.weights.items())
+    def _weights_unchanged(self, args: tuple) -> bool:      # not replaced, not written
+        return all(args[i] is t for i, t in self.weights.items()) and \
+            self.versions == versions_of(self.weights.values())
 
     def describe(self) -> dict:
         """Return what this subgraph is and where it runs."""
         ops = sum(1 for n in self.graph.graph.nodes if n.op not in ('placeholder', 'output'))
-        remote = self.remote
-        table = remote.table if remote is not None else None
+        remote, table = self.remote, getattr(self.remote, 'table', None)
         return {'index': self.index, 'operators': ops, 'flops': max(self.flops, 0),
                 'io_bytes': self.io_bytes, 'remote': remote is not None,
                 'eager': remote is not None and self.dynamic,

@@ -17,7 +17,9 @@ the same position (:class:`Step`); an operator of a segment the server ran
 must have the same function, the same Python values (sizes, thresholds,
 bit for bit), and tensor arguments that are the very values the server used
 (the chain's inputs, a link's outputs as they came back, an earlier adopted
-operator's output; a constant compared byte for byte, a weight by identity).
+operator's output; a constant compared byte for byte, a weight by identity and
+version counter: ``load_state_dict`` copies into the same tensor, and the
+server holds the copy taken when the chain was prepared).
 It then returns the server's output for it without computing it (a view
 operator runs on the robot: it only reinterprets server values).  A local
 graph of the chain is claimed like a remote one, its inputs being the
@@ -29,9 +31,12 @@ from such values: nothing mixes the two results of one operator.
 Anything else ends the adoption and the guesses (the rest runs as before):
 another operator or graph, other arguments, a graph that writes into its
 inputs, an operator reading a tensor robot code outside the chain wrote in
-place.  What lives in memory a segment writes in place (the server returns
-its last value, not the one at the operator: torchvision's NMS writes into a
-local graph's mask of zeros) the robot computes, that graph included, and
+place, through torch or not (a value an adopted operator reads is kept when
+it becomes known and compared byte for byte when read: numpy writes through
+``t.numpy()`` move no version counter).  What lives in memory a segment
+writes in place (the server returns its last value, not the one at the
+operator: torchvision's NMS writes into a local graph's mask of zeros) the
+robot computes, that graph included, and
 what it reads from there it checks against the server's value, byte for
 byte (:mod:`rrto_ros.partition_script`).  The server returns every segment
 output but views (:func:`~rrto_ros.partition_script.export_all`).
@@ -53,6 +58,9 @@ from rrto_ros.partition_script import Step
 
 log = logging.getLogger('rrto_ros.partition')
 _SAID: set = set()      # reasons logged once
+# values adopted operators read are kept up to this size, compared when read (numpy writes);
+# the zoo R-CNN: 4-18 values, 101-112 KB, 0.16-0.29 ms a call of 22-29 ms
+MAX_COPY_BYTES = 1 << 22
 _SKIPPED = frozenset((torch.ops.aten.lift_fresh.default, torch.ops.aten.lift_fresh_copy.default))
 
 
@@ -77,6 +85,8 @@ class Adopter(TorchDispatchMode):
         self.alive: list = []           # the tensors known, so that their ids stay theirs
         self.written: set[int] = set()
         self.label = getattr(steps, 'label', '') or 'chain'
+        self.read = reads(steps)        # values adopted operators read: their bytes kept
+        self.copies: dict[int, torch.Tensor] = {}
         for j, t in enumerate(head_data):
             self._know(t, ('in', j))
         for k, t in enumerate(values[0]):
@@ -91,6 +101,8 @@ class Adopter(TorchDispatchMode):
         if isinstance(t, torch.Tensor):
             self.known[id(t)] = key
             self.alive.append(t)
+            if key in self.read and t.numel() * t.element_size() <= MAX_COPY_BYTES:
+                self.copies[id(t)] = t.clone()      # a write outside torch moves no version
 
     def stop(self, reason: str) -> None:
         """End the adoption and the call's guesses: the rest runs as usual."""
@@ -165,10 +177,11 @@ class Adopter(TorchDispatchMode):
             elif not isinstance(live, torch.Tensor):
                 return False
             elif kind == 't':
-                if self.known.get(id(live)) != want or storage(live) in self.written:
+                if self.known.get(id(live)) != want or storage(live) in self.written or (
+                        id(live) in self.copies and not same_bits(live, self.copies[id(live)])):
                     return False
-            elif kind == 'w':
-                if live is not want:
+            elif kind == 'w':       # the module's weight as the server got it: same version
+                if live is not want[0] or live._version != want[1]:
                     return False
             elif not same_bits(live, want):
                 return False
@@ -195,6 +208,19 @@ class Adopter(TorchDispatchMode):
         return tree_unflatten(out, step.out_spec)
 
 
+def reads(steps: list) -> set:
+    """Return the keys of the values the adopted operators of ``steps`` read (kept once)."""
+    found = getattr(steps, 'reads', None)
+    if found is None:
+        found = {want for step in steps if step.func is not None and step.link >= 0
+                 for kind, want in step.leaves if kind == 't'}
+        try:
+            steps.reads = found
+        except AttributeError:      # a plain list
+            pass
+    return found
+
+
 def _name(step: Step | None) -> str:
     return 'no more steps' if step is None else step.name()
 
@@ -219,27 +245,47 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def quiet(local: Any):
-    """Note and check no operator while a graph runs (its call is one step); release at end."""
+    """
+    Note and check no operator while a graph runs (its call is one step); release at end.
+
+    The adopter, when it is the innermost mode, leaves the mode stack while
+    the graph runs (its operators then cost nothing: 82 a call on the zoo
+    R-CNN went through it paused, ~7 us each), else it is paused.  Contexts
+    nest (a graph called while another graph's call is quiet): an adopter
+    made inside starts paused once per context open then (:func:`follow`),
+    and each of them resumes it once on leaving.
+    """
     tracer = getattr(local, 'tracer', None)
     adopter = getattr(local, 'adopter', None)
     with tracer.paused() if tracer is not None else contextlib.nullcontext():
-        if adopter is not None:
+        local.depth = getattr(local, 'depth', 0) + 1
+        off = adopter is not None and _get_current_dispatch_mode() is adopter
+        if off:
+            adopter.__exit__(None, None, None)
+        elif adopter is not None:
             adopter.paused += 1
         try:
             yield
         finally:
+            local.depth -= 1
             now = getattr(local, 'adopter', None)
-            if adopter is not None:
+            if off and now is adopter:
+                if adopter.active:
+                    adopter.__enter__()
+                else:                           # done while off the stack
+                    local.adopter = now = None
+            elif adopter is not None and not off:
                 adopter.paused -= 1
-            elif now is not None:       # made during this call (the head): follow from here
+            if now is not None and now is not adopter:      # made in this context
                 now.paused -= 1
             if now is not None and not now.active:
                 release(local)
 
 
 def follow(local: Any, adopter: Adopter) -> None:
-    """Start following a chain in this call (after its head's reply)."""
+    """Start following a chain in this call (after its head's reply), paused until it returns."""
     release(local)
+    adopter.paused = getattr(local, 'depth', 0)
     local.adopter = adopter.__enter__()
 
 

@@ -11,10 +11,14 @@ dimension 0 of some output), or says it cannot (the graph then runs locally).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from rrto_ros.partition_eager import Op, storage, written
 
 
 class SubgraphModule(torch.nn.Module):
@@ -77,17 +81,42 @@ class Outputs:
         return tuple(out)
 
 
-def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list) -> tuple:
-    """Run a captured graph counting its FLOPs; return its outputs, FLOPs and bytes moved."""
+def counted_call(graph: torch.fx.GraphModule, args: tuple, data: list,
+                 wrote: list | None = None) -> tuple:
+    """
+    Run a captured graph counting its FLOPs; return its outputs, FLOPs and bytes moved.
+
+    ``wrote`` (a list) gets each ATen operator that wrote into an argument's
+    memory, by its schema (:class:`WriteWatch`).
+    """
+    watch = WriteWatch(args) if wrote is not None else contextlib.nullcontext()
     # outside inference mode: the counter's module hooks look for the weights' autograd
     with torch.inference_mode(False), torch.no_grad(), \
-            FlopCounterMode(display=False) as counter:
+            FlopCounterMode(display=False) as counter, watch:
         outputs = graph(*args)
+    if wrote is not None:
+        wrote += watch.found
     outputs = tuple(o.clone() if isinstance(o, torch.Tensor) and not o.is_inference() else o
                     for o in outputs)      # cloned in inference mode: inference tensors
     tensors = data + [o for o in outputs if isinstance(o, torch.Tensor)]
     return outputs, int(counter.get_total_flops()), sum(t.numel() * t.element_size()
                                                         for t in tensors)
+
+
+class WriteWatch(TorchDispatchMode):
+    """Note each ATen operator whose schema writes into the memory of the given tensors."""
+
+    def __init__(self, tensors: Any):
+        super().__init__()
+        self.memory = {storage(t) for t in tensors if isinstance(t, torch.Tensor)}
+        self.found: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if any(storage(t) in self.memory for t in written(Op(func, args, kwargs, out))):
+            self.found.append(str(func))
+        return out
 
 
 def tensors_of(module: torch.nn.Module) -> list[torch.Tensor]:
@@ -105,7 +134,15 @@ _VIEWS = frozenset(('view', 'reshape', 'permute', 'transpose', 'narrow', 'select
 
 
 def writes_inputs(graph: torch.fx.GraphModule) -> bool:
-    """Return True if a captured graph writes in place into one of its inputs (or a view)."""
+    """
+    Return True if a captured graph writes in place into one of its inputs (or a view).
+
+    From what the graph says before it runs: an ATen operator's schema
+    (``alias_info.is_write``), an ``out=`` or ``inplace=True`` argument, a
+    module with ``inplace`` set, a tensor method named with a trailing ``_``.
+    What it does when it runs is watched too (:class:`WriteWatch`, on the
+    graph's first call).
+    """
     of_input: set = set()
     for node in graph.graph.nodes:
         name = node.target if node.op == 'call_method' else getattr(node.target, '__name__', '')
@@ -115,4 +152,23 @@ def writes_inputs(graph: torch.fx.GraphModule) -> bool:
         elif first in of_input and (name == 'setitem' or (
                 isinstance(name, str) and name.endswith('_') and not name.endswith('__'))):
             return True
+        elif any(a in of_input for a in _written_arguments(graph, node)):
+            return True
     return False
+
+
+def _written_arguments(graph: torch.fx.GraphModule, node: torch.fx.Node) -> list:
+    """Return the arguments of one node that it writes into, as far as its call says."""
+    out = [node.kwargs.get('out')]
+    first = node.args[0] if node.args else node.kwargs.get('input')
+    if node.kwargs.get('inplace') is True:
+        out.append(first)
+    if node.op == 'call_module' and getattr(graph.get_submodule(node.target), 'inplace', False):
+        out.append(first)
+    schema = getattr(node.target, '_schema', None)      # an OpOverload
+    if node.op == 'call_function' and schema is not None:
+        for index, arg in enumerate(schema.arguments):
+            if arg.alias_info is not None and arg.alias_info.is_write:
+                out.append(node.args[index] if index < len(node.args) else
+                           node.kwargs.get(arg.name))
+    return [a for a in out if isinstance(a, torch.fx.Node)]

@@ -88,7 +88,8 @@ class Step:
     link: int = -1                # its link of the chain; -1: the robot runs it
     writes: bool = False          # an operator outside the chain writing in place
     spec: Any = None              # a segment operator's argument structure
-    leaves: list = field(default_factory=list)   # ('v', value) | ('t', key) | ('w'|'c', tensor)
+    # ('v', value) | ('t', key) | ('w', (weight, its version)) | ('c', a copy)
+    leaves: list = field(default_factory=list)
     # per tensor output: (key, output index or -1, shape, stride, dtype, how); how: 'adopt'
     # (the server's value), 'view', 'robot' (the robot's), 'check' (the robot's, equal bytes)
     outs: list = field(default_factory=list)
@@ -213,8 +214,8 @@ def _segment_step(op: Op, p: int, n: int, segment: Segment, state: tuple) -> Ste
             run = run or storage(leaf) in writes
         elif id(leaf) in produced:
             return f'{op.func} (link {n}) reads a tensor the chain did not make'
-        elif own.get(id(leaf)) is leaf:
-            step.leaves.append(('w', leaf))
+        elif own.get(id(leaf)) is leaf and not leaf.is_inference():
+            step.leaves.append(('w', (leaf, leaf._version)))    # written since: not adopted
         else:
             step.leaves.append(('c', leaf.detach().clone()))
     out, step.out_spec = tree_flatten(op.out)

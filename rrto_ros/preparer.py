@@ -37,6 +37,7 @@ from rrto_ros.local_model import Artifact
 from rrto_ros.plan_feedback import PlanFeedback
 from rrto_ros.plan_table import PlanSelector, PlanTable, program_key
 from rrto_ros.split import as_program
+from rrto_ros import weight_versions
 from rrto_wire import heap, treespec
 from rrto_wire.errors import ErrorCode
 from rrto_wire.tensors import signature_key, signature_of
@@ -45,6 +46,7 @@ if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a m
     from rrto_ros.partition import Partition
 
 log = logging.getLogger('rrto_ros.preparer')
+MAX_SAME_CHANGES = 3    # the same tensor changed when each preparation came to be used: give up
 
 
 class PrepState(str, enum.Enum):
@@ -71,6 +73,9 @@ class Target:
         self.selector: PlanSelector | None = None
         self.plans: dict[str, tuple[PlanRuntime, str]] = {}  # plan name -> (runtime, replay)
         self.partition: Partition | None = None   # set when the model cannot be exported whole
+        self.whole = True                   # False once its export failed on the data
+        self.weights: weight_versions.Snapshot | None = None    # what the server was given
+        self.changed, self.changes = '', 0  # the last change seen in them, how many in a row
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,46 @@ class Preparer:
             target.ready.clear()
             self._queue(target)
 
+    def stale(self, target: Target) -> str:
+        """
+        Return why a READY target's server copy is out of date, or ''; prepare it again.
+
+        The module's weights or buffers changed since they were exported
+        (``load_state_dict``, a write in place, a tensor replaced): the
+        target, and every target sharing its partition, is exported, uploaded
+        (a new digest) and recorded again; its calls run locally until then.
+        """
+        snapshot = target.weights
+        what = snapshot.changed() if snapshot is not None else ''
+        if not what:
+            return ''
+        why = weight_versions.reason(what)
+        with self._lock:
+            if target.state != PrepState.READY or target.weights is not snapshot:
+                return why
+            target.changes = target.changes + 1 if what == target.changed else 1
+            target.changed = what
+            if target.changes > MAX_SAME_CHANGES:     # the model's forward writes it
+                target.state, target.error = PrepState.FAILED, (
+                    f'cannot offload: {what} on each of {target.changes} calls (state the '
+                    'model updates itself, read by what the server would run)')
+                log.warning('%s: %s; it runs locally', self.model.local.label, target.error)
+                return target.error
+            old = target.partition
+            group = [t for t in self._targets.values() if old is not None and t.partition is old]
+            for t in group or [target]:
+                t.artifact = t.replay = t.weights = t.selector = t.partition = None
+                t.plans = {}
+                t.error = why
+                t.ready.clear()
+                self._queue(t)
+            if old is not None and old is self.partition:
+                self.partition = None
+        log.warning('%s: %s', self.model.local.label, why)
+        if old is not None:
+            old.close()
+        return why
+
     def give_up(self, target: Target, reason: str) -> None:
         """Mark ``target`` FAILED: its calls run locally from now on."""
         with self._lock:
@@ -209,14 +254,23 @@ class Preparer:
             return
         m.control.hello()    # an unreachable server is found before an export costs CPU
         if target.artifact is None:
-            try:
-                target.artifact = self._export(target)
-            except Exception as exc:  # noqa: B902 - data-dependent: partitioned, else re-raised
-                from rrto_ros.partition import is_data_dependent
-                if not is_data_dependent(exc):
-                    raise
+            weights = weight_versions.snapshot(m.local)     # before the export reads them
+            if target.whole:
+                try:
+                    artifact = self._export(target)
+                except Exception as exc:  # noqa: B902 - data-dependent: partitioned, else raised
+                    from rrto_ros.partition import is_data_dependent
+                    if not is_data_dependent(exc):
+                        raise
+                    target.whole = False
+            if not target.whole:
+                # what the model's own calls wrote is its running state: not the server's
                 self._prepare_partition(target)
+                target.weights = weight_versions.snapshot(m.local, weights.written()
+                                                          if weights is not None else frozenset())
                 return
+            target.weights = weights    # changed while exporting: stale at the first call
+            target.artifact = artifact
         artifact = target.artifact
         m.counters['uploads'] += m.control.upload(artifact.blobs,
                                                   timeout_ms=m.upload_timeout_ms)

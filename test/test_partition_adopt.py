@@ -1,7 +1,9 @@
 """A call following a chain takes the server's values between its graphs (partition_adopt)."""
 
+import ctypes
 import gc
 
+import numpy as np
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensor
@@ -252,3 +254,37 @@ def test_an_operator_is_adopted_only_on_the_watched_arguments(live, adopted):
         assert adopter.active == adopted and bool(speculation.queue) == adopted
         if not adopted:         # the robot's own result
             assert torch.equal(got, x + scalar)
+
+
+class _NumpyRCNN(_EagerRCNN):
+    """The eager R-CNN whose Python writes through numpy into an adopted value."""
+
+    @torch.compiler.disable
+    def _boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        out = torch.mul(boxes, 1.0)
+        if not isinstance(out, FakeTensor):     # (export traces fakes)
+            # as numpy would through t.numpy() or np.from_dlpack: no dispatcher, no version
+            pointer = ctypes.cast(out.data_ptr(), ctypes.POINTER(ctypes.c_float))
+            np.ctypeslib.as_array(pointer, shape=(out.numel(),))[:] += 8.0
+        return torch.add(out, 0.0)      # a segment operator reading the written value
+
+
+def test_a_write_that_bypasses_the_dispatcher_ends_the_adoption(server, offloaded):
+    # numpy writes into the server's value of mul (adopted, no version moves) and the next
+    # segment operator reads it: adopting its server value (computed from the unwritten one)
+    # would hand the box head the server's boxes, claimed on equal bytes, other boxes than
+    # local execution labelled offloaded; what an adopted operator reads is checked byte
+    # for byte against the value as it was adopted
+    gc.collect()
+    torch.compiler.reset()
+    model = initialise(_NumpyRCNN(), 0)
+    x = _image(0)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x, timeout_s=300)
+    with torch.inference_mode():
+        want = model(x)
+    for _ in range(2):
+        before = om.stats()['chain_claims']
+        out = om(x)
+        assert _equal(out, want), (om.last, om.stats()['chain_claims'] - before)
+        assert om.last.round_trips == 3, om.last

@@ -1,0 +1,120 @@
+"""
+Whether a module still holds the weights and buffers the server was given.
+
+The server runs a copy of a module's tensors taken when the model was
+prepared (exported and uploaded under the digest of its bytes).
+``load_state_dict`` copies a checkpoint into the very same tensor objects, a
+running statistic or an optimiser writes into them in place,
+``load_state_dict(assign=True)`` puts new tensors in their place: none of this
+reaches the server, which would go on computing the old model.
+
+A :class:`Snapshot` notes, when the model is prepared, where the module holds
+each parameter and buffer (the entry of its module's dict, and every
+submodule where its parent holds it) and each tensor's version counter
+(``t._version``: every write through torch's dispatcher bumps it, in
+``inference_mode`` too, and a ``detach()``-ed alias shares it).
+:meth:`Snapshot.changed` compares them again: two tuples of integers and a
+walk of identities (ResNet-18, 122 tensors: ~25 us a call).  A tensor made in
+inference mode has no version counter: its bytes are kept and compared each
+time (that costs its size; build the model outside inference mode).  Writes
+that bypass the dispatcher (``t.numpy()`` then numpy, ``np.from_dlpack``,
+``ctypes``) change no version and are not seen (README, docs/security.md).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+
+_VERSION = operator.attrgetter('_version')
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a.dtype.is_floating_point or a.dtype.is_complex:     # -0.0 is not 0.0
+        a, b = (t.reshape(-1).contiguous().view(torch.uint8) for t in (a, b))
+    return torch.equal(a, b)
+
+
+class Snapshot:
+    """The tensors a module holds, where it holds them, and their versions (module doc)."""
+
+    def __init__(self, module: torch.nn.Module, ignore: frozenset = frozenset()):
+        self.places: list[tuple[dict, str]] = []     # (holding dict, key)
+        self.held: list[Any] = []                    # what each place held
+        self.names: list[str] = []
+        self.tracked: list[torch.Tensor] = []
+        self.tracked_names: list[str] = []
+        self.copies: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+        seen: set[int] = set()
+        script = isinstance(module, torch.jit.ScriptModule)
+        for prefix, sub in module.named_modules():
+            holders = () if script else (('', sub._modules), ('', sub._parameters),
+                                         ('', sub._buffers))
+            for _, holder in holders:
+                for key, value in holder.items():
+                    self.places.append((holder, key))
+                    self.held.append(value)
+                    self.names.append(f'{prefix}.{key}' if prefix else key)
+            tensors = [(n, t) for n, t in sub.named_parameters(recurse=False)]
+            tensors += [(n, t) for n, t in sub.named_buffers(recurse=False)]
+            tensors += [(n, t) for n, t in vars(sub).items() if isinstance(t, torch.Tensor)]
+            for name, t in tensors:
+                if t is None or id(t) in seen or id(t) in ignore:
+                    continue
+                seen.add(id(t))
+                full = f'{prefix}.{name}' if prefix else name
+                if t.is_inference():
+                    self.copies.append((full, t, t.detach().clone()))
+                else:
+                    self.tracked.append(t)
+                    self.tracked_names.append(full)
+        self.holders = [h for h, _ in self.places]
+        self.keys = [k for _, k in self.places]
+        self.versions = self._versions()
+
+    def _versions(self) -> tuple:
+        return tuple(map(_VERSION, self.tracked))
+
+    def changed(self) -> str:
+        """Return what changed since the snapshot ('' if nothing did)."""
+        if not all(map(operator.is_, map(dict.get, self.holders, self.keys), self.held)):
+            name = next(n for (h, k), v, n in zip(self.places, self.held, self.names)
+                        if h.get(k) is not v)
+            return f'{name} was replaced'
+        if self._versions() != self.versions:
+            name = next(n for t, v, n in zip(self.tracked, self.versions, self.tracked_names)
+                        if t._version != v)
+            return f'{name} was written in place'
+        for name, t, copy in self.copies:
+            if not _same_bits(t, copy):
+                return f'{name} (an inference tensor) holds other values'
+        return ''
+
+    def written(self) -> frozenset:
+        """Return the ids of the tensors written since the snapshot (a forward's own state)."""
+        return frozenset(id(t) for t, v in zip(self.tracked, self.versions) if t._version != v) \
+            | frozenset(id(t) for _, t, copy in self.copies if not _same_bits(t, copy))
+
+
+def versions(tensors: Any) -> tuple:
+    """Return the version counters of tensors (-1 for an inference tensor: it has none)."""
+    return tuple(-1 if t.is_inference() else t._version for t in tensors)
+
+
+def snapshot(local: Any, ignore: frozenset = frozenset()) -> Snapshot | None:
+    """
+    Return a snapshot of a local model's module (None for a model without one: ONNX).
+
+    ``ignore``: ids of tensors the model's own forward writes (its running
+    state, which stays the robot's: a graph that writes it runs on the robot).
+    """
+    module = getattr(local, 'module', None)
+    return Snapshot(module, ignore) if isinstance(module, torch.nn.Module) else None
+
+
+def reason(what: str) -> str:
+    """Return a call record's reason for a change :meth:`Snapshot.changed` found."""
+    return (f'the model\'s weights changed since the server was given them ({what}); '
+            'it runs locally until prepared again')
