@@ -89,10 +89,9 @@ def _run(node: Any, args: list, kwargs: dict) -> Any:
     except (ValueError, IndexError, TypeError):   # a substitute's own refusal (boolean
         return _UNKNOWN                           # masks): the run raises it, as before
     except RuntimeError as exc:            # the meta kernel refuses these arguments
-        raise ProtocolError(
-            ErrorCode.UNSAFE_PROGRAM,
-            f'invalid program: node {node.name[:80]!r} ({node.op[:80]}): its arguments do not '
-            f'fit together: {type(exc).__name__}: {str(exc)[:200]}') from None
+        result = _contiguous_retry(node, args, kwargs)
+        if result is _UNKNOWN:
+            raise _refused(node, exc) from None
     if node.out is not None and isinstance(result, torch.Tensor) and \
             list(result.shape) != list(node.out.shape):
         raise ProtocolError(
@@ -100,3 +99,36 @@ def _run(node: Any, args: list, kwargs: dict) -> Any:
             f'invalid program: node {node.name[:80]!r} ({node.op[:80]}) gives shape '
             f'{list(result.shape)[:8]}, the program declares {list(node.out.shape)[:8]}')
     return result
+
+
+def _contiguous(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.contiguous()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_contiguous(item) for item in value)
+    return value
+
+
+def _contiguous_retry(node: Any, args: list, kwargs: dict) -> Any:
+    """
+    Return ``node``'s result with its tensor arguments made contiguous, or _UNKNOWN.
+
+    A meta kernel gives its output the default layout where the device's
+    kernel may not (``scaled_dot_product_attention`` of transposed heads: CPU
+    and CUDA keep the heads' layout, meta returns a contiguous tensor), so a
+    later ``view`` that fits the device's strides may not fit meta's.  Strides
+    are not what this pass checks (a view that does not fit the real strides
+    is refused by its own kernel, with nothing read): the shapes are, and they
+    are checked again on the contiguous arguments.
+    """
+    try:
+        return node.fn(*_contiguous(args), **{k: _contiguous(v) for k, v in kwargs.items()})
+    except Exception:   # noqa: B902 - whatever the retry raises, the first refusal stands
+        return _UNKNOWN
+
+
+def _refused(node: Any, exc: Exception) -> ProtocolError:
+    return ProtocolError(
+        ErrorCode.UNSAFE_PROGRAM,
+        f'invalid program: node {node.name[:80]!r} ({node.op[:80]}): its arguments do not '
+        f'fit together: {type(exc).__name__}: {str(exc)[:200]}')

@@ -495,6 +495,33 @@ def test_a_node_whose_declared_shape_is_not_its_own_is_refused():
     assert info.value.code == ErrorCode.UNSAFE_PROGRAM
 
 
+def test_a_view_that_fits_the_devices_strides_but_not_metas_is_not_refused():
+    """
+    Meta and the device differ in layout, not shape: SDPA of transposed heads, then view.
+
+    CPU and CUDA keep the heads' layout in SDPA's output, meta returns it
+    contiguous, so ``.transpose(1, 2).view(...)`` fits the device and not meta
+    (torchvision's vit_b_16 was refused for it on the H200); the shapes are
+    still checked, on contiguous arguments.
+    """
+    n = exploits.node
+    x, heads = ('float32', (1, 7, 2, 4)), ('float32', (1, 2, 7, 4))
+    nodes = [n('q', 'aten.transpose.int', {'n': 'x'}, 1, 2, out=heads),
+             n('a', 'aten.scaled_dot_product_attention.default', {'n': 'q'}, {'n': 'q'},
+               {'n': 'q'}, out=heads),
+             n('t', 'aten.transpose.int', {'n': 'a'}, 1, 2, out=x),
+             n('y', 'aten.view.default', {'n': 't'}, [1, 7, 8], out=('float32', (1, 7, 8)))]
+    module = _static(nodes, ['y'], (('x', *x),)).module({}, torch.device('cpu'))
+    value = torch.rand(1, 7, 2, 4)
+    q = value.transpose(1, 2)
+    expected = torch.nn.functional.scaled_dot_product_attention(q, q, q).transpose(1, 2)
+    assert torch.equal(module(value)[0], expected.reshape(1, 7, 8))
+    nodes[3] = n('y', 'aten.view.default', {'n': 't'}, [1, 7, 9], out=('float32', (1, 7, 9)))
+    with pytest.raises(ProtocolError, match='do not fit') as info:   # the shape still checked
+        _static(nodes, ['y'], (('x', *x),)).module({}, torch.device('cpu'))
+    assert info.value.code == ErrorCode.UNSAFE_PROGRAM
+
+
 def test_the_robot_writes_a_long_label_within_the_servers_bound():
     """A robot's own long label is clipped when written, so its upload is not refused."""
     from rrto_wire import program_writer, treespec
