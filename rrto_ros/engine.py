@@ -188,7 +188,8 @@ class OffloadedModel:
                     'errors'):
             data[key] = self.data.counters[key] + self.control.counters[key]
         data['infer_round_trips'] = self.data.counters['round_trips']
-        for key, value in (self.partition.stats() if self.partition else {}).items():
+        partition = self.partition.stats() if self.partition else {}
+        for key, value in list(partition.items()) + list(self.preparer.retired.items()):
             data[key] = data.get(key, 0) + value
         return data
 

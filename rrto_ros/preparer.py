@@ -46,6 +46,7 @@ if TYPE_CHECKING:   # rrto_ros.partition imports torch's tracer: loaded when a m
     from rrto_ros.partition import Partition
 
 log = logging.getLogger('rrto_ros.preparer')
+_SHAPE = ('subgraphs', 'remote_subgraphs', 'eager_subgraphs', 'chains')    # not counters
 MAX_SAME_CHANGES = 3    # the same tensor changed when each preparation came to be used: give up
 
 
@@ -107,6 +108,7 @@ class Preparer:
         self.model = model
         self.table = table
         self.partition: Partition | None = None   # shared by the signatures that need it
+        self.retired: dict[str, int] = {}       # counters of partitions prepared again
         self._make_partition = make_partition
         self._targets: dict[tuple, Target] = {}
         self._lock = threading.Lock()
@@ -184,7 +186,10 @@ class Preparer:
             if old is not None and old is self.partition:
                 self.partition = None
         log.warning('%s: %s', self.model.local.label, why)
-        if old is not None:
+        if old is not None:     # its counters stay counted (stats() only grow)
+            for key, value in old.stats().items():
+                if key not in _SHAPE:
+                    self.retired[key] = self.retired.get(key, 0) + value
             old.close()
         return why
 

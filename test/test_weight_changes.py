@@ -119,10 +119,12 @@ def test_a_partitioned_model_never_claims_values_made_from_old_weights(server, o
     with torch.inference_mode():
         want = model(x)
     assert not _equal(want, expected)        # the test bites
+    claims = om.stats()['chain_claims']
     out = om(x)
     assert _equal(out, want), om.last
     assert om.last.result == OffloadResult.LOCAL and 'weights' in om.last.reason, om.last
     assert om.last.remote_subgraphs == 0 and om.last.round_trips == 0, om.last
+    assert om.stats()['chain_claims'] == claims     # counted still, none claimed
     assert om.warmup(x, timeout_s=300)       # prepared again with the new weights
     out = om(x)
     assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
@@ -247,3 +249,18 @@ def test_a_graph_writing_into_its_inputs_is_found_by_the_operators_schemas(graph
     wrote: list = []
     counted_call(gm, args, list(args), wrote)
     assert bool(wrote) == (graph is not _pure), wrote
+
+
+def test_weights_made_in_inference_mode_are_checked_where_they_are_held(caplog):
+    # no version counter (and no write into them outside inference_mode): comparing their
+    # bytes each call cost 40 ms for a ResNet-18, so the snapshot checks only where they are
+    # held and says so
+    from rrto_ros.weight_versions import Snapshot
+
+    with torch.inference_mode():
+        model = _small()
+    snapshot = Snapshot(model)
+    assert 'made in inference mode' in caplog.text
+    assert snapshot.changed() == ''
+    model[0].weight = nn.Parameter(torch.zeros(8, 3, 3, 3), requires_grad=False)
+    assert snapshot.changed() == '0.weight was replaced'
