@@ -117,6 +117,8 @@ def _views(kind: str, lists: int = 1) -> dict:
                    [[{'n': f'one{k}'} for k in range(lists)]],
                    {'dtype': 'float32', 'shape': [lists] + shape})
     nodes[at:at + 1] = made + picked + [joined]
+    # export's own assertions about Square (torch 2.11 writes u1 <= u0**2) do not hold for n*n + 1
+    nodes[:] = [n for n in nodes if n['op'] != 'aten._assert_scalar.default']
     return doc
 
 
