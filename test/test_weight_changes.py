@@ -98,7 +98,9 @@ def test_a_model_that_updates_its_own_buffers_runs_locally_with_the_reason(serve
         with torch.inference_mode():
             want = twin(x)
         out = om(x)
-        assert torch.equal(out, want), om.last
+        # the robot's local graphs may round differently from eager (torch 2.11: last bits);
+        # the server's stale mean is off by its whole update (10 % a call), far outside this
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6, msg=lambda m: f'{m} {om.last}')
 
 
 @pytest.mark.parametrize('how', ['weight', 'buffer'])
