@@ -260,7 +260,8 @@ class _NumpyRCNN(_EagerRCNN):
     """The eager R-CNN whose Python writes through numpy into an adopted value."""
 
     @torch.compiler.disable
-    def _boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+    def proposal_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        """Write into the float operator's result through numpy, then read it."""
         out = torch.mul(boxes, 1.0)
         if not isinstance(out, FakeTensor):     # (export traces fakes)
             # as numpy would through t.numpy() or np.from_dlpack: no dispatcher, no version
