@@ -18,9 +18,12 @@ walk of identities (ResNet-18, 122 tensors: ~15 us a call).  A tensor made in
 inference mode has no version counter (and cannot be written outside
 ``inference_mode``): only where it is held is checked, and a warning says so
 (comparing its bytes instead cost 40 ms a call for a ResNet-18 built in
-inference mode; build the model outside ``inference_mode``).  Writes
-that bypass the dispatcher (``t.numpy()`` then numpy, ``np.from_dlpack``,
-``ctypes``) change no version and are not seen (README, docs/security.md).
+inference mode; build the model outside ``inference_mode``).  New memory
+put behind a tensor (``p.data = other``, as ``module.half()`` does) is seen by
+its address.  Writes that bypass the dispatcher or the version counter
+(``p.data.copy_(...)``: ``.data`` is an alias without the counter;
+``t.numpy()`` then numpy, ``np.from_dlpack``, ``ctypes``) change no version and
+are not seen (README, docs/security.md).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 
 log = logging.getLogger('rrto_ros.weight_versions')
 _VERSION = operator.attrgetter('_version')
+_DATA_PTR = torch.Tensor.data_ptr     # unbound: half the cost of a methodcaller
 
 
 class Snapshot:
@@ -76,6 +80,12 @@ class Snapshot:
         self.holders = [h for h, _ in self.places]
         self.keys = [k for _, k in self.places]
         self.versions = self._versions()
+        self.pointers = self._pointers()
+
+    def _pointers(self) -> tuple:
+        # `t.data = other` (older code, `module.half()`) puts new memory behind the same
+        # tensor object and moves no version counter: its address does move
+        return tuple(map(_DATA_PTR, self.tracked))
 
     def _versions(self) -> tuple:
         return tuple(map(_VERSION, self.tracked))
@@ -90,6 +100,10 @@ class Snapshot:
             name = next(n for t, v, n in zip(self.tracked, self.versions, self.tracked_names)
                         if t._version != v)
             return f'{name} was written in place'
+        if self._pointers() != self.pointers:
+            name = next(n for t, a, n in zip(self.tracked, self.pointers, self.tracked_names)
+                        if t.data_ptr() != a)
+            return f'{name} was given other memory (.data)'
         return ''
 
     def written(self) -> frozenset:

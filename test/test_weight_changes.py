@@ -39,12 +39,15 @@ def _change(model: nn.Module, how: str) -> None:
         key = next(k for k in state if k.endswith('weight') and state[k].dim() == 4)
         state[key] = state[key] * 2.0
         model.load_state_dict(state, assign=True)
+    elif how == 'data':         # older code: new storage behind the same Parameter, no version
+        weight = next(p for p in model.parameters() if p.dim() == 4)
+        weight.data = weight.data * 2.0
     else:                       # written in place, outside load_state_dict
         with torch.no_grad():
             next(p for p in model.parameters() if p.dim() == 4).mul_(-1.0)
 
 
-@pytest.mark.parametrize('how', ['weight', 'buffer', 'assign', 'in place'])
+@pytest.mark.parametrize('how', ['weight', 'buffer', 'assign', 'data', 'in place'])
 def test_a_whole_model_computes_with_the_weights_it_holds_now(server, offloaded, how):
     model = _small()
     x = torch.randn(1, 3, 16, 16)
