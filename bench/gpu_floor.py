@@ -17,15 +17,21 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
 * ``wall``: the robot's call as it sees it (``rrto_ros.offload``, raw codec)
   against a ``python -m rrto_server`` process on loopback, with the reply's
   ``server_ms`` (receipt to reply), ``queue_ms`` (on an idle server) and
-  ``compute_ms``; ``rel_error`` compares one offloaded output with the local one.
+  ``compute_ms``; ``rel_error`` compares one offloaded output with the local one;
+* ``minimal`` (CUDA only): the same frame through :mod:`bench.gpu_minimal`, the
+  least Python a server can be (recv, memcpy, replay, synchronise, send; no
+  checks), its client wall time and its own receipt-to-reply time.
 
-Echo and offloaded calls alternate, one each per round, so drift hits both
-alike.  Derived per model: ``server_beyond_bare_ms = server p50 - graph_io``
+Echo, minimal and offloaded calls alternate, one each per round, so drift hits
+them alike.  Derived per model: ``server_beyond_bare_ms = server p50 - graph_io``
 (goal <= 0.10), ``wall_beyond_echo_ms = wall p50 - graph_io - echo p50``
-(goal <= 0.15), ``wall_p99_over_p50`` (goal <= 1.5) and, for outputs of 1 MB
-or more, ``output_speed_vs_echo = echo p50 / (wall p50 - graph_io)`` (goal
->= 0.8).  With ``--py-spy BINARY`` the server is also sampled (native frames,
-per thread) for a few seconds of calls per model, after the timed calls.
+(goal <= 0.15), the same two for the minimal server (``minimal_server_beyond_bare_ms``,
+``minimal_wall_beyond_echo_ms``: what Python itself costs) and
+``server_beyond_minimal_ms`` (the project's Python beyond that),
+``wall_p99_over_p50`` (goal <= 1.5) and, for outputs of 1 MB or more,
+``output_speed_vs_echo = echo p50 / (wall p50 - graph_io)`` (goal >= 0.8).
+With ``--py-spy BINARY`` the server is also sampled (native frames, per
+thread) for a few seconds of calls per model, after the timed calls.
 
 Usage: ``python -m bench.gpu_floor --device cuda --out docs/results/gpu_floor_h200.json``
 """
@@ -44,6 +50,7 @@ import time
 import torch
 
 from bench import gpu_models
+from bench.gpu_minimal import Minimal, serve
 from bench.measure import percentile, timed_ms
 from rrto_wire import treespec
 
@@ -51,7 +58,7 @@ ECHO_HEADER = b'{"kind":"ok"}'
 
 
 @contextlib.contextmanager
-def _strict_fp32():
+def strict_fp32():
     matmul = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -76,7 +83,7 @@ def bare(model: torch.nn.Module, frame: torch.Tensor, device: torch.device,
     static_in = host_in.to(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
-    with torch.inference_mode(), _strict_fp32():
+    with torch.inference_mode(), strict_fp32():
         with torch.cuda.stream(side):
             for _ in range(3):
                 model(static_in)
@@ -258,15 +265,24 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row.update(bare(model, frame, device, iters=max(100, calls)))
     row.update(project_replay(model, frame, device, iters=max(50, calls // 2)))
     walls, echoes, server, queue, compute = [], [], [], [], []
-    with offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
+    minimal_wall, minimal_server = [], []
+    minimal = Minimal(name, str(device)) if device.type == 'cuda' else None
+    with contextlib.ExitStack() as stack, \
+            offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
+        if minimal is not None:
+            stack.callback(minimal.close)
         if not om.warmup(frame):
             raise RuntimeError(f'{name}: the server did not record the model')
         # offloaded output equals local output: the timings below are of right answers
         with torch.inference_mode():
             local = treespec.flatten(model(frame))[0]
         remote = treespec.flatten(om(frame))[0]
-        row['rel_error'] = max(float((r.float() - x.float()).norm() / x.float().norm())
-                               for r, x in zip(remote, local))
+        row['rel_error'] = rel_error(remote, local)
+        if minimal is not None:   # the floor answers right too, or its time means nothing
+            replies = minimal.round_trip(frame)[2]
+            row['minimal_rel_error'] = rel_error(
+                [torch.frombuffer(bytearray(r.buffer), dtype=x.dtype).reshape(x.shape)
+                 for r, x in zip(replies, local)], local)
         for i in range(calls + 20):
             start = time.perf_counter()
             om(frame)
@@ -275,6 +291,10 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
             if record.result != OffloadResult.OFFLOADED:
                 raise RuntimeError(f'{name}: call not offloaded: {record.reason}')
             echo_ms = echo.round_trip(record.bytes_sent, record.bytes_received)
+            floor = minimal.round_trip(frame)[:2] if minimal is not None else None
+            if i >= 20 and floor is not None:
+                minimal_wall.append(floor[0])
+                minimal_server.append(floor[1])
             if i >= 20:
                 walls.append(wall)
                 echoes.append(echo_ms)
@@ -294,9 +314,21 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row['server_beyond_bare_ms'] = row['server_ms'] - bare_ms
     row['wall_beyond_echo_ms'] = row['wall_ms'] - bare_ms - row['echo_ms']
     row['wall_p99_over_p50'] = row['wall_p99_ms'] / row['wall_ms']
+    if minimal_wall:
+        row.update(minimal_wall_ms=statistics.median(minimal_wall),
+                   minimal_wall_p99_ms=percentile(minimal_wall, 99),
+                   minimal_server_ms=statistics.median(minimal_server))
+        row['minimal_server_beyond_bare_ms'] = row['minimal_server_ms'] - bare_ms
+        row['minimal_wall_beyond_echo_ms'] = row['minimal_wall_ms'] - bare_ms - row['echo_ms']
+        row['server_beyond_minimal_ms'] = row['server_ms'] - row['minimal_server_ms']
     if row['bytes_received'] >= 1 << 20:
         row['output_speed_vs_echo'] = row['echo_ms'] / max(1e-9, row['wall_ms'] - bare_ms)
     return row
+
+
+def rel_error(outputs: list, references: list) -> float:
+    return max(float((r.float() - x.float()).norm() / x.float().norm())
+               for r, x in zip(outputs, references))
 
 
 def print_row(row: dict) -> None:
@@ -304,6 +336,12 @@ def print_row(row: dict) -> None:
              if 'output_speed_vs_echo' in row else '')
     if row.get('express_ms') is not None:
         extra += f", express run {row['express_ms']:.3f}"
+    if 'minimal_wall_ms' in row:
+        extra += (f" | minimal: wall {row['minimal_wall_ms']:.3f} server "
+                  f"{row['minimal_server_ms']:.3f} server-bare "
+                  f"{row['minimal_server_beyond_bare_ms']:.3f} wall-bare-echo "
+                  f"{row['minimal_wall_beyond_echo_ms']:.3f} rel_err "
+                  f"{row['minimal_rel_error']:.1e}")
     print(f"{row['model']:26s} graph {row['graph_ms']:.3f} graph+io {row['graph_io_ms']:.3f} "
           f"replay {row['replay_ms']:.3f} | echo {row['echo_ms']:.3f} | wall "
           f"{row['wall_ms']:.3f} (p99 {row['wall_p99_ms']:.3f}) server {row['server_ms']:.3f} "
@@ -322,7 +360,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--py-spy', metavar='BINARY', help='sample the server with py-spy')
     parser.add_argument('--out', help='write the results as JSON here')
     parser.add_argument('--echo-server', metavar='ENDPOINT', help=argparse.SUPPRESS)
+    parser.add_argument('--minimal-server', nargs=3, metavar=('ENDPOINT', 'MODEL', 'DEVICE'),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.minimal_server:
+        serve(*args.minimal_server)
+        return 0
     if args.echo_server:
         echo_server(args.echo_server)
         return 0
