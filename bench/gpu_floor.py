@@ -20,7 +20,12 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
   ``compute_ms``; ``rel_error`` compares one offloaded output with the local one;
 * ``minimal`` (CUDA only): the same frame through :mod:`bench.gpu_minimal`, the
   least Python a server can be (recv, memcpy, replay, synchronise, send; no
-  checks), its client wall time and its own receipt-to-reply time.
+  checks), its client wall time and its own receipt-to-reply time;
+* ``bare_client``: the project robot's own request sent by a bare DEALER
+  socket to the project's server (:class:`bench.gpu_minimal.BareClient`), so
+  ``robot_beyond_bare_client_ms = wall p50 - bare_client p50`` is the robot's
+  call path and ``bare_client_beyond_minimal_ms`` the server's and its
+  socket's cost beyond the minimal server, both end to end.
 
 Echo, minimal and offloaded calls alternate, one each per round, so drift hits
 them alike.  Derived per model: ``server_beyond_bare_ms = server p50 - graph_io``
@@ -50,7 +55,7 @@ import time
 import torch
 
 from bench import gpu_models
-from bench.gpu_minimal import Minimal, serve
+from bench.gpu_minimal import BareClient, Minimal, captured_header, serve
 from bench.measure import percentile, timed_ms
 from rrto_wire import treespec
 
@@ -142,11 +147,12 @@ def project_replay(model: torch.nn.Module, frame: torch.Tensor, device: torch.de
         express = None
         if replay.express is not None:
             buffers = [memoryview(frame.contiguous().numpy()).cast('B')]
-            stream = torch.cuda.current_stream(device)
+            synchronize = (torch.cuda.current_stream(device).synchronize
+                           if device.type == 'cuda' else lambda: None)
 
             def express_call():
                 replay.express.run(buffers)
-                stream.synchronize()    # as the lane does after the step
+                synchronize()    # as the lane does after the step
             express = statistics.median(timed_ms(express_call, iters, warmup=5))
     return {'replay_ms': statistics.median(times), 'express_ms': express}
 
@@ -265,7 +271,7 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row.update(bare(model, frame, device, iters=max(100, calls)))
     row.update(project_replay(model, frame, device, iters=max(50, calls // 2)))
     walls, echoes, server, queue, compute = [], [], [], [], []
-    minimal_wall, minimal_server = [], []
+    minimal_wall, minimal_server, bare_wall, bare_server = [], [], [], []
     minimal = Minimal(name, str(device)) if device.type == 'cuda' else None
     with contextlib.ExitStack() as stack, \
             offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
@@ -278,11 +284,13 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
             local = treespec.flatten(model(frame))[0]
         remote = treespec.flatten(om(frame))[0]
         row['rel_error'] = rel_error(remote, local)
+        bare_client = BareClient(endpoint, captured_header(lambda: om(frame)), frame)
+        stack.callback(bare_client.close)
+        replies = bare_client.round_trip()[2]
+        row['bare_client_rel_error'] = rel_error(_tensors(replies, local), local)
         if minimal is not None:   # the floor answers right too, or its time means nothing
             replies = minimal.round_trip(frame)[2]
-            row['minimal_rel_error'] = rel_error(
-                [torch.frombuffer(bytearray(r.buffer), dtype=x.dtype).reshape(x.shape)
-                 for r, x in zip(replies, local)], local)
+            row['minimal_rel_error'] = rel_error(_tensors(replies, local), local)
         for i in range(calls + 20):
             start = time.perf_counter()
             om(frame)
@@ -292,6 +300,10 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
                 raise RuntimeError(f'{name}: call not offloaded: {record.reason}')
             echo_ms = echo.round_trip(record.bytes_sent, record.bytes_received)
             floor = minimal.round_trip(frame)[:2] if minimal is not None else None
+            bare_ms, bare_server_ms, _ = bare_client.round_trip()
+            if i >= 20:
+                bare_wall.append(bare_ms)
+                bare_server.append(bare_server_ms)
             if i >= 20 and floor is not None:
                 minimal_wall.append(floor[0])
                 minimal_server.append(floor[1])
@@ -314,7 +326,12 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row['server_beyond_bare_ms'] = row['server_ms'] - bare_ms
     row['wall_beyond_echo_ms'] = row['wall_ms'] - bare_ms - row['echo_ms']
     row['wall_p99_over_p50'] = row['wall_p99_ms'] / row['wall_ms']
+    row.update(bare_client_wall_ms=statistics.median(bare_wall),
+               bare_client_server_ms=statistics.median(bare_server))
+    row['robot_beyond_bare_client_ms'] = row['wall_ms'] - row['bare_client_wall_ms']
     if minimal_wall:
+        row['bare_client_beyond_minimal_ms'] = row['bare_client_wall_ms'] - statistics.median(
+            minimal_wall)
         row.update(minimal_wall_ms=statistics.median(minimal_wall),
                    minimal_wall_p99_ms=percentile(minimal_wall, 99),
                    minimal_server_ms=statistics.median(minimal_server))
@@ -324,6 +341,11 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     if row['bytes_received'] >= 1 << 20:
         row['output_speed_vs_echo'] = row['echo_ms'] / max(1e-9, row['wall_ms'] - bare_ms)
     return row
+
+
+def _tensors(frames: list, like: list) -> list[torch.Tensor]:
+    return [torch.frombuffer(bytearray(f.buffer), dtype=x.dtype).reshape(x.shape)
+            for f, x in zip(frames, like)]
 
 
 def rel_error(outputs: list, references: list) -> float:
@@ -336,6 +358,8 @@ def print_row(row: dict) -> None:
              if 'output_speed_vs_echo' in row else '')
     if row.get('express_ms') is not None:
         extra += f", express run {row['express_ms']:.3f}"
+    extra += (f" | bare client: wall {row['bare_client_wall_ms']:.3f} robot beyond it "
+              f"{row['robot_beyond_bare_client_ms']:.3f}")
     if 'minimal_wall_ms' in row:
         extra += (f" | minimal: wall {row['minimal_wall_ms']:.3f} server "
                   f"{row['minimal_server_ms']:.3f} server-bare "

@@ -21,10 +21,18 @@ measured as the project's server measures its ``server_ms``.
 
 :class:`Minimal` is the robot's side: a DEALER socket that sends the frame's
 bytes and waits for the reply (as bare as :class:`bench.gpu_floor.Echo`).
+:class:`BareClient` is the same bare robot against the project's server: it
+sends the request the project's robot sends (its header captured once by
+:func:`captured_header`, a new id each call) and waits for the reply, so the
+robot's own Python (the call path, checks, records) separates from the
+server's and the wire's.
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import struct
 import subprocess
 import sys
@@ -34,14 +42,29 @@ import numpy
 import torch
 
 from bench import gpu_models
-from rrto_wire import treespec
+from rrto_wire import protocol, treespec
 
 
 def record(name: str, device: torch.device) -> tuple:
-    """Return (graph, staging input, page-locked outputs, example frame) for ``name``."""
+    """
+    Return (run, staging input, page-locked outputs) for ``name`` on ``device``.
+
+    On CUDA ``run`` replays the graph (inputs in, outputs out inside it) and
+    synchronises; on a CPU (tests) it runs the model eagerly into the same buffers.
+    """
     from bench.gpu_floor import strict_fp32
     model, frame = gpu_models.build(name)
     model = model.to(device).eval()
+    if device.type != 'cuda':
+        staging = frame.clone()
+        with torch.inference_mode():
+            host_out = [t.clone() for t in treespec.flatten(model(staging))[0]]
+
+        def run_eager():
+            with torch.inference_mode():
+                for host, out in zip(host_out, treespec.flatten(model(staging))[0]):
+                    host.copy_(out)
+        return run_eager, staging, host_out
     staging = torch.empty_like(frame).pin_memory()
     staging.copy_(frame)
     static_in = staging.to(device)
@@ -60,17 +83,19 @@ def record(name: str, device: torch.device) -> tuple:
             outs = treespec.flatten(model(static_in))[0]
             for host, out in zip(host_out, outs):
                 host.copy_(out, non_blocking=True)
-    graph.replay()
-    torch.cuda.synchronize(device)
-    return graph, staging, host_out, frame
+    stream = torch.cuda.current_stream(device)
+
+    def run_graph():
+        graph.replay()
+        stream.synchronize()
+    run_graph()
+    return run_graph, staging, host_out
 
 
 def serve(endpoint: str, name: str, device_name: str) -> None:
     """Serve ``name`` on ``endpoint`` with the minimal loop (child process; never returns)."""
     import zmq
-    device = torch.device(device_name)
-    graph, staging, host_out, _ = record(name, device)
-    stream = torch.cuda.current_stream(device)
+    run, staging, host_out = record(name, torch.device(device_name))
     destination = staging.numpy().reshape(-1).view(numpy.uint8)
     outputs = [memoryview(t.numpy()).cast('B') for t in host_out]
     sock = zmq.Context.instance().socket(zmq.ROUTER)
@@ -80,10 +105,11 @@ def serve(endpoint: str, name: str, device_name: str) -> None:
         frames = sock.recv_multipart(copy=False)
         received = time.perf_counter()
         numpy.copyto(destination, numpy.frombuffer(frames[1].buffer, numpy.uint8))
-        graph.replay()
-        stream.synchronize()
+        run()
         took = struct.pack('<d', (time.perf_counter() - received) * 1e3)
-        tracker = sock.send_multipart([frames[0], took, *outputs], copy=False, track=True)
+        # the peer's routing id as bytes: a received Frame cannot be sent tracked
+        tracker = sock.send_multipart([frames[0].bytes, took, *outputs], copy=False,
+                                      track=True)
         tracker.wait()      # the output buffers are reused by the next request
 
 
@@ -121,3 +147,52 @@ class Minimal:
             self.sock.close(0)
         self.proc.kill()
         self.proc.wait()
+
+
+def captured_header(call) -> dict:
+    """Return the header of the last message ``call()`` encodes through the wire protocol."""
+    seen = []
+    encode = protocol.encode
+
+    def recording(header, tensors=(), codec='raw'):
+        seen.append(dict(header))
+        return encode(header, tensors, codec)
+    protocol.encode = recording
+    try:
+        call()
+    finally:
+        protocol.encode = encode
+    if not seen:
+        raise RuntimeError('the call encoded no message')
+    return seen[-1]
+
+
+class BareClient:
+    """A bare DEALER robot sending the project robot's own request to the project's server."""
+
+    def __init__(self, endpoint: str, header: dict, frame: torch.Tensor):
+        import zmq
+        self.header, self.frame = dict(header), frame
+        self._ids = itertools.count(1 << 40)     # clear of the robot's own ids
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def round_trip(self) -> tuple[float, float, list]:
+        """Return (wall ms, the reply's server_ms, its tensor frames) of one request."""
+        header = dict(self.header, id=next(self._ids))
+        frames = protocol.encode(header, [self.frame])
+        start = time.perf_counter()
+        self.sock.send_multipart(frames, copy=False)
+        if not self.sock.poll(30000):
+            raise RuntimeError('the server did not answer the bare client')
+        reply = self.sock.recv_multipart(copy=False)
+        wall = (time.perf_counter() - start) * 1e3
+        answer = json.loads(reply[0].bytes)
+        if answer.get('kind') != 'ok' or answer.get('id') != header['id']:
+            raise RuntimeError(f'the server answered the bare client with {answer}')
+        return wall, answer['server_ms'], reply[1:]
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.sock.close(0)

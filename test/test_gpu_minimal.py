@@ -1,4 +1,4 @@
-"""The minimal-server floor of bench.gpu_floor answers right (skipped without CUDA)."""
+"""The minimal-server floor of bench.gpu_floor answers right (the CUDA half skips without it)."""
 
 import pytest
 import torch
@@ -7,15 +7,16 @@ from bench import gpu_floor, gpu_models
 from bench.gpu_minimal import Minimal
 from rrto_server.process import ServerProcess
 
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+DEVICES = ['cpu', pytest.param('cuda', marks=[pytest.mark.gpu, CUDA])]
 
 
-def test_minimal_server_answers_the_local_outputs():
+@pytest.mark.parametrize('device', DEVICES)
+def test_minimal_server_answers_the_local_outputs(device):
     model, frame = gpu_models.build('resnet18')
     with torch.inference_mode():
         local = [model(frame)]
-    minimal = Minimal('resnet18', 'cuda')
+    minimal = Minimal('resnet18', device)
     try:
         for _ in range(3):      # the reply buffers are reused: every reply is the whole answer
             wall, server, replies = minimal.round_trip(frame)
@@ -28,16 +29,21 @@ def test_minimal_server_answers_the_local_outputs():
         minimal.close()
 
 
-def test_floor_rows_carry_the_minimal_server(tmp_path):
+@pytest.mark.parametrize('device', DEVICES)
+def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, device):
     echo = gpu_floor.Echo()
-    server = ServerProcess(str(tmp_path), None, device='cuda').start()
+    server = ServerProcess(str(tmp_path), None, device=device).start()
     try:
-        row = gpu_floor.measure('resnet18', server.endpoint, echo, torch.device('cuda'), 5,
+        row = gpu_floor.measure('resnet18', server.endpoint, echo, torch.device(device), 3,
                                 None, None)
     finally:
         server.stop()
         echo.close()
-    assert row['minimal_rel_error'] < 1e-4
-    assert row['minimal_server_ms'] > 0
-    assert row['server_beyond_minimal_ms'] == pytest.approx(
-        row['server_ms'] - row['minimal_server_ms'])
+    # the bare client sent the robot's own request and got the same answer
+    assert row['bare_client_rel_error'] < 1e-4
+    assert row['robot_beyond_bare_client_ms'] == pytest.approx(
+        row['wall_ms'] - row['bare_client_wall_ms'])
+    if device == 'cuda':
+        assert row['minimal_rel_error'] < 1e-4
+        assert row['server_beyond_minimal_ms'] == pytest.approx(
+            row['server_ms'] - row['minimal_server_ms'])
