@@ -80,10 +80,10 @@ class CallPath:
             reason = target.error or 'server is preparing this input signature'
             return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', reason,
                                transient=target.state != PrepState.FAILED)
-        stale = m.preparer.stale(target)    # weights changed since the server got them
-        if stale:
-            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', stale)
         if target.partition is not None:
+            stale = m.preparer.stale(target)    # weights changed since the server got them
+            if stale:
+                return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', stale)
             return self._partitioned(target.partition, args, kwargs)
         plan = self._choose(target)
         if plan.kind == 'local':
@@ -93,17 +93,32 @@ class CallPath:
         if not m.data.available:
             return self._local(args, kwargs, start, OffloadResult.LOCAL_FALLBACK, plan.name,
                                'server unreachable; reconnecting')
+        overlap = plan.kind == 'offload' and m.mode != 'naive'
+        stale = '' if overlap else m.preparer.stale(target)
+        if stale:
+            return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', stale)
         before = dict(m.data.counters)
         remote = RemoteCall(m, target.replay)
         leaves = reply_check.expected(target.artifact)     # what the call's outputs must be
         try:
-            if m.mode == 'naive':
+            if overlap:
+                # the weights are checked while the server works (a call's only robot work
+                # that grows with the model: cold, ~1 us a tensor); the robot's thread sends,
+                # so nothing changes them in between; changed: the reply is dropped unread
+                remote.expect = leaves
+                remote([_cpu(t) for t in flat])
+                stale = m.preparer.stale(target)
+                if stale:
+                    remote.cancel()
+                    outputs, record = self._local(args, kwargs, start, OffloadResult.LOCAL,
+                                                  'local', stale)
+                    _add_traffic(record, m.data.counters, before)
+                    return outputs, record
+                outputs = remote.result()
+            elif m.mode == 'naive':
                 remote.start_ms = time.perf_counter()
                 outputs = run_naive(m.data, target.artifact, flat, m.timeout_ms)
                 remote.done_ms = time.perf_counter()
-            elif plan.kind == 'offload':
-                remote.expect = leaves
-                outputs = remote([_cpu(t) for t in flat]).result()
             else:
                 runtime, replay = target.plans[plan.name]
                 remote.replay = replay

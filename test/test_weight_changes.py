@@ -269,3 +269,37 @@ def test_weights_made_in_inference_mode_are_checked_where_they_are_held(caplog):
     assert snapshot.changed() == ''
     model[0].weight = nn.Parameter(torch.zeros(8, 3, 3, 3), requires_grad=False)
     assert snapshot.changed() == '0.weight was replaced'
+
+
+def test_the_weight_check_overlaps_the_request_and_a_changed_model_drops_its_reply(
+        server, offloaded, monkeypatch):
+    # the per-call check walks every tensor (cold caches: ~1 us each): it runs while the
+    # server works, after the request went out; a change found then drops the reply unread
+    model = _small()
+    x = torch.randn(1, 3, 16, 16)
+    om = offloaded(model, server.endpoint, timeout_ms=30000)
+    assert om.warmup(x)
+    sent_at_check = []
+    check = om.preparer.stale
+
+    def spy(target):
+        sent_at_check.append(om.data.counters['bytes_sent'])
+        return check(target)
+
+    monkeypatch.setattr(om.preparer, 'stale', spy)
+    sent = om.data.counters['bytes_sent']
+    om(x)
+    assert om.last.result == OffloadResult.OFFLOADED, om.last
+    assert sent_at_check == [om.data.counters['bytes_sent']] and sent_at_check[0] > sent
+    _change(model, 'weight')
+    with torch.inference_mode():
+        want = model(x)
+    out = om(x)
+    assert torch.equal(out, want)
+    assert om.last.result == OffloadResult.LOCAL and 'weights' in om.last.reason, om.last
+    assert om.last.bytes_sent > 0 and om.last.round_trips == 0, om.last   # went out, unread
+    assert om.warmup(x)      # the dropped reply comes late: the next calls skip it by its id
+    for _ in range(3):
+        out = om(x)
+        assert om.last.result == OffloadResult.OFFLOADED, om.last.reason
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
