@@ -190,6 +190,11 @@ class PlanSelector:
         self._entry: dict | None = None
         self.switches = 0
         self.margins = {**table.calibration.get('margins', {})}
+        # a link estimate outlives many calls: its entry is looked up and the entry's plans
+        # parsed once, not per call (per call, cold after the model's compute, that cost a
+        # local plan 50-70 us: issue 13); a table is not changed once a selector uses it
+        self._link: tuple[float, float] | None = None
+        self._solved: tuple[dict, tuple] | None = None   # (entry, decision as solved)
 
     def decision(self, entry: dict) -> tuple[Plan, float | None, list]:
         """
@@ -204,15 +209,20 @@ class PlanSelector:
         factor = price.factor() if price is not None else None
         if (factor is None or abs(factor - 1) <= self.table.margin
                 or not entry.get('baselines')):
-            return (Plan.from_json(entry['plan']),
-                    entry.get('predicted', {}).get('latency_ms'), baselines(entry))
+            if self._solved is None or self._solved[0] is not entry:
+                self._solved = (entry, (Plan.from_json(entry['plan']),
+                                        entry.get('predicted', {}).get('latency_ms'),
+                                        baselines(entry)))
+            return self._solved[1]
         return decide(entry, factor, self.table.margin, self.margins)
 
     def choose(self, bandwidth_mbps: float, rtt_ms: float) -> Plan:
         """Return the plan for the next inference given the current link estimate."""
-        _, entry = self.table.lookup(bandwidth_mbps, rtt_ms)
-        self._bin, self._entry = (entry['rtt_ms'], entry['bandwidth_mbps']), entry
-        wanted, predicted, options = self.decision(entry)
+        if (bandwidth_mbps, rtt_ms) != self._link:
+            _, entry = self.table.lookup(bandwidth_mbps, rtt_ms)
+            self._link = (bandwidth_mbps, rtt_ms)
+            self._bin, self._entry = (entry['rtt_ms'], entry['bandwidth_mbps']), entry
+        wanted, predicted, options = self.decision(self._entry)
         if self.feedback is not None:
             wanted, explore = self.feedback.choose(self._bin, wanted, predicted, options)
             if explore:   # one call under a baseline: no switch, no vote

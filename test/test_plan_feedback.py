@@ -106,6 +106,25 @@ def test_bad_settings_are_refused():
         PlanFeedback(pair_span=-1)
 
 
+def test_a_steady_link_does_not_search_or_parse_the_table_on_every_call(monkeypatch):
+    # issue 13: a table runner on its local plan was 80-95 us a call slower than mode='local'
+    # (Tiny-YOLO 240x320, one pinned core: +0.6-1.0 %), nearly all of it looking the link
+    # up in the table and parsing its plans again, cold after the model's compute
+    table = _table([_entry(20.0, 55.0, 70.0), _entry(100.0, 55.0, 20.0)])
+    real_lookup, real_parse = table.lookup, Plan.from_json.__func__
+    looked, parsed = [], []
+    monkeypatch.setattr(table, 'lookup', lambda *link: looked.append(link) or real_lookup(*link))
+    monkeypatch.setattr(Plan, 'from_json',
+                        classmethod(lambda cls, obj: parsed.append(obj) or real_parse(cls, obj)))
+    selector = PlanSelector(table, switch_after=1)
+    assert selector.choose(20.0, 4.0) == LOCAL
+    first = len(parsed)
+    assert [selector.choose(20.0, 4.0) for _ in range(5)] == [LOCAL] * 5
+    assert looked == [(20.0, 4.0)] and len(parsed) == first
+    assert selector.choose(100.0, 4.0) == OFFLOAD and len(looked) == 2   # a new link: looked up
+    assert selector.choose(20.0, 4.0) == LOCAL and len(looked) == 3
+
+
 def _entry(bandwidth, local, offload, plan=None, predicted=None):
     """A solved grid entry: local priced at ``local`` ms, offload at ``offload`` (2 ms robot)."""
     items = {'local': (LOCAL, {'latency_ms': local, 'robot_compute_ms': local}),
