@@ -270,7 +270,7 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row = {'model': name, 'input': f'uint8{list(frame.shape)}', 'input_bytes': frame.nbytes}
     row.update(bare(model, frame, device, iters=max(100, calls)))
     row.update(project_replay(model, frame, device, iters=max(50, calls // 2)))
-    walls, echoes, server, queue, compute = [], [], [], [], []
+    walls, echoes, server, queue, compute, outside, network = [], [], [], [], [], [], []
     minimal_wall, minimal_server, bare_wall, bare_server = [], [], [], []
     minimal = Minimal(name, str(device)) if device.type == 'cuda' else None
     with contextlib.ExitStack() as stack, \
@@ -313,6 +313,8 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
                 server.append(record.server_ms)
                 queue.append(record.server_queue_ms)
                 compute.append(record.server_compute_ms)
+                network.append(record.network_ms)
+                outside.append(record.total_ms - record.network_ms - record.server_ms)
         row.update(bytes_sent=record.bytes_sent, bytes_received=record.bytes_received)
         if py_spy and server_pid:
             row['py_spy'] = sample_server(py_spy, server_pid, 3, lambda: om(frame))
@@ -329,6 +331,14 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row.update(bare_client_wall_ms=statistics.median(bare_wall),
                bare_client_server_ms=statistics.median(bare_server))
     row['robot_beyond_bare_client_ms'] = row['wall_ms'] - row['bare_client_wall_ms']
+    # where the robot's extra time is: its own work before the send and after the reply,
+    # its wait beyond the server's time (sent -> reply decoded, less server_ms) against the
+    # bare client's, and the server's time for its request against the bare client's
+    row.update(robot_outside_remote_ms=statistics.median(outside),
+               robot_network_ms=statistics.median(network),
+               bare_client_network_ms=statistics.median(
+                   [w - s for w, s in zip(bare_wall, bare_server)]))
+    row['robot_server_beyond_bare_client_ms'] = row['server_ms'] - row['bare_client_server_ms']
     if minimal_wall:
         row['bare_client_beyond_minimal_ms'] = row['bare_client_wall_ms'] - statistics.median(
             minimal_wall)
@@ -359,7 +369,10 @@ def print_row(row: dict) -> None:
     if row.get('express_ms') is not None:
         extra += f", express run {row['express_ms']:.3f}"
     extra += (f" | bare client: wall {row['bare_client_wall_ms']:.3f} robot beyond it "
-              f"{row['robot_beyond_bare_client_ms']:.3f}")
+              f"{row['robot_beyond_bare_client_ms']:.3f} (outside the request "
+              f"{row['robot_outside_remote_ms']:.3f}, wait-server {row['robot_network_ms']:.3f}"
+              f" vs {row['bare_client_network_ms']:.3f}, server "
+              f"{row['robot_server_beyond_bare_client_ms']:+.3f})")
     if 'minimal_wall_ms' in row:
         extra += (f" | minimal: wall {row['minimal_wall_ms']:.3f} server "
                   f"{row['minimal_server_ms']:.3f} server-bare "

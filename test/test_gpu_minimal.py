@@ -43,6 +43,12 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
     assert row['bare_client_rel_error'] < 1e-4
     assert row['robot_beyond_bare_client_ms'] == pytest.approx(
         row['wall_ms'] - row['bare_client_wall_ms'])
+    # and its parts: the robot's own work, its wait beyond the server, the server's time
+    assert 0 < row['robot_outside_remote_ms'] < row['wall_ms']
+    assert 0 <= row['robot_network_ms'] < row['wall_ms']
+    assert 0 < row['bare_client_network_ms'] < row['bare_client_wall_ms']
+    assert row['robot_server_beyond_bare_client_ms'] == pytest.approx(
+        row['server_ms'] - row['bare_client_server_ms'])
     if device == 'cuda':
         assert row['minimal_rel_error'] < 1e-4
         assert row['server_beyond_minimal_ms'] == pytest.approx(
