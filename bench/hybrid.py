@@ -69,7 +69,7 @@ from bench.frames import camera_frames
 from bench.link_config import PRESETS, grid_link, steps_link
 from bench.link_process import EmulatorProcess
 from bench.machine import describe
-from bench.measure import output_error, run_interleaved
+from bench.measure import output_error, run_interleaved, whole_designs
 from rrto_server.process import ServerProcess, child_env
 from rrto_ros import OffloadResult, offload
 from rrto_ros.bandwidth import LinkEstimator, LinkMonitor
@@ -94,7 +94,6 @@ MODES = ('local', 'local_twin', 'offload', 'offload_twin', 'best_split', 'hybrid
 TABLE_RUNNERS = ('hybrid', 'corrected')   # the table's plans: correction off, correction on
 TWINS = (('local', 'local_twin'), ('offload', 'offload_twin'))   # identical runners
 STEP_LEVELS = ((100, 6.0), (5, 6.0), (50, 6.0))
-CONV_HEAVY = ('resnet18', 'unet', 'tiny_yolo')
 
 
 def load_model(spec: str) -> TorchModule:
@@ -196,8 +195,9 @@ class HybridBench:
                     runner.set_link(link.bandwidth_mbps, link.rtt_ms)
                 settle = self.settle(runners)
                 factor = robot_factor(runners['corrected'], self.frames[0])
-                points = run_interleaved(runners, self.frames, references, 0.0, self.args.calls,
-                                         self.args.calls, warmup_calls=1)
+                calls = whole_designs(self.args.calls, len(runners))
+                points = run_interleaved(runners, self.frames, references, 0.0, calls, calls,
+                                         warmup_calls=1)
                 row = {'bandwidth_mbps': link.bandwidth_mbps, 'rtt_ms': link.rtt_ms}
                 for name in MODES:
                     point = points[name]
@@ -907,7 +907,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--grid', type=_floats, default=_floats('5,10,20,50,100,300'),
                         help='bandwidths, Mbit/s')
     parser.add_argument('--rtts', type=_floats, default=_floats('4,30'), help='RTTs, ms')
-    parser.add_argument('--calls', type=int, default=7, help='rounds per grid point')
+    parser.add_argument('--calls', type=int, default=14,
+                        help='rounds per grid point, rounded up to whole balanced designs '
+                             '(14 rounds for the 7 runners)')
     parser.add_argument('--calibration-rounds', type=int, default=8)
     parser.add_argument('--robot-span', type=float, default=ROBOT_SPAN_S,
                         help="seconds the solve's robot reference calls span")

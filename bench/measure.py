@@ -106,6 +106,21 @@ def balanced_orders(n: int) -> list[list[int]]:
     return rows + [row[::-1] for row in rows] if n % 2 else rows
 
 
+def whole_designs(rounds: int, n: int) -> int:
+    """
+    Return ``rounds`` rounded up to whole Williams designs of ``n`` runners.
+
+    Any that many consecutive rows of :func:`balanced_orders` (cyclically) are
+    the whole design: every runner follows every other equally often.  A
+    runner's call is slower after a call that left the robot's core idle (an
+    offload runner's wait: 1-3.5 % on the 2-core VM, 4.7 % in the H200 host's
+    hybrid runs), so half a design (7 rounds of 7 runners) gave one runner
+    that predecessor 3 times and its twin once.
+    """
+    size = len(balanced_orders(n))
+    return -(-rounds // size) * size
+
+
 def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: Sequence[Any],
                     budget_s: float, min_calls: int, max_calls: int,
                     warmup_calls: int = 2) -> dict[str, dict]:

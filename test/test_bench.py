@@ -154,6 +154,18 @@ def test_balanced_orders_give_every_position_and_every_predecessor_equally(n):
         assert len(follows) == n * (n - 1) and len(set(follows.values())) == 1
 
 
+@pytest.mark.parametrize('n', range(1, 9))
+def test_whole_designs_give_every_runner_every_predecessor_equally_from_any_row(n):
+    from bench.measure import balanced_orders, whole_designs
+    rows = balanced_orders(n)
+    rounds = whole_designs(7, n)
+    assert rounds >= 7 and rounds % len(rows) == 0 and rounds - 7 < len(rows)
+    for first in range(len(rows)):
+        window = [rows[(first + i) % len(rows)] for i in range(rounds)]
+        follows = collections.Counter((a, b) for row in window for a, b in zip(row, row[1:]))
+        assert n == 1 or (len(follows) == n * (n - 1) and len(set(follows.values())) == 1)
+
+
 def test_interleaved_rounds_follow_the_balanced_orders_and_calls_start_on_new_rows():
     from bench.measure import balanced_orders, run_interleaved
     from rrto_ros import OffloadResult
