@@ -27,10 +27,12 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
   call path and ``bare_client_beyond_minimal_ms`` the server's and its
   socket's cost beyond the minimal server, both end to end.
 
-Echo, minimal and offloaded calls alternate, one each per round, so drift hits
-them alike.  Derived per model: ``server_beyond_bare_ms = server p50 - graph_io``
-(goal <= 0.10), ``wall_beyond_echo_ms = wall p50 - graph_io - echo p50``
-(goal <= 0.15), the same two for the minimal server (``minimal_server_beyond_bare_ms``,
+Echo, minimal, bare-client and offloaded calls alternate, one each per round, so
+drift hits them alike; the robot and the bare client swap ends every other round,
+so each has the same predecessors.  Derived per model:
+``server_beyond_bare_ms = server p50 - graph_io`` (goal <= 0.10),
+``wall_beyond_echo_ms = wall p50 - graph_io - echo p50`` (goal <= 0.15), the same two
+for the minimal server (``minimal_server_beyond_bare_ms``,
 ``minimal_wall_beyond_echo_ms``: what Python itself costs) and
 ``server_beyond_minimal_ms`` (the project's Python beyond that),
 ``wall_p99_over_p50`` (goal <= 1.5) and, for outputs of 1 MB or more,
@@ -291,16 +293,31 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
         if minimal is not None:   # the floor answers right too, or its time means nothing
             replies = minimal.round_trip(frame)[2]
             row['minimal_rel_error'] = rel_error(_tensors(replies, local), local)
-        for i in range(calls + 20):
+
+        def robot():
             start = time.perf_counter()
             om(frame)
             wall = (time.perf_counter() - start) * 1e3
-            record = om.last
-            if record.result != OffloadResult.OFFLOADED:
-                raise RuntimeError(f'{name}: call not offloaded: {record.reason}')
+            if om.last.result != OffloadResult.OFFLOADED:
+                raise RuntimeError(f'{name}: call not offloaded: {om.last.reason}')
+            return wall, om.last
+
+        for i in range(calls + 20):
+            # the robot and the bare client swap ends every other round (robot first, bare
+            # client last; then bare client first, robot last): each follows itself in half
+            # the rounds and the minimal server in the other half, the same predecessors
+            # for both (a reply's page-locked buffers, the GPU's last work)
+            robot_first = i % 2 == 0
+            if robot_first:
+                wall, record = robot()
+            else:
+                bare_ms, bare_server_ms, _ = bare_client.round_trip()
             echo_ms = echo.round_trip(record.bytes_sent, record.bytes_received)
             floor = minimal.round_trip(frame)[:2] if minimal is not None else None
-            bare_ms, bare_server_ms, _ = bare_client.round_trip()
+            if robot_first:
+                bare_ms, bare_server_ms, _ = bare_client.round_trip()
+            else:
+                wall, record = robot()
             if i >= 20:
                 bare_wall.append(bare_ms)
                 bare_server.append(bare_server_ms)

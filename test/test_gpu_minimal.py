@@ -1,10 +1,14 @@
 """The minimal-server floor of bench.gpu_floor answers right (the CUDA half skips without it)."""
 
+import collections
+import functools
+
 import pytest
 import torch
 
 from bench import gpu_floor, gpu_models
 from bench.gpu_minimal import Minimal
+from rrto_ros.engine import OffloadedModel
 from rrto_server.process import ServerProcess
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
@@ -30,7 +34,13 @@ def test_minimal_server_answers_the_local_outputs(device):
 
 
 @pytest.mark.parametrize('device', DEVICES)
-def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, device):
+def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, device,
+                                                                 monkeypatch):
+    events = []
+    for name, owner, attr in (('robot', OffloadedModel, '__call__'),
+                              ('bare', gpu_floor.BareClient, 'round_trip'),
+                              ('echo', gpu_floor.Echo, 'round_trip')):
+        monkeypatch.setattr(owner, attr, _noting(events, name, getattr(owner, attr)))
     echo = gpu_floor.Echo()
     server = ServerProcess(str(tmp_path), None, device=device).start()
     try:
@@ -39,6 +49,13 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
     finally:
         server.stop()
         echo.close()
+    # the timed loop's 23 rounds: the robot and the bare client each follow the other's
+    # kind of call as often (+-1) as they follow the echo (or the minimal server)
+    loop = events[-(23 * 3):]
+    before = {who: collections.Counter(a for a, b in zip(loop, loop[1:]) if b == who)
+              for who in ('robot', 'bare')}
+    assert abs(before['robot']['robot'] - before['robot']['echo']) <= 1, before
+    assert abs(before['bare']['bare'] - before['bare']['echo']) <= 1, before
     # the bare client sent the robot's own request and got the same answer
     assert row['bare_client_rel_error'] < 1e-4
     assert row['robot_beyond_bare_client_ms'] == pytest.approx(
@@ -53,3 +70,11 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
         assert row['minimal_rel_error'] < 1e-4
         assert row['server_beyond_minimal_ms'] == pytest.approx(
             row['server_ms'] - row['minimal_server_ms'])
+
+
+def _noting(events: list, name: str, method):
+    @functools.wraps(method)
+    def noted(*args, **kwargs):
+        events.append(name)
+        return method(*args, **kwargs)
+    return noted
