@@ -195,6 +195,7 @@ class PlanSelector:
         # local plan 50-70 us: issue 13); a table is not changed once a selector uses it
         self._link: tuple[float, float] | None = None
         self._solved: tuple[dict, tuple] | None = None   # (entry, decision as solved)
+        self._priced: tuple[dict, float | None] | None = None   # (entry, its local's ms)
 
     def decision(self, entry: dict) -> tuple[Plan, float | None, list]:
         """
@@ -247,5 +248,6 @@ class PlanSelector:
         if self.feedback is not None and self._bin is not None:
             self.feedback.observe(self._bin, plan, total_ms)
             if plan == 'local' and self.feedback.price is not None:
-                priced = dict(baselines(self._entry)).get(Plan('local'))
-                self.feedback.price.observe(total_ms, priced)
+                if self._priced is None or self._priced[0] is not self._entry:
+                    self._priced = (self._entry, dict(baselines(self._entry)).get(Plan('local')))
+                self.feedback.price.observe(total_ms, self._priced[1])

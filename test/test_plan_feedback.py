@@ -1,5 +1,7 @@
 """Run-time correction of plan tables: measured latency per plan and link bin."""
 
+import statistics
+
 import pytest
 
 from rrto_ros.plan_feedback import decide, PlanFeedback, repriced, RobotPrice
@@ -123,6 +125,35 @@ def test_a_steady_link_does_not_search_or_parse_the_table_on_every_call(monkeypa
     assert looked == [(20.0, 4.0)] and len(parsed) == first
     assert selector.choose(100.0, 4.0) == OFFLOAD and len(looked) == 2   # a new link: looked up
     assert selector.choose(20.0, 4.0) == LOCAL and len(looked) == 3
+
+
+def test_a_steady_plan_is_chosen_without_pairing_the_measurements_again(monkeypatch):
+    # issue 13: with correction on, a table runner took 112-121 us a call to choose its plan
+    # (off: 32-33), nearly all of it pairing every plan's measurements again after each call,
+    # cold after the model's compute (a call far from every other plan's pairs with none);
+    # and each local call's observation parsed the entry's baselines for the robot's price
+    table = _table([_entry(20.0, 55.0, 70.0)])
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(refresh_every=60))
+
+    def call():
+        plan = selector.choose(20.0, 4.0)
+        selector.observe(plan.name, 56.0 if plan == LOCAL else 71.0)
+        return plan.name
+
+    used = [call() for _ in range(30)]
+    assert used.count('offload') == 3 and used[-10:] == ['local'] * 10   # explored, settled
+    paired, fmean = [], statistics.fmean
+    monkeypatch.setattr(statistics, 'fmean', lambda data: paired.append(data) or fmean(data))
+    parsed, parse = [], Plan.from_json.__func__
+    monkeypatch.setattr(Plan, 'from_json',
+                        classmethod(lambda cls, obj: parsed.append(obj) or parse(cls, obj)))
+    assert [call() for _ in range(29)] == ['local'] * 29 and not paired and not parsed
+    assert selector.feedback.price.factor() == pytest.approx(56 / 55)
+    assert selector.feedback.explorations == 3
+    # the bin's refresh (call 60) forgets offload: explored again, its new pairs counted
+    used = [call() for _ in range(30)]
+    assert used.count('offload') == 3 and used[-10:] == ['local'] * 10 and paired
+    assert selector.feedback.ratio((4.0, 20.0), 'local', 'offload') == pytest.approx(56 / 71)
 
 
 def _entry(bandwidth, local, offload, plan=None, predicted=None):
