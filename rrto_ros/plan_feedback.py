@@ -78,7 +78,7 @@ class PlanFeedback:
         # after every call, cold after the model's compute, they cost ~80 us: issue 13)
         self._versions: collections.Counter = collections.Counter()
         self._pairs_cache: dict[tuple[Bin, str, str], tuple[int, list[float]]] = {}
-        self._decided: dict[Bin, tuple[tuple, tuple[Plan, Plan | None]]] = {}
+        self._decided: dict[Bin, _Decided] = {}
         self.calls: collections.Counter = collections.Counter()
         self.explorations = 0   # calls run under a baseline to measure it
         self.price = RobotPrice() if reprice else None   # the robot's speed in use
@@ -126,35 +126,45 @@ class PlanFeedback:
         ``baselines`` are the bin's baseline plans with their predicted ms
         (None: unknown, always plausible).
         """
-        self.calls[bin_] += 1
-        count = self.calls[bin_]
+        count = self.calls[bin_] + 1
+        self.calls[bin_] = count
+        key = (self._versions[bin_], wanted, predicted_ms, tuple(baselines))
         decided = self._decided.get(bin_)   # kept while the bin's pairs are (a steady plan)
-        if decided is not None and decided[0] == (self._versions[bin_], wanted, predicted_ms,
-                                                  tuple(baselines)):
-            plan, unexplored = decided[1]
-        else:
-            plan, unexplored = self._decide(bin_, wanted, predicted_ms, baselines)
+        if decided is None or decided.key != key:
+            decided = self._decide(bin_, key, decided)
         if count % self.refresh_every == 0:
-            self._refresh(bin_, plan.name)
-            plan, unexplored = self._decide(bin_, wanted, predicted_ms, baselines)
-        if count % self.explore_every == 0 and unexplored is not None:
-            self.explorations += 1
-            return unexplored, True
-        return plan, False
+            self._refresh(bin_, decided.plan.name)
+            decided = self._decide(bin_, (self._versions[bin_], *key[1:]), None)
+        if count % self.explore_every == 0:
+            if not decided.explored:   # only an exploring call needs it (the prices may move)
+                decided.explore, decided.explored = self._explore(bin_, decided.plan, key), True
+            if decided.explore is not None:
+                self.explorations += 1
+                return decided.explore, True
+        return decided.plan, False
 
-    def _decide(self, bin_: Bin, wanted: Plan, predicted_ms: float | None,
-                baselines: list[tuple[Plan, float | None]]) -> tuple[Plan, Plan | None]:
-        """Return (the plan in use, the baseline an exploration would run, if any)."""
-        plan = self.effective(bin_, wanted, [p for p, _ in baselines])
+    def _decide(self, bin_: Bin, key: tuple, last: _Decided | None) -> _Decided:
+        """Return the plan in use for ``key``: ``last``'s if only the prices moved."""
+        version, wanted, _, baselines = key
+        plans = [p for p, _ in baselines]
+        if (last is not None and last.key[:2] == (version, wanted)
+                and [p for p, _ in last.key[3]] == plans):
+            plan = last.plan
+        else:
+            plan = self.effective(bin_, wanted, plans)
+        self._decided[bin_] = _Decided(key, plan)
+        return self._decided[bin_]
+
+    def _explore(self, bin_: Bin, plan: Plan, key: tuple) -> Plan | None:
+        """Return the baseline an exploration runs next beside ``plan`` (None: none)."""
+        predicted_ms, baselines = key[2:]
         limit = None if predicted_ms is None else predicted_ms * self.explore_factor
         plausible = [(p, ms) for p, ms in baselines
                      if p != plan and (limit is None or ms is None or ms <= limit)]
         unexplored = [p for p, _ in sorted(plausible, key=lambda pm: (
                           self._count(bin_, pm[0], plan) >= self.min_samples, _order(pm[1])))
                       if self._count(bin_, p, plan) < self._wanted(bin_, p, plan)]
-        key = (self._versions[bin_], wanted, predicted_ms, tuple(baselines))
-        self._decided[bin_] = (key, (plan, unexplored[0] if unexplored else None))
-        return self._decided[bin_][1]
+        return unexplored[0] if unexplored else None
 
     def _count(self, bin_: Bin, baseline: Plan, in_use: Plan) -> int:
         """Return how many of ``baseline``'s measurements pair with ``in_use``'s."""
@@ -240,7 +250,10 @@ class RobotPrice:
 
     def factor(self) -> float | None:
         """Return the median of the last ``window`` ratios (None before any local call)."""
-        return statistics.median(self.ratios) if self.ratios else None
+        if not self.ratios:   # statistics.median's rule inline: read before every call
+            return None
+        ratios, half = sorted(self.ratios), len(self.ratios) // 2
+        return ratios[half] if len(ratios) % 2 else (ratios[half - 1] + ratios[half]) / 2
 
 
 def repriced(predicted: dict, factor: float) -> float:
@@ -261,7 +274,8 @@ def repriced(predicted: dict, factor: float) -> float:
 
 
 def decide(entry: dict, factor: float, margin: float,
-           margins: dict[str, float] | None = None) -> tuple[Plan, float, list]:
+           margins: dict[str, float] | None = None,
+           parsed: tuple[list, Plan] | None = None) -> tuple[Plan, float, list]:
     """
     Re-decide a table entry with the robot ``factor`` times slower than it was priced.
 
@@ -269,18 +283,37 @@ def decide(entry: dict, factor: float, margin: float,
     the solve's (:func:`rrto_ros.plan_solve.refine`): the fastest baseline,
     unless the entry's split or hybrid plan beats it by its margin
     (``margins[plan]``, else ``margin``); at factor 1 the entry's own plan.
+    ``parsed``: the entry's :func:`parsed_plans`, kept by a caller that decides
+    it again as the robot's price moves.
     """
     options = {}
-    for item in entry['baselines'].values():
-        plan = Plan.from_json(item['plan'])
-        options.setdefault(plan.name, (plan, repriced(item['predicted'], factor)))
+    items, plan = parsed or parsed_plans(entry)
+    for baseline, name, predicted in items:
+        options.setdefault(name, (baseline, repriced(predicted, factor)))
     best, best_ms = min(options.values(), key=lambda pm: (pm[1], pm[0].name))
-    plan = Plan.from_json(entry['plan'])
     if plan.kind in ('split', 'hybrid') and plan.name != best.name:
         ms = repriced(entry['predicted'], factor)
         if ms <= min((1 - (margins or {}).get(plan.name, margin)) * best_ms, best_ms):
             best, best_ms = plan, ms
     return best, best_ms, list(options.values())
+
+
+def parsed_plans(entry: dict) -> tuple[list[tuple[Plan, str, dict]], Plan]:
+    """Return an entry's baselines as (plan, its name, its prediction), and its plan."""
+    items = [(Plan.from_json(item['plan']), item['predicted'])
+             for item in entry['baselines'].values()]
+    return [(p, p.name, predicted) for p, predicted in items], Plan.from_json(entry['plan'])
+
+
+class _Decided:
+    """A bin's plan in use (and next exploration) for (version, wanted, predicted, baselines)."""
+
+    __slots__ = ('key', 'plan', 'explore', 'explored')
+
+    def __init__(self, key: tuple, plan: Plan):
+        self.key, self.plan = key, plan
+        self.explore: Plan | None = None
+        self.explored = False
 
 
 class _Series:
