@@ -70,10 +70,15 @@ class PlanFeedback:
         self.refresh_every = refresh_every
         self.undecided = undecided
         self.pair_span = pair_span or 2 * explore_every   # calls apart a pair may be
-        # (bin, plan) -> its last refresh_every measurements, numbered by the bin's call count
-        self.samples: dict[tuple[Bin, str], _Series] = {}
-        self._versions: collections.Counter = collections.Counter()   # bumped per change
+        # bin -> plan -> its last refresh_every measurements, numbered by the bin's call count
+        self.samples: dict[Bin, dict[str, _Series]] = {}
+        # bumped when a bin's pairs may have changed; a measurement too far from every other
+        # plan's to pair with them (a steady plan's usual call) changes none, and the pairs,
+        # the plan in use and the next exploration derived from them are kept (recomputed
+        # after every call, cold after the model's compute, they cost ~80 us: issue 13)
+        self._versions: collections.Counter = collections.Counter()
         self._pairs_cache: dict[tuple[Bin, str, str], tuple[int, list[float]]] = {}
+        self._decided: dict[Bin, _Decided] = {}
         self.calls: collections.Counter = collections.Counter()
         self.explorations = 0   # calls run under a baseline to measure it
         self.price = RobotPrice() if reprice else None   # the robot's speed in use
@@ -91,7 +96,8 @@ class PlanFeedback:
         return statistics.median(ratios) if len(ratios) >= self.min_samples else None
 
     def _pairs(self, bin_: Bin, plan: str, baseline: str) -> list[float]:
-        mine, theirs = self.samples.get((bin_, plan)), self.samples.get((bin_, baseline))
+        plans = self.samples.get(bin_, {})
+        mine, theirs = plans.get(plan), plans.get(baseline)
         if not mine or not theirs:
             return []
         key, version = (bin_, plan, baseline), self._versions[bin_]
@@ -108,7 +114,8 @@ class PlanFeedback:
                 ratios.append(mean / ms if flip else ms / max(mean, 1e-9))
                 if len(ratios) == self.window:
                     break
-        self._pairs_cache[key] = (version, ratios)
+        if plan != baseline:   # a plan's pairs with itself change with each of its calls
+            self._pairs_cache[key] = (version, ratios)
         return ratios
 
     def choose(self, bin_: Bin, wanted: Plan, predicted_ms: float | None,
@@ -119,22 +126,45 @@ class PlanFeedback:
         ``baselines`` are the bin's baseline plans with their predicted ms
         (None: unknown, always plausible).
         """
-        self.calls[bin_] += 1
-        count = self.calls[bin_]
-        plan = self.effective(bin_, wanted, [p for p, _ in baselines])
+        count = self.calls[bin_] + 1
+        self.calls[bin_] = count
+        key = (self._versions[bin_], wanted, predicted_ms, tuple(baselines))
+        decided = self._decided.get(bin_)   # kept while the bin's pairs are (a steady plan)
+        if decided is None or decided.key != key:
+            decided = self._decide(bin_, key, decided)
         if count % self.refresh_every == 0:
-            self._refresh(bin_, plan.name)
-            plan = self.effective(bin_, wanted, [p for p, _ in baselines])
+            self._refresh(bin_, decided.plan.name)
+            decided = self._decide(bin_, (self._versions[bin_], *key[1:]), None)
         if count % self.explore_every == 0:
-            limit = None if predicted_ms is None else predicted_ms * self.explore_factor
-            unexplored = [p for p, ms in sorted(baselines, key=lambda pm: (
-                              self._count(bin_, pm[0], plan) >= self.min_samples, _order(pm[1])))
-                          if p != plan and (limit is None or ms is None or ms <= limit)
-                          and self._count(bin_, p, plan) < self._wanted(bin_, p, plan)]
-            if unexplored:
+            if not decided.explored:   # only an exploring call needs it (the prices may move)
+                decided.explore, decided.explored = self._explore(bin_, decided.plan, key), True
+            if decided.explore is not None:
                 self.explorations += 1
-                return unexplored[0], True
-        return plan, False
+                return decided.explore, True
+        return decided.plan, False
+
+    def _decide(self, bin_: Bin, key: tuple, last: _Decided | None) -> _Decided:
+        """Return the plan in use for ``key``: ``last``'s if only the prices moved."""
+        version, wanted, _, baselines = key
+        plans = [p for p, _ in baselines]
+        if (last is not None and last.key[:2] == (version, wanted)
+                and [p for p, _ in last.key[3]] == plans):
+            plan = last.plan
+        else:
+            plan = self.effective(bin_, wanted, plans)
+        self._decided[bin_] = _Decided(key, plan)
+        return self._decided[bin_]
+
+    def _explore(self, bin_: Bin, plan: Plan, key: tuple) -> Plan | None:
+        """Return the baseline an exploration runs next beside ``plan`` (None: none)."""
+        predicted_ms, baselines = key[2:]
+        limit = None if predicted_ms is None else predicted_ms * self.explore_factor
+        plausible = [(p, ms) for p, ms in baselines
+                     if p != plan and (limit is None or ms is None or ms <= limit)]
+        unexplored = [p for p, _ in sorted(plausible, key=lambda pm: (
+                          self._count(bin_, pm[0], plan) >= self.min_samples, _order(pm[1])))
+                      if self._count(bin_, p, plan) < self._wanted(bin_, p, plan)]
+        return unexplored[0] if unexplored else None
 
     def _count(self, bin_: Bin, baseline: Plan, in_use: Plan) -> int:
         """Return how many of ``baseline``'s measurements pair with ``in_use``'s."""
@@ -169,15 +199,39 @@ class PlanFeedback:
         return current
 
     def observe(self, bin_: Bin, plan: str, total_ms: float) -> None:
-        """Record one call's measured latency under ``plan`` (its name) in ``bin_``."""
-        series = self.samples.setdefault((bin_, plan), _Series())
-        series.add(self.calls[bin_], float(total_ms), self.refresh_every)
-        self._versions[bin_] += 1
+        """
+        Record one call's measured latency under ``plan`` (its name) in ``bin_``.
+
+        The bin's pairs are unchanged (its version kept) when the measurement is
+        more than ``pair_span`` calls after every other plan's, the one it drops
+        (the oldest past ``refresh_every``) more than that before them, and which
+        of two plans is measured fewer times (the side a pair is taken from)
+        stays; a bin's measurements are numbered by its call count, never down.
+        """
+        plans, call, span = self.samples.setdefault(bin_, {}), self.calls[bin_], self.pair_span
+        series = plans.get(plan)
+        if series is None:
+            series = plans[plan] = _Series()
+        before = len(series.calls)
+        dropped = series.add(call, float(total_ms), self.refresh_every)
+        count = len(series.calls)
+        for other in plans.values():
+            theirs = len(other.calls)
+            if other is not series and (
+                    call <= other.calls[-1] + span
+                    or (dropped is not None and dropped >= other.calls[0] - span)
+                    or (theirs < before) != (theirs < count)
+                    or (before < theirs) != (count < theirs)):
+                self._versions[bin_] += 1
+                return
+        if not before:
+            self._versions[bin_] += 1
 
     def _refresh(self, bin_: Bin, keep: str) -> None:
         """Forget the bin's measurements of every plan but ``keep``: explore them again."""
-        for key in [k for k in self.samples if k[0] == bin_ and k[1] != keep]:
-            del self.samples[key]
+        plans = self.samples.get(bin_, {})
+        for name in [k for k in plans if k != keep]:
+            del plans[name]
         self._versions[bin_] += 1
 
 
@@ -196,7 +250,10 @@ class RobotPrice:
 
     def factor(self) -> float | None:
         """Return the median of the last ``window`` ratios (None before any local call)."""
-        return statistics.median(self.ratios) if self.ratios else None
+        if not self.ratios:   # statistics.median's rule inline: read before every call
+            return None
+        ratios, half = sorted(self.ratios), len(self.ratios) // 2
+        return ratios[half] if len(ratios) % 2 else (ratios[half - 1] + ratios[half]) / 2
 
 
 def repriced(predicted: dict, factor: float) -> float:
@@ -217,7 +274,8 @@ def repriced(predicted: dict, factor: float) -> float:
 
 
 def decide(entry: dict, factor: float, margin: float,
-           margins: dict[str, float] | None = None) -> tuple[Plan, float, list]:
+           margins: dict[str, float] | None = None,
+           parsed: tuple[list, Plan] | None = None) -> tuple[Plan, float, list]:
     """
     Re-decide a table entry with the robot ``factor`` times slower than it was priced.
 
@@ -225,18 +283,37 @@ def decide(entry: dict, factor: float, margin: float,
     the solve's (:func:`rrto_ros.plan_solve.refine`): the fastest baseline,
     unless the entry's split or hybrid plan beats it by its margin
     (``margins[plan]``, else ``margin``); at factor 1 the entry's own plan.
+    ``parsed``: the entry's :func:`parsed_plans`, kept by a caller that decides
+    it again as the robot's price moves.
     """
     options = {}
-    for item in entry['baselines'].values():
-        plan = Plan.from_json(item['plan'])
-        options.setdefault(plan.name, (plan, repriced(item['predicted'], factor)))
+    items, plan = parsed or parsed_plans(entry)
+    for baseline, name, predicted in items:
+        options.setdefault(name, (baseline, repriced(predicted, factor)))
     best, best_ms = min(options.values(), key=lambda pm: (pm[1], pm[0].name))
-    plan = Plan.from_json(entry['plan'])
     if plan.kind in ('split', 'hybrid') and plan.name != best.name:
         ms = repriced(entry['predicted'], factor)
         if ms <= min((1 - (margins or {}).get(plan.name, margin)) * best_ms, best_ms):
             best, best_ms = plan, ms
     return best, best_ms, list(options.values())
+
+
+def parsed_plans(entry: dict) -> tuple[list[tuple[Plan, str, dict]], Plan]:
+    """Return an entry's baselines as (plan, its name, its prediction), and its plan."""
+    items = [(Plan.from_json(item['plan']), item['predicted'])
+             for item in entry['baselines'].values()]
+    return [(p, p.name, predicted) for p, predicted in items], Plan.from_json(entry['plan'])
+
+
+class _Decided:
+    """A bin's plan in use (and next exploration) for (version, wanted, predicted, baselines)."""
+
+    __slots__ = ('key', 'plan', 'explore', 'explored')
+
+    def __init__(self, key: tuple, plan: Plan):
+        self.key, self.plan = key, plan
+        self.explore: Plan | None = None
+        self.explored = False
 
 
 class _Series:
@@ -248,11 +325,15 @@ class _Series:
         self.calls: list[int] = []
         self.ms: list[float] = []
 
-    def add(self, call: int, ms: float, keep: int) -> None:
+    def add(self, call: int, ms: float, keep: int) -> int | None:
+        """Append one measurement; return the call of the oldest one dropped for it, if any."""
         self.calls.append(call)
         self.ms.append(ms)
         if len(self.calls) > keep:
+            dropped = self.calls[0]
             del self.calls[0], self.ms[0]
+            return dropped
+        return None
 
     def near(self, call: int, span: int) -> list[float]:
         """Return the ms of the nearest measurement before ``call`` and after it, within span."""

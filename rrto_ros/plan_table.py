@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rrto_ros.plan_feedback import decide, PlanFeedback
+from rrto_ros.plan_feedback import decide, parsed_plans, PlanFeedback
 from rrto_ros.split import Plan
 from rrto_wire import treespec
 from rrto_wire.program import sha256
@@ -195,6 +195,9 @@ class PlanSelector:
         # local plan 50-70 us: issue 13); a table is not changed once a selector uses it
         self._link: tuple[float, float] | None = None
         self._solved: tuple[dict, tuple] | None = None   # (entry, decision as solved)
+        self._priced: tuple[dict, float | None] | None = None   # (entry, its local's ms)
+        self._redecided: tuple[dict, float, tuple] | None = None   # (entry, factor, decision)
+        self._parsed: tuple[dict, tuple] | None = None   # (entry, parsed_plans(entry))
 
     def decision(self, entry: dict) -> tuple[Plan, float | None, list]:
         """
@@ -214,7 +217,13 @@ class PlanSelector:
                                         entry.get('predicted', {}).get('latency_ms'),
                                         baselines(entry)))
             return self._solved[1]
-        return decide(entry, factor, self.table.margin, self.margins)
+        if (self._redecided is None or self._redecided[0] is not entry
+                or self._redecided[1] != factor):   # a steady factor: no local call since
+            if self._parsed is None or self._parsed[0] is not entry:
+                self._parsed = (entry, parsed_plans(entry))
+            self._redecided = (entry, factor, decide(entry, factor, self.table.margin,
+                                                     self.margins, self._parsed[1]))
+        return self._redecided[2]
 
     def choose(self, bandwidth_mbps: float, rtt_ms: float) -> Plan:
         """Return the plan for the next inference given the current link estimate."""
@@ -247,5 +256,6 @@ class PlanSelector:
         if self.feedback is not None and self._bin is not None:
             self.feedback.observe(self._bin, plan, total_ms)
             if plan == 'local' and self.feedback.price is not None:
-                priced = dict(baselines(self._entry)).get(Plan('local'))
-                self.feedback.price.observe(total_ms, priced)
+                if self._priced is None or self._priced[0] is not self._entry:
+                    self._priced = (self._entry, dict(baselines(self._entry)).get(Plan('local')))
+                self.feedback.price.observe(total_ms, self._priced[1])

@@ -1,5 +1,7 @@
 """Run-time correction of plan tables: measured latency per plan and link bin."""
 
+import statistics
+
 import pytest
 
 from rrto_ros.plan_feedback import decide, PlanFeedback, repriced, RobotPrice
@@ -123,6 +125,81 @@ def test_a_steady_link_does_not_search_or_parse_the_table_on_every_call(monkeypa
     assert looked == [(20.0, 4.0)] and len(parsed) == first
     assert selector.choose(100.0, 4.0) == OFFLOAD and len(looked) == 2   # a new link: looked up
     assert selector.choose(20.0, 4.0) == LOCAL and len(looked) == 3
+
+
+def test_a_steady_plan_is_chosen_without_pairing_the_measurements_again(monkeypatch):
+    # issue 13: with correction on, a table runner took 112-121 us a call to choose its plan
+    # (off: 32-33), nearly all of it pairing every plan's measurements again after each call,
+    # cold after the model's compute (a call far from every other plan's pairs with none);
+    # and each local call's observation parsed the entry's baselines for the robot's price
+    # (the robot's factor, read before every call, takes statistics.median's rule inline)
+    table = _table([_entry(20.0, 55.0, 70.0)])
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(refresh_every=60))
+
+    def call():
+        plan = selector.choose(20.0, 4.0)
+        selector.observe(plan.name, 56.0 if plan == LOCAL else 71.0)
+        return plan.name
+
+    used = [call() for _ in range(30)]
+    assert used.count('offload') == 3 and used[-10:] == ['local'] * 10   # explored, settled
+    paired, fmean, medians, median = [], statistics.fmean, [], statistics.median
+    monkeypatch.setattr(statistics, 'fmean', lambda data: paired.append(data) or fmean(data))
+    monkeypatch.setattr(statistics, 'median', lambda data: medians.append(data) or median(data))
+    parsed, parse = [], Plan.from_json.__func__
+    monkeypatch.setattr(Plan, 'from_json',
+                        classmethod(lambda cls, obj: parsed.append(obj) or parse(cls, obj)))
+    assert [call() for _ in range(29)] == ['local'] * 29
+    assert not paired and not parsed and not medians
+    assert selector.feedback.price.factor() == pytest.approx(56 / 55)
+    assert selector.feedback.explorations == 3
+    # the bin's refresh (call 60) forgets offload: explored again, its new pairs counted
+    used = [call() for _ in range(30)]
+    assert used.count('offload') == 3 and used[-10:] == ['local'] * 10 and paired
+    assert selector.feedback.ratio((4.0, 20.0), 'local', 'offload') == pytest.approx(56 / 71)
+
+
+def test_a_repriced_decision_is_not_made_again_while_the_robots_price_stands(monkeypatch):
+    # priced at 55 ms, the robot runs local in 80: offload (70 ms) re-decided; while no local
+    # call moves the robot's price the decision stands, not re-made (every plan parsed) per call
+    table = _table([_entry(20.0, 55.0, 70.0)])
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback())
+
+    def call():
+        plan = selector.choose(20.0, 4.0)
+        selector.observe(plan.name, 80.0 if plan == LOCAL else 71.0)
+        return plan.name
+
+    used = [call() for _ in range(30)]
+    assert used[-10:] == ['offload'] * 10 and selector.feedback.price.factor() > 1.4
+    parsed, parse = [], Plan.from_json.__func__
+    monkeypatch.setattr(Plan, 'from_json',
+                        classmethod(lambda cls, obj: parsed.append(obj) or parse(cls, obj)))
+    assert [call() for _ in range(20)] == ['offload'] * 20 and not parsed
+
+
+def test_a_moving_robot_price_moves_the_prices_not_the_measured_choice(monkeypatch):
+    # priced at 55 ms, the robot runs local in 45-48: every local call moves its price (and
+    # the baselines' prices with it), but the pairs measured stand: no plan is measured again
+    table = _table([_entry(20.0, 55.0, 60.0)])
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback())
+    times = iter(range(10 ** 6))
+
+    def call():
+        plan = selector.choose(20.0, 4.0)
+        selector.observe(plan.name, 45.0 + next(times) % 4 if plan == LOCAL else 61.0)
+        return plan.name
+
+    used = [call() for _ in range(30)]
+    assert used.count('offload') == 3 and used[-10:] == ['local'] * 10
+    measured, effective = [], PlanFeedback.effective
+    monkeypatch.setattr(PlanFeedback, 'effective',
+                        lambda self, *a: measured.append(a) or effective(self, *a))
+    factors = set()
+    for _ in range(20):
+        assert call() == 'local'
+        factors.add(selector.feedback.price.factor())
+    assert len(factors) > 1 and not measured
 
 
 def _entry(bandwidth, local, offload, plan=None, predicted=None):
