@@ -194,10 +194,8 @@ class PlanSelector:
         # parsed once, not per call (per call, cold after the model's compute, that cost a
         # local plan 50-70 us: issue 13); a table is not changed once a selector uses it
         self._link: tuple[float, float] | None = None
-        self._solved: tuple[dict, tuple] | None = None   # (entry, decision as solved)
-        self._priced: tuple[dict, float | None] | None = None   # (entry, its local's ms)
-        self._redecided: tuple[dict, float, tuple] | None = None   # (entry, factor, decision)
-        self._parsed: tuple[dict, tuple] | None = None   # (entry, parsed_plans(entry))
+        self._view: _EntryView | None = None     # what the entry in use gives, read once
+        self._redecided: tuple[_EntryView, float, tuple] | None = None   # its view, factor
 
     def decision(self, entry: dict) -> tuple[Plan, float | None, list]:
         """
@@ -208,22 +206,21 @@ class PlanSelector:
         further from the table's price than the table's margin (its measured
         prediction error): within that, the price stands.
         """
+        view = self._view_of(entry)
         price = self.feedback.price if self.feedback is not None else None
         factor = price.factor() if price is not None else None
-        if (factor is None or abs(factor - 1) <= self.table.margin
-                or not entry.get('baselines')):
-            if self._solved is None or self._solved[0] is not entry:
-                self._solved = (entry, (Plan.from_json(entry['plan']),
-                                        entry.get('predicted', {}).get('latency_ms'),
-                                        baselines(entry)))
-            return self._solved[1]
-        if (self._redecided is None or self._redecided[0] is not entry
+        if factor is None or abs(factor - 1) <= self.table.margin or view.parsed is None:
+            return view.solved
+        if (self._redecided is None or self._redecided[0] is not view
                 or self._redecided[1] != factor):   # a steady factor: no local call since
-            if self._parsed is None or self._parsed[0] is not entry:
-                self._parsed = (entry, parsed_plans(entry))
-            self._redecided = (entry, factor, decide(entry, factor, self.table.margin,
-                                                     self.margins, self._parsed[1]))
+            self._redecided = (view, factor, decide(entry, factor, self.table.margin,
+                                                    self.margins, view.parsed))
         return self._redecided[2]
+
+    def _view_of(self, entry: dict) -> _EntryView:
+        if self._view is None or self._view.entry is not entry:
+            self._view = _EntryView(entry)
+        return self._view
 
     def choose(self, bandwidth_mbps: float, rtt_ms: float) -> Plan:
         """Return the plan for the next inference given the current link estimate."""
@@ -256,6 +253,19 @@ class PlanSelector:
         if self.feedback is not None and self._bin is not None:
             self.feedback.observe(self._bin, plan, total_ms)
             if plan == 'local' and self.feedback.price is not None:
-                if self._priced is None or self._priced[0] is not self._entry:
-                    self._priced = (self._entry, dict(baselines(self._entry)).get(Plan('local')))
-                self.feedback.price.observe(total_ms, self._priced[1])
+                self.feedback.price.observe(total_ms, self._view_of(self._entry).local_ms)
+
+
+class _EntryView:
+    """What a selector reads from one grid entry, derived once (a table does not change)."""
+
+    __slots__ = ('entry', 'solved', 'local_ms', 'parsed')
+
+    def __init__(self, entry: dict):
+        self.entry = entry
+        options = baselines(entry)
+        # the decision as solved: plan, its predicted ms, the baselines with theirs
+        self.solved = (Plan.from_json(entry['plan']),
+                       entry.get('predicted', {}).get('latency_ms'), options)
+        self.local_ms = dict(options).get(Plan('local'))   # what the solve priced local at
+        self.parsed = parsed_plans(entry) if entry.get('baselines') else None
