@@ -18,7 +18,7 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
   against a ``python -m rrto_server`` process on loopback, with the reply's
   ``server_ms`` (receipt to reply), ``queue_ms`` (on an idle server) and
   ``compute_ms``; ``rel_error`` compares one offloaded output with the local one;
-* ``minimal`` (CUDA only): the same frame through :mod:`bench.gpu_minimal`, the
+* ``minimal``: the same frame through :mod:`bench.gpu_minimal`, the
   least Python a server can be (recv, memcpy, replay, synchronise, send; no
   checks), its client wall time and its own receipt-to-reply time;
 * ``bare_client``: the project robot's own request sent by a bare DEALER
@@ -27,9 +27,16 @@ that has it), batch 1, a uint8 camera frame, strict fp32:
   call path and ``bare_client_beyond_minimal_ms`` the server's and its
   socket's cost beyond the minimal server, both end to end.
 
-Echo, minimal, bare-client and offloaded calls alternate, one each per round, so
-drift hits them alike; the robot and the bare client swap ends every other round,
-so each has the same predecessors.  Derived per model:
+Rounds run in blocks, ``BLOCK`` on the project's server, then as many on the
+minimal server, an echo in every round, so drift hits them alike; within a
+block the robot and the bare client swap ends every other round, so each has
+the same predecessors.  Not one call each per round: the two servers are two
+processes on one GPU, and a request that finds the GPU last used by the other
+process waits for the GPU to switch contexts (0.15-0.17 ms a request on an
+H200, 2026-12-02), which a server alone on its GPU never pays; the first
+``SETTLE`` rounds of each block are left out of the medians, and the project's
+server's time for the first request after a switch is reported apart
+(``server_after_switch_ms``, ``gpu_switch_ms``).  Derived per model:
 ``server_beyond_bare_ms = server p50 - graph_io`` (goal <= 0.10),
 ``wall_beyond_echo_ms = wall p50 - graph_io - echo p50`` (goal <= 0.15), the same two
 for the minimal server (``minimal_server_beyond_bare_ms``,
@@ -62,6 +69,8 @@ from bench.measure import percentile, timed_ms
 from rrto_wire import treespec
 
 ECHO_HEADER = b'{"kind":"ok"}'
+BLOCK = 20      # rounds on one server before the other's block
+SETTLE = 2      # rounds of a block not in the medians: the GPU's switch of processes
 
 
 @contextlib.contextmanager
@@ -274,11 +283,11 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
     row.update(project_replay(model, frame, device, iters=max(50, calls // 2)))
     walls, echoes, server, queue, compute, outside, network = [], [], [], [], [], [], []
     minimal_wall, minimal_server, bare_wall, bare_server = [], [], [], []
-    minimal = Minimal(name, str(device)) if device.type == 'cuda' else None
+    minimal_echoes = []
+    minimal = Minimal(name, str(device))
     with contextlib.ExitStack() as stack, \
             offload(model, server=endpoint, timeout_ms=30000, codec='raw') as om:
-        if minimal is not None:
-            stack.callback(minimal.close)
+        stack.callback(minimal.close)
         if not om.warmup(frame):
             raise RuntimeError(f'{name}: the server did not record the model')
         # offloaded output equals local output: the timings below are of right answers
@@ -290,9 +299,9 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
         stack.callback(bare_client.close)
         replies = bare_client.round_trip()[2]
         row['bare_client_rel_error'] = rel_error(_tensors(replies, local), local)
-        if minimal is not None:   # the floor answers right too, or its time means nothing
-            replies = minimal.round_trip(frame)[2]
-            row['minimal_rel_error'] = rel_error(_tensors(replies, local), local)
+        # the floor answers right too, or its time means nothing
+        replies = minimal.round_trip(frame)[2]
+        row['minimal_rel_error'] = rel_error(_tensors(replies, local), local)
 
         def robot():
             start = time.perf_counter()
@@ -302,36 +311,65 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
                 raise RuntimeError(f'{name}: call not offloaded: {om.last.reason}')
             return wall, om.last
 
-        for i in range(calls + 20):
+        last = {}
+        after_switch = []
+
+        def project_round(i: int, keep: bool, first: bool) -> None:
             # the robot and the bare client swap ends every other round (robot first, bare
             # client last; then bare client first, robot last): each follows itself in half
-            # the rounds and the minimal server in the other half, the same predecessors
-            # for both (a reply's page-locked buffers, the GPU's last work)
+            # the rounds and the echo in the other half, the same predecessors for both
             robot_first = i % 2 == 0
             if robot_first:
-                wall, record = robot()
+                last['wall'], last['record'] = robot()
             else:
-                bare_ms, bare_server_ms, _ = bare_client.round_trip()
+                last['bare'] = bare_client.round_trip()[:2]
+            if first:       # the first request after the minimal server's block
+                after_switch.append(last['record'].server_ms if robot_first
+                                    else last['bare'][1])
+            record = last['record']
             echo_ms = echo.round_trip(record.bytes_sent, record.bytes_received)
-            floor = minimal.round_trip(frame)[:2] if minimal is not None else None
             if robot_first:
-                bare_ms, bare_server_ms, _ = bare_client.round_trip()
+                last['bare'] = bare_client.round_trip()[:2]
             else:
-                wall, record = robot()
-            if i >= 20:
-                bare_wall.append(bare_ms)
-                bare_server.append(bare_server_ms)
-            if i >= 20 and floor is not None:
-                minimal_wall.append(floor[0])
-                minimal_server.append(floor[1])
-            if i >= 20:
-                walls.append(wall)
+                last['wall'], last['record'] = robot()
+            if keep:
+                record = last['record']
+                bare_wall.append(last['bare'][0])
+                bare_server.append(last['bare'][1])
+                walls.append(last['wall'])
                 echoes.append(echo_ms)
                 server.append(record.server_ms)
                 queue.append(record.server_queue_ms)
                 compute.append(record.server_compute_ms)
                 network.append(record.network_ms)
                 outside.append(record.total_ms - record.network_ms - record.server_ms)
+
+        def minimal_round(keep: bool) -> None:
+            echo_ms = echo.round_trip(last['record'].bytes_sent,
+                                      last['record'].bytes_received)
+            floor = minimal.round_trip(frame)[:2]
+            if keep:
+                minimal_echoes.append(echo_ms)
+                minimal_wall.append(floor[0])
+                minimal_server.append(floor[1])
+
+        # blocks of rounds on one server, then on the other: a request that finds the GPU
+        # last used by another process waits for the GPU's switch between the two
+        # processes' contexts (0.15-0.17 ms per request on an H200, session 13), which a
+        # server alone on its GPU never pays; the first SETTLE rounds of each block are
+        # timed apart (``server_after_switch_ms``), not in the medians
+        rounds = 0
+        warm = 20
+        while len(walls) < calls:
+            size = min(BLOCK, calls - len(walls) + SETTLE) if not warm else warm
+            for k in range(size):
+                project_round(rounds, keep=not warm and k >= SETTLE,
+                              first=not warm and k == 0)
+                rounds += 1
+            for k in range(size):
+                minimal_round(keep=not warm and k >= SETTLE)
+            warm = 0
+        record = last['record']
         row.update(bytes_sent=record.bytes_sent, bytes_received=record.bytes_received)
         if py_spy and server_pid:
             row['py_spy'] = sample_server(py_spy, server_pid, 3, lambda: om(frame))
@@ -356,15 +394,21 @@ def measure(name: str, endpoint: str, echo: Echo, device: torch.device, calls: i
                bare_client_network_ms=statistics.median(
                    [w - s for w, s in zip(bare_wall, bare_server)]))
     row['robot_server_beyond_bare_client_ms'] = row['server_ms'] - row['bare_client_server_ms']
-    if minimal_wall:
-        row['bare_client_beyond_minimal_ms'] = row['bare_client_wall_ms'] - statistics.median(
-            minimal_wall)
-        row.update(minimal_wall_ms=statistics.median(minimal_wall),
-                   minimal_wall_p99_ms=percentile(minimal_wall, 99),
-                   minimal_server_ms=statistics.median(minimal_server))
-        row['minimal_server_beyond_bare_ms'] = row['minimal_server_ms'] - bare_ms
-        row['minimal_wall_beyond_echo_ms'] = row['minimal_wall_ms'] - bare_ms - row['echo_ms']
-        row['server_beyond_minimal_ms'] = row['server_ms'] - row['minimal_server_ms']
+    row['bare_client_beyond_minimal_ms'] = row['bare_client_wall_ms'] - statistics.median(
+        minimal_wall)
+    row.update(minimal_wall_ms=statistics.median(minimal_wall),
+               minimal_wall_p99_ms=percentile(minimal_wall, 99),
+               minimal_server_ms=statistics.median(minimal_server))
+    row['minimal_server_beyond_bare_ms'] = row['minimal_server_ms'] - bare_ms
+    row['minimal_echo_ms'] = statistics.median(minimal_echoes)
+    row['minimal_wall_beyond_echo_ms'] = (row['minimal_wall_ms'] - bare_ms
+                                          - row['minimal_echo_ms'])
+    # the project's server's time for the first request after the minimal server's
+    # block, beyond its median: what one GPU switch between processes costs
+    row['server_after_switch_ms'] = statistics.median(after_switch)
+    row['gpu_switch_ms'] = row['server_after_switch_ms'] - statistics.median(
+        server + bare_server)
+    row['server_beyond_minimal_ms'] = row['server_ms'] - row['minimal_server_ms']
     if row['bytes_received'] >= 1 << 20:
         row['output_speed_vs_echo'] = row['echo_ms'] / max(1e-9, row['wall_ms'] - bare_ms)
     return row
@@ -395,7 +439,8 @@ def print_row(row: dict) -> None:
                   f"{row['minimal_server_ms']:.3f} server-bare "
                   f"{row['minimal_server_beyond_bare_ms']:.3f} wall-bare-echo "
                   f"{row['minimal_wall_beyond_echo_ms']:.3f} rel_err "
-                  f"{row['minimal_rel_error']:.1e}")
+                  f"{row['minimal_rel_error']:.1e} | after a GPU switch of processes "
+                  f"{row['gpu_switch_ms']:+.3f}")
     print(f"{row['model']:26s} graph {row['graph_ms']:.3f} graph+io {row['graph_io_ms']:.3f} "
           f"replay {row['replay_ms']:.3f} | echo {row['echo_ms']:.3f} | wall "
           f"{row['wall_ms']:.3f} (p99 {row['wall_p99_ms']:.3f}) server {row['server_ms']:.3f} "

@@ -2,6 +2,7 @@
 
 import collections
 import functools
+import itertools
 
 import pytest
 import torch
@@ -39,7 +40,8 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
     events = []
     for name, owner, attr in (('robot', OffloadedModel, '__call__'),
                               ('bare', gpu_floor.BareClient, 'round_trip'),
-                              ('echo', gpu_floor.Echo, 'round_trip')):
+                              ('echo', gpu_floor.Echo, 'round_trip'),
+                              ('minimal', Minimal, 'round_trip')):
         monkeypatch.setattr(owner, attr, _noting(events, name, getattr(owner, attr)))
     echo = gpu_floor.Echo()
     server = ServerProcess(str(tmp_path), None, device=device).start()
@@ -49,13 +51,22 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
     finally:
         server.stop()
         echo.close()
-    # the timed loop's 23 rounds: the robot and the bare client each follow the other's
-    # kind of call as often (+-1) as they follow the echo (or the minimal server)
-    loop = events[-(23 * 3):]
-    before = {who: collections.Counter(a for a, b in zip(loop, loop[1:]) if b == who)
+    # the timed loop: a warm-up block of 20 rounds, then a block of the 3 timed rounds and
+    # the SETTLE rounds after the GPU's switch, on the project's server (robot, echo, bare
+    # client) and then on the minimal server (echo, minimal): the servers' requests come
+    # in blocks, not one each per round, and within a block the robot and the bare client
+    # each follow their own kind of call as often (+-1) as they follow the echo
+    rounds = 20 + 3 + gpu_floor.SETTLE
+    loop = events[-(rounds * 3 + rounds * 2):]
+    kinds = ['minimal' if who == 'minimal' else 'project' for who in loop if who != 'echo']
+    runs = [(kind, len(list(calls))) for kind, calls in itertools.groupby(kinds)]
+    assert runs == [('project', 40), ('minimal', 20), ('project', 2 * (rounds - 20)),
+                    ('minimal', rounds - 20)], runs
+    project = [who for who in loop if who != 'minimal']
+    before = {who: collections.Counter(a for a, b in zip(project, project[1:]) if b == who)
               for who in ('robot', 'bare')}
-    assert abs(before['robot']['robot'] - before['robot']['echo']) <= 1, before
-    assert abs(before['bare']['bare'] - before['bare']['echo']) <= 1, before
+    assert abs(before['robot']['robot'] - before['robot']['echo']) <= 2, before
+    assert abs(before['bare']['bare'] - before['bare']['echo']) <= 2, before
     # the bare client sent the robot's own request and got the same answer
     assert row['bare_client_rel_error'] < 1e-4
     assert row['robot_beyond_bare_client_ms'] == pytest.approx(
@@ -66,10 +77,10 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
     assert 0 < row['bare_client_network_ms'] < row['bare_client_wall_ms']
     assert row['robot_server_beyond_bare_client_ms'] == pytest.approx(
         row['server_ms'] - row['bare_client_server_ms'])
-    if device == 'cuda':
-        assert row['minimal_rel_error'] < 1e-4
-        assert row['server_beyond_minimal_ms'] == pytest.approx(
-            row['server_ms'] - row['minimal_server_ms'])
+    assert row['minimal_rel_error'] < 1e-4
+    assert row['server_beyond_minimal_ms'] == pytest.approx(
+        row['server_ms'] - row['minimal_server_ms'])
+    assert 0 < row['server_after_switch_ms'] < row['wall_ms'] + row['bare_client_wall_ms']
 
 
 def _noting(events: list, name: str, method):
