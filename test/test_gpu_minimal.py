@@ -80,7 +80,8 @@ def test_floor_rows_carry_the_bare_client_and_the_minimal_server(tmp_path, devic
     assert row['minimal_rel_error'] < 1e-4
     assert row['server_beyond_minimal_ms'] == pytest.approx(
         row['server_ms'] - row['minimal_server_ms'])
-    assert 0 < row['server_after_switch_ms'] < row['wall_ms'] + row['bare_client_wall_ms']
+    # the first request after the minimal server's block is timed apart
+    assert row['server_after_switch_ms'] > 0 and 'gpu_switch_ms' in row
 
 
 def _noting(events: list, name: str, method):
