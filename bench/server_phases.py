@@ -37,6 +37,10 @@ import time
 import torch
 
 PHASES = [   # (module, owner, function, label), in request order
+    ('rrto_server.conn_watchdog', 'ConnectionWatchdog', 'drain',
+     'watchdog.drain (receive, count)'),
+    ('rrto_server.guard', 'Guard', 'order', 'guard.order (priority of a batch)'),
+    ('rrto_server.requests', 'ReplySender', 'flush', 'replies.flush (outbox)'),
     ('rrto_server.server', 'Server', 'on_message', 'on_message (everything on receipt)'),
     ('rrto_wire.protocol', None, 'message_size', 'message_size'),
     ('rrto_server.requests', 'Request', '__init__', 'Request()'),
