@@ -23,12 +23,17 @@ The link is shared: all connections through one emulator draw on the same
 two buckets, as all of a robot's flows share one radio.  Departure times are
 computed from the rate schedule, not from when a thread woke up, and the
 forwarder reads ``READ_AHEAD_S`` ahead of the link, so scheduling lateness
-does not cost link capacity.
+does not cost link capacity.  Data is written at its due time, never before:
+each writer sleeps until shortly before and yields in a loop for the rest
+(``SPIN_S``; writers also ask Linux for 1 ns timer slack), so a message's
+last piece leaves within microseconds of when the link delivers it.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import os
 import socket
 import threading
 import time
@@ -41,6 +46,34 @@ PIECE_BYTES = 16384          # the forwarder's scheduling quantum
 READ_AHEAD_S = 0.02
 RECV_BYTES = 65536
 HISTORY = 10000              # scheduled delays kept per direction
+SPIN_S = 3e-4                # a writer's last stretch before a due time: yield, don't sleep
+PR_SET_TIMERSLACK = 29
+
+
+def precise_timers() -> None:
+    """Ask Linux to wake this thread's sleeps on time (timer slack 1 ns, not 50 us); else no-op."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
+    """
+    Return at ``due`` (``time.monotonic``) or just after it, never before.
+
+    Sleeps until ``spin_s`` before, then yields the CPU in a loop: a sleep
+    alone wakes tens to hundreds of microseconds late.  Yielding releases the
+    GIL, so the spin costs the other forwarding threads nothing.
+    """
+    while True:
+        left = due - time.monotonic()
+        if left <= 0:
+            return
+        if left > spin_s:
+            time.sleep(left - spin_s)
+        else:
+            os.sched_yield()
 
 
 class _Pipe:
@@ -92,6 +125,7 @@ class _Pipe:
             self.conn.close()
 
     def _write(self) -> None:
+        precise_timers()
         try:
             while True:
                 with self.cond:
@@ -99,19 +133,19 @@ class _Pipe:
                         self.cond.wait(0.2)
                     if self.conn.closed:
                         return
-                    due = self.queue[0][0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
+                    # spin only for the last piece queued: a message's end is what its receiver
+                    # waits for; a piece with more behind it only needs to leave before them
+                    due, spin_s = self.queue[0][0], SPIN_S if len(self.queue) == 1 else 0.0
+                sleep_until(due, spin_s)
                 chunks, eof = [], False
                 with self.cond:
                     now = time.monotonic()
-                    self.conn.emulator.note_lateness(self.which, now - due)
-                    while self.queue and self.queue[0][0] <= now + 1e-4:
-                        _, data = self.queue.popleft()
+                    while self.queue and self.queue[0][0] <= now:     # due now, never early
+                        due, data = self.queue.popleft()
                         if data is None:
                             eof = True
                             break
+                        self.conn.emulator.note_lateness(self.which, now - due)
                         chunks.append(data)
                 if chunks:
                     self.dst.sendall(b''.join(chunks))
@@ -198,7 +232,7 @@ class LinkEmulator:
         self._delays[which].append(seconds * 1e3)
 
     def note_lateness(self, which: str, seconds: float) -> None:
-        """Record how late a write woke after its due time (forwarder; scheduler noise)."""
+        """Record how late one piece was written after its due time (forwarder)."""
         self._lateness[which].append(seconds * 1e3)
 
     def scheduled_delays_ms(self, which: str) -> list[float]:
@@ -213,7 +247,12 @@ class LinkEmulator:
         return list(self._delays[which])
 
     def write_lateness_ms(self, which: str) -> list[float]:
-        """Return how late each write in ``which`` woke after its due time (scheduler noise)."""
+        """
+        Return how late each data piece in ``which`` was written after its due time.
+
+        Never negative (nothing leaves before the link would deliver it); the
+        rest is scheduler noise, a few microseconds where a writer spins.
+        """
         return list(self._lateness[which])
 
     def stats(self) -> dict:

@@ -10,8 +10,8 @@ import pytest
 from bench import traces
 from bench.link_config import PRESETS, Direction, LinkConfig, grid_link, steps_link, symmetric
 from bench.link_process import EmulatorProcess
-from bench.link_proxy import LinkEmulator
-from bench.link_shaper import Shaper
+from bench.link_proxy import PIECE_BYTES, LinkEmulator
+from bench.link_shaper import MIN_BURST_BYTES, Shaper
 
 TOLERANCE = 0.10
 
@@ -193,6 +193,41 @@ def test_configured_delay_and_jitter_are_scheduled_exactly_and_never_delivered_e
     assert all(m >= s for m, s in zip(measured, scheduled))
     excess = [m - s for m, s in zip(measured, scheduled)]
     assert statistics.median(excess) < 10     # wake-up noise; a few 0.1 ms on a quiet machine
+
+
+def test_a_message_never_arrives_before_the_configured_link_delivers_it(echo):
+    """Every round trip of a message takes at least RTT + its serialisation beyond the burst."""
+    nbytes, rate = 150_000, 300e6 / 8
+    link = symmetric('300mbps', {'mbps': 300}, rtt_ms=4)
+    link_s = 4e-3 + (nbytes - max(MIN_BURST_BYTES, rate * 1e-3)) / rate  # burst: 1 ms of data
+    with LinkEmulator(echo, link) as emu, _connect(emu) as sock:
+        samples = []
+        for _ in range(12):
+            time.sleep(0.005)                     # idle: the bucket refills to its burst
+            samples.append(_transfer_s(sock, nbytes))
+    assert min(samples) >= link_s
+    assert statistics.median(samples) < link_s + 0.005     # and not far behind it
+
+
+def test_no_piece_is_written_before_its_due_time(echo):
+    """Pieces due closer together than a writer wakes up are still held, each until its time."""
+    nbytes = 4_000_000
+    fast = Direction(rate={'mbps': 2000})         # a 16 KB piece every 66 us
+    with LinkEmulator(echo, LinkConfig('fast', up=fast, down=fast)) as emu, \
+            _connect(emu) as sock:
+        _transfer_s(sock, nbytes)
+        lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
+    assert len(lateness) >= 2 * nbytes / PIECE_BYTES          # one per piece
+    assert min(lateness) >= 0
+
+
+def test_a_message_end_is_written_on_time_not_a_sleep_late(echo):
+    """The writer spins the last stretch before a due time (a plain sleep: 0.05-0.1 ms late)."""
+    with LinkEmulator(echo, symmetric('rtt4', None, rtt_ms=4)) as emu, _connect(emu) as sock:
+        _rtt_ms(sock, 21)
+        lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
+    assert len(lateness) == 42
+    assert statistics.median(lateness) < 0.03
 
 
 def test_loss_stalls_the_stream_by_the_retransmission_timeout(echo):
