@@ -26,7 +26,9 @@ forwarder reads ``READ_AHEAD_S`` ahead of the link, so scheduling lateness
 does not cost link capacity.  Data is written at its due time, never before:
 each writer sleeps until shortly before and yields in a loop for the rest
 (``SPIN_S``; writers also ask Linux for 1 ns timer slack), so a message's
-last piece leaves within microseconds of when the link delivers it.
+last piece leaves within microseconds of when the link delivers it.  And the
+link's time starts when data reached the emulator's socket (the kernel's
+receive stamp, on Linux), not when the reading thread woke up to read it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ import collections
 import ctypes
 import os
 import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -48,6 +52,9 @@ RECV_BYTES = 65536
 HISTORY = 10000              # scheduled delays kept per direction
 SPIN_S = 3e-4                # a writer's last stretch before a due time: yield, don't sleep
 PR_SET_TIMERSLACK = 29
+SO_TIMESTAMPNS = 35 if sys.platform.startswith('linux') else None   # not in Python's socket
+STAMP_SPACE = socket.CMSG_SPACE(16) if hasattr(socket, 'CMSG_SPACE') else 0
+MAX_BACKDATE_S = 1e-3        # a kernel stamp further back than this is not trusted (clock step)
 
 
 def precise_timers() -> None:
@@ -56,6 +63,50 @@ def precise_timers() -> None:
         ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
     except (OSError, AttributeError):
         pass
+
+
+def stamp_arrivals(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp when data reaches ``sock`` (Linux); return whether it will."""
+    if SO_TIMESTAMPNS is None or not STAMP_SPACE:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def arrival_time(ancillary: list, realtime: float, now: float) -> float:
+    """
+    Return when data read at ``now`` (monotonic) reached the socket: its kernel stamp, or ``now``.
+
+    ``ancillary`` is ``recvmsg``'s; the stamp (wall clock, of the last packet
+    read) is moved to the monotonic clock with ``realtime``, read just before
+    ``now`` (so it lands late, never early), and kept within
+    ``MAX_BACKDATE_S`` of ``now`` in case the wall clock was stepped.  The
+    link's time then starts when the data arrived, not when the reading
+    thread woke up.
+    """
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = struct.unpack('qq', value[:16])
+            stamped = seconds + nanoseconds * 1e-9 - (realtime - now)
+            return min(now, max(stamped, now - MAX_BACKDATE_S))
+    return now
+
+
+def receive(sock: socket.socket, stamped: bool) -> tuple[bytes, float]:
+    """
+    Return the next data on ``sock`` (blocking) and when it arrived (monotonic).
+
+    With ``stamped`` (``stamp_arrivals`` said yes) that is the kernel's stamp
+    (``arrival_time``), else when the read returned.
+    """
+    if not stamped:
+        return sock.recv(RECV_BYTES), time.monotonic()
+    data, ancillary, _, _ = sock.recvmsg(RECV_BYTES, STAMP_SPACE)
+    realtime = time.time()
+    return data, arrival_time(ancillary, realtime, time.monotonic())
 
 
 def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
@@ -84,6 +135,7 @@ class _Pipe:
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.last_delivery = 0.0
+        self.stamped = stamp_arrivals(src)
         self.threads = [threading.Thread(target=self._read, daemon=True,
                                          name=f'linkemu-{which}-read'),
                         threading.Thread(target=self._write, daemon=True,
@@ -111,8 +163,7 @@ class _Pipe:
                 if ahead > 0:
                     time.sleep(min(ahead, 0.05))
                     continue
-                data = self.src.recv(RECV_BYTES)
-                now = time.monotonic()
+                data, now = receive(self.src, self.stamped)
                 shaper = emu.shaper(self.which)   # the link may have changed during recv
                 if not data:
                     self._push(now, now + shaper.direction.delay_ms / 1e3, None)

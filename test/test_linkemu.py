@@ -2,6 +2,7 @@
 
 import socket
 import statistics
+import struct
 import threading
 import time
 
@@ -10,7 +11,8 @@ import pytest
 from bench import traces
 from bench.link_config import PRESETS, Direction, LinkConfig, grid_link, steps_link, symmetric
 from bench.link_process import EmulatorProcess
-from bench.link_proxy import PIECE_BYTES, LinkEmulator
+from bench.link_proxy import (MAX_BACKDATE_S, PIECE_BYTES, SO_TIMESTAMPNS, LinkEmulator,
+                              arrival_time, receive, stamp_arrivals)
 from bench.link_shaper import MIN_BURST_BYTES, Shaper
 
 TOLERANCE = 0.10
@@ -228,6 +230,39 @@ def test_a_message_end_is_written_on_time_not_a_sleep_late(echo):
         lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
     assert len(lateness) == 42
     assert statistics.median(lateness) < 0.03
+
+
+def test_arrival_is_the_kernel_stamp_moved_to_the_monotonic_clock_within_bounds():
+    def stamp(t):
+        return [(socket.SOL_SOCKET, SO_TIMESTAMPNS, struct.pack('qq', int(t), round(t % 1 * 1e9)))]
+
+    realtime, now = 1_700_000_000.0, 50.0             # wall clock and monotonic, read together
+    assert arrival_time(stamp(realtime - 3e-4), realtime, now) == pytest.approx(now - 3e-4)
+    assert arrival_time(stamp(realtime - 1.0), realtime, now) == now - MAX_BACKDATE_S  # a step
+    assert arrival_time(stamp(realtime + 1.0), realtime, now) == now    # never after the read
+    assert arrival_time([], realtime, now) == now                        # no stamp: the read
+
+
+@pytest.mark.skipif(SO_TIMESTAMPNS is None, reason='kernel receive stamps are Linux only')
+def test_data_read_late_is_dated_when_it_reached_the_socket():
+    """A reader that wakes late does not make the link late: the kernel stamped the arrival."""
+    with socket.create_server(('127.0.0.1', 0)) as server, \
+            socket.create_connection(server.getsockname()) as sender:
+        receiver, _ = server.accept()
+        with receiver:
+            assert stamp_arrivals(receiver)
+            for _ in range(100):      # the kernel turns stamping on a moment after it is asked
+                sender.sendall(b'.')
+                if receiver.recvmsg(1, socket.CMSG_SPACE(16))[1]:
+                    break
+                time.sleep(0.001)
+            sent = time.monotonic()
+            sender.sendall(b'x' * 100)
+            time.sleep(0.0006)                       # the reading thread is slow to wake
+            data, arrived = receive(receiver, stamped=True)
+            read = time.monotonic()
+    assert data == b'x' * 100
+    assert sent <= arrived <= read - 0.0005
 
 
 def test_loss_stalls_the_stream_by_the_retransmission_timeout(echo):
