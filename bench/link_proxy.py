@@ -24,7 +24,7 @@ two buckets, as all of a robot's flows share one radio.  Departure times are
 computed from the rate schedule, not from when a thread woke up, and the
 forwarder reads ``READ_AHEAD_S`` ahead of the link, so scheduling lateness
 does not cost link capacity.  Data is written at its due time, never before:
-each writer sleeps until shortly before and yields in a loop for the rest
+each writer sleeps until shortly before and polls the clock for the rest
 (``SPIN_S``; writers also ask Linux for 1 ns timer slack), so a message's
 last piece leaves within microseconds of when the link delivers it.  And the
 link's time starts when data reached the emulator's socket (the kernel's
@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
-import os
+import select
 import socket
 import struct
 import sys
@@ -50,7 +50,7 @@ PIECE_BYTES = 16384          # the forwarder's scheduling quantum
 READ_AHEAD_S = 0.02
 RECV_BYTES = 65536
 HISTORY = 10000              # scheduled delays kept per direction
-SPIN_S = 3e-4                # a writer's last stretch before a due time: yield, don't sleep
+SPIN_S = 3e-4                # a writer's last stretch before a due time: poll, don't sleep
 PR_SET_TIMERSLACK = 29
 SO_TIMESTAMPNS = 35 if sys.platform.startswith('linux') else None   # not in Python's socket
 STAMP_SPACE = socket.CMSG_SPACE(16) if hasattr(socket, 'CMSG_SPACE') else 0
@@ -113,9 +113,11 @@ def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
     """
     Return at ``due`` (``time.monotonic``) or just after it, never before.
 
-    Sleeps until ``spin_s`` before, then yields the CPU in a loop: a sleep
-    alone wakes tens to hundreds of microseconds late.  Yielding releases the
-    GIL, so the spin costs the other forwarding threads nothing.
+    Sleeps until ``spin_s`` before, then polls the clock: a sleep alone
+    wakes tens to hundreds of microseconds late.  Each turn of the loop
+    releases the GIL (a zero-timeout ``select``), so the other forwarding
+    threads run meanwhile; it does not give the CPU away (``sched_yield``
+    would, to any busy process on the core, for milliseconds).
     """
     while True:
         left = due - time.monotonic()
@@ -124,7 +126,7 @@ def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
         if left > spin_s:
             time.sleep(left - spin_s)
         else:
-            os.sched_yield()
+            select.select([], [], [], 0)
 
 
 class _Pipe:

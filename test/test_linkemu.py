@@ -1,8 +1,11 @@
 """The link emulator delivers the configured bandwidth, delay, jitter, stalls and traces."""
 
+import os
 import socket
 import statistics
 import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -230,6 +233,23 @@ def test_a_message_end_is_written_on_time_not_a_sleep_late(echo):
         lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
     assert len(lateness) == 42
     assert statistics.median(lateness) < 0.03
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='needs CPU affinity (Linux)')
+def test_a_busy_process_on_the_same_core_does_not_hold_messages_back(echo):
+    """The writer polls, not yields, its last stretch: yielding gave a busy neighbour ~2 ms."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})          # this thread; the emulator's threads inherit it
+    busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])   # inherits it too
+    try:
+        with LinkEmulator(echo, symmetric('rtt4', None, rtt_ms=4)) as emu, \
+                _connect(emu) as sock:
+            samples = _rtt_ms(sock, 15)
+    finally:
+        busy.kill()
+        busy.wait()
+        os.sched_setaffinity(0, cpus)
+    assert statistics.median(samples) < 4 + 1
 
 
 def test_arrival_is_the_kernel_stamp_moved_to_the_monotonic_clock_within_bounds():
