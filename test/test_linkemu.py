@@ -210,8 +210,7 @@ def test_a_message_never_arrives_before_the_configured_link_delivers_it(echo):
         for _ in range(12):
             time.sleep(0.005)                     # idle: the bucket refills to its burst
             samples.append(_transfer_s(sock, nbytes))
-    assert min(samples) >= link_s
-    assert statistics.median(samples) < link_s + 0.005     # and not far behind it
+    assert min(samples) >= link_s        # (how far behind: the precision tests below)
 
 
 def test_no_piece_is_written_before_its_due_time(echo):
