@@ -186,7 +186,7 @@ class _Pipe:
                         self.cond.wait(0.2)
                     if self.conn.closed:
                         return
-                    # spin only for the last piece queued: a message's end is what its receiver
+                    # poll only for the last piece queued: a message's end is what its receiver
                     # waits for; a piece with more behind it only needs to leave before them
                     due, spin_s = self.queue[0][0], SPIN_S if len(self.queue) == 1 else 0.0
                 sleep_until(due, spin_s)
@@ -304,7 +304,7 @@ class LinkEmulator:
         Return how late each data piece in ``which`` was written after its due time.
 
         Never negative (nothing leaves before the link would deliver it); the
-        rest is scheduler noise, a few microseconds where a writer spins.
+        rest is scheduler noise, a few microseconds where a writer polls.
         """
         return list(self._lateness[which])
 
