@@ -23,13 +23,22 @@ The link is shared: all connections through one emulator draw on the same
 two buckets, as all of a robot's flows share one radio.  Departure times are
 computed from the rate schedule, not from when a thread woke up, and the
 forwarder reads ``READ_AHEAD_S`` ahead of the link, so scheduling lateness
-does not cost link capacity.
+does not cost link capacity.  Data is written at its due time, never before:
+each writer sleeps until shortly before and polls the clock for the rest
+(``SPIN_S``; writers also ask Linux for 1 ns timer slack), so a message's
+last piece leaves within microseconds of when the link delivers it.  And the
+link's time starts when data reached the emulator's socket (the kernel's
+receive stamp, on Linux), not when the reading thread woke up to read it.
 """
 
 from __future__ import annotations
 
 import collections
+import ctypes
+import select
 import socket
+import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -41,6 +50,83 @@ PIECE_BYTES = 16384          # the forwarder's scheduling quantum
 READ_AHEAD_S = 0.02
 RECV_BYTES = 65536
 HISTORY = 10000              # scheduled delays kept per direction
+SPIN_S = 3e-4                # a writer's last stretch before a due time: poll, don't sleep
+PR_SET_TIMERSLACK = 29
+SO_TIMESTAMPNS = 35 if sys.platform.startswith('linux') else None   # not in Python's socket
+STAMP_SPACE = socket.CMSG_SPACE(16) if hasattr(socket, 'CMSG_SPACE') else 0
+MAX_BACKDATE_S = 1e-3        # a kernel stamp further back than this is not trusted (clock step)
+
+
+def precise_timers() -> None:
+    """Ask Linux to wake this thread's sleeps on time (timer slack 1 ns, not 50 us); else no-op."""
+    try:
+        ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+
+
+def stamp_arrivals(sock: socket.socket) -> bool:
+    """Ask the kernel to stamp when data reaches ``sock`` (Linux); return whether it will."""
+    if SO_TIMESTAMPNS is None or not STAMP_SPACE:
+        return False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_TIMESTAMPNS, 1)
+    except OSError:
+        return False
+    return True
+
+
+def arrival_time(ancillary: list, realtime: float, now: float) -> float:
+    """
+    Return when data read at ``now`` (monotonic) reached the socket: its kernel stamp, or ``now``.
+
+    ``ancillary`` is ``recvmsg``'s; the stamp (wall clock, of the last packet
+    read) is moved to the monotonic clock with ``realtime``, read just before
+    ``now`` (so it lands late, never early), and kept within
+    ``MAX_BACKDATE_S`` of ``now`` in case the wall clock was stepped.  The
+    link's time then starts when the data arrived, not when the reading
+    thread woke up.
+    """
+    for level, kind, value in ancillary:
+        if level == socket.SOL_SOCKET and kind == SO_TIMESTAMPNS and len(value) >= 16:
+            seconds, nanoseconds = struct.unpack('qq', value[:16])
+            stamped = seconds + nanoseconds * 1e-9 - (realtime - now)
+            return min(now, max(stamped, now - MAX_BACKDATE_S))
+    return now
+
+
+def receive(sock: socket.socket, stamped: bool) -> tuple[bytes, float]:
+    """
+    Return the next data on ``sock`` (blocking) and when it arrived (monotonic).
+
+    With ``stamped`` (``stamp_arrivals`` said yes) that is the kernel's stamp
+    (``arrival_time``), else when the read returned.
+    """
+    if not stamped:
+        return sock.recv(RECV_BYTES), time.monotonic()
+    data, ancillary, _, _ = sock.recvmsg(RECV_BYTES, STAMP_SPACE)
+    realtime = time.time()
+    return data, arrival_time(ancillary, realtime, time.monotonic())
+
+
+def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
+    """
+    Return at ``due`` (``time.monotonic``) or just after it, never before.
+
+    Sleeps until ``spin_s`` before, then polls the clock: a sleep alone
+    wakes tens to hundreds of microseconds late.  Each turn of the loop
+    releases the GIL (a zero-timeout ``select``), so the other forwarding
+    threads run meanwhile; it does not give the CPU away (``sched_yield``
+    would, to any busy process on the core, for milliseconds).
+    """
+    while True:
+        left = due - time.monotonic()
+        if left <= 0:
+            return
+        if left > spin_s:
+            time.sleep(left - spin_s)
+        else:
+            select.select([], [], [], 0)
 
 
 class _Pipe:
@@ -51,6 +137,7 @@ class _Pipe:
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
         self.last_delivery = 0.0
+        self.stamped = stamp_arrivals(src)
         self.threads = [threading.Thread(target=self._read, daemon=True,
                                          name=f'linkemu-{which}-read'),
                         threading.Thread(target=self._write, daemon=True,
@@ -78,8 +165,7 @@ class _Pipe:
                 if ahead > 0:
                     time.sleep(min(ahead, 0.05))
                     continue
-                data = self.src.recv(RECV_BYTES)
-                now = time.monotonic()
+                data, now = receive(self.src, self.stamped)
                 shaper = emu.shaper(self.which)   # the link may have changed during recv
                 if not data:
                     self._push(now, now + shaper.direction.delay_ms / 1e3, None)
@@ -92,6 +178,7 @@ class _Pipe:
             self.conn.close()
 
     def _write(self) -> None:
+        precise_timers()
         try:
             while True:
                 with self.cond:
@@ -99,19 +186,19 @@ class _Pipe:
                         self.cond.wait(0.2)
                     if self.conn.closed:
                         return
-                    due = self.queue[0][0]
-                wait = due - time.monotonic()
-                if wait > 0:
-                    time.sleep(wait)
+                    # poll only for the last piece queued: a message's end is what its receiver
+                    # waits for; a piece with more behind it only needs to leave before them
+                    due, spin_s = self.queue[0][0], SPIN_S if len(self.queue) == 1 else 0.0
+                sleep_until(due, spin_s)
                 chunks, eof = [], False
                 with self.cond:
                     now = time.monotonic()
-                    self.conn.emulator.note_lateness(self.which, now - due)
-                    while self.queue and self.queue[0][0] <= now + 1e-4:
-                        _, data = self.queue.popleft()
+                    while self.queue and self.queue[0][0] <= now:     # due now, never early
+                        due, data = self.queue.popleft()
                         if data is None:
                             eof = True
                             break
+                        self.conn.emulator.note_lateness(self.which, now - due)
                         chunks.append(data)
                 if chunks:
                     self.dst.sendall(b''.join(chunks))
@@ -198,7 +285,7 @@ class LinkEmulator:
         self._delays[which].append(seconds * 1e3)
 
     def note_lateness(self, which: str, seconds: float) -> None:
-        """Record how late a write woke after its due time (forwarder; scheduler noise)."""
+        """Record how late one piece was written after its due time (forwarder)."""
         self._lateness[which].append(seconds * 1e3)
 
     def scheduled_delays_ms(self, which: str) -> list[float]:
@@ -213,7 +300,12 @@ class LinkEmulator:
         return list(self._delays[which])
 
     def write_lateness_ms(self, which: str) -> list[float]:
-        """Return how late each write in ``which`` woke after its due time (scheduler noise)."""
+        """
+        Return how late each data piece in ``which`` was written after its due time.
+
+        Never negative (nothing leaves before the link would deliver it); the
+        rest is scheduler noise, a few microseconds where a writer polls.
+        """
         return list(self._lateness[which])
 
     def stats(self) -> dict:

@@ -1,7 +1,11 @@
 """The link emulator delivers the configured bandwidth, delay, jitter, stalls and traces."""
 
+import os
 import socket
 import statistics
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -10,8 +14,9 @@ import pytest
 from bench import traces
 from bench.link_config import PRESETS, Direction, LinkConfig, grid_link, steps_link, symmetric
 from bench.link_process import EmulatorProcess
-from bench.link_proxy import LinkEmulator
-from bench.link_shaper import Shaper
+from bench.link_proxy import (MAX_BACKDATE_S, PIECE_BYTES, SO_TIMESTAMPNS, LinkEmulator,
+                              arrival_time, receive, stamp_arrivals)
+from bench.link_shaper import MIN_BURST_BYTES, Shaper
 
 TOLERANCE = 0.10
 
@@ -193,6 +198,90 @@ def test_configured_delay_and_jitter_are_scheduled_exactly_and_never_delivered_e
     assert all(m >= s for m, s in zip(measured, scheduled))
     excess = [m - s for m, s in zip(measured, scheduled)]
     assert statistics.median(excess) < 10     # wake-up noise; a few 0.1 ms on a quiet machine
+
+
+def test_a_message_never_arrives_before_the_configured_link_delivers_it(echo):
+    """Every round trip of a message takes at least RTT + its serialisation beyond the burst."""
+    nbytes, rate = 150_000, 300e6 / 8
+    link = symmetric('300mbps', {'mbps': 300}, rtt_ms=4)
+    link_s = 4e-3 + (nbytes - max(MIN_BURST_BYTES, rate * 1e-3)) / rate  # burst: 1 ms of data
+    with LinkEmulator(echo, link) as emu, _connect(emu) as sock:
+        samples = []
+        for _ in range(12):
+            time.sleep(0.005)                     # idle: the bucket refills to its burst
+            samples.append(_transfer_s(sock, nbytes))
+    assert min(samples) >= link_s        # (how far behind: the precision tests below)
+
+
+def test_no_piece_is_written_before_its_due_time(echo):
+    """Pieces due closer together than a writer wakes up are still held, each until its time."""
+    nbytes = 4_000_000
+    fast = Direction(rate={'mbps': 2000})         # a 16 KB piece every 66 us
+    with LinkEmulator(echo, LinkConfig('fast', up=fast, down=fast)) as emu, \
+            _connect(emu) as sock:
+        _transfer_s(sock, nbytes)
+        lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
+    assert len(lateness) >= 2 * nbytes / PIECE_BYTES          # one per piece
+    assert min(lateness) >= 0
+
+
+def test_a_message_end_is_written_on_time_not_a_sleep_late(echo):
+    """The writer spins the last stretch before a due time (a plain sleep: 0.05-0.1 ms late)."""
+    with LinkEmulator(echo, symmetric('rtt4', None, rtt_ms=4)) as emu, _connect(emu) as sock:
+        _rtt_ms(sock, 21)
+        lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
+    assert len(lateness) == 42
+    assert statistics.median(lateness) < 0.03
+
+
+@pytest.mark.skipif(not hasattr(os, 'sched_setaffinity'), reason='needs CPU affinity (Linux)')
+def test_a_busy_process_on_the_same_core_does_not_hold_messages_back(echo):
+    """The writer polls, not yields, its last stretch: yielding gave a busy neighbour ~2 ms."""
+    cpus = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(cpus)})          # this thread; the emulator's threads inherit it
+    busy = subprocess.Popen([sys.executable, '-c', 'while True: pass'])   # inherits it too
+    try:
+        with LinkEmulator(echo, symmetric('rtt4', None, rtt_ms=4)) as emu, \
+                _connect(emu) as sock:
+            samples = _rtt_ms(sock, 15)
+    finally:
+        busy.kill()
+        busy.wait()
+        os.sched_setaffinity(0, cpus)
+    assert statistics.median(samples) < 4 + 1
+
+
+def test_arrival_is_the_kernel_stamp_moved_to_the_monotonic_clock_within_bounds():
+    def stamp(t):
+        return [(socket.SOL_SOCKET, SO_TIMESTAMPNS, struct.pack('qq', int(t), round(t % 1 * 1e9)))]
+
+    realtime, now = 1_700_000_000.0, 50.0             # wall clock and monotonic, read together
+    assert arrival_time(stamp(realtime - 3e-4), realtime, now) == pytest.approx(now - 3e-4)
+    assert arrival_time(stamp(realtime - 1.0), realtime, now) == now - MAX_BACKDATE_S  # a step
+    assert arrival_time(stamp(realtime + 1.0), realtime, now) == now    # never after the read
+    assert arrival_time([], realtime, now) == now                        # no stamp: the read
+
+
+@pytest.mark.skipif(SO_TIMESTAMPNS is None, reason='kernel receive stamps are Linux only')
+def test_data_read_late_is_dated_when_it_reached_the_socket():
+    """A reader that wakes late does not make the link late: the kernel stamped the arrival."""
+    with socket.create_server(('127.0.0.1', 0)) as server, \
+            socket.create_connection(server.getsockname()) as sender:
+        receiver, _ = server.accept()
+        with receiver:
+            assert stamp_arrivals(receiver)
+            for _ in range(100):      # the kernel turns stamping on a moment after it is asked
+                sender.sendall(b'.')
+                if receiver.recvmsg(1, socket.CMSG_SPACE(16))[1]:
+                    break
+                time.sleep(0.001)
+            sent = time.monotonic()
+            sender.sendall(b'x' * 100)
+            time.sleep(0.0006)                       # the reading thread is slow to wake
+            data, arrived = receive(receiver, stamped=True)
+            read = time.monotonic()
+    assert data == b'x' * 100
+    assert sent <= arrived <= read - 0.0005
 
 
 def test_loss_stalls_the_stream_by_the_retransmission_timeout(echo):
