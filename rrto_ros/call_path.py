@@ -301,7 +301,7 @@ def _cpu(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _to_device_of(outputs: list, flat: list) -> list:
-    first = next((t for t in flat if isinstance(t, torch.Tensor)), None)
-    if first is None or first.is_cpu:
-        return outputs
-    return [o.to(first.device) for o in outputs]
+    for first in flat:      # the first input tensor's device
+        if isinstance(first, torch.Tensor):
+            return outputs if first.is_cpu else [o.to(first.device) for o in outputs]
+    return outputs

@@ -225,7 +225,7 @@ class RrtoClient:
 
     def _send(self, frames: list, connect_ms: float) -> None:
         try:
-            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            wire.send_frames(self._sock, frames)
             return
         except zmq.Again:
             pass  # no connection yet (IMMEDIATE): wait for one, once
@@ -233,7 +233,7 @@ class RrtoClient:
             self._mark_down('no connection')
             raise ServerUnavailable(f'cannot connect to {self.endpoint}')
         try:
-            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            wire.send_frames(self._sock, frames)
         except zmq.Again:
             self._mark_down('send would block')
             raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
@@ -257,8 +257,8 @@ class RrtoClient:
             self.counters['errors'] += 1
             raise RemoteError(reply_header.code, reply_header.message)
         try:
-            bound = reply_check.decode_bound(reply_header.tensors, expect, MAX_REPLY_BYTES)
-            tensors = wire.decode_tensors(reply_header.tensors, reply[1:], bound)
+            tensors = reply_check.decode_outputs(reply_header.tensors, reply[1:], expect,
+                                                 MAX_REPLY_BYTES)
         except ProtocolError as exc:
             self.counters['errors'] += 1
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
@@ -277,7 +277,7 @@ class RrtoClient:
                 self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
-            frames = self._sock.recv_multipart(copy=False)
+            frames = wire.recv_frames(self._sock)
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:

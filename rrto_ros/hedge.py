@@ -155,10 +155,8 @@ class HedgedReply:
                         continue   # garbage, or the slower copy of an earlier request
                     if isinstance(reply, replies.Ok):
                         try:
-                            tensors = wire.decode_tensors(
-                                reply.tensors, frames[1:],
-                                reply_check.decode_bound(reply.tensors, self._expect,
-                                                         MAX_REPLY_BYTES))
+                            tensors = reply_check.decode_outputs(
+                                reply.tensors, frames[1:], self._expect, MAX_REPLY_BYTES)
                         except ProtocolError as exc:    # our own reply, undecodable
                             reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
                     waiting -= 1
