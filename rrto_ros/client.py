@@ -201,7 +201,7 @@ class RrtoClient:
                 self._sock = self._new_socket(heartbeat_ms, data=True)
                 self._heartbeat_ms = heartbeat_ms
             request_id = next(self._ids)
-            header = {'kind': kind.value, 'id': request_id}
+            header = {'kind': kind, 'id': request_id}    # a str enum: encoded as its value
             header.update(fields or {})
             frames = wire.encode(header, tensors, codec)
             size = wire.message_size(frames)
@@ -250,7 +250,7 @@ class RrtoClient:
 
     def _finish(self, reply_header: replies.Ok | replies.Error, reply: list,
                 expect: Sequence[reply_check.Leaf] | None = None
-                ) -> tuple[dict, list[torch.Tensor]]:
+                ) -> tuple[replies.Ok, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
         if isinstance(reply_header, replies.Error):
@@ -262,7 +262,7 @@ class RrtoClient:
         except ProtocolError as exc:
             self.counters['errors'] += 1
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
-        return msgspec.to_builtins(reply_header), tensors
+        return reply_header, tensors
 
     def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[replies.Ok, list]:
         while True:
@@ -381,6 +381,11 @@ class PendingReply:
 
     def result(self) -> tuple[dict, list[torch.Tensor]]:
         """Wait for the reply; raise ServerUnavailable on timeout, RemoteError on an error."""
+        header, tensors = self.take()
+        return msgspec.to_builtins(header), tensors
+
+    def take(self) -> tuple[replies.Ok, list[torch.Tensor]]:
+        """As :meth:`result`, with the reply's header as decoded (no dict built)."""
         if not self._open:
             raise RuntimeError('this reply was already taken or cancelled')
         try:
