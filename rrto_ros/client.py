@@ -201,7 +201,7 @@ class RrtoClient:
                 self._sock = self._new_socket(heartbeat_ms, data=True)
                 self._heartbeat_ms = heartbeat_ms
             request_id = next(self._ids)
-            header = {'kind': kind.value, 'id': request_id}
+            header = {'kind': kind, 'id': request_id}    # a str enum: encoded as its value
             header.update(fields or {})
             frames = wire.encode(header, tensors, codec)
             size = wire.message_size(frames)
@@ -225,7 +225,7 @@ class RrtoClient:
 
     def _send(self, frames: list, connect_ms: float) -> None:
         try:
-            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            wire.send_frames(self._sock, frames)
             return
         except zmq.Again:
             pass  # no connection yet (IMMEDIATE): wait for one, once
@@ -233,7 +233,7 @@ class RrtoClient:
             self._mark_down('no connection')
             raise ServerUnavailable(f'cannot connect to {self.endpoint}')
         try:
-            self._sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            wire.send_frames(self._sock, frames)
         except zmq.Again:
             self._mark_down('send would block')
             raise ServerUnavailable(f'cannot send to {self.endpoint}') from None
@@ -250,19 +250,19 @@ class RrtoClient:
 
     def _finish(self, reply_header: replies.Ok | replies.Error, reply: list,
                 expect: Sequence[reply_check.Leaf] | None = None
-                ) -> tuple[dict, list[torch.Tensor]]:
+                ) -> tuple[replies.Ok, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
         self.counters['bytes_received'] += wire.message_size(reply)
         if isinstance(reply_header, replies.Error):
             self.counters['errors'] += 1
             raise RemoteError(reply_header.code, reply_header.message)
         try:
-            bound = reply_check.decode_bound(reply_header.tensors, expect, MAX_REPLY_BYTES)
-            tensors = wire.decode_tensors(reply_header.tensors, reply[1:], bound)
+            tensors = reply_check.decode_outputs(reply_header.tensors, reply[1:], expect,
+                                                 MAX_REPLY_BYTES)
         except ProtocolError as exc:
             self.counters['errors'] += 1
             raise RemoteError(ErrorCode.BAD_REPLY.value, exc.message) from None
-        return msgspec.to_builtins(reply_header), tensors
+        return reply_header, tensors
 
     def _await(self, request_id: int, kind: Kind, deadline: float) -> tuple[replies.Ok, list]:
         while True:
@@ -277,7 +277,7 @@ class RrtoClient:
                 self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
-            frames = self._sock.recv_multipart(copy=False)
+            frames = wire.recv_frames(self._sock)
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
@@ -381,6 +381,11 @@ class PendingReply:
 
     def result(self) -> tuple[dict, list[torch.Tensor]]:
         """Wait for the reply; raise ServerUnavailable on timeout, RemoteError on an error."""
+        header, tensors = self.take()
+        return msgspec.to_builtins(header), tensors
+
+    def take(self) -> tuple[replies.Ok, list[torch.Tensor]]:
+        """As :meth:`result`, with the reply's header as decoded (no dict built)."""
         if not self._open:
             raise RuntimeError('this reply was already taken or cancelled')
         try:

@@ -122,6 +122,11 @@ class HedgedReply:
         self._deadline = deadline
 
     def result(self) -> tuple[dict, list[torch.Tensor]]:
+        header, tensors = self.take()
+        return msgspec.to_builtins(header), tensors
+
+    def take(self) -> tuple[replies.Ok, list[torch.Tensor]]:
+        """As :meth:`result`, with the first good reply's header as decoded."""
         hedge, counters = self._hedge, self._hedge.counters
         poller = zmq.Poller()
         socks = {hedge.socket(e): e for e in self._endpoints}
@@ -155,17 +160,15 @@ class HedgedReply:
                         continue   # garbage, or the slower copy of an earlier request
                     if isinstance(reply, replies.Ok):
                         try:
-                            tensors = wire.decode_tensors(
-                                reply.tensors, frames[1:],
-                                reply_check.decode_bound(reply.tensors, self._expect,
-                                                         MAX_REPLY_BYTES))
+                            tensors = reply_check.decode_outputs(
+                                reply.tensors, frames[1:], self._expect, MAX_REPLY_BYTES)
                         except ProtocolError as exc:    # our own reply, undecodable
                             reply = RemoteError(ErrorCode.BAD_REPLY.value, exc.message)
                     waiting -= 1
                     counters['round_trips'] += 1
                     counters['bytes_received'] += wire.message_size(frames)
                     if isinstance(reply, replies.Ok):
-                        return msgspec.to_builtins(reply), tensors
+                        return reply, tensors
                     counters['errors'] += 1
                     error = (reply if isinstance(reply, RemoteError)
                              else RemoteError(reply.code, reply.message))

@@ -33,7 +33,9 @@ import torch
 from cachetools import LRUCache
 
 from rrto_wire import dtypes, treespec
+from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
+from rrto_wire.messages import Frame
 
 
 class Free(NamedTuple):
@@ -138,6 +140,35 @@ def decode_bound(descriptors: Sequence[Any], leaves: Sequence[Leaf] | None,
     return default if bound is None else bound
 
 
+def decode_outputs(descriptors: Sequence[Any], frames: Sequence[Any],
+                   leaves: Sequence[Leaf] | None, default: int) -> list[torch.Tensor]:
+    """
+    Return a reply's tensors: :func:`decode_bound`, then decode within that bound.
+
+    Raises ``bad_reply`` or the decoding's error like those two.  A reply whose
+    frames are exactly the raw outputs the export promises (every dtype and size
+    known) is compared once with the descriptors made for ``leaves``, and each
+    frame's length with its size, before its bytes are viewed.
+    """
+    if leaves is not None:
+        raw = _raw(leaves if type(leaves) is tuple else tuple(leaves))
+        if raw is not None and descriptors == raw[0] and len(frames) == len(raw[1]):
+            tensors = wire.view_raw(descriptors, frames, raw[1])
+            if tensors is not None:
+                return tensors
+    return wire.decode_tensors(descriptors, frames, decode_bound(descriptors, leaves, default))
+
+
+@functools.lru_cache(maxsize=256)
+def _raw(leaves: tuple[Leaf, ...]) -> tuple[list[Frame], tuple[int, ...]] | None:
+    """Return the raw frame descriptors and sizes ``leaves`` allow exactly (None: not known)."""
+    exact = _compiled(leaves)[0]
+    if exact is None:
+        return None
+    frames = [Frame(dtype, tuple(shape)) for dtype, shape in exact]
+    return frames, tuple(f.nbytes for f in frames)
+
+
 def most_bytes(leaves: Sequence[Leaf]) -> int | None:
     """Return the bytes the expected outputs decode to at most; None: no bound before the call."""
     return _compiled(tuple(leaves))[1]
@@ -145,12 +176,25 @@ def most_bytes(leaves: Sequence[Leaf]) -> int | None:
 
 def check_outputs(outputs: Sequence[Any], leaves: Sequence[Leaf]) -> None:
     """Raise ``bad_reply`` unless the decoded ``outputs`` match the expected leaves."""
+    leaves = leaves if type(leaves) is tuple else tuple(leaves)
+    exact = _torch_exact(leaves)    # one comparison when every dtype and size is known
+    if exact is not None and tuple([(t.dtype, t.shape) if isinstance(t, torch.Tensor) else None
+                                    for t in outputs]) == exact:
+        return
     if not all(isinstance(t, torch.Tensor) for t in outputs):
         raise _bad('an output is not a tensor')
-    leaves = tuple(leaves)
     got = tuple([(dtypes.dtype_name(t.dtype), t.shape) for t in outputs])
     if got != _compiled(leaves)[0]:
         _check(got, leaves)
+
+
+@functools.lru_cache(maxsize=256)
+def _torch_exact(leaves: tuple[Leaf, ...]) -> tuple | None:
+    """Return the exact outputs ``leaves`` allow as (torch dtype, shape); None: not known."""
+    exact = _compiled(leaves)[0]
+    if exact is None or not all(dtype in dtypes.DTYPES for dtype, _ in exact):
+        return None
+    return tuple((dtypes.DTYPES[dtype].torch, tuple(shape)) for dtype, shape in exact)
 
 
 @functools.lru_cache(maxsize=256)       # every reply is checked against the same few leaves

@@ -23,7 +23,7 @@ import logging
 import random
 import threading
 import time
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import zmq
@@ -327,8 +327,15 @@ class _Routed:
         self._pending = pending
 
     def result(self) -> tuple[dict, list[torch.Tensor]]:
+        return self._wait(self._pending.result)
+
+    def take(self) -> tuple[Any, list[torch.Tensor]]:
+        """As :meth:`result`, with the reply's header as decoded."""
+        return self._wait(self._pending.take)
+
+    def _wait(self, get: Callable[[], tuple]) -> tuple:
         try:
-            return self._pending.result()
+            return get()
         except ServerUnavailable:
             self._fleet.resolver.forget(self._endpoint)
             raise

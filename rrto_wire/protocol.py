@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import zmq
 
 from rrto_wire import codecs
 from rrto_wire.dtypes import dtype_name
@@ -30,6 +31,9 @@ from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import MAX_TENSORS, PROTOCOL_VERSION
 from rrto_wire.messages import Frame, Kind, encode_header
 from rrto_wire.tensors import tensor_frame, tensor_from_buffer
+
+_MORE = int(zmq.SNDMORE | zmq.NOBLOCK)   # ints: pyzmq's flag enums cost a few us a message
+_LAST = int(zmq.NOBLOCK)
 
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
@@ -113,6 +117,40 @@ def decode_tensors(descriptors: Sequence[Frame], frames: Sequence[Any],
                 f'tensor {index} ({desc}) needs {size} bytes, frame has {len(buf)}')
         tensors.append(tensor_from_buffer(buf, desc))
     return tensors
+
+
+def view_raw(descriptors: Sequence[Frame], frames: Sequence[Any],
+             sizes: Sequence[int]) -> list[torch.Tensor] | None:
+    """
+    View raw frames already described and sized (``sizes``) as tensors, zero-copy.
+
+    Returns None when a frame's length is not its size (:func:`decode_tensors`
+    names the problem); the caller has compared the descriptors and their count.
+    """
+    tensors = []
+    for desc, frame, size in zip(descriptors, frames, sizes):
+        buf = _buffer(frame)
+        if len(buf) != size:
+            return None
+        tensors.append(tensor_from_buffer(buf, desc))
+    return tensors
+
+
+def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
+    """``sock.send_multipart(frames, copy=False, flags=NOBLOCK)``, its flags as ints."""
+    for frame in frames[:-1]:       # once the first part is queued, libzmq takes them all
+        sock.send(frame, _MORE, copy=False)
+    sock.send(frames[-1], _LAST, copy=False)
+
+
+def recv_frames(sock: zmq.Socket) -> list:
+    """``sock.recv_multipart(copy=False)``: each part says whether more follow."""
+    frame = sock.recv(0, copy=False)
+    frames = [frame]
+    while frame.more:
+        frame = sock.recv(0, copy=False)
+        frames.append(frame)
+    return frames
 
 
 def error_header(request_id: Any, code: ErrorCode, message: str) -> dict:

@@ -4,11 +4,12 @@ import pytest
 import torch
 
 from rrto_ros import OffloadResult
+from rrto_ros.client import RrtoClient
 from rrto_ros.naive import operator_count
 from rrto_ros.preparer import PrepState
 from rrto_ros.zoo import ARCHITECTURES
-from rrto_testing import assert_same_as_local
-from rrto_wire import treespec
+from rrto_testing import assert_same_as_local, prepare
+from rrto_wire import replies, treespec
 
 SIZES = {'resnet18': (1, 3, 224, 224), 'mobilenet': (1, 3, 160, 160),
          'keypoint_net': (1, 3, 96, 128)}
@@ -130,3 +131,24 @@ def test_calls_before_recording_finishes_run_locally(server, offloaded):
     assert om.warmup(x)
     om(x)
     assert om.last.result == OffloadResult.OFFLOADED
+
+
+def test_a_pending_infer_hands_over_its_decoded_header_or_a_dict(server):
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 2).eval()
+    x = torch.randn(1, 4)
+    replay = prepare(server.endpoint, net, x)
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    try:
+        pending = client.start_infer(replay, [x])
+        try:
+            header, outputs = pending.take()        # the call path's: typed
+        finally:
+            pending.cancel()                        # nothing once taken
+        assert isinstance(header, replies.InferOk) and header.timing.compute_ms >= 0
+        torch.testing.assert_close(outputs[0], net(x))
+        header, outputs = client.start_infer(replay, [x]).result()     # everyone else's
+        assert isinstance(header, dict) and header['timing']['compute_ms'] >= 0
+        torch.testing.assert_close(outputs[0], net(x))
+    finally:
+        client.close()

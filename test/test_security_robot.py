@@ -241,3 +241,26 @@ def test_a_dynamic_reply_unlike_its_sizes_falls_back_to_local(mode, proxy, offlo
     # refused by the size check, before any frame is decoded
     assert ('one size in the model' if mode == 'fewer' else 'at most 16') in om.last.reason
     assert all(torch.equal(o, w) for o, w in zip(out, want))
+
+
+def test_raw_outputs_as_expected_are_viewed_after_the_same_checks():
+    from rrto_ros.reply_check import check_outputs, decode_outputs
+    leaves = (('float32', (1, 4)), ('int64', (3,)))
+    a, b = torch.arange(4.0).reshape(1, 4), torch.arange(3)
+    frames = [bytearray(a.numpy().tobytes()), bytearray(b.numpy().tobytes())]
+    descs = [Frame('float32', (1, 4)), Frame('int64', (3,))]
+    out = decode_outputs(descs, frames, leaves, 1 << 30)
+    assert torch.equal(out[0], a) and torch.equal(out[1], b)
+    check_outputs(out, leaves)
+    # the descriptors as expected, the frames not: each refused like the general decoding
+    for bad in ([frames[0][:-4], frames[1]], [frames[0], frames[1] + b'\0' * 8],
+                frames + [b''], frames[:1]):
+        with pytest.raises(ProtocolError):
+            decode_outputs(descs, bad, leaves, 1 << 30)
+    compressed = [frames[0], zstandard.ZstdCompressor().compress(frames[1])]
+    out = decode_outputs([descs[0], Frame('int64', (3,), 'zstd')], compressed, leaves, 1 << 30)
+    assert torch.equal(out[1], b)
+    for outputs in ([a, b.int()], [a, b.reshape(1, 3)], [a], [a, b, b], [a, b.tolist()]):
+        with pytest.raises(ProtocolError) as err:
+            check_outputs(outputs, leaves)
+        assert err.value.code == ErrorCode.BAD_REPLY
