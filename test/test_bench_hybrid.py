@@ -14,7 +14,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     docs.write_text('# Benchmarks\n\nKept text.\n')
     argv = ['--models', 'python:bench.unseen_models:unet', '--grid', '2,300', '--rtts', '4',
             '--calls', '2', '--calibration-rounds', '2', '--correction-calls', '6',
-            '--settle-rounds', '3',
+            '--settle-rounds', '3', '--same-plan-rounds', '2',
             '--robot-span', '1', '--size', '32x48', '--frames', '2', '--robot-cpu-share', '1',
             '--out', str(out), '--docs', str(docs)]
     assert hybrid.main(argv) == 0
@@ -39,6 +39,12 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
         # the runner with correction on made its own calls at the point before its rounds
         assert len(row['corrected']['settle_plans']) == 3
         assert row['corrected']['in_use_predicted_ms'] > 0
+        same = hybrid.same_plan_runners(row)   # more rounds of only those, whole designs
+        assert (row['same_plan'] is None) == (not same)
+        if same:
+            assert list(row['same_plan']) == same
+            assert all(len(row['same_plan'][name]['rounds_ms'])
+                       == hybrid.whole_designs(2, len(same)) for name in same)
     assert hybrid.summary(model)['paired']['points'] == 2
     assert hybrid.summary(model)['corrected']['paired']['points'] == 2
     calibration = model['calibration']
@@ -255,6 +261,39 @@ def test_a_baseline_plan_is_every_runner_that_ran_it_not_the_luckiest_of_them():
     assert (s['over'], s['over_same_plan'], s['points']) == (1, 0, 2)
     assert hybrid.plan_verdict(_row(local=100.0, offload=150.0, best_split=90.0,
                                     hybrid=72.0)) is None   # no rounds, no verdict
+
+
+def test_a_same_plan_point_is_judged_again_on_more_rounds_of_only_its_runners():
+    lucky = [95.0, 105.0, 114.0, 130.0, 140.0]
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0, corrected=0,
+                       plans={'hybrid': 'local', 'best_split': 'local'}),
+                  local=lucky, local_twin=DRIFT, best_split=lucky,
+                  offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                  hybrid=[1.04 * ms for ms in DRIFT], corrected=[2 * ms for ms in DRIFT])
+    assert not hybrid.verdict(row)['within']    # 9.5 % slower than the luckier runners
+    # the runners that ran local, the table's runner among them, both local twins there
+    assert hybrid.same_plan_runners(row) == ['local', 'local_twin', 'best_split', 'hybrid']
+    assert hybrid.same_plan_verdict(row) is None   # no extra rounds at this point
+    assert hybrid.summary({'rows': [row]})['same_plan'] is None
+    level = [100.0 + (7 * k) % 23 for k in range(14)]
+    row['same_plan'] = {name: {'rounds_ms': list(level)}
+                        for name in ('local', 'local_twin', 'best_split', 'hybrid')}
+    v = hybrid.same_plan_verdict(row)
+    assert v['plan'] == 'local' and v['rounds'] == 14 and v['gain'] == pytest.approx(0)
+    assert v['within'] and v['noise'] == 0 and v['allowed'] == 0.03
+    s = hybrid.summary({'rows': [row]})['same_plan']
+    assert (s['points'], s['over'], s['rounds']) == (1, 0, 14)
+    assert hybrid.same_plan_verdict(row, 'corrected') is None   # it ran offload there
+    # a table's runner slower in every one of those rounds is over
+    row['same_plan']['hybrid']['rounds_ms'] = [1.05 * ms for ms in level]
+    w = hybrid.same_plan_verdict(row)
+    assert w['gain'] == pytest.approx(-0.05) and not w['within']
+    # the twins' gap in those rounds is the floor
+    row['same_plan']['local_twin']['rounds_ms'] = [1.06 * ms for ms in level]
+    assert hybrid.same_plan_verdict(row)['within']
+    # no table runner ran local: no extra rounds to run
+    assert hybrid.same_plan_runners(_row(local=100.0, offload=150.0, best_split=90.0,
+                                         hybrid=72.0)) == []
 
 
 def test_results_without_rounds_have_no_paired_verdict():
