@@ -251,8 +251,8 @@ class HybridBench:
         calls = whole_designs(self.args.same_plan_rounds, len(names))
         points = run_interleaved({name: runners[name] for name in names}, self.frames,
                                  references, 0.0, calls, calls, warmup_calls=1)
-        return {name: {key: points[name][key] for key in ('rounds_ms', 'plans', 'median_ms')}
-                for name in names}
+        keys = ('rounds_ms', 'rounds_pos', 'rounds_after', 'plans', 'median_ms')
+        return {name: {key: points[name][key] for key in keys} for name in names}
 
     def settle(self, runners: dict) -> list[str]:
         """
