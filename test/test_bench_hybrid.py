@@ -1,7 +1,9 @@
 """The hybrid benchmark end to end on tiny inputs: solved, every mode measured, correction."""
 
 import json
+import math
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -450,3 +452,54 @@ def test_cores_only_prints_each_processs_cores_and_starts_nothing(tmp_path, monk
     assert lines == ['--robot-cpus 0 --server-cpus 1,2,3,4,5,6 --emulator-cpus 14',
                      '--robot-cpus 7 --server-cpus 8,9,10,11,12,13 --emulator-cpus 15']
     assert not list((tmp_path / 'out').iterdir())
+
+
+def _noisy_result(after_offload: float, slow_runner: str = '', slow: float = 0.0) -> dict:
+    """A result of three all-local points, 60 rounds each, calls after offload slower."""
+    import random
+    rng = random.Random(1)
+    rows = []
+    for _ in range(3):
+        row = {name: {'plans': {'offload' if 'offload' in name else 'local': 60},
+                      'rounds_ms': [], 'rounds_after': []} for name in hybrid.MODES}
+        previous = 'corrected'
+        for k in range(60):
+            level = 30.0 * (1 + 0.1 * math.sin(k))       # the round's speed
+            order = list(hybrid.MODES)
+            rng.shuffle(order)
+            for name in order:
+                ms = level * math.exp(rng.gauss(0, 0.05))
+                ms *= 1 + after_offload * ('offload' in previous)
+                ms *= 1 + slow * (name == slow_runner)
+                row[name]['rounds_ms'].append(ms)
+                row[name]['rounds_after'].append(previous)
+                previous = name
+        rows.append(row)
+    return {'meta': {}, 'models': [{'model': 'net', 'rows': rows}]}
+
+
+def test_the_noise_tool_finds_the_call_before_and_a_slow_runner_not_identical_ones():
+    from bench import hybrid_noise
+    fit = hybrid_noise.effects(hybrid_noise.calls_of(_noisy_result(0.05)))
+    assert fit['after offload'][0] == pytest.approx(0.05, abs=0.015)
+    for name in ('local_twin', 'best_split', 'hybrid', 'corrected'):
+        value, error = fit[f'runner {name}']
+        assert abs(value) < 3 * error + 0.005 and error < 0.01
+    slow = hybrid_noise.effects(hybrid_noise.calls_of(_noisy_result(0.0, 'hybrid', 0.04)))
+    assert slow['runner hybrid'][0] == pytest.approx(0.04, abs=0.015)
+    # identical runners: the rules call them over less often with more rounds
+    rounds = hybrid_noise.local_rounds(hybrid_noise.calls_of(_noisy_result(0.05)))
+    assert len(rounds) == 180
+    few, many = (hybrid_noise.false_over(rounds, n, 300) for n in (7, 56))
+    assert few['point'] > many['point'] and few['plan'] > many['plan'] and many['plan'] < 0.05
+
+
+def test_the_noise_tool_recovers_older_runs_calls_from_the_design():
+    # session 13's run kept no rounds_after: the design's rows say what came before, and
+    # with them the known slowdown after an offload call shows
+    from bench import hybrid_noise
+    path = Path(__file__).resolve().parents[1] / 'docs/results/hybrid_240_keypoint_alone_s13.json'
+    calls = hybrid_noise.calls_of(json.loads(path.read_text()))
+    assert len(calls) == 6 * 7 * 14
+    fit = hybrid_noise.effects(calls)
+    assert fit['after offload'][0] > 0.03 and fit['after offload'][1] < 0.015
