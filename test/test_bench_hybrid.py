@@ -455,7 +455,7 @@ def test_cores_only_prints_each_processs_cores_and_starts_nothing(tmp_path, monk
 
 
 def _noisy_result(after_offload: float, slow_runner: str = '', slow: float = 0.0) -> dict:
-    """A result of three all-local points, 60 rounds each, calls after offload slower."""
+    """Return a result of three all-local points, 60 rounds each, calls after offload slower."""
     import random
     rng = random.Random(1)
     rows = []
