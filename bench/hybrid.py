@@ -28,7 +28,10 @@ Per model (zoo names or any ``python:module:factory``, on ``--size`` frames):
    measured before the point's rounds), and whether each table runner is
    within max(3 %, noise floor) of the best baseline, with the point's own
    floor and with the run's pooled floor of its regime
-   (:func:`pooled_floors`) side by side;
+   (:func:`pooled_floors`) side by side; with ``--same-plan-rounds N``, where a
+   table runner ran ``local``, N more rounds of only the runners running it, the
+   table runner judged by plan on those (:func:`same_plan_verdict`: 14 rounds
+   cannot resolve 3 % at a robot-bound point);
 3. run-time correction: a table made wrong on purpose at one grid point (it
    names the slowest measured baseline there) runs with correction on;
    the number of inferences until the wrong plan is no longer used.
@@ -213,6 +216,8 @@ class HybridBench:
                                             row['corrected']['predicted_ms']))
                 row['verdict'] = verdict(row)
                 row['paired'] = paired_verdict(row)
+                if self.args.same_plan_rounds > 0:
+                    row['same_plan'] = self.same_plan_rounds(runners, row, references)
                 result['rows'].append(row)
                 self.save()
                 log.warning('%-12s %5g ms %6g Mbit/s: %s', model.label, link.rtt_ms,
@@ -227,6 +232,27 @@ class HybridBench:
             for runner in runners.values():
                 runner.close()
         return result
+
+    def same_plan_rounds(self, runners: dict, row: dict, references) -> dict | None:
+        """
+        Time more rounds of only the runners running ``local`` where a table runner runs it.
+
+        At such a point the table's runner and the baselines run one plan, and
+        14 rounds cannot tell 3 % at a robot-bound point: with nothing different,
+        the per-point rule says "over" at one point in four and the by-plan rule
+        at one in nine (helper h13t, docs/benchmarks.md, from 469 recorded rounds
+        of five local-plan runners); 56 rounds by plan, one in a hundred.  Only
+        local calls, cheap beside whole rounds with the offload runners; every
+        runner after local calls alike.  None where no table runner ran ``local``.
+        """
+        names = same_plan_runners(row)
+        if not names:
+            return None
+        calls = whole_designs(self.args.same_plan_rounds, len(names))
+        points = run_interleaved({name: runners[name] for name in names}, self.frames,
+                                 references, 0.0, calls, calls, warmup_calls=1)
+        keys = ('rounds_ms', 'rounds_pos', 'rounds_after', 'plans', 'median_ms')
+        return {name: {key: points[name][key] for key in keys} for name in names}
 
     def settle(self, runners: dict) -> list[str]:
         """
@@ -599,6 +625,47 @@ def plan_verdict(row: dict, runner: str = 'hybrid') -> dict | None:
             'same_plan': best == h['plan'], 'within': gain >= -allowed}
 
 
+def same_plan_runners(row: dict, plan: str = 'local') -> list[str]:
+    """Return the runners that ran ``plan`` at a point where a table runner and both twins did."""
+    names = [name for name in MODES if name in row and row[name]['plan'] == plan]
+    twins = next((pair for pair in TWINS if pair[0] == plan), ())
+    if not set(names) & set(TABLE_RUNNERS) or not set(twins) <= set(names):
+        return []
+    return names
+
+
+def same_plan_verdict(row: dict, runner: str = 'hybrid') -> dict | None:
+    """
+    Judge the table's runner on the point's extra same-plan rounds (``row['same_plan']``).
+
+    The by-plan rule (:func:`plan_verdict`) on rounds of only the runners that ran
+    the plan: per round the mean of the baseline runners, ``gain`` 1 - the median
+    over rounds of the table's runner over it, the floor the twins' paired gap in
+    those rounds.  None where the point had no such rounds or ``runner`` was not in them.
+    """
+    extra = row.get('same_plan')
+    if not extra or runner not in extra:
+        return None
+    bases = [extra[name]['rounds_ms'] for name in extra if name not in TABLE_RUNNERS]
+    mine = extra[runner]['rounds_ms']
+    ratio = statistics.median(a / statistics.fmean(b) for a, b in zip(mine, zip(*bases)))
+    plan = next(name for name in extra if name not in TABLE_RUNNERS)
+    twin = dict(TWINS)[plan]
+    noise = _paired_gap(extra[plan], extra[twin])
+    allowed = max(0.03, noise)
+    return {'plan': row[plan]['plan'], 'rounds': len(mine), 'gain': 1 - ratio, 'noise': noise,
+            'allowed': allowed, 'within': 1 - ratio >= -allowed}
+
+
+def same_plan_summary(rows: list[dict], runner: str = 'hybrid') -> dict | None:
+    """Return the same-plan verdicts over a grid (None where no point had extra rounds)."""
+    verdicts = [v for v in (same_plan_verdict(row, runner) for row in rows) if v]
+    if not verdicts:
+        return None
+    return {'points': len(verdicts), 'over': sum(not v['within'] for v in verdicts),
+            'worst': max(-v['gain'] for v in verdicts), 'rounds': verdicts[0]['rounds']}
+
+
 def plan_summary(rows: list[dict], runner: str = 'hybrid') -> dict | None:
     """Return the by-plan verdicts over one model's grid (None without per-round samples)."""
     verdicts = [plan_verdict(row, runner) for row in rows]
@@ -676,6 +743,7 @@ def summary(result: dict, runner: str = 'hybrid') -> dict:
         'median_error': median_error(v['error'] for v in verdicts),
         'paired': paired_summary(result['rows'], runner),
         'by_plan': plan_summary(result['rows'], runner),
+        'same_plan': same_plan_summary(result['rows'], runner),
         'corrected_within_20': None if correction is None
         else (correction['calls_until_dropped'] <= 20
               or correction.get('really_wrong') is False),
@@ -786,6 +854,13 @@ def render(meta: dict, models: list[dict]) -> str:
                       f'({by_plan["over"]} of {by_plan["points"]} over, '
                       f'{by_plan["over_same_plan"]} of them with the best baseline\'s plan).',
                       '']
+        same = s['same_plan']
+        if same:
+            lines += [f'Same plan, more rounds (at the {same["points"]} points where the table\'s '
+                      f'runner ran `local`, {same["rounds"]} more rounds of only the runners '
+                      'running it, judged by plan): worst '
+                      f'{same["worst"] * 100:+.1f} %, {same["over"]} over max(3 %, the twins\' '
+                      'paired gap in those rounds).', '']
         if s.get('corrected'):
             lines += _corrected_lines(s['corrected'])
         c = result.get('correction')
@@ -823,6 +898,9 @@ def _corrected_lines(s: dict) -> list[str]:
                if paired else '')
             + (f'; by plan {by_plan["over"]} over (worst {by_plan["worst"] * 100:+.1f} %)'
                if by_plan else '')
+            + (f'; same plan, more rounds {s["same_plan"]["over"]} of '
+               f'{s["same_plan"]["points"]} over (worst {s["same_plan"]["worst"] * 100:+.1f} %)'
+               if s.get('same_plan') else '')
             + '.  Best gain in the crossover band: '
             + ('none' if gain is None else f'{gain * 100:.1f} %')
             + f'.  Median prediction error of the plans it used: '
@@ -916,6 +994,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument('--settle-rounds', type=int, default=9,
                         help='untimed rounds of every runner at each point before the timed '
                              'ones (the correction-on runner settles there)')
+    parser.add_argument('--same-plan-rounds', type=int, default=0,
+                        help='extra rounds (whole designs) at each point of only the runners '
+                             'running local where a table runner runs it: the same-plan '
+                             'verdict (0: none; 56 gives a table runner identical to the '
+                             'baselines a 1 %% chance of a false over)')
     parser.add_argument('--correction-calls', type=int, default=30,
                         help='inferences with an injected wrong table (0: skip that step)')
     parser.add_argument('--frames', type=int, default=8)

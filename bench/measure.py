@@ -138,12 +138,19 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     point and measured 4-10 % slow there).  Each
     summary has a ``plans`` count of the plans its calls used and ``rounds_ms``, its
     latency in every round (the same index is the same round for every runner, so
-    runners can be compared round by round).
+    runners can be compared round by round), with ``rounds_pos``, its place in each
+    round, and ``rounds_after``, the runner called just before it (None: nothing
+    before it here): a call after one that left the robot's core idle is slower
+    (+5.2 % after an offload call in the H200 host's hybrid runs, helper h13t), and
+    the design's rows are not in the results otherwise.
     """
-    for runner in runners.values():
+    previous = None
+    for name, runner in runners.items():
         for i in range(warmup_calls):
             runner(frames[i % len(frames)])
+            previous = name
     calls = {name: [] for name in runners}
+    places = {name: [] for name in runners}
     names = list(runners)
     random.Random(0).shuffle(names)
     orders = balanced_orders(len(names))
@@ -152,12 +159,14 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     rounds = 0
     while rounds < max_calls and (rounds < min_calls or time.monotonic() - start < budget_s):
         index = rounds % len(frames)
-        for name in (names[i] for i in orders[(first + rounds) % len(orders)]):
+        for place, name in enumerate(names[i] for i in orders[(first + rounds) % len(orders)]):
             runner = runners[name]
             cpu = time.process_time()
             output = runner(frames[index])
             cpu_ms = (time.process_time() - cpu) * 1e3
             calls[name].append((runner.last, cpu_ms, output_error(output, references[index])))
+            places[name].append((place, previous))
+            previous = name
         rounds += 1
     result = {}
     for name, entries in calls.items():
@@ -165,6 +174,8 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
                             [e for _, _, e in entries])
         summary['plans'] = dict(collections.Counter(r.plan for r, _, _ in entries))
         summary['rounds_ms'] = [r.total_ms for r, _, _ in entries]   # [i]: round i's call
+        summary['rounds_pos'] = [place for place, _ in places[name]]
+        summary['rounds_after'] = [before for _, before in places[name]]
         result[name] = summary
     return result
 

@@ -200,6 +200,36 @@ def test_interleaved_rounds_follow_the_balanced_orders_and_calls_start_on_new_ro
     assert rounds(1) != rounds(1)   # the next call starts on another row
 
 
+def test_each_call_keeps_its_place_in_the_round_and_the_runner_called_before_it():
+    from bench.measure import run_interleaved
+    from rrto_ros import OffloadResult
+    from rrto_ros.records import CallRecord
+    seen: list[str] = []
+
+    class Runner:
+        def __init__(self, name):
+            self.name, self.last = name, None
+
+        def __call__(self, frame):
+            seen.append(self.name)
+            self.last = CallRecord(OffloadResult.LOCAL, 'local', total_ms=float(len(seen)))
+            return frame
+
+    frames = [torch.zeros(1)]
+    points = run_interleaved({n: Runner(n) for n in 'abc'}, frames, frames, 0.0, 6, 6,
+                             warmup_calls=1)
+    assert seen[:3] == ['a', 'b', 'c']     # the warm-up calls, then 6 rounds of 3
+    timed = seen[3:]
+    for name, point in points.items():
+        assert len(point['rounds_pos']) == len(point['rounds_after']) == 6
+        for k, (ms, place, before) in enumerate(zip(point['rounds_ms'], point['rounds_pos'],
+                                                    point['rounds_after'])):
+            at = int(ms) - 1 - 3               # the call's index among the timed ones
+            assert timed[at] == name and at == 3 * k + place
+            assert before == seen[int(ms) - 2]  # the warm-up's last runner before the first
+    assert {p for point in points.values() for p in point['rounds_pos']} == {0, 1, 2}
+
+
 def test_detector_comparison_says_whether_labels_and_order_match():
     from bench.detectors import compare
     boxes = torch.tensor([[0., 0., 10., 10.], [5., 5., 20., 20.]])

@@ -1,7 +1,9 @@
 """The hybrid benchmark end to end on tiny inputs: solved, every mode measured, correction."""
 
 import json
+import math
 import statistics
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +16,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     docs.write_text('# Benchmarks\n\nKept text.\n')
     argv = ['--models', 'python:bench.unseen_models:unet', '--grid', '2,300', '--rtts', '4',
             '--calls', '2', '--calibration-rounds', '2', '--correction-calls', '6',
-            '--settle-rounds', '3',
+            '--settle-rounds', '3', '--same-plan-rounds', '2',
             '--robot-span', '1', '--size', '32x48', '--frames', '2', '--robot-cpu-share', '1',
             '--out', str(out), '--docs', str(docs)]
     assert hybrid.main(argv) == 0
@@ -39,6 +41,12 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
         # the runner with correction on made its own calls at the point before its rounds
         assert len(row['corrected']['settle_plans']) == 3
         assert row['corrected']['in_use_predicted_ms'] > 0
+        same = hybrid.same_plan_runners(row)   # more rounds of only those, whole designs
+        assert (row['same_plan'] is None) == (not same)
+        if same:
+            assert list(row['same_plan']) == same
+            assert all(len(row['same_plan'][name]['rounds_ms'])
+                       == hybrid.whole_designs(2, len(same)) for name in same)
     assert hybrid.summary(model)['paired']['points'] == 2
     assert hybrid.summary(model)['corrected']['paired']['points'] == 2
     calibration = model['calibration']
@@ -257,6 +265,39 @@ def test_a_baseline_plan_is_every_runner_that_ran_it_not_the_luckiest_of_them():
                                     hybrid=72.0)) is None   # no rounds, no verdict
 
 
+def test_a_same_plan_point_is_judged_again_on_more_rounds_of_only_its_runners():
+    lucky = [95.0, 105.0, 114.0, 130.0, 140.0]
+    row = _rounds(_row(local=0, offload=0, best_split=0, hybrid=0, corrected=0,
+                       plans={'hybrid': 'local', 'best_split': 'local'}),
+                  local=lucky, local_twin=DRIFT, best_split=lucky,
+                  offload=[2 * ms for ms in DRIFT], offload_twin=[2 * ms for ms in DRIFT],
+                  hybrid=[1.04 * ms for ms in DRIFT], corrected=[2 * ms for ms in DRIFT])
+    assert not hybrid.verdict(row)['within']    # 9.5 % slower than the luckier runners
+    # the runners that ran local, the table's runner among them, both local twins there
+    assert hybrid.same_plan_runners(row) == ['local', 'local_twin', 'best_split', 'hybrid']
+    assert hybrid.same_plan_verdict(row) is None   # no extra rounds at this point
+    assert hybrid.summary({'rows': [row]})['same_plan'] is None
+    level = [100.0 + (7 * k) % 23 for k in range(14)]
+    row['same_plan'] = {name: {'rounds_ms': list(level)}
+                        for name in ('local', 'local_twin', 'best_split', 'hybrid')}
+    v = hybrid.same_plan_verdict(row)
+    assert v['plan'] == 'local' and v['rounds'] == 14 and v['gain'] == pytest.approx(0)
+    assert v['within'] and v['noise'] == 0 and v['allowed'] == 0.03
+    s = hybrid.summary({'rows': [row]})['same_plan']
+    assert (s['points'], s['over'], s['rounds']) == (1, 0, 14)
+    assert hybrid.same_plan_verdict(row, 'corrected') is None   # it ran offload there
+    # a table's runner slower in every one of those rounds is over
+    row['same_plan']['hybrid']['rounds_ms'] = [1.05 * ms for ms in level]
+    w = hybrid.same_plan_verdict(row)
+    assert w['gain'] == pytest.approx(-0.05) and not w['within']
+    # the twins' gap in those rounds is the floor
+    row['same_plan']['local_twin']['rounds_ms'] = [1.06 * ms for ms in level]
+    assert hybrid.same_plan_verdict(row)['within']
+    # no table runner ran local: no extra rounds to run
+    assert hybrid.same_plan_runners(_row(local=100.0, offload=150.0, best_split=90.0,
+                                         hybrid=72.0)) == []
+
+
 def test_results_without_rounds_have_no_paired_verdict():
     row = _row(local=100.0, offload=150.0, best_split=90.0, hybrid=72.0)
     assert hybrid.paired_verdict(row) is None
@@ -411,3 +452,54 @@ def test_cores_only_prints_each_processs_cores_and_starts_nothing(tmp_path, monk
     assert lines == ['--robot-cpus 0 --server-cpus 1,2,3,4,5,6 --emulator-cpus 14',
                      '--robot-cpus 7 --server-cpus 8,9,10,11,12,13 --emulator-cpus 15']
     assert not list((tmp_path / 'out').iterdir())
+
+
+def _noisy_result(after_offload: float, slow_runner: str = '', slow: float = 0.0) -> dict:
+    """Return a result of three all-local points, 60 rounds each, calls after offload slower."""
+    import random
+    rng = random.Random(1)
+    rows = []
+    for _ in range(3):
+        row = {name: {'plans': {'offload' if 'offload' in name else 'local': 60},
+                      'rounds_ms': [], 'rounds_after': []} for name in hybrid.MODES}
+        previous = 'corrected'
+        for k in range(60):
+            level = 30.0 * (1 + 0.1 * math.sin(k))       # the round's speed
+            order = list(hybrid.MODES)
+            rng.shuffle(order)
+            for name in order:
+                ms = level * math.exp(rng.gauss(0, 0.05))
+                ms *= 1 + after_offload * ('offload' in previous)
+                ms *= 1 + slow * (name == slow_runner)
+                row[name]['rounds_ms'].append(ms)
+                row[name]['rounds_after'].append(previous)
+                previous = name
+        rows.append(row)
+    return {'meta': {}, 'models': [{'model': 'net', 'rows': rows}]}
+
+
+def test_the_noise_tool_finds_the_call_before_and_a_slow_runner_not_identical_ones():
+    from bench import hybrid_noise
+    fit = hybrid_noise.effects(hybrid_noise.calls_of(_noisy_result(0.05)))
+    assert fit['after offload'][0] == pytest.approx(0.05, abs=0.015)
+    for name in ('local_twin', 'best_split', 'hybrid', 'corrected'):
+        value, error = fit[f'runner {name}']
+        assert abs(value) < 3 * error + 0.005 and error < 0.01
+    slow = hybrid_noise.effects(hybrid_noise.calls_of(_noisy_result(0.0, 'hybrid', 0.04)))
+    assert slow['runner hybrid'][0] == pytest.approx(0.04, abs=0.015)
+    # identical runners: the rules call them over less often with more rounds
+    rounds = hybrid_noise.local_rounds(hybrid_noise.calls_of(_noisy_result(0.05)))
+    assert len(rounds) == 180
+    few, many = (hybrid_noise.false_over(rounds, n, 300) for n in (7, 56))
+    assert few['point'] > many['point'] and few['plan'] > many['plan'] and many['plan'] < 0.05
+
+
+def test_the_noise_tool_recovers_older_runs_calls_from_the_design():
+    # session 13's run kept no rounds_after: the design's rows say what came before, and
+    # with them the known slowdown after an offload call shows
+    from bench import hybrid_noise
+    path = Path(__file__).resolve().parents[1] / 'docs/results/hybrid_240_keypoint_alone_s13.json'
+    calls = hybrid_noise.calls_of(json.loads(path.read_text()))
+    assert len(calls) == 6 * 7 * 14
+    fit = hybrid_noise.effects(calls)
+    assert fit['after offload'][0] > 0.03 and fit['after offload'][1] < 0.015
