@@ -41,6 +41,11 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
         # the runner with correction on made its own calls at the point before its rounds
         assert len(row['corrected']['settle_plans']) == 3
         assert row['corrected']['in_use_predicted_ms'] > 0
+        # the price it held before each call, and the entry's prediction of its plan: a
+        # prediction re-made per call is recomputed from the results (repriced)
+        assert len(row['corrected']['rounds_factor']) == 14
+        assert len(row['corrected']['rounds_robot_ms']) == 14
+        assert row['corrected']['in_use_estimate']['latency_ms'] > 0
         same = hybrid.same_plan_runners(row)   # more rounds of only those, whole designs
         assert (row['same_plan'] is None) == (not same)
         if same:
@@ -132,6 +137,8 @@ def test_the_in_use_prediction_reprices_the_entrys_prediction_of_the_plan_used()
     assert hybrid.in_use_prediction(table, link, 'offload', 1.5, 70.0) == pytest.approx(71.0)
     assert hybrid.in_use_prediction(table, link, 'offload', None, 70.0) == 70.0
     assert hybrid.in_use_prediction(table, link, 'split@3', 1.5, 60.0) == 60.0
+    assert hybrid.plan_prediction(table, link, 'offload')['robot_compute_ms'] == 2.0
+    assert hybrid.plan_prediction(table, link, 'split@3') is None
 
 
 def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():
