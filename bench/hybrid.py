@@ -199,8 +199,11 @@ class HybridBench:
                 settle = self.settle(runners)
                 factor = robot_factor(runners['corrected'], self.frames[0])
                 calls = whole_designs(self.args.calls, len(runners))
+                corrected = runners['corrected']   # the robot's price it holds before each call
+                probes = {'corrected': lambda: robot_factor(corrected, self.frames[0])}
                 points = run_interleaved(runners, self.frames, references, 0.0, calls, calls,
-                                         warmup_calls=1)
+                                         warmup_calls=1, probes=probes)
+                points['corrected']['rounds_factor'] = points['corrected'].pop('rounds_probe')
                 row = {'bandwidth_mbps': link.bandwidth_mbps, 'rtt_ms': link.rtt_ms}
                 for name in MODES:
                     point = points[name]
@@ -213,7 +216,9 @@ class HybridBench:
                 row['corrected'].update(settle_plans=settle, robot_factor=factor,
                                         in_use_predicted_ms=in_use_prediction(
                                             table, link, row['corrected']['plan'], factor,
-                                            row['corrected']['predicted_ms']))
+                                            row['corrected']['predicted_ms']),
+                                        in_use_estimate=plan_prediction(
+                                            table, link, row['corrected']['plan']))
                 row['verdict'] = verdict(row)
                 row['paired'] = paired_verdict(row)
                 if self.args.same_plan_rounds > 0:
@@ -381,13 +386,26 @@ def in_use_prediction(table: PlanTable, link: Link, plan: str, factor: float | N
     (:func:`~rrto_ros.plan_feedback.repriced`); ``offline_ms`` where the robot
     was not measured yet or the entry has no prediction of the plan.
     """
+    predicted = plan_prediction(table, link, plan)
+    if factor is None or predicted is None:
+        return offline_ms
+    return repriced(predicted, factor)
+
+
+def plan_prediction(table: PlanTable, link: Link, plan: str) -> dict | None:
+    """
+    Return the table's prediction (an Estimate as JSON) of ``plan`` at ``link``'s entry.
+
+    Its chosen plan's or a baseline's; None where the entry has none.  Kept per
+    point with the price before each call (``rounds_factor``) and each call's
+    robot and server compute, a prediction re-made at any price can be
+    recomputed from the results (:func:`~rrto_ros.plan_feedback.repriced`).
+    """
     _, entry = table.lookup(link.bandwidth_mbps, link.rtt_ms)
     predictions = [entry['predicted']] if entry.get('plan_name') == plan else []
     predictions += [item['predicted'] for item in entry.get('baselines', {}).values()
                     if Plan.from_json(item['plan']).name == plan]
-    if factor is None or not predictions:
-        return offline_ms
-    return repriced(predictions[0], factor)
+    return predictions[0] if predictions else None
 
 
 def correction_summary(name: str, link: tuple[float, float], used: list[str],

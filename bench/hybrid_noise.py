@@ -22,6 +22,9 @@ first row the number of points measured before in the same process; runs with
 
     python -m bench.hybrid_noise docs/results/hybrid_240_keypoint_14rounds_s12.json \
         docs/results/hybrid_240_keypoint_alone_s13.json --rounds 14,28,56,112
+
+``--in-use`` instead splits the correction-on runner's in-use prediction error
+per point into the robot price's part and the rest (:func:`in_use_parts`).
 """
 
 from __future__ import annotations
@@ -191,13 +194,109 @@ def twin_signs(calls: list[dict]) -> tuple[int, int]:
     return sum(m > 0 for m in medians), sum(m < 0 for m in medians)
 
 
+def in_use_parts(data: dict) -> list[dict]:
+    """
+    Split the correction-on runner's in-use prediction error, point by point, into its parts.
+
+    ``error``: the recorded in-use prediction (the table re-decided at the robot
+    price held before the point's rounds) against the point's median.  ``level``:
+    the robot's level in the point's own rounds, the two local runners' median
+    over the local prediction (the quantity the price measures);
+    ``at_level``: the prediction repriced at that level instead, so ``robot`` =
+    ``error`` - ``at_level`` is the part the price missed the robot by (moved
+    after it was measured, or measured on too few calls).  The repricing is exact
+    for ``local``, for ``offload`` (its robot work is byte costs: unchanged) and
+    for a hybrid the recorded numbers show robot-bound (its in-use prediction is
+    the price times the offline one: its band binds at 1 and at the price, and at
+    any level above the lesser of the two); elsewhere None.  ``server``: for
+    ``offload``, the server compute its replies reported (median) less the
+    calibration's for it, over the median.  ``hybrid_priced``: for a robot-bound
+    hybrid, the prediction at the robot priced by a hybrid's own robot time, the
+    ``hybrid`` runner's mean robot CPU ms in the same rounds (same plan, other
+    calls) over the calibration's robot ms for the plan; a proxy of pricing from
+    the plan's calls (CPU time, not the robot compute a call times; the results
+    kept no per-call robot compute before ``rounds_robot_ms``).
+    """
+    parts = []
+    for model in data['models']:
+        calibration = model.get('calibration', {})
+        robot_ms = calibration.get('measured_robot_ms', {})
+        server_ms = calibration.get('server_compute_ms', {})
+        for row in model['rows']:
+            c = row['corrected']
+            if 'in_use_predicted_ms' not in c:
+                continue
+            plan, f = c['plan'], c.get('robot_factor')
+            offline, in_use, median = c['predicted_ms'], c['in_use_predicted_ms'], c['median_ms']
+            level = statistics.median(row['local']['rounds_ms'] + row['local_twin']['rounds_ms']
+                                      ) / row['local']['predicted_ms']
+            bound = (plan.startswith('hybrid') and f is not None
+                     and abs(in_use - f * offline) <= 0.005 * offline)
+            at = {'local': level * offline, 'offload': in_use}.get(plan)
+            if bound and level >= min(1.0, f):
+                at = level * offline
+            part = {'model': model['model'], 'bandwidth_mbps': row['bandwidth_mbps'],
+                    'rtt_ms': row['rtt_ms'], 'plan': plan, 'price': f, 'level': level,
+                    'offline': offline / median - 1, 'error': in_use / median - 1,
+                    'at_level': None if at is None else at / median - 1,
+                    'server': None, 'hybrid_priced': None}
+            part['robot'] = None if at is None else part['error'] - part['at_level']
+            measured, priced = c.get('server_compute_ms'), server_ms.get(plan, {})
+            if plan == 'offload' and measured and priced.get('measured_ms'):
+                part['server'] = (measured - priced['measured_ms']) / median
+            h = row['hybrid']
+            if bound and h['plan'] == plan and robot_ms.get(plan):
+                g = h['robot_cpu_ms'] / robot_ms[plan]
+                if g >= min(1.0, f):
+                    part['hybrid_priced'] = g * offline / median - 1
+            parts.append(part)
+    return parts
+
+
+def _pct(value: float | None) -> str:
+    return '   n/a' if value is None else f'{value * 100:+6.1f}'
+
+
+def _ratio(value: float | None) -> str:
+    return '  n/a' if value is None else f'{value:5.3f}'
+
+
+def _median_abs(values) -> str:
+    values = [abs(v) for v in values if v is not None]
+    return f'{statistics.median(values) * 100:.1f} % ({len(values)})' if values else 'n/a'
+
+
+def print_in_use(parts: list[dict]) -> None:
+    """Print :func:`in_use_parts` per point and each network's median absolute errors."""
+    print('in-use prediction error of the correction-on runner (% of the median):')
+    print('  net          link      plan            price level  offline in use at-level '
+          ' robot server hybrid-priced')
+    for p in parts:
+        print(f"  {p['model']:12s} {p['bandwidth_mbps']:4g}/{p['rtt_ms']:<4g} {p['plan']:15s} "
+              f"{_ratio(p['price'])} {p['level']:5.3f} {_pct(p['offline'])}  "
+              f"{_pct(p['error'])} {_pct(p['at_level'])} {_pct(p['robot'])} "
+              f"{_pct(p['server'])} {_pct(p['hybrid_priced'])}")
+    for model in dict.fromkeys(p['model'] for p in parts):
+        mine = [p for p in parts if p['model'] == model]
+        print(f"  {model}: median |error| offline {_median_abs(p['offline'] for p in mine)}, "
+              f"in use {_median_abs(p['error'] for p in mine)}, at the rounds' level "
+              f"{_median_abs(p['at_level'] for p in mine)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m bench.hybrid_noise', description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('results', nargs='+', help='bench.hybrid result JSON files')
     parser.add_argument('--rounds', default='7,14,28,56,112', help='rounds per point to judge')
     parser.add_argument('--trials', type=int, default=2000)
+    parser.add_argument('--in-use', action='store_true',
+                        help="only the in-use prediction error's parts (in_use_parts)")
     args = parser.parse_args(argv)
+    if args.in_use:
+        for path in args.results:
+            print(Path(path).name)
+            print_in_use(in_use_parts(json.loads(Path(path).read_text())))
+        return 0
     calls = []
     for path in args.results:
         calls += calls_of(json.loads(Path(path).read_text()), Path(path).name)

@@ -123,7 +123,8 @@ def whole_designs(rounds: int, n: int) -> int:
 
 def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: Sequence[Any],
                     budget_s: float, min_calls: int, max_calls: int,
-                    warmup_calls: int = 2) -> dict[str, dict]:
+                    warmup_calls: int = 2,
+                    probes: dict[str, Callable[[], Any]] | None = None) -> dict[str, dict]:
     """
     Measure several runners in turn, one call each per round, over the same time window.
 
@@ -142,7 +143,11 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     round, and ``rounds_after``, the runner called just before it (None: nothing
     before it here): a call after one that left the robot's core idle is slower
     (+5.2 % after an offload call in the H200 host's hybrid runs, helper h13t), and
-    the design's rows are not in the results otherwise.
+    the design's rows are not in the results otherwise.  ``rounds_robot_ms`` and
+    ``rounds_server_ms`` are each call's robot compute and the server's compute its
+    reply reported (0: none), and ``probes`` (runner name -> callable) add
+    ``rounds_probe``, what the callable returned just before each of its calls (a
+    price the runner holds): a prediction re-made per call can be judged from them.
     """
     previous = None
     for name, runner in runners.items():
@@ -151,6 +156,7 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
             previous = name
     calls = {name: [] for name in runners}
     places = {name: [] for name in runners}
+    probed: dict[str, list] = {name: [] for name in probes or {}}
     names = list(runners)
     random.Random(0).shuffle(names)
     orders = balanced_orders(len(names))
@@ -161,6 +167,8 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
         index = rounds % len(frames)
         for place, name in enumerate(names[i] for i in orders[(first + rounds) % len(orders)]):
             runner = runners[name]
+            if name in (probes or {}):
+                probed[name].append(probes[name]())
             cpu = time.process_time()
             output = runner(frames[index])
             cpu_ms = (time.process_time() - cpu) * 1e3
@@ -176,6 +184,10 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
         summary['rounds_ms'] = [r.total_ms for r, _, _ in entries]   # [i]: round i's call
         summary['rounds_pos'] = [place for place, _ in places[name]]
         summary['rounds_after'] = [before for _, before in places[name]]
+        summary['rounds_robot_ms'] = [r.robot_compute_ms for r, _, _ in entries]
+        summary['rounds_server_ms'] = [r.server_compute_ms for r, _, _ in entries]
+        if name in probed:
+            summary['rounds_probe'] = probed[name]
         result[name] = summary
     return result
 

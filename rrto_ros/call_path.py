@@ -65,8 +65,9 @@ class CallPath:
         """Serve one call; return its outputs and record (plan feedback observed)."""
         self.selector = None
         outputs, record = self._serve(args, kwargs)
-        if self.selector is not None:
-            self.selector.observe(record.plan, record.total_ms)
+        if self.selector is not None:   # an offloaded call's robot compute prices the robot
+            robot = record.robot_compute_ms if record.result == OffloadResult.OFFLOADED else None
+            self.selector.observe(record.plan, record.total_ms, robot)
         return outputs, record
 
     def _serve(self, args: tuple, kwargs: dict) -> tuple[Any, CallRecord]:

@@ -29,16 +29,18 @@ loads change).  The caller switches plans only between inferences.
 
 The robot is also **priced from use** (:class:`RobotPrice`): every local
 call's measured time, over the local time the table predicted for its bin,
-gives the robot's speed now against the speed the table was solved at (the
-median of the last ``window`` such ratios), and :func:`decide` re-decides
+and every offloaded split or hybrid call's robot compute, over the robot
+compute its entry predicted for that plan (where that is a quarter of local's
+or more), gives the robot's speed now against the speed the table was solved
+at (the median of the last ``window`` such ratios), and :func:`decide` re-decides
 each bin's plan with every prediction's robot work scaled by it (local, the
 robot's byte costs, a split's prefix, a hybrid's band and rest), the table's
 own margins kept.  On the H200 host the robot ran at two speeds 1.4x apart
 in spells that outlast a solve: a table solved in one spell names `local` or
 `offload` at the crossover for the other spell's robot; local calls made (or
 explored) in any bin move every bin's decision at once, without each bin
-exploring its own way out.  Before the first local call the table's plans
-stand as solved.
+exploring its own way out.  Before the first call that timed the robot the
+table's plans stand as solved.
 """
 
 from __future__ import annotations
@@ -236,7 +238,7 @@ class PlanFeedback:
 
 
 class RobotPrice:
-    """The robot's speed in use over the speed a table priced it at: local ms measured/priced."""
+    """The robot's speed in use over the speed a table priced it at: robot ms measured/priced."""
 
     def __init__(self, window: int = 5):
         if window < 1:
@@ -244,7 +246,7 @@ class RobotPrice:
         self.ratios: collections.deque[float] = collections.deque(maxlen=window)
 
     def observe(self, measured_ms: float, priced_ms: float | None) -> None:
-        """Record one local call's measured ms against the local ms its table entry predicts."""
+        """Record one call's robot ms (a local call's total) against what its entry priced."""
         if priced_ms and priced_ms > 0 and measured_ms > 0:
             self.ratios.append(float(measured_ms) / float(priced_ms))
 

@@ -38,6 +38,7 @@ from rrto_wire.tensors import signature_key, TensorSpec
 
 TABLE_FORMAT = 'rrto-plan-table'
 TABLE_VERSION = 2
+ROBOT_SHARE = 0.25   # a split's or hybrid's robot compute that prices the robot: of local's
 
 
 class PlanTableMismatch(ValueError):
@@ -248,18 +249,33 @@ class PlanSelector:
             self.switches += 1
         return self.current
 
-    def observe(self, plan: str, total_ms: float) -> None:
-        """Record the measured latency of the call just made under ``plan`` (its name)."""
+    def observe(self, plan: str, total_ms: float, robot_ms: float | None = None) -> None:
+        """
+        Record the measured latency of the call just made under ``plan`` (its name).
+
+        ``robot_ms``: the robot's own compute an offloaded call under a split or
+        hybrid plan timed (the prefix; the band and the rest).  It prices the
+        robot as a local call's total does, over that plan's robot compute in
+        the entry, where that is at least ``ROBOT_SHARE`` of local's: a plan in
+        use keeps the price current without exploring local (on the H200 host
+        a price from three local explorations read 0.92 while the robot ran
+        1.45x its table's price, KeypointNet in session 14).
+        """
         if self.feedback is not None and self._bin is not None:
             self.feedback.observe(self._bin, plan, total_ms)
-            if plan == 'local' and self.feedback.price is not None:
-                self.feedback.price.observe(total_ms, self._view_of(self._entry).local_ms)
+            price = self.feedback.price
+            if price is not None:
+                view = self._view_of(self._entry)
+                if plan == 'local':
+                    price.observe(total_ms, view.local_ms)
+                elif robot_ms is not None:
+                    price.observe(robot_ms, view.robot_ms(plan, self.table.profiles))
 
 
 class _EntryView:
     """What a selector reads from one grid entry, derived once (a table does not change)."""
 
-    __slots__ = ('entry', 'solved', 'local_ms', 'parsed')
+    __slots__ = ('entry', 'solved', 'local_ms', 'parsed', '_robot')
 
     def __init__(self, entry: dict):
         self.entry = entry
@@ -269,3 +285,29 @@ class _EntryView:
                        entry.get('predicted', {}).get('latency_ms'), options)
         self.local_ms = dict(options).get(Plan('local'))   # what the solve priced local at
         self.parsed = parsed_plans(entry) if entry.get('baselines') else None
+        self._robot: dict[str, float | None] | None = None
+
+    def robot_ms(self, plan: str, profiles: dict) -> float | None:
+        """
+        Return the robot compute the entry priced ``plan`` (a split or hybrid) at.
+
+        The prediction's robot time less its byte costs (``profiles``' ms per MB
+        sent and received): what the call times on the robot.  None: not in the
+        entry, or under ``ROBOT_SHARE`` of local's (a fixed cost per call, not
+        the robot's speed, would set its price).
+        """
+        if self._robot is None:
+            up, down = profiles.get('up_ms_per_mb', 0.0), profiles.get('down_ms_per_mb', 0.0)
+            self._robot = {}
+            items = [(self.entry['plan'], self.entry.get('predicted', {}))]
+            items += [(item['plan'], item['predicted'])
+                      for item in self.entry.get('baselines', {}).values()]
+            for obj, predicted in items:
+                name = Plan.from_json(obj).name
+                if name in self._robot or name.partition('@')[0] not in ('split', 'hybrid'):
+                    continue
+                ms = predicted.get('robot_compute_ms', 0.0) - 1e-6 * (
+                    predicted.get('bytes_up', 0.0) * up + predicted.get('bytes_down', 0.0) * down)
+                self._robot[name] = (ms if self.local_ms and ms >= ROBOT_SHARE * self.local_ms
+                                     else None)
+        return self._robot.get(plan)

@@ -212,12 +212,20 @@ def test_each_call_keeps_its_place_in_the_round_and_the_runner_called_before_it(
 
         def __call__(self, frame):
             seen.append(self.name)
-            self.last = CallRecord(OffloadResult.LOCAL, 'local', total_ms=float(len(seen)))
+            self.last = CallRecord(OffloadResult.LOCAL, 'local', total_ms=float(len(seen)),
+                                   robot_compute_ms=2.0 * len(seen),
+                                   server_compute_ms=3.0 * len(seen))
             return frame
 
     frames = [torch.zeros(1)]
     points = run_interleaved({n: Runner(n) for n in 'abc'}, frames, frames, 0.0, 6, 6,
-                             warmup_calls=1)
+                             warmup_calls=1, probes={'b': lambda: len(seen)})
+    # each call's robot and server compute, and a probe's reading just before b's calls
+    for point in points.values():
+        assert point['rounds_robot_ms'] == [2 * ms for ms in point['rounds_ms']]
+        assert point['rounds_server_ms'] == [3 * ms for ms in point['rounds_ms']]
+    assert points['b']['rounds_probe'] == [ms - 1 for ms in points['b']['rounds_ms']]
+    assert 'rounds_probe' not in points['a']
     assert seen[:3] == ['a', 'b', 'c']     # the warm-up calls, then 6 rounds of 3
     timed = seen[3:]
     for name, point in points.items():

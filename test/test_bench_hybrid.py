@@ -41,6 +41,11 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
         # the runner with correction on made its own calls at the point before its rounds
         assert len(row['corrected']['settle_plans']) == 3
         assert row['corrected']['in_use_predicted_ms'] > 0
+        # the price it held before each call, and the entry's prediction of its plan: a
+        # prediction re-made per call is recomputed from the results (repriced)
+        assert len(row['corrected']['rounds_factor']) == 14
+        assert len(row['corrected']['rounds_robot_ms']) == 14
+        assert row['corrected']['in_use_estimate']['latency_ms'] > 0
         same = hybrid.same_plan_runners(row)   # more rounds of only those, whole designs
         assert (row['same_plan'] is None) == (not same)
         if same:
@@ -132,6 +137,8 @@ def test_the_in_use_prediction_reprices_the_entrys_prediction_of_the_plan_used()
     assert hybrid.in_use_prediction(table, link, 'offload', 1.5, 70.0) == pytest.approx(71.0)
     assert hybrid.in_use_prediction(table, link, 'offload', None, 70.0) == 70.0
     assert hybrid.in_use_prediction(table, link, 'split@3', 1.5, 60.0) == 60.0
+    assert hybrid.plan_prediction(table, link, 'offload')['robot_compute_ms'] == 2.0
+    assert hybrid.plan_prediction(table, link, 'split@3') is None
 
 
 def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():
@@ -503,3 +510,35 @@ def test_the_noise_tool_recovers_older_runs_calls_from_the_design():
     assert len(calls) == 6 * 7 * 14
     fit = hybrid_noise.effects(calls)
     assert fit['after offload'][0] > 0.03 and fit['after offload'][1] < 0.015
+
+
+def test_the_in_use_error_splits_into_the_robot_prices_part_and_the_rest():
+    from bench import hybrid_noise
+
+    def row(plan, price, in_use, median, local_rounds, **corrected):
+        point = {'predicted_ms': 50.0, 'rounds_ms': local_rounds}
+        return {'bandwidth_mbps': 50.0, 'rtt_ms': 4.0, 'local': point, 'local_twin': point,
+                'hybrid': {'plan': plan, 'robot_cpu_ms': 48.0},
+                'corrected': {'plan': plan, 'robot_factor': price, 'predicted_ms': 40.0,
+                              'in_use_predicted_ms': in_use, 'median_ms': median, **corrected}}
+
+    data = {'models': [{'model': 'net', 'calibration': {
+        'measured_robot_ms': {'hybrid@9:0.50': 40.0},
+        'server_compute_ms': {'offload': {'measured_ms': 10.0}}}, 'rows': [
+            # local priced at 1.2 before the rounds, the robot at 1.0 in them (50 ms)
+            row('local', 1.2, 48.0, 41.0, [50.0, 49.0, 51.0]),
+            # a robot-bound hybrid (in use = price x offline), priced 0.9, the robot at 1.3
+            row('hybrid@9:0.50', 0.9, 36.0, 50.0, [65.0, 64.0, 66.0]),
+            # offload: robot work unchanged; its server 2 ms faster than calibrated
+            row('offload', 1.1, 40.0, 40.0, [50.0], server_compute_ms=8.0),
+            # a hybrid the numbers do not show robot-bound: not split
+            row('hybrid@9:0.50', 1.2, 45.0, 50.0, [50.0])]}]}
+    local, hybrid_, offload, unknown = hybrid_noise.in_use_parts(data)
+    assert local['level'] == pytest.approx(1.0) and local['error'] == pytest.approx(48 / 41 - 1)
+    assert local['at_level'] == pytest.approx(40 / 41 - 1)
+    assert local['robot'] == pytest.approx(8 / 41)
+    assert hybrid_['at_level'] == pytest.approx(1.3 * 40 / 50 - 1)
+    assert hybrid_['hybrid_priced'] == pytest.approx(48 / 40 * 40 / 50 - 1)   # its robot CPU
+    assert offload['robot'] == 0.0 and offload['server'] == pytest.approx(-2 / 40)
+    assert unknown['at_level'] is None and unknown['robot'] is None
+    assert unknown['hybrid_priced'] is None

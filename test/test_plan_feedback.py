@@ -276,3 +276,45 @@ def test_repricing_scales_the_robots_work_and_keeps_the_tables_margin():
     assert decide(entry, 0.9, 0.15, {HYBRID.name: 0.3})[0] == LOCAL   # its own margin
     with pytest.raises(ValueError):
         RobotPrice(window=0)
+
+
+def _hybrid_entry(robot_ms, bandwidth=20.0, plan=HYBRID):
+    """Local priced at 55 ms, offload at 70; ``plan`` chosen at 50 ms, ``robot_ms`` its robot."""
+    hybrid = {'latency_ms': 50.0, 'robot_compute_ms': robot_ms + 0.5, 'busy_ms': 30.0,
+              'remote_ms': 25.0, 'bytes_up': 1e6, 'bytes_down': 0.0}
+    return _entry(bandwidth, 55.0, 70.0, plan=plan, predicted=hybrid)
+
+
+def test_a_hybrid_in_use_prices_the_robot_by_the_robot_compute_it_timed():
+    # session 14 (H200): the price came only from local calls, at a hybrid point from three
+    # local explorations (0.92) while the robot ran 1.45x its table's price; the hybrid's
+    # own robot compute, timed on every call, tracks it (band and rest over the entry's)
+    table = _table([_hybrid_entry(40.0)])
+    table.profiles = {'up_ms_per_mb': 0.5, 'down_ms_per_mb': 1.0}   # 0.5 ms of byte costs
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(explore_every=10 ** 6))
+    plan = selector.choose(20.0, 4.0)
+    assert plan == HYBRID   # as solved: no local call measured the robot
+    selector.observe(plan.name, 75.0, 60.0)
+    assert selector.feedback.price.factor() == pytest.approx(60.0 / 40.0)
+    # its price then re-decides the entry: hybrid 45 + 20 * 1.5 = 75, offload 70 + 3: offload
+    assert selector.choose(20.0, 4.0) == OFFLOAD
+    # without a robot time (a call that fell back, an engine that does not pass it): no price
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(explore_every=10 ** 6))
+    plan = selector.choose(20.0, 4.0)
+    selector.observe(plan.name, 75.0)
+    assert selector.feedback.price.factor() is None
+
+
+def test_a_plan_with_little_robot_compute_does_not_price_the_robot():
+    # a split whose prefix is 5 ms of local's 55 times mostly a fixed cost per call
+    split = Plan('split', 1)
+    table = _table([_hybrid_entry(5.0, plan=split)])
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(explore_every=10 ** 6))
+    plan = selector.choose(20.0, 4.0)
+    assert plan == split
+    selector.observe(plan.name, 75.0, 20.0)
+    assert selector.feedback.price.factor() is None
+    # nor does a plan the entry has no prediction of, nor offload's own robot time
+    for name in ('hybrid@3:0.50', 'offload'):
+        selector.observe(name, 75.0, 20.0)
+    assert selector.feedback.price.factor() is None

@@ -243,6 +243,26 @@ def test_a_wrong_table_stops_being_used_within_20_inferences(prepared, server, o
     assert plans[20:] == ['offload'] * 10
 
 
+def test_a_hybrid_call_prices_the_robot_by_its_robot_compute(prepared, server, offloaded):
+    # the engine hands each offloaded call's robot compute to the table's price: a hybrid in
+    # use measures the robot's speed on every call, not only local explorations (session 14)
+    model, x, artifact, analysis = prepared
+    hybrid = Plan('hybrid', analysis.cut_candidates()[-1], 0.6)
+    far = {'latency_ms': 1e4, 'robot_compute_ms': 1e4}   # no baseline plausible: no exploring
+    entries = [{'bandwidth_mbps': 50, 'rtt_ms': 5, 'plan': hybrid.to_json(),
+                'predicted': {'latency_ms': 600.0, 'robot_compute_ms': 5e3},
+                'baselines': {'local': {'plan': Plan('local').to_json(), 'predicted': far},
+                              'offload': {'plan': Plan('offload').to_json(),
+                                          'predicted': dict(far, robot_compute_ms=1.0)}}}]
+    om = offloaded(model, server.endpoint, timeout_ms=30000, link=(50, 5), switch_after=1,
+                   plan_table=_table(artifact, analysis, entries))
+    assert om.warmup(x)
+    om(x)
+    assert om.last.plan == hybrid.name and om.last.result == OffloadResult.OFFLOADED
+    price = om.preparer.target(*treespec.flatten(((x,), {}))).selector.feedback.price
+    assert price.factor() == pytest.approx(om.last.robot_compute_ms / 5e3)
+
+
 def test_without_feedback_the_table_is_followed(prepared, server, offloaded):
     model, x, artifact, analysis = prepared
     entries = [{'bandwidth_mbps': 50, 'rtt_ms': 5, 'plan': Plan('local').to_json()}]
