@@ -15,9 +15,14 @@ page-locked copies in and out, ``bench.gpu_floor.bare``) measured in this run.
 ``ratio = measured median / floor`` (goal <= 1.10 on every point).  Beside
 each call, a bare pyzmq echo of the same bytes goes through a second emulator
 with the same link (``echo_ratio = (echo median + bare replay) / floor``):
-what the link and the emulator's own forwarding leave for any request path.  Links
-with loss stall a connection 200 ms per lost packet, so their mean is far
-above the floor; the median is what the ratio uses.
+what the link and the emulator's own forwarding leave for any request path.
+``robot_beyond_echo_ms`` is the median per call of wall - echo - the reply's
+``server_ms`` (the robot's own part), ``robot_cpu_ms`` the median CPU time of
+the calling thread per call: the robot's work, which runs slower after a long
+wait for the reply (issue 11: after waits of tens of milliseconds the same
+work took 2.5-3 times the CPU on the 2-core development VM, a bare client's
+too).  Links with loss stall a connection 200 ms per lost packet, so their
+mean is far above the floor; the median is what the ratio uses.
 
 Usage: ``python -m bench.gpu_e2e --device cuda --out docs/results/gpu_e2e_h200.json``
 """
@@ -69,10 +74,13 @@ def measure_link(om, frame, emulators, echo, link, calls: int, bare_ms: float) -
     for emulator in emulators:
         emulator.set_link(link)
     walls, echoes, sent, received, offloaded = [], [], [], [], 0
+    cpus, beyond = [], []
     for i in range(calls + 3):
+        cpu = time.thread_time()
         start = time.perf_counter()
         om(frame)
         wall = (time.perf_counter() - start) * 1e3
+        cpu = (time.thread_time() - cpu) * 1e3
         if om.last.result == OffloadResult.OFFLOADED:
             sent.append(om.last.bytes_sent)
             received.append(om.last.bytes_received)
@@ -82,7 +90,10 @@ def measure_link(om, frame, emulators, echo, link, calls: int, bare_ms: float) -
             continue
         walls.append(wall)
         echoes.append(echo_ms)
-        offloaded += om.last.result == OffloadResult.OFFLOADED
+        cpus.append(cpu)
+        if om.last.result == OffloadResult.OFFLOADED:
+            offloaded += 1
+            beyond.append(wall - echo_ms - om.last.server_ms)
     bytes_up = statistics.median(sent) if sent else 0.0
     bytes_down = statistics.median(received) if received else 0.0
     floor = floor_ms(link, bytes_up, bytes_down, bare_ms)
@@ -94,7 +105,9 @@ def measure_link(om, frame, emulators, echo, link, calls: int, bare_ms: float) -
             'ratio': median / floor, 'echo_ms': statistics.median(echoes),
             # the link (and the emulator's own forwarding) with a bare echo in place of the
             # server: what any request path would get, bare replay added
-            'echo_ratio': (statistics.median(echoes) + bare_ms) / floor}
+            'echo_ratio': (statistics.median(echoes) + bare_ms) / floor,
+            'robot_cpu_ms': statistics.median(cpus),
+            'robot_beyond_echo_ms': statistics.median(beyond) if beyond else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,6 +152,7 @@ def _run(args, model, frame, bare_ms: float, echo, rows: list, argv) -> None:
                 print(f"{row['link']:16s} median {row['median_ms']:8.3f} ms  floor "
                       f"{row['floor_ms']:8.3f} ms  ratio {row['ratio']:.3f}  p99 "
                       f"{row['p99_ms']:8.3f}  echo+bare/floor {row['echo_ratio']:.3f}"
+                      f"  robot cpu {row['robot_cpu_ms']:.3f}"
                       f"  offloaded {row['offloaded']}/{row['calls']}",
                       flush=True)
                 rows.append(row)

@@ -90,3 +90,37 @@ def _noting(events: list, name: str, method):
         events.append(name)
         return method(*args, **kwargs)
     return noted
+
+
+def test_e2e_rows_carry_the_robots_cpu_and_its_part_beyond_the_echo():
+    """Each link's row says how much of a call the robot's thread worked and waited (issue 11)."""
+    import time
+    from bench import gpu_e2e
+    from bench.link_config import PRESETS
+    from rrto_ros.records import CallRecord, OffloadResult
+
+    class Model:        # works 2 ms of CPU, waits 3 ms; the server took 1 ms of it
+        last = None
+
+        def __call__(self, frame):
+            end = time.thread_time() + 0.002
+            while time.thread_time() < end:
+                pass
+            time.sleep(0.003)
+            self.last = CallRecord(OffloadResult.OFFLOADED, 'offload', server_ms=1.0,
+                                   bytes_sent=100, bytes_received=10)
+
+    class Echo:         # the link alone: 1.5 ms
+        def round_trip(self, sent, received):
+            return 1.5
+
+    class Emulator:
+        def set_link(self, link):
+            pass
+
+    row = gpu_e2e.measure_link(Model(), None, [Emulator()], Echo(), PRESETS['unlimited'],
+                               calls=5, bare_ms=1.0)
+    assert 2.0 <= row['robot_cpu_ms'] < 2.0 + 1.0
+    # wall (>= 5 ms) - echo 1.5 - server 1.0: the rest of the call is the robot's own
+    assert row['robot_beyond_echo_ms'] == pytest.approx(row['median_ms'] - 2.5, abs=0.5)
+    assert row['robot_beyond_echo_ms'] >= 2.5
