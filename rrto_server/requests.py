@@ -34,7 +34,7 @@ import zmq
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError, clip
 from rrto_wire.limits import COPY_THRESHOLD
-from rrto_server.outbox import Outbox
+from rrto_server.outbox import Outbox, readable, receive, send
 from rrto_server.stats import ServerStats
 
 log = logging.getLogger('rrto_server.requests')
@@ -152,14 +152,16 @@ class ReplySender:
         """Route every reply other threads have handed over (call on the I/O thread)."""
         while True:
             try:
-                frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = receive(self.outbox)
             except zmq.Again:
                 return
             self._route(frames)
+            if not readable(self.outbox):
+                return
 
     def _route(self, frames: list) -> None:
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send(self._router, frames)
         except zmq.Again:
             self._stats.dropped('slow_peer')         # its queue is full: it does not read
         except zmq.ZMQError as exc:
