@@ -12,8 +12,12 @@ from __future__ import annotations
 import sys
 import time
 
+import torch
 import zmq
+from rrto_testing import prepare
 
+from rrto_ros.client import RrtoClient
+from rrto_ros.zoo import keypoint_net
 from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.outbox import readable, receive, send
 
@@ -52,11 +56,12 @@ def test_the_receive_ends_on_the_last_waiting_message_without_an_exception():
     for sock in (*watchdog.sockets, router):
         poller.register(sock, zmq.POLLIN)
     try:
+        peer.send(b'hello')             # the connection's events (read until zmq.Again) first
+        deadline = time.monotonic() + 5
+        while not watchdog.drain(dict(poller.poll(100)), 64) and time.monotonic() < deadline:
+            pass
         peer.send_multipart([b'header', b'x' * 150_000])
         events = dict(poller.poll(5000))
-        while router not in events:             # the connection's event may come first
-            watchdog.drain(events, 64)
-            events = dict(poller.poll(5000))
         batch = []
         raised = _exceptions(lambda: batch.extend(watchdog.drain(events, 64)))
         assert [[len(f) for f in frames[1:]] for frames in batch] == [[6, 150_000]]
@@ -105,3 +110,30 @@ def test_frames_go_in_and_out_whole():
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+def _express_server(make_server):
+    """Return a CPU server with keypoint_net recorded, its replay, the input and a client."""
+    server = make_server(inline_max_ms=1000.0)
+    x = torch.randn(1, 3, 32, 32)
+    replay = prepare(server.endpoint, keypoint_net(), x)
+    client = RrtoClient(server.endpoint, call_timeout_ms=30000)
+    client.infer(replay, [x])
+    return server, replay, x, client
+
+
+def test_the_receipt_is_stamped_when_the_poll_finds_the_request(make_server, monkeypatch):
+    server, replay, x, client = _express_server(make_server)
+    drain = server.watchdog.drain
+
+    def slow_drain(events, most=None):
+        batch = drain(events, most)
+        if batch:
+            time.sleep(0.05)        # whatever runs between the poll and the dispatch
+        return batch
+    try:
+        monkeypatch.setattr(server.watchdog, 'drain', slow_drain)
+        _, reply = client.infer(replay, [x])
+        assert reply['server_ms'] >= 50.0, 'the wait before dispatch is the server\'s time'
+    finally:
+        client.close()
