@@ -239,7 +239,7 @@ class Request:
 
     def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None,
                 body: tuple[list[dict], list] | None = None) -> None:
-        tracker = None
+        tracker, closed, nbytes = None, False, 0
         try:
             # encoded before the request is closed: a reply that cannot be encoded becomes an
             # error reply, never none at all
@@ -256,11 +256,13 @@ class Request:
                 log.error('second answer to a %s request (id %s) dropped',
                           self.kind, clip(repr(self.id), 40))
                 return
-            if self.answered is not None:
-                self.answered()
+            closed = True       # counted and its admission released after the send
             nbytes = wire.message_size(body)
-            self._stats.reply(header, nbytes)
             tracker = self._sender.send(self.envelope + body, nbytes)
         finally:
             if on_sent is not None:
                 on_sent(tracker)
+            if closed:      # nothing the reply needs: after it (issue 11), whatever happened
+                if self.answered is not None:
+                    self.answered()
+                self._stats.reply(header, nbytes)

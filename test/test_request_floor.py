@@ -137,3 +137,32 @@ def test_the_receipt_is_stamped_when_the_poll_finds_the_request(make_server, mon
         assert reply['server_ms'] >= 50.0, 'the wait before dispatch is the server\'s time'
     finally:
         client.close()
+
+
+def _settled(server) -> int:
+    """Return the ok replies counted, once the last request's bookkeeping is done."""
+    deadline = time.monotonic() + 5
+    while server.guard.admission.in_flight and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    return server.stats.snapshot()['replies'].get('ok', 0)
+
+
+def test_the_reply_is_sent_before_it_is_counted(make_server, monkeypatch):
+    server, replay, x, client = _express_server(make_server)
+    send = server.replies.send
+    at_send = []
+
+    def spy(frames, nbytes):
+        at_send.append((server.stats.snapshot()['replies'].get('ok', 0),
+                        server.guard.admission.in_flight))
+        return send(frames, nbytes)
+    try:
+        before = _settled(server)   # the reply may reach the client before it is counted
+        monkeypatch.setattr(server.replies, 'send', spy)
+        client.infer(replay, [x])
+        assert at_send == [(before, 1)], 'counted (and released) only after the send'
+        assert _settled(server) == before + 1
+        assert server.guard.admission.in_flight == 0
+    finally:
+        client.close()
