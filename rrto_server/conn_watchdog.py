@@ -77,6 +77,7 @@ import zmq
 
 from rrto_server.auth import chose_its_id
 from rrto_server.conn_state import Connection
+from rrto_server.outbox import readable, receive
 from rrto_wire.wire_bytes import CURVE_BOX_BYTES, queued, received, wire_size
 
 log = logging.getLogger('rrto_server.conn_watchdog')
@@ -153,13 +154,12 @@ class ConnectionWatchdog:
         Receive the messages waiting on the watched socket and count them (I/O thread).
 
         Call it after every poll with the poll's ``events``; it returns up to ``most``
-        messages (all with ``None``).  Tokens are read before the socket: a receive that
-        then finds the socket empty proves it was empty after every token read, which is
-        what the watchdog thread waits for before it cuts anyone.  While a proof is
-        wanted, it receives past ``most`` until the socket is empty (libzmq holds those
-        messages either way), for at most ``TICK_S``; a socket that stays busy still proves
-        each quiet connection (the module docstring).  Messages of a connection that chose
-        its own routing id are counted and dropped.
+        messages (all with ``None``), up to the last one ``ZMQ_EVENTS`` shows.  Tokens are read
+        before the socket: a receive that then finds it empty proves it was empty after every
+        token read, which the watchdog thread waits for before it cuts anyone.  While a proof
+        is wanted, it receives past ``most`` until a receive finds the socket empty (libzmq
+        holds those messages anyway), for at most ``TICK_S``; a busy socket still proves each
+        quiet connection (module docstring).  A connection's own routing id: counted, dropped.
         """
         if self.monitor in events:
             self._events()
@@ -179,10 +179,12 @@ class ConnectionWatchdog:
                 if wanted and len(batch) % 64 == 63 and time.monotonic() > until:
                     break                    # faster than we receive: no proof this time
                 try:
-                    batch.append(self.sock.recv_multipart(zmq.NOBLOCK, copy=False))
+                    batch.append(receive(self.sock))
                 except zmq.Again:
                     empty = wanted
                     break
+                if not (wanted or readable(self.sock)):
+                    break                    # the last one, no zmq.Again to end on (issue 11)
         batch = self._count(batch)
         if empty:                            # once counted: the watchdog reads what it delivered
             self._proof = (token, self._seq)

@@ -34,7 +34,7 @@ import zmq
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError, clip
 from rrto_wire.limits import COPY_THRESHOLD
-from rrto_server.outbox import Outbox
+from rrto_server.outbox import Outbox, readable, receive, send
 from rrto_server.stats import ServerStats
 
 log = logging.getLogger('rrto_server.requests')
@@ -152,14 +152,16 @@ class ReplySender:
         """Route every reply other threads have handed over (call on the I/O thread)."""
         while True:
             try:
-                frames = self.outbox.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = receive(self.outbox)
             except zmq.Again:
                 return
             self._route(frames)
+            if not readable(self.outbox):
+                return
 
     def _route(self, frames: list) -> None:
         try:
-            self._router.send_multipart(frames, zmq.NOBLOCK, copy=False)
+            send(self._router, frames)
         except zmq.Again:
             self._stats.dropped('slow_peer')         # its queue is full: it does not read
         except zmq.ZMQError as exc:
@@ -237,7 +239,7 @@ class Request:
 
     def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None,
                 body: tuple[list[dict], list] | None = None) -> None:
-        tracker = None
+        tracker, closed, nbytes = None, False, 0
         try:
             # encoded before the request is closed: a reply that cannot be encoded becomes an
             # error reply, never none at all
@@ -254,11 +256,13 @@ class Request:
                 log.error('second answer to a %s request (id %s) dropped',
                           self.kind, clip(repr(self.id), 40))
                 return
-            if self.answered is not None:
-                self.answered()
+            closed = True       # counted and its admission released after the send
             nbytes = wire.message_size(body)
-            self._stats.reply(header, nbytes)
             tracker = self._sender.send(self.envelope + body, nbytes)
         finally:
             if on_sent is not None:
                 on_sent(tracker)
+            if closed:      # nothing the reply needs: after it (issue 11), whatever happened
+                if self.answered is not None:
+                    self.answered()
+                self._stats.reply(header, nbytes)

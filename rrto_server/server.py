@@ -180,12 +180,14 @@ class Server:
         try:
             while not self._stop.is_set():
                 events = dict(poller.poll(100))
+                ready = time.perf_counter()     # a receipt: flush, receive, count are server time
                 if self.replies.outbox in events:
                     self.replies.flush()
                 batch = self.watchdog.drain(events, BATCH)      # receives from the router
+                first = batch[0] if batch and self.router in events else None
                 for frames, backlog in self.guard.order(batch):   # highest first
                     self.guard.backlog = backlog                   # admission's measure
-                    self.on_message(frames)
+                    self.on_message(frames, ready if frames is first else None)
             self.replies.flush()
         finally:
             self._loop_done.set()
@@ -220,9 +222,9 @@ class Server:
             self.context.term()
 
     # ------------------------------------------------------------------ dispatch
-    def on_message(self, frames: list) -> None:
-        """Wrap one received message in a Request, decode it and dispatch it (I/O thread)."""
-        received = time.perf_counter()
+    def on_message(self, frames: list, received: float | None = None) -> None:
+        """Wrap a message in a Request, decode, dispatch it (I/O thread; received: its poll)."""
+        received = time.perf_counter() if received is None else received
         if len(frames) > 2 and len(frames[1].buffer) == 0:
             envelope, body = list(frames[:2]), frames[2:]   # REQ-style envelope
         else:
@@ -278,9 +280,8 @@ class Server:
             if not job.prepare() or self.scheduler.run_inline(job, INLINE_WAIT_S):
                 return      # served on this thread (counted after its reply), or answered
         elif wire.decoded_size(header.tensors) > self.config.max_message_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE,
-                                f'inputs decode to more than {self.config.max_message_bytes} '
-                                'bytes')
+            raise ProtocolError(ErrorCode.TOO_LARGE, 'inputs decode to more than '
+                                f'{self.config.max_message_bytes} bytes')
         job = InferJob(self.services, request, replay, frames, client, **keys)  # a busy device
         self.tasks.arrived(job.task, job.priority, client)
         small = self._small_raw(header)
