@@ -15,16 +15,18 @@ the socket's monitor, ``ZMQ_EVENT_CONNECTED``): what libzmq has read from the
 kernel (``TCP_INFO`` less ``FIONREAD``, :mod:`rrto_wire.wire_bytes`) since the
 guard's first look at that connection, less the messages delivered since (as
 they were on the wire), is what the robot holds and has not been handed.  It
-looks each time a call's wait of ``CHECK_S`` ends with no message, and every
-``CHECK_S`` while no call holds the socket (:meth:`ReplyGuard.watch_idle`: a
-server that answered can stream an unfinished message between calls, a14 #3).
-Past the bound (plus the slack and heartbeats the server allows too) the
-socket is dropped, which frees what libzmq holds: a waiting call fails with
-``bad_reply`` (it runs locally), the next call reconnects.  A reply is read for
-at most ``CHECK_S`` before it is looked at: at most the link's bytes of two
-periods over the bound (10 MB at 100 MB/s).  A call answered within ``CHECK_S``
-costs a sum over its frames; the guard holds a duplicate of libzmq's
-descriptor only while it looks (r5 B4).
+looks once a call has waited ``CHECK_S``, then ``CHECK_S`` after each arrival
+of bytes on the connection (:func:`wait_any`), and every ``CHECK_S`` while no
+call holds the socket (:meth:`ReplyGuard.watch_idle`: a server that answered
+can stream an unfinished message between calls, a14 #3).  Past the bound (plus
+the slack and heartbeats the server allows too) the socket is dropped, which
+frees what libzmq holds: a waiting call fails with ``bad_reply`` (it runs
+locally), the next call reconnects.  Bytes are read for at most ``CHECK_S``
+before they are looked at: at most the link's bytes of two periods over the
+bound (10 MB at 100 MB/s).  A call answered within ``CHECK_S`` costs a sum over
+its frames, a longer one a wake per arrival, not per ``CHECK_S`` (issue 11).
+A duplicate of libzmq's descriptor is held only while a wait or a look lasts,
+and let go of once the monitor reports the connection gone (r5 B4).
 
 The unfinished message may answer any request still owed a reply on that
 socket, not only the call that waits: one cancelled, or a hedge's slower copy,
@@ -53,6 +55,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -79,6 +82,7 @@ RENEW_S = 600.0    # a connection older than this is replaced between calls (its
 MAX_AGE_S = 4 * RENEW_S    # the heartbeat allowance grows no further (a busy socket not renewed)
 _EVENT = struct.Struct('=HI')
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
+_ARMED = select.EPOLLIN | select.EPOLLET | select.EPOLLONESHOT   # the next bytes, once
 _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
                    Kind.PROBE: MAX_PROBE_BYTES}
 
@@ -124,23 +128,74 @@ def wait_any(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadlin
     """
     Wait until a socket of ``poller`` has a message, a reply outgrows its bound, or ``deadline``.
 
-    Returns the sockets with a message, and the sockets of ``guards`` holding
-    more of an unfinished reply than any request they owe can get (the bytes
-    held); both are empty once the deadline has passed.
+    Every socket of ``poller`` has its guard in ``guards``.  Returns the sockets
+    with a message, and the sockets holding more of an unfinished reply than
+    any request they owe can get (the bytes held); both are empty once the
+    deadline has passed.  A message within ``CHECK_S`` is waited for with one
+    poll and nothing looked at; a longer wait looks then, and again ``CHECK_S``
+    after each arrival of bytes on a connection (:func:`_wait_looking`).
     """
+    remaining_ms = (deadline - time.monotonic()) * 1e3
+    ready = ([sock for sock, _ in poller.poll(min(remaining_ms, CHECK_MS))]
+             if remaining_ms > 0 else [])
+    if ready or remaining_ms <= CHECK_MS:
+        return ready, {}
+    epoll = select.epoll()
+    try:
+        return _wait_looking(epoll, guards, deadline)
+    finally:
+        for guard in guards.values():
+            guard._rest()          # no duplicate outlives the wait (r5 B4)
+        epoll.close()
+
+
+def _wait_looking(epoll: select.epoll, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: float
+                  ) -> tuple[list[zmq.Socket], dict[zmq.Socket, int]]:
+    """
+    Look at each guard's connection now, and ``CHECK_S`` after bytes arrive on it.
+
+    One ``epoll`` takes each socket's and monitor's ``ZMQ_FD`` (their events read
+    when it signals, its edge contract) and each connection's duplicate, armed
+    at each look for the next bytes (``EPOLLONESHOT``): a wait with nothing
+    arriving sleeps until its message or deadline (issue 11: a wake and a look
+    every ``CHECK_S`` cost the call's thread 0.2 ms each on a 2-core machine).
+    """
+    socks, monitors = {}, {}
+    for sock, guard in guards.items():
+        sock_fd, monitor_fd = guard._fds
+        socks[sock_fd], monitors[monitor_fd] = sock, guard
+        epoll.register(sock_fd, select.EPOLLIN)
+        epoll.register(monitor_fd, select.EPOLLIN)
+    signalled, changed, look, due = list(guards), list(guards.values()), True, None
     while True:
-        remaining_ms = (deadline - time.monotonic()) * 1e3
-        ready = ([sock for sock, _ in poller.poll(min(remaining_ms, CHECK_MS))]
-                 if remaining_ms > 0 else [])
-        if ready or remaining_ms <= CHECK_MS:
+        for guard in changed:                 # connections made or lost: taken at once
+            guard._take_events()
+        ready = [sock for sock in signalled if sock.get(zmq.EVENTS) & zmq.POLLIN]
+        if ready:
             return ready, {}
-        over = {}
-        for sock, guard in guards.items():
-            held = guard.over()
-            if held is not None:
-                over[sock] = held
-        if over:
-            return [], over
+        now = time.monotonic()
+        if look or (due is not None and now >= due):
+            over = {}
+            for sock, guard in guards.items():
+                held = guard._over()
+                if held is None:
+                    guard._arm(epoll)           # the next bytes wake the wait
+                else:
+                    over[sock] = held
+            if over:
+                return [], over
+            look, due, now = False, None, time.monotonic()
+        if now >= deadline:
+            return [], {}
+        signalled, changed = [], []
+        for fd, _ in epoll.poll(min(deadline, due or deadline) - now):
+            if fd in socks:
+                signalled.append(socks[fd])
+            elif fd in monitors:
+                changed.append(monitors[fd])
+                look = True
+            elif due is None:                   # bytes arrived: look at them in CHECK_S
+                due = time.monotonic() + CHECK_S
 
 
 class ReplyGuard:
@@ -154,7 +209,10 @@ class ReplyGuard:
         self._monitor = sock.get_monitor_socket(_EVENTS)
         self._replies = zmq.Poller()            # one per socket, not one built per wait
         self._replies.register(sock, zmq.POLLIN)
+        self._fds = (sock.get(zmq.FD), self._monitor.get(zmq.FD))      # a long wait's signals
         self._target: tuple[int, int] | None = None  # libzmq's descriptor and its peer port
+        self._conn: socket.socket | None = None  # its duplicate, while a wait or a look lasts
+        self._epoll: select.epoll | None = None  # the wait the duplicate is armed in
         self._owed: dict[int, tuple] = {}        # request id -> (kind, expect), sent order
         self._mark: tuple[int, float] | None = None  # read at the first look, and when
         self._delivered = 0                      # wire bytes delivered since the mark
@@ -179,6 +237,13 @@ class ReplyGuard:
 
     def held(self) -> int | None:
         """Return the bytes read and not delivered since the first look (None: no connection)."""
+        self._take_events()
+        try:
+            return self._held()
+        finally:
+            self._rest()
+
+    def _held(self) -> int | None:
         read = self._read()
         if read is None:
             return None
@@ -192,7 +257,14 @@ class ReplyGuard:
 
     def over(self) -> int | None:
         """Return the bytes held past the bound (when no message waits), or None."""
-        held = self.held()
+        self._take_events()
+        try:
+            return self._over()
+        finally:
+            self._rest()
+
+    def _over(self) -> int | None:
+        held = self._held()
         if held is None or held <= allowance(self.bound(), min(self.age(), MAX_AGE_S)):
             return None
         return held
@@ -249,41 +321,78 @@ class ReplyGuard:
             log.debug('replacing a connection after %.0f s (a fresh mark)', self.age())
             drop(*args)
 
-    def _read(self) -> int | None:
-        """Return what libzmq has read from the current connection (None: no connection)."""
-        while True:        # connects and disconnects in order: the descriptor is current
-            try:
-                event, endpoint = self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
+    def _take_events(self) -> None:
+        """Take the monitor's events: connects and disconnects in order, the descriptor current."""
+        while self._monitor.get(zmq.EVENTS) & zmq.POLLIN:     # no exception when none
+            event, endpoint = self._monitor.recv_multipart(zmq.NOBLOCK)
             kind, fd = _EVENT.unpack_from(event)
             if kind == zmq.EVENT_CONNECTED or (self._target and self._target[0] == fd):
                 self._target = self._mark = None         # a new connection: a new mark
+                self._rest()                             # libzmq closes it: so does the guard
             if kind == zmq.EVENT_CONNECTED:
                 try:
                     self._target = (fd, int(endpoint.rsplit(b':', 1)[1]))
                 except (ValueError, IndexError):
                     pass
-        if self._target is None:
+
+    def _read(self) -> int | None:
+        """Return what libzmq has read from the current connection (None: no connection)."""
+        if self._conn is None and not self._duplicate():
             return None
+        try:
+            return received(self._conn) - queued(self._conn)
+        except OSError:
+            self._rest()
+            return None                          # closed: the call times out or reconnects
+
+    def _duplicate(self) -> bool:
+        """Duplicate libzmq's descriptor of the connection; return False where there is none."""
+        if self._target is None:
+            return False
         fd, port = self._target
         try:
-            conn = socket.socket(fileno=os.dup(fd))
+            dup = os.dup(fd)
         except OSError:
             self._target = None
-            return None
+            return False
+        try:
+            conn = socket.socket(fileno=dup)
+        except OSError:            # no longer a socket: the number was closed and reused
+            os.close(dup)
+            self._target = None
+            return False
         try:       # the number may name another socket by now: it must be this peer's
-            if conn.getpeername()[1] != port:
-                return None
-            return received(conn) - queued(conn)
+            if conn.getpeername()[1] == port:
+                self._conn = conn
+                return True
         except (OSError, IndexError, TypeError):
-            return None                          # closed: the call times out or reconnects
-        finally:
-            conn.close()        # a duplicate kept open would hold the TCP connection (r5 B4)
+            pass                                 # closed: the call times out or reconnects
+        conn.close()
+        return False
+
+    def _arm(self, epoll: select.epoll) -> None:
+        """Have ``epoll`` report the next bytes that arrive on the connection, once."""
+        if self._conn is None:
+            return
+        if self._epoll is epoll:
+            epoll.modify(self._conn, _ARMED)
+        else:
+            epoll.register(self._conn, _ARMED)
+            self._epoll = epoll
+
+    def _rest(self) -> None:
+        """Close the duplicate: one kept open would hold the TCP connection (r5 B4)."""
+        if self._conn is not None:
+            if self._epoll is not None:     # libzmq's descriptor would keep it registered
+                self._epoll.unregister(self._conn)
+                self._epoll = None
+            self._conn.close()
+            self._conn = None
 
     def close(self, sock: zmq.Socket) -> None:
         """Stop watching ``sock`` (before it is closed)."""
         self._closed.set()
+        self._rest()
         try:
             sock.disable_monitor()
         except zmq.ZMQError:
