@@ -58,7 +58,8 @@ def record(name: str, device: torch.device) -> tuple:
     if device.type != 'cuda':
         staging = frame.clone()
         with torch.inference_mode():
-            host_out = [t.clone() for t in treespec.flatten(model(staging))[0]]
+            host_out = [t.clone(memory_format=torch.contiguous_format)     # sent as bytes
+                        for t in treespec.flatten(model(staging))[0]]
 
         def run_eager():
             with torch.inference_mode():

@@ -44,6 +44,8 @@ class Admission:
         self.capacity = capacity
         self.bands = tuple(bands)
         self._in_flight = [0] * len(self.bands)
+        # each band's limit, once: admit looks up a request's band once, done none
+        self._limits = [max(1, int(capacity * fraction)) for _, fraction in self.bands]
         self._lock = threading.Lock()
         self.shed: dict[float, int] = {}
 
@@ -56,11 +58,16 @@ class Admission:
 
     def limit(self, priority: int) -> int:
         """Return the load at which a request of ``priority`` is refused."""
-        return max(1, int(self.capacity * self.bands[self.band(priority)][1]))
+        return self._limits[self.band(priority)]
 
-    def admit(self, priority: int, backlog: int = 0) -> None:
-        """Count one more request in flight, or raise ``overloaded`` if its band is full."""
-        band, limit = self.band(priority), self.limit(priority)
+    def admit(self, priority: int, backlog: int = 0) -> int:
+        """
+        Count one more request in flight, or raise ``overloaded`` if its band is full.
+
+        Returns its band, for :meth:`release` when it is answered.
+        """
+        band = self.band(priority)
+        limit = self._limits[band]
         with self._lock:
             ahead = sum(self._in_flight[:band + 1])
             load = ahead + backlog
@@ -72,10 +79,14 @@ class Admission:
                     f'above {ahead}, waiting {backlog}), priority {priority} is admitted '
                     f'below {limit}')
             self._in_flight[band] += 1
+        return band
 
     def done(self, priority: int) -> None:
         """Count one admitted request of ``priority`` answered."""
-        band = self.band(priority)
+        self.release(self.band(priority))
+
+    def release(self, band: int) -> None:
+        """Count one admitted request of ``band`` (as :meth:`admit` returned it) answered."""
         with self._lock:
             self._in_flight[band] = max(0, self._in_flight[band] - 1)
 

@@ -98,14 +98,15 @@ class Guard:
         admission control shedding its priority).  ``done`` must be called once,
         when the request has been answered.
         """
-        priority = self.policy.authorize(peer, kind, priority)
-        self.policy.begin(peer)
-        shed = kind in ADMITTED_KINDS
-        if shed:
+        policy, admission = self.policy, self.admission
+        priority = policy.authorize(peer, kind, priority)
+        policy.begin(peer)
+        band = None             # admission's band: looked up once, here
+        if kind in ADMITTED_KINDS:
             try:
-                self.admission.admit(priority or 0, self.backlog)
+                band = admission.admit(priority or 0, self.backlog)
             except Exception:
-                self.policy.end(peer)
+                policy.end(peer)
                 raise
         answered = []
 
@@ -113,9 +114,9 @@ class Guard:
             if answered:
                 return
             answered.append(True)
-            self.policy.end(peer)
-            if shed:
-                self.admission.done(priority or 0)
+            policy.end(peer)
+            if band is not None:
+                admission.release(band)
         return priority, done
 
     def sees(self, peer: Peer, owners: list[str]) -> bool:

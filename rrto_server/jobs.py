@@ -189,11 +189,16 @@ class InferJob(Job):
     # ---------------------------------------------------------------- phase 3 (CPU worker)
     def timing(self) -> dict:
         """Return the reply's ``timing`` field (milliseconds and counts)."""
-        prepare_s = 0.0 if self.ready_at is None else self.ready_at - self.received
-        return {'queue_ms': (self.queue_s or 0.0) * 1e3, 'compute_ms': self.compute_s * 1e3,
-                'prepare_ms': prepare_s * 1e3, 'segments': self.replay.num_segments,
+        # (on the request path, before the reply: read each attribute once, call nothing)
+        received, started, ready_at, finished = (self.received, self.started, self.ready_at,
+                                                 self.finished)
+        return {'queue_ms': 0.0 if started is None else (started - received) * 1e3,
+                'compute_ms': self.compute_s * 1e3,
+                'prepare_ms': 0.0 if ready_at is None else (ready_at - received) * 1e3,
+                'segments': self.replay.runner.num_segments,
                 'preemptions': self.preemptions, 'packed_steps': self.packed_steps,
-                'deadline_missed': self.late_finish or self.outcome in ('expired', 'abandoned')}
+                'deadline_missed': ((finished is not None and finished > self.deadline)
+                                    or self.outcome in ('expired', 'abandoned'))}
 
     def _reply(self) -> None:
         execution = self.execution
@@ -276,13 +281,17 @@ class ExpressJob(InferJob):
 
     def _count(self, answered: float | None = None) -> None:
         # every count of the request, after its answer: its arrival (the general path counts
-        # that before queueing), the inference if it ran, and how it ended
+        # that before queueing) and how it ended in one count, the inference if it ran
         services = self.services
-        services.tasks.arrived(self.task, self.priority, self.client)
         if self.started is not None:
             services.stats.count(self.replay.model.digest, 'infers')
             self.replay.runs += 1
-        super()._count(answered)
+        outcome = self.outcome or 'failed'
+        services.tasks.arrived_and_ended(
+            self.task, self.priority, outcome,
+            (answered or time.perf_counter()) - self.received, client=self.client,
+            late=outcome == 'completed' and self.late_finish, queue_s=self.queue_s,
+            preempt_s=self.preempt_s, preemptions=self.preemptions)
 
 
 class OpJob(Job):

@@ -26,6 +26,20 @@ _THREAD = threading.local()    # the lane stream each thread has made its curren
 class Job:
     """A unit of device work; subclasses implement :meth:`step`, :meth:`complete`, :meth:`fail`."""
 
+    # what every job starts with, set on the job once it changes (one job per request: its
+    # construction is on the request path, issue 11)
+    seq = 0
+    ready_at: float | None = None   # handed to the scheduler
+    started: float | None = None    # first step began
+    finished: float | None = None
+    outcome: str | None = None      # completed | expired | abandoned | failed
+    compute_s = 0.0
+    steps_done = 0
+    preemptions = 0
+    packed_steps = 0
+    contended = False               # arrived as the most urgent, a less urgent one running
+    overdue = False                 # late='run' and queued past its deadline (scheduler)
+
     def __init__(self, priority: int = 0, deadline: float = math.inf, task: str = '',
                  late: str = DROP, received: float | None = None,
                  utilisation: float = EXCLUSIVE, resource: object = None):
@@ -36,17 +50,6 @@ class Job:
         self.received = time.perf_counter() if received is None else received
         self.utilisation = utilisation
         self.resource = resource            # jobs with the same resource never co-run
-        self.seq = 0
-        self.ready_at: float | None = None  # handed to the scheduler
-        self.started: float | None = None   # first step began
-        self.finished: float | None = None
-        self.outcome: str | None = None     # completed | expired | abandoned | failed
-        self.compute_s = 0.0
-        self.steps_done = 0
-        self.preemptions = 0
-        self.packed_steps = 0
-        self.contended = False              # arrived as the most urgent, a less urgent one running
-        self.overdue = False                # late='run' and queued past its deadline (scheduler)
 
     def urgency(self) -> tuple:
         """

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import statistics
 import time
 from typing import Sequence
 
@@ -91,9 +90,14 @@ class Replay:
         self.backend = self.runner.backend
         # measured by rrto_server.profiling when recorded (see docs/scheduler.md)
         self.utilisation: float | None = None
-        self.segment_ms: list[float] = []
         self._served: collections.deque = collections.deque(maxlen=SERVED_RUNS)
         self._served_ms: float | None = None      # their median, once SERVED_MIN are in
+        # how long the longest segment takes now, in ms (None before profiling): the
+        # record-time profile (segment_ms) scaled to the median device time of the last runs
+        # served (from the SERVED_MIN-th on), as a profile taken while the machine was busy,
+        # or cold, says nothing of the steady state; set with segment_ms and by served()
+        self.longest_segment_ms: float | None = None
+        self.segment_ms: list[float] = []
         # the common request's short path (rrto_server.express), where the runner has one
         self.express = ExpressPlan(self.signature, self.runner) if self.runner.can_express \
             else None
@@ -104,25 +108,35 @@ class Replay:
 
     def served(self, compute_s: float) -> None:
         """Note the device time of one run served to the end (its steps, each waited for)."""
-        self._served.append(compute_s * 1e3)
-        if len(self._served) >= SERVED_MIN:
-            self._served_ms = statistics.median(self._served)
+        runs = self._served
+        runs.append(compute_s * 1e3)
+        n = len(runs)
+        if n >= SERVED_MIN:     # their median (statistics.median's, without its checks)
+            ordered = sorted(runs)
+            half = n // 2
+            self._served_ms = (ordered[half] if n % 2 else
+                               (ordered[half - 1] + ordered[half]) / 2)
+            self._scale()
 
     @property
-    def longest_segment_ms(self) -> float | None:
-        """
-        Return how long the longest segment takes now, in ms (None before profiling).
+    def segment_ms(self) -> list[float]:
+        """Return each segment's device time when profiled, in ms (empty before)."""
+        return self._segment_ms
 
-        The record-time profile (:attr:`segment_ms`) scaled to the median device
-        time of the last runs served (from the :data:`SERVED_MIN`-th on): a profile
-        taken while the machine was busy, or cold, says nothing of the steady state.
-        """
-        if not self.segment_ms:
-            return None
-        longest, total, served = max(self.segment_ms), sum(self.segment_ms), self._served_ms
-        if served is None or total <= 0:
-            return longest
-        return longest * served / total
+    @segment_ms.setter
+    def segment_ms(self, value: list[float]) -> None:
+        self._segment_ms = value
+        self._scale()
+
+    def _scale(self) -> None:
+        # longest_segment_ms once per profile or served run, not per request (Server._inline_ok)
+        segments, served = self._segment_ms, self._served_ms
+        if not segments:
+            self.longest_segment_ms = None
+            return
+        longest, total = max(segments), sum(segments)
+        self.longest_segment_ms = (longest if served is None or total <= 0
+                                   else longest * served / total)
 
     def _warm_up(self) -> None:
         inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]

@@ -147,11 +147,15 @@ class Scheduler:
         nothing) otherwise; submit the job then.
         """
         lane = self.lanes[0]
-        with self._cond:
+        with self._lock:        # the condition's lock, without its Python __enter__/__exit__
             if self._stop or self._inline is not None:
                 return False
-            self._mark_overdue(job, self.clock())     # a missed deadline overtakes nothing
-            busy = any(other.job is not None for other in self.lanes)
+            now = self.clock()
+            self._mark_overdue(job, now)     # a missed deadline overtakes nothing
+            busy = False
+            for other in self.lanes:
+                if other.job is not None:
+                    busy = True
             if busy or self._ready:
                 if not self._overtakes(job, wait_s):
                     return False
@@ -164,7 +168,7 @@ class Scheduler:
                     self._inline = None
                     self._cond.notify_all()
             else:
-                job.ready_at, job.contended = self.clock(), False
+                job.ready_at, job.contended = now, False
             job.seq = next(self._seq)
             self._start(lane, job)
         self._run_step(lane, job, self.policy != PREEMPTIVE)
@@ -354,7 +358,7 @@ class Scheduler:
             log.exception('job of task %r failed', job.task)
             done, error = True, ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}')
         end = self.clock()
-        with self._cond:
+        with self._lock:        # the condition's lock (notify_all below holds it)
             job.compute_s += end - lane.since
             self.counters['steps'] += 1
             if lane.index > 0:

@@ -65,7 +65,7 @@ from rrto_server.taskstats import TaskStats
 from rrto_wire import heap, limits, messages
 from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
-from rrto_wire.messages import Kind
+from rrto_wire.messages import KIND_OF, Kind
 
 log = logging.getLogger('rrto_server')
 
@@ -225,11 +225,11 @@ class Server:
     def on_message(self, frames: list, received: float | None = None) -> None:
         """Wrap a message in a Request, decode, dispatch it (I/O thread; received: its poll)."""
         received = time.perf_counter() if received is None else received
-        if len(frames) > 2 and len(frames[1].buffer) == 0:
-            envelope, body = list(frames[:2]), frames[2:]   # REQ-style envelope
+        if len(frames) > 2 and len(frames[1]) == 0:     # a received part's len: its bytes
+            envelope, body = frames[:2], frames[2:]     # REQ-style envelope
         else:
-            envelope, body = list(frames[:1]), frames[1:]
-        size = wire.message_size(body)
+            envelope, body = frames[:1], frames[1:]
+        size = sum(map(len, body))      # received parts (zmq.Frame): len() is their bytes
         request = Request(envelope, received, size, self.replies, self.open_requests,
                           self.stats)
         try:
@@ -247,7 +247,7 @@ class Server:
                 raise ProtocolError(
                     ErrorCode.TOO_LARGE,
                     f'message of {size} bytes exceeds {self.config.max_message_bytes}')
-            self.handlers[Kind(request.kind)](request, body[1:])
+            self.handlers[KIND_OF[request.kind]](request, body[1:])
         except ProtocolError as exc:
             if request.header is None:
                 self.stats.request('?', size)

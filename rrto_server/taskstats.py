@@ -147,17 +147,36 @@ class TaskStats:
         if outcome not in OUTCOMES:
             raise ValueError(f'outcome must be one of {OUTCOMES}')
         with self._lock:
+            self._ended(self._get(client, task), outcome, latency_s, late, queue_s, preempt_s,
+                        preemptions)
+
+    def arrived_and_ended(self, task: str, priority: int, outcome: str, latency_s: float, *,
+                          client: str | None = None, late: bool = False,
+                          queue_s: float | None = None, preempt_s: float | None = None,
+                          preemptions: int = 0) -> None:
+        """Count a request's arrival and its outcome at once (:meth:`arrived`, :meth:`ended`)."""
+        if outcome not in OUTCOMES:
+            raise ValueError(f'outcome must be one of {OUTCOMES}')
+        with self._lock:
             entry = self._get(client, task)
-            entry.counts[outcome] += 1
-            entry.late += int(late)
-            entry.preemptions += preemptions
-            entry.version += 1
-            if outcome == 'completed':
-                entry.latency.append(latency_s * 1e3)
-            if queue_s is not None:
-                entry.queue.append(queue_s * 1e3)
-            if preempt_s is not None:
-                entry.preempt.append(preempt_s * 1e3)
+            entry.priority = priority
+            entry.requests += 1
+            self._ended(entry, outcome, latency_s, late, queue_s, preempt_s, preemptions)
+
+    @staticmethod
+    def _ended(entry: _Task, outcome: str, latency_s: float, late: bool,
+               queue_s: float | None, preempt_s: float | None, preemptions: int) -> None:
+        # (with the lock held)
+        entry.counts[outcome] += 1
+        entry.late += int(late)
+        entry.preemptions += preemptions
+        entry.version += 1
+        if outcome == 'completed':
+            entry.latency.append(latency_s * 1e3)
+        if queue_s is not None:
+            entry.queue.append(queue_s * 1e3)
+        if preempt_s is not None:
+            entry.preempt.append(preempt_s * 1e3)
 
     def _summaries(self, keep) -> list[tuple[str | None, str, dict]]:
         """

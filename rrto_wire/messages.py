@@ -47,6 +47,7 @@ class Kind(str, enum.Enum):
 
 
 REPLY_KINDS = frozenset({Kind.OK.value, Kind.ERROR.value})
+KIND_OF = {kind.value: kind for kind in Kind}    # a decoded tag's kind, without Kind()
 
 Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
 Digest = Annotated[str, msgspec.Meta(pattern='^[0-9a-f]{64}$')]

@@ -158,8 +158,11 @@ def error_header(request_id: Any, code: ErrorCode, message: str) -> dict:
     return {'kind': Kind.ERROR.value, 'id': request_id, 'code': code.value, 'message': message}
 
 
+_OK = Kind.OK.value     # once: an enum member's value is a descriptor call
+
+
 def ok_header(request_id: Any, **fields: Any) -> dict:
     """Return the header of a success reply."""
-    header = {'kind': Kind.OK.value, 'id': request_id}
+    header = {'kind': _OK, 'id': request_id}
     header.update(fields)
     return header

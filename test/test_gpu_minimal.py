@@ -11,6 +11,7 @@ from bench import gpu_floor, gpu_models
 from bench.gpu_minimal import Minimal
 from rrto_ros.engine import OffloadedModel
 from rrto_server.process import ServerProcess
+from rrto_wire import treespec
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
 DEVICES = ['cpu', pytest.param('cuda', marks=[pytest.mark.gpu, CUDA])]
@@ -30,6 +31,24 @@ def test_minimal_server_answers_the_local_outputs(device):
             assert len(replies) == len(local)
             assert gpu_floor.rel_error(outputs, local) < 1e-4
             assert 0 < server < wall
+    finally:
+        minimal.close()
+
+
+def test_minimal_server_sends_outputs_that_are_not_contiguous_on_the_cpu():
+    # keypoint_net's outputs are channels-last views: sent as bytes, they are copied
+    # contiguous once (the CPU minimal server did not start: memoryview cast refused)
+    model, frame = gpu_models.build('keypoint_net')
+    with torch.inference_mode():
+        local = treespec.flatten(model(frame))[0]
+    assert not all(x.is_contiguous() for x in local)
+    minimal = Minimal('keypoint_net', 'cpu')
+    try:
+        replies = minimal.round_trip(frame)[2]
+        outputs = [torch.frombuffer(bytearray(r.buffer), dtype=x.dtype).reshape(x.shape)
+                   for r, x in zip(replies, local)]
+        assert len(replies) == len(local)
+        assert gpu_floor.rel_error(outputs, local) < 1e-4
     finally:
         minimal.close()
 

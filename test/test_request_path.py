@@ -355,6 +355,8 @@ def test_express_requests_are_counted_in_full_after_their_reply(make_server, mon
     monkeypatch.setattr(Request, 'ok_raw', note('reply', Request.ok_raw))
     monkeypatch.setattr(TaskStats, 'arrived', note('arrived', TaskStats.arrived))
     monkeypatch.setattr(TaskStats, 'ended', note('ended', TaskStats.ended))
+    monkeypatch.setattr(TaskStats, 'arrived_and_ended',
+                        note('arrived and ended', TaskStats.arrived_and_ended))
     replay = server.replays.get(key)
     runs = replay.runs
     try:
@@ -362,7 +364,7 @@ def test_express_requests_are_counted_in_full_after_their_reply(make_server, mon
             outputs, _ = client.infer(key, [x], task='cam')
             assert _as_local(outputs, x)
         assert seen == {'express': {'io'}}
-        assert order == ['reply', 'arrived', 'ended'] * 3
+        assert order == ['reply', 'arrived and ended'] * 3, 'one count, after the reply'
         with pytest.raises(RemoteError) as late:
             client.infer(key, [x], task='cam', deadline_ms=1e-6, late='drop')
         assert late.value.code == 'deadline_missed'
