@@ -450,6 +450,8 @@ def call_prediction(point: dict) -> dict | None:
     ``rounds_factor``, and the entry's prediction, ``in_use_estimate``).
     ``error``: their median against the median latency of those calls; ``offline``
     and ``in_use`` (the price held before the point's rounds) on the same calls;
+    ``recent``: a forecast without the cost model on them, each call predicted by
+    the median of the plan's last three calls before it (the first as ``error``'s);
     ``prices``: the least and largest price held before them.  None where the
     point has neither the per-call predictions nor the price and estimate.
     """
@@ -471,12 +473,48 @@ def call_prediction(point: dict) -> dict | None:
     measured = statistics.median(point['rounds_ms'][i] for i in mine)
     prices = [factors[i] for i in mine if factors[i] is not None] if factors else []
     in_use = point.get('in_use_predicted_ms')
+    ms = [point['rounds_ms'][i] for i in mine]   # model-free: the plan's last 3 calls before
+    recent = [statistics.median(ms[max(0, k - 3):k]) if k else predicted[0]
+              for k in range(len(ms))]
     return {'calls': len(mine), 'measured_ms': measured,
             'predicted_ms': statistics.median(predicted),
             'error': statistics.median(predicted) / measured - 1,
+            'recent': statistics.median(recent) / measured - 1,
             'offline': point['predicted_ms'] / measured - 1,
             'in_use': None if in_use is None else in_use / measured - 1,
             'prices': (min(prices), max(prices)) if prices else None}
+
+
+def local_at_price(row: dict) -> dict | None:
+    """
+    Return the local runners' latency predicted at the robot's price the engine held then.
+
+    A check on calls that did not set the price: every call of the runners that
+    ran ``local`` at the point (not the correction-on runner), predicted as the
+    entry's local prediction times the price the ``corrected`` runner held at
+    that moment (probed before its call of the round when the local call came
+    first in the round, else before its next call, so from its calls before the
+    local one).  ``error``: the median of those predictions against the median
+    of those calls.  None without the per-call price and places in the round.
+    """
+    c = row.get('corrected', {})
+    factors, places = c.get('rounds_factor'), c.get('rounds_pos')
+    names = [name for name in MODES if name not in ('corrected',) and name in row
+             and row[name]['plan'] == 'local' and set(row[name].get('plans', {})) == {'local'}]
+    if not factors or not places or not names:
+        return None
+    base = row[names[0]]['predicted_ms']
+    predicted, measured = [], []
+    for name in names:
+        for r, (ms, place) in enumerate(zip(row[name]['rounds_ms'], row[name]['rounds_pos'])):
+            k = r if place < places[r] else r + 1
+            if k < len(factors):
+                predicted.append(base * (factors[k] or 1.0))
+                measured.append(ms)
+    if not measured:
+        return None
+    return {'calls': len(measured), 'measured_ms': statistics.median(measured),
+            'error': statistics.median(predicted) / statistics.median(measured) - 1}
 
 
 def correction_summary(name: str, link: tuple[float, float], used: list[str],
@@ -570,7 +608,10 @@ def verdict(row: dict, pooled: dict[str, float] | None = None, runner: str = 'hy
         result['in_use_error'] = (h['in_use_predicted_ms'] - h['median_ms']) / h['median_ms']
         before = call_prediction(h)
         if before is not None:
-            result['call_error'] = before['error']
+            result['call_error'], result['recent_error'] = before['error'], before['recent']
+        local = local_at_price(row)
+        if local is not None:
+            result['local_at_price_error'] = local['error']
     if pooled is not None:
         result['pooled_noise'] = pooled.get(bound, 0.0)
         result['pooled_within'] = gain >= -max(0.03, result['pooled_noise'])
@@ -843,7 +884,11 @@ def summary(result: dict, runner: str = 'hybrid') -> dict:
                                                 if 'in_use_error' in v),
             'call_median_error': median_error(v['call_error'] for v in verdicts
                                               if 'call_error' in v),
-            'call_points': sum('call_error' in v for v in verdicts)}
+            'call_points': sum('call_error' in v for v in verdicts),
+            'recent_median_error': median_error(v['recent_error'] for v in verdicts
+                                                if 'recent_error' in v),
+            'local_at_price_median_error': median_error(
+                v['local_at_price_error'] for v in verdicts if 'local_at_price_error' in v)}
            if runner != 'hybrid' else {}),
         **({'corrected': summary(result, 'corrected')}
            if runner == 'hybrid' and result['rows']
@@ -1003,7 +1048,11 @@ def _corrected_lines(s: dict) -> list[str]:
               f'{_pct(s["median_error"])} offline, {_pct(s.get("in_use_median_error"))} with '
               'the table re-decided at the robot speed measured in use before each point'
             + (f', {_pct(s["call_median_error"])} predicted before each call ({s["call_points"]}'
-               f' of {s["points"]} points; below)' if s.get('call_points') else '') + '.', '']
+               f' of {s["points"]} points; below); the local runners\' calls (which did not set '
+               f'the price) at the price held then {_pct(s["local_at_price_median_error"])}; '
+               f'without the model (each call as the plan\'s last three) '
+               f'{_pct(s["recent_median_error"])}'
+               if s.get('call_points') else '') + '.', '']
 
 
 CALL_TEXT = ('  The prediction before each call (`corrected`): per point, the '
@@ -1015,7 +1064,14 @@ CALL_TEXT = ('  The prediction before each call (`corrected`): per point, the '
              'offline and in use (the price held before the point\'s rounds) on the same '
              'calls.  Where the plan is `local` the price comes from its own latest calls, so '
              'there it checks how the price follows the robot, not the cost model\'s '
-             'structure; at a split, hybrid or `offload` point, both.')
+             'structure; at a split, hybrid or `offload` point, both.  The local runners '
+             'at the price then: every call of the runners that ran `local` (not the '
+             'correction-on runner, so calls that did not set the price), predicted as '
+             'local\'s prediction times the price `corrected` held at that moment, the median '
+             'of the predictions against the median of the calls.  Without the model: each '
+             'call of the plan predicted by the median of the plan\'s last three calls before '
+             'it, no cost model at all; where it does as well, the figure before each call '
+             'shows the robot\'s level followed, not the model confirmed.')
 
 
 def call_lines(rows: list[dict]) -> list[str]:
@@ -1027,17 +1083,20 @@ def call_lines(rows: list[dict]) -> list[str]:
     for row, before in sorted(points, key=lambda rb: (rb[0]['rtt_ms'], rb[0]['bandwidth_mbps'])):
         if before is None:
             continue
-        prices = before['prices']
+        prices, local = before['prices'], local_at_price(row)
         table.append([f'{row["rtt_ms"]:g}', f'{row["bandwidth_mbps"]:g}', row['corrected']['plan'],
                       before['calls'], f'{before["measured_ms"]:.1f}',
                       f'{before["predicted_ms"]:.1f}', f'{before["offline"] * 100:+.1f} %',
                       '-' if before['in_use'] is None else f'{before["in_use"] * 100:+.1f} %',
                       f'{before["error"] * 100:+.1f} %',
-                      '-' if prices is None else f'{prices[0]:.2f}-{prices[1]:.2f}'])
+                      '-' if prices is None else f'{prices[0]:.2f}-{prices[1]:.2f}',
+                      '-' if local is None else f'{local["error"] * 100:+.1f} %',
+                      f'{before["recent"] * 100:+.1f} %'])
     return ['Prediction before each call, with correction on (`corrected`; as described '
             'above):', ''] + report.table(
         ['RTT ms', 'Mbit/s', 'plan', 'calls', 'measured ms', 'predicted before each call ms',
-         'offline', 'in use', 'before each call', 'robot price held'], table)
+         'offline', 'in use', 'before each call', 'robot price held',
+         'local runners at the price then', 'without the model: last 3 calls'], table)
 
 
 def _pct(value: float | None) -> str:

@@ -180,6 +180,9 @@ def test_the_prediction_before_each_call_is_priced_from_the_calls_before_it():
     assert before['offline'] == pytest.approx(60.0 / measured - 1)
     assert before['in_use'] == pytest.approx(60.0 / measured - 1)
     assert before['prices'] == (1.0, 1.7)
+    # without the model: each call as the median of the plan's last three before it
+    recent = statistics.median([60.0, 75.0, 77.5, 80.0])
+    assert before['recent'] == pytest.approx(recent / measured - 1)
     # the engine's own per-call prediction, where recorded, is the one judged
     recorded = dict(point, rounds_predicted_ms=[70.0, 99.0, 80.0, 90.0, 99.0, 86.0])
     assert hybrid.call_prediction(recorded)['error'] == pytest.approx(83.0 / measured - 1)
@@ -198,6 +201,24 @@ def test_the_prediction_before_each_call_is_priced_from_the_calls_before_it():
     lines = hybrid.call_lines(rows)
     assert any(line.startswith('| 4 | 50 | hybrid@9:0.50 | 4 | 82.5 |') for line in lines)
     assert any(f'{before["error"] * 100:+.1f} % | 1.00-1.70 |' in line for line in lines)
+
+
+def test_the_local_runners_calls_are_predicted_at_the_price_held_at_their_moment():
+    # calls that did not set the price: a local call before `corrected`'s in the round
+    # gets the price probed before that call, one after it the price probed before the next
+    row = {'corrected': {'rounds_factor': [1.2, 1.5, 1.4], 'rounds_pos': [1, 0, 1]},
+           'local': {'plan': 'local', 'plans': {'local': 3}, 'predicted_ms': 50.0,
+                     'rounds_ms': [60.0, 75.0, 72.0], 'rounds_pos': [0, 1, 0]},
+           'offload': {'plan': 'offload', 'plans': {'offload': 3}, 'predicted_ms': 9.0,
+                       'rounds_ms': [9.0] * 3, 'rounds_pos': [2] * 3}}
+    local = hybrid.local_at_price(row)
+    predicted = [50.0 * 1.2, 50.0 * 1.4, 50.0 * 1.4]
+    assert local['calls'] == 3 and local['measured_ms'] == 72.0
+    assert local['error'] == pytest.approx(statistics.median(predicted) / 72.0 - 1)
+    row['local']['rounds_pos'][2] = 2   # after the last probe of the point: not predicted
+    assert hybrid.local_at_price(row)['calls'] == 2
+    del row['corrected']['rounds_factor']
+    assert hybrid.local_at_price(row) is None
 
 
 def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():
