@@ -408,6 +408,115 @@ def plan_prediction(table: PlanTable, link: Link, plan: str) -> dict | None:
     return predictions[0] if predictions else None
 
 
+def call_plans(point: dict) -> list[str] | None:
+    """
+    Return the plan each of a point's calls ran (None: not known).
+
+    Recorded per call (``rounds_plans``); in results without it, read from the
+    point's plan counts and each call's computes: a call without server compute
+    ran ``local``, of the offloaded ones the ``offload`` count with the least
+    robot compute ran ``offload`` (its robot work is byte costs: under a quarter of
+    the least of the rest) and the rest the one split or hybrid plan.  None where
+    that does not fit (two split or hybrid plans, no such gap, other counts).
+    """
+    if point.get('rounds_plans'):
+        return list(point['rounds_plans'])
+    counts, rounds = point.get('plans', {}), point.get('rounds_ms', [])
+    if len(counts) == 1:
+        return [next(iter(counts))] * len(rounds)
+    robot, server = point.get('rounds_robot_ms'), point.get('rounds_server_ms')
+    cuts = [name for name in counts if name not in ('local', 'offload')]
+    if not robot or not server or len(cuts) > 1:
+        return None
+    plans = ['local' if ms <= 0 else None for ms in server]
+    remote = sorted((i for i, plan in enumerate(plans) if plan is None), key=lambda i: robot[i])
+    split = counts.get('offload', 0)
+    if 0 < split < len(remote) and robot[remote[split - 1]] >= 0.25 * robot[remote[split]]:
+        return None   # no clear gap between offload's robot compute and the plan's
+    for k, i in enumerate(remote):
+        plans[i] = 'offload' if k < split else (cuts or ['?'])[0]
+    return plans if collections.Counter(plans) == collections.Counter(counts) else None
+
+
+def call_prediction(point: dict) -> dict | None:
+    """
+    Return a point's prediction made before each call, against the calls of the point's plan.
+
+    Per call of the point's plan (explorations left out) the prediction the
+    engine made before it ran: the entry's prediction of the plan with its
+    robot work at the robot's price held before that call, so from the calls
+    before it only (``rounds_predicted_ms``, the engine's ``CallRecord.predicted_ms``;
+    in results without it repriced from the price probed before each call,
+    ``rounds_factor``, and the entry's prediction, ``in_use_estimate``).
+    ``error``: their median against the median latency of those calls; ``offline``
+    and ``in_use`` (the price held before the point's rounds) on the same calls;
+    ``recent``: a forecast without the cost model on them, each call predicted by
+    the median of the plan's last three calls before it (the first as ``error``'s);
+    ``prices``: the least and largest price held before them.  None where the
+    point has neither the per-call predictions nor the price and estimate.
+    """
+    plans = call_plans(point)
+    if plans is None:
+        return None
+    mine = [i for i, plan in enumerate(plans) if plan == point['plan']]
+    recorded = point.get('rounds_predicted_ms')
+    factors, estimate = point.get('rounds_factor'), point.get('in_use_estimate')
+    if recorded and all(recorded[i] > 0 for i in mine):
+        predicted = [recorded[i] for i in mine]
+    elif factors and estimate:
+        predicted = [float(estimate['latency_ms']) if factors[i] is None
+                     else repriced(estimate, factors[i]) for i in mine]
+    else:
+        return None
+    if not mine:
+        return None
+    measured = statistics.median(point['rounds_ms'][i] for i in mine)
+    prices = [factors[i] for i in mine if factors[i] is not None] if factors else []
+    in_use = point.get('in_use_predicted_ms')
+    ms = [point['rounds_ms'][i] for i in mine]   # model-free: the plan's last 3 calls before
+    recent = [statistics.median(ms[max(0, k - 3):k]) if k else predicted[0]
+              for k in range(len(ms))]
+    return {'calls': len(mine), 'measured_ms': measured,
+            'predicted_ms': statistics.median(predicted),
+            'error': statistics.median(predicted) / measured - 1,
+            'recent': statistics.median(recent) / measured - 1,
+            'offline': point['predicted_ms'] / measured - 1,
+            'in_use': None if in_use is None else in_use / measured - 1,
+            'prices': (min(prices), max(prices)) if prices else None}
+
+
+def local_at_price(row: dict) -> dict | None:
+    """
+    Return the local runners' latency predicted at the robot's price the engine held then.
+
+    A check on calls that did not set the price: every call of the runners that
+    ran ``local`` at the point (not the correction-on runner), predicted as the
+    entry's local prediction times the price the ``corrected`` runner held at
+    that moment (probed before its call of the round when the local call came
+    first in the round, else before its next call, so from its calls before the
+    local one).  ``error``: the median of those predictions against the median
+    of those calls.  None without the per-call price and places in the round.
+    """
+    c = row.get('corrected', {})
+    factors, places = c.get('rounds_factor'), c.get('rounds_pos')
+    names = [name for name in MODES if name not in ('corrected',) and name in row
+             and row[name]['plan'] == 'local' and set(row[name].get('plans', {})) == {'local'}]
+    if not factors or not places or not names:
+        return None
+    base = row[names[0]]['predicted_ms']
+    predicted, measured = [], []
+    for name in names:
+        for r, (ms, place) in enumerate(zip(row[name]['rounds_ms'], row[name]['rounds_pos'])):
+            k = r if place < places[r] else r + 1
+            if k < len(factors):
+                predicted.append(base * (factors[k] or 1.0))
+                measured.append(ms)
+    if not measured:
+        return None
+    return {'calls': len(measured), 'measured_ms': statistics.median(measured),
+            'error': statistics.median(predicted) / statistics.median(measured) - 1}
+
+
 def correction_summary(name: str, link: tuple[float, float], used: list[str],
                        times: list[float]) -> dict:
     """
@@ -497,6 +606,12 @@ def verdict(row: dict, pooled: dict[str, float] | None = None, runner: str = 'hy
               'error': (h['predicted_ms'] - h['median_ms']) / h['median_ms']}
     if 'in_use_predicted_ms' in h:
         result['in_use_error'] = (h['in_use_predicted_ms'] - h['median_ms']) / h['median_ms']
+        before = call_prediction(h)
+        if before is not None:
+            result['call_error'], result['recent_error'] = before['error'], before['recent']
+        local = local_at_price(row)
+        if local is not None:
+            result['local_at_price_error'] = local['error']
     if pooled is not None:
         result['pooled_noise'] = pooled.get(bound, 0.0)
         result['pooled_within'] = gain >= -max(0.03, result['pooled_noise'])
@@ -766,7 +881,14 @@ def summary(result: dict, runner: str = 'hybrid') -> dict:
         else (correction['calls_until_dropped'] <= 20
               or correction.get('really_wrong') is False),
         **({'in_use_median_error': median_error(v['in_use_error'] for v in verdicts
-                                                if 'in_use_error' in v)}
+                                                if 'in_use_error' in v),
+            'call_median_error': median_error(v['call_error'] for v in verdicts
+                                              if 'call_error' in v),
+            'call_points': sum('call_error' in v for v in verdicts),
+            'recent_median_error': median_error(v['recent_error'] for v in verdicts
+                                                if 'recent_error' in v),
+            'local_at_price_median_error': median_error(
+                v['local_at_price_error'] for v in verdicts if 'local_at_price_error' in v)}
            if runner != 'hybrid' else {}),
         **({'corrected': summary(result, 'corrected')}
            if runner == 'hybrid' and result['rows']
@@ -801,7 +923,8 @@ def render(meta: dict, models: list[dict]) -> str:
                 else '') + 'The table\'s plan runs with run-time correction off (`hybrid`: the '
              'offline planner alone) and, where measured, on (`corrected`: what a user gets; '
              'one runner over the whole grid, timed after untimed rounds of every runner at '
-             'each point).', '']
+             'each point).'
+             + (CALL_TEXT if any(call_lines(m['rows']) for m in models) else ''), '']
     if meta['load'] > 0.5 * meta['cores']:
         lines += [f'**Caution**: load average {meta["load"]:.1f} on {meta["cores"]} cores '
                   'while this ran.', '']
@@ -880,7 +1003,7 @@ def render(meta: dict, models: list[dict]) -> str:
                       f'{same["worst"] * 100:+.1f} %, {same["over"]} over max(3 %, the twins\' '
                       'paired gap in those rounds).', '']
         if s.get('corrected'):
-            lines += _corrected_lines(s['corrected'])
+            lines += _corrected_lines(s['corrected']) + call_lines(result['rows'])
         c = result.get('correction')
         if c:
             kept = c['calls_until_dropped'] == len(c['plans_used'])
@@ -923,7 +1046,57 @@ def _corrected_lines(s: dict) -> list[str]:
             + ('none' if gain is None else f'{gain * 100:.1f} %')
             + f'.  Median prediction error of the plans it used: '
               f'{_pct(s["median_error"])} offline, {_pct(s.get("in_use_median_error"))} with '
-              'the table re-decided at the robot speed measured in use before each point.', '']
+              'the table re-decided at the robot speed measured in use before each point'
+            + (f', {_pct(s["call_median_error"])} predicted before each call ({s["call_points"]}'
+               f' of {s["points"]} points; below); the local runners\' calls (which did not set '
+               f'the price) at the price held then {_pct(s["local_at_price_median_error"])}; '
+               f'without the model (each call as the plan\'s last three) '
+               f'{_pct(s["recent_median_error"])}'
+               if s.get('call_points') else '') + '.', '']
+
+
+CALL_TEXT = ('  The prediction before each call (`corrected`): per point, the '
+             'calls that ran its plan (explorations left out), and the median of the '
+             'predictions the engine made before each of them (the entry\'s prediction of the '
+             'plan, its robot work at the robot\'s price held before that call, measured on the '
+             'calls before it: `CallRecord.predicted_ms`, or in results without it repriced '
+             'from the price probed before each call) against the median of their latency; '
+             'offline and in use (the price held before the point\'s rounds) on the same '
+             'calls.  Where the plan is `local` the price comes from its own latest calls, so '
+             'there it checks how the price follows the robot, not the cost model\'s '
+             'structure; at a split, hybrid or `offload` point, both.  The local runners '
+             'at the price then: every call of the runners that ran `local` (not the '
+             'correction-on runner, so calls that did not set the price), predicted as '
+             'local\'s prediction times the price `corrected` held at that moment, the median '
+             'of the predictions against the median of the calls.  Without the model: each '
+             'call of the plan predicted by the median of the plan\'s last three calls before '
+             'it, no cost model at all; where it does as well, the figure before each call '
+             'shows the robot\'s level followed, not the model confirmed.')
+
+
+def call_lines(rows: list[dict]) -> list[str]:
+    """Return the per-point table of the prediction before each call (none: no such data)."""
+    points = [(row, call_prediction(row['corrected'])) for row in rows if 'corrected' in row]
+    if not any(before for _, before in points):
+        return []
+    table = []
+    for row, before in sorted(points, key=lambda rb: (rb[0]['rtt_ms'], rb[0]['bandwidth_mbps'])):
+        if before is None:
+            continue
+        prices, local = before['prices'], local_at_price(row)
+        table.append([f'{row["rtt_ms"]:g}', f'{row["bandwidth_mbps"]:g}', row['corrected']['plan'],
+                      before['calls'], f'{before["measured_ms"]:.1f}',
+                      f'{before["predicted_ms"]:.1f}', f'{before["offline"] * 100:+.1f} %',
+                      '-' if before['in_use'] is None else f'{before["in_use"] * 100:+.1f} %',
+                      f'{before["error"] * 100:+.1f} %',
+                      '-' if prices is None else f'{prices[0]:.2f}-{prices[1]:.2f}',
+                      '-' if local is None else f'{local["error"] * 100:+.1f} %',
+                      f'{before["recent"] * 100:+.1f} %'])
+    return ['Prediction before each call, with correction on (`corrected`; as described '
+            'above):', ''] + report.table(
+        ['RTT ms', 'Mbit/s', 'plan', 'calls', 'measured ms', 'predicted before each call ms',
+         'offline', 'in use', 'before each call', 'robot price held',
+         'local runners at the price then', 'without the model: last 3 calls'], table)
 
 
 def _pct(value: float | None) -> str:

@@ -145,7 +145,9 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
     (+5.2 % after an offload call in the H200 host's hybrid runs, helper h13t), and
     the design's rows are not in the results otherwise.  ``rounds_robot_ms`` and
     ``rounds_server_ms`` are each call's robot compute and the server's compute its
-    reply reported (0: none), and ``probes`` (runner name -> callable) add
+    reply reported (0: none), ``rounds_plans`` each call's plan and
+    ``rounds_predicted_ms`` the plan table's prediction of it, made before it ran
+    (``CallRecord.predicted_ms``; 0: none), and ``probes`` (runner name -> callable) add
     ``rounds_probe``, what the callable returned just before each of its calls (a
     price the runner holds): a prediction re-made per call can be judged from them.
     """
@@ -186,6 +188,8 @@ def run_interleaved(runners: dict, frames: Sequence[torch.Tensor], references: S
         summary['rounds_after'] = [before for _, before in places[name]]
         summary['rounds_robot_ms'] = [r.robot_compute_ms for r, _, _ in entries]
         summary['rounds_server_ms'] = [r.server_compute_ms for r, _, _ in entries]
+        summary['rounds_plans'] = [r.plan for r, _, _ in entries]
+        summary['rounds_predicted_ms'] = [r.predicted_ms for r, _, _ in entries]
         if name in probed:
             summary['rounds_probe'] = probed[name]
         result[name] = summary

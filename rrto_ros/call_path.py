@@ -65,7 +65,12 @@ class CallPath:
         """Serve one call; return its outputs and record (plan feedback observed)."""
         self.selector = None
         outputs, record = self._serve(args, kwargs)
-        if self.selector is not None:   # an offloaded call's robot compute prices the robot
+        if self.selector is not None:
+            if record.result in (OffloadResult.OFFLOADED, OffloadResult.LOCAL):
+                # the table's prediction of what ran, at the price held before this call
+                predicted = self.selector.predicted_ms(record.plan)
+                record.predicted_ms = 0.0 if predicted is None else predicted
+            # an offloaded call's robot compute prices the robot
             robot = record.robot_compute_ms if record.result == OffloadResult.OFFLOADED else None
             self.selector.observe(record.plan, record.total_ms, robot)
         return outputs, record

@@ -26,6 +26,7 @@ KEYS = {
     'preprocess_ms': float,      # Image -> tensor on the robot, before the call
     'age_ms': float,             # input image stamp -> outputs published (end to end)
     'plan': str,                 # offload | local | a split/hybrid plan of the plan table
+    'predicted_ms': float,       # the plan table's prediction of this call, made before it ran
     'bandwidth_mbps': float,     # link estimate the plan was chosen for (nan if none yet)
     'rtt_ms': float,             # round-trip estimate from /rrto/bandwidth (nan if none yet)
     'task': str,
@@ -66,7 +67,9 @@ def record_values(record: CallRecord, *, task: str, server: str, stamp: str,
         'server_queue_ms': record.server_queue_ms,
         'server_compute_ms': record.server_compute_ms,
         'robot_compute_ms': record.robot_compute_ms, 'preprocess_ms': float(preprocess_ms),
-        'age_ms': float(age_ms), 'plan': record.plan, 'bandwidth_mbps': float(bandwidth_mbps),
+        'age_ms': float(age_ms), 'plan': record.plan,
+        'predicted_ms': record.predicted_ms if record.predicted_ms > 0 else math.nan,
+        'bandwidth_mbps': float(bandwidth_mbps),
         'rtt_ms': float(rtt_ms), 'task': task, 'fallback': record.fallback,
         'result': record.result.value, 'reason': record.reason,
         'deadline_missed': record.deadline_missed, 'preemptions': record.preemptions,

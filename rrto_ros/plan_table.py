@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from rrto_ros.plan_feedback import decide, parsed_plans, PlanFeedback
+from rrto_ros.plan_feedback import decide, parsed_plans, PlanFeedback, repriced
 from rrto_ros.split import Plan
 from rrto_wire import treespec
 from rrto_wire.program import sha256
@@ -249,6 +249,26 @@ class PlanSelector:
             self.switches += 1
         return self.current
 
+    def predicted_ms(self, plan: str) -> float | None:
+        """
+        Return the latency the table predicts now for ``plan`` (its name) on the chosen link.
+
+        The entry's prediction of that plan (its own plan's or a baseline's),
+        its robot work repriced at the robot's price held now
+        (:func:`~rrto_ros.plan_feedback.repriced`; as solved before a call timed
+        the robot, or without feedback).  Read before :meth:`observe` records a
+        call, it is that call's prediction, made from the calls before it only.
+        None: no link chosen yet, or the entry does not predict that plan.
+        """
+        if self._entry is None:
+            return None
+        predicted = self._view_of(self._entry).predictions().get(plan)
+        if predicted is None:
+            return None
+        price = self.feedback.price if self.feedback is not None else None
+        factor = price.factor() if price is not None else None
+        return float(predicted['latency_ms']) if factor is None else repriced(predicted, factor)
+
     def observe(self, plan: str, total_ms: float, robot_ms: float | None = None) -> None:
         """
         Record the measured latency of the call just made under ``plan`` (its name).
@@ -275,7 +295,7 @@ class PlanSelector:
 class _EntryView:
     """What a selector reads from one grid entry, derived once (a table does not change)."""
 
-    __slots__ = ('entry', 'solved', 'local_ms', 'parsed', '_robot')
+    __slots__ = ('entry', 'solved', 'local_ms', 'parsed', '_robot', '_predictions')
 
     def __init__(self, entry: dict):
         self.entry = entry
@@ -286,6 +306,20 @@ class _EntryView:
         self.local_ms = dict(options).get(Plan('local'))   # what the solve priced local at
         self.parsed = parsed_plans(entry) if entry.get('baselines') else None
         self._robot: dict[str, float | None] | None = None
+        self._predictions: dict[str, dict] | None = None
+
+    def predictions(self) -> dict[str, dict]:
+        """Return the entry's prediction (an Estimate as JSON) of each plan, by name."""
+        if self._predictions is None:
+            items = [(self.entry['plan'], self.entry.get('predicted'))]
+            items += [(item['plan'], item.get('predicted'))
+                      for item in self.entry.get('baselines', {}).values()]
+            self._predictions = {}
+            for obj, predicted in items:
+                name = Plan.from_json(obj).name
+                if predicted and 'latency_ms' in predicted:
+                    self._predictions.setdefault(name, predicted)
+        return self._predictions
 
     def robot_ms(self, plan: str, profiles: dict) -> float | None:
         """

@@ -38,6 +38,8 @@ class CallRecord:
     bytes_sent: int = 0
     bytes_received: int = 0
     bandwidth_mbps: float = 0.0         # the link estimate the plan was chosen for (0: none)
+    predicted_ms: float = 0.0           # the plan table's prediction of this call, made before
+    #                                     it ran at the robot's price then (0: none)
     codec: str = ''                     # input codec of the request ('' when nothing was sent)
     reason: str = ''
     signature: str = ''

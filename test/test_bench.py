@@ -214,7 +214,8 @@ def test_each_call_keeps_its_place_in_the_round_and_the_runner_called_before_it(
             seen.append(self.name)
             self.last = CallRecord(OffloadResult.LOCAL, 'local', total_ms=float(len(seen)),
                                    robot_compute_ms=2.0 * len(seen),
-                                   server_compute_ms=3.0 * len(seen))
+                                   server_compute_ms=3.0 * len(seen),
+                                   predicted_ms=4.0 * len(seen))
             return frame
 
     frames = [torch.zeros(1)]
@@ -224,6 +225,9 @@ def test_each_call_keeps_its_place_in_the_round_and_the_runner_called_before_it(
     for point in points.values():
         assert point['rounds_robot_ms'] == [2 * ms for ms in point['rounds_ms']]
         assert point['rounds_server_ms'] == [3 * ms for ms in point['rounds_ms']]
+        # and the plan each call ran, with the table's prediction of it made before it ran
+        assert point['rounds_predicted_ms'] == [4 * ms for ms in point['rounds_ms']]
+        assert point['rounds_plans'] == ['local'] * 6
     assert points['b']['rounds_probe'] == [ms - 1 for ms in points['b']['rounds_ms']]
     assert 'rounds_probe' not in points['a']
     assert seen[:3] == ['a', 'b', 'c']     # the warm-up calls, then 6 rounds of 3

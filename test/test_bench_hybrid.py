@@ -46,6 +46,9 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
         assert len(row['corrected']['rounds_factor']) == 14
         assert len(row['corrected']['rounds_robot_ms']) == 14
         assert row['corrected']['in_use_estimate']['latency_ms'] > 0
+        # and the engine's own prediction of each call, made before it ran
+        assert all(ms > 0 for ms in row['corrected']['rounds_predicted_ms'])
+        assert hybrid.call_prediction(row['corrected'])['calls'] > 0
         same = hybrid.same_plan_runners(row)   # more rounds of only those, whole designs
         assert (row['same_plan'] is None) == (not same)
         if same:
@@ -71,6 +74,7 @@ def test_hybrid_smoke_run_measures_every_mode_and_writes_docs_only_when_asked(tm
     assert f"error on the ratio to `{calibration['paired_with']}`, round by round" in text
     assert 'each of those plans is guarded by its own error' in text   # per-plan margins
     assert 'With run-time correction on (`corrected`)' in text
+    assert 'Prediction before each call, with correction on' in text
 
 
 def _row(**medians):
@@ -139,6 +143,82 @@ def test_the_in_use_prediction_reprices_the_entrys_prediction_of_the_plan_used()
     assert hybrid.in_use_prediction(table, link, 'split@3', 1.5, 60.0) == 60.0
     assert hybrid.plan_prediction(table, link, 'offload')['robot_compute_ms'] == 2.0
     assert hybrid.plan_prediction(table, link, 'split@3') is None
+
+
+def _in_use_point() -> dict:
+    """A hybrid point run with correction on: two offload explorations, the price moving."""
+    estimate = {'latency_ms': 60.0, 'robot_compute_ms': 50.0, 'busy_ms': 40.0, 'remote_ms': 35.0}
+    return {'plan': 'hybrid@9:0.50', 'plans': {'hybrid@9:0.50': 4, 'offload': 2},
+            'rounds_ms': [75.0, 100.0, 80.0, 90.0, 98.0, 85.0],
+            'rounds_robot_ms': [60.0, 0.1, 64.0, 70.0, 0.2, 68.0],
+            'rounds_server_ms': [10.0, 20.0, 10.0, 10.0, 20.0, 10.0],
+            'rounds_factor': [1.0, 1.5, 1.5, 1.6, 1.7, 1.7], 'in_use_estimate': estimate,
+            'predicted_ms': 60.0, 'in_use_predicted_ms': 60.0, 'median_ms': 87.5}
+
+
+def test_each_calls_plan_is_read_from_the_recorded_counts_and_computes():
+    point = _in_use_point()
+    assert hybrid.call_plans(point) == ['hybrid@9:0.50', 'offload', 'hybrid@9:0.50',
+                                        'hybrid@9:0.50', 'offload', 'hybrid@9:0.50']
+    local = dict(point, plans={'hybrid@9:0.50': 4, 'local': 2},
+                 rounds_server_ms=[10.0, 0.0, 10.0, 10.0, 0.0, 10.0])
+    assert hybrid.call_plans(local)[:2] == ['hybrid@9:0.50', 'local']
+    assert hybrid.call_plans(dict(point, plans={'hybrid@9:0.50': 3, 'offload': 3})) is None
+    assert hybrid.call_plans(dict(point, rounds_plans=['local'] * 6)) == ['local'] * 6
+
+
+def test_the_prediction_before_each_call_is_priced_from_the_calls_before_it():
+    # session 14 (H200): the price held before a point's rounds missed the robot by up to
+    # 26 %; the engine reprices before every call from the calls it observed, and the
+    # results keep that price per call: the hybrid's calls predicted at 1.0, 1.5, 1.6, 1.7
+    point = _in_use_point()
+    before = hybrid.call_prediction(point)
+    predicted = [60.0, 40 * 1.5 + 20 * 1.5, 40 * 1.6 + 20 * 1.6, 40 * 1.7 + 20 * 1.7]
+    measured = statistics.median([75.0, 80.0, 90.0, 85.0])   # the offload calls left out
+    assert before['calls'] == 4 and before['measured_ms'] == measured
+    assert before['error'] == pytest.approx(statistics.median(predicted) / measured - 1)
+    assert before['offline'] == pytest.approx(60.0 / measured - 1)
+    assert before['in_use'] == pytest.approx(60.0 / measured - 1)
+    assert before['prices'] == (1.0, 1.7)
+    # without the model: each call as the median of the plan's last three before it
+    recent = statistics.median([60.0, 75.0, 77.5, 80.0])
+    assert before['recent'] == pytest.approx(recent / measured - 1)
+    # the engine's own per-call prediction, where recorded, is the one judged
+    recorded = dict(point, rounds_predicted_ms=[70.0, 99.0, 80.0, 90.0, 99.0, 86.0])
+    assert hybrid.call_prediction(recorded)['error'] == pytest.approx(83.0 / measured - 1)
+    assert hybrid.call_prediction(dict(point, rounds_factor=None)) is None
+    # per network: the median over the points, beside the offline and in-use errors
+    rows = []
+    for bandwidth in (50.0, 100.0):
+        row = _row(local=100.0, offload=90.0, best_split=95.0, hybrid=80.0, corrected=80.0,
+                   plans={'corrected': 'hybrid@9:0.50'})
+        row['corrected'] = dict(row['corrected'], **point)
+        row['bandwidth_mbps'], row['rtt_ms'] = bandwidth, 4.0
+        rows.append(row)
+    s = hybrid.summary({'rows': rows})['corrected']
+    assert s['call_median_error'] == pytest.approx(abs(before['error']))
+    assert s['call_points'] == 2
+    lines = hybrid.call_lines(rows)
+    assert any(line.startswith('| 4 | 50 | hybrid@9:0.50 | 4 | 82.5 |') for line in lines)
+    assert any(f'{before["error"] * 100:+.1f} % | 1.00-1.70 |' in line for line in lines)
+
+
+def test_the_local_runners_calls_are_predicted_at_the_price_held_at_their_moment():
+    # calls that did not set the price: a local call before `corrected`'s in the round
+    # gets the price probed before that call, one after it the price probed before the next
+    row = {'corrected': {'rounds_factor': [1.2, 1.5, 1.4], 'rounds_pos': [1, 0, 1]},
+           'local': {'plan': 'local', 'plans': {'local': 3}, 'predicted_ms': 50.0,
+                     'rounds_ms': [60.0, 75.0, 72.0], 'rounds_pos': [0, 1, 0]},
+           'offload': {'plan': 'offload', 'plans': {'offload': 3}, 'predicted_ms': 9.0,
+                       'rounds_ms': [9.0] * 3, 'rounds_pos': [2] * 3}}
+    local = hybrid.local_at_price(row)
+    predicted = [50.0 * 1.2, 50.0 * 1.4, 50.0 * 1.4]
+    assert local['calls'] == 3 and local['measured_ms'] == 72.0
+    assert local['error'] == pytest.approx(statistics.median(predicted) / 72.0 - 1)
+    row['local']['rounds_pos'][2] = 2   # after the last probe of the point: not predicted
+    assert hybrid.local_at_price(row)['calls'] == 2
+    del row['corrected']['rounds_factor']
+    assert hybrid.local_at_price(row) is None
 
 
 def test_the_same_plan_as_the_best_baseline_gets_no_free_pass():

@@ -318,3 +318,25 @@ def test_a_plan_with_little_robot_compute_does_not_price_the_robot():
     for name in ('hybrid@3:0.50', 'offload'):
         selector.observe(name, 75.0, 20.0)
     assert selector.feedback.price.factor() is None
+
+
+def test_the_selector_predicts_a_plan_at_the_robots_price_held_before_the_call():
+    # the prediction the engine reports per call: the entry's prediction of the plan it
+    # runs, its robot work at the price measured up to the call before (none before a call)
+    table = _table([_hybrid_entry(40.0)])
+    table.profiles = {'up_ms_per_mb': 0.5, 'down_ms_per_mb': 1.0}
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(explore_every=10 ** 6))
+    assert selector.predicted_ms(HYBRID.name) is None   # no link chosen yet
+    plan = selector.choose(20.0, 4.0)
+    assert selector.predicted_ms(plan.name) == 50.0   # as solved: nothing measured yet
+    selector.observe(plan.name, 75.0, 60.0)   # its robot compute 1.5x the entry's
+    # the band waits for the longer of robot (30 x 1.5) and server (25), the rest 20 x 1.5
+    assert selector.predicted_ms(HYBRID.name) == pytest.approx(45.0 + 30.0)
+    assert selector.predicted_ms('offload') == pytest.approx(70.0 + 1.0)
+    assert selector.predicted_ms('local') == pytest.approx(55.0 * 1.5)
+    assert selector.predicted_ms('split@3') is None   # a plan the entry does not predict
+    # without feedback the robot is never priced: the table's predictions as solved
+    selector = PlanSelector(table, switch_after=1)
+    selector.choose(20.0, 4.0)
+    selector.observe(HYBRID.name, 75.0, 60.0)
+    assert selector.predicted_ms(HYBRID.name) == 50.0

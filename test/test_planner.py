@@ -1,6 +1,7 @@
 """Cost model, differential evolution, plan tables, and plans executed through a real server."""
 
 import json
+import math
 import statistics
 import time
 
@@ -9,6 +10,7 @@ import torch
 
 from rrto_ros import OffloadResult
 from rrto_ros.graph import GraphAnalysis
+from rrto_ros.latency import parse_values, record_values
 from rrto_ros.local_model import TorchModule
 from rrto_ros.plan_cli import main as plan_main
 from rrto_ros.plan_table import PlanSelector, PlanTable, PlanTableMismatch, program_key
@@ -261,6 +263,40 @@ def test_a_hybrid_call_prices_the_robot_by_its_robot_compute(prepared, server, o
     assert om.last.plan == hybrid.name and om.last.result == OffloadResult.OFFLOADED
     price = om.preparer.target(*treespec.flatten(((x,), {}))).selector.feedback.price
     assert price.factor() == pytest.approx(om.last.robot_compute_ms / 5e3)
+
+
+def test_each_call_reports_the_tables_prediction_made_before_it_ran(
+        prepared, server, offloaded):
+    # the record (and /rrto/latency) carries the prediction of the plan the call ran, at the
+    # robot's price held before the call: from the calls before it, never from its own time
+    model, x, artifact, analysis = prepared
+    far = {'latency_ms': 1e4, 'robot_compute_ms': 1.0}   # offload never plausible: no exploring
+    local = {'latency_ms': 2.0, 'robot_compute_ms': 2.0}
+    entries = [{'bandwidth_mbps': 50, 'rtt_ms': 5, 'plan': Plan('local').to_json(),
+                'predicted': local,
+                'baselines': {'local': {'plan': Plan('local').to_json(), 'predicted': local},
+                              'offload': {'plan': Plan('offload').to_json(), 'predicted': far}}}]
+    om = offloaded(model, server.endpoint, timeout_ms=30000, link=(50, 5), switch_after=1,
+                   plan_table=_table(artifact, analysis, entries))
+    assert om.warmup(x)
+    totals, predicted = [], []
+    for _ in range(4):
+        om(x)
+        assert om.last.plan == 'local'
+        totals.append(om.last.total_ms)
+        predicted.append(om.last.predicted_ms)
+    assert predicted[0] == 2.0   # as solved: no call had timed the robot
+    for n in (1, 2, 3):   # local at the price of the calls before: their median time
+        assert predicted[n] == pytest.approx(statistics.median(totals[:n]))
+    values = parse_values(record_values(om.last, task='t', server='s', stamp='0.000000000',
+                                        preprocess_ms=0, age_ms=0))
+    assert values['predicted_ms'] == pytest.approx(predicted[-1], abs=1e-3)
+    plain = offloaded(model, server.endpoint, timeout_ms=30000, mode='local')
+    plain(x)
+    assert plain.last.predicted_ms == 0.0   # no table: no prediction
+    assert math.isnan(parse_values(record_values(plain.last, task='t', server='s',
+                                                 stamp='0.000000000', preprocess_ms=0,
+                                                 age_ms=0))['predicted_ms'])
 
 
 def test_without_feedback_the_table_is_followed(prepared, server, offloaded):
