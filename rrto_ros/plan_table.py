@@ -326,7 +326,11 @@ class _EntryView:
         Return the robot compute the entry priced ``plan`` (a split or hybrid) at.
 
         The prediction's robot time less its byte costs (``profiles``' ms per MB
-        sent and received): what the call times on the robot.  None: not in the
+        sent and received): what the call times on the robot; a hybrid's with the
+        calibration's correction of its robot band, as the latency it prices holds
+        it (H200, session 15: U-Net's robot-bound hybrids, corrected by -6 to -10 ms,
+        priced against the uncorrected compute read about 1.0 while their calls ran
+        up to 1.16 times the corrected band: predicted 5-20 % too fast).  None: not in the
         entry, or under ``ROBOT_SHARE`` of local's (a fixed cost per call, not
         the robot's speed, would set its price).
         """
@@ -340,8 +344,10 @@ class _EntryView:
                 name = Plan.from_json(obj).name
                 if name in self._robot or name.partition('@')[0] not in ('split', 'hybrid'):
                     continue
-                ms = predicted.get('robot_compute_ms', 0.0) - 1e-6 * (
-                    predicted.get('bytes_up', 0.0) * up + predicted.get('bytes_down', 0.0) * down)
+                ms = (predicted.get('robot_compute_ms', 0.0)
+                      + predicted.get('robot_correction_ms', 0.0) - 1e-6 * (
+                          predicted.get('bytes_up', 0.0) * up
+                          + predicted.get('bytes_down', 0.0) * down))
                 self._robot[name] = (ms if self.local_ms and ms >= ROBOT_SHARE * self.local_ms
                                      else None)
         return self._robot.get(plan)

@@ -76,6 +76,7 @@ class Estimate:
     bytes_down: float
     busy_ms: float = 0.0     # hybrid: the robot's band, with the transfer's CPU cost on it
     remote_ms: float = 0.0   # hybrid: the server's round trip for its band
+    robot_correction_ms: float = 0.0   # hybrid: the calibration's correction in busy_ms
 
 
 RATIO_STEP = 0.05
@@ -256,13 +257,16 @@ class CostModel:
         send, recv = self.io_ms(up, down)
         busy = r_band + self.profiles.contention * (send + recv)
         remote = self._remote(link, up, down, s_band)
+        robot_correction = 0.0
         if self.correction_sides.get(plan.name) == 'remote':
             remote = max(0.0, remote + correction)
         else:
-            busy = max(0.0, busy + correction)
+            corrected = max(0.0, busy + correction)
+            busy, robot_correction = corrected, corrected - busy
         t = max(busy, remote) + r_suffix
         est = self._finish(t, r_band + r_suffix + send + recv, s_band, up, down)
         est.busy_ms, est.remote_ms = busy, remote
+        est.robot_correction_ms = robot_correction
         return est
 
     def _finish(self, latency: float, robot_ms: float, server_ms: float, up: float,

@@ -305,6 +305,21 @@ def test_a_hybrid_in_use_prices_the_robot_by_the_robot_compute_it_timed():
     assert selector.feedback.price.factor() is None
 
 
+def test_a_hybrid_is_priced_against_the_robot_band_its_latency_holds():
+    # H200, session 15: U-Net's robot-bound hybrids were corrected by -6 to -10 ms in the
+    # calibration rounds; their calls' robot compute over the uncorrected compute read about
+    # 1.0, and that price applied to the corrected band predicted them 5-20 % too fast
+    hybrid = {'latency_ms': 40.0, 'robot_compute_ms': 50.5, 'busy_ms': 40.0, 'remote_ms': 25.0,
+              'robot_correction_ms': -10.0, 'bytes_up': 1e6, 'bytes_down': 0.0}
+    table = _table([_entry(20.0, 55.0, 70.0, plan=HYBRID, predicted=hybrid)])
+    table.profiles = {'up_ms_per_mb': 0.5, 'down_ms_per_mb': 1.0}   # 0.5 ms of byte costs
+    selector = PlanSelector(table, switch_after=1, feedback=PlanFeedback(explore_every=10 ** 6))
+    assert selector.choose(20.0, 4.0) == HYBRID
+    selector.observe(HYBRID.name, 44.0, 44.0)   # its band ran 1.1x what the latency holds
+    assert selector.feedback.price.factor() == pytest.approx(44.0 / 40.0)
+    assert selector.predicted_ms(HYBRID.name) == pytest.approx(44.0)
+
+
 def test_a_plan_with_little_robot_compute_does_not_price_the_robot():
     # a split whose prefix is 5 ms of local's 55 times mostly a fixed cost per call
     split = Plan('split', 1)

@@ -348,6 +348,9 @@ def test_a_hybrid_correction_moves_only_the_side_that_bound_the_measurement(prep
     error = cost.calibrate(plan, fast, [predicted.latency_ms + d for d in (19.0, 20.0, 21.0)])
     assert error < 0 and cost.correction_sides[plan.name] == 'robot'
     assert cost.estimate(plan, fast).latency_ms == pytest.approx(predicted.latency_ms + 20.0)
+    # the estimate says how much of its robot band is that correction (what prices the robot)
+    assert cost.estimate(plan, fast).robot_correction_ms == pytest.approx(20.0)
+    assert predicted.robot_correction_ms == 0.0
     # on a slow link the robot waits for the server anyway: its band's error costs nothing
     waiting = fresh.estimate(plan, slow)
     assert waiting.remote_ms > waiting.busy_ms + 20.0
@@ -356,6 +359,7 @@ def test_a_hybrid_correction_moves_only_the_side_that_bound_the_measurement(prep
     cost.calibrate(plan, slow, [waiting.latency_ms + d for d in (9.0, 10.0, 11.0)])
     assert cost.correction_sides[plan.name] == 'remote'
     assert cost.estimate(plan, slow).latency_ms == pytest.approx(waiting.latency_ms + 10.0)
+    assert cost.estimate(plan, slow).robot_correction_ms == 0.0
 
 
 def test_a_solve_against_a_server_measures_the_robot_side_of_its_candidates(
