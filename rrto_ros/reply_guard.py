@@ -15,18 +15,20 @@ the socket's monitor, ``ZMQ_EVENT_CONNECTED``): what libzmq has read from the
 kernel (``TCP_INFO`` less ``FIONREAD``, :mod:`rrto_wire.wire_bytes`) since the
 guard's first look at that connection, less the messages delivered since (as
 they were on the wire), is what the robot holds and has not been handed.  It
-looks once a call has waited ``CHECK_S``, then ``CHECK_S`` after each arrival
-of bytes on the connection (:func:`wait_any`), and every ``CHECK_S`` while no
-call holds the socket (:meth:`ReplyGuard.watch_idle`: a server that answered
-can stream an unfinished message between calls, a14 #3).  Past the bound (plus
+looks every ``CHECK_S`` of a call's wait past the first (:func:`wait_any`),
+and every ``CHECK_S`` while no call holds the socket
+(:meth:`ReplyGuard.watch_idle`: a server that answered can stream an
+unfinished message between calls, a14 #3).  Past the bound (plus
 the slack and heartbeats the server allows too) the socket is dropped, which
 frees what libzmq holds: a waiting call fails with ``bad_reply`` (it runs
 locally), the next call reconnects.  Bytes are read for at most ``CHECK_S``
 before they are looked at: at most the link's bytes of two periods over the
 bound (10 MB at 100 MB/s).  A call answered within ``CHECK_S`` costs a sum over
-its frames, a longer one a wake per arrival, not per ``CHECK_S`` (issue 11).
-A duplicate of libzmq's descriptor is held only while a wait or a look lasts,
-and let go of once the monitor reports the connection gone (r5 B4).
+its frames; a longer one a wake and two socket options per ``CHECK_S``, on one
+duplicate of libzmq's descriptor per wait (issue 11), not woken by arrivals,
+whose readiness libzmq's own reader takes first (r15).  A duplicate is held
+only while a wait or a look lasts, and let go of once the monitor reports the
+connection gone (r5 B4).
 
 The unfinished message may answer any request still owed a reply on that
 socket, not only the call that waits: one cancelled, or a hedge's slower copy,
@@ -82,7 +84,6 @@ RENEW_S = 600.0    # a connection older than this is replaced between calls (its
 MAX_AGE_S = 4 * RENEW_S    # the heartbeat allowance grows no further (a busy socket not renewed)
 _EVENT = struct.Struct('=HI')
 _EVENTS = zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED
-_ARMED = select.EPOLLIN | select.EPOLLET | select.EPOLLONESHOT   # the next bytes, once
 _TENSOR_REPLIES = {Kind.INFER: MAX_REPLY_BYTES, Kind.OP: MAX_REPLY_BYTES,
                    Kind.PROBE: MAX_PROBE_BYTES}
 
@@ -131,15 +132,23 @@ def wait_any(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadlin
     Every socket of ``poller`` has its guard in ``guards``.  Returns the sockets
     with a message, and the sockets holding more of an unfinished reply than
     any request they owe can get (the bytes held); both are empty once the
-    deadline has passed.  A message within ``CHECK_S`` is waited for with one
-    poll and nothing looked at; a longer wait looks then, and again ``CHECK_S``
-    after each arrival of bytes on a connection (:func:`_wait_looking`).
+    deadline has passed.  A message before the guards' next look is due
+    (``CHECK_S`` after a call's request was sent, then ``CHECK_S`` after each
+    look) is waited for with one poll and nothing looked at; past it every
+    connection is looked at every ``CHECK_S``, however many messages came
+    between (:func:`_wait_looking`): a hedge's caller waits again after each
+    stale reply, so a replica answering stale replies every 30 ms kept its
+    twin's unfinished reply from ever being looked at (r15: 96 MiB over a
+    hello's 4 s).
     """
-    remaining_ms = (deadline - time.monotonic()) * 1e3
-    ready = ([sock for sock, _ in poller.poll(min(remaining_ms, CHECK_MS))]
-             if remaining_ms > 0 else [])
-    if ready or remaining_ms <= CHECK_MS:
-        return ready, {}
+    now = time.monotonic()
+    if now >= deadline:
+        return [], {}
+    due = min(guard._due for guard in guards.values())
+    if now < due:
+        ready = [sock for sock, _ in poller.poll((min(deadline, due) - now) * 1e3)]
+        if ready or deadline <= due:
+            return ready, {}
     epoll = select.epoll()
     try:
         return _wait_looking(epoll, guards, deadline)
@@ -152,13 +161,18 @@ def wait_any(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadlin
 def _wait_looking(epoll: select.epoll, guards: dict[zmq.Socket, 'ReplyGuard'], deadline: float
                   ) -> tuple[list[zmq.Socket], dict[zmq.Socket, int]]:
     """
-    Look at each guard's connection now, and ``CHECK_S`` after bytes arrive on it.
+    Look at each guard's connection now and every ``CHECK_S`` until a message or the deadline.
 
     One ``epoll`` takes each socket's and monitor's ``ZMQ_FD`` (their events read
-    when it signals, its edge contract) and each connection's duplicate, armed
-    at each look for the next bytes (``EPOLLONESHOT``): a wait with nothing
-    arriving sleeps until its message or deadline (issue 11: a wake and a look
-    every ``CHECK_S`` cost the call's thread 0.2 ms each on a 2-core machine).
+    when it signals, its edge contract): a message ends the wait at once, a
+    connection made or lost is taken (and looked at) at once, the duplicate of a
+    lost one closed (r5 B4).  A connection's duplicate is kept for the wait, so
+    a look is two socket options (issue 11).  The looks are timed, never woken
+    by bytes arriving: the kernel reports a descriptor ready as it stands when
+    the waiter collects the event, and libzmq's I/O thread, woken by the same
+    bytes, has often read them by then, so a wait woken by arrivals slept on
+    while a server trickled a reply past its bound (r15: 9 to 22 of 40 paced
+    arrivals woke it with the robot's cores busy).
     """
     socks, monitors = {}, {}
     for sock, guard in guards.items():
@@ -166,36 +180,30 @@ def _wait_looking(epoll: select.epoll, guards: dict[zmq.Socket, 'ReplyGuard'], d
         socks[sock_fd], monitors[monitor_fd] = sock, guard
         epoll.register(sock_fd, select.EPOLLIN)
         epoll.register(monitor_fd, select.EPOLLIN)
-    signalled, changed, look, due = list(guards), list(guards.values()), True, None
+    signalled, changed, due = list(guards), list(guards.values()), 0.0
     while True:
         for guard in changed:                 # connections made or lost: taken at once
             guard._take_events()
-        ready = [sock for sock in signalled if sock.get(zmq.EVENTS) & zmq.POLLIN]
-        if ready:
-            return ready, {}
-        now = time.monotonic()
-        if look or (due is not None and now >= due):
-            over = {}
+        now, over = time.monotonic(), {}
+        if changed or now >= due:             # before the messages: they cannot put it off
+            due = now + CHECK_S
             for sock, guard in guards.items():
                 held = guard._over()
-                if held is None:
-                    guard._arm(epoll)           # the next bytes wake the wait
-                else:
+                if held is not None:
                     over[sock] = held
-            if over:
-                return [], over
-            look, due, now = False, None, time.monotonic()
+                guard._due = due
+        ready = [sock for sock in signalled
+                 if sock not in over and sock.get(zmq.EVENTS) & zmq.POLLIN]
+        if ready or over:
+            return ready, over
         if now >= deadline:
             return [], {}
         signalled, changed = [], []
-        for fd, _ in epoll.poll(min(deadline, due or deadline) - now):
+        for fd, _ in epoll.poll(min(deadline, due) - now):
             if fd in socks:
                 signalled.append(socks[fd])
-            elif fd in monitors:
+            else:
                 changed.append(monitors[fd])
-                look = True
-            elif due is None:                   # bytes arrived: look at them in CHECK_S
-                due = time.monotonic() + CHECK_S
 
 
 class ReplyGuard:
@@ -212,16 +220,19 @@ class ReplyGuard:
         self._fds = (sock.get(zmq.FD), self._monitor.get(zmq.FD))      # a long wait's signals
         self._target: tuple[int, int] | None = None  # libzmq's descriptor and its peer port
         self._conn: socket.socket | None = None  # its duplicate, while a wait or a look lasts
-        self._epoll: select.epoll | None = None  # the wait the duplicate is armed in
         self._owed: dict[int, tuple] = {}        # request id -> (kind, expect), sent order
         self._mark: tuple[int, float] | None = None  # read at the first look, and when
         self._delivered = 0                      # wire bytes delivered since the mark
         self._closed = threading.Event()
+        self._due = 0.0         # when a call's wait looks next (time.monotonic)
 
     def sent(self, request_id: int, kind: Kind,
              expect: Sequence[reply_check.Leaf] | None) -> None:
         """Note a request sent on the socket: a reply to ``kind`` expecting ``expect`` is owed."""
         self._owed[request_id] = (kind, expect)
+        now = time.monotonic()
+        if self._due <= now:        # its wait looks CHECK_S from now, then every CHECK_S
+            self._due = now + CHECK_S
         if len(self._owed) > OWED:
             del self._owed[next(iter(self._owed))]    # never answered: forget the oldest
 
@@ -370,22 +381,9 @@ class ReplyGuard:
         conn.close()
         return False
 
-    def _arm(self, epoll: select.epoll) -> None:
-        """Have ``epoll`` report the next bytes that arrive on the connection, once."""
-        if self._conn is None:
-            return
-        if self._epoll is epoll:
-            epoll.modify(self._conn, _ARMED)
-        else:
-            epoll.register(self._conn, _ARMED)
-            self._epoll = epoll
-
     def _rest(self) -> None:
         """Close the duplicate: one kept open would hold the TCP connection (r5 B4)."""
         if self._conn is not None:
-            if self._epoll is not None:     # libzmq's descriptor would keep it registered
-                self._epoll.unregister(self._conn)
-                self._epoll = None
             self._conn.close()
             self._conn = None
 

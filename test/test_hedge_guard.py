@@ -5,12 +5,14 @@ A reply carrying the hedged request's id whose tensors failed to decode was
 counted as delivered twice (the reply guard then allowed one reply more for
 each such message, without limit) and skipped as garbage, so the call waited
 for its deadline and raised a timeout.  The watch thread of a hedge's socket
-ends with the hedge (r7 #7).
+ends with the hedge (r7 #7).  One replica's stale replies do not put off the
+look at its twin's unfinished reply (r15).
 """
 
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 import time
 
@@ -19,6 +21,8 @@ import torch
 import zmq
 
 from rrto_testing import reply_guard_watchers
+
+from bench.transport_hold import part, read_message, zmtp_handshake
 
 from rrto_ros.client import RemoteError
 from rrto_ros.hedge import Hedge
@@ -80,3 +84,64 @@ def test_no_watch_thread_outlives_its_hedge(ending):
     finally:
         srv.close(linger=0)
         ctx.destroy(linger=0)
+
+
+def _stale_replies(listener: socket.socket, stop: threading.Event) -> None:
+    """Answer the request with complete replies to another request, every 30 ms."""
+    conn, _ = listener.accept()
+    with conn:
+        zmtp_handshake(conn, b'ROUTER')
+        read_message(conn)
+        stale = part(bytes(wire.encode({'kind': 'ok', 'id': 999})[0]), more=False)
+        try:
+            while not stop.is_set():
+                conn.sendall(stale)
+                time.sleep(0.03)
+        except OSError:
+            pass
+
+
+def _unfinished_reply(listener: socket.socket, sent: list, stop: threading.Event) -> None:
+    """Answer the request with a header and 256 KiB parts every 10 ms, never the last."""
+    conn, _ = listener.accept()
+    with conn:
+        zmtp_handshake(conn, b'ROUTER')
+        read_message(conn)
+        chunk = part(bytes(256 << 10))
+        try:
+            conn.sendall(part(b'{"kind":"ok","id":1}'))
+            while not stop.is_set():
+                conn.sendall(chunk)
+                sent[0] += len(chunk)
+                time.sleep(0.01)
+        except OSError:
+            pass                                # the robot dropped the connection
+
+
+def test_a_replicas_stale_replies_do_not_put_off_the_look_at_its_twin():
+    # r15: the caller waits again after each stale reply, and each wait began with CHECK_S of
+    # poll and no look; a replica answering stale replies every 30 ms kept the other's 96 MiB
+    # stream (a hello's bound: a header) from being looked at until the call's deadline
+    stale, streaming = (socket.create_server(('127.0.0.1', 0)) for _ in range(2))
+    stop, sent = threading.Event(), [0]
+    servers = [threading.Thread(target=_stale_replies, args=(stale, stop), daemon=True),
+               threading.Thread(target=_unfinished_reply, args=(streaming, sent, stop),
+                                daemon=True)]
+    for server in servers:
+        server.start()
+    endpoints = [f'tcp://127.0.0.1:{s.getsockname()[1]}' for s in (stale, streaming)]
+    ctx = zmq.Context()
+    hedge = Hedge(ctx)
+    try:
+        with pytest.raises(RemoteError) as failed:
+            hedge.start(endpoints, Kind.HELLO, {}, [], 4000, 'raw').take()
+        assert failed.value.code == ErrorCode.BAD_REPLY.value, failed.value
+        assert endpoints[1] not in hedge.guards, 'the streaming replica was kept'
+    finally:
+        stop.set()
+        hedge.close()
+        ctx.destroy(linger=0)
+        for server in servers:
+            server.join(10)
+        stale.close()
+        streaming.close()

@@ -1,27 +1,29 @@
 """
-A long wait for a reply looks when bytes arrive, not every ``CHECK_S`` (issue 11).
+A long wait for a reply duplicates the connection's descriptor once (issue 11), and still looks.
 
 The call's thread woke every ``CHECK_S`` and rebuilt its view of the connection
 (a monitor read, a duplicate of libzmq's descriptor, a socket object, its peer):
 on a robot over a 5 Mbit/s link that was most of the call's CPU.  It now
-duplicates the descriptor once per wait and looks again only ``CHECK_S`` after
-bytes arrive; the duplicate must still let go of a connection libzmq lost
-while the wait goes on (r5 B4).
+duplicates the descriptor once per wait; the duplicate must still let go of a
+connection libzmq lost while the wait goes on (r5 B4), and the looks must not
+wait for a wake that libzmq's own reader can take first (r15).
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
 
 import zmq
 
-from bench.transport_hold import read_message, zmtp_handshake
+from bench.transport_hold import part, read_message, zmtp_handshake
 from rrto_ros import reply_guard
-from rrto_ros.client import OffloadError, RrtoClient
+from rrto_ros.client import OffloadError, RemoteError, RrtoClient
 from rrto_ros.reply_guard import CHECK_S
 from rrto_wire import protocol as wire
 
@@ -40,7 +42,7 @@ def _counting(monkeypatch, owner, name: str, thread: threading.Thread) -> list:
     return calls
 
 
-def test_a_quiet_wait_looks_once_and_duplicates_the_descriptor_once(monkeypatch):
+def test_a_quiet_wait_duplicates_the_descriptor_once(monkeypatch):
     ctx = zmq.Context()
     srv = ctx.socket(zmq.ROUTER)
     robot = RrtoClient(f'tcp://127.0.0.1:{srv.bind_to_random_port("tcp://127.0.0.1")}',
@@ -65,9 +67,8 @@ def test_a_quiet_wait_looks_once_and_duplicates_the_descriptor_once(monkeypatch)
         robot.close()
         srv.close(linger=0)
         ctx.destroy(linger=0)
-    assert len(dups) == 1, f'{len(dups)} duplicates in one wait'
-    # one look once CHECK_S passed, one after each heartbeat's answer: not one per CHECK_S
-    assert 1 <= len(looks) <= 4 < QUIET_S / CHECK_S, f'{len(looks)} looks in one quiet wait'
+    assert looks, 'a wait past CHECK_S never looked'
+    assert len(dups) == 1, f'{len(dups)} duplicates in {len(looks)} looks of one wait'
 
 
 def _descriptors_of(local_port: int) -> int:
@@ -129,3 +130,88 @@ def test_a_connection_lost_during_a_wait_is_let_go_at_once():
         caller.join(15)
         server.join(10)
         listener.close()
+
+
+_EPOLL = select.epoll
+
+
+def _is_tcp(fd) -> bool:
+    fd = fd if isinstance(fd, int) else fd.fileno()
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return False            # libzmq's ZMQ_FD: an eventfd
+    with socket.socket(fileno=os.dup(fd)) as conn:
+        return conn.family in (socket.AF_INET, socket.AF_INET6)
+
+
+class _Outrun:
+    """
+    An epoll on which libzmq's I/O thread always reads first.
+
+    The kernel reports a descriptor's readiness as it stands when the waiter
+    collects it: libzmq's reader, woken by the same bytes, has often emptied the
+    connection by then, and the waiter sleeps on (r15, measured on the 2-core VM
+    with the robot's cores busy: 9 to 22 of 40 paced arrivals woke the wait).
+    Here it always has: a TCP connection's readiness never reaches the waiter.
+    """
+
+    def __init__(self):
+        self._epoll, self._tcp = _EPOLL(), set()
+
+    def register(self, fd, mask=select.EPOLLIN):
+        if _is_tcp(fd):
+            self._tcp.add(fd if isinstance(fd, int) else fd.fileno())
+        self._epoll.register(fd, mask)
+
+    def modify(self, fd, mask):
+        self._epoll.modify(fd, mask)
+
+    def unregister(self, fd):
+        self._tcp.discard(fd if isinstance(fd, int) else fd.fileno())
+        self._epoll.unregister(fd)
+
+    def poll(self, timeout=-1):
+        return [(fd, ev) for fd, ev in self._epoll.poll(timeout) if fd not in self._tcp]
+
+    def close(self):
+        self._epoll.close()
+
+
+def _trickle(listener: socket.socket, sent: list) -> None:
+    """Answer the robot's hello with a header and 64 KiB parts every 20 ms, never the last."""
+    conn, _ = listener.accept()
+    with conn:
+        zmtp_handshake(conn, b'ROUTER')
+        read_message(conn)
+        chunk = part(bytes(64 << 10))
+        try:
+            conn.sendall(part(b'{"kind":"ok","id":1}'))
+            for _ in range(500):                     # 32 MiB over 10 s
+                conn.sendall(chunk)
+                sent[0] += len(chunk)
+                time.sleep(0.02)
+        except OSError:
+            pass                                     # the robot dropped the connection
+
+
+def test_a_trickled_reply_is_looked_at_though_no_arrival_wakes_the_wait(monkeypatch):
+    """a13 #2: a wait woken only by arrivals libzmq let it see slept to its deadline (r15)."""
+    monkeypatch.setattr(reply_guard.select, 'epoll', _Outrun)
+    listener = socket.create_server(('127.0.0.1', 0))
+    sent = [0]
+    server = threading.Thread(target=_trickle, args=(listener, sent), daemon=True)
+    server.start()
+    robot = RrtoClient(f'tcp://127.0.0.1:{listener.getsockname()[1]}', call_timeout_ms=8000)
+    try:
+        try:
+            robot.call(reply_guard.Kind.HELLO, timeout_ms=8000)
+            outcome = None
+        except OffloadError as exc:
+            outcome = exc
+    finally:
+        robot.close()
+        server.join(15)
+        listener.close()
+    # past a hello's bound (a header, its slack) the robot drops the connection: bad_reply,
+    # not the call's timeout with the server's 32 MiB taken in
+    assert isinstance(outcome, RemoteError), f'{outcome!r} after {sent[0] >> 10} KiB'
+    assert outcome.code == 'bad_reply'
