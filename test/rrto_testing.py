@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -278,3 +279,54 @@ def reply_guard_watchers() -> set:
     """Return the robot's reply-guard watch threads now alive (one per guarded socket)."""
     import threading
     return {t for t in threading.enumerate() if t.name == 'rrto-reply-guard'}
+
+
+def tcp_descriptors(port: int, end: str = 'remote') -> int:
+    """
+    Return how many of this process's descriptors are TCP sockets with ``port`` at one end.
+
+    ``end``: 'local' (bound to ``port`` here) or 'remote' (connected to ``port``);
+    IPv4 and IPv6.  Counts duplicates of one connection too (each is a descriptor).
+    """
+    column = {'local': 1, 'remote': 2}[end]
+    inodes = set()
+    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if int(fields[column].rsplit(':', 1)[1], 16) == port:
+                inodes.add(f'socket:[{fields[9]}]')
+    count = 0
+    for fd in Path('/proc/self/fd').iterdir():
+        try:
+            count += os.readlink(fd) in inodes
+        except OSError:
+            pass
+    return count
+
+
+def stream_unfinished_reply(listener, sent: list, part_bytes: int, pace_s: float,
+                            parts: int | None = None, stop: threading.Event | None = None
+                            ) -> None:
+    """
+    Answer one request on ``listener`` as a hostile server: a header, then parts, never the last.
+
+    ``part_bytes`` a part every ``pace_s`` until ``parts`` were sent or ``stop`` is
+    set (None: no such limit); ``sent[0]`` counts the parts' bytes; ends quietly
+    when the robot drops the connection.
+    """
+    from bench.transport_hold import part, read_message, zmtp_handshake
+    conn, _ = listener.accept()
+    with conn:
+        zmtp_handshake(conn, b'ROUTER')
+        read_message(conn)
+        chunk = part(bytes(part_bytes))
+        try:
+            conn.sendall(part(b'{"kind":"ok","id":1}'))
+            count = 0
+            while (parts is None or count < parts) and not (stop and stop.is_set()):
+                conn.sendall(chunk)
+                sent[0] += len(chunk)
+                count += 1
+                time.sleep(pace_s)
+        except OSError:
+            pass                                # the robot dropped the connection

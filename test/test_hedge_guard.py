@@ -20,7 +20,7 @@ import pytest
 import torch
 import zmq
 
-from rrto_testing import reply_guard_watchers
+from rrto_testing import reply_guard_watchers, stream_unfinished_reply
 
 from bench.transport_hold import part, read_message, zmtp_handshake
 
@@ -101,23 +101,6 @@ def _stale_replies(listener: socket.socket, stop: threading.Event) -> None:
             pass
 
 
-def _unfinished_reply(listener: socket.socket, sent: list, stop: threading.Event) -> None:
-    """Answer the request with a header and 256 KiB parts every 10 ms, never the last."""
-    conn, _ = listener.accept()
-    with conn:
-        zmtp_handshake(conn, b'ROUTER')
-        read_message(conn)
-        chunk = part(bytes(256 << 10))
-        try:
-            conn.sendall(part(b'{"kind":"ok","id":1}'))
-            while not stop.is_set():
-                conn.sendall(chunk)
-                sent[0] += len(chunk)
-                time.sleep(0.01)
-        except OSError:
-            pass                                # the robot dropped the connection
-
-
 def test_a_replicas_stale_replies_do_not_put_off_the_look_at_its_twin():
     # r15: the caller waits again after each stale reply, and each wait began with CHECK_S of
     # poll and no look; a replica answering stale replies every 30 ms kept the other's 96 MiB
@@ -125,7 +108,8 @@ def test_a_replicas_stale_replies_do_not_put_off_the_look_at_its_twin():
     stale, streaming = (socket.create_server(('127.0.0.1', 0)) for _ in range(2))
     stop, sent = threading.Event(), [0]
     servers = [threading.Thread(target=_stale_replies, args=(stale, stop), daemon=True),
-               threading.Thread(target=_unfinished_reply, args=(streaming, sent, stop),
+               threading.Thread(target=stream_unfinished_reply,
+                                args=(streaming, sent, 256 << 10, 0.01, None, stop),
                                 daemon=True)]
     for server in servers:
         server.start()

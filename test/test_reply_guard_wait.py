@@ -17,11 +17,12 @@ import socket
 import stat
 import threading
 import time
-from pathlib import Path
 
 import zmq
 
-from bench.transport_hold import part, read_message, zmtp_handshake
+from rrto_testing import stream_unfinished_reply, tcp_descriptors
+
+from bench.transport_hold import read_message, zmtp_handshake
 from rrto_ros import reply_guard
 from rrto_ros.client import OffloadError, RemoteError, RrtoClient
 from rrto_ros.reply_guard import CHECK_S
@@ -71,23 +72,6 @@ def test_a_quiet_wait_duplicates_the_descriptor_once(monkeypatch):
     assert len(dups) == 1, f'{len(dups)} duplicates in {len(looks)} looks of one wait'
 
 
-def _descriptors_of(local_port: int) -> int:
-    """Return how many of this process's descriptors are the TCP socket bound to ``local_port``."""
-    inodes = set()
-    for table in ('/proc/net/tcp', '/proc/net/tcp6'):
-        for line in Path(table).read_text().splitlines()[1:]:
-            fields = line.split()
-            if int(fields[1].rsplit(':', 1)[1], 16) == local_port:
-                inodes.add(f'socket:[{fields[9]}]')
-    count = 0
-    for fd in Path('/proc/self/fd').iterdir():
-        try:
-            count += os.readlink(fd) in inodes
-        except OSError:
-            pass
-    return count
-
-
 def _serve_then_vanish(listener: socket.socket, robot_port: list, vanished: threading.Event
                        ) -> None:
     """Take the robot's request, let its wait start looking, then close the connection."""
@@ -121,10 +105,11 @@ def test_a_connection_lost_during_a_wait_is_let_go_at_once():
     try:
         assert vanished.wait(10)
         deadline = time.monotonic() + 1.5
-        while _descriptors_of(robot_port[0]) and time.monotonic() < deadline:
+        while tcp_descriptors(robot_port[0], 'local') and time.monotonic() < deadline:
             time.sleep(0.02)
         assert caller.is_alive(), 'the call ended: its wait was not tested'
-        assert _descriptors_of(robot_port[0]) == 0, 'the lost connection is still held open'
+        held = tcp_descriptors(robot_port[0], 'local')
+        assert held == 0, 'the lost connection is still held open'
     finally:
         robot.close()
         caller.join(15)
@@ -176,29 +161,13 @@ class _Outrun:
         self._epoll.close()
 
 
-def _trickle(listener: socket.socket, sent: list) -> None:
-    """Answer the robot's hello with a header and 64 KiB parts every 20 ms, never the last."""
-    conn, _ = listener.accept()
-    with conn:
-        zmtp_handshake(conn, b'ROUTER')
-        read_message(conn)
-        chunk = part(bytes(64 << 10))
-        try:
-            conn.sendall(part(b'{"kind":"ok","id":1}'))
-            for _ in range(500):                     # 32 MiB over 10 s
-                conn.sendall(chunk)
-                sent[0] += len(chunk)
-                time.sleep(0.02)
-        except OSError:
-            pass                                     # the robot dropped the connection
-
-
 def test_a_trickled_reply_is_looked_at_though_no_arrival_wakes_the_wait(monkeypatch):
     """a13 #2: a wait woken only by arrivals libzmq let it see slept to its deadline (r15)."""
     monkeypatch.setattr(reply_guard.select, 'epoll', _Outrun)
     listener = socket.create_server(('127.0.0.1', 0))
     sent = [0]
-    server = threading.Thread(target=_trickle, args=(listener, sent), daemon=True)
+    server = threading.Thread(target=stream_unfinished_reply,   # 32 MiB over 10 s
+                              args=(listener, sent, 64 << 10, 0.02, 500), daemon=True)
     server.start()
     robot = RrtoClient(f'tcp://127.0.0.1:{listener.getsockname()[1]}', call_timeout_ms=8000)
     try:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from bench.transport_hold import MIB, closed_by_peer, hold_parts, part, read_mes
     rss_mib, zmtp_connect, zmtp_handshake
 from rrto_ros.client import OffloadError, RrtoClient
 from rrto_server.process import ServerProcess, child_env
-from rrto_testing import WatchedRouter, client_certificates, raw_socket, upload
+from rrto_testing import WatchedRouter, client_certificates, raw_socket, tcp_descriptors, upload
 from rrto_wire import protocol as wire
 from rrto_wire.hello import hello
 
@@ -335,22 +334,6 @@ def test_the_ids_the_zap_handler_gives_are_not_a_sequence():
     assert not any(chose_its_id(i, curve=True) for i in ids)
 
 
-def _sockets_to(port: int) -> int:
-    """Return how many of this process's descriptors are TCP sockets to ``port``."""
-    inodes = set()
-    for line in Path('/proc/net/tcp').read_text().splitlines()[1:]:
-        fields = line.split()
-        if int(fields[2].rsplit(':', 1)[1], 16) == port:
-            inodes.add(f'socket:[{fields[9]}]')
-    count = 0
-    for fd in Path('/proc/self/fd').iterdir():
-        try:
-            count += os.readlink(fd) in inodes
-        except OSError:
-            pass
-    return count
-
-
 def test_the_reply_guard_lets_go_of_the_connection_when_its_wait_ends():
     """r5 B4: its duplicate of libzmq's descriptor outlived the wait (no FIN at reconnect)."""
     listener = socket.create_server(('127.0.0.1', 0))
@@ -362,7 +345,7 @@ def test_the_reply_guard_lets_go_of_the_connection_when_its_wait_ends():
     try:
         with pytest.raises(OffloadError):
             robot.hello()               # a bare header after 0.4 s: the guard looked, then bad
-        assert _sockets_to(port) == 1, 'a duplicate of the connection is still open'
+        assert tcp_descriptors(port) == 1, 'a duplicate of the connection is still open'
     finally:
         robot.close()
         server.join(SETTLE_S)
