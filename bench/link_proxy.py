@@ -29,6 +29,13 @@ each writer sleeps until shortly before and polls the clock for the rest
 last piece leaves within microseconds of when the link delivers it.  And the
 link's time starts when data reached the emulator's socket (the kernel's
 receive stamp, on Linux), not when the reading thread woke up to read it.
+
+The forwarding itself is kept off the link's clock where it can be: data
+already waiting is read through (each read keeps its own stamp) before one
+write; data due when it is read, with nothing ahead of it, is written by the
+reading thread at once, not handed to the writer (a thread wake-up); and the
+writer takes its next piece before it sleeps, so a due time is followed by
+the write and nothing else.  None of this changes a due time.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from bench.link_shaper import Shaper
 PIECE_BYTES = 16384          # the forwarder's scheduling quantum
 READ_AHEAD_S = 0.02
 RECV_BYTES = 65536
+DRAIN_READS = 8              # reads of data already waiting, forwarded together (one write)
 HISTORY = 10000              # scheduled delays kept per direction
 SPIN_S = 3e-4                # a writer's last stretch before a due time: poll, don't sleep
 PR_SET_TIMERSLACK = 29
@@ -95,23 +103,34 @@ def arrival_time(ancillary: list, realtime: float, now: float) -> float:
     return now
 
 
-def receive(sock: socket.socket, stamped: bool) -> tuple[bytes, float]:
+def receive(sock: socket.socket, stamped: bool, flags: int = 0) -> tuple[bytes, float]:
     """
     Return the next data on ``sock`` (blocking) and when it arrived (monotonic).
 
     With ``stamped`` (``stamp_arrivals`` said yes) that is the kernel's stamp
-    (``arrival_time``), else when the read returned.
+    (``arrival_time``), else when the read returned.  ``flags`` go to the
+    read (``socket.MSG_DONTWAIT``: raise ``BlockingIOError`` when none waits).
     """
     if not stamped:
-        return sock.recv(RECV_BYTES), time.monotonic()
-    data, ancillary, _, _ = sock.recvmsg(RECV_BYTES, STAMP_SPACE)
+        return sock.recv(RECV_BYTES, flags), time.monotonic()
+    data, ancillary, _, _ = sock.recvmsg(RECV_BYTES, STAMP_SPACE, flags)
     realtime = time.time()
     return data, arrival_time(ancillary, realtime, time.monotonic())
 
 
-def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
+def send_pieces(sock: socket.socket, pieces: list) -> None:
+    """Write ``pieces`` (bytes-like, in order) to ``sock``: one call where the kernel takes all."""
+    if len(pieces) == 1:
+        sock.sendall(pieces[0])
+        return
+    sent = sock.sendmsg(pieces)
+    if sent < sum(len(piece) for piece in pieces):
+        sock.sendall(b''.join(pieces)[sent:])
+
+
+def sleep_until(due: float, spin_s: float = SPIN_S) -> float:
     """
-    Return at ``due`` (``time.monotonic``) or just after it, never before.
+    Return at ``due`` (``time.monotonic``) or just after it, never before; return the time.
 
     Sleeps until ``spin_s`` before, then polls the clock: a sleep alone
     wakes tens to hundreds of microseconds late.  Each turn of the loop
@@ -120,9 +139,10 @@ def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
     would, to any busy process on the core, for milliseconds).
     """
     while True:
-        left = due - time.monotonic()
+        now = time.monotonic()
+        left = due - now
         if left <= 0:
-            return
+            return now
         if left > spin_s:
             time.sleep(left - spin_s)
         else:
@@ -130,12 +150,20 @@ def sleep_until(due: float, spin_s: float = SPIN_S) -> None:
 
 
 class _Pipe:
-    """One direction of one connection: a reader paced by the shaper, a timed writer."""
+    """
+    One direction of one connection: a reader paced by the shaper, a timed writer.
+
+    Data already due when it is read (no delay, tokens in the bucket) and
+    with nothing ahead of it goes out from the reading thread at once, not
+    through a hand-off to the writer (a thread wake-up: ~0.05-0.1 ms); the
+    ``sending`` flag keeps the two threads' writes in order.
+    """
 
     def __init__(self, conn: '_Connection', src: socket.socket, dst: socket.socket, which: str):
         self.conn, self.src, self.dst, self.which = conn, src, dst, which
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
+        self.sending = False        # a thread is writing pieces it took; the other waits
         self.last_delivery = 0.0
         self.stamped = stamp_arrivals(src)
         self.threads = [threading.Thread(target=self._read, daemon=True,
@@ -147,14 +175,48 @@ class _Pipe:
         for thread in self.threads:
             thread.start()
 
-    def _push(self, arrived: float, due: float, data: bytes | None) -> None:
+    def _push_eof(self, due: float) -> None:
         with self.cond:
-            due = max(due, self.last_delivery)
-            self.last_delivery = due
-            self.queue.append((due, data))
+            self.last_delivery = max(due, self.last_delivery)
+            self.queue.append((self.last_delivery, None))
             self.cond.notify()
-        if data is not None:
-            self.conn.emulator.note_delay(self.which, due - arrived)
+
+    def _forward(self, pieces: list[tuple[float, float, memoryview]]) -> None:
+        """
+        Schedule ``pieces`` (due, arrived, data); write those due now here if none wait.
+
+        The pieces due by now, with no piece queued and no write in flight,
+        leave at once in one write; the rest go to the writer as before.
+        """
+        dues = []
+        with self.cond:
+            for due, _, _ in pieces:
+                self.last_delivery = max(due, self.last_delivery)
+                dues.append(self.last_delivery)
+            now = time.monotonic()
+            ready = 0               # pieces this thread writes itself: a prefix (dues ascend)
+            if not self.queue and not self.sending:
+                while ready < len(dues) and dues[ready] <= now:
+                    ready += 1
+                self.sending = ready > 0
+            for due, (_, _, data) in zip(dues[ready:], pieces[ready:]):
+                self.queue.append((due, data))
+            if ready < len(dues):
+                self.cond.notify()
+        emu = self.conn.emulator
+        for i, (due, (_, arrived, _)) in enumerate(zip(dues, pieces)):
+            if i < ready:
+                emu.note_lateness(self.which, now - due)
+            emu.note_delay(self.which, due - arrived)
+        if ready:
+            emu.note_io(self.which, writes=1, direct=ready)
+            try:
+                send_pieces(self.dst, [data for _, _, data in pieces[:ready]])
+            finally:
+                with self.cond:
+                    self.sending = False
+                    if self.queue:
+                        self.cond.notify()
 
     def _read(self) -> None:
         emu = self.conn.emulator
@@ -166,46 +228,76 @@ class _Pipe:
                     time.sleep(min(ahead, 0.05))
                     continue
                 data, now = receive(self.src, self.stamped)
-                shaper = emu.shaper(self.which)   # the link may have changed during recv
+                pieces, reads = [], 1
+                while data:
+                    shaper = emu.shaper(self.which)   # the link may have changed during recv
+                    view = memoryview(data)
+                    sizes = [PIECE_BYTES] * (len(data) // PIECE_BYTES)
+                    if len(data) % PIECE_BYTES:
+                        sizes.append(len(data) % PIECE_BYTES)
+                    for i, due in enumerate(shaper.dues(now, sizes)):
+                        pieces.append((due, now, view[i * PIECE_BYTES:(i + 1) * PIECE_BYTES]))
+                    # more already waiting (the read filled its buffer): read it before writing,
+                    # each read with its own stamp, as far ahead of the link as ever
+                    if (len(data) < RECV_BYTES or reads == DRAIN_READS
+                            or shaper.busy_until() - time.monotonic() > READ_AHEAD_S):
+                        break
+                    try:
+                        data, now = receive(self.src, self.stamped, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        break
+                    reads += 1
+                emu.note_io(self.which, reads=reads)
+                if pieces:
+                    self._forward(pieces)
                 if not data:
-                    self._push(now, now + shaper.direction.delay_ms / 1e3, None)
+                    shaper = emu.shaper(self.which)
+                    self._push_eof(now + shaper.direction.delay_ms / 1e3)
                     return
-                for offset in range(0, len(data), PIECE_BYTES):
-                    piece = data[offset:offset + PIECE_BYTES]
-                    departed = shaper.depart(now, len(piece))
-                    self._push(now, departed + shaper.extra_delay_s(len(piece)), piece)
         except OSError:
             self.conn.close()
 
     def _write(self) -> None:
+        """
+        Write each queued piece at its due time, never before.
+
+        The writer takes the next piece before it sleeps (``sending`` keeps
+        the reader from writing past it), so once the piece is due the only
+        work left before the write is the write; pieces that came due
+        meanwhile go with it.
+        """
         precise_timers()
+        emu = self.conn.emulator
         try:
             while True:
                 with self.cond:
-                    while not self.queue and not self.conn.closed:
+                    while (not self.queue or self.sending) and not self.conn.closed:
                         self.cond.wait(0.2)
                     if self.conn.closed:
                         return
+                    due, data = self.queue.popleft()
                     # poll only for the last piece queued: a message's end is what its receiver
                     # waits for; a piece with more behind it only needs to leave before them
-                    due, spin_s = self.queue[0][0], SPIN_S if len(self.queue) == 1 else 0.0
-                sleep_until(due, spin_s)
-                chunks, eof = [], False
-                with self.cond:
-                    now = time.monotonic()
-                    while self.queue and self.queue[0][0] <= now:     # due now, never early
-                        due, data = self.queue.popleft()
-                        if data is None:
-                            eof = True
-                            break
-                        self.conn.emulator.note_lateness(self.which, now - due)
-                        chunks.append(data)
-                if chunks:
-                    self.dst.sendall(b''.join(chunks))
-                if eof:
+                    spin_s = 0.0 if self.queue else SPIN_S
+                    self.sending = data is not None
+                now = sleep_until(due, spin_s)
+                if data is None:
                     self.dst.shutdown(socket.SHUT_WR)
                     self.conn.half_closed()
                     return
+                emu.note_lateness(self.which, now - due)
+                chunks = [data]
+                queue = self.queue       # only this thread takes from it: no lock to look
+                while queue and queue[0][0] <= now and queue[0][1] is not None:
+                    due, data = queue.popleft()                  # due by now, never early
+                    emu.note_lateness(self.which, now - due)
+                    chunks.append(data)
+                try:
+                    send_pieces(self.dst, chunks)
+                finally:
+                    with self.cond:
+                        self.sending = False
+                emu.note_io(self.which, writes=1)
         except OSError:
             self.conn.close()
 
@@ -256,6 +348,7 @@ class LinkEmulator:
         self.seed = seed
         self._shapers: dict[str, Shaper] = {}
         self._conn_lock = threading.Lock()
+        self._io_lock = threading.Lock()
         self._connections: set[_Connection] = set()
         self._closed = threading.Event()
         self._delays: dict[str, collections.deque] = {}
@@ -276,6 +369,7 @@ class LinkEmulator:
                          'down': Shaper(link.down, now, self.seed + 1)}
         self._delays = {k: collections.deque(maxlen=HISTORY) for k in self._shapers}
         self._lateness = {k: collections.deque(maxlen=HISTORY) for k in self._shapers}
+        self._io = {k: [0, 0, 0] for k in self._shapers}      # reads, writes, direct pieces
 
     def shaper(self, which: str) -> Shaper:
         return self._shapers[which]
@@ -287,6 +381,14 @@ class LinkEmulator:
     def note_lateness(self, which: str, seconds: float) -> None:
         """Record how late one piece was written after its due time (forwarder)."""
         self._lateness[which].append(seconds * 1e3)
+
+    def note_io(self, which: str, reads: int = 0, writes: int = 0, direct: int = 0) -> None:
+        """Count a forwarder's reads, writes and pieces written directly (see ``stats``)."""
+        with self._io_lock:
+            counts = self._io[which]
+            counts[0] += reads
+            counts[1] += writes
+            counts[2] += direct
 
     def scheduled_delays_ms(self, which: str) -> list[float]:
         """
@@ -309,10 +411,18 @@ class LinkEmulator:
         return list(self._lateness[which])
 
     def stats(self) -> dict:
-        """Return bytes forwarded and loss stalls per direction since the last ``set_link``."""
+        """
+        Return bytes, loss stalls, reads and writes per direction since the last ``set_link``.
+
+        ``up_reads``/``up_writes`` count the forwarder's socket calls;
+        ``up_direct`` the pieces due when they were read and written by the
+        reading thread itself, without a hand-off to the writer (likewise down).
+        """
         return {'link': self.link.name, 'connections': len(self._connections),
                 **{f'{k}_bytes': s.bytes for k, s in self._shapers.items()},
-                **{f'{k}_losses': s.losses for k, s in self._shapers.items()}}
+                **{f'{k}_losses': s.losses for k, s in self._shapers.items()},
+                **{f'{k}_{n}': count for k, io in self._io.items()
+                   for n, count in zip(('reads', 'writes', 'direct'), io)}}
 
     def _accept(self) -> None:
         while not self._closed.is_set():

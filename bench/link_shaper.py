@@ -50,31 +50,48 @@ class Shaper:
     def depart(self, t_arrival: float, nbytes: int) -> float:
         """Return when ``nbytes`` arriving at ``t_arrival`` have passed the bottleneck."""
         with self._lock:
-            self.bytes += nbytes
-            if self.schedule is None:
-                return t_arrival
-            t = max(t_arrival, self.t_last)
-            tokens = min(self.burst_bytes(t),
-                         self.tokens + self._capacity(t) - self._capacity(self.t_last))
-            if tokens >= nbytes:
-                self.t_last, self.tokens = t, tokens - nbytes
-            else:
-                self.t_last = self._time_for(self._capacity(t) + nbytes - tokens)
-                self.tokens = 0.0
-            return self.t_last
+            return self._depart(t_arrival, nbytes)
+
+    def _depart(self, t_arrival: float, nbytes: int) -> float:
+        self.bytes += nbytes
+        if self.schedule is None:
+            return t_arrival
+        t = max(t_arrival, self.t_last)
+        tokens = min(self.burst_bytes(t),
+                     self.tokens + self._capacity(t) - self._capacity(self.t_last))
+        if tokens >= nbytes:
+            self.t_last, self.tokens = t, tokens - nbytes
+        else:
+            self.t_last = self._time_for(self._capacity(t) + nbytes - tokens)
+            self.tokens = 0.0
+        return self.t_last
 
     def busy_until(self) -> float:
         return self.t_last
 
     def extra_delay_s(self, nbytes: int) -> float:
         """Draw the delay after departure: one-way delay, jitter, and a stall per loss."""
-        d = self.direction
         with self._lock:
-            delay = d.delay_ms + (self.rng.uniform(-d.jitter_ms, d.jitter_ms)
-                                  if d.jitter_ms else 0.0)
-            if d.loss > 0:
-                packets = max(1, math.ceil(nbytes / PACKET_BYTES))
-                if self.rng.random() < 1.0 - (1.0 - d.loss) ** packets:
-                    self.losses += 1
-                    delay += d.stall_ms
+            return self._extra_delay_s(nbytes)
+
+    def _extra_delay_s(self, nbytes: int) -> float:
+        d = self.direction
+        delay = d.delay_ms + (self.rng.uniform(-d.jitter_ms, d.jitter_ms)
+                              if d.jitter_ms else 0.0)
+        if d.loss > 0:
+            packets = max(1, math.ceil(nbytes / PACKET_BYTES))
+            if self.rng.random() < 1.0 - (1.0 - d.loss) ** packets:
+                self.losses += 1
+                delay += d.stall_ms
         return max(0.0, delay) / 1e3
+
+    def dues(self, t_arrival: float, sizes: list[int]) -> list[float]:
+        """
+        Return when each piece of ``sizes`` arriving together at ``t_arrival`` is delivered.
+
+        Piece by piece, ``depart`` plus ``extra_delay_s``, under one lock
+        acquisition: the same arithmetic and random draws as calling the two
+        in turn, for a forwarder that reads several pieces at once.
+        """
+        with self._lock:
+            return [self._depart(t_arrival, n) + self._extra_delay_s(n) for n in sizes]

@@ -1,21 +1,25 @@
 """The link emulator delivers the configured bandwidth, delay, jitter, stalls and traces."""
 
+import array
+import fcntl
 import os
+import random
 import socket
 import statistics
 import struct
 import subprocess
 import sys
+import termios
 import threading
 import time
 
 import pytest
 
-from bench import traces
+from bench import link_proxy, traces
 from bench.link_config import PRESETS, Direction, LinkConfig, grid_link, steps_link, symmetric
 from bench.link_process import EmulatorProcess
-from bench.link_proxy import (MAX_BACKDATE_S, PIECE_BYTES, SO_TIMESTAMPNS, LinkEmulator,
-                              arrival_time, receive, stamp_arrivals)
+from bench.link_proxy import (DRAIN_READS, MAX_BACKDATE_S, PIECE_BYTES, SO_TIMESTAMPNS,
+                              LinkEmulator, arrival_time, receive, stamp_arrivals)
 from bench.link_shaper import MIN_BURST_BYTES, Shaper
 
 TOLERANCE = 0.10
@@ -56,6 +60,20 @@ def test_jitter_stays_in_bounds_and_loss_adds_stalls():
     events = sum(lossy.extra_delay_s(14480) > 0.1 for _ in range(4000))   # 10 packets each
     assert lossy.losses == events
     assert events / 4000 == pytest.approx(1 - 0.99 ** 10, rel=0.2)
+
+
+@pytest.mark.parametrize('direction', [
+    Direction(rate={'mbps': 8}, delay_ms=3, jitter_ms=2, loss=0.05, stall_ms=50, burst_ms=2),
+    Direction(rate={'steps': [[8, 0.01], [0, 0.005], [40, 0.02]]}, jitter_ms=1, loss=0.2),
+    Direction(delay_ms=1)])
+def test_pieces_read_together_get_the_dues_of_one_call_per_piece(direction):
+    """``Shaper.dues`` (one lock for a read's pieces) is the arithmetic of depart + extra delay."""
+    one, batch = Shaper(direction, start=1.0, seed=7), Shaper(direction, start=1.0, seed=7)
+    arrivals = [(1.0 + 0.003 * i, [16384, 16384, 16384, 1000 + 300 * i]) for i in range(30)]
+    expected = [[one.depart(t, n) + one.extra_delay_s(n) for n in sizes] for t, sizes in arrivals]
+    assert [batch.dues(t, sizes) for t, sizes in arrivals] == expected      # exactly
+    assert (batch.bytes, batch.losses, batch.busy_until()) == (
+        one.bytes, one.losses, one.busy_until())
 
 
 def test_link_configs_round_trip_and_reject_nonsense():
@@ -249,6 +267,86 @@ def test_a_busy_process_on_the_same_core_does_not_hold_messages_back(echo):
         busy.wait()
         os.sched_setaffinity(0, cpus)
     assert statistics.median(samples) < 4 + 1
+
+
+def test_data_due_when_read_leaves_from_the_reader_without_a_hand_off(echo):
+    """No delay and no rate: each message is written by the thread that read it, each way."""
+    with LinkEmulator(echo) as emu, _connect(emu) as sock:
+        _rtt_ms(sock, 9)
+        stats = emu.stats()
+        lateness = emu.write_lateness_ms('up') + emu.write_lateness_ms('down')
+    assert stats['up_direct'] == stats['down_direct'] == 9
+    assert stats['up_writes'] == stats['down_writes'] == 9
+    assert len(lateness) == 18 and min(lateness) >= 0
+
+
+def _send_and_collect(sock, messages):
+    """Send ``messages`` back to back from a thread; return all bytes echoed back."""
+    sender = threading.Thread(target=lambda: [sock.sendall(m) for m in messages])
+    sender.start()
+    got, total = bytearray(), sum(map(len, messages))
+    while len(got) < total:
+        got += sock.recv(1 << 20)
+    sender.join()
+    return bytes(got)
+
+
+def test_pieces_written_by_reader_and_writer_keep_their_order_and_times(echo):
+    """
+    Small messages go out from the reader, a large one through the writer; bytes stay in order.
+
+    Zero delay and a rate: a message within the bucket's burst is due when it
+    is read, a 300 KB one is paced over ~30 ms, and the small ones behind it
+    wait for it (nothing overtakes queued data); nothing is written early.
+    """
+    rng = random.Random(3)
+    messages = [rng.randbytes(64), rng.randbytes(300_000), *(rng.randbytes(64) for _ in range(5))]
+    link = LinkConfig('paced', up=Direction(rate={'mbps': 80}))
+    with LinkEmulator(echo, link) as emu, _connect(emu) as sock:
+        time.sleep(0.005)                    # the bucket fills to its burst
+        assert _send_and_collect(sock, messages[:1]) == messages[0]
+        assert _send_and_collect(sock, messages[1:]) == b''.join(messages[1:])
+        stats = emu.stats()
+        lateness = emu.write_lateness_ms('up')
+    pieces = len(lateness)
+    assert pieces >= 300_000 / PIECE_BYTES and min(lateness) >= 0
+    assert 1 <= stats['up_direct'] < pieces       # the first message at least; not the big one
+
+
+def test_data_already_waiting_is_read_through_before_one_write(echo, monkeypatch):
+    """
+    Reads of data already in the socket (each with its own stamp) are forwarded in one write.
+
+    The reader is held until the whole message is in the emulator's socket
+    (reads of 4 KB, so it fits any receive window), then reads up to
+    ``DRAIN_READS`` times before it writes.
+    """
+    monkeypatch.setattr(link_proxy, 'RECV_BYTES', 4096)
+    message = random.Random(5).randbytes(4096 * 10)
+    sent, plain = threading.Event(), link_proxy.receive
+
+    def held(sock, stamped, *flags):
+        if sock.getpeername() != echo and not sent.is_set():   # the robot's side, at first
+            assert sent.wait(10)
+            waiting = array.array('i', [0])
+            for _ in range(10000):          # until the kernel has queued all of it
+                fcntl.ioctl(sock.fileno(), termios.FIONREAD, waiting)
+                if waiting[0] >= len(message):
+                    break
+                time.sleep(0.001)
+        return plain(sock, stamped, *flags)
+
+    monkeypatch.setattr(link_proxy, 'receive', held)
+    with LinkEmulator(echo) as emu, _connect(emu) as sock:
+        sock.sendall(message)
+        sent.set()
+        got = bytearray()
+        while len(got) < len(message):
+            got += sock.recv(1 << 20)
+        stats = emu.stats()
+    assert bytes(got) == message
+    assert stats['up_reads'] == 10 and stats['up_writes'] == -(-10 // DRAIN_READS)
+    assert stats['up_direct'] == 10
 
 
 def test_arrival_is_the_kernel_stamp_moved_to_the_monotonic_clock_within_bounds():
