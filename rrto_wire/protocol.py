@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 import zmq
+import zmq.backend
 
 from rrto_wire import codecs
 from rrto_wire.dtypes import dtype_name
@@ -34,6 +35,7 @@ from rrto_wire.tensors import tensor_frame, tensor_from_buffer
 
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)   # ints: pyzmq's flag enums cost a few us a message
 _LAST = int(zmq.NOBLOCK)
+_SEND = zmq.backend.Socket.send          # below pyzmq's Python ``send`` (send_frames)
 
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
@@ -66,6 +68,23 @@ def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
     header['v'] = PROTOCOL_VERSION
     header['tensors'] = descriptors
     return [encode_header(header)] + frames
+
+
+def split_header(header: dict, tensors: Sequence[torch.Tensor]) -> tuple[bytes, bytes] | None:
+    """
+    Return the bytes of a raw message's header before and after its ``id`` (None: not apart).
+
+    ``header`` starts with ``kind`` and ``id`` (an int), as the robot's requests
+    do: a message of the same other fields and tensor dtypes and shapes has the
+    header ``before + b'%d' % id + after``, byte for byte :func:`encode`'s.
+    """
+    if list(header)[:2] != ['kind', 'id']:
+        return None
+    encoded = encode_raw(dict(header, id=0), raw_body(tensors)[0], [])[0]
+    before = encode_header({'kind': header['kind']})[:-1] + b',"id":'
+    if not encoded.startswith(before + b'0'):
+        return None
+    return before, encoded[len(before) + 1:]
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -129,7 +148,7 @@ def view_raw(descriptors: Sequence[Frame], frames: Sequence[Any],
     """
     tensors = []
     for desc, frame, size in zip(descriptors, frames, sizes):
-        buf = _buffer(frame)
+        buf = getattr(frame, 'buffer', frame)       # _buffer's: a zmq.Frame's, or the buffer
         if len(buf) != size:
             return None
         tensors.append(tensor_from_buffer(buf, desc))
@@ -137,10 +156,16 @@ def view_raw(descriptors: Sequence[Frame], frames: Sequence[Any],
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
-    """``sock.send_multipart(frames, copy=False, flags=NOBLOCK)``, its flags as ints."""
+    """
+    ``sock.send_multipart(frames, copy=False, flags=NOBLOCK)``, its flags as ints.
+
+    Each part goes to libzmq through pyzmq's compiled ``send``: the Python one in
+    front of it only adds routing ids and groups (none on a DEALER), a step per
+    part (issue 11).  Every frame is a buffer (bytes, memoryview, ``zmq.Frame``).
+    """
     for frame in frames[:-1]:       # once the first part is queued, libzmq takes them all
-        sock.send(frame, _MORE, copy=False)
-    sock.send(frames[-1], _LAST, copy=False)
+        _SEND(sock, frame, _MORE, False)
+    _SEND(sock, frames[-1], _LAST, False)
 
 
 def recv_frames(sock: zmq.Socket) -> list:
