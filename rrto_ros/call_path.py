@@ -303,7 +303,9 @@ def _rebuild(outputs: list, flat: list, target: Target, leaves: tuple) -> Any:
     """
     try:
         reply_check.check_outputs(outputs, leaves)
-        outputs = _to_device_of(outputs, flat)
+        first = flat[0] if flat else None
+        if not (isinstance(first, torch.Tensor) and first.is_cpu):  # _to_device_of's answer
+            outputs = _to_device_of(outputs, flat)
         spec = target.artifact.out_spec
         if spec == 'T' and len(outputs) == 1:     # one tensor: unflatten's answer, no call
             return outputs[0]

@@ -291,7 +291,11 @@ class RrtoClient:
                 self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
-            frames = wire.recv_frames(self._sock)
+            frame = self._sock.recv(0, copy=False)      # wire.recv_frames, inline
+            frames = [frame]
+            while frame.more:
+                frame = self._sock.recv(0, copy=False)
+                frames.append(frame)
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:

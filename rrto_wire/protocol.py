@@ -22,16 +22,17 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy
 import torch
 import zmq
 import zmq.backend
 
 from rrto_wire import codecs
-from rrto_wire.dtypes import dtype_name
+from rrto_wire.dtypes import DTYPES, dtype_name
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import MAX_TENSORS, PROTOCOL_VERSION
 from rrto_wire.messages import Frame, Kind, encode_header
-from rrto_wire.tensors import tensor_frame, tensor_from_buffer
+from rrto_wire.tensors import NUMPY_VIEW, tensor_frame, tensor_from_buffer
 
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)   # ints: pyzmq's flag enums cost a few us a message
 _LAST = int(zmq.NOBLOCK)
@@ -151,7 +152,12 @@ def view_raw(descriptors: Sequence[Frame], frames: Sequence[Any],
         buf = getattr(frame, 'buffer', frame)       # _buffer's: a zmq.Frame's, or the buffer
         if len(buf) != size:
             return None
-        tensors.append(tensor_from_buffer(buf, desc))
+        entry = DTYPES[desc.dtype]
+        if size and entry.view is entry.torch:      # tensor_from_buffer's view, inline
+            tensors.append(torch.from_numpy(numpy.frombuffer(buf, NUMPY_VIEW[desc.dtype])
+                                            .reshape(desc.shape)))
+        else:
+            tensors.append(tensor_from_buffer(buf, desc))
     return tensors
 
 
