@@ -365,14 +365,15 @@ class RrtoClient:
             return self._start(Kind.INFER, None, tensors, timeout_ms, codec, expect, head)
         fields = {'replay': replay}
         fields.update({k: v for k, v in keys.items() if v is not None})
-        if key is not None:     # kept for the next calls (issue 11)
+        pending = self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec,
+                             expect=expect)
+        if key is not None:     # kept for the next calls (issue 11): they encoded, so it does
             head = wire.split_header({'kind': Kind.INFER, 'id': 0, **fields}, tensors)
             if len(self._heads) >= MAX_HEADS:
                 self._heads.clear()
             if head is not None:
                 self._heads[key] = head
-        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec,
-                          expect=expect)
+        return pending
 
     def infer(self, replay: str, tensors: Sequence[torch.Tensor], timeout_ms: float | None = None,
               codec: str = codecs.RAW, **keys: Any) -> tuple[list[torch.Tensor], dict]:

@@ -58,6 +58,12 @@ def raw_body(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list]:
              for t in tensors], [tensor_frame(t) for t in tensors])
 
 
+def raw_descriptors(tensors: Sequence[torch.Tensor]) -> list[dict]:
+    """Return the descriptors of tensors sent raw (no codec): :func:`raw_body`'s, no frames."""
+    return [{'dtype': dtype_name(t.dtype), 'shape': tuple(t.shape), 'codec': codecs.RAW}
+            for t in tensors]
+
+
 def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
     """
     Build the frames of one message from tensors already described and framed.
@@ -81,7 +87,7 @@ def split_header(header: dict, tensors: Sequence[torch.Tensor]) -> tuple[bytes, 
     """
     if list(header)[:2] != ['kind', 'id']:
         return None
-    encoded = encode_raw(dict(header, id=0), raw_body(tensors)[0], [])[0]
+    encoded = encode_raw(dict(header, id=0), raw_descriptors(tensors), [])[0]
     before = encode_header({'kind': header['kind']})[:-1] + b',"id":'
     if not encoded.startswith(before + b'0'):
         return None
