@@ -356,8 +356,12 @@ class RrtoClient:
 
         ``expect``: the outputs the reply must hold (else ``bad_reply``).
         """
-        try:        # the same fields and input dtypes and shapes: the same header but its id
-            key = (replay, *keys.items(), *map(_SPEC, tensors)) if codec == codecs.RAW else None
+        if type(tensors) is not list:   # an iterator read once: the key and header from one list
+            tensors = list(tensors)
+        try:        # the same fields (and their types: 1, 1.0 and True are equal keys, not
+            #         equal bytes) and input dtypes and shapes: the same header but its id
+            key = ((replay, *keys.items(), *map(type, keys.values()), *map(_SPEC, tensors))
+                   if codec == codecs.RAW else None)
             head = self._heads.get(key)
         except TypeError:       # a value that is not hashable: encoded in full
             key = head = None

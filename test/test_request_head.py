@@ -81,3 +81,27 @@ def test_a_header_is_split_only_where_its_id_follows_its_kind():
         assert b'%b%d%b' % (before, request_id, after) == wire.encode(
             {'kind': 'infer', 'id': request_id, 'replay': 'r'}, tensors)[0]
     assert wire.split_header({'id': 0, 'kind': 'infer'}, tensors) is None
+
+
+@pytest.mark.parametrize('values', [
+    (True, 1, 1.0), (1.0, 1, True), (0, False, 0.0),
+])
+def test_equal_values_of_other_types_get_their_own_header(values):
+    """
+    ``priority=1`` after ``priority=True`` or ``1.0`` is sent as 1 (equal keys, other bytes).
+
+    The server refuses ``true`` and ``1.0`` for an int: a header kept from a careless
+    call sent later honest calls with them (their keys hash and compare equal).
+    """
+    frame = torch.zeros(1, 4)
+    calls = [([frame], {'priority': v}) for v in values]
+    calls += [([frame], {'deadline_ms': 5}), ([frame], {'deadline_ms': 5.0})]
+    sent, expected = _calls(calls)
+    assert sent == expected
+
+
+def test_inputs_given_as_an_iterator_leave_no_header_for_a_later_call():
+    """A one-shot iterable is read once: a later list of the same tensors is described in full."""
+    frame = torch.zeros(1, 4)
+    sent, expected = _calls([(iter([frame]), {}), ([frame], {})])
+    assert sent[1] == expected[1]
