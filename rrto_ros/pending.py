@@ -46,9 +46,10 @@ class PendingReply:
             raise RuntimeError('this reply was already taken or cancelled')
         try:
             reply_header, reply = self._client._await(self._id, self._kind, self._deadline)
-        finally:
-            self._open = False                  # released, as _release does
-            self._client._lock.release()
+        finally:        # as _release: once, unless cancel() (another thread's) released it
+            if self._open:
+                self._open = False
+                self._client._lock.release()
         return self._client._finish(reply_header, reply, self._expect)
 
     def cancel(self) -> None:
