@@ -82,10 +82,16 @@ PHASES = [   # (module, owner, function, label), in request order
 ]
 CLIENT_PHASES = [   # the robot's side of one call (in the client process)
     ('rrto_ros.call_path', 'CallPath', 'run', 'call (everything)'),
+    # the INFER's own steps: start_infer sends from a kept header (issue 11: no start, no
+    # encode past a key's first call), take waits and decodes, view_raw views exact outputs;
+    # start, result and decode_tensors time the calls around them (hello, record)
+    ('rrto_ros.client', 'RrtoClient', 'start_infer', 'start_infer (encode + send)'),
     ('rrto_ros.client', 'RrtoClient', 'start', 'start (encode + send)'),
     ('rrto_wire.protocol', None, 'encode', 'encode'),
+    ('rrto_ros.client', 'PendingReply', 'take', 'take (wait + decode)'),
     ('rrto_ros.client', 'PendingReply', 'result', 'result (wait + decode)'),
     ('rrto_wire.replies', None, 'decode_reply', 'decode_reply'),
+    ('rrto_wire.protocol', None, 'view_raw', 'view_raw'),
     ('rrto_wire.protocol', None, 'decode_tensors', 'decode_tensors'),
     ('rrto_ros.call_path', 'RemoteCall', 'record', 'record'),
 ]

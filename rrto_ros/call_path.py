@@ -92,7 +92,10 @@ class CallPath:
             if stale:
                 return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local', stale)
             return self._partitioned(target.partition, args, kwargs)
-        plan = self._choose(target)
+        if target.selector is None or m.link is None or m.mode == 'naive':
+            plan = OFFLOAD                      # _choose's answer, without its call
+        else:
+            plan = self._choose(target)
         if plan.kind == 'local':
             return self._local(args, kwargs, start, OffloadResult.LOCAL, 'local',
                                f'plan table chose local at {self._bandwidth():g} Mbit/s',
@@ -115,7 +118,7 @@ class CallPath:
                 # that grows with the model: cold, ~1 us a tensor); the robot's thread sends,
                 # so nothing changes them in between; changed: the reply is dropped unread
                 remote.expect = leaves
-                remote([_cpu(t) for t in flat])
+                remote([t if t.is_cpu else t.cpu() for t in flat])
                 stale = m.preparer.stale(target)
                 if stale:
                     remote.cancel()
@@ -149,7 +152,8 @@ class CallPath:
             record.deadline_missed = exc.code == ErrorCode.DEADLINE.value
             return outputs, record
         m.counters['offloaded'] += 1
-        return result, remote.record(plan.name, start, before, target, self._bandwidth())
+        return result, remote.record('offload' if plan is OFFLOAD else plan.name, start, before,
+                                     target, m.link[0] if m.link else 0.0)
 
     def _target(self, args: tuple, kwargs: dict) -> tuple[list, Target]:
         """Return the call's input tensors and their target (the preparer's, kept per shape)."""
@@ -299,7 +303,13 @@ def _rebuild(outputs: list, flat: list, target: Target, leaves: tuple) -> Any:
     """
     try:
         reply_check.check_outputs(outputs, leaves)
-        return treespec.unflatten(_to_device_of(outputs, flat), target.artifact.out_spec)
+        first = flat[0] if flat else None
+        if not (isinstance(first, torch.Tensor) and first.is_cpu):  # _to_device_of's answer
+            outputs = _to_device_of(outputs, flat)
+        spec = target.artifact.out_spec
+        if spec == 'T' and len(outputs) == 1:     # one tensor: unflatten's answer, no call
+            return outputs[0]
+        return treespec.unflatten(outputs, spec)
     except ProtocolError as exc:
         raise RemoteError(exc.code.value, exc.message) from None
     except (ValueError, TypeError) as exc:

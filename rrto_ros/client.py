@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import itertools
 import logging
+import operator
 import threading
 import time
 import uuid
 from typing import Any, Sequence
 
-import msgspec
 import torch
 import zmq
 
 from rrto_ros import reply_check
+from rrto_ros.pending import PendingReply
 from rrto_ros.reply_guard import ReplyGuard, connect
 from rrto_wire import codecs, replies
 from rrto_wire.curve import ClientKeys
@@ -32,12 +33,14 @@ from rrto_wire import protocol as wire
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.hello import ask_hello
 from rrto_wire.limits import (COPY_THRESHOLD, MAX_DIGESTS, MAX_REPLY_BYTES,
-                              MAX_REPLY_PART_BYTES, UPLOAD_CHUNK_BYTES)
+                              MAX_REPLY_PART_BYTES, MAX_TENSORS, UPLOAD_CHUNK_BYTES)
 from rrto_wire.messages import Kind
-from rrto_wire.tensors import TensorSpec
+from rrto_wire.tensors import TensorSpec, tensor_frame
 
 log = logging.getLogger('rrto_ros.client')
 LATE_LOG_PERIOD_S = 10.0   # late replies are logged at most this often, with their count
+MAX_HEADS = 64             # INFER headers kept (replay, keys, input signature)
+_SPEC = operator.attrgetter('dtype', 'shape')
 
 
 class OffloadError(Exception):
@@ -83,6 +86,7 @@ class RrtoClient:
         self._announced = False          # 'unavailable' was logged; 'is back' will be
         self._late = [0, -LATE_LOG_PERIOD_S]   # late replies not logged yet, last log time
         self.server_info: dict = {}
+        self._heads: dict[tuple, tuple[bytes, bytes]] = {}   # an INFER's header, its id apart
         self.counters = {'round_trips': 0, 'bytes_sent': 0, 'bytes_received': 0,
                          'timeouts': 0, 'reconnects': 0, 'errors': 0}
 
@@ -184,6 +188,12 @@ class RrtoClient:
         is called, other calls wait.  Use it to compute while the server works.
         ``expect``: the outputs the reply must hold (:mod:`rrto_ros.reply_check`).
         """
+        return self._start(kind, fields, tensors, timeout_ms, codec, expect, None)
+
+    def _start(self, kind: Kind, fields: dict | None, tensors: Sequence[torch.Tensor],
+               timeout_ms: float | None, codec: str, expect: Sequence[reply_check.Leaf] | None,
+               head: tuple[bytes, bytes] | None) -> 'PendingReply':
+        """:meth:`start`; ``head``: the header's bytes around its id (raw tensors, no fields)."""
         if not self._available.is_set():
             raise ServerUnavailable(f'server {self.endpoint} is unreachable (reconnecting)')
         timeout_ms = self.call_timeout_ms if timeout_ms is None else timeout_ms
@@ -201,13 +211,24 @@ class RrtoClient:
                 self._sock = self._new_socket(heartbeat_ms, data=True)
                 self._heartbeat_ms = heartbeat_ms
             request_id = next(self._ids)
-            header = {'kind': kind, 'id': request_id}    # a str enum: encoded as its value
-            header.update(fields or {})
-            frames = wire.encode(header, tensors, codec)
-            size = wire.message_size(frames)
-            self._check_size(size)
+            if head is not None:        # the bytes wire.encode gives, its id put in
+                frames = [b'%b%d%b' % (head[0], request_id, head[1])]
+                frames += map(tensor_frame, tensors)
+                size = sum(map(len, frames))    # bytes and 'B' memoryviews: len is nbytes
+            else:
+                header = {'kind': kind, 'id': request_id}    # a str enum: encoded as its value
+                header.update(fields or {})
+                frames = wire.encode(header, tensors, codec)
+                size = wire.message_size(frames)
+            # a part over the server's limit makes libzmq drop the connection: refuse it here
+            limit = self.server_info.get('max_message_bytes')
+            if limit is not None and size > limit:
+                self._too_large(size, limit)
             started = time.monotonic()
-            self._send(frames, min(timeout_ms, self.connect_timeout_ms))
+            try:
+                wire.send_frames(self._sock, frames)
+            except zmq.Again:       # no connection yet (IMMEDIATE): wait for one, once
+                self._send(frames, min(timeout_ms, self.connect_timeout_ms))
             self._guard.sent(request_id, kind, expect)    # its reply's bound, until it comes
             self.counters['bytes_sent'] += size
         except BaseException:
@@ -215,20 +236,13 @@ class RrtoClient:
             raise
         return PendingReply(self, request_id, kind, started + timeout_ms / 1e3, expect)
 
-    def _check_size(self, size: int) -> None:
-        # a part over the server's limit makes libzmq drop the connection: refuse it here
-        limit = self.server_info.get('max_message_bytes')
-        if limit is not None and size > limit:
-            self.counters['errors'] += 1
-            raise RemoteError(ErrorCode.TOO_LARGE.value,
-                              f'message of {size} bytes exceeds the server limit {limit}')
+    def _too_large(self, size: int, limit: int) -> None:
+        self.counters['errors'] += 1
+        raise RemoteError(ErrorCode.TOO_LARGE.value,
+                          f'message of {size} bytes exceeds the server limit {limit}')
 
     def _send(self, frames: list, connect_ms: float) -> None:
-        try:
-            wire.send_frames(self._sock, frames)
-            return
-        except zmq.Again:
-            pass  # no connection yet (IMMEDIATE): wait for one, once
+        """Send once a connection is made (the first try found none), or mark the server down."""
         if not self._sock.poll(connect_ms, zmq.POLLOUT):
             self._mark_down('no connection')
             raise ServerUnavailable(f'cannot connect to {self.endpoint}')
@@ -252,7 +266,7 @@ class RrtoClient:
                 expect: Sequence[reply_check.Leaf] | None = None
                 ) -> tuple[replies.Ok, list[torch.Tensor]]:
         self.counters['round_trips'] += 1
-        self.counters['bytes_received'] += wire.message_size(reply)
+        self.counters['bytes_received'] += sum(map(len, reply))    # zmq.Frames: their bytes
         if isinstance(reply_header, replies.Error):
             self.counters['errors'] += 1
             raise RemoteError(reply_header.code, reply_header.message)
@@ -277,7 +291,15 @@ class RrtoClient:
                 self._log_late()
                 self._mark_down('reply timed out')
                 raise ServerUnavailable(f'no reply from {self.endpoint} in time')
-            frames = wire.recv_frames(self._sock)
+            frame = self._sock.recv(0, copy=False)      # wire.recv_frames, inline
+            frames = [frame]
+            while frame.more:
+                if len(frames) > MAX_TENSORS:     # 600k empty frames: 1.2 MB, 2.6 s of CPU
+                    self.counters['errors'] += 1  # here: the rest dropped with the socket
+                    self._drop_socket()
+                    raise RemoteError(ErrorCode.BAD_REPLY.value, 'a reply of too many frames')
+                frame = self._sock.recv(0, copy=False)
+                frames.append(frame)
             try:
                 reply_header = replies.decode_reply(frames[0], kind)
             except ProtocolError as exc:
@@ -324,11 +346,8 @@ class RrtoClient:
 
     def record(self, model: str, signature: Sequence[TensorSpec], options: dict,
                timeout_ms: float = 120000.0) -> dict:
-        fields = {
-            'model': model,
-            'signature': [
-                s.to_json() for s in signature],
-            'options': options}
+        fields = {'model': model, 'signature': [s.to_json() for s in signature],
+                  'options': options}
         header, _ = self.call(Kind.RECORD, fields, timeout_ms=timeout_ms)
         return header
 
@@ -341,10 +360,28 @@ class RrtoClient:
 
         ``expect``: the outputs the reply must hold (else ``bad_reply``).
         """
+        if type(tensors) is not list:   # an iterator read once: the key and header from one list
+            tensors = list(tensors)
+        try:        # the same fields (and their types: 1, 1.0 and True are equal keys, not
+            #         equal bytes) and input dtypes and shapes: the same header but its id
+            key = ((replay, *keys.items(), *map(type, keys.values()), *map(_SPEC, tensors))
+                   if codec == codecs.RAW else None)
+            head = self._heads.get(key)
+        except TypeError:       # a value that is not hashable: encoded in full
+            key = head = None
+        if head is not None:
+            return self._start(Kind.INFER, None, tensors, timeout_ms, codec, expect, head)
         fields = {'replay': replay}
         fields.update({k: v for k, v in keys.items() if v is not None})
-        return self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec,
-                          expect=expect)
+        pending = self.start(Kind.INFER, fields, tensors, timeout_ms=timeout_ms, codec=codec,
+                             expect=expect)
+        if key is not None:     # kept for the next calls (issue 11): they encoded, so it does
+            head = wire.split_header({'kind': Kind.INFER, 'id': 0, **fields}, tensors)
+            if len(self._heads) >= MAX_HEADS:
+                self._heads.clear()
+            if head is not None:
+                self._heads[key] = head
+        return pending
 
     def infer(self, replay: str, tensors: Sequence[torch.Tensor], timeout_ms: float | None = None,
               codec: str = codecs.RAW, **keys: Any) -> tuple[list[torch.Tensor], dict]:
@@ -360,40 +397,3 @@ class RrtoClient:
         """Admin keys: drop a model's replays (and with ``store`` its blobs); return what went."""
         header, _ = self.call(Kind.EVICT, {'model': model, 'store': store}, timeout_ms=timeout_ms)
         return {k: header[k] for k in ('replays', 'unloaded', 'deleted', 'kept')}
-
-
-class PendingReply:
-    """A request in flight; :meth:`result` waits for its reply, :meth:`cancel` abandons it."""
-
-    def __init__(self, client: RrtoClient, request_id: int, kind: Kind, deadline: float,
-                 expect: Sequence[reply_check.Leaf] | None = None):
-        self._client = client
-        self._expect = expect
-        self._id = request_id
-        self._kind = kind
-        self._deadline = deadline
-        self._open = True
-
-    def _release(self) -> None:
-        if self._open:
-            self._open = False
-            self._client._lock.release()
-
-    def result(self) -> tuple[dict, list[torch.Tensor]]:
-        """Wait for the reply; raise ServerUnavailable on timeout, RemoteError on an error."""
-        header, tensors = self.take()
-        return msgspec.to_builtins(header), tensors
-
-    def take(self) -> tuple[replies.Ok, list[torch.Tensor]]:
-        """As :meth:`result`, with the reply's header as decoded (no dict built)."""
-        if not self._open:
-            raise RuntimeError('this reply was already taken or cancelled')
-        try:
-            reply_header, reply = self._client._await(self._id, self._kind, self._deadline)
-        finally:
-            self._release()
-        return self._client._finish(reply_header, reply, self._expect)
-
-    def cancel(self) -> None:
-        """Stop waiting; a late reply is recognised by its id and dropped."""
-        self._release()

@@ -1,56 +1,49 @@
 """
 Stop reading a reply that grows past what its call can get (a13 #2).
 
-libzmq holds every part of a multipart message until the last one arrives and
-bounds only each part (``ZMQ_MAXMSGSIZE``, :data:`rrto_wire.limits.MAX_REPLY_PART_BYTES`
-on every robot socket), so a server, a fleet replica or a proxy on an unkeyed
-link made the robot buffer 1.7 GB before :mod:`rrto_ros.reply_check` saw a
-byte.  The robot knows, before it sends, how large a legitimate reply can be:
-the outputs the call expects (their sizes, a data-dependent size at the bound
-export proved), else :data:`~rrto_wire.limits.MAX_REPLY_BYTES` for a call with
-tensors in its reply, else a header (:func:`reply_limit`).
+libzmq holds every part of a multipart message until the last one arrives and bounds only
+each part (``ZMQ_MAXMSGSIZE``, :data:`rrto_wire.limits.MAX_REPLY_PART_BYTES` on every robot
+socket), so a server, a fleet replica or a proxy on an unkeyed link made the robot buffer
+1.7 GB before :mod:`rrto_ros.reply_check` saw a byte.  The robot knows, before it sends, how
+large a legitimate reply can be: the outputs the call expects (their sizes, a data-dependent
+size at the bound export proved), else :data:`~rrto_wire.limits.MAX_REPLY_BYTES` for a call
+with tensors in its reply, else a header (:func:`reply_limit`).
 
-:class:`ReplyGuard` watches a DEALER's one TCP connection (its descriptor from
-the socket's monitor, ``ZMQ_EVENT_CONNECTED``): what libzmq has read from the
-kernel (``TCP_INFO`` less ``FIONREAD``, :mod:`rrto_wire.wire_bytes`) since the
-guard's first look at that connection, less the messages delivered since (as
-they were on the wire), is what the robot holds and has not been handed.  It
-looks every ``CHECK_S`` of a call's wait past the first (:func:`wait_any`),
-and every ``CHECK_S`` while no call holds the socket
-(:meth:`ReplyGuard.watch_idle`: a server that answered can stream an
-unfinished message between calls, a14 #3).  Past the bound (plus
-the slack and heartbeats the server allows too) the socket is dropped, which
-frees what libzmq holds: a waiting call fails with ``bad_reply`` (it runs
-locally), the next call reconnects.  Bytes are read for at most ``CHECK_S``
-before they are looked at: at most the link's bytes of two periods over the
-bound (10 MB at 100 MB/s).  A call answered within ``CHECK_S`` costs a sum over
-its frames; a longer one a wake and two socket options per ``CHECK_S``, on one
-duplicate of libzmq's descriptor per wait (issue 11), not woken by arrivals,
-whose readiness libzmq's own reader takes first (r15).  A duplicate is held
-only while a wait or a look lasts, and let go of once the monitor reports the
-connection gone (r5 B4).
+:class:`ReplyGuard` watches a DEALER's one TCP connection (its descriptor from the socket's
+monitor, ``ZMQ_EVENT_CONNECTED``): what libzmq has read from the kernel (``TCP_INFO`` less
+``FIONREAD``, :mod:`rrto_wire.wire_bytes`) since the guard's first look at that connection,
+less the messages delivered since (as they were on the wire), is what the robot holds and
+has not been handed.  It looks every ``CHECK_S`` of a call's wait past the first
+(:func:`wait_any`), and every ``CHECK_S`` while no call holds the socket
+(:meth:`ReplyGuard.watch_idle`: a server that answered can stream an unfinished message
+between calls, a14 #3).  Past the bound (plus the slack and heartbeats the server allows too)
+the socket is dropped, which frees what libzmq holds: a waiting call fails with
+``bad_reply`` (it runs locally), the next call reconnects.  Bytes are read for at most
+``CHECK_S`` before they are looked at: at most the link's bytes of two periods over the
+bound (10 MB at 100 MB/s).  A call answered within ``CHECK_S`` costs a sum over its frames; a
+longer one a wake and two socket options per ``CHECK_S``, on one duplicate of libzmq's
+descriptor per wait (issue 11), not woken by arrivals, whose readiness libzmq's own reader
+takes first (r15).  A duplicate is held only while a wait or a look lasts, and let go of once
+the monitor reports the connection gone (r5 B4).
 
-The unfinished message may answer any request still owed a reply on that
-socket, not only the call that waits: one cancelled, or a hedge's slower copy,
-answers later (r5 B5).  So the bound is the largest among the requests sent and
-not yet answered (:meth:`ReplyGuard.sent`, :meth:`ReplyGuard.delivered`), the
-last ``OWED`` of them; dropping the socket forgets them all.  :func:`wait_any`
-is the one waiting loop of the client and the hedge.  Between calls the
-watcher first receives and discards the complete replies waiting (cancelled
-calls', a slower replica's copies: no call waits for them), so only an
-unfinished message counts as held (r7 #3).
+The unfinished message may answer any request still owed a reply on that socket, not only
+the call that waits: one cancelled, or a hedge's slower copy, answers later (r5 B5).  So the
+bound is the largest among the requests sent and not yet answered (:meth:`ReplyGuard.sent`,
+:meth:`ReplyGuard.delivered`), the last ``OWED`` of them; dropping the socket forgets them
+all.  :func:`wait_any` is the one waiting loop of the client and the hedge.  Between calls the
+watcher first receives and discards the complete replies waiting (cancelled calls', a slower
+replica's copies: no call waits for them), so only an unfinished message counts as held (r7
+#3).
 
-Heartbeats (the server's PONGs) are read and never delivered, so what a
-connection holds grows by them for as long as it lives, and the allowance
-grows with the mark's age (``AGE_BYTES_PER_S``).  A server can send parts of a
-message in their place, so that credit is capped at ``MAX_AGE_S`` of age, and
-the watcher replaces a connection older than ``RENEW_S`` between calls (a
-fresh connection, a fresh mark; no call waits on it then): an honest link is
-renewed long before its heartbeats outgrow the allowance, and a hostile one gains at most
-``AGE_BYTES_PER_S x MAX_AGE_S`` (300 KB) over the bound, not 3.7 MB a day
-(r7 #6).  The watch thread holds its owner (client or hedge) weakly: one
-dropped without ``close()`` is collected, and its thread closes what it left
-and ends (r7 #7).
+Heartbeats (the server's PONGs) are read and never delivered, so what a connection holds
+grows by them for as long as it lives, and the allowance grows with the mark's age
+(``AGE_BYTES_PER_S``).  A server can send parts of a message in their place, so that credit
+is capped at ``MAX_AGE_S`` of age, and the watcher replaces a connection older than
+``RENEW_S`` between calls (a fresh connection, a fresh mark; no call waits on it then): an
+honest link is renewed long before its heartbeats outgrow the allowance, and a hostile one
+gains at most ``AGE_BYTES_PER_S x MAX_AGE_S`` (300 KB) over the bound, not 3.7 MB a day (r7
+#6).  The watch thread holds its owner (client or hedge) weakly: one dropped without
+``close()`` is collected, and its thread closes what it left and ends (r7 #7).
 """
 
 from __future__ import annotations
@@ -144,9 +137,10 @@ def wait_any(poller: zmq.Poller, guards: dict[zmq.Socket, 'ReplyGuard'], deadlin
     now = time.monotonic()
     if now >= deadline:
         return [], {}
-    due = min(guard._due for guard in guards.values())
+    due = min([guard._due for guard in guards.values()])
     if now < due:
-        ready = [sock for sock, _ in poller.poll((min(deadline, due) - now) * 1e3)]
+        ready = [sock for sock, _ in zmq.zmq_poll(poller.sockets,
+                                                  int((min(deadline, due) - now) * 1e3))]
         if ready or deadline <= due:
             return ready, {}
     epoll = select.epoll()
@@ -238,6 +232,12 @@ class ReplyGuard:
 
     def wait(self, deadline: float) -> tuple[bool, int | None]:
         """Wait for a message on the socket; return (one came, bytes held past the bound)."""
+        now = time.monotonic()      # wait_any's first poll made here: fewer steps (issue 11)
+        if now < deadline and now < self._due:
+            if zmq.zmq_poll(self._replies.sockets, int((min(deadline, self._due) - now) * 1e3)):
+                return True, None
+            if deadline <= self._due:
+                return False, None
         ready, over = wait_any(self._replies, {self._sock: self}, deadline)
         return bool(ready), over.get(self._sock)
 

@@ -22,18 +22,21 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import numpy
 import torch
 import zmq
+import zmq.backend
 
 from rrto_wire import codecs
-from rrto_wire.dtypes import dtype_name
+from rrto_wire.dtypes import DTYPES, dtype_name
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import MAX_TENSORS, PROTOCOL_VERSION
 from rrto_wire.messages import Frame, Kind, encode_header
-from rrto_wire.tensors import tensor_frame, tensor_from_buffer
+from rrto_wire.tensors import NUMPY_VIEW, tensor_frame, tensor_from_buffer
 
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)   # ints: pyzmq's flag enums cost a few us a message
 _LAST = int(zmq.NOBLOCK)
+_SEND = zmq.backend.Socket.send          # below pyzmq's Python ``send`` (send_frames)
 
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
@@ -55,6 +58,12 @@ def raw_body(tensors: Sequence[torch.Tensor]) -> tuple[list[dict], list]:
              for t in tensors], [tensor_frame(t) for t in tensors])
 
 
+def raw_descriptors(tensors: Sequence[torch.Tensor]) -> list[dict]:
+    """Return the descriptors of tensors sent raw (no codec): :func:`raw_body`'s, no frames."""
+    return [{'dtype': dtype_name(t.dtype), 'shape': tuple(t.shape), 'codec': codecs.RAW}
+            for t in tensors]
+
+
 def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
     """
     Build the frames of one message from tensors already described and framed.
@@ -66,6 +75,23 @@ def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
     header['v'] = PROTOCOL_VERSION
     header['tensors'] = descriptors
     return [encode_header(header)] + frames
+
+
+def split_header(header: dict, tensors: Sequence[torch.Tensor]) -> tuple[bytes, bytes] | None:
+    """
+    Return the bytes of a raw message's header before and after its ``id`` (None: not apart).
+
+    ``header`` starts with ``kind`` and ``id`` (an int), as the robot's requests
+    do: a message of the same other fields and tensor dtypes and shapes has the
+    header ``before + b'%d' % id + after``, byte for byte :func:`encode`'s.
+    """
+    if list(header)[:2] != ['kind', 'id']:
+        return None
+    encoded = encode_raw(dict(header, id=0), raw_descriptors(tensors), [])[0]
+    before = encode_header({'kind': header['kind']})[:-1] + b',"id":'
+    if not encoded.startswith(before + b'0'):
+        return None
+    return before, encoded[len(before) + 1:]
 
 
 def _buffer(frame: Any) -> memoryview:
@@ -129,18 +155,29 @@ def view_raw(descriptors: Sequence[Frame], frames: Sequence[Any],
     """
     tensors = []
     for desc, frame, size in zip(descriptors, frames, sizes):
-        buf = _buffer(frame)
+        buf = getattr(frame, 'buffer', frame)       # _buffer's: a zmq.Frame's, or the buffer
         if len(buf) != size:
             return None
-        tensors.append(tensor_from_buffer(buf, desc))
+        entry = DTYPES[desc.dtype]
+        if size and entry.view is entry.torch:      # tensor_from_buffer's view, inline
+            tensors.append(torch.from_numpy(numpy.frombuffer(buf, NUMPY_VIEW[desc.dtype])
+                                            .reshape(desc.shape)))
+        else:
+            tensors.append(tensor_from_buffer(buf, desc))
     return tensors
 
 
 def send_frames(sock: zmq.Socket, frames: Sequence[Any]) -> None:
-    """``sock.send_multipart(frames, copy=False, flags=NOBLOCK)``, its flags as ints."""
+    """
+    ``sock.send_multipart(frames, copy=False, flags=NOBLOCK)``, its flags as ints.
+
+    Each part goes to libzmq through pyzmq's compiled ``send``: the Python one in
+    front of it only adds routing ids and groups (none on a DEALER), a step per
+    part (issue 11).  Every frame is a buffer (bytes, memoryview, ``zmq.Frame``).
+    """
     for frame in frames[:-1]:       # once the first part is queued, libzmq takes them all
-        sock.send(frame, _MORE, copy=False)
-    sock.send(frames[-1], _LAST, copy=False)
+        _SEND(sock, frame, _MORE, False)
+    _SEND(sock, frames[-1], _LAST, False)
 
 
 def recv_frames(sock: zmq.Socket) -> list:

@@ -117,8 +117,8 @@ def _bytes_type(size: int) -> type:
 
 
 # the numpy dtype each wire dtype's bytes are viewed as (bfloat16 as int16)
-_NUMPY = {name: torch.empty(0, dtype=entry.view).numpy().dtype
-          for name, entry in dtypes.DTYPES.items()}
+NUMPY_VIEW = {name: torch.empty(0, dtype=entry.view).numpy().dtype
+              for name, entry in dtypes.DTYPES.items()}
 
 
 def tensor_from_buffer(buf: memoryview, spec: TensorSpec) -> torch.Tensor:
@@ -128,7 +128,7 @@ def tensor_from_buffer(buf: memoryview, spec: TensorSpec) -> torch.Tensor:
         return torch.empty(spec.shape, dtype=entry.torch)
     # through numpy: half the cost of torch.frombuffer and a torch reshape (every request
     # and every reply decodes its tensors here)
-    tensor = torch.from_numpy(numpy.frombuffer(buf, _NUMPY[spec.dtype]).reshape(spec.shape))
+    tensor = torch.from_numpy(numpy.frombuffer(buf, NUMPY_VIEW[spec.dtype]).reshape(spec.shape))
     if entry.view != entry.torch:
         tensor = tensor.view(entry.torch)
     return tensor

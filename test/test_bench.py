@@ -134,9 +134,10 @@ def test_server_phases_times_each_phase_of_the_request_path(tmp_path):
                   'ok (encode + send)'):
         assert phases[label]['n'] >= 5 and phases[label]['median_ms'] > 0, label
     client = row['client_phases']
-    for label in ('start (encode + send)', 'result (wait + decode)', 'decode_tensors'):
+    # the offloaded INFER's steps (start and result time the hello and record around them)
+    for label in ('start_infer (encode + send)', 'take (wait + decode)', 'view_raw'):
         assert client[label]['n'] >= 5 and client[label]['median_ms'] > 0, label
-    assert client['result (wait + decode)']['median_ms'] <= client['call (everything)']['p90_ms']
+    assert client['take (wait + decode)']['median_ms'] <= client['call (everything)']['p90_ms']
     from rrto_wire import protocol
     assert protocol.decode_tensors.__module__ == 'rrto_wire.protocol' and \
         not hasattr(protocol.decode_tensors, '__wrapped__'), 'the timers are removed afterwards'
