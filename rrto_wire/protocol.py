@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import msgspec
 import torch
 import zmq
 
@@ -29,11 +30,12 @@ from rrto_wire import codecs
 from rrto_wire.dtypes import dtype_name
 from rrto_wire.errors import ErrorCode, ProtocolError
 from rrto_wire.limits import MAX_TENSORS, PROTOCOL_VERSION
-from rrto_wire.messages import Frame, Kind, encode_header
+from rrto_wire.messages import Frame, Kind
 from rrto_wire.tensors import tensor_frame, tensor_from_buffer
 
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)   # ints: pyzmq's flag enums cost a few us a message
 _LAST = int(zmq.NOBLOCK)
+_ENCODE = msgspec.json.Encoder().encode     # encode_header's, without its call (issue 11)
 
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
@@ -65,7 +67,7 @@ def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
     """
     header['v'] = PROTOCOL_VERSION
     header['tensors'] = descriptors
-    return [encode_header(header)] + frames
+    return [_ENCODE(header)] + frames
 
 
 def _buffer(frame: Any) -> memoryview:
