@@ -48,6 +48,7 @@ class Admission:
         self._limits = [max(1, int(capacity * fraction)) for _, fraction in self.bands]
         self._lock = threading.Lock()
         self.shed: dict[float, int] = {}
+        self._band_of: dict[int, int] = {}     # the bands of the priorities seen (at most 64)
 
     def band(self, priority: int) -> int:
         """Return the index of the band ``priority`` falls in; 0 is the highest."""
@@ -66,7 +67,11 @@ class Admission:
 
         Returns its band, for :meth:`release` when it is answered.
         """
-        band = self.band(priority)
+        band = self._band_of.get(priority)     # band(), once per priority (issue 11)
+        if band is None:
+            band = self.band(priority)
+            if len(self._band_of) < 64:
+                self._band_of[priority] = band
         limit = self._limits[band]
         with self._lock:
             ahead = sum(self._in_flight[:band + 1])

@@ -74,6 +74,7 @@ log = logging.getLogger('rrto_server.auth')
 
 ASSIGNED = b'\x01'         # a routing id the ZAP handler gave: this byte and 8 random ones
 ROLES = ('infer', 'upload', 'admin')
+_RANK = {role: rank for rank, role in enumerate(ROLES)}     # Grant.allows's order
 WATCH_INTERVAL_S = 1.0
 SERVER_KEY = 'server'
 CLIENTS = 'clients'
@@ -309,6 +310,35 @@ class Policy:
                     ErrorCode.OVERLOADED,
                     f'key {peer.name!r} already has {count} requests in flight (its quota)')
             self._in_flight[peer.name] = count + 1
+
+    def admit(self, peer: Peer, kind: str, priority: int | None = None) -> int | None:
+        """
+        Admit one request of ``peer``: return the priority it runs at, or raise.
+
+        Raises ``forbidden`` unless ``peer``'s role allows ``kind``, and
+        ``overloaded`` past the key's in-flight quota (else it is counted in
+        flight until :meth:`end`).  A ``priority`` above the key's ceiling is
+        lowered to the ceiling (a robot asking too much is still served, at its
+        ceiling).  :meth:`authorize` then :meth:`begin` in one call (the server's, a
+        request; issue 11): the role, the ceiling, the quota.
+        """
+        grant = peer.grant
+        role = KIND_ROLES.get(kind, 'admin')
+        if _RANK[grant.role] < _RANK[role]:         # Grant.allows, without its call
+            raise ProtocolError(ErrorCode.FORBIDDEN,
+                                f"key {peer.name!r} has role '{grant.role}'; "
+                                f"'{kind}' needs '{role}'")
+        if priority is not None and priority > grant.max_priority:
+            self.clamped += 1
+            priority = grant.max_priority
+        with self._lock:
+            count = self._in_flight.get(peer.name, 0)
+            if count >= grant.max_in_flight:
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f'key {peer.name!r} already has {count} requests in flight (its quota)')
+            self._in_flight[peer.name] = count + 1
+        return priority
 
     def end(self, peer: Peer) -> None:
         """Count one request of ``peer`` answered."""

@@ -12,14 +12,16 @@ in and its outputs out to page-locked buffers; the lane then waits for its
 stream) and send the reply from those buffers with its descriptors computed
 once per replay
 (:attr:`ExpressPlan.body`).  No tensor is decoded, no execution object is
-built, no copy stream is involved.  :class:`~rrto_server.jobs.ExpressJob` is
-the request as a scheduler job: it runs only through
-:meth:`~rrto_server.scheduler.Scheduler.run_inline`, i.e. only while no job is
-queued and no lane is busy, or, under preemption, when it is more urgent than
-every job queued or running (it then waits, at most ``INLINE_WAIT_S`` of
-:mod:`rrto_server.server`, for the lanes' current segments to end, and runs
-at that boundary without the hand-off to a lane thread and back), so nothing
-more urgent ever waits behind it.
+built, no copy stream is involved.  :class:`~rrto_server.express_job.ExpressJob` is
+the request as a scheduler job, served by :meth:`~rrto_server.express_job.ExpressJob.serve`
+only while no job is queued and no lane is busy (it takes lane 0 with
+:meth:`~rrto_server.inline_runs.InlineRuns.take_idle`, runs the replay, builds
+the reply while the device runs it, waits for the lane's stream and sends, in
+one call), or, under preemption, when it is more urgent than every job queued
+or running (:meth:`~rrto_server.inline_runs.InlineRuns.run_inline`: it then
+waits, at most ``INLINE_WAIT_S`` of :mod:`rrto_server.server`, for the lanes'
+current segments to end, and runs at that boundary without the hand-off to a
+lane thread and back), so nothing more urgent ever waits behind it.
 
 Anything unusual takes the general path (:class:`~rrto_server.jobs.InferJob`),
 which answers it exactly as before: a codec, another signature, a frame of
@@ -53,6 +55,7 @@ class ExpressPlan:
         # frame them once; a CPU runner's outputs are new tensors each time
         fixed = runner.express_outputs
         self.body = None if fixed is None else wire.raw_body(fixed)
+        self.body_nbytes = 0 if fixed is None else _nbytes(self.body[1])
         self._tracker: zmq.MessageTracker | None = None    # the last reply sent from them
 
     def accept(self, descriptors: Sequence[Any], frames: Sequence[Any]) -> list | None:
@@ -90,7 +93,21 @@ class ExpressPlan:
         """Return the reply's descriptors and zero-copy frames for :meth:`run`'s outputs."""
         return self.body if self.body is not None else wire.raw_body(outputs)
 
+    def reply(self, outputs: list[torch.Tensor]) -> tuple[tuple[list[dict], list], int]:
+        """Return :meth:`reply_body` and the size of its frames, in bytes."""
+        if self.body is not None:
+            return self.body, self.body_nbytes
+        body = wire.raw_body(outputs)
+        return body, _nbytes(body[1])
+
     def sent(self, tracker: zmq.MessageTracker | None) -> None:
         """Note the reply's tracker: the fixed output buffers are reused once it is done."""
         if self.body is not None:
             self._tracker = tracker
+
+
+def _nbytes(frames: list) -> int:
+    total = 0
+    for frame in frames:        # zero-copy buffers: each has the buffer protocol
+        total += memoryview(frame).nbytes
+    return total

@@ -3,9 +3,9 @@ The server's trust boundary in one object: who sent a request, may they, is ther
 
 :class:`Guard` is what the server calls; the policy lives in
 :mod:`rrto_server.auth` (keys, roles, quotas) and :mod:`rrto_server.admission`
-(shedding under overload).  Per message the server asks :meth:`Guard.peer`
-for the sender (from the CURVE ``User-Id`` of its first frame) and
-:meth:`Guard.admit` for permission, and calls the returned ``done`` exactly
+(shedding under overload).  Per message the server asks :meth:`Guard.admit`
+for the sender (:meth:`Guard.peer`: from the CURVE ``User-Id`` of its first
+frame) and for permission in one call, and calls the returned ``done`` exactly
 once when the request is answered.  Each batch of received messages is put in
 admission order first (:meth:`Guard.order`).
 """
@@ -89,35 +89,37 @@ class Guard:
         """Return the sender of the message ``frame`` belongs to; raise if its key is revoked."""
         return ANONYMOUS if self.keyring is None else self.keyring.sender(frame)
 
-    def admit(self, peer: Peer, kind: str,
-              priority: int | None = None) -> tuple[int | None, Callable[[], None]]:
+    def admit(self, frame: zmq.Frame, kind: str, priority: int | None = None
+              ) -> tuple[Peer, int | None, Callable[[], None]]:
         """
-        Check one request; return (the priority it runs at, ``done``).
+        Check one request; return (its sender, the priority it runs at, ``done``).
 
-        Raises ``forbidden`` (role), ``overloaded`` (the key's in-flight quota, or
-        admission control shedding its priority).  ``done`` must be called once,
-        when the request has been answered.
+        The sender is :meth:`peer`'s for the message ``frame`` belongs to (raises if
+        its key is revoked).  Raises ``forbidden`` (role), ``overloaded`` (the key's
+        in-flight quota, or admission control shedding its priority).  ``done`` must
+        be called once, when the request has been answered.
         """
-        policy, admission = self.policy, self.admission
-        priority = policy.authorize(peer, kind, priority)
-        policy.begin(peer)
+        peer = ANONYMOUS if self.keyring is None else self.keyring.sender(frame)
+        policy = self.policy
+        priority = policy.admit(peer, kind, priority)      # role, ceiling, quota
         band = None             # admission's band: looked up once, here
         if kind in ADMITTED_KINDS:
             try:
-                band = admission.admit(priority or 0, self.backlog)
+                band = self.admission.admit(priority or 0, self.backlog)
             except Exception:
                 policy.end(peer)
                 raise
-        answered = []
+        answered = False
 
         def done() -> None:
+            nonlocal answered
             if answered:
                 return
-            answered.append(True)
+            answered = True
             policy.end(peer)
             if band is not None:
-                admission.release(band)
-        return priority, done
+                self.admission.release(band)
+        return peer, priority, done
 
     def sees(self, peer: Peer, owners: list[str]) -> bool:
         """Return True if ``peer`` may see a model uploaded by ``owners`` (stats)."""

@@ -120,13 +120,7 @@ class Lane:
         """Run one step of ``job`` (all remaining steps if ``to_end``); return True if done."""
         stream = self.stream
         if stream is not None and getattr(_THREAD, 'stream', None) is not stream:
-            # a lane's thread (and the I/O thread, which runs lane 0's steps when the device
-            # is idle) keeps the lane's stream current instead of entering and leaving a
-            # stream context every step; the server's other stream switches are contexts,
-            # which restore it
-            import torch
-            torch.cuda.set_stream(stream)
-            _THREAD.stream = stream
+            self.make_current()
         try:
             while True:
                 done = job.step()
@@ -136,6 +130,18 @@ class Lane:
         finally:
             if stream is not None:
                 stream.synchronize()
+
+    def make_current(self) -> None:
+        """Make the lane's CUDA stream the calling thread's current stream (and keep it so)."""
+        # a lane's thread (and the I/O thread, which runs lane 0's steps when the device is
+        # idle) keeps the lane's stream current instead of entering and leaving a stream
+        # context every step; the server's other stream switches are contexts, which
+        # restore it
+        stream = self.stream
+        if getattr(_THREAD, 'stream', None) is not stream:
+            import torch
+            torch.cuda.set_stream(stream)
+            _THREAD.stream = stream
 
 
 def make_lanes(device, count: int) -> list[Lane]:

@@ -11,8 +11,11 @@ and closed with the outbox.
 the least Python: pyzmq's ``recv_multipart`` asks libzmq for ``RCVMORE`` after
 each frame and its ``send_multipart`` combines enum flags per frame (2-3 us a
 message on the 2-core VM, issue 11); a received frame says itself whether more
-follow, and plain ints combine for free.  :func:`readable` lets a loop that
-drains a socket stop at the last message instead of on a ``zmq.Again``.
+follow, and plain ints combine for free; and :func:`send` calls libzmq's binding
+directly rather than through pyzmq's Python ``Socket.send``, which only adds the
+``routing_id`` and ``group`` options of draft sockets (a Python call a frame).
+:func:`readable` lets a loop that drains a socket stop at the last message
+instead of on a ``zmq.Again``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ NOBLOCK = int(zmq.NOBLOCK)
 _MORE = int(zmq.SNDMORE) | NOBLOCK
 _EVENTS, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 _SENDABLE = (zmq.Frame, bytes, memoryview)
+_SEND = zmq.backend.Socket.send     # pyzmq's Socket.send without its draft-socket options
 
 
 def receive(sock: zmq.Socket) -> list:
@@ -54,10 +58,9 @@ def send(sock: zmq.Socket, frames: list) -> None:
     for frame in frames:
         if not isinstance(frame, _SENDABLE):
             memoryview(frame)       # TypeError before any frame is sent
-    put = sock.send
     for frame in frames[:-1]:
-        put(frame, _MORE, copy=False)
-    put(frames[-1], NOBLOCK, copy=False)
+        _SEND(sock, frame, _MORE, copy=False)
+    _SEND(sock, frames[-1], NOBLOCK, copy=False)
 
 
 class Outbox:

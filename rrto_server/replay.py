@@ -88,6 +88,8 @@ class Replay:
                        else model.nbytes + model.call_bytes)
         self.record_ms = (time.perf_counter() - started) * 1e3
         self.backend = self.runner.backend
+        # all executions share one set of device buffers (CUDA graphs): never two side by side
+        self.shares_buffers = isinstance(self.runner, CudaGraphRunner)
         # measured by rrto_server.profiling when recorded (see docs/scheduler.md)
         self.utilisation: float | None = None
         self._served: collections.deque = collections.deque(maxlen=SERVED_RUNS)
@@ -142,11 +144,6 @@ class Replay:
         inputs = [torch.zeros(s.shape, dtype=torch_dtype(s.dtype)) for s in self.signature]
         for _ in range(WARMUP_ITERS if self.device.type == 'cuda' else 1):
             Execution(self.runner, inputs).run()
-
-    @property
-    def shares_buffers(self) -> bool:
-        """Return True when all executions share one set of device buffers (CUDA graphs)."""
-        return isinstance(self.runner, CudaGraphRunner)
 
     @property
     def copies_on_start(self) -> bool:

@@ -47,10 +47,11 @@ class OpenRequests:
         self._lock = threading.Lock()
         self._open: dict[int, 'Request'] = {}
         self.double_answers = 0
+        # add(id(request), request): open() without its call, one dict set (atomic)
+        self.add: Callable[[int, 'Request'], None] = self._open.__setitem__
 
     def open(self, request: 'Request') -> None:
-        with self._lock:
-            self._open[id(request)] = request
+        self.add(id(request), request)
 
     def close(self, request: 'Request') -> bool:
         """Return True the first time ``request`` is closed, False ever after."""
@@ -192,7 +193,7 @@ class Request:
         self._sender = sender
         self._registry = registry
         self._stats = stats
-        registry.open(self)
+        registry.add(id(self), self)        # registry.open(self), without its call
 
     @property
     def id(self) -> Any:
@@ -215,16 +216,28 @@ class Request:
         """
         self._answer(wire.ok_header(self.id, **fields), tensors, on_sent)
 
-    def ok_raw(self, body: tuple[list[dict], list],
-               on_sent: Callable[[zmq.MessageTracker | None], None] | None = None,
-               **fields: Any) -> None:
+    def ok_ready(self, header: dict, body: tuple[list[dict], list], nbytes: int,
+                 on_sent: Callable[[zmq.MessageTracker | None], None] | None = None) -> None:
         """
-        Answer with success and raw tensors already described and framed (the express path).
+        Answer with a success header already built and raw tensors already framed.
 
-        ``body`` is ``(descriptors, frames)`` as :func:`rrto_wire.protocol.raw_body`
-        returns them; ``on_sent`` as for :meth:`ok`.
+        The express path builds ``header`` (:func:`rrto_wire.protocol.ok_header`) and
+        ``body`` (``(descriptors, frames)`` as :func:`rrto_wire.protocol.raw_body`
+        returns them, ``nbytes`` their frames' size) while the device runs; this
+        stamps ``server_ms``, encodes the header and sends.  ``on_sent`` as for :meth:`ok`.
         """
-        self._answer(wire.ok_header(self.id, **fields), (), on_sent, body)
+        try:
+            header['server_ms'] = (time.perf_counter() - self.received) * 1e3
+            try:
+                frames = wire.encode_raw(header, *body)
+            except (msgspec.EncodeError, TypeError, ValueError) as exc:
+                header, frames = self._unencodable(exc)
+                nbytes = 0
+        except BaseException:
+            if on_sent is not None:
+                on_sent(None)
+            raise
+        self._send(header, frames, len(frames[0]) + nbytes, on_sent)
 
     def error(self, error: ProtocolError, request_id: Any = None) -> None:
         """Answer with an error reply (logged with the network's text clipped)."""
@@ -237,28 +250,39 @@ class Request:
         log.error('internal error serving a %s request', self.kind, exc_info=exc)
         self.error(ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}'))
 
-    def _answer(self, header: dict, tensors: Sequence[torch.Tensor], on_sent=None,
-                body: tuple[list[dict], list] | None = None) -> None:
-        tracker, closed, nbytes = None, False, 0
+    def _answer(self, header: dict, tensors: Sequence[torch.Tensor],
+                on_sent=None) -> None:
+        # encoded before the request is closed: a reply that cannot be encoded becomes an
+        # error reply, never none at all
         try:
-            # encoded before the request is closed: a reply that cannot be encoded becomes an
-            # error reply, never none at all
             header['server_ms'] = (time.perf_counter() - self.received) * 1e3
             try:
-                body = (wire.encode(header, tensors) if body is None
-                        else wire.encode_raw(header, *body))
+                frames = wire.encode(header, tensors)
             except (msgspec.EncodeError, TypeError, ValueError, ProtocolError) as exc:
-                log.error('a %s reply could not be encoded: %s', self.kind, clip(exc))
-                header = wire.error_header(self.id, ErrorCode.INTERNAL,
-                                           f'reply not encodable: {type(exc).__name__}')
-                body = wire.encode(header, ())
+                header, frames = self._unencodable(exc)
+            nbytes = wire.message_size(frames)
+        except BaseException:
+            if on_sent is not None:
+                on_sent(None)
+            raise
+        self._send(header, frames, nbytes, on_sent)
+
+    def _unencodable(self, exc: Exception) -> tuple[dict, list]:
+        log.error('a %s reply could not be encoded: %s', self.kind, clip(exc))
+        header = wire.error_header(self.id, ErrorCode.INTERNAL,
+                                   f'reply not encodable: {type(exc).__name__}')
+        return header, wire.encode(header, ())
+
+    def _send(self, header: dict, frames: list, nbytes: int, on_sent=None) -> None:
+        # the one answer: the request is closed here, and nothing else is ever sent for it
+        tracker, closed = None, False
+        try:
             if not self._registry.close(self):
                 log.error('second answer to a %s request (id %s) dropped',
                           self.kind, clip(repr(self.id), 40))
                 return
             closed = True       # counted and its admission released after the send
-            nbytes = wire.message_size(body)
-            tracker = self._sender.send(self.envelope + body, nbytes)
+            tracker = self._sender.send(self.envelope + frames, nbytes)
         finally:
             if on_sent is not None:
                 on_sent(tracker)

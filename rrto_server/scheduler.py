@@ -51,6 +51,7 @@ import threading
 import time
 from typing import Callable, Sequence
 
+from rrto_server.inline_runs import InlineRuns
 from rrto_server.lanes import DROP, RUN, Job, Lane, make_lanes
 from rrto_wire.errors import ErrorCode, ProtocolError, detached
 from rrto_wire.summary import summarise
@@ -61,7 +62,7 @@ FIFO, PRIORITY, PREEMPTIVE = 'fifo', 'priority', 'preemptive'
 POLICIES = (FIFO, PRIORITY, PREEMPTIVE)
 
 
-class Scheduler:
+class Scheduler(InlineRuns):
     """Lane threads serving jobs under one policy (see the module docstring)."""
 
     def __init__(self, policy: str = PREEMPTIVE, theta: float = 0.0, device=None,
@@ -73,6 +74,7 @@ class Scheduler:
         if not theta >= 0 or not all(t >= 0 for t in (task_theta or {}).values()):
             raise ValueError('theta must be >= 0 (0 turns packing off)')
         self.policy = policy
+        self.preemptive = policy == PREEMPTIVE       # (InlineRuns)
         self.theta = float(theta)
         self.task_theta = {str(k): float(v) for k, v in (task_theta or {}).items()}
         self.lanes = list(lanes) if lanes is not None else make_lanes(device,
@@ -129,77 +131,6 @@ class Scheduler:
     def pending(self) -> int:
         with self._cond:
             return len(self._ready)
-
-    def run_inline(self, job: Job, wait_s: float = 0.0) -> bool:
-        """
-        Run ``job``'s first step on lane 0 in the calling thread if the device is idle.
-
-        Idle means nothing queued and no lane busy: then no job is more urgent, and
-        skipping the hand-off to a lane thread saves two thread switches per request.
-        A job with more steps is queued after its first one and continues on the
-        lane thread, so preemption at segment boundaries is unchanged.
-
-        Under the preemptive policy, a job more urgent than every job queued or
-        running also runs here when the lanes are busy: they finish their current
-        steps and start no other, and the job runs as soon as they have, if that
-        takes at most ``wait_s`` (a preemption at the segment boundary, without the
-        hand-off to a lane thread; counted as one).  Returns False (and does
-        nothing) otherwise; submit the job then.
-        """
-        lane = self.lanes[0]
-        with self._lock:        # the condition's lock, without its Python __enter__/__exit__
-            if self._stop or self._inline is not None:
-                return False
-            now = self.clock()
-            self._mark_overdue(job, now)     # a missed deadline overtakes nothing
-            busy = False
-            for other in self.lanes:
-                if other.job is not None:
-                    busy = True
-            if busy or self._ready:
-                if not self._overtakes(job, wait_s):
-                    return False
-                job.ready_at, job.contended = self.clock(), busy
-                self._inline = job
-                try:
-                    if not self._wait_for_lanes(job, job.ready_at + wait_s):
-                        return False
-                finally:
-                    self._inline = None
-                    self._cond.notify_all()
-            else:
-                job.ready_at, job.contended = now, False
-            job.seq = next(self._seq)
-            self._start(lane, job)
-        self._run_step(lane, job, self.policy != PREEMPTIVE)
-        return True
-
-    def _steps_now(self) -> tuple:
-        # (under the lock) which steps the lanes are running: (job, start) per lane
-        return tuple((id(lane.job), lane.since) for lane in self.lanes if lane.job is not None)
-
-    def _overtakes(self, job: Job, wait_s: float) -> bool:
-        # (under the lock) whether ``job`` may wait for the lanes' steps to run inline; never
-        # again for the steps a wait already ran out on (a recording, a long segment)
-        if self.policy != PREEMPTIVE or wait_s <= 0 or self._outwaited == self._steps_now():
-            return False
-        urgency = job.urgency()[:2]
-        others = self._ready + [other.job for other in self.lanes if other.job is not None]
-        return all(urgency < other.urgency()[:2] for other in others)
-
-    def _wait_for_lanes(self, job: Job, until: float) -> bool:
-        # (under the lock, lanes reserved) wait until every lane's step has ended; False if
-        # that takes past ``until``, or a job as urgent as ``job`` arrives meanwhile
-        urgency = job.urgency()[:2]
-        while any(other.job is not None for other in self.lanes):
-            remaining = until - self.clock()
-            if remaining <= 0:
-                self._outwaited = self._steps_now()
-                return False
-            if self._stop or any(other.urgency()[:2] <= urgency for other in self._ready):
-                return False
-            self._cond.wait(remaining)
-        return True
 
     def running(self) -> list[dict]:
         """Return what each busy lane is running now (for tests, benchmarks and stats)."""
@@ -357,7 +288,19 @@ class Scheduler:
         except Exception as exc:  # a bug in one job must not stop the lane
             log.exception('job of task %r failed', job.task)
             done, error = True, ProtocolError(ErrorCode.INTERNAL, f'{type(exc).__name__}: {exc}')
-        end = self.clock()
+        done, error = self.step_ended(lane, job, done, error)
+        if error is not None:
+            self._deliver([(job, 'failed', error)])
+        elif done:
+            try:
+                job.complete()
+            except Exception:  # answering one job must not stop the lane
+                log.exception('completing job of task %r raised', job.task)
+
+    def step_ended(self, lane: Lane, job: Job, done: bool, error: ProtocolError | None,
+                   end: float | None = None) -> tuple[bool, ProtocolError | None]:
+        """Note the end of ``job``'s step on ``lane``, at ``end`` or now; return (done, error)."""
+        end = self.clock() if end is None else end
         with self._lock:        # the condition's lock (notify_all below holds it)
             job.compute_s += end - lane.since
             self.counters['steps'] += 1
@@ -381,13 +324,7 @@ class Scheduler:
                 bisect.insort(self._ready, job, key=self._key)
             if self._ready or self._inline is not None:    # a lane may pick, run_inline go on
                 self._cond.notify_all()
-        if error is not None:
-            self._deliver([(job, 'failed', error)])
-        elif done:
-            try:
-                job.complete()
-            except Exception:  # answering one job must not stop the lane
-                log.exception('completing job of task %r raised', job.task)
+        return done, error
 
     @staticmethod
     def _deliver(dropped: list[tuple[Job, str, ProtocolError]]) -> None:

@@ -50,7 +50,8 @@ from rrto_server.conn_watchdog import ConnectionWatchdog
 from rrto_server.control_requests import ControlRequests
 from rrto_server.cpu_workers import CpuWorkers
 from rrto_server.guard import Guard
-from rrto_server.jobs import ExpressJob, InferJob, OpJob, Services, job_keys, replay_info
+from rrto_server.express_job import ExpressJob
+from rrto_server.jobs import InferJob, OpJob, Services, job_keys, replay_info
 from rrto_server.models import ModelRegistry
 from rrto_server.naive import NaiveSessions
 from rrto_server.options import ServerConfig
@@ -114,9 +115,11 @@ class Server:
                 self.context.term()
             raise
         self.endpoint = self.router.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._authenticating = self.guard.authenticating     # (keys: from start to close)
+        self._max_bytes = config.max_message_bytes
         self.replies = ReplySender(self.context, self.router, self.stats,
                                    config.max_peer_reply_bytes)
-        self._stop = threading.Event()
+        self._stopping = False      # set by stop(), from any thread
         self._loop_done = threading.Event()
         self._serving = False
         theta = config.resolved_theta(self.device)
@@ -177,16 +180,18 @@ class Server:
             poller.register(sock, zmq.POLLIN)
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.replies.outbox, zmq.POLLIN)
+        sockets, outbox, guard = poller.sockets, self.replies.outbox, self.guard
         try:
-            while not self._stop.is_set():
-                events = dict(poller.poll(100))
+            while not self._stopping:
+                events = dict(zmq.zmq_poll(sockets, 100))     # Poller.poll's, without its call
                 ready = time.perf_counter()     # a receipt: flush, receive, count are server time
-                if self.replies.outbox in events:
+                if outbox in events:
                     self.replies.flush()
                 batch = self.watchdog.drain(events, BATCH)      # receives from the router
                 first = batch[0] if batch and self.router in events else None
-                for frames, backlog in self.guard.order(batch):   # highest first
-                    self.guard.backlog = backlog                   # admission's measure
+                # highest first; most wake-ups find one message (order's, without its calls)
+                for frames, backlog in ((batch[0], 0),) if len(batch) == 1 else guard.order(batch):
+                    guard.backlog = backlog                   # admission's measure
                     self.on_message(frames, ready if frames is first else None)
             self.replies.flush()
         finally:
@@ -200,7 +205,7 @@ class Server:
         return thread
 
     def stop(self) -> None:
-        self._stop.set()
+        self._stopping = True       # read by the loop after every poll (100 ms at most)
 
     def close(self) -> None:
         """Stop serving and release sockets, threads and the device."""
@@ -236,18 +241,16 @@ class Server:
             if not body:
                 raise ProtocolError(ErrorCode.BAD_REQUEST, 'empty message')
             request.header = header = messages.decode_request(body[0])
-            request.kind = header.__struct_config__.tag
-            self.stats.request(request.kind, size)
-            request.client = self.guard.peer(frames[0])
-            priority, request.answered = self.guard.admit(
-                request.client, request.kind, getattr(header, 'priority', None))
+            request.kind = kind = header.__struct_config__.tag
+            self.stats.request(kind, size)
+            request.client, priority, request.answered = self.guard.admit(
+                frames[0], kind, getattr(header, 'priority', None))
             if priority is not None:
                 header.priority = priority
-            if size > self.config.max_message_bytes:
-                raise ProtocolError(
-                    ErrorCode.TOO_LARGE,
-                    f'message of {size} bytes exceeds {self.config.max_message_bytes}')
-            self.handlers[KIND_OF[request.kind]](request, body[1:])
+            if size > self._max_bytes:
+                raise ProtocolError(ErrorCode.TOO_LARGE,
+                                    f'message of {size} bytes exceeds {self._max_bytes}')
+            self.handlers[KIND_OF[kind]](request, body[1:])
         except ProtocolError as exc:
             if request.header is None:
                 self.stats.request('?', size)
@@ -266,22 +269,26 @@ class Server:
 
     def _on_infer(self, request: Request, frames: list) -> None:
         # the I/O thread only validates and routes; decoding happens on a CPU worker
-        header = request.header
-        keys = job_keys(header, request.received, self.config.task_late,
-                        self.config.late_policy)
+        header, config = request.header, self.config
         replay = self.replays.get(header.replay)
         if replay is None:
             raise ProtocolError(ErrorCode.NOT_RECORDED,
                                 f'replay {header.replay[:40]!r} is not recorded here; record it')
-        client = request.client.name if self.guard.authenticating else None
-        buffers = self._express(replay, header, frames)   # exactly the recorded raw inputs
+        client = request.client.name if self._authenticating else None
+        plan, buffers = replay.express, None      # the express path (rrto_server.express):
+        longest = replay.longest_segment_ms     # _inline_ok's test, without its call
+        if (plan is not None and plan.nbytes <= min(INLINE_MAX_INPUT_BYTES, self._max_bytes)
+                and replay.runner.fixed_cost and longest is not None
+                and longest <= config.inline_max_ms):
+            buffers = plan.accept(header.tensors, frames)   # exactly the recorded raw inputs
         if buffers is not None:
-            job = ExpressJob(self.services, request, replay, buffers, client, **keys)
-            if not job.prepare() or self.scheduler.run_inline(job, INLINE_WAIT_S):
+            if ExpressJob(self.services, request, replay, buffers, client, config.task_late,
+                          config.late_policy).serve(INLINE_WAIT_S):
                 return      # served on this thread (counted after its reply), or answered
-        elif wire.decoded_size(header.tensors) > self.config.max_message_bytes:
-            raise ProtocolError(ErrorCode.TOO_LARGE, 'inputs decode to more than '
-                                f'{self.config.max_message_bytes} bytes')
+        elif wire.decoded_size(header.tensors) > self._max_bytes:
+            raise ProtocolError(ErrorCode.TOO_LARGE,
+                                f'inputs decode to more than {self._max_bytes} bytes')
+        keys = job_keys(header, request.received, config.task_late, config.late_policy)
         job = InferJob(self.services, request, replay, frames, client, **keys)  # a busy device
         self.tasks.arrived(job.task, job.priority, client)
         small = self._small_raw(header)
@@ -297,15 +304,6 @@ class Server:
         else:
             self.cpu.submit(job.urgency(), job.prepare)
 
-    def _express(self, replay: Replay, header: messages.Infer, frames: list) -> list | None:
-        # the express path (rrto_server.express) serves what the idle fast path would, when
-        # the replay is one segment and the frames are exactly its recorded raw inputs
-        plan = replay.express
-        limit = min(INLINE_MAX_INPUT_BYTES, self.config.max_message_bytes)
-        if plan is None or plan.nbytes > limit or not self._inline_ok(replay):
-            return None
-        return plan.accept(header.tensors, frames)
-
     @staticmethod
     def _small_raw(header: messages.Infer) -> bool:
         # a bulk batch or a codec is decoded and staged by a CPU worker: on this thread it
@@ -320,10 +318,6 @@ class Server:
         longest = replay.longest_segment_ms
         return (replay.runner.fixed_cost and longest is not None
                 and longest <= self.config.inline_max_ms)
-
-    def on_io_thread(self) -> bool:
-        """Return True when called from the thread that serves the socket."""
-        return self.replies.on_io_thread()
 
     def _session(self, request: Request) -> str:
         return f'{request.peer.hex()}:{request.header.session}'

@@ -246,7 +246,8 @@ def _named(peek: _Peek, text: str, request: bool) -> ProtocolError:
 
 def decode_header(decoder: msgspec.json.Decoder, frame: Any, request: bool) -> Any:
     """Decode one header frame with ``decoder``; raise ProtocolError naming any problem."""
-    raw = _buffer(frame)
+    buf = getattr(frame, 'buffer', None)        # a zmq.Frame's memory, or the bytes given
+    raw = memoryview(buf if buf is not None else frame)
     if len(raw) > MAX_HEADER_BYTES:
         raise ProtocolError(ErrorCode.TOO_LARGE,
                             f'header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}')
@@ -269,8 +270,3 @@ def decode_request(frame: Any) -> Request:
 def encode_header(header: dict) -> bytes:
     """Serialise a header dict (with ``v`` and ``tensors`` already set) as compact JSON."""
     return _ENCODER.encode(header)
-
-
-def _buffer(frame: Any) -> memoryview:
-    buf = getattr(frame, 'buffer', None)
-    return memoryview(buf if buf is not None else frame)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import msgspec
 import numpy
 import torch
 import zmq
@@ -37,6 +38,7 @@ from rrto_wire.tensors import NUMPY_VIEW, tensor_frame, tensor_from_buffer
 _MORE = int(zmq.SNDMORE | zmq.NOBLOCK)   # ints: pyzmq's flag enums cost a few us a message
 _LAST = int(zmq.NOBLOCK)
 _SEND = zmq.backend.Socket.send          # below pyzmq's Python ``send`` (send_frames)
+_ENCODE = msgspec.json.Encoder().encode     # encode_header's, without its call (issue 11)
 
 
 def encode(header: dict, tensors: Sequence[torch.Tensor] = (), codec: str = codecs.RAW) -> list:
@@ -74,7 +76,7 @@ def encode_raw(header: dict, descriptors: list[dict], frames: list) -> list:
     """
     header['v'] = PROTOCOL_VERSION
     header['tensors'] = descriptors
-    return [encode_header(header)] + frames
+    return [_ENCODE(header)] + frames
 
 
 def split_header(header: dict, tensors: Sequence[torch.Tensor]) -> tuple[bytes, bytes] | None:

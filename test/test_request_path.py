@@ -128,14 +128,15 @@ def _reply_bytes(outputs):
 
 def test_the_common_request_takes_the_express_path_with_the_general_paths_bytes(
         make_server, monkeypatch):
-    x, replay, seen, client = _served(make_server(inline_max_ms=1000.0), monkeypatch)
+    server = make_server(inline_max_ms=1000.0)
+    x, replay, seen, client = _served(server, monkeypatch)
     try:
         express, header = client.infer(replay, [x])
         assert seen == {'express': {'io'}}
         assert header['timing']['segments'] == 1 and header['timing']['queue_ms'] >= 0
         seen.clear()
         # the same request on the general path (the idle fast path before the express one)
-        monkeypatch.setattr(server_module.Server, '_express', lambda *args: None)
+        monkeypatch.setattr(server.replays.get(replay), 'express', None)   # the general path
         general, general_header = client.infer(replay, [x])
         assert seen == {'decode': {'io'}, 'segment': {'io'}}, 'general inline path'
         assert _reply_bytes(express) == _reply_bytes(general)
@@ -352,7 +353,7 @@ def test_express_requests_are_counted_in_full_after_their_reply(make_server, mon
             order.append(name)
             return fn(*args, **kwargs)
         return wrapper
-    monkeypatch.setattr(Request, 'ok_raw', note('reply', Request.ok_raw))
+    monkeypatch.setattr(Request, 'ok_ready', note('reply', Request.ok_ready))
     monkeypatch.setattr(TaskStats, 'arrived', note('arrived', TaskStats.arrived))
     monkeypatch.setattr(TaskStats, 'ended', note('ended', TaskStats.ended))
     monkeypatch.setattr(TaskStats, 'arrived_and_ended',
@@ -381,7 +382,7 @@ def test_express_requests_are_counted_in_full_after_their_reply(make_server, mon
         model = stats['models'][replay.model.digest]
         assert model['infers'] == 4 and model['errors'] == 2, 'ran: 3 served, 1 failed'
         assert replay.runs - runs == 4
-        monkeypatch.setattr(server_module.Server, '_express', lambda *args: None)
+        monkeypatch.setattr(replay, 'express', None)       # the general path
         order.clear()
         client.infer(key, [x], task='cam')
         assert order == ['arrived', 'ended'], 'the general path counts its arrival first'

@@ -121,6 +121,26 @@ def test_roles_priority_ceilings_and_in_flight_quotas():
     assert policy.in_flight(infer) == 2 and ANONYMOUS.grant.allows('admin')
 
 
+def test_one_admit_checks_what_authorize_and_begin_check():
+    # the server's one call a request: the role, the ceiling, then the quota, as the two
+    policy = Policy()
+    infer = Peer('cam', Grant('infer', max_priority=3, max_in_flight=2))
+    assert policy.admit(infer, 'infer', 10 ** 9) == 3 and policy.clamped == 1
+    assert policy.admit(infer, 'infer', -4) == -4 and policy.in_flight(infer) == 2
+    with pytest.raises(ProtocolError) as err:
+        policy.admit(infer, 'hello')
+    assert err.value.code == ErrorCode.OVERLOADED and policy.in_flight(infer) == 2
+    policy.end(infer)
+    policy.end(infer)
+    with pytest.raises(ProtocolError) as err:
+        policy.admit(infer, 'put', 10 ** 9)
+    assert err.value.code == ErrorCode.FORBIDDEN
+    assert policy.in_flight(infer) == 0 and policy.clamped == 1, 'refused: neither counted'
+    assert policy.admit(Peer('ops', Grant('upload')), 'put') is None
+    assert policy.admit(infer, 'hello') is None and policy.in_flight(infer) == 1
+    assert policy.admit(ANONYMOUS, 'evict', 2 ** 62) == 2 ** 62
+
+
 @pytest.mark.parametrize('endpoint, curve', [
     ('tcp://127.0.0.1:5555', False), ('tcp://localhost:5555', False),
     ('tcp://[::1]:5555', False), ('ipc:///tmp/rrto', False), ('tcp://0.0.0.0:5555', True),
