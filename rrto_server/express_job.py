@@ -80,18 +80,11 @@ class ExpressJob(InferJob):
         if lane is None:
             return scheduler.run_inline(self, wait_s)
         stream, error = lane.stream, None
-        plan = self.replay.express
         try:
             if stream is not None:
                 lane.make_current()
-            try:
-                outputs = plan.run(self.buffers)
-            except ProtocolError:
-                raise
-            except Exception as exc:
-                raise self._failed_on_input(exc) from None
-            finally:
-                self.buffers = None
+            self.step()                           # the replay launched
+            outputs, self.outputs = self.outputs, None
             reply = self.reply_parts(outputs)     # the device may still be running
         except ProtocolError as exc:     # kept past this block: without its frames (a16 #3)
             error = detached(exc)
