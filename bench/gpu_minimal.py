@@ -151,20 +151,25 @@ class Minimal:
 
 
 def captured_header(call) -> dict:
-    """Return the header of the last message ``call()`` encodes through the wire protocol."""
-    seen = []
-    encode = protocol.encode
+    """
+    Return the header of the last message ``call()`` sends through the wire protocol.
 
-    def recording(header, tensors=(), codec='raw'):
-        seen.append(dict(header))
-        return encode(header, tensors, codec)
-    protocol.encode = recording
+    Read off the frames sent (``protocol.send_frames``), not ``encode``: the
+    robot sends a repeated INFER's header from kept bytes (issue 11).
+    """
+    seen = []
+    send = protocol.send_frames
+
+    def recording(sock, frames):
+        seen.append(json.loads(bytes(memoryview(frames[0]))))
+        return send(sock, frames)
+    protocol.send_frames = recording
     try:
         call()
     finally:
-        protocol.encode = encode
+        protocol.send_frames = send
     if not seen:
-        raise RuntimeError('the call encoded no message')
+        raise RuntimeError('the call sent no message')
     return seen[-1]
 
 
