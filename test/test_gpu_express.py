@@ -22,22 +22,12 @@ from rrto_server.requests import Request
 from rrto_wire import treespec
 from rrto_testing import prepare
 
+from test_gpu_transfers import Upsample   # the 4x upsampling conv
+
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 
-SIZE = (1, 3, 64, 96)
-
-
-class Upsample(torch.nn.Module):
-    """A small network with a 6 MiB output (a zero-copy, tracked reply)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 16, 3, padding=1)
-
-    def forward(self, x):
-        return torch.nn.functional.interpolate(self.conv(x), scale_factor=4.0)
+SIZE = (1, 3, 64, 96)   # Upsample's output: 6 MiB, a zero-copy tracked reply
 
 
 def _spy(monkeypatch, order):
